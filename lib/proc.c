@@ -1,0 +1,146 @@
+/* Child processes: fork/exec with optional log redirection, bounded waits, escalating stop. */
+#include "proc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+pid_t tly_proc_spawn(char *const argv[], const char *log_path, char *errstr, size_t errlen)
+{
+	int fd = -1;
+	if (log_path) {
+		fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			snprintf(errstr, errlen, "could not open log file \"%s\": %s", log_path,
+				 strerror(errno));
+			return -1;
+		}
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		snprintf(errstr, errlen, "could not fork: %s", strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	if (pid == 0) {
+		if (fd >= 0) {
+			dup2(fd, STDOUT_FILENO);
+			dup2(fd, STDERR_FILENO);
+		}
+		signal(SIGPIPE, SIG_DFL);
+		execvp(argv[0], argv);
+		fprintf(stderr, "could not execute \"%s\": %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	if (fd >= 0)
+		close(fd);
+	return pid;
+}
+
+int tly_proc_wait(pid_t pid, int timeout_ms, int *status)
+{
+	for (int waited = 0;; waited += 10) {
+		pid_t r = waitpid(pid, status, WNOHANG);
+		if (r == pid)
+			return 0;
+		if (r < 0 && errno != EINTR)
+			return TLY_E_NOT_FOUND;
+		if (waited >= timeout_ms)
+			return TLY_E_TIMEOUT;
+		sleep_ms(10);
+	}
+}
+
+int tly_proc_stop(pid_t pid, int timeout_ms)
+{
+	int status = 0;
+	if (pid <= 0)
+		return -1;
+	if (kill(pid, SIGTERM) != 0 && errno == ESRCH) {
+		/* Already gone: reap it if it is ours. */
+		return waitpid(pid, &status, WNOHANG) == pid ? status : -1;
+	}
+	int rc = tly_proc_wait(pid, timeout_ms, &status);
+	if (rc == TLY_E_NOT_FOUND)
+		return -1;
+	if (rc == TLY_E_TIMEOUT) {
+		kill(pid, SIGKILL);
+		if (waitpid(pid, &status, 0) != pid)
+			return -1;
+	}
+	return status;
+}
+
+int tly_proc_run(char *const argv[], char *out, size_t outlen)
+{
+	int pfd[2];
+	if (pipe2(pfd, O_CLOEXEC) != 0)
+		return -1;
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(pfd[0]);
+		close(pfd[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		dup2(pfd[1], STDOUT_FILENO);
+		dup2(pfd[1], STDERR_FILENO);
+		execvp(argv[0], argv);
+		fprintf(stderr, "could not execute \"%s\": %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	close(pfd[1]);
+	size_t used = 0;
+	char sink[4096];
+	for (;;) {
+		char *dst = sink;
+		size_t room = sizeof(sink);
+		if (out && outlen > 1 && used < outlen - 1) {
+			dst = out + used;
+			room = outlen - 1 - used;
+		}
+		ssize_t n = read(pfd[0], dst, room);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		if (dst != sink)
+			used += (size_t)n;
+	}
+	close(pfd[0]);
+	if (out && outlen > 0)
+		out[used] = '\0';
+	int status;
+	while (waitpid(pid, &status, 0) < 0) {
+		if (errno != EINTR)
+			return -1;
+	}
+	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int tly_proc_wait_file(const char *path, int timeout_ms)
+{
+	for (int waited = 0;; waited += 10) {
+		struct stat st;
+		if (stat(path, &st) == 0 && st.st_size > 0)
+			return 0;
+		if (waited >= timeout_ms)
+			return TLY_E_TIMEOUT;
+		sleep_ms(10);
+	}
+}

@@ -1,0 +1,34 @@
+/* Child processes for the dev stack and the tests: spawn, wait, stop, run-and-capture. */
+#ifndef TLY_PROC_H
+#define TLY_PROC_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#include "err.h"
+
+/*
+ * Start argv[0] (searched in PATH) with argv. stdout and stderr go to log_path (appended) when it
+ * is not NULL, else are inherited. Returns the pid, or -1 with errstr filled.
+ */
+pid_t tly_proc_spawn(char *const argv[], const char *log_path, char *errstr, size_t errlen);
+
+/*
+ * Stop pid: SIGTERM, wait up to timeout_ms, then SIGKILL. Returns the exit status as waitpid gives
+ * it, or -1 if the process was not our child.
+ */
+int tly_proc_stop(pid_t pid, int timeout_ms);
+
+/* Wait up to timeout_ms for pid to exit; 0 and *status filled, or TLY_E_TIMEOUT. */
+int tly_proc_wait(pid_t pid, int timeout_ms, int *status) TLY_MUST_CHECK;
+
+/*
+ * Run argv to completion, capturing stdout+stderr (truncated to outlen-1, NUL-terminated) into out
+ * (may be NULL). Returns the exit code (0..255), or -1 on spawn failure / signal death.
+ */
+int tly_proc_run(char *const argv[], char *out, size_t outlen);
+
+/* Wait until path exists and is non-empty, up to timeout_ms. 0 or TLY_E_TIMEOUT. */
+int tly_proc_wait_file(const char *path, int timeout_ms) TLY_MUST_CHECK;
+
+#endif

@@ -1,0 +1,61 @@
+/*
+ * The one Check runner. TALLY_SUITES=unit runs only the unit suites; TALLY_SUITE=name runs one
+ * suite. Integration suites get the harness's throw-away PostgreSQL, started here, before forking.
+ */
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+#include "suites.h"
+
+struct suite_entry {
+	const char *name;
+	Suite *(*make)(void);
+	bool integration;
+};
+
+static const struct suite_entry all_suites[] = {
+	{"config", config_suite, false},
+	{"schema", schema_suite, false},
+	{"event", event_suite, false},
+	{"codec", codec_suite, false},
+	{"migrate", migrate_suite, true},
+	{"devbroker", devbroker_suite, true},
+};
+
+int main(void)
+{
+	const char *only = getenv("TALLY_SUITE");
+	const char *kind = getenv("TALLY_SUITES");
+	bool unit_only = kind && strcmp(kind, "unit") == 0;
+	bool need_pg = false;
+	SRunner *sr = NULL;
+	size_t n = sizeof(all_suites) / sizeof(all_suites[0]);
+
+	for (size_t i = 0; i < n; i++) {
+		const struct suite_entry *e = &all_suites[i];
+		if (only && strcmp(only, e->name) != 0)
+			continue;
+		if (unit_only && e->integration)
+			continue;
+		need_pg |= e->integration;
+		if (!sr)
+			sr = srunner_create(e->make());
+		else
+			srunner_add_suite(sr, e->make());
+	}
+	if (!sr) {
+		fprintf(stderr, "no suite matches TALLY_SUITE=%s\n", only ? only : "");
+		return 2;
+	}
+	if (need_pg)
+		tly_test_pg_start();
+	srunner_run_all(sr, CK_NORMAL);
+	int failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	if (need_pg)
+		tly_test_pg_stop();
+	return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

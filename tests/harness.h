@@ -1,0 +1,45 @@
+/*
+ * Test harness: the services integration tests need, started by the harness itself.
+ *
+ * PostgreSQL: one throw-away PostgreSQL 15 cluster per test run (initdb as a non-root user,
+ * --no-sync, unix socket in a temp dir, free port), started by the runner before any integration
+ * suite and removed after. Each test takes a fresh, empty database from it.
+ *
+ * Broker: one tally-devbroker process per test that needs one (faults are per broker).
+ */
+#ifndef TLY_TEST_HARNESS_H
+#define TLY_TEST_HARNESS_H
+
+#include <sys/types.h>
+
+/* Runner only: start / stop the run's PostgreSQL cluster. Aborts the run if it cannot start. */
+void tly_test_pg_start(void);
+void tly_test_pg_stop(void);
+
+/*
+ * A new empty database on the run's cluster; returns its conninfo string (malloc'd, caller frees).
+ * Fails the current test if it cannot be created.
+ */
+char *tly_test_pg_fresh_db(void);
+
+/* The run's cluster: the conninfo of its maintenance database (owned by the harness). */
+const char *tly_test_pg_admin_conninfo(void);
+
+struct tly_test_broker {
+	pid_t pid;
+	char dir[256];         /* temp dir holding the files below; removed on stop */
+	char bootstraps[512];  /* "127.0.0.1:port,…" */
+	char ctl_path[300];    /* control socket (see lib/devbroker_ctl.h) */
+	char bootstrap_file[300];
+	char log_path[300];
+};
+
+/* Start a tally-devbroker with the given broker and partition counts; fails the test on error. */
+void tly_test_broker_start(struct tly_test_broker *b, int brokers, int partitions);
+/* SIGTERM it and check it exits 0; remove its dir. */
+void tly_test_broker_stop(struct tly_test_broker *b);
+
+/* Path of a built program ("tallyctl"), from $TALLY_BIN (set by make check) or build/bin. */
+const char *tly_test_bin(const char *program);
+
+#endif

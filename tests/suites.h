@@ -1,0 +1,17 @@
+/* Every Check suite of the runner, one per module. */
+#ifndef TLY_TEST_SUITES_H
+#define TLY_TEST_SUITES_H
+
+#include <check.h>
+
+/* Unit suites: no I/O beyond the process itself. */
+Suite *config_suite(void);
+Suite *schema_suite(void);
+Suite *event_suite(void);
+Suite *codec_suite(void);
+
+/* Integration suites: run against the harness's PostgreSQL and dev broker. */
+Suite *migrate_suite(void);
+Suite *devbroker_suite(void);
+
+#endif
