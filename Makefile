@@ -57,6 +57,7 @@ tally-devbroker_SRCS := tools/devbroker.c
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
 	tests/check_main.c \
+	tests/fixtures.c \
 	tests/harness_broker.c \
 	tests/harness_pg.c \
 	tests/harness.c \
@@ -72,13 +73,18 @@ TEST_BIN  := $(BIN)/tally-tests
 .PHONY: all deps check unit clean dev schemas-release
 all: $(LIB) $(addprefix $(BIN)/,$(PROGRAMS)) $(TEST_BIN)
 
+# make V=1 shows the full commands.
+Q := $(if $(V),,@)
+
 $(OBJ)/%.o: %.c
 	@mkdir -p $(@D)
-	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
 $(OBJ)/gen/%.o: $(BUILD)/gen/%.c
 	@mkdir -p $(@D)
-	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
 # The .avsc and .sql files are compiled into the library, so programs need no data files.
 $(BUILD)/gen/schemas_embedded.c: scripts/embed $(SCHEMAS) $(RELEASED) $(MIGRATIONS)
@@ -87,18 +93,21 @@ $(BUILD)/gen/schemas_embedded.c: scripts/embed $(SCHEMAS) $(RELEASED) $(MIGRATIO
 
 $(LIB): $(LIB_OBJS)
 	@rm -f $@
-	ar rcs $@ $^
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)ar rcs $@ $^
 
 define program_rule
 $(BIN)/$(1): $$($(1)_SRCS:%.c=$(OBJ)/%.o) $(LIB)
 	@mkdir -p $$(@D)
-	$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
+	@$$(if $$(Q),echo "  LINK    $$@")
+	$$(Q)$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach p,$(PROGRAMS),$(eval $(call program_rule,$(p))))
 
 $(TEST_BIN): $(TEST_OBJS) $(LIB)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(shell pkg-config --libs check)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(shell pkg-config --libs check)
 
 deps:
 	scripts/install-deps

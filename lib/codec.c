@@ -1,1 +1,645 @@
-/* placeholder: being written */
+/* Single-object Avro encoding and decoding of typed events, driven by the field descriptors. */
+#include "codec.h"
+
+#include <avro.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena.h"
+#include "schema.h"
+#include "validate_bytes.h"
+
+struct tly_codec {
+	struct tly_schema_registry *reg;
+	/* one reusable generic value per registry entry, created on first use */
+	avro_value_t *values;
+	bool *has_value;
+	size_t n_values;
+	const struct tly_schema *current[TLY_EV__COUNT]; /* writer schema of each type */
+	avro_writer_t writer;
+	avro_reader_t reader;
+};
+
+void tly_buf_free(struct tly_buf *buf)
+{
+	if (!buf)
+		return;
+	free(buf->data);
+	buf->data = NULL;
+	buf->len = buf->cap = 0;
+}
+
+static int buf_reserve(struct tly_buf *buf, size_t n)
+{
+	if (buf->cap >= n)
+		return 0;
+	size_t cap = buf->cap ? buf->cap : 512;
+	while (cap < n)
+		cap *= 2;
+	unsigned char *grown = realloc(buf->data, cap);
+	if (!grown)
+		return TLY_E_NOMEM;
+	buf->data = grown;
+	buf->cap = cap;
+	return 0;
+}
+
+struct tly_codec *tly_codec_new(char *errstr, size_t errlen)
+{
+	struct tly_schema_registry *reg = tly_schema_registry_new(errstr, errlen);
+	if (!reg)
+		return NULL;
+	return tly_codec_new_with_registry(reg, errstr, errlen);
+}
+
+struct tly_codec *tly_codec_new_with_registry(struct tly_schema_registry *reg, char *errstr,
+					      size_t errlen)
+{
+	struct tly_codec *codec = calloc(1, sizeof(*codec));
+	if (!codec)
+		goto oom;
+	codec->reg = reg;
+	reg = NULL;
+	codec->n_values = tly_schema_count(codec->reg);
+	codec->values = calloc(codec->n_values ? codec->n_values : 1, sizeof(avro_value_t));
+	codec->has_value = calloc(codec->n_values ? codec->n_values : 1, sizeof(bool));
+	codec->writer = avro_writer_memory(NULL, 0);
+	codec->reader = avro_reader_memory(NULL, 0);
+	if (!codec->values || !codec->has_value || !codec->writer || !codec->reader)
+		goto oom;
+	for (int t = 0; t < TLY_EV__COUNT; t++) {
+		const struct tly_event_desc *d = tly_event_desc((enum tly_event_type)t);
+		codec->current[t] = tly_schema_current(codec->reg, d->fullname);
+	}
+	return codec;
+oom:
+	snprintf(errstr, errlen, "out of memory");
+	tly_schema_registry_free(reg);
+	tly_codec_free(codec);
+	return NULL;
+}
+
+void tly_codec_free(struct tly_codec *codec)
+{
+	if (!codec)
+		return;
+	for (size_t i = 0; i < codec->n_values && codec->has_value; i++) {
+		if (codec->has_value[i])
+			avro_value_decref(&codec->values[i]);
+	}
+	free(codec->values);
+	free(codec->has_value);
+	if (codec->writer)
+		avro_writer_free(codec->writer);
+	if (codec->reader)
+		avro_reader_free(codec->reader);
+	tly_schema_registry_free(codec->reg);
+	free(codec);
+}
+
+const struct tly_schema_registry *tly_codec_registry(const struct tly_codec *codec)
+{
+	return codec->reg;
+}
+
+/* The cached value of a registry entry, reset and ready to fill. */
+static int value_for(struct tly_codec *codec, const struct tly_schema *s, avro_value_t **out)
+{
+	for (size_t i = 0; i < codec->n_values; i++) {
+		if (tly_schema_at(codec->reg, i) != s)
+			continue;
+		if (!codec->has_value[i]) {
+			if (avro_generic_value_new(tly_schema_iface(s), &codec->values[i]) != 0)
+				return TLY_E_NOMEM;
+			codec->has_value[i] = true;
+		} else if (avro_value_reset(&codec->values[i]) != 0) {
+			return TLY_E_NOMEM;
+		}
+		*out = &codec->values[i];
+		return 0;
+	}
+	return TLY_E_NOT_FOUND;
+}
+
+/* ---- encode ------------------------------------------------------------------------------- */
+
+static int put_record(const struct tly_record_desc *rd, const unsigned char *base,
+		      avro_value_t *rec, char *errstr, size_t errlen);
+
+static int set_opt(avro_value_t *fv, bool present, avro_value_t *branch)
+{
+	if (!present) {
+		avro_value_t nullv;
+		if (avro_value_set_branch(fv, 0, &nullv) != 0)
+			return -1;
+		return avro_value_set_null(&nullv);
+	}
+	return avro_value_set_branch(fv, 1, branch);
+}
+
+static int put_field(const struct tly_field *f, const unsigned char *base, avro_value_t *rec,
+		     char *errstr, size_t errlen)
+{
+	avro_value_t fv, inner;
+	const void *p = base + f->offset;
+	char text[37];
+	const char *s;
+	int64_t l;
+	int32_t i32;
+	bool b;
+	struct tly_opt_i64 o;
+	int rc = 0;
+
+	if (avro_value_get_by_name(rec, f->name, &fv, NULL) != 0) {
+		snprintf(errstr, errlen, "schema has no field \"%s\"", f->name);
+		return TLY_E_SCHEMA;
+	}
+	switch (f->kind) {
+	case TLY_F_UUID:
+		tly_uuid_format(p, text);
+		rc = avro_value_set_string(&fv, text);
+		break;
+	case TLY_F_OPT_UUID:
+		rc = set_opt(&fv, !tly_uuid_is_nil(p), &inner);
+		if (rc == 0 && !tly_uuid_is_nil(p)) {
+			tly_uuid_format(p, text);
+			rc = avro_value_set_string(&inner, text);
+		}
+		break;
+	case TLY_F_STR:
+	case TLY_F_JSON:
+		memcpy(&s, p, sizeof(s));
+		rc = avro_value_set_string(&fv, s);
+		break;
+	case TLY_F_OPT_STR:
+		memcpy(&s, p, sizeof(s));
+		rc = set_opt(&fv, s != NULL, &inner);
+		if (rc == 0 && s)
+			rc = avro_value_set_string(&inner, s);
+		break;
+	case TLY_F_LONG:
+	case TLY_F_TS:
+		memcpy(&l, p, sizeof(l));
+		rc = avro_value_set_long(&fv, l);
+		break;
+	case TLY_F_INT:
+		memcpy(&i32, p, sizeof(i32));
+		rc = avro_value_set_int(&fv, i32);
+		break;
+	case TLY_F_BOOL:
+		memcpy(&b, p, sizeof(b));
+		rc = avro_value_set_boolean(&fv, b);
+		break;
+	case TLY_F_OPT_LONG:
+	case TLY_F_OPT_TS:
+		memcpy(&o, p, sizeof(o));
+		rc = set_opt(&fv, o.set, &inner);
+		if (rc == 0 && o.set)
+			rc = avro_value_set_long(&inner, o.v);
+		break;
+	case TLY_F_MAP_LONG:
+	case TLY_F_MAP_STR:
+	case TLY_F_MAP_BOOL: {
+		const struct tly_map *m = p;
+		for (size_t i = 0; i < m->n && rc == 0; i++) {
+			const struct tly_map_entry *e = &m->items[i];
+			rc = avro_value_add(&fv, e->key, &inner, NULL, NULL);
+			if (rc == 0)
+				rc = f->kind == TLY_F_MAP_LONG  ? avro_value_set_long(&inner, e->i)
+				     : f->kind == TLY_F_MAP_STR ? avro_value_set_string(&inner, e->s)
+								: avro_value_set_boolean(&inner, e->b);
+		}
+		break;
+	}
+	case TLY_F_RECORDS: {
+		struct tly_list list;
+		memcpy(&list, p, sizeof(list));
+		for (size_t i = 0; i < list.n && rc == 0; i++) {
+			rc = avro_value_append(&fv, &inner, NULL);
+			if (rc == 0) {
+				const unsigned char *item = (const unsigned char *)list.items + i * f->sub->size;
+				int prc = put_record(f->sub, item, &inner, errstr, errlen);
+				if (prc != 0)
+					return prc;
+			}
+		}
+		break;
+	}
+	case TLY_F_SHA256:
+		rc = avro_value_set_bytes(&fv, (void *)(uintptr_t)p, 32);
+		break;
+	}
+	if (rc != 0) {
+		snprintf(errstr, errlen, "could not set field \"%s\": %s", f->name, avro_strerror());
+		return TLY_E_INVALID;
+	}
+	return 0;
+}
+
+static int put_record(const struct tly_record_desc *rd, const unsigned char *base,
+		      avro_value_t *rec, char *errstr, size_t errlen)
+{
+	for (size_t i = 0; i < rd->n_fields; i++) {
+		int rc = put_field(&rd->fields[i], base, rec, errstr, errlen);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+static void put_header(unsigned char *h, uint64_t fp)
+{
+	h[0] = 0xC3;
+	h[1] = 0x01;
+	for (int i = 0; i < 8; i++)
+		h[2 + i] = (unsigned char)(fp >> (8 * i));
+}
+
+int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+		     char *errstr, size_t errlen)
+{
+	const struct tly_event_desc *d = tly_event_desc(ev->type);
+	char why[512];
+	int rc = tly_event_validate(ev, why, sizeof(why));
+	if (rc != 0) {
+		snprintf(errstr, errlen, "%s: %s", d ? d->name : "event", why);
+		return rc;
+	}
+	const struct tly_schema *s = codec->current[ev->type];
+	avro_value_t *rec;
+	if (!s || value_for(codec, s, &rec) != 0) {
+		snprintf(errstr, errlen, "no schema for %s", d->name);
+		return TLY_E_NOT_FOUND;
+	}
+	if ((rc = put_record(&d->record, (const unsigned char *)ev, rec, why, sizeof(why))) != 0) {
+		snprintf(errstr, errlen, "%s: %s", d->name, why);
+		return rc;
+	}
+	size_t size;
+	if (avro_value_sizeof(rec, &size) != 0) {
+		snprintf(errstr, errlen, "%s: could not size the value: %s", d->name, avro_strerror());
+		return TLY_E_INVALID;
+	}
+	if (size + TLY_CODEC_HEADER > TLY_CODEC_MAX_BYTES) {
+		snprintf(errstr, errlen, "%s: %zu bytes encoded, more than the %u allowed", d->name,
+			 size + TLY_CODEC_HEADER, TLY_CODEC_MAX_BYTES);
+		return TLY_E_TOO_LARGE;
+	}
+	if (buf_reserve(out, size + TLY_CODEC_HEADER) != 0) {
+		snprintf(errstr, errlen, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	put_header(out->data, tly_schema_fingerprint(s));
+	avro_writer_memory_set_dest(codec->writer, (const char *)out->data + TLY_CODEC_HEADER,
+				    (int64_t)size);
+	if (avro_value_write(codec->writer, rec) != 0) {
+		snprintf(errstr, errlen, "%s: could not write the value: %s", d->name, avro_strerror());
+		return TLY_E_INVALID;
+	}
+	out->len = size + TLY_CODEC_HEADER;
+	return 0;
+}
+
+/* ---- decode ------------------------------------------------------------------------------- */
+
+static int get_record(const struct tly_record_desc *rd, unsigned char *base, avro_value_t *rec,
+		      const struct tly_schema *current, struct tly_arena *arena, char *errstr,
+		      size_t errlen);
+
+static int bad(char *errstr, size_t errlen, const char *field, const char *why)
+{
+	snprintf(errstr, errlen, "field %s: %s", field, why);
+	return TLY_E_INVALID;
+}
+
+/* A string value copied into the arena; strings with NUL bytes are refused. */
+static int get_str(avro_value_t *v, struct tly_arena *arena, const char *field, const char **out,
+		   char *errstr, size_t errlen)
+{
+	const char *str;
+	size_t size;
+	if (avro_value_get_string(v, &str, &size) != 0)
+		return bad(errstr, errlen, field, "is not a string");
+	size_t len = size ? size - 1 : 0;
+	if (memchr(str, '\0', len))
+		return bad(errstr, errlen, field, "contains a NUL byte");
+	if (!(*out = tly_arena_strndup(arena, str, len)))
+		return TLY_E_NOMEM;
+	return 0;
+}
+
+/* A long, also from an int written by an older writer (Avro's int -> long promotion). */
+static int get_long(avro_value_t *v, int64_t *out)
+{
+	if (avro_value_get_type(v) == AVRO_INT32) {
+		int32_t i;
+		int rc = avro_value_get_int(v, &i);
+		*out = i;
+		return rc;
+	}
+	return avro_value_get_long(v, out);
+}
+
+/* The value inside an optional field: *present false for null. Non-union writers count as set. */
+static int get_opt(avro_value_t *fv, avro_value_t *inner, bool *present)
+{
+	if (avro_value_get_type(fv) != AVRO_UNION) {
+		*inner = *fv;
+		*present = true;
+		return 0;
+	}
+	if (avro_value_get_current_branch(fv, inner) != 0)
+		return -1;
+	*present = avro_value_get_type(inner) != AVRO_NULL;
+	return 0;
+}
+
+/* A field the writer's schema lacks takes the current schema's default. */
+static int apply_default(const struct tly_field *f, unsigned char *base,
+			 const struct tly_schema *current, struct tly_arena *arena, char *errstr,
+			 size_t errlen)
+{
+	const json_t *def = current ? tly_schema_field_default(current, f->name) : NULL;
+	void *p = base + f->offset;
+	if (!def)
+		return bad(errstr, errlen, f->name, "missing in the writer's schema and has no default");
+	if (json_is_null(def) || json_is_object(def) || json_is_array(def))
+		return 0; /* absent optional, empty map or list: the zeroed field already says so */
+	switch (f->kind) {
+	case TLY_F_LONG:
+	case TLY_F_TS: {
+		int64_t l = json_integer_value(def);
+		memcpy(p, &l, sizeof(l));
+		return 0;
+	}
+	case TLY_F_INT: {
+		int32_t i = (int32_t)json_integer_value(def);
+		memcpy(p, &i, sizeof(i));
+		return 0;
+	}
+	case TLY_F_BOOL: {
+		bool b = json_is_true(def);
+		memcpy(p, &b, sizeof(b));
+		return 0;
+	}
+	case TLY_F_STR:
+	case TLY_F_OPT_STR:
+	case TLY_F_JSON: {
+		const char *s = tly_arena_strndup(arena, json_string_value(def), json_string_length(def));
+		if (!s)
+			return TLY_E_NOMEM;
+		memcpy(p, &s, sizeof(s));
+		return 0;
+	}
+	default:
+		return bad(errstr, errlen, f->name, "has a default the codec cannot apply");
+	}
+}
+
+static int get_field(const struct tly_field *f, unsigned char *base, avro_value_t *rec,
+		     const struct tly_schema *current, struct tly_arena *arena, char *errstr,
+		     size_t errlen)
+{
+	avro_value_t fv, inner;
+	void *p = base + f->offset;
+	const char *s = NULL;
+	bool present;
+	int rc;
+
+	if (avro_value_get_by_name(rec, f->name, &fv, NULL) != 0)
+		return apply_default(f, base, current, arena, errstr, errlen);
+
+	switch (f->kind) {
+	case TLY_F_UUID:
+	case TLY_F_OPT_UUID:
+		if (f->kind == TLY_F_OPT_UUID) {
+			if (get_opt(&fv, &inner, &present) != 0)
+				return bad(errstr, errlen, f->name, "is not a union");
+			if (!present)
+				return 0;
+			fv = inner;
+		}
+		if ((rc = get_str(&fv, arena, f->name, &s, errstr, errlen)) != 0)
+			return rc;
+		if (tly_uuid_parse(s, p) != 0) {
+			char why[128];
+			snprintf(why, sizeof(why), "\"%.40s\" is not a UUID", s);
+			return bad(errstr, errlen, f->name, why);
+		}
+		return 0;
+	case TLY_F_STR:
+	case TLY_F_JSON:
+	case TLY_F_OPT_STR:
+		if (f->kind == TLY_F_OPT_STR) {
+			if (get_opt(&fv, &inner, &present) != 0)
+				return bad(errstr, errlen, f->name, "is not a union");
+			if (!present)
+				return 0;
+			fv = inner;
+		}
+		if ((rc = get_str(&fv, arena, f->name, &s, errstr, errlen)) != 0)
+			return rc;
+		memcpy(p, &s, sizeof(s));
+		return 0;
+	case TLY_F_LONG:
+	case TLY_F_TS: {
+		int64_t l;
+		if (get_long(&fv, &l) != 0)
+			return bad(errstr, errlen, f->name, "is not a long");
+		memcpy(p, &l, sizeof(l));
+		return 0;
+	}
+	case TLY_F_INT: {
+		int32_t i;
+		if (avro_value_get_int(&fv, &i) != 0)
+			return bad(errstr, errlen, f->name, "is not an int");
+		memcpy(p, &i, sizeof(i));
+		return 0;
+	}
+	case TLY_F_BOOL: {
+		int b;
+		if (avro_value_get_boolean(&fv, &b) != 0)
+			return bad(errstr, errlen, f->name, "is not a boolean");
+		bool v = b != 0;
+		memcpy(p, &v, sizeof(v));
+		return 0;
+	}
+	case TLY_F_OPT_LONG:
+	case TLY_F_OPT_TS: {
+		struct tly_opt_i64 o = {0};
+		if (get_opt(&fv, &inner, &present) != 0)
+			return bad(errstr, errlen, f->name, "is not a union");
+		if (present) {
+			if (get_long(&inner, &o.v) != 0)
+				return bad(errstr, errlen, f->name, "is not a long");
+			o.set = true;
+		}
+		memcpy(p, &o, sizeof(o));
+		return 0;
+	}
+	case TLY_F_MAP_LONG:
+	case TLY_F_MAP_STR:
+	case TLY_F_MAP_BOOL: {
+		struct tly_map m = {0};
+		size_t n;
+		if (avro_value_get_size(&fv, &n) != 0)
+			return bad(errstr, errlen, f->name, "is not a map");
+		struct tly_map_entry *items = NULL;
+		if (n && !(items = tly_arena_alloc(arena, n * sizeof(*items))))
+			return TLY_E_NOMEM;
+		for (size_t i = 0; i < n; i++) {
+			const char *key;
+			memset(&items[i], 0, sizeof(items[i]));
+			if (avro_value_get_by_index(&fv, i, &inner, &key) != 0)
+				return bad(errstr, errlen, f->name, "has an unreadable entry");
+			if (!(items[i].key = tly_arena_strndup(arena, key, strlen(key))))
+				return TLY_E_NOMEM;
+			if (f->kind == TLY_F_MAP_LONG) {
+				if (get_long(&inner, &items[i].i) != 0)
+					return bad(errstr, errlen, f->name, "has a value that is not a long");
+			} else if (f->kind == TLY_F_MAP_STR) {
+				if ((rc = get_str(&inner, arena, f->name, &items[i].s, errstr, errlen)) != 0)
+					return rc;
+			} else {
+				int b;
+				if (avro_value_get_boolean(&inner, &b) != 0)
+					return bad(errstr, errlen, f->name, "has a value that is not a boolean");
+				items[i].b = b != 0;
+			}
+		}
+		m.items = items;
+		m.n = n;
+		memcpy(p, &m, sizeof(m));
+		return 0;
+	}
+	case TLY_F_RECORDS: {
+		struct tly_list list = {0};
+		size_t n;
+		if (avro_value_get_size(&fv, &n) != 0)
+			return bad(errstr, errlen, f->name, "is not an array");
+		unsigned char *items = NULL;
+		if (n && !(items = tly_arena_alloc(arena, n * f->sub->size)))
+			return TLY_E_NOMEM;
+		for (size_t i = 0; i < n; i++) {
+			unsigned char *item = items + i * f->sub->size;
+			memset(item, 0, f->sub->size);
+			if (avro_value_get_by_index(&fv, i, &inner, NULL) != 0)
+				return bad(errstr, errlen, f->name, "has an unreadable item");
+			/* Nested records have no separate current schema: no defaults inside. */
+			if ((rc = get_record(f->sub, item, &inner, NULL, arena, errstr, errlen)) != 0)
+				return rc;
+		}
+		list.items = items;
+		list.n = n;
+		memcpy(p, &list, sizeof(list));
+		return 0;
+	}
+	case TLY_F_SHA256: {
+		const void *buf;
+		size_t size;
+		if (avro_value_get_bytes(&fv, &buf, &size) != 0 || size != 32)
+			return bad(errstr, errlen, f->name, "is not 32 bytes");
+		memcpy(p, buf, 32);
+		return 0;
+	}
+	}
+	return bad(errstr, errlen, f->name, "has an unknown kind");
+}
+
+static int get_record(const struct tly_record_desc *rd, unsigned char *base, avro_value_t *rec,
+		      const struct tly_schema *current, struct tly_arena *arena, char *errstr,
+		      size_t errlen)
+{
+	for (size_t i = 0; i < rd->n_fields; i++) {
+		int rc = get_field(&rd->fields[i], base, rec, current, arena, errstr, errlen);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+int tly_codec_peek_fingerprint(const void *bytes, size_t len, uint64_t *fingerprint)
+{
+	const unsigned char *b = bytes;
+	if (len >= 1 && b[0] != 0xC3)
+		return TLY_E_BAD_MAGIC;
+	if (len >= 2 && b[1] != 0x01)
+		return TLY_E_BAD_MAGIC;
+	if (len < TLY_CODEC_HEADER)
+		return TLY_E_TRUNCATED;
+	uint64_t fp = 0;
+	for (int i = 0; i < 8; i++)
+		fp |= (uint64_t)b[2 + i] << (8 * i);
+	*fingerprint = fp;
+	return 0;
+}
+
+int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
+		     char *errstr, size_t errlen)
+{
+	uint64_t fp = 0;
+	char why[512];
+	int rc;
+
+	tly_event_reset(ev);
+	if (len > TLY_CODEC_MAX_BYTES) {
+		snprintf(errstr, errlen, "message of %zu bytes is larger than the %u allowed", len,
+			 TLY_CODEC_MAX_BYTES);
+		return TLY_E_TOO_LARGE;
+	}
+	rc = tly_codec_peek_fingerprint(bytes, len, &fp);
+	if (rc == TLY_E_BAD_MAGIC) {
+		snprintf(errstr, errlen, "not Avro single-object encoding (no C3 01 header)");
+		return rc;
+	}
+	if (rc != 0) {
+		snprintf(errstr, errlen, "truncated: %zu bytes, shorter than the 10-byte header", len);
+		return rc;
+	}
+	const struct tly_schema *writer = tly_schema_find(codec->reg, fp);
+	if (!writer) {
+		snprintf(errstr, errlen, "unknown schema fingerprint %016llx",
+			 (unsigned long long)fp);
+		return TLY_E_UNKNOWN_FINGERPRINT;
+	}
+	const char *fullname = tly_schema_fullname(writer);
+	const struct tly_event_desc *d = tly_event_desc_by_name(fullname);
+	if (!d) {
+		snprintf(errstr, errlen, "schema \"%s\" is not a Tally message type", fullname);
+		return TLY_E_UNKNOWN_FINGERPRINT;
+	}
+	const unsigned char *body = (const unsigned char *)bytes + TLY_CODEC_HEADER;
+	size_t body_len = len - TLY_CODEC_HEADER;
+	rc = tly_avro_validate_bytes(tly_schema_avro(writer), body, body_len, why, sizeof(why));
+	if (rc != 0) {
+		snprintf(errstr, errlen, "%s: %s", d->name, why);
+		return rc;
+	}
+	avro_value_t *rec;
+	if (value_for(codec, writer, &rec) != 0) {
+		snprintf(errstr, errlen, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	avro_reader_memory_set_source(codec->reader, (const char *)body, (int64_t)body_len);
+	if (avro_value_read(codec->reader, rec) != 0) {
+		snprintf(errstr, errlen, "%s: corrupt: %s", d->name, avro_strerror());
+		return TLY_E_CORRUPT;
+	}
+	struct tly_arena *arena = tly_event_arena(ev);
+	if (!arena) {
+		snprintf(errstr, errlen, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	tly_event_init(ev, d->type);
+	rc = get_record(&d->record, (unsigned char *)ev, rec, codec->current[d->type], arena, why,
+			sizeof(why));
+	if (rc == 0)
+		rc = tly_event_validate(ev, why, sizeof(why));
+	if (rc != 0) {
+		snprintf(errstr, errlen, "%s: %s", d->name, why);
+		return rc;
+	}
+	return 0;
+}

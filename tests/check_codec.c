@@ -1,6 +1,309 @@
-/* placeholder: being written */
+/* Codec suite: round trip of every message type, and typed errors for hostile bytes. */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codec.h"
+#include "fixtures.h"
 #include "suites.h"
+
+static struct tly_codec *codec;
+
+static void setup(void)
+{
+	char err[256];
+	codec = tly_codec_new(err, sizeof(err));
+	ck_assert_msg(codec, "%s", err);
+}
+
+static void teardown(void)
+{
+	tly_codec_free(codec);
+}
+
+/* Encode a fixture of type; caller frees out. */
+static void encode_fixture(enum tly_event_type type, struct tly_buf *out)
+{
+	struct tly_event ev = {0};
+	char err[512];
+	tly_fixture_event(&ev, type, 2);
+	ck_assert_msg(tly_codec_encode(codec, &ev, out, err, sizeof(err)) == 0, "%s", err);
+	tly_event_free(&ev);
+}
+
+START_TEST(test_round_trip)
+{
+	enum tly_event_type type = (enum tly_event_type)_i;
+	struct tly_event in = {0}, out = {0};
+	struct tly_buf a = {0}, b = {0};
+	char err[512];
+	tly_fixture_event(&in, type, 5);
+	ck_assert_msg(tly_codec_encode(codec, &in, &a, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_eq(a.data[0], 0xC3);
+	ck_assert_uint_eq(a.data[1], 0x01);
+	ck_assert_msg(tly_codec_decode(codec, a.data, a.len, &out, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_int_eq(out.type, type);
+	ck_assert_mem_eq(out.event_id.b, in.event_id.b, 16);
+	ck_assert_mem_eq(out.tenant_id.b, in.tenant_id.b, 16);
+	ck_assert_int_eq(out.occurred_at, in.occurred_at);
+	/* Every field is encoded, so equal re-encodings mean equal values. */
+	ck_assert_msg(tly_codec_encode(codec, &out, &b, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_eq(a.len, b.len);
+	ck_assert_mem_eq(a.data, b.data, a.len);
+	/* And a different value encodes differently (the comparison above can fail). */
+	struct tly_event other = {0};
+	tly_fixture_event(&other, type, 6);
+	ck_assert_int_eq(tly_codec_encode(codec, &other, &b, err, sizeof(err)), 0);
+	ck_assert(a.len != b.len || memcmp(a.data, b.data, a.len) != 0);
+	tly_event_free(&in);
+	tly_event_free(&out);
+	tly_event_free(&other);
+	tly_buf_free(&a);
+	tly_buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_round_trip_fields)
+{
+	struct tly_event in = {0}, out = {0};
+	struct tly_buf a = {0};
+	char err[512];
+	tly_fixture_event(&in, TLY_EV_SUBSCRIPTION_STARTED, 1);
+	ck_assert_int_eq(tly_codec_encode(codec, &in, &a, err, sizeof(err)), 0);
+	ck_assert_int_eq(tly_codec_decode(codec, a.data, a.len, &out, err, sizeof(err)), 0);
+	const struct tly_ev_subscription_started *s = &out.u.subscription_started;
+	ck_assert_str_eq(s->terms.plan_code, "pro");
+	ck_assert_str_eq(s->terms.currency, "USD");
+	ck_assert(s->terms.overage_price_micros_per_1k_tokens.set);
+	ck_assert_int_eq(s->terms.overage_price_micros_per_1k_tokens.v, 2000);
+	ck_assert_uint_eq(s->terms.metered_prices.n, 2);
+	ck_assert_str_eq(s->metadata.items[1].s, "ü-123");
+	ck_assert_int_eq(s->period_end - s->period_start, 2678400000000LL);
+
+	/* Optional fields absent travel as null. */
+	in.u.subscription_started.billing_email = NULL;
+	in.u.subscription_started.trial_ends_at.set = false;
+	in.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+	ck_assert_int_eq(tly_codec_encode(codec, &in, &a, err, sizeof(err)), 0);
+	ck_assert_int_eq(tly_codec_decode(codec, a.data, a.len, &out, err, sizeof(err)), 0);
+	ck_assert_ptr_null(out.u.subscription_started.billing_email);
+	ck_assert(!out.u.subscription_started.trial_ends_at.set);
+	ck_assert(!out.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set);
+
+	tly_fixture_event(&in, TLY_EV_LEDGER_ENTRY, 1);
+	ck_assert_int_eq(tly_codec_encode(codec, &in, &a, err, sizeof(err)), 0);
+	ck_assert_int_eq(tly_codec_decode(codec, a.data, a.len, &out, err, sizeof(err)), 0);
+	const struct tly_ledger_entry *e = &out.u.ledger_entry;
+	ck_assert_uint_eq(e->lines.n, 3);
+	const struct tly_invoice_line *l = e->lines.items;
+	ck_assert_str_eq(l[2].feature_key, "web_search");
+	ck_assert_ptr_null(l[0].feature_key);
+	ck_assert_int_eq(e->allowance_delta, -1500);
+	ck_assert_mem_eq(e->prev_hash, in.u.ledger_entry.prev_hash, 32);
+	tly_event_free(&in);
+	tly_event_free(&out);
+	tly_buf_free(&a);
+}
+END_TEST
+
+START_TEST(test_invalid_not_encoded)
+{
+	struct tly_event ev = {0};
+	struct tly_buf out = {0};
+	char err[512];
+	tly_fixture_event(&ev, TLY_EV_TOKENS_RESERVED, 1);
+	ev.u.tokens_reserved.tokens = -10;
+	ck_assert_int_eq(tly_codec_encode(codec, &ev, &out, err, sizeof(err)), TLY_E_INVALID);
+	ck_assert_uint_eq(out.len, 0);
+	ck_assert_msg(strstr(err, "TokensReserved: field tokens"), "%s", err);
+	tly_buf_free(&out);
+}
+END_TEST
+
+/* Decode raw bytes and return the error code; the event must be reusable afterwards. */
+static int decode(const void *bytes, size_t len, char *err, size_t errlen)
+{
+	struct tly_event ev = {0};
+	int rc = tly_codec_decode(codec, bytes, len, &ev, err, errlen);
+	tly_event_free(&ev);
+	return rc;
+}
+
+START_TEST(test_header_errors)
+{
+	char err[512];
+	struct tly_buf m = {0};
+	encode_fixture(TLY_EV_TENANT_CREATED, &m);
+	ck_assert_int_eq(decode(m.data, 0, err, sizeof(err)), TLY_E_TRUNCATED);
+	ck_assert_int_eq(decode(m.data, 5, err, sizeof(err)), TLY_E_TRUNCATED);
+	ck_assert_int_eq(decode("{\"json\":1}", 10, err, sizeof(err)), TLY_E_BAD_MAGIC);
+	ck_assert_int_eq(decode("\xC3\x02", 2, err, sizeof(err)), TLY_E_BAD_MAGIC);
+	m.data[5] ^= 0x5A; /* a fingerprint nobody registered */
+	ck_assert_int_eq(decode(m.data, m.len, err, sizeof(err)), TLY_E_UNKNOWN_FINGERPRINT);
+	ck_assert_msg(strstr(err, "unknown schema fingerprint"), "%s", err);
+	tly_buf_free(&m);
+	static unsigned char big[TLY_CODEC_MAX_BYTES + 1];
+	ck_assert_int_eq(decode(big, sizeof(big), err, sizeof(err)), TLY_E_TOO_LARGE);
+}
+END_TEST
+
+/* Every strict prefix of a valid message is refused as truncated, never read. */
+START_TEST(test_every_prefix_truncated)
+{
+	char err[512];
+	struct tly_buf m = {0};
+	encode_fixture((enum tly_event_type)_i, &m);
+	ck_assert_int_eq(decode(m.data, m.len, err, sizeof(err)), 0);
+	for (size_t n = 0; n < m.len; n++) {
+		int rc = decode(m.data, n, err, sizeof(err));
+		ck_assert_msg(rc == TLY_E_TRUNCATED, "prefix %zu/%zu: rc %d (%s)", n, m.len, rc, err);
+	}
+	tly_buf_free(&m);
+}
+END_TEST
+
+/*
+ * TenantCreated body: event_id (0x48 + 36 bytes), tenant_id (0x48 + 36), occurred_at (varint),
+ * slug (0x08 "acme"), name. Offsets below are into the whole message (header is 10 bytes).
+ */
+START_TEST(test_hostile_bodies)
+{
+	char err[512];
+	struct tly_buf m = {0};
+	encode_fixture(TLY_EV_TENANT_CREATED, &m);
+	unsigned char *b = malloc(m.len + 16);
+	ck_assert_uint_eq(m.data[10], 0x48);
+
+	/* negative string length */
+	memcpy(b, m.data, m.len);
+	b[10] = 0x01;
+	ck_assert_int_eq(decode(b, m.len, err, sizeof(err)), TLY_E_CORRUPT);
+	ck_assert_msg(strstr(err, "negative length"), "%s", err);
+
+	/* huge string length (2^62) */
+	unsigned char huge[] = {0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01};
+	memcpy(b, m.data, 10);
+	memcpy(b + 10, huge, sizeof(huge));
+	ck_assert_int_eq(decode(b, 20, err, sizeof(err)), TLY_E_TRUNCATED);
+
+	/* over-long varint (11 continuation bytes) */
+	memset(b + 10, 0x80, 11);
+	b[21] = 0x01;
+	ck_assert_int_eq(decode(b, 22, err, sizeof(err)), TLY_E_CORRUPT);
+
+	/* invalid UTF-8 inside the slug */
+	memcpy(b, m.data, m.len);
+	size_t slug = 10 + 37 + 37;
+	while (b[slug] & 0x80) /* skip occurred_at */
+		slug++;
+	slug++;
+	ck_assert_uint_eq(b[slug], 0x08);
+	b[slug + 1] = 0xFF;
+	ck_assert_int_eq(decode(b, m.len, err, sizeof(err)), TLY_E_CORRUPT);
+	ck_assert_msg(strstr(err, "UTF-8"), "%s", err);
+
+	/* trailing garbage */
+	memcpy(b, m.data, m.len);
+	b[m.len] = 0x00;
+	ck_assert_int_eq(decode(b, m.len + 1, err, sizeof(err)), TLY_E_CORRUPT);
+	ck_assert_msg(strstr(err, "trailing"), "%s", err);
+
+	/* a malformed UUID string of the right length decodes but breaks the schema's logical type */
+	memcpy(b, m.data, m.len);
+	b[11] = 'z';
+	ck_assert_int_eq(decode(b, m.len, err, sizeof(err)), TLY_E_INVALID);
+	ck_assert_msg(strstr(err, "field event_id") && strstr(err, "not a UUID"), "%s", err);
+
+	/* a NUL byte inside a string */
+	memcpy(b, m.data, m.len);
+	b[slug + 2] = 0x00;
+	ck_assert_int_eq(decode(b, m.len, err, sizeof(err)), TLY_E_INVALID);
+	ck_assert_msg(strstr(err, "NUL"), "%s", err);
+
+	/* the slug emptied: decodes, fails validation (required field present but empty) */
+	memcpy(b, m.data, slug);
+	b[slug] = 0x00;
+	memcpy(b + slug + 1, m.data + slug + 5, m.len - slug - 5);
+	ck_assert_int_eq(decode(b, m.len - 4, err, sizeof(err)), TLY_E_INVALID);
+	ck_assert_msg(strstr(err, "field slug"), "%s", err);
+
+	free(b);
+	tly_buf_free(&m);
+}
+END_TEST
+
+START_TEST(test_hostile_unions_and_booleans)
+{
+	char err[512];
+	struct tly_buf m = {0};
+	struct tly_event ev = {0};
+	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_CANCELLED, 1);
+	ck_assert_int_eq(tly_codec_encode(codec, &ev, &m, err, sizeof(err)), 0);
+	/* the last byte is at_period_end */
+	ck_assert_uint_eq(m.data[m.len - 1], 1);
+	m.data[m.len - 1] = 2;
+	ck_assert_int_eq(decode(m.data, m.len, err, sizeof(err)), TLY_E_CORRUPT);
+
+	tly_fixture_event(&ev, TLY_EV_TOKENS_RESERVED, 1);
+	ck_assert_int_eq(tly_codec_encode(codec, &ev, &m, err, sizeof(err)), 0);
+	/* conversation_id is last: branch 1 (0x02), then 0x48 + 36 bytes */
+	ck_assert_uint_eq(m.data[m.len - 38], 0x02);
+	m.data[m.len - 38] = 0x06; /* branch 3 of a two-branch union */
+	ck_assert_int_eq(decode(m.data, m.len, err, sizeof(err)), TLY_E_CORRUPT);
+	m.data[m.len - 38] = 0x01; /* branch -1 */
+	ck_assert_int_eq(decode(m.data, m.len, err, sizeof(err)), TLY_E_CORRUPT);
+	tly_event_free(&ev);
+	tly_buf_free(&m);
+}
+END_TEST
+
+/* Random corruption never crashes and never yields a value that breaks validation. */
+START_TEST(test_random_mutations)
+{
+	char err[512];
+	struct tly_buf m = {0};
+	encode_fixture((enum tly_event_type)_i, &m);
+	unsigned char *b = malloc(m.len);
+	unsigned seed = 12345u + (unsigned)_i;
+	struct tly_event ev = {0};
+	for (int round = 0; round < 400; round++) {
+		memcpy(b, m.data, m.len);
+		int flips = 1 + (int)(rand_r(&seed) % 4);
+		for (int k = 0; k < flips; k++) {
+			size_t at = 10 + (size_t)rand_r(&seed) % (m.len - 10);
+			b[at] = (unsigned char)rand_r(&seed);
+		}
+		size_t len = m.len - (size_t)(rand_r(&seed) % 3);
+		int rc = tly_codec_decode(codec, b, len, &ev, err, sizeof(err));
+		if (rc == 0)
+			ck_assert_msg(tly_event_validate(&ev, err, sizeof(err)) == 0, "%s", err);
+		else
+			ck_assert(rc == TLY_E_TRUNCATED || rc == TLY_E_CORRUPT || rc == TLY_E_INVALID ||
+				  rc == TLY_E_TOO_LARGE);
+	}
+	tly_event_free(&ev);
+	free(b);
+	tly_buf_free(&m);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
-	return suite_create("codec");
+	Suite *s = suite_create("codec");
+	TCase *tc = tcase_create("round_trip");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_loop_test(tc, test_round_trip, 0, TLY_EV__COUNT);
+	tcase_add_test(tc, test_round_trip_fields);
+	tcase_add_test(tc, test_invalid_not_encoded);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("bad_bytes");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_header_errors);
+	tcase_add_loop_test(tc, test_every_prefix_truncated, 0, TLY_EV__COUNT);
+	tcase_add_test(tc, test_hostile_bodies);
+	tcase_add_test(tc, test_hostile_unions_and_booleans);
+	tcase_add_loop_test(tc, test_random_mutations, 0, TLY_EV__COUNT);
+	suite_add_tcase(s, tc);
+	return s;
 }
