@@ -1,1 +1,267 @@
-/* placeholder: being written */
+/* PostgreSQL connections and statements: libpq boilerplate written once for the whole project. */
+#include "pg.h"
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "log.h"
+
+/* Oldest server Tally supports (PostgreSQL 15). */
+#define TLY_PG_MIN_SERVER_VERSION 150000
+
+/* Copy src into buf as one line: newlines and tabs become spaces, trailing blanks are dropped. */
+static void copy_one_line(char *buf, size_t len, const char *src)
+{
+	size_t n = 0;
+	if (len == 0)
+		return;
+	for (; src && *src && n + 1 < len; src++) {
+		char c = *src;
+		if (c == '\n' || c == '\r' || c == '\t')
+			c = ' ';
+		if (c == ' ' && (n == 0 || buf[n - 1] == ' '))
+			continue;
+		buf[n++] = c;
+	}
+	while (n > 0 && buf[n - 1] == ' ')
+		n--;
+	buf[n] = '\0';
+}
+
+enum tly_errclass tly_pg_sqlstate_errclass(const char *sqlstate)
+{
+	if (!sqlstate || strlen(sqlstate) != 5)
+		return TLY_ERRCLASS_RETRIABLE;
+	static const char *const retriable[] = {
+		"40001", /* serialization_failure */
+		"40P01", /* deadlock_detected */
+		"40003", /* statement_completion_unknown */
+		"55P03", /* lock_not_available */
+		"57014", /* query_canceled (statement_timeout) */
+		"57P01", /* admin_shutdown */
+		"57P02", /* crash_shutdown */
+		"57P03", /* cannot_connect_now */
+		"57P05", /* idle_session_timeout */
+		"25P03", /* idle_in_transaction_session_timeout */
+	};
+	for (size_t i = 0; i < sizeof(retriable) / sizeof(retriable[0]); i++) {
+		if (strcmp(sqlstate, retriable[i]) == 0)
+			return TLY_ERRCLASS_RETRIABLE;
+	}
+	if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "53", 2) == 0)
+		return TLY_ERRCLASS_RETRIABLE;
+	if (strncmp(sqlstate, "22", 2) == 0 || strncmp(sqlstate, "23", 2) == 0)
+		return TLY_ERRCLASS_PERMANENT;
+	return TLY_ERRCLASS_FATAL;
+}
+
+enum tly_errclass tly_pg_errclass(const PGresult *res)
+{
+	if (!res)
+		return TLY_ERRCLASS_RETRIABLE;
+	return tly_pg_sqlstate_errclass(PQresultErrorField(res, PG_DIAG_SQLSTATE));
+}
+
+void tly_pg_errtext(const PGconn *conn, const PGresult *res, char *buf, size_t len)
+{
+	const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
+	const char *sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+	char line[512];
+
+	if (len == 0)
+		return;
+	if (primary) {
+		copy_one_line(line, sizeof(line), primary);
+	} else {
+		const char *text = res ? PQresultErrorMessage(res) : "";
+		if (!*text && conn)
+			text = PQerrorMessage(conn);
+		if (!*text && res)
+			text = PQresStatus(PQresultStatus(res));
+		copy_one_line(line, sizeof(line), *text ? text : "unknown error");
+	}
+	if (detail) {
+		char d[256];
+		copy_one_line(d, sizeof(d), detail);
+		if (sqlstate)
+			snprintf(buf, len, "%s; %s (SQLSTATE %s)", line, d, sqlstate);
+		else
+			snprintf(buf, len, "%s; %s", line, d);
+	} else if (sqlstate) {
+		snprintf(buf, len, "%s (SQLSTATE %s)", line, sqlstate);
+	} else {
+		snprintf(buf, len, "%s", line);
+	}
+}
+
+void tly_pg_error_set(struct tly_pg_error *err, const PGconn *conn, const PGresult *res)
+{
+	if (!err)
+		return;
+	const char *sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+	snprintf(err->sqlstate, sizeof(err->sqlstate), "%s", sqlstate ? sqlstate : "");
+	err->errclass = tly_pg_sqlstate_errclass(sqlstate);
+	tly_pg_errtext(conn, res, err->message, sizeof(err->message));
+}
+
+PGresult *tly_pg_query_params(PGconn *conn, const char *sql, int nparams,
+			      const char *const *values, const int *lengths, const int *formats,
+			      int result_format, struct tly_pg_error *err)
+{
+	PGresult *res = PQexecParams(conn, sql, nparams, NULL, values, lengths, formats,
+				     result_format);
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+	if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
+		return res;
+	tly_pg_error_set(err, conn, res);
+	PQclear(res);
+	return NULL;
+}
+
+PGresult *tly_pg_query(PGconn *conn, const char *sql, int nparams, const char *const *values,
+		       struct tly_pg_error *err)
+{
+	return tly_pg_query_params(conn, sql, nparams, values, NULL, NULL, 0, err);
+}
+
+int tly_pg_exec(PGconn *conn, const char *sql, int nparams, const char *const *values,
+		struct tly_pg_error *err)
+{
+	PGresult *res = tly_pg_query(conn, sql, nparams, values, err);
+	if (!res)
+		return TLY_E_PG;
+	PQclear(res);
+	return 0;
+}
+
+int tly_pg_exec_script(PGconn *conn, const char *sql, struct tly_pg_error *err)
+{
+	PGresult *res = PQexec(conn, sql);
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+	int rc = 0;
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+		tly_pg_error_set(err, conn, res);
+		rc = TLY_E_PG;
+	}
+	PQclear(res);
+	return rc;
+}
+
+int tly_pg_begin(PGconn *conn, struct tly_pg_error *err)
+{
+	return tly_pg_exec(conn, "BEGIN", 0, NULL, err);
+}
+
+int tly_pg_commit(PGconn *conn, struct tly_pg_error *err)
+{
+	PGresult *res = tly_pg_query(conn, "COMMIT", 0, NULL, err);
+	if (!res)
+		return TLY_E_PG;
+	int rc = 0;
+	/* COMMIT of a failed transaction "succeeds" with the tag ROLLBACK: nothing was committed. */
+	if (strcmp(PQcmdStatus(res), "ROLLBACK") == 0) {
+		if (err) {
+			err->errclass = TLY_ERRCLASS_FATAL;
+			snprintf(err->sqlstate, sizeof(err->sqlstate), "25P02");
+			snprintf(err->message, sizeof(err->message),
+				 "transaction was rolled back instead of committed (SQLSTATE 25P02)");
+		}
+		rc = TLY_E_PG;
+	}
+	PQclear(res);
+	return rc;
+}
+
+int tly_pg_rollback(PGconn *conn, struct tly_pg_error *err)
+{
+	return tly_pg_exec(conn, "ROLLBACK", 0, NULL, err);
+}
+
+int tly_pg_ping(PGconn *conn, struct tly_pg_error *err)
+{
+	return tly_pg_exec(conn, "SELECT 1", 0, NULL, err);
+}
+
+/* Server notices go to our log (NOTICE and below at debug), not to libpq's stderr printer. */
+static void notice_receiver(void *arg, const PGresult *res)
+{
+	(void)arg;
+	const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+	char text[512];
+	tly_pg_errtext(NULL, res, text, sizeof(text));
+	if (severity && strcmp(severity, "WARNING") == 0)
+		tly_warn("PostgreSQL warning", "reason=\"%s\"", text);
+	else
+		tly_debug("PostgreSQL notice", "reason=\"%s\"", text);
+}
+
+/* A schema name that needs no quoting in search_path: [a-z_][a-z0-9_]*. */
+static bool plain_identifier(const char *s)
+{
+	if (!*s || !((*s >= 'a' && *s <= 'z') || *s == '_'))
+		return false;
+	for (; *s; s++) {
+		if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '_'))
+			return false;
+	}
+	return true;
+}
+
+PGconn *tly_pg_connect_schema(const char *conninfo, const char *application_name,
+			      const char *schema, char *errstr, size_t errlen)
+{
+	const char *const keys[] = {"dbname", "application_name", "client_encoding", NULL};
+	const char *const vals[] = {conninfo, application_name ? application_name : "tally",
+				    "UTF8", NULL};
+	char *quoted = NULL;
+	struct tly_pg_error err;
+	PGconn *conn = PQconnectdbParams(keys, vals, 1);
+
+	if (!conn) {
+		snprintf(errstr, errlen, "could not connect to PostgreSQL: out of memory");
+		goto fail;
+	}
+	if (PQstatus(conn) != CONNECTION_OK) {
+		char line[400];
+		copy_one_line(line, sizeof(line), PQerrorMessage(conn));
+		snprintf(errstr, errlen, "could not connect to PostgreSQL: %s", line);
+		goto fail;
+	}
+	if (PQserverVersion(conn) < TLY_PG_MIN_SERVER_VERSION) {
+		snprintf(errstr, errlen,
+			 "could not use PostgreSQL server: version %d is older than 15",
+			 PQserverVersion(conn));
+		goto fail;
+	}
+	PQsetNoticeReceiver(conn, notice_receiver, NULL);
+	quoted = plain_identifier(schema) ? NULL : PQescapeIdentifier(conn, schema, strlen(schema));
+	if (!quoted && !plain_identifier(schema)) {
+		char line[400];
+		copy_one_line(line, sizeof(line), PQerrorMessage(conn));
+		snprintf(errstr, errlen, "could not quote schema name \"%s\": %s", schema, line);
+		goto fail;
+	}
+	const char *const params[] = {quoted ? quoted : schema};
+	if (tly_pg_exec(conn,
+			"SELECT pg_catalog.set_config('search_path', $1, false), "
+			"pg_catalog.set_config('TimeZone', 'UTC', false)",
+			1, params, &err) != 0) {
+		snprintf(errstr, errlen, "could not pin search_path to \"%s\": %s", schema,
+			 err.message);
+		goto fail;
+	}
+	PQfreemem(quoted);
+	return conn;
+fail:
+	PQfreemem(quoted);
+	PQfinish(conn);
+	return NULL;
+}
+
+PGconn *tly_pg_connect(const char *conninfo, const char *application_name, char *errstr,
+		       size_t errlen)
+{
+	return tly_pg_connect_schema(conninfo, application_name, "public", errstr, errlen);
+}
