@@ -296,13 +296,15 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 		tly_devpg_conninfo(pg), bootstraps);
 	fclose(ef);
 
+	char self[PATH_MAX];
+	sibling("tallyctl", self, sizeof(self));
 	printf("Tally dev stack is up (%d migration(s) applied, %d partitions per topic).\n\n"
 	       "  PostgreSQL   psql \"%s\"\n"
 	       "  Kafka        %s   (topics tally.events, tally.ledger, tally.catalog, tally.deadletter)\n"
 	       "  faults       %s broker %s help\n"
 	       "  environment  . %s\n\n"
 	       "Press Ctrl-C to stop; everything started here is removed.\n",
-	       applied, partitions, tly_devpg_conninfo(pg), bootstraps, argv[0], ctl, envfile);
+	       applied, partitions, tly_devpg_conninfo(pg), bootstraps, self, ctl, envfile);
 	fflush(stdout);
 
 	struct sigaction sa = {.sa_handler = on_stop};
