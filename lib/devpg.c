@@ -28,12 +28,15 @@
 #define PG_CTL_TIMEOUT_S "60"
 #define PG_CTL_WAIT_MS 90000
 #define READY_TIMEOUT_MS 30000
+/* DIR/.s.PGSQL.NNNNN must fit in a unix socket address (108 bytes on Linux). */
+#define SOCKET_SUFFIX "/.s.PGSQL.65535"
+#define DIR_MAX (sizeof(((struct sockaddr_un *)0)->sun_path) - sizeof(SOCKET_SUFFIX) + 1)
 
 struct tly_devpg {
-	char dir[PATH_MAX];      /* temp dir: data/, the socket, the logs */
-	char datadir[PATH_MAX];  /* DIR/data */
-	char bindir[PATH_MAX];   /* where initdb and pg_ctl are */
-	char conninfo[PATH_MAX + 64];
+	char dir[DIR_MAX];           /* temp dir: data/, the socket, the logs */
+	char datadir[DIR_MAX + 8];   /* DIR/data */
+	char bindir[PATH_MAX];       /* where initdb and pg_ctl are */
+	char conninfo[2 * DIR_MAX + 64];
 	int port;                /* names the socket DIR/.s.PGSQL.port; no TCP listener */
 	bool as_postgres;        /* we are root: run the server binaries as the postgres user */
 	bool running;            /* started and not halted */
@@ -160,12 +163,13 @@ static int run_tool(const struct tly_devpg *pg, const char *tool, const char *co
 	snprintf(exe, sizeof(exe), "%s/%s", pg->bindir, tool);
 	snprintf(logpath, sizeof(logpath), "%s/%s", pg->dir, logname);
 	if (pg->as_postgres) {
-		argv[argc++] = (char *)"runuser";
+		argv[argc++] = (char *)(access("/usr/sbin/runuser", X_OK) == 0 ? "/usr/sbin/runuser"
+									      : "runuser");
 		argv[argc++] = (char *)"-u";
 		argv[argc++] = (char *)"postgres";
 		argv[argc++] = (char *)"--";
 		/* Start in DIR: the postgres user may not be able to enter our working directory. */
-		argv[argc++] = (char *)"env";
+		argv[argc++] = (char *)(access("/usr/bin/env", X_OK) == 0 ? "/usr/bin/env" : "env");
 		argv[argc++] = (char *)"-C";
 		argv[argc++] = (char *)pg->dir;
 	}
@@ -345,7 +349,8 @@ int tly_devpg_restart(struct tly_devpg *pg, char *errstr, size_t errlen)
 struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t errlen)
 {
 	struct tly_devpg *pg = calloc(1, sizeof(*pg));
-	char host[PATH_MAX + 8];
+	char host[2 * DIR_MAX + 4];
+	const char *parent = parent_dir ? parent_dir : "/tmp";
 	if (!pg) {
 		snprintf(errstr, errlen, "could not start PostgreSQL: out of memory");
 		return NULL;
@@ -356,14 +361,14 @@ struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t e
 	if (pg->port < 0)
 		goto fail;
 
-	snprintf(pg->dir, sizeof(pg->dir), "%s/tally-pg-XXXXXX", parent_dir ? parent_dir : "/tmp");
-	/* The socket path (DIR/.s.PGSQL.NNNNN) must fit in sun_path. */
-	if (strlen(pg->dir) + strlen("/.s.PGSQL.65535") >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-		snprintf(errstr, errlen, "could not create PostgreSQL dir under \"%s\": path too long for a unix socket",
-			 parent_dir);
-		pg->dir[0] = '\0';
+	if (strlen(parent) + strlen("/tally-pg-XXXXXX") >= sizeof(pg->dir)) {
+		snprintf(errstr, errlen,
+			 "could not create a PostgreSQL directory under \"%s\": path too long for a "
+			 "unix socket (at most %zu bytes)",
+			 parent, sizeof(pg->dir) - strlen("/tally-pg-XXXXXX") - 1);
 		goto fail;
 	}
+	snprintf(pg->dir, sizeof(pg->dir), "%s/tally-pg-XXXXXX", parent);
 	if (!mkdtemp(pg->dir)) {
 		snprintf(errstr, errlen, "could not create directory \"%s\": %s", pg->dir,
 			 strerror(errno));

@@ -293,6 +293,7 @@ static int read_applied(PGconn *conn, struct applied **rows, size_t *nrows, bool
 {
 	struct tly_pg_error err;
 	PGresult *res = NULL;
+	int rc = 0;
 	*rows = NULL;
 	*nrows = 0;
 	*exists = false;
@@ -300,27 +301,24 @@ static int read_applied(PGconn *conn, struct applied **rows, size_t *nrows, bool
 	res = tly_pg_query(conn, "SELECT pg_catalog.to_regclass('schema_migrations') IS NOT NULL", 0,
 			   NULL, &err);
 	if (!res)
-		goto fail;
+		goto fail_pg;
 	*exists = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
 	PQclear(res);
 	res = NULL;
 	if (!*exists)
-		return 0;
+		goto done;
 
 	res = tly_pg_query(conn,
 			   "SELECT version, name, checksum, applied_at::text FROM schema_migrations "
 			   "ORDER BY version",
 			   0, NULL, &err);
 	if (!res)
-		goto fail;
+		goto fail_pg;
 	size_t n = (size_t)PQntuples(res);
-	if (n > 0) {
-		*rows = calloc(n, sizeof(**rows));
-		if (!*rows) {
-			PQclear(res);
-			snprintf(errstr, errlen, "could not read schema_migrations: out of memory");
-			return TLY_E_NOMEM;
-		}
+	if (n > 0 && !(*rows = calloc(n, sizeof(**rows)))) {
+		snprintf(errstr, errlen, "could not read schema_migrations: out of memory");
+		rc = TLY_E_NOMEM;
+		goto done;
 	}
 	for (size_t i = 0; i < n; i++) {
 		struct applied *a = &(*rows)[i];
@@ -330,11 +328,13 @@ static int read_applied(PGconn *conn, struct applied **rows, size_t *nrows, bool
 		snprintf(a->applied_at, sizeof(a->applied_at), "%s", PQgetvalue(res, (int)i, 3));
 	}
 	*nrows = n;
-	PQclear(res);
-	return 0;
-fail:
+	goto done;
+fail_pg:
 	snprintf(errstr, errlen, "could not read schema_migrations: %s", err.message);
-	return TLY_E_PG;
+	rc = TLY_E_PG;
+done:
+	PQclear(res);
+	return rc;
 }
 
 /*
@@ -447,30 +447,30 @@ static int apply_one(PGconn *conn, const struct migration *m, char *errstr, size
 {
 	struct tly_pg_error err;
 	char version[16];
+	bool in_tx = false;
 	snprintf(version, sizeof(version), "%d", m->version);
 	const char *const params[] = {version, m->name, m->checksum};
 
 	if (tly_pg_begin(conn, &err) != 0)
 		goto fail;
+	in_tx = true;
 	if (tly_pg_exec_script(conn, m->sql, &err) != 0)
-		goto fail_rollback;
+		goto fail;
 	if (tly_pg_exec(conn,
 			"INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
 			3, params, &err) != 0)
-		goto fail_rollback;
+		goto fail;
+	in_tx = false; /* COMMIT ends the transaction whether it succeeds or not */
 	if (tly_pg_commit(conn, &err) != 0)
 		goto fail;
 	tly_info("applied migration", "migration=\"%s\" version=%d checksum=%s", m->name, m->version,
 		 m->checksum);
 	return 0;
-fail_rollback:
-	snprintf(errstr, errlen, "could not apply migration \"%s\": %s", m->name, err.message);
-	if (tly_pg_rollback(conn, &err) != 0)
-		tly_warn("could not roll back migration", "migration=\"%s\" reason=\"%s\"", m->name,
-			 err.message);
-	return TLY_E_PG;
 fail:
 	snprintf(errstr, errlen, "could not apply migration \"%s\": %s", m->name, err.message);
+	if (in_tx && tly_pg_rollback(conn, &err) != 0)
+		tly_warn("could not roll back migration", "migration=\"%s\" reason=\"%s\"", m->name,
+			 err.message);
 	return TLY_E_PG;
 }
 

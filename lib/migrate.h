@@ -44,6 +44,7 @@ int tly_migrate_status(PGconn *conn, const struct tly_migrate_set *set, FILE *ou
  * applied version is missing from set, or a pending version is older than the newest applied one.
  * Applies each pending file in its own transaction with its schema_migrations row. *applied (may
  * be NULL) gets how many were applied, also on failure. 0, TLY_E_MIGRATION or TLY_E_PG.
+ * Call it outside a transaction; migrations run on conn's search_path (public by tly_pg_connect).
  */
 int tly_migrate_up(PGconn *conn, const struct tly_migrate_set *set, int *applied, char *errstr,
 		   size_t errlen) TLY_MUST_CHECK;
