@@ -253,6 +253,7 @@ static const struct tly_field f_ledger_entry[] = {
 	STR("cause_type", LE(cause_type)),
 	INT("cause_partition", LE(cause_partition), 0),
 	LONG("cause_offset", LE(cause_offset)),
+	{.name = "cause_digest", .kind = TLY_F_SHA256, .offset = EV(LE(cause_digest))},
 	OPT_UUID("ref_id", LE(ref_id)),
 	OPT_UUID("subscription_id", LE(subscription_id)),
 	DELTA("allowance_delta", LE(allowance_delta)),

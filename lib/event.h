@@ -253,6 +253,7 @@ struct tly_ledger_entry {
 	const char *cause_type;
 	int32_t cause_partition;
 	int64_t cause_offset;
+	unsigned char cause_digest[32]; /* SHA-256 of the cause event's current encoding */
 	tly_uuid ref_id;          /* optional */
 	tly_uuid subscription_id; /* optional */
 	int64_t allowance_delta, credits_delta, held_delta, overage_delta; /* signed */
