@@ -18,10 +18,12 @@
 #include "event.h"
 
 struct tly_arena;
+struct tly_codec;
 struct tly_wallet;
 
 struct tly_ledger_config {
-	int64_t overdraft_limit; /* tokens available may go below zero by reservations (>= 0) */
+	int64_t overdraft_limit;  /* tokens available may go below zero by reservations (>= 0) */
+	struct tly_codec *codec;  /* borrowed: encodes entries for hashing; codecs are per thread */
 };
 
 /* The input record an event came from; copied into every entry it causes. */
@@ -54,6 +56,7 @@ void tly_entries_free(struct tly_entries *out);
 /* Entry kinds (LedgerEntry.kind). */
 #define TLY_KIND_SUBSCRIPTION_STARTED "subscription_started"
 #define TLY_KIND_SUBSCRIPTION_CHANGED "subscription_changed"
+#define TLY_KIND_SUBSCRIPTION_CHANGE_SCHEDULED "subscription_change_scheduled"
 #define TLY_KIND_SUBSCRIPTION_PAUSED "subscription_paused"
 #define TLY_KIND_SUBSCRIPTION_RESUMED "subscription_resumed"
 #define TLY_KIND_SUBSCRIPTION_CANCELLED "subscription_cancelled" /* at period end: flag only */
@@ -115,6 +118,7 @@ int tly_ledger_tick(const struct tly_ledger_config *cfg, struct tly_wallet *w, i
  * The canonical bytes of an entry (the Avro binary body of LedgerEntry with hash set to 32 zero
  * bytes) and its hash: SHA-256(prev_hash || canonical bytes). Used by the core and by auditors.
  */
-int tly_ledger_entry_hash(const struct tly_event *entry, unsigned char hash[32]) TLY_MUST_CHECK;
+int tly_ledger_entry_hash(struct tly_codec *codec, const struct tly_event *entry,
+			  unsigned char hash[32]) TLY_MUST_CHECK;
 
 #endif
