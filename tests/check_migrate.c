@@ -324,9 +324,10 @@ END_TEST
 #define LEDGER_INSERT                                                                              \
 	"INSERT INTO ledger_entries (tenant_id, seq, kind, cause_event_id, cause_type, "           \
 	"cause_partition, cause_offset, allowance_delta, allowance_remaining, credits_remaining, " \
-	"held, overage_tokens, ledger_time, prev_hash, hash) VALUES ($1, $2, 'debit', "            \
-	"'22222222-2222-4222-8222-222222222222', 'TokensDebited', 0, 7, $3, $4, 0, $5, 0, "        \
-	"'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), decode(repeat('ab', $6::int), 'hex'))"
+	"held, overage_tokens, ledger_time, prev_hash, hash, cause_digest) VALUES ($1, $2, "       \
+	"'debit', '22222222-2222-4222-8222-222222222222', 'TokensDebited', 0, 7, $3, $4, 0, $5, 0, " \
+	"'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "                               \
+	"decode(repeat('ab', $6::int), 'hex'), decode(repeat('cd', 32), 'hex'))"
 
 START_TEST(test_schema_rejects_bad_rows)
 {
@@ -445,34 +446,34 @@ START_TEST(test_changed_and_missing_file_refused)
 	int applied = -1;
 	PGconn *conn = connect_fresh();
 	char *dir = make_dir_set();
-	write_text(dir, "0002_extra.sql", "CREATE TABLE extra_t (id integer);\n");
+	write_text(dir, "0902_extra.sql", "CREATE TABLE extra_t (id integer);\n");
 	struct tly_migrate_set *set = load_dir(dir);
 	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	ck_assert_int_eq(applied, (int)tly_migrate_count(set));
 	tly_migrate_free(set);
 
 	/* Edit the applied file: refused, naming it, and nothing is applied. */
-	write_text(dir, "0002_extra.sql", "CREATE TABLE extra_t (id bigint);\n");
-	write_text(dir, "0003_more.sql", "CREATE TABLE more_t (id integer);\n");
+	write_text(dir, "0902_extra.sql", "CREATE TABLE extra_t (id bigint);\n");
+	write_text(dir, "0903_more.sql", "CREATE TABLE more_t (id integer);\n");
 	set = load_dir(dir);
 	ck_assert_int_eq(up(conn, set, &applied, errstr, sizeof(errstr)), TLY_E_MIGRATION);
 	ck_assert_int_eq(applied, 0);
-	ck_assert_msg(strstr(errstr, "\"0002_extra.sql\"") && strstr(errstr, "changed"), "%s", errstr);
+	ck_assert_msg(strstr(errstr, "\"0902_extra.sql\"") && strstr(errstr, "changed"), "%s", errstr);
 	ck_assert_int_eq(tly_migrate_check_head(conn, set, errstr, sizeof(errstr)), TLY_E_MIGRATION);
-	ck_assert_msg(strstr(errstr, "0002_extra.sql") != NULL, "%s", errstr);
+	ck_assert_msg(strstr(errstr, "0902_extra.sql") != NULL, "%s", errstr);
 	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM pg_catalog.pg_tables "
 					  "WHERE tablename = 'more_t'", 0, NULL),
 			 0);
 	tly_migrate_free(set);
 
 	/* Remove the applied file: refused, naming it. */
-	remove_file(dir, "0002_extra.sql");
-	remove_file(dir, "0003_more.sql");
+	remove_file(dir, "0902_extra.sql");
+	remove_file(dir, "0903_more.sql");
 	set = load_dir(dir);
 	ck_assert_int_eq(up(conn, set, &applied, errstr, sizeof(errstr)), TLY_E_MIGRATION);
-	ck_assert_msg(strstr(errstr, "\"0002_extra.sql\"") && strstr(errstr, "missing"), "%s", errstr);
+	ck_assert_msg(strstr(errstr, "\"0902_extra.sql\"") && strstr(errstr, "missing"), "%s", errstr);
 	ck_assert_int_eq(tly_migrate_check_head(conn, set, errstr, sizeof(errstr)), TLY_E_MIGRATION);
-	ck_assert_msg(strstr(errstr, "0002_extra.sql") != NULL, "%s", errstr);
+	ck_assert_msg(strstr(errstr, "0902_extra.sql") != NULL, "%s", errstr);
 	tly_migrate_free(set);
 
 	set = load_dir(dir);
@@ -490,15 +491,15 @@ START_TEST(test_out_of_order_refused)
 	int applied = -1;
 	PGconn *conn = connect_fresh();
 	char *dir = make_dir_set();
-	write_text(dir, "0003_third.sql", "CREATE TABLE third_t (id integer);\n");
+	write_text(dir, "0903_third.sql", "CREATE TABLE third_t (id integer);\n");
 	struct tly_migrate_set *set = load_dir(dir);
 	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	tly_migrate_free(set);
 
-	write_text(dir, "0002_late.sql", "CREATE TABLE late_t (id integer);\n");
+	write_text(dir, "0902_late.sql", "CREATE TABLE late_t (id integer);\n");
 	set = load_dir(dir);
 	ck_assert_int_eq(up(conn, set, &applied, errstr, sizeof(errstr)), TLY_E_MIGRATION);
-	ck_assert_msg(strstr(errstr, "\"0002_late.sql\"") && strstr(errstr, "forward only"), "%s",
+	ck_assert_msg(strstr(errstr, "\"0902_late.sql\"") && strstr(errstr, "forward only"), "%s",
 		      errstr);
 	tly_migrate_free(set);
 	remove_dir(dir);
@@ -512,18 +513,20 @@ START_TEST(test_failed_migration_rolls_back)
 	int applied = -1;
 	PGconn *conn = connect_fresh();
 	char *dir = make_dir_set();
-	write_text(dir, "0002_bad.sql",
+	write_text(dir, "0902_bad.sql",
 		   "CREATE TABLE half_t (id integer);\nSELECT * FROM no_such_table;\n");
 	struct tly_migrate_set *set = load_dir(dir);
 	ck_assert_int_eq(up(conn, set, &applied, errstr, sizeof(errstr)), TLY_E_PG);
 	ck_assert_int_eq(applied, (int)tly_migrate_count(set) - 1);
-	ck_assert_msg(strstr(errstr, "\"0002_bad.sql\"") && strstr(errstr, "no_such_table") &&
+	ck_assert_msg(strstr(errstr, "\"0902_bad.sql\"") && strstr(errstr, "no_such_table") &&
 			      strstr(errstr, "SQLSTATE 42P01"),
 		      "%s", errstr);
 	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM pg_catalog.pg_tables "
 					  "WHERE tablename = 'half_t'", 0, NULL),
 			 0);
-	ck_assert_int_eq(query_long(conn, "SELECT max(version) FROM schema_migrations", 0, NULL), 1);
+	/* Every embedded migration before the bad one stays applied. */
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM schema_migrations", 0, NULL),
+			 (long)tly_migrate_count(set) - 1);
 	/* The lock was released: another session can take it at once. */
 	ck_assert_int_eq(query_long(conn, "SELECT pg_try_advisory_lock(6071217663471601991)::int",
 				    0, NULL),
@@ -543,15 +546,15 @@ START_TEST(test_bad_sets_refused)
 	ck_assert_msg(strstr(errstr, "\"12_short.sql\"") != NULL, "%s", errstr);
 	remove_file(dir, "12_short.sql");
 
-	write_text(dir, "0002_a.sql", "SELECT 1;\n");
-	write_text(dir, "0002_b.sql", "SELECT 1;\n");
+	write_text(dir, "0902_a.sql", "SELECT 1;\n");
+	write_text(dir, "0902_b.sql", "SELECT 1;\n");
 	ck_assert_ptr_null(tly_migrate_load_dir(dir, errstr, sizeof(errstr)));
-	ck_assert_msg(strstr(errstr, "0002_a.sql") && strstr(errstr, "0002_b.sql"), "%s", errstr);
-	remove_file(dir, "0002_b.sql");
+	ck_assert_msg(strstr(errstr, "0902_a.sql") && strstr(errstr, "0902_b.sql"), "%s", errstr);
+	remove_file(dir, "0902_b.sql");
 
 	write_text(dir, "README.txt", "not a migration\n");
 	struct tly_migrate_set *set = load_dir(dir);
-	ck_assert_int_eq(tly_migrate_head(set), 2);
+	ck_assert_int_eq(tly_migrate_head(set), 902);
 	tly_migrate_free(set);
 	ck_assert_ptr_null(tly_migrate_load_dir("/nonexistent/dir", errstr, sizeof(errstr)));
 	ck_assert_msg(strstr(errstr, "/nonexistent/dir") != NULL, "%s", errstr);
@@ -566,7 +569,7 @@ START_TEST(test_concurrent_up)
 	char *conninfo = tly_test_pg_fresh_db();
 	char *dir = make_dir_set();
 	/* A slow second migration makes the two runs overlap. */
-	write_text(dir, "0002_slow.sql", "SELECT pg_sleep(0.3);\nCREATE TABLE slow_t (id integer);\n");
+	write_text(dir, "0902_slow.sql", "SELECT pg_sleep(0.3);\nCREATE TABLE slow_t (id integer);\n");
 	pid_t pids[2];
 	for (int i = 0; i < 2; i++) {
 		pids[i] = fork();
@@ -644,25 +647,25 @@ START_TEST(test_status)
 	free(text);
 
 	ck_assert_msg(up(conn, base, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
-	write_text(dir, "0002_next.sql", "CREATE TABLE next_t (id integer);\n");
+	write_text(dir, "0902_next.sql", "CREATE TABLE next_t (id integer);\n");
 	struct tly_migrate_set *next = load_dir(dir);
 	text = status_text(conn, next);
 	assert_status(text, first, "applied");
-	assert_status(text, "0002_next.sql", "pending");
+	assert_status(text, "0902_next.sql", "pending");
 	free(text);
 	ck_assert_int_eq(tly_migrate_check_head(conn, next, errstr, sizeof(errstr)), TLY_E_MIGRATION);
-	ck_assert_msg(strstr(errstr, "1 pending") && strstr(errstr, "0002_next.sql"), "%s", errstr);
+	ck_assert_msg(strstr(errstr, "1 pending") && strstr(errstr, "0902_next.sql"), "%s", errstr);
 
 	ck_assert_msg(up(conn, next, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	ck_assert_int_eq(applied, 1);
 	text = status_text(conn, base);
-	assert_status(text, "0002_next.sql", "missing");
+	assert_status(text, "0902_next.sql", "missing");
 	free(text);
-	write_text(dir, "0002_next.sql", "CREATE TABLE next_t (id bigint);\n");
+	write_text(dir, "0902_next.sql", "CREATE TABLE next_t (id bigint);\n");
 	tly_migrate_free(next);
 	next = load_dir(dir);
 	text = status_text(conn, next);
-	assert_status(text, "0002_next.sql", "changed");
+	assert_status(text, "0902_next.sql", "changed");
 	free(text);
 
 	tly_migrate_free(base);
