@@ -18,7 +18,7 @@ CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
            -Wformat=2 -Wno-format-nonliteral -Werror
-CPPFLAGS += -D_GNU_SOURCE -Ilib -I$(BUILD)/gen
+CPPFLAGS += -D_GNU_SOURCE -Ilib -Iledger -I$(BUILD)/gen
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 LDLIBS  := $(PKG_LIBS) -lev -lhttp_parser -lpthread -lm
@@ -41,6 +41,8 @@ LIB_SRCS := \
 	lib/proc.c \
 	lib/schema.c \
 	lib/validate_bytes.c \
+	ledger/decide.c \
+	ledger/wallet.c \
 	$(BUILD)/gen/schemas_embedded.c
 LIB_OBJS := $(patsubst %.c,$(OBJ)/%.o,$(LIB_SRCS:$(BUILD)/gen/%=gen/%))
 LIB      := $(BUILD)/libtally.a

@@ -102,7 +102,8 @@ void tly_entries_free(struct tly_entries *out);
  *
  * Events that do not touch the wallet (TenantCreated, UserRegistered, conversation events,
  * InvoiceStatusChanged, a MessageAppended without usage) yield no entry unless time advanced.
- * Returns 0, or TLY_E_NOMEM / TLY_E_INVALID (wrong tenant or type): w is unchanged on error.
+ * Returns 0, or TLY_E_INVALID (wrong tenant or type; w unchanged) or TLY_E_NOMEM (w may be
+ * partly updated: discard it and reload its snapshot).
  */
 int tly_ledger_apply(const struct tly_ledger_config *cfg, struct tly_wallet *w,
 		     const struct tly_event *ev, const struct tly_cause *cause,

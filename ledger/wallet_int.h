@@ -1,0 +1,84 @@
+/* The wallet's body, shared by ledger/wallet.c (lifecycle, snapshots) and ledger/decide.c (rules). */
+#ifndef TLY_LEDGER_WALLET_INT_H
+#define TLY_LEDGER_WALLET_INT_H
+
+#include "wallet.h"
+
+#define TLY_NEVER INT64_MAX /* expiry of a grant without expires_at */
+
+struct tly_grant {
+	tly_uuid id;
+	int64_t remaining;  /* tokens left (> 0 while listed) */
+	int64_t expires_at; /* TLY_NEVER: does not expire */
+	int64_t order;      /* grant order, breaks expiry ties */
+};
+
+struct tly_hold {
+	tly_uuid id;
+	int64_t tokens;
+	int64_t expires_at;
+	bool open;
+	int64_t ended_at; /* ledger time it was settled, released or expired */
+};
+
+struct tly_price {
+	char key[129];
+	int64_t value; /* metered: micro-units per unit; usage: quantity */
+};
+
+struct tly_terms {
+	char plan_code[257];
+	int64_t tokens_per_period;
+	char interval[8];
+	int32_t interval_count;
+	int64_t price_cents;
+	char currency[4];
+	bool overage_allowed;
+	int64_t overage_price; /* micro-units of currency per 1000 tokens */
+	int64_t rollover_cap;
+	struct tly_price *metered;
+	size_t n_metered;
+};
+
+struct tly_subscription {
+	bool active;
+	tly_uuid id;
+	struct tly_terms terms;
+	int64_t period_start, period_end;
+	int32_t seats;
+	bool auto_renew;
+	bool paused;
+	bool cancel_at_period_end;
+	bool has_pending;          /* a SubscriptionChanged waiting for its effective_at */
+	struct tly_terms pending;
+	int32_t pending_seats;
+	int64_t pending_at;
+};
+
+struct tly_wallet {
+	tly_uuid tenant;
+	int64_t seq;
+	unsigned char hash[32];
+	int64_t time;           /* ledger time */
+	int64_t allowance;      /* A */
+	int64_t overage;        /* this period */
+	int64_t next_grant;     /* order of the next grant */
+	struct tly_grant *grants;
+	size_t n_grants, cap_grants;
+	struct tly_hold *holds; /* open ones, and ended ones of this and the last period */
+	size_t n_holds, cap_holds;
+	struct tly_price *usage; /* metered quantities of this period */
+	size_t n_usage, cap_usage;
+	struct tly_subscription sub;
+};
+
+int64_t tly_wallet_credits(const struct tly_wallet *w);
+int64_t tly_wallet_held(const struct tly_wallet *w);
+
+/* Free a terms' owned memory and zero it. */
+void tly_terms_clear(struct tly_terms *t);
+
+/* Deep copy src into dst (dst cleared first). 0 or TLY_E_NOMEM. */
+int tly_terms_copy(struct tly_terms *dst, const struct tly_terms *src) TLY_MUST_CHECK;
+
+#endif
