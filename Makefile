@@ -34,11 +34,13 @@ LIB_SRCS := \
 	lib/devpg.c \
 	lib/err.c \
 	lib/event.c \
+	lib/event_json.c \
 	lib/kafka.c \
 	lib/log.c \
 	lib/migrate.c \
 	lib/pg.c \
 	lib/proc.c \
+	lib/producer.c \
 	lib/schema.c \
 	lib/validate_bytes.c \
 	ledger/decide.c \
