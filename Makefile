@@ -55,7 +55,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker
-tallyctl_SRCS        := tools/tallyctl.c
+tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c
 tally-devbroker_SRCS := tools/devbroker.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
@@ -67,6 +67,7 @@ TEST_SRCS := \
 	tests/harness.c \
 	tests/check_codec.c \
 	tests/check_config.c \
+	tests/check_decide.c \
 	tests/check_devbroker.c \
 	tests/check_event.c \
 	tests/check_migrate.c \

@@ -19,15 +19,9 @@
 #include "pg.h"
 #include "proc.h"
 #include "schema.h"
+#include "tallyctl.h"
 
 extern char **environ;
-
-struct app {
-	struct tly_config *cfg;
-	const char *migrations_dir; /* NULL: the migrations compiled in */
-};
-
-typedef int (*command_fn)(struct app *app, int argc, char **argv);
 
 static void usage(FILE *out)
 {
@@ -42,6 +36,8 @@ static void usage(FILE *out)
 		"  dev [--partitions N]         run the embedded dev stack until Ctrl-C: dev broker,\n"
 		"                               throw-away PostgreSQL, migrated; prints how to connect\n"
 		"  broker SOCKET COMMAND...     send a fault-injection command to a tally-devbroker\n"
+		"  publish [FILE|-] [--dry-run] publish NDJSON events (docs/events.md); --dry-run validates only\n"
+		"  tail TOPIC [--from-beginning] [--max N] [--timeout-ms T]  print decoded messages as JSON lines\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -341,6 +337,8 @@ static const struct {
 } commands[] = {
 	{"migrate", cmd_migrate}, {"schemas", cmd_schemas}, {"config", cmd_config},
 	{"dev", cmd_dev},         {"broker", cmd_broker},
+	{"publish", cmd_publish},
+	{"tail", cmd_tail},
 };
 
 int main(int argc, char **argv)

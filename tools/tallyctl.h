@@ -1,0 +1,17 @@
+/* tallyctl's shared pieces: the application struct owned by main, and the commands kept in their own files. */
+#ifndef TALLYCTL_H
+#define TALLYCTL_H
+
+#include "config.h"
+
+struct app {
+	struct tly_config *cfg;     /* owned by main */
+	const char *migrations_dir; /* NULL: the migrations compiled in */
+};
+
+typedef int (*command_fn)(struct app *app, int argc, char **argv);
+
+int cmd_publish(struct app *app, int argc, char **argv); /* tallyctl_publish.c */
+int cmd_tail(struct app *app, int argc, char **argv);    /* tallyctl_tail.c */
+
+#endif
