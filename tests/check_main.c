@@ -21,6 +21,7 @@ static const struct suite_entry all_suites[] = {
 	{"schema", schema_suite, false},
 	{"event", event_suite, false},
 	{"codec", codec_suite, false},
+	{"decide", decide_suite, false},
 	{"migrate", migrate_suite, true},
 	{"devbroker", devbroker_suite, true},
 };

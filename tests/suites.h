@@ -9,6 +9,7 @@ Suite *config_suite(void);
 Suite *schema_suite(void);
 Suite *event_suite(void);
 Suite *codec_suite(void);
+Suite *decide_suite(void);
 
 /* Integration suites: run against the harness's PostgreSQL and dev broker. */
 Suite *migrate_suite(void);
