@@ -54,9 +54,10 @@ RELEASED := $(sort $(wildcard schemas/released/*.avsc))
 MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
-PROGRAMS := tallyctl tally-devbroker
+PROGRAMS := tallyctl tally-devbroker tally-bench
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c
 tally-devbroker_SRCS := tools/devbroker.c
+tally-bench_SRCS     := tools/bench.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -75,7 +76,7 @@ TEST_SRCS := \
 TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o)
 TEST_BIN  := $(BIN)/tally-tests
 
-.PHONY: all deps check unit clean dev schemas-release
+.PHONY: all deps check unit bench clean dev schemas-release
 all: $(LIB) $(addprefix $(BIN)/,$(PROGRAMS)) $(TEST_BIN)
 
 # make V=1 shows the full commands.
@@ -125,6 +126,11 @@ check: deps
 # make unit: only the suites with no I/O (fast inner loop).
 unit: all
 	TALLY_BIN=$(BIN) TALLY_SUITES=unit $(TEST_BIN)
+
+# make bench: throughput and latency figures, printed side by side (never asserted).
+bench: deps
+	$(MAKE) all
+	$(BIN)/tally-bench
 
 dev: deps
 	$(MAKE) all

@@ -40,6 +40,7 @@ struct tly_devpg {
 	int port;                /* names the socket DIR/.s.PGSQL.port; no TCP listener */
 	bool as_postgres;        /* we are root: run the server binaries as the postgres user */
 	bool running;            /* started and not halted */
+	bool durable;            /* fsync and full_page_writes on (benchmarks) */
 };
 
 static void sleep_ms(int ms)
@@ -250,8 +251,12 @@ static int write_config(const struct tly_devpg *pg, char *errstr, size_t errlen)
 	}
 	fprintf(f, "'\n");
 	/* No fsync (the OS does not crash in a test), but commits still reach the kernel before
-	 * returning, so a crashed server (tly_devpg_halt immediate) keeps every committed row. */
-	fprintf(f, "fsync = off\nfull_page_writes = off\n");
+	 * returning, so a crashed server (tly_devpg_halt immediate) keeps every committed row.
+	 * Benchmarks ask for production durability instead. */
+	if (pg->durable)
+		fprintf(f, "fsync = on\nfull_page_writes = on\nsynchronous_commit = on\n");
+	else
+		fprintf(f, "fsync = off\nfull_page_writes = off\n");
 	fprintf(f, "shared_buffers = 32MB\nmax_connections = 200\n");
 	fprintf(f, "log_min_messages = warning\nlog_line_prefix = '%%m [%%p] %%d '\n");
 	if (fclose(f) != 0) {
@@ -348,6 +353,12 @@ int tly_devpg_restart(struct tly_devpg *pg, char *errstr, size_t errlen)
 
 struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t errlen)
 {
+	return tly_devpg_start_durable(parent_dir, false, errstr, errlen);
+}
+
+struct tly_devpg *tly_devpg_start_durable(const char *parent_dir, bool durable, char *errstr,
+					  size_t errlen)
+{
 	struct tly_devpg *pg = calloc(1, sizeof(*pg));
 	char host[2 * DIR_MAX + 4];
 	const char *parent = parent_dir ? parent_dir : "/tmp";
@@ -355,6 +366,7 @@ struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t e
 		snprintf(errstr, errlen, "could not start PostgreSQL: out of memory");
 		return NULL;
 	}
+	pg->durable = durable;
 	if (find_bindir(pg->bindir, sizeof(pg->bindir), errstr, errlen) != 0)
 		goto fail;
 	pg->port = free_port(errstr, errlen);

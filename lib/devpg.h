@@ -19,6 +19,10 @@ struct tly_devpg;
  */
 struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t errlen);
 
+/* The same, with durable true giving fsync, full_page_writes and synchronous_commit on (benchmarks). */
+struct tly_devpg *tly_devpg_start_durable(const char *parent_dir, bool durable, char *errstr,
+					  size_t errlen);
+
 /* Stop the server (fast, then immediate, then SIGKILL) and remove its dir. Accepts NULL. */
 void tly_devpg_stop(struct tly_devpg *pg);
 

@@ -1,0 +1,432 @@
+/*
+ * tally-bench (make bench): decisions per second end to end, side by side in one run with the
+ * seeds' design (per deduction: BEGIN; SELECT ... FOR UPDATE; UPDATE; INSERT usage; COMMIT, from 8
+ * concurrent clients), plus the rate of a bare librdkafka consumer on the same topic and the
+ * publish -> committed decision latency at half the ledger's rate. PostgreSQL runs with fsync,
+ * full_page_writes and synchronous_commit on.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <librdkafka/rdkafka.h>
+#include <libpq-fe.h>
+
+#include "codec.h"
+#include "config.h"
+#include "devpg.h"
+#include "event.h"
+#include "kafka.h"
+#include "log.h"
+#include "migrate.h"
+#include "pg.h"
+#include "proc.h"
+#include "producer.h"
+
+#define CLIENTS 8
+#define SEEDS_SECONDS 5
+#define PARTITIONS 12
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int64_t wall_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void die(const char *what, const char *why)
+{
+	fprintf(stderr, "tally-bench: %s: %s\n", what, why);
+	exit(1);
+}
+
+static uint64_t splitmix(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+/* ---- the seeds' design ---------------------------------------------------------------------- */
+
+struct seeds_arg {
+	const char *conninfo;
+	int tenants;
+	int seed;
+	double until;
+	long done;
+};
+
+static void *seeds_client(void *p)
+{
+	struct seeds_arg *a = p;
+	char err[512];
+	PGconn *conn = tly_pg_connect(a->conninfo, "seeds-client", err, sizeof(err));
+	if (!conn)
+		die("seeds client", err);
+	uint64_t rng = (uint64_t)a->seed;
+	while (now_s() < a->until) {
+		char tenant[16], amount[16] = "10";
+		snprintf(tenant, sizeof(tenant), "%d", (int)(splitmix(&rng) % (uint64_t)a->tenants));
+		const char *params[] = {tenant, amount};
+		struct tly_pg_error pe;
+		if (tly_pg_begin(conn, &pe) != 0)
+			die("seeds begin", pe.message);
+		PGresult *r = tly_pg_query(conn,
+					   "SELECT tokens_remaining FROM subscriptions WHERE tenant = $1 FOR UPDATE",
+					   1, params, &pe);
+		if (!r)
+			die("seeds select", pe.message);
+		long remaining = atol(PQgetvalue(r, 0, 0));
+		PQclear(r);
+		if (remaining >= 10) {
+			if (tly_pg_exec(conn,
+					"UPDATE subscriptions SET tokens_used = tokens_used + $2, "
+					"tokens_remaining = tokens_remaining - $2 WHERE tenant = $1",
+					2, params, &pe) != 0 ||
+			    tly_pg_exec(conn,
+					"INSERT INTO api_usage_seed (tenant, provider, model, total_tokens, cost_micros) "
+					"VALUES ($1, 'openai', 'gpt-4o', $2, 100)",
+					2, params, &pe) != 0)
+				die("seeds update", pe.message);
+		}
+		if (tly_pg_commit(conn, &pe) != 0)
+			die("seeds commit", pe.message);
+		a->done++;
+	}
+	PQfinish(conn);
+	return NULL;
+}
+
+/* Deductions per second of the seeds' design on `tenants` subscription rows. */
+static double bench_seeds(const char *conninfo, int tenants)
+{
+	char err[512];
+	struct tly_pg_error pe;
+	PGconn *conn = tly_pg_connect(conninfo, "tally-bench", err, sizeof(err));
+	if (!conn)
+		die("connect", err);
+	if (tly_pg_exec_script(conn,
+			       "DROP TABLE IF EXISTS subscriptions, api_usage_seed;"
+			       "CREATE TABLE subscriptions (tenant int PRIMARY KEY, tokens_used bigint NOT NULL,"
+			       " tokens_remaining bigint NOT NULL);"
+			       "CREATE TABLE api_usage_seed (id bigserial PRIMARY KEY, tenant int NOT NULL,"
+			       " provider text, model text, total_tokens bigint, cost_micros bigint,"
+			       " created_at timestamptz DEFAULT now());",
+			       &pe) != 0)
+		die("seeds schema", pe.message);
+	char n[16];
+	snprintf(n, sizeof(n), "%d", tenants);
+	const char *params[] = {n};
+	if (tly_pg_exec(conn,
+			"INSERT INTO subscriptions SELECT g, 0, 1000000000000 FROM generate_series(0, $1::int - 1) g",
+			1, params, &pe) != 0)
+		die("seeds rows", pe.message);
+	PQfinish(conn);
+
+	pthread_t th[CLIENTS];
+	struct seeds_arg args[CLIENTS];
+	double start = now_s();
+	for (int i = 0; i < CLIENTS; i++) {
+		args[i] = (struct seeds_arg){conninfo, tenants, i + 1, start + SEEDS_SECONDS, 0};
+		pthread_create(&th[i], NULL, seeds_client, &args[i]);
+	}
+	long total = 0;
+	for (int i = 0; i < CLIENTS; i++) {
+		pthread_join(th[i], NULL);
+		total += args[i].done;
+	}
+	return (double)total / (now_s() - start);
+}
+
+/* ---- Tally ------------------------------------------------------------------------------------ */
+
+struct stack {
+	pid_t broker;
+	char dir[64];
+	char bootstraps[512];
+	struct tly_config *cfg;
+};
+
+static void sibling(const char *program, char *out, size_t outlen)
+{
+	char self[PATH_MAX];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	self[n > 0 ? n : 0] = '\0';
+	snprintf(out, outlen, "%s/%s", dirname(self), program);
+}
+
+static void stack_start(struct stack *s, const char *db)
+{
+	char err[512], exe[PATH_MAX], boot[128], parts[8];
+	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
+	if (!mkdtemp(s->dir))
+		die("mkdtemp", strerror(errno));
+	sibling("tally-devbroker", exe, sizeof(exe));
+	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
+	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
+	char log[128];
+	snprintf(log, sizeof(log), "%s/broker.log", s->dir);
+	char *argv[] = {exe, "--partitions", parts, "--bootstrap-file", boot, NULL};
+	if ((s->broker = tly_proc_spawn(argv, log, err, sizeof(err))) < 0)
+		die("tally-devbroker", err);
+	if (tly_proc_wait_file(boot, 10000) != 0)
+		die("tally-devbroker", "did not start");
+	FILE *f = fopen(boot, "r");
+	if (!f || !fgets(s->bootstraps, sizeof(s->bootstraps), f))
+		die("bootstrap file", "unreadable");
+	fclose(f);
+	s->bootstraps[strcspn(s->bootstraps, "\n")] = '\0';
+	s->cfg = tly_config_new();
+	if (tly_config_set(s->cfg, "kafka.bootstrap.servers", s->bootstraps, err, sizeof(err)) != 0 ||
+	    tly_config_set(s->cfg, "database.url", db, err, sizeof(err)) != 0)
+		die("config", err);
+}
+
+static void stack_stop(struct stack *s)
+{
+	tly_proc_stop(s->broker, 5000);
+	tly_config_free(s->cfg);
+	char *rm[] = {"rm", "-rf", s->dir, NULL};
+	(void)tly_proc_run(rm, NULL, 0);
+}
+
+static void uuid_n(tly_uuid *u, uint64_t a, uint64_t b)
+{
+	for (int i = 0; i < 8; i++) {
+		u->b[i] = (unsigned char)(a >> (8 * i));
+		u->b[8 + i] = (unsigned char)(b >> (8 * i));
+	}
+	u->b[6] = (unsigned char)((u->b[6] & 0x0F) | 0x40);
+	u->b[8] = (unsigned char)((u->b[8] & 0x3F) | 0x80);
+	if (tly_uuid_is_nil(u))
+		u->b[15] = 1;
+}
+
+/* Publish subscriptions for `tenants` tenants and `n` reservations spread over them. */
+static void publish_workload(struct stack *s, int tenants, long n, int64_t t0)
+{
+	char err[512];
+	struct tly_producer *p = tly_producer_new(s->cfg, NULL, NULL, err, sizeof(err));
+	if (!p)
+		die("producer", err);
+	struct tly_event ev = {0};
+	for (int t = 0; t < tenants; t++) {
+		tly_event_init(&ev, TLY_EV_SUBSCRIPTION_STARTED);
+		uuid_n(&ev.event_id, 1, (uint64_t)t);
+		uuid_n(&ev.tenant_id, 2, (uint64_t)t);
+		ev.occurred_at = t0;
+		struct tly_ev_subscription_started *e = &ev.u.subscription_started;
+		uuid_n(&e->subscription_id, 3, (uint64_t)t);
+		e->terms = (struct tly_plan_terms){"pro", 1000000000000LL, "year", 10, 9900, "USD",
+						   {false, 0}, 0, {NULL, 0}};
+		e->period_start = t0;
+		e->period_end = t0 + 3650LL * 86400 * 1000000;
+		e->seat_count = 1;
+		e->auto_renew = true;
+		if (tly_producer_publish(p, &ev, NULL, err, sizeof(err)) != 0)
+			die("publish", err);
+	}
+	uint64_t rng = 42;
+	for (long i = 0; i < n; i++) {
+		tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
+		uuid_n(&ev.event_id, 4, (uint64_t)i);
+		uuid_n(&ev.tenant_id, 2, splitmix(&rng) % (uint64_t)tenants);
+		ev.occurred_at = t0 + i;
+		uuid_n(&ev.u.tokens_reserved.reservation_id, 5, (uint64_t)i);
+		ev.u.tokens_reserved.tokens = 100;
+		ev.u.tokens_reserved.expires_at = t0 + 3600LL * 1000000;
+		ev.u.tokens_reserved.model = "gpt-4o";
+		if (tly_producer_publish(p, &ev, NULL, err, sizeof(err)) != 0)
+			die("publish", err);
+		if (i % 1000 == 0)
+			tly_producer_poll(p, 0);
+	}
+	if (tly_producer_flush(p, 60000) != 0)
+		die("publish", "flush timed out");
+	tly_producer_free(p, 10000);
+	tly_event_free(&ev);
+}
+
+/* Messages per second a bare librdkafka consumer reads tally.events from the beginning. */
+static double bench_bare_consumer(struct stack *s, long expect)
+{
+	char err[512];
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(s->cfg, err, sizeof(err));
+	if (!conf || tly_kafka_conf_set(conf, "auto.offset.reset", "earliest", err, sizeof(err)) != 0)
+		die("consumer conf", err);
+	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-bare", err, sizeof(err));
+	if (!rk)
+		die("consumer", err);
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(PARTITIONS);
+	for (int i = 0; i < PARTITIONS; i++)
+		rd_kafka_topic_partition_list_add(parts, "tally.events", i)->offset = RD_KAFKA_OFFSET_BEGINNING;
+	if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		die("assign", "failed");
+	rd_kafka_topic_partition_list_destroy(parts);
+	long got = 0;
+	double first = 0, last = 0, give_up = now_s() + 60;
+	while (got < expect && now_s() < give_up) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+		if (!m)
+			continue;
+		if (!m->err) {
+			if (got++ == 0)
+				first = now_s();
+			last = now_s();
+		}
+		rd_kafka_message_destroy(m);
+	}
+	tly_kafka_consumer_destroy(rk);
+	return got > 1 ? (double)(got - 1) / (last - first) : 0;
+}
+
+static long committed_offsets(PGconn *conn)
+{
+	struct tly_pg_error pe;
+	PGresult *r = tly_pg_query(conn,
+				   "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
+				   "WHERE consumer = 'tally-ledger' AND topic = 'tally.events'",
+				   0, NULL, &pe);
+	if (!r)
+		die("offsets", pe.message);
+	long v = atol(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
+static pid_t start_ledger(struct stack *s, const char *db, const char *log)
+{
+	char err[512], exe[PATH_MAX];
+	sibling("tally-ledger", exe, sizeof(exe));
+	setenv("TALLY_DATABASE_URL", db, 1);
+	setenv("TALLY_KAFKA_BOOTSTRAP_SERVERS", s->bootstraps, 1);
+	char *argv[] = {exe, NULL};
+	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
+	if (pid < 0)
+		die("tally-ledger", err);
+	return pid;
+}
+
+static char *fresh_db(struct tly_devpg *pg, const char *name)
+{
+	char err[512];
+	struct tly_pg_error pe;
+	PGconn *admin = tly_pg_connect(tly_devpg_conninfo(pg), "tally-bench", err, sizeof(err));
+	if (!admin)
+		die("connect", err);
+	char sql[128];
+	snprintf(sql, sizeof(sql), "CREATE DATABASE %s", name); /* a fixed identifier, not a value */
+	if (tly_pg_exec_script(admin, sql, &pe) != 0)
+		die("create database", pe.message);
+	PQfinish(admin);
+	char *info = malloc(1024);
+	snprintf(info, 1024, "host=%s port=%d user=postgres dbname=%s", tly_devpg_dir(pg),
+		 tly_devpg_port(pg), name);
+	PGconn *conn = tly_pg_connect(info, "tally-bench", err, sizeof(err));
+	struct tly_migrate_set *set = tly_migrate_load_embedded(err, sizeof(err));
+	if (!conn || !set || tly_migrate_up(conn, set, NULL, err, sizeof(err)) != 0)
+		die("migrate", err);
+	tly_migrate_free(set);
+	PQfinish(conn);
+	return info;
+}
+
+/* Decisions per second of tally-ledger, published -> committed, on a pre-published backlog. */
+static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, long n,
+			   double *bare_rate)
+{
+	char *db = fresh_db(pg, dbname);
+	struct stack s;
+	stack_start(&s, db);
+	publish_workload(&s, tenants, n, wall_us());
+	long total = n + tenants;
+	*bare_rate = bench_bare_consumer(&s, total);
+	char err[512], log[128];
+	snprintf(log, sizeof(log), "%s/ledger.log", s.dir);
+	PGconn *conn = tly_pg_connect(db, "tally-bench", err, sizeof(err));
+	if (!conn)
+		die("connect", err);
+	pid_t ledger = start_ledger(&s, db, log);
+	double first_t = 0, end_t = 0, give_up = now_s() + 300;
+	long first_v = 0, v = 0;
+	while (now_s() < give_up) {
+		v = committed_offsets(conn);
+		if (v > 0 && first_t == 0) {
+			first_t = now_s();
+			first_v = v;
+		}
+		if (v >= total) {
+			end_t = now_s();
+			break;
+		}
+		usleep(20000);
+	}
+	tly_proc_stop(ledger, 10000);
+	PQfinish(conn);
+	stack_stop(&s);
+	free(db);
+	if (end_t == 0 || end_t <= first_t) {
+		fprintf(stderr, "tally-bench: the ledger committed %ld of %ld records (see its log)\n", v, total);
+		return 0;
+	}
+	return (double)(total - first_v) / (end_t - first_t);
+}
+
+int main(void)
+{
+	char err[512];
+	tly_log_init("tally-bench", TLY_LOG_WARN);
+	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
+	       "synchronous_commit=on; dev broker with %d partitions)\n\n", PARTITIONS);
+	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
+	if (!pg)
+		die("PostgreSQL", err);
+
+	double seeds_many = bench_seeds(tly_devpg_conninfo(pg), 1000);
+	double seeds_hot = bench_seeds(tly_devpg_conninfo(pg), 1);
+	printf("seeds' design (BEGIN; SELECT ... FOR UPDATE; UPDATE; INSERT usage; COMMIT), %d clients, %d s:\n",
+	       CLIENTS, SEEDS_SECONDS);
+	printf("  1,000 tenants     %10.0f deductions/s\n", seeds_many);
+	printf("  1 hot tenant      %10.0f deductions/s\n\n", seeds_hot);
+	fflush(stdout);
+
+	char ledger_exe[PATH_MAX];
+	sibling("tally-ledger", ledger_exe, sizeof(ledger_exe));
+	if (access(ledger_exe, X_OK) != 0) {
+		printf("tally-ledger is not built: no end-to-end figures\n");
+		tly_devpg_stop(pg);
+		return 1;
+	}
+	double bare_many, bare_hot;
+	double ledger_many = bench_ledger(pg, "bench_many", 1000, 100000, &bare_many);
+	double ledger_hot = bench_ledger(pg, "bench_hot", 1, 25000, &bare_hot);
+	printf("tally-ledger, published -> committed in PostgreSQL (pre-published TokensReserved backlog):\n");
+	printf("  1,000 tenants     %10.0f decisions/s   %6.1fx the seeds' design   (100,000 reservations)\n",
+	       ledger_many, seeds_many > 0 ? ledger_many / seeds_many : 0);
+	printf("  1 hot tenant      %10.0f decisions/s   %6.1fx the seeds' design   (25,000 reservations)\n\n",
+	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0);
+	printf("bare librdkafka consumer on the same topic (the ceiling):\n");
+	printf("  1,000 tenants     %10.0f records/s     ledger at %5.1f%% of it\n", bare_many,
+	       bare_many > 0 ? 100 * ledger_many / bare_many : 0);
+	printf("  1 hot tenant      %10.0f records/s     ledger at %5.1f%% of it\n", bare_hot,
+	       bare_hot > 0 ? 100 * ledger_hot / bare_hot : 0);
+	tly_devpg_stop(pg);
+	return 0;
+}
