@@ -213,11 +213,7 @@ static int64_t add_interval(int64_t t, const char *interval, int32_t count)
 
 static struct tly_hold *find_hold(struct tly_wallet *w, const tly_uuid *id)
 {
-	for (size_t i = 0; i < w->n_holds; i++) {
-		if (memcmp(w->holds[i].id.b, id->b, 16) == 0)
-			return &w->holds[i];
-	}
-	return NULL;
+	return tly_wallet_find_hold(w, id);
 }
 
 static struct tly_grant *find_grant(struct tly_wallet *w, const tly_uuid *id)
@@ -288,8 +284,7 @@ static int debit(struct ctx *c, int64_t tokens, const tly_uuid *ref)
 
 static int end_hold(struct ctx *c, struct tly_hold *h, const char *kind)
 {
-	h->open = false;
-	h->ended_at = c->w->time;
+	tly_wallet_end_hold(c->w, h, c->w->time);
 	struct delta d = {0, 0, -h->tokens, 0};
 	tly_uuid ref = h->id;
 	return emit(c, kind, &d, &ref, NULL);
@@ -414,12 +409,8 @@ static int close_period(struct ctx *c, bool renew)
 		return rc;
 
 	/* forget holds that ended before this period began */
-	size_t keep = 0;
-	for (size_t i = 0; i < w->n_holds; i++) {
-		if (w->holds[i].open || w->holds[i].ended_at >= s->period_start)
-			w->holds[keep++] = w->holds[i];
-	}
-	w->n_holds = keep;
+	if (tly_wallet_prune_holds(w, s->period_start) != 0)
+		return TLY_E_NOMEM;
 
 	/* 3. the next period, or the end */
 	if (renew) {
@@ -470,12 +461,10 @@ static int advance(struct ctx *c, int64_t t)
 		enum due_kind kind = DUE_NONE;
 		int64_t when = INT64_MAX;
 		size_t idx = 0;
-		for (size_t i = 0; i < w->n_holds; i++) {
-			if (w->holds[i].open && w->holds[i].expires_at <= t && w->holds[i].expires_at < when) {
-				kind = DUE_HOLD;
-				when = w->holds[i].expires_at;
-				idx = i;
-			}
+		struct tly_hold *first = tly_wallet_first_expiry(w);
+		if (first && first->expires_at <= t) {
+			kind = DUE_HOLD;
+			when = first->expires_at;
 		}
 		for (size_t i = 0; i < w->n_grants; i++) {
 			const struct tly_grant *g = &w->grants[i];
@@ -502,7 +491,7 @@ static int advance(struct ctx *c, int64_t t)
 		int rc = 0;
 		switch (kind) {
 		case DUE_HOLD:
-			rc = end_hold(c, &w->holds[idx], TLY_KIND_HOLD_EXPIRED);
+			rc = end_hold(c, first, TLY_KIND_HOLD_EXPIRED);
 			break;
 		case DUE_GRANT: {
 			struct tly_grant g = w->grants[idx];
@@ -552,9 +541,9 @@ static int on_reserve(struct ctx *c, const struct tly_ev_tokens_reserved *r)
 	int64_t available = w->allowance + credits - tly_wallet_held(w);
 	if (!overage && r->tokens > available + c->cfg->overdraft_limit)
 		return reject(c, TLY_REASON_INSUFFICIENT_TOKENS, &r->reservation_id);
-	if (grow((void **)&w->holds, &w->cap_holds, w->n_holds, sizeof(*w->holds)) != 0)
+	struct tly_hold hold = {r->reservation_id, r->tokens, r->expires_at, true, 0};
+	if (tly_wallet_add_hold(w, &hold) != 0)
 		return TLY_E_NOMEM;
-	w->holds[w->n_holds++] = (struct tly_hold){r->reservation_id, r->tokens, r->expires_at, true, 0};
 	struct delta d = {0, 0, r->tokens, 0};
 	return emit(c, TLY_KIND_HOLD_PLACED, &d, &r->reservation_id, NULL);
 }

@@ -46,7 +46,163 @@ void tly_wallet_free(struct tly_wallet *w)
 	free(w->grants);
 	free(w->holds);
 	free(w->usage);
+	free(w->slots);
+	free(w->heap);
 	free(w);
+}
+
+/* ---- holds: index by id, heap by expiry ------------------------------------------------------ */
+
+static size_t slot_of(const tly_uuid *id, size_t n_slots)
+{
+	/* ids need not be random (upstream may number them): mix all 16 bytes */
+	uint64_t a, b;
+	memcpy(&a, id->b, 8);
+	memcpy(&b, id->b + 8, 8);
+	uint64_t h = a * 0x9e3779b97f4a7c15ULL ^ b;
+	h ^= h >> 31;
+	h *= 0xbf58476d1ce4e5b9ULL;
+	h ^= h >> 29;
+	return (size_t)h & (n_slots - 1);
+}
+
+static void slot_insert(struct tly_wallet *w, size_t index)
+{
+	size_t s = slot_of(&w->holds[index].id, w->n_slots);
+	while (w->slots[s])
+		s = (s + 1) & (w->n_slots - 1);
+	w->slots[s] = (uint32_t)index + 1;
+}
+
+static void heap_up(struct tly_due *h, size_t i)
+{
+	while (i > 0) {
+		size_t parent = (i - 1) / 2;
+		if (h[parent].at < h[i].at || (h[parent].at == h[i].at && h[parent].index <= h[i].index))
+			break;
+		struct tly_due t = h[i];
+		h[i] = h[parent];
+		h[parent] = t;
+		i = parent;
+	}
+}
+
+static void heap_down(struct tly_due *h, size_t n, size_t i)
+{
+	for (;;) {
+		size_t l = 2 * i + 1, r = l + 1, m = i;
+		if (l < n && (h[l].at < h[m].at || (h[l].at == h[m].at && h[l].index < h[m].index)))
+			m = l;
+		if (r < n && (h[r].at < h[m].at || (h[r].at == h[m].at && h[r].index < h[m].index)))
+			m = r;
+		if (m == i)
+			return;
+		struct tly_due t = h[i];
+		h[i] = h[m];
+		h[m] = t;
+		i = m;
+	}
+}
+
+static int heap_push(struct tly_wallet *w, int64_t at, size_t index)
+{
+	if (w->n_heap == w->cap_heap) {
+		size_t cap = w->cap_heap ? w->cap_heap * 2 : 16;
+		struct tly_due *grown = realloc(w->heap, cap * sizeof(*grown));
+		if (!grown)
+			return TLY_E_NOMEM;
+		w->heap = grown;
+		w->cap_heap = cap;
+	}
+	w->heap[w->n_heap] = (struct tly_due){at, (uint32_t)index};
+	heap_up(w->heap, w->n_heap++);
+	return 0;
+}
+
+int tly_wallet_reindex(struct tly_wallet *w)
+{
+	size_t n_slots = 16;
+	while (n_slots < 2 * w->n_holds + 2)
+		n_slots *= 2;
+	uint32_t *slots = calloc(n_slots, sizeof(*slots));
+	if (!slots)
+		return TLY_E_NOMEM;
+	free(w->slots);
+	w->slots = slots;
+	w->n_slots = n_slots;
+	w->n_heap = 0;
+	w->held_total = 0;
+	for (size_t i = 0; i < w->n_holds; i++) {
+		slot_insert(w, i);
+		if (w->holds[i].open) {
+			w->held_total += w->holds[i].tokens;
+			if (heap_push(w, w->holds[i].expires_at, i) != 0)
+				return TLY_E_NOMEM;
+		}
+	}
+	return 0;
+}
+
+struct tly_hold *tly_wallet_find_hold(struct tly_wallet *w, const tly_uuid *id)
+{
+	if (!w->n_slots)
+		return NULL;
+	for (size_t s = slot_of(id, w->n_slots); w->slots[s]; s = (s + 1) & (w->n_slots - 1)) {
+		struct tly_hold *h = &w->holds[w->slots[s] - 1];
+		if (memcmp(h->id.b, id->b, 16) == 0)
+			return h;
+	}
+	return NULL;
+}
+
+int tly_wallet_add_hold(struct tly_wallet *w, const struct tly_hold *h)
+{
+	if (w->n_holds == w->cap_holds) {
+		size_t cap = w->cap_holds ? w->cap_holds * 2 : 16;
+		struct tly_hold *grown = realloc(w->holds, cap * sizeof(*grown));
+		if (!grown)
+			return TLY_E_NOMEM;
+		w->holds = grown;
+		w->cap_holds = cap;
+	}
+	w->holds[w->n_holds++] = *h;
+	if (2 * w->n_holds + 2 > w->n_slots)
+		return tly_wallet_reindex(w);
+	slot_insert(w, w->n_holds - 1);
+	w->held_total += h->tokens;
+	return heap_push(w, h->expires_at, w->n_holds - 1);
+}
+
+void tly_wallet_end_hold(struct tly_wallet *w, struct tly_hold *h, int64_t at)
+{
+	h->open = false;
+	h->ended_at = at;
+	w->held_total -= h->tokens; /* its heap entry is dropped when it reaches the top */
+}
+
+struct tly_hold *tly_wallet_first_expiry(struct tly_wallet *w)
+{
+	while (w->n_heap > 0) {
+		struct tly_hold *h = &w->holds[w->heap[0].index];
+		if (h->open)
+			return h;
+		w->heap[0] = w->heap[--w->n_heap];
+		heap_down(w->heap, w->n_heap, 0);
+	}
+	return NULL;
+}
+
+int tly_wallet_prune_holds(struct tly_wallet *w, int64_t before)
+{
+	size_t keep = 0;
+	for (size_t i = 0; i < w->n_holds; i++) {
+		if (w->holds[i].open || w->holds[i].ended_at >= before)
+			w->holds[keep++] = w->holds[i];
+	}
+	if (keep == w->n_holds)
+		return 0;
+	w->n_holds = keep;
+	return tly_wallet_reindex(w);
 }
 
 static void *dup_array(const void *src, size_t n, size_t size)
@@ -73,9 +229,12 @@ struct tly_wallet *tly_wallet_clone(const struct tly_wallet *w)
 	c->cap_usage = w->n_usage;
 	memset(&c->sub.terms, 0, sizeof(c->sub.terms));
 	memset(&c->sub.pending, 0, sizeof(c->sub.pending));
+	c->slots = NULL;
+	c->heap = NULL;
+	c->n_slots = c->n_heap = c->cap_heap = 0;
 	if ((w->n_grants && !c->grants) || (w->n_holds && !c->holds) || (w->n_usage && !c->usage) ||
 	    tly_terms_copy(&c->sub.terms, &w->sub.terms) != 0 ||
-	    tly_terms_copy(&c->sub.pending, &w->sub.pending) != 0) {
+	    tly_terms_copy(&c->sub.pending, &w->sub.pending) != 0 || tly_wallet_reindex(c) != 0) {
 		tly_wallet_free(c);
 		return NULL;
 	}
@@ -102,12 +261,7 @@ int64_t tly_wallet_credits(const struct tly_wallet *w)
 
 int64_t tly_wallet_held(const struct tly_wallet *w)
 {
-	int64_t h = 0;
-	for (size_t i = 0; i < w->n_holds; i++) {
-		if (w->holds[i].open)
-			h += w->holds[i].tokens;
-	}
-	return h;
+	return w->held_total;
 }
 
 void tly_wallet_balance(const struct tly_wallet *w, struct tly_balance *out)
@@ -340,6 +494,8 @@ struct tly_wallet *tly_wallet_from_json(const char *text, char *errstr, size_t e
 	}
 	if (get_prices(json_object_get(root, "usage"), &w->usage, &w->n_usage) != 0)
 		goto bad;
+	if (tly_wallet_reindex(w) != 0)
+		goto oom;
 	w->cap_usage = w->n_usage;
 	json_t *sub = json_object_get(root, "subscription");
 	if (json_is_object(sub)) {

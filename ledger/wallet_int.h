@@ -55,6 +55,12 @@ struct tly_subscription {
 	int64_t pending_at;
 };
 
+/* A hold's place in the expiry heap. */
+struct tly_due {
+	int64_t at;
+	uint32_t index;
+};
+
 struct tly_wallet {
 	tly_uuid tenant;
 	int64_t seq;
@@ -70,10 +76,34 @@ struct tly_wallet {
 	struct tly_price *usage; /* metered quantities of this period */
 	size_t n_usage, cap_usage;
 	struct tly_subscription sub;
+	/* derived from holds, rebuilt on load, clone and prune; not in the snapshot */
+	int64_t held_total;     /* sum of open holds */
+	uint32_t *slots;        /* open addressing by reservation id: hold index + 1, 0 = empty */
+	size_t n_slots;         /* power of two, at least twice n_holds */
+	struct tly_due *heap;   /* open holds by expires_at (min-heap; ended ones dropped lazily) */
+	size_t n_heap, cap_heap;
 };
 
 int64_t tly_wallet_credits(const struct tly_wallet *w);
 int64_t tly_wallet_held(const struct tly_wallet *w);
+
+/* Rebuild the derived hold structures (index, heap, held total). 0 or TLY_E_NOMEM. */
+int tly_wallet_reindex(struct tly_wallet *w) TLY_MUST_CHECK;
+
+/* The hold with this reservation id (open or ended), or NULL. */
+struct tly_hold *tly_wallet_find_hold(struct tly_wallet *w, const tly_uuid *id);
+
+/* Append an open hold (its id must be new). 0 or TLY_E_NOMEM. */
+int tly_wallet_add_hold(struct tly_wallet *w, const struct tly_hold *h) TLY_MUST_CHECK;
+
+/* End an open hold at ledger time `at`. */
+void tly_wallet_end_hold(struct tly_wallet *w, struct tly_hold *h, int64_t at);
+
+/* The open hold expiring first (NULL if none). */
+struct tly_hold *tly_wallet_first_expiry(struct tly_wallet *w);
+
+/* Forget ended holds that ended before `before`. 0 or TLY_E_NOMEM. */
+int tly_wallet_prune_holds(struct tly_wallet *w, int64_t before) TLY_MUST_CHECK;
 
 /* Free a terms' owned memory and zero it. */
 void tly_terms_clear(struct tly_terms *t);

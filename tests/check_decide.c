@@ -590,6 +590,62 @@ START_TEST(test_wrong_tenant_refused)
 }
 END_TEST
 
+/* Thousands of holds with numbered ids: the id index, the expiry heap and the held total agree. */
+START_TEST(test_many_holds)
+{
+	struct run *r = calloc(1, sizeof(*r));
+	char err[256];
+	run_init(r, 0);
+	struct tly_event ev;
+	const struct step start = {START, 0, 0, 1000000, -1, 0, NULL, 0, 0, 0, 0};
+	build(r, &start, &ev, 0);
+	struct tly_cause cause = {.event_id = ev.event_id, .type = "SubscriptionStarted"};
+	ck_assert_int_eq(tly_ledger_apply(&r->cfg, r->w, &ev, &cause, NULL, &r->out, err, sizeof(err)), 0);
+	enum { N = 3000 };
+	for (int i = 0; i < N; i++) {
+		tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
+		ev.tenant_id = r->tenant;
+		make_uuid(&ev.event_id, 10 + i / 256, i % 256);
+		ev.occurred_at = T0 + 10 * SEC;
+		ev.u.tokens_reserved = (struct tly_ev_tokens_reserved){ev.event_id, 10,
+			/* expiries out of order, ties included */ T0 + (100 + (i * 7919) % 500) * SEC, "m", {{0}}};
+		cause.event_id = ev.event_id;
+		tly_entries_clear(&r->out);
+		ck_assert_int_eq(tly_ledger_apply(&r->cfg, r->w, &ev, &cause, NULL, &r->out, err, sizeof(err)), 0);
+		ck_assert_str_eq(r->out.items[0].u.ledger_entry.kind, "hold_placed");
+	}
+	for (int i = 0; i < N; i += 2) {
+		tly_event_init(&ev, TLY_EV_RESERVATION_RELEASED);
+		ev.tenant_id = r->tenant;
+		make_uuid(&ev.event_id, 40 + i / 256, i % 256);
+		ev.occurred_at = T0 + 20 * SEC;
+		make_uuid(&ev.u.reservation_released.reservation_id, 10 + i / 256, i % 256);
+		ev.u.reservation_released.reason = "done";
+		cause.event_id = ev.event_id;
+		tly_entries_clear(&r->out);
+		ck_assert_int_eq(tly_ledger_apply(&r->cfg, r->w, &ev, &cause, NULL, &r->out, err, sizeof(err)), 0);
+		ck_assert_str_eq(r->out.items[0].u.ledger_entry.kind, "hold_released");
+	}
+	struct tly_balance b;
+	tly_wallet_balance(r->w, &b);
+	ck_assert_int_eq(b.held, (N / 2) * 10);
+	ck_assert_int_eq(b.open_holds, N / 2);
+	/* the rest expire in expiry order, each exactly once */
+	tly_entries_clear(&r->out);
+	struct tly_cause tick = {.type = "ClockTick"};
+	make_uuid(&tick.event_id, 99, 1);
+	ck_assert_int_eq(tly_ledger_tick(&r->cfg, r->w, T0 + 1000 * SEC, &tick, &r->out, err, sizeof(err)), 0);
+	ck_assert_uint_eq(r->out.n, N / 2);
+	for (size_t i = 1; i < r->out.n; i++)
+		ck_assert_int_le(r->out.items[i - 1].u.ledger_entry.ledger_time, r->out.items[i].u.ledger_entry.ledger_time);
+	tly_wallet_balance(r->w, &b);
+	ck_assert_int_eq(b.held, 0);
+	ck_assert_int_eq(b.available, 1000000);
+	run_free(r);
+	free(r);
+}
+END_TEST
+
 Suite *decide_suite(void)
 {
 	Suite *s = suite_create("decide");
@@ -597,6 +653,7 @@ Suite *decide_suite(void)
 	tcase_add_loop_test(tc, test_scenario, 0, (int)(sizeof(scenarios) / sizeof(scenarios[0])));
 	tcase_add_test(tc, test_invoice_amounts);
 	tcase_add_test(tc, test_wrong_tenant_refused);
+	tcase_add_test(tc, test_many_holds);
 	suite_add_tcase(s, tc);
 	return s;
 }
