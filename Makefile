@@ -27,6 +27,7 @@ ALL_CFLAGS = $(WARN) $(CPPFLAGS) $(PKG_CFLAGS) $(CFLAGS) -MMD -MP
 # ---- the shared library: every program and the tests link it --------------------------
 LIB_SRCS := \
 	lib/arena.c \
+	lib/cli.c \
 	lib/config.c \
 	lib/crc64.c \
 	lib/codec.c \
@@ -42,6 +43,7 @@ LIB_SRCS := \
 	lib/proc.c \
 	lib/producer.c \
 	lib/schema.c \
+	lib/uuidmap.c \
 	lib/validate_bytes.c \
 	ledger/decide.c \
 	ledger/wallet.c \
@@ -54,9 +56,11 @@ RELEASED := $(sort $(wildcard schemas/released/*.avsc))
 MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
-PROGRAMS := tallyctl tally-devbroker tally-bench
+PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c
 tally-devbroker_SRCS := tools/devbroker.c
+tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
+                        consumers/ledger_publisher.c consumers/ledger_store.c
 tally-bench_SRCS     := tools/bench.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------

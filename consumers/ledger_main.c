@@ -1,0 +1,598 @@
+/* tally-ledger: arguments, configuration, handles, and the consumer loop around the partitions. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "cli.h"
+#include "codec.h"
+#include "config.h"
+#include "kafka.h"
+#include "ledger_partition.h"
+#include "ledger_publisher.h"
+#include "ledger_store.h"
+#include "log.h"
+#include "migrate.h"
+#include "pg.h"
+
+extern char **environ;
+
+#define POLL_MS 10
+#define RELOAD_BACKOFF_MS 200
+#define FENCED_BACKOFF_MS 2000
+#define MAX_BACKOFF_MS 5000
+#define METADATA_TIMEOUT_MS 10000
+
+/* One partition of tally.events as the group gave it to this process. */
+struct slot {
+	bool assigned;
+	struct tly_ledger_partition *part; /* owned; NULL while (re)loading */
+	int64_t reload_at_ms;              /* when part is NULL: next load attempt */
+	int backoff_ms;
+};
+
+struct app {
+	struct tly_config *cfg;           /* owned */
+	const char *database_url;
+	PGconn *conn;                     /* owned */
+	struct tly_codec *codec;          /* owned */
+	rd_kafka_t *consumer;             /* owned */
+	struct tly_ledger_publisher *pub; /* owned */
+	struct tly_ledger_ctx ctx;        /* borrows conn and codec */
+	struct slot *slots;               /* partition_count of them */
+	int32_t partition_count;
+	size_t max_events;
+	int64_t max_ms;
+	int shutdown_ms;
+	bool failed;                      /* a fatal error: leave the loop, exit 1 */
+};
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: tally-ledger [OPTIONS]\n"
+		"\n"
+		"The ledger consumer: applies tally.events per partition, serially, into PostgreSQL\n"
+		"(entries and consumed offsets in one transaction per batch), then publishes the\n"
+		"entries to tally.ledger. SIGTERM or SIGINT: finish the batch, commit, publish, leave.\n"
+		"\n"
+		"Options:\n"
+		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
+		"  -s, --set KEY=VALUE          set one setting (after the file and TALLY_* variables)\n"
+		"  -h, --help                   this help\n"
+		"\n");
+	tly_config_print_help(out);
+}
+
+/* ---- PostgreSQL connection ---------------------------------------------------------------- */
+
+/* Connected (again, after a lost connection), retrying with backoff until stop: 0 or -1. */
+static int ensure_conn(struct app *app)
+{
+	char errstr[512];
+	int backoff = 100;
+	while (!app->conn || PQstatus(app->conn) != CONNECTION_OK) {
+		if (app->conn) {
+			PQfinish(app->conn);
+			app->conn = NULL;
+		}
+		app->conn = tly_pg_connect(app->database_url, "tally-ledger", errstr, sizeof(errstr));
+		if (app->conn)
+			break;
+		tly_warn("could not reconnect to PostgreSQL, retrying", "reason=\"%s\" backoff_ms=%d",
+			 errstr, backoff);
+		if (stop_requested)
+			return -1;
+		sleep_ms(backoff);
+		backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
+	}
+	app->ctx.conn = app->conn;
+	return 0;
+}
+
+/* ---- partitions --------------------------------------------------------------------------- */
+
+static void pause_partition(struct app *app, int32_t partition, bool pause)
+{
+	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+	if (!l)
+		return;
+	rd_kafka_topic_partition_list_add(l, app->ctx.events_topic, partition);
+	rd_kafka_resp_err_t err = pause ? rd_kafka_pause_partitions(app->consumer, l)
+					: rd_kafka_resume_partitions(app->consumer, l);
+	if (err)
+		tly_warn(pause ? "could not pause partition" : "could not resume partition",
+			 "partition=%d reason=\"%s\"", (int)partition, rd_kafka_err2str(err));
+	rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Drop a partition's state; it is loaded again (and consumption moved back) after backoff_ms. */
+static void reset_partition(struct app *app, int32_t partition, int backoff_ms)
+{
+	struct slot *s = &app->slots[partition];
+	tly_ledger_partition_free(s->part);
+	s->part = NULL;
+	s->backoff_ms = backoff_ms;
+	s->reload_at_ms = now_ms() + backoff_ms;
+	pause_partition(app, partition, true);
+}
+
+/* Load state, republish what tally.ledger may miss; *offset is where consuming resumes. */
+static int load_partition(struct app *app, int32_t partition, int64_t *offset)
+{
+	struct tly_pg_error err = {0};
+	struct slot *s = &app->slots[partition];
+	if (ensure_conn(app) != 0)
+		return -1;
+	s->part = tly_ledger_partition_open(&app->ctx, partition, &err);
+	if (!s->part)
+		goto fail;
+	*offset = tly_ledger_partition_next_offset(s->part);
+	if (tly_ledger_publisher_republish(app->pub, app->conn, partition, *offset, &err) != 0) {
+		tly_ledger_partition_free(s->part);
+		s->part = NULL;
+		goto fail;
+	}
+	tly_info("partition loaded", "partition=%d next_offset=%" PRId64 " tenants=%zu",
+		 (int)partition, *offset, tly_ledger_partition_tenants(s->part));
+	return 0;
+fail:
+	tly_error("could not load partition state", "partition=%d reason=\"%s\"", (int)partition,
+		  err.message);
+	if (err.errclass == TLY_ERRCLASS_FATAL && err.sqlstate[0])
+		app->failed = true;
+	return -1;
+}
+
+/* Partitions whose state was dropped: load again, move consumption back, resume. */
+static void reload_due(struct app *app)
+{
+	int64_t now = now_ms();
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		struct slot *s = &app->slots[i];
+		int64_t offset;
+		if (!s->assigned || s->part || now < s->reload_at_ms)
+			continue;
+		if (load_partition(app, i, &offset) != 0) {
+			s->backoff_ms = s->backoff_ms * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : s->backoff_ms * 2;
+			s->reload_at_ms = now + s->backoff_ms;
+			continue;
+		}
+		rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+		rd_kafka_topic_partition_list_add(l, app->ctx.events_topic, i)->offset = offset;
+		rd_kafka_error_t *error = rd_kafka_seek_partitions(app->consumer, l, 5000);
+		if (error || l->elems[0].err) {
+			tly_warn("could not seek partition, retrying",
+				 "partition=%d offset=%" PRId64 " reason=\"%s\"", (int)i, offset,
+				 error ? rd_kafka_error_string(error) : rd_kafka_err2str(l->elems[0].err));
+			if (error)
+				rd_kafka_error_destroy(error);
+			tly_ledger_partition_free(s->part);
+			s->part = NULL;
+			s->reload_at_ms = now + RELOAD_BACKOFF_MS;
+		} else {
+			pause_partition(app, i, false);
+		}
+		rd_kafka_topic_partition_list_destroy(l);
+	}
+}
+
+/* Commit the open batch of a partition and publish it; on failure drop the partition's state. */
+static void commit_partition(struct app *app, int32_t partition)
+{
+	struct slot *s = &app->slots[partition];
+	struct tly_ledger_batch_out out;
+	struct tly_pg_error err = {0};
+	bool fenced = false;
+	if (!s->part || tly_ledger_partition_pending(s->part) == 0)
+		return;
+	if (ensure_conn(app) != 0) {
+		reset_partition(app, partition, RELOAD_BACKOFF_MS);
+		return;
+	}
+	int64_t marker = tly_ledger_publisher_take_marker(app->pub, partition);
+	int rc = tly_ledger_partition_commit(s->part, &app->ctx, marker, &out, &fenced, &err);
+	if (rc == 0) {
+		tly_debug("batch committed", "partition=%d first_offset=%" PRId64 " end_offset=%" PRId64
+			  " entries=%zu quarantined=%zu", (int)partition, out.first_offset,
+			  out.end_offset, out.n_entries, out.n_quarantined);
+		if (tly_ledger_publisher_send(app->pub, partition, &out) != 0)
+			tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
+				 "partition=%d end_offset=%" PRId64, (int)partition, out.end_offset);
+		return;
+	}
+	if (fenced) {
+		tly_error("could not commit batch: this process lost the partition",
+			  "partition=%d reason=\"%s\"", (int)partition, err.message);
+		reset_partition(app, partition, FENCED_BACKOFF_MS);
+	} else if (err.errclass == TLY_ERRCLASS_RETRIABLE) {
+		tly_warn("could not commit batch, retrying from the stored offset",
+			 "partition=%d reason=\"%s\"", (int)partition, err.message);
+		reset_partition(app, partition, RELOAD_BACKOFF_MS);
+	} else {
+		tly_error("could not commit batch", "partition=%d reason=\"%s\"", (int)partition,
+			  err.message);
+		reset_partition(app, partition, RELOAD_BACKOFF_MS);
+		app->failed = true;
+	}
+	/* The marker handed out was not stored: hand it out again with the next batch. */
+	(void)marker;
+}
+
+/* Store the delivered marker of a partition outside a batch (revocation, shutdown). */
+static void save_marker(struct app *app, int32_t partition)
+{
+	struct tly_pg_error err;
+	int64_t marker = tly_ledger_publisher_take_marker(app->pub, partition);
+	if (marker < 0 || ensure_conn(app) != 0)
+		return;
+	if (tly_ledger_store_save_published(app->conn, app->ctx.ledger_topic, partition, marker,
+					    &err) != 0)
+		tly_warn("could not store the delivered marker", "partition=%d reason=\"%s\"",
+			 (int)partition, err.message);
+}
+
+/* ---- rebalance ---------------------------------------------------------------------------- */
+
+static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
+{
+	for (int i = 0; i < parts->cnt; i++) {
+		rd_kafka_topic_partition_t *tp = &parts->elems[i];
+		if (tp->partition < 0 || tp->partition >= app->partition_count)
+			continue;
+		struct slot *s = &app->slots[tp->partition];
+		int64_t offset = 0;
+		s->assigned = true;
+		s->backoff_ms = RELOAD_BACKOFF_MS;
+		if (load_partition(app, tp->partition, &offset) == 0) {
+			tp->offset = offset;
+		} else {
+			s->reload_at_ms = now_ms() + RELOAD_BACKOFF_MS;
+			tp->offset = RD_KAFKA_OFFSET_BEGINNING; /* paused below until loaded */
+		}
+	}
+	rd_kafka_error_t *error = rd_kafka_incremental_assign(app->consumer, parts);
+	if (error) {
+		tly_error("could not assign partitions", "reason=\"%s\"", rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+		app->failed = true;
+	}
+	for (int i = 0; i < parts->cnt; i++) {
+		int32_t p = parts->elems[i].partition;
+		if (p >= 0 && p < app->partition_count && !app->slots[p].part)
+			pause_partition(app, p, true);
+		tly_info("partition assigned", "partition=%d offset=%" PRId64, (int)p,
+			 parts->elems[i].offset);
+	}
+}
+
+static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, bool lost)
+{
+	for (int i = 0; i < parts->cnt; i++) {
+		int32_t p = parts->elems[i].partition;
+		if (p < 0 || p >= app->partition_count)
+			continue;
+		struct slot *s = &app->slots[p];
+		if (!lost)
+			commit_partition(app, p); /* fenced by the compare-and-set if another owner moved on */
+		else if (s->part && tly_ledger_partition_pending(s->part))
+			tly_warn("partition lost: abandoning its open batch",
+				 "partition=%d records=%zu", (int)p, tly_ledger_partition_pending(s->part));
+	}
+	if (app->pub && tly_ledger_publisher_flush(app->pub, app->shutdown_ms) != 0)
+		tly_warn("revoked partitions: not every entry was delivered; the next owner republishes",
+			 "partitions=%d", parts->cnt);
+	for (int i = 0; i < parts->cnt; i++) {
+		int32_t p = parts->elems[i].partition;
+		if (p < 0 || p >= app->partition_count)
+			continue;
+		if (app->pub)
+			save_marker(app, p);
+		tly_ledger_partition_free(app->slots[p].part);
+		app->slots[p] = (struct slot){0};
+		tly_info("partition revoked", "partition=%d lost=%s", (int)p, lost ? "true" : "false");
+	}
+	rd_kafka_error_t *error = rd_kafka_incremental_unassign(app->consumer, parts);
+	if (error) {
+		tly_error("could not unassign partitions", "reason=\"%s\"", rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+	}
+}
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+			 rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+	struct app *app = opaque;
+	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
+		on_assign(app, parts);
+	else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+		on_revoke(app, parts, rd_kafka_assignment_lost(rk) || app->failed);
+	else {
+		tly_error("unexpected rebalance event", "reason=\"%s\"", rd_kafka_err2str(err));
+		on_revoke(app, parts, true);
+	}
+}
+
+/* ---- start-up ----------------------------------------------------------------------------- */
+
+/* Partition count of topic from the cluster's metadata; 0 and *count, or -1 (message in errstr). */
+static int topic_partitions(rd_kafka_t *rk, const char *topic, int32_t *count, char *errstr,
+			    size_t errlen)
+{
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+	if (!rkt) {
+		snprintf(errstr, errlen, "could not look up topic \"%s\": %s", topic,
+			 rd_kafka_err2str(rd_kafka_last_error()));
+		return -1;
+	}
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, METADATA_TIMEOUT_MS);
+	int rc = -1;
+	if (err)
+		snprintf(errstr, errlen, "could not read Kafka metadata of topic \"%s\": %s", topic,
+			 rd_kafka_err2str(err));
+	else if (md->topic_cnt != 1 || md->topics[0].err || md->topics[0].partition_cnt < 1)
+		snprintf(errstr, errlen, "topic \"%s\" does not exist: %s", topic,
+			 md->topic_cnt == 1 ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+	else {
+		*count = md->topics[0].partition_cnt;
+		rc = 0;
+	}
+	if (md)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+	return rc;
+}
+
+/* Connect, check the schema, the topics and the partition guard: 0, or -1 with one line logged. */
+static int start(struct app *app)
+{
+	char errstr[2048];
+	struct tly_migrate_set *set = NULL;
+	int rc = -1;
+	app->database_url = tly_config_str(app->cfg, "database.url");
+	if (!app->database_url) {
+		tly_error("database.url is not set", "hint=\"use -s database.url=... or TALLY_DATABASE_URL\"");
+		goto out;
+	}
+	if (!(app->conn = tly_pg_connect(app->database_url, "tally-ledger", errstr, sizeof(errstr)))) {
+		tly_error("could not start: PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	if (!(set = tly_migrate_load_embedded(errstr, sizeof(errstr))) ||
+	    tly_migrate_check_head(app->conn, set, errstr, sizeof(errstr)) != 0) {
+		tly_error("could not start: the database schema is not at head", "reason=\"%s\" hint=\"run tallyctl migrate up\"",
+			  errstr);
+		goto out;
+	}
+	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr)))) {
+		tly_error("could not create the codec", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	app->ctx.events_topic = tly_config_str(app->cfg, "topics.events");
+	app->ctx.ledger_topic = tly_config_str(app->cfg, "topics.ledger");
+	app->ctx.codec = app->codec;
+	app->ctx.conn = app->conn;
+	app->ctx.decide.overdraft_limit = tly_config_int(app->cfg, "ledger.overdraft.limit");
+	app->ctx.decide.codec = app->codec;
+	app->max_events = (size_t)tly_config_int(app->cfg, "ledger.batch.max.events");
+	app->max_ms = tly_config_int(app->cfg, "ledger.batch.max.ms");
+	app->shutdown_ms = (int)tly_config_int(app->cfg, "shutdown.timeout.ms");
+
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(app->cfg, errstr, sizeof(errstr));
+	if (!conf) {
+		tly_error("could not configure Kafka", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+	rd_kafka_conf_set_opaque(conf, app);
+	if (!(app->consumer = tly_kafka_consumer_new(conf, tly_config_str(app->cfg, "ledger.group.id"),
+						     errstr, sizeof(errstr)))) {
+		tly_error("could not create the Kafka consumer", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	int32_t ledger_count = 0;
+	if (topic_partitions(app->consumer, app->ctx.events_topic, &app->partition_count, errstr,
+			     sizeof(errstr)) != 0 ||
+	    topic_partitions(app->consumer, app->ctx.ledger_topic, &ledger_count, errstr,
+			     sizeof(errstr)) != 0) {
+		tly_error("could not start: a topic is missing", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	if (ledger_count < app->partition_count) {
+		tly_error("could not start: the ledger topic has fewer partitions than the events topic",
+			  "events_topic=%s partitions=%d ledger_topic=%s ledger_partitions=%d",
+			  app->ctx.events_topic, (int)app->partition_count, app->ctx.ledger_topic,
+			  (int)ledger_count);
+		goto out;
+	}
+	if (tly_config_int(app->cfg, "topics.partitions") != app->partition_count)
+		tly_warn("topics.partitions differs from the topic's partition count; using the topic's",
+			 "topic=%s configured=%" PRId64 " actual=%d", app->ctx.events_topic,
+			 tly_config_int(app->cfg, "topics.partitions"), (int)app->partition_count);
+	app->ctx.partition_count = app->partition_count;
+	if (tly_ledger_store_check_partitions(app->conn, app->ctx.events_topic, app->partition_count,
+					      errstr, sizeof(errstr)) != 0) {
+		fprintf(stderr, "tally-ledger: refusing to start: %s\n", errstr);
+		tly_error("could not start: the partition count changed", "topic=%s partitions=%d",
+			  app->ctx.events_topic, (int)app->partition_count);
+		goto out;
+	}
+	if (!(app->slots = calloc((size_t)app->partition_count, sizeof(*app->slots))) ||
+	    !(app->pub = tly_ledger_publisher_new(app->cfg, app->codec, app->partition_count, errstr,
+						  sizeof(errstr)))) {
+		tly_error("could not create the ledger producer", "reason=\"%s\"",
+			  app->slots ? errstr : "out of memory");
+		goto out;
+	}
+	const char *const topics[] = {app->ctx.events_topic};
+	if (tly_kafka_subscribe(app->consumer, topics, 1) != 0)
+		goto out;
+	tly_info("tally-ledger started", "topic=%s partitions=%d group=%s batch_max_events=%zu batch_max_ms=%" PRId64,
+		 app->ctx.events_topic, (int)app->partition_count,
+		 tly_config_str(app->cfg, "ledger.group.id"), app->max_events, app->max_ms);
+	rc = 0;
+out:
+	tly_migrate_free(set);
+	return rc;
+}
+
+/* ---- the loop ----------------------------------------------------------------------------- */
+
+static void handle_message(struct app *app, rd_kafka_message_t *m)
+{
+	if (m->err) {
+		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+			return;
+		bool fatal = m->err == RD_KAFKA_RESP_ERR__FATAL;
+		tly_log(fatal ? TLY_LOG_ERROR : TLY_LOG_WARN, "Kafka consumer error",
+			"partition=%d reason=\"%s\"", (int)m->partition, rd_kafka_message_errstr(m));
+		if (tly_kafka_errclass(m->err, fatal) == TLY_ERRCLASS_FATAL)
+			app->failed = true;
+		return;
+	}
+	int32_t p = m->partition;
+	if (p < 0 || p >= app->partition_count || !app->slots[p].part)
+		return; /* not ours, or being reloaded: consumption moves back to the stored offset */
+	struct tly_ledger_partition *part = app->slots[p].part;
+	bool added = false;
+	int64_t expected = tly_ledger_partition_next_offset(part);
+	if (tly_ledger_partition_add(part, m->offset, m->key, m->key_len, m->payload, m->len,
+				     now_ms(), &added) != 0) {
+		tly_error("could not buffer input record: out of memory", "partition=%d offset=%" PRId64,
+			  (int)p, m->offset);
+		app->failed = true;
+		return;
+	}
+	if (added && m->offset != expected)
+		tly_warn("input offsets skip ahead", "partition=%d expected=%" PRId64 " offset=%" PRId64,
+			 (int)p, expected, m->offset);
+	if (tly_ledger_partition_pending(part) >= app->max_events)
+		commit_partition(app, p);
+}
+
+static void commit_due(struct app *app, bool all)
+{
+	int64_t now = now_ms();
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		struct tly_ledger_partition *part = app->slots[i].part;
+		if (part && tly_ledger_partition_pending(part) &&
+		    (all || now - tly_ledger_partition_opened_ms(part) >= app->max_ms))
+			commit_partition(app, i);
+		if (app->slots[i].part && tly_ledger_publisher_take_failure(app->pub, i)) {
+			tly_warn("delivery to tally.ledger failed; republishing from the marker",
+				 "partition=%d", (int)i);
+			reset_partition(app, i, RELOAD_BACKOFF_MS);
+		}
+	}
+}
+
+static void run(struct app *app)
+{
+	while (!stop_requested && !app->failed) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, POLL_MS);
+		if (m) {
+			handle_message(app, m);
+			rd_kafka_message_destroy(m);
+		}
+		commit_due(app, false);
+		reload_due(app);
+		tly_ledger_publisher_poll(app->pub, 0);
+	}
+	if (app->failed)
+		return;
+	tly_info("stopping: committing open batches", NULL);
+	commit_due(app, true);
+	if (tly_ledger_publisher_flush(app->pub, app->shutdown_ms) != 0)
+		tly_warn("stopping with undelivered entries; the next owner republishes them", NULL);
+	for (int32_t i = 0; i < app->partition_count; i++)
+		if (app->slots[i].assigned)
+			save_marker(app, i);
+}
+
+int main(int argc, char **argv)
+{
+	char errstr[1024];
+	struct app app = {0};
+	const char *config_file = NULL;
+	char **sets = calloc((size_t)argc + 1, sizeof(*sets));
+	size_t n_sets = 0;
+	int rc = 2, opt;
+	enum tly_log_level level;
+	tly_log_init("tally-ledger", TLY_LOG_INFO);
+	static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+					     {"set", required_argument, NULL, 's'},
+					     {"help", no_argument, NULL, 'h'},
+					     {NULL, 0, NULL, 0}};
+	if (!sets) {
+		fprintf(stderr, "tally-ledger: out of memory\n");
+		return 1;
+	}
+	while ((opt = getopt_long(argc, argv, "c:s:h", opts, NULL)) != -1) {
+		switch (opt) {
+		case 'c': config_file = optarg; break;
+		case 's': sets[n_sets++] = optarg; break;
+		case 'h': usage(stdout); rc = 0; goto out;
+		default: usage(stderr); goto out;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "tally-ledger: unexpected argument \"%s\" (see --help)\n", argv[optind]);
+		goto out;
+	}
+	if (!(app.cfg = tly_cli_config(config_file, sets, n_sets, environ, errstr, sizeof(errstr)))) {
+		fprintf(stderr, "tally-ledger: %s\n", errstr);
+		goto out;
+	}
+	if (tly_log_level_parse(tly_config_str(app.cfg, "log.level"), &level) == 0)
+		tly_log_set_level(level);
+	struct sigaction sa = {.sa_handler = on_stop};
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	rc = 1;
+	if (start(&app) != 0)
+		goto out;
+	run(&app);
+	rc = app.failed ? 1 : 0;
+out:
+	/* Leaving the group revokes what is left (their open batches were committed above). */
+	tly_kafka_consumer_destroy(app.consumer);
+	tly_ledger_publisher_free(app.pub, app.shutdown_ms);
+	for (int32_t i = 0; app.slots && i < app.partition_count; i++)
+		tly_ledger_partition_free(app.slots[i].part);
+	free(app.slots);
+	tly_codec_free(app.codec);
+	if (app.conn)
+		PQfinish(app.conn);
+	tly_config_free(app.cfg);
+	free(sets);
+	if (rc == 0 && app.partition_count)
+		tly_info("tally-ledger stopped", NULL);
+	return rc;
+}

@@ -1,0 +1,547 @@
+/* One partition's in-memory ledger state and its batch step (decode, quarantine, seen, decide, commit). */
+#include "ledger_partition.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/evp.h>
+
+#include "arena.h"
+#include "codec.h"
+#include "kafka.h"
+#include "log.h"
+#include "uuidmap.h"
+#include "wallet.h"
+
+#define CACHE_SLOTS 8192 /* recently committed (tenant, event id) pairs, direct-mapped */
+
+/* A record of the open batch; its bytes are in the partition's byte buffer. */
+struct record {
+	int64_t offset;
+	size_t key_at, keylen, value_at, valuelen;
+	bool has_key, has_value;
+	/* filled while deciding */
+	const char *reason;       /* quarantine reason (static), NULL when good */
+	const char *detail;       /* in the batch arena, may be NULL */
+	struct tly_seen seen;     /* committed knowledge before the batch */
+	bool lookup;              /* seen comes from the database lookup (index in keys) */
+	size_t key_index;
+	unsigned char digest[32]; /* SHA-256 of the re-encoded event */
+};
+
+struct cache_slot {
+	tly_uuid tenant, event_id;
+	unsigned char digest[32];
+	bool used;
+};
+
+struct tly_ledger_partition {
+	int32_t partition;
+	int64_t stored_offset;   /* next offset stored in PostgreSQL; -1: none yet */
+	int64_t next_offset;     /* after the last record added */
+	struct tly_uuidmap *wallets; /* tenant -> struct tly_wallet * (owned) */
+	struct cache_slot *cache;    /* CACHE_SLOTS */
+
+	struct record *recs;     /* open batch */
+	size_t n_recs, cap_recs;
+	struct tly_buf bytes;
+	int64_t opened_ms;
+
+	/* per-batch scratch, reused */
+	struct tly_event *events; /* cap_recs of them, each with its arena */
+	struct tly_entries entries;
+	struct tly_uuidmap *batch_seen;    /* (tenant, event id) -> struct record * (first with entries) */
+	struct tly_uuidmap *touched;       /* tenant -> wallet */
+	struct tly_wallet **touched_list;
+	size_t n_touched, cap_touched;
+	struct tly_ledger_quarantined *quarantined;
+	struct tly_arena *arena;           /* details */
+	struct tly_buf encoded;
+};
+
+/* ---- lifecycle ---------------------------------------------------------------------------- */
+
+static int adopt_wallet(struct tly_wallet *w, void *ud)
+{
+	struct tly_ledger_partition *p = ud;
+	if (tly_uuidmap_put(p->wallets, tly_wallet_tenant(w), NULL, w) != 0) {
+		tly_wallet_free(w);
+		return TLY_E_NOMEM;
+	}
+	return 0;
+}
+
+static void free_wallets(struct tly_uuidmap *map)
+{
+	if (!map)
+		return;
+	for (size_t i = 0; i < tly_uuidmap_capacity(map); i++)
+		tly_wallet_free(tly_uuidmap_slot(map, i));
+	tly_uuidmap_free(map);
+}
+
+struct tly_ledger_partition *tly_ledger_partition_open(const struct tly_ledger_ctx *ctx,
+						       int32_t partition, struct tly_pg_error *err)
+{
+	struct tly_ledger_partition *p = calloc(1, sizeof(*p));
+	if (!p || !(p->wallets = tly_uuidmap_new()) || !(p->batch_seen = tly_uuidmap_new()) ||
+	    !(p->touched = tly_uuidmap_new()) || !(p->cache = calloc(CACHE_SLOTS, sizeof(*p->cache))) ||
+	    !(p->arena = tly_arena_new())) {
+		if (err) {
+			err->errclass = TLY_ERRCLASS_FATAL;
+			err->sqlstate[0] = '\0';
+			snprintf(err->message, sizeof(err->message), "out of memory");
+		}
+		goto fail;
+	}
+	p->partition = partition;
+	if (tly_ledger_store_load_offset(ctx->conn, ctx->events_topic, partition, &p->stored_offset,
+					 err) != 0 ||
+	    tly_ledger_store_load_wallets(ctx->conn, partition, adopt_wallet, p, err) != 0)
+		goto fail;
+	p->next_offset = p->stored_offset < 0 ? 0 : p->stored_offset;
+	return p;
+fail:
+	tly_ledger_partition_free(p);
+	return NULL;
+}
+
+void tly_ledger_partition_free(struct tly_ledger_partition *p)
+{
+	if (!p)
+		return;
+	free_wallets(p->wallets);
+	tly_uuidmap_free(p->batch_seen);
+	tly_uuidmap_free(p->touched);
+	free(p->cache);
+	free(p->recs);
+	tly_buf_free(&p->bytes);
+	for (size_t i = 0; p->events && i < p->cap_recs; i++)
+		tly_event_free(&p->events[i]);
+	free(p->events);
+	tly_entries_free(&p->entries);
+	free(p->touched_list);
+	free(p->quarantined);
+	tly_arena_free(p->arena);
+	tly_buf_free(&p->encoded);
+	free(p);
+}
+
+int32_t tly_ledger_partition_id(const struct tly_ledger_partition *p)
+{
+	return p->partition;
+}
+
+int64_t tly_ledger_partition_next_offset(const struct tly_ledger_partition *p)
+{
+	return p->next_offset;
+}
+
+size_t tly_ledger_partition_tenants(const struct tly_ledger_partition *p)
+{
+	return tly_uuidmap_count(p->wallets);
+}
+
+size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p)
+{
+	return p->n_recs;
+}
+
+int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p)
+{
+	return p->opened_ms;
+}
+
+/* ---- adding records ----------------------------------------------------------------------- */
+
+static int buf_append(struct tly_buf *buf, const void *data, size_t len, size_t *at)
+{
+	if (buf->len + len > buf->cap) {
+		size_t cap = buf->cap ? buf->cap : 4096;
+		while (cap < buf->len + len)
+			cap *= 2;
+		unsigned char *d = realloc(buf->data, cap);
+		if (!d)
+			return TLY_E_NOMEM;
+		buf->data = d;
+		buf->cap = cap;
+	}
+	*at = buf->len;
+	if (len)
+		memcpy(buf->data + buf->len, data, len);
+	buf->len += len;
+	return 0;
+}
+
+static int grow_records(struct tly_ledger_partition *p)
+{
+	size_t cap = p->cap_recs ? p->cap_recs * 2 : 256;
+	struct record *recs = realloc(p->recs, cap * sizeof(*recs));
+	if (!recs)
+		return TLY_E_NOMEM;
+	p->recs = recs;
+	struct tly_event *events = realloc(p->events, cap * sizeof(*events));
+	if (!events)
+		return TLY_E_NOMEM;
+	memset(events + p->cap_recs, 0, (cap - p->cap_recs) * sizeof(*events));
+	p->events = events;
+	struct tly_ledger_quarantined *q = realloc(p->quarantined, cap * sizeof(*q));
+	if (!q)
+		return TLY_E_NOMEM;
+	p->quarantined = q;
+	p->cap_recs = cap;
+	return 0;
+}
+
+int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, const void *key,
+			     size_t keylen, const void *value, size_t valuelen, int64_t now_ms,
+			     bool *added)
+{
+	*added = false;
+	if (offset < p->next_offset)
+		return 0;
+	if (p->n_recs == p->cap_recs && grow_records(p) != 0)
+		return TLY_E_NOMEM;
+	struct record *r = &p->recs[p->n_recs];
+	memset(r, 0, sizeof(*r));
+	r->offset = offset;
+	r->has_key = key != NULL;
+	r->has_value = value != NULL;
+	r->keylen = key ? keylen : 0;
+	r->valuelen = value ? valuelen : 0;
+	if (buf_append(&p->bytes, key, r->keylen, &r->key_at) != 0 ||
+	    buf_append(&p->bytes, value, r->valuelen, &r->value_at) != 0)
+		return TLY_E_NOMEM;
+	if (p->n_recs == 0)
+		p->opened_ms = now_ms;
+	p->n_recs++;
+	p->next_offset = offset + 1;
+	*added = true;
+	return 0;
+}
+
+/* ---- deciding ----------------------------------------------------------------------------- */
+
+static size_t cache_index(const tly_uuid *tenant, const tly_uuid *event_id)
+{
+	uint64_t h = 0;
+	for (int i = 0; i < 16; i++)
+		h = h * 131 + tenant->b[i] + 7u * event_id->b[i];
+	return (size_t)(h % CACHE_SLOTS);
+}
+
+static const struct cache_slot *cache_get(const struct tly_ledger_partition *p,
+					  const tly_uuid *tenant, const tly_uuid *event_id)
+{
+	const struct cache_slot *s = &p->cache[cache_index(tenant, event_id)];
+	if (s->used && memcmp(&s->tenant, tenant, 16) == 0 && memcmp(&s->event_id, event_id, 16) == 0)
+		return s;
+	return NULL;
+}
+
+static void cache_put(struct tly_ledger_partition *p, const tly_uuid *tenant,
+		      const tly_uuid *event_id, const unsigned char digest[32])
+{
+	struct cache_slot *s = &p->cache[cache_index(tenant, event_id)];
+	s->tenant = *tenant;
+	s->event_id = *event_id;
+	memcpy(s->digest, digest, 32);
+	s->used = true;
+}
+
+static const void *rec_key(const struct tly_ledger_partition *p, const struct record *r)
+{
+	return r->has_key ? p->bytes.data + r->key_at : NULL;
+}
+
+static const void *rec_value(const struct tly_ledger_partition *p, const struct record *r)
+{
+	return r->has_value ? p->bytes.data + r->value_at : NULL;
+}
+
+static void quarantine(struct tly_ledger_partition *p, struct record *r, const char *reason,
+		       const char *detail)
+{
+	r->reason = reason;
+	r->detail = detail ? tly_arena_strndup(p->arena, detail, strlen(detail)) : NULL;
+	tly_warn("quarantining input record", "partition=%d offset=%" PRId64 " reason=%s detail=\"%s\"",
+		 (int)p->partition, r->offset, reason, detail ? detail : "");
+}
+
+/* Decode and check one record: its event in ev, or r->reason set. NOMEM is the only error. */
+static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		    struct record *r, struct tly_event *ev)
+{
+	char errstr[256], keytext[37];
+	int rc = tly_codec_decode(ctx->codec, rec_value(p, r), r->valuelen, ev, errstr,
+				  sizeof(errstr));
+	if (rc == TLY_E_NOMEM)
+		return rc;
+	if (rc != 0) {
+		quarantine(p, r, tly_err_name(rc), errstr);
+		return 0;
+	}
+	const struct tly_event_desc *desc = tly_event_desc(ev->type);
+	if (!desc || strcmp(desc->topic, "tally.events") != 0) {
+		snprintf(errstr, sizeof(errstr), "%s does not belong on %s", desc ? desc->name : "?",
+			 ctx->events_topic);
+		quarantine(p, r, "wrong_topic", errstr);
+		return 0;
+	}
+	if (ev->type != TLY_EV_CLOCK_TICK) {
+		tly_uuid key;
+		if (!r->has_key || r->keylen == 0) {
+			quarantine(p, r, "missing_key", "the record has no key (the tenant id)");
+			return 0;
+		}
+		if (r->keylen != 36) {
+			quarantine(p, r, "bad_key", "the key is not a 36-character UUID");
+			return 0;
+		}
+		memcpy(keytext, rec_key(p, r), 36);
+		keytext[36] = '\0';
+		if (tly_uuid_parse(keytext, &key) != 0) {
+			quarantine(p, r, "bad_key", "the key is not a UUID");
+			return 0;
+		}
+		if (memcmp(&key, &ev->tenant_id, sizeof(key)) != 0) {
+			quarantine(p, r, "key_mismatch", "the key is not the event's tenant_id");
+			return 0;
+		}
+		int32_t want = tly_kafka_partition_for_key(rec_key(p, r), r->keylen, ctx->partition_count);
+		if (want != p->partition) {
+			snprintf(errstr, sizeof(errstr), "murmur2 of key %s gives partition %d of %d",
+				 keytext, (int)want, (int)ctx->partition_count);
+			quarantine(p, r, "wrong_partition", errstr);
+			return 0;
+		}
+	}
+	/* The cause digest: the event re-encoded with the current schema, so writers agree. */
+	rc = tly_codec_encode(ctx->codec, ev, &p->encoded, errstr, sizeof(errstr));
+	if (rc == TLY_E_NOMEM)
+		return rc;
+	if (rc != 0) {
+		quarantine(p, r, tly_err_name(rc), errstr);
+		return 0;
+	}
+	unsigned int mdlen = 0;
+	if (EVP_Digest(p->encoded.data, p->encoded.len, r->digest, &mdlen, EVP_sha256(), NULL) != 1 ||
+	    mdlen != 32)
+		return TLY_E_NOMEM;
+	return 0;
+}
+
+static int touch(struct tly_ledger_partition *p, struct tly_wallet *w)
+{
+	if (tly_uuidmap_get(p->touched, tly_wallet_tenant(w), NULL))
+		return 0;
+	if (p->n_touched == p->cap_touched) {
+		size_t cap = p->cap_touched ? p->cap_touched * 2 : 64;
+		struct tly_wallet **l = realloc(p->touched_list, cap * sizeof(*l));
+		if (!l)
+			return TLY_E_NOMEM;
+		p->touched_list = l;
+		p->cap_touched = cap;
+	}
+	p->touched_list[p->n_touched++] = w;
+	return tly_uuidmap_put(p->touched, tly_wallet_tenant(w), NULL, w);
+}
+
+static int wallet_for(struct tly_ledger_partition *p, const tly_uuid *tenant,
+		      struct tly_wallet **out)
+{
+	struct tly_wallet *w = tly_uuidmap_get(p->wallets, tenant, NULL);
+	if (!w) {
+		if (!(w = tly_wallet_new(tenant)))
+			return TLY_E_NOMEM;
+		if (tly_uuidmap_put(p->wallets, tenant, NULL, w) != 0) {
+			tly_wallet_free(w);
+			return TLY_E_NOMEM;
+		}
+	}
+	*out = w;
+	return 0;
+}
+
+/* A ClockTick: advance every wallet of the partition; save the ones that moved. */
+static int tick_all(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		    const struct tly_event *ev, const struct tly_cause *cause)
+{
+	char errstr[256];
+	for (size_t i = 0; i < tly_uuidmap_capacity(p->wallets); i++) {
+		struct tly_wallet *w = tly_uuidmap_slot(p->wallets, i);
+		struct tly_balance before, after;
+		if (!w)
+			continue;
+		tly_wallet_balance(w, &before);
+		int rc = tly_ledger_tick(&ctx->decide, w, ev->occurred_at, cause, &p->entries, errstr,
+					 sizeof(errstr));
+		if (rc != 0) {
+			tly_error("could not apply a clock tick", "partition=%d reason=\"%s\"",
+				  (int)p->partition, errstr);
+			return rc;
+		}
+		tly_wallet_balance(w, &after);
+		if ((before.seq != after.seq || before.ledger_time != after.ledger_time) &&
+		    touch(p, w) != 0)
+			return TLY_E_NOMEM;
+	}
+	return 0;
+}
+
+static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		     struct record *r, const struct tly_event *ev)
+{
+	char errstr[256];
+	const struct tly_event_desc *desc = tly_event_desc(ev->type);
+	struct tly_cause cause = {ev->event_id, desc->name, p->partition, r->offset, {0}};
+	memcpy(cause.digest, r->digest, 32);
+	if (ev->type == TLY_EV_CLOCK_TICK)
+		return tick_all(p, ctx, ev, &cause);
+
+	struct tly_wallet *w;
+	if (wallet_for(p, &ev->tenant_id, &w) != 0)
+		return TLY_E_NOMEM;
+	struct tly_seen seen = r->seen;
+	const struct record *earlier = tly_uuidmap_get(p->batch_seen, &ev->tenant_id, &ev->event_id);
+	if (!seen.seen && earlier) {
+		seen.seen = true;
+		memcpy(seen.digest, earlier->digest, 32);
+	}
+	size_t before = p->entries.n;
+	int rc = tly_ledger_apply(&ctx->decide, w, ev, &cause, &seen, &p->entries, errstr,
+				  sizeof(errstr));
+	if (rc == TLY_E_NOMEM)
+		return rc;
+	if (rc != 0) {
+		p->entries.n = before;
+		quarantine(p, r, "not_applicable", errstr);
+		return 0;
+	}
+	if (touch(p, w) != 0)
+		return TLY_E_NOMEM;
+	if (p->entries.n > before && !seen.seen &&
+	    tly_uuidmap_put(p->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
+		return TLY_E_NOMEM;
+	return 0;
+}
+
+static void reset_batch_scratch(struct tly_ledger_partition *p)
+{
+	tly_entries_clear(&p->entries);
+	tly_uuidmap_clear(p->batch_seen);
+	tly_uuidmap_clear(p->touched);
+	p->n_touched = 0;
+	tly_arena_reset(p->arena);
+}
+
+int tly_ledger_partition_commit(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+				int64_t published_offset, struct tly_ledger_batch_out *out,
+				bool *fenced, struct tly_pg_error *err)
+{
+	int rc = TLY_E_NOMEM;
+	struct tly_ledger_seen_key *keys = NULL;
+	size_t n_keys = 0;
+	*fenced = false;
+	memset(out, 0, sizeof(*out));
+	reset_batch_scratch(p);
+	if (p->n_recs == 0)
+		return 0;
+	if (!(keys = calloc(p->n_recs, sizeof(*keys))))
+		goto fail;
+
+	/* 1. decode and check; what is left needs to know whether its event id was seen */
+	for (size_t i = 0; i < p->n_recs; i++) {
+		struct record *r = &p->recs[i];
+		struct tly_event *ev = &p->events[i];
+		if ((rc = classify(p, ctx, r, ev)) != 0)
+			goto fail;
+		if (r->reason || ev->type == TLY_EV_CLOCK_TICK)
+			continue;
+		const struct cache_slot *hit = cache_get(p, &ev->tenant_id, &ev->event_id);
+		if (hit) {
+			r->seen.seen = true;
+			memcpy(r->seen.digest, hit->digest, 32);
+			continue;
+		}
+		r->lookup = true;
+		r->key_index = n_keys;
+		keys[n_keys].tenant_id = ev->tenant_id;
+		keys[n_keys].event_id = ev->event_id;
+		n_keys++;
+	}
+	/* 2. one lookup for every pair the cache does not know */
+	if (n_keys && (rc = tly_ledger_store_lookup_seen(ctx->conn, keys, n_keys, err)) != 0)
+		goto fail;
+	/* 3. decide in offset order */
+	for (size_t i = 0; i < p->n_recs; i++) {
+		struct record *r = &p->recs[i];
+		if (r->lookup)
+			r->seen = keys[r->key_index].seen;
+		if (!r->reason && (rc = apply_one(p, ctx, r, &p->events[i])) != 0) {
+			if (rc == TLY_E_NOMEM)
+				goto fail;
+			rc = TLY_E_PG;
+			if (err) {
+				err->errclass = TLY_ERRCLASS_FATAL;
+				err->sqlstate[0] = '\0';
+				snprintf(err->message, sizeof(err->message),
+					 "the decision core failed at offset %" PRId64, r->offset);
+			}
+			goto fail_quiet;
+		}
+	}
+	/* 4. one transaction */
+	size_t nq = 0;
+	for (size_t i = 0; i < p->n_recs; i++) {
+		struct record *r = &p->recs[i];
+		if (!r->reason)
+			continue;
+		p->quarantined[nq++] = (struct tly_ledger_quarantined){
+			ctx->events_topic, p->partition, r->offset, rec_key(p, r), r->keylen,
+			rec_value(p, r), r->valuelen, r->reason, r->detail};
+	}
+	int64_t end = p->recs[p->n_recs - 1].offset + 1;
+	struct tly_ledger_commit c = {
+		.topic = ctx->events_topic,
+		.partition = p->partition,
+		.old_offset = p->stored_offset,
+		.new_offset = end,
+		.entries = p->entries.items,
+		.n_entries = p->entries.n,
+		.wallets = p->touched_list,
+		.n_wallets = p->n_touched,
+		.quarantined = p->quarantined,
+		.n_quarantined = nq,
+		.ledger_topic = ctx->ledger_topic,
+		.published_offset = published_offset,
+	};
+	if ((rc = tly_ledger_store_commit(ctx->conn, &c, fenced, err)) != 0)
+		goto fail_quiet;
+
+	/* committed: remember the new ids, hand the outcome over, empty the batch */
+	for (size_t i = 0; i < p->n_recs; i++) {
+		const struct tly_event *ev = &p->events[i];
+		if (!p->recs[i].reason && ev->type != TLY_EV_CLOCK_TICK &&
+		    tly_uuidmap_get(p->batch_seen, &ev->tenant_id, &ev->event_id) == &p->recs[i])
+			cache_put(p, &ev->tenant_id, &ev->event_id, p->recs[i].digest);
+	}
+	*out = (struct tly_ledger_batch_out){p->entries.items, p->entries.n, p->quarantined, nq,
+					     p->recs[0].offset, end};
+	p->stored_offset = end;
+	p->n_recs = 0;
+	p->bytes.len = 0;
+	free(keys);
+	return 0;
+fail:
+	if (rc == TLY_E_NOMEM && err) {
+		err->errclass = TLY_ERRCLASS_FATAL;
+		err->sqlstate[0] = '\0';
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	}
+fail_quiet:
+	free(keys);
+	return rc == TLY_E_NOMEM ? rc : TLY_E_PG;
+}

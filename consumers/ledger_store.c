@@ -1,0 +1,685 @@
+/* tally-ledger's statements: guard, offsets, snapshots, seen lookup, fenced batch commit, republish. */
+#include "ledger_store.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <jansson.h>
+
+#include "arena.h"
+#include "log.h"
+#include "wallet.h"
+
+#define ROWS_PER_STATEMENT 1000
+#define ENTRY_COLS 27
+
+static const char ENTRY_COLUMNS[] =
+	"tenant_id, seq, kind, cause_event_id, cause_type, cause_partition, cause_offset, "
+	"cause_digest, ref_id, subscription_id, allowance_delta, credits_delta, held_delta, "
+	"overage_delta, allowance_remaining, credits_remaining, held, overage_tokens, period_start, "
+	"period_end, amount_cents, currency, lines, reason, ledger_time, prev_hash, hash";
+
+/* ---- small helpers ------------------------------------------------------------------------ */
+
+static void set_err(struct tly_pg_error *err, enum tly_errclass cls, const char *msg)
+{
+	if (!err)
+		return;
+	err->errclass = cls;
+	err->sqlstate[0] = '\0';
+	snprintf(err->message, sizeof(err->message), "%s", msg);
+}
+
+static char *arena_printf(struct tly_arena *arena, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static char *arena_printf(struct tly_arena *arena, const char *fmt, ...)
+{
+	char buf[64];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= sizeof(buf))
+		return NULL;
+	return tly_arena_strndup(arena, buf, (size_t)n);
+}
+
+static char *arena_uuid(struct tly_arena *arena, const tly_uuid *u)
+{
+	char text[37];
+	tly_uuid_format(u, text);
+	return tly_arena_strndup(arena, text, 36);
+}
+
+/* µs since the epoch as PostgreSQL timestamptz text in UTC, exact to the microsecond. */
+static char *arena_ts(struct tly_arena *arena, int64_t us)
+{
+	int64_t secs = us / 1000000, frac = us % 1000000;
+	if (frac < 0) {
+		frac += 1000000;
+		secs -= 1;
+	}
+	time_t t = (time_t)secs;
+	struct tm tm;
+	char buf[64];
+	if (!gmtime_r(&t, &tm) || strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S", &tm) == 0)
+		return NULL;
+	return arena_printf(arena, "%s.%06" PRId64 "+00", buf, frac);
+}
+
+/* Invoice lines as a JSON array (jsonb text), or NULL for an entry without lines. */
+static char *arena_lines(struct tly_arena *arena, const struct tly_list *lines, bool *oom)
+{
+	*oom = false;
+	if (lines->n == 0)
+		return NULL;
+	char *out = NULL;
+	json_t *arr = json_array();
+	if (!arr)
+		goto fail;
+	const struct tly_invoice_line *l = lines->items;
+	for (size_t i = 0; i < lines->n; i++) {
+		json_t *o = json_pack("{s:s, s:o, s:I, s:I, s:I}", "kind", l[i].kind, "feature_key",
+				      l[i].feature_key ? json_string(l[i].feature_key) : json_null(),
+				      "quantity", (json_int_t)l[i].quantity, "unit_price_micros",
+				      (json_int_t)l[i].unit_price_micros, "amount_cents",
+				      (json_int_t)l[i].amount_cents);
+		if (!o || json_array_append_new(arr, o) != 0)
+			goto fail;
+	}
+	char *text = json_dumps(arr, JSON_COMPACT | JSON_SORT_KEYS);
+	if (!text)
+		goto fail;
+	out = tly_arena_strndup(arena, text, strlen(text));
+	free(text);
+	if (!out)
+		goto fail;
+	json_decref(arr);
+	return out;
+fail:
+	json_decref(arr);
+	*oom = true;
+	return NULL;
+}
+
+/* Command tag row count ("INSERT 0 1" -> 1). */
+static long affected(PGresult *res)
+{
+	return strtol(PQcmdTuples(res), NULL, 10);
+}
+
+/* ---- partition guard ---------------------------------------------------------------------- */
+
+int tly_ledger_store_check_partitions(PGconn *conn, const char *topic, int32_t count,
+				      char *errstr, size_t errlen)
+{
+	struct tly_pg_error err;
+	char n[16];
+	snprintf(n, sizeof(n), "%d", (int)count);
+	const char *const ins[] = {topic, n};
+	if (tly_pg_exec(conn,
+			"INSERT INTO topic_partitions (topic, partition_count) VALUES ($1, $2) "
+			"ON CONFLICT (topic) DO NOTHING",
+			2, ins, &err) != 0) {
+		snprintf(errstr, errlen, "could not record the partition count of \"%s\": %s", topic,
+			 err.message);
+		return TLY_E_PG;
+	}
+	const char *const sel[] = {topic};
+	PGresult *res = tly_pg_query(conn,
+				     "SELECT partition_count, recorded_at FROM topic_partitions "
+				     "WHERE topic = $1",
+				     1, sel, &err);
+	if (!res) {
+		snprintf(errstr, errlen, "could not read the partition count of \"%s\": %s", topic,
+			 err.message);
+		return TLY_E_PG;
+	}
+	int rc = 0;
+	long recorded = PQntuples(res) == 1 ? strtol(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+	if (recorded != count) {
+		snprintf(errstr, errlen,
+			 "topic \"%s\" has %d partitions, but the ledger was built with %ld (recorded %s)\n"
+			 "  why: a tenant's partition is murmur2(tenant id) %% partitions; with another count\n"
+			 "  its new events land on another partition than its history, so the order of its\n"
+			 "  ledger and the one-writer-per-tenant guarantee would break (double spend).\n"
+			 "  what to do: restore the topic to %ld partitions, or create a new topic with the new\n"
+			 "  count, migrate the events to it in ledger order per tenant, and start the ledger\n"
+			 "  on a new database; never change the partition count of a live tally.events",
+			 topic, (int)count, recorded, PQntuples(res) == 1 ? PQgetvalue(res, 0, 1) : "?",
+			 recorded);
+		rc = TLY_E_CONFIG;
+	}
+	PQclear(res);
+	return rc;
+}
+
+/* ---- offsets and snapshots ---------------------------------------------------------------- */
+
+int tly_ledger_store_load_offset(PGconn *conn, const char *topic, int32_t partition,
+				 int64_t *next_offset, struct tly_pg_error *err)
+{
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	const char *const v[] = {TLY_LEDGER_CONSUMER, topic, p};
+	PGresult *res = tly_pg_query(conn,
+				     "SELECT next_offset FROM consumer_offsets "
+				     "WHERE consumer = $1 AND topic = $2 AND partition = $3",
+				     3, v, err);
+	if (!res)
+		return TLY_E_PG;
+	*next_offset = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+	PQclear(res);
+	return 0;
+}
+
+int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
+				  int (*fn)(struct tly_wallet *w, void *ud), void *ud,
+				  struct tly_pg_error *err)
+{
+	char p[16], errstr[256];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	const char *const v[] = {p};
+	PGresult *res = tly_pg_query(conn,
+				     "SELECT tenant_id, state::text FROM ledger_wallets "
+				     "WHERE partition = $1 ORDER BY tenant_id",
+				     1, v, err);
+	if (!res)
+		return TLY_E_PG;
+	int rc = 0;
+	for (int i = 0; i < PQntuples(res) && rc == 0; i++) {
+		struct tly_wallet *w = tly_wallet_from_json(PQgetvalue(res, i, 1), errstr, sizeof(errstr));
+		if (!w) {
+			tly_error("could not load wallet snapshot", "partition=%d tenant=%s reason=\"%s\"",
+				  (int)partition, PQgetvalue(res, i, 0), errstr);
+			set_err(err, TLY_ERRCLASS_FATAL, "wallet snapshot does not parse");
+			rc = TLY_E_CORRUPT;
+			break;
+		}
+		rc = fn(w, ud);
+	}
+	PQclear(res);
+	return rc;
+}
+
+/* ---- seen lookup -------------------------------------------------------------------------- */
+
+static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n,
+			struct tly_pg_error *err)
+{
+	int rc = TLY_E_NOMEM;
+	char *sql = NULL;
+	size_t sqllen = 0;
+	const char **values = calloc(2 * n, sizeof(*values));
+	char(*text)[37] = calloc(2 * n, sizeof(*text));
+	FILE *f = open_memstream(&sql, &sqllen);
+	PGresult *res = NULL;
+	if (!values || !text || !f)
+		goto out;
+	fputs("SELECT DISTINCT ON (e.tenant_id, e.cause_event_id) e.tenant_id, e.cause_event_id, "
+	      "e.cause_digest FROM ledger_entries e JOIN (VALUES ",
+	      f);
+	for (size_t i = 0; i < n; i++) {
+		fprintf(f, "%s($%zu::uuid, $%zu::uuid)", i ? ", " : "", 2 * i + 1, 2 * i + 2);
+		tly_uuid_format(&keys[i].tenant_id, text[2 * i]);
+		tly_uuid_format(&keys[i].event_id, text[2 * i + 1]);
+		values[2 * i] = text[2 * i];
+		values[2 * i + 1] = text[2 * i + 1];
+		keys[i].seen.seen = false;
+	}
+	fputs(") AS k (tenant_id, event_id) ON e.tenant_id = k.tenant_id AND "
+	      "e.cause_event_id = k.event_id ORDER BY e.tenant_id, e.cause_event_id, e.seq",
+	      f);
+	if (fclose(f) != 0) {
+		f = NULL;
+		goto out;
+	}
+	f = NULL;
+	rc = TLY_E_PG;
+	res = tly_pg_query_params(conn, sql, (int)(2 * n), values, NULL, NULL, 1, err);
+	if (!res)
+		goto out;
+	for (int r = 0; r < PQntuples(res); r++) {
+		if (PQgetlength(res, r, 0) != 16 || PQgetlength(res, r, 1) != 16 ||
+		    PQgetlength(res, r, 2) != 32)
+			continue;
+		for (size_t i = 0; i < n; i++) {
+			if (memcmp(keys[i].tenant_id.b, PQgetvalue(res, r, 0), 16) == 0 &&
+			    memcmp(keys[i].event_id.b, PQgetvalue(res, r, 1), 16) == 0) {
+				keys[i].seen.seen = true;
+				memcpy(keys[i].seen.digest, PQgetvalue(res, r, 2), 32);
+			}
+		}
+	}
+	rc = 0;
+out:
+	if (f)
+		fclose(f);
+	PQclear(res);
+	free(sql);
+	free(values);
+	free(text);
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	return rc;
+}
+
+int tly_ledger_store_lookup_seen(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n,
+				 struct tly_pg_error *err)
+{
+	for (size_t i = 0; i < n; i += ROWS_PER_STATEMENT) {
+		size_t m = n - i < ROWS_PER_STATEMENT ? n - i : ROWS_PER_STATEMENT;
+		int rc = lookup_chunk(conn, keys + i, m, err);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+/* ---- commit ------------------------------------------------------------------------------- */
+
+/* Parameters of one entry row into values/lengths/formats (ENTRY_COLS each). */
+static int entry_params(struct tly_arena *arena, const struct tly_event *ev, const char **v,
+			int *len, int *fmt)
+{
+	const struct tly_ledger_entry *e = &ev->u.ledger_entry;
+	bool oom = false;
+	int i = 0;
+#define TEXT(x) (v[i] = (x), len[i] = 0, fmt[i] = 0, i++)
+#define BIN(x) (v[i] = (const char *)(x), len[i] = 32, fmt[i] = 1, i++)
+	TEXT(arena_uuid(arena, &ev->tenant_id));
+	TEXT(arena_printf(arena, "%" PRId64, e->seq));
+	TEXT(e->kind);
+	TEXT(arena_uuid(arena, &e->cause_event_id));
+	TEXT(e->cause_type);
+	TEXT(arena_printf(arena, "%d", (int)e->cause_partition));
+	TEXT(arena_printf(arena, "%" PRId64, e->cause_offset));
+	BIN(e->cause_digest);
+	TEXT(tly_uuid_is_nil(&e->ref_id) ? NULL : arena_uuid(arena, &e->ref_id));
+	TEXT(tly_uuid_is_nil(&e->subscription_id) ? NULL : arena_uuid(arena, &e->subscription_id));
+	TEXT(arena_printf(arena, "%" PRId64, e->allowance_delta));
+	TEXT(arena_printf(arena, "%" PRId64, e->credits_delta));
+	TEXT(arena_printf(arena, "%" PRId64, e->held_delta));
+	TEXT(arena_printf(arena, "%" PRId64, e->overage_delta));
+	TEXT(arena_printf(arena, "%" PRId64, e->allowance_remaining));
+	TEXT(arena_printf(arena, "%" PRId64, e->credits_remaining));
+	TEXT(arena_printf(arena, "%" PRId64, e->held));
+	TEXT(arena_printf(arena, "%" PRId64, e->overage_tokens));
+	TEXT(e->period_start.set ? arena_ts(arena, e->period_start.v) : NULL);
+	TEXT(e->period_end.set ? arena_ts(arena, e->period_end.v) : NULL);
+	TEXT(e->amount_cents.set ? arena_printf(arena, "%" PRId64, e->amount_cents.v) : NULL);
+	TEXT(e->currency);
+	TEXT(arena_lines(arena, &e->lines, &oom));
+	TEXT(e->reason);
+	TEXT(arena_ts(arena, e->ledger_time));
+	BIN(e->prev_hash);
+	BIN(e->hash);
+#undef TEXT
+#undef BIN
+	/* Required values that came back NULL mean the arena ran out. */
+	if (oom || !v[0] || !v[1] || !v[3] || !v[5] || !v[6] || !v[10] || !v[24])
+		return TLY_E_NOMEM;
+	return 0;
+}
+
+static int insert_entries(PGconn *conn, struct tly_arena *arena, const struct tly_event *entries,
+			  size_t n, struct tly_pg_error *err)
+{
+	int rc = TLY_E_NOMEM;
+	size_t cap = (n < ROWS_PER_STATEMENT ? n : ROWS_PER_STATEMENT) * ENTRY_COLS;
+	const char **v = calloc(cap, sizeof(*v));
+	int *len = calloc(cap, sizeof(*len)), *fmt = calloc(cap, sizeof(*fmt));
+	char *sql = NULL;
+	if (!v || !len || !fmt)
+		goto out;
+	for (size_t start = 0; start < n; start += ROWS_PER_STATEMENT) {
+		size_t m = n - start < ROWS_PER_STATEMENT ? n - start : ROWS_PER_STATEMENT;
+		size_t sqllen = 0;
+		FILE *f = open_memstream(&sql, &sqllen);
+		if (!f)
+			goto out;
+		fprintf(f, "INSERT INTO ledger_entries (%s) VALUES ", ENTRY_COLUMNS);
+		for (size_t r = 0; r < m; r++) {
+			fputs(r ? ", (" : "(", f);
+			for (int c = 0; c < ENTRY_COLS; c++)
+				fprintf(f, "%s$%zu", c ? ", " : "", r * ENTRY_COLS + (size_t)c + 1);
+			fputc(')', f);
+		}
+		if (fclose(f) != 0)
+			goto out;
+		for (size_t r = 0; r < m; r++) {
+			rc = entry_params(arena, &entries[start + r], v + r * ENTRY_COLS,
+					  len + r * ENTRY_COLS, fmt + r * ENTRY_COLS);
+			if (rc != 0)
+				goto out;
+		}
+		rc = TLY_E_PG;
+		PGresult *res = tly_pg_query_params(conn, sql, (int)(m * ENTRY_COLS), v, len, fmt, 0,
+						    err);
+		if (!res)
+			goto out;
+		PQclear(res);
+		free(sql);
+		sql = NULL;
+		tly_arena_reset(arena);
+		rc = TLY_E_NOMEM;
+	}
+	rc = 0;
+out:
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	free(sql);
+	free(v);
+	free(len);
+	free(fmt);
+	return rc;
+}
+
+static int save_wallets(PGconn *conn, int32_t partition, struct tly_wallet *const *wallets,
+			size_t n, struct tly_pg_error *err)
+{
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	for (size_t i = 0; i < n; i++) {
+		char tenant[37], seq[24];
+		struct tly_balance bal;
+		char *state = tly_wallet_to_json(wallets[i]);
+		if (!state) {
+			set_err(err, TLY_ERRCLASS_FATAL, "could not write a wallet snapshot: out of memory");
+			return TLY_E_NOMEM;
+		}
+		tly_uuid_format(tly_wallet_tenant(wallets[i]), tenant);
+		tly_wallet_balance(wallets[i], &bal);
+		snprintf(seq, sizeof(seq), "%" PRId64, bal.seq);
+		const char *const v[] = {tenant, p, seq, state};
+		int rc = tly_pg_exec(conn,
+				     "INSERT INTO ledger_wallets (tenant_id, partition, seq, state) "
+				     "VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (tenant_id) DO UPDATE "
+				     "SET partition = EXCLUDED.partition, seq = EXCLUDED.seq, "
+				     "state = EXCLUDED.state, updated_at = now()",
+				     4, v, err);
+		free(state);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+static int save_quarantined(PGconn *conn, const struct tly_ledger_quarantined *q, size_t n,
+			    struct tly_pg_error *err)
+{
+	for (size_t i = 0; i < n; i++) {
+		char p[16], off[24];
+		snprintf(p, sizeof(p), "%d", (int)q[i].partition);
+		snprintf(off, sizeof(off), "%" PRId64, q[i].offset);
+		const char *v[] = {q[i].topic, p, off, q[i].key, q[i].value, q[i].reason, q[i].detail};
+		const int len[] = {0, 0, 0, (int)q[i].keylen, (int)q[i].valuelen, 0, 0};
+		const int fmt[] = {0, 0, 0, 1, 1, 0, 0};
+		PGresult *res = tly_pg_query_params(
+			conn,
+			"INSERT INTO quarantine (topic, partition, \"offset\", key, value, reason, detail) "
+			"VALUES ($1, $2, $3, $4, $5, $6, $7) "
+			"ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+			7, v, len, fmt, 0, err);
+		if (!res)
+			return TLY_E_PG;
+		PQclear(res);
+	}
+	return 0;
+}
+
+int tly_ledger_store_save_published(PGconn *conn, const char *ledger_topic, int32_t partition,
+				    int64_t next_offset, struct tly_pg_error *err)
+{
+	char p[16], off[24];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	snprintf(off, sizeof(off), "%" PRId64, next_offset);
+	const char *const v[] = {ledger_topic, p, off};
+	return tly_pg_exec(conn,
+			   "INSERT INTO ledger_published (topic, partition, next_offset) "
+			   "VALUES ($1, $2, $3) ON CONFLICT (topic, partition) DO UPDATE SET "
+			   "next_offset = GREATEST(ledger_published.next_offset, EXCLUDED.next_offset), "
+			   "updated_at = now()",
+			   3, v, err);
+}
+
+int tly_ledger_store_load_published(PGconn *conn, const char *ledger_topic, int32_t partition,
+				    int64_t *next_offset, struct tly_pg_error *err)
+{
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	const char *const v[] = {ledger_topic, p};
+	PGresult *res = tly_pg_query(conn,
+				     "SELECT next_offset FROM ledger_published "
+				     "WHERE topic = $1 AND partition = $2",
+				     2, v, err);
+	if (!res)
+		return TLY_E_PG;
+	*next_offset = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+	PQclear(res);
+	return 0;
+}
+
+/* The offset compare-and-set: 0 when this process still owns the partition, else *fenced. */
+static int advance_offset(PGconn *conn, const struct tly_ledger_commit *c, bool *fenced,
+			  struct tly_pg_error *err)
+{
+	char p[16], old[24], new[24];
+	snprintf(p, sizeof(p), "%d", (int)c->partition);
+	snprintf(old, sizeof(old), "%" PRId64, c->old_offset);
+	snprintf(new, sizeof(new), "%" PRId64, c->new_offset);
+	const char *const v[] = {TLY_LEDGER_CONSUMER, c->topic, p, new, old};
+	PGresult *res =
+		c->old_offset < 0
+			? tly_pg_query(conn,
+				       "INSERT INTO consumer_offsets (consumer, topic, partition, "
+				       "next_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+				       4, v, err)
+			: tly_pg_query(conn,
+				       "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() "
+				       "WHERE consumer = $1 AND topic = $2 AND partition = $3 "
+				       "AND next_offset = $5",
+				       5, v, err);
+	if (!res)
+		return TLY_E_PG;
+	long n = affected(res);
+	PQclear(res);
+	if (n != 1) {
+		*fenced = true;
+		set_err(err, TLY_ERRCLASS_PERMANENT,
+			"the stored offset moved: another process committed this partition");
+		return TLY_E_PG;
+	}
+	return 0;
+}
+
+int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, bool *fenced,
+			    struct tly_pg_error *err)
+{
+	int rc;
+	struct tly_pg_error rberr;
+	struct tly_arena *arena = tly_arena_new();
+	*fenced = false;
+	if (!arena) {
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	if ((rc = tly_pg_begin(conn, err)) != 0)
+		goto out;
+	if ((rc = advance_offset(conn, c, fenced, err)) != 0 ||
+	    (rc = insert_entries(conn, arena, c->entries, c->n_entries, err)) != 0 ||
+	    (rc = save_wallets(conn, c->partition, c->wallets, c->n_wallets, err)) != 0 ||
+	    (rc = save_quarantined(conn, c->quarantined, c->n_quarantined, err)) != 0 ||
+	    (c->published_offset >= 0 &&
+	     (rc = tly_ledger_store_save_published(conn, c->ledger_topic, c->partition,
+						   c->published_offset, err)) != 0)) {
+		if (PQstatus(conn) == CONNECTION_OK && tly_pg_rollback(conn, &rberr) != 0)
+			tly_warn("could not roll back the batch", "partition=%d reason=\"%s\"",
+				 (int)c->partition, rberr.message);
+		goto out;
+	}
+	rc = tly_pg_commit(conn, err);
+out:
+	tly_arena_free(arena);
+	return rc == 0 ? 0 : rc == TLY_E_NOMEM ? TLY_E_NOMEM : TLY_E_PG;
+}
+
+/* ---- republish ---------------------------------------------------------------------------- */
+
+static int64_t col_i64(PGresult *res, int r, int c)
+{
+	return strtoll(PQgetvalue(res, r, c), NULL, 10);
+}
+
+static struct tly_opt_i64 col_opt(PGresult *res, int r, int c)
+{
+	struct tly_opt_i64 o = {false, 0};
+	if (!PQgetisnull(res, r, c))
+		o = (struct tly_opt_i64){true, col_i64(res, r, c)};
+	return o;
+}
+
+static const char *col_str(struct tly_arena *arena, PGresult *res, int r, int c)
+{
+	if (PQgetisnull(res, r, c))
+		return NULL;
+	return tly_arena_strndup(arena, PQgetvalue(res, r, c), (size_t)PQgetlength(res, r, c));
+}
+
+static int col_uuid(PGresult *res, int r, int c, tly_uuid *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (PQgetisnull(res, r, c))
+		return 0;
+	return tly_uuid_parse(PQgetvalue(res, r, c), out);
+}
+
+/* bytea in hex text ("\x00ab…") of 32 bytes. */
+static int col_sha(PGresult *res, int r, int c, unsigned char out[32])
+{
+	size_t n = 0;
+	unsigned char *bytes = PQunescapeBytea((const unsigned char *)PQgetvalue(res, r, c), &n);
+	int rc = bytes && n == 32 ? 0 : TLY_E_CORRUPT;
+	if (rc == 0)
+		memcpy(out, bytes, 32);
+	PQfreemem(bytes);
+	return rc;
+}
+
+static int col_lines(struct tly_arena *arena, PGresult *res, int r, int c, struct tly_list *out)
+{
+	*out = (struct tly_list){NULL, 0};
+	if (PQgetisnull(res, r, c))
+		return 0;
+	json_error_t jerr;
+	json_t *arr = json_loads(PQgetvalue(res, r, c), 0, &jerr);
+	int rc = TLY_E_CORRUPT;
+	if (!arr || !json_is_array(arr))
+		goto out;
+	size_t n = json_array_size(arr);
+	struct tly_invoice_line *lines = tly_arena_alloc(arena, n * sizeof(*lines) + 1);
+	if (!lines) {
+		rc = TLY_E_NOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++) {
+		const char *kind = NULL, *feature = NULL;
+		json_int_t q = 0, up = 0, amt = 0;
+		if (json_unpack(json_array_get(arr, i), "{s:s, s?:s, s:I, s:I, s:I}", "kind", &kind,
+				"feature_key", &feature, "quantity", &q, "unit_price_micros", &up,
+				"amount_cents", &amt) != 0)
+			goto out;
+		lines[i].kind = tly_arena_strndup(arena, kind, strlen(kind));
+		lines[i].feature_key = feature ? tly_arena_strndup(arena, feature, strlen(feature)) : NULL;
+		lines[i].quantity = q;
+		lines[i].unit_price_micros = up;
+		lines[i].amount_cents = amt;
+		if (!lines[i].kind || (feature && !lines[i].feature_key)) {
+			rc = TLY_E_NOMEM;
+			goto out;
+		}
+	}
+	*out = (struct tly_list){lines, n};
+	rc = 0;
+out:
+	json_decref(arr);
+	return rc;
+}
+
+#define EPOCH_US(col) "(extract(epoch FROM " col ") * 1000000)::bigint"
+
+int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_offset,
+				  int (*fn)(const struct tly_event *entry, void *ud), void *ud,
+				  struct tly_pg_error *err)
+{
+	char p[16], off[24];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	snprintf(off, sizeof(off), "%" PRId64, from_offset);
+	const char *const v[] = {p, off};
+	struct tly_event ev;
+	tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
+	PGresult *res = tly_pg_query(
+		conn,
+		"SELECT tenant_id, seq, kind, cause_event_id, cause_type, cause_partition, cause_offset, "
+		"cause_digest, ref_id, subscription_id, allowance_delta, credits_delta, held_delta, "
+		"overage_delta, allowance_remaining, credits_remaining, held, overage_tokens, "
+		EPOCH_US("period_start") ", " EPOCH_US("period_end") ", amount_cents, currency, "
+		"lines::text, reason, " EPOCH_US("ledger_time") ", prev_hash, hash "
+		"FROM ledger_entries WHERE cause_partition = $1 AND cause_offset >= $2 "
+		"ORDER BY cause_offset, tenant_id, seq",
+		2, v, err);
+	if (!res)
+		return TLY_E_PG;
+	int rc = 0;
+	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
+		tly_event_reset(&ev);
+		tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
+		struct tly_arena *arena = tly_event_arena(&ev);
+		struct tly_ledger_entry *e = &ev.u.ledger_entry;
+		if (!arena) {
+			rc = TLY_E_NOMEM;
+			break;
+		}
+		e->seq = col_i64(res, r, 1);
+		e->kind = col_str(arena, res, r, 2);
+		e->cause_type = col_str(arena, res, r, 4);
+		e->cause_partition = (int32_t)col_i64(res, r, 5);
+		e->cause_offset = col_i64(res, r, 6);
+		e->allowance_delta = col_i64(res, r, 10);
+		e->credits_delta = col_i64(res, r, 11);
+		e->held_delta = col_i64(res, r, 12);
+		e->overage_delta = col_i64(res, r, 13);
+		e->allowance_remaining = col_i64(res, r, 14);
+		e->credits_remaining = col_i64(res, r, 15);
+		e->held = col_i64(res, r, 16);
+		e->overage_tokens = col_i64(res, r, 17);
+		e->period_start = col_opt(res, r, 18);
+		e->period_end = col_opt(res, r, 19);
+		e->amount_cents = col_opt(res, r, 20);
+		e->currency = col_str(arena, res, r, 21);
+		e->reason = col_str(arena, res, r, 23);
+		e->ledger_time = col_i64(res, r, 24);
+		if (col_uuid(res, r, 0, &ev.tenant_id) != 0 || col_uuid(res, r, 3, &e->cause_event_id) != 0 ||
+		    col_uuid(res, r, 8, &e->ref_id) != 0 || col_uuid(res, r, 9, &e->subscription_id) != 0 ||
+		    col_sha(res, r, 7, e->cause_digest) != 0 || col_sha(res, r, 25, e->prev_hash) != 0 ||
+		    col_sha(res, r, 26, e->hash) != 0 || !e->kind || !e->cause_type) {
+			tly_error("could not read a stored ledger entry", "partition=%d row=%d",
+				  (int)partition, r);
+			rc = TLY_E_CORRUPT;
+			break;
+		}
+		if ((rc = col_lines(arena, res, r, 22, &e->lines)) != 0)
+			break;
+		rc = fn(&ev, ud);
+	}
+	if (rc == TLY_E_NOMEM || rc == TLY_E_CORRUPT)
+		set_err(err, TLY_ERRCLASS_FATAL, rc == TLY_E_NOMEM ? "out of memory" : "corrupt entry");
+	tly_event_free(&ev);
+	PQclear(res);
+	return rc;
+}

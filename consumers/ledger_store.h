@@ -1,0 +1,112 @@
+/*
+ * tally-ledger's PostgreSQL side: the partition guard, stored offsets, wallet snapshots, the
+ * exact "seen" lookup, the one-transaction batch commit (fenced by a compare-and-set on the
+ * offset), and the entries to republish to tally.ledger. Every statement is parameterised.
+ */
+#ifndef TLY_LEDGER_STORE_H
+#define TLY_LEDGER_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <libpq-fe.h>
+
+#include "decide.h"
+#include "err.h"
+#include "event.h"
+#include "pg.h"
+
+struct tly_wallet;
+
+#define TLY_LEDGER_CONSUMER "tally-ledger" /* consumer_offsets.consumer */
+
+/*
+ * Record count as topic's partition count the first time; afterwards compare. On a change,
+ * TLY_E_CONFIG with a multi-line explanation (why it is refused, what to do) in errstr;
+ * TLY_E_PG on a database failure (errstr holds it).
+ */
+int tly_ledger_store_check_partitions(PGconn *conn, const char *topic, int32_t count,
+				      char *errstr, size_t errlen) TLY_MUST_CHECK;
+
+/* The stored next offset of (topic, partition) for tally-ledger, or -1 when none is stored. */
+int tly_ledger_store_load_offset(PGconn *conn, const char *topic, int32_t partition,
+				 int64_t *next_offset, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/*
+ * Every wallet snapshot of partition: fn is called once per wallet and takes ownership of it
+ * (also when it fails; a non-zero return stops and is returned). A snapshot that does not parse
+ * is TLY_E_CORRUPT (logged with its tenant): the ledger cannot go on without it.
+ */
+int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
+				  int (*fn)(struct tly_wallet *w, void *ud), void *ud,
+				  struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* One (tenant, event id) pair to look up; seen is filled by tly_ledger_store_lookup_seen. */
+struct tly_ledger_seen_key {
+	tly_uuid tenant_id;
+	tly_uuid event_id;
+	struct tly_seen seen; /* out: committed entry with this cause, and its first digest */
+};
+
+/* Fill seen for n keys (one query per 1000 keys): exact, from the committed entries. */
+int tly_ledger_store_lookup_seen(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n,
+				 struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* An input record kept in quarantine: raw bytes, why, where it came from. Borrowed. */
+struct tly_ledger_quarantined {
+	const char *topic;
+	int32_t partition;
+	int64_t offset;
+	const void *key; /* may be NULL */
+	size_t keylen;
+	const void *value; /* may be NULL */
+	size_t valuelen;
+	const char *reason; /* short stable name: "corrupt", "wrong_partition"… */
+	const char *detail; /* one line, may be NULL */
+};
+
+/* Everything one batch of one partition commits, in one transaction. Every pointer is borrowed. */
+struct tly_ledger_commit {
+	const char *topic;        /* the input topic (tally.events) */
+	int32_t partition;
+	int64_t old_offset;       /* stored next offset the batch started from; -1: none stored */
+	int64_t new_offset;       /* next offset after the batch */
+	const struct tly_event *entries; /* TLY_EV_LEDGER_ENTRY, tenant_id set */
+	size_t n_entries;
+	struct tly_wallet *const *wallets; /* touched wallets, saved as snapshots */
+	size_t n_wallets;
+	const struct tly_ledger_quarantined *quarantined;
+	size_t n_quarantined;
+	const char *ledger_topic; /* the output topic (tally.ledger) */
+	int64_t published_offset; /* entries below it delivered; -1: leave the marker */
+};
+
+/*
+ * Commit c in one transaction: the offset compare-and-set first (old_offset -> new_offset), then
+ * the entries, the wallet snapshots, the quarantine rows and the published marker. When the
+ * stored offset is no longer old_offset, rolls back, sets *fenced and returns TLY_E_PG with
+ * err->errclass permanent: this process lost the partition. Any other failure rolls back
+ * and returns TLY_E_PG with err filled (switch on err->errclass).
+ */
+int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, bool *fenced,
+			    struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* Advance (never move back) the published marker of (ledger_topic, partition) to next_offset. */
+int tly_ledger_store_save_published(PGconn *conn, const char *ledger_topic, int32_t partition,
+				    int64_t next_offset, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* The published marker of (ledger_topic, partition), 0 when none is stored. */
+int tly_ledger_store_load_published(PGconn *conn, const char *ledger_topic, int32_t partition,
+				    int64_t *next_offset, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/*
+ * The committed entries caused by input records of partition at offset from_offset and above,
+ * in (cause offset, tenant, seq) order: fn gets each (borrowed for the call) and a non-zero
+ * return stops the walk and is returned. The entry's strings live in arena until it is reset.
+ */
+int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_offset,
+				  int (*fn)(const struct tly_event *entry, void *ud), void *ud,
+				  struct tly_pg_error *err) TLY_MUST_CHECK;
+
+#endif
