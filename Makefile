@@ -56,12 +56,13 @@ RELEASED := $(sort $(wildcard schemas/released/*.avsc))
 MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
-PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger
+PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
 tally-bench_SRCS     := tools/bench.c
+tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -74,6 +75,7 @@ TEST_SRCS := \
 	tests/check_config.c \
 	tests/check_decide.c \
 	tests/check_devbroker.c \
+	tests/check_producer.c \
 	tests/check_event.c \
 	tests/check_migrate.c \
 	tests/check_schema.c
