@@ -705,7 +705,7 @@ START_TEST(test_loadgen_deterministic)
 }
 END_TEST
 
-/* Loadgen against the broker: what it says it sent was delivered and decodes (bad ones aside). */
+/* Loadgen against the broker: everything it says it sent is delivered, on the tenant's partition. */
 START_TEST(test_loadgen_publish)
 {
 	static char out[1 << 15];
@@ -715,10 +715,31 @@ START_TEST(test_loadgen_publish)
 	snprintf(exe, sizeof(exe), "%s", tly_test_bin("tally-loadgen"));
 	char set[600];
 	snprintf(set, sizeof(set), "kafka.bootstrap.servers=%s", b.bootstraps);
-	char *argv[] = {exe, "-s", set, "--seed", "9", "--events", "2000", "--tenants", "10", NULL};
+	char *argv[] = {exe, "-s", set, "--seed", "9", "--events", "2000", "--tenants", "10",
+			"--duplicates", "2", "--bad", "2", NULL};
 	int rc = tly_proc_run(argv, out, sizeof(out));
 	ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
-	ck_assert_msg(strstr(out, "delivered 2000") || strstr(out, "delivered"), "%s", out);
+	unsigned long long sent = 0, delivered = 0, failed = 1, ticks = 0, bad = 0;
+	ck_assert_msg(sscanf(out, "sent %llu messages", &sent) == 1, "%s", out);
+	const char *d = strstr(out, "delivered ");
+	ck_assert_msg(d && sscanf(d, "delivered %llu, failed %llu", &delivered, &failed) == 2, "%s", out);
+	const char *t = strstr(out, "ClockTick");
+	ck_assert_msg(t && sscanf(t, "ClockTick %llu", &ticks) == 1, "%s", out);
+	const char *bd = strstr(out, "  bad");
+	ck_assert_msg(bd && sscanf(bd, "  bad %llu", &bad) == 1, "%s", out);
+	ck_assert_int_eq(sent, 2000);
+	ck_assert_int_eq(delivered, sent);
+	ck_assert_int_eq(failed, 0);
+	ck_assert_int_gt(ticks, 0);
+	ck_assert_int_gt(bad, 0);
+	/* A ClockTick is one event and PARTITIONS messages. */
+	int want = (int)(sent + ticks * (PARTITIONS - 1));
+	struct consumed c;
+	consume_all(&b, "tally.events", want, &c);
+	ck_assert_int_eq(c.n, want);
+	ck_assert_int_eq(c.wrong_partition, 0);
+	for (int q = 0; q < PARTITIONS; q++)
+		ck_assert_int_eq(c.clock_ticks_per_partition[q], (int)ticks);
 	tly_test_broker_stop(&b);
 }
 END_TEST
