@@ -77,9 +77,11 @@ TEST_SRCS := \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
 	tests/check_event.c \
+	tests/check_ledger.c \
 	tests/check_migrate.c \
 	tests/check_schema.c
-TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o)
+TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
+             $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 
 .PHONY: all deps check unit bench clean dev schemas-release

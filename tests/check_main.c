@@ -24,6 +24,7 @@ static const struct suite_entry all_suites[] = {
 	{"decide", decide_suite, false},
 	{"migrate", migrate_suite, true},
 	{"devbroker", devbroker_suite, true},
+	{"ledger", ledger_suite, true},
 	{"producer", producer_suite, true},
 };
 

@@ -14,6 +14,7 @@ Suite *decide_suite(void);
 /* Integration suites: run against the harness's PostgreSQL and dev broker. */
 Suite *migrate_suite(void);
 Suite *devbroker_suite(void);
+Suite *ledger_suite(void);
 Suite *producer_suite(void);
 
 #endif
