@@ -479,6 +479,22 @@ START_TEST(test_quarantine)
 	}
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'hold_placed'", 0, NULL), 1);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 2);
+
+	/* tallyctl quarantine list and replay */
+	char dbset[600], kset[600], out[8192], id[24];
+	snprintf(dbset, sizeof(dbset), "database.url=%s", e.db);
+	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e.b.bootstraps);
+	char *const list[] = {(char *)tly_test_bin("tallyctl"), "-s", dbset, "-s", kset, "quarantine", "list", NULL};
+	ck_assert_int_eq(tly_proc_run(list, out, sizeof(out)), 0);
+	ck_assert_msg(strstr(out, "wrong_partition") && strstr(out, "(5 rows)"), "%s", out);
+	snprintf(id, sizeof(id), "%ld", q_long(e.conn, "SELECT id FROM quarantine WHERE reason = 'wrong_partition'", 0, NULL));
+	char *const replay[] = {(char *)tly_test_bin("tallyctl"), "-s", dbset, "-s", kset, "quarantine", "replay", id, NULL};
+	ck_assert_msg(tly_proc_run(replay, out, sizeof(out)) == 0, "%s", out);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM quarantine WHERE replayed_at IS NOT NULL", 0, NULL), 1);
+	pid = ledger_start(&e);
+	wait_consumed(&e, 8, 30000);
+	ledger_stop(&e, pid);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'hold_placed'", 0, NULL), 2);
 	tly_buf_free(&buf);
 	tly_codec_free(codec);
 	env_down(&e);

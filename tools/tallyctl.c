@@ -38,6 +38,7 @@ static void usage(FILE *out)
 		"  broker SOCKET COMMAND...     send a fault-injection command to a tally-devbroker\n"
 		"  publish [FILE|-] [--dry-run] publish NDJSON events (docs/events.md); --dry-run validates only\n"
 		"  tail TOPIC [--from-beginning] [--max N] [--timeout-ms T]  print decoded messages as JSON lines\n"
+		"  quarantine list|replay ID|--all  input tally-ledger kept aside; replay re-produces it\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -339,6 +340,7 @@ static const struct {
 	{"dev", cmd_dev},         {"broker", cmd_broker},
 	{"publish", cmd_publish},
 	{"tail", cmd_tail},
+	{"quarantine", cmd_quarantine},
 };
 
 int main(int argc, char **argv)
