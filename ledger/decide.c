@@ -12,6 +12,12 @@
 #include "wallet_int.h"
 
 #define MAX_CATCH_UP 10000 /* due events processed by one time advance (periods, expiries) */
+/*
+ * An ended hold is remembered (a second settle or release is refused as "already ended") until
+ * ledger time passes its end or its expiry, whichever is later, by this much; after that it is
+ * refused as unknown. Either way it is never applied twice, and the wallet stays small.
+ */
+#define ENDED_HOLD_MEMORY (3600LL * 1000000)
 #define US_PER_DAY 86400000000LL
 
 /* Namespace of the deterministic (name-based, SHA-1) invoice ids. */
@@ -211,9 +217,37 @@ static int64_t add_interval(int64_t t, const char *interval, int32_t count)
 
 /* ---- wallet helpers ------------------------------------------------------------------------- */
 
+static int64_t forget_at(const struct tly_hold *h)
+{
+	return (h->ended_at > h->expires_at ? h->ended_at : h->expires_at) + ENDED_HOLD_MEMORY;
+}
+
+/* The hold with this id, unless it ended long enough ago to be forgotten. */
 static struct tly_hold *find_hold(struct tly_wallet *w, const tly_uuid *id)
 {
-	return tly_wallet_find_hold(w, id);
+	struct tly_hold *h = tly_wallet_find_hold(w, id);
+	return h && !h->open && w->time >= forget_at(h) ? NULL : h;
+}
+
+/*
+ * Drop forgotten holds from memory. Scans only when the list has doubled since the last scan,
+ * so it costs O(1) per hold; what it drops was already invisible to find_hold.
+ */
+static int forget_holds(struct tly_wallet *w)
+{
+	if (w->n_holds < w->forget_scan_at)
+		return 0;
+	size_t keep = 0;
+	for (size_t i = 0; i < w->n_holds; i++) {
+		const struct tly_hold *h = &w->holds[i];
+		if (h->open || w->time < forget_at(h))
+			w->holds[keep++] = *h;
+	}
+	w->forget_scan_at = 2 * keep + 64;
+	if (keep == w->n_holds)
+		return 0;
+	w->n_holds = keep;
+	return tly_wallet_reindex(w);
 }
 
 static struct tly_grant *find_grant(struct tly_wallet *w, const tly_uuid *id)
@@ -408,9 +442,6 @@ static int close_period(struct ctx *c, bool renew)
 	if ((rc = entry_finish(c, ev, &inv)) != 0)
 		return rc;
 
-	/* forget holds that ended before this period began */
-	if (tly_wallet_prune_holds(w, s->period_start) != 0)
-		return TLY_E_NOMEM;
 
 	/* 3. the next period, or the end */
 	if (renew) {
@@ -743,6 +774,8 @@ int tly_ledger_apply(const struct tly_ledger_config *cfg, struct tly_wallet *w,
 			    same ? NULL : "event_id reused with different content");
 	}
 	int rc = advance(&c, ev->occurred_at);
+	if (rc == 0)
+		rc = forget_holds(w);
 	if (rc == 0)
 		rc = decide(&c, ev);
 	if (rc == 0)

@@ -192,18 +192,6 @@ struct tly_hold *tly_wallet_first_expiry(struct tly_wallet *w)
 	return NULL;
 }
 
-int tly_wallet_prune_holds(struct tly_wallet *w, int64_t before)
-{
-	size_t keep = 0;
-	for (size_t i = 0; i < w->n_holds; i++) {
-		if (w->holds[i].open || w->holds[i].ended_at >= before)
-			w->holds[keep++] = w->holds[i];
-	}
-	if (keep == w->n_holds)
-		return 0;
-	w->n_holds = keep;
-	return tly_wallet_reindex(w);
-}
 
 static void *dup_array(const void *src, size_t n, size_t size)
 {

@@ -76,12 +76,13 @@ struct tly_wallet {
 	struct tly_price *usage; /* metered quantities of this period */
 	size_t n_usage, cap_usage;
 	struct tly_subscription sub;
-	/* derived from holds, rebuilt on load, clone and prune; not in the snapshot */
+	/* derived from holds, rebuilt on load, clone and forgetting; not in the snapshot */
 	int64_t held_total;     /* sum of open holds */
 	uint32_t *slots;        /* open addressing by reservation id: hold index + 1, 0 = empty */
 	size_t n_slots;         /* power of two, at least twice n_holds */
 	struct tly_due *heap;   /* open holds by expires_at (min-heap; ended ones dropped lazily) */
 	size_t n_heap, cap_heap;
+	size_t forget_scan_at;  /* n_holds at which ledger/decide.c next looks for forgotten holds */
 };
 
 int64_t tly_wallet_credits(const struct tly_wallet *w);
@@ -102,8 +103,6 @@ void tly_wallet_end_hold(struct tly_wallet *w, struct tly_hold *h, int64_t at);
 /* The open hold expiring first (NULL if none). */
 struct tly_hold *tly_wallet_first_expiry(struct tly_wallet *w);
 
-/* Forget ended holds that ended before `before`. 0 or TLY_E_NOMEM. */
-int tly_wallet_prune_holds(struct tly_wallet *w, int64_t before) TLY_MUST_CHECK;
 
 /* Free a terms' owned memory and zero it. */
 void tly_terms_clear(struct tly_terms *t);

@@ -108,6 +108,13 @@ static const struct scenario scenarios[] = {
 		{SETTLE, 5, 9, 50, 0, 0, "rejected:unknown_reservation", 100, 0, 0, 0},
 		{RESERVE, 6, 1, 10, 600, 0, "rejected:reservation_id_in_use", 100, 0, 0, 0},
 		{END}}},
+	{"an ended hold is remembered for an hour past its expiry, then it is unknown", 0, {
+		{START, 0, 0, 100, -1, 0, "subscription_started", 100, 0, 0, 0},
+		{RESERVE, 1, 1, 50, 60, 0, "hold_placed", 100, 0, 50, 0},
+		{RELEASE, 2, 1, 0, 0, 0, "hold_released", 100, 0, 0, 0},
+		{RELEASE, 3660, 1, 0, 0, 0, "rejected:reservation_already_ended", 100, 0, 0, 0},
+		{SETTLE, 3662, 1, 50, 0, 0, "rejected:unknown_reservation", 100, 0, 0, 0},
+		{END}}},
 	{"period close: invoice of plan + overage x price + metered, rollover capped", 0, {
 		{START, 0, 0, 1000, 2000, 300, "subscription_started", 1000, 0, 0, 0},
 		{DEBIT, 10, 0, 1500, 0, 0, "debit", 0, 0, 0, 500},
