@@ -621,7 +621,7 @@ int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_
 	snprintf(p, sizeof(p), "%d", (int)partition);
 	snprintf(off, sizeof(off), "%" PRId64, from_offset);
 	const char *const v[] = {p, off};
-	struct tly_event ev;
+	struct tly_event ev = {0}; /* tly_event_init keeps ev.arena: it must start NULL */
 	tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
 	PGresult *res = tly_pg_query(
 		conn,
