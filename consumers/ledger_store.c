@@ -327,87 +327,161 @@ static int entry_params(struct tly_arena *arena, const struct tly_event *ev, con
 	return 0;
 }
 
+/* Append one COPY text-format field: \N for NULL, backslash escapes, bytea as \\x hex. */
+static void copy_field(FILE *f, const char *v, int len, int fmt)
+{
+	if (!v) {
+		fputs("\\N", f);
+		return;
+	}
+	if (fmt == 1) {
+		fputs("\\\\x", f);
+		for (int k = 0; k < len; k++)
+			fprintf(f, "%02x", (unsigned char)v[k]);
+		return;
+	}
+	for (; *v; v++) {
+		switch (*v) {
+		case '\\': fputs("\\\\", f); break;
+		case '\t': fputs("\\t", f); break;
+		case '\n': fputs("\\n", f); break;
+		case '\r': fputs("\\r", f); break;
+		default: fputc(*v, f);
+		}
+	}
+}
+
+/* The batch's entries through one COPY (no per-row parse or plan). */
 static int insert_entries(PGconn *conn, struct tly_arena *arena, const struct tly_event *entries,
 			  size_t n, struct tly_pg_error *err)
 {
+	const char *v[ENTRY_COLS];
+	int len[ENTRY_COLS], fmt[ENTRY_COLS];
+	char *data = NULL;
+	size_t datalen = 0;
 	int rc = TLY_E_NOMEM;
-	size_t cap = (n < ROWS_PER_STATEMENT ? n : ROWS_PER_STATEMENT) * ENTRY_COLS;
-	const char **v = calloc(cap, sizeof(*v));
-	int *len = calloc(cap, sizeof(*len)), *fmt = calloc(cap, sizeof(*fmt));
-	char *sql = NULL;
-	if (!v || !len || !fmt)
+	if (n == 0)
+		return 0;
+	FILE *f = open_memstream(&data, &datalen);
+	if (!f)
 		goto out;
-	for (size_t start = 0; start < n; start += ROWS_PER_STATEMENT) {
-		size_t m = n - start < ROWS_PER_STATEMENT ? n - start : ROWS_PER_STATEMENT;
-		size_t sqllen = 0;
-		FILE *f = open_memstream(&sql, &sqllen);
-		if (!f)
+	for (size_t r = 0; r < n; r++) {
+		if ((rc = entry_params(arena, &entries[r], v, len, fmt)) != 0) {
+			fclose(f);
 			goto out;
-		fprintf(f, "INSERT INTO ledger_entries (%s) VALUES ", ENTRY_COLUMNS);
-		for (size_t r = 0; r < m; r++) {
-			fputs(r ? ", (" : "(", f);
-			for (int c = 0; c < ENTRY_COLS; c++)
-				fprintf(f, "%s$%zu", c ? ", " : "", r * ENTRY_COLS + (size_t)c + 1);
-			fputc(')', f);
 		}
-		if (fclose(f) != 0)
-			goto out;
-		for (size_t r = 0; r < m; r++) {
-			rc = entry_params(arena, &entries[start + r], v + r * ENTRY_COLS,
-					  len + r * ENTRY_COLS, fmt + r * ENTRY_COLS);
-			if (rc != 0)
-				goto out;
+		for (int c = 0; c < ENTRY_COLS; c++) {
+			if (c)
+				fputc('\t', f);
+			copy_field(f, v[c], len[c], fmt[c]);
 		}
-		rc = TLY_E_PG;
-		PGresult *res = tly_pg_query_params(conn, sql, (int)(m * ENTRY_COLS), v, len, fmt, 0,
-						    err);
-		if (!res)
-			goto out;
-		PQclear(res);
-		free(sql);
-		sql = NULL;
+		fputc('\n', f);
 		tly_arena_reset(arena);
-		rc = TLY_E_NOMEM;
 	}
-	rc = 0;
+	if (fclose(f) != 0) {
+		rc = TLY_E_NOMEM;
+		goto out;
+	}
+	rc = TLY_E_PG;
+	char sql[sizeof(ENTRY_COLUMNS) + 64];
+	snprintf(sql, sizeof(sql), "COPY ledger_entries (%s) FROM STDIN", ENTRY_COLUMNS);
+	PGresult *res = PQexec(conn, sql);
+	if (PQresultStatus(res) != PGRES_COPY_IN) {
+		tly_pg_error_set(err, conn, res);
+		PQclear(res);
+		goto out;
+	}
+	PQclear(res);
+	if (PQputCopyData(conn, data, (int)datalen) != 1 || PQputCopyEnd(conn, NULL) != 1) {
+		tly_pg_error_set(err, conn, NULL);
+		goto out;
+	}
+	res = PQgetResult(conn);
+	bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+	if (!ok)
+		tly_pg_error_set(err, conn, res);
+	PQclear(res);
+	while ((res = PQgetResult(conn)) != NULL)
+		PQclear(res);
+	rc = ok ? 0 : TLY_E_PG;
 out:
 	if (rc == TLY_E_NOMEM)
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-	free(sql);
-	free(v);
-	free(len);
-	free(fmt);
+	free(data);
 	return rc;
 }
 
+#define WALLETS_PER_STATEMENT 200
+
+/* Upsert the snapshots of the batch's wallets, WALLETS_PER_STATEMENT rows per statement. */
 static int save_wallets(PGconn *conn, int32_t partition, struct tly_wallet *const *wallets,
 			size_t n, struct tly_pg_error *err)
 {
+	int rc = 0;
 	char p[16];
 	snprintf(p, sizeof(p), "%d", (int)partition);
-	for (size_t i = 0; i < n; i++) {
-		char tenant[37], seq[24];
-		struct tly_balance bal;
-		char *state = tly_wallet_to_json(wallets[i]);
-		if (!state) {
-			set_err(err, TLY_ERRCLASS_FATAL, "could not write a wallet snapshot: out of memory");
-			return TLY_E_NOMEM;
-		}
-		tly_uuid_format(tly_wallet_tenant(wallets[i]), tenant);
-		tly_wallet_balance(wallets[i], &bal);
-		snprintf(seq, sizeof(seq), "%" PRId64, bal.seq);
-		const char *const v[] = {tenant, p, seq, state};
-		int rc = tly_pg_exec(conn,
-				     "INSERT INTO ledger_wallets (tenant_id, partition, seq, state) "
-				     "VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (tenant_id) DO UPDATE "
-				     "SET partition = EXCLUDED.partition, seq = EXCLUDED.seq, "
-				     "state = EXCLUDED.state, updated_at = now()",
-				     4, v, err);
-		free(state);
-		if (rc != 0)
-			return rc;
+	size_t m = n < WALLETS_PER_STATEMENT ? n : WALLETS_PER_STATEMENT;
+	const char **v = calloc(4 * m + 1, sizeof(*v));
+	char (*tenants)[37] = calloc(m + 1, sizeof(*tenants));
+	char (*seqs)[24] = calloc(m + 1, sizeof(*seqs));
+	char **states = calloc(m + 1, sizeof(*states));
+	char *sql = NULL;
+	size_t sqllen = 0;
+	if (!v || !tenants || !seqs || !states) {
+		rc = TLY_E_NOMEM;
+		goto out;
 	}
-	return 0;
+	for (size_t start = 0; start < n && rc == 0; start += WALLETS_PER_STATEMENT) {
+		size_t k = n - start < WALLETS_PER_STATEMENT ? n - start : WALLETS_PER_STATEMENT;
+		FILE *f = open_memstream(&sql, &sqllen);
+		if (!f) {
+			rc = TLY_E_NOMEM;
+			break;
+		}
+		fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES ", f);
+		for (size_t r = 0; r < k; r++)
+			fprintf(f, "%s($%zu, $%zu, $%zu, $%zu::jsonb)", r ? ", " : "", 4 * r + 1, 4 * r + 2,
+				4 * r + 3, 4 * r + 4);
+		fputs(" ON CONFLICT (tenant_id) DO UPDATE SET partition = EXCLUDED.partition, "
+		      "seq = EXCLUDED.seq, state = EXCLUDED.state, updated_at = now()",
+		      f);
+		if (fclose(f) != 0) {
+			rc = TLY_E_NOMEM;
+			break;
+		}
+		for (size_t r = 0; r < k; r++) {
+			struct tly_wallet *w = wallets[start + r];
+			struct tly_balance bal;
+			if (!(states[r] = tly_wallet_to_json(w))) {
+				rc = TLY_E_NOMEM;
+				break;
+			}
+			tly_uuid_format(tly_wallet_tenant(w), tenants[r]);
+			tly_wallet_balance(w, &bal);
+			snprintf(seqs[r], sizeof(seqs[r]), "%" PRId64, bal.seq);
+			v[4 * r] = tenants[r];
+			v[4 * r + 1] = p;
+			v[4 * r + 2] = seqs[r];
+			v[4 * r + 3] = states[r];
+		}
+		if (rc == 0)
+			rc = tly_pg_exec(conn, sql, (int)(4 * k), v, err);
+		for (size_t r = 0; r < k; r++) {
+			free(states[r]);
+			states[r] = NULL;
+		}
+		free(sql);
+		sql = NULL;
+	}
+out:
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "could not write wallet snapshots: out of memory");
+	free(sql);
+	free(v);
+	free(tenants);
+	free(seqs);
+	free(states);
+	return rc;
 }
 
 static int save_quarantined(PGconn *conn, const struct tly_ledger_quarantined *q, size_t n,
