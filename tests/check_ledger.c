@@ -18,6 +18,7 @@
 #include "codec.h"
 #include "config.h"
 #include "decide.h"
+#include "devbroker_ctl.h"
 #include "fixtures.h"
 #include "harness.h"
 #include "kafka.h"
@@ -901,6 +902,20 @@ static int log_count(const char *path, const char *needle)
 	return count;
 }
 
+/* Lines of the file at path holding needle and not without. */
+static int log_lines(const char *path, const char *needle, const char *without)
+{
+	char line[4096];
+	int count = 0;
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		count += strstr(line, needle) && !strstr(line, without);
+	fclose(f);
+	return count;
+}
+
 /* Wait until the log at path holds needle at least count times. */
 static void wait_log(const char *path, const char *needle, int count, int timeout_ms)
 {
@@ -984,6 +999,68 @@ START_TEST(test_group_handovers)
 }
 END_TEST
 
+/* One fault-injection command to the test's dev broker; fails the test if it is refused. */
+static void broker_ctl(const struct env *e, const char *command)
+{
+	char reply[TLY_DEVBROKER_LINE_MAX + 1];
+	ck_assert_msg(tly_devbroker_ctl(e->b.ctl_path, command, reply, sizeof(reply)) == 0,
+		      "%s: %s", command, reply);
+}
+
+/* The ledger is still running (it never exits on a broker fault). */
+static void assert_running(const struct env *e, pid_t pid)
+{
+	int status;
+	pid_t r = waitpid(pid, &status, WNOHANG);
+	ck_assert_msg(r == 0, "tally-ledger exited during broker faults (status %d); see %s", status, e->log);
+}
+
+START_TEST(test_broker_faults)
+{
+	struct env e;
+	env_up_brokers(&e, 3);
+	tly_uuid t[TRAFFIC_TENANTS];
+	traffic_tenants(&e, t);
+	pid_t traffic = traffic_start(&e, t, 11);
+	pid_t pid = ledger_start(&e);
+	wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	wait_progress(&e, 10000);
+	static const char *const faults[][2] = {
+		{"errors Fetch 5 NOT_LEADER_FOR_PARTITION", NULL},
+		{"errors Produce 3 REQUEST_TIMED_OUT", NULL},
+		{"errors Fetch 2 _TRANSPORT", NULL},
+		{"leader tally.events 0 2", "leader tally.ledger 0 2"},
+		{"leader tally.events 1 3", "leader tally.ledger 1 3"},
+		{"rtt 1 300", "rtt 1 0"},
+		{"broker-down 2", "broker-up 2"},
+		{"errors Heartbeat 2 REBALANCE_IN_PROGRESS", NULL},
+		{"errors Produce 2 NOT_LEADER_FOR_PARTITION", NULL},
+		{"broker-down 1", "broker-up 1"},
+		{"leader tally.events 0 1", "leader tally.ledger 0 1"},
+	};
+	for (size_t i = 0; i < sizeof(faults) / sizeof(faults[0]); i++) {
+		broker_ctl(&e, faults[i][0]);
+		usleep(1500000);
+		if (faults[i][1]) {
+			broker_ctl(&e, faults[i][1]);
+			usleep(500000);
+		}
+		assert_running(&e, pid);
+	}
+	/* the faults are over: the ledger moves on by itself, then the traffic stops */
+	wait_progress(&e, 20000);
+	traffic_stop_wait(traffic);
+	wait_caught_up(&e, 40000);
+	assert_running(&e, pid);
+	ledger_stop(&e, pid);
+	check_end_state(&e, false);
+	/* librdkafka logs refused connections as errors; the ledger itself reported none */
+	ck_assert_msg(log_lines(e.log, "level=error", "component=rdkafka") == 0,
+		      "tally-ledger logged errors during broker faults; see %s", e.log);
+	env_down(&e);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -1001,7 +1078,7 @@ Suite *ledger_suite(void)
 	const struct {
 		const char *name;
 		const TTest *test;
-	} cases[] = {{"group", test_group_handovers}};
+	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, 90);
