@@ -31,6 +31,7 @@ LIB_SRCS := \
 	lib/config.c \
 	lib/crc64.c \
 	lib/codec.c \
+	lib/decision.c \
 	lib/devbroker_ctl.c \
 	lib/devpg.c \
 	lib/err.c \
@@ -58,7 +59,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
-                        tools/tallyctl_quarantine.c
+                        tools/tallyctl_quarantine.c tools/tallyctl_reserve.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
@@ -77,6 +78,7 @@ TEST_SRCS := \
 	tests/check_decide.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
+	tests/check_decision.c \
 	tests/check_event.c \
 	tests/check_ledger.c \
 	tests/check_migrate.c \

@@ -26,6 +26,7 @@ static const struct suite_entry all_suites[] = {
 	{"devbroker", devbroker_suite, true},
 	{"ledger", ledger_suite, true},
 	{"producer", producer_suite, true},
+	{"decision", decision_suite, true},
 };
 
 int main(void)

@@ -16,5 +16,6 @@ Suite *migrate_suite(void);
 Suite *devbroker_suite(void);
 Suite *ledger_suite(void);
 Suite *producer_suite(void);
+Suite *decision_suite(void);
 
 #endif

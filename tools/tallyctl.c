@@ -39,6 +39,9 @@ static void usage(FILE *out)
 		"  publish [FILE|-] [--dry-run] publish NDJSON events (docs/events.md); --dry-run validates only\n"
 		"  tail TOPIC [--from-beginning] [--max N] [--timeout-ms T]  print decoded messages as JSON lines\n"
 		"  quarantine list|replay ID|--all  input tally-ledger kept aside; replay re-produces it\n"
+		"  reserve --tenant T --tokens N [--reservation-id R] [--expires-in S] [--model M]\n"
+		"          [--wait [--timeout-ms T]]  reserve tokens; --wait prints the ledger's decision\n"
+		"                               (exit 0 accepted, 3 rejected, 4 timeout)\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -341,6 +344,7 @@ static const struct {
 	{"publish", cmd_publish},
 	{"tail", cmd_tail},
 	{"quarantine", cmd_quarantine},
+	{"reserve", cmd_reserve},
 };
 
 int main(int argc, char **argv)

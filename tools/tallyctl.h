@@ -14,5 +14,6 @@ typedef int (*command_fn)(struct app *app, int argc, char **argv);
 int cmd_publish(struct app *app, int argc, char **argv); /* tallyctl_publish.c */
 int cmd_tail(struct app *app, int argc, char **argv);    /* tallyctl_tail.c */
 int cmd_quarantine(struct app *app, int argc, char **argv); /* tallyctl_quarantine.c */
+int cmd_reserve(struct app *app, int argc, char **argv);    /* tallyctl_reserve.c */
 
 #endif
