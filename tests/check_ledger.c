@@ -1,7 +1,8 @@
 /*
  * Suite "ledger": tally-ledger through the real binary, a dev broker and a fresh database per
  * test (happy path with publish, double spend under concurrent producers, kill -9 under load with
- * a deterministic replay, bad input quarantined), and its fencing compare-and-set directly.
+ * a deterministic replay, bad input quarantined, two processes in one group and broker faults
+ * under traffic, an event published from Python), and its fencing compare-and-set directly.
  */
 #include <check.h>
 #include <inttypes.h>
@@ -765,6 +766,39 @@ START_TEST(test_load_entries_for_republish)
 }
 END_TEST
 
+/* An event from another language (tests/py_publish.py: python3-avro and confluent-kafka) is applied. */
+START_TEST(test_python_event_applied)
+{
+	static char out[8192];
+	static const char tenant[] = "3fa09318-72db-4d77-8517-623d07bcd2c4";
+	static const char event_id[] = "6a1d2c3b-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+	struct env e;
+	env_up(&e);
+	pid_t pid = ledger_start(&e);
+	char *argv[] = {"/usr/bin/python3", "tests/py_publish.py", e.b.bootstraps, "schemas",
+			(char *)tenant, (char *)event_id, "tally.events", "--credits", "500", NULL};
+	int rc = tly_proc_run(argv, out, sizeof(out));
+	ck_assert_msg(rc == 0, "py_publish.py exit %d: %s", rc, out);
+	int partition = -1;
+	long long offset = -1;
+	ck_assert_msg(sscanf(out, "%d %lld", &partition, &offset) == 2, "%s", out);
+	ck_assert_int_eq(partition, tly_kafka_partition_for_key(tenant, 36, PARTITIONS));
+	wait_consumed(&e, 1, 30000);
+	ledger_stop(&e, pid);
+	char p_text[16], off_text[24];
+	snprintf(p_text, sizeof(p_text), "%d", partition);
+	snprintf(off_text, sizeof(off_text), "%lld", offset);
+	const char *v[] = {tenant, event_id, p_text, off_text};
+	ck_assert_int_eq(q_long(e.conn, "SELECT credits_remaining FROM ledger_entries WHERE tenant_id = $1 "
+				"AND cause_event_id = $2 AND cause_type = 'CreditsGranted' AND cause_partition = $3 "
+				"AND cause_offset = $4 AND kind = 'credits_granted' AND credits_delta = 500",
+				4, v), 500);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM quarantine", 0, NULL), 0);
+	check_end_state(&e, true);
+	env_down(&e);
+}
+END_TEST
+
 START_TEST(test_partition_guard)
 {
 	struct env e;
@@ -1074,11 +1108,12 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_double_spend_concurrent);
 	tcase_add_test(tc, test_crash_and_replay);
 	suite_add_tcase(s, tc);
-	/* under traffic, each its own case (CK_RUN_CASE=group runs one) */
+	/* each its own case (CK_RUN_CASE=group runs one) */
 	const struct {
 		const char *name;
 		const TTest *test;
-	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults}};
+	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults},
+		       {"python", test_python_event_applied}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, 90);

@@ -3,9 +3,10 @@
 and the Java client's murmur2 partitioner: proof that an upstream service in another language can
 publish what the ledger reads (check_producer.c runs it against the dev broker).
 
-Usage: py_publish.py BOOTSTRAP SCHEMA_DIR TENANT_ID EVENT_ID [TOPIC]
-Publishes a TenantCreated for TENANT_ID, keyed by TENANT_ID, and prints
-"<partition> <offset> <fingerprint hex>" once the broker acknowledged it.
+Usage: py_publish.py BOOTSTRAP SCHEMA_DIR TENANT_ID EVENT_ID [TOPIC] [--credits TOKENS]
+Publishes a TenantCreated for TENANT_ID (with --credits: a CreditsGranted of TOKENS, which the
+ledger applies), keyed by TENANT_ID, and prints "<partition> <offset> <fingerprint hex>" once the
+broker acknowledged it.
 """
 import io
 import json
@@ -56,16 +57,28 @@ def single_object(schema_path: str, record: dict) -> (bytes, int):
 
 
 def main() -> int:
-    bootstrap, schema_dir, tenant_id, event_id = sys.argv[1:5]
-    topic = sys.argv[5] if len(sys.argv) > 5 else "tally.events"
+    args = sys.argv[1:]
+    credits = None
+    if "--credits" in args:
+        at = args.index("--credits")
+        credits = int(args[at + 1])
+        del args[at:at + 2]
+    bootstrap, schema_dir, tenant_id, event_id = args[0:4]
+    topic = args[4] if len(args) > 4 else "tally.events"
     record = {
         "event_id": event_id,
         "tenant_id": tenant_id,
         "occurred_at": 1767225600000000,  # 2026-01-01T00:00:00Z in microseconds
-        "slug": "from-python",
-        "name": "Published by Python",
     }
-    value, fingerprint = single_object(f"{schema_dir}/TenantCreated.avsc", record)
+    if credits is None:
+        schema = "TenantCreated"
+        record.update({"slug": "from-python", "name": "Published by Python"})
+    else:
+        schema = "CreditsGranted"
+        # the grant id is derived from the event id, so the script stays deterministic
+        record.update({"grant_id": event_id[:-12] + "00000000c0de", "tokens": credits,
+                       "reason": "granted from Python", "expires_at": None})
+    value, fingerprint = single_object(f"{schema_dir}/{schema}.avsc", record)
     producer = Producer({
         "bootstrap.servers": bootstrap,
         "partitioner": "murmur2_random",  # the Java client's partitioner: murmur2(key) % P
