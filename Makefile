@@ -57,13 +57,14 @@ RELEASED := $(sort $(wildcard schemas/released/*.avsc))
 MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
-PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen
+PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
 tally-bench_SRCS     := tools/bench.c
+tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
@@ -142,6 +143,7 @@ unit: all
 bench: deps
 	$(MAKE) all
 	$(BIN)/tally-bench
+	$(BIN)/tally-bench-publish
 
 dev: deps
 	$(MAKE) all
