@@ -209,61 +209,62 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 
 /* ---- seen lookup -------------------------------------------------------------------------- */
 
+/*
+ * One index probe per key (LATERAL ... LIMIT 1): a join against the whole batch could be
+ * planned as a hash join over all of ledger_entries, whose cost grows with history.
+ */
 static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n,
 			struct tly_pg_error *err)
 {
 	int rc = TLY_E_NOMEM;
-	char *sql = NULL;
-	size_t sqllen = 0;
-	const char **values = calloc(2 * n, sizeof(*values));
-	char(*text)[37] = calloc(2 * n, sizeof(*text));
-	FILE *f = open_memstream(&sql, &sqllen);
+	char *tenants = NULL, *events = NULL;
+	size_t tlen = 0, elen = 0;
+	FILE *ft = open_memstream(&tenants, &tlen), *fe = open_memstream(&events, &elen);
 	PGresult *res = NULL;
-	if (!values || !text || !f)
+	if (!ft || !fe) {
+		if (ft)
+			fclose(ft);
+		if (fe)
+			fclose(fe);
 		goto out;
-	fputs("SELECT DISTINCT ON (e.tenant_id, e.cause_event_id) e.tenant_id, e.cause_event_id, "
-	      "e.cause_digest FROM ledger_entries e JOIN (VALUES ",
-	      f);
+	}
 	for (size_t i = 0; i < n; i++) {
-		fprintf(f, "%s($%zu::uuid, $%zu::uuid)", i ? ", " : "", 2 * i + 1, 2 * i + 2);
-		tly_uuid_format(&keys[i].tenant_id, text[2 * i]);
-		tly_uuid_format(&keys[i].event_id, text[2 * i + 1]);
-		values[2 * i] = text[2 * i];
-		values[2 * i + 1] = text[2 * i + 1];
+		char t[37], e[37];
+		tly_uuid_format(&keys[i].tenant_id, t);
+		tly_uuid_format(&keys[i].event_id, e);
+		fprintf(ft, "%s%s", i ? "," : "{", t);
+		fprintf(fe, "%s%s", i ? "," : "{", e);
 		keys[i].seen.seen = false;
 	}
-	fputs(") AS k (tenant_id, event_id) ON e.tenant_id = k.tenant_id AND "
-	      "e.cause_event_id = k.event_id ORDER BY e.tenant_id, e.cause_event_id, e.seq",
-	      f);
-	if (fclose(f) != 0) {
-		f = NULL;
+	fputc('}', ft);
+	fputc('}', fe);
+	if ((fclose(ft) | fclose(fe)) != 0)
 		goto out;
-	}
-	f = NULL;
 	rc = TLY_E_PG;
-	res = tly_pg_query_params(conn, sql, (int)(2 * n), values, NULL, NULL, 1, err);
+	const char *const values[] = {tenants, events};
+	res = tly_pg_query_params(conn,
+				  "SELECT k.i, x.cause_digest FROM unnest($1::uuid[], $2::uuid[]) "
+				  "WITH ORDINALITY AS k (tenant_id, event_id, i) CROSS JOIN LATERAL "
+				  "(SELECT e.cause_digest FROM ledger_entries e WHERE e.tenant_id = k.tenant_id "
+				  "AND e.cause_event_id = k.event_id ORDER BY e.seq LIMIT 1) x",
+				  2, values, NULL, NULL, 0, err);
 	if (!res)
 		goto out;
 	for (int r = 0; r < PQntuples(res); r++) {
-		if (PQgetlength(res, r, 0) != 16 || PQgetlength(res, r, 1) != 16 ||
-		    PQgetlength(res, r, 2) != 32)
-			continue;
-		for (size_t i = 0; i < n; i++) {
-			if (memcmp(keys[i].tenant_id.b, PQgetvalue(res, r, 0), 16) == 0 &&
-			    memcmp(keys[i].event_id.b, PQgetvalue(res, r, 1), 16) == 0) {
-				keys[i].seen.seen = true;
-				memcpy(keys[i].seen.digest, PQgetvalue(res, r, 2), 32);
-			}
+		long i = strtol(PQgetvalue(res, r, 0), NULL, 10) - 1;
+		size_t dlen = 0;
+		unsigned char *digest = PQunescapeBytea((const unsigned char *)PQgetvalue(res, r, 1), &dlen);
+		if (i >= 0 && (size_t)i < n && digest && dlen == 32) {
+			keys[i].seen.seen = true;
+			memcpy(keys[i].seen.digest, digest, 32);
 		}
+		PQfreemem(digest);
 	}
 	rc = 0;
 out:
-	if (f)
-		fclose(f);
 	PQclear(res);
-	free(sql);
-	free(values);
-	free(text);
+	free(tenants);
+	free(events);
 	if (rc == TLY_E_NOMEM)
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 	return rc;
