@@ -343,6 +343,9 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	sibling("tally-ledger", exe, sizeof(exe));
 	setenv("TALLY_DATABASE_URL", db, 1);
 	setenv("TALLY_KAFKA_BOOTSTRAP_SERVERS", s->bootstraps, 1);
+	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
+	 * has little data; Apache Kafka answers as soon as fetch.min.bytes are there. */
+	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", "10", 1);
 	char *argv[] = {exe, NULL};
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
 	if (pid < 0)
@@ -445,6 +448,8 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(s.cfg, err, sizeof(err));
 	if (!conf)
 		die("consumer conf", err);
+	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", "10", err, sizeof(err)) != 0)
+		die("consumer conf", err);
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-latency", err, sizeof(err));
 	if (!rk)
 		die("consumer", err);
@@ -514,7 +519,8 @@ int main(void)
 	char err[512];
 	tly_log_init("tally-bench", TLY_LOG_WARN);
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
-	       "synchronous_commit=on; dev broker with %d partitions)\n\n", PARTITIONS);
+	       "synchronous_commit=on; dev broker with %d partitions;\n"
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=10)\n\n", PARTITIONS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
