@@ -902,12 +902,18 @@ static void traffic_tenants(struct env *e, tly_uuid t[TRAFFIC_TENANTS])
  */
 static pid_t traffic_start(const struct env *e, const tly_uuid t[TRAFFIC_TENANTS], unsigned seed)
 {
+	sigset_t usr1, old;
+	ck_assert(sigemptyset(&usr1) == 0 && sigaddset(&usr1, SIGUSR1) == 0);
+	ck_assert(sigprocmask(SIG_BLOCK, &usr1, &old) == 0); /* until the child can take it */
 	pid_t pid = fork();
 	ck_assert_int_ge(pid, 0);
-	if (pid > 0)
+	if (pid > 0) {
+		ck_assert(sigprocmask(SIG_SETMASK, &old, NULL) == 0);
 		return pid;
+	}
 	struct sigaction sa = {.sa_handler = on_traffic_stop};
-	sigaction(SIGUSR1, &sa, NULL);
+	if (sigaction(SIGUSR1, &sa, NULL) != 0 || sigprocmask(SIG_SETMASK, &old, NULL) != 0)
+		_exit(1);
 	enum { OPEN = 4 };
 	struct {
 		tly_uuid id[OPEN];
@@ -1051,7 +1057,7 @@ START_TEST(test_group_handovers)
 	a = ledger_spawn(&e, e.db, "ledger-group", log_a2);
 	wait_log(log_a2, "msg=\"partition assigned\"", 1, 20000);
 	wait_progress(&e, 10000);
-	kill(b, SIGKILL);
+	ck_assert_int_eq(kill(b, SIGKILL), 0);
 	int status;
 	ck_assert(tly_proc_wait(b, 5000, &status) == 0);
 	b = ledger_spawn(&e, e.db, "ledger-group", log_b2);
