@@ -39,9 +39,10 @@ def strip_logical(node):
     return node
 
 
-for path in sys.argv[1:]:
-    with open(path, encoding="utf-8") as fh:
-        doc = strip_logical(json.load(fh))
-    schema = avro.schema.parse(json.dumps(doc))
-    pcf = schema.canonical_form
-    print(f"{schema.fullname}\t{pcf}\t{crc64_avro(pcf.encode('utf-8')):016x}")
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        with open(path, encoding="utf-8") as fh:
+            doc = strip_logical(json.load(fh))
+        schema = avro.schema.parse(json.dumps(doc))
+        pcf = schema.canonical_form
+        print(f"{schema.fullname}\t{pcf}\t{crc64_avro(pcf.encode('utf-8')):016x}")

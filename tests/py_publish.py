@@ -10,6 +10,7 @@ broker acknowledged it.
 """
 import io
 import json
+import os
 import struct
 import sys
 
@@ -17,33 +18,9 @@ import avro.io
 import avro.schema
 from confluent_kafka import Producer
 
-# CRC-64-AVRO (the Avro specification's fingerprint), computed here, not by a library.
-EMPTY = 0xC15D213AA4D7A795
-TABLE = []
-for i in range(256):
-    fp = i
-    for _ in range(8):
-        fp = (fp >> 1) ^ (EMPTY & -(fp & 1))
-    TABLE.append(fp)
-
-
-def crc64_avro(data: bytes) -> int:
-    fp = EMPTY
-    for b in data:
-        fp = (fp >> 8) ^ TABLE[(fp ^ b) & 0xFF]
-    return fp
-
-
-def strip_logical(node):
-    """python3-avro 1.11.1 mishandles logicalType primitives in canonical form; the binary
-    encoding and the canonical form are the same without them."""
-    if isinstance(node, dict):
-        if "logicalType" in node and node.get("type") in ("string", "long", "int", "bytes", "fixed"):
-            node = {k: v for k, v in node.items() if k != "logicalType"}
-        return {k: strip_logical(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [strip_logical(v) for v in node]
-    return node
+# CRC-64-AVRO and the logicalType workaround, shared with the canonical-form reference (not Tally's C).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pcf_reference import crc64_avro, strip_logical  # noqa: E402
 
 
 def single_object(schema_path: str, record: dict) -> (bytes, int):
