@@ -72,6 +72,7 @@ TEST_SRCS := \
 	tests/check_main.c \
 	tests/fixtures.c \
 	tests/harness_broker.c \
+	tests/harness_ledger.c \
 	tests/harness_pg.c \
 	tests/harness.c \
 	tests/check_codec.c \

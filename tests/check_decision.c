@@ -51,17 +51,13 @@ static int64_t wall_us(void)
 static void env_up(struct env *e)
 {
 	char errstr[1024];
-	int applied = 0;
 	memset(e, 0, sizeof(*e));
 	e->base = wall_us();
 	tly_test_broker_start(&e->b, 1, PARTITIONS);
-	e->db = tly_test_pg_fresh_db();
-	e->conn = tly_pg_connect(e->db, "check_decision", errstr, sizeof(errstr));
-	ck_assert_msg(e->conn != NULL, "%s", errstr);
-	struct tly_migrate_set *set = tly_migrate_load_embedded(errstr, sizeof(errstr));
-	ck_assert_msg(set && tly_migrate_up(e->conn, set, &applied, errstr, sizeof(errstr)) == 0,
-		      "%s", errstr);
-	tly_migrate_free(set);
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_decision");
+	e->db = d.conninfo;
+	e->conn = d.conn;
 	snprintf(e->log, sizeof(e->log), "%s/ledger.log", e->b.dir);
 	ck_assert_ptr_nonnull(e->cfg = tly_config_new());
 	ck_assert_msg(tly_config_set(e->cfg, "kafka.bootstrap.servers", e->b.bootstraps, errstr,
@@ -78,22 +74,12 @@ static void env_down(struct env *e)
 
 static pid_t ledger_start(const struct env *e)
 {
-	char errstr[512], dbset[600], kset[600];
-	snprintf(dbset, sizeof(dbset), "database.url=%s", e->db);
-	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e->b.bootstraps);
-	char *const argv[] = {(char *)tly_test_bin("tally-ledger"), "-s", dbset, "-s", kset, "-s",
-			      "ledger.group.id=decision-test", "-s", "topics.partitions=4", "-s",
-			      "ledger.batch.max.ms=20", NULL};
-	pid_t pid = tly_proc_spawn(argv, e->log, errstr, sizeof(errstr));
-	ck_assert_msg(pid > 0, "could not start tally-ledger: %s", errstr);
-	return pid;
+	return tly_test_ledger_spawn(e->b.bootstraps, e->db, "decision-test", PARTITIONS, e->log);
 }
 
 static void ledger_stop(const struct env *e, pid_t pid)
 {
-	int status = tly_proc_stop(pid, 20000);
-	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-		      "tally-ledger did not exit 0 on SIGTERM (status %d); see %s", status, e->log);
+	tly_test_ledger_stop(pid, e->log);
 }
 
 static struct tly_decision_waiter *waiter_new(const struct env *e)

@@ -70,17 +70,12 @@ static struct tly_producer *env_producer(const struct env *e)
 
 static void env_up_brokers(struct env *e, int brokers)
 {
-	char errstr[1024];
-	int applied = 0;
 	memset(e, 0, sizeof(*e));
 	tly_test_broker_start(&e->b, brokers, PARTITIONS);
-	e->db = tly_test_pg_fresh_db();
-	e->conn = tly_pg_connect(e->db, "check_ledger", errstr, sizeof(errstr));
-	ck_assert_msg(e->conn != NULL, "%s", errstr);
-	struct tly_migrate_set *set = tly_migrate_load_embedded(errstr, sizeof(errstr));
-	ck_assert_msg(set && tly_migrate_up(e->conn, set, &applied, errstr, sizeof(errstr)) == 0,
-		      "%s", errstr);
-	tly_migrate_free(set);
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_ledger");
+	e->db = d.conninfo;
+	e->conn = d.conn;
 	snprintf(e->log, sizeof(e->log), "%s/ledger.log", e->b.dir);
 	e->prod = env_producer(e);
 }
@@ -98,19 +93,9 @@ static void env_down(struct env *e)
 	tly_test_broker_stop(&e->b);
 }
 
-/* A tally-ledger on db in group, logging to log; heartbeats every second so rebalances are quick. */
 static pid_t ledger_spawn(const struct env *e, const char *db, const char *group, const char *log)
 {
-	char errstr[512], dbset[600], kset[600], gset[128];
-	snprintf(dbset, sizeof(dbset), "database.url=%s", db);
-	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e->b.bootstraps);
-	snprintf(gset, sizeof(gset), "ledger.group.id=%s", group);
-	char *const argv[] = {(char *)tly_test_bin("tally-ledger"), "-s", dbset, "-s", kset, "-s", gset,
-			      "-s", "topics.partitions=4", "-s", "ledger.batch.max.ms=20",
-			      "-s", "kafka.heartbeat.interval.ms=1000", NULL};
-	pid_t pid = tly_proc_spawn(argv, log, errstr, sizeof(errstr));
-	ck_assert_msg(pid > 0, "could not start tally-ledger: %s", errstr);
-	return pid;
+	return tly_test_ledger_spawn(e->b.bootstraps, db, group, PARTITIONS, log);
 }
 
 static pid_t ledger_start_db(const struct env *e, const char *db, const char *group)
@@ -125,9 +110,7 @@ static pid_t ledger_start(const struct env *e)
 
 static void ledger_stop(const struct env *e, pid_t pid)
 {
-	int status = tly_proc_stop(pid, 20000);
-	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-		      "tally-ledger did not exit 0 on SIGTERM (status %d); see %s", status, e->log);
+	tly_test_ledger_stop(pid, e->log);
 }
 
 static long q_long(PGconn *conn, const char *sql, int n, const char *const *v)

@@ -12,6 +12,8 @@
 
 #include <sys/types.h>
 
+#include <libpq-fe.h>
+
 /* Runner only: start / stop the run's PostgreSQL cluster. Aborts the run if it cannot start. */
 void tly_test_pg_start(void);
 void tly_test_pg_stop(void);
@@ -38,6 +40,25 @@ struct tly_test_broker {
 void tly_test_broker_start(struct tly_test_broker *b, int brokers, int partitions);
 /* SIGTERM it and check it exits 0; remove its dir. */
 void tly_test_broker_stop(struct tly_test_broker *b);
+
+/* A fresh database migrated to head, and a connection to it (both owned by the caller). */
+struct tly_test_db {
+	char *conninfo;
+	PGconn *conn;
+};
+void tly_test_db_up(struct tly_test_db *d, const char *application_name);
+void tly_test_db_down(struct tly_test_db *d);
+
+/*
+ * Start the real tally-ledger on db in consumer group `group` against a dev broker with
+ * `partitions` partitions, logging to log; short batches and one-second heartbeats keep the tests
+ * quick. Fails the test if it cannot start.
+ */
+pid_t tly_test_ledger_spawn(const char *bootstraps, const char *db, const char *group, int partitions,
+			    const char *log);
+
+/* SIGTERM the ledger and check it exits 0 (else fail the test, naming its log). */
+void tly_test_ledger_stop(pid_t pid, const char *log);
 
 /* Path of a built program ("tallyctl"), from $TALLY_BIN (set by make check) or build/bin. */
 const char *tly_test_bin(const char *program);
