@@ -313,8 +313,10 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 	while (!stop_requested) {
 		int status;
 		if (tly_proc_wait(broker, 200, &status) == 0) {
-			fprintf(stderr, "tallyctl: tally-devbroker exited unexpectedly (see %s)\n", log);
 			broker = -1;
+			if (stop_requested)
+				break; /* Ctrl-C reached the whole process group: the broker stopped too */
+			fprintf(stderr, "tallyctl: tally-devbroker exited unexpectedly (see %s)\n", log);
 			goto out;
 		}
 	}
