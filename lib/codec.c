@@ -411,16 +411,18 @@ static int get_field(const struct tly_field *f, unsigned char *base, avro_value_
 	if (avro_value_get_by_name(rec, f->name, &fv, NULL) != 0)
 		return apply_default(f, base, current, arena, errstr, errlen);
 
+	/* optional strings and UUIDs: a null leaves the field absent, else read what is inside */
+	if (f->kind == TLY_F_OPT_UUID || f->kind == TLY_F_OPT_STR) {
+		if (get_opt(&fv, &inner, &present) != 0)
+			return bad(errstr, errlen, f->name, "is not a union");
+		if (!present)
+			return 0;
+		fv = inner;
+	}
+
 	switch (f->kind) {
 	case TLY_F_UUID:
 	case TLY_F_OPT_UUID:
-		if (f->kind == TLY_F_OPT_UUID) {
-			if (get_opt(&fv, &inner, &present) != 0)
-				return bad(errstr, errlen, f->name, "is not a union");
-			if (!present)
-				return 0;
-			fv = inner;
-		}
 		if ((rc = get_str(&fv, arena, f->name, &s, errstr, errlen)) != 0)
 			return rc;
 		if (tly_uuid_parse(s, p) != 0) {
@@ -432,13 +434,6 @@ static int get_field(const struct tly_field *f, unsigned char *base, avro_value_
 	case TLY_F_STR:
 	case TLY_F_JSON:
 	case TLY_F_OPT_STR:
-		if (f->kind == TLY_F_OPT_STR) {
-			if (get_opt(&fv, &inner, &present) != 0)
-				return bad(errstr, errlen, f->name, "is not a union");
-			if (!present)
-				return 0;
-			fv = inner;
-		}
 		if ((rc = get_str(&fv, arena, f->name, &s, errstr, errlen)) != 0)
 			return rc;
 		memcpy(p, &s, sizeof(s));

@@ -686,19 +686,29 @@ START_TEST(test_quarantine)
 }
 END_TEST
 
+/* What the partition code needs to run in the test process, and tenant n's partition. */
+static int32_t partition_ctx(const struct env *e, int n, struct tly_codec **codec,
+			     struct tly_ledger_ctx *ctx, tly_uuid *tenant, char key[37])
+{
+	char errstr[256];
+	*codec = tly_codec_new(errstr, sizeof(errstr));
+	ck_assert_msg(*codec != NULL, "%s", errstr);
+	*ctx = (struct tly_ledger_ctx){e->conn, *codec, {0, *codec}, "tally.events", "tally.ledger", PARTITIONS};
+	tenant_of(n, tenant);
+	tly_uuid_format(tenant, key);
+	return tly_kafka_partition_for_key(key, 36, PARTITIONS);
+}
+
 /* Two owners of one partition: the one whose stored offset moved cannot commit. */
 START_TEST(test_stale_owner_fenced)
 {
 	char errstr[256], key[37];
 	struct env e;
 	env_up(&e);
-	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
-	ck_assert_ptr_nonnull(codec);
-	struct tly_ledger_ctx ctx = {e.conn, codec, {0, codec}, "tally.events", "tally.ledger", PARTITIONS};
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
 	tly_uuid t;
-	tenant_of(4, &t);
-	tly_uuid_format(&t, key);
-	int32_t part = tly_kafka_partition_for_key(key, 36, PARTITIONS);
+	int32_t part = partition_ctx(&e, 4, &codec, &ctx, &t, key);
 	struct tly_pg_error err;
 	struct tly_ledger_partition *a = tly_ledger_partition_open(&ctx, part, &err);
 	struct tly_ledger_partition *b = tly_ledger_partition_open(&ctx, part, &err);
@@ -759,13 +769,10 @@ START_TEST(test_load_entries_for_republish)
 	char errstr[256], key[37];
 	struct env e;
 	env_up(&e);
-	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
-	ck_assert_ptr_nonnull(codec);
-	struct tly_ledger_ctx ctx = {e.conn, codec, {0, codec}, "tally.events", "tally.ledger", PARTITIONS};
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
 	tly_uuid t;
-	tenant_of(5, &t);
-	tly_uuid_format(&t, key);
-	int32_t part = tly_kafka_partition_for_key(key, 36, PARTITIONS);
+	int32_t part = partition_ctx(&e, 5, &codec, &ctx, &t, key);
 	struct tly_pg_error err;
 	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
 	ck_assert_ptr_nonnull(p);

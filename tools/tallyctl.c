@@ -54,7 +54,7 @@ static void usage(FILE *out)
 
 /* ---- migrate ------------------------------------------------------------------------------- */
 
-static PGconn *connect_db(struct app *app)
+PGconn *tallyctl_connect_db(struct app *app)
 {
 	char err[512];
 	const char *url = tly_config_str(app->cfg, "database.url");
@@ -88,7 +88,7 @@ static int cmd_migrate(struct app *app, int argc, char **argv)
 		fprintf(stderr, "tallyctl: %s\n", err);
 		goto out;
 	}
-	if (!(conn = connect_db(app)))
+	if (!(conn = tallyctl_connect_db(app)))
 		goto out;
 	if (strcmp(argv[1], "status") == 0) {
 		if (tly_migrate_status(conn, set, stdout, err, sizeof(err)) != 0) {

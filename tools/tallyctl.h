@@ -2,12 +2,17 @@
 #ifndef TALLYCTL_H
 #define TALLYCTL_H
 
+#include <libpq-fe.h>
+
 #include "config.h"
 
 struct app {
 	struct tly_config *cfg;     /* owned by main */
 	const char *migrations_dir; /* NULL: the migrations compiled in */
 };
+
+/* A connection to database.url, or NULL after printing why (tallyctl.c). */
+PGconn *tallyctl_connect_db(struct app *app);
 
 typedef int (*command_fn)(struct app *app, int argc, char **argv);
 

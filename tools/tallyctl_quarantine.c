@@ -8,20 +8,6 @@
 #include "producer.h"
 #include "tallyctl.h"
 
-static PGconn *quarantine_db(struct app *app)
-{
-	char err[512];
-	const char *url = tly_config_str(app->cfg, "database.url");
-	if (!url) {
-		fprintf(stderr, "tallyctl: database.url is not set (use -s database.url=… or TALLY_DATABASE_URL)\n");
-		return NULL;
-	}
-	PGconn *conn = tly_pg_connect(url, "tallyctl", err, sizeof(err));
-	if (!conn)
-		fprintf(stderr, "tallyctl: %s\n", err);
-	return conn;
-}
-
 static int quarantine_list(PGconn *conn)
 {
 	struct tly_pg_error err;
@@ -147,7 +133,7 @@ int cmd_quarantine(struct app *app, int argc, char **argv)
 		fprintf(stderr, "tallyctl: usage: tallyctl quarantine list | quarantine replay ID|--all\n");
 		return 2;
 	}
-	PGconn *conn = quarantine_db(app);
+	PGconn *conn = tallyctl_connect_db(app);
 	if (!conn)
 		return 1;
 	int rc = strcmp(argv[1], "list") == 0 ? quarantine_list(conn)
