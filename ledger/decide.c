@@ -83,14 +83,8 @@ static struct tly_event *entry_begin(struct ctx *c, const char *kind)
 	struct tly_entries *out = c->out;
 	if (!out->arena && !(out->arena = tly_arena_new()))
 		return NULL;
-	if (out->n == out->cap) {
-		size_t cap = out->cap ? out->cap * 2 : 8;
-		struct tly_event *grown = realloc(out->items, cap * sizeof(*grown));
-		if (!grown)
-			return NULL;
-		out->items = grown;
-		out->cap = cap;
-	}
+	if (tly_ledger_grow(&out->items, &out->cap, out->n, sizeof(*out->items)) != 0)
+		return NULL;
 	struct tly_event *ev = &out->items[out->n];
 	memset(ev, 0, sizeof(*ev));
 	ev->type = TLY_EV_LEDGER_ENTRY;
@@ -257,19 +251,6 @@ static struct tly_grant *find_grant(struct tly_wallet *w, const tly_uuid *id)
 			return &w->grants[i];
 	}
 	return NULL;
-}
-
-static int grow(void **items, size_t *cap, size_t n, size_t size)
-{
-	if (n < *cap)
-		return 0;
-	size_t ncap = *cap ? *cap * 2 : 8;
-	void *grown = realloc(*items, ncap * size);
-	if (!grown)
-		return TLY_E_NOMEM;
-	*items = grown;
-	*cap = ncap;
-	return 0;
 }
 
 static void remove_grant(struct tly_wallet *w, size_t i)
@@ -607,7 +588,7 @@ static int on_grant(struct ctx *c, const struct tly_ev_credits_granted *g)
 		return reject(c, TLY_REASON_DUPLICATE_GRANT, &g->grant_id);
 	if (g->expires_at.set && g->expires_at.v <= w->time)
 		return reject(c, TLY_REASON_HOLD_EXPIRED_ON_ARRIVAL, &g->grant_id);
-	if (grow((void **)&w->grants, &w->cap_grants, w->n_grants, sizeof(*w->grants)) != 0)
+	if (tly_ledger_grow(&w->grants, &w->cap_grants, w->n_grants, sizeof(*w->grants)) != 0)
 		return TLY_E_NOMEM;
 	w->grants[w->n_grants++] = (struct tly_grant){
 		g->grant_id, g->tokens, g->expires_at.set ? g->expires_at.v : TLY_NEVER, w->next_grant++};
@@ -703,7 +684,7 @@ static int on_usage(struct ctx *c, const struct tly_ev_usage_reported *u)
 	while (i < w->n_usage && strcmp(w->usage[i].key, u->feature_key) < 0)
 		i++;
 	if (i == w->n_usage || strcmp(w->usage[i].key, u->feature_key) != 0) {
-		if (grow((void **)&w->usage, &w->cap_usage, w->n_usage, sizeof(*w->usage)) != 0)
+		if (tly_ledger_grow(&w->usage, &w->cap_usage, w->n_usage, sizeof(*w->usage)) != 0)
 			return TLY_E_NOMEM;
 		memmove(&w->usage[i + 1], &w->usage[i], (w->n_usage - i) * sizeof(*w->usage));
 		memset(&w->usage[i], 0, sizeof(w->usage[i]));

@@ -6,6 +6,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+int tly_ledger_grow(void *items_ptr, size_t *cap, size_t n, size_t size)
+{
+	if (n < *cap)
+		return 0;
+	void *items;
+	memcpy(&items, items_ptr, sizeof(items));
+	size_t ncap = *cap ? *cap * 2 : 16;
+	void *grown = realloc(items, ncap * size);
+	if (!grown)
+		return TLY_E_NOMEM;
+	memcpy(items_ptr, &grown, sizeof(grown));
+	*cap = ncap;
+	return 0;
+}
+
 struct tly_wallet *tly_wallet_new(const tly_uuid *tenant)
 {
 	struct tly_wallet *w = calloc(1, sizeof(*w));
@@ -106,14 +121,8 @@ static void heap_down(struct tly_due *h, size_t n, size_t i)
 
 static int heap_push(struct tly_wallet *w, int64_t at, size_t index)
 {
-	if (w->n_heap == w->cap_heap) {
-		size_t cap = w->cap_heap ? w->cap_heap * 2 : 16;
-		struct tly_due *grown = realloc(w->heap, cap * sizeof(*grown));
-		if (!grown)
-			return TLY_E_NOMEM;
-		w->heap = grown;
-		w->cap_heap = cap;
-	}
+	if (tly_ledger_grow(&w->heap, &w->cap_heap, w->n_heap, sizeof(*w->heap)) != 0)
+		return TLY_E_NOMEM;
 	w->heap[w->n_heap] = (struct tly_due){at, (uint32_t)index};
 	heap_up(w->heap, w->n_heap++);
 	return 0;
@@ -157,14 +166,8 @@ struct tly_hold *tly_wallet_find_hold(struct tly_wallet *w, const tly_uuid *id)
 
 int tly_wallet_add_hold(struct tly_wallet *w, const struct tly_hold *h)
 {
-	if (w->n_holds == w->cap_holds) {
-		size_t cap = w->cap_holds ? w->cap_holds * 2 : 16;
-		struct tly_hold *grown = realloc(w->holds, cap * sizeof(*grown));
-		if (!grown)
-			return TLY_E_NOMEM;
-		w->holds = grown;
-		w->cap_holds = cap;
-	}
+	if (tly_ledger_grow(&w->holds, &w->cap_holds, w->n_holds, sizeof(*w->holds)) != 0)
+		return TLY_E_NOMEM;
 	w->holds[w->n_holds++] = *h;
 	if (2 * w->n_holds + 2 > w->n_slots)
 		return tly_wallet_reindex(w);

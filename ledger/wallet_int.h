@@ -104,6 +104,12 @@ void tly_wallet_end_hold(struct tly_wallet *w, struct tly_hold *h, int64_t at);
 struct tly_hold *tly_wallet_first_expiry(struct tly_wallet *w);
 
 
+/*
+ * Make room for one more item in the array whose pointer is at items_ptr (n used, *cap allocated,
+ * size bytes each), doubling it. 0 or TLY_E_NOMEM (the array is unchanged).
+ */
+int tly_ledger_grow(void *items_ptr, size_t *cap, size_t n, size_t size) TLY_MUST_CHECK;
+
 /* Free a terms' owned memory and zero it. */
 void tly_terms_clear(struct tly_terms *t);
 
