@@ -46,6 +46,9 @@ struct app {
 	struct tly_ledger_ctx ctx;        /* borrows conn and codec */
 	struct slot *slots;               /* partition_count of them */
 	int32_t partition_count;
+	struct tly_ledger_group_item *group; /* partition_count of them, scratch of commit_all */
+	size_t pending;                   /* records added since the last group commit */
+	int64_t opened_ms;                /* when the first of them was added */
 	size_t max_events;
 	int64_t max_ms;
 	int shutdown_ms;
@@ -203,46 +206,59 @@ static void reload_due(struct app *app)
 	}
 }
 
-/* Commit the open batch of a partition and publish it; on failure drop the partition's state. */
-static void commit_partition(struct app *app, int32_t partition)
+/*
+ * Group commit: decide the open batches of every partition and commit them in one transaction,
+ * then publish each. On failure every partition of the group drops its state and reloads (their
+ * wallets moved past the database); a fenced one waits longer, another owner has it.
+ */
+static void commit_all(struct app *app)
 {
-	struct slot *s = &app->slots[partition];
-	struct tly_ledger_batch_out out;
 	struct tly_pg_error err = {0};
-	bool fenced = false;
-	if (!s->part || tly_ledger_partition_pending(s->part) == 0)
+	size_t n = 0;
+	if (app->pending == 0)
 		return;
-	if (ensure_conn(app) != 0) {
-		reset_partition(app, partition, RELOAD_BACKOFF_MS);
-		return;
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		struct tly_ledger_partition *part = app->slots[i].part;
+		if (part && tly_ledger_partition_pending(part))
+			app->group[n++] = (struct tly_ledger_group_item){
+				.part = part,
+				.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
 	}
-	int64_t marker = tly_ledger_publisher_take_marker(app->pub, partition);
-	int rc = tly_ledger_partition_commit(s->part, &app->ctx, marker, &out, &fenced, &err);
-	if (rc == 0) {
-		tly_debug("batch committed", "partition=%d first_offset=%" PRId64 " end_offset=%" PRId64
-			  " entries=%zu quarantined=%zu", (int)partition, out.first_offset,
-			  out.end_offset, out.n_entries, out.n_quarantined);
-		if (tly_ledger_publisher_send(app->pub, partition, &out) != 0)
-			tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
-				 "partition=%d end_offset=%" PRId64, (int)partition, out.end_offset);
+	app->pending = 0;
+	if (n == 0)
 		return;
+	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_commit(app->group, n, &app->ctx, &err)
+				       : TLY_E_PG;
+	for (size_t k = 0; k < n; k++) {
+		struct tly_ledger_group_item *it = &app->group[k];
+		int32_t partition = tly_ledger_partition_id(it->part);
+		if (rc == 0) {
+			tly_debug("batch committed", "partition=%d first_offset=%" PRId64
+				  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
+				  (int)partition, it->out.first_offset, it->out.end_offset,
+				  it->out.n_entries, it->out.n_quarantined, n);
+			if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
+				tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
+					 "partition=%d end_offset=%" PRId64, (int)partition,
+					 it->out.end_offset);
+		} else if (it->fenced) {
+			tly_error("could not commit batch: this process lost the partition",
+				  "partition=%d reason=\"%s\"", (int)partition, err.message);
+			reset_partition(app, partition, FENCED_BACKOFF_MS);
+		} else {
+			/* The markers handed out were not stored: they are handed out again later. */
+			reset_partition(app, partition, RELOAD_BACKOFF_MS);
+		}
 	}
-	if (fenced) {
-		tly_error("could not commit batch: this process lost the partition",
-			  "partition=%d reason=\"%s\"", (int)partition, err.message);
-		reset_partition(app, partition, FENCED_BACKOFF_MS);
-	} else if (err.errclass == TLY_ERRCLASS_RETRIABLE) {
-		tly_warn("could not commit batch, retrying from the stored offset",
-			 "partition=%d reason=\"%s\"", (int)partition, err.message);
-		reset_partition(app, partition, RELOAD_BACKOFF_MS);
-	} else {
-		tly_error("could not commit batch", "partition=%d reason=\"%s\"", (int)partition,
-			  err.message);
-		reset_partition(app, partition, RELOAD_BACKOFF_MS);
+	if (rc == 0)
+		return;
+	if (err.errclass == TLY_ERRCLASS_RETRIABLE)
+		tly_warn("could not commit batch, retrying from the stored offsets",
+			 "partitions=%zu reason=\"%s\"", n, err.message);
+	else if (err.errclass != TLY_ERRCLASS_PERMANENT) {
+		tly_error("could not commit batch", "partitions=%zu reason=\"%s\"", n, err.message);
 		app->failed = true;
 	}
-	/* The marker handed out was not stored: hand it out again with the next batch. */
-	(void)marker;
 }
 
 /* Store the delivered marker of a partition outside a batch (revocation, shutdown). */
@@ -299,12 +315,13 @@ static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, b
 		if (p < 0 || p >= app->partition_count)
 			continue;
 		struct slot *s = &app->slots[p];
-		if (!lost)
-			commit_partition(app, p); /* fenced by the compare-and-set if another owner moved on */
-		else if (s->part && tly_ledger_partition_pending(s->part))
+		if (lost && s->part && tly_ledger_partition_pending(s->part)) {
 			tly_warn("partition lost: abandoning its open batch",
 				 "partition=%d records=%zu", (int)p, tly_ledger_partition_pending(s->part));
+			reset_partition(app, p, RELOAD_BACKOFF_MS);
+		}
 	}
+	commit_all(app); /* a revoked partition is fenced by the compare-and-set if another owner moved on */
 	if (app->pub && tly_ledger_publisher_flush(app->pub, app->shutdown_ms) != 0)
 		tly_warn("revoked partitions: not every entry was delivered; the next owner republishes",
 			 "partitions=%d", parts->cnt);
@@ -445,6 +462,7 @@ static int start(struct app *app)
 		goto out;
 	}
 	if (!(app->slots = calloc((size_t)app->partition_count, sizeof(*app->slots))) ||
+	    !(app->group = calloc((size_t)app->partition_count, sizeof(*app->group))) ||
 	    !(app->pub = tly_ledger_publisher_new(app->cfg, app->codec, app->partition_count, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not create the ledger producer", "reason=\"%s\"",
@@ -490,21 +508,19 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 		app->failed = true;
 		return;
 	}
-	if (added && m->offset != expected)
+	if (!added)
+		return;
+	if (m->offset != expected)
 		tly_warn("input offsets skip ahead", "partition=%d expected=%" PRId64 " offset=%" PRId64,
 			 (int)p, expected, m->offset);
-	if (tly_ledger_partition_pending(part) >= app->max_events)
-		commit_partition(app, p);
+	if (app->pending++ == 0)
+		app->opened_ms = now_ms();
 }
 
-static void commit_due(struct app *app, bool all)
+/* Delivery to tally.ledger failed for good: republish from the marker. */
+static void check_deliveries(struct app *app)
 {
-	int64_t now = now_ms();
 	for (int32_t i = 0; i < app->partition_count; i++) {
-		struct tly_ledger_partition *part = app->slots[i].part;
-		if (part && tly_ledger_partition_pending(part) &&
-		    (all || now - tly_ledger_partition_opened_ms(part) >= app->max_ms))
-			commit_partition(app, i);
 		if (app->slots[i].part && tly_ledger_publisher_take_failure(app->pub, i)) {
 			tly_warn("delivery to tally.ledger failed; republishing from the marker",
 				 "partition=%d", (int)i);
@@ -513,22 +529,31 @@ static void commit_due(struct app *app, bool all)
 	}
 }
 
+/*
+ * The loop. Records are taken as long as librdkafka has them ready; the group is committed as
+ * soon as none is ready (so a lone event is decided at once and, under load, the batch grows
+ * while the previous commit runs), or at ledger.batch.max.events, or ledger.batch.max.ms after
+ * its first record.
+ */
 static void run(struct app *app)
 {
 	while (!stop_requested && !app->failed) {
-		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, POLL_MS);
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, app->pending ? 0 : POLL_MS);
 		if (m) {
 			handle_message(app, m);
 			rd_kafka_message_destroy(m);
 		}
-		commit_due(app, false);
+		if (app->pending && (!m || app->pending >= app->max_events ||
+				     now_ms() - app->opened_ms >= app->max_ms))
+			commit_all(app);
+		check_deliveries(app);
 		reload_due(app);
 		tly_ledger_publisher_poll(app->pub, 0);
 	}
 	if (app->failed)
 		return;
 	tly_info("stopping: committing open batches", NULL);
-	commit_due(app, true);
+	commit_all(app);
 	if (tly_ledger_publisher_flush(app->pub, app->shutdown_ms) != 0)
 		tly_warn("stopping with undelivered entries; the next owner republishes them", NULL);
 	for (int32_t i = 0; i < app->partition_count; i++)
@@ -587,6 +612,7 @@ out:
 	for (int32_t i = 0; app.slots && i < app.partition_count; i++)
 		tly_ledger_partition_free(app.slots[i].part);
 	free(app.slots);
+	free(app.group);
 	tly_codec_free(app.codec);
 	if (app.conn)
 		PQfinish(app.conn);

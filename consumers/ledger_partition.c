@@ -437,27 +437,27 @@ static void reset_batch_scratch(struct tly_ledger_partition *p)
 	tly_arena_reset(p->arena);
 }
 
-int tly_ledger_partition_commit(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
-				int64_t published_offset, struct tly_ledger_batch_out *out,
-				bool *fenced, struct tly_pg_error *err)
+static void set_fatal(struct tly_pg_error *err, const char *msg)
 {
-	int rc = TLY_E_NOMEM;
-	struct tly_ledger_seen_key *keys = NULL;
-	size_t n_keys = 0;
-	*fenced = false;
-	memset(out, 0, sizeof(*out));
-	reset_batch_scratch(p);
-	if (p->n_recs == 0)
-		return 0;
-	if (!(keys = calloc(p->n_recs, sizeof(*keys))))
-		goto fail;
+	if (!err)
+		return;
+	err->errclass = TLY_ERRCLASS_FATAL;
+	err->sqlstate[0] = '\0';
+	snprintf(err->message, sizeof(err->message), "%s", msg);
+}
 
-	/* 1. decode and check; what is left needs to know whether its event id was seen */
+/* Step 1: decode and check the open batch; add what the cache does not know to keys. */
+static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		   struct tly_ledger_seen_key *keys, size_t *n_keys)
+{
+	reset_batch_scratch(p);
 	for (size_t i = 0; i < p->n_recs; i++) {
 		struct record *r = &p->recs[i];
 		struct tly_event *ev = &p->events[i];
-		if ((rc = classify(p, ctx, r, ev)) != 0)
-			goto fail;
+		int rc = classify(p, ctx, r, ev);
+		if (rc != 0)
+			return rc;
+		r->lookup = false;
 		if (r->reason || ev->type == TLY_EV_CLOCK_TICK)
 			continue;
 		const struct cache_slot *hit = cache_get(p, &ev->tenant_id, &ev->event_id);
@@ -467,48 +467,47 @@ int tly_ledger_partition_commit(struct tly_ledger_partition *p, const struct tly
 			continue;
 		}
 		r->lookup = true;
-		r->key_index = n_keys;
-		keys[n_keys].tenant_id = ev->tenant_id;
-		keys[n_keys].event_id = ev->event_id;
-		n_keys++;
+		r->key_index = *n_keys;
+		keys[*n_keys].tenant_id = ev->tenant_id;
+		keys[*n_keys].event_id = ev->event_id;
+		(*n_keys)++;
 	}
-	/* 2. one lookup for every pair the cache does not know */
-	if (n_keys && (rc = tly_ledger_store_lookup_seen(ctx->conn, keys, n_keys, err)) != 0)
-		goto fail;
-	/* 3. decide in offset order */
+	return 0;
+}
+
+/* Step 3: decide in offset order; fill c with what the transaction writes. */
+static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		  const struct tly_ledger_seen_key *keys, int64_t published_offset,
+		  struct tly_ledger_commit *c, struct tly_pg_error *err)
+{
+	size_t nq = 0;
 	for (size_t i = 0; i < p->n_recs; i++) {
 		struct record *r = &p->recs[i];
 		if (r->lookup)
 			r->seen = keys[r->key_index].seen;
-		if (!r->reason && (rc = apply_one(p, ctx, r, &p->events[i])) != 0) {
-			if (rc == TLY_E_NOMEM)
-				goto fail;
-			rc = TLY_E_PG;
-			if (err) {
-				err->errclass = TLY_ERRCLASS_FATAL;
-				err->sqlstate[0] = '\0';
-				snprintf(err->message, sizeof(err->message),
-					 "the decision core failed at offset %" PRId64, r->offset);
-			}
-			goto fail_quiet;
+		int rc = r->reason ? 0 : apply_one(p, ctx, r, &p->events[i]);
+		if (rc == TLY_E_NOMEM)
+			return rc;
+		if (rc != 0) {
+			char msg[96];
+			snprintf(msg, sizeof(msg), "the decision core failed at offset %" PRId64,
+				 r->offset);
+			set_fatal(err, msg);
+			return TLY_E_PG;
 		}
 	}
-	/* 4. one transaction */
-	size_t nq = 0;
 	for (size_t i = 0; i < p->n_recs; i++) {
 		struct record *r = &p->recs[i];
-		if (!r->reason)
-			continue;
-		p->quarantined[nq++] = (struct tly_ledger_quarantined){
-			ctx->events_topic, p->partition, r->offset, rec_key(p, r), r->keylen,
-			rec_value(p, r), r->valuelen, r->reason, r->detail};
+		if (r->reason)
+			p->quarantined[nq++] = (struct tly_ledger_quarantined){
+				ctx->events_topic, p->partition, r->offset, rec_key(p, r), r->keylen,
+				rec_value(p, r), r->valuelen, r->reason, r->detail};
 	}
-	int64_t end = p->recs[p->n_recs - 1].offset + 1;
-	struct tly_ledger_commit c = {
+	*c = (struct tly_ledger_commit){
 		.topic = ctx->events_topic,
 		.partition = p->partition,
 		.old_offset = p->stored_offset,
-		.new_offset = end,
+		.new_offset = p->recs[p->n_recs - 1].offset + 1,
 		.entries = p->entries.items,
 		.n_entries = p->entries.n,
 		.wallets = p->touched_list,
@@ -518,30 +517,81 @@ int tly_ledger_partition_commit(struct tly_ledger_partition *p, const struct tly
 		.ledger_topic = ctx->ledger_topic,
 		.published_offset = published_offset,
 	};
-	if ((rc = tly_ledger_store_commit(ctx->conn, &c, fenced, err)) != 0)
-		goto fail_quiet;
+	return 0;
+}
 
-	/* committed: remember the new ids, hand the outcome over, empty the batch */
+/* Step 5, once committed: remember the new ids, hand the outcome over, empty the batch. */
+static void committed(struct tly_ledger_partition *p, const struct tly_ledger_commit *c,
+		      struct tly_ledger_batch_out *out)
+{
 	for (size_t i = 0; i < p->n_recs; i++) {
 		const struct tly_event *ev = &p->events[i];
 		if (!p->recs[i].reason && ev->type != TLY_EV_CLOCK_TICK &&
 		    tly_uuidmap_get(p->batch_seen, &ev->tenant_id, &ev->event_id) == &p->recs[i])
 			cache_put(p, &ev->tenant_id, &ev->event_id, p->recs[i].digest);
 	}
-	*out = (struct tly_ledger_batch_out){p->entries.items, p->entries.n, p->quarantined, nq,
-					     p->recs[0].offset, end};
-	p->stored_offset = end;
+	*out = (struct tly_ledger_batch_out){p->entries.items, p->entries.n, p->quarantined,
+					     c->n_quarantined, p->recs[0].offset, c->new_offset};
+	p->stored_offset = c->new_offset;
 	p->n_recs = 0;
 	p->bytes.len = 0;
-	free(keys);
-	return 0;
-fail:
-	if (rc == TLY_E_NOMEM && err) {
-		err->errclass = TLY_ERRCLASS_FATAL;
-		err->sqlstate[0] = '\0';
-		snprintf(err->message, sizeof(err->message), "out of memory");
+}
+
+int tly_ledger_partition_commit(struct tly_ledger_group_item *items, size_t n,
+				const struct tly_ledger_ctx *ctx, struct tly_pg_error *err)
+{
+	int rc = TLY_E_NOMEM;
+	struct tly_ledger_seen_key *keys = NULL;
+	struct tly_ledger_commit *commits = NULL;
+	bool *fenced = NULL;
+	size_t *at = NULL; /* commits[k] is the batch of items[at[k]] */
+	size_t n_recs = 0, n_keys = 0, n_commits = 0;
+	for (size_t i = 0; i < n; i++) {
+		items[i].fenced = false;
+		memset(&items[i].out, 0, sizeof(items[i].out));
+		n_recs += items[i].part->n_recs;
 	}
+	if (n_recs == 0)
+		return 0;
+	if (!(keys = calloc(n_recs, sizeof(*keys))) || !(commits = calloc(n, sizeof(*commits))) ||
+	    !(fenced = calloc(n, sizeof(*fenced))) || !(at = calloc(n, sizeof(*at))))
+		goto fail;
+	/* 1. decode and check; what is left needs to know whether its event id was seen */
+	for (size_t i = 0; i < n; i++)
+		if ((rc = prepare(items[i].part, ctx, keys, &n_keys)) != 0)
+			goto fail;
+	/* 2. one lookup for every pair the caches do not know */
+	if (n_keys && (rc = tly_ledger_store_lookup_seen(ctx->conn, keys, n_keys, err)) != 0)
+		goto fail_quiet;
+	/* 3. decide each partition in offset order */
+	for (size_t i = 0; i < n; i++) {
+		struct tly_ledger_partition *p = items[i].part;
+		if (p->n_recs == 0)
+			continue;
+		if ((rc = decide(p, ctx, keys, items[i].published_offset, &commits[n_commits], err)) != 0)
+			goto fail;
+		at[n_commits++] = i;
+	}
+	/* 4. one transaction */
+	if ((rc = tly_ledger_store_commit(ctx->conn, commits, n_commits, fenced, err)) != 0) {
+		for (size_t k = 0; k < n_commits; k++)
+			items[at[k]].fenced = fenced[k];
+		goto fail_quiet;
+	}
+	/* 5. committed */
+	for (size_t k = 0; k < n_commits; k++)
+		committed(items[at[k]].part, &commits[k], &items[at[k]].out);
+	rc = 0;
+	goto out;
+fail:
+	if (rc == TLY_E_NOMEM)
+		set_fatal(err, "out of memory");
 fail_quiet:
+	rc = rc == TLY_E_NOMEM ? rc : TLY_E_PG;
+out:
 	free(keys);
-	return rc == TLY_E_NOMEM ? rc : TLY_E_PG;
+	free(commits);
+	free(fenced);
+	free(at);
+	return rc;
 }

@@ -65,15 +65,24 @@ int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, con
 size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p);
 int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p); /* first add */
 
+/* One partition's share of a group commit. */
+struct tly_ledger_group_item {
+	struct tly_ledger_partition *part; /* borrowed */
+	int64_t published_offset;          /* the delivered marker to store with it, -1 to leave it */
+	struct tly_ledger_batch_out out;   /* out: on success, the committed batch */
+	bool fenced;                       /* out: the stored offset moved (the partition was lost) */
+};
+
 /*
- * Decide and commit the open batch in one transaction (published_offset: the delivered marker to
- * store with it, -1 to leave it). On success *out describes the batch and the batch is emptied.
- * On failure the in-memory wallets may have moved past the database: the caller must free p and
- * open the partition again. *fenced is set when the stored offset moved (this process lost the
- * partition). Returns 0, TLY_E_PG (err filled), TLY_E_NOMEM.
+ * Decide the open batches of n partitions and commit them all in one transaction (one seen
+ * lookup, one COPY of the entries, one snapshot upsert). On success each item's out describes
+ * its batch and the batches are emptied. On failure nothing is committed and every partition's
+ * in-memory wallets may have moved past the database: the caller must free and open each of
+ * them again; fenced is set on the items whose stored offset moved (this process lost them).
+ * Returns 0, TLY_E_PG (err filled), TLY_E_NOMEM.
  */
-int tly_ledger_partition_commit(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
-				int64_t published_offset, struct tly_ledger_batch_out *out,
-				bool *fenced, struct tly_pg_error *err) TLY_MUST_CHECK;
+int tly_ledger_partition_commit(struct tly_ledger_group_item *items, size_t n,
+				const struct tly_ledger_ctx *ctx,
+				struct tly_pg_error *err) TLY_MUST_CHECK;
 
 #endif

@@ -352,37 +352,40 @@ static void copy_field(FILE *f, const char *v, int len, int fmt)
 	}
 }
 
-/* The batch's entries through one COPY (no per-row parse or plan). */
-static int insert_entries(PGconn *conn, struct tly_arena *arena, const struct tly_event *entries,
+/* The entries of every commit of the group through one COPY (no per-row parse or plan). */
+static int insert_entries(PGconn *conn, struct tly_arena *arena, const struct tly_ledger_commit *c,
 			  size_t n, struct tly_pg_error *err)
 {
 	const char *v[ENTRY_COLS];
 	int len[ENTRY_COLS], fmt[ENTRY_COLS];
 	char *data = NULL;
-	size_t datalen = 0;
+	size_t datalen = 0, rows = 0;
 	int rc = TLY_E_NOMEM;
-	if (n == 0)
-		return 0;
 	FILE *f = open_memstream(&data, &datalen);
 	if (!f)
 		goto out;
-	for (size_t r = 0; r < n; r++) {
-		if ((rc = entry_params(arena, &entries[r], v, len, fmt)) != 0) {
-			fclose(f);
-			goto out;
+	for (size_t i = 0; i < n; i++) {
+		for (size_t r = 0; r < c[i].n_entries; r++, rows++) {
+			if ((rc = entry_params(arena, &c[i].entries[r], v, len, fmt)) != 0) {
+				fclose(f);
+				goto out;
+			}
+			for (int k = 0; k < ENTRY_COLS; k++) {
+				if (k)
+					fputc('\t', f);
+				copy_field(f, v[k], len[k], fmt[k]);
+			}
+			fputc('\n', f);
+			tly_arena_reset(arena);
 		}
-		for (int c = 0; c < ENTRY_COLS; c++) {
-			if (c)
-				fputc('\t', f);
-			copy_field(f, v[c], len[c], fmt[c]);
-		}
-		fputc('\n', f);
-		tly_arena_reset(arena);
 	}
 	if (fclose(f) != 0) {
 		rc = TLY_E_NOMEM;
 		goto out;
 	}
+	rc = 0;
+	if (rows == 0)
+		goto out;
 	rc = TLY_E_PG;
 	char sql[sizeof(ENTRY_COLUMNS) + 64];
 	snprintf(sql, sizeof(sql), "COPY ledger_entries (%s) FROM STDIN", ENTRY_COLUMNS);
@@ -414,75 +417,76 @@ out:
 
 #define WALLETS_PER_STATEMENT 200
 
-/* Upsert the snapshots of the batch's wallets, WALLETS_PER_STATEMENT rows per statement. */
-static int save_wallets(PGconn *conn, int32_t partition, struct tly_wallet *const *wallets,
-			size_t n, struct tly_pg_error *err)
+/* One wallet of the group with the partition that owns it. */
+struct owned_wallet {
+	struct tly_wallet *w;
+	int32_t partition;
+};
+
+/* Upsert k wallet snapshots in one statement. */
+static int save_wallet_rows(PGconn *conn, const struct owned_wallet *ow, size_t k,
+			    struct tly_pg_error *err)
 {
-	int rc = 0;
-	char p[16];
-	snprintf(p, sizeof(p), "%d", (int)partition);
-	size_t m = n < WALLETS_PER_STATEMENT ? n : WALLETS_PER_STATEMENT;
-	const char **v = calloc(4 * m + 1, sizeof(*v));
-	char (*tenants)[37] = calloc(m + 1, sizeof(*tenants));
-	char (*seqs)[24] = calloc(m + 1, sizeof(*seqs));
-	char **states = calloc(m + 1, sizeof(*states));
+	int rc = TLY_E_NOMEM;
+	const char *v[4 * WALLETS_PER_STATEMENT];
+	char tenants[WALLETS_PER_STATEMENT][37], seqs[WALLETS_PER_STATEMENT][24];
+	char parts[WALLETS_PER_STATEMENT][16];
+	char *states[WALLETS_PER_STATEMENT] = {0};
 	char *sql = NULL;
 	size_t sqllen = 0;
-	if (!v || !tenants || !seqs || !states) {
-		rc = TLY_E_NOMEM;
+	FILE *f = open_memstream(&sql, &sqllen);
+	if (!f)
 		goto out;
+	fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES ", f);
+	for (size_t r = 0; r < k; r++)
+		fprintf(f, "%s($%zu, $%zu, $%zu, $%zu::jsonb)", r ? ", " : "", 4 * r + 1, 4 * r + 2,
+			4 * r + 3, 4 * r + 4);
+	fputs(" ON CONFLICT (tenant_id) DO UPDATE SET partition = EXCLUDED.partition, "
+	      "seq = EXCLUDED.seq, state = EXCLUDED.state, updated_at = now()",
+	      f);
+	if (fclose(f) != 0)
+		goto out;
+	for (size_t r = 0; r < k; r++) {
+		struct tly_balance bal;
+		if (!(states[r] = tly_wallet_to_json(ow[r].w)))
+			goto out;
+		tly_uuid_format(tly_wallet_tenant(ow[r].w), tenants[r]);
+		tly_wallet_balance(ow[r].w, &bal);
+		snprintf(seqs[r], sizeof(seqs[r]), "%" PRId64, bal.seq);
+		snprintf(parts[r], sizeof(parts[r]), "%d", (int)ow[r].partition);
+		v[4 * r] = tenants[r];
+		v[4 * r + 1] = parts[r];
+		v[4 * r + 2] = seqs[r];
+		v[4 * r + 3] = states[r];
 	}
-	for (size_t start = 0; start < n && rc == 0; start += WALLETS_PER_STATEMENT) {
-		size_t k = n - start < WALLETS_PER_STATEMENT ? n - start : WALLETS_PER_STATEMENT;
-		FILE *f = open_memstream(&sql, &sqllen);
-		if (!f) {
-			rc = TLY_E_NOMEM;
-			break;
-		}
-		fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES ", f);
-		for (size_t r = 0; r < k; r++)
-			fprintf(f, "%s($%zu, $%zu, $%zu, $%zu::jsonb)", r ? ", " : "", 4 * r + 1, 4 * r + 2,
-				4 * r + 3, 4 * r + 4);
-		fputs(" ON CONFLICT (tenant_id) DO UPDATE SET partition = EXCLUDED.partition, "
-		      "seq = EXCLUDED.seq, state = EXCLUDED.state, updated_at = now()",
-		      f);
-		if (fclose(f) != 0) {
-			rc = TLY_E_NOMEM;
-			break;
-		}
-		for (size_t r = 0; r < k; r++) {
-			struct tly_wallet *w = wallets[start + r];
-			struct tly_balance bal;
-			if (!(states[r] = tly_wallet_to_json(w))) {
-				rc = TLY_E_NOMEM;
-				break;
-			}
-			tly_uuid_format(tly_wallet_tenant(w), tenants[r]);
-			tly_wallet_balance(w, &bal);
-			snprintf(seqs[r], sizeof(seqs[r]), "%" PRId64, bal.seq);
-			v[4 * r] = tenants[r];
-			v[4 * r + 1] = p;
-			v[4 * r + 2] = seqs[r];
-			v[4 * r + 3] = states[r];
-		}
-		if (rc == 0)
-			rc = tly_pg_exec(conn, sql, (int)(4 * k), v, err);
-		for (size_t r = 0; r < k; r++) {
-			free(states[r]);
-			states[r] = NULL;
-		}
-		free(sql);
-		sql = NULL;
-	}
+	rc = tly_pg_exec(conn, sql, (int)(4 * k), v, err);
 out:
 	if (rc == TLY_E_NOMEM)
 		set_err(err, TLY_ERRCLASS_FATAL, "could not write wallet snapshots: out of memory");
+	for (size_t r = 0; r < k; r++)
+		free(states[r]);
 	free(sql);
-	free(v);
-	free(tenants);
-	free(seqs);
-	free(states);
 	return rc;
+}
+
+/* Upsert the snapshots of every touched wallet of the group, WALLETS_PER_STATEMENT per statement. */
+static int save_wallets(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+			struct tly_pg_error *err)
+{
+	struct owned_wallet ow[WALLETS_PER_STATEMENT];
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		for (size_t j = 0; j < c[i].n_wallets; j++) {
+			ow[k++] = (struct owned_wallet){c[i].wallets[j], c[i].partition};
+			if (k == WALLETS_PER_STATEMENT) {
+				int rc = save_wallet_rows(conn, ow, k, err);
+				if (rc != 0)
+					return rc;
+				k = 0;
+			}
+		}
+	}
+	return k ? save_wallet_rows(conn, ow, k, err) : 0;
 }
 
 static int save_quarantined(PGconn *conn, const struct tly_ledger_quarantined *q, size_t n,
@@ -573,29 +577,36 @@ static int advance_offset(PGconn *conn, const struct tly_ledger_commit *c, bool 
 	return 0;
 }
 
-int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, bool *fenced,
-			    struct tly_pg_error *err)
+int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+			    bool *fenced, struct tly_pg_error *err)
 {
 	int rc;
 	struct tly_pg_error rberr;
 	struct tly_arena *arena = tly_arena_new();
-	*fenced = false;
+	for (size_t i = 0; i < n; i++)
+		fenced[i] = false;
 	if (!arena) {
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 		return TLY_E_NOMEM;
 	}
 	if ((rc = tly_pg_begin(conn, err)) != 0)
 		goto out;
-	if ((rc = advance_offset(conn, c, fenced, err)) != 0 ||
-	    (rc = insert_entries(conn, arena, c->entries, c->n_entries, err)) != 0 ||
-	    (rc = save_wallets(conn, c->partition, c->wallets, c->n_wallets, err)) != 0 ||
-	    (rc = save_quarantined(conn, c->quarantined, c->n_quarantined, err)) != 0 ||
-	    (c->published_offset >= 0 &&
-	     (rc = tly_ledger_store_save_published(conn, c->ledger_topic, c->partition,
-						   c->published_offset, err)) != 0)) {
+	for (size_t i = 0; i < n && rc == 0; i++)
+		rc = advance_offset(conn, &c[i], &fenced[i], err);
+	if (rc == 0)
+		rc = insert_entries(conn, arena, c, n, err);
+	if (rc == 0)
+		rc = save_wallets(conn, c, n, err);
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		rc = save_quarantined(conn, c[i].quarantined, c[i].n_quarantined, err);
+		if (rc == 0 && c[i].published_offset >= 0)
+			rc = tly_ledger_store_save_published(conn, c[i].ledger_topic, c[i].partition,
+							     c[i].published_offset, err);
+	}
+	if (rc != 0) {
 		if (PQstatus(conn) == CONNECTION_OK && tly_pg_rollback(conn, &rberr) != 0)
-			tly_warn("could not roll back the batch", "partition=%d reason=\"%s\"",
-				 (int)c->partition, rberr.message);
+			tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", n,
+				 rberr.message);
 		goto out;
 	}
 	rc = tly_pg_commit(conn, err);

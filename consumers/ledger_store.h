@@ -66,7 +66,7 @@ struct tly_ledger_quarantined {
 	const char *detail; /* one line, may be NULL */
 };
 
-/* Everything one batch of one partition commits, in one transaction. Every pointer is borrowed. */
+/* Everything one batch of one partition commits. Every pointer is borrowed. */
 struct tly_ledger_commit {
 	const char *topic;        /* the input topic (tally.events) */
 	int32_t partition;
@@ -83,14 +83,15 @@ struct tly_ledger_commit {
 };
 
 /*
- * Commit c in one transaction: the offset compare-and-set first (old_offset -> new_offset), then
- * the entries, the wallet snapshots, the quarantine rows and the published marker. When the
- * stored offset is no longer old_offset, rolls back, sets *fenced and returns TLY_E_PG with
- * err->errclass permanent: this process lost the partition. Any other failure rolls back
+ * Commit the n batches of c (one per partition) in one transaction: each partition's offset
+ * compare-and-set first (old_offset -> new_offset), then every entry, the wallet snapshots,
+ * the quarantine rows and the published markers. When a partition's stored offset is no longer
+ * its old_offset, rolls back, sets its fenced[i] (fenced has n elements) and returns TLY_E_PG
+ * with err->errclass permanent: this process lost that partition. Any other failure rolls back
  * and returns TLY_E_PG with err filled (switch on err->errclass).
  */
-int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, bool *fenced,
-			    struct tly_pg_error *err) TLY_MUST_CHECK;
+int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+			    bool *fenced, struct tly_pg_error *err) TLY_MUST_CHECK;
 
 /* Advance (never move back) the published marker of (ledger_topic, partition) to next_offset. */
 int tly_ledger_store_save_published(PGconn *conn, const char *ledger_topic, int32_t partition,

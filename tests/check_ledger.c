@@ -699,6 +699,17 @@ static int32_t partition_ctx(const struct env *e, int n, struct tly_codec **code
 	return tly_kafka_partition_for_key(key, 36, PARTITIONS);
 }
 
+/* Commit one partition's open batch as a group of one. */
+static int commit_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		      struct tly_ledger_batch_out *out, bool *fenced, struct tly_pg_error *err)
+{
+	struct tly_ledger_group_item it = {.part = p, .published_offset = -1};
+	int rc = tly_ledger_partition_commit(&it, 1, ctx, err);
+	*out = it.out;
+	*fenced = it.fenced;
+	return rc;
+}
+
 /* Two owners of one partition: the one whose stored offset moved cannot commit. */
 START_TEST(test_stale_owner_fenced)
 {
@@ -720,26 +731,91 @@ START_TEST(test_stale_owner_fenced)
 	bool added, fenced;
 	struct tly_ledger_batch_out out;
 	ck_assert(tly_ledger_partition_add(b, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	ck_assert(tly_ledger_partition_commit(b, &ctx, -1, &out, &fenced, &err) == 0);
+	ck_assert(commit_one(b, &ctx, &out, &fenced, &err) == 0);
 	ck_assert_int_eq(out.n_entries, 1);
 	ck_assert(tly_ledger_partition_add(a, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	ck_assert_int_eq(tly_ledger_partition_commit(a, &ctx, -1, &out, &fenced, &err), TLY_E_PG);
+	ck_assert_int_eq(commit_one(a, &ctx, &out, &fenced, &err), TLY_E_PG);
 	ck_assert(fenced);
 	/* also once a row exists: b goes on, a stale copy loaded before is refused */
 	tly_ledger_partition_free(a);
 	a = tly_ledger_partition_open(&ctx, part, &err);
 	ck_assert_ptr_nonnull(a);
 	ck_assert(tly_ledger_partition_add(b, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	ck_assert(tly_ledger_partition_commit(b, &ctx, -1, &out, &fenced, &err) == 0);
+	ck_assert(commit_one(b, &ctx, &out, &fenced, &err) == 0);
 	ck_assert_str_eq(out.entries[0].u.ledger_entry.kind, "duplicate");
 	ck_assert(tly_ledger_partition_add(a, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	ck_assert_int_eq(tly_ledger_partition_commit(a, &ctx, -1, &out, &fenced, &err), TLY_E_PG);
+	ck_assert_int_eq(commit_one(a, &ctx, &out, &fenced, &err), TLY_E_PG);
 	ck_assert(fenced);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 2);
 	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 2);
 	tly_ledger_partition_free(a);
 	tly_ledger_partition_free(b);
 	tly_buf_free(&buf);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/*
+ * A group commit is one transaction: when one partition of the group is fenced, the batch of
+ * the other is not committed either, and only the fenced one is reported lost.
+ */
+START_TEST(test_group_commit_all_or_nothing)
+{
+	char errstr[256], key_x[37], key_y[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid tx, ty;
+	int32_t px = partition_ctx(&e, 6, &codec, &ctx, &tx, key_x), py = px;
+	for (unsigned n = 7; py == px; n++) {
+		tenant_of(n, &ty);
+		tly_uuid_format(&ty, key_y);
+		py = tly_kafka_partition_for_key(key_y, 36, PARTITIONS);
+	}
+	struct tly_pg_error err;
+	struct tly_ledger_partition *x = tly_ledger_partition_open(&ctx, px, &err);
+	struct tly_ledger_partition *y_stale = tly_ledger_partition_open(&ctx, py, &err);
+	struct tly_ledger_partition *y_owner = tly_ledger_partition_open(&ctx, py, &err);
+	ck_assert(x && y_stale && y_owner);
+	struct tly_event ev;
+	struct tly_buf bx = {0}, by = {0};
+	reserve_event(&ev, &tx, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &bx, errstr, sizeof(errstr)) == 0);
+	reserve_event(&ev, &ty, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &by, errstr, sizeof(errstr)) == 0);
+	bool added, fenced;
+	struct tly_ledger_batch_out out;
+	ck_assert(tly_ledger_partition_add(y_owner, 0, key_y, 36, by.data, by.len, 0, &added) == 0);
+	ck_assert(commit_one(y_owner, &ctx, &out, &fenced, &err) == 0);
+
+	ck_assert(tly_ledger_partition_add(x, 0, key_x, 36, bx.data, bx.len, 0, &added) == 0);
+	ck_assert(tly_ledger_partition_add(y_stale, 0, key_y, 36, by.data, by.len, 0, &added) == 0);
+	struct tly_ledger_group_item group[2] = {{.part = x, .published_offset = -1},
+						 {.part = y_stale, .published_offset = -1}};
+	ck_assert_int_eq(tly_ledger_partition_commit(group, 2, &ctx, &err), TLY_E_PG);
+	ck_assert(!group[0].fenced);
+	ck_assert(group[1].fenced);
+	char sql[160];
+	snprintf(sql, sizeof(sql), "SELECT count(*) FROM ledger_entries WHERE cause_partition = %d",
+		 (int)px);
+	ck_assert_int_eq(q_long(e.conn, sql, 0, NULL), 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM consumer_offsets", 0, NULL), 1);
+
+	/* reopened, x commits on its own */
+	tly_ledger_partition_free(x);
+	x = tly_ledger_partition_open(&ctx, px, &err);
+	ck_assert_ptr_nonnull(x);
+	ck_assert(tly_ledger_partition_add(x, 0, key_x, 36, bx.data, bx.len, 0, &added) == 0 && added);
+	ck_assert(commit_one(x, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(out.n_entries, 1);
+	ck_assert_int_eq(q_long(e.conn, sql, 0, NULL), 1);
+	tly_ledger_partition_free(x);
+	tly_ledger_partition_free(y_stale);
+	tly_ledger_partition_free(y_owner);
+	tly_buf_free(&bx);
+	tly_buf_free(&by);
 	tly_codec_free(codec);
 	env_down(&e);
 }
@@ -785,7 +861,7 @@ START_TEST(test_load_entries_for_republish)
 		ck_assert(tly_ledger_partition_add(p, i, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
 	}
 	struct tly_ledger_batch_out out;
-	ck_assert(tly_ledger_partition_commit(p, &ctx, -1, &out, &fenced, &err) == 0);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
 	ck_assert_int_eq(out.n_entries, 3);
 	long n = 0;
 	scribble_stack();
@@ -1141,6 +1217,7 @@ Suite *ledger_suite(void)
 	tcase_set_timeout(tc, 90);
 	tcase_add_test(tc, test_happy_path);
 	tcase_add_test(tc, test_stale_owner_fenced);
+	tcase_add_test(tc, test_group_commit_all_or_nothing);
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
