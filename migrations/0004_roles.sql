@@ -29,9 +29,9 @@
 -- analyst's session; a user with free SQL can SET it to any tenant.
 --
 -- Tables added by later migrations (or shadow tables of a rebuild) get the same treatment with
---   SELECT tally_secure_projection('new_table', 'tenant_id');   -- tenant-scoped projection
---   SELECT tally_secure_projection('new_table', NULL, true);    -- shared by all tenants (catalog)
---   SELECT tally_secure_projection('new_table', NULL, false);   -- projector-internal, no analysts
+--   SELECT tally_secure_projection('new_table', 'tenant_id', true);  -- tenant-scoped projection
+--   SELECT tally_secure_projection('new_table', NULL, true);         -- shared by all tenants
+--   SELECT tally_secure_projection('projector_x', 'tenant_id', false); -- projector's own state
 -- run by the migration that creates them; the roles suite fails while a table with a tenant_id
 -- column lacks FORCEd row-level security.
 
@@ -77,11 +77,11 @@ $db$;
 --
 --   tenant_column   the uuid column naming the row's tenant (tenant_id; id for tenant_accounts);
 --                   NULL: the table holds no tenant's data
---   shared          with tenant_column NULL: true, every analyst reads every row (plan catalog);
---                   false, analysts get no access (projector-internal state)
+--   analyst_read    analysts may read it: their tenant's rows, or with tenant_column NULL every
+--                   row (the plan catalog); false for the projector's own state (projector_*)
 -- ---------------------------------------------------------------------------------------------
 
-CREATE FUNCTION tally_secure_projection(tbl regclass, tenant_column name, shared boolean DEFAULT false)
+CREATE FUNCTION tally_secure_projection(tbl regclass, tenant_column name, analyst_read boolean)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
@@ -111,7 +111,7 @@ BEGIN
                    'tally_auditor', tbl);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO tally_projector', tbl);
     EXECUTE format('GRANT SELECT ON %s TO tally_auditor', tbl);
-    IF tenant_column IS NOT NULL OR shared THEN
+    IF analyst_read THEN
         EXECUTE format('GRANT SELECT ON %s TO tally_analyst', tbl);
     END IF;
 
@@ -137,7 +137,7 @@ BEGIN
         EXECUTE format('CREATE POLICY tally_tenant_read ON %s FOR SELECT TO PUBLIC USING '
                        '(%I = nullif(pg_catalog.current_setting(''app.tenant_id'', '
                        'true), '''')::uuid)', tbl, tenant_column);
-    ELSIF shared THEN
+    ELSIF analyst_read THEN
         EXECUTE format('CREATE POLICY tally_shared_read ON %s FOR SELECT TO tally_analyst '
                        'USING (true)', tbl);
     END IF;
@@ -214,7 +214,8 @@ CREATE POLICY tally_projector_own ON consumer_offsets FOR ALL TO tally_projector
 
 -- ---------------------------------------------------------------------------------------------
 -- Every other table of the schema is a projection (written by tally-projector): the baseline's,
--- and any an earlier migration added (0003_projector.sql), found in the catalog.
+-- and any an earlier migration added (0003_projector.sql), found in the catalog. Tables named
+-- projector_* are the projector's own bookkeeping (seen events, applied seqs): not for analysts.
 -- ---------------------------------------------------------------------------------------------
 
 DO $projections$
@@ -236,15 +237,13 @@ BEGIN
                                  'schema_migrations')
          ORDER BY c.relname
     LOOP
-        IF t.has_tenant_id THEN
-            PERFORM tally_secure_projection(t.tbl, 'tenant_id');
-        ELSIF t.relname = 'tenant_accounts' THEN
-            PERFORM tally_secure_projection(t.tbl, 'id');
-        ELSIF t.relname IN ('billing_plans', 'plan_features') THEN
-            PERFORM tally_secure_projection(t.tbl, NULL, true);
-        ELSE
-            PERFORM tally_secure_projection(t.tbl, NULL, false);
-        END IF;
+        PERFORM tally_secure_projection(
+            t.tbl,
+            CASE WHEN t.has_tenant_id THEN 'tenant_id'
+                 WHEN t.relname = 'tenant_accounts' THEN 'id' END,
+            t.relname NOT LIKE 'projector\_%'
+                AND (t.has_tenant_id OR t.relname IN ('tenant_accounts', 'billing_plans',
+                                                      'plan_features')));
     END LOOP;
 END
 $projections$;
