@@ -17,5 +17,6 @@ Suite *devbroker_suite(void);
 Suite *ledger_suite(void);
 Suite *producer_suite(void);
 Suite *decision_suite(void);
+Suite *projector_suite(void);
 
 #endif
