@@ -38,6 +38,7 @@ LIB_SRCS := \
 	lib/event.c \
 	lib/event_json.c \
 	lib/kafka.c \
+	lib/lag.c \
 	lib/log.c \
 	lib/migrate.c \
 	lib/pg.c \
@@ -61,7 +62,8 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
             tally-projector
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
-                        tools/tallyctl_quarantine.c tools/tallyctl_reserve.c
+                        tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
+                        tools/tallyctl_status.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
@@ -84,6 +86,8 @@ TEST_SRCS := \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
 	tests/check_decision.c \
+	tests/check_roles.c \
+	tests/check_status.c \
 	tests/check_event.c \
 	tests/check_ledger.c \
 	tests/check_migrate.c \

@@ -18,5 +18,7 @@ Suite *ledger_suite(void);
 Suite *producer_suite(void);
 Suite *decision_suite(void);
 Suite *projector_suite(void);
+Suite *roles_suite(void);
+Suite *status_suite(void);
 
 #endif
