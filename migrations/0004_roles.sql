@@ -23,7 +23,7 @@
 -- of every table, where a policy opens exactly one table to one role. Superusers bypass RLS
 -- altogether (the dev stack and the tests connect as one; that keeps working).
 --
--- Row-level security is ENABLEd and FORCEd on every table with tenant data, so the owner is subject
+-- Row-level security is ENABLEd and FORCEd on every projection table, so the owner is subject
 -- to it too: a view owned by tally_owner filters by the reader's app.tenant_id instead of leaking.
 -- app.tenant_id is a session setting: it isolates tenants when a trusted gateway sets it for the
 -- analyst's session; a user with free SQL can SET it to any tenant.
@@ -32,8 +32,8 @@
 --   SELECT tally_secure_projection('new_table', 'tenant_id', true);  -- tenant-scoped projection
 --   SELECT tally_secure_projection('new_table', NULL, true);         -- shared by all tenants
 --   SELECT tally_secure_projection('projector_x', 'tenant_id', false); -- projector's own state
--- run by the migration that creates them; the roles suite fails while a table with a tenant_id
--- column lacks FORCEd row-level security.
+-- run by the migration that creates them; the roles suite fails while a projection table lacks
+-- FORCEd row-level security.
 
 -- ---------------------------------------------------------------------------------------------
 -- The roles (cluster-wide, created once).
@@ -187,19 +187,11 @@ GRANT SELECT ON ledger_entries, consumer_offsets, topic_partitions, quarantine, 
 -- Start-up checks read the schema version.
 GRANT SELECT ON schema_migrations TO tally_ledger, tally_projector, tally_auditor;
 
--- Tenant data of the ledger: FORCEd RLS like every table with a tenant_id, opened per role.
-ALTER TABLE ledger_entries ENABLE ROW LEVEL SECURITY;
-ALTER TABLE ledger_entries FORCE ROW LEVEL SECURITY;
-CREATE POLICY tally_ledger_write ON ledger_entries FOR ALL TO tally_ledger
-    USING (true) WITH CHECK (true);
-CREATE POLICY tally_readers ON ledger_entries FOR SELECT TO tally_projector, tally_auditor
-    USING (true);
-
-ALTER TABLE ledger_wallets ENABLE ROW LEVEL SECURITY;
-ALTER TABLE ledger_wallets FORCE ROW LEVEL SECURITY;
-CREATE POLICY tally_ledger_write ON ledger_wallets FOR ALL TO tally_ledger
-    USING (true) WITH CHECK (true);
-CREATE POLICY tally_readers ON ledger_wallets FOR SELECT TO tally_auditor USING (true);
+-- ledger_entries and ledger_wallets hold tenant data but no row-level security: nobody reads them
+-- one tenant at a time (the analyst has no access at all), and PostgreSQL refuses COPY FROM into a
+-- table with row-level security (0A000) to any role but a superuser or BYPASSRLS, while the
+-- ledger writes its entries by COPY. The same holds for the projection tables: tally_projector
+-- stages a COPY in a temporary table and inserts from there.
 
 -- Each writer moves only its own offsets: the ledger's rows are 'tally-ledger', every other
 -- consumer name belongs to the projector; both (and the auditor) read all rows for status.
