@@ -18,7 +18,7 @@ CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
            -Wformat=2 -Wno-format-nonliteral -Werror
-CPPFLAGS += -D_GNU_SOURCE -Ilib -Iledger -I$(BUILD)/gen
+CPPFLAGS += -D_GNU_SOURCE -Ilib -Iledger -Iprojections -I$(BUILD)/gen
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 LDLIBS  := $(PKG_LIBS) -lev -lhttp_parser -lpthread -lm
@@ -38,6 +38,7 @@ LIB_SRCS := \
 	lib/event.c \
 	lib/event_json.c \
 	lib/kafka.c \
+	lib/lag.c \
 	lib/log.c \
 	lib/migrate.c \
 	lib/pg.c \
@@ -48,6 +49,7 @@ LIB_SRCS := \
 	lib/validate_bytes.c \
 	ledger/decide.c \
 	ledger/wallet.c \
+	projections/fold.c \
 	$(BUILD)/gen/schemas_embedded.c
 LIB_OBJS := $(patsubst %.c,$(OBJ)/%.o,$(LIB_SRCS:$(BUILD)/gen/%=gen/%))
 LIB      := $(BUILD)/libtally.a
@@ -57,15 +59,18 @@ RELEASED := $(sort $(wildcard schemas/released/*.avsc))
 MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
-PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish
+PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
+            tally-projector
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
-                        tools/tallyctl_quarantine.c tools/tallyctl_reserve.c
+                        tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
+                        tools/tallyctl_status.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
 tally-bench_SRCS     := tools/bench.c
 tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
+tally-projector_SRCS := consumers/projector_main.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -81,9 +86,12 @@ TEST_SRCS := \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
 	tests/check_decision.c \
+	tests/check_roles.c \
+	tests/check_status.c \
 	tests/check_event.c \
 	tests/check_ledger.c \
 	tests/check_migrate.c \
+	tests/check_projector.c \
 	tests/check_schema.c
 TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o

@@ -23,17 +23,17 @@
 -- of every table, where a policy opens exactly one table to one role. Superusers bypass RLS
 -- altogether (the dev stack and the tests connect as one; that keeps working).
 --
--- Row-level security is ENABLEd and FORCEd on every table with tenant data, so the owner is subject
+-- Row-level security is ENABLEd and FORCEd on every projection table, so the owner is subject
 -- to it too: a view owned by tally_owner filters by the reader's app.tenant_id instead of leaking.
 -- app.tenant_id is a session setting: it isolates tenants when a trusted gateway sets it for the
 -- analyst's session; a user with free SQL can SET it to any tenant.
 --
 -- Tables added by later migrations (or shadow tables of a rebuild) get the same treatment with
---   SELECT tally_secure_projection('new_table', 'tenant_id');   -- tenant-scoped projection
---   SELECT tally_secure_projection('new_table', NULL, true);    -- shared by all tenants (catalog)
---   SELECT tally_secure_projection('new_table', NULL, false);   -- projector-internal, no analysts
--- run by the migration that creates them; the roles suite fails while a table with a tenant_id
--- column lacks FORCEd row-level security.
+--   SELECT tally_secure_projection('new_table', 'tenant_id', true);  -- tenant-scoped projection
+--   SELECT tally_secure_projection('new_table', NULL, true);         -- shared by all tenants
+--   SELECT tally_secure_projection('projector_x', 'tenant_id', false); -- projector's own state
+-- run by the migration that creates them; the roles suite fails while a projection table lacks
+-- FORCEd row-level security.
 
 -- ---------------------------------------------------------------------------------------------
 -- The roles (cluster-wide, created once).
@@ -77,11 +77,11 @@ $db$;
 --
 --   tenant_column   the uuid column naming the row's tenant (tenant_id; id for tenant_accounts);
 --                   NULL: the table holds no tenant's data
---   shared          with tenant_column NULL: true, every analyst reads every row (plan catalog);
---                   false, analysts get no access (projector-internal state)
+--   analyst_read    analysts may read it: their tenant's rows, or with tenant_column NULL every
+--                   row (the plan catalog); false for the projector's own state (projector_*)
 -- ---------------------------------------------------------------------------------------------
 
-CREATE FUNCTION tally_secure_projection(tbl regclass, tenant_column name, shared boolean DEFAULT false)
+CREATE FUNCTION tally_secure_projection(tbl regclass, tenant_column name, analyst_read boolean)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
@@ -111,7 +111,7 @@ BEGIN
                    'tally_auditor', tbl);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO tally_projector', tbl);
     EXECUTE format('GRANT SELECT ON %s TO tally_auditor', tbl);
-    IF tenant_column IS NOT NULL OR shared THEN
+    IF analyst_read THEN
         EXECUTE format('GRANT SELECT ON %s TO tally_analyst', tbl);
     END IF;
 
@@ -137,7 +137,7 @@ BEGIN
         EXECUTE format('CREATE POLICY tally_tenant_read ON %s FOR SELECT TO PUBLIC USING '
                        '(%I = nullif(pg_catalog.current_setting(''app.tenant_id'', '
                        'true), '''')::uuid)', tbl, tenant_column);
-    ELSIF shared THEN
+    ELSIF analyst_read THEN
         EXECUTE format('CREATE POLICY tally_shared_read ON %s FOR SELECT TO tally_analyst '
                        'USING (true)', tbl);
     END IF;
@@ -187,19 +187,11 @@ GRANT SELECT ON ledger_entries, consumer_offsets, topic_partitions, quarantine, 
 -- Start-up checks read the schema version.
 GRANT SELECT ON schema_migrations TO tally_ledger, tally_projector, tally_auditor;
 
--- Tenant data of the ledger: FORCEd RLS like every table with a tenant_id, opened per role.
-ALTER TABLE ledger_entries ENABLE ROW LEVEL SECURITY;
-ALTER TABLE ledger_entries FORCE ROW LEVEL SECURITY;
-CREATE POLICY tally_ledger_write ON ledger_entries FOR ALL TO tally_ledger
-    USING (true) WITH CHECK (true);
-CREATE POLICY tally_readers ON ledger_entries FOR SELECT TO tally_projector, tally_auditor
-    USING (true);
-
-ALTER TABLE ledger_wallets ENABLE ROW LEVEL SECURITY;
-ALTER TABLE ledger_wallets FORCE ROW LEVEL SECURITY;
-CREATE POLICY tally_ledger_write ON ledger_wallets FOR ALL TO tally_ledger
-    USING (true) WITH CHECK (true);
-CREATE POLICY tally_readers ON ledger_wallets FOR SELECT TO tally_auditor USING (true);
+-- ledger_entries and ledger_wallets hold tenant data but no row-level security: nobody reads them
+-- one tenant at a time (the analyst has no access at all), and PostgreSQL refuses COPY FROM into a
+-- table with row-level security (0A000) to any role but a superuser or BYPASSRLS, while the
+-- ledger writes its entries by COPY. The same holds for the projection tables: tally_projector
+-- stages a COPY in a temporary table and inserts from there.
 
 -- Each writer moves only its own offsets: the ledger's rows are 'tally-ledger', every other
 -- consumer name belongs to the projector; both (and the auditor) read all rows for status.
@@ -214,7 +206,8 @@ CREATE POLICY tally_projector_own ON consumer_offsets FOR ALL TO tally_projector
 
 -- ---------------------------------------------------------------------------------------------
 -- Every other table of the schema is a projection (written by tally-projector): the baseline's,
--- and any an earlier migration added (0003_projector.sql), found in the catalog.
+-- and any an earlier migration added (0003_projector.sql), found in the catalog. Tables named
+-- projector_* are the projector's own bookkeeping (seen events, applied seqs): not for analysts.
 -- ---------------------------------------------------------------------------------------------
 
 DO $projections$
@@ -236,15 +229,13 @@ BEGIN
                                  'schema_migrations')
          ORDER BY c.relname
     LOOP
-        IF t.has_tenant_id THEN
-            PERFORM tally_secure_projection(t.tbl, 'tenant_id');
-        ELSIF t.relname = 'tenant_accounts' THEN
-            PERFORM tally_secure_projection(t.tbl, 'id');
-        ELSIF t.relname IN ('billing_plans', 'plan_features') THEN
-            PERFORM tally_secure_projection(t.tbl, NULL, true);
-        ELSE
-            PERFORM tally_secure_projection(t.tbl, NULL, false);
-        END IF;
+        PERFORM tally_secure_projection(
+            t.tbl,
+            CASE WHEN t.has_tenant_id THEN 'tenant_id'
+                 WHEN t.relname = 'tenant_accounts' THEN 'id' END,
+            t.relname NOT LIKE 'projector\_%'
+                AND (t.has_tenant_id OR t.relname IN ('tenant_accounts', 'billing_plans',
+                                                      'plan_features')));
     END LOOP;
 END
 $projections$;

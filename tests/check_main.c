@@ -27,6 +27,9 @@ static const struct suite_entry all_suites[] = {
 	{"ledger", ledger_suite, true},
 	{"producer", producer_suite, true},
 	{"decision", decision_suite, true},
+	{"projector", projector_suite, true},
+	{"roles", roles_suite, true},
+	{"status", status_suite, true},
 };
 
 int main(void)

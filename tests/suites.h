@@ -17,5 +17,8 @@ Suite *devbroker_suite(void);
 Suite *ledger_suite(void);
 Suite *producer_suite(void);
 Suite *decision_suite(void);
+Suite *projector_suite(void);
+Suite *roles_suite(void);
+Suite *status_suite(void);
 
 #endif

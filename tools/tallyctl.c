@@ -42,6 +42,8 @@ static void usage(FILE *out)
 		"  reserve --tenant T --tokens N [--reservation-id R] [--expires-in S] [--model M]\n"
 		"          [--wait [--timeout-ms T]]  reserve tokens; --wait prints the ledger's decision\n"
 		"                               (exit 0 accepted, 3 rejected, 4 timeout)\n"
+		"  status [--json] [--timeout-ms T]  lag of each consumer per topic and partition\n"
+		"                               (stored offset behind the topic's end), with totals\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -347,6 +349,7 @@ static const struct {
 	{"tail", cmd_tail},
 	{"quarantine", cmd_quarantine},
 	{"reserve", cmd_reserve},
+	{"status", cmd_status},
 };
 
 int main(int argc, char **argv)

@@ -1,0 +1,615 @@
+/* tally-projector: reads tally.events, tally.ledger and tally.catalog and folds them into the projections. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "cli.h"
+#include "codec.h"
+#include "config.h"
+#include "fold.h"
+#include "kafka.h"
+#include "log.h"
+#include "migrate.h"
+#include "pg.h"
+
+extern char **environ;
+
+#define PROG "tally-projector"
+#define CONSUMER_NAME "tally-projector" /* consumer_offsets.consumer */
+#define POLL_MS 10
+#define BATCH_MAX_RECORDS 5000
+#define BATCH_MAX_MS 50
+#define RETRY_MS 200
+#define MAX_BACKOFF_MS 5000
+#define METADATA_TIMEOUT_MS 10000
+#define N_TOPICS 3
+
+/* One partition of an input topic. */
+struct part {
+	bool assigned;
+	bool seeking;   /* moved back to stored: drop records until the one at next arrives */
+	int64_t stored; /* next offset stored in consumer_offsets; -1: none stored */
+	int64_t next;   /* next offset after the records in the open batch; -1: any */
+};
+
+struct topic {
+	const char *name;
+	int32_t count;
+	struct part *parts; /* count of them; owned */
+};
+
+struct app {
+	struct tly_config *cfg;    /* owned */
+	const char *database_url;
+	PGconn *conn;              /* owned */
+	struct tly_codec *codec;   /* owned */
+	rd_kafka_t *consumer;      /* owned */
+	struct tly_fold *fold;     /* owned */
+	struct tly_event ev;       /* decode target, reused; owns its arena */
+	struct topic topics[N_TOPICS];
+	int64_t opened_ms;         /* when the open batch got its first record */
+	int64_t rewind_at_ms;      /* > 0: the batch was dropped; move consumption back then */
+	int backoff_ms;
+	uint64_t committed, skipped;
+	bool failed;               /* a fatal error: leave the loop, exit 1 */
+};
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: " PROG " [OPTIONS]\n"
+		"\n"
+		"The projection consumer: folds tally.events, tally.ledger and tally.catalog into the\n"
+		"PostgreSQL projections (tenants, users, conversations, messages, plans, subscriptions,\n"
+		"invoices, usage, token balances, API usage), each batch of rows and the consumed\n"
+		"offsets in one transaction. SIGTERM or SIGINT: finish the batch, commit, leave.\n"
+		"\n"
+		"Options:\n"
+		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
+		"  -s, --set KEY=VALUE          set one setting (after the file and TALLY_* variables)\n"
+		"  -h, --help                   this help\n"
+		"\n");
+	tly_config_print_help(out);
+}
+
+static struct part *find_part(struct app *app, const char *topic, int32_t partition, int *ti)
+{
+	for (int i = 0; i < N_TOPICS; i++) {
+		struct topic *t = &app->topics[i];
+		if (strcmp(t->name, topic) == 0 && partition >= 0 && partition < t->count) {
+			if (ti)
+				*ti = i;
+			return &t->parts[partition];
+		}
+	}
+	return NULL;
+}
+
+/* ---- PostgreSQL --------------------------------------------------------------------------- */
+
+/* Connected (again, after a lost connection), retrying with backoff until stop: 0 or -1. */
+static int ensure_conn(struct app *app)
+{
+	char errstr[512];
+	int backoff = 100;
+	while (!app->conn || PQstatus(app->conn) != CONNECTION_OK) {
+		if (app->conn) {
+			PQfinish(app->conn);
+			app->conn = NULL;
+		}
+		app->conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr));
+		if (app->conn)
+			break;
+		tly_warn("could not reconnect to PostgreSQL, retrying", "reason=\"%s\" backoff_ms=%d",
+			 errstr, backoff);
+		if (stop_requested)
+			return -1;
+		sleep_ms(backoff);
+		backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
+	}
+	return 0;
+}
+
+static int load_offset(struct app *app, const char *topic, int32_t partition, int64_t *out,
+		       struct tly_pg_error *err)
+{
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	const char *const v[] = {CONSUMER_NAME, topic, p};
+	PGresult *res = tly_pg_query(app->conn,
+				     "SELECT next_offset FROM consumer_offsets "
+				     "WHERE consumer = $1 AND topic = $2 AND partition = $3",
+				     3, v, err);
+	if (!res)
+		return TLY_E_PG;
+	*out = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+	PQclear(res);
+	return 0;
+}
+
+/* Compare-and-set of one stored offset: 0, or TLY_E_PG with *fenced when it moved. */
+static int advance_offset(struct app *app, const char *topic, int32_t partition,
+			  const struct part *pt, bool *fenced, struct tly_pg_error *err)
+{
+	char p[16], old[24], new[24];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	snprintf(old, sizeof(old), "%" PRId64, pt->stored);
+	snprintf(new, sizeof(new), "%" PRId64, pt->next);
+	const char *const v[] = {CONSUMER_NAME, topic, p, new, old};
+	PGresult *res =
+		pt->stored < 0
+			? tly_pg_query(app->conn,
+				       "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
+				       "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+				       4, v, err)
+			: tly_pg_query(app->conn,
+				       "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() "
+				       "WHERE consumer = $1 AND topic = $2 AND partition = $3 "
+				       "AND next_offset = $5",
+				       5, v, err);
+	if (!res)
+		return TLY_E_PG;
+	long n = strtol(PQcmdTuples(res), NULL, 10);
+	PQclear(res);
+	if (n != 1) {
+		*fenced = true;
+		err->errclass = TLY_ERRCLASS_PERMANENT;
+		err->sqlstate[0] = '\0';
+		snprintf(err->message, sizeof(err->message),
+			 "the stored offset of %s [%d] moved: another process committed it", topic,
+			 (int)partition);
+		return TLY_E_PG;
+	}
+	return 0;
+}
+
+/* ---- batches ------------------------------------------------------------------------------ */
+
+/* Drop the open batch; consumption moves back to the stored offsets (now, or after backoff). */
+static void drop_batch(struct app *app, int backoff_ms)
+{
+	tly_fold_clear(app->fold);
+	app->opened_ms = 0;
+	app->rewind_at_ms = now_ms() + backoff_ms;
+}
+
+/* Reload the stored offsets of every assigned partition and seek there: 0 or -1 (retry later). */
+static int rewind_all(struct app *app)
+{
+	struct tly_pg_error err = {0};
+	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(16);
+	int rc = -1;
+	if (!l || ensure_conn(app) != 0)
+		goto out;
+	for (int i = 0; i < N_TOPICS; i++) {
+		struct topic *t = &app->topics[i];
+		for (int32_t p = 0; p < t->count; p++) {
+			struct part *pt = &t->parts[p];
+			if (!pt->assigned)
+				continue;
+			if (load_offset(app, t->name, p, &pt->stored, &err) != 0) {
+				tly_warn("could not read stored offsets, retrying", "reason=\"%s\"",
+					 err.message);
+				goto out;
+			}
+			pt->next = pt->stored;
+			pt->seeking = true;
+			rd_kafka_topic_partition_list_add(l, t->name, p)->offset =
+				pt->stored >= 0 ? pt->stored : RD_KAFKA_OFFSET_BEGINNING;
+		}
+	}
+	if (l->cnt) {
+		rd_kafka_error_t *error = rd_kafka_seek_partitions(app->consumer, l, 5000);
+		if (error) {
+			tly_warn("could not seek partitions, retrying", "reason=\"%s\"",
+				 rd_kafka_error_string(error));
+			rd_kafka_error_destroy(error);
+			goto out;
+		}
+		for (int i = 0; i < l->cnt; i++) {
+			if (l->elems[i].err) {
+				tly_warn("could not seek partition, retrying", "topic=%s partition=%d reason=\"%s\"",
+					 l->elems[i].topic, (int)l->elems[i].partition,
+					 rd_kafka_err2str(l->elems[i].err));
+				goto out;
+			}
+		}
+	}
+	rc = 0;
+out:
+	if (l)
+		rd_kafka_topic_partition_list_destroy(l);
+	return rc;
+}
+
+/*
+ * Commit the open batch: BEGIN, the offsets' compare-and-set, the fold, COMMIT. On failure the
+ * batch is dropped and consumption moves back to the stored offsets.
+ */
+static void commit_batch(struct app *app)
+{
+	struct tly_pg_error err = {0}, rberr;
+	bool fenced = false;
+	size_t n = tly_fold_pending(app->fold);
+	bool any = n > 0;
+	for (int i = 0; !any && i < N_TOPICS; i++)
+		for (int32_t p = 0; p < app->topics[i].count; p++)
+			any |= app->topics[i].parts[p].assigned &&
+			       app->topics[i].parts[p].next != app->topics[i].parts[p].stored &&
+			       app->topics[i].parts[p].next >= 0;
+	if (!any)
+		return;
+	if (ensure_conn(app) != 0) {
+		drop_batch(app, RETRY_MS);
+		return;
+	}
+	int rc = tly_pg_begin(app->conn, &err);
+	for (int i = 0; rc == 0 && i < N_TOPICS; i++) {
+		struct topic *t = &app->topics[i];
+		for (int32_t p = 0; rc == 0 && p < t->count; p++) {
+			struct part *pt = &t->parts[p];
+			if (pt->assigned && pt->next >= 0 && pt->next != pt->stored)
+				rc = advance_offset(app, t->name, p, pt, &fenced, &err);
+		}
+	}
+	if (rc == 0)
+		rc = tly_fold_flush(app->fold, app->conn, &err);
+	if (rc == 0)
+		rc = tly_pg_commit(app->conn, &err);
+	else if (PQstatus(app->conn) == CONNECTION_OK && PQtransactionStatus(app->conn) != PQTRANS_IDLE &&
+		 tly_pg_rollback(app->conn, &rberr) != 0)
+		tly_warn("could not roll back the batch", "reason=\"%s\"", rberr.message);
+	if (rc == 0) {
+		for (int i = 0; i < N_TOPICS; i++)
+			for (int32_t p = 0; p < app->topics[i].count; p++)
+				if (app->topics[i].parts[p].next >= 0)
+					app->topics[i].parts[p].stored = app->topics[i].parts[p].next;
+		app->committed += n;
+		app->opened_ms = 0;
+		app->backoff_ms = RETRY_MS;
+		tly_debug("batch committed", "records=%zu", n);
+		return;
+	}
+	if (fenced) {
+		tly_warn("could not commit batch: another process moved a stored offset; moving back",
+			 "records=%zu reason=\"%s\"", n, err.message);
+		drop_batch(app, RETRY_MS);
+	} else if (err.errclass == TLY_ERRCLASS_RETRIABLE) {
+		tly_warn("could not commit batch, retrying from the stored offsets",
+			 "records=%zu reason=\"%s\" backoff_ms=%d", n, err.message, app->backoff_ms);
+		drop_batch(app, app->backoff_ms);
+		app->backoff_ms = app->backoff_ms * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : app->backoff_ms * 2;
+	} else {
+		tly_error("could not commit batch", "records=%zu reason=\"%s\"", n, err.message);
+		drop_batch(app, RETRY_MS);
+		app->failed = true;
+	}
+}
+
+/* ---- rebalance ---------------------------------------------------------------------------- */
+
+static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
+{
+	struct tly_pg_error err = {0};
+	for (int i = 0; i < parts->cnt; i++) {
+		rd_kafka_topic_partition_t *tp = &parts->elems[i];
+		struct part *pt = find_part(app, tp->topic, tp->partition, NULL);
+		if (!pt)
+			continue;
+		pt->assigned = true;
+		pt->seeking = true;
+		pt->stored = -1;
+		if (ensure_conn(app) != 0 || load_offset(app, tp->topic, tp->partition, &pt->stored, &err) != 0) {
+			tly_warn("could not read the stored offset; moving back once it can be read",
+				 "topic=%s partition=%d reason=\"%s\"", tp->topic, (int)tp->partition,
+				 err.message);
+			app->rewind_at_ms = now_ms() + RETRY_MS;
+		}
+		pt->next = pt->stored;
+		tp->offset = pt->stored >= 0 ? pt->stored : RD_KAFKA_OFFSET_BEGINNING;
+		tly_info("partition assigned", "topic=%s partition=%d offset=%" PRId64, tp->topic,
+			 (int)tp->partition, pt->stored);
+	}
+	rd_kafka_error_t *error = rd_kafka_incremental_assign(app->consumer, parts);
+	if (error) {
+		tly_error("could not assign partitions", "reason=\"%s\"", rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+		app->failed = true;
+	}
+}
+
+static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, bool lost)
+{
+	if (!lost)
+		commit_batch(app); /* fenced by the compare-and-set if another owner moved on */
+	else if (tly_fold_pending(app->fold)) {
+		tly_warn("partitions lost: abandoning the open batch", "records=%zu",
+			 tly_fold_pending(app->fold));
+		drop_batch(app, 0);
+	}
+	for (int i = 0; i < parts->cnt; i++) {
+		struct part *pt = find_part(app, parts->elems[i].topic, parts->elems[i].partition, NULL);
+		if (pt)
+			*pt = (struct part){.stored = -1, .next = -1};
+		tly_info("partition revoked", "topic=%s partition=%d lost=%s", parts->elems[i].topic,
+			 (int)parts->elems[i].partition, lost ? "true" : "false");
+	}
+	rd_kafka_error_t *error = rd_kafka_incremental_unassign(app->consumer, parts);
+	if (error) {
+		tly_error("could not unassign partitions", "reason=\"%s\"", rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+	}
+}
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+			 rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+	struct app *app = opaque;
+	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
+		on_assign(app, parts);
+	else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+		on_revoke(app, parts, rd_kafka_assignment_lost(rk) || app->failed);
+	else {
+		tly_error("unexpected rebalance event", "reason=\"%s\"", rd_kafka_err2str(err));
+		on_revoke(app, parts, true);
+	}
+}
+
+/* ---- start-up ----------------------------------------------------------------------------- */
+
+static int topic_partitions(rd_kafka_t *rk, const char *topic, int32_t *count, char *errstr,
+			    size_t errlen)
+{
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+	if (!rkt) {
+		snprintf(errstr, errlen, "could not look up topic \"%s\": %s", topic,
+			 rd_kafka_err2str(rd_kafka_last_error()));
+		return -1;
+	}
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, METADATA_TIMEOUT_MS);
+	int rc = -1;
+	if (err)
+		snprintf(errstr, errlen, "could not read Kafka metadata of topic \"%s\": %s", topic,
+			 rd_kafka_err2str(err));
+	else if (md->topic_cnt != 1 || md->topics[0].err || md->topics[0].partition_cnt < 1)
+		snprintf(errstr, errlen, "topic \"%s\" does not exist: %s", topic,
+			 md->topic_cnt == 1 ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+	else {
+		*count = md->topics[0].partition_cnt;
+		rc = 0;
+	}
+	if (md)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+	return rc;
+}
+
+/* Connect, check the schema and the topics, subscribe: 0, or -1 with one line logged. */
+static int start(struct app *app)
+{
+	char errstr[2048];
+	struct tly_migrate_set *set = NULL;
+	int rc = -1;
+	app->database_url = tly_config_str(app->cfg, "database.url");
+	if (!app->database_url) {
+		tly_error("database.url is not set", "hint=\"use -s database.url=... or TALLY_DATABASE_URL\"");
+		goto out;
+	}
+	if (!(app->conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr)))) {
+		tly_error("could not start: PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	if (!(set = tly_migrate_load_embedded(errstr, sizeof(errstr))) ||
+	    tly_migrate_check_head(app->conn, set, errstr, sizeof(errstr)) != 0) {
+		tly_error("could not start: the database schema is not at head",
+			  "reason=\"%s\" hint=\"run tallyctl migrate up\"", errstr);
+		goto out;
+	}
+	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr))) || !(app->fold = tly_fold_new())) {
+		tly_error("could not create the codec and the fold", "reason=\"%s\"",
+			  app->codec ? "out of memory" : errstr);
+		goto out;
+	}
+	app->topics[0].name = tly_config_str(app->cfg, "topics.events");
+	app->topics[1].name = tly_config_str(app->cfg, "topics.ledger");
+	app->topics[2].name = tly_config_str(app->cfg, "topics.catalog");
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(app->cfg, errstr, sizeof(errstr));
+	if (!conf) {
+		tly_error("could not configure Kafka", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+	rd_kafka_conf_set_opaque(conf, app);
+	const char *group = tly_config_str(app->cfg, "projector.group.id");
+	if (!(app->consumer = tly_kafka_consumer_new(conf, group, errstr, sizeof(errstr)))) {
+		tly_error("could not create the Kafka consumer", "reason=\"%s\"", errstr);
+		goto out;
+	}
+	const char *names[N_TOPICS];
+	for (int i = 0; i < N_TOPICS; i++) {
+		struct topic *t = &app->topics[i];
+		names[i] = t->name;
+		if (topic_partitions(app->consumer, t->name, &t->count, errstr, sizeof(errstr)) != 0) {
+			tly_error("could not start: a topic is missing", "reason=\"%s\"", errstr);
+			goto out;
+		}
+		if (!(t->parts = calloc((size_t)t->count, sizeof(*t->parts)))) {
+			tly_error("could not start: out of memory", NULL);
+			goto out;
+		}
+		for (int32_t p = 0; p < t->count; p++)
+			t->parts[p] = (struct part){.stored = -1, .next = -1};
+	}
+	if (tly_kafka_subscribe(app->consumer, names, N_TOPICS) != 0)
+		goto out;
+	tly_info(PROG " started", "group=%s events=%s ledger=%s catalog=%s", group, names[0],
+		 names[1], names[2]);
+	rc = 0;
+out:
+	tly_migrate_free(set);
+	return rc;
+}
+
+/* ---- the loop ----------------------------------------------------------------------------- */
+
+static void handle_message(struct app *app, rd_kafka_message_t *m)
+{
+	char errstr[512];
+	const char *topic = m->rkt ? rd_kafka_topic_name(m->rkt) : "?";
+	if (m->err) {
+		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+			return;
+		bool fatal = m->err == RD_KAFKA_RESP_ERR__FATAL;
+		tly_log(fatal ? TLY_LOG_ERROR : TLY_LOG_WARN, "Kafka consumer error",
+			"topic=%s partition=%d reason=\"%s\"", topic, (int)m->partition,
+			rd_kafka_message_errstr(m));
+		if (tly_kafka_errclass(m->err, fatal) == TLY_ERRCLASS_FATAL)
+			app->failed = true;
+		return;
+	}
+	struct part *pt = find_part(app, topic, m->partition, NULL);
+	if (!pt || !pt->assigned || app->rewind_at_ms)
+		return; /* not ours, or moving back: read again from the stored offset */
+	if (pt->seeking) {
+		if (pt->next >= 0 && m->offset != pt->next)
+			return; /* fetched before the seek */
+		pt->seeking = false;
+	} else if (pt->next >= 0 && m->offset < pt->next) {
+		return;
+	} else if (pt->next >= 0 && m->offset > pt->next) {
+		tly_warn("input offsets skip ahead", "topic=%s partition=%d expected=%" PRId64
+			 " offset=%" PRId64, topic, (int)m->partition, pt->next, m->offset);
+	}
+	pt->next = m->offset + 1;
+	if (!app->opened_ms)
+		app->opened_ms = now_ms();
+	int rc = tly_codec_decode(app->codec, m->payload, m->len, &app->ev, errstr, sizeof(errstr));
+	if (rc != 0) {
+		app->skipped++;
+		tly_warn("could not decode record, skipping it", "topic=%s partition=%d offset=%" PRId64
+			 " error=%s reason=\"%s\"", topic, (int)m->partition, m->offset, tly_err_name(rc),
+			 errstr);
+		return;
+	}
+	if (tly_fold_add(app->fold, &app->ev) != 0) {
+		tly_error("could not buffer record: out of memory", "topic=%s partition=%d offset=%" PRId64,
+			  topic, (int)m->partition, m->offset);
+		app->failed = true;
+		return;
+	}
+	if (tly_fold_pending(app->fold) >= BATCH_MAX_RECORDS)
+		commit_batch(app);
+}
+
+static void run(struct app *app)
+{
+	while (!stop_requested && !app->failed) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, POLL_MS);
+		if (m) {
+			handle_message(app, m);
+			rd_kafka_message_destroy(m);
+		}
+		if (app->rewind_at_ms) {
+			if (now_ms() >= app->rewind_at_ms)
+				app->rewind_at_ms = rewind_all(app) == 0 ? 0 : now_ms() + RETRY_MS;
+		} else if (app->opened_ms && now_ms() - app->opened_ms >= BATCH_MAX_MS) {
+			commit_batch(app);
+		}
+	}
+	if (app->failed)
+		return;
+	tly_info("stopping: committing the open batch", NULL);
+	if (!app->rewind_at_ms)
+		commit_batch(app);
+}
+
+int main(int argc, char **argv)
+{
+	char errstr[1024];
+	struct app app = {0};
+	const char *config_file = NULL;
+	char **sets = calloc((size_t)argc + 1, sizeof(*sets));
+	size_t n_sets = 0;
+	int rc = 2, opt;
+	enum tly_log_level level;
+	tly_log_init(PROG, TLY_LOG_INFO);
+	static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+					     {"set", required_argument, NULL, 's'},
+					     {"help", no_argument, NULL, 'h'},
+					     {NULL, 0, NULL, 0}};
+	if (!sets) {
+		fprintf(stderr, PROG ": out of memory\n");
+		return 1;
+	}
+	while ((opt = getopt_long(argc, argv, "c:s:h", opts, NULL)) != -1) {
+		switch (opt) {
+		case 'c': config_file = optarg; break;
+		case 's': sets[n_sets++] = optarg; break;
+		case 'h': usage(stdout); rc = 0; goto out;
+		default: usage(stderr); goto out;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, PROG ": unexpected argument \"%s\" (see --help)\n", argv[optind]);
+		goto out;
+	}
+	if (!(app.cfg = tly_cli_config(config_file, sets, n_sets, environ, errstr, sizeof(errstr)))) {
+		fprintf(stderr, PROG ": %s\n", errstr);
+		goto out;
+	}
+	if (tly_log_level_parse(tly_config_str(app.cfg, "log.level"), &level) == 0)
+		tly_log_set_level(level);
+	struct sigaction sa = {.sa_handler = on_stop};
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	app.backoff_ms = RETRY_MS;
+	rc = 1;
+	if (start(&app) != 0)
+		goto out;
+	run(&app);
+	rc = app.failed ? 1 : 0;
+out:
+	/* Leaving the group revokes what is left (the open batch was committed above). */
+	tly_kafka_consumer_destroy(app.consumer);
+	tly_fold_free(app.fold);
+	tly_event_free(&app.ev);
+	for (int i = 0; i < N_TOPICS; i++)
+		free(app.topics[i].parts);
+	tly_codec_free(app.codec);
+	if (app.conn)
+		PQfinish(app.conn);
+	tly_config_free(app.cfg);
+	free(sets);
+	if (rc == 0 && app.topics[0].count)
+		tly_info(PROG " stopped", "records=%" PRIu64 " undecodable=%" PRIu64, app.committed,
+			 app.skipped);
+	return rc;
+}

@@ -1,0 +1,65 @@
+/*
+ * The projection fold: decoded tally.events, tally.ledger and tally.catalog messages -> the rows
+ * of the projection tables (tenant_accounts … api_usage, see migrations/0001_baseline.sql).
+ *
+ * A batch collects messages in feed order (in memory, as COPY text), then flush writes them in
+ * one COPY into a temporary staging table and folds them into the projections with a fixed
+ * number of set-based statements, inside a transaction the caller owns (so the caller commits
+ * the rows together with its consumed offsets, or with a table swap when rebuilding).
+ *
+ * The fold is idempotent and depends only on the messages: event ids seen before are skipped
+ * (projector_seen_events), ledger entries at or below the last applied seq of their tenant are
+ * skipped (projector_ledger_applied), timestamps come from occurred_at / ledger_time, never now().
+ * Feeding the same messages again, in any number of batches, gives the same rows.
+ *
+ * Not thread-safe: one batch per thread and connection.
+ */
+#ifndef TLY_FOLD_H
+#define TLY_FOLD_H
+
+#include <stddef.h>
+
+#include <libpq-fe.h>
+
+#include "err.h"
+#include "event.h"
+#include "pg.h"
+
+struct tly_fold;
+
+/* The tables the fold writes, by their default names (tly_fold_set_table renames them). */
+extern const char *const tly_fold_tables[];
+extern const size_t tly_fold_n_tables;
+
+/* An empty batch writing the default tables. NULL on OOM. */
+struct tly_fold *tly_fold_new(void);
+void tly_fold_free(struct tly_fold *fold); /* accepts NULL */
+
+/*
+ * Write table (one of tly_fold_tables, e.g. "token_balances") under another name, e.g. a shadow
+ * table "token_balances_rebuild" or "shadow.token_balances" (letters, digits, '_' and one '.').
+ * TLY_E_NOT_FOUND for an unknown table, TLY_E_INVALID for a bad name.
+ */
+int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *name) TLY_MUST_CHECK;
+
+/*
+ * Add one decoded message (borrowed for the call: what the fold needs is copied). Every event type
+ * of tally.events, PlanPublished and LedgerEntry (tenant_id set) are folded; ClockTick is ignored.
+ * 0 or TLY_E_NOMEM.
+ */
+int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev) TLY_MUST_CHECK;
+
+/* Messages added since the last flush or clear. */
+size_t tly_fold_pending(const struct tly_fold *fold);
+
+/* Forget the messages added since the last flush (after a rolled back transaction). */
+void tly_fold_clear(struct tly_fold *fold);
+
+/*
+ * Fold the batch into the tables over conn, which must be inside a transaction (BEGIN done, by
+ * the caller, who commits or rolls back). The batch is cleared on success. TLY_E_PG with err
+ * filled (switch on err->errclass); then roll back, and add the messages again or clear.
+ */
+int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+#endif

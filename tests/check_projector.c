@@ -1,0 +1,689 @@
+/*
+ * Suite "projector": the projection fold directly against a fresh database (out-of-order and
+ * duplicate input, republished ledger entries, an invoice status before its invoice, a replay
+ * that changes nothing), and tally-projector through the real binaries with a dev broker and the
+ * real tally-ledger (a known scenario with exact rows; loadgen traffic with duplicates checked
+ * against an independent count, across a kill -9 and restart of the projector).
+ */
+#include <check.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "event_json.h"
+#include "fold.h"
+#include "harness.h"
+#include "pg.h"
+#include "proc.h"
+#include "producer.h"
+#include "suites.h"
+
+#define PARTITIONS 4
+#define TENANT "11111111-1111-4111-8111-111111111111"
+#define USER "22222222-2222-4222-8222-222222222222"
+#define SUB "33333333-3333-4333-8333-333333333333"
+#define CONV "44444444-4444-4444-8444-444444444444"
+#define RES "55555555-5555-4555-8555-555555555555"
+#define INVOICE "66666666-6666-4666-8666-666666666666"
+#define M1 "77777777-7777-4777-8777-777777777771"
+#define M2 "77777777-7777-4777-8777-777777777772"
+#define ZERO64 "0000000000000000000000000000000000000000000000000000000000000000"
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static char *q_text(PGconn *conn, const char *sql)
+{
+	struct tly_pg_error err;
+	PGresult *res = tly_pg_query(conn, sql, 0, NULL, &err);
+	ck_assert_msg(res != NULL, "%s: %s", sql, err.message);
+	char *out = strdup(PQntuples(res) > 0 && !PQgetisnull(res, 0, 0) ? PQgetvalue(res, 0, 0) : "(null)");
+	PQclear(res);
+	return out;
+}
+
+static void expect(PGconn *conn, const char *sql, const char *want)
+{
+	char *have = q_text(conn, sql);
+	ck_assert_msg(strcmp(have, want) == 0, "%s\n  want: %s\n  have: %s", sql, want, have);
+	free(have);
+}
+
+static long q_long(PGconn *conn, const char *sql)
+{
+	char *t = q_text(conn, sql);
+	long v = strcmp(t, "(null)") == 0 ? -1 : atol(t);
+	free(t);
+	return v;
+}
+
+/* ---- the fold, directly ------------------------------------------------------------------- */
+
+static void add_json(struct tly_fold *fold, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void add_json(struct tly_fold *fold, const char *fmt, ...)
+{
+	char text[4096], errstr[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(text, sizeof(text), fmt, ap);
+	va_end(ap);
+	ck_assert(n > 0 && (size_t)n < sizeof(text));
+	struct tly_event ev = {0};
+	ck_assert_msg(tly_event_from_json_text(text, strlen(text), 0, &ev, errstr, sizeof(errstr)) == 0,
+		      "%s: %s", text, errstr);
+	ck_assert_msg(ev.type == TLY_EV_LEDGER_ENTRY ||
+			      tly_event_validate(&ev, errstr, sizeof(errstr)) == 0, "%s: %s", text, errstr);
+	ck_assert_int_eq(tly_fold_add(fold, &ev), 0);
+	tly_event_free(&ev);
+}
+
+/* A ledger entry of TENANT with the fields every entry has, and extra (JSON members). */
+static void add_entry(struct tly_fold *fold, int seq, const char *kind, const char *at,
+		      const char *extra)
+{
+	add_json(fold,
+		 "{\"type\": \"LedgerEntry\", \"tenant_id\": \"" TENANT "\", \"seq\": %d, \"kind\": \"%s\", "
+		 "\"cause_event_id\": \"88888888-8888-4888-8888-8888888888%02d\", \"cause_type\": \"X\", "
+		 "\"cause_partition\": 0, \"cause_offset\": %d, \"cause_digest\": \"" ZERO64 "\", "
+		 "\"ledger_time\": \"%s\", \"prev_hash\": \"" ZERO64 "\", \"hash\": \"" ZERO64 "\""
+		 "%s%s%s, %s}",
+		 seq, kind, seq, seq, at,
+		 strstr(extra, "\"allowance_delta\"") ? "" : ", \"allowance_delta\": 0",
+		 strstr(extra, "\"credits_delta\"") ? "" : ", \"credits_delta\": 0",
+		 ", \"held_delta\": 0, \"overage_delta\": 0", extra);
+}
+
+static void flush_in_tx(PGconn *conn, struct tly_fold *fold)
+{
+	struct tly_pg_error err;
+	ck_assert(tly_pg_begin(conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush(fold, conn, &err) == 0, "%s", err.message);
+	ck_assert_int_eq(tly_fold_pending(fold), 0);
+	ck_assert(tly_pg_commit(conn, &err) == 0);
+}
+
+#define SUB_PERIOD "\"subscription_id\": \"" SUB "\", \"period_start\": \"2026-01-01T00:00:00Z\", " \
+		   "\"period_end\": \"2026-02-01T00:00:00Z\""
+#define SUB_PERIOD2 "\"subscription_id\": \"" SUB "\", \"period_start\": \"2026-02-01T00:00:00Z\", " \
+		    "\"period_end\": \"2026-03-01T00:00:00Z\""
+
+static void batch1(struct tly_fold *f)
+{
+	add_json(f, "{\"type\": \"TenantCreated\", \"event_id\": \"a0000000-0000-4000-8000-000000000001\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:00Z\", "
+		    "\"slug\": \"acme\", \"name\": \"Acme\"}");
+	add_json(f, "{\"type\": \"UserRegistered\", \"event_id\": \"a0000000-0000-4000-8000-000000000002\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:01Z\", "
+		    "\"user_id\": \"" USER "\", \"external_id\": \"ext-u\", \"display_name\": \"Ada\"}");
+	/* a message before its conversation starts */
+	add_json(f, "{\"type\": \"MessageAppended\", \"event_id\": \"a0000000-0000-4000-8000-000000000003\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:01:00Z\", "
+		    "\"conversation_id\": \"" CONV "\", \"message_id\": \"" M1 "\", \"role\": \"user\", "
+		    "\"agent_type\": \"human\", \"content\": {\"text\": \"hi\"}, \"provider\": \"none\", "
+		    "\"model\": \"none\", \"prompt_tokens\": 0, \"completion_tokens\": 0, "
+		    "\"reasoning_tokens\": 0, \"latency_ms\": 0, \"cost_micros\": 0}");
+	/* an invoice status before the invoice */
+	add_json(f, "{\"type\": \"InvoiceStatusChanged\", \"event_id\": \"a0000000-0000-4000-8000-000000000004\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-02-02T00:00:00Z\", "
+		    "\"invoice_id\": \"" INVOICE "\", \"status\": \"paid\", \"external_invoice_id\": \"in_1\"}");
+	add_entry(f, 1, "subscription_started", "2026-01-01T00:00:00Z",
+		  "\"ref_id\": \"" SUB "\", " SUB_PERIOD ", \"allowance_delta\": 1000, "
+		  "\"allowance_remaining\": 1000, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+}
+
+#define M2_EVENT(id) \
+	"{\"type\": \"MessageAppended\", \"event_id\": \"" id "\", " \
+	"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:02:00Z\", " \
+	"\"conversation_id\": \"" CONV "\", \"message_id\": \"" M2 "\", \"role\": \"assistant\", " \
+	"\"agent_type\": \"triage\", \"content\": \"{\\\"text\\\": \\\"hello\\\"}\", \"provider\": \"openai\", " \
+	"\"model\": \"gpt-4o\", \"prompt_tokens\": 100, \"completion_tokens\": 50, " \
+	"\"reasoning_tokens\": 10, \"latency_ms\": 900, \"cost_micros\": 1234, \"reservation_id\": \"" RES "\"}"
+
+static void batch2(struct tly_fold *f)
+{
+	add_json(f, "{\"type\": \"ConversationStarted\", \"event_id\": \"a0000000-0000-4000-8000-000000000005\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:30Z\", "
+		    "\"conversation_id\": \"" CONV "\", \"user_id\": \"" USER "\", "
+		    "\"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"}");
+	add_json(f, M2_EVENT("a0000000-0000-4000-8000-000000000006"));
+	add_json(f, M2_EVENT("a0000000-0000-4000-8000-000000000006"));  /* the same event twice */
+	add_json(f, M2_EVENT("a0000000-0000-4000-8000-000000000007"));  /* the same message, new event */
+	add_json(f, "{\"type\": \"ReservationSettled\", \"event_id\": \"a0000000-0000-4000-8000-000000000008\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:02:01Z\", "
+		    "\"reservation_id\": \"" RES "\", \"provider\": \"openai\", \"model\": \"gpt-4o\", "
+		    "\"prompt_tokens\": 100, \"completion_tokens\": 50, \"reasoning_tokens\": 10, "
+		    "\"cost_micros\": 1234}");
+	add_json(f, "{\"type\": \"AgentHandoff\", \"event_id\": \"a0000000-0000-4000-8000-000000000009\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:03:00Z\", "
+		    "\"conversation_id\": \"" CONV "\", \"from_agent\": \"triage\", \"to_agent\": \"billing\"}");
+	add_json(f, "{\"type\": \"UsageReported\", \"event_id\": \"a0000000-0000-4000-8000-000000000010\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-02T00:00:00Z\", "
+		    "\"subscription_id\": \"" SUB "\", \"feature_key\": \"api_calls\", \"unit\": \"call\", "
+		    "\"quantity\": 7, \"external_event_id\": \"ext-1\"}");
+	add_json(f, "{\"type\": \"UsageReported\", \"event_id\": \"a0000000-0000-4000-8000-000000000011\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-02T00:00:01Z\", "
+		    "\"subscription_id\": \"" SUB "\", \"feature_key\": \"api_calls\", \"unit\": \"call\", "
+		    "\"quantity\": 7, \"external_event_id\": \"ext-1\"}");
+	add_entry(f, 1, "subscription_started", "2026-01-01T00:00:00Z", /* republished */
+		  "\"ref_id\": \"" SUB "\", " SUB_PERIOD ", \"allowance_delta\": 1000, "
+		  "\"allowance_remaining\": 1000, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	add_entry(f, 2, "debit", "2026-01-01T00:02:00Z",
+		  "\"ref_id\": \"" RES "\", " SUB_PERIOD ", \"allowance_delta\": -160, "
+		  "\"allowance_remaining\": 840, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	add_json(f, "{\"type\": \"LedgerEntry\", \"tenant_id\": \"" TENANT "\", \"seq\": 3, "
+		    "\"kind\": \"usage_recorded\", \"cause_event_id\": \"a0000000-0000-4000-8000-000000000010\", "
+		    "\"cause_type\": \"UsageReported\", \"cause_partition\": 0, \"cause_offset\": 3, "
+		    "\"cause_digest\": \"" ZERO64 "\", \"ref_id\": \"" SUB "\", " SUB_PERIOD ", "
+		    "\"allowance_remaining\": 840, \"credits_remaining\": 0, \"held\": 0, "
+		    "\"overage_tokens\": 0, \"ledger_time\": \"2026-01-02T00:00:00Z\", \"allowance_delta\": 0, "
+		    "\"credits_delta\": 0, \"held_delta\": 0, \"overage_delta\": 0, "
+		    "\"prev_hash\": \"" ZERO64 "\", \"hash\": \"" ZERO64 "\"}");
+	add_entry(f, 4, "period_closed", "2026-02-01T00:00:00Z",
+		  "\"ref_id\": \"" SUB "\", " SUB_PERIOD ", \"allowance_delta\": -840, "
+		  "\"allowance_remaining\": 0, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	add_entry(f, 5, "invoice", "2026-02-01T00:00:00Z",
+		  "\"ref_id\": \"" INVOICE "\", " SUB_PERIOD ", \"amount_cents\": 9914, \"currency\": \"USD\", "
+		  "\"lines\": [{\"kind\": \"plan\", \"quantity\": 1, \"unit_price_micros\": 99000000, "
+		  "\"amount_cents\": 9900}, {\"kind\": \"metered\", \"feature_key\": \"api_calls\", "
+		  "\"quantity\": 7, \"unit_price_micros\": 20000, \"amount_cents\": 14}], "
+		  "\"allowance_remaining\": 0, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	add_entry(f, 6, "period_opened", "2026-02-01T00:00:00Z",
+		  "\"ref_id\": \"" SUB "\", " SUB_PERIOD2 ", \"allowance_delta\": 1000, "
+		  "\"allowance_remaining\": 1000, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	/* the terms arrive after the ledger made the subscription known */
+	add_json(f, "{\"type\": \"SubscriptionStarted\", \"event_id\": \"a0000000-0000-4000-8000-000000000012\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:00Z\", "
+		    "\"subscription_id\": \"" SUB "\", \"plan_code\": \"pro\", \"tokens_per_period\": 1000, "
+		    "\"period_start\": \"2026-01-01T00:00:00Z\", \"period_end\": \"2026-02-01T00:00:00Z\", "
+		    "\"interval\": \"month\", \"interval_count\": 1, \"price_cents\": 9900, "
+		    "\"currency\": \"USD\", \"rollover_cap_tokens\": 0, "
+		    "\"metered_prices\": {\"api_calls\": 20000}, \"seat_count\": 5, \"auto_renew\": true}");
+}
+
+static void batch3(struct tly_fold *f)
+{
+	add_entry(f, 7, "debit", "2026-02-01T01:00:00Z",
+		  "\"ref_id\": \"" RES "\", " SUB_PERIOD2 ", \"allowance_delta\": -40, "
+		  "\"allowance_remaining\": 960, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	add_entry(f, 8, "debit", "2026-02-01T02:00:00Z",
+		  "\"ref_id\": \"" RES "\", " SUB_PERIOD2 ", \"allowance_delta\": -10, "
+		  "\"allowance_remaining\": 950, \"credits_remaining\": 0, \"held\": 25, \"overage_tokens\": 0");
+}
+
+/* One digest of every projection row: equal digests, equal projections. */
+static char *digest(PGconn *conn)
+{
+	char sql[4096];
+	size_t off = (size_t)snprintf(sql, sizeof(sql), "SELECT md5(''");
+	for (size_t i = 0; i < tly_fold_n_tables; i++)
+		off += (size_t)snprintf(sql + off, sizeof(sql) - off,
+					" || (SELECT coalesce(string_agg(t::text, '|' ORDER BY t::text), '') FROM %s t)",
+					tly_fold_tables[i]);
+	snprintf(sql + off, sizeof(sql) - off, ")");
+	return q_text(conn, sql);
+}
+
+static void check_fold_rows(PGconn *c)
+{
+	expect(c, "SELECT slug || ' ' || name FROM tenant_accounts", "acme Acme");
+	expect(c, "SELECT concat_ws(' ', message_count, total_tokens_prompt, total_tokens_completion, "
+		  "reasoning_tokens, total_cost_micros, handoff_count, active_agent, agent_entrypoint, "
+		  "status, user_id, created_at, last_message_at) FROM agent_conversations",
+	       "2 100 50 10 1234 1 billing triage active " USER " 2026-01-01 00:00:30+00 2026-01-01 00:02:00+00");
+	expect(c, "SELECT string_agg(message_id || ':' || position || ':' || content::text, ' ' "
+		  "ORDER BY position) FROM agent_messages",
+	       M1 ":0:{\"text\": \"hi\"} " M2 ":1:{\"text\": \"hello\"}");
+	expect(c, "SELECT content_checksum = encode(sha256('{\"text\": \"hello\"}'::bytea), 'hex') "
+		  "FROM agent_messages WHERE message_id = '" M2 "'", "t");
+	expect(c, "SELECT concat_ws(' ', provider, model, usage_date, prompt_tokens, completion_tokens, "
+		  "reasoning_tokens, total_tokens, cost_micros, request_count) FROM api_usage",
+	       "openai gpt-4o 2026-01-01 100 50 10 160 1234 1");
+	expect(c, "SELECT concat_ws(' ', count(*), sum(quantity), min(period_start), min(period_end)) "
+		  "FROM subscription_usage", "1 7 2026-01-01 00:00:00+00 2026-02-01 00:00:00+00");
+	expect(c, "SELECT concat_ws(' ', status, external_invoice_id, amount_cents, currency, ledger_seq, "
+		  "jsonb_array_length(lines), period_start, updated_at) FROM subscription_invoices "
+		  "WHERE id = '" INVOICE "'", "paid in_1 9914 USD 5 2 2026-01-01 00:00:00+00 2026-02-02 00:00:00+00");
+	expect(c, "SELECT concat_ws(' ', plan_code, status, price_cents, currency, seat_count, "
+		  "current_period_start, current_period_end, metered_prices::text) FROM tenant_subscriptions",
+	       "pro active 9900 USD 5 2026-02-01 00:00:00+00 2026-03-01 00:00:00+00 {\"api_calls\": 20000}");
+	expect(c, "SELECT concat_ws(' ', tokens_limit, tokens_used, tokens_remaining, held, credits, "
+		  "ledger_seq, period_start, monthly_api_cost_micros) FROM token_balances "
+		  "WHERE subscription_id = '" SUB "'", "1000 50 925 25 0 8 2026-02-01 00:00:00+00 0");
+	expect(c, "SELECT count(*) FROM token_balances", "1");
+}
+
+START_TEST(fold_direct)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	struct tly_pg_error err;
+	ck_assert_int_eq(tly_fold_set_table(f, "no_such_table", "x"), TLY_E_NOT_FOUND);
+	ck_assert_int_eq(tly_fold_set_table(f, "users", "users; DROP TABLE x"), TLY_E_INVALID);
+
+	/* outside a transaction the fold refuses (its staging rows live until commit) */
+	batch1(f);
+	ck_assert_int_ne(tly_fold_flush(f, d.conn, &err), 0);
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT status FROM subscription_invoices", "(null)");
+	batch2(f);
+	flush_in_tx(d.conn, f);
+	batch3(f);
+	flush_in_tx(d.conn, f);
+	check_fold_rows(d.conn);
+
+	/* everything again, in one batch: nothing changes */
+	char *before = digest(d.conn);
+	batch1(f);
+	batch2(f);
+	batch3(f);
+	flush_in_tx(d.conn, f);
+	char *after = digest(d.conn);
+	ck_assert_str_eq(before, after);
+	check_fold_rows(d.conn);
+
+	/* a rolled back batch leaves nothing behind, and the next one works */
+	struct tly_fold *g = tly_fold_new();
+	add_entry(g, 9, "debit", "2026-02-01T03:00:00Z",
+		  "\"ref_id\": \"" RES "\", " SUB_PERIOD2 ", \"allowance_delta\": -5, "
+		  "\"allowance_remaining\": 945, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert(tly_fold_flush(g, d.conn, &err) == 0);
+	ck_assert(tly_pg_rollback(d.conn, &err) == 0);
+	char *rolled = digest(d.conn);
+	ck_assert_str_eq(before, rolled);
+	add_entry(g, 9, "debit", "2026-02-01T03:00:00Z",
+		  "\"ref_id\": \"" RES "\", " SUB_PERIOD2 ", \"allowance_delta\": -5, "
+		  "\"allowance_remaining\": 945, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
+	flush_in_tx(d.conn, g);
+	expect(d.conn, "SELECT tokens_used || ' ' || tokens_remaining FROM token_balances", "55 945");
+	free(before);
+	free(after);
+	free(rolled);
+	tly_fold_free(g);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/* ---- the daemon, with the real ledger ----------------------------------------------------- */
+
+struct env {
+	struct tly_test_broker b;
+	struct tly_test_db d;
+	struct tly_producer *prod;
+	pid_t ledger, projector;
+	char ledger_log[400], projector_log[400];
+};
+
+static pid_t projector_spawn(struct env *e)
+{
+	char errstr[512], dbset[600], kset[600];
+	snprintf(dbset, sizeof(dbset), "database.url=%s", e->d.conninfo);
+	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e->b.bootstraps);
+	char *const argv[] = {(char *)tly_test_bin("tally-projector"), "-s", dbset, "-s", kset,
+			      "-s", "projector.group.id=projector-test",
+			      "-s", "kafka.heartbeat.interval.ms=1000", NULL};
+	pid_t pid = tly_proc_spawn(argv, e->projector_log, errstr, sizeof(errstr));
+	ck_assert_msg(pid > 0, "could not start tally-projector: %s", errstr);
+	return pid;
+}
+
+static void env_up(struct env *e)
+{
+	char errstr[512];
+	memset(e, 0, sizeof(*e));
+	tly_test_broker_start(&e->b, 1, PARTITIONS);
+	tly_test_db_up(&e->d, "check_projector");
+	snprintf(e->ledger_log, sizeof(e->ledger_log), "%s/ledger.log", e->b.dir);
+	snprintf(e->projector_log, sizeof(e->projector_log), "%s/projector.log", e->b.dir);
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	ck_assert(tly_config_set(cfg, "kafka.bootstrap.servers", e->b.bootstraps, errstr, sizeof(errstr)) == 0);
+	e->prod = tly_producer_new(cfg, NULL, NULL, errstr, sizeof(errstr));
+	tly_config_free(cfg);
+	ck_assert_msg(e->prod != NULL, "%s", errstr);
+	e->ledger = tly_test_ledger_spawn(e->b.bootstraps, e->d.conninfo, "ledger-test", PARTITIONS,
+					  e->ledger_log);
+	e->projector = projector_spawn(e);
+}
+
+static void projector_stop(struct env *e)
+{
+	int status = tly_proc_stop(e->projector, 20000);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "tally-projector did not exit 0 on SIGTERM (status %d); see %s", status,
+		      e->projector_log);
+	e->projector = 0;
+}
+
+static void env_down(struct env *e)
+{
+	if (e->projector)
+		projector_stop(e);
+	tly_test_ledger_stop(e->ledger, e->ledger_log);
+	tly_producer_free(e->prod, 5000);
+	tly_test_db_down(&e->d);
+	tly_test_broker_stop(&e->b);
+}
+
+static void publish_json(struct env *e, const char *text)
+{
+	char errstr[512];
+	struct tly_event ev = {0};
+	ck_assert_msg(tly_event_from_json_text(text, strlen(text), 0, &ev, errstr, sizeof(errstr)) == 0,
+		      "%s: %s", text, errstr);
+	ck_assert_msg(tly_producer_publish(e->prod, &ev, NULL, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_msg(tly_producer_flush(e->prod, 15000) == 0, "not delivered");
+	tly_event_free(&ev);
+}
+
+/* Wait until sql gives want (up to timeout_ms); fail with the last answer and the logs. */
+static void wait_for(struct env *e, const char *sql, const char *want, int timeout_ms)
+{
+	int64_t deadline = now_ms() + timeout_ms;
+	char *have = NULL;
+	for (;;) {
+		free(have);
+		have = q_text(e->d.conn, sql);
+		if (strcmp(have, want) == 0 || now_ms() > deadline)
+			break;
+		usleep(100000);
+	}
+	ck_assert_msg(strcmp(have, want) == 0, "%s\n  want: %s\n  have: %s\n  (see %s and %s)", sql,
+		      want, have, e->projector_log, e->ledger_log);
+	free(have);
+}
+
+START_TEST(scenario)
+{
+	struct env e;
+	env_up(&e);
+	/* the scenario of fold_direct, through the real ledger: its entries, not hand-made ones */
+	static const char *const events[] = {
+		"{\"type\": \"TenantCreated\", \"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:00Z\", "
+		"\"slug\": \"acme\", \"name\": \"Acme\", \"event_id\": \"b0000000-0000-4000-8000-000000000001\"}",
+		"{\"type\": \"UserRegistered\", \"event_id\": \"b0000000-0000-4000-8000-000000000002\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:01Z\", "
+		"\"user_id\": \"" USER "\", \"external_id\": \"ext-u\", \"display_name\": \"Ada\"}",
+		"{\"type\": \"SubscriptionStarted\", \"event_id\": \"b0000000-0000-4000-8000-000000000003\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:02Z\", "
+		"\"subscription_id\": \"" SUB "\", \"plan_code\": \"pro\", \"tokens_per_period\": 1000, "
+		"\"period_start\": \"2026-01-01T00:00:00Z\", \"period_end\": \"2026-02-01T00:00:00Z\", "
+		"\"interval\": \"month\", \"interval_count\": 1, \"price_cents\": 9900, "
+		"\"currency\": \"USD\", \"rollover_cap_tokens\": 0, \"overage_price_micros_per_1k_tokens\": 2000, "
+		"\"metered_prices\": {\"api_calls\": 20000}, \"seat_count\": 5, \"auto_renew\": true}",
+		"{\"type\": \"MessageAppended\", \"event_id\": \"b0000000-0000-4000-8000-000000000004\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:01:00Z\", "
+		"\"conversation_id\": \"" CONV "\", \"message_id\": \"" M1 "\", \"role\": \"user\", "
+		"\"agent_type\": \"human\", \"content\": {\"text\": \"hi\"}, \"provider\": \"none\", "
+		"\"model\": \"none\", \"prompt_tokens\": 0, \"completion_tokens\": 0, "
+		"\"reasoning_tokens\": 0, \"latency_ms\": 0, \"cost_micros\": 0}",
+		"{\"type\": \"ConversationStarted\", \"event_id\": \"b0000000-0000-4000-8000-000000000005\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:00:30Z\", "
+		"\"conversation_id\": \"" CONV "\", \"user_id\": \"" USER "\", "
+		"\"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"}",
+		"{\"type\": \"TokensReserved\", \"event_id\": \"b0000000-0000-4000-8000-000000000006\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:01:30Z\", "
+		"\"reservation_id\": \"" RES "\", \"tokens\": 300, \"expires_at\": \"2026-01-01T01:00:00Z\", "
+		"\"model\": \"gpt-4o\"}",
+		M2_EVENT("b0000000-0000-4000-8000-000000000007"),
+		M2_EVENT("b0000000-0000-4000-8000-000000000007"), /* an upstream retry */
+		"{\"type\": \"AgentHandoff\", \"event_id\": \"b0000000-0000-4000-8000-000000000008\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:03:00Z\", "
+		"\"conversation_id\": \"" CONV "\", \"from_agent\": \"triage\", \"to_agent\": \"billing\"}",
+		"{\"type\": \"UsageReported\", \"event_id\": \"b0000000-0000-4000-8000-000000000009\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-02T00:00:00Z\", "
+		"\"subscription_id\": \"" SUB "\", \"feature_key\": \"api_calls\", \"unit\": \"call\", "
+		"\"quantity\": 7, \"external_event_id\": \"ext-1\"}",
+		"{\"type\": \"ConversationClosed\", \"event_id\": \"b0000000-0000-4000-8000-000000000010\", "
+		"\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-03T00:00:00Z\", "
+		"\"conversation_id\": \"" CONV "\", \"status\": \"completed\"}",
+		"{\"type\": \"PlanPublished\", \"event_id\": \"b0000000-0000-4000-8000-000000000011\", "
+		"\"occurred_at\": \"2026-01-05T00:00:00Z\", \"plan_id\": \"a3c073b5-6121-49e1-8c02-bbfbffaa1a70\", "
+		"\"code\": \"pro\", \"name\": \"Pro 2026\", \"interval\": \"month\", \"interval_count\": 1, "
+		"\"price_cents\": 9900, \"currency\": \"USD\", \"trial_days\": 7, \"seat_included\": 5, "
+		"\"tokens_per_period\": 10000000, \"overage_price_micros_per_1k_tokens\": 2000, "
+		"\"feature_toggles\": {\"api_access\": true}, \"is_active\": true, \"features\": ["
+		"{\"feature_key\": \"tokens\", \"display_name\": \"Tokens\", \"soft_limit\": 10000000, \"is_metered\": false}, "
+		"{\"feature_key\": \"api_calls\", \"display_name\": \"API calls\", \"is_metered\": true}]}",
+		"{\"type\": \"ClockTick\", \"event_id\": \"b0000000-0000-4000-8000-000000000012\", "
+		"\"occurred_at\": \"2026-02-01T00:01:00Z\"}",
+	};
+	/* undecodable records on the projector's inputs are logged and skipped */
+	char errstr[512];
+	ck_assert(tly_producer_publish_raw(e.prod, "tally.catalog", NULL, 0, 0, "garbage", 7, NULL,
+					   errstr, sizeof(errstr)) == 0);
+	ck_assert(tly_producer_publish_raw(e.prod, "tally.events", TENANT, 36, RD_KAFKA_PARTITION_UA,
+					   "\xc3\x01junk", 6, NULL, errstr, sizeof(errstr)) == 0);
+	for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
+		publish_json(&e, events[i]);
+
+	wait_for(&e, "SELECT count(*) FROM subscription_invoices", "1", 30000);
+	wait_for(&e, "SELECT status FROM agent_conversations", "completed", 30000);
+	PGconn *c = e.d.conn;
+	expect(c, "SELECT slug || ' ' || name FROM tenant_accounts", "acme Acme");
+	expect(c, "SELECT display_name FROM users WHERE id = '" USER "'", "Ada");
+	expect(c, "SELECT concat_ws(' ', message_count, total_tokens_prompt, total_tokens_completion, "
+		  "reasoning_tokens, total_cost_micros, handoff_count, active_agent, agent_entrypoint, "
+		  "created_at, last_message_at) FROM agent_conversations",
+	       "2 100 50 10 1234 1 billing triage 2026-01-01 00:00:30+00 2026-01-01 00:02:00+00");
+	expect(c, "SELECT string_agg(message_id || ':' || position, ' ' ORDER BY position) FROM agent_messages",
+	       M1 ":0 " M2 ":1");
+	expect(c, "SELECT concat_ws(' ', provider, model, total_tokens, cost_micros, request_count) FROM api_usage",
+	       "openai gpt-4o 160 1234 1");
+	expect(c, "SELECT concat_ws(' ', quantity, period_start) FROM subscription_usage",
+	       "7 2026-01-01 00:00:00+00");
+	/* the plan the catalog republished, its features replaced */
+	wait_for(&e, "SELECT concat_ws(' ', name, trial_days, updated_at, (SELECT string_agg(feature_key, ',' "
+		     "ORDER BY feature_key) FROM plan_features f WHERE f.plan_id = p.id)) FROM billing_plans p "
+		     "WHERE code = 'pro'", "Pro 2026 7 2026-01-05 00:00:00+00 api_calls,tokens", 30000);
+	/* the subscription: terms from the event, status and period from the ledger */
+	wait_for(&e, "SELECT concat_ws(' ', plan_code, plan_id, status, seat_count, current_period_start, "
+		     "current_period_end) FROM tenant_subscriptions",
+		 "pro a3c073b5-6121-49e1-8c02-bbfbffaa1a70 active 5 2026-02-01 00:00:00+00 2026-03-01 00:00:00+00",
+		 30000);
+	/* the invoice equals the ledger's invoice entry */
+	expect(c, "SELECT count(*) FROM subscription_invoices i JOIN ledger_entries l ON l.ref_id = i.id "
+		  "AND l.kind = 'invoice' AND l.tenant_id = i.tenant_id AND l.seq = i.ledger_seq "
+		  "AND l.amount_cents = i.amount_cents AND l.lines = i.lines AND i.status = 'issued' "
+		  "AND i.amount_cents = 9914", "1");
+	/* balances: the ledger's last entry of the tenant */
+	wait_for(&e, "SELECT count(*) FROM token_balances b JOIN ledger_entries l ON l.tenant_id = b.tenant_id "
+		     "AND l.seq = b.ledger_seq AND l.seq = (SELECT max(seq) FROM ledger_entries) "
+		     "AND b.tokens_remaining = l.allowance_remaining + l.credits_remaining - l.held "
+		     "AND b.held = l.held AND b.credits = l.credits_remaining "
+		     "AND b.subscription_id = l.subscription_id", "1", 30000);
+	expect(c, "SELECT concat_ws(' ', tokens_used, tokens_remaining, period_start) FROM token_balances",
+	       "0 1000 2026-02-01 00:00:00+00");
+
+	/* the payment processor's status, now that the invoice is known */
+	char *invoice = q_text(c, "SELECT id FROM subscription_invoices");
+	char text[1024];
+	snprintf(text, sizeof(text),
+		 "{\"type\": \"InvoiceStatusChanged\", \"event_id\": \"b0000000-0000-4000-8000-000000000013\", "
+		 "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-02-03T00:00:00Z\", "
+		 "\"invoice_id\": \"%s\", \"status\": \"paid\", \"hosted_invoice_url\": \"https://pay/x\"}",
+		 invoice);
+	publish_json(&e, text);
+	wait_for(&e, "SELECT concat_ws(' ', status, hosted_invoice_url, updated_at) FROM subscription_invoices",
+		 "paid https://pay/x 2026-02-03 00:00:00+00", 30000);
+	free(invoice);
+
+	/* the projector's offsets: all three topics, committed with the rows */
+	expect(c, "SELECT count(DISTINCT topic) FROM consumer_offsets WHERE consumer = 'tally-projector'", "3");
+	char grep[600];
+	snprintf(grep, sizeof(grep), "grep -c 'could not decode record' %s", e.projector_log);
+	FILE *g = popen(grep, "r");
+	int skipped = 0;
+	ck_assert(g && fscanf(g, "%d", &skipped) == 1);
+	pclose(g);
+	ck_assert_int_eq(skipped, 2);
+	env_down(&e);
+}
+END_TEST
+
+/* ---- loadgen traffic, kill -9 and restart ------------------------------------------------- */
+
+struct truth {
+	long messages;         /* distinct message ids */
+	long prompt, completion, reasoning;
+	long tenants;
+	long handoffs;         /* distinct AgentHandoff event ids */
+};
+
+/* The independent fold: loadgen's NDJSON for the same seed, counted by message id. */
+static void loadgen_truth(const char *args_seed, const char *events, struct truth *t)
+{
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd), "%s --seed %s --tenants 20 --events %s --duplicates 10 --dry-run 2>/dev/null",
+		 tly_test_bin("tally-loadgen"), args_seed, events);
+	FILE *f = popen(cmd, "r");
+	ck_assert_ptr_nonnull(f);
+	json_t *messages = json_object(), *handoffs = json_object(), *tenants = json_object();
+	char *line = NULL;
+	size_t cap = 0;
+	memset(t, 0, sizeof(*t));
+	while (getline(&line, &cap, f) > 0) {
+		json_error_t jerr;
+		json_t *o = json_loads(line, 0, &jerr);
+		ck_assert_msg(o != NULL, "loadgen line does not parse: %s", jerr.text);
+		const char *type = json_string_value(json_object_get(o, "type"));
+		const char *tenant = json_string_value(json_object_get(o, "tenant_id"));
+		if (type && tenant && strcmp(type, "TenantCreated") == 0)
+			json_object_set_new(tenants, tenant, json_true());
+		if (type && strcmp(type, "MessageAppended") == 0) {
+			const char *mid = json_string_value(json_object_get(o, "message_id"));
+			if (mid && !json_object_get(messages, mid)) {
+				json_object_set_new(messages, mid, json_true());
+				t->prompt += (long)json_integer_value(json_object_get(o, "prompt_tokens"));
+				t->completion += (long)json_integer_value(json_object_get(o, "completion_tokens"));
+				t->reasoning += (long)json_integer_value(json_object_get(o, "reasoning_tokens"));
+			}
+		}
+		if (type && strcmp(type, "AgentHandoff") == 0)
+			json_object_set_new(handoffs, json_string_value(json_object_get(o, "event_id")),
+					    json_true());
+		json_decref(o);
+	}
+	free(line);
+	ck_assert_int_eq(pclose(f), 0);
+	t->messages = (long)json_object_size(messages);
+	t->handoffs = (long)json_object_size(handoffs);
+	t->tenants = (long)json_object_size(tenants);
+	json_decref(messages);
+	json_decref(handoffs);
+	json_decref(tenants);
+}
+
+static void run_loadgen(struct env *e, const char *seed, const char *events)
+{
+	char kset[600], out[4096];
+	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e->b.bootstraps);
+	char *const argv[] = {(char *)tly_test_bin("tally-loadgen"), "--seed", (char *)seed, "--tenants",
+			      "20", "--events", (char *)events, "--duplicates", "10", "-s", kset, NULL};
+	int rc = tly_proc_run(argv, out, sizeof(out));
+	ck_assert_msg(rc == 0, "tally-loadgen exited %d: %s", rc, out);
+}
+
+/* The projections agree with the independent count and with the ledger's entries. */
+static void check_against_truth(struct env *e, const struct truth *t)
+{
+	char want[256], sql[1024];
+	snprintf(want, sizeof(want), "%ld %ld %ld %ld", t->messages, t->prompt, t->completion, t->reasoning);
+	wait_for(e, "SELECT concat_ws(' ', count(*), sum(token_count_prompt), sum(token_count_completion), "
+		    "sum(reasoning_tokens)) FROM agent_messages", want, 60000);
+	expect(e->d.conn, "SELECT concat_ws(' ', sum(message_count), sum(total_tokens_prompt), "
+			  "sum(total_tokens_completion), sum(reasoning_tokens)) FROM agent_conversations", want);
+	snprintf(want, sizeof(want), "%ld", t->handoffs);
+	expect(e->d.conn, "SELECT sum(handoff_count) FROM agent_conversations", want);
+	snprintf(want, sizeof(want), "%ld", t->tenants);
+	expect(e->d.conn, "SELECT count(*) FROM tenant_accounts WHERE slug <> ''", want);
+	/* positions 0..n-1 per conversation */
+	expect(e->d.conn, "SELECT count(*) FROM (SELECT conversation_id FROM agent_messages GROUP BY 1 "
+			  "HAVING min(position) <> 0 OR max(position) <> count(*) - 1) x", "0");
+	/* every tenant's balance row is its last ledger entry */
+	snprintf(sql, sizeof(sql),
+		 "SELECT count(*) FROM (SELECT DISTINCT ON (tenant_id) * FROM ledger_entries "
+		 "ORDER BY tenant_id, seq DESC) l WHERE NOT EXISTS (SELECT 1 FROM token_balances b "
+		 "WHERE b.tenant_id = l.tenant_id AND b.ledger_seq = l.seq "
+		 "AND b.held = l.held AND b.credits = l.credits_remaining "
+		 "AND b.tokens_remaining = GREATEST(l.allowance_remaining + l.credits_remaining - l.held, 0) "
+		 "AND b.overage_tokens = l.overage_tokens)");
+	wait_for(e, sql, "0", 60000);
+	/* one invoice row per invoice entry, with its amount */
+	expect(e->d.conn, "SELECT (SELECT count(*) FROM ledger_entries WHERE kind = 'invoice') - "
+			  "(SELECT count(*) FROM subscription_invoices i JOIN ledger_entries l ON "
+			  "l.kind = 'invoice' AND l.ref_id = i.id AND l.amount_cents = i.amount_cents)", "0");
+	/* api usage counts each model call once */
+	expect(e->d.conn, "SELECT (SELECT sum(request_count) FROM api_usage) = "
+			  "(SELECT count(*) FROM projector_api_calls)", "t");
+}
+
+START_TEST(loadgen_kill_restart)
+{
+	struct env e;
+	struct truth t;
+	env_up(&e);
+	loadgen_truth("7", "3000", &t);
+	ck_assert_int_gt(t.messages, 100);
+	run_loadgen(&e, "7", "3000");
+	/* kill -9 while it works through the traffic */
+	wait_for(&e, "SELECT count(*) > 0 FROM agent_messages", "t", 60000);
+	ck_assert_int_eq(kill(e.projector, SIGKILL), 0);
+	int status = 0;
+	ck_assert_int_eq(tly_proc_wait(e.projector, 10000, &status), 0);
+	long partial = q_long(e.d.conn, "SELECT count(*) FROM agent_messages");
+	ck_assert_int_lt(partial, t.messages + 1);
+	e.projector = projector_spawn(&e);
+	check_against_truth(&e, &t);
+	/* a clean stop and restart, and everything read again from the start: nothing double counts */
+	projector_stop(&e);
+	char *before = digest(e.d.conn);
+	char *consumed = q_text(e.d.conn, "SELECT sum(next_offset) FROM consumer_offsets "
+					   "WHERE consumer = 'tally-projector'");
+	ck_assert(tly_pg_exec(e.d.conn, "UPDATE consumer_offsets SET next_offset = 0 "
+			      "WHERE consumer = 'tally-projector'", 0, NULL, NULL) == 0);
+	e.projector = projector_spawn(&e);
+	wait_for(&e, "SELECT sum(next_offset) FROM consumer_offsets WHERE consumer = 'tally-projector'",
+		 consumed, 60000);
+	free(consumed);
+	usleep(3000000);
+	projector_stop(&e);
+	char *after = digest(e.d.conn);
+	ck_assert_str_eq(before, after);
+	check_against_truth(&e, &t);
+	free(before);
+	free(after);
+	env_down(&e);
+}
+END_TEST
+
+Suite *projector_suite(void)
+{
+	Suite *s = suite_create("projector");
+	TCase *tc = tcase_create("fold");
+	tcase_add_test(tc, fold_direct);
+	tcase_set_timeout(tc, 60);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("daemon");
+	tcase_add_test(tc, scenario);
+	tcase_add_test(tc, loadgen_kill_restart);
+	tcase_set_timeout(tc, 240);
+	suite_add_tcase(s, tc);
+	return s;
+}
