@@ -70,6 +70,13 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int64_t now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 static void sleep_ms(int ms)
 {
 	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
@@ -224,11 +231,15 @@ static void commit_all(struct app *app)
 				.part = part,
 				.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
 	}
+	size_t records = app->pending;
 	app->pending = 0;
 	if (n == 0)
 		return;
+	int64_t t0 = now_us();
 	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_commit(app->group, n, &app->ctx, &err)
 				       : TLY_E_PG;
+	tly_debug("group committed", "partitions=%zu records=%zu waited_us=%" PRId64 " commit_us=%" PRId64,
+		  n, records, (t0 - 1000 * app->opened_ms), now_us() - t0);
 	for (size_t k = 0; k < n; k++) {
 		struct tly_ledger_group_item *it = &app->group[k];
 		int32_t partition = tly_ledger_partition_id(it->part);

@@ -530,6 +530,8 @@ static void committed(struct tly_ledger_partition *p, const struct tly_ledger_co
 		    tly_uuidmap_get(p->batch_seen, &ev->tenant_id, &ev->event_id) == &p->recs[i])
 			cache_put(p, &ev->tenant_id, &ev->event_id, p->recs[i].digest);
 	}
+	for (size_t i = 0; i < p->n_touched; i++)
+		tly_wallet_mark_saved(p->touched_list[i]);
 	*out = (struct tly_ledger_batch_out){p->entries.items, p->entries.n, p->quarantined,
 					     c->n_quarantined, p->recs[0].offset, c->new_offset};
 	p->stored_offset = c->new_offset;

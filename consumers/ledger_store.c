@@ -108,11 +108,6 @@ fail:
 }
 
 /* Command tag row count ("INSERT 0 1" -> 1). */
-static long affected(PGresult *res)
-{
-	return strtol(PQcmdTuples(res), NULL, 10);
-}
-
 /* ---- partition guard ---------------------------------------------------------------------- */
 
 int tly_ledger_store_check_partitions(PGconn *conn, const char *topic, int32_t count,
@@ -178,6 +173,19 @@ int tly_ledger_store_load_offset(PGconn *conn, const char *topic, int32_t partit
 	return 0;
 }
 
+/* Row r of the holds result as a hold row: 0, or TLY_E_CORRUPT. */
+static int hold_row(PGresult *res, int r, struct tly_hold_row *row)
+{
+	char *end;
+	row->order = strtoll(PQgetvalue(res, r, 1), &end, 10);
+	if (tly_uuid_parse(PQgetvalue(res, r, 2), &row->id) != 0)
+		return TLY_E_CORRUPT;
+	row->tokens = strtoll(PQgetvalue(res, r, 3), NULL, 10);
+	row->expires_at = strtoll(PQgetvalue(res, r, 4), NULL, 10);
+	row->ended_at = PQgetisnull(res, r, 5) ? -1 : strtoll(PQgetvalue(res, r, 5), NULL, 10);
+	return 0;
+}
+
 int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 				  int (*fn)(struct tly_wallet *w, void *ud), void *ud,
 				  struct tly_pg_error *err)
@@ -185,25 +193,56 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 	char p[16], errstr[256];
 	snprintf(p, sizeof(p), "%d", (int)partition);
 	const char *const v[] = {p};
+	PGresult *holds = NULL;
 	PGresult *res = tly_pg_query(conn,
 				     "SELECT tenant_id, state::text FROM ledger_wallets "
 				     "WHERE partition = $1 ORDER BY tenant_id",
 				     1, v, err);
 	if (!res)
 		return TLY_E_PG;
-	int rc = 0;
+	/* Both sorted by tenant (uuid order is the order of its text): merged below. */
+	holds = tly_pg_query(conn,
+			     "SELECT h.tenant_id, h.ord, h.reservation_id, h.tokens, h.expires_at, "
+			     "h.ended_at FROM ledger_holds h JOIN ledger_wallets w "
+			     "ON w.tenant_id = h.tenant_id WHERE w.partition = $1 "
+			     "ORDER BY h.tenant_id, h.ord",
+			     1, v, err);
+	if (!holds) {
+		PQclear(res);
+		return TLY_E_PG;
+	}
+	int rc = 0, h = 0, nh = PQntuples(holds);
 	for (int i = 0; i < PQntuples(res) && rc == 0; i++) {
+		const char *tenant = PQgetvalue(res, i, 0);
 		struct tly_wallet *w = tly_wallet_from_json(PQgetvalue(res, i, 1), errstr, sizeof(errstr));
+		for (; w && h < nh && strcmp(PQgetvalue(holds, h, 0), tenant) == 0; h++) {
+			struct tly_hold_row row;
+			int hrc = hold_row(holds, h, &row);
+			if (hrc == 0)
+				hrc = tly_wallet_load_hold(w, &row);
+			if (hrc != 0) {
+				snprintf(errstr, sizeof(errstr), "%s", hrc == TLY_E_NOMEM ? "out of memory"
+								 : "a saved hold is malformed or out of order");
+				tly_wallet_free(w);
+				w = NULL;
+			}
+		}
+		if (w && tly_wallet_loaded(w) != 0) {
+			snprintf(errstr, sizeof(errstr), "out of memory");
+			tly_wallet_free(w);
+			w = NULL;
+		}
 		if (!w) {
 			tly_error("could not load wallet snapshot", "partition=%d tenant=%s reason=\"%s\"",
-				  (int)partition, PQgetvalue(res, i, 0), errstr);
-			set_err(err, TLY_ERRCLASS_FATAL, "wallet snapshot does not parse");
+				  (int)partition, tenant, errstr);
+			set_err(err, TLY_ERRCLASS_FATAL, "wallet snapshot does not load");
 			rc = TLY_E_CORRUPT;
 			break;
 		}
 		rc = fn(w, ud);
 	}
 	PQclear(res);
+	PQclear(holds);
 	return rc;
 }
 
@@ -448,7 +487,7 @@ static int save_wallet_rows(PGconn *conn, const struct owned_wallet *ow, size_t 
 		goto out;
 	for (size_t r = 0; r < k; r++) {
 		struct tly_balance bal;
-		if (!(states[r] = tly_wallet_to_json(ow[r].w)))
+		if (!(states[r] = tly_wallet_to_json(ow[r].w, false)))
 			goto out;
 		tly_uuid_format(tly_wallet_tenant(ow[r].w), tenants[r]);
 		tly_wallet_balance(ow[r].w, &bal);
@@ -469,18 +508,113 @@ out:
 	return rc;
 }
 
+/* Text arrays of hold rows for one unnest() statement. */
+struct hold_arrays {
+	FILE *tenant, *order, *id, *tokens, *expires, *ended;
+	const char *tenant_text;
+	size_t n;
+};
+
+static int add_hold_row(const struct tly_hold_row *row, void *ud)
+{
+	struct hold_arrays *a = ud;
+	char id[37];
+	const char *sep = a->n++ ? "," : "{";
+	tly_uuid_format(&row->id, id);
+	fprintf(a->tenant, "%s%s", sep, a->tenant_text);
+	fprintf(a->order, "%s%" PRId64, sep, row->order);
+	fprintf(a->id, "%s%s", sep, id);
+	fprintf(a->tokens, "%s%" PRId64, sep, row->tokens);
+	fprintf(a->expires, "%s%" PRId64, sep, row->expires_at);
+	if (row->ended_at < 0)
+		fprintf(a->ended, "%sNULL", sep);
+	else
+		fprintf(a->ended, "%s%" PRId64, sep, row->ended_at);
+	return 0;
+}
+
+/*
+ * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
+ * deleted: two statements whatever the group's size, and nothing for holds that did not change.
+ */
+static int save_holds(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+		      struct tly_pg_error *err)
+{
+	char *buf[8] = {0};
+	size_t len[8] = {0};
+	FILE *f[8] = {0};
+	int rc = TLY_E_NOMEM;
+	for (int k = 0; k < 8; k++)
+		if (!(f[k] = open_memstream(&buf[k], &len[k])))
+			goto out;
+	struct hold_arrays a = {f[0], f[1], f[2], f[3], f[4], f[5], NULL, 0};
+	size_t n_forgotten = 0;
+	for (size_t i = 0; i < n; i++) {
+		for (size_t j = 0; j < c[i].n_wallets; j++) {
+			const struct tly_wallet *w = c[i].wallets[j];
+			char tenant[37];
+			size_t nf;
+			const int64_t *forgotten = tly_wallet_forgotten(w, &nf);
+			tly_uuid_format(tly_wallet_tenant(w), tenant);
+			a.tenant_text = tenant;
+			(void)tly_wallet_changed_holds(w, add_hold_row, &a);
+			for (size_t k = 0; k < nf; k++, n_forgotten++) {
+				const char *sep = n_forgotten ? "," : "{";
+				fprintf(f[6], "%s%s", sep, tenant);
+				fprintf(f[7], "%s%" PRId64, sep, forgotten[k]);
+			}
+		}
+	}
+	int bad = 0;
+	for (int k = 0; k < 8; k++) {
+		fputc('}', f[k]);
+		bad |= fclose(f[k]);
+		f[k] = NULL;
+	}
+	if (bad)
+		goto out;
+	rc = 0;
+	if (n_forgotten) {
+		const char *const v[] = {buf[6], buf[7]};
+		rc = tly_pg_exec(conn,
+				 "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
+				 "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
+				 2, v, err);
+	}
+	if (rc == 0 && a.n) {
+		const char *const v[] = {buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]};
+		rc = tly_pg_exec(conn,
+				 "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
+				 "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
+				 "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
+				 "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
+				 6, v, err);
+	}
+out:
+	for (int k = 0; k < 8; k++) {
+		if (f[k])
+			fclose(f[k]);
+		free(buf[k]);
+	}
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "could not write holds: out of memory");
+	return rc;
+}
+
 /* Upsert the snapshots of every touched wallet of the group, WALLETS_PER_STATEMENT per statement. */
 static int save_wallets(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
 			struct tly_pg_error *err)
 {
 	struct owned_wallet ow[WALLETS_PER_STATEMENT];
 	size_t k = 0;
+	int rc = save_holds(conn, c, n, err);
+	if (rc != 0)
+		return rc;
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {
 			ow[k++] = (struct owned_wallet){c[i].wallets[j], c[i].partition};
 			if (k == WALLETS_PER_STATEMENT) {
-				int rc = save_wallet_rows(conn, ow, k, err);
-				if (rc != 0)
+				if ((rc = save_wallet_rows(conn, ow, k, err)) != 0)
 					return rc;
 				k = 0;
 			}
@@ -544,37 +678,133 @@ int tly_ledger_store_load_published(PGconn *conn, const char *ledger_topic, int3
 	return 0;
 }
 
-/* The offset compare-and-set: 0 when this process still owns the partition, else *fenced. */
-static int advance_offset(PGconn *conn, const struct tly_ledger_commit *c, bool *fenced,
-			  struct tly_pg_error *err)
+/* Append "{a,b,…}" of the chosen commits' partitions and offsets to three memstreams. */
+static void offset_arrays(const struct tly_ledger_commit *c, size_t n, bool stored, FILE *parts,
+			  FILE *old, FILE *new)
 {
-	char p[16], old[24], new[24];
-	snprintf(p, sizeof(p), "%d", (int)c->partition);
-	snprintf(old, sizeof(old), "%" PRId64, c->old_offset);
-	snprintf(new, sizeof(new), "%" PRId64, c->new_offset);
-	const char *const v[] = {TLY_LEDGER_CONSUMER, c->topic, p, new, old};
-	PGresult *res =
-		c->old_offset < 0
-			? tly_pg_query(conn,
-				       "INSERT INTO consumer_offsets (consumer, topic, partition, "
-				       "next_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-				       4, v, err)
-			: tly_pg_query(conn,
-				       "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() "
-				       "WHERE consumer = $1 AND topic = $2 AND partition = $3 "
-				       "AND next_offset = $5",
-				       5, v, err);
-	if (!res)
-		return TLY_E_PG;
-	long n = affected(res);
-	PQclear(res);
-	if (n != 1) {
-		*fenced = true;
+	size_t k = 0;
+	fputc('{', parts);
+	fputc('{', old);
+	fputc('{', new);
+	for (size_t i = 0; i < n; i++) {
+		if ((c[i].old_offset >= 0) != stored)
+			continue;
+		const char *sep = k++ ? "," : "";
+		fprintf(parts, "%s%d", sep, (int)c[i].partition);
+		fprintf(old, "%s%" PRId64, sep, c[i].old_offset);
+		fprintf(new, "%s%" PRId64, sep, c[i].new_offset);
+	}
+	fputc('}', parts);
+	fputc('}', old);
+	fputc('}', new);
+}
+
+/*
+ * The offsets' compare-and-set, every partition of the group in one statement (one more for
+ * partitions with nothing stored yet): 0 when this process still owns them all, else the
+ * fenced ones are marked.
+ */
+static int advance_offsets(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+			   bool *fenced, struct tly_pg_error *err)
+{
+	static const char *const sql[2] = {
+		"INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
+		"SELECT $1, $2, k.partition, k.new_offset FROM unnest($3::int[], $4::bigint[], "
+		"$5::bigint[]) AS k (partition, old_offset, new_offset) "
+		"ON CONFLICT DO NOTHING RETURNING partition",
+		"UPDATE consumer_offsets o SET next_offset = k.new_offset, updated_at = now() "
+		"FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS k (partition, old_offset, "
+		"new_offset) WHERE o.consumer = $1 AND o.topic = $2 AND o.partition = k.partition "
+		"AND o.next_offset = k.old_offset RETURNING o.partition"};
+	bool *done = calloc(n ? n : 1, sizeof(*done));
+	int rc = TLY_E_NOMEM;
+	if (!done)
+		goto out;
+	for (int stored = 0; stored < 2; stored++) {
+		char *buf[3] = {0};
+		size_t len[3];
+		FILE *f[3] = {open_memstream(&buf[0], &len[0]), open_memstream(&buf[1], &len[1]),
+			      open_memstream(&buf[2], &len[2])};
+		bool any = false;
+		for (size_t i = 0; i < n; i++)
+			any |= (c[i].old_offset >= 0) == (bool)stored;
+		if (f[0] && f[1] && f[2])
+			offset_arrays(c, n, stored, f[0], f[1], f[2]);
+		int bad = 0;
+		for (int k = 0; k < 3; k++)
+			bad |= f[k] ? fclose(f[k]) : -1;
+		PGresult *res = NULL;
+		rc = bad ? TLY_E_NOMEM : 0;
+		if (rc == 0 && any) {
+			const char *const v[] = {TLY_LEDGER_CONSUMER, c[0].topic, buf[0], buf[1], buf[2]};
+			res = tly_pg_query(conn, sql[stored], 5, v, err);
+			rc = res ? 0 : TLY_E_PG;
+		}
+		for (int r = 0; res && r < PQntuples(res); r++) {
+			long part = strtol(PQgetvalue(res, r, 0), NULL, 10);
+			for (size_t i = 0; i < n; i++)
+				if (c[i].partition == part)
+					done[i] = true;
+		}
+		PQclear(res);
+		for (int k = 0; k < 3; k++)
+			free(buf[k]);
+		if (rc != 0)
+			goto out;
+	}
+	for (size_t i = 0; i < n; i++) {
+		if (!done[i]) {
+			fenced[i] = true;
+			rc = TLY_E_PG;
+		}
+	}
+	if (rc != 0)
 		set_err(err, TLY_ERRCLASS_PERMANENT,
 			"the stored offset moved: another process committed this partition");
-		return TLY_E_PG;
+out:
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	free(done);
+	return rc;
+}
+
+/* Advance the published markers of the group's partitions that carry one, in one statement. */
+static int save_published(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+			  struct tly_pg_error *err)
+{
+	char *parts = NULL, *offs = NULL;
+	size_t plen, olen, k = 0;
+	FILE *fp = open_memstream(&parts, &plen), *fo = open_memstream(&offs, &olen);
+	int rc = TLY_E_NOMEM;
+	if (fp && fo) {
+		for (size_t i = 0; i < n; i++) {
+			if (c[i].published_offset < 0)
+				continue;
+			const char *sep = k++ ? "," : "{";
+			fprintf(fp, "%s%d", sep, (int)c[i].partition);
+			fprintf(fo, "%s%" PRId64, sep, c[i].published_offset);
+		}
+		fputc('}', fp);
+		fputc('}', fo);
 	}
-	return 0;
+	int bad = (fp ? fclose(fp) : -1) | (fo ? fclose(fo) : -1);
+	if (!bad) {
+		const char *const v[] = {c[0].ledger_topic, parts, offs};
+		rc = k == 0 ? 0
+			    : tly_pg_exec(conn,
+					  "INSERT INTO ledger_published (topic, partition, next_offset) "
+					  "SELECT $1, k.partition, k.next_offset FROM unnest($2::int[], "
+					  "$3::bigint[]) AS k (partition, next_offset) "
+					  "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = "
+					  "GREATEST(ledger_published.next_offset, EXCLUDED.next_offset), "
+					  "updated_at = now()",
+					  3, v, err);
+	}
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	free(parts);
+	free(offs);
+	return rc;
 }
 
 int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
@@ -591,18 +821,16 @@ int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, siz
 	}
 	if ((rc = tly_pg_begin(conn, err)) != 0)
 		goto out;
-	for (size_t i = 0; i < n && rc == 0; i++)
-		rc = advance_offset(conn, &c[i], &fenced[i], err);
+	if (n)
+		rc = advance_offsets(conn, c, n, fenced, err);
 	if (rc == 0)
 		rc = insert_entries(conn, arena, c, n, err);
 	if (rc == 0)
 		rc = save_wallets(conn, c, n, err);
-	for (size_t i = 0; i < n && rc == 0; i++) {
+	for (size_t i = 0; i < n && rc == 0; i++)
 		rc = save_quarantined(conn, c[i].quarantined, c[i].n_quarantined, err);
-		if (rc == 0 && c[i].published_offset >= 0)
-			rc = tly_ledger_store_save_published(conn, c[i].ledger_topic, c[i].partition,
-							     c[i].published_offset, err);
-	}
+	if (rc == 0 && n)
+		rc = save_published(conn, c, n, err);
 	if (rc != 0) {
 		if (PQstatus(conn) == CONNECTION_OK && tly_pg_rollback(conn, &rberr) != 0)
 			tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", n,

@@ -236,6 +236,8 @@ static int forget_holds(struct tly_wallet *w)
 		const struct tly_hold *h = &w->holds[i];
 		if (h->open || w->time < forget_at(h))
 			w->holds[keep++] = *h;
+		else if (tly_wallet_note_forgotten(w, h) != 0)
+			return TLY_E_NOMEM;
 	}
 	w->forget_scan_at = 2 * keep + 64;
 	if (keep == w->n_holds)
@@ -553,7 +555,8 @@ static int on_reserve(struct ctx *c, const struct tly_ev_tokens_reserved *r)
 	int64_t available = w->allowance + credits - tly_wallet_held(w);
 	if (!overage && r->tokens > available + c->cfg->overdraft_limit)
 		return reject(c, TLY_REASON_INSUFFICIENT_TOKENS, &r->reservation_id);
-	struct tly_hold hold = {r->reservation_id, r->tokens, r->expires_at, true, 0};
+	struct tly_hold hold = {.id = r->reservation_id, .tokens = r->tokens,
+				.expires_at = r->expires_at, .open = true};
 	if (tly_wallet_add_hold(w, &hold) != 0)
 		return TLY_E_NOMEM;
 	struct delta d = {0, 0, r->tokens, 0};

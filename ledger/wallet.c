@@ -60,6 +60,7 @@ void tly_wallet_free(struct tly_wallet *w)
 	tly_terms_clear(&w->sub.pending);
 	free(w->grants);
 	free(w->holds);
+	free(w->forgotten);
 	free(w->usage);
 	free(w->slots);
 	free(w->heap);
@@ -168,7 +169,10 @@ int tly_wallet_add_hold(struct tly_wallet *w, const struct tly_hold *h)
 {
 	if (tly_ledger_grow(&w->holds, &w->cap_holds, w->n_holds, sizeof(*w->holds)) != 0)
 		return TLY_E_NOMEM;
-	w->holds[w->n_holds++] = *h;
+	struct tly_hold *added = &w->holds[w->n_holds++];
+	*added = *h;
+	added->order = w->next_hold++;
+	added->dirty = true;
 	if (2 * w->n_holds + 2 > w->n_slots)
 		return tly_wallet_reindex(w);
 	slot_insert(w, w->n_holds - 1);
@@ -180,6 +184,7 @@ void tly_wallet_end_hold(struct tly_wallet *w, struct tly_hold *h, int64_t at)
 {
 	h->open = false;
 	h->ended_at = at;
+	h->dirty = true;
 	w->held_total -= h->tokens; /* its heap entry is dropped when it reaches the top */
 }
 
@@ -195,6 +200,64 @@ struct tly_hold *tly_wallet_first_expiry(struct tly_wallet *w)
 	return NULL;
 }
 
+
+int tly_wallet_note_forgotten(struct tly_wallet *w, const struct tly_hold *h)
+{
+	if (tly_ledger_grow(&w->forgotten, &w->cap_forgotten, w->n_forgotten,
+			    sizeof(*w->forgotten)) != 0)
+		return TLY_E_NOMEM;
+	w->forgotten[w->n_forgotten++] = h->order;
+	return 0;
+}
+
+int tly_wallet_changed_holds(const struct tly_wallet *w,
+			     int (*fn)(const struct tly_hold_row *row, void *ud), void *ud)
+{
+	for (size_t i = 0; i < w->n_holds; i++) {
+		const struct tly_hold *h = &w->holds[i];
+		if (!h->dirty)
+			continue;
+		struct tly_hold_row row = {h->order, h->id, h->tokens, h->expires_at,
+					   h->open ? -1 : h->ended_at};
+		int rc = fn(&row, ud);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+const int64_t *tly_wallet_forgotten(const struct tly_wallet *w, size_t *n)
+{
+	*n = w->n_forgotten;
+	return w->forgotten;
+}
+
+void tly_wallet_mark_saved(struct tly_wallet *w)
+{
+	for (size_t i = 0; i < w->n_holds; i++)
+		w->holds[i].dirty = false;
+	w->n_forgotten = 0;
+}
+
+int tly_wallet_load_hold(struct tly_wallet *w, const struct tly_hold_row *row)
+{
+	if (row->order < 0 || row->tokens < 0 ||
+	    (w->n_holds && row->order <= w->holds[w->n_holds - 1].order))
+		return TLY_E_INVALID;
+	if (tly_ledger_grow(&w->holds, &w->cap_holds, w->n_holds, sizeof(*w->holds)) != 0)
+		return TLY_E_NOMEM;
+	w->holds[w->n_holds++] = (struct tly_hold){row->id, row->tokens, row->expires_at,
+						   row->ended_at < 0, row->ended_at < 0 ? 0 : row->ended_at,
+						   row->order, false};
+	if (w->next_hold <= row->order)
+		w->next_hold = row->order + 1;
+	return 0;
+}
+
+int tly_wallet_loaded(struct tly_wallet *w)
+{
+	return tly_wallet_reindex(w);
+}
 
 static void *dup_array(const void *src, size_t n, size_t size)
 {
@@ -214,6 +277,8 @@ struct tly_wallet *tly_wallet_clone(const struct tly_wallet *w)
 	*c = *w;
 	c->grants = dup_array(w->grants, w->n_grants, sizeof(*w->grants));
 	c->holds = dup_array(w->holds, w->n_holds, sizeof(*w->holds));
+	c->forgotten = dup_array(w->forgotten, w->n_forgotten, sizeof(*w->forgotten));
+	c->cap_forgotten = w->n_forgotten;
 	c->usage = dup_array(w->usage, w->n_usage, sizeof(*w->usage));
 	c->cap_grants = w->n_grants;
 	c->cap_holds = w->n_holds;
@@ -224,6 +289,7 @@ struct tly_wallet *tly_wallet_clone(const struct tly_wallet *w)
 	c->heap = NULL;
 	c->n_slots = c->n_heap = c->cap_heap = 0;
 	if ((w->n_grants && !c->grants) || (w->n_holds && !c->holds) || (w->n_usage && !c->usage) ||
+	    (w->n_forgotten && !c->forgotten) ||
 	    tly_terms_copy(&c->sub.terms, &w->sub.terms) != 0 ||
 	    tly_terms_copy(&c->sub.pending, &w->sub.pending) != 0 || tly_wallet_reindex(c) != 0) {
 		tly_wallet_free(c);
@@ -313,9 +379,9 @@ static json_t *terms_json(const struct tly_terms *t)
 			 "metered", prices_json(t->metered, t->n_metered));
 }
 
-char *tly_wallet_to_json(const struct tly_wallet *w)
+char *tly_wallet_to_json(const struct tly_wallet *w, bool with_holds)
 {
-	json_t *grants = json_array(), *holds = json_array();
+	json_t *grants = json_array(), *holds = with_holds ? json_array() : NULL;
 	for (size_t i = 0; i < w->n_grants; i++) {
 		const struct tly_grant *g = &w->grants[i];
 		json_array_append_new(grants, json_pack("{s:o, s:I, s:I, s:I}", "id", uuid_json(&g->id),
@@ -323,12 +389,13 @@ char *tly_wallet_to_json(const struct tly_wallet *w)
 							"expires_at", (json_int_t)g->expires_at,
 							"order", (json_int_t)g->order));
 	}
-	for (size_t i = 0; i < w->n_holds; i++) {
+	for (size_t i = 0; holds && i < w->n_holds; i++) {
 		const struct tly_hold *h = &w->holds[i];
-		json_array_append_new(holds, json_pack("{s:o, s:I, s:I, s:b, s:I}", "id", uuid_json(&h->id),
-						       "tokens", (json_int_t)h->tokens, "expires_at",
-						       (json_int_t)h->expires_at, "open", (int)h->open,
-						       "ended_at", (json_int_t)h->ended_at));
+		json_array_append_new(holds, json_pack("{s:o, s:I, s:I, s:b, s:I, s:I}", "id",
+						       uuid_json(&h->id), "tokens", (json_int_t)h->tokens,
+						       "expires_at", (json_int_t)h->expires_at, "open",
+						       (int)h->open, "ended_at", (json_int_t)h->ended_at,
+						       "order", (json_int_t)h->order));
 	}
 	json_t *sub = json_null();
 	if (w->sub.active) {
@@ -344,15 +411,21 @@ char *tly_wallet_to_json(const struct tly_wallet *w)
 						      "seats", (int)s->pending_seats, "at",
 						      (json_int_t)s->pending_at));
 	}
-	json_t *root = json_pack("{s:i, s:o, s:I, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:o}",
+	json_t *root = json_pack("{s:i, s:o, s:I, s:o, s:I, s:I, s:I, s:I, s:I, s:o, s:o, s:o}",
 				 "version", 1, "tenant", uuid_json(&w->tenant), "seq", (json_int_t)w->seq,
 				 "hash", hex_json(w->hash, 32), "time", (json_int_t)w->time,
 				 "allowance", (json_int_t)w->allowance, "overage",
 				 (json_int_t)w->overage, "next_grant", (json_int_t)w->next_grant,
-				 "grants", grants, "holds", holds, "usage",
+				 "next_hold", (json_int_t)w->next_hold, "grants", grants, "usage",
 				 prices_json(w->usage, w->n_usage), "subscription", sub);
-	if (!root)
+	if (!root) {
+		json_decref(holds);
 		return NULL;
+	}
+	if (holds && json_object_set_new(root, "holds", holds) != 0) {
+		json_decref(root);
+		return NULL;
+	}
 	char *text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS);
 	json_decref(root);
 	return text;
@@ -458,8 +531,11 @@ struct tly_wallet *tly_wallet_from_json(const char *text, char *errstr, size_t e
 	    get_i64(root, "next_grant", &w->next_grant))
 		goto bad;
 	json_t *grants = json_object_get(root, "grants"), *holds = json_object_get(root, "holds");
-	if (!json_is_array(grants) || !json_is_array(holds))
+	json_t *next_hold = json_object_get(root, "next_hold");
+	if (!json_is_array(grants) || (holds && !json_is_array(holds)) ||
+	    (next_hold && !json_is_integer(next_hold)))
 		goto bad;
+	w->next_hold = next_hold ? json_integer_value(next_hold) : 0;
 	size_t n = json_array_size(grants);
 	if (n && !(w->grants = calloc(n, sizeof(*w->grants))))
 		goto oom;
@@ -482,6 +558,14 @@ struct tly_wallet *tly_wallet_from_json(const char *text, char *errstr, size_t e
 		    get_i64(h, "expires_at", &ho->expires_at) || get_i64(h, "ended_at", &ho->ended_at))
 			goto bad;
 		ho->open = json_is_true(json_object_get(h, "open"));
+		ho->order = (int64_t)i;
+		if (json_object_get(h, "order") && get_i64(h, "order", &ho->order))
+			goto bad;
+		if (ho->order < 0 || (i && ho->order <= w->holds[i - 1].order))
+			goto bad;
+		ho->dirty = true; /* not saved apart yet */
+		if (w->next_hold <= ho->order)
+			w->next_hold = ho->order + 1;
 	}
 	if (get_prices(json_object_get(root, "usage"), &w->usage, &w->n_usage) != 0)
 		goto bad;

@@ -1,7 +1,8 @@
 /*
  * One tenant's wallet: the state the decision core reads and writes (subscription and period,
- * allowance, credit grants, open holds, metered usage, ledger time, seq and last hash), and its
- * snapshot as JSON so a consumer can reload it from PostgreSQL instead of replaying history.
+ * allowance, credit grants, holds, metered usage, ledger time, seq and last hash), and its
+ * snapshot (JSON, holds apart) so a consumer can reload it from PostgreSQL instead of replaying
+ * history.
  */
 #ifndef TLY_LEDGER_WALLET_H
 #define TLY_LEDGER_WALLET_H
@@ -41,8 +42,42 @@ const tly_uuid *tly_wallet_tenant(const struct tly_wallet *w);
 void tly_wallet_balance(const struct tly_wallet *w, struct tly_balance *out);
 const unsigned char *tly_wallet_last_hash(const struct tly_wallet *w); /* 32 bytes */
 
-/* Snapshot: a JSON document (malloc'd) that tly_wallet_from_json turns back into an equal wallet. */
-char *tly_wallet_to_json(const struct tly_wallet *w);
+/*
+ * Snapshot: a JSON document (malloc'd) that tly_wallet_from_json turns back into an equal wallet.
+ * Without holds (with_holds false) it stays small whatever the traffic; the holds are then saved
+ * apart, one row each, as they change (tly_wallet_changed_holds) and loaded back with
+ * tly_wallet_load_hold. A snapshot with holds loads them as changed, to be saved apart.
+ */
+char *tly_wallet_to_json(const struct tly_wallet *w, bool with_holds);
 struct tly_wallet *tly_wallet_from_json(const char *json, char *errstr, size_t errlen);
+
+/* A hold as saved apart from the snapshot: one row per (tenant, order). */
+struct tly_hold_row {
+	int64_t order;      /* placement order, unique in the wallet */
+	tly_uuid id;        /* the reservation */
+	int64_t tokens;
+	int64_t expires_at;
+	int64_t ended_at;   /* -1 while open */
+};
+
+/*
+ * The holds placed or ended since the last tly_wallet_mark_saved, in order: fn gets each (the
+ * row is borrowed for the call); a non-zero return stops the walk and is returned.
+ */
+int tly_wallet_changed_holds(const struct tly_wallet *w,
+			     int (*fn)(const struct tly_hold_row *row, void *ud), void *ud);
+
+/* Orders of the holds forgotten since the last tly_wallet_mark_saved (their rows go). Borrowed. */
+const int64_t *tly_wallet_forgotten(const struct tly_wallet *w, size_t *n);
+
+/* The changes above are committed: forget them. */
+void tly_wallet_mark_saved(struct tly_wallet *w);
+
+/*
+ * Add a saved hold to a wallet being loaded, in order (after tly_wallet_from_json of a snapshot
+ * without holds); then call tly_wallet_loaded. 0, TLY_E_INVALID (out of order), TLY_E_NOMEM.
+ */
+int tly_wallet_load_hold(struct tly_wallet *w, const struct tly_hold_row *row) TLY_MUST_CHECK;
+int tly_wallet_loaded(struct tly_wallet *w) TLY_MUST_CHECK;
 
 #endif

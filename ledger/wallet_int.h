@@ -19,6 +19,8 @@ struct tly_hold {
 	int64_t expires_at;
 	bool open;
 	int64_t ended_at; /* ledger time it was settled, released or expired */
+	int64_t order;    /* placement order in its wallet, unique: the key of its saved row */
+	bool dirty;       /* placed or ended since the wallet was last saved */
 };
 
 struct tly_price {
@@ -73,6 +75,9 @@ struct tly_wallet {
 	size_t n_grants, cap_grants;
 	struct tly_hold *holds; /* open ones, and ended ones of this and the last period */
 	size_t n_holds, cap_holds;
+	int64_t next_hold;      /* order of the next hold */
+	int64_t *forgotten;     /* orders of holds forgotten since the wallet was last saved */
+	size_t n_forgotten, cap_forgotten;
 	struct tly_price *usage; /* metered quantities of this period */
 	size_t n_usage, cap_usage;
 	struct tly_subscription sub;
@@ -96,6 +101,9 @@ struct tly_hold *tly_wallet_find_hold(struct tly_wallet *w, const tly_uuid *id);
 
 /* Append an open hold (its id must be new). 0 or TLY_E_NOMEM. */
 int tly_wallet_add_hold(struct tly_wallet *w, const struct tly_hold *h) TLY_MUST_CHECK;
+
+/* Drop hold i from memory (ledger/decide.c's forgetting); its saved row is deleted on save. */
+int tly_wallet_note_forgotten(struct tly_wallet *w, const struct tly_hold *h) TLY_MUST_CHECK;
 
 /* End an open hold at ledger time `at`. */
 void tly_wallet_end_hold(struct tly_wallet *w, struct tly_hold *h, int64_t at);

@@ -17,7 +17,7 @@
 /* The system of record; every other table of the schema is a projection. */
 static const char *const ledger_tables[] = {"ledger_entries",   "consumer_offsets", "topic_partitions",
 					    "quarantine",       "ledger_wallets",   "ledger_published",
-					    "schema_migrations"};
+					    "ledger_holds",     "schema_migrations"};
 
 /* Login roles for the tests, one member of each service role (cluster-wide, created once). */
 static const char create_logins_sql[] =
@@ -388,7 +388,8 @@ START_TEST(test_analyst_sees_one_tenant)
 	static const char *const hidden[] = {
 		"SELECT count(*) FROM ledger_entries", "SELECT count(*) FROM quarantine",
 		"SELECT count(*) FROM consumer_offsets", "SELECT count(*) FROM ledger_wallets",
-		"SELECT count(*) FROM ledger_published", "SELECT count(*) FROM topic_partitions"};
+		"SELECT count(*) FROM ledger_published", "SELECT count(*) FROM topic_partitions",
+		"SELECT count(*) FROM ledger_holds"};
 	for (size_t i = 0; i < sizeof(hidden) / sizeof(hidden[0]); i++)
 		expect_state(e.analyst, "analyst", DENIED, hidden[i], 0, NULL);
 	env_down(&e);
@@ -452,6 +453,7 @@ START_TEST(test_projector)
 		const struct table *t = &e.tables[i];
 		if (strcmp(t->name, "ledger_entries") == 0 || strcmp(t->name, "ledger_wallets") == 0 ||
 		    strcmp(t->name, "quarantine") == 0 || strcmp(t->name, "ledger_published") == 0 ||
+		    strcmp(t->name, "ledger_holds") == 0 ||
 		    strcmp(t->name, "topic_partitions") == 0 || strcmp(t->name, "schema_migrations") == 0)
 			expect_no_write(e.projector, "projector", t);
 	}
