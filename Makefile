@@ -42,6 +42,7 @@ LIB_SRCS := \
 	lib/log.c \
 	lib/migrate.c \
 	lib/pg.c \
+	lib/pgcopy.c \
 	lib/proc.c \
 	lib/producer.c \
 	lib/schema.c \

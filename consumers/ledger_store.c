@@ -12,6 +12,7 @@
 
 #include "arena.h"
 #include "log.h"
+#include "pgcopy.h"
 #include "wallet.h"
 
 #define ROWS_PER_STATEMENT 1000
@@ -32,44 +33,6 @@ static void set_err(struct tly_pg_error *err, enum tly_errclass cls, const char 
 	err->errclass = cls;
 	err->sqlstate[0] = '\0';
 	snprintf(err->message, sizeof(err->message), "%s", msg);
-}
-
-static char *arena_printf(struct tly_arena *arena, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-static char *arena_printf(struct tly_arena *arena, const char *fmt, ...)
-{
-	char buf[64];
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	if (n < 0 || (size_t)n >= sizeof(buf))
-		return NULL;
-	return tly_arena_strndup(arena, buf, (size_t)n);
-}
-
-static char *arena_uuid(struct tly_arena *arena, const tly_uuid *u)
-{
-	char text[37];
-	tly_uuid_format(u, text);
-	return tly_arena_strndup(arena, text, 36);
-}
-
-/* µs since the epoch as PostgreSQL timestamptz text in UTC, exact to the microsecond. */
-static char *arena_ts(struct tly_arena *arena, int64_t us)
-{
-	int64_t secs = us / 1000000, frac = us % 1000000;
-	if (frac < 0) {
-		frac += 1000000;
-		secs -= 1;
-	}
-	time_t t = (time_t)secs;
-	struct tm tm;
-	char buf[64];
-	if (!gmtime_r(&t, &tm) || strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S", &tm) == 0)
-		return NULL;
-	return arena_printf(arena, "%s.%06" PRId64 "+00", buf, frac);
 }
 
 /* Invoice lines as a JSON array (jsonb text), or NULL for an entry without lines. */
@@ -323,134 +286,83 @@ int tly_ledger_store_lookup_seen(PGconn *conn, struct tly_ledger_seen_key *keys,
 
 /* ---- commit ------------------------------------------------------------------------------- */
 
-/* Parameters of one entry row into values/lengths/formats (ENTRY_COLS each). */
-static int entry_params(struct tly_arena *arena, const struct tly_event *ev, const char **v,
-			int *len, int *fmt)
+/* One entry as a binary COPY row, in ENTRY_COLUMNS order. */
+static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const struct tly_event *ev)
 {
 	const struct tly_ledger_entry *e = &ev->u.ledger_entry;
 	bool oom = false;
-	int i = 0;
-#define TEXT(x) (v[i] = (x), len[i] = 0, fmt[i] = 0, i++)
-#define BIN(x) (v[i] = (const char *)(x), len[i] = 32, fmt[i] = 1, i++)
-	TEXT(arena_uuid(arena, &ev->tenant_id));
-	TEXT(arena_printf(arena, "%" PRId64, e->seq));
-	TEXT(e->kind);
-	TEXT(arena_uuid(arena, &e->cause_event_id));
-	TEXT(e->cause_type);
-	TEXT(arena_printf(arena, "%d", (int)e->cause_partition));
-	TEXT(arena_printf(arena, "%" PRId64, e->cause_offset));
-	BIN(e->cause_digest);
-	TEXT(tly_uuid_is_nil(&e->ref_id) ? NULL : arena_uuid(arena, &e->ref_id));
-	TEXT(tly_uuid_is_nil(&e->subscription_id) ? NULL : arena_uuid(arena, &e->subscription_id));
-	TEXT(arena_printf(arena, "%" PRId64, e->allowance_delta));
-	TEXT(arena_printf(arena, "%" PRId64, e->credits_delta));
-	TEXT(arena_printf(arena, "%" PRId64, e->held_delta));
-	TEXT(arena_printf(arena, "%" PRId64, e->overage_delta));
-	TEXT(arena_printf(arena, "%" PRId64, e->allowance_remaining));
-	TEXT(arena_printf(arena, "%" PRId64, e->credits_remaining));
-	TEXT(arena_printf(arena, "%" PRId64, e->held));
-	TEXT(arena_printf(arena, "%" PRId64, e->overage_tokens));
-	TEXT(e->period_start.set ? arena_ts(arena, e->period_start.v) : NULL);
-	TEXT(e->period_end.set ? arena_ts(arena, e->period_end.v) : NULL);
-	TEXT(e->amount_cents.set ? arena_printf(arena, "%" PRId64, e->amount_cents.v) : NULL);
-	TEXT(e->currency);
-	TEXT(arena_lines(arena, &e->lines, &oom));
-	TEXT(e->reason);
-	TEXT(arena_ts(arena, e->ledger_time));
-	BIN(e->prev_hash);
-	BIN(e->hash);
-#undef TEXT
-#undef BIN
-	/* Required values that came back NULL mean the arena ran out. */
-	if (oom || !v[0] || !v[1] || !v[3] || !v[5] || !v[6] || !v[10] || !v[24])
+	const char *lines = arena_lines(arena, &e->lines, &oom);
+	if (oom)
 		return TLY_E_NOMEM;
+	tly_pgcopy_row(copy, ENTRY_COLS);
+	tly_pgcopy_uuid(copy, &ev->tenant_id);
+	tly_pgcopy_int8(copy, e->seq);
+	tly_pgcopy_text(copy, e->kind);
+	tly_pgcopy_uuid(copy, &e->cause_event_id);
+	tly_pgcopy_text(copy, e->cause_type);
+	tly_pgcopy_int4(copy, e->cause_partition);
+	tly_pgcopy_int8(copy, e->cause_offset);
+	tly_pgcopy_bytea(copy, e->cause_digest, 32);
+	if (tly_uuid_is_nil(&e->ref_id))
+		tly_pgcopy_null(copy);
+	else
+		tly_pgcopy_uuid(copy, &e->ref_id);
+	if (tly_uuid_is_nil(&e->subscription_id))
+		tly_pgcopy_null(copy);
+	else
+		tly_pgcopy_uuid(copy, &e->subscription_id);
+	tly_pgcopy_int8(copy, e->allowance_delta);
+	tly_pgcopy_int8(copy, e->credits_delta);
+	tly_pgcopy_int8(copy, e->held_delta);
+	tly_pgcopy_int8(copy, e->overage_delta);
+	tly_pgcopy_int8(copy, e->allowance_remaining);
+	tly_pgcopy_int8(copy, e->credits_remaining);
+	tly_pgcopy_int8(copy, e->held);
+	tly_pgcopy_int8(copy, e->overage_tokens);
+	if (e->period_start.set)
+		tly_pgcopy_timestamptz(copy, e->period_start.v);
+	else
+		tly_pgcopy_null(copy);
+	if (e->period_end.set)
+		tly_pgcopy_timestamptz(copy, e->period_end.v);
+	else
+		tly_pgcopy_null(copy);
+	if (e->amount_cents.set)
+		tly_pgcopy_int8(copy, e->amount_cents.v);
+	else
+		tly_pgcopy_null(copy);
+	tly_pgcopy_text(copy, e->currency);
+	tly_pgcopy_jsonb(copy, lines);
+	tly_pgcopy_text(copy, e->reason);
+	tly_pgcopy_timestamptz(copy, e->ledger_time);
+	tly_pgcopy_bytea(copy, e->prev_hash, 32);
+	tly_pgcopy_bytea(copy, e->hash, 32);
 	return 0;
 }
 
-/* Append one COPY text-format field: \N for NULL, backslash escapes, bytea as \\x hex. */
-static void copy_field(FILE *f, const char *v, int len, int fmt)
-{
-	if (!v) {
-		fputs("\\N", f);
-		return;
-	}
-	if (fmt == 1) {
-		fputs("\\\\x", f);
-		for (int k = 0; k < len; k++)
-			fprintf(f, "%02x", (unsigned char)v[k]);
-		return;
-	}
-	for (; *v; v++) {
-		switch (*v) {
-		case '\\': fputs("\\\\", f); break;
-		case '\t': fputs("\\t", f); break;
-		case '\n': fputs("\\n", f); break;
-		case '\r': fputs("\\r", f); break;
-		default: fputc(*v, f);
-		}
-	}
-}
-
-/* The entries of every commit of the group through one COPY (no per-row parse or plan). */
+/* The entries of every commit of the group through one binary COPY (no per-row parse or plan). */
 static int insert_entries(PGconn *conn, struct tly_arena *arena, const struct tly_ledger_commit *c,
 			  size_t n, struct tly_pg_error *err)
 {
-	const char *v[ENTRY_COLS];
-	int len[ENTRY_COLS], fmt[ENTRY_COLS];
-	char *data = NULL;
-	size_t datalen = 0, rows = 0;
+	char sql[sizeof(ENTRY_COLUMNS) + 64];
+	struct tly_pgcopy *copy = tly_pgcopy_new();
 	int rc = TLY_E_NOMEM;
-	FILE *f = open_memstream(&data, &datalen);
-	if (!f)
+	if (!copy)
 		goto out;
 	for (size_t i = 0; i < n; i++) {
-		for (size_t r = 0; r < c[i].n_entries; r++, rows++) {
-			if ((rc = entry_params(arena, &c[i].entries[r], v, len, fmt)) != 0) {
-				fclose(f);
+		for (size_t r = 0; r < c[i].n_entries; r++) {
+			if ((rc = copy_entry(copy, arena, &c[i].entries[r])) != 0)
 				goto out;
-			}
-			for (int k = 0; k < ENTRY_COLS; k++) {
-				if (k)
-					fputc('\t', f);
-				copy_field(f, v[k], len[k], fmt[k]);
-			}
-			fputc('\n', f);
 			tly_arena_reset(arena);
 		}
 	}
-	if (fclose(f) != 0) {
-		rc = TLY_E_NOMEM;
-		goto out;
-	}
-	rc = 0;
-	if (rows == 0)
-		goto out;
-	rc = TLY_E_PG;
-	char sql[sizeof(ENTRY_COLUMNS) + 64];
-	snprintf(sql, sizeof(sql), "COPY ledger_entries (%s) FROM STDIN", ENTRY_COLUMNS);
-	PGresult *res = PQexec(conn, sql);
-	if (PQresultStatus(res) != PGRES_COPY_IN) {
-		tly_pg_error_set(err, conn, res);
-		PQclear(res);
-		goto out;
-	}
-	PQclear(res);
-	if (PQputCopyData(conn, data, (int)datalen) != 1 || PQputCopyEnd(conn, NULL) != 1) {
-		tly_pg_error_set(err, conn, NULL);
-		goto out;
-	}
-	res = PQgetResult(conn);
-	bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-	if (!ok)
-		tly_pg_error_set(err, conn, res);
-	PQclear(res);
-	while ((res = PQgetResult(conn)) != NULL)
-		PQclear(res);
-	rc = ok ? 0 : TLY_E_PG;
+	snprintf(sql, sizeof(sql), "COPY ledger_entries (%s) FROM STDIN (FORMAT binary)",
+		 ENTRY_COLUMNS);
+	rc = tly_pgcopy_send(conn, copy, sql, err);
 out:
 	if (rc == TLY_E_NOMEM)
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-	free(data);
+	tly_pgcopy_free(copy);
 	return rc;
 }
 
@@ -607,9 +519,7 @@ static int save_wallets(PGconn *conn, const struct tly_ledger_commit *c, size_t 
 {
 	struct owned_wallet ow[WALLETS_PER_STATEMENT];
 	size_t k = 0;
-	int rc = save_holds(conn, c, n, err);
-	if (rc != 0)
-		return rc;
+	int rc;
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {
 			ow[k++] = (struct owned_wallet){c[i].wallets[j], c[i].partition};
@@ -825,6 +735,8 @@ int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, siz
 		rc = advance_offsets(conn, c, n, fenced, err);
 	if (rc == 0)
 		rc = insert_entries(conn, arena, c, n, err);
+	if (rc == 0)
+		rc = save_holds(conn, c, n, err);
 	if (rc == 0)
 		rc = save_wallets(conn, c, n, err);
 	for (size_t i = 0; i < n && rc == 0; i++)

@@ -1,0 +1,42 @@
+/*
+ * A COPY ... FROM STDIN (FORMAT binary) payload built in memory, row by row, and sent in one
+ * go: no text formatting on our side, no parsing of uuids, numbers, timestamps or hex on the
+ * server's. Values go in column order; the out-of-memory state is sticky and reported by send.
+ */
+#ifndef TLY_PGCOPY_H
+#define TLY_PGCOPY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <libpq-fe.h>
+
+#include "err.h"
+#include "event.h"
+#include "pg.h"
+
+struct tly_pgcopy;
+
+struct tly_pgcopy *tly_pgcopy_new(void); /* NULL on OOM */
+void tly_pgcopy_free(struct tly_pgcopy *c); /* accepts NULL */
+void tly_pgcopy_reset(struct tly_pgcopy *c); /* no rows, memory kept */
+size_t tly_pgcopy_rows(const struct tly_pgcopy *c);
+
+void tly_pgcopy_row(struct tly_pgcopy *c, int nfields); /* starts a row of nfields values */
+void tly_pgcopy_null(struct tly_pgcopy *c);
+void tly_pgcopy_int4(struct tly_pgcopy *c, int32_t v);
+void tly_pgcopy_int8(struct tly_pgcopy *c, int64_t v);
+void tly_pgcopy_text(struct tly_pgcopy *c, const char *s);   /* NULL: SQL NULL */
+void tly_pgcopy_bytea(struct tly_pgcopy *c, const void *p, size_t len);
+void tly_pgcopy_uuid(struct tly_pgcopy *c, const tly_uuid *u);
+void tly_pgcopy_timestamptz(struct tly_pgcopy *c, int64_t unix_us); /* µs since 1970, UTC */
+void tly_pgcopy_jsonb(struct tly_pgcopy *c, const char *json); /* NULL: SQL NULL */
+
+/*
+ * Run sql (a "COPY table (columns) FROM STDIN (FORMAT binary)") and send the rows. Nothing is
+ * sent without rows. 0, TLY_E_NOMEM (a value could not be added) or TLY_E_PG (err filled).
+ */
+int tly_pgcopy_send(PGconn *conn, struct tly_pgcopy *c, const char *sql,
+		    struct tly_pg_error *err) TLY_MUST_CHECK;
+
+#endif
