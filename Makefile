@@ -32,6 +32,7 @@ LIB_SRCS := \
 	lib/crc64.c \
 	lib/codec.c \
 	lib/decision.c \
+	lib/entries.c \
 	lib/devbroker_ctl.c \
 	lib/devpg.c \
 	lib/err.c \
@@ -64,7 +65,7 @@ PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tall
             tally-projector
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
-                        tools/tallyctl_status.c
+                        tools/tallyctl_status.c tools/tallyctl_rebuild.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
@@ -93,6 +94,7 @@ TEST_SRCS := \
 	tests/check_ledger.c \
 	tests/check_migrate.c \
 	tests/check_projector.c \
+	tests/check_rebuild.c \
 	tests/check_schema.c
 TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o

@@ -30,6 +30,7 @@ static const struct suite_entry all_suites[] = {
 	{"projector", projector_suite, true},
 	{"roles", roles_suite, true},
 	{"status", status_suite, true},
+	{"rebuild", rebuild_suite, true},
 };
 
 int main(void)

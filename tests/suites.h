@@ -20,5 +20,6 @@ Suite *decision_suite(void);
 Suite *projector_suite(void);
 Suite *roles_suite(void);
 Suite *status_suite(void);
+Suite *rebuild_suite(void);
 
 #endif

@@ -44,6 +44,8 @@ static void usage(FILE *out)
 		"                               (exit 0 accepted, 3 rejected, 4 timeout)\n"
 		"  status [--json] [--timeout-ms T]  lag of each consumer per topic and partition\n"
 		"                               (stored offset behind the topic's end), with totals\n"
+		"  rebuild all|PROJECTION...    rebuild projections into shadow tables and swap them in\n"
+		"                               (database.url with the schema owner's rights, like migrate)\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -350,6 +352,7 @@ static const struct {
 	{"quarantine", cmd_quarantine},
 	{"reserve", cmd_reserve},
 	{"status", cmd_status},
+	{"rebuild", cmd_rebuild},
 };
 
 int main(int argc, char **argv)

@@ -21,5 +21,6 @@ int cmd_tail(struct app *app, int argc, char **argv);    /* tallyctl_tail.c */
 int cmd_quarantine(struct app *app, int argc, char **argv); /* tallyctl_quarantine.c */
 int cmd_reserve(struct app *app, int argc, char **argv);    /* tallyctl_reserve.c */
 int cmd_status(struct app *app, int argc, char **argv);     /* tallyctl_status.c */
+int cmd_rebuild(struct app *app, int argc, char **argv);    /* tallyctl_rebuild.c */
 
 #endif

@@ -1,0 +1,38 @@
+/*
+ * Ledger entries read back from PostgreSQL (ledger_entries) as decoded struct tly_event values,
+ * the same shape tally.ledger carries: for folds that read the ledger from the database (tallyctl
+ * rebuild) rather than from a topic whose retention may be shorter than history.
+ */
+#ifndef TLY_ENTRIES_H
+#define TLY_ENTRIES_H
+
+#include <libpq-fe.h>
+
+#include "err.h"
+#include "event.h"
+#include "pg.h"
+
+/*
+ * The select list a query must return, in this order, for tly_entries_each (columns of
+ * ledger_entries, alias e; timestamps as µs since the epoch). Use it as
+ *   "SELECT " TLY_ENTRIES_SELECT " FROM ledger_entries e WHERE ... ORDER BY e.tenant_id, e.seq"
+ */
+#define TLY_ENTRIES_SELECT                                                                         \
+	"e.tenant_id, e.seq, e.kind, e.cause_event_id, e.cause_type, e.cause_partition, "          \
+	"e.cause_offset, e.cause_digest, e.ref_id, e.subscription_id, e.allowance_delta, "         \
+	"e.credits_delta, e.held_delta, e.overage_delta, e.allowance_remaining, "                  \
+	"e.credits_remaining, e.held, e.overage_tokens, "                                          \
+	"(extract(epoch FROM e.period_start) * 1000000)::bigint, "                                 \
+	"(extract(epoch FROM e.period_end) * 1000000)::bigint, e.amount_cents, e.currency, "       \
+	"e.lines::text, e.reason, (extract(epoch FROM e.ledger_time) * 1000000)::bigint, "         \
+	"e.prev_hash, e.hash"
+
+/*
+ * Call fn for each row of res (a result of a TLY_ENTRIES_SELECT query, text format) as a
+ * LedgerEntry event, borrowed for the call only. Stops at the first non-zero return of fn and
+ * returns it; TLY_E_CORRUPT for a row that does not read back as an entry, TLY_E_NOMEM.
+ */
+int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entry, void *ud),
+		     void *ud) TLY_MUST_CHECK;
+
+#endif

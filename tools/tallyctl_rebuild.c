@@ -1,0 +1,1032 @@
+/*
+ * tallyctl rebuild: projections folded from scratch into shadow tables while the live ones keep
+ * serving, caught up to exactly the inputs the live projector has committed, then swapped in with
+ * their grants, row-level security, indexes, sequences and foreign keys in one transaction.
+ *
+ * Inputs: tally.events and tally.catalog from each partition's first record up to the projector's
+ * stored offset (consumer_offsets, consumer 'tally-projector'); ledger entries from ledger_entries
+ * up to the projector's last applied seq per tenant (projector_ledger_applied), never from
+ * tally.ledger, whose retention may be shorter than history. See projections/README.md.
+ */
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "codec.h"
+#include "embedded.h"
+#include "entries.h"
+#include "fold.h"
+#include "kafka.h"
+#include "migrate.h"
+#include "pg.h"
+#include "tallyctl.h"
+
+#define PROJECTOR_CONSUMER "tally-projector" /* consumer_offsets.consumer of tally-projector */
+#define SHADOW_SUFFIX "_rebuild"
+#define FLUSH_EVERY 10000       /* records per fold flush */
+#define LEDGER_PAGE "5000"      /* entries per keyset page */
+#define SWAP_ATTEMPTS 20
+#define CATCHUP_PASSES 5        /* passes before the swap, while the projector runs */
+#define CATCHUP_SMALL 2000      /* records: few enough to fold inside the swap transaction */
+#define KAFKA_TIMEOUT_MS 10000
+#define STALL_MS 60000          /* no record for this long while some are expected: give up */
+#define ADVISORY_KEY "7310412918264617"
+#define N_MAX_TABLES 32
+#define NIL_UUID "00000000-0000-0000-0000-000000000000"
+
+/*
+ * The order in which the fold's statements first touch its tables: the swap locks them in this
+ * order, so that it queues behind a projector batch instead of deadlocking with it.
+ */
+static const char *const LOCK_ORDER[] = {
+	"projector_seen_events", "projector_ledger_applied", "tenant_accounts", "users",
+	"billing_plans", "plan_features", "tenant_subscriptions", "agent_conversations",
+	"agent_messages", "projector_usage_periods", "subscription_usage", "projector_api_calls",
+	"api_usage", "token_balances", "subscription_invoices", "projector_invoice_status",
+};
+#define N_LOCK_ORDER (sizeof(LOCK_ORDER) / sizeof(LOCK_ORDER[0]))
+
+/* One partition of tally.events or tally.catalog. */
+struct rpart {
+	const char *topic;
+	int32_t partition;
+	int64_t low;    /* low watermark at start */
+	int64_t done;   /* next offset to fold into the shadows */
+	int64_t target; /* fold up to here (exclusive) in this pass */
+	bool active;
+};
+
+struct rebuild {
+	struct app *app;
+	PGconn *conn;               /* owned */
+	rd_kafka_t *rk;             /* owned; assigned partitions only, never joins its group */
+	struct tly_codec *codec;    /* owned */
+	struct tly_fold *fold;      /* owned; writes the shadow tables */
+	struct tly_event ev;        /* decode target, reused */
+	const char *topics[2];      /* events, catalog (borrowed from the config) */
+	struct rpart *parts;        /* owned */
+	size_t nparts;
+	const char *tables[N_MAX_TABLES]; /* every table the fold writes, in LOCK_ORDER */
+	size_t ntables;
+	bool selected[N_MAX_TABLES];      /* swapped in */
+	char shadow[N_MAX_TABLES][64];
+	char *qshadow_applied;      /* quoted name of the shadow projector_ledger_applied; owned */
+	bool in_swap;               /* inside the swap transaction: flushes do not commit */
+	/* progress */
+	bool tty;
+	int64_t total, events, entries;
+	uint64_t undecodable;
+	double started, drawn;
+};
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void rebuild_usage(void)
+{
+	fprintf(stderr, "tallyctl: usage: tallyctl rebuild all|PROJECTION... (tables: see "
+			"projections/README.md)\n");
+}
+
+/* ---- progress ----------------------------------------------------------------------------- */
+
+static void progress(struct rebuild *rb, bool force)
+{
+	if (!rb->tty)
+		return;
+	double t = now_s();
+	if (!force && t - rb->drawn < 0.1)
+		return;
+	rb->drawn = t;
+	int64_t done = rb->events + rb->entries;
+	int64_t total = rb->total > done ? rb->total : done;
+	int width = 30, fill = total > 0 ? (int)(width * done / total) : width;
+	char bar[64];
+	for (int i = 0; i < width; i++)
+		bar[i] = i < fill ? '#' : '-';
+	bar[width] = '\0';
+	fprintf(stderr, "\rrebuild [%s] %3d%%  %" PRId64 "/%" PRId64 " (events %" PRId64
+		", ledger entries %" PRId64 ")  %.1f s ",
+		bar, total > 0 ? (int)(100 * done / total) : 100, done, total, rb->events, rb->entries,
+		t - rb->started);
+	fflush(stderr);
+}
+
+/* ---- SQL helpers -------------------------------------------------------------------------- */
+
+static void report(const struct rebuild *rb, const char *what, const struct tly_pg_error *err)
+{
+	fprintf(stderr, "%stallyctl: could not %s: %s\n", rb->tty ? "\n" : "", what, err->message);
+}
+
+/* An identifier quoted for SQL text (malloc'd by libpq: PQfreemem), or NULL. */
+static char *qident(PGconn *conn, const char *name)
+{
+	return PQescapeIdentifier(conn, name, strlen(name));
+}
+
+/* Run every statement that query (parameterised by live and shadow names) generates. */
+static int run_generated(PGconn *conn, const char *query, const char *live, const char *shadow,
+			 struct tly_pg_error *err)
+{
+	const char *const v[] = {live, shadow};
+	PGresult *res = tly_pg_query(conn, query, 2, v, err);
+	if (!res)
+		return TLY_E_PG;
+	int rc = 0;
+	for (int r = 0; r < PQntuples(res) && rc == 0; r++)
+		rc = tly_pg_exec(conn, PQgetvalue(res, r, 0), 0, NULL, err);
+	PQclear(res);
+	return rc;
+}
+
+/* ---- the shadow tables -------------------------------------------------------------------- */
+
+static int drop_shadows(struct rebuild *rb, bool only_unselected, struct tly_pg_error *err)
+{
+	int rc = 0;
+	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
+		if (only_unselected && rb->selected[i])
+			continue;
+		char *q = qident(rb->conn, rb->shadow[i]);
+		char sql[256];
+		if (!q)
+			return TLY_E_NOMEM;
+		snprintf(sql, sizeof(sql), "DROP TABLE IF EXISTS %s", q);
+		PQfreemem(q);
+		rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+	}
+	return rc;
+}
+
+/* Empty copies of every table the fold writes (columns, defaults, checks, indexes; no data). */
+static int create_shadows(struct rebuild *rb, struct tly_pg_error *err)
+{
+	int rc = tly_pg_begin(rb->conn, err);
+	if (rc == 0)
+		rc = drop_shadows(rb, false, err);
+	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
+		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
+		char sql[512];
+		if (ql && qs) {
+			snprintf(sql, sizeof(sql), "CREATE TABLE %s (LIKE %s INCLUDING ALL)", qs, ql);
+			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+		} else {
+			rc = TLY_E_NOMEM;
+		}
+		PQfreemem(ql);
+		PQfreemem(qs);
+	}
+	if (rc == 0)
+		return tly_pg_commit(rb->conn, err);
+	struct tly_pg_error rberr;
+	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
+		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
+	return rc;
+}
+
+/*
+ * The rows the migrations themselves put into projection tables (the plan catalog seed of
+ * 0001_baseline.sql) are the first input of every projection, before any event: their INSERT
+ * statements run again, verbatim, into temporary tables that shadow the live names (pg_temp comes
+ * first in the search path), and the rows go on into the shadow tables.
+ */
+static int seed_shadows(struct rebuild *rb, struct tly_pg_error *err)
+{
+	int rc = tly_pg_begin(rb->conn, err);
+	bool made[N_MAX_TABLES] = {false};
+	for (const struct tly_embedded *m = tly_embedded_migrations; rc == 0 && m->name; m++) {
+		for (const char *p = m->data; rc == 0 && (p = strstr(p, "INSERT INTO ")) != NULL; p++) {
+			if (p != m->data && p[-1] != '\n')
+				continue;
+			const char *name = p + strlen("INSERT INTO ");
+			size_t len = strcspn(name, " (\n");
+			size_t i = 0;
+			while (i < rb->ntables && (strlen(rb->tables[i]) != len ||
+						   strncmp(rb->tables[i], name, len) != 0))
+				i++;
+			if (i == rb->ntables)
+				continue;
+			const char *end = p;
+			for (bool quoted = false; *end && (quoted || *end != ';'); end++)
+				if (*end == '\'')
+					quoted = !quoted; /* '' inside a literal toggles twice */
+			char *stmt = strndup(p, (size_t)(end - p));
+			char *ql = qident(rb->conn, rb->tables[i]);
+			char sql[512];
+			if (!stmt || !ql) {
+				rc = TLY_E_NOMEM;
+			} else if (!made[i]) {
+				snprintf(sql, sizeof(sql), "CREATE TEMP TABLE %s (LIKE public.%s INCLUDING DEFAULTS) "
+					 "ON COMMIT DROP", ql, ql);
+				rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+				made[i] = true;
+			}
+			/* SQL text of our own migrations, compiled in: no value comes from outside */
+			if (rc == 0)
+				rc = tly_pg_exec_script(rb->conn, stmt, err);
+			free(stmt);
+			PQfreemem(ql);
+		}
+	}
+	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
+		if (!made[i])
+			continue;
+		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
+		char sql[512];
+		if (ql && qs) {
+			snprintf(sql, sizeof(sql), "INSERT INTO public.%s SELECT * FROM pg_temp.%s", qs, ql);
+			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+		} else {
+			rc = TLY_E_NOMEM;
+		}
+		PQfreemem(ql);
+		PQfreemem(qs);
+	}
+	if (rc == 0)
+		return tly_pg_commit(rb->conn, err);
+	struct tly_pg_error rberr;
+	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
+		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
+	return rc;
+}
+
+/* ---- folding ------------------------------------------------------------------------------ */
+
+static int flush(struct rebuild *rb, struct tly_pg_error *err)
+{
+	if (tly_fold_pending(rb->fold) == 0)
+		return 0;
+	if (rb->in_swap)
+		return tly_fold_flush(rb->fold, rb->conn, err);
+	int rc = tly_pg_begin(rb->conn, err);
+	if (rc == 0)
+		rc = tly_fold_flush(rb->fold, rb->conn, err);
+	if (rc == 0)
+		return tly_pg_commit(rb->conn, err);
+	struct tly_pg_error rberr;
+	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
+		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
+	return rc;
+}
+
+static int add(struct rebuild *rb, const struct tly_event *ev, struct tly_pg_error *err)
+{
+	if (tly_fold_add(rb->fold, ev) != 0) {
+		snprintf(err->message, sizeof(err->message), "out of memory");
+		return TLY_E_NOMEM;
+	}
+	return tly_fold_pending(rb->fold) >= FLUSH_EVERY ? flush(rb, err) : 0;
+}
+
+/*
+ * Targets of this pass: the projector's stored offsets, never below what the shadows already
+ * hold (the stored offsets only move back when an operator resets them; the live tables still
+ * hold what was folded before, and so do the shadows).
+ */
+static int read_targets(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
+{
+	const char *const v[] = {PROJECTOR_CONSUMER};
+	PGresult *res = tly_pg_query(rb->conn, "SELECT topic, partition, next_offset FROM consumer_offsets "
+				     "WHERE consumer = $1", 1, v, err);
+	if (!res)
+		return TLY_E_PG;
+	*behind = 0;
+	for (size_t i = 0; i < rb->nparts; i++)
+		rb->parts[i].target = rb->parts[i].done;
+	for (int r = 0; r < PQntuples(res); r++) {
+		int32_t p = (int32_t)strtol(PQgetvalue(res, r, 1), NULL, 10);
+		int64_t stored = strtoll(PQgetvalue(res, r, 2), NULL, 10);
+		for (size_t i = 0; i < rb->nparts; i++) {
+			struct rpart *pt = &rb->parts[i];
+			if (pt->partition == p && strcmp(pt->topic, PQgetvalue(res, r, 0)) == 0 &&
+			    stored > pt->target)
+				pt->target = stored;
+		}
+	}
+	PQclear(res);
+	for (size_t i = 0; i < rb->nparts; i++)
+		*behind += rb->parts[i].target - rb->parts[i].done;
+	return 0;
+}
+
+static struct rpart *find_rpart(struct rebuild *rb, const char *topic, int32_t partition)
+{
+	for (size_t i = 0; i < rb->nparts; i++)
+		if (rb->parts[i].partition == partition && strcmp(rb->parts[i].topic, topic) == 0)
+			return &rb->parts[i];
+	return NULL;
+}
+
+/* Fold every partition's records from done up to target, in partition order. */
+static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
+{
+	char errstr[512];
+	size_t remaining = 0;
+	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rb->nparts);
+	if (!l)
+		return TLY_E_NOMEM;
+	for (size_t i = 0; i < rb->nparts; i++) {
+		struct rpart *pt = &rb->parts[i];
+		pt->active = pt->done < pt->target;
+		if (pt->active) {
+			rd_kafka_topic_partition_list_add(l, pt->topic, pt->partition)->offset = pt->done;
+			remaining++;
+		}
+	}
+	int rc = 0;
+	if (remaining == 0)
+		goto out;
+	rd_kafka_resp_err_t kerr = rd_kafka_assign(rb->rk, l);
+	if (kerr) {
+		snprintf(err->message, sizeof(err->message), "could not assign partitions: %s",
+			 rd_kafka_err2str(kerr));
+		rc = TLY_E_KAFKA;
+		goto out;
+	}
+	double last = now_s();
+	while (remaining > 0 && rc == 0) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(rb->rk, 100);
+		if (!m) {
+			if (now_s() - last > STALL_MS / 1000.0) {
+				snprintf(err->message, sizeof(err->message),
+					 "no record for %d s while %zu partition(s) are behind the projector",
+					 STALL_MS / 1000, remaining);
+				rc = TLY_E_TIMEOUT;
+			}
+			continue;
+		}
+		const char *topic = m->rkt ? rd_kafka_topic_name(m->rkt) : "";
+		struct rpart *pt = find_rpart(rb, topic, m->partition);
+		if (m->err) {
+			if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+				if (pt && pt->active && m->offset >= pt->target) {
+					pt->done = pt->target; /* a gap up to the end (compaction) */
+					pt->active = false;
+					remaining--;
+				}
+			} else if (tly_kafka_errclass(m->err, m->err == RD_KAFKA_RESP_ERR__FATAL) ==
+				   TLY_ERRCLASS_FATAL) {
+				snprintf(err->message, sizeof(err->message), "Kafka: %s",
+					 rd_kafka_message_errstr(m));
+				rc = TLY_E_KAFKA;
+			} else {
+				fprintf(stderr, "\ntallyctl: Kafka (retrying): %s\n", rd_kafka_message_errstr(m));
+			}
+			rd_kafka_message_destroy(m);
+			continue;
+		}
+		last = now_s();
+		if (!pt || !pt->active || m->offset < pt->done) {
+			rd_kafka_message_destroy(m);
+			continue;
+		}
+		if (m->offset < pt->target) {
+			if (tly_codec_decode(rb->codec, m->payload, m->len, &rb->ev, errstr, sizeof(errstr)) == 0)
+				rc = add(rb, &rb->ev, err);
+			else
+				rb->undecodable++; /* skipped, as tally-projector skips it */
+			rb->events++;
+		}
+		pt->done = m->offset + 1 < pt->target ? m->offset + 1 : pt->target;
+		if (pt->done >= pt->target) {
+			pt->active = false;
+			remaining--;
+		}
+		rd_kafka_message_destroy(m);
+		progress(rb, false);
+	}
+	if (rc == 0)
+		rc = flush(rb, err);
+	kerr = rd_kafka_assign(rb->rk, NULL);
+	if (kerr && rc == 0) {
+		snprintf(err->message, sizeof(err->message), "could not unassign partitions: %s",
+			 rd_kafka_err2str(kerr));
+		rc = TLY_E_KAFKA;
+	}
+out:
+	rd_kafka_topic_partition_list_destroy(l);
+	return rc;
+}
+
+struct add_ctx {
+	struct rebuild *rb;
+	struct tly_pg_error *err;
+};
+
+static int add_entry(const struct tly_event *entry, void *ud)
+{
+	struct add_ctx *c = ud;
+	c->rb->entries++;
+	return add(c->rb, entry, c->err);
+}
+
+/*
+ * Fold the ledger entries the live projector has applied (seq <= its projector_ledger_applied
+ * row) and the shadows have not (seq > the shadow's row), by keyset pages in (tenant, seq) order.
+ */
+static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
+{
+	char sql[1536], tenant[37] = NIL_UUID, seq[24] = "-1";
+	snprintf(sql, sizeof(sql),
+		 "SELECT " TLY_ENTRIES_SELECT " FROM ledger_entries e "
+		 "JOIN projector_ledger_applied a ON a.tenant_id = e.tenant_id AND e.seq <= a.seq "
+		 "LEFT JOIN %s s ON s.tenant_id = e.tenant_id "
+		 "WHERE e.seq > COALESCE(s.seq, 0) AND (e.tenant_id, e.seq) > ($1::uuid, $2::bigint) "
+		 "ORDER BY e.tenant_id, e.seq LIMIT " LEDGER_PAGE,
+		 rb->qshadow_applied);
+	struct add_ctx c = {rb, err};
+	for (;;) {
+		const char *const v[] = {tenant, seq};
+		PGresult *res = tly_pg_query(rb->conn, sql, 2, v, err);
+		if (!res)
+			return TLY_E_PG;
+		int n = PQntuples(res);
+		if (n > 0) {
+			snprintf(tenant, sizeof(tenant), "%s", PQgetvalue(res, n - 1, 0));
+			snprintf(seq, sizeof(seq), "%s", PQgetvalue(res, n - 1, 1));
+		}
+		int rc = tly_entries_each(res, add_entry, &c);
+		PQclear(res);
+		if (rc == TLY_E_CORRUPT || rc == TLY_E_NOMEM)
+			snprintf(err->message, sizeof(err->message), "%s",
+				 rc == TLY_E_NOMEM ? "out of memory" : "a stored ledger entry does not read back");
+		if (rc != 0)
+			return rc;
+		progress(rb, false);
+		if (n == 0)
+			break;
+	}
+	return flush(rb, err);
+}
+
+/* Entries still to fold (for the progress bar's total). */
+static int64_t ledger_behind(struct rebuild *rb, struct tly_pg_error *err)
+{
+	char sql[512];
+	snprintf(sql, sizeof(sql),
+		 "SELECT count(*) FROM ledger_entries e "
+		 "JOIN projector_ledger_applied a ON a.tenant_id = e.tenant_id AND e.seq <= a.seq "
+		 "LEFT JOIN %s s ON s.tenant_id = e.tenant_id WHERE e.seq > COALESCE(s.seq, 0)",
+		 rb->qshadow_applied);
+	PGresult *res = tly_pg_query(rb->conn, sql, 0, NULL, err);
+	if (!res)
+		return -1;
+	int64_t n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+	PQclear(res);
+	return n;
+}
+
+/* One pass: fold everything the projector has committed and the shadows do not hold yet. */
+static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
+{
+	int64_t topics_behind = 0, entries_behind;
+	if (read_targets(rb, &topics_behind, err) != 0)
+		return TLY_E_PG;
+	if ((entries_behind = ledger_behind(rb, err)) < 0)
+		return TLY_E_PG;
+	*behind = topics_behind + entries_behind;
+	rb->total += *behind;
+	progress(rb, true);
+	int rc = fold_topics(rb, err);
+	if (rc == 0)
+		rc = fold_ledger(rb, err);
+	progress(rb, true);
+	return rc;
+}
+
+/* ---- the swap ----------------------------------------------------------------------------- */
+
+/* Ownership, grants (table and column), row-level security and policies of live, onto shadow. */
+static const char *const SECURE_SQL[] = {
+	"SELECT format('ALTER TABLE %I OWNER TO %I', $2::text, pg_get_userbyid(c.relowner)) "
+	"FROM pg_class c WHERE c.oid = quote_ident($1)::regclass",
+
+	/* whatever default privileges gave the shadow at creation */
+	"SELECT format('REVOKE ALL ON TABLE %I FROM %s', $2::text, CASE WHEN a.grantee = 0 THEN 'PUBLIC' "
+	"  ELSE quote_ident(pg_get_userbyid(a.grantee)) END) "
+	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident($2)::regclass "
+	"  AND a.grantee <> c.relowner AND $1::text IS NOT NULL GROUP BY a.grantee",
+
+	"SELECT format('GRANT %s ON TABLE %I TO %s%s', a.privilege_type, $2::text, "
+	"  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
+	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) "
+	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident($1)::regclass "
+	"  AND a.grantee <> c.relowner ORDER BY 1",
+
+	"SELECT format('GRANT %s (%I) ON TABLE %I TO %s%s', a.privilege_type, att.attname, $2::text, "
+	"  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
+	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) "
+	"FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid, aclexplode(att.attacl) a "
+	"WHERE c.oid = quote_ident($1)::regclass AND att.attnum > 0 AND NOT att.attisdropped "
+	"  AND a.grantee <> c.relowner ORDER BY 1",
+
+	"SELECT format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', $2::text) FROM pg_class c "
+	"WHERE c.oid = quote_ident($1)::regclass AND c.relrowsecurity "
+	"UNION ALL SELECT format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', $2::text) FROM pg_class c "
+	"WHERE c.oid = quote_ident($1)::regclass AND c.relforcerowsecurity",
+
+	"SELECT format('CREATE POLICY %I ON %I AS %s FOR %s TO %s%s%s', p.policyname, $2::text, "
+	"  p.permissive, p.cmd, (SELECT string_agg(CASE WHEN r = 'public' THEN 'PUBLIC' "
+	"  ELSE quote_ident(r) END, ', ') FROM unnest(p.roles) r), "
+	"  CASE WHEN p.qual IS NULL THEN '' ELSE ' USING (' || p.qual || ')' END, "
+	"  CASE WHEN p.with_check IS NULL THEN '' ELSE ' WITH CHECK (' || p.with_check || ')' END) "
+	"FROM pg_policies p WHERE p.schemaname = current_schema() AND p.tablename = $1 "
+	"ORDER BY p.policyname",
+
+	/* serial columns: the shadow's default already draws from the live sequence; keep it alive */
+	"SELECT format('ALTER SEQUENCE %s OWNED BY %I.%I', d.objid::regclass, $2::text, att.attname) "
+	"FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+	"JOIN pg_attribute att ON att.attrelid = d.refobjid AND att.attnum = d.refobjsubid "
+	"WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
+	"  AND d.refobjid = quote_ident($1)::regclass AND d.deptype = 'a'",
+};
+#define N_SECURE_SQL (sizeof(SECURE_SQL) / sizeof(SECURE_SQL[0]))
+
+/*
+ * After the live table is dropped: rename the shadow's indexes (and the constraints they back)
+ * to the live names, pairing indexes by definition. Computed before the drop; the statements are
+ * returned (caller PQclears), column 0 the rename, NULL in 0 for an index without a partner.
+ */
+static const char INDEX_MAP_SQL[] =
+	"WITH l AS (SELECT ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '') "
+	"    AS def, i.indisunique AS u, i.indisprimary AS p FROM pg_index i "
+	"    JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = quote_ident($1)::regclass), "
+	"s AS (SELECT ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '') "
+	"    AS def, i.indisunique AS u, i.indisprimary AS p FROM pg_index i "
+	"    JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = quote_ident($2)::regclass), "
+	"ln AS (SELECT *, row_number() OVER (PARTITION BY def, u, p ORDER BY relname) AS n FROM l), "
+	"sn AS (SELECT *, row_number() OVER (PARTITION BY def, u, p ORDER BY relname) AS n FROM s) "
+	"SELECT CASE WHEN ln.relname IS NOT NULL AND sn.relname IS NOT NULL "
+	"  THEN format('ALTER INDEX %I RENAME TO %I', sn.relname, ln.relname) END, "
+	"  coalesce(ln.relname, sn.relname) "
+	"FROM ln FULL JOIN sn USING (def, u, p, n)";
+
+/*
+ * Foreign keys from or to the swapped tables ($1: their names): the drop of those held by tables
+ * that stay, their re-creation NOT VALID (quick, under the swap's locks) and their validation
+ * after the commit (which blocks no reader or writer).
+ */
+static const char FK_SQL[] =
+	"WITH sel AS (SELECT quote_ident(x)::regclass::oid AS oid FROM unnest($1::text[]) x) "
+	"SELECT c.conrelid NOT IN (SELECT oid FROM sel), "
+	"  format('ALTER TABLE %I DROP CONSTRAINT %I', r.relname, c.conname), "
+	"  format('ALTER TABLE %I ADD CONSTRAINT %I %s%s', r.relname, c.conname, "
+	"    pg_get_constraintdef(c.oid), CASE WHEN c.convalidated THEN ' NOT VALID' ELSE '' END), "
+	"  CASE WHEN c.convalidated THEN format('ALTER TABLE %I VALIDATE CONSTRAINT %I', r.relname, "
+	"    c.conname) END "
+	"FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid "
+	"WHERE c.contype = 'f' AND (c.conrelid IN (SELECT oid FROM sel) OR c.confrelid IN "
+	"  (SELECT oid FROM sel)) ORDER BY r.relname, c.conname";
+
+/* The selected live names as a text[] literal (names are the fold's: [a-z0-9_]). */
+static void selected_array(const struct rebuild *rb, char *out, size_t len)
+{
+	size_t off = (size_t)snprintf(out, len, "{");
+	for (size_t i = 0; i < rb->ntables; i++)
+		if (rb->selected[i] && off < len)
+			off += (size_t)snprintf(out + off, len - off, "%s\"%s\"", off > 1 ? "," : "",
+						rb->tables[i]);
+	if (off < len)
+		snprintf(out + off, len - off, "}");
+}
+
+/*
+ * Inside the swap transaction, with every lock held: copy security, move sequences, drop the
+ * live tables, rename the shadows, their indexes, re-create the foreign keys. *fks receives the
+ * FK rows (column 3: validation to run after the commit; caller PQclears).
+ */
+static int swap_tables(struct rebuild *rb, PGresult **fks, struct tly_pg_error *err)
+{
+	char names[2048], sql[4096];
+	PGresult *maps[N_MAX_TABLES] = {0};
+	int rc = 0;
+	selected_array(rb, names, sizeof(names));
+	const char *const v[] = {names};
+	if (!(*fks = tly_pg_query(rb->conn, FK_SQL, 1, v, err)))
+		return TLY_E_PG;
+	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
+		if (!rb->selected[i])
+			continue;
+		for (size_t k = 0; k < N_SECURE_SQL && rc == 0; k++)
+			rc = run_generated(rb->conn, SECURE_SQL[k], rb->tables[i], rb->shadow[i], err);
+		const char *const m[] = {rb->tables[i], rb->shadow[i]};
+		if (rc == 0 && !(maps[i] = tly_pg_query(rb->conn, INDEX_MAP_SQL, 2, m, err)))
+			rc = TLY_E_PG;
+		for (int r = 0; rc == 0 && r < PQntuples(maps[i]); r++) {
+			if (PQgetisnull(maps[i], r, 0)) {
+				snprintf(err->message, sizeof(err->message),
+					 "index \"%s\" of \"%s\" has no counterpart in its shadow table",
+					 PQgetvalue(maps[i], r, 1), rb->tables[i]);
+				err->errclass = TLY_ERRCLASS_FATAL;
+				rc = TLY_E_PG;
+			}
+		}
+	}
+	for (int r = 0; rc == 0 && r < PQntuples(*fks); r++)
+		if (strcmp(PQgetvalue(*fks, r, 0), "t") == 0)
+			rc = tly_pg_exec(rb->conn, PQgetvalue(*fks, r, 1), 0, NULL, err);
+	if (rc == 0) {
+		size_t off = (size_t)snprintf(sql, sizeof(sql), "DROP TABLE ");
+		bool first = true;
+		for (size_t i = 0; i < rb->ntables; i++) {
+			if (!rb->selected[i])
+				continue;
+			char *q = qident(rb->conn, rb->tables[i]);
+			if (!q || off >= sizeof(sql)) {
+				PQfreemem(q);
+				rc = TLY_E_NOMEM;
+				break;
+			}
+			off += (size_t)snprintf(sql + off, sizeof(sql) - off, "%s%s", first ? "" : ", ", q);
+			first = false;
+			PQfreemem(q);
+		}
+		if (rc == 0)
+			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+	}
+	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
+		if (!rb->selected[i])
+			continue;
+		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
+		if (ql && qs) {
+			snprintf(sql, sizeof(sql), "ALTER TABLE %s RENAME TO %s", qs, ql);
+			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+		} else {
+			rc = TLY_E_NOMEM;
+		}
+		PQfreemem(ql);
+		PQfreemem(qs);
+		for (int r = 0; rc == 0 && r < PQntuples(maps[i]); r++)
+			rc = tly_pg_exec(rb->conn, PQgetvalue(maps[i], r, 0), 0, NULL, err);
+	}
+	for (int r = 0; rc == 0 && r < PQntuples(*fks); r++)
+		rc = tly_pg_exec(rb->conn, PQgetvalue(*fks, r, 2), 0, NULL, err);
+	for (size_t i = 0; i < rb->ntables; i++)
+		PQclear(maps[i]);
+	return rc;
+}
+
+/*
+ * The swap transaction: lock the projector's offsets (a batch in flight commits first, the next
+ * one waits), lock the live tables, fold what the projector committed since the last pass (so the
+ * shadows hold exactly its inputs), swap. 0, or an error whose class says whether to retry.
+ */
+static int swap_once(struct rebuild *rb, PGresult **fks, struct tly_pg_error *err)
+{
+	char sql[2048];
+	size_t off = (size_t)snprintf(sql, sizeof(sql), "LOCK TABLE ");
+	bool first = true;
+	for (size_t i = 0; i < rb->ntables; i++) {
+		if (!rb->selected[i])
+			continue;
+		char *q = qident(rb->conn, rb->tables[i]);
+		if (!q)
+			return TLY_E_NOMEM;
+		off += (size_t)snprintf(sql + off, off < sizeof(sql) ? sizeof(sql) - off : 0, "%s%s",
+					first ? "" : ", ", q);
+		first = false;
+		PQfreemem(q);
+	}
+	if (off < sizeof(sql))
+		snprintf(sql + off, sizeof(sql) - off, " IN ACCESS EXCLUSIVE MODE");
+	const char *const v[] = {PROJECTOR_CONSUMER};
+	int64_t behind = 0;
+	int rc = tly_pg_begin(rb->conn, err);
+	if (rc == 0)
+		rc = tly_pg_exec(rb->conn, "SET LOCAL lock_timeout = '5s'", 0, NULL, err);
+	if (rc == 0)
+		rc = tly_pg_exec(rb->conn, "SELECT 1 FROM consumer_offsets WHERE consumer = $1 FOR UPDATE",
+				 1, v, err);
+	if (rc == 0)
+		rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+	rb->in_swap = true;
+	if (rc == 0)
+		rc = pass(rb, &behind, err);
+	rb->in_swap = false;
+	if (rc == 0)
+		rc = swap_tables(rb, fks, err);
+	if (rc == 0)
+		rc = tly_pg_commit(rb->conn, err);
+	return rc;
+}
+
+/* ---- the command -------------------------------------------------------------------------- */
+
+static int select_tables(struct rebuild *rb, int argc, char **argv)
+{
+	for (size_t i = 0; i < N_LOCK_ORDER; i++)
+		rb->tables[rb->ntables++] = LOCK_ORDER[i];
+	for (size_t i = 0; i < tly_fold_n_tables; i++) {
+		bool known = false;
+		for (size_t k = 0; k < rb->ntables; k++)
+			known |= strcmp(rb->tables[k], tly_fold_tables[i]) == 0;
+		if (!known && rb->ntables < N_MAX_TABLES)
+			rb->tables[rb->ntables++] = tly_fold_tables[i]; /* a table added to the fold later */
+	}
+	for (size_t i = 0; i < rb->ntables; i++) {
+		bool in_fold = false;
+		for (size_t k = 0; k < tly_fold_n_tables; k++)
+			in_fold |= strcmp(rb->tables[i], tly_fold_tables[k]) == 0;
+		if (!in_fold) {
+			fprintf(stderr, "tallyctl: rebuild knows table \"%s\" that the fold does not write\n",
+				rb->tables[i]);
+			return 1;
+		}
+		snprintf(rb->shadow[i], sizeof(rb->shadow[i]), "%s" SHADOW_SUFFIX, rb->tables[i]);
+	}
+	for (int a = 1; a < argc; a++) {
+		bool found = false;
+		for (size_t i = 0; i < rb->ntables; i++) {
+			if (strcmp(argv[a], "all") == 0 || strcmp(argv[a], rb->tables[i]) == 0) {
+				rb->selected[i] = true;
+				found = true;
+			}
+		}
+		if (!found) {
+			fprintf(stderr, "tallyctl: unknown projection \"%s\"; one of: all", argv[a]);
+			for (size_t i = 0; i < rb->ntables; i++)
+				fprintf(stderr, ", %s", rb->tables[i]);
+			fprintf(stderr, "\n");
+			return 2;
+		}
+	}
+	return 0;
+}
+
+/* Partitions and low watermarks of the event topics; refuses a topic that lost history. */
+static int load_partitions(struct rebuild *rb)
+{
+	for (int t = 0; t < 2; t++) {
+		const struct rd_kafka_metadata *md = NULL;
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rb->rk, rb->topics[t], NULL);
+		rd_kafka_resp_err_t kerr = rkt ? rd_kafka_metadata(rb->rk, 0, rkt, &md, KAFKA_TIMEOUT_MS)
+					       : rd_kafka_last_error();
+		if (kerr || md->topic_cnt != 1 || md->topics[0].err || md->topics[0].partition_cnt < 1) {
+			fprintf(stderr, "tallyctl: could not read the partitions of \"%s\": %s\n",
+				rb->topics[t], kerr ? rd_kafka_err2str(kerr) : "no such topic");
+			if (md)
+				rd_kafka_metadata_destroy(md);
+			if (rkt)
+				rd_kafka_topic_destroy(rkt);
+			return 1;
+		}
+		int n = md->topics[0].partition_cnt;
+		struct rpart *parts = realloc(rb->parts, (rb->nparts + (size_t)n) * sizeof(*parts));
+		if (!parts) {
+			rd_kafka_metadata_destroy(md);
+			rd_kafka_topic_destroy(rkt);
+			fprintf(stderr, "tallyctl: out of memory\n");
+			return 1;
+		}
+		rb->parts = parts;
+		int rc = 0;
+		for (int p = 0; p < n && rc == 0; p++) {
+			int64_t low = -1, high = -1;
+			int32_t id = md->topics[0].partitions[p].id;
+			kerr = rd_kafka_query_watermark_offsets(rb->rk, rb->topics[t], id, &low, &high,
+								KAFKA_TIMEOUT_MS);
+			if (kerr) {
+				fprintf(stderr, "tallyctl: could not read the offsets of \"%s\" [%d]: %s\n",
+					rb->topics[t], (int)id, rd_kafka_err2str(kerr));
+				rc = 1;
+			} else if (low > 0) {
+				fprintf(stderr, "tallyctl: could not rebuild: \"%s\" [%d] starts at offset %" PRId64
+					", the records before it are gone (retention); the projections hold "
+					"them and a rebuild would not\n", rb->topics[t], (int)id, low);
+				rc = 1;
+			}
+			rb->parts[rb->nparts++] = (struct rpart){rb->topics[t], id, low, low, low, false};
+		}
+		rd_kafka_metadata_destroy(md);
+		rd_kafka_topic_destroy(rkt);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+static int start(struct rebuild *rb)
+{
+	char errstr[1024];
+	struct tly_pg_error err;
+	struct tly_migrate_set *set = NULL;
+	int rc = 1;
+	if (!tly_config_str(rb->app->cfg, "kafka.bootstrap.servers")) {
+		fprintf(stderr, "tallyctl: kafka.bootstrap.servers is not set (use -s "
+				"kafka.bootstrap.servers=… or TALLY_KAFKA_BOOTSTRAP_SERVERS)\n");
+		return 1;
+	}
+	if (!(rb->conn = tallyctl_connect_db(rb->app)))
+		return 1;
+	if (!(set = tly_migrate_load_embedded(errstr, sizeof(errstr))) ||
+	    tly_migrate_check_head(rb->conn, set, errstr, sizeof(errstr)) != 0) {
+		fprintf(stderr, "tallyctl: could not rebuild: the database schema is not at head: %s\n",
+			errstr);
+		goto out;
+	}
+	PGresult *res = tly_pg_query(rb->conn, "SELECT pg_try_advisory_lock(" ADVISORY_KEY ")", 0, NULL,
+				     &err);
+	if (!res) {
+		report(rb, "take the rebuild lock", &err);
+		goto out;
+	}
+	bool locked = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+	PQclear(res);
+	if (!locked) {
+		fprintf(stderr, "tallyctl: could not rebuild: another rebuild is running on this database\n");
+		goto out;
+	}
+	if (!(rb->codec = tly_codec_new(errstr, sizeof(errstr))) || !(rb->fold = tly_fold_new())) {
+		fprintf(stderr, "tallyctl: %s\n", rb->codec ? "out of memory" : errstr);
+		goto out;
+	}
+	for (size_t i = 0; i < rb->ntables; i++) {
+		if (tly_fold_set_table(rb->fold, rb->tables[i], rb->shadow[i]) != 0) {
+			fprintf(stderr, "tallyctl: could not point the fold at \"%s\"\n", rb->shadow[i]);
+			goto out;
+		}
+		if (strcmp(rb->tables[i], "projector_ledger_applied") == 0) {
+			char *q = qident(rb->conn, rb->shadow[i]);
+			rb->qshadow_applied = q ? strdup(q) : NULL;
+			PQfreemem(q);
+		}
+	}
+	if (!rb->qshadow_applied) {
+		fprintf(stderr, "tallyctl: out of memory\n");
+		goto out;
+	}
+	rb->topics[0] = tly_config_str(rb->app->cfg, "topics.events");
+	rb->topics[1] = tly_config_str(rb->app->cfg, "topics.catalog");
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(rb->app->cfg, errstr, sizeof(errstr));
+	/* EOF marks the end of a partition whose last offsets are gaps; short fetch waits keep the
+	 * catch-up inside the swap transaction short. */
+	if (!conf || tly_kafka_conf_set(conf, "enable.partition.eof", "true", errstr, sizeof(errstr)) != 0 ||
+	    tly_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, sizeof(errstr)) != 0) {
+		if (conf)
+			rd_kafka_conf_destroy(conf);
+		fprintf(stderr, "tallyctl: %s\n", errstr);
+		goto out;
+	}
+	/* Partitions are assigned, not subscribed: the group id is never joined or committed to. */
+	char group[64];
+	snprintf(group, sizeof(group), "tallyctl-rebuild-%ld", (long)getpid());
+	if (!(rb->rk = tly_kafka_consumer_new(conf, group, errstr, sizeof(errstr)))) {
+		fprintf(stderr, "tallyctl: %s\n", errstr);
+		goto out;
+	}
+	rc = load_partitions(rb);
+out:
+	tly_migrate_free(set);
+	return rc;
+}
+
+int cmd_rebuild(struct app *app, int argc, char **argv)
+{
+	struct rebuild rb = {.app = app};
+	struct tly_pg_error err = {0};
+	PGresult *fks = NULL;
+	int rc = 1, prc = 0;
+	bool shadows = false;
+	if (argc < 2 || strcmp(argv[1], "--help") == 0) {
+		rebuild_usage();
+		return 2;
+	}
+	if ((rc = select_tables(&rb, argc, argv)) != 0)
+		return rc;
+	rc = 1;
+	rb.tty = isatty(STDERR_FILENO) == 1;
+	rb.started = now_s();
+	if (start(&rb) != 0)
+		goto out;
+	if ((prc = create_shadows(&rb, &err)) != 0) {
+		report(&rb, "create the shadow tables", &err);
+		goto out;
+	}
+	shadows = true;
+	if ((prc = seed_shadows(&rb, &err)) != 0) {
+		report(&rb, "seed the shadow tables from the migrations", &err);
+		goto out;
+	}
+
+	/* Passes while the projector runs, until what is left is small. */
+	for (int i = 0; i < CATCHUP_PASSES; i++) {
+		int64_t behind = 0;
+		if ((prc = pass(&rb, &behind, &err)) != 0) {
+			report(&rb, "fold into the shadow tables", &err);
+			goto out;
+		}
+		if (behind <= CATCHUP_SMALL && i > 0)
+			break;
+	}
+
+	/* The swap; a lock timeout or a deadlock with a projector batch rolls back and retries. */
+	for (int attempt = 1;; attempt++) {
+		struct rpart *saved = malloc(rb.nparts * sizeof(*saved) + 1);
+		int64_t ev0 = rb.events, en0 = rb.entries, total0 = rb.total;
+		if (!saved) {
+			fprintf(stderr, "tallyctl: out of memory\n");
+			goto out;
+		}
+		memcpy(saved, rb.parts, rb.nparts * sizeof(*saved));
+		PQclear(fks);
+		fks = NULL;
+		prc = swap_once(&rb, &fks, &err);
+		if (prc == 0) {
+			free(saved);
+			break;
+		}
+		struct tly_pg_error rberr;
+		if (PQtransactionStatus(rb.conn) != PQTRANS_IDLE && tly_pg_rollback(rb.conn, &rberr) != 0)
+			fprintf(stderr, "\ntallyctl: could not roll back: %s\n", rberr.message);
+		/* the rolled back catch-up is not in the shadows: fold it again next time */
+		memcpy(rb.parts, saved, rb.nparts * sizeof(*saved));
+		free(saved);
+		tly_fold_clear(rb.fold);
+		rb.events = ev0;
+		rb.entries = en0;
+		rb.total = total0;
+		if (prc != TLY_E_PG || err.errclass != TLY_ERRCLASS_RETRIABLE || attempt >= SWAP_ATTEMPTS ||
+		    PQstatus(rb.conn) != CONNECTION_OK) {
+			report(&rb, "swap the rebuilt tables in", &err);
+			goto out;
+		}
+		fprintf(stderr, "%stallyctl: swap attempt %d: %s; retrying\n", rb.tty ? "\n" : "", attempt,
+			err.message);
+		int64_t behind = 0;
+		if ((prc = pass(&rb, &behind, &err)) != 0) {
+			report(&rb, "fold into the shadow tables", &err);
+			goto out;
+		}
+	}
+	progress(&rb, true);
+	if (rb.tty)
+		fprintf(stderr, "\n");
+
+	/* After the commit: foreign keys validated (no lock that blocks readers or writers), the
+	 * unswapped shadows dropped, statistics for the planner. */
+	for (int r = 0; r < PQntuples(fks); r++) {
+		if (!PQgetisnull(fks, r, 3) &&
+		    tly_pg_exec(rb.conn, PQgetvalue(fks, r, 3), 0, NULL, &err) != 0) {
+			report(&rb, "validate a foreign key of the swapped tables", &err);
+			goto out;
+		}
+	}
+	if (drop_shadows(&rb, true, &err) != 0) {
+		report(&rb, "drop the shadow tables", &err);
+		goto out;
+	}
+	shadows = false;
+	for (size_t i = 0; i < rb.ntables; i++) {
+		char *q = rb.selected[i] ? qident(rb.conn, rb.tables[i]) : NULL;
+		char sql[256];
+		if (!q)
+			continue;
+		snprintf(sql, sizeof(sql), "ANALYZE %s", q);
+		PQfreemem(q);
+		if (tly_pg_exec(rb.conn, sql, 0, NULL, &err) != 0) {
+			report(&rb, "analyze the swapped tables", &err);
+			goto out;
+		}
+	}
+	double secs = now_s() - rb.started;
+	int nsel = 0;
+	for (size_t i = 0; i < rb.ntables; i++)
+		nsel += rb.selected[i];
+	printf("rebuilt %d table(s) from %" PRId64 " event records and %" PRId64
+	       " ledger entries in %.2f s (%.0f records/s)", nsel, rb.events, rb.entries, secs,
+	       secs > 0 ? (double)(rb.events + rb.entries) / secs : 0);
+	if (rb.undecodable)
+		printf("; %" PRIu64 " undecodable record(s) skipped, as the projector skips them",
+		       rb.undecodable);
+	printf("\n");
+	rc = 0;
+out:
+	if (rc != 0 && shadows && rb.conn && PQstatus(rb.conn) == CONNECTION_OK &&
+	    PQtransactionStatus(rb.conn) == PQTRANS_IDLE) {
+		for (size_t i = 0; i < rb.ntables; i++)
+			rb.selected[i] = false;
+		if (drop_shadows(&rb, false, &err) != 0)
+			fprintf(stderr, "tallyctl: could not drop the shadow tables: %s\n", err.message);
+	}
+	PQclear(fks);
+	tly_kafka_consumer_destroy(rb.rk);
+	tly_fold_free(rb.fold);
+	tly_event_free(&rb.ev);
+	tly_codec_free(rb.codec);
+	free(rb.parts);
+	free(rb.qshadow_applied);
+	if (rb.conn)
+		PQfinish(rb.conn);
+	return rc;
+}
