@@ -11,6 +11,7 @@
 #include <jansson.h>
 
 #include "arena.h"
+#include "entries.h"
 #include "log.h"
 #include "pgcopy.h"
 #include "wallet.h"
@@ -757,88 +758,6 @@ out:
 
 /* ---- republish ---------------------------------------------------------------------------- */
 
-static int64_t col_i64(PGresult *res, int r, int c)
-{
-	return strtoll(PQgetvalue(res, r, c), NULL, 10);
-}
-
-static struct tly_opt_i64 col_opt(PGresult *res, int r, int c)
-{
-	struct tly_opt_i64 o = {false, 0};
-	if (!PQgetisnull(res, r, c))
-		o = (struct tly_opt_i64){true, col_i64(res, r, c)};
-	return o;
-}
-
-static const char *col_str(struct tly_arena *arena, PGresult *res, int r, int c)
-{
-	if (PQgetisnull(res, r, c))
-		return NULL;
-	return tly_arena_strndup(arena, PQgetvalue(res, r, c), (size_t)PQgetlength(res, r, c));
-}
-
-static int col_uuid(PGresult *res, int r, int c, tly_uuid *out)
-{
-	memset(out, 0, sizeof(*out));
-	if (PQgetisnull(res, r, c))
-		return 0;
-	return tly_uuid_parse(PQgetvalue(res, r, c), out);
-}
-
-/* bytea in hex text ("\x00ab…") of 32 bytes. */
-static int col_sha(PGresult *res, int r, int c, unsigned char out[32])
-{
-	size_t n = 0;
-	unsigned char *bytes = PQunescapeBytea((const unsigned char *)PQgetvalue(res, r, c), &n);
-	int rc = bytes && n == 32 ? 0 : TLY_E_CORRUPT;
-	if (rc == 0)
-		memcpy(out, bytes, 32);
-	PQfreemem(bytes);
-	return rc;
-}
-
-static int col_lines(struct tly_arena *arena, PGresult *res, int r, int c, struct tly_list *out)
-{
-	*out = (struct tly_list){NULL, 0};
-	if (PQgetisnull(res, r, c))
-		return 0;
-	json_error_t jerr;
-	json_t *arr = json_loads(PQgetvalue(res, r, c), 0, &jerr);
-	int rc = TLY_E_CORRUPT;
-	if (!arr || !json_is_array(arr))
-		goto out;
-	size_t n = json_array_size(arr);
-	struct tly_invoice_line *lines = tly_arena_alloc(arena, n * sizeof(*lines) + 1);
-	if (!lines) {
-		rc = TLY_E_NOMEM;
-		goto out;
-	}
-	for (size_t i = 0; i < n; i++) {
-		const char *kind = NULL, *feature = NULL;
-		json_int_t q = 0, up = 0, amt = 0;
-		if (json_unpack(json_array_get(arr, i), "{s:s, s?:s, s:I, s:I, s:I}", "kind", &kind,
-				"feature_key", &feature, "quantity", &q, "unit_price_micros", &up,
-				"amount_cents", &amt) != 0)
-			goto out;
-		lines[i].kind = tly_arena_strndup(arena, kind, strlen(kind));
-		lines[i].feature_key = feature ? tly_arena_strndup(arena, feature, strlen(feature)) : NULL;
-		lines[i].quantity = q;
-		lines[i].unit_price_micros = up;
-		lines[i].amount_cents = amt;
-		if (!lines[i].kind || (feature && !lines[i].feature_key)) {
-			rc = TLY_E_NOMEM;
-			goto out;
-		}
-	}
-	*out = (struct tly_list){lines, n};
-	rc = 0;
-out:
-	json_decref(arr);
-	return rc;
-}
-
-#define EPOCH_US(col) "(extract(epoch FROM " col ") * 1000000)::bigint"
-
 int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_offset,
 				  int (*fn)(const struct tly_event *entry, void *ud), void *ud,
 				  struct tly_pg_error *err)
@@ -847,65 +766,18 @@ int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_
 	snprintf(p, sizeof(p), "%d", (int)partition);
 	snprintf(off, sizeof(off), "%" PRId64, from_offset);
 	const char *const v[] = {p, off};
-	struct tly_event ev = {0}; /* tly_event_init keeps ev.arena: it must start NULL */
-	tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
-	PGresult *res = tly_pg_query(
-		conn,
-		"SELECT tenant_id, seq, kind, cause_event_id, cause_type, cause_partition, cause_offset, "
-		"cause_digest, ref_id, subscription_id, allowance_delta, credits_delta, held_delta, "
-		"overage_delta, allowance_remaining, credits_remaining, held, overage_tokens, "
-		EPOCH_US("period_start") ", " EPOCH_US("period_end") ", amount_cents, currency, "
-		"lines::text, reason, " EPOCH_US("ledger_time") ", prev_hash, hash "
-		"FROM ledger_entries WHERE cause_partition = $1 AND cause_offset >= $2 "
-		"ORDER BY cause_offset, tenant_id, seq",
-		2, v, err);
+	PGresult *res = tly_pg_query(conn,
+				     "SELECT " TLY_ENTRIES_SELECT " FROM ledger_entries e "
+				     "WHERE e.cause_partition = $1 AND e.cause_offset >= $2 "
+				     "ORDER BY e.cause_offset, e.tenant_id, e.seq",
+				     2, v, err);
 	if (!res)
 		return TLY_E_PG;
-	int rc = 0;
-	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
-		tly_event_reset(&ev);
-		tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
-		struct tly_arena *arena = tly_event_arena(&ev);
-		struct tly_ledger_entry *e = &ev.u.ledger_entry;
-		if (!arena) {
-			rc = TLY_E_NOMEM;
-			break;
-		}
-		e->seq = col_i64(res, r, 1);
-		e->kind = col_str(arena, res, r, 2);
-		e->cause_type = col_str(arena, res, r, 4);
-		e->cause_partition = (int32_t)col_i64(res, r, 5);
-		e->cause_offset = col_i64(res, r, 6);
-		e->allowance_delta = col_i64(res, r, 10);
-		e->credits_delta = col_i64(res, r, 11);
-		e->held_delta = col_i64(res, r, 12);
-		e->overage_delta = col_i64(res, r, 13);
-		e->allowance_remaining = col_i64(res, r, 14);
-		e->credits_remaining = col_i64(res, r, 15);
-		e->held = col_i64(res, r, 16);
-		e->overage_tokens = col_i64(res, r, 17);
-		e->period_start = col_opt(res, r, 18);
-		e->period_end = col_opt(res, r, 19);
-		e->amount_cents = col_opt(res, r, 20);
-		e->currency = col_str(arena, res, r, 21);
-		e->reason = col_str(arena, res, r, 23);
-		e->ledger_time = col_i64(res, r, 24);
-		if (col_uuid(res, r, 0, &ev.tenant_id) != 0 || col_uuid(res, r, 3, &e->cause_event_id) != 0 ||
-		    col_uuid(res, r, 8, &e->ref_id) != 0 || col_uuid(res, r, 9, &e->subscription_id) != 0 ||
-		    col_sha(res, r, 7, e->cause_digest) != 0 || col_sha(res, r, 25, e->prev_hash) != 0 ||
-		    col_sha(res, r, 26, e->hash) != 0 || !e->kind || !e->cause_type) {
-			tly_error("could not read a stored ledger entry", "partition=%d row=%d",
-				  (int)partition, r);
-			rc = TLY_E_CORRUPT;
-			break;
-		}
-		if ((rc = col_lines(arena, res, r, 22, &e->lines)) != 0)
-			break;
-		rc = fn(&ev, ud);
-	}
+	int rc = tly_entries_each(res, fn, ud);
+	if (rc == TLY_E_CORRUPT)
+		tly_error("could not read a stored ledger entry", "partition=%d", (int)partition);
 	if (rc == TLY_E_NOMEM || rc == TLY_E_CORRUPT)
 		set_err(err, TLY_ERRCLASS_FATAL, rc == TLY_E_NOMEM ? "out of memory" : "corrupt entry");
-	tly_event_free(&ev);
 	PQclear(res);
 	return rc;
 }
