@@ -38,9 +38,12 @@ LIB_SRCS := \
 	lib/err.c \
 	lib/event.c \
 	lib/event_json.c \
+	lib/health.c \
+	lib/http.c \
 	lib/kafka.c \
 	lib/lag.c \
 	lib/log.c \
+	lib/metrics.c \
 	lib/migrate.c \
 	lib/pg.c \
 	lib/pgcopy.c \
