@@ -12,11 +12,14 @@
 #include "cli.h"
 #include "codec.h"
 #include "config.h"
+#include "health.h"
+#include "http.h"
 #include "kafka.h"
 #include "ledger_partition.h"
 #include "ledger_publisher.h"
 #include "ledger_store.h"
 #include "log.h"
+#include "metrics.h"
 #include "migrate.h"
 #include "pg.h"
 
@@ -27,6 +30,8 @@ extern char **environ;
 #define FENCED_BACKOFF_MS 2000
 #define MAX_BACKOFF_MS 5000
 #define METADATA_TIMEOUT_MS 10000
+#define LAG_EVERY_MS 250       /* lag gauges from librdkafka's cached high watermarks */
+#define PG_CHECK_EVERY_MS 5000 /* while idle: is PostgreSQL still there (for /readyz) */
 
 /* One partition of tally.events as the group gave it to this process. */
 struct slot {
@@ -34,6 +39,15 @@ struct slot {
 	struct tly_ledger_partition *part; /* owned; NULL while (re)loading */
 	int64_t reload_at_ms;              /* when part is NULL: next load attempt */
 	int backoff_ms;
+	int64_t open_holds;                /* of its wallets, as of the last commit */
+	struct tly_series *lag, *holds;    /* its gauges, hidden while not assigned */
+};
+
+/* Handles into the metrics registry, looked up once at start-up. */
+struct ledger_metrics {
+	struct tly_metric *entries;        /* {kind} */
+	struct tly_metric *rejected;       /* {reason} */
+	struct tly_series *consumed, *quarantined, *duplicates, *batch, *commit, *assigned;
 };
 
 struct app {
@@ -53,6 +67,11 @@ struct app {
 	int64_t max_ms;
 	int shutdown_ms;
 	bool failed;                      /* a fatal error: leave the loop, exit 1 */
+	struct tly_metrics *metrics;      /* owned; read by the HTTP thread */
+	struct tly_health *health;        /* owned; read by the HTTP thread */
+	struct tly_http *http;            /* owned; NULL when http.listen is empty */
+	struct ledger_metrics m;
+	int64_t lag_at_ms, pg_checked_ms;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -115,6 +134,8 @@ static int ensure_conn(struct app *app)
 		app->conn = tly_pg_connect(app->database_url, "tally-ledger", errstr, sizeof(errstr));
 		if (app->conn)
 			break;
+		tly_health_set_pg(app->health, false);
+		tly_health_beat(app->health); /* alive, waiting for the database */
 		tly_warn("could not reconnect to PostgreSQL, retrying", "reason=\"%s\" backoff_ms=%d",
 			 errstr, backoff);
 		if (stop_requested)
@@ -123,6 +144,7 @@ static int ensure_conn(struct app *app)
 		backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
 	}
 	app->ctx.conn = app->conn;
+	tly_health_set_pg(app->health, true);
 	return 0;
 }
 
@@ -169,6 +191,8 @@ static int load_partition(struct app *app, int32_t partition, int64_t *offset)
 		s->part = NULL;
 		goto fail;
 	}
+	s->open_holds = tly_ledger_partition_open_holds(s->part);
+	tly_metrics_set(s->holds, s->open_holds);
 	tly_info("partition loaded", "partition=%d next_offset=%" PRId64 " tenants=%zu",
 		 (int)partition, *offset, tly_ledger_partition_tenants(s->part));
 	return 0;
@@ -213,6 +237,61 @@ static void reload_due(struct app *app)
 	}
 }
 
+/* A few distinct strings and how often each came (kinds or reasons of one batch). */
+#define TALLY_MAX 32
+struct tally {
+	const char *key[TALLY_MAX];
+	uint64_t n[TALLY_MAX];
+	size_t count;
+};
+
+static void tally_add(struct tally *t, const char *key)
+{
+	for (size_t i = 0; i < t->count; i++) {
+		if (strcmp(t->key[i], key) == 0) {
+			t->n[i]++;
+			return;
+		}
+	}
+	if (t->count < TALLY_MAX) {
+		t->key[t->count] = key;
+		t->n[t->count++] = 1;
+	}
+}
+
+static void tally_flush(const struct tally *t, struct tly_metric *family)
+{
+	for (size_t i = 0; i < t->count; i++) {
+		const char *const v[] = {t->key[i]};
+		tly_metrics_add(tly_metrics_series(family, v), t->n[i]);
+	}
+}
+
+/* A committed batch in the metrics: entries by kind, rejections by reason, holds still open. */
+static void count_batch(struct app *app, struct slot *s, const struct tly_ledger_batch_out *out)
+{
+	struct tally kinds = {0}, reasons = {0};
+	uint64_t duplicates = 0;
+	for (size_t i = 0; i < out->n_entries; i++) {
+		const struct tly_ledger_entry *e = &out->entries[i].u.ledger_entry;
+		const char *kind = e->kind ? e->kind : "";
+		tally_add(&kinds, kind);
+		if (strcmp(kind, TLY_KIND_REJECTED) == 0)
+			tally_add(&reasons, e->reason ? e->reason : "");
+		else if (strcmp(kind, TLY_KIND_DUPLICATE) == 0)
+			duplicates++;
+		else if (strcmp(kind, TLY_KIND_HOLD_PLACED) == 0)
+			s->open_holds++;
+		else if (strcmp(kind, TLY_KIND_HOLD_RELEASED) == 0 || strcmp(kind, TLY_KIND_HOLD_EXPIRED) == 0)
+			s->open_holds--;
+	}
+	tally_flush(&kinds, app->m.entries);
+	tally_flush(&reasons, app->m.rejected);
+	tly_metrics_add(app->m.duplicates, duplicates);
+	tly_metrics_add(app->m.quarantined, out->n_quarantined);
+	tly_metrics_set(s->holds, s->open_holds);
+}
+
 /*
  * Group commit: decide the open batches of every partition and commit them in one transaction,
  * then publish each. On failure every partition of the group drops its state and reloads (their
@@ -238,6 +317,11 @@ static void commit_all(struct app *app)
 	int64_t t0 = now_us();
 	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_commit(app->group, n, &app->ctx, &err)
 				       : TLY_E_PG;
+	if (rc == 0) {
+		tly_metrics_observe(app->m.batch, (double)records);
+		tly_metrics_observe(app->m.commit, (double)(now_us() - t0) / 1e6);
+		app->pg_checked_ms = now_ms();
+	}
 	tly_debug("group committed", "partitions=%zu records=%zu waited_us=%" PRId64 " commit_us=%" PRId64,
 		  n, records, (t0 - 1000 * app->opened_ms), now_us() - t0);
 	for (size_t k = 0; k < n; k++) {
@@ -248,6 +332,7 @@ static void commit_all(struct app *app)
 				  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
 				  (int)partition, it->out.first_offset, it->out.end_offset,
 				  it->out.n_entries, it->out.n_quarantined, n);
+			count_batch(app, &app->slots[partition], &it->out);
 			if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
 				tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
 					 "partition=%d end_offset=%" PRId64, (int)partition,
@@ -343,7 +428,9 @@ static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, b
 		if (app->pub)
 			save_marker(app, p);
 		tly_ledger_partition_free(app->slots[p].part);
-		app->slots[p] = (struct slot){0};
+		tly_metrics_unset(app->slots[p].lag);
+		tly_metrics_unset(app->slots[p].holds);
+		app->slots[p] = (struct slot){.lag = app->slots[p].lag, .holds = app->slots[p].holds};
 		tly_info("partition revoked", "partition=%d lost=%s", (int)p, lost ? "true" : "false");
 	}
 	rd_kafka_error_t *error = rd_kafka_incremental_unassign(app->consumer, parts);
@@ -398,12 +485,80 @@ static int topic_partitions(rd_kafka_t *rk, const char *topic, int32_t *count, c
 	return rc;
 }
 
+/* The registry's families and the series that need no partition: 0, or -1 (out of memory). */
+static int metrics_init(struct app *app)
+{
+	static const double batch_bounds[] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000};
+	static const double commit_bounds[] = {0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10};
+	static const char *const kind[] = {"kind", NULL};
+	static const char *const reason[] = {"reason", NULL};
+	struct tly_metrics *r = app->metrics;
+	struct ledger_metrics *m = &app->m;
+	m->consumed = tly_metrics_series(tly_metrics_counter(r, "tally_records_consumed_total",
+		"Input records of tally.events taken into a batch", NULL), NULL);
+	m->entries = tly_metrics_counter(r, "tally_ledger_entries_total",
+		"Ledger entries committed, by kind (rejected, duplicate and conflict included)", kind);
+	m->rejected = tly_metrics_counter(r, "tally_ledger_rejected_total",
+		"Rejected decisions committed, by reason", reason);
+	m->duplicates = tly_metrics_series(tly_metrics_counter(r, "tally_ledger_duplicates_total",
+		"Events whose event_id the tenant's ledger had already seen (same content)", NULL), NULL);
+	m->quarantined = tly_metrics_series(tly_metrics_counter(r, "tally_ledger_quarantined_total",
+		"Input records kept aside in quarantine (undecodable or invalid)", NULL), NULL);
+	m->batch = tly_metrics_series(tly_metrics_histogram(r, "tally_batch_records",
+		"Input records per group commit", NULL, batch_bounds,
+		sizeof(batch_bounds) / sizeof(batch_bounds[0])), NULL);
+	m->commit = tly_metrics_series(tly_metrics_histogram(r, "tally_commit_duration_seconds",
+		"Time to decide and commit a group of batches in PostgreSQL", NULL, commit_bounds,
+		sizeof(commit_bounds) / sizeof(commit_bounds[0])), NULL);
+	m->assigned = tly_metrics_series(tly_metrics_gauge(r, "tally_partitions_assigned",
+		"Partitions of tally.events assigned to this process", NULL), NULL);
+	return m->consumed && m->entries && m->rejected && m->duplicates && m->quarantined &&
+			       m->batch && m->commit && m->assigned
+		       ? 0
+		       : -1;
+}
+
+/* Per-partition gauges, hidden until the partition is assigned: 0, or -1 (out of memory). */
+static int metrics_partitions(struct app *app)
+{
+	static const char *const partition[] = {"partition", NULL};
+	struct tly_metric *lag = tly_metrics_gauge(app->metrics, "tally_consumer_lag",
+		"Records of tally.events behind the partition's high watermark", partition);
+	struct tly_metric *holds = tly_metrics_gauge(app->metrics, "tally_ledger_open_holds",
+		"Reservations holding tokens in the partition's wallets", partition);
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		char p[16];
+		snprintf(p, sizeof(p), "%d", (int)i);
+		const char *const v[] = {p};
+		struct slot *s = &app->slots[i];
+		if (!(s->lag = tly_metrics_series(lag, v)) || !(s->holds = tly_metrics_series(holds, v)))
+			return -1;
+		tly_metrics_unset(s->lag);
+		tly_metrics_unset(s->holds);
+	}
+	return 0;
+}
+
 /* Connect, check the schema, the topics and the partition guard: 0, or -1 with one line logged. */
 static int start(struct app *app)
 {
 	char errstr[2048];
 	struct tly_migrate_set *set = NULL;
 	int rc = -1;
+	const char *listen_on = tly_config_str(app->cfg, "http.listen");
+	if (!(app->metrics = tly_metrics_new()) ||
+	    !(app->health = tly_health_new(tly_config_int(app->cfg, "readyz.max.lag"))) ||
+	    metrics_init(app) != 0) {
+		tly_error("could not start: out of memory", NULL);
+		goto out;
+	}
+	tly_health_beat(app->health);
+	if (listen_on && *listen_on &&
+	    !(app->http = tly_http_start(listen_on, app->metrics, app->health, NULL, errstr,
+					 sizeof(errstr)))) {
+		tly_error("could not start the HTTP endpoint", "reason=\"%s\"", errstr);
+		goto out;
+	}
 	app->database_url = tly_config_str(app->cfg, "database.url");
 	if (!app->database_url) {
 		tly_error("database.url is not set", "hint=\"use -s database.url=... or TALLY_DATABASE_URL\"");
@@ -419,6 +574,8 @@ static int start(struct app *app)
 			  errstr);
 		goto out;
 	}
+	tly_health_set_pg(app->health, true);
+	tly_health_set_schema(app->health, true);
 	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr)))) {
 		tly_error("could not create the codec", "reason=\"%s\"", errstr);
 		goto out;
@@ -480,6 +637,10 @@ static int start(struct app *app)
 			  app->slots ? errstr : "out of memory");
 		goto out;
 	}
+	if (metrics_partitions(app) != 0) {
+		tly_error("could not start: out of memory", NULL);
+		goto out;
+	}
 	const char *const topics[] = {app->ctx.events_topic};
 	if (tly_kafka_subscribe(app->consumer, topics, 1) != 0)
 		goto out;
@@ -524,6 +685,7 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 	if (m->offset != expected)
 		tly_warn("input offsets skip ahead", "partition=%d expected=%" PRId64 " offset=%" PRId64,
 			 (int)p, expected, m->offset);
+	tly_metrics_add(app->m.consumed, 1);
 	if (app->pending++ == 0)
 		app->opened_ms = now_ms();
 }
@@ -538,6 +700,83 @@ static void check_deliveries(struct app *app)
 			reset_partition(app, i, RELOAD_BACKOFF_MS);
 		}
 	}
+}
+
+/*
+ * Lag per assigned partition: librdkafka's cached high watermark (updated by every fetch
+ * response, no broker round trip) minus where this process resumes. Unknown until the first
+ * fetch of a partition answers, and while a partition is being reloaded.
+ */
+static void refresh_lag(struct app *app)
+{
+	int64_t total = 0;
+	int assigned = 0;
+	bool known = true;
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		struct slot *s = &app->slots[i];
+		int64_t low = -1, high = -1;
+		if (!s->assigned)
+			continue;
+		assigned++;
+		if (!s->part ||
+		    rd_kafka_get_watermark_offsets(app->consumer, app->ctx.events_topic, i, &low,
+						   &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		    high < 0) {
+			known = false;
+			tly_metrics_unset(s->lag);
+			continue;
+		}
+		int64_t next = tly_ledger_partition_next_offset(s->part);
+		int64_t lag = high > next ? high - next : 0;
+		tly_metrics_set(s->lag, lag);
+		total += lag;
+	}
+	tly_metrics_set(app->m.assigned, assigned);
+	tly_health_set_assigned(app->health, assigned);
+	tly_health_set_lag(app->health, known ? total : -1);
+}
+
+/*
+ * While no commit proved it lately: one round trip to tell /readyz whether PostgreSQL answers,
+ * after one reconnection attempt (never a retry loop: the consumer loop goes on) if it was lost.
+ */
+static void check_pg(struct app *app)
+{
+	char errstr[512];
+	struct tly_pg_error err;
+	app->pg_checked_ms = now_ms();
+	if (!app->conn || PQstatus(app->conn) != CONNECTION_OK) {
+		PGconn *conn = tly_pg_connect(app->database_url, "tally-ledger", errstr, sizeof(errstr));
+		if (!conn) {
+			tly_health_set_pg(app->health, false);
+			tly_warn("PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+			return;
+		}
+		if (app->conn)
+			PQfinish(app->conn);
+		app->conn = app->ctx.conn = conn;
+	}
+	PGresult *res = tly_pg_query(app->conn, "SELECT 1", 0, NULL, &err);
+	if (!res) {
+		tly_health_set_pg(app->health, false);
+		tly_warn("PostgreSQL did not answer the health check", "reason=\"%s\"", err.message);
+		return;
+	}
+	PQclear(res);
+	tly_health_set_pg(app->health, true);
+}
+
+/* Housekeeping for /healthz, /readyz and the lag gauges, on every turn of the loop. */
+static void observe(struct app *app)
+{
+	int64_t now = now_ms();
+	tly_health_beat(app->health);
+	if (now - app->lag_at_ms >= LAG_EVERY_MS) {
+		app->lag_at_ms = now;
+		refresh_lag(app);
+	}
+	if (!app->pending && now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
+		check_pg(app);
 }
 
 /*
@@ -560,6 +799,7 @@ static void run(struct app *app)
 		check_deliveries(app);
 		reload_due(app);
 		tly_ledger_publisher_poll(app->pub, 0);
+		observe(app);
 	}
 	if (app->failed)
 		return;
@@ -619,6 +859,9 @@ int main(int argc, char **argv)
 out:
 	/* Leaving the group revokes what is left (their open batches were committed above). */
 	tly_kafka_consumer_destroy(app.consumer);
+	tly_http_stop(app.http);
+	tly_metrics_free(app.metrics);
+	tly_health_free(app.health);
 	tly_ledger_publisher_free(app.pub, app.shutdown_ms);
 	for (int32_t i = 0; app.slots && i < app.partition_count; i++)
 		tly_ledger_partition_free(app.slots[i].part);

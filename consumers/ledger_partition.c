@@ -144,6 +144,20 @@ size_t tly_ledger_partition_tenants(const struct tly_ledger_partition *p)
 	return tly_uuidmap_count(p->wallets);
 }
 
+int64_t tly_ledger_partition_open_holds(const struct tly_ledger_partition *p)
+{
+	int64_t sum = 0;
+	for (size_t i = 0; i < tly_uuidmap_capacity(p->wallets); i++) {
+		const struct tly_wallet *w = tly_uuidmap_slot(p->wallets, i);
+		struct tly_balance b;
+		if (!w)
+			continue;
+		tly_wallet_balance(w, &b);
+		sum += b.open_holds;
+	}
+	return sum;
+}
+
 size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p)
 {
 	return p->n_recs;

@@ -53,6 +53,8 @@ int32_t tly_ledger_partition_id(const struct tly_ledger_partition *p);
 /* Where consuming resumes: the stored offset (0 when none), or after the open batch. */
 int64_t tly_ledger_partition_next_offset(const struct tly_ledger_partition *p);
 size_t tly_ledger_partition_tenants(const struct tly_ledger_partition *p);
+/* Open holds of every wallet: one pass over the tenants, for when the partition is loaded. */
+int64_t tly_ledger_partition_open_holds(const struct tly_ledger_partition *p);
 
 /*
  * Add one record (copied) to the open batch. Records below next_offset are already applied and

@@ -58,6 +58,11 @@ int main(void)
 		fprintf(stderr, "no suite matches TALLY_SUITE=%s\n", only ? only : "");
 		return 2;
 	}
+	/* Daemons the suites spawn serve HTTP on a free port each, never the default one. */
+	if (setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0) != 0) {
+		perror("setenv");
+		return 2;
+	}
 	if (need_pg)
 		tly_test_pg_start();
 	srunner_run_all(sr, CK_NORMAL);

@@ -346,6 +346,7 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
 	 * has little data; Apache Kafka answers as soon as fetch.min.bytes are there. */
 	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", "10", 1);
+	setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0); /* never collide with a running daemon */
 	char *argv[] = {exe, NULL};
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
 	if (pid < 0)
