@@ -94,6 +94,7 @@ TEST_SRCS := \
 	tests/check_roles.c \
 	tests/check_status.c \
 	tests/check_event.c \
+	tests/check_http.c \
 	tests/check_ledger.c \
 	tests/check_migrate.c \
 	tests/check_projector.c \

@@ -31,6 +31,7 @@ static const struct suite_entry all_suites[] = {
 	{"roles", roles_suite, true},
 	{"status", status_suite, true},
 	{"rebuild", rebuild_suite, true},
+	{"http", http_suite, true},
 };
 
 int main(void)

@@ -21,5 +21,6 @@ Suite *projector_suite(void);
 Suite *roles_suite(void);
 Suite *status_suite(void);
 Suite *rebuild_suite(void);
+Suite *http_suite(void);
 
 #endif
