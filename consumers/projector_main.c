@@ -13,8 +13,12 @@
 #include "codec.h"
 #include "config.h"
 #include "fold.h"
+#include "health.h"
+#include "http.h"
 #include "kafka.h"
+#include "lag.h"
 #include "log.h"
+#include "metrics.h"
 #include "migrate.h"
 #include "pg.h"
 
@@ -29,6 +33,8 @@ extern char **environ;
 #define MAX_BACKOFF_MS 5000
 #define METADATA_TIMEOUT_MS 10000
 #define N_TOPICS 3
+#define LAG_EVERY_MS 250       /* lag gauges from librdkafka's cached high watermarks */
+#define PG_CHECK_EVERY_MS 5000 /* while idle: is PostgreSQL still there (for /readyz) */
 
 /* One partition of an input topic. */
 struct part {
@@ -36,12 +42,14 @@ struct part {
 	bool seeking;   /* moved back to stored: drop records until the one at next arrives */
 	int64_t stored; /* next offset stored in consumer_offsets; -1: none stored */
 	int64_t next;   /* next offset after the records in the open batch; -1: any */
+	struct tly_series *lag; /* its gauge, hidden while not assigned */
 };
 
 struct topic {
 	const char *name;
 	int32_t count;
 	struct part *parts; /* count of them; owned */
+	struct tly_series *consumed;
 };
 
 struct app {
@@ -58,6 +66,11 @@ struct app {
 	int backoff_ms;
 	uint64_t committed, skipped;
 	bool failed;               /* a fatal error: leave the loop, exit 1 */
+	struct tly_metrics *metrics; /* owned; read by the HTTP thread */
+	struct tly_health *health;   /* owned; read by the HTTP thread */
+	struct tly_http *http;       /* owned; NULL when http.listen is empty */
+	struct tly_series *applied, *undecodable, *batch, *commit, *assigned;
+	int64_t lag_at_ms, pg_checked_ms;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -127,6 +140,8 @@ static int ensure_conn(struct app *app)
 		app->conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr));
 		if (app->conn)
 			break;
+		tly_health_set_pg(app->health, false);
+		tly_health_beat(app->health); /* alive, waiting for the database */
 		tly_warn("could not reconnect to PostgreSQL, retrying", "reason=\"%s\" backoff_ms=%d",
 			 errstr, backoff);
 		if (stop_requested)
@@ -134,6 +149,7 @@ static int ensure_conn(struct app *app)
 		sleep_ms(backoff);
 		backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
 	}
+	tly_health_set_pg(app->health, true);
 	return 0;
 }
 
@@ -270,6 +286,8 @@ static void commit_batch(struct app *app)
 		drop_batch(app, RETRY_MS);
 		return;
 	}
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	int rc = tly_pg_begin(app->conn, &err);
 	for (int i = 0; rc == 0 && i < N_TOPICS; i++) {
 		struct topic *t = &app->topics[i];
@@ -292,6 +310,12 @@ static void commit_batch(struct app *app)
 				if (app->topics[i].parts[p].next >= 0)
 					app->topics[i].parts[p].stored = app->topics[i].parts[p].next;
 		app->committed += n;
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		tly_metrics_add(app->applied, n);
+		tly_metrics_observe(app->batch, (double)n);
+		tly_metrics_observe(app->commit, (double)(t1.tv_sec - t0.tv_sec) +
+							 (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+		app->pg_checked_ms = now_ms();
 		app->opened_ms = 0;
 		app->backoff_ms = RETRY_MS;
 		tly_debug("batch committed", "records=%zu", n);
@@ -356,8 +380,10 @@ static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, b
 	}
 	for (int i = 0; i < parts->cnt; i++) {
 		struct part *pt = find_part(app, parts->elems[i].topic, parts->elems[i].partition, NULL);
-		if (pt)
-			*pt = (struct part){.stored = -1, .next = -1};
+		if (pt) {
+			tly_metrics_unset(pt->lag);
+			*pt = (struct part){.stored = -1, .next = -1, .lag = pt->lag};
+		}
 		tly_info("partition revoked", "topic=%s partition=%d lost=%s", parts->elems[i].topic,
 			 (int)parts->elems[i].partition, lost ? "true" : "false");
 	}
@@ -412,12 +438,62 @@ static int topic_partitions(rd_kafka_t *rk, const char *topic, int32_t *count, c
 	return rc;
 }
 
+/* The registry's families and the series that need no partition: 0, or -1 (out of memory). */
+static int metrics_init(struct app *app)
+{
+	static const double batch_bounds[] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000};
+	static const double commit_bounds[] = {0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10};
+	static const char *const topic[] = {"topic", NULL};
+	struct tly_metrics *r = app->metrics;
+	struct tly_metric *consumed = tly_metrics_counter(r, "tally_records_consumed_total",
+		"Input records taken into a batch, by topic", topic);
+	for (int i = 0; i < N_TOPICS; i++) {
+		const char *const v[] = {app->topics[i].name};
+		if (!(app->topics[i].consumed = tly_metrics_series(consumed, v)))
+			return -1;
+	}
+	app->applied = tly_metrics_series(tly_metrics_counter(r, "tally_projector_records_applied_total",
+		"Input records folded into the projections and committed", NULL), NULL);
+	app->undecodable = tly_metrics_series(tly_metrics_counter(r, "tally_projector_undecodable_total",
+		"Input records that could not be decoded and were skipped", NULL), NULL);
+	app->batch = tly_metrics_series(tly_metrics_histogram(r, "tally_batch_records",
+		"Input records per committed batch", NULL, batch_bounds,
+		sizeof(batch_bounds) / sizeof(batch_bounds[0])), NULL);
+	app->commit = tly_metrics_series(tly_metrics_histogram(r, "tally_commit_duration_seconds",
+		"Time to write a batch and its offsets in one PostgreSQL transaction", NULL,
+		commit_bounds, sizeof(commit_bounds) / sizeof(commit_bounds[0])), NULL);
+	app->assigned = tly_metrics_series(tly_metrics_gauge(r, "tally_partitions_assigned",
+		"Partitions of the input topics assigned to this process", NULL), NULL);
+	return app->applied && app->undecodable && app->batch && app->commit && app->assigned ? 0 : -1;
+}
+
 /* Connect, check the schema and the topics, subscribe: 0, or -1 with one line logged. */
 static int start(struct app *app)
 {
 	char errstr[2048];
 	struct tly_migrate_set *set = NULL;
 	int rc = -1;
+	const char *listen_on = tly_config_str(app->cfg, "http.listen");
+	static const char *const labels[] = {"topic", "partition", NULL};
+	struct tly_metric *lag = NULL;
+	app->topics[0].name = tly_config_str(app->cfg, "topics.events");
+	app->topics[1].name = tly_config_str(app->cfg, "topics.ledger");
+	app->topics[2].name = tly_config_str(app->cfg, "topics.catalog");
+	if (!(app->metrics = tly_metrics_new()) ||
+	    !(app->health = tly_health_new(tly_config_int(app->cfg, "readyz.max.lag"))) ||
+	    metrics_init(app) != 0 ||
+	    !(lag = tly_metrics_gauge(app->metrics, "tally_consumer_lag",
+				      "Records behind the partition's high watermark", labels))) {
+		tly_error("could not start: out of memory", NULL);
+		goto out;
+	}
+	tly_health_beat(app->health);
+	if (listen_on && *listen_on &&
+	    !(app->http = tly_http_start(listen_on, app->metrics, app->health, NULL, errstr,
+					 sizeof(errstr)))) {
+		tly_error("could not start the HTTP endpoint", "reason=\"%s\"", errstr);
+		goto out;
+	}
 	app->database_url = tly_config_str(app->cfg, "database.url");
 	if (!app->database_url) {
 		tly_error("database.url is not set", "hint=\"use -s database.url=... or TALLY_DATABASE_URL\"");
@@ -433,14 +509,13 @@ static int start(struct app *app)
 			  "reason=\"%s\" hint=\"run tallyctl migrate up\"", errstr);
 		goto out;
 	}
+	tly_health_set_pg(app->health, true);
+	tly_health_set_schema(app->health, true);
 	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr))) || !(app->fold = tly_fold_new())) {
 		tly_error("could not create the codec and the fold", "reason=\"%s\"",
 			  app->codec ? "out of memory" : errstr);
 		goto out;
 	}
-	app->topics[0].name = tly_config_str(app->cfg, "topics.events");
-	app->topics[1].name = tly_config_str(app->cfg, "topics.ledger");
-	app->topics[2].name = tly_config_str(app->cfg, "topics.catalog");
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(app->cfg, errstr, sizeof(errstr));
 	if (!conf) {
 		tly_error("could not configure Kafka", "reason=\"%s\"", errstr);
@@ -465,8 +540,18 @@ static int start(struct app *app)
 			tly_error("could not start: out of memory", NULL);
 			goto out;
 		}
-		for (int32_t p = 0; p < t->count; p++)
-			t->parts[p] = (struct part){.stored = -1, .next = -1};
+		for (int32_t p = 0; p < t->count; p++) {
+			char ps[16];
+			snprintf(ps, sizeof(ps), "%d", (int)p);
+			const char *const v[] = {t->name, ps};
+			t->parts[p] = (struct part){.stored = -1, .next = -1,
+						    .lag = tly_metrics_series(lag, v)};
+			if (!t->parts[p].lag) {
+				tly_error("could not start: out of memory", NULL);
+				goto out;
+			}
+			tly_metrics_unset(t->parts[p].lag);
+		}
 	}
 	if (tly_kafka_subscribe(app->consumer, names, N_TOPICS) != 0)
 		goto out;
@@ -495,7 +580,8 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 			app->failed = true;
 		return;
 	}
-	struct part *pt = find_part(app, topic, m->partition, NULL);
+	int ti = 0;
+	struct part *pt = find_part(app, topic, m->partition, &ti);
 	if (!pt || !pt->assigned || app->rewind_at_ms)
 		return; /* not ours, or moving back: read again from the stored offset */
 	if (pt->seeking) {
@@ -509,11 +595,13 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 			 " offset=%" PRId64, topic, (int)m->partition, pt->next, m->offset);
 	}
 	pt->next = m->offset + 1;
+	tly_metrics_add(app->topics[ti].consumed, 1);
 	if (!app->opened_ms)
 		app->opened_ms = now_ms();
 	int rc = tly_codec_decode(app->codec, m->payload, m->len, &app->ev, errstr, sizeof(errstr));
 	if (rc != 0) {
 		app->skipped++;
+		tly_metrics_add(app->undecodable, 1);
 		tly_warn("could not decode record, skipping it", "topic=%s partition=%d offset=%" PRId64
 			 " error=%s reason=\"%s\"", topic, (int)m->partition, m->offset, tly_err_name(rc),
 			 errstr);
@@ -527,6 +615,85 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 	}
 	if (tly_fold_pending(app->fold) >= BATCH_MAX_RECORDS)
 		commit_batch(app);
+}
+
+/*
+ * Lag per assigned partition: librdkafka's cached high watermark (updated by every fetch
+ * response, no broker round trip) minus where this process resumes (tly_lag_of). Unknown until
+ * the first fetch of a partition answers.
+ */
+static void refresh_lag(struct app *app)
+{
+	int64_t total = 0;
+	int assigned = 0;
+	bool known = true;
+	for (int i = 0; i < N_TOPICS; i++) {
+		struct topic *t = &app->topics[i];
+		for (int32_t p = 0; p < t->count; p++) {
+			struct part *pt = &t->parts[p];
+			int64_t low = -1, high = -1;
+			if (!pt->assigned)
+				continue;
+			assigned++;
+			if (rd_kafka_get_watermark_offsets(app->consumer, t->name, p, &low, &high) !=
+			    RD_KAFKA_RESP_ERR_NO_ERROR)
+				low = high = -1;
+			int64_t lag = tly_lag_of(pt->next >= 0 ? pt->next : pt->stored, low, high);
+			if (lag < 0) {
+				known = false;
+				tly_metrics_unset(pt->lag);
+				continue;
+			}
+			tly_metrics_set(pt->lag, lag);
+			total += lag;
+		}
+	}
+	tly_metrics_set(app->assigned, assigned);
+	tly_health_set_assigned(app->health, assigned);
+	tly_health_set_lag(app->health, known ? total : -1);
+}
+
+/*
+ * While no commit proved it lately: one round trip to tell /readyz whether PostgreSQL answers,
+ * after one reconnection attempt (never a retry loop: the consumer loop goes on) if it was lost.
+ */
+static void check_pg(struct app *app)
+{
+	char errstr[512];
+	struct tly_pg_error err;
+	app->pg_checked_ms = now_ms();
+	if (!app->conn || PQstatus(app->conn) != CONNECTION_OK) {
+		PGconn *conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr));
+		if (!conn) {
+			tly_health_set_pg(app->health, false);
+			tly_warn("PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+			return;
+		}
+		if (app->conn)
+			PQfinish(app->conn);
+		app->conn = conn;
+	}
+	PGresult *res = tly_pg_query(app->conn, "SELECT 1", 0, NULL, &err);
+	if (!res) {
+		tly_health_set_pg(app->health, false);
+		tly_warn("PostgreSQL did not answer the health check", "reason=\"%s\"", err.message);
+		return;
+	}
+	PQclear(res);
+	tly_health_set_pg(app->health, true);
+}
+
+/* Housekeeping for /healthz, /readyz and the lag gauges, on every turn of the loop. */
+static void observe(struct app *app)
+{
+	int64_t now = now_ms();
+	tly_health_beat(app->health);
+	if (now - app->lag_at_ms >= LAG_EVERY_MS) {
+		app->lag_at_ms = now;
+		refresh_lag(app);
+	}
+	if (!app->opened_ms && now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
+		check_pg(app);
 }
 
 static void run(struct app *app)
@@ -543,6 +710,7 @@ static void run(struct app *app)
 		} else if (app->opened_ms && now_ms() - app->opened_ms >= BATCH_MAX_MS) {
 			commit_batch(app);
 		}
+		observe(app);
 	}
 	if (app->failed)
 		return;
@@ -599,6 +767,9 @@ int main(int argc, char **argv)
 out:
 	/* Leaving the group revokes what is left (the open batch was committed above). */
 	tly_kafka_consumer_destroy(app.consumer);
+	tly_http_stop(app.http);
+	tly_metrics_free(app.metrics);
+	tly_health_free(app.health);
 	tly_fold_free(app.fold);
 	tly_event_free(&app.ev);
 	for (int i = 0; i < N_TOPICS; i++)

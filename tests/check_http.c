@@ -480,6 +480,20 @@ static bool lag_zero(const char *body, const void *ud)
 	return true;
 }
 
+static bool lag_zero_events(const char *body, const void *ud)
+{
+	(void)ud;
+	char series[96];
+	for (int p = 0; p < PARTITIONS; p++) {
+		snprintf(series, sizeof(series),
+			 "\ntally_consumer_lag{topic=\"tally.events\",partition=\"%d\"} ", p);
+		const char *at = strstr(body, series);
+		if (!at || atoll(at + strlen(series)) != 0)
+			return false;
+	}
+	return true;
+}
+
 START_TEST(test_ledger_scrape)
 {
 	struct env e;
@@ -547,6 +561,58 @@ START_TEST(test_ledger_scrape)
 }
 END_TEST
 
+static bool projected(const char *body, const void *ud)
+{
+	return metric(body, "tally_records_consumed_total{topic=\"tally.events\"}") >= *(const long *)ud &&
+	       metric(body, "tally_projector_records_applied_total") >= *(const long *)ud;
+}
+
+START_TEST(test_projector_scrape)
+{
+	struct env e;
+	char errstr[512], dbset[600], kset[600], addr[128];
+	env_up(&e);
+	snprintf(dbset, sizeof(dbset), "database.url=%s", e.d.conninfo);
+	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e.b.bootstraps);
+	char *const argv[] = {(char *)tly_test_bin("tally-projector"), "-s", dbset, "-s", kset,
+			      "-s", "projector.group.id=http-test", "-s", "kafka.heartbeat.interval.ms=1000",
+			      "-s", "http.listen=127.0.0.1:0", NULL};
+	pid_t pid = tly_proc_spawn(argv, e.plog, errstr, sizeof(errstr));
+	ck_assert_msg(pid > 0, "could not start tally-projector: %s", errstr);
+	listening_address(e.plog, addr, sizeof(addr));
+
+	char *r = scrape_until(addr, "/healthz", 200, NULL, NULL, 20000);
+	free(r);
+	r = scrape_until(addr, "/readyz", 200, NULL, NULL, 30000);
+	free(r);
+	r = get(addr, "/metrics");
+	ck_assert_int_eq(status_of(r), 200);
+	ck_assert_int_eq(metric(body_of(r), "tally_records_consumed_total{topic=\"tally.events\"}"), 0);
+	ck_assert_int_eq(metric(body_of(r), "tally_projector_records_applied_total"), 0);
+	ck_assert_int_ge(metric(body_of(r), "tally_partitions_assigned"), PARTITIONS);
+	free(r);
+
+	long published = traffic(&e, 3);
+	r = scrape_until(addr, "/metrics", 200, projected, &published, 30000);
+	free(r);
+	r = scrape_until(addr, "/metrics", 200, lag_zero_events, NULL, 10000);
+	const char *body = body_of(r);
+	ck_assert_int_eq(metric(body, "tally_records_consumed_total{topic=\"tally.events\"}"), published);
+	ck_assert_int_eq(metric(body, "tally_projector_records_applied_total"), published);
+	ck_assert_int_eq(metric(body, "tally_projector_undecodable_total"), 0);
+	ck_assert_int_gt(metric(body, "tally_batch_records_count"), 0);
+	free(r);
+	r = get(addr, "/readyz");
+	ck_assert_int_eq(status_of(r), 200);
+	free(r);
+
+	int status = tly_proc_stop(pid, 20000);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "tally-projector did not exit 0 on SIGTERM (status %d); see %s", status, e.plog);
+	env_down(&e);
+}
+END_TEST
+
 Suite *http_suite(void)
 {
 	Suite *s = suite_create("http");
@@ -560,6 +626,7 @@ Suite *http_suite(void)
 	tc = tcase_create("daemons");
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_ledger_scrape);
+	tcase_add_test(tc, test_projector_scrape);
 	suite_add_tcase(s, tc);
 	return s;
 }
