@@ -206,13 +206,13 @@ static void on_read(struct conn *c)
 		respond_text(c, 413, "request too large");
 		return;
 	}
-	http_parser_execute(&c->parser, &c->srv->settings, buf, (size_t)n);
+	size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf, (size_t)n);
 	if (c->complete) {
-		route(c);
+		route(c); /* bytes after the request (parsed < n, parser paused) are ignored */
 		return;
 	}
 	enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
-	if (e != HPE_OK) {
+	if (e != HPE_OK || parsed != (size_t)n) {
 		char text[200];
 		snprintf(text, sizeof(text), "bad request: %s", http_errno_description(e));
 		respond_text(c, 400, text);
