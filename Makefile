@@ -65,7 +65,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
-            tally-projector
+            tally-projector tally-bench-projector
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
                         tools/tallyctl_status.c tools/tallyctl_rebuild.c
@@ -76,6 +76,7 @@ tally-bench_SRCS     := tools/bench.c
 tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 tally-projector_SRCS := consumers/projector_main.c
+tally-bench-projector_SRCS := tools/bench_projector.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -160,6 +161,7 @@ bench: deps
 	$(MAKE) all
 	$(BIN)/tally-bench
 	$(BIN)/tally-bench-publish
+	$(BIN)/tally-bench-projector
 
 dev: deps
 	$(MAKE) all

@@ -29,7 +29,7 @@
 
 #define PROJECTOR_CONSUMER "tally-projector" /* consumer_offsets.consumer of tally-projector */
 #define SHADOW_SUFFIX "_rebuild"
-#define FLUSH_EVERY 10000       /* records per fold flush */
+#define FLUSH_EVERY 50000       /* records per fold flush */
 #define LEDGER_PAGE "5000"      /* entries per keyset page */
 #define SWAP_ATTEMPTS 20
 #define CATCHUP_PASSES 5        /* passes before the swap, while the projector runs */
@@ -179,7 +179,8 @@ static int create_shadows(struct rebuild *rb, struct tly_pg_error *err)
 		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
 		char sql[512];
 		if (ql && qs) {
-			snprintf(sql, sizeof(sql), "CREATE TABLE %s (LIKE %s INCLUDING ALL)", qs, ql);
+			/* unlogged while folding (no WAL per statement), logged before the swap */
+			snprintf(sql, sizeof(sql), "CREATE UNLOGGED TABLE %s (LIKE %s INCLUDING ALL)", qs, ql);
 			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
 		} else {
 			rc = TLY_E_NOMEM;
@@ -706,6 +707,8 @@ static int swap_once(struct rebuild *rb, PGresult **fks, struct tly_pg_error *er
 	if (rc == 0)
 		rc = tly_pg_exec(rb->conn, "SET LOCAL lock_timeout = '5s'", 0, NULL, err);
 	if (rc == 0)
+		rc = tly_pg_exec(rb->conn, "SET LOCAL synchronous_commit = on", 0, NULL, err);
+	if (rc == 0)
 		rc = tly_pg_exec(rb->conn, "SELECT 1 FROM consumer_offsets WHERE consumer = $1 FOR UPDATE",
 				 1, v, err);
 	if (rc == 0)
@@ -835,6 +838,11 @@ static int start(struct rebuild *rb)
 			errstr);
 		goto out;
 	}
+	/* the shadows' commits need not wait for the disk: only the swap's commit must be durable */
+	if (tly_pg_exec(rb->conn, "SET synchronous_commit = off", 0, NULL, &err) != 0) {
+		report(rb, "set synchronous_commit", &err);
+		goto out;
+	}
 	PGresult *res = tly_pg_query(rb->conn, "SELECT pg_try_advisory_lock(" ADVISORY_KEY ")", 0, NULL,
 				     &err);
 	if (!res) {
@@ -928,6 +936,22 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 		}
 		if (behind <= CATCHUP_SMALL && i > 0)
 			break;
+	}
+
+	/* The shadows become logged (one rewrite each, before any lock on the live tables). */
+	for (size_t i = 0; i < rb.ntables; i++) {
+		char *q = qident(rb.conn, rb.shadow[i]);
+		char sql[256];
+		if (!q) {
+			fprintf(stderr, "tallyctl: out of memory\n");
+			goto out;
+		}
+		snprintf(sql, sizeof(sql), "ALTER TABLE %s SET LOGGED", q);
+		PQfreemem(q);
+		if (tly_pg_exec(rb.conn, sql, 0, NULL, &err) != 0) {
+			report(&rb, "make the shadow tables logged", &err);
+			goto out;
+		}
 	}
 
 	/* The swap; a lock timeout or a deadlock with a projector batch rolls back and retries. */
