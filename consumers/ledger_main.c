@@ -96,12 +96,6 @@ static int64_t now_us(void)
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static void sleep_ms(int ms)
-{
-	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-	nanosleep(&ts, NULL);
-}
-
 static void usage(FILE *out)
 {
 	fprintf(out,
@@ -122,27 +116,19 @@ static void usage(FILE *out)
 /* ---- PostgreSQL connection ---------------------------------------------------------------- */
 
 /* Connected (again, after a lost connection), retrying with backoff until stop: 0 or -1. */
+/* Alive, waiting for the database. */
+static void pg_waiting(void *ud)
+{
+	struct app *app = ud;
+	tly_health_set_pg(app->health, false);
+	tly_health_beat(app->health);
+}
+
 static int ensure_conn(struct app *app)
 {
-	char errstr[512];
-	int backoff = 100;
-	while (!app->conn || PQstatus(app->conn) != CONNECTION_OK) {
-		if (app->conn) {
-			PQfinish(app->conn);
-			app->conn = NULL;
-		}
-		app->conn = tly_pg_connect(app->database_url, "tally-ledger", errstr, sizeof(errstr));
-		if (app->conn)
-			break;
-		tly_health_set_pg(app->health, false);
-		tly_health_beat(app->health); /* alive, waiting for the database */
-		tly_warn("could not reconnect to PostgreSQL, retrying", "reason=\"%s\" backoff_ms=%d",
-			 errstr, backoff);
-		if (stop_requested)
-			return -1;
-		sleep_ms(backoff);
-		backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
-	}
+	if (tly_pg_reconnect(&app->conn, app->database_url, "tally-ledger", &stop_requested, pg_waiting,
+			     app) != 0)
+		return -1;
 	app->ctx.conn = app->conn;
 	tly_health_set_pg(app->health, true);
 	return 0;
@@ -456,35 +442,6 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 
 /* ---- start-up ----------------------------------------------------------------------------- */
 
-/* Partition count of topic from the cluster's metadata; 0 and *count, or -1 (message in errstr). */
-static int topic_partitions(rd_kafka_t *rk, const char *topic, int32_t *count, char *errstr,
-			    size_t errlen)
-{
-	const struct rd_kafka_metadata *md = NULL;
-	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
-	if (!rkt) {
-		snprintf(errstr, errlen, "could not look up topic \"%s\": %s", topic,
-			 rd_kafka_err2str(rd_kafka_last_error()));
-		return -1;
-	}
-	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, METADATA_TIMEOUT_MS);
-	int rc = -1;
-	if (err)
-		snprintf(errstr, errlen, "could not read Kafka metadata of topic \"%s\": %s", topic,
-			 rd_kafka_err2str(err));
-	else if (md->topic_cnt != 1 || md->topics[0].err || md->topics[0].partition_cnt < 1)
-		snprintf(errstr, errlen, "topic \"%s\" does not exist: %s", topic,
-			 md->topic_cnt == 1 ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
-	else {
-		*count = md->topics[0].partition_cnt;
-		rc = 0;
-	}
-	if (md)
-		rd_kafka_metadata_destroy(md);
-	rd_kafka_topic_destroy(rkt);
-	return rc;
-}
-
 /* The registry's families and the series that need no partition: 0, or -1 (out of memory). */
 static int metrics_init(struct app *app)
 {
@@ -603,10 +560,10 @@ static int start(struct app *app)
 		goto out;
 	}
 	int32_t ledger_count = 0;
-	if (topic_partitions(app->consumer, app->ctx.events_topic, &app->partition_count, errstr,
-			     sizeof(errstr)) != 0 ||
-	    topic_partitions(app->consumer, app->ctx.ledger_topic, &ledger_count, errstr,
-			     sizeof(errstr)) != 0) {
+	if (tly_kafka_topic_partitions(app->consumer, app->ctx.events_topic, METADATA_TIMEOUT_MS,
+				       &app->partition_count, errstr, sizeof(errstr)) != 0 ||
+	    tly_kafka_topic_partitions(app->consumer, app->ctx.ledger_topic, METADATA_TIMEOUT_MS,
+				       &ledger_count, errstr, sizeof(errstr)) != 0) {
 		tly_error("could not start: a topic is missing", "reason=\"%s\"", errstr);
 		goto out;
 	}

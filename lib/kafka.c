@@ -299,3 +299,31 @@ int32_t tly_kafka_partition_for_key(const void *key, size_t len, int32_t partiti
 	/* librdkafka's murmur2 partitioner reads neither the topic nor the opaques: NULL is safe. */
 	return rd_kafka_msg_partitioner_murmur2(NULL, key, len, partition_count, NULL, NULL);
 }
+
+int tly_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms, int32_t *count,
+			       char *errstr, size_t errlen)
+{
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+	if (!rkt) {
+		snprintf(errstr, errlen, "could not look up topic \"%s\": %s", topic,
+			 rd_kafka_err2str(rd_kafka_last_error()));
+		return -1;
+	}
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_ms);
+	int rc = -1;
+	if (err)
+		snprintf(errstr, errlen, "could not read Kafka metadata of topic \"%s\": %s", topic,
+			 rd_kafka_err2str(err));
+	else if (md->topic_cnt != 1 || md->topics[0].err || md->topics[0].partition_cnt < 1)
+		snprintf(errstr, errlen, "topic \"%s\" does not exist: %s", topic,
+			 md->topic_cnt == 1 ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+	else {
+		*count = md->topics[0].partition_cnt;
+		rc = 0;
+	}
+	if (md)
+		rd_kafka_metadata_destroy(md);
+	rd_kafka_topic_destroy(rkt);
+	return rc;
+}

@@ -42,6 +42,13 @@ rd_kafka_t *tly_kafka_consumer_new(rd_kafka_conf_t *conf, const char *group_id, 
 /* Subscribe to n topics; TLY_E_KAFKA with the reason logged on failure. */
 int tly_kafka_subscribe(rd_kafka_t *rk, const char *const *topics, size_t n) TLY_MUST_CHECK;
 
+/*
+ * The partition count of topic from the cluster's metadata (waiting up to timeout_ms): 0, or -1
+ * with a one-line reason in errstr (no metadata, or the topic does not exist).
+ */
+int tly_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms, int32_t *count,
+			       char *errstr, size_t errlen) TLY_MUST_CHECK;
+
 /* One message to produce; every buffer is borrowed for the call only (librdkafka copies it). */
 struct tly_kafka_msg {
 	const char *topic;

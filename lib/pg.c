@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 
@@ -264,4 +265,26 @@ PGconn *tly_pg_connect(const char *conninfo, const char *application_name, char 
 		       size_t errlen)
 {
 	return tly_pg_connect_schema(conninfo, application_name, "public", errstr, errlen);
+}
+
+int tly_pg_reconnect(PGconn **conn, const char *conninfo, const char *application_name,
+		     volatile sig_atomic_t *stop, void (*waiting)(void *ud), void *ud)
+{
+	char errstr[512];
+	int backoff_ms = 100;
+	while (!*conn || PQstatus(*conn) != CONNECTION_OK) {
+		PQfinish(*conn);
+		if ((*conn = tly_pg_connect(conninfo, application_name, errstr, sizeof(errstr))))
+			break;
+		if (waiting)
+			waiting(ud);
+		tly_warn("could not reconnect to PostgreSQL, retrying", "reason=\"%s\" backoff_ms=%d",
+			 errstr, backoff_ms);
+		if (*stop)
+			return -1;
+		struct timespec ts = {backoff_ms / 1000, (long)(backoff_ms % 1000) * 1000000L};
+		nanosleep(&ts, NULL);
+		backoff_ms = backoff_ms * 2 > 5000 ? 5000 : backoff_ms * 2;
+	}
+	return 0;
 }

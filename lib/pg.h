@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 
+#include <signal.h>
+
 #include <libpq-fe.h>
 
 #include "err.h"
@@ -27,6 +29,14 @@ struct tly_pg_error {
  */
 PGconn *tly_pg_connect(const char *conninfo, const char *application_name, char *errstr,
 		       size_t errlen);
+
+/*
+ * Make *conn a working connection: keep it when it is, else reconnect with backoff (100 ms
+ * doubling to 5 s) until it works or *stop is set (then -1). waiting(ud), when not NULL, is called
+ * before each wait (a daemon's heartbeat); each failure is logged with its reason.
+ */
+int tly_pg_reconnect(PGconn **conn, const char *conninfo, const char *application_name,
+		     volatile sig_atomic_t *stop, void (*waiting)(void *ud), void *ud) TLY_MUST_CHECK;
 
 /* tly_pg_connect with search_path pinned to schema (an identifier, quoted here) instead of public. */
 PGconn *tly_pg_connect_schema(const char *conninfo, const char *application_name,
