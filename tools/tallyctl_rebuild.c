@@ -819,6 +819,21 @@ static int load_partitions(struct rebuild *rb)
 	return 0;
 }
 
+/*
+ * A fresh fold writing the shadows (also after a rolled back swap: the fold's staging table may
+ * have been created, and so dropped, in it). 0 or TLY_E_NOMEM.
+ */
+static int new_fold(struct rebuild *rb)
+{
+	tly_fold_free(rb->fold);
+	if (!(rb->fold = tly_fold_new()))
+		return TLY_E_NOMEM;
+	for (size_t i = 0; i < rb->ntables; i++)
+		if (tly_fold_set_table(rb->fold, rb->tables[i], rb->shadow[i]) != 0)
+			return TLY_E_NOMEM; /* the shadow names are ours and valid */
+	return 0;
+}
+
 static int start(struct rebuild *rb)
 {
 	char errstr[1024];
@@ -855,15 +870,11 @@ static int start(struct rebuild *rb)
 		fprintf(stderr, "tallyctl: could not rebuild: another rebuild is running on this database\n");
 		goto out;
 	}
-	if (!(rb->codec = tly_codec_new(errstr, sizeof(errstr))) || !(rb->fold = tly_fold_new())) {
+	if (!(rb->codec = tly_codec_new(errstr, sizeof(errstr))) || new_fold(rb) != 0) {
 		fprintf(stderr, "tallyctl: %s\n", rb->codec ? "out of memory" : errstr);
 		goto out;
 	}
 	for (size_t i = 0; i < rb->ntables; i++) {
-		if (tly_fold_set_table(rb->fold, rb->tables[i], rb->shadow[i]) != 0) {
-			fprintf(stderr, "tallyctl: could not point the fold at \"%s\"\n", rb->shadow[i]);
-			goto out;
-		}
 		if (strcmp(rb->tables[i], "projector_ledger_applied") == 0) {
 			char *q = qident(rb->conn, rb->shadow[i]);
 			rb->qshadow_applied = q ? strdup(q) : NULL;
@@ -976,7 +987,10 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 		/* the rolled back catch-up is not in the shadows: fold it again next time */
 		memcpy(rb.parts, saved, rb.nparts * sizeof(*saved));
 		free(saved);
-		tly_fold_clear(rb.fold);
+		if (new_fold(&rb) != 0) {
+			fprintf(stderr, "tallyctl: out of memory\n");
+			goto out;
+		}
 		rb.events = ev0;
 		rb.entries = en0;
 		rb.total = total0;
