@@ -618,28 +618,8 @@ static void refresh_lag(struct app *app)
  */
 static void check_pg(struct app *app)
 {
-	char errstr[512];
-	struct tly_pg_error err;
 	app->pg_checked_ms = now_ms();
-	if (!app->conn || PQstatus(app->conn) != CONNECTION_OK) {
-		PGconn *conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr));
-		if (!conn) {
-			tly_health_set_pg(app->health, false);
-			tly_warn("PostgreSQL is unreachable", "reason=\"%s\"", errstr);
-			return;
-		}
-		if (app->conn)
-			PQfinish(app->conn);
-		app->conn = conn;
-	}
-	PGresult *res = tly_pg_query(app->conn, "SELECT 1", 0, NULL, &err);
-	if (!res) {
-		tly_health_set_pg(app->health, false);
-		tly_warn("PostgreSQL did not answer the health check", "reason=\"%s\"", err.message);
-		return;
-	}
-	PQclear(res);
-	tly_health_set_pg(app->health, true);
+	tly_health_set_pg(app->health, tly_pg_check(&app->conn, app->database_url, PROG));
 }
 
 /* Housekeeping for /healthz, /readyz and the lag gauges, on every turn of the loop. */

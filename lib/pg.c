@@ -288,3 +288,23 @@ int tly_pg_reconnect(PGconn **conn, const char *conninfo, const char *applicatio
 	}
 	return 0;
 }
+
+bool tly_pg_check(PGconn **conn, const char *conninfo, const char *application_name)
+{
+	char errstr[512];
+	struct tly_pg_error err;
+	if (!*conn || PQstatus(*conn) != CONNECTION_OK) {
+		PGconn *fresh = tly_pg_connect(conninfo, application_name, errstr, sizeof(errstr));
+		if (!fresh) {
+			tly_warn("PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+			return false;
+		}
+		PQfinish(*conn);
+		*conn = fresh;
+	}
+	if (tly_pg_ping(*conn, &err) != 0) {
+		tly_warn("PostgreSQL did not answer the health check", "reason=\"%s\"", err.message);
+		return false;
+	}
+	return true;
+}

@@ -5,6 +5,7 @@
 #include <stddef.h>
 
 #include <signal.h>
+#include <stdbool.h>
 
 #include <libpq-fe.h>
 
@@ -37,6 +38,12 @@ PGconn *tly_pg_connect(const char *conninfo, const char *application_name, char 
  */
 int tly_pg_reconnect(PGconn **conn, const char *conninfo, const char *application_name,
 		     volatile sig_atomic_t *stop, void (*waiting)(void *ud), void *ud) TLY_MUST_CHECK;
+
+/*
+ * A health check: reconnect *conn once if it is not working, then tly_pg_ping it. True when the
+ * database answered; a failure is logged with its reason (no retry loop: the caller asks again).
+ */
+bool tly_pg_check(PGconn **conn, const char *conninfo, const char *application_name);
 
 /* tly_pg_connect with search_path pinned to schema (an identifier, quoted here) instead of public. */
 PGconn *tly_pg_connect_schema(const char *conninfo, const char *application_name,

@@ -570,15 +570,9 @@ static bool projected(const char *body, const void *ud)
 START_TEST(test_projector_scrape)
 {
 	struct env e;
-	char errstr[512], dbset[600], kset[600], addr[128];
+	char addr[128];
 	env_up(&e);
-	snprintf(dbset, sizeof(dbset), "database.url=%s", e.d.conninfo);
-	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e.b.bootstraps);
-	char *const argv[] = {(char *)tly_test_bin("tally-projector"), "-s", dbset, "-s", kset,
-			      "-s", "projector.group.id=http-test", "-s", "kafka.heartbeat.interval.ms=1000",
-			      "-s", "http.listen=127.0.0.1:0", NULL};
-	pid_t pid = tly_proc_spawn(argv, e.plog, errstr, sizeof(errstr));
-	ck_assert_msg(pid > 0, "could not start tally-projector: %s", errstr);
+	pid_t pid = tly_test_projector_spawn(e.b.bootstraps, e.d.conninfo, e.plog); /* free port */
 	listening_address(e.plog, addr, sizeof(addr));
 
 	char *r = scrape_until(addr, "/healthz", 200, NULL, NULL, 20000);
@@ -606,9 +600,7 @@ START_TEST(test_projector_scrape)
 	ck_assert_int_eq(status_of(r), 200);
 	free(r);
 
-	int status = tly_proc_stop(pid, 20000);
-	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-		      "tally-projector did not exit 0 on SIGTERM (status %d); see %s", status, e.plog);
+	tly_test_projector_stop(pid, e.plog);
 	env_down(&e);
 }
 END_TEST

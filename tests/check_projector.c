@@ -332,15 +332,7 @@ struct env {
 
 static pid_t projector_spawn(struct env *e)
 {
-	char errstr[512], dbset[600], kset[600];
-	snprintf(dbset, sizeof(dbset), "database.url=%s", e->d.conninfo);
-	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e->b.bootstraps);
-	char *const argv[] = {(char *)tly_test_bin("tally-projector"), "-s", dbset, "-s", kset,
-			      "-s", "projector.group.id=projector-test",
-			      "-s", "kafka.heartbeat.interval.ms=1000", NULL};
-	pid_t pid = tly_proc_spawn(argv, e->projector_log, errstr, sizeof(errstr));
-	ck_assert_msg(pid > 0, "could not start tally-projector: %s", errstr);
-	return pid;
+	return tly_test_projector_spawn(e->b.bootstraps, e->d.conninfo, e->projector_log);
 }
 
 static void env_up(struct env *e)
@@ -364,10 +356,7 @@ static void env_up(struct env *e)
 
 static void projector_stop(struct env *e)
 {
-	int status = tly_proc_stop(e->projector, 20000);
-	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-		      "tally-projector did not exit 0 on SIGTERM (status %d); see %s", status,
-		      e->projector_log);
+	tly_test_projector_stop(e->projector, e->projector_log);
 	e->projector = 0;
 }
 

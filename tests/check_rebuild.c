@@ -71,13 +71,7 @@ struct env {
 
 static pid_t projector_spawn(struct env *e)
 {
-	char errstr[512];
-	char *const argv[] = {(char *)tly_test_bin("tally-projector"), "-s", e->dbset, "-s", e->kset,
-			      "-s", "projector.group.id=projector-test",
-			      "-s", "kafka.heartbeat.interval.ms=1000", NULL};
-	pid_t pid = tly_proc_spawn(argv, e->projector_log, errstr, sizeof(errstr));
-	ck_assert_msg(pid > 0, "could not start tally-projector: %s", errstr);
-	return pid;
+	return tly_test_projector_spawn(e->b.bootstraps, e->d.conninfo, e->projector_log);
 }
 
 static void env_up(struct env *e)
@@ -105,10 +99,7 @@ static void env_up(struct env *e)
 
 static void projector_stop(struct env *e)
 {
-	int status = tly_proc_stop(e->projector, 20000);
-	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-		      "tally-projector did not exit 0 on SIGTERM (status %d); see %s", status,
-		      e->projector_log);
+	tly_test_projector_stop(e->projector, e->projector_log);
 	e->projector = 0;
 }
 

@@ -60,6 +60,12 @@ pid_t tly_test_ledger_spawn(const char *bootstraps, const char *db, const char *
 /* SIGTERM the ledger and check it exits 0 (else fail the test, naming its log). */
 void tly_test_ledger_stop(pid_t pid, const char *log);
 
+/* Start the real tally-projector (group projector-test, one-second heartbeats) logging to log. */
+pid_t tly_test_projector_spawn(const char *bootstraps, const char *db, const char *log);
+
+/* SIGTERM the projector and check it exits 0 (else fail the test, naming its log). */
+void tly_test_projector_stop(pid_t pid, const char *log);
+
 /* Path of a built program ("tallyctl"), from $TALLY_BIN (set by make check) or build/bin. */
 const char *tly_test_bin(const char *program);
 

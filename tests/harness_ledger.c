@@ -53,3 +53,23 @@ void tly_test_ledger_stop(pid_t pid, const char *log)
 	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
 		      "tally-ledger did not exit 0 on SIGTERM (status %d); see %s", status, log);
 }
+
+pid_t tly_test_projector_spawn(const char *bootstraps, const char *db, const char *log)
+{
+	char errstr[512], dbset[600], kset[600];
+	snprintf(dbset, sizeof(dbset), "database.url=%s", db);
+	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", bootstraps);
+	char *const argv[] = {(char *)tly_test_bin("tally-projector"), "-s", dbset, "-s", kset,
+			      "-s", "projector.group.id=projector-test",
+			      "-s", "kafka.heartbeat.interval.ms=1000", NULL};
+	pid_t pid = tly_proc_spawn(argv, log, errstr, sizeof(errstr));
+	ck_assert_msg(pid > 0, "could not start tally-projector: %s", errstr);
+	return pid;
+}
+
+void tly_test_projector_stop(pid_t pid, const char *log)
+{
+	int status = tly_proc_stop(pid, 20000);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "tally-projector did not exit 0 on SIGTERM (status %d); see %s", status, log);
+}
