@@ -3,6 +3,9 @@
 #   make            build libtally.a and every program into build/
 #   make deps       install the Debian packages the build, the tests and the dev stack need
 #   make check      install deps, build, run the Check suites (unit + integration)
+#   make demo       the whole product in one command: dev stack, tally-ledger, tally-projector,
+#                   DEMO_SECONDS (default 30) of tally-loadgen traffic, a report; up until Ctrl-C
+#   make demo-stop  stop a running demo (every process it started)
 #   make dev        bring up the embedded dev stack (dev broker + throw-away PostgreSQL, migrated)
 #   make clean      remove build/
 
@@ -68,7 +71,8 @@ PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tall
             tally-projector tally-bench-projector
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
-                        tools/tallyctl_status.c tools/tallyctl_rebuild.c
+                        tools/tallyctl_status.c tools/tallyctl_rebuild.c \
+                        tools/tallyctl_devstack.c tools/tallyctl_demo.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
@@ -105,7 +109,7 @@ TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 
-.PHONY: all deps check unit bench clean dev schemas-release
+.PHONY: all deps check unit bench clean dev demo demo-stop schemas-release
 all: $(LIB) $(addprefix $(BIN)/,$(PROGRAMS)) $(TEST_BIN)
 
 # make V=1 shows the full commands.
@@ -166,6 +170,14 @@ bench: deps
 dev: deps
 	$(MAKE) all
 	$(BIN)/tallyctl dev
+
+# The one-command demo; DEMO_SECONDS=N sets how long tally-loadgen runs.
+demo: deps
+	$(MAKE) all
+	$(BIN)/tallyctl demo $(if $(DEMO_SECONDS),--seconds $(DEMO_SECONDS))
+
+demo-stop:
+	$(BIN)/tallyctl demo stop
 
 # Freeze the current schemas as released versions (run after a compatible schema change).
 schemas-release: all

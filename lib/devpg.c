@@ -449,3 +449,8 @@ int tly_devpg_port(const struct tly_devpg *pg)
 {
 	return pg->port;
 }
+
+pid_t tly_devpg_pid(const struct tly_devpg *pg)
+{
+	return pg ? postmaster_pid(pg) : -1;
+}

@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <sys/types.h>
 
 #include "err.h"
 
@@ -43,5 +44,7 @@ const char *tly_devpg_conninfo(const struct tly_devpg *pg);
 /* The temp dir holding data/, the socket and postgres.log (owned by pg). */
 const char *tly_devpg_dir(const struct tly_devpg *pg);
 int tly_devpg_port(const struct tly_devpg *pg);
+/* The postmaster's pid (from its postmaster.pid), or -1 when it is not running. */
+pid_t tly_devpg_pid(const struct tly_devpg *pg);
 
 #endif

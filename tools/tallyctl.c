@@ -72,7 +72,7 @@ PGconn *tallyctl_connect_db(struct app *app)
 	return conn;
 }
 
-static struct tly_migrate_set *load_migrations(struct app *app, char *err, size_t errlen)
+struct tly_migrate_set *tallyctl_load_migrations(struct app *app, char *err, size_t errlen)
 {
 	return app->migrations_dir ? tly_migrate_load_dir(app->migrations_dir, err, errlen)
 				   : tly_migrate_load_embedded(err, errlen);
@@ -88,7 +88,7 @@ static int cmd_migrate(struct app *app, int argc, char **argv)
 		fprintf(stderr, "tallyctl: usage: tallyctl migrate status|up\n");
 		return 2;
 	}
-	if (!(set = load_migrations(app, err, sizeof(err)))) {
+	if (!(set = tallyctl_load_migrations(app, err, sizeof(err)))) {
 		fprintf(stderr, "tallyctl: %s\n", err);
 		goto out;
 	}
@@ -204,8 +204,7 @@ static void on_stop(int sig)
 	stop_requested = 1;
 }
 
-/* Path of a program built beside this one. */
-static void sibling(const char *program, char *out, size_t outlen)
+void tallyctl_sibling(const char *program, char *out, size_t outlen)
 {
 	char self[PATH_MAX];
 	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -219,7 +218,6 @@ static void sibling(const char *program, char *out, size_t outlen)
 
 static int cmd_dev(struct app *app, int argc, char **argv)
 {
-	char err[1024];
 	int partitions = (int)tly_config_int(app->cfg, "topics.partitions");
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--partitions") == 0 && i + 1 < argc)
@@ -234,81 +232,24 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 		return 2;
 	}
 	int rc = 1;
-	pid_t broker = -1;
-	struct tly_migrate_set *set = NULL;
-	PGconn *conn = NULL;
+	struct devstack ds;
 	char dir[] = "/tmp/tally-dev-XXXXXX";
 	if (!mkdtemp(dir)) {
 		fprintf(stderr, "tallyctl: could not create a temp dir: %s\n", strerror(errno));
 		return 1;
 	}
-	struct tly_devpg *pg = tly_devpg_start(NULL, err, sizeof(err));
-	if (!pg) {
-		fprintf(stderr, "tallyctl: could not start PostgreSQL: %s\n", err);
+	if (tallyctl_devstack_up(app, dir, partitions, &ds) != 0)
 		goto out;
-	}
-	char exe[PATH_MAX], bootfile[PATH_MAX], ctl[PATH_MAX], log[PATH_MAX], parts[16];
-	sibling("tally-devbroker", exe, sizeof(exe));
-	snprintf(bootfile, sizeof(bootfile), "%s/bootstrap", dir);
-	snprintf(ctl, sizeof(ctl), "%s/broker.sock", dir);
-	snprintf(log, sizeof(log), "%s/devbroker.log", dir);
-	snprintf(parts, sizeof(parts), "%d", partitions);
-	char *bargv[] = {exe, "--partitions", parts, "--bootstrap-file", bootfile, "--control", ctl, NULL};
-	if ((broker = tly_proc_spawn(bargv, log, err, sizeof(err))) < 0) {
-		fprintf(stderr, "tallyctl: could not start tally-devbroker: %s\n", err);
-		goto out;
-	}
-	if (tly_proc_wait_file(bootfile, 10000) != 0) {
-		fprintf(stderr, "tallyctl: tally-devbroker did not start (see %s)\n", log);
-		goto out;
-	}
-	char bootstraps[512] = "";
-	FILE *bf = fopen(bootfile, "r");
-	if (!bf || !fgets(bootstraps, sizeof(bootstraps), bf)) {
-		fprintf(stderr, "tallyctl: could not read \"%s\"\n", bootfile);
-		if (bf)
-			fclose(bf);
-		goto out;
-	}
-	fclose(bf);
-	bootstraps[strcspn(bootstraps, "\r\n")] = '\0';
-
-	if (!(set = load_migrations(app, err, sizeof(err)))) {
-		fprintf(stderr, "tallyctl: %s\n", err);
-		goto out;
-	}
-	if (!(conn = tly_pg_connect(tly_devpg_conninfo(pg), "tallyctl", err, sizeof(err)))) {
-		fprintf(stderr, "tallyctl: %s\n", err);
-		goto out;
-	}
-	int applied = 0;
-	if (tly_migrate_up(conn, set, &applied, err, sizeof(err)) != 0) {
-		fprintf(stderr, "tallyctl: %s\n", err);
-		goto out;
-	}
-	PQfinish(conn);
-	conn = NULL;
-
-	char envfile[PATH_MAX];
-	snprintf(envfile, sizeof(envfile), "%s/env", dir);
-	FILE *ef = fopen(envfile, "w");
-	if (!ef) {
-		fprintf(stderr, "tallyctl: could not write \"%s\": %s\n", envfile, strerror(errno));
-		goto out;
-	}
-	fprintf(ef, "export TALLY_DATABASE_URL='%s'\nexport TALLY_KAFKA_BOOTSTRAP_SERVERS='%s'\n",
-		tly_devpg_conninfo(pg), bootstraps);
-	fclose(ef);
-
 	char self[PATH_MAX];
-	sibling("tallyctl", self, sizeof(self));
+	tallyctl_sibling("tallyctl", self, sizeof(self));
 	printf("Tally dev stack is up (%d migration(s) applied, %d partitions per topic).\n\n"
 	       "  PostgreSQL   psql \"%s\"\n"
 	       "  Kafka        %s   (topics tally.events, tally.ledger, tally.catalog, tally.deadletter)\n"
 	       "  faults       %s broker %s help\n"
 	       "  environment  . %s\n\n"
 	       "Press Ctrl-C to stop; everything started here is removed.\n",
-	       applied, partitions, tly_devpg_conninfo(pg), bootstraps, self, ctl, envfile);
+	       ds.applied, partitions, tly_devpg_conninfo(ds.pg), ds.bootstraps, self, ds.ctl,
+	       ds.envfile);
 	fflush(stdout);
 
 	struct sigaction sa = {.sa_handler = on_stop};
@@ -316,23 +257,19 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	while (!stop_requested) {
 		int status;
-		if (tly_proc_wait(broker, 200, &status) == 0) {
-			broker = -1;
+		if (tly_proc_wait(ds.broker, 200, &status) == 0) {
+			ds.broker = -1;
 			if (stop_requested)
 				break; /* Ctrl-C reached the whole process group: the broker stopped too */
-			fprintf(stderr, "tallyctl: tally-devbroker exited unexpectedly (see %s)\n", log);
+			fprintf(stderr, "tallyctl: tally-devbroker exited unexpectedly (see %s)\n",
+				ds.broker_log);
 			goto out;
 		}
 	}
 	printf("\nstopping the dev stack\n");
 	rc = 0;
 out:
-	if (conn)
-		PQfinish(conn);
-	tly_migrate_free(set);
-	if (broker > 0)
-		tly_proc_stop(broker, 5000);
-	tly_devpg_stop(pg);
+	tallyctl_devstack_down(&ds);
 	char *rmargv[] = {"rm", "-rf", dir, NULL};
 	if (tly_proc_run(rmargv, NULL, 0) != 0)
 		fprintf(stderr, "tallyctl: could not remove \"%s\"\n", dir);
@@ -353,7 +290,16 @@ static const struct {
 	{"reserve", cmd_reserve},
 	{"status", cmd_status},
 	{"rebuild", cmd_rebuild},
+	{"demo", cmd_demo},
 };
+
+int tallyctl_has_command(const char *name)
+{
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (strcmp(commands[i].name, name) == 0)
+			return 1;
+	return 0;
+}
 
 int main(int argc, char **argv)
 {

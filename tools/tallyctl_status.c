@@ -108,6 +108,44 @@ fail:
 	return NULL;
 }
 
+rd_kafka_t *tallyctl_kafka_client(struct app *app)
+{
+	char err[1024];
+	rd_kafka_t *rk;
+	if (!tly_config_str(app->cfg, "kafka.bootstrap.servers")) {
+		fprintf(stderr, "tallyctl: kafka.bootstrap.servers is not set (use -s "
+				"kafka.bootstrap.servers=… or TALLY_KAFKA_BOOTSTRAP_SERVERS)\n");
+		return NULL;
+	}
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(app->cfg, err, sizeof(err));
+	if (!conf) {
+		fprintf(stderr, "tallyctl: %s\n", err);
+		return NULL;
+	}
+	/* A plain client: it only reads metadata and watermarks. rd_kafka_new owns conf on success. */
+	if (!(rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err)))) {
+		rd_kafka_conf_destroy(conf);
+		fprintf(stderr, "tallyctl: could not create a Kafka client: %s\n", err);
+	}
+	return rk;
+}
+
+int tallyctl_lag_collect(struct app *app, PGconn *conn, rd_kafka_t *rk, int timeout_ms,
+			 struct tly_lag_report *report, char *err, size_t errlen)
+{
+	const char *events = tly_config_str(app->cfg, "topics.events");
+	const char *ledger = tly_config_str(app->cfg, "topics.ledger");
+	const char *catalog = tly_config_str(app->cfg, "topics.catalog");
+	const struct tly_lag_expect expect[] = {
+		{"tally-ledger", events},
+		{"tally-projector", events},
+		{"tally-projector", ledger},
+		{"tally-projector", catalog},
+	};
+	return tly_lag_collect(conn, rk, expect, sizeof(expect) / sizeof(expect[0]), timeout_ms, report,
+			       err, errlen);
+}
+
 int cmd_status(struct app *app, int argc, char **argv)
 {
 	char err[1024];
@@ -128,41 +166,14 @@ int cmd_status(struct app *app, int argc, char **argv)
 			return 2;
 		}
 	}
-	if (!tly_config_str(app->cfg, "kafka.bootstrap.servers")) {
-		fprintf(stderr, "tallyctl: kafka.bootstrap.servers is not set (use -s "
-				"kafka.bootstrap.servers=… or TALLY_KAFKA_BOOTSTRAP_SERVERS)\n");
-		return 1;
-	}
-
 	int rc = 1;
 	rd_kafka_t *rk = NULL;
 	json_t *doc = NULL;
 	struct tly_lag_report report = {0};
 	PGconn *conn = tallyctl_connect_db(app);
-	if (!conn)
+	if (!conn || !(rk = tallyctl_kafka_client(app)))
 		goto out;
-	rd_kafka_conf_t *conf = tly_kafka_conf_new(app->cfg, err, sizeof(err));
-	if (!conf) {
-		fprintf(stderr, "tallyctl: %s\n", err);
-		goto out;
-	}
-	/* A plain client: it only reads metadata and watermarks. rd_kafka_new owns conf on success. */
-	if (!(rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err)))) {
-		rd_kafka_conf_destroy(conf);
-		fprintf(stderr, "tallyctl: could not create a Kafka client: %s\n", err);
-		goto out;
-	}
-	const char *events = tly_config_str(app->cfg, "topics.events");
-	const char *ledger = tly_config_str(app->cfg, "topics.ledger");
-	const char *catalog = tly_config_str(app->cfg, "topics.catalog");
-	const struct tly_lag_expect expect[] = {
-		{"tally-ledger", events},
-		{"tally-projector", events},
-		{"tally-projector", ledger},
-		{"tally-projector", catalog},
-	};
-	if (tly_lag_collect(conn, rk, expect, sizeof(expect) / sizeof(expect[0]), (int)timeout_ms,
-			    &report, err, sizeof(err)) != 0) {
+	if (tallyctl_lag_collect(app, conn, rk, (int)timeout_ms, &report, err, sizeof(err)) != 0) {
 		fprintf(stderr, "tallyctl: %s\n", err);
 		goto out;
 	}
