@@ -104,7 +104,9 @@ TEST_SRCS := \
 	tests/check_migrate.c \
 	tests/check_projector.c \
 	tests/check_rebuild.c \
-	tests/check_schema.c
+	tests/check_schema.c \
+	tests/check_lifecycle.c \
+	tests/check_demo.c
 TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
@@ -151,9 +153,11 @@ $(TEST_BIN): $(TEST_OBJS) $(LIB)
 deps:
 	scripts/install-deps
 
-# make check: install what is missing, build, run every suite (unit and integration).
+# make check: install what is missing, build, check the production compose file (docker-compose
+# parses and resolves it; no engine needed), run every suite (unit and integration).
 check: deps
 	$(MAKE) all
+	docker-compose -f docker-compose.yml config -q
 	TALLY_BIN=$(BIN) $(TEST_BIN)
 
 # make unit: only the suites with no I/O (fast inner loop).

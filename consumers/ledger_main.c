@@ -51,6 +51,9 @@ struct ledger_metrics {
 };
 
 struct app {
+	const char *config_file;          /* -c, NULL: none; reread on SIGHUP with sets */
+	char **sets;                      /* the --set arguments (n_sets), borrowed from argv */
+	size_t n_sets;
 	struct tly_config *cfg;           /* owned */
 	const char *database_url;
 	PGconn *conn;                     /* owned */
@@ -74,12 +77,18 @@ struct app {
 	int64_t lag_at_ms, pg_checked_ms;
 };
 
-static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t stop_requested, reload_requested;
 
 static void on_stop(int sig)
 {
 	(void)sig;
 	stop_requested = 1;
+}
+
+static void on_reload(int sig)
+{
+	(void)sig;
+	reload_requested = 1;
 }
 
 static int64_t now_ms(void)
@@ -104,6 +113,9 @@ static void usage(FILE *out)
 		"The ledger consumer: applies tally.events per partition, serially, into PostgreSQL\n"
 		"(entries and consumed offsets in one transaction per batch), then publishes the\n"
 		"entries to tally.ledger. SIGTERM or SIGINT: finish the batch, commit, publish, leave.\n"
+		"SIGHUP: read log.level again from the config file and TALLY_* (a bad value is refused).\n"
+		"Start-up fails with one line when PostgreSQL is unreachable, the schema is behind, a\n"
+		"topic is missing or the partition count of tally.events changed.\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -726,6 +738,10 @@ static void observe(struct app *app)
 static void run(struct app *app)
 {
 	while (!stop_requested && !app->failed) {
+		if (reload_requested) {
+			reload_requested = 0;
+			tly_cli_reload(app->config_file, app->sets, app->n_sets, environ);
+		}
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, app->pending ? 0 : POLL_MS);
 		if (m) {
 			handle_message(app, m);
@@ -786,9 +802,13 @@ int main(int argc, char **argv)
 	}
 	if (tly_log_level_parse(tly_config_str(app.cfg, "log.level"), &level) == 0)
 		tly_log_set_level(level);
-	struct sigaction sa = {.sa_handler = on_stop};
+	struct sigaction sa = {.sa_handler = on_stop}, hup = {.sa_handler = on_reload};
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGHUP, &hup, NULL);
+	app.config_file = config_file;
+	app.sets = sets;
+	app.n_sets = n_sets;
 	rc = 1;
 	if (start(&app) != 0)
 		goto out;

@@ -1057,46 +1057,6 @@ static void traffic_stop_wait(pid_t pid)
 	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the traffic process failed (%d)", status);
 }
 
-/* Occurrences of needle in the file at path. */
-static int log_count(const char *path, const char *needle)
-{
-	static char buf[1 << 20];
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return 0;
-	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-	fclose(f);
-	buf[n] = '\0';
-	int count = 0;
-	for (const char *s = buf; (s = strstr(s, needle)) != NULL; s += strlen(needle))
-		count++;
-	return count;
-}
-
-/* Lines of the file at path holding needle and not without. */
-static int log_lines(const char *path, const char *needle, const char *without)
-{
-	char line[4096];
-	int count = 0;
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return 0;
-	while (fgets(line, sizeof(line), f))
-		count += strstr(line, needle) && !strstr(line, without);
-	fclose(f);
-	return count;
-}
-
-/* Wait until the log at path holds needle at least count times. */
-static void wait_log(const char *path, const char *needle, int count, int timeout_ms)
-{
-	int64_t deadline = now_ms() + timeout_ms;
-	while (log_count(path, needle) < count && now_ms() < deadline)
-		usleep(100000);
-	ck_assert_msg(log_count(path, needle) >= count, "\"%s\" not %d times in %s within %d ms", needle,
-		      count, path, timeout_ms);
-}
-
 static long consumed(const struct env *e)
 {
 	return q_long(e->conn, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
@@ -1128,28 +1088,28 @@ START_TEST(test_group_handovers)
 
 	/* A alone, then B joins: the group splits the partitions between them */
 	pid_t a = ledger_spawn(&e, e.db, "ledger-group", log_a1);
-	wait_log(log_a1, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	tly_test_wait_log(log_a1, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 	pid_t b = ledger_spawn(&e, e.db, "ledger-group", log_b1);
-	wait_log(log_b1, "msg=\"partition assigned\"", 1, 20000);
-	wait_log(log_a1, "msg=\"partition revoked\"", 1, 5000);
+	tly_test_wait_log(log_b1, "msg=\"partition assigned\"", 1, 20000);
+	tly_test_wait_log(log_a1, "msg=\"partition revoked\"", 1, 5000);
 	wait_progress(&e, 10000);
 
 	/* SIGTERM A while traffic flows: it commits and leaves, B takes everything */
 	ledger_stop(&e, a);
-	wait_log(log_b1, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	tly_test_wait_log(log_b1, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 
 	/* A again; once it has partitions, kill -9 B and start it again at once: the dead member's
 	 * partitions are handed over when its session times out, while the new B joins */
 	a = ledger_spawn(&e, e.db, "ledger-group", log_a2);
-	wait_log(log_a2, "msg=\"partition assigned\"", 1, 20000);
+	tly_test_wait_log(log_a2, "msg=\"partition assigned\"", 1, 20000);
 	wait_progress(&e, 10000);
 	ck_assert_int_eq(kill(b, SIGKILL), 0);
 	int status;
 	ck_assert(tly_proc_wait(b, 5000, &status) == 0);
 	b = ledger_spawn(&e, e.db, "ledger-group", log_b2);
-	wait_log(log_b2, "msg=\"partition assigned\"", 1, 30000);
+	tly_test_wait_log(log_b2, "msg=\"partition assigned\"", 1, 30000);
 	wait_progress(&e, 10000);
 
 	/* the traffic stops; A and the new B catch up on every partition */
@@ -1194,7 +1154,7 @@ START_TEST(test_broker_faults)
 	traffic_tenants(&e, t);
 	pid_t traffic = traffic_start(&e, t, 11);
 	pid_t pid = ledger_start(&e);
-	wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 	static const char *const faults[][2] = {
 		{"errors Fetch 5 NOT_LEADER_FOR_PARTITION", NULL},
@@ -1226,7 +1186,7 @@ START_TEST(test_broker_faults)
 	ledger_stop(&e, pid);
 	check_end_state(&e, false);
 	/* librdkafka logs refused connections as errors; the ledger itself reported none */
-	ck_assert_msg(log_lines(e.log, "level=error", "component=rdkafka") == 0,
+	ck_assert_msg(tly_test_log_lines(e.log, "level=error", "component=rdkafka") == 0,
 		      "tally-ledger logged errors during broker faults; see %s", e.log);
 	env_down(&e);
 }

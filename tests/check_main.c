@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "harness.h"
 #include "suites.h"
 
@@ -32,10 +33,27 @@ static const struct suite_entry all_suites[] = {
 	{"status", status_suite, true},
 	{"rebuild", rebuild_suite, true},
 	{"http", http_suite, true},
+	{"lifecycle", lifecycle_suite, true},
+	{"demo", demo_suite, true},
 };
 
-int main(void)
+static const char help[] =
+	"Usage: tally-tests\n"
+	"\n"
+	"The Check runner of every suite (make check). Environment:\n"
+	"  TALLY_SUITE=NAME     run one suite (config, schema, event, codec, decide, migrate, devbroker,\n"
+	"                       ledger, producer, decision, projector, roles, status, rebuild, http,\n"
+	"                       lifecycle, demo)\n"
+	"  TALLY_SUITES=unit    run only the suites without I/O\n"
+	"  CK_RUN_CASE=NAME     run one test case of the suite (Check)\n"
+	"  TALLY_BIN=DIR        where the programs under test are (default build/bin)\n"
+	"Integration suites start their own PostgreSQL cluster and dev brokers.\n";
+
+int main(int argc, char **argv)
 {
+	int only_help = tly_cli_help_only(argc, argv, help);
+	if (only_help != 0)
+		return only_help > 0 ? EXIT_SUCCESS : 2;
 	const char *only = getenv("TALLY_SUITE");
 	const char *kind = getenv("TALLY_SUITES");
 	bool unit_only = kind && strcmp(kind, "unit") == 0;

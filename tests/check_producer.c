@@ -484,22 +484,6 @@ END_TEST
 
 /* ---- tallyctl publish / tail ----------------------------------------------------------------- */
 
-static char *read_file(const char *path)
-{
-	FILE *f = fopen(path, "r");
-	ck_assert_msg(f, "could not open %s: %s", path, strerror(errno));
-	char *buf = NULL;
-	size_t len = 0;
-	FILE *mem = open_memstream(&buf, &len);
-	char chunk[4096];
-	size_t n;
-	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
-		fwrite(chunk, 1, n, mem);
-	fclose(f);
-	fclose(mem);
-	return buf;
-}
-
 static void write_file(const char *path, const char *text)
 {
 	FILE *f = fopen(path, "w");
@@ -536,7 +520,7 @@ START_TEST(test_documented_examples)
 	int rc = tallyctl(NULL, out, sizeof(out), "publish", EXAMPLES, "--dry-run", NULL);
 	ck_assert_msg(rc == 0, "exit %d: %s", rc, out);
 	ck_assert_msg(strstr(out, "0 rejected"), "%s", out);
-	char *lines = read_file(EXAMPLES), *doc = read_file(EXAMPLES_DOC);
+	char *lines = tly_test_read_file(EXAMPLES), *doc = tly_test_read_file(EXAMPLES_DOC);
 	bool have[TLY_EV__COUNT] = {false};
 	struct tly_event ev = {0};
 	char err[512];
@@ -673,7 +657,7 @@ START_TEST(test_loadgen_deterministic)
 	loadgen("42", "", b2);
 	loadgen("43", "", c);
 	loadgen("42", "--duplicates 5 --bad 5", d);
-	char *ta = read_file(a), *tb = read_file(b2), *tc = read_file(c), *td = read_file(d);
+	char *ta = tly_test_read_file(a), *tb = tly_test_read_file(b2), *tc = tly_test_read_file(c), *td = tly_test_read_file(d);
 	ck_assert_msg(strlen(ta) > 100000, "only %zu bytes", strlen(ta));
 	ck_assert_msg(strcmp(ta, tb) == 0, "same seed, different events");
 	ck_assert_msg(strcmp(ta, tc) != 0, "different seeds, same events");

@@ -66,6 +66,15 @@ pid_t tly_test_projector_spawn(const char *bootstraps, const char *db, const cha
 /* SIGTERM the projector and check it exits 0 (else fail the test, naming its log). */
 void tly_test_projector_stop(pid_t pid, const char *log);
 
+/* The whole file at path (malloc'd, caller frees); "" when it cannot be opened. */
+char *tly_test_read_file(const char *path);
+/* Occurrences of needle in the file at path (0 when it cannot be opened). */
+int tly_test_log_count(const char *path, const char *needle);
+/* Lines of the file at path holding needle and not without (NULL: no exclusion). */
+int tly_test_log_lines(const char *path, const char *needle, const char *without);
+/* Wait until the file at path holds needle at least count times; fails the test after timeout_ms. */
+void tly_test_wait_log(const char *path, const char *needle, int count, int timeout_ms);
+
 /* Path of a built program ("tallyctl"), from $TALLY_BIN (set by make check) or build/bin. */
 const char *tly_test_bin(const char *program);
 

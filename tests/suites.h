@@ -22,5 +22,7 @@ Suite *roles_suite(void);
 Suite *status_suite(void);
 Suite *rebuild_suite(void);
 Suite *http_suite(void);
+Suite *demo_suite(void);
+Suite *lifecycle_suite(void);
 
 #endif

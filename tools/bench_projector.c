@@ -20,6 +20,7 @@
 #include <librdkafka/rdkafka.h>
 #include <libpq-fe.h>
 
+#include "cli.h"
 #include "config.h"
 #include "devpg.h"
 #include "fold.h"
@@ -274,8 +275,18 @@ static double raw_copy(struct stack *s, long *rows_out)
 	return secs > 0 ? (double)rows / secs : 0;
 }
 
-int main(void)
+static const char help[] =
+	"Usage: tally-bench-projector\n"
+	"\n"
+	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
+	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
+	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing.\n";
+
+int main(int argc, char **argv)
 {
+	int only = tly_cli_help_only(argc, argv, help);
+	if (only != 0)
+		return only > 0 ? 0 : 2;
 	char err[512], exe[PATH_MAX], log[256], out[4096];
 	tly_log_init("tally-bench-projector", TLY_LOG_WARN);
 	struct stack s = {0};

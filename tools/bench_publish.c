@@ -18,6 +18,7 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "cli.h"
 #include "codec.h"
 #include "config.h"
 #include "event.h"
@@ -233,8 +234,18 @@ static double run_cli(const char *bootstraps, const char *dir, const char *conte
 	return (double)n / dt;
 }
 
-int main(void)
+static const char help[] =
+	"Usage: tally-bench-publish\n"
+	"\n"
+	"make bench: events per second into a dev broker through `tallyctl publish` (NDJSON) and the\n"
+	"producer API (validate, encode, publish, every delivery report), next to librdkafka producing\n"
+	"the same pre-encoded bytes. Starts its own dev broker; prints the figures, asserts nothing.\n";
+
+int main(int argc, char **argv)
 {
+	int only = tly_cli_help_only(argc, argv, help);
+	if (only != 0)
+		return only > 0 ? 0 : 2;
 	char err[512], dir[] = "/tmp/tally-bench-publish-XXXXXX", exe[PATH_MAX], boot[PATH_MAX],
 	     log[PATH_MAX], parts[8], bootstraps[512];
 	tly_log_init("tally-bench-publish", TLY_LOG_WARN);
