@@ -303,27 +303,27 @@ int32_t tly_kafka_partition_for_key(const void *key, size_t len, int32_t partiti
 int tly_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms, int32_t *count,
 			       char *errstr, size_t errlen)
 {
+	/* Every topic's metadata, never one topic's: a request naming a topic may create it on a
+	 * cluster that auto-creates topics (the dev broker does), and a missing topic must be seen. */
 	const struct rd_kafka_metadata *md = NULL;
-	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
-	if (!rkt) {
-		snprintf(errstr, errlen, "could not look up topic \"%s\": %s", topic,
-			 rd_kafka_err2str(rd_kafka_last_error()));
-		return -1;
-	}
-	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_ms);
-	int rc = -1;
-	if (err)
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 1, NULL, &md, timeout_ms);
+	if (err) {
 		snprintf(errstr, errlen, "could not read Kafka metadata of topic \"%s\": %s", topic,
 			 rd_kafka_err2str(err));
-	else if (md->topic_cnt != 1 || md->topics[0].err || md->topics[0].partition_cnt < 1)
+		return -1;
+	}
+	int rc = -1;
+	const struct rd_kafka_metadata_topic *t = NULL;
+	for (int i = 0; i < md->topic_cnt && !t; i++)
+		if (strcmp(md->topics[i].topic, topic) == 0)
+			t = &md->topics[i];
+	if (!t || t->err || t->partition_cnt < 1)
 		snprintf(errstr, errlen, "topic \"%s\" does not exist: %s", topic,
-			 md->topic_cnt == 1 ? rd_kafka_err2str(md->topics[0].err) : "no metadata");
+			 t ? rd_kafka_err2str(t->err) : "not in the cluster's metadata");
 	else {
-		*count = md->topics[0].partition_cnt;
+		*count = t->partition_cnt;
 		rc = 0;
 	}
-	if (md)
-		rd_kafka_metadata_destroy(md);
-	rd_kafka_topic_destroy(rkt);
+	rd_kafka_metadata_destroy(md);
 	return rc;
 }

@@ -144,3 +144,19 @@ int tly_proc_wait_file(const char *path, int timeout_ms)
 		sleep_ms(10);
 	}
 }
+
+bool tly_proc_alive(pid_t pid)
+{
+	char path[64], stat[512];
+	if (pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH))
+		return false;
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return errno != ENOENT; /* no /proc: trust kill */
+	size_t n = fread(stat, 1, sizeof(stat) - 1, f);
+	fclose(f);
+	stat[n] = '\0';
+	const char *state = strrchr(stat, ')'); /* "pid (comm) S ...": comm may hold anything */
+	return !(state && state[1] == ' ' && state[2] == 'Z');
+}

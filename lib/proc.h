@@ -2,6 +2,7 @@
 #ifndef TLY_PROC_H
 #define TLY_PROC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -27,6 +28,12 @@ int tly_proc_wait(pid_t pid, int timeout_ms, int *status) TLY_MUST_CHECK;
  * (may be NULL). Returns the exit code (0..255), or -1 on spawn failure / signal death.
  */
 int tly_proc_run(char *const argv[], char *out, size_t outlen);
+
+/*
+ * Whether pid is a live process: it exists and is not a zombie (one that exited and waits for its
+ * parent to reap it, which a parent that is gone may never do). Any process, not only a child.
+ */
+bool tly_proc_alive(pid_t pid);
 
 /* Wait until path exists and is non-empty, up to timeout_ms. 0 or TLY_E_TIMEOUT. */
 int tly_proc_wait_file(const char *path, int timeout_ms) TLY_MUST_CHECK;

@@ -36,23 +36,6 @@ static long report_value(const char *report, const char *label)
 	return at ? strtol(at + strlen(key), NULL, 10) : -1;
 }
 
-/* Alive, and not a zombie waiting for a parent that is gone. */
-static int alive(pid_t pid)
-{
-	char path[64], stat[512] = "";
-	if (kill(pid, 0) != 0)
-		return errno != ESRCH;
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return 0;
-	size_t n = fread(stat, 1, sizeof(stat) - 1, f);
-	fclose(f);
-	stat[n] = '\0';
-	const char *state = strrchr(stat, ')');
-	return !(state && state[1] == ' ' && state[2] == 'Z');
-}
-
 static int read_pids(const char *path, struct started *out)
 {
 	int n = 0;
@@ -111,7 +94,7 @@ START_TEST(test_demo_report_stop)
 		      has(s, n, "tally-devbroker") && has(s, n, "postgres") && has(s, n, "tallyctl"),
 		      "pids file lacks a process (%d listed)", n);
 	for (int i = 0; i < n; i++)
-		ck_assert_msg(alive(s[i].pid), "%s (pid %d) is not running while the demo is up",
+		ck_assert_msg(tly_proc_alive(s[i].pid), "%s (pid %d) is not running while the demo is up",
 			      s[i].name, (int)s[i].pid);
 
 	/* a second demo on the same state dir is refused while this one runs */
@@ -133,7 +116,7 @@ START_TEST(test_demo_report_stop)
 	ck_assert_msg(strstr(text, "tally-ledger     stopped (exit 0)") &&
 		      strstr(text, "tally-projector  stopped (exit 0)"), "%s", text);
 	for (int i = 0; i < n; i++)
-		for (int waited = 0; alive(s[i].pid); waited += 100) {
+		for (int waited = 0; tly_proc_alive(s[i].pid); waited += 100) {
 			ck_assert_msg(waited < 10000, "%s (pid %d) still runs after demo stop",
 				      s[i].name, (int)s[i].pid);
 			sleep_ms(100);

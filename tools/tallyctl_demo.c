@@ -104,7 +104,7 @@ static pid_t running_demo(const char *dir)
 	if (fscanf(f, "%ld", &pid) != 1)
 		pid = -1;
 	fclose(f);
-	return pid > 0 && kill((pid_t)pid, 0) == 0 ? (pid_t)pid : -1;
+	return tly_proc_alive((pid_t)pid) ? (pid_t)pid : -1;
 }
 
 /* Write text to dir/name through a temp file and a rename. 0 or -1 after printing why. */
@@ -157,13 +157,15 @@ static int spawn(struct child *c, char **argv)
 	return 0;
 }
 
-/* True (and c reaped, with why printed) when c exited on its own. */
+/* True (and c reaped, with why printed unless a stop was asked) when c exited. */
 static bool exited(struct child *c)
 {
 	int status;
 	if (c->pid <= 0 || tly_proc_wait(c->pid, 0, &status) != 0)
 		return false;
 	c->pid = -1;
+	if (demo_stop)
+		return true; /* Ctrl-C reached the whole process group: it stopped as asked */
 	if (WIFEXITED(status))
 		fprintf(stderr, "\ntallyctl: %s exited with status %d (see %s)\n", c->name,
 			WEXITSTATUS(status), c->log);
@@ -502,7 +504,7 @@ static int demo_stop_cmd(const char *dir)
 	}
 	/* The demo stops everything it started, then exits. */
 	for (int64_t deadline = now_ms() + 3 * STOP_TIMEOUT_MS + 60000; now_ms() < deadline;) {
-		if (kill(pid, 0) != 0 && errno == ESRCH) {
+		if (!tly_proc_alive(pid)) {
 			printf("demo stopped (pid %d)\n", (int)pid);
 			return 0;
 		}
