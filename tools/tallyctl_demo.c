@@ -615,7 +615,7 @@ int cmd_demo(struct app *app, int argc, char **argv)
 		fflush(stdout);
 		while (!demo_stop) {
 			if (exited(&d.c[C_LEDGER]) || exited(&d.c[C_PROJECTOR])) {
-				rc = 1;
+				rc = demo_stop ? 0 : 1; /* Ctrl-C may have stopped it just now */
 				break;
 			}
 			sleep_ms(200);
