@@ -27,6 +27,8 @@ ALL_CFLAGS = $(WARN) $(CPPFLAGS) $(PKG_CFLAGS) $(CFLAGS) -MMD -MP
 # ---- the shared library: every program and the tests link it --------------------------
 LIB_SRCS := \
 	lib/arena.c \
+	lib/audit.c \
+	lib/audit_pg.c \
 	lib/cli.c \
 	lib/config.c \
 	lib/crc64.c \
@@ -68,7 +70,8 @@ PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tall
             tally-projector tally-bench-projector
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
-                        tools/tallyctl_status.c tools/tallyctl_rebuild.c
+                        tools/tallyctl_status.c tools/tallyctl_rebuild.c tools/tallyctl_audit.c \
+                        tools/tallyctl_balance.c tools/tallyctl_statement.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c

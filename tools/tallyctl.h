@@ -2,6 +2,8 @@
 #ifndef TALLYCTL_H
 #define TALLYCTL_H
 
+#include <stdint.h>
+
 #include <libpq-fe.h>
 
 #include "config.h"
@@ -22,5 +24,13 @@ int cmd_quarantine(struct app *app, int argc, char **argv); /* tallyctl_quaranti
 int cmd_reserve(struct app *app, int argc, char **argv);    /* tallyctl_reserve.c */
 int cmd_status(struct app *app, int argc, char **argv);     /* tallyctl_status.c */
 int cmd_rebuild(struct app *app, int argc, char **argv);    /* tallyctl_rebuild.c */
+int cmd_audit(struct app *app, int argc, char **argv);      /* tallyctl_audit.c */
+int cmd_balance(struct app *app, int argc, char **argv);    /* tallyctl_balance.c */
+int cmd_statement(struct app *app, int argc, char **argv);  /* tallyctl_statement.c */
+
+/* µs since the epoch of text read as a PostgreSQL timestamptz; -1 after printing why (tallyctl_audit.c). */
+int tallyctl_time_us(PGconn *conn, const char *text, int64_t *out);
+/* µs since the epoch as "2026-11-01T00:00:00.000000Z" (tallyctl_audit.c). */
+void tallyctl_format_time(int64_t us, char out[32]);
 
 #endif
