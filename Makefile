@@ -89,6 +89,7 @@ TEST_SRCS := \
 	tests/harness_ledger.c \
 	tests/harness_pg.c \
 	tests/harness.c \
+	tests/check_audit.c \
 	tests/check_codec.c \
 	tests/check_config.c \
 	tests/check_decide.c \
