@@ -67,7 +67,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
-            tally-projector tally-bench-projector
+            tally-projector tally-bench-projector tally-bench-audit
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
                         tools/tallyctl_status.c tools/tallyctl_rebuild.c tools/tallyctl_audit.c \
@@ -80,6 +80,8 @@ tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 tally-projector_SRCS := consumers/projector_main.c
 tally-bench-projector_SRCS := tools/bench_projector.c
+tally-bench-audit_SRCS := tools/bench_audit.c consumers/ledger_partition.c consumers/ledger_store.c \
+                          producers/loadgen.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -166,6 +168,7 @@ bench: deps
 	$(BIN)/tally-bench
 	$(BIN)/tally-bench-publish
 	$(BIN)/tally-bench-projector
+	$(BIN)/tally-bench-audit
 
 dev: deps
 	$(MAKE) all

@@ -246,11 +246,10 @@ static int key_cmp(const struct tly_event *x, const struct tly_event *y)
 	return le(x)->seq < le(y)->seq ? -1 : le(x)->seq > le(y)->seq;
 }
 
-static const struct tly_entries *sort_base; /* qsort has no user data; single-threaded */
-
-static int order_cmp(const void *x, const void *y)
+static int order_cmp(const void *x, const void *y, void *produced)
 {
-	return key_cmp(&sort_base->items[*(const size_t *)x], &sort_base->items[*(const size_t *)y]);
+	const struct tly_entries *p = produced;
+	return key_cmp(&p->items[*(const size_t *)x], &p->items[*(const size_t *)y]);
 }
 
 /* The outcome of the open input is complete: what re-execution produced and nobody stored. */
@@ -414,8 +413,7 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 		a->order[i] = i;
 	a->n_order = a->produced.n;
 	if (a->g_tick && a->n_order > 1) {
-		sort_base = &a->produced;
-		qsort(a->order, a->n_order, sizeof(*a->order), order_cmp);
+		qsort_r(a->order, a->n_order, sizeof(*a->order), order_cmp, &a->produced);
 	}
 	return 0;
 }
@@ -440,23 +438,27 @@ static bool field_diff(const struct tly_record_desc *d, const void *x, const voi
 		case TLY_F_OPT_STR:
 		case TLY_F_JSON: {
 			const char *sx = *(const char *const *)px, *sy = *(const char *const *)py;
-			differ = (sx == NULL) != (sy == NULL) || (sx && strcmp(sx, sy) != 0);
-			snprintf(vx, sizeof(vx), "%s", sx ? sx : "null");
-			snprintf(vy, sizeof(vy), "%s", sy ? sy : "null");
+			differ = sx != sy && ((sx == NULL) != (sy == NULL) || strcmp(sx, sy) != 0);
+			if (differ) {
+				snprintf(vx, sizeof(vx), "%s", sx ? sx : "null");
+				snprintf(vy, sizeof(vy), "%s", sy ? sy : "null");
+			}
 			break;
 		}
 		case TLY_F_LONG:
 		case TLY_F_TS: {
 			int64_t ix = *(const int64_t *)px, iy = *(const int64_t *)py;
-			differ = ix != iy;
-			snprintf(vx, sizeof(vx), "%" PRId64, ix);
-			snprintf(vy, sizeof(vy), "%" PRId64, iy);
+			if ((differ = ix != iy)) {
+				snprintf(vx, sizeof(vx), "%" PRId64, ix);
+				snprintf(vy, sizeof(vy), "%" PRId64, iy);
+			}
 			break;
 		}
 		case TLY_F_INT:
-			differ = *(const int32_t *)px != *(const int32_t *)py;
-			snprintf(vx, sizeof(vx), "%d", (int)*(const int32_t *)px);
-			snprintf(vy, sizeof(vy), "%d", (int)*(const int32_t *)py);
+			if ((differ = *(const int32_t *)px != *(const int32_t *)py)) {
+				snprintf(vx, sizeof(vx), "%d", (int)*(const int32_t *)px);
+				snprintf(vy, sizeof(vy), "%d", (int)*(const int32_t *)py);
+			}
 			break;
 		case TLY_F_BOOL:
 			differ = *(const bool *)px != *(const bool *)py;
@@ -464,9 +466,10 @@ static bool field_diff(const struct tly_record_desc *d, const void *x, const voi
 		case TLY_F_OPT_LONG:
 		case TLY_F_OPT_TS: {
 			const struct tly_opt_i64 *ox = (const void *)px, *oy = (const void *)py;
-			differ = ox->set != oy->set || (ox->set && ox->v != oy->v);
-			snprintf(vx, sizeof(vx), ox->set ? "%" PRId64 : "null", ox->v);
-			snprintf(vy, sizeof(vy), oy->set ? "%" PRId64 : "null", oy->v);
+			if ((differ = ox->set != oy->set || (ox->set && ox->v != oy->v))) {
+				snprintf(vx, sizeof(vx), ox->set ? "%" PRId64 : "null", ox->v);
+				snprintf(vy, sizeof(vy), oy->set ? "%" PRId64 : "null", oy->v);
+			}
 			break;
 		}
 		case TLY_F_SHA256:

@@ -16,7 +16,7 @@
 static void audit_usage(void)
 {
 	fprintf(stderr, "tallyctl: usage: tallyctl audit [--tenant T] [--from SEQ|TIME] [--to SEQ|TIME]\n"
-			"                 [--source postgres] [--json]\n");
+			"                 [--source postgres] [--jobs N] [--json]\n");
 }
 
 int tallyctl_time_us(PGconn *conn, const char *text, int64_t *out)
@@ -112,6 +112,7 @@ int cmd_audit(struct app *app, int argc, char **argv)
 {
 	const char *tenant_text = NULL, *from = NULL, *to = NULL, *source = "postgres";
 	struct report rep = {0};
+	long jobs = sysconf(_SC_NPROCESSORS_ONLN);
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--json") == 0)
 			rep.as_json = true;
@@ -123,6 +124,8 @@ int cmd_audit(struct app *app, int argc, char **argv)
 			to = argv[++i];
 		else if (strcmp(argv[i], "--source") == 0 && i + 1 < argc)
 			source = argv[++i];
+		else if (strcmp(argv[i], "--jobs") == 0 && i + 1 < argc && atoi(argv[i + 1]) > 0)
+			jobs = atoi(argv[++i]);
 		else {
 			audit_usage();
 			return 2;
@@ -141,8 +144,6 @@ int cmd_audit(struct app *app, int argc, char **argv)
 		return 2;
 	}
 	int rc = 3;
-	struct tly_audit *a = NULL;
-	char err[512];
 	PGconn *conn = tallyctl_connect_db(app);
 	if (!conn)
 		goto out;
@@ -155,21 +156,20 @@ int cmd_audit(struct app *app, int argc, char **argv)
 		rc = 2;
 		goto out;
 	}
-	if (!(a = tly_audit_new(&opts, err, sizeof(err)))) {
-		fprintf(stderr, "tallyctl: could not start the audit: %s\n", err);
-		goto out;
-	}
 	rep.tty = !rep.as_json && isatty(STDERR_FILENO);
 	if (rep.as_json && !(rep.failures = json_array())) {
 		fprintf(stderr, "tallyctl: out of memory\n");
 		goto out;
 	}
-	struct tly_audit_pg_opts pgo = {.events_topic = tly_config_str(app->cfg, "topics.events"),
+	struct tly_audit_pg_opts pgo = {.conninfo = tly_config_str(app->cfg, "database.url"),
+					.events_topic = tly_config_str(app->cfg, "topics.events"),
 					.tenant = tenant_text ? &tenant : NULL,
+					.jobs = jobs > 0 ? (int)jobs : 1,
 					.progress = on_progress, .ud = &rep};
 	struct tly_pg_error pgerr;
+	struct tly_audit_counts c;
 	double t0 = now_s();
-	if (tly_audit_pg_run(conn, a, &pgo, &pgerr) != 0) {
+	if (tly_audit_pg_run(&opts, &pgo, &c, &pgerr) != 0) {
 		if (rep.tty)
 			fprintf(stderr, "\r\033[K");
 		fprintf(stderr, "tallyctl: could not audit the ledger: %s\n", pgerr.message);
@@ -178,8 +178,6 @@ int cmd_audit(struct app *app, int argc, char **argv)
 	double secs = now_s() - t0;
 	if (rep.tty)
 		fprintf(stderr, "\r\033[K");
-	struct tly_audit_counts c;
-	tly_audit_get_counts(a, &c);
 	double rate = secs > 0 ? (double)c.entries / secs : 0;
 	if (rep.as_json) {
 		json_t *doc = json_pack("{s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:O}", "ok",
@@ -211,7 +209,6 @@ int cmd_audit(struct app *app, int argc, char **argv)
 	rc = c.failures ? 1 : 0;
 out:
 	json_decref(rep.failures);
-	tly_audit_free(a);
 	if (conn)
 		PQfinish(conn);
 	return rc;
