@@ -29,6 +29,7 @@ LIB_SRCS := \
 	lib/arena.c \
 	lib/audit.c \
 	lib/audit_pg.c \
+	lib/audit_proj.c \
 	lib/cli.c \
 	lib/config.c \
 	lib/crc64.c \

@@ -45,6 +45,8 @@ struct tly_audit_counts {
 	int64_t rehashed;     /* entries whose hash was recomputed from the stored row alone */
 	int64_t checks;
 	int64_t failures;
+	int64_t projected;    /* tenants whose projections were compared with the ledger */
+	int64_t behind;       /* tenants whose projections are behind the ledger: not compared */
 };
 
 /* NULL with errstr on failure (the codec could not be built, out of memory). */

@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 
+#include "audit_proj.h"
 #include "entries.h"
 
 #define DEFAULT_FETCH 20000
@@ -393,7 +394,9 @@ int tly_audit_pg_run(const struct tly_audit_opts *aopts, const struct tly_audit_
 		snprintf(err->message, sizeof(err->message), "%s", errstr);
 		return TLY_E_PG;
 	}
-	if ((rc = coordinate(conn, &sh, err)) != 0)
+	struct tly_audit_counts proj = {0};
+	if ((rc = coordinate(conn, &sh, err)) != 0 ||
+	    (rc = tly_audit_projections(conn, opts->tenant, aopts, &proj, err)) != 0)
 		goto out;
 	if (pthread_mutex_init(&sh.mu, NULL) != 0) {
 		rc = TLY_E_NOMEM;
@@ -426,6 +429,10 @@ int tly_audit_pg_run(const struct tly_audit_opts *aopts, const struct tly_audit_
 		counts->checks += c->checks;
 		counts->failures += c->failures;
 	}
+	counts->checks += proj.checks;
+	counts->failures += proj.failures;
+	counts->projected = proj.projected;
+	counts->behind = proj.behind;
 out:
 	PQfinish(conn); /* ends the coordinator's transaction: read only, nothing to keep */
 	return rc;

@@ -420,8 +420,11 @@ static int64_t ledger_lag(const struct env *e)
 	ck_assert_msg(tly_lag_collect(e->db.conn, rk, expect, 1, 5000, &report, errstr,
 				      sizeof(errstr)) == 0, "%s", errstr);
 	/* unknown until every partition has a stored offset */
-	int64_t lag = report.count == PARTITIONS ? tly_lag_total(&report, "tally-ledger", "tally.events")
-						 : -1;
+	int stored = 0;
+	for (size_t i = 0; i < report.count; i++)
+		stored += strcmp(report.rows[i].consumer, "tally-ledger") == 0 &&
+			  strcmp(report.rows[i].topic, "tally.events") == 0 && report.rows[i].stored >= 0;
+	int64_t lag = stored == PARTITIONS ? tly_lag_total(&report, "tally-ledger", "tally.events") : -1;
 	tly_lag_report_free(&report);
 	rd_kafka_destroy(rk);
 	tly_config_free(cfg);
@@ -482,6 +485,11 @@ static void expect_clean(const struct env *e)
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "reexecuted")), entries);
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "inputs")),
 			 q_long(e->db.conn, "SELECT count(*) FROM ledger_inputs", 0, NULL));
+	/* every tenant's token balances and invoices were compared with the ledger */
+	ck_assert_int_eq(json_integer_value(json_object_get(doc, "projected")),
+			 q_long(e->db.conn, "SELECT count(DISTINCT tenant_id) FROM ledger_entries", 0,
+				NULL));
+	ck_assert_int_eq(json_integer_value(json_object_get(doc, "behind")), 0);
 	json_decref(doc);
 }
 
@@ -511,6 +519,9 @@ static void loadgen_run_with_kills(struct env *e)
 	char errstr[512], kset[600], glog[400];
 	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", e->b.bootstraps);
 	snprintf(glog, sizeof(glog), "%s/loadgen.log", e->b.dir);
+	char plog[400];
+	snprintf(plog, sizeof(plog), "%s/projector.log", e->b.dir);
+	pid_t projector = tly_test_projector_spawn(e->b.bootstraps, e->db.conninfo, plog);
 	pid_t ledger = tly_test_ledger_spawn(e->b.bootstraps, e->db.conninfo, "audit-test", PARTITIONS,
 					     e->log);
 	char *const gargv[] = {(char *)tly_test_bin("tally-loadgen"), "-s", kset, "-s",
@@ -544,6 +555,16 @@ static void loadgen_run_with_kills(struct env *e)
 		usleep(200000);
 	ck_assert_msg(lag == 0, "the ledger did not catch up (lag %lld); see %s", (long long)lag, e->log);
 	tly_test_ledger_stop(ledger, e->log);
+	/* the projector has applied every tenant's whole ledger */
+	static const char behind_sql[] =
+		"SELECT count(*) FROM ledger_wallets w WHERE w.seq > 0 AND NOT EXISTS (SELECT 1 FROM "
+		"projector_ledger_applied a WHERE a.tenant_id = w.tenant_id AND a.seq = w.seq)";
+	deadline = mono_ms() + 60000;
+	while (mono_ms() < deadline && q_long(e->db.conn, behind_sql, 0, NULL) != 0)
+		usleep(200000);
+	ck_assert_msg(q_long(e->db.conn, behind_sql, 0, NULL) == 0,
+		      "tally-projector did not catch up; see %s", plog);
+	tly_test_projector_stop(projector, plog);
 }
 
 /* A tenant with at least 20 entries; its text into out. */
@@ -563,6 +584,58 @@ static void exec_params(PGconn *conn, const char *text, const char *tenant)
 	struct tly_pg_error err;
 	const char *v[] = {tenant};
 	ck_assert_msg(tly_pg_exec(conn, text, 1, v, &err) == 0, "%s: %s", text, err.message);
+}
+
+/*
+ * tallyctl statement --csv of the period that ends with the invoice at seq: every entry of the
+ * period once, the opening balance as after the entry before it, the closing one as after the
+ * invoice's period's last entry, and the invoice's amount.
+ */
+static void statement_matches(const struct env *e, const char *tenant, long seq)
+{
+	static char out[1 << 20];
+	char seqt[24], period[64];
+	snprintf(seqt, sizeof(seqt), "%ld", seq);
+	const char *v[] = {tenant, seqt};
+	struct tly_pg_error err;
+	PGresult *res = tly_pg_query(e->db.conn,
+				     "SELECT to_char(period_start AT TIME ZONE 'UTC', "
+				     "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), amount_cents FROM ledger_entries "
+				     "WHERE tenant_id = $1 AND seq = $2::bigint",
+				     2, v, &err);
+	ck_assert_msg(res && PQntuples(res) == 1, "no invoice entry");
+	snprintf(period, sizeof(period), "%s", PQgetvalue(res, 0, 0));
+	long amount = atol(PQgetvalue(res, 0, 1));
+	PQclear(res);
+	const char *args[] = {"statement", tenant, "--period", period, "--csv", NULL};
+	ck_assert_msg(tallyctl(e, out, sizeof(out), args) == 0, "tallyctl statement: %.500s", out);
+	const char *pv[] = {tenant, period};
+	long first = q_long(e->db.conn, "SELECT min(seq) FROM ledger_entries WHERE tenant_id = $1 "
+				       "AND period_start = $2::timestamptz", 2, pv);
+	long last = q_long(e->db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1 "
+				      "AND period_start = $2::timestamptz", 2, pv);
+	long n = q_long(e->db.conn, "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1 "
+				   "AND period_start = $2::timestamptz", 2, pv);
+	long rows = 0, opening_seq = -1, closing_seq = -1, invoice_amount = -1;
+	for (char *line = strtok(out, "\n"); line; line = strtok(NULL, "\n")) {
+		long s = atol(line);
+		if (strstr(line, ",opening_balance,"))
+			opening_seq = s;
+		else if (strstr(line, ",closing_balance,"))
+			closing_seq = s;
+		else if (strncmp(line, "seq,", 4) != 0)
+			rows++;
+		if (strstr(line, ",invoice,")) {
+			char *f = line;
+			for (int k = 0; k < 14 && f; k++) /* amount_cents is the 15th field */
+				f = strchr(f, ',') ? strchr(f, ',') + 1 : NULL;
+			invoice_amount = f ? atol(f) : -1;
+		}
+	}
+	ck_assert_int_eq(rows, n);
+	ck_assert_int_eq(opening_seq, first - 1);
+	ck_assert_int_eq(closing_seq, last);
+	ck_assert_int_eq(invoice_amount, amount);
 }
 
 /* Swap two entries' seq (through a free seq: the primary key is checked row by row). */
@@ -665,6 +738,26 @@ START_TEST(test_loadgen_kill9_then_tampers)
 			       "(SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1)", t);
 	expect_clean(&e);
 
+	/* projections that disagree with the ledger: a balance and an invoice */
+	exec_params(e.db.conn, "UPDATE token_balances SET held = held + 5 WHERE tenant_id = $1", t);
+	expect_named(&e, t, q_long(e.db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1",
+				   1, v), "projection");
+	exec_params(e.db.conn, "UPDATE token_balances SET held = held - 5 WHERE tenant_id = $1", t);
+	char it[37];
+	struct tly_pg_error perr;
+	PGresult *inv = tly_pg_query(e.db.conn, "SELECT tenant_id, ledger_seq FROM subscription_invoices "
+				     "ORDER BY id LIMIT 1", 0, NULL, &perr);
+	ck_assert_msg(inv && PQntuples(inv) == 1, "no invoice projected");
+	snprintf(it, sizeof(it), "%s", PQgetvalue(inv, 0, 0));
+	long iseq = atol(PQgetvalue(inv, 0, 1));
+	PQclear(inv);
+	exec_params(e.db.conn, "UPDATE subscription_invoices SET amount_cents = amount_cents + 100 "
+			       "WHERE tenant_id = $1", it);
+	expect_named(&e, it, iseq, "projection");
+	exec_params(e.db.conn, "UPDATE subscription_invoices SET amount_cents = amount_cents - 100 "
+			       "WHERE tenant_id = $1", it);
+	expect_clean(&e);
+
 	/* balance and statement read the same ledger */
 	char out[1 << 16];
 	const char *bal[] = {"balance", t, "--at", "10", "--json", NULL};
@@ -679,6 +772,7 @@ START_TEST(test_loadgen_kill9_then_tampers)
 			 q_long(e.db.conn, "SELECT allowance_remaining + credits_remaining - held "
 					   "FROM ledger_entries WHERE tenant_id = $1 AND seq = 10", 1, v));
 	json_decref(b);
+	statement_matches(&e, it, iseq);
 	env_down(&e);
 }
 END_TEST

@@ -180,13 +180,14 @@ int cmd_audit(struct app *app, int argc, char **argv)
 		fprintf(stderr, "\r\033[K");
 	double rate = secs > 0 ? (double)c.entries / secs : 0;
 	if (rep.as_json) {
-		json_t *doc = json_pack("{s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:O}", "ok",
-					c.failures == 0, "tenants", (json_int_t)c.tenants, "entries",
-					(json_int_t)c.entries, "inputs", (json_int_t)c.inputs,
-					"reexecuted", (json_int_t)c.reexecuted, "rehashed",
-					(json_int_t)c.rehashed, "checks", (json_int_t)c.checks,
-					"failures", (json_int_t)c.failures, "seconds", secs,
-					"failed", rep.failures);
+		json_t *doc = json_pack("{s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:O}",
+					"ok", c.failures == 0, "tenants", (json_int_t)c.tenants,
+					"entries", (json_int_t)c.entries, "inputs",
+					(json_int_t)c.inputs, "reexecuted", (json_int_t)c.reexecuted,
+					"rehashed", (json_int_t)c.rehashed, "checks",
+					(json_int_t)c.checks, "failures", (json_int_t)c.failures,
+					"projected", (json_int_t)c.projected, "behind",
+					(json_int_t)c.behind, "seconds", secs, "failed", rep.failures);
 		if (!doc || json_dumpf(doc, stdout, JSON_COMPACT) != 0) {
 			fprintf(stderr, "tallyctl: could not write the audit as JSON\n");
 			json_decref(doc);
@@ -201,6 +202,10 @@ int cmd_audit(struct app *app, int argc, char **argv)
 		       " failures; %.2f s, %.0f entries/s\n",
 		       c.failures ? "FAILED" : "passed", c.tenants, c.entries, c.reexecuted, c.inputs,
 		       c.rehashed, c.checks, c.failures, secs, rate);
+		if (c.projected || c.behind)
+			printf("projections: token balances and invoices of %" PRId64 " tenants compared "
+			       "with the ledger; %" PRId64 " tenants not compared (projector behind)\n",
+			       c.projected, c.behind);
 	}
 	if (fflush(stdout) != 0) {
 		fprintf(stderr, "tallyctl: could not write the audit\n");
