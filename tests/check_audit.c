@@ -393,16 +393,6 @@ static void sql(PGconn *conn, const char *text)
 	ck_assert_msg(tly_pg_exec_script(conn, text, &err) == 0, "%s: %s", text, err.message);
 }
 
-static long q_long(PGconn *conn, const char *text, int n, const char *const *v)
-{
-	struct tly_pg_error err;
-	PGresult *res = tly_pg_query(conn, text, n, v, &err);
-	ck_assert_msg(res != NULL, "%s: %s", text, err.message);
-	long x = PQntuples(res) > 0 && !PQgetisnull(res, 0, 0) ? atol(PQgetvalue(res, 0, 0)) : -1;
-	PQclear(res);
-	return x;
-}
-
 /* The ledger's lag on tally.events (lib/lag): 0 when every record is consumed and committed. */
 static int64_t ledger_lag(const struct env *e)
 {
@@ -479,15 +469,15 @@ static void expect_clean(const struct env *e)
 {
 	json_t *doc = audit_json(e, 0, NULL);
 	ck_assert(json_is_true(json_object_get(doc, "ok")));
-	long entries = q_long(e->db.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	long entries = tly_test_q_long(e->db.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
 	ck_assert_int_gt(entries, 0);
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "entries")), entries);
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "reexecuted")), entries);
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "inputs")),
-			 q_long(e->db.conn, "SELECT count(*) FROM ledger_inputs", 0, NULL));
+			 tly_test_q_long(e->db.conn, "SELECT count(*) FROM ledger_inputs", 0, NULL));
 	/* every tenant's token balances and invoices were compared with the ledger */
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "projected")),
-			 q_long(e->db.conn, "SELECT count(DISTINCT tenant_id) FROM ledger_entries", 0,
+			 tly_test_q_long(e->db.conn, "SELECT count(DISTINCT tenant_id) FROM ledger_entries", 0,
 				NULL));
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "behind")), 0);
 	json_decref(doc);
@@ -534,11 +524,11 @@ static void loadgen_run_with_kills(struct env *e)
 					   "WHERE consumer = 'tally-ledger'";
 	for (int k = 0; k < 2; k++) {
 		/* once this ledger has committed something of its own, kill it mid-stream */
-		long from = q_long(e->db.conn, consumed_sql, 0, NULL);
+		long from = tly_test_q_long(e->db.conn, consumed_sql, 0, NULL);
 		int64_t deadline = mono_ms() + 40000;
-		while (mono_ms() < deadline && q_long(e->db.conn, consumed_sql, 0, NULL) <= from)
+		while (mono_ms() < deadline && tly_test_q_long(e->db.conn, consumed_sql, 0, NULL) <= from)
 			usleep(100000);
-		ck_assert_msg(q_long(e->db.conn, consumed_sql, 0, NULL) > from,
+		ck_assert_msg(tly_test_q_long(e->db.conn, consumed_sql, 0, NULL) > from,
 			      "the ledger made no progress; see %s", e->log);
 		usleep(300000);
 		ck_assert_int_eq(kill(ledger, SIGKILL), 0);
@@ -560,9 +550,9 @@ static void loadgen_run_with_kills(struct env *e)
 		"SELECT count(*) FROM ledger_wallets w WHERE w.seq > 0 AND NOT EXISTS (SELECT 1 FROM "
 		"projector_ledger_applied a WHERE a.tenant_id = w.tenant_id AND a.seq = w.seq)";
 	deadline = mono_ms() + 60000;
-	while (mono_ms() < deadline && q_long(e->db.conn, behind_sql, 0, NULL) != 0)
+	while (mono_ms() < deadline && tly_test_q_long(e->db.conn, behind_sql, 0, NULL) != 0)
 		usleep(200000);
-	ck_assert_msg(q_long(e->db.conn, behind_sql, 0, NULL) == 0,
+	ck_assert_msg(tly_test_q_long(e->db.conn, behind_sql, 0, NULL) == 0,
 		      "tally-projector did not catch up; see %s", plog);
 	tly_test_projector_stop(projector, plog);
 }
@@ -610,11 +600,11 @@ static void statement_matches(const struct env *e, const char *tenant, long seq)
 	const char *args[] = {"statement", tenant, "--period", period, "--csv", NULL};
 	ck_assert_msg(tallyctl(e, out, sizeof(out), args) == 0, "tallyctl statement: %.500s", out);
 	const char *pv[] = {tenant, period};
-	long first = q_long(e->db.conn, "SELECT min(seq) FROM ledger_entries WHERE tenant_id = $1 "
+	long first = tly_test_q_long(e->db.conn, "SELECT min(seq) FROM ledger_entries WHERE tenant_id = $1 "
 				       "AND period_start = $2::timestamptz", 2, pv);
-	long last = q_long(e->db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1 "
+	long last = tly_test_q_long(e->db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1 "
 				      "AND period_start = $2::timestamptz", 2, pv);
-	long n = q_long(e->db.conn, "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1 "
+	long n = tly_test_q_long(e->db.conn, "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1 "
 				   "AND period_start = $2::timestamptz", 2, pv);
 	long rows = 0, opening_seq = -1, closing_seq = -1, invoice_amount = -1;
 	for (char *line = strtok(out, "\n"); line; line = strtok(NULL, "\n")) {
@@ -660,14 +650,14 @@ START_TEST(test_loadgen_kill9_then_tampers)
 	env_up(&e);
 	loadgen_run_with_kills(&e);
 	/* the run has what the audit checks: quarantine, duplicates, ticks, holds of every end */
-	ck_assert_int_gt(q_long(e.db.conn, "SELECT count(*) FROM quarantine", 0, NULL), 0);
-	ck_assert_int_gt(q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'duplicate'",
+	ck_assert_int_gt(tly_test_q_long(e.db.conn, "SELECT count(*) FROM quarantine", 0, NULL), 0);
+	ck_assert_int_gt(tly_test_q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'duplicate'",
 				0, NULL), 0);
-	ck_assert_int_gt(q_long(e.db.conn, "SELECT count(*) FROM ledger_inputs WHERE tenant_id IS NULL",
+	ck_assert_int_gt(tly_test_q_long(e.db.conn, "SELECT count(*) FROM ledger_inputs WHERE tenant_id IS NULL",
 				0, NULL), 0);
-	ck_assert_int_gt(q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'hold_expired'",
+	ck_assert_int_gt(tly_test_q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'hold_expired'",
 				0, NULL), 0);
-	ck_assert_int_gt(q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'invoice'",
+	ck_assert_int_gt(tly_test_q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE kind = 'invoice'",
 				0, NULL), 0);
 	expect_clean(&e);
 
@@ -677,8 +667,16 @@ START_TEST(test_loadgen_kill9_then_tampers)
 	/* one tenant's audit counts its entries only */
 	json_t *doc = audit_json(&e, 0, t);
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "entries")),
-			 q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1", 1, v));
+			 tly_test_q_long(e.db.conn, "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1", 1, v));
 	ck_assert_int_eq(json_integer_value(json_object_get(doc, "tenants")), 1);
+	json_decref(doc);
+	/* a seq range counts (and reports) only its entries; re-execution still starts at seq 1 */
+	char out[1 << 16];
+	const char *range[] = {"audit", "--json", "--tenant", t, "--from", "5", "--to", "9", NULL};
+	ck_assert_int_eq(tallyctl(&e, out, sizeof(out), range), 0);
+	doc = json_loads(out, 0, NULL);
+	ck_assert_ptr_nonnull(doc);
+	ck_assert_int_eq(json_integer_value(json_object_get(doc, "entries")), 5);
 	json_decref(doc);
 
 	/* an amount changed */
@@ -719,7 +717,7 @@ START_TEST(test_loadgen_kill9_then_tampers)
 	expect_clean(&e);
 
 	/* a forged entry appended: more credits, chained to the last one */
-	long last = q_long(e.db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1", 1, v);
+	long last = tly_test_q_long(e.db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1", 1, v);
 	exec_params(e.db.conn, "INSERT INTO ledger_entries (tenant_id, seq, kind, cause_event_id, "
 			       "cause_type, cause_partition, cause_offset, ref_id, subscription_id, "
 			       "allowance_delta, credits_delta, held_delta, overage_delta, "
@@ -740,7 +738,7 @@ START_TEST(test_loadgen_kill9_then_tampers)
 
 	/* projections that disagree with the ledger: a balance and an invoice */
 	exec_params(e.db.conn, "UPDATE token_balances SET held = held + 5 WHERE tenant_id = $1", t);
-	expect_named(&e, t, q_long(e.db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1",
+	expect_named(&e, t, tly_test_q_long(e.db.conn, "SELECT max(seq) FROM ledger_entries WHERE tenant_id = $1",
 				   1, v), "projection");
 	exec_params(e.db.conn, "UPDATE token_balances SET held = held - 5 WHERE tenant_id = $1", t);
 	char it[37];
@@ -759,17 +757,16 @@ START_TEST(test_loadgen_kill9_then_tampers)
 	expect_clean(&e);
 
 	/* balance and statement read the same ledger */
-	char out[1 << 16];
 	const char *bal[] = {"balance", t, "--at", "10", "--json", NULL};
 	ck_assert_int_eq(tallyctl(&e, out, sizeof(out), bal), 0);
 	json_t *b = json_loads(out, 0, NULL);
 	ck_assert_ptr_nonnull(b);
 	ck_assert_int_eq(json_integer_value(json_object_get(b, "seq")), 10);
 	ck_assert_int_eq(json_integer_value(json_object_get(b, "held")),
-			 q_long(e.db.conn, "SELECT held FROM ledger_entries WHERE tenant_id = $1 "
+			 tly_test_q_long(e.db.conn, "SELECT held FROM ledger_entries WHERE tenant_id = $1 "
 					   "AND seq = 10", 1, v));
 	ck_assert_int_eq(json_integer_value(json_object_get(b, "available")),
-			 q_long(e.db.conn, "SELECT allowance_remaining + credits_remaining - held "
+			 tly_test_q_long(e.db.conn, "SELECT allowance_remaining + credits_remaining - held "
 					   "FROM ledger_entries WHERE tenant_id = $1 AND seq = 10", 1, v));
 	json_decref(b);
 	statement_matches(&e, it, iseq);

@@ -66,6 +66,12 @@ pid_t tly_test_projector_spawn(const char *bootstraps, const char *db, const cha
 /* SIGTERM the projector and check it exits 0 (else fail the test, naming its log). */
 void tly_test_projector_stop(pid_t pid, const char *log);
 
+/*
+ * The first column of the first row of a parameterised query as a number (-1 for no row or
+ * NULL); fails the test if the query fails.
+ */
+long tly_test_q_long(PGconn *conn, const char *sql, int n, const char *const *values);
+
 /* Path of a built program ("tallyctl"), from $TALLY_BIN (set by make check) or build/bin. */
 const char *tly_test_bin(const char *program);
 
