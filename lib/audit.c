@@ -41,7 +41,6 @@ struct hold {
 
 /* One partition: its tenants in first-input order (a ClockTick reaches each of them). */
 struct part {
-	bool known;
 	bool checked;             /* announced: offsets checked */
 	int64_t next_offset;
 	int64_t expect;           /* next offset that must have an outcome */
@@ -168,7 +167,6 @@ static struct part *part_get(struct tly_audit *a, int32_t partition)
 		a->n_parts = n;
 	}
 	struct part *p = &a->parts[partition];
-	p->known = true;
 	return p;
 }
 
