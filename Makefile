@@ -30,6 +30,9 @@ ALL_CFLAGS = $(WARN) $(CPPFLAGS) $(PKG_CFLAGS) $(CFLAGS) -MMD -MP
 # ---- the shared library: every program and the tests link it --------------------------
 LIB_SRCS := \
 	lib/arena.c \
+	lib/audit.c \
+	lib/audit_pg.c \
+	lib/audit_proj.c \
 	lib/cli.c \
 	lib/config.c \
 	lib/crc64.c \
@@ -68,11 +71,12 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
-            tally-projector tally-bench-projector
+            tally-projector tally-bench-projector tally-bench-audit
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
                         tools/tallyctl_status.c tools/tallyctl_rebuild.c \
-                        tools/tallyctl_devstack.c tools/tallyctl_demo.c
+                        tools/tallyctl_devstack.c tools/tallyctl_demo.c tools/tallyctl_audit.c \
+                        tools/tallyctl_balance.c tools/tallyctl_statement.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c
@@ -81,6 +85,8 @@ tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 tally-projector_SRCS := consumers/projector_main.c
 tally-bench-projector_SRCS := tools/bench_projector.c
+tally-bench-audit_SRCS := tools/bench_audit.c consumers/ledger_partition.c consumers/ledger_store.c \
+                          producers/loadgen.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -90,6 +96,7 @@ TEST_SRCS := \
 	tests/harness_ledger.c \
 	tests/harness_pg.c \
 	tests/harness.c \
+	tests/check_audit.c \
 	tests/check_codec.c \
 	tests/check_config.c \
 	tests/check_decide.c \
@@ -170,6 +177,7 @@ bench: deps
 	$(BIN)/tally-bench
 	$(BIN)/tally-bench-publish
 	$(BIN)/tally-bench-projector
+	$(BIN)/tally-bench-audit
 
 dev: deps
 	$(MAKE) all

@@ -57,6 +57,7 @@ struct tly_ledger_partition {
 	struct tly_wallet **touched_list;
 	size_t n_touched, cap_touched;
 	struct tly_ledger_quarantined *quarantined;
+	struct tly_ledger_input *inputs;   /* applied records, kept for re-execution */
 	struct tly_arena *arena;           /* details */
 	struct tly_buf encoded;
 };
@@ -124,6 +125,7 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 	tly_entries_free(&p->entries);
 	free(p->touched_list);
 	free(p->quarantined);
+	free(p->inputs);
 	tly_arena_free(p->arena);
 	tly_buf_free(&p->encoded);
 	free(p);
@@ -205,6 +207,10 @@ static int grow_records(struct tly_ledger_partition *p)
 	if (!q)
 		return TLY_E_NOMEM;
 	p->quarantined = q;
+	struct tly_ledger_input *in = realloc(p->inputs, cap * sizeof(*in));
+	if (!in)
+		return TLY_E_NOMEM;
+	p->inputs = in;
 	p->cap_recs = cap;
 	return 0;
 }
@@ -494,7 +500,7 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 		  const struct tly_ledger_seen_key *keys, int64_t published_offset,
 		  struct tly_ledger_commit *c, struct tly_pg_error *err)
 {
-	size_t nq = 0;
+	size_t nq = 0, ni = 0;
 	for (size_t i = 0; i < p->n_recs; i++) {
 		struct record *r = &p->recs[i];
 		if (r->lookup)
@@ -516,6 +522,11 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 			p->quarantined[nq++] = (struct tly_ledger_quarantined){
 				ctx->events_topic, p->partition, r->offset, rec_key(p, r), r->keylen,
 				rec_value(p, r), r->valuelen, r->reason, r->detail};
+		else
+			p->inputs[ni++] = (struct tly_ledger_input){
+				r->offset,
+				p->events[i].type == TLY_EV_CLOCK_TICK ? NULL : &p->events[i].tenant_id,
+				rec_value(p, r), r->valuelen};
 	}
 	*c = (struct tly_ledger_commit){
 		.topic = ctx->events_topic,
@@ -528,6 +539,8 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 		.n_wallets = p->n_touched,
 		.quarantined = p->quarantined,
 		.n_quarantined = nq,
+		.inputs = p->inputs,
+		.n_inputs = ni,
 		.ledger_topic = ctx->ledger_topic,
 		.published_offset = published_offset,
 	};

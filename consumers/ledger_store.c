@@ -367,6 +367,38 @@ out:
 	return rc;
 }
 
+/* The applied input records of every commit of the group through one binary COPY. */
+static int insert_inputs(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
+			 struct tly_pg_error *err)
+{
+	struct tly_pgcopy *copy = tly_pgcopy_new();
+	int rc = TLY_E_NOMEM;
+	if (!copy)
+		goto out;
+	for (size_t i = 0; i < n; i++) {
+		for (size_t r = 0; r < c[i].n_inputs; r++) {
+			const struct tly_ledger_input *in = &c[i].inputs[r];
+			tly_pgcopy_row(copy, 4);
+			tly_pgcopy_int4(copy, c[i].partition);
+			tly_pgcopy_int8(copy, in->offset);
+			if (in->tenant_id)
+				tly_pgcopy_uuid(copy, in->tenant_id);
+			else
+				tly_pgcopy_null(copy);
+			tly_pgcopy_bytea(copy, in->value, in->valuelen);
+		}
+	}
+	rc = tly_pgcopy_send(conn, copy,
+			     "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
+			     "FROM STDIN (FORMAT binary)",
+			     err);
+out:
+	if (rc == TLY_E_NOMEM)
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	tly_pgcopy_free(copy);
+	return rc;
+}
+
 #define WALLETS_PER_STATEMENT 200
 
 /* One wallet of the group with the partition that owns it. */
@@ -736,6 +768,8 @@ int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, siz
 		rc = advance_offsets(conn, c, n, fenced, err);
 	if (rc == 0)
 		rc = insert_entries(conn, arena, c, n, err);
+	if (rc == 0)
+		rc = insert_inputs(conn, c, n, err);
 	if (rc == 0)
 		rc = save_holds(conn, c, n, err);
 	if (rc == 0)

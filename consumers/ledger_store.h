@@ -66,6 +66,14 @@ struct tly_ledger_quarantined {
 	const char *detail; /* one line, may be NULL */
 };
 
+/* An input record the batch applied (not quarantined), kept for re-execution. Borrowed. */
+struct tly_ledger_input {
+	int64_t offset;
+	const tly_uuid *tenant_id; /* NULL for a ClockTick */
+	const void *value;
+	size_t valuelen;
+};
+
 /* Everything one batch of one partition commits. Every pointer is borrowed. */
 struct tly_ledger_commit {
 	const char *topic;        /* the input topic (tally.events) */
@@ -78,13 +86,16 @@ struct tly_ledger_commit {
 	size_t n_wallets;
 	const struct tly_ledger_quarantined *quarantined;
 	size_t n_quarantined;
+	const struct tly_ledger_input *inputs; /* in offset order */
+	size_t n_inputs;
 	const char *ledger_topic; /* the output topic (tally.ledger) */
 	int64_t published_offset; /* entries below it delivered; -1: leave the marker */
 };
 
 /*
  * Commit the n batches of c (one per partition) in one transaction: each partition's offset
- * compare-and-set first (old_offset -> new_offset), then every entry, the wallet snapshots,
+ * compare-and-set first (old_offset -> new_offset), then every entry and applied input, the
+ * wallet snapshots,
  * the quarantine rows and the published markers. When a partition's stored offset is no longer
  * its old_offset, rolls back, sets its fenced[i] (fenced has n elements) and returns TLY_E_PG
  * with err->errclass permanent: this process lost that partition. Any other failure rolls back

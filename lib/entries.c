@@ -1,6 +1,7 @@
 /* Ledger entries read back from PostgreSQL rows into decoded LedgerEntry events. */
 #include "entries.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -8,8 +9,19 @@
 
 #include "arena.h"
 
+/* Network-order integer of len bytes (a binary-format int4 or int8). */
+static int64_t be_int(const unsigned char *p, int len)
+{
+	uint64_t v = len == 4 && (p[0] & 0x80) ? ~(uint64_t)0xffffffff : 0;
+	for (int i = 0; i < len; i++)
+		v = v << 8 | p[i];
+	return (int64_t)v;
+}
+
 static int64_t col_i64(const PGresult *res, int r, int c)
 {
+	if (PQfformat(res, c) == 1)
+		return be_int((const unsigned char *)PQgetvalue(res, r, c), PQgetlength(res, r, c));
 	return strtoll(PQgetvalue(res, r, c), NULL, 10);
 }
 
@@ -33,12 +45,24 @@ static int col_uuid(const PGresult *res, int r, int c, tly_uuid *out)
 	memset(out, 0, sizeof(*out));
 	if (PQgetisnull(res, r, c))
 		return 0;
+	if (PQfformat(res, c) == 1) {
+		if (PQgetlength(res, r, c) != 16)
+			return TLY_E_CORRUPT;
+		memcpy(out->b, PQgetvalue(res, r, c), 16);
+		return 0;
+	}
 	return tly_uuid_parse(PQgetvalue(res, r, c), out);
 }
 
-/* bytea in hex text ("\x00ab…") of 32 bytes. */
+/* bytea of 32 bytes: raw in binary format, hex text ("\x00ab…") in text format. */
 static int col_sha(const PGresult *res, int r, int c, unsigned char out[32])
 {
+	if (PQfformat(res, c) == 1) {
+		if (PQgetlength(res, r, c) != 32)
+			return TLY_E_CORRUPT;
+		memcpy(out, PQgetvalue(res, r, c), 32);
+		return 0;
+	}
 	size_t n = 0;
 	unsigned char *bytes = PQunescapeBytea((const unsigned char *)PQgetvalue(res, r, c), &n);
 	int rc = bytes && n == 32 ? 0 : TLY_E_CORRUPT;

@@ -28,7 +28,8 @@
 	"e.prev_hash, e.hash"
 
 /*
- * Call fn for each row of res (a result of a TLY_ENTRIES_SELECT query, text format) as a
+ * Call fn for each row of res (a result of a TLY_ENTRIES_SELECT query, text or binary format)
+ * as a
  * LedgerEntry event, borrowed for the call only. Stops at the first non-zero return of fn and
  * returns it; TLY_E_CORRUPT for a row that does not read back as an entry, TLY_E_NOMEM.
  */

@@ -115,12 +115,7 @@ static void ledger_stop(const struct env *e, pid_t pid)
 
 static long q_long(PGconn *conn, const char *sql, int n, const char *const *v)
 {
-	struct tly_pg_error err;
-	PGresult *res = tly_pg_query(conn, sql, n, v, &err);
-	ck_assert_msg(res != NULL, "%s: %s", sql, err.message);
-	long x = PQntuples(res) > 0 && !PQgetisnull(res, 0, 0) ? atol(PQgetvalue(res, 0, 0)) : -1;
-	PQclear(res);
-	return x;
+	return tly_test_q_long(conn, sql, n, v);
 }
 
 /* Wait until the ledger's stored offsets sum to want (every record consumed and committed). */

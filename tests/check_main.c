@@ -35,6 +35,7 @@ static const struct suite_entry all_suites[] = {
 	{"http", http_suite, true},
 	{"lifecycle", lifecycle_suite, true},
 	{"demo", demo_suite, true},
+	{"audit", audit_suite, true},
 };
 
 static const char help[] =
@@ -43,7 +44,7 @@ static const char help[] =
 	"The Check runner of every suite (make check). Environment:\n"
 	"  TALLY_SUITE=NAME     run one suite (config, schema, event, codec, decide, migrate, devbroker,\n"
 	"                       ledger, producer, decision, projector, roles, status, rebuild, http,\n"
-	"                       lifecycle, demo)\n"
+	"                       lifecycle, demo, audit)\n"
 	"  TALLY_SUITES=unit    run only the suites without I/O\n"
 	"  CK_RUN_CASE=NAME     run one test case of the suite (Check)\n"
 	"  TALLY_BIN=DIR        where the programs under test are (default build/bin)\n"

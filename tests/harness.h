@@ -74,6 +74,11 @@ int tly_test_log_count(const char *path, const char *needle);
 int tly_test_log_lines(const char *path, const char *needle, const char *without);
 /* Wait until the file at path holds needle at least count times; fails the test after timeout_ms. */
 void tly_test_wait_log(const char *path, const char *needle, int count, int timeout_ms);
+/*
+ * The first column of the first row of a parameterised query as a number (-1 for no row or
+ * NULL); fails the test if the query fails.
+ */
+long tly_test_q_long(PGconn *conn, const char *sql, int n, const char *const *values);
 
 /* Path of a built program ("tallyctl"), from $TALLY_BIN (set by make check) or build/bin. */
 const char *tly_test_bin(const char *program);

@@ -24,6 +24,16 @@ void tly_test_db_up(struct tly_test_db *d, const char *application_name)
 	tly_migrate_free(set);
 }
 
+long tly_test_q_long(PGconn *conn, const char *sql, int n, const char *const *values)
+{
+	struct tly_pg_error err;
+	PGresult *res = tly_pg_query(conn, sql, n, values, &err);
+	ck_assert_msg(res != NULL, "%s: %s", sql, err.message);
+	long x = PQntuples(res) > 0 && !PQgetisnull(res, 0, 0) ? atol(PQgetvalue(res, 0, 0)) : -1;
+	PQclear(res);
+	return x;
+}
+
 void tly_test_db_down(struct tly_test_db *d)
 {
 	PQfinish(d->conn);

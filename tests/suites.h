@@ -24,5 +24,6 @@ Suite *rebuild_suite(void);
 Suite *http_suite(void);
 Suite *demo_suite(void);
 Suite *lifecycle_suite(void);
+Suite *audit_suite(void);
 
 #endif

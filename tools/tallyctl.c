@@ -51,6 +51,12 @@ static void usage(FILE *out)
 		"                               (stored offset behind the topic's end), with totals\n"
 		"  rebuild all|PROJECTION...    rebuild projections into shadow tables and swap them in\n"
 		"                               (database.url with the schema owner's rights, like migrate)\n"
+		"  audit [--tenant T] [--from SEQ|TIME] [--to SEQ|TIME] [--json]  replay the ledger:\n"
+		"                               re-execution, hash chain, identities, holds, offsets\n"
+		"                               (exit 0 passed, 1 failures found, 3 could not run)\n"
+		"  balance TENANT [--at SEQ|TIME] [--json]  the wallet at any point of the ledger\n"
+		"  statement TENANT --period TIME|FROM..TO [--csv]  a period's entries, opening and\n"
+		"                               closing balances and the invoice\n"
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE            read settings from FILE (\"key = value\" lines)\n"
@@ -296,15 +302,10 @@ static const struct {
 	{"status", cmd_status},
 	{"rebuild", cmd_rebuild},
 	{"demo", cmd_demo},
+	{"audit", cmd_audit},
+	{"balance", cmd_balance},
+	{"statement", cmd_statement},
 };
-
-int tallyctl_has_command(const char *name)
-{
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		if (strcmp(commands[i].name, name) == 0)
-			return 1;
-	return 0;
-}
 
 int main(int argc, char **argv)
 {

@@ -4,6 +4,7 @@
 
 #include <limits.h>
 #include <sys/types.h>
+#include <stdint.h>
 
 #include <libpq-fe.h>
 #include <librdkafka/rdkafka.h>
@@ -25,7 +26,6 @@ PGconn *tallyctl_connect_db(struct app *app);
 struct tly_migrate_set *tallyctl_load_migrations(struct app *app, char *err, size_t errlen);
 
 /* Whether this build of tallyctl has the command name (tallyctl.c). */
-int tallyctl_has_command(const char *name);
 
 /* Path of a program built beside tallyctl, in out (tallyctl.c). */
 void tallyctl_sibling(const char *program, char *out, size_t outlen);
@@ -68,5 +68,13 @@ int cmd_reserve(struct app *app, int argc, char **argv);    /* tallyctl_reserve.
 int cmd_status(struct app *app, int argc, char **argv);     /* tallyctl_status.c */
 int cmd_rebuild(struct app *app, int argc, char **argv);    /* tallyctl_rebuild.c */
 int cmd_demo(struct app *app, int argc, char **argv);       /* tallyctl_demo.c */
+int cmd_audit(struct app *app, int argc, char **argv);      /* tallyctl_audit.c */
+int cmd_balance(struct app *app, int argc, char **argv);    /* tallyctl_balance.c */
+int cmd_statement(struct app *app, int argc, char **argv);  /* tallyctl_statement.c */
+
+/* µs since the epoch of text read as a PostgreSQL timestamptz; -1 after printing why (tallyctl_audit.c). */
+int tallyctl_time_us(PGconn *conn, const char *text, int64_t *out);
+/* µs since the epoch as "2026-11-01T00:00:00.000000Z" (tallyctl_audit.c). */
+void tallyctl_format_time(int64_t us, char out[32]);
 
 #endif

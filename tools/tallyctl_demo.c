@@ -392,16 +392,11 @@ static void report_events(const struct demo *d)
 }
 
 /*
- * The audit: `tallyctl audit` on the demo's database when this build has the command (its output
- * and its verdict by exit status), else a line saying so.
+ * The audit: `tallyctl audit` on the demo's database, its output and its verdict by exit status.
  */
 static void report_audit(struct demo *d)
 {
 	char self[PATH_MAX], db[1100], kafka[600], out[16384];
-	if (!tallyctl_has_command("audit")) {
-		printf("audit: not available in this build\n");
-		return;
-	}
 	tallyctl_sibling("tallyctl", self, sizeof(self));
 	snprintf(db, sizeof(db), "database.url=%s", tly_config_str(d->app->cfg, "database.url"));
 	snprintf(kafka, sizeof(kafka), "kafka.bootstrap.servers=%s", d->ds.bootstraps);
@@ -478,10 +473,10 @@ static void report(struct demo *d, int seconds)
 	       "                     e.g. SELECT kind, count(*) FROM ledger_entries GROUP BY kind;\n"
 	       "  environment      . %s   (then %s status, or any tallyctl command)\n",
 	       tly_config_str(d->app->cfg, "database.url"), d->ds.envfile, self);
-	if (tallyctl_has_command("balance"))
-		printf("  balance          %s balance (see tallyctl --help)\n", self);
-	else
-		printf("  balance          tallyctl balance is not in this build; SELECT * FROM token_balances\n");
+	printf("  balance          %s balance TENANT_ID [--at SEQ|TIME]   (a tenant from the list above)\n"
+	       "  statement        %s statement TENANT_ID --period TIME [--csv]\n"
+	       "  audit            %s audit [--tenant TENANT_ID] [--json]\n",
+	       self, self, self);
 	for (int i = C_LEDGER; i <= C_PROJECTOR; i++)
 		printf("  %-16s http://%s/metrics   /healthz   /readyz\n", d->c[i].name, d->c[i].http);
 	printf("  logs             %s/*.log\n", d->dir);

@@ -1,0 +1,439 @@
+/* Streams the ledger's inputs, entries and offsets out of PostgreSQL into audits, a partition at a time. */
+#include "audit_pg.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <arpa/inet.h>
+
+#include "audit_proj.h"
+#include "entries.h"
+
+#define DEFAULT_FETCH 20000
+#define MAX_JOBS 64
+
+/* What the workers share; every field below mu is guarded by it. */
+struct shared {
+	const struct tly_audit_opts *aopts;
+	const struct tly_audit_pg_opts *opts;
+	char snapshot[64];   /* exported by the coordinator's transaction */
+	tly_uuid tenant;
+	int32_t bounds[MAX_JOBS + 1]; /* task k: partitions bounds[k] .. bounds[k + 1] - 1 */
+	int32_t n_tasks;
+	pthread_mutex_t mu;
+	int32_t next_task;
+	struct tly_audit_counts live[MAX_JOBS];
+	int jobs;
+	int rc;              /* the first worker failure */
+	struct tly_pg_error err;
+};
+
+/* One worker's connection and verifier, and its place in the partition it is auditing. */
+struct run {
+	struct shared *sh;
+	int index;
+	PGconn *conn;
+	struct tly_audit *a;
+	struct tly_pg_error err;
+	int fetch_rows;
+	PGresult *in; /* the inputs fetched last (binary) */
+	int in_row;
+	bool in_done;
+};
+
+static int64_t be64(const char *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | (unsigned char)p[i];
+	return (int64_t)v;
+}
+
+static int32_t be32(const char *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return (int32_t)ntohl(v);
+}
+
+/* FETCH the next rows of cursor (a name written in this file) in binary format. */
+static PGresult *fetch(struct run *r, const char *cursor)
+{
+	char sql[64];
+	snprintf(sql, sizeof(sql), "FETCH %d FROM %s", r->fetch_rows, cursor);
+	return tly_pg_query_params(r->conn, sql, 0, NULL, NULL, NULL, 1, &r->err);
+}
+
+/* The next input row, fetching when needed: 1 with r->in_row on it, 0 at the end, or an error. */
+static int input_row(struct run *r)
+{
+	if (r->in && r->in_row < PQntuples(r->in))
+		return 1;
+	if (r->in_done)
+		return 0;
+	PQclear(r->in);
+	r->in_row = 0;
+	if (!(r->in = fetch(r, "tly_audit_inputs")))
+		return TLY_E_PG;
+	if (PQntuples(r->in) == 0)
+		r->in_done = true;
+	return PQntuples(r->in) > 0;
+}
+
+/* Feed the task's inputs up to (partition, offset) inclusive; all of them with all. */
+static int feed_inputs(struct run *r, int32_t partition, int64_t offset, bool all)
+{
+	int have;
+	while ((have = input_row(r)) == 1) {
+		const PGresult *in = r->in;
+		int row = r->in_row;
+		int32_t p = be32(PQgetvalue(in, row, 0));
+		int64_t o = be64(PQgetvalue(in, row, 1));
+		if (!all && (p > partition || (p == partition && o > offset)))
+			return 0;
+		tly_uuid tenant;
+		bool tick = PQgetisnull(in, row, 2);
+		if (!tick)
+			memcpy(tenant.b, PQgetvalue(in, row, 2), 16);
+		int rc = tly_audit_input(r->a, p, o, tick ? NULL : &tenant, PQgetvalue(in, row, 3),
+					 (size_t)PQgetlength(in, row, 3));
+		if (rc != 0)
+			return rc;
+		r->in_row++;
+	}
+	return have;
+}
+
+static int on_entry(const struct tly_event *entry, void *ud)
+{
+	struct run *r = ud;
+	const struct tly_ledger_entry *e = &entry->u.ledger_entry;
+	int rc = feed_inputs(r, e->cause_partition, e->cause_offset, false);
+	return rc ? rc : tly_audit_entry(r->a, entry);
+}
+
+/* The ledger's stored offset of partition and its quarantined offsets, to the verifier. */
+static int announce(struct run *r, int32_t partition, const char *ptext)
+{
+	const char *v[] = {r->sh->opts->events_topic, ptext};
+	PGresult *off = tly_pg_query(r->conn,
+				     "SELECT next_offset FROM consumer_offsets WHERE consumer = "
+				     "'tally-ledger' AND topic = $1 AND partition = $2::integer",
+				     2, v, &r->err);
+	PGresult *quar = off ? tly_pg_query(r->conn,
+					    "SELECT \"offset\" FROM quarantine WHERE topic = $1 AND "
+					    "partition = $2::integer ORDER BY \"offset\"",
+					    2, v, &r->err)
+			     : NULL;
+	int64_t *q = quar ? calloc((size_t)PQntuples(quar) + 1, sizeof(*q)) : NULL;
+	int rc = off && quar ? TLY_E_NOMEM : TLY_E_PG;
+	if (q) {
+		for (int i = 0; i < PQntuples(quar); i++)
+			q[i] = strtoll(PQgetvalue(quar, i, 0), NULL, 10);
+		int64_t next = PQntuples(off) ? strtoll(PQgetvalue(off, 0, 0), NULL, 10) : -1;
+		rc = tly_audit_partition(r->a, partition, next, q, (size_t)PQntuples(quar));
+	}
+	free(q);
+	PQclear(off);
+	PQclear(quar);
+	return rc;
+}
+
+/*
+ * The task's cursors: inputs and entries of partitions [lo, hi) in (partition, offset) order, or
+ * one tenant's (its partition's ticks with it, and all its entries whatever partition they claim).
+ */
+static int declare(struct run *r, const char *lo, const char *hi, const char *tenant)
+{
+	const char *v[] = {lo, hi, tenant};
+	PGresult *res = tly_pg_query(r->conn,
+				     tenant ? "DECLARE tly_audit_inputs NO SCROLL CURSOR FOR "
+					      "SELECT partition, \"offset\", tenant_id, value FROM "
+					      "ledger_inputs WHERE partition >= $1::integer AND "
+					      "partition < $2::integer AND (tenant_id = $3 OR tenant_id "
+					      "IS NULL) ORDER BY partition, \"offset\""
+					    : "DECLARE tly_audit_inputs NO SCROLL CURSOR FOR "
+					      "SELECT partition, \"offset\", tenant_id, value FROM "
+					      "ledger_inputs WHERE partition >= $1::integer AND "
+					      "partition < $2::integer ORDER BY partition, \"offset\"",
+				     tenant ? 3 : 2, v, &r->err);
+	if (!res)
+		return TLY_E_PG;
+	PQclear(res);
+	res = tenant ? tly_pg_query(r->conn,
+				    "DECLARE tly_audit_entries NO SCROLL CURSOR FOR SELECT "
+				    TLY_ENTRIES_SELECT " FROM ledger_entries e WHERE e.tenant_id = $1 "
+				    "ORDER BY e.cause_partition, e.cause_offset, e.tenant_id, e.seq",
+				    1, v + 2, &r->err)
+		     : tly_pg_query(r->conn,
+				    "DECLARE tly_audit_entries NO SCROLL CURSOR FOR SELECT "
+				    TLY_ENTRIES_SELECT " FROM ledger_entries e "
+				    "WHERE e.cause_partition >= $1::integer AND "
+				    "e.cause_partition < $2::integer "
+				    "ORDER BY e.cause_partition, e.cause_offset, e.tenant_id, e.seq",
+				    2, v, &r->err);
+	if (!res)
+		return TLY_E_PG;
+	PQclear(res);
+	return 0;
+}
+
+static void progress(struct run *r)
+{
+	struct shared *sh = r->sh;
+	if (!sh->opts->progress)
+		return;
+	struct tly_audit_counts sum = {0};
+	pthread_mutex_lock(&sh->mu);
+	tly_audit_get_counts(r->a, &sh->live[r->index]);
+	for (int i = 0; i < sh->jobs; i++) {
+		sum.entries += sh->live[i].entries;
+		sum.inputs += sh->live[i].inputs;
+		sum.failures += sh->live[i].failures;
+	}
+	sh->opts->progress(&sum, sh->opts->ud);
+	pthread_mutex_unlock(&sh->mu);
+}
+
+/* One task: partitions [lo, hi) (or the tenant's), inputs and entries merged in offset order. */
+static int audit_task(struct run *r, int32_t lo, int32_t hi)
+{
+	char lot[16], hit[16], tenant[37];
+	const struct shared *sh = r->sh;
+	bool one = sh->opts->tenant != NULL;
+	int rc = 0;
+	snprintf(lot, sizeof(lot), "%d", (int)lo);
+	snprintf(hit, sizeof(hit), "%d", (int)hi);
+	if (one)
+		tly_uuid_format(&sh->tenant, tenant);
+	for (int32_t p = lo; p < hi && !one && rc == 0; p++) {
+		char ptext[16];
+		snprintf(ptext, sizeof(ptext), "%d", (int)p);
+		rc = announce(r, p, ptext);
+	}
+	if (rc == 0)
+		rc = declare(r, lot, hit, one ? tenant : NULL);
+	r->in = NULL;
+	r->in_row = 0;
+	r->in_done = false;
+	while (rc == 0) {
+		PGresult *ents = fetch(r, "tly_audit_entries");
+		if (!ents) {
+			rc = TLY_E_PG;
+			break;
+		}
+		int n = PQntuples(ents);
+		rc = n ? tly_entries_each(ents, on_entry, r) : 0;
+		PQclear(ents);
+		if (rc == TLY_E_CORRUPT) {
+			snprintf(r->err.message, sizeof(r->err.message),
+				 "could not read a ledger entry row of partitions %d..%d: it does not "
+				 "read back as an entry", (int)lo, (int)hi - 1);
+			rc = TLY_E_PG;
+		}
+		if (rc == 0)
+			progress(r);
+		if (n == 0)
+			break;
+	}
+	if (rc == 0)
+		rc = feed_inputs(r, 0, 0, true);
+	PQclear(r->in);
+	r->in = NULL;
+	if (rc == 0 && tly_pg_exec_script(r->conn, "CLOSE tly_audit_inputs; CLOSE tly_audit_entries",
+					  &r->err) != 0)
+		rc = TLY_E_PG;
+	return rc;
+}
+
+static void serialised_failure(const struct tly_audit_failure *fl, void *ud)
+{
+	struct shared *sh = ud;
+	pthread_mutex_lock(&sh->mu);
+	if (sh->aopts->on_failure)
+		sh->aopts->on_failure(fl, sh->aopts->ud);
+	pthread_mutex_unlock(&sh->mu);
+}
+
+/* Connect and join the coordinator's snapshot (a server-generated id, quoted as a literal). */
+static int worker_begin(struct run *r)
+{
+	char errstr[512];
+	if (!(r->conn = tly_pg_connect(r->sh->opts->conninfo, "tallyctl audit", errstr,
+				       sizeof(errstr)))) {
+		r->err.errclass = TLY_ERRCLASS_RETRIABLE;
+		snprintf(r->err.message, sizeof(r->err.message), "%s", errstr);
+		return TLY_E_PG;
+	}
+	if (tly_pg_exec_script(r->conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+			       &r->err) != 0)
+		return TLY_E_PG;
+	if (!r->sh->snapshot[0])
+		return 0; /* an empty ledger: nothing to share */
+	char *lit = PQescapeLiteral(r->conn, r->sh->snapshot, strlen(r->sh->snapshot));
+	if (!lit)
+		return TLY_E_NOMEM;
+	char sql[128];
+	snprintf(sql, sizeof(sql), "SET TRANSACTION SNAPSHOT %s", lit);
+	PQfreemem(lit);
+	return tly_pg_exec_script(r->conn, sql, &r->err) == 0 ? 0 : TLY_E_PG;
+}
+
+static void *worker_main(void *arg)
+{
+	struct run *r = arg;
+	struct shared *sh = r->sh;
+	char errstr[256];
+	struct tly_audit_opts wo = *sh->aopts;
+	wo.on_failure = serialised_failure;
+	wo.ud = sh;
+	int rc = worker_begin(r);
+	if (rc == 0 && !(r->a = tly_audit_new(&wo, errstr, sizeof(errstr)))) {
+		snprintf(r->err.message, sizeof(r->err.message), "%s", errstr);
+		rc = TLY_E_NOMEM;
+	}
+	while (rc == 0) {
+		pthread_mutex_lock(&sh->mu);
+		int32_t k = sh->rc == 0 && sh->next_task < sh->n_tasks ? sh->next_task++ : -1;
+		pthread_mutex_unlock(&sh->mu);
+		if (k < 0)
+			break;
+		rc = audit_task(r, sh->bounds[k], sh->bounds[k + 1]);
+	}
+	if (rc == 0)
+		rc = tly_audit_finish(r->a);
+	pthread_mutex_lock(&sh->mu);
+	if (r->a)
+		tly_audit_get_counts(r->a, &sh->live[r->index]);
+	if (rc != 0 && sh->rc == 0) {
+		sh->rc = rc;
+		sh->err = r->err;
+		if (rc == TLY_E_NOMEM)
+			snprintf(sh->err.message, sizeof(sh->err.message), "out of memory");
+	}
+	pthread_mutex_unlock(&sh->mu);
+	tly_audit_free(r->a);
+	if (r->conn)
+		PQfinish(r->conn);
+	return NULL;
+}
+
+/*
+ * The snapshot every worker reads, and the tasks: sh->jobs contiguous ranges of partitions of
+ * about equal input (by the stored offsets), or the one tenant's partition.
+ */
+static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
+{
+	char tenant[37];
+	PGresult *res = tly_pg_query(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", 0, NULL,
+				     err);
+	if (!res)
+		return TLY_E_PG;
+	PQclear(res);
+	if (sh->opts->tenant) {
+		tly_uuid_format(&sh->tenant, tenant);
+		const char *v[] = {tenant};
+		res = tly_pg_query(conn,
+				   "SELECT pg_export_snapshot(), coalesce((SELECT cause_partition "
+				   "FROM ledger_entries WHERE tenant_id = $1 ORDER BY seq LIMIT 1), "
+				   "(SELECT partition FROM ledger_inputs WHERE tenant_id = $1 LIMIT 1), 0), 1",
+				   1, v, err);
+	} else {
+		/* partitions 0 .. n-1 with their weight (stored next offset, at least 1) */
+		const char *v[] = {sh->opts->events_topic};
+		res = tly_pg_query(conn,
+				   "WITH n AS (SELECT coalesce(greatest("
+				   "(SELECT partition_count FROM topic_partitions WHERE topic = $1), "
+				   "(SELECT max(partition) + 1 FROM ledger_inputs), "
+				   "(SELECT max(cause_partition) + 1 FROM ledger_entries), "
+				   "(SELECT max(partition) + 1 FROM consumer_offsets WHERE consumer = "
+				   "'tally-ledger' AND topic = $1)), 0) AS n) "
+				   "SELECT pg_export_snapshot(), p, greatest(coalesce(o.next_offset, 1), 1) "
+				   "FROM n, generate_series(0, n.n - 1) AS p LEFT JOIN consumer_offsets o "
+				   "ON o.consumer = 'tally-ledger' AND o.topic = $1 AND o.partition = p "
+				   "ORDER BY p",
+				   1, v, err);
+	}
+	if (!res)
+		return TLY_E_PG;
+	int rows = PQntuples(res);
+	snprintf(sh->snapshot, sizeof(sh->snapshot), "%s", rows ? PQgetvalue(res, 0, 0) : "");
+	double total = 0, acc = 0;
+	for (int i = 0; i < rows; i++)
+		total += strtod(PQgetvalue(res, i, 2), NULL);
+	sh->n_tasks = 0;
+	sh->bounds[0] = rows ? (int32_t)strtol(PQgetvalue(res, 0, 1), NULL, 10) : 0;
+	for (int i = 0; i < rows; i++) {
+		acc += strtod(PQgetvalue(res, i, 2), NULL);
+		bool last = i + 1 == rows;
+		if (last || (acc >= total * (sh->n_tasks + 1) / sh->jobs && sh->n_tasks + 1 < sh->jobs))
+			sh->bounds[++sh->n_tasks] = (int32_t)strtol(PQgetvalue(res, i, 1), NULL, 10) + 1;
+	}
+	PQclear(res);
+	return 0;
+}
+
+int tly_audit_pg_run(const struct tly_audit_opts *aopts, const struct tly_audit_pg_opts *opts,
+		     struct tly_audit_counts *counts, struct tly_pg_error *err)
+{
+	char errstr[512];
+	struct shared sh = {.aopts = aopts, .opts = opts};
+	struct run runs[MAX_JOBS];
+	pthread_t threads[MAX_JOBS];
+	int started = 0, rc;
+	memset(counts, 0, sizeof(*counts));
+	if (opts->tenant)
+		sh.tenant = *opts->tenant;
+	sh.jobs = opts->tenant || opts->jobs < 1 ? 1 : opts->jobs > MAX_JOBS ? MAX_JOBS : opts->jobs;
+	PGconn *conn = tly_pg_connect(opts->conninfo, "tallyctl audit", errstr, sizeof(errstr));
+	if (!conn) {
+		err->errclass = TLY_ERRCLASS_RETRIABLE;
+		snprintf(err->message, sizeof(err->message), "%s", errstr);
+		return TLY_E_PG;
+	}
+	struct tly_audit_counts proj = {0};
+	if ((rc = coordinate(conn, &sh, err)) != 0 ||
+	    (rc = tly_audit_projections(conn, opts->tenant, aopts, &proj, err)) != 0)
+		goto out;
+	if (pthread_mutex_init(&sh.mu, NULL) != 0) {
+		rc = TLY_E_NOMEM;
+		goto out;
+	}
+	for (; started < sh.jobs; started++) {
+		runs[started] = (struct run){.sh = &sh, .index = started,
+					     .fetch_rows = opts->fetch_rows > 0 ? opts->fetch_rows
+										: DEFAULT_FETCH};
+		if (pthread_create(&threads[started], NULL, worker_main, &runs[started]) != 0)
+			break;
+	}
+	for (int i = 0; i < started; i++)
+		pthread_join(threads[i], NULL);
+	pthread_mutex_destroy(&sh.mu);
+	rc = sh.rc;
+	if (rc == 0 && started < sh.jobs) {
+		rc = TLY_E_NOMEM;
+		snprintf(sh.err.message, sizeof(sh.err.message), "could not start an audit worker");
+	}
+	if (rc != 0)
+		*err = sh.err;
+	for (int i = 0; i < started; i++) {
+		const struct tly_audit_counts *c = &sh.live[i];
+		counts->tenants += c->tenants;
+		counts->entries += c->entries;
+		counts->inputs += c->inputs;
+		counts->reexecuted += c->reexecuted;
+		counts->rehashed += c->rehashed;
+		counts->checks += c->checks;
+		counts->failures += c->failures;
+	}
+	counts->checks += proj.checks;
+	counts->failures += proj.failures;
+	counts->projected = proj.projected;
+	counts->behind = proj.behind;
+out:
+	PQfinish(conn); /* ends the coordinator's transaction: read only, nothing to keep */
+	return rc;
+}
