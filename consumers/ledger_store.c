@@ -799,23 +799,6 @@ bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i)
 	return i < t->n && t->fenced[i];
 }
 
-/* Run one compare-and-set step: mark the commits whose partition it advanced. */
-static int run_offsets(PGconn *conn, struct tly_ledger_txn *t, const struct step *s, bool *done,
-		       struct tly_pg_error *err)
-{
-	PGresult *res = tly_pg_query(conn, s->sql, s->nparams, s->values, err);
-	if (!res)
-		return TLY_E_PG;
-	for (int r = 0; r < PQntuples(res); r++) {
-		long part = strtol(PQgetvalue(res, r, 0), NULL, 10);
-		for (size_t i = 0; i < t->n; i++)
-			if (t->partitions[i] == part)
-				done[i] = true;
-	}
-	PQclear(res);
-	return 0;
-}
-
 /* After the compare-and-sets: TLY_E_PG (permanent) when one did not advance its partition. */
 static int check_fenced(struct tly_ledger_txn *t, const bool *done, struct tly_pg_error *err)
 {
@@ -832,12 +815,92 @@ static int check_fenced(struct tly_ledger_txn *t, const bool *done, struct tly_p
 	return rc;
 }
 
+/* Read one pipelined statement's results: its last result (caller PQclears), or NULL on failure. */
+static PGresult *pipeline_result(PGconn *conn, bool *failed, struct tly_pg_error *err)
+{
+	PGresult *res, *last = NULL;
+	while ((res = PQgetResult(conn)) != NULL) {
+		ExecStatusType st = PQresultStatus(res);
+		if (!*failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+			*failed = true;
+			if (st != PGRES_PIPELINE_ABORTED)
+				tly_pg_error_set(err, conn, res);
+		}
+		PQclear(last);
+		last = res;
+	}
+	if (*failed) {
+		PQclear(last);
+		return NULL;
+	}
+	return last;
+}
+
+/*
+ * Steps [from, to) in one pipeline (one round trip), after a BEGIN and before a COMMIT when asked:
+ * every result is read; the compare-and-sets mark the partitions they advanced in done.
+ */
+static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, size_t to, bool begin,
+			bool commit, bool *done, struct tly_pg_error *err)
+{
+	bool failed = false, sent = PQenterPipelineMode(conn) == 1;
+	if (sent && begin)
+		sent = PQsendQueryParams(conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) == 1;
+	for (size_t k = from; sent && k < to; k++) {
+		const struct step *s = &t->steps[k];
+		sent = PQsendQueryParams(conn, s->sql, s->nparams, NULL, s->values, s->lengths,
+					 s->formats, 0) == 1;
+	}
+	if (sent && commit)
+		sent = PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) == 1;
+	if (!sent || PQpipelineSync(conn) != 1) {
+		tly_pg_error_set(err, conn, NULL);
+		return TLY_E_PG; /* the connection is unusable: the caller's check reconnects */
+	}
+	if (begin)
+		PQclear(pipeline_result(conn, &failed, err));
+	for (size_t k = from; k < to; k++) {
+		PGresult *res = pipeline_result(conn, &failed, err);
+		for (int r = 0; res && t->steps[k].kind == STEP_OFFSETS && r < PQntuples(res); r++) {
+			long part = strtol(PQgetvalue(res, r, 0), NULL, 10);
+			for (size_t i = 0; i < t->n; i++)
+				if (t->partitions[i] == part)
+					done[i] = true;
+		}
+		PQclear(res);
+	}
+	if (commit) {
+		PGresult *res = pipeline_result(conn, &failed, err);
+		/* COMMIT of a failed transaction "succeeds" with the tag ROLLBACK: nothing was committed. */
+		if (res && strcmp(PQcmdStatus(res), "ROLLBACK") == 0) {
+			failed = true;
+			set_err(err, TLY_ERRCLASS_FATAL, "transaction was rolled back instead of committed");
+		}
+		PQclear(res);
+	}
+	PGresult *res = PQgetResult(conn); /* the sync */
+	if (PQresultStatus(res) != PGRES_PIPELINE_SYNC && !failed) {
+		failed = true;
+		tly_pg_error_set(err, conn, res);
+	}
+	PQclear(res);
+	if (PQexitPipelineMode(conn) != 1 && !failed) {
+		failed = true;
+		tly_pg_error_set(err, conn, NULL);
+	}
+	return failed ? TLY_E_PG : 0;
+}
+
+/*
+ * Three round trips: BEGIN and the compare-and-sets in one pipeline (checked before anything is
+ * written), the COPY, then every other statement and the COMMIT in one more pipeline.
+ */
 int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
 {
 	static const char copy_sql[] = "COPY ledger_entries (" ENTRY_COLUMNS_TEXT ") FROM STDIN (FORMAT binary)";
 	struct tly_pg_error rberr;
 	bool *done = calloc(t->n ? t->n : 1, sizeof(*done));
-	bool checked = false;
+	size_t k = 0;
 	int rc;
 	for (size_t i = 0; i < t->n; i++)
 		t->fenced[i] = false;
@@ -845,36 +908,21 @@ int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_e
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 		return TLY_E_NOMEM;
 	}
-	if ((rc = tly_pg_begin(conn, err)) != 0)
-		goto out;
-	for (size_t k = 0; k < t->n_steps && rc == 0; k++) {
-		const struct step *s = &t->steps[k];
-		if (s->kind != STEP_OFFSETS && !checked) {
-			checked = true;
-			if ((rc = check_fenced(t, done, err)) != 0)
-				break;
-		}
-		if (s->kind == STEP_OFFSETS) {
-			rc = run_offsets(conn, t, s, done, err);
-		} else if (s->kind == STEP_COPY) {
-			rc = tly_pgcopy_send(conn, t->copy, copy_sql, err);
-		} else {
-			PGresult *res = tly_pg_query_params(conn, s->sql, s->nparams, s->values,
-							    s->lengths, s->formats, 0, err);
-			rc = res ? 0 : TLY_E_PG;
-			PQclear(res);
-		}
-	}
-	if (rc == 0 && !checked)
+	while (k < t->n_steps && t->steps[k].kind == STEP_OFFSETS)
+		k++;
+	rc = run_pipeline(conn, t, 0, k, true, false, done, err);
+	if (rc == 0)
 		rc = check_fenced(t, done, err);
-	if (rc != 0) {
-		if (PQstatus(conn) == CONNECTION_OK && tly_pg_rollback(conn, &rberr) != 0)
-			tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", t->n,
-				 rberr.message);
-		goto out;
+	if (rc == 0 && k < t->n_steps && t->steps[k].kind == STEP_COPY) {
+		rc = tly_pgcopy_send(conn, t->copy, copy_sql, err);
+		k++;
 	}
-	rc = tly_pg_commit(conn, err);
-out:
+	if (rc == 0)
+		rc = run_pipeline(conn, t, k, t->n_steps, false, true, done, err);
+	if (rc != 0 && PQstatus(conn) == CONNECTION_OK &&
+	    PQtransactionStatus(conn) != PQTRANS_IDLE && tly_pg_rollback(conn, &rberr) != 0)
+		tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", t->n,
+			 rberr.message);
 	free(done);
 	return rc == 0 ? 0 : rc == TLY_E_NOMEM ? TLY_E_NOMEM : TLY_E_PG;
 }
