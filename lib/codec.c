@@ -11,6 +11,14 @@
 #include "schema.h"
 #include "validate_bytes.h"
 
+/* Where a descriptor's field sits in a record schema, so that it is looked up by name once. */
+#define FIELD_MEMO 1024
+struct field_memo {
+	const struct tly_field *field;
+	avro_schema_t schema;
+	size_t index;
+};
+
 struct tly_codec {
 	struct tly_schema_registry *reg;
 	/* one reusable generic value per registry entry, created on first use */
@@ -20,6 +28,7 @@ struct tly_codec {
 	const struct tly_schema *current[TLY_EV__COUNT]; /* writer schema of each type */
 	avro_writer_t writer;
 	avro_reader_t reader;
+	struct field_memo *memo; /* FIELD_MEMO slots: a field's index in a record schema */
 };
 
 void tly_buf_free(struct tly_buf *buf)
@@ -67,7 +76,8 @@ struct tly_codec *tly_codec_new_with_registry(struct tly_schema_registry *reg, c
 	codec->has_value = calloc(codec->n_values ? codec->n_values : 1, sizeof(bool));
 	codec->writer = avro_writer_memory(NULL, 0);
 	codec->reader = avro_reader_memory(NULL, 0);
-	if (!codec->values || !codec->has_value || !codec->writer || !codec->reader)
+	codec->memo = calloc(FIELD_MEMO, sizeof(*codec->memo));
+	if (!codec->values || !codec->has_value || !codec->writer || !codec->reader || !codec->memo)
 		goto oom;
 	for (int t = 0; t < TLY_EV__COUNT; t++) {
 		const struct tly_event_desc *d = tly_event_desc((enum tly_event_type)t);
@@ -91,6 +101,7 @@ void tly_codec_free(struct tly_codec *codec)
 	}
 	free(codec->values);
 	free(codec->has_value);
+	free(codec->memo);
 	if (codec->writer)
 		avro_writer_free(codec->writer);
 	if (codec->reader)
@@ -123,10 +134,26 @@ static int value_for(struct tly_codec *codec, const struct tly_schema *s, avro_v
 	return TLY_E_NOT_FOUND;
 }
 
+/* The value of field f in record rec: 0, or non-zero when rec's schema has no such field. */
+static int field_value(struct tly_codec *codec, const struct tly_field *f, avro_value_t *rec,
+		       avro_value_t *fv)
+{
+	avro_schema_t schema = avro_value_get_schema(rec);
+	uintptr_t h = ((uintptr_t)f >> 3) ^ ((uintptr_t)schema >> 5);
+	struct field_memo *m = &codec->memo[h % FIELD_MEMO];
+	if (m->field == f && m->schema == schema)
+		return avro_value_get_by_index(rec, m->index, fv, NULL);
+	size_t index;
+	if (avro_value_get_by_name(rec, f->name, fv, &index) != 0)
+		return -1;
+	*m = (struct field_memo){f, schema, index};
+	return 0;
+}
+
 /* ---- encode ------------------------------------------------------------------------------- */
 
-static int put_record(const struct tly_record_desc *rd, const unsigned char *base,
-		      avro_value_t *rec, char *errstr, size_t errlen);
+static int put_record(struct tly_codec *codec, const struct tly_record_desc *rd,
+		      const unsigned char *base, avro_value_t *rec, char *errstr, size_t errlen);
 
 static int set_opt(avro_value_t *fv, bool present, avro_value_t *branch)
 {
@@ -139,8 +166,8 @@ static int set_opt(avro_value_t *fv, bool present, avro_value_t *branch)
 	return avro_value_set_branch(fv, 1, branch);
 }
 
-static int put_field(const struct tly_field *f, const unsigned char *base, avro_value_t *rec,
-		     char *errstr, size_t errlen)
+static int put_field(struct tly_codec *codec, const struct tly_field *f, const unsigned char *base,
+		     avro_value_t *rec, char *errstr, size_t errlen)
 {
 	avro_value_t fv, inner;
 	const void *p = base + f->offset;
@@ -152,7 +179,7 @@ static int put_field(const struct tly_field *f, const unsigned char *base, avro_
 	struct tly_opt_i64 o;
 	int rc = 0;
 
-	if (avro_value_get_by_name(rec, f->name, &fv, NULL) != 0) {
+	if (field_value(codec, f, rec, &fv) != 0) {
 		snprintf(errstr, errlen, "schema has no field \"%s\"", f->name);
 		return TLY_E_SCHEMA;
 	}
@@ -220,7 +247,7 @@ static int put_field(const struct tly_field *f, const unsigned char *base, avro_
 			rc = avro_value_append(&fv, &inner, NULL);
 			if (rc == 0) {
 				const unsigned char *item = (const unsigned char *)list.items + i * f->sub->size;
-				int prc = put_record(f->sub, item, &inner, errstr, errlen);
+				int prc = put_record(codec, f->sub, item, &inner, errstr, errlen);
 				if (prc != 0)
 					return prc;
 			}
@@ -238,11 +265,11 @@ static int put_field(const struct tly_field *f, const unsigned char *base, avro_
 	return 0;
 }
 
-static int put_record(const struct tly_record_desc *rd, const unsigned char *base,
-		      avro_value_t *rec, char *errstr, size_t errlen)
+static int put_record(struct tly_codec *codec, const struct tly_record_desc *rd,
+		      const unsigned char *base, avro_value_t *rec, char *errstr, size_t errlen)
 {
 	for (size_t i = 0; i < rd->n_fields; i++) {
-		int rc = put_field(&rd->fields[i], base, rec, errstr, errlen);
+		int rc = put_field(codec, &rd->fields[i], base, rec, errstr, errlen);
 		if (rc != 0)
 			return rc;
 	}
@@ -273,7 +300,7 @@ int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct
 		snprintf(errstr, errlen, "no schema for %s", d->name);
 		return TLY_E_NOT_FOUND;
 	}
-	if ((rc = put_record(&d->record, (const unsigned char *)ev, rec, why, sizeof(why))) != 0) {
+	if ((rc = put_record(codec, &d->record, (const unsigned char *)ev, rec, why, sizeof(why))) != 0) {
 		snprintf(errstr, errlen, "%s: %s", d->name, why);
 		return rc;
 	}
@@ -304,9 +331,9 @@ int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct
 
 /* ---- decode ------------------------------------------------------------------------------- */
 
-static int get_record(const struct tly_record_desc *rd, unsigned char *base, avro_value_t *rec,
-		      const struct tly_schema *current, struct tly_arena *arena, char *errstr,
-		      size_t errlen);
+static int get_record(struct tly_codec *codec, const struct tly_record_desc *rd,
+		      unsigned char *base, avro_value_t *rec, const struct tly_schema *current,
+		      struct tly_arena *arena, char *errstr, size_t errlen);
 
 static int bad(char *errstr, size_t errlen, const char *field, const char *why)
 {
@@ -398,9 +425,9 @@ static int apply_default(const struct tly_field *f, unsigned char *base,
 	}
 }
 
-static int get_field(const struct tly_field *f, unsigned char *base, avro_value_t *rec,
-		     const struct tly_schema *current, struct tly_arena *arena, char *errstr,
-		     size_t errlen)
+static int get_field(struct tly_codec *codec, const struct tly_field *f, unsigned char *base,
+		     avro_value_t *rec, const struct tly_schema *current, struct tly_arena *arena,
+		     char *errstr, size_t errlen)
 {
 	avro_value_t fv, inner;
 	void *p = base + f->offset;
@@ -408,7 +435,7 @@ static int get_field(const struct tly_field *f, unsigned char *base, avro_value_
 	bool present;
 	int rc;
 
-	if (avro_value_get_by_name(rec, f->name, &fv, NULL) != 0)
+	if (field_value(codec, f, rec, &fv) != 0)
 		return apply_default(f, base, current, arena, errstr, errlen);
 
 	/* optional strings and UUIDs: a null leaves the field absent, else read what is inside */
@@ -523,7 +550,7 @@ static int get_field(const struct tly_field *f, unsigned char *base, avro_value_
 			if (avro_value_get_by_index(&fv, i, &inner, NULL) != 0)
 				return bad(errstr, errlen, f->name, "has an unreadable item");
 			/* Nested records have no separate current schema: no defaults inside. */
-			if ((rc = get_record(f->sub, item, &inner, NULL, arena, errstr, errlen)) != 0)
+			if ((rc = get_record(codec, f->sub, item, &inner, NULL, arena, errstr, errlen)) != 0)
 				return rc;
 		}
 		list.items = items;
@@ -543,12 +570,12 @@ static int get_field(const struct tly_field *f, unsigned char *base, avro_value_
 	return bad(errstr, errlen, f->name, "has an unknown kind");
 }
 
-static int get_record(const struct tly_record_desc *rd, unsigned char *base, avro_value_t *rec,
-		      const struct tly_schema *current, struct tly_arena *arena, char *errstr,
-		      size_t errlen)
+static int get_record(struct tly_codec *codec, const struct tly_record_desc *rd,
+		      unsigned char *base, avro_value_t *rec, const struct tly_schema *current,
+		      struct tly_arena *arena, char *errstr, size_t errlen)
 {
 	for (size_t i = 0; i < rd->n_fields; i++) {
-		int rc = get_field(&rd->fields[i], base, rec, current, arena, errstr, errlen);
+		int rc = get_field(codec, &rd->fields[i], base, rec, current, arena, errstr, errlen);
 		if (rc != 0)
 			return rc;
 	}
@@ -628,8 +655,8 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 		return TLY_E_NOMEM;
 	}
 	tly_event_init(ev, d->type);
-	rc = get_record(&d->record, (unsigned char *)ev, rec, codec->current[d->type], arena, why,
-			sizeof(why));
+	rc = get_record(codec, &d->record, (unsigned char *)ev, rec, codec->current[d->type], arena,
+			why, sizeof(why));
 	if (rc == 0)
 		rc = tly_event_validate(ev, why, sizeof(why));
 	if (rc != 0) {
