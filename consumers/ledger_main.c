@@ -308,6 +308,16 @@ static void count_batch(struct app *app, struct slot *s, const struct tly_ledger
 static void finish_flight(struct app *app, int rc, const struct tly_pg_error *err)
 {
 	struct group *g = &app->flight;
+	int32_t *ready_parts = NULL; /* read before a reset frees what the ready items point to */
+	size_t n_ready = 0;
+	if (rc != 0 && app->ready.n) {
+		if (!(ready_parts = calloc(app->ready.n, sizeof(*ready_parts)))) {
+			tly_error("could not drop the ready group: out of memory", NULL);
+			app->failed = true;
+		}
+		for (size_t k = 0; ready_parts && k < app->ready.n; k++)
+			ready_parts[n_ready++] = tly_ledger_partition_id(app->ready.items[k].part);
+	}
 	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
 	int64_t commit_us = now_us() - g->submitted_at_us;
 	if (rc == 0) {
@@ -347,11 +357,10 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 	g->n = 0;
 	if (rc == 0)
 		return;
-	for (size_t k = 0; k < app->ready.n; k++) {
-		int32_t partition = tly_ledger_partition_id(app->ready.items[k].part);
-		if (app->slots[partition].part)
-			reset_partition(app, partition, RELOAD_BACKOFF_MS);
-	}
+	for (size_t k = 0; k < n_ready; k++)
+		if (app->slots[ready_parts[k]].part)
+			reset_partition(app, ready_parts[k], RELOAD_BACKOFF_MS);
+	free(ready_parts);
 	tly_ledger_store_txn_free(app->ready.txn);
 	app->ready.txn = NULL;
 	app->ready.n = 0;
