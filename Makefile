@@ -79,7 +79,8 @@ tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl
                         tools/tallyctl_balance.c tools/tallyctl_statement.c
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
-                        consumers/ledger_publisher.c consumers/ledger_store.c
+                        consumers/ledger_publisher.c consumers/ledger_store.c \
+                        consumers/ledger_writer.c
 tally-bench_SRCS     := tools/bench.c
 tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c

@@ -1,5 +1,6 @@
 /* tally-ledger: arguments, configuration, handles, and the consumer loop around the partitions. */
 #include <getopt.h>
+#include <malloc.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 #include "ledger_partition.h"
 #include "ledger_publisher.h"
 #include "ledger_store.h"
+#include "ledger_writer.h"
 #include "log.h"
 #include "metrics.h"
 #include "migrate.h"
@@ -50,6 +52,16 @@ struct ledger_metrics {
 	struct tly_series *consumed, *quarantined, *duplicates, *batch, *commit, *assigned;
 };
 
+/* A decided group: its partitions' items (partition_count of them) and its transaction. */
+struct group {
+	struct tly_ledger_group_item *items;
+	size_t n;                         /* 0: no group */
+	size_t records;
+	struct tly_ledger_txn *txn;       /* owned; the writer has it while in flight */
+	int64_t waited_us, decided_us;    /* first record to decide; decide to submit */
+	int64_t submitted_at_us;
+};
+
 struct app {
 	const char *config_file;          /* -c, NULL: none; reread on SIGHUP with sets */
 	char **sets;                      /* the --set arguments (n_sets), borrowed from argv */
@@ -63,8 +75,10 @@ struct app {
 	struct tly_ledger_ctx ctx;        /* borrows conn and codec */
 	struct slot *slots;               /* partition_count of them */
 	int32_t partition_count;
-	struct tly_ledger_group_item *group; /* partition_count of them, scratch of commit_all */
-	size_t pending;                   /* records added since the last group commit */
+	struct tly_ledger_writer *writer; /* owned: runs the flight group's transaction */
+	rd_kafka_queue_t *wake_queue;     /* owned: the consumer queue, yielded by the writer */
+	struct group flight, ready;       /* committing on the writer; decided, waiting for it */
+	size_t pending;                   /* records added and not decided yet */
 	int64_t opened_ms;                /* when the first of them was added */
 	size_t max_events;
 	int64_t max_ms;
@@ -103,6 +117,13 @@ static int64_t now_us(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* On the writer's thread: a transaction ran, wake the consumer loop out of its poll. */
+static void wake_loop(void *ud)
+{
+	struct app *app = ud;
+	rd_kafka_queue_yield(app->wake_queue);
 }
 
 static void usage(FILE *out)
@@ -291,45 +312,43 @@ static void count_batch(struct app *app, struct slot *s, const struct tly_ledger
 }
 
 /*
- * Group commit: decide the open batches of every partition and commit them in one transaction,
- * then publish each. On failure every partition of the group drops its state and reloads (their
- * wallets moved past the database); a fenced one waits longer, another owner has it.
+ * The flight group's transaction ran with rc: publish each committed batch, in order. On failure
+ * every partition of it and of the ready group (decided on top of it, discarded) drops its state
+ * and reloads (their wallets moved past the database); a fenced one waits longer, another owner
+ * has it.
  */
-static void commit_all(struct app *app)
+static void finish_flight(struct app *app, int rc, const struct tly_pg_error *err)
 {
-	struct tly_pg_error err = {0};
-	size_t n = 0;
-	if (app->pending == 0)
-		return;
-	for (int32_t i = 0; i < app->partition_count; i++) {
-		struct tly_ledger_partition *part = app->slots[i].part;
-		if (part && tly_ledger_partition_pending(part))
-			app->group[n++] = (struct tly_ledger_group_item){
-				.part = part,
-				.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
+	struct group *g = &app->flight;
+	int32_t *ready_parts = NULL; /* read before a reset frees what the ready items point to */
+	size_t n_ready = 0;
+	if (rc != 0 && app->ready.n) {
+		if (!(ready_parts = calloc(app->ready.n, sizeof(*ready_parts)))) {
+			tly_error("could not drop the ready group: out of memory", NULL);
+			app->failed = true;
+		}
+		for (size_t k = 0; ready_parts && k < app->ready.n; k++)
+			ready_parts[n_ready++] = tly_ledger_partition_id(app->ready.items[k].part);
 	}
-	size_t records = app->pending;
-	app->pending = 0;
-	if (n == 0)
-		return;
-	int64_t t0 = now_us();
-	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_commit(app->group, n, &app->ctx, &err)
-				       : TLY_E_PG;
+	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
+	int64_t commit_us = now_us() - g->submitted_at_us;
 	if (rc == 0) {
-		tly_metrics_observe(app->m.batch, (double)records);
-		tly_metrics_observe(app->m.commit, (double)(now_us() - t0) / 1e6);
+		tly_metrics_observe(app->m.batch, (double)g->records);
+		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
+		tly_health_set_pg(app->health, true);
 		app->pg_checked_ms = now_ms();
 	}
-	tly_debug("group committed", "partitions=%zu records=%zu waited_us=%" PRId64 " commit_us=%" PRId64,
-		  n, records, (t0 - 1000 * app->opened_ms), now_us() - t0);
-	for (size_t k = 0; k < n; k++) {
-		struct tly_ledger_group_item *it = &app->group[k];
+	tly_debug("group committed", "partitions=%zu records=%zu waited_us=%" PRId64 " decide_us=%" PRId64
+		  " commit_us=%" PRId64 " ok=%s",
+		  g->n, g->records, g->waited_us, g->decided_us, commit_us, rc == 0 ? "true" : "false");
+	for (size_t k = 0; k < g->n; k++) {
+		struct tly_ledger_group_item *it = &g->items[k];
 		int32_t partition = tly_ledger_partition_id(it->part);
 		if (rc == 0) {
 			tly_debug("batch committed", "partition=%d first_offset=%" PRId64
 				  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
 				  (int)partition, it->out.first_offset, it->out.end_offset,
-				  it->out.n_entries, it->out.n_quarantined, n);
+				  it->out.n_entries, it->out.n_quarantined, g->n);
 			count_batch(app, &app->slots[partition], &it->out);
 			if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
 				tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
@@ -337,22 +356,127 @@ static void commit_all(struct app *app)
 					 it->out.end_offset);
 		} else if (it->fenced) {
 			tly_error("could not commit batch: this process lost the partition",
-				  "partition=%d reason=\"%s\"", (int)partition, err.message);
+				  "partition=%d reason=\"%s\"", (int)partition, err->message);
 			reset_partition(app, partition, FENCED_BACKOFF_MS);
 		} else {
 			/* The markers handed out were not stored: they are handed out again later. */
 			reset_partition(app, partition, RELOAD_BACKOFF_MS);
 		}
 	}
+	tly_ledger_store_txn_free(g->txn);
+	g->txn = NULL;
+	size_t n = g->n;
+	g->n = 0;
 	if (rc == 0)
 		return;
-	if (err.errclass == TLY_ERRCLASS_RETRIABLE)
+	for (size_t k = 0; k < n_ready; k++)
+		if (app->slots[ready_parts[k]].part)
+			reset_partition(app, ready_parts[k], RELOAD_BACKOFF_MS);
+	free(ready_parts);
+	tly_ledger_store_txn_free(app->ready.txn);
+	app->ready.txn = NULL;
+	app->ready.n = 0;
+	if (err->errclass == TLY_ERRCLASS_RETRIABLE)
 		tly_warn("could not commit batch, retrying from the stored offsets",
-			 "partitions=%zu reason=\"%s\"", n, err.message);
-	else if (err.errclass != TLY_ERRCLASS_PERMANENT) {
-		tly_error("could not commit batch", "partitions=%zu reason=\"%s\"", n, err.message);
+			 "partitions=%zu reason=\"%s\"", n, err->message);
+	else if (err->errclass != TLY_ERRCLASS_PERMANENT) {
+		tly_error("could not commit batch", "partitions=%zu reason=\"%s\"", n, err->message);
 		app->failed = true;
 	}
+}
+
+/* Take the flight group back from the writer (waiting up to timeout_ms, -1: until it ran). */
+static void complete_flight(struct app *app, int timeout_ms)
+{
+	struct tly_pg_error err = {0};
+	int rc = 0;
+	if (!app->writer || !tly_ledger_writer_busy(app->writer))
+		return;
+	struct tly_ledger_txn *txn = tly_ledger_writer_take(app->writer, timeout_ms, &rc, &err);
+	if (!txn)
+		return;
+	app->flight.txn = txn;
+	finish_flight(app, rc, &err);
+}
+
+/* The ready group goes to the writer as soon as it is free. */
+static void submit_ready(struct app *app)
+{
+	if (app->ready.n == 0 || !app->writer || tly_ledger_writer_busy(app->writer))
+		return;
+	struct group g = app->flight;
+	app->flight = app->ready;
+	app->ready = g;
+	app->ready.n = 0;
+	app->flight.submitted_at_us = now_us();
+	tly_ledger_writer_submit(app->writer, app->flight.txn);
+	app->flight.txn = NULL; /* the writer has it until complete_flight */
+}
+
+/*
+ * Group commit, step one: decide the open batches of every partition and build their
+ * transaction, the ready group (sent at once when the writer is free). Only while no group is
+ * ready, so a partition has at most one decided batch before (the flight's).
+ */
+static void decide_group(struct app *app)
+{
+	struct tly_pg_error err = {0};
+	struct group *g = &app->ready;
+	size_t n = 0;
+	if (app->pending == 0 || g->n || !app->writer)
+		return;
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		struct tly_ledger_partition *part = app->slots[i].part;
+		if (part && tly_ledger_partition_pending(part))
+			g->items[n++] = (struct tly_ledger_group_item){
+				.part = part,
+				.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
+	}
+	g->records = app->pending;
+	g->waited_us = now_us() - 1000 * app->opened_ms;
+	app->pending = 0;
+	if (n == 0)
+		return;
+	int64_t t0 = now_us();
+	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_decide(g->items, n, &app->ctx, &g->txn, &err)
+				       : TLY_E_PG;
+	g->decided_us = now_us() - t0;
+	if (rc == 0) {
+		g->n = n;
+		return;
+	}
+	/* Their wallets may have moved: drop them, after the flight group (it may hold some). */
+	complete_flight(app, -1);
+	for (size_t k = 0; k < n; k++) {
+		int32_t partition = tly_ledger_partition_id(g->items[k].part);
+		if (app->slots[partition].part)
+			reset_partition(app, partition, RELOAD_BACKOFF_MS);
+	}
+	if (err.errclass == TLY_ERRCLASS_RETRIABLE)
+		tly_warn("could not decide batch, retrying from the stored offsets",
+			 "partitions=%zu reason=\"%s\"", n, err.message);
+	else {
+		tly_error("could not decide batch", "partitions=%zu reason=\"%s\"", n, err.message);
+		app->failed = true;
+	}
+}
+
+/* Every decided group committed (or failed) and handled. */
+static void drain(struct app *app)
+{
+	while (app->writer && (tly_ledger_writer_busy(app->writer) || app->ready.n)) {
+		complete_flight(app, -1);
+		submit_ready(app);
+	}
+}
+
+/* Decide what is open and commit everything (revocation, shutdown). */
+static void commit_all(struct app *app)
+{
+	drain(app);
+	decide_group(app);
+	submit_ready(app);
+	drain(app);
 }
 
 /* Store the delivered marker of a partition outside a batch (revocation, shutdown). */
@@ -404,6 +528,7 @@ static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
 
 static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, bool lost)
 {
+	drain(app); /* decided groups first: the compare-and-set refuses them if another owner moved on */
 	for (int i = 0; i < parts->cnt; i++) {
 		int32_t p = parts->elems[i].partition;
 		if (p < 0 || p >= app->partition_count)
@@ -599,7 +724,8 @@ static int start(struct app *app)
 		goto out;
 	}
 	if (!(app->slots = calloc((size_t)app->partition_count, sizeof(*app->slots))) ||
-	    !(app->group = calloc((size_t)app->partition_count, sizeof(*app->group))) ||
+	    !(app->flight.items = calloc((size_t)app->partition_count, sizeof(*app->flight.items))) ||
+	    !(app->ready.items = calloc((size_t)app->partition_count, sizeof(*app->ready.items))) ||
 	    !(app->pub = tly_ledger_publisher_new(app->cfg, app->codec, app->partition_count, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not create the ledger producer", "reason=\"%s\"",
@@ -608,6 +734,13 @@ static int start(struct app *app)
 	}
 	if (metrics_partitions(app) != 0) {
 		tly_error("could not start: out of memory", NULL);
+		goto out;
+	}
+	if (!(app->wake_queue = rd_kafka_queue_get_consumer(app->consumer)) ||
+	    !(app->writer = tly_ledger_writer_new(app->database_url, wake_loop, app, errstr,
+						  sizeof(errstr)))) {
+		tly_error("could not start the writer", "reason=\"%s\"",
+			  app->wake_queue ? errstr : "no consumer queue");
 		goto out;
 	}
 	const char *const topics[] = {app->ctx.events_topic};
@@ -666,6 +799,9 @@ static void check_deliveries(struct app *app)
 		if (app->slots[i].part && tly_ledger_publisher_take_failure(app->pub, i)) {
 			tly_warn("delivery to tally.ledger failed; republishing from the marker",
 				 "partition=%d", (int)i);
+			drain(app); /* its decided batches, if any, are committed before it is dropped */
+			if (!app->slots[i].part)
+				continue;
 			reset_partition(app, i, RELOAD_BACKOFF_MS);
 		}
 	}
@@ -725,15 +861,18 @@ static void observe(struct app *app)
 		app->lag_at_ms = now;
 		refresh_lag(app);
 	}
-	if (!app->pending && now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
+	if (!app->pending && app->writer && !tly_ledger_writer_busy(app->writer) &&
+	    now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
 		check_pg(app);
 }
 
 /*
- * The loop. Records are taken as long as librdkafka has them ready; the group is committed as
- * soon as none is ready (so a lone event is decided at once and, under load, the batch grows
- * while the previous commit runs), or at ledger.batch.max.events, or ledger.batch.max.ms after
- * its first record.
+ * The loop. Records are taken as long as librdkafka has them ready; the open batches are decided
+ * as soon as none is ready (so a lone event is decided at once), or at ledger.batch.max.events,
+ * or ledger.batch.max.ms after the first record, and their transaction goes to the writer. While
+ * it commits, the loop goes on taking records and decides the next group, which waits for the
+ * writer (then taking records pauses at ledger.batch.max.events). The writer wakes the loop when
+ * a transaction ran; only then is its group published.
  */
 static void run(struct app *app)
 {
@@ -742,21 +881,33 @@ static void run(struct app *app)
 			reload_requested = 0;
 			tly_cli_reload(app->config_file, app->sets, app->n_sets, environ);
 		}
-		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, app->pending ? 0 : POLL_MS);
-		if (m) {
-			handle_message(app, m);
-			rd_kafka_message_destroy(m);
+		rd_kafka_message_t *m = NULL;
+		if (app->ready.n && app->pending >= app->max_events) {
+			complete_flight(app, POLL_MS); /* back pressure: the next group is full */
+		} else {
+			m = rd_kafka_consumer_poll(app->consumer,
+						   app->pending && !app->ready.n ? 0 : POLL_MS);
+			if (m) {
+				handle_message(app, m);
+				rd_kafka_message_destroy(m);
+			}
 		}
-		if (app->pending && (!m || app->pending >= app->max_events ||
-				     now_ms() - app->opened_ms >= app->max_ms))
-			commit_all(app);
+		complete_flight(app, 0);
+		submit_ready(app);
+		if (app->pending && !app->ready.n &&
+		    (!m || app->pending >= app->max_events || now_ms() - app->opened_ms >= app->max_ms)) {
+			decide_group(app);
+			submit_ready(app);
+		}
 		check_deliveries(app);
 		reload_due(app);
 		tly_ledger_publisher_poll(app->pub, 0);
 		observe(app);
 	}
-	if (app->failed)
+	if (app->failed) {
+		drain(app);
 		return;
+	}
 	tly_info("stopping: committing open batches", NULL);
 	commit_all(app);
 	if (tly_ledger_publisher_flush(app->pub, app->shutdown_ms) != 0)
@@ -802,6 +953,12 @@ int main(int argc, char **argv)
 	}
 	if (tly_log_level_parse(tly_config_str(app.cfg, "log.level"), &level) == 0)
 		tly_log_set_level(level);
+	/*
+	 * A group's buffers (its COPY payload, statements, decoded events) come and go every few
+	 * milliseconds: keep freed memory in the heap instead of mapping and faulting it in again.
+	 */
+	if (mallopt(M_MMAP_THRESHOLD, 64 << 20) != 1 || mallopt(M_TRIM_THRESHOLD, 256 << 20) != 1)
+		tly_warn("could not tune the allocator; going on with its defaults", NULL);
 	struct sigaction sa = {.sa_handler = on_stop}, hup = {.sa_handler = on_reload};
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
@@ -815,8 +972,17 @@ int main(int argc, char **argv)
 	run(&app);
 	rc = app.failed ? 1 : 0;
 out:
-	/* Leaving the group revokes what is left (their open batches were committed above). */
+	/*
+	 * Leaving the group revokes what is left (their open batches were committed above; the
+	 * writer is gone first, so nothing is decided any more and nothing wakes the queue).
+	 */
+	tly_ledger_writer_free(app.writer);
+	app.writer = NULL;
+	if (app.wake_queue)
+		rd_kafka_queue_destroy(app.wake_queue);
 	tly_kafka_consumer_destroy(app.consumer);
+	tly_ledger_store_txn_free(app.flight.txn);
+	tly_ledger_store_txn_free(app.ready.txn);
 	tly_http_stop(app.http);
 	tly_metrics_free(app.metrics);
 	tly_health_free(app.health);
@@ -824,7 +990,8 @@ out:
 	for (int32_t i = 0; app.slots && i < app.partition_count; i++)
 		tly_ledger_partition_free(app.slots[i].part);
 	free(app.slots);
-	free(app.group);
+	free(app.flight.items);
+	free(app.ready.items);
 	tly_codec_free(app.codec);
 	if (app.conn)
 		PQfinish(app.conn);

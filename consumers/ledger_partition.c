@@ -37,29 +37,44 @@ struct cache_slot {
 	bool used;
 };
 
-struct tly_ledger_partition {
-	int32_t partition;
-	int64_t stored_offset;   /* next offset stored in PostgreSQL; -1: none yet */
-	int64_t next_offset;     /* after the last record added */
-	struct tly_uuidmap *wallets; /* tenant -> struct tly_wallet * (owned) */
-	struct cache_slot *cache;    /* CACHE_SLOTS */
-
-	struct record *recs;     /* open batch */
+/*
+ * The records of one batch and what deciding them produced. A batch is open (records are added),
+ * then decided (its transaction built: waiting for or running on the writer), then done (its
+ * outcome handed over; reused as the next open batch).
+ */
+struct batch {
+	struct record *recs;
 	size_t n_recs, cap_recs;
 	struct tly_buf bytes;
 	int64_t opened_ms;
-
-	/* per-batch scratch, reused */
-	struct tly_event *events; /* cap_recs of them, each with its arena */
+	struct tly_event *events;          /* cap_recs of them, each with its arena */
 	struct tly_entries entries;
 	struct tly_uuidmap *batch_seen;    /* (tenant, event id) -> struct record * (first with entries) */
 	struct tly_uuidmap *touched;       /* tenant -> wallet */
 	struct tly_wallet **touched_list;
 	size_t n_touched, cap_touched;
 	struct tly_ledger_quarantined *quarantined;
+	size_t n_quarantined;
 	struct tly_ledger_input *inputs;   /* applied records, kept for re-execution */
+	size_t n_inputs;
 	struct tly_arena *arena;           /* details */
-	struct tly_buf encoded;
+	int64_t new_offset;                /* after its last record */
+};
+
+/* One open batch and at most two decided ones: one committing, the next waiting for it. */
+#define BATCHES 3
+
+struct tly_ledger_partition {
+	int32_t partition;
+	int64_t decided_offset;  /* next offset once every decided batch is stored; -1: none yet */
+	int64_t next_offset;     /* after the last record added */
+	struct tly_uuidmap *wallets; /* tenant -> struct tly_wallet * (owned) */
+	struct cache_slot *cache;    /* CACHE_SLOTS, committed pairs only */
+	struct batch batches[BATCHES];
+	struct batch *open;
+	struct batch *decided[BATCHES - 1]; /* oldest first */
+	size_t n_decided;
+	struct tly_buf encoded;      /* scratch of classify */
 };
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
@@ -87,9 +102,14 @@ struct tly_ledger_partition *tly_ledger_partition_open(const struct tly_ledger_c
 						       int32_t partition, struct tly_pg_error *err)
 {
 	struct tly_ledger_partition *p = calloc(1, sizeof(*p));
-	if (!p || !(p->wallets = tly_uuidmap_new()) || !(p->batch_seen = tly_uuidmap_new()) ||
-	    !(p->touched = tly_uuidmap_new()) || !(p->cache = calloc(CACHE_SLOTS, sizeof(*p->cache))) ||
-	    !(p->arena = tly_arena_new())) {
+	bool ok = p && (p->wallets = tly_uuidmap_new()) &&
+		  (p->cache = calloc(CACHE_SLOTS, sizeof(*p->cache)));
+	for (int i = 0; ok && i < BATCHES; i++) {
+		struct batch *b = &p->batches[i];
+		ok = (b->batch_seen = tly_uuidmap_new()) && (b->touched = tly_uuidmap_new()) &&
+		     (b->arena = tly_arena_new());
+	}
+	if (!ok) {
 		if (err) {
 			err->errclass = TLY_ERRCLASS_FATAL;
 			err->sqlstate[0] = '\0';
@@ -98,11 +118,12 @@ struct tly_ledger_partition *tly_ledger_partition_open(const struct tly_ledger_c
 		goto fail;
 	}
 	p->partition = partition;
-	if (tly_ledger_store_load_offset(ctx->conn, ctx->events_topic, partition, &p->stored_offset,
+	p->open = &p->batches[0];
+	if (tly_ledger_store_load_offset(ctx->conn, ctx->events_topic, partition, &p->decided_offset,
 					 err) != 0 ||
 	    tly_ledger_store_load_wallets(ctx->conn, partition, adopt_wallet, p, err) != 0)
 		goto fail;
-	p->next_offset = p->stored_offset < 0 ? 0 : p->stored_offset;
+	p->next_offset = p->decided_offset < 0 ? 0 : p->decided_offset;
 	return p;
 fail:
 	tly_ledger_partition_free(p);
@@ -114,19 +135,22 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 	if (!p)
 		return;
 	free_wallets(p->wallets);
-	tly_uuidmap_free(p->batch_seen);
-	tly_uuidmap_free(p->touched);
 	free(p->cache);
-	free(p->recs);
-	tly_buf_free(&p->bytes);
-	for (size_t i = 0; p->events && i < p->cap_recs; i++)
-		tly_event_free(&p->events[i]);
-	free(p->events);
-	tly_entries_free(&p->entries);
-	free(p->touched_list);
-	free(p->quarantined);
-	free(p->inputs);
-	tly_arena_free(p->arena);
+	for (int k = 0; k < BATCHES; k++) {
+		struct batch *b = &p->batches[k];
+		tly_uuidmap_free(b->batch_seen);
+		tly_uuidmap_free(b->touched);
+		free(b->recs);
+		tly_buf_free(&b->bytes);
+		for (size_t i = 0; b->events && i < b->cap_recs; i++)
+			tly_event_free(&b->events[i]);
+		free(b->events);
+		tly_entries_free(&b->entries);
+		free(b->touched_list);
+		free(b->quarantined);
+		free(b->inputs);
+		tly_arena_free(b->arena);
+	}
 	tly_buf_free(&p->encoded);
 	free(p);
 }
@@ -162,12 +186,17 @@ int64_t tly_ledger_partition_open_holds(const struct tly_ledger_partition *p)
 
 size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p)
 {
-	return p->n_recs;
+	return p->open->n_recs;
+}
+
+size_t tly_ledger_partition_decided(const struct tly_ledger_partition *p)
+{
+	return p->n_decided;
 }
 
 int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p)
 {
-	return p->opened_ms;
+	return p->open->opened_ms;
 }
 
 /* ---- adding records ----------------------------------------------------------------------- */
@@ -191,27 +220,27 @@ static int buf_append(struct tly_buf *buf, const void *data, size_t len, size_t 
 	return 0;
 }
 
-static int grow_records(struct tly_ledger_partition *p)
+static int grow_records(struct batch *b)
 {
-	size_t cap = p->cap_recs ? p->cap_recs * 2 : 256;
-	struct record *recs = realloc(p->recs, cap * sizeof(*recs));
+	size_t cap = b->cap_recs ? b->cap_recs * 2 : 256;
+	struct record *recs = realloc(b->recs, cap * sizeof(*recs));
 	if (!recs)
 		return TLY_E_NOMEM;
-	p->recs = recs;
-	struct tly_event *events = realloc(p->events, cap * sizeof(*events));
+	b->recs = recs;
+	struct tly_event *events = realloc(b->events, cap * sizeof(*events));
 	if (!events)
 		return TLY_E_NOMEM;
-	memset(events + p->cap_recs, 0, (cap - p->cap_recs) * sizeof(*events));
-	p->events = events;
-	struct tly_ledger_quarantined *q = realloc(p->quarantined, cap * sizeof(*q));
+	memset(events + b->cap_recs, 0, (cap - b->cap_recs) * sizeof(*events));
+	b->events = events;
+	struct tly_ledger_quarantined *q = realloc(b->quarantined, cap * sizeof(*q));
 	if (!q)
 		return TLY_E_NOMEM;
-	p->quarantined = q;
-	struct tly_ledger_input *in = realloc(p->inputs, cap * sizeof(*in));
+	b->quarantined = q;
+	struct tly_ledger_input *in = realloc(b->inputs, cap * sizeof(*in));
 	if (!in)
 		return TLY_E_NOMEM;
-	p->inputs = in;
-	p->cap_recs = cap;
+	b->inputs = in;
+	b->cap_recs = cap;
 	return 0;
 }
 
@@ -219,24 +248,25 @@ int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, con
 			     size_t keylen, const void *value, size_t valuelen, int64_t now_ms,
 			     bool *added)
 {
+	struct batch *b = p->open;
 	*added = false;
 	if (offset < p->next_offset)
 		return 0;
-	if (p->n_recs == p->cap_recs && grow_records(p) != 0)
+	if (b->n_recs == b->cap_recs && grow_records(b) != 0)
 		return TLY_E_NOMEM;
-	struct record *r = &p->recs[p->n_recs];
+	struct record *r = &b->recs[b->n_recs];
 	memset(r, 0, sizeof(*r));
 	r->offset = offset;
 	r->has_key = key != NULL;
 	r->has_value = value != NULL;
 	r->keylen = key ? keylen : 0;
 	r->valuelen = value ? valuelen : 0;
-	if (buf_append(&p->bytes, key, r->keylen, &r->key_at) != 0 ||
-	    buf_append(&p->bytes, value, r->valuelen, &r->value_at) != 0)
+	if (buf_append(&b->bytes, key, r->keylen, &r->key_at) != 0 ||
+	    buf_append(&b->bytes, value, r->valuelen, &r->value_at) != 0)
 		return TLY_E_NOMEM;
-	if (p->n_recs == 0)
-		p->opened_ms = now_ms;
-	p->n_recs++;
+	if (b->n_recs == 0)
+		b->opened_ms = now_ms;
+	b->n_recs++;
 	p->next_offset = offset + 1;
 	*added = true;
 	return 0;
@@ -271,21 +301,21 @@ static void cache_put(struct tly_ledger_partition *p, const tly_uuid *tenant,
 	s->used = true;
 }
 
-static const void *rec_key(const struct tly_ledger_partition *p, const struct record *r)
+static const void *rec_key(const struct batch *b, const struct record *r)
 {
-	return r->has_key ? p->bytes.data + r->key_at : NULL;
+	return r->has_key ? b->bytes.data + r->key_at : NULL;
 }
 
-static const void *rec_value(const struct tly_ledger_partition *p, const struct record *r)
+static const void *rec_value(const struct batch *b, const struct record *r)
 {
-	return r->has_value ? p->bytes.data + r->value_at : NULL;
+	return r->has_value ? b->bytes.data + r->value_at : NULL;
 }
 
 static void quarantine(struct tly_ledger_partition *p, struct record *r, const char *reason,
 		       const char *detail)
 {
 	r->reason = reason;
-	r->detail = detail ? tly_arena_strndup(p->arena, detail, strlen(detail)) : NULL;
+	r->detail = detail ? tly_arena_strndup(p->open->arena, detail, strlen(detail)) : NULL;
 	tly_warn("quarantining input record", "partition=%d offset=%" PRId64 " reason=%s detail=\"%s\"",
 		 (int)p->partition, r->offset, reason, detail ? detail : "");
 }
@@ -295,7 +325,8 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 		    struct record *r, struct tly_event *ev)
 {
 	char errstr[256], keytext[37];
-	int rc = tly_codec_decode(ctx->codec, rec_value(p, r), r->valuelen, ev, errstr,
+	const struct batch *b = p->open;
+	int rc = tly_codec_decode(ctx->codec, rec_value(b, r), r->valuelen, ev, errstr,
 				  sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
 		return rc;
@@ -320,7 +351,7 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			quarantine(p, r, "bad_key", "the key is not a 36-character UUID");
 			return 0;
 		}
-		memcpy(keytext, rec_key(p, r), 36);
+		memcpy(keytext, rec_key(b, r), 36);
 		keytext[36] = '\0';
 		if (tly_uuid_parse(keytext, &key) != 0) {
 			quarantine(p, r, "bad_key", "the key is not a UUID");
@@ -330,7 +361,7 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			quarantine(p, r, "key_mismatch", "the key is not the event's tenant_id");
 			return 0;
 		}
-		int32_t want = tly_kafka_partition_for_key(rec_key(p, r), r->keylen, ctx->partition_count);
+		int32_t want = tly_kafka_partition_for_key(rec_key(b, r), r->keylen, ctx->partition_count);
 		if (want != p->partition) {
 			snprintf(errstr, sizeof(errstr), "murmur2 of key %s gives partition %d of %d",
 				 keytext, (int)want, (int)ctx->partition_count);
@@ -353,20 +384,20 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 	return 0;
 }
 
-static int touch(struct tly_ledger_partition *p, struct tly_wallet *w)
+static int touch(struct batch *b, struct tly_wallet *w)
 {
-	if (tly_uuidmap_get(p->touched, tly_wallet_tenant(w), NULL))
+	if (tly_uuidmap_get(b->touched, tly_wallet_tenant(w), NULL))
 		return 0;
-	if (p->n_touched == p->cap_touched) {
-		size_t cap = p->cap_touched ? p->cap_touched * 2 : 64;
-		struct tly_wallet **l = realloc(p->touched_list, cap * sizeof(*l));
+	if (b->n_touched == b->cap_touched) {
+		size_t cap = b->cap_touched ? b->cap_touched * 2 : 64;
+		struct tly_wallet **l = realloc(b->touched_list, cap * sizeof(*l));
 		if (!l)
 			return TLY_E_NOMEM;
-		p->touched_list = l;
-		p->cap_touched = cap;
+		b->touched_list = l;
+		b->cap_touched = cap;
 	}
-	p->touched_list[p->n_touched++] = w;
-	return tly_uuidmap_put(p->touched, tly_wallet_tenant(w), NULL, w);
+	b->touched_list[b->n_touched++] = w;
+	return tly_uuidmap_put(b->touched, tly_wallet_tenant(w), NULL, w);
 }
 
 static int wallet_for(struct tly_ledger_partition *p, const tly_uuid *tenant,
@@ -396,7 +427,7 @@ static int tick_all(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 		if (!w)
 			continue;
 		tly_wallet_balance(w, &before);
-		int rc = tly_ledger_tick(&ctx->decide, w, ev->occurred_at, cause, &p->entries, errstr,
+		int rc = tly_ledger_tick(&ctx->decide, w, ev->occurred_at, cause, &p->open->entries, errstr,
 					 sizeof(errstr));
 		if (rc != 0) {
 			tly_error("could not apply a clock tick", "partition=%d reason=\"%s\"",
@@ -405,7 +436,7 @@ static int tick_all(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 		}
 		tly_wallet_balance(w, &after);
 		if ((before.seq != after.seq || before.ledger_time != after.ledger_time) &&
-		    touch(p, w) != 0)
+		    touch(p->open, w) != 0)
 			return TLY_E_NOMEM;
 	}
 	return 0;
@@ -415,6 +446,7 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 		     struct record *r, const struct tly_event *ev)
 {
 	char errstr[256];
+	struct batch *b = p->open;
 	const struct tly_event_desc *desc = tly_event_desc(ev->type);
 	struct tly_cause cause = {ev->event_id, desc->name, p->partition, r->offset, {0}};
 	memcpy(cause.digest, r->digest, 32);
@@ -425,36 +457,38 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	if (wallet_for(p, &ev->tenant_id, &w) != 0)
 		return TLY_E_NOMEM;
 	struct tly_seen seen = r->seen;
-	const struct record *earlier = tly_uuidmap_get(p->batch_seen, &ev->tenant_id, &ev->event_id);
+	const struct record *earlier = tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id);
 	if (!seen.seen && earlier) {
 		seen.seen = true;
 		memcpy(seen.digest, earlier->digest, 32);
 	}
-	size_t before = p->entries.n;
-	int rc = tly_ledger_apply(&ctx->decide, w, ev, &cause, &seen, &p->entries, errstr,
+	size_t before = b->entries.n;
+	int rc = tly_ledger_apply(&ctx->decide, w, ev, &cause, &seen, &b->entries, errstr,
 				  sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
 		return rc;
 	if (rc != 0) {
-		p->entries.n = before;
+		b->entries.n = before;
 		quarantine(p, r, "not_applicable", errstr);
 		return 0;
 	}
-	if (touch(p, w) != 0)
+	if (touch(b, w) != 0)
 		return TLY_E_NOMEM;
-	if (p->entries.n > before && !seen.seen &&
-	    tly_uuidmap_put(p->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
+	if (b->entries.n > before && !seen.seen &&
+	    tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
 		return TLY_E_NOMEM;
 	return 0;
 }
 
-static void reset_batch_scratch(struct tly_ledger_partition *p)
+static void reset_batch_scratch(struct batch *b)
 {
-	tly_entries_clear(&p->entries);
-	tly_uuidmap_clear(p->batch_seen);
-	tly_uuidmap_clear(p->touched);
-	p->n_touched = 0;
-	tly_arena_reset(p->arena);
+	tly_entries_clear(&b->entries);
+	tly_uuidmap_clear(b->batch_seen);
+	tly_uuidmap_clear(b->touched);
+	b->n_touched = 0;
+	b->n_quarantined = 0;
+	b->n_inputs = 0;
+	tly_arena_reset(b->arena);
 }
 
 static void set_fatal(struct tly_pg_error *err, const char *msg)
@@ -466,26 +500,46 @@ static void set_fatal(struct tly_pg_error *err, const char *msg)
 	snprintf(err->message, sizeof(err->message), "%s", msg);
 }
 
-/* Step 1: decode and check the open batch; add what the cache does not know to keys. */
+/*
+ * What this process already knows of (tenant, event id) without asking the database: a
+ * recently committed pair (the cache), or one of a decided batch not yet committed (exact).
+ */
+static bool known(const struct tly_ledger_partition *p, const tly_uuid *tenant,
+		  const tly_uuid *event_id, struct tly_seen *seen)
+{
+	const struct cache_slot *hit = cache_get(p, tenant, event_id);
+	if (hit) {
+		seen->seen = true;
+		memcpy(seen->digest, hit->digest, 32);
+		return true;
+	}
+	for (size_t k = 0; k < p->n_decided; k++) {
+		const struct record *r = tly_uuidmap_get(p->decided[k]->batch_seen, tenant, event_id);
+		if (r) {
+			seen->seen = true;
+			memcpy(seen->digest, r->digest, 32);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Step 1: decode and check the open batch; add what is not known in memory to keys. */
 static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
 		   struct tly_ledger_seen_key *keys, size_t *n_keys)
 {
-	reset_batch_scratch(p);
-	for (size_t i = 0; i < p->n_recs; i++) {
-		struct record *r = &p->recs[i];
-		struct tly_event *ev = &p->events[i];
+	struct batch *b = p->open;
+	reset_batch_scratch(b);
+	for (size_t i = 0; i < b->n_recs; i++) {
+		struct record *r = &b->recs[i];
+		struct tly_event *ev = &b->events[i];
 		int rc = classify(p, ctx, r, ev);
 		if (rc != 0)
 			return rc;
 		r->lookup = false;
-		if (r->reason || ev->type == TLY_EV_CLOCK_TICK)
+		if (r->reason || ev->type == TLY_EV_CLOCK_TICK ||
+		    known(p, &ev->tenant_id, &ev->event_id, &r->seen))
 			continue;
-		const struct cache_slot *hit = cache_get(p, &ev->tenant_id, &ev->event_id);
-		if (hit) {
-			r->seen.seen = true;
-			memcpy(r->seen.digest, hit->digest, 32);
-			continue;
-		}
 		r->lookup = true;
 		r->key_index = *n_keys;
 		keys[*n_keys].tenant_id = ev->tenant_id;
@@ -495,17 +549,17 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 	return 0;
 }
 
-/* Step 3: decide in offset order; fill c with what the transaction writes. */
+/* Step 3: decide the open batch in offset order; fill c with what the transaction writes. */
 static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
 		  const struct tly_ledger_seen_key *keys, int64_t published_offset,
 		  struct tly_ledger_commit *c, struct tly_pg_error *err)
 {
-	size_t nq = 0, ni = 0;
-	for (size_t i = 0; i < p->n_recs; i++) {
-		struct record *r = &p->recs[i];
+	struct batch *b = p->open;
+	for (size_t i = 0; i < b->n_recs; i++) {
+		struct record *r = &b->recs[i];
 		if (r->lookup)
 			r->seen = keys[r->key_index].seen;
-		int rc = r->reason ? 0 : apply_one(p, ctx, r, &p->events[i]);
+		int rc = r->reason ? 0 : apply_one(p, ctx, r, &b->events[i]);
 		if (rc == TLY_E_NOMEM)
 			return rc;
 		if (rc != 0) {
@@ -516,100 +570,117 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 			return TLY_E_PG;
 		}
 	}
-	for (size_t i = 0; i < p->n_recs; i++) {
-		struct record *r = &p->recs[i];
+	for (size_t i = 0; i < b->n_recs; i++) {
+		struct record *r = &b->recs[i];
 		if (r->reason)
-			p->quarantined[nq++] = (struct tly_ledger_quarantined){
-				ctx->events_topic, p->partition, r->offset, rec_key(p, r), r->keylen,
-				rec_value(p, r), r->valuelen, r->reason, r->detail};
+			b->quarantined[b->n_quarantined++] = (struct tly_ledger_quarantined){
+				ctx->events_topic, p->partition, r->offset, rec_key(b, r), r->keylen,
+				rec_value(b, r), r->valuelen, r->reason, r->detail};
 		else
-			p->inputs[ni++] = (struct tly_ledger_input){
+			b->inputs[b->n_inputs++] = (struct tly_ledger_input){
 				r->offset,
-				p->events[i].type == TLY_EV_CLOCK_TICK ? NULL : &p->events[i].tenant_id,
-				rec_value(p, r), r->valuelen};
+				b->events[i].type == TLY_EV_CLOCK_TICK ? NULL : &b->events[i].tenant_id,
+				rec_value(b, r), r->valuelen};
 	}
+	b->new_offset = b->recs[b->n_recs - 1].offset + 1;
 	*c = (struct tly_ledger_commit){
 		.topic = ctx->events_topic,
 		.partition = p->partition,
-		.old_offset = p->stored_offset,
-		.new_offset = p->recs[p->n_recs - 1].offset + 1,
-		.entries = p->entries.items,
-		.n_entries = p->entries.n,
-		.wallets = p->touched_list,
-		.n_wallets = p->n_touched,
-		.quarantined = p->quarantined,
-		.n_quarantined = nq,
-		.inputs = p->inputs,
-		.n_inputs = ni,
+		.old_offset = p->decided_offset,
+		.new_offset = b->new_offset,
+		.entries = b->entries.items,
+		.n_entries = b->entries.n,
+		.wallets = b->touched_list,
+		.n_wallets = b->n_touched,
+		.quarantined = b->quarantined,
+		.n_quarantined = b->n_quarantined,
+		.inputs = b->inputs,
+		.n_inputs = b->n_inputs,
 		.ledger_topic = ctx->ledger_topic,
 		.published_offset = published_offset,
 	};
 	return 0;
 }
 
-/* Step 5, once committed: remember the new ids, hand the outcome over, empty the batch. */
-static void committed(struct tly_ledger_partition *p, const struct tly_ledger_commit *c,
-		      struct tly_ledger_batch_out *out)
+/* Step 4, once its transaction is built: the open batch is decided, a free one opens. */
+static void close_open(struct tly_ledger_partition *p)
 {
-	for (size_t i = 0; i < p->n_recs; i++) {
-		const struct tly_event *ev = &p->events[i];
-		if (!p->recs[i].reason && ev->type != TLY_EV_CLOCK_TICK &&
-		    tly_uuidmap_get(p->batch_seen, &ev->tenant_id, &ev->event_id) == &p->recs[i])
-			cache_put(p, &ev->tenant_id, &ev->event_id, p->recs[i].digest);
+	struct batch *b = p->open;
+	for (size_t i = 0; i < b->n_touched; i++)
+		tly_wallet_mark_saved(b->touched_list[i]); /* their changes are in the transaction */
+	p->decided_offset = b->new_offset;
+	p->decided[p->n_decided++] = b;
+	for (int k = 0; k < BATCHES; k++) {
+		struct batch *f = &p->batches[k];
+		bool busy = false;
+		for (size_t d = 0; d < p->n_decided; d++)
+			busy |= p->decided[d] == f;
+		if (!busy) {
+			p->open = f;
+			break;
+		}
 	}
-	for (size_t i = 0; i < p->n_touched; i++)
-		tly_wallet_mark_saved(p->touched_list[i]);
-	*out = (struct tly_ledger_batch_out){p->entries.items, p->entries.n, p->quarantined,
-					     c->n_quarantined, p->recs[0].offset, c->new_offset};
-	p->stored_offset = c->new_offset;
-	p->n_recs = 0;
-	p->bytes.len = 0;
+	p->open->n_recs = 0;
+	p->open->bytes.len = 0;
 }
 
-int tly_ledger_partition_commit(struct tly_ledger_group_item *items, size_t n,
-				const struct tly_ledger_ctx *ctx, struct tly_pg_error *err)
+/* Step 5, once committed: remember the oldest decided batch's ids, hand its outcome over. */
+static void committed(struct tly_ledger_partition *p, struct tly_ledger_batch_out *out)
+{
+	struct batch *b = p->decided[0];
+	for (size_t i = 0; i < b->n_recs; i++) {
+		const struct tly_event *ev = &b->events[i];
+		if (!b->recs[i].reason && ev->type != TLY_EV_CLOCK_TICK &&
+		    tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id) == &b->recs[i])
+			cache_put(p, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
+	}
+	/* b's memory stays as it is until it opens again, after the caller used out */
+	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, b->quarantined,
+					     b->n_quarantined, b->recs[0].offset, b->new_offset};
+	p->n_decided--;
+	memmove(p->decided, p->decided + 1, p->n_decided * sizeof(*p->decided));
+}
+
+int tly_ledger_partition_decide(struct tly_ledger_group_item *items, size_t n,
+				const struct tly_ledger_ctx *ctx, struct tly_ledger_txn **txn,
+				struct tly_pg_error *err)
 {
 	int rc = TLY_E_NOMEM;
 	struct tly_ledger_seen_key *keys = NULL;
 	struct tly_ledger_commit *commits = NULL;
-	bool *fenced = NULL;
-	size_t *at = NULL; /* commits[k] is the batch of items[at[k]] */
-	size_t n_recs = 0, n_keys = 0, n_commits = 0;
+	size_t n_recs = 0, n_keys = 0;
+	*txn = NULL;
 	for (size_t i = 0; i < n; i++) {
 		items[i].fenced = false;
 		memset(&items[i].out, 0, sizeof(items[i].out));
-		n_recs += items[i].part->n_recs;
+		if (items[i].part->open->n_recs == 0 || items[i].part->n_decided == BATCHES - 1) {
+			set_fatal(err, "a partition of the group has no open batch to decide");
+			return TLY_E_PG;
+		}
+		n_recs += items[i].part->open->n_recs;
 	}
-	if (n_recs == 0)
-		return 0;
-	if (!(keys = calloc(n_recs, sizeof(*keys))) || !(commits = calloc(n, sizeof(*commits))) ||
-	    !(fenced = calloc(n, sizeof(*fenced))) || !(at = calloc(n, sizeof(*at))))
+	if (!(keys = calloc(n_recs ? n_recs : 1, sizeof(*keys))) ||
+	    !(commits = calloc(n ? n : 1, sizeof(*commits))))
 		goto fail;
 	/* 1. decode and check; what is left needs to know whether its event id was seen */
 	for (size_t i = 0; i < n; i++)
 		if ((rc = prepare(items[i].part, ctx, keys, &n_keys)) != 0)
 			goto fail;
-	/* 2. one lookup for every pair the caches do not know */
+	/* 2. one lookup for every pair not known in memory (committed ones only: exact) */
 	if (n_keys && (rc = tly_ledger_store_lookup_seen(ctx->conn, keys, n_keys, err)) != 0)
 		goto fail_quiet;
 	/* 3. decide each partition in offset order */
-	for (size_t i = 0; i < n; i++) {
-		struct tly_ledger_partition *p = items[i].part;
-		if (p->n_recs == 0)
-			continue;
-		if ((rc = decide(p, ctx, keys, items[i].published_offset, &commits[n_commits], err)) != 0)
+	for (size_t i = 0; i < n; i++)
+		if ((rc = decide(items[i].part, ctx, keys, items[i].published_offset, &commits[i],
+				 err)) != 0)
 			goto fail;
-		at[n_commits++] = i;
-	}
-	/* 4. one transaction */
-	if ((rc = tly_ledger_store_commit(ctx->conn, commits, n_commits, fenced, err)) != 0) {
-		for (size_t k = 0; k < n_commits; k++)
-			items[at[k]].fenced = fenced[k];
+	/* 4. the transaction, with copies of what the consumer goes on changing */
+	if (!(*txn = tly_ledger_store_build(commits, n, err))) {
+		rc = TLY_E_NOMEM;
 		goto fail_quiet;
 	}
-	/* 5. committed */
-	for (size_t k = 0; k < n_commits; k++)
-		committed(items[at[k]].part, &commits[k], &items[at[k]].out);
+	for (size_t i = 0; i < n; i++)
+		close_open(items[i].part);
 	rc = 0;
 	goto out;
 fail:
@@ -620,7 +691,34 @@ fail_quiet:
 out:
 	free(keys);
 	free(commits);
-	free(fenced);
-	free(at);
+	return rc;
+}
+
+void tly_ledger_partition_finish(struct tly_ledger_group_item *items, size_t n,
+				 const struct tly_ledger_txn *txn, int rc)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (rc == 0)
+			committed(items[i].part, &items[i].out);
+		else
+			items[i].fenced = tly_ledger_store_txn_fenced(txn, i);
+	}
+}
+
+int tly_ledger_partition_commit(struct tly_ledger_group_item *items, size_t n,
+				const struct tly_ledger_ctx *ctx, struct tly_pg_error *err)
+{
+	struct tly_ledger_txn *txn;
+	size_t pending = 0;
+	for (size_t i = 0; i < n; i++)
+		pending += items[i].part->open->n_recs;
+	if (pending == 0)
+		return 0;
+	int rc = tly_ledger_partition_decide(items, n, ctx, &txn, err);
+	if (rc != 0)
+		return rc;
+	rc = tly_ledger_store_run(ctx->conn, txn, err);
+	tly_ledger_partition_finish(items, n, txn, rc);
+	tly_ledger_store_txn_free(txn);
 	return rc;
 }

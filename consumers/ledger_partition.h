@@ -1,8 +1,10 @@
 /*
  * One assigned partition of tally.events inside tally-ledger: its tenants' wallets (loaded from
- * their snapshots), the records of its open batch, a bounded cache of recently committed event
- * ids, and the batch step: decode, quarantine bad input, look up "seen" exactly, decide, commit.
- * Single-threaded: owned by the consumer loop.
+ * their snapshots), the records of its open batch, up to two decided batches whose transaction
+ * is not finished yet, a bounded cache of recently committed event ids, and the batch step:
+ * decode, quarantine bad input, look up "seen" exactly, decide, build the transaction; then,
+ * once it ran, hand the committed batch over. Single-threaded: owned by the consumer loop (only
+ * a built transaction goes to another thread).
  */
 #ifndef TLY_LEDGER_PARTITION_H
 #define TLY_LEDGER_PARTITION_H
@@ -30,7 +32,7 @@ struct tly_ledger_ctx {
 	int32_t partition_count;
 };
 
-/* The outcome of a committed batch, owned by the partition until its next commit or free. */
+/* The outcome of a committed batch, owned by the partition until its next decide or free. */
 struct tly_ledger_batch_out {
 	const struct tly_event *entries; /* committed entries in decision order */
 	size_t n_entries;
@@ -64,7 +66,9 @@ int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, con
 			     size_t keylen, const void *value, size_t valuelen, int64_t now_ms,
 			     bool *added) TLY_MUST_CHECK;
 
-size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p);
+size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p); /* open batch's records */
+/* Decided batches whose transaction is not finished (0, 1 or 2). */
+size_t tly_ledger_partition_decided(const struct tly_ledger_partition *p);
 int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p); /* first add */
 
 /* One partition's share of a group commit. */
@@ -76,11 +80,35 @@ struct tly_ledger_group_item {
 };
 
 /*
- * Decide the open batches of n partitions and commit them all in one transaction (one seen
- * lookup, one COPY of the entries, one snapshot upsert). On success each item's out describes
- * its batch and the batches are emptied. On failure nothing is committed and every partition's
- * in-memory wallets may have moved past the database: the caller must free and open each of
- * them again; fenced is set on the items whose stored offset moved (this process lost them).
+ * Step one of a group commit: decide the open batches of n partitions (each with records and at
+ * most one batch decided before) and build their transaction, *txn (caller owns it: run it with
+ * tly_ledger_store_run, on any thread, then pass it to tly_ledger_partition_finish). The open
+ * batches become decided and new ones open, so records can be added and the next group
+ * decided while this one commits: the event ids of a decided batch count as seen, and its
+ * partition's next compare-and-set starts from its new offset. Transactions must run and
+ * finish in the order they were decided. On failure the partitions' in-memory wallets may have
+ * moved past the database: the caller must free and open each of them again (and those of a
+ * group decided before whose transaction did not commit). 0, TLY_E_PG (err filled), TLY_E_NOMEM.
+ */
+int tly_ledger_partition_decide(struct tly_ledger_group_item *items, size_t n,
+				const struct tly_ledger_ctx *ctx, struct tly_ledger_txn **txn,
+				struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/*
+ * Step two, after txn (the oldest unfinished group of these items) ran with result rc: on
+ * success each item's out describes its committed batch (valid until the partition's next
+ * decide or free); on failure fenced is set on the items whose stored offset moved, and the
+ * caller must free and open every partition of this group and of any group decided after it,
+ * and free the later transactions unrun: they were decided on wallets the database never got
+ * (their compare-and-set could even match an offset another owner reached since).
+ */
+void tly_ledger_partition_finish(struct tly_ledger_group_item *items, size_t n,
+				 const struct tly_ledger_txn *txn, int rc);
+
+/*
+ * Decide, run on ctx->conn and finish in one go (a group of one commit in flight). On success
+ * each item's out describes its batch. On failure nothing is committed and the caller must free
+ * and open each partition again; fenced is set on the items whose stored offset moved.
  * Returns 0, TLY_E_PG (err filled), TLY_E_NOMEM.
  */
 int tly_ledger_partition_commit(struct tly_ledger_group_item *items, size_t n,

@@ -19,11 +19,11 @@
 #define ROWS_PER_STATEMENT 1000
 #define ENTRY_COLS 27
 
-static const char ENTRY_COLUMNS[] =
-	"tenant_id, seq, kind, cause_event_id, cause_type, cause_partition, cause_offset, "
-	"cause_digest, ref_id, subscription_id, allowance_delta, credits_delta, held_delta, "
-	"overage_delta, allowance_remaining, credits_remaining, held, overage_tokens, period_start, "
-	"period_end, amount_cents, currency, lines, reason, ledger_time, prev_hash, hash";
+#define ENTRY_COLUMNS_TEXT                                                                          \
+	"tenant_id, seq, kind, cause_event_id, cause_type, cause_partition, cause_offset, "          \
+	"cause_digest, ref_id, subscription_id, allowance_delta, credits_delta, held_delta, "        \
+	"overage_delta, allowance_remaining, credits_remaining, held, overage_tokens, period_start, " \
+	"period_end, amount_cents, currency, lines, reason, ledger_time, prev_hash, hash"
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
@@ -285,7 +285,97 @@ int tly_ledger_store_lookup_seen(PGconn *conn, struct tly_ledger_seen_key *keys,
 	return 0;
 }
 
-/* ---- commit ------------------------------------------------------------------------------- */
+/* ---- commit: built on the consumer's thread, run on the writer's ---------------------------- */
+
+/*
+ * One statement of a group's transaction, its text and parameters owned by the transaction
+ * (in its arena), so that running it reads nothing the consumer goes on changing.
+ */
+enum step_kind {
+	STEP_EXEC,    /* rows not needed */
+	STEP_OFFSETS, /* a compare-and-set: returns the partitions it advanced */
+	STEP_COPY,    /* a binary COPY: the entries, the inputs */
+};
+
+struct step {
+	enum step_kind kind;
+	const char *sql;
+	int nparams;
+	const char **values;
+	const int *lengths, *formats; /* NULL: text parameters */
+	struct tly_pgcopy *copy;      /* STEP_COPY: its rows, owned by the transaction */
+};
+
+struct tly_ledger_txn {
+	struct tly_arena *arena;   /* every string and array below */
+	struct step *steps;
+	size_t n_steps, cap_steps;
+	struct tly_pgcopy *copy;   /* the entries */
+	struct tly_pgcopy *inputs; /* the applied input records */
+	int32_t *partitions;       /* of each commit, in order */
+	bool *fenced;              /* out, per commit */
+	size_t n;
+	bool oom;
+};
+
+static const char *arena_text(struct tly_ledger_txn *t, const char *s, size_t len)
+{
+	char *d = tly_arena_strndup(t->arena, s, len);
+	if (!d)
+		t->oom = true;
+	return d;
+}
+
+static struct step *add_step(struct tly_ledger_txn *t, enum step_kind kind, const char *sql,
+			     int nparams)
+{
+	if (t->n_steps == t->cap_steps) {
+		size_t cap = t->cap_steps ? 2 * t->cap_steps : 16;
+		struct step *s = realloc(t->steps, cap * sizeof(*s));
+		if (!s) {
+			t->oom = true;
+			return NULL;
+		}
+		t->steps = s;
+		t->cap_steps = cap;
+	}
+	const char **values = nparams ? tly_arena_alloc(t->arena, (size_t)nparams * sizeof(*values))
+				      : NULL;
+	if (nparams && !values) {
+		t->oom = true;
+		return NULL;
+	}
+	struct step *s = &t->steps[t->n_steps++];
+	*s = (struct step){kind, sql, nparams, values, NULL, NULL, NULL};
+	return s;
+}
+
+/* A memstream's text copied into the transaction's arena (and the stream's buffer freed). */
+struct text {
+	FILE *f;
+	char *buf;
+	size_t len;
+};
+
+static bool text_open(struct text *x)
+{
+	x->buf = NULL;
+	x->len = 0;
+	return (x->f = open_memstream(&x->buf, &x->len)) != NULL;
+}
+
+static const char *text_close(struct tly_ledger_txn *t, struct text *x)
+{
+	const char *out = NULL;
+	if (x->f && fclose(x->f) == 0)
+		out = arena_text(t, x->buf, x->len);
+	else
+		t->oom = true;
+	x->f = NULL;
+	free(x->buf);
+	x->buf = NULL;
+	return out;
+}
 
 /* One entry as a binary COPY row, in ENTRY_COLUMNS order. */
 static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const struct tly_event *ev)
@@ -341,116 +431,120 @@ static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const st
 	return 0;
 }
 
-/* The entries of every commit of the group through one binary COPY (no per-row parse or plan). */
-static int insert_entries(PGconn *conn, struct tly_arena *arena, const struct tly_ledger_commit *c,
-			  size_t n, struct tly_pg_error *err)
+/* The entries of every commit of the group in one binary COPY payload (no per-row parse or plan). */
+static void build_entries(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	char sql[sizeof(ENTRY_COLUMNS) + 64];
-	struct tly_pgcopy *copy = tly_pgcopy_new();
-	int rc = TLY_E_NOMEM;
-	if (!copy)
+	static const char sql[] = "COPY ledger_entries (" ENTRY_COLUMNS_TEXT ") FROM STDIN (FORMAT binary)";
+	struct tly_arena *scratch = tly_arena_new();
+	if (!scratch || !(t->copy = tly_pgcopy_new())) {
+		t->oom = true;
 		goto out;
+	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_entries; r++) {
-			if ((rc = copy_entry(copy, arena, &c[i].entries[r])) != 0)
+			if (copy_entry(t->copy, scratch, &c[i].entries[r]) != 0) {
+				t->oom = true;
 				goto out;
-			tly_arena_reset(arena);
+			}
+			tly_arena_reset(scratch);
 		}
 	}
-	snprintf(sql, sizeof(sql), "COPY ledger_entries (%s) FROM STDIN (FORMAT binary)",
-		 ENTRY_COLUMNS);
-	rc = tly_pgcopy_send(conn, copy, sql, err);
+	if (tly_pgcopy_rows(t->copy)) {
+		struct step *s = add_step(t, STEP_COPY, sql, 0);
+		if (s)
+			s->copy = t->copy;
+	}
 out:
-	if (rc == TLY_E_NOMEM)
-		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-	tly_pgcopy_free(copy);
-	return rc;
+	tly_arena_free(scratch);
 }
 
-/* The applied input records of every commit of the group through one binary COPY. */
-static int insert_inputs(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
-			 struct tly_pg_error *err)
+/* The applied input records of every commit of the group in a second binary COPY payload. */
+static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	struct tly_pgcopy *copy = tly_pgcopy_new();
-	int rc = TLY_E_NOMEM;
-	if (!copy)
-		goto out;
+	static const char sql[] = "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
+				  "FROM STDIN (FORMAT binary)";
+	if (!(t->inputs = tly_pgcopy_new())) {
+		t->oom = true;
+		return;
+	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_inputs; r++) {
 			const struct tly_ledger_input *in = &c[i].inputs[r];
-			tly_pgcopy_row(copy, 4);
-			tly_pgcopy_int4(copy, c[i].partition);
-			tly_pgcopy_int8(copy, in->offset);
+			tly_pgcopy_row(t->inputs, 4);
+			tly_pgcopy_int4(t->inputs, c[i].partition);
+			tly_pgcopy_int8(t->inputs, in->offset);
 			if (in->tenant_id)
-				tly_pgcopy_uuid(copy, in->tenant_id);
+				tly_pgcopy_uuid(t->inputs, in->tenant_id);
 			else
-				tly_pgcopy_null(copy);
-			tly_pgcopy_bytea(copy, in->value, in->valuelen);
+				tly_pgcopy_null(t->inputs);
+			tly_pgcopy_bytea(t->inputs, in->value, in->valuelen);
 		}
 	}
-	rc = tly_pgcopy_send(conn, copy,
-			     "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
-			     "FROM STDIN (FORMAT binary)",
-			     err);
-out:
-	if (rc == TLY_E_NOMEM)
-		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-	tly_pgcopy_free(copy);
-	return rc;
+	if (tly_pgcopy_rows(t->inputs)) {
+		struct step *s = add_step(t, STEP_COPY, sql, 0);
+		if (s)
+			s->copy = t->inputs;
+	}
 }
 
 #define WALLETS_PER_STATEMENT 200
 
-/* One wallet of the group with the partition that owns it. */
-struct owned_wallet {
-	struct tly_wallet *w;
-	int32_t partition;
-};
-
-/* Upsert k wallet snapshots in one statement. */
-static int save_wallet_rows(PGconn *conn, const struct owned_wallet *ow, size_t k,
-			    struct tly_pg_error *err)
+/* One upsert of k wallet snapshots (w[0..k-1], all of partition's commit or not: each names its own). */
+static void build_wallet_rows(struct tly_ledger_txn *t, struct tly_wallet *const *w,
+			      const int32_t *partition, size_t k)
 {
-	int rc = TLY_E_NOMEM;
-	const char *v[4 * WALLETS_PER_STATEMENT];
-	char tenants[WALLETS_PER_STATEMENT][37], seqs[WALLETS_PER_STATEMENT][24];
-	char parts[WALLETS_PER_STATEMENT][16];
-	char *states[WALLETS_PER_STATEMENT] = {0};
-	char *sql = NULL;
-	size_t sqllen = 0;
-	FILE *f = open_memstream(&sql, &sqllen);
-	if (!f)
-		goto out;
-	fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES ", f);
+	struct text sql;
+	if (!text_open(&sql)) {
+		t->oom = true;
+		return;
+	}
+	fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES ", sql.f);
 	for (size_t r = 0; r < k; r++)
-		fprintf(f, "%s($%zu, $%zu, $%zu, $%zu::jsonb)", r ? ", " : "", 4 * r + 1, 4 * r + 2,
+		fprintf(sql.f, "%s($%zu, $%zu, $%zu, $%zu::jsonb)", r ? ", " : "", 4 * r + 1, 4 * r + 2,
 			4 * r + 3, 4 * r + 4);
 	fputs(" ON CONFLICT (tenant_id) DO UPDATE SET partition = EXCLUDED.partition, "
 	      "seq = EXCLUDED.seq, state = EXCLUDED.state, updated_at = now()",
-	      f);
-	if (fclose(f) != 0)
-		goto out;
-	for (size_t r = 0; r < k; r++) {
+	      sql.f);
+	const char *text = text_close(t, &sql);
+	struct step *s = text ? add_step(t, STEP_EXEC, text, (int)(4 * k)) : NULL;
+	for (size_t r = 0; s && r < k; r++) {
+		char tenant[37], seq[24], part[16];
 		struct tly_balance bal;
-		if (!(states[r] = tly_wallet_to_json(ow[r].w, false)))
-			goto out;
-		tly_uuid_format(tly_wallet_tenant(ow[r].w), tenants[r]);
-		tly_wallet_balance(ow[r].w, &bal);
-		snprintf(seqs[r], sizeof(seqs[r]), "%" PRId64, bal.seq);
-		snprintf(parts[r], sizeof(parts[r]), "%d", (int)ow[r].partition);
-		v[4 * r] = tenants[r];
-		v[4 * r + 1] = parts[r];
-		v[4 * r + 2] = seqs[r];
-		v[4 * r + 3] = states[r];
+		char *state = tly_wallet_to_json(w[r], false);
+		if (!state) {
+			t->oom = true;
+			return;
+		}
+		tly_uuid_format(tly_wallet_tenant(w[r]), tenant);
+		tly_wallet_balance(w[r], &bal);
+		snprintf(seq, sizeof(seq), "%" PRId64, bal.seq);
+		snprintf(part, sizeof(part), "%d", (int)partition[r]);
+		s->values[4 * r] = arena_text(t, tenant, strlen(tenant));
+		s->values[4 * r + 1] = arena_text(t, part, strlen(part));
+		s->values[4 * r + 2] = arena_text(t, seq, strlen(seq));
+		s->values[4 * r + 3] = arena_text(t, state, strlen(state));
+		free(state);
 	}
-	rc = tly_pg_exec(conn, sql, (int)(4 * k), v, err);
-out:
-	if (rc == TLY_E_NOMEM)
-		set_err(err, TLY_ERRCLASS_FATAL, "could not write wallet snapshots: out of memory");
-	for (size_t r = 0; r < k; r++)
-		free(states[r]);
-	free(sql);
-	return rc;
+}
+
+/* The snapshots of every touched wallet of the group, WALLETS_PER_STATEMENT per statement. */
+static void build_wallets(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
+{
+	struct tly_wallet *w[WALLETS_PER_STATEMENT];
+	int32_t part[WALLETS_PER_STATEMENT];
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		for (size_t j = 0; j < c[i].n_wallets; j++) {
+			w[k] = c[i].wallets[j];
+			part[k++] = c[i].partition;
+			if (k == WALLETS_PER_STATEMENT) {
+				build_wallet_rows(t, w, part, k);
+				k = 0;
+			}
+		}
+	}
+	if (k)
+		build_wallet_rows(t, w, part, k);
 }
 
 /* Text arrays of hold rows for one unnest() statement. */
@@ -482,17 +576,21 @@ static int add_hold_row(const struct tly_hold_row *row, void *ud)
  * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
  * deleted: two statements whatever the group's size, and nothing for holds that did not change.
  */
-static int save_holds(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
-		      struct tly_pg_error *err)
+static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	char *buf[8] = {0};
-	size_t len[8] = {0};
-	FILE *f[8] = {0};
-	int rc = TLY_E_NOMEM;
-	for (int k = 0; k < 8; k++)
-		if (!(f[k] = open_memstream(&buf[k], &len[k])))
-			goto out;
-	struct hold_arrays a = {f[0], f[1], f[2], f[3], f[4], f[5], NULL, 0};
+	struct text x[8];
+	const char *v[8];
+	int opened = 0;
+	for (; opened < 8; opened++)
+		if (!text_open(&x[opened]))
+			break;
+	if (opened < 8) {
+		t->oom = true;
+		for (int k = 0; k < opened; k++)
+			(void)text_close(t, &x[k]);
+		return;
+	}
+	struct hold_arrays a = {x[0].f, x[1].f, x[2].f, x[3].f, x[4].f, x[5].f, NULL, 0};
 	size_t n_forgotten = 0;
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {
@@ -505,88 +603,68 @@ static int save_holds(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
 			(void)tly_wallet_changed_holds(w, add_hold_row, &a);
 			for (size_t k = 0; k < nf; k++, n_forgotten++) {
 				const char *sep = n_forgotten ? "," : "{";
-				fprintf(f[6], "%s%s", sep, tenant);
-				fprintf(f[7], "%s%" PRId64, sep, forgotten[k]);
+				fprintf(x[6].f, "%s%s", sep, tenant);
+				fprintf(x[7].f, "%s%" PRId64, sep, forgotten[k]);
 			}
 		}
 	}
-	int bad = 0;
 	for (int k = 0; k < 8; k++) {
-		fputc('}', f[k]);
-		bad |= fclose(f[k]);
-		f[k] = NULL;
+		fputc('}', x[k].f);
+		v[k] = text_close(t, &x[k]);
 	}
-	if (bad)
-		goto out;
-	rc = 0;
-	if (n_forgotten) {
-		const char *const v[] = {buf[6], buf[7]};
-		rc = tly_pg_exec(conn,
-				 "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
-				 "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
-				 2, v, err);
+	struct step *s;
+	if (n_forgotten &&
+	    (s = add_step(t, STEP_EXEC,
+			  "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
+			  "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
+			  2))) {
+		s->values[0] = v[6];
+		s->values[1] = v[7];
 	}
-	if (rc == 0 && a.n) {
-		const char *const v[] = {buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]};
-		rc = tly_pg_exec(conn,
-				 "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
-				 "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
-				 "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
-				 "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
-				 6, v, err);
-	}
-out:
-	for (int k = 0; k < 8; k++) {
-		if (f[k])
-			fclose(f[k]);
-		free(buf[k]);
-	}
-	if (rc == TLY_E_NOMEM)
-		set_err(err, TLY_ERRCLASS_FATAL, "could not write holds: out of memory");
-	return rc;
+	if (a.n &&
+	    (s = add_step(t, STEP_EXEC,
+			  "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
+			  "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
+			  "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
+			  "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
+			  6)))
+		memcpy(s->values, v, 6 * sizeof(*v));
 }
 
-/* Upsert the snapshots of every touched wallet of the group, WALLETS_PER_STATEMENT per statement. */
-static int save_wallets(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
-			struct tly_pg_error *err)
+/* One insert per quarantined record (raw key and value as binary parameters). */
+static void build_quarantined(struct tly_ledger_txn *t, const struct tly_ledger_quarantined *q,
+			      size_t n)
 {
-	struct owned_wallet ow[WALLETS_PER_STATEMENT];
-	size_t k = 0;
-	int rc;
-	for (size_t i = 0; i < n; i++) {
-		for (size_t j = 0; j < c[i].n_wallets; j++) {
-			ow[k++] = (struct owned_wallet){c[i].wallets[j], c[i].partition};
-			if (k == WALLETS_PER_STATEMENT) {
-				if ((rc = save_wallet_rows(conn, ow, k, err)) != 0)
-					return rc;
-				k = 0;
-			}
-		}
-	}
-	return k ? save_wallet_rows(conn, ow, k, err) : 0;
-}
-
-static int save_quarantined(PGconn *conn, const struct tly_ledger_quarantined *q, size_t n,
-			    struct tly_pg_error *err)
-{
+	static const int fmt[] = {0, 0, 0, 1, 1, 0, 0};
 	for (size_t i = 0; i < n; i++) {
 		char p[16], off[24];
 		snprintf(p, sizeof(p), "%d", (int)q[i].partition);
 		snprintf(off, sizeof(off), "%" PRId64, q[i].offset);
-		const char *v[] = {q[i].topic, p, off, q[i].key, q[i].value, q[i].reason, q[i].detail};
-		const int len[] = {0, 0, 0, (int)q[i].keylen, (int)q[i].valuelen, 0, 0};
-		const int fmt[] = {0, 0, 0, 1, 1, 0, 0};
-		PGresult *res = tly_pg_query_params(
-			conn,
+		struct step *s = add_step(
+			t, STEP_EXEC,
 			"INSERT INTO quarantine (topic, partition, \"offset\", key, value, reason, detail) "
 			"VALUES ($1, $2, $3, $4, $5, $6, $7) "
 			"ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
-			7, v, len, fmt, 0, err);
-		if (!res)
-			return TLY_E_PG;
-		PQclear(res);
+			7);
+		int *len = tly_arena_alloc(t->arena, 7 * sizeof(*len));
+		if (!s || !len) {
+			t->oom = true;
+			return;
+		}
+		const char *v[] = {arena_text(t, q[i].topic, strlen(q[i].topic)),
+				   arena_text(t, p, strlen(p)),
+				   arena_text(t, off, strlen(off)),
+				   q[i].key ? arena_text(t, q[i].key, q[i].keylen) : NULL,
+				   q[i].value ? arena_text(t, q[i].value, q[i].valuelen) : NULL,
+				   arena_text(t, q[i].reason, strlen(q[i].reason)),
+				   q[i].detail ? arena_text(t, q[i].detail, strlen(q[i].detail)) : NULL};
+		memcpy(s->values, v, sizeof(v));
+		memset(len, 0, 7 * sizeof(*len));
+		len[3] = (int)q[i].keylen;
+		len[4] = (int)q[i].valuelen;
+		s->lengths = len;
+		s->formats = fmt;
 	}
-	return 0;
 }
 
 int tly_ledger_store_save_published(PGconn *conn, const char *ledger_topic, int32_t partition,
@@ -621,34 +699,11 @@ int tly_ledger_store_load_published(PGconn *conn, const char *ledger_topic, int3
 	return 0;
 }
 
-/* Append "{a,b,…}" of the chosen commits' partitions and offsets to three memstreams. */
-static void offset_arrays(const struct tly_ledger_commit *c, size_t n, bool stored, FILE *parts,
-			  FILE *old, FILE *new)
-{
-	size_t k = 0;
-	fputc('{', parts);
-	fputc('{', old);
-	fputc('{', new);
-	for (size_t i = 0; i < n; i++) {
-		if ((c[i].old_offset >= 0) != stored)
-			continue;
-		const char *sep = k++ ? "," : "";
-		fprintf(parts, "%s%d", sep, (int)c[i].partition);
-		fprintf(old, "%s%" PRId64, sep, c[i].old_offset);
-		fprintf(new, "%s%" PRId64, sep, c[i].new_offset);
-	}
-	fputc('}', parts);
-	fputc('}', old);
-	fputc('}', new);
-}
-
 /*
  * The offsets' compare-and-set, every partition of the group in one statement (one more for
- * partitions with nothing stored yet): 0 when this process still owns them all, else the
- * fenced ones are marked.
+ * partitions with nothing stored yet); running them marks the partitions they advanced.
  */
-static int advance_offsets(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
-			   bool *fenced, struct tly_pg_error *err)
+static void build_offsets(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
 	static const char *const sql[2] = {
 		"INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
@@ -659,135 +714,268 @@ static int advance_offsets(PGconn *conn, const struct tly_ledger_commit *c, size
 		"FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS k (partition, old_offset, "
 		"new_offset) WHERE o.consumer = $1 AND o.topic = $2 AND o.partition = k.partition "
 		"AND o.next_offset = k.old_offset RETURNING o.partition"};
-	bool *done = calloc(n ? n : 1, sizeof(*done));
-	int rc = TLY_E_NOMEM;
-	if (!done)
-		goto out;
 	for (int stored = 0; stored < 2; stored++) {
-		char *buf[3] = {0};
-		size_t len[3];
-		FILE *f[3] = {open_memstream(&buf[0], &len[0]), open_memstream(&buf[1], &len[1]),
-			      open_memstream(&buf[2], &len[2])};
-		bool any = false;
+		struct text x[3];
+		size_t k = 0;
 		for (size_t i = 0; i < n; i++)
-			any |= (c[i].old_offset >= 0) == (bool)stored;
-		if (f[0] && f[1] && f[2])
-			offset_arrays(c, n, stored, f[0], f[1], f[2]);
-		int bad = 0;
-		for (int k = 0; k < 3; k++)
-			bad |= f[k] ? fclose(f[k]) : -1;
-		PGresult *res = NULL;
-		rc = bad ? TLY_E_NOMEM : 0;
-		if (rc == 0 && any) {
-			const char *const v[] = {TLY_LEDGER_CONSUMER, c[0].topic, buf[0], buf[1], buf[2]};
-			res = tly_pg_query(conn, sql[stored], 5, v, err);
-			rc = res ? 0 : TLY_E_PG;
+			k += (c[i].old_offset >= 0) == (bool)stored;
+		if (k == 0)
+			continue;
+		int opened = 0;
+		for (; opened < 3 && text_open(&x[opened]); opened++)
+			fputc('{', x[opened].f);
+		if (opened == 3) {
+			for (size_t i = 0, m = 0; i < n; i++) {
+				if ((c[i].old_offset >= 0) != (bool)stored)
+					continue;
+				const char *sep = m++ ? "," : "";
+				fprintf(x[0].f, "%s%d", sep, (int)c[i].partition);
+				fprintf(x[1].f, "%s%" PRId64, sep, c[i].old_offset);
+				fprintf(x[2].f, "%s%" PRId64, sep, c[i].new_offset);
+			}
 		}
-		for (int r = 0; res && r < PQntuples(res); r++) {
-			long part = strtol(PQgetvalue(res, r, 0), NULL, 10);
-			for (size_t i = 0; i < n; i++)
-				if (c[i].partition == part)
-					done[i] = true;
+		const char *v[3];
+		for (int j = 0; j < opened; j++) {
+			fputc('}', x[j].f);
+			v[j] = text_close(t, &x[j]);
 		}
-		PQclear(res);
-		for (int k = 0; k < 3; k++)
-			free(buf[k]);
-		if (rc != 0)
-			goto out;
+		struct step *s = opened == 3 ? add_step(t, STEP_OFFSETS, sql[stored], 5) : NULL;
+		if (!s) {
+			t->oom = true;
+			continue;
+		}
+		s->values[0] = TLY_LEDGER_CONSUMER;
+		s->values[1] = arena_text(t, c[0].topic, strlen(c[0].topic));
+		memcpy(s->values + 2, v, sizeof(v));
 	}
-	for (size_t i = 0; i < n; i++) {
+}
+
+/* Advance the published markers of the group's partitions that carry one, in one statement. */
+static void build_published(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
+{
+	struct text p, o;
+	size_t k = 0;
+	bool ok_p = text_open(&p), ok_o = text_open(&o);
+	if (ok_p && ok_o) {
+		for (size_t i = 0; i < n; i++) {
+			if (c[i].published_offset < 0)
+				continue;
+			const char *sep = k++ ? "," : "{";
+			fprintf(p.f, "%s%d", sep, (int)c[i].partition);
+			fprintf(o.f, "%s%" PRId64, sep, c[i].published_offset);
+		}
+		fputc('}', p.f);
+		fputc('}', o.f);
+	}
+	const char *parts = ok_p ? text_close(t, &p) : NULL, *offs = ok_o ? text_close(t, &o) : NULL;
+	if (!ok_p || !ok_o) {
+		t->oom = true;
+		return;
+	}
+	struct step *s;
+	if (k && (s = add_step(t, STEP_EXEC,
+			       "INSERT INTO ledger_published (topic, partition, next_offset) "
+			       "SELECT $1, k.partition, k.next_offset FROM unnest($2::int[], "
+			       "$3::bigint[]) AS k (partition, next_offset) "
+			       "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = "
+			       "GREATEST(ledger_published.next_offset, EXCLUDED.next_offset), "
+			       "updated_at = now()",
+			       3))) {
+		s->values[0] = arena_text(t, c[0].ledger_topic, strlen(c[0].ledger_topic));
+		s->values[1] = parts;
+		s->values[2] = offs;
+	}
+}
+
+void tly_ledger_store_txn_free(struct tly_ledger_txn *t)
+{
+	if (!t)
+		return;
+	tly_arena_free(t->arena);
+	tly_pgcopy_free(t->copy);
+	tly_pgcopy_free(t->inputs);
+	free(t->steps);
+	free(t->partitions);
+	free(t->fenced);
+	free(t);
+}
+
+struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c, size_t n,
+					      struct tly_pg_error *err)
+{
+	struct tly_ledger_txn *t = calloc(1, sizeof(*t));
+	if (!t || !(t->arena = tly_arena_new()) ||
+	    !(t->partitions = calloc(n ? n : 1, sizeof(*t->partitions))) ||
+	    !(t->fenced = calloc(n ? n : 1, sizeof(*t->fenced))))
+		goto fail;
+	t->n = n;
+	for (size_t i = 0; i < n; i++)
+		t->partitions[i] = c[i].partition;
+	if (n) {
+		build_offsets(t, c, n);
+		build_entries(t, c, n);
+		build_inputs(t, c, n);
+		build_holds(t, c, n);
+		build_wallets(t, c, n);
+		for (size_t i = 0; i < n; i++)
+			build_quarantined(t, c[i].quarantined, c[i].n_quarantined);
+		build_published(t, c, n);
+	}
+	if (t->oom)
+		goto fail;
+	return t;
+fail:
+	tly_ledger_store_txn_free(t);
+	set_err(err, TLY_ERRCLASS_FATAL, "could not build the group's transaction: out of memory");
+	return NULL;
+}
+
+bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i)
+{
+	return i < t->n && t->fenced[i];
+}
+
+/* After the compare-and-sets: TLY_E_PG (permanent) when one did not advance its partition. */
+static int check_fenced(struct tly_ledger_txn *t, const bool *done, struct tly_pg_error *err)
+{
+	int rc = 0;
+	for (size_t i = 0; i < t->n; i++) {
 		if (!done[i]) {
-			fenced[i] = true;
+			t->fenced[i] = true;
 			rc = TLY_E_PG;
 		}
 	}
 	if (rc != 0)
 		set_err(err, TLY_ERRCLASS_PERMANENT,
 			"the stored offset moved: another process committed this partition");
-out:
-	if (rc == TLY_E_NOMEM)
-		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-	free(done);
 	return rc;
 }
 
-/* Advance the published markers of the group's partitions that carry one, in one statement. */
-static int save_published(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
-			  struct tly_pg_error *err)
+/* Read one pipelined statement's results: its last result (caller PQclears), or NULL on failure. */
+static PGresult *pipeline_result(PGconn *conn, bool *failed, struct tly_pg_error *err)
 {
-	char *parts = NULL, *offs = NULL;
-	size_t plen, olen, k = 0;
-	FILE *fp = open_memstream(&parts, &plen), *fo = open_memstream(&offs, &olen);
-	int rc = TLY_E_NOMEM;
-	if (fp && fo) {
-		for (size_t i = 0; i < n; i++) {
-			if (c[i].published_offset < 0)
-				continue;
-			const char *sep = k++ ? "," : "{";
-			fprintf(fp, "%s%d", sep, (int)c[i].partition);
-			fprintf(fo, "%s%" PRId64, sep, c[i].published_offset);
+	PGresult *res, *last = NULL;
+	while ((res = PQgetResult(conn)) != NULL) {
+		ExecStatusType st = PQresultStatus(res);
+		if (!*failed && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+			*failed = true;
+			if (st != PGRES_PIPELINE_ABORTED)
+				tly_pg_error_set(err, conn, res);
 		}
-		fputc('}', fp);
-		fputc('}', fo);
+		PQclear(last);
+		last = res;
 	}
-	int bad = (fp ? fclose(fp) : -1) | (fo ? fclose(fo) : -1);
-	if (!bad) {
-		const char *const v[] = {c[0].ledger_topic, parts, offs};
-		rc = k == 0 ? 0
-			    : tly_pg_exec(conn,
-					  "INSERT INTO ledger_published (topic, partition, next_offset) "
-					  "SELECT $1, k.partition, k.next_offset FROM unnest($2::int[], "
-					  "$3::bigint[]) AS k (partition, next_offset) "
-					  "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = "
-					  "GREATEST(ledger_published.next_offset, EXCLUDED.next_offset), "
-					  "updated_at = now()",
-					  3, v, err);
+	if (*failed) {
+		PQclear(last);
+		return NULL;
 	}
-	if (rc == TLY_E_NOMEM)
+	return last;
+}
+
+/*
+ * Steps [from, to) in one pipeline (one round trip), after a BEGIN and before a COMMIT when asked:
+ * every result is read; the compare-and-sets mark the partitions they advanced in done.
+ */
+static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, size_t to, bool begin,
+			bool commit, bool *done, struct tly_pg_error *err)
+{
+	bool failed = false, sent = PQenterPipelineMode(conn) == 1;
+	if (sent && begin)
+		sent = PQsendQueryParams(conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) == 1;
+	for (size_t k = from; sent && k < to; k++) {
+		const struct step *s = &t->steps[k];
+		sent = PQsendQueryParams(conn, s->sql, s->nparams, NULL, s->values, s->lengths,
+					 s->formats, 0) == 1;
+	}
+	if (sent && commit)
+		sent = PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) == 1;
+	if (!sent || PQpipelineSync(conn) != 1) {
+		tly_pg_error_set(err, conn, NULL);
+		return TLY_E_PG; /* the connection is unusable: the caller's check reconnects */
+	}
+	if (begin)
+		PQclear(pipeline_result(conn, &failed, err));
+	for (size_t k = from; k < to; k++) {
+		PGresult *res = pipeline_result(conn, &failed, err);
+		for (int r = 0; res && t->steps[k].kind == STEP_OFFSETS && r < PQntuples(res); r++) {
+			long part = strtol(PQgetvalue(res, r, 0), NULL, 10);
+			for (size_t i = 0; i < t->n; i++)
+				if (t->partitions[i] == part)
+					done[i] = true;
+		}
+		PQclear(res);
+	}
+	if (commit) {
+		PGresult *res = pipeline_result(conn, &failed, err);
+		/* COMMIT of a failed transaction "succeeds" with the tag ROLLBACK: nothing was committed. */
+		if (res && strcmp(PQcmdStatus(res), "ROLLBACK") == 0) {
+			failed = true;
+			set_err(err, TLY_ERRCLASS_FATAL, "transaction was rolled back instead of committed");
+		}
+		PQclear(res);
+	}
+	PGresult *res = PQgetResult(conn); /* the sync */
+	if (PQresultStatus(res) != PGRES_PIPELINE_SYNC && !failed) {
+		failed = true;
+		tly_pg_error_set(err, conn, res);
+	}
+	PQclear(res);
+	if (PQexitPipelineMode(conn) != 1 && !failed) {
+		failed = true;
+		tly_pg_error_set(err, conn, NULL);
+	}
+	return failed ? TLY_E_PG : 0;
+}
+
+/*
+ * Four round trips: BEGIN and the compare-and-sets in one pipeline (checked before anything is
+ * written), the COPY of the entries, the COPY of the inputs, then every other statement and the
+ * COMMIT in one more pipeline.
+ */
+int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
+{
+	struct tly_pg_error rberr;
+	bool *done = calloc(t->n ? t->n : 1, sizeof(*done));
+	size_t k = 0;
+	int rc;
+	for (size_t i = 0; i < t->n; i++)
+		t->fenced[i] = false;
+	if (!done) {
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-	free(parts);
-	free(offs);
-	return rc;
+		return TLY_E_NOMEM;
+	}
+	while (k < t->n_steps && t->steps[k].kind == STEP_OFFSETS)
+		k++;
+	rc = run_pipeline(conn, t, 0, k, true, false, done, err);
+	if (rc == 0)
+		rc = check_fenced(t, done, err);
+	while (rc == 0 && k < t->n_steps && t->steps[k].kind == STEP_COPY) {
+		rc = tly_pgcopy_send(conn, t->steps[k].copy, t->steps[k].sql, err);
+		k++;
+	}
+	if (rc == 0)
+		rc = run_pipeline(conn, t, k, t->n_steps, false, true, done, err);
+	if (rc != 0 && PQstatus(conn) == CONNECTION_OK &&
+	    PQtransactionStatus(conn) != PQTRANS_IDLE && tly_pg_rollback(conn, &rberr) != 0)
+		tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", t->n,
+			 rberr.message);
+	free(done);
+	return rc == 0 ? 0 : rc == TLY_E_NOMEM ? TLY_E_NOMEM : TLY_E_PG;
 }
 
 int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
 			    bool *fenced, struct tly_pg_error *err)
 {
-	int rc;
-	struct tly_pg_error rberr;
-	struct tly_arena *arena = tly_arena_new();
+	struct tly_ledger_txn *t = tly_ledger_store_build(c, n, err);
 	for (size_t i = 0; i < n; i++)
 		fenced[i] = false;
-	if (!arena) {
-		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	if (!t)
 		return TLY_E_NOMEM;
-	}
-	if ((rc = tly_pg_begin(conn, err)) != 0)
-		goto out;
-	if (n)
-		rc = advance_offsets(conn, c, n, fenced, err);
-	if (rc == 0)
-		rc = insert_entries(conn, arena, c, n, err);
-	if (rc == 0)
-		rc = insert_inputs(conn, c, n, err);
-	if (rc == 0)
-		rc = save_holds(conn, c, n, err);
-	if (rc == 0)
-		rc = save_wallets(conn, c, n, err);
-	for (size_t i = 0; i < n && rc == 0; i++)
-		rc = save_quarantined(conn, c[i].quarantined, c[i].n_quarantined, err);
-	if (rc == 0 && n)
-		rc = save_published(conn, c, n, err);
-	if (rc != 0) {
-		if (PQstatus(conn) == CONNECTION_OK && tly_pg_rollback(conn, &rberr) != 0)
-			tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", n,
-				 rberr.message);
-		goto out;
-	}
-	rc = tly_pg_commit(conn, err);
-out:
-	tly_arena_free(arena);
-	return rc == 0 ? 0 : rc == TLY_E_NOMEM ? TLY_E_NOMEM : TLY_E_PG;
+	int rc = tly_ledger_store_run(conn, t, err);
+	for (size_t i = 0; i < n; i++)
+		fenced[i] = t->fenced[i];
+	tly_ledger_store_txn_free(t);
+	return rc;
 }
 
 /* ---- republish ---------------------------------------------------------------------------- */

@@ -93,14 +93,31 @@ struct tly_ledger_commit {
 };
 
 /*
- * Commit the n batches of c (one per partition) in one transaction: each partition's offset
- * compare-and-set first (old_offset -> new_offset), then every entry and applied input, the
- * wallet snapshots,
- * the quarantine rows and the published markers. When a partition's stored offset is no longer
- * its old_offset, rolls back, sets its fenced[i] (fenced has n elements) and returns TLY_E_PG
- * with err->errclass permanent: this process lost that partition. Any other failure rolls back
- * and returns TLY_E_PG with err filled (switch on err->errclass).
+ * A group's transaction, built in memory: the n batches of c (one per partition) as each
+ * partition's offset compare-and-set first (old_offset -> new_offset), then every entry and applied input (two
+ * binary COPYs), the holds and wallet snapshots, the quarantine rows and the published markers.
+ * Building reads the commits and their wallets (on the thread that owns them); the transaction
+ * then owns copies of everything except the quarantined records' bytes, which stay borrowed
+ * until it is run. NULL (err filled, fatal) when out of memory.
  */
+struct tly_ledger_txn;
+struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c, size_t n,
+					      struct tly_pg_error *err);
+void tly_ledger_store_txn_free(struct tly_ledger_txn *t); /* accepts NULL */
+
+/*
+ * Run t in one transaction on conn (any thread: it reads nothing but t). When a partition's
+ * stored offset is no longer its old_offset, rolls back, marks it fenced and returns TLY_E_PG
+ * with err->errclass permanent: this process lost that partition. Any other failure rolls back
+ * and returns TLY_E_PG with err filled (switch on err->errclass), or TLY_E_NOMEM.
+ */
+int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t,
+			 struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* After a run: whether the i-th commit's partition was fenced. */
+bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i);
+
+/* Build and run in one go: fenced (n elements) says which partitions were fenced. */
 int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
 			    bool *fenced, struct tly_pg_error *err) TLY_MUST_CHECK;
 

@@ -816,6 +816,104 @@ START_TEST(test_group_commit_all_or_nothing)
 }
 END_TEST
 
+/* Decide a partition's open batch as a group of one; the transaction is not run. */
+static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
+					 const struct tly_ledger_ctx *ctx,
+					 struct tly_ledger_group_item *it)
+{
+	struct tly_pg_error err;
+	struct tly_ledger_txn *txn = NULL;
+	*it = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
+	ck_assert_msg(tly_ledger_partition_decide(it, 1, ctx, &txn, &err) == 0, "%s", err.message);
+	ck_assert_ptr_nonnull(txn);
+	return txn;
+}
+
+/*
+ * The pipeline: the next group is decided while the one before has not committed. An event id
+ * of the uncommitted batch counts as seen (a redelivery is a duplicate, not decided twice), and
+ * when the first transaction is refused the second, decided on top of it, is refused too.
+ */
+START_TEST(test_pipelined_groups)
+{
+	char errstr[256], key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	int32_t part = partition_ctx(&e, 5, &codec, &ctx, &t, key);
+	struct tly_pg_error err;
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(p);
+	struct tly_event ev;
+	struct tly_buf buf = {0};
+	reserve_event(&ev, &t, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	bool added;
+	struct tly_ledger_group_item g1, g2;
+	ck_assert(tly_ledger_partition_add(p, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	struct tly_ledger_txn *t1 = decide_one(p, &ctx, &g1);
+	ck_assert_int_eq(tly_ledger_partition_decided(p), 1);
+	ck_assert_int_eq(tly_ledger_partition_pending(p), 0);
+	/* the same record again (a redelivered copy), decided before the first committed */
+	ck_assert(tly_ledger_partition_add(p, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	struct tly_ledger_txn *t2 = decide_one(p, &ctx, &g2);
+	ck_assert_int_eq(tly_ledger_partition_decided(p), 2);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 0);
+	int rc = tly_ledger_store_run(ctx.conn, t1, &err);
+	ck_assert_msg(rc == 0, "%s", err.message);
+	tly_ledger_partition_finish(&g1, 1, t1, rc);
+	ck_assert_int_eq(g1.out.n_entries, 1);
+	ck_assert_str_eq(g1.out.entries[0].u.ledger_entry.kind, "rejected");
+	rc = tly_ledger_store_run(ctx.conn, t2, &err);
+	ck_assert_msg(rc == 0, "%s", err.message);
+	tly_ledger_partition_finish(&g2, 1, t2, rc);
+	ck_assert_int_eq(g2.out.n_entries, 1);
+	ck_assert_str_eq(g2.out.entries[0].u.ledger_entry.kind, "duplicate");
+	ck_assert_int_eq(tly_ledger_partition_decided(p), 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 2);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+
+	/*
+	 * A stale copy decides two groups while the owner moves on past both: each is refused by
+	 * its own compare-and-set (the second is run here though the program frees it unrun once
+	 * the first failed), nothing of either lands.
+	 */
+	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(stale);
+	reserve_event(&ev, &t, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	ck_assert(tly_ledger_partition_add(stale, 2, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	t1 = decide_one(stale, &ctx, &g1);
+	ck_assert(tly_ledger_partition_add(stale, 3, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	t2 = decide_one(stale, &ctx, &g2);
+	struct tly_ledger_batch_out out;
+	bool fenced;
+	ck_assert(tly_ledger_partition_add(p, 2, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	ck_assert(tly_ledger_partition_add(p, 3, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	rc = tly_ledger_store_run(ctx.conn, t1, &err);
+	ck_assert_int_eq(rc, TLY_E_PG);
+	tly_ledger_partition_finish(&g1, 1, t1, rc);
+	ck_assert(g1.fenced);
+	rc = tly_ledger_store_run(ctx.conn, t2, &err);
+	ck_assert_int_eq(rc, TLY_E_PG);
+	tly_ledger_partition_finish(&g2, 1, t2, rc);
+	ck_assert(g2.fenced);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 4);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 4);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	tly_ledger_partition_free(stale);
+	tly_ledger_partition_free(p);
+	tly_buf_free(&buf);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
 /* Fill a stack region with non-zero bytes, so a callee's uninitialised locals are not NULL. */
 static __attribute__((noinline)) void scribble_stack(void)
 {
@@ -1195,6 +1293,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_happy_path);
 	tcase_add_test(tc, test_stale_owner_fenced);
 	tcase_add_test(tc, test_group_commit_all_or_nothing);
+	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);

@@ -35,6 +35,8 @@
 #define CLIENTS 8
 #define SEEDS_SECONDS 5
 #define PARTITIONS 12
+#define FETCH_WAIT_MS "10" /* consumers' fetch.wait.max.ms on the mock cluster (see start_ledger) */
+#define LINGER_MS "1"      /* producers' linger.ms where a decision is waited for */
 
 static double now_s(void)
 {
@@ -200,10 +202,16 @@ static void stack_start(struct stack *s, const char *db)
 		die("config", err);
 }
 
+static bool keep_logs; /* --keep: leave each run's directory (broker and ledger logs) behind */
+
 static void stack_stop(struct stack *s)
 {
 	tly_proc_stop(s->broker, 5000);
 	tly_config_free(s->cfg);
+	if (keep_logs) {
+		fprintf(stderr, "tally-bench: logs kept in %s\n", s->dir);
+		return;
+	}
 	char *rm[] = {"rm", "-rf", s->dir, NULL};
 	(void)tly_proc_run(rm, NULL, 0);
 }
@@ -346,7 +354,9 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	setenv("TALLY_KAFKA_BOOTSTRAP_SERVERS", s->bootstraps, 1);
 	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
 	 * has little data; Apache Kafka answers as soon as fetch.min.bytes are there. */
-	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", "10", 1);
+	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", FETCH_WAIT_MS, 1);
+	/* The ledger's producer (tally.ledger) sends a decision at once rather than after 5 ms. */
+	setenv("TALLY_KAFKA_LINGER_MS", LINGER_MS, 1);
 	setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0); /* never collide with a running daemon */
 	char *argv[] = {exe, NULL};
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
@@ -450,7 +460,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(s.cfg, err, sizeof(err));
 	if (!conf)
 		die("consumer conf", err);
-	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", "10", err, sizeof(err)) != 0)
+	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", FETCH_WAIT_MS, err, sizeof(err)) != 0)
 		die("consumer conf", err);
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-latency", err, sizeof(err));
 	if (!rk)
@@ -462,6 +472,9 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 		die("assign", "failed");
 	rd_kafka_topic_partition_list_destroy(parts);
 
+	/* the gateway publishing reservations waits for their decisions: it does not linger */
+	if (tly_config_set(s.cfg, "kafka.linger.ms", LINGER_MS, err, sizeof(err)) != 0)
+		die("config", err);
 	struct tly_producer *p = tly_producer_new(s.cfg, NULL, NULL, err, sizeof(err));
 	struct tly_codec *codec = tly_codec_new(err, sizeof(err));
 	if (!p || !codec)
@@ -520,35 +533,63 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 }
 
 static const char help[] =
-	"Usage: tally-bench\n"
+	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
 	"librdkafka consumer on the same topic, then the publish -> committed decision latency (p50,\n"
 	"p99) at half the ledger's rate. Starts its own durable PostgreSQL and dev broker; prints the\n"
-	"figures, asserts nothing.\n";
+	"figures, asserts nothing.\n"
+	"\n"
+	"  --keep  leave each run's directory (broker and ledger logs) in /tmp\n"
+	"  --only  run only the parts named (the ratios need seeds)\n"
+	"  --rate  reservations/s of the latency run (default: half the 1,000-tenant rate)\n";
+
+/* Is part (seeds, many, hot, latency) to run: every part unless --only names others. */
+static bool wanted(const char *only, const char *part)
+{
+	return !only || strstr(only, part) != NULL;
+}
 
 int main(int argc, char **argv)
 {
-	int only = tly_cli_help_only(argc, argv, help);
-	if (only != 0)
-		return only > 0 ? 0 : 2;
 	char err[512];
+	const char *only = NULL;
+	double latency_rate = 0; /* --rate: of the latency run when the 1,000-tenant run is left out */
 	tly_log_init("tally-bench", TLY_LOG_WARN);
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--keep") == 0)
+			keep_logs = true;
+		else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+			only = argv[++i];
+		else if (strcmp(argv[i], "--rate") == 0 && i + 1 < argc)
+			latency_rate = atof(argv[++i]);
+		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+			fputs(help, stdout);
+			return 0;
+		} else {
+			fprintf(stderr, "tally-bench: unexpected argument \"%s\"\n%s", argv[i], help);
+			return 2;
+		}
+	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d partitions;\n"
-	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=10)\n\n", PARTITIONS);
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s and kafka.linger.ms=%s)\n\n",
+	       PARTITIONS, FETCH_WAIT_MS, LINGER_MS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
 
-	double seeds_many = bench_seeds(tly_devpg_conninfo(pg), 1000);
-	double seeds_hot = bench_seeds(tly_devpg_conninfo(pg), 1);
-	printf("seeds' design (BEGIN; SELECT ... FOR UPDATE; UPDATE; INSERT usage; COMMIT), %d clients, %d s:\n",
-	       CLIENTS, SEEDS_SECONDS);
-	printf("  1,000 tenants     %10.0f deductions/s\n", seeds_many);
-	printf("  1 hot tenant      %10.0f deductions/s\n\n", seeds_hot);
-	fflush(stdout);
+	double seeds_many = 0, seeds_hot = 0;
+	if (wanted(only, "seeds")) {
+		seeds_many = bench_seeds(tly_devpg_conninfo(pg), 1000);
+		seeds_hot = bench_seeds(tly_devpg_conninfo(pg), 1);
+		printf("seeds' design (BEGIN; SELECT ... FOR UPDATE; UPDATE; INSERT usage; COMMIT), %d clients, %d s:\n",
+		       CLIENTS, SEEDS_SECONDS);
+		printf("  1,000 tenants     %10.0f deductions/s\n", seeds_many);
+		printf("  1 hot tenant      %10.0f deductions/s\n\n", seeds_hot);
+		fflush(stdout);
+	}
 
 	char ledger_exe[PATH_MAX];
 	sibling("tally-ledger", ledger_exe, sizeof(ledger_exe));
@@ -557,9 +598,11 @@ int main(int argc, char **argv)
 		tly_devpg_stop(pg);
 		return 1;
 	}
-	double bare_many, bare_hot;
-	double ledger_many = bench_ledger(pg, "bench_many", 1000, 60000, &bare_many);
-	double ledger_hot = bench_ledger(pg, "bench_hot", 1, 12000, &bare_hot);
+	double bare_many = 0, bare_hot = 0, ledger_many = 0, ledger_hot = 0;
+	if (wanted(only, "many"))
+		ledger_many = bench_ledger(pg, "bench_many", 1000, 60000, &bare_many);
+	if (wanted(only, "hot"))
+		ledger_hot = bench_ledger(pg, "bench_hot", 1, 12000, &bare_hot);
 	printf("tally-ledger, published -> committed in PostgreSQL (a pre-published backlog of model calls:\n"
 	       "TokensReserved, then its ReservationSettled 20 calls later; each event is a decision):\n");
 	printf("  1,000 tenants     %10.0f decisions/s   %6.1fx the seeds' design   (120,000 events)\n",
@@ -571,14 +614,15 @@ int main(int argc, char **argv)
 	       bare_many > 0 ? 100 * ledger_many / bare_many : 0);
 	printf("  1 hot tenant      %10.0f records/s     ledger at %5.1f%% of it\n", bare_hot,
 	       bare_hot > 0 ? 100 * ledger_hot / bare_hot : 0);
-	if (ledger_many > 0) {
+	double rate = ledger_many > 0 ? ledger_many / 2 : latency_rate;
+	if (wanted(only, "latency") && rate > 0) {
 		double p50, p99;
 		long samples;
-		bench_latency(pg, ledger_many / 2, &p50, &p99, &samples);
+		bench_latency(pg, rate, &p50, &p99, &samples);
 		printf("\npublish -> committed decision (read back from tally.ledger), %.0f reservations/s "
 		       "(half the 1,000-tenant rate), 5 s after 1 s of warm-up:\n"
 		       "  p50 %.1f ms   p99 %.1f ms   (%ld samples)\n",
-		       ledger_many / 2, p50, p99, samples);
+		       rate, p50, p99, samples);
 	}
 	tly_devpg_stop(pg);
 	return 0;
