@@ -22,6 +22,7 @@ static const struct suite_entry all_suites[] = {
 	{"event", event_suite, false},
 	{"codec", codec_suite, false},
 	{"decide", decide_suite, false},
+	{"badbytes", badbytes_suite, false},
 	{"migrate", migrate_suite, true},
 	{"devbroker", devbroker_suite, true},
 	{"ledger", ledger_suite, true},
