@@ -108,6 +108,7 @@ TEST_SRCS := \
 	tests/corpus.c \
 	tests/check_config.c \
 	tests/check_decide.c \
+	tests/decide_model.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
 	tests/check_decision.c \

@@ -11,6 +11,7 @@
 
 #include "codec.h"
 #include "decide.h"
+#include "decide_model.h"
 #include "suites.h"
 #include "wallet.h"
 
@@ -708,6 +709,38 @@ START_TEST(test_many_holds)
 }
 END_TEST
 
+/* splitmix64: the sequences below depend only on the seed, on every platform. */
+static uint64_t next_random(uint64_t *state)
+{
+	uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+	return z ^ (z >> 31);
+}
+
+/*
+ * Model check (tests/decide_model.c): thousands of random event sequences from a fixed seed, the
+ * core and the reference wallet model agreeing after every event; then the sequences the fuzzer
+ * (make fuzz, tests/fuzz/fuzz_decide.c) found, kept as regressions.
+ */
+START_TEST(test_model_random_sequences)
+{
+	enum { SEQUENCES = 2000, MAX_STEPS = 60 };
+	char err[256], why[2048];
+	uint8_t ops[1 + MAX_STEPS * TLY_MODEL_OP_BYTES];
+	struct tly_codec *codec = tly_codec_new(err, sizeof(err));
+	ck_assert_msg(codec != NULL, "%s", err);
+	uint64_t state = 20260101;
+	for (int i = 0; i < SEQUENCES; i++) {
+		size_t n = 1 + (1 + next_random(&state) % MAX_STEPS) * TLY_MODEL_OP_BYTES;
+		for (size_t k = 0; k < n; k++)
+			ops[k] = (uint8_t)next_random(&state);
+		ck_assert_msg(tly_model_run(codec, ops, n, why, sizeof(why)) == 0, "sequence %d: %s", i, why);
+	}
+	tly_codec_free(codec);
+}
+END_TEST
+
 Suite *decide_suite(void)
 {
 	Suite *s = suite_create("decide");
@@ -716,6 +749,10 @@ Suite *decide_suite(void)
 	tcase_add_test(tc, test_invoice_amounts);
 	tcase_add_test(tc, test_wrong_tenant_refused);
 	tcase_add_test(tc, test_many_holds);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("model");
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_model_random_sequences);
 	suite_add_tcase(s, tc);
 	return s;
 }
