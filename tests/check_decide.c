@@ -725,7 +725,7 @@ static uint64_t next_random(uint64_t *state)
  */
 START_TEST(test_model_random_sequences)
 {
-	enum { SEQUENCES = 2000, MAX_STEPS = 60 };
+	enum { SEQUENCES = 5000, MAX_STEPS = 60 };
 	char err[256], why[2048];
 	uint8_t ops[1 + MAX_STEPS * TLY_MODEL_OP_BYTES];
 	struct tly_codec *codec = tly_codec_new(err, sizeof(err));

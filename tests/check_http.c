@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "corpus.h"
 #include "fixtures.h"
 #include "harness.h"
 #include "health.h"
@@ -544,17 +545,43 @@ START_TEST(test_ledger_scrape)
 	ck_assert_int_eq(status_of(r), 200);
 	free(r);
 
-	/* A malformed and a stalled client do not disturb the consumer. */
+	/*
+	 * Malformed and stalled clients do not disturb the consumer: the bad-bytes corpus
+	 * (tests/corpus/http), each answered as its sidecar says; the incomplete ones stay open.
+	 */
 	int slow = dial(addr);
 	send_all(slow, "GET /metrics HTTP/1.1\r\nHo", 25);
 	r = exchange(addr, "\x01\x02garbage\r\n\r\n", 13);
 	ck_assert_int_eq(status_of(r), 400);
 	free(r);
+	struct tly_corpus_case *cases;
+	size_t n = tly_test_corpus_load("http", &cases);
+	int stalled[64], n_stalled = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (strcmp(cases[i].error, "none") == 0) {
+			ck_assert_int_lt(n_stalled, 64);
+			stalled[n_stalled] = dial(addr);
+			send_all(stalled[n_stalled++], (const char *)cases[i].data, cases[i].len);
+			continue;
+		}
+		r = exchange(addr, (const char *)cases[i].data, cases[i].len);
+		int got = status_of(r), want = atoi(cases[i].error);
+		/* /healthz and /readyz: 503 in the corpus's server (nothing beats), 200 here */
+		ck_assert_msg(got == want || (want == 503 && got == 200),
+			      "corpus case %s: status %d, expected %d", cases[i].name, got, want);
+		free(r);
+	}
+	tly_test_corpus_free(cases, n);
 	published += traffic(&e, 2);
 	r = scrape_until(addr, "/metrics", 200, consumed_at_least, &published, 30000);
 	ck_assert_int_eq(metric(body_of(r), "tally_records_consumed_total"), published);
 	free(r);
+	r = get(addr, "/healthz");
+	ck_assert_int_eq(status_of(r), 200);
+	free(r);
 	close(slow);
+	for (int i = 0; i < n_stalled; i++)
+		close(stalled[i]);
 
 	tly_test_ledger_stop(pid, e.log);
 	env_down(&e);

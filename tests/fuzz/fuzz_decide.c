@@ -12,13 +12,22 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+static struct tly_codec *codec;
+
+static void release(void)
+{
+	tly_codec_free(codec);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	static struct tly_codec *codec;
 	char why[2048];
-	if (!codec && !(codec = tly_codec_new(why, sizeof(why)))) {
-		fprintf(stderr, "could not create the codec: %s\n", why);
-		abort();
+	if (!codec) {
+		if (!(codec = tly_codec_new(why, sizeof(why)))) {
+			fprintf(stderr, "could not create the codec: %s\n", why);
+			abort();
+		}
+		atexit(release);
 	}
 	if (size > 1 + 400 * TLY_MODEL_OP_BYTES)
 		return 0; /* long sequences add time, not coverage */
