@@ -124,8 +124,10 @@ START_TEST(test_http_corpus)
 						      memmem(resp, len, "\r\nConnection: close\r\n", 21),
 					      "%s: not a closing HTTP/1.1 response", cases[i].name);
 				snprintf(status, sizeof(status), "%.3s", resp + 9);
-				char *text = strndup(resp, len);
+				char *text = malloc(len + 1); /* the response as a string (it has no NUL) */
 				ck_assert_ptr_nonnull(text);
+				memcpy(text, resp, len);
+				text[len] = '\0';
 				expect(&cases[i], status, text);
 				free(text);
 			} else {
