@@ -24,7 +24,7 @@ endif
 # Sanitizer runs: stop at the first report. avro-c keeps its values 4 bytes into their allocation,
 # so pointers inside them are unaligned: LeakSanitizer must scan unaligned words (use_unaligned=1)
 # or it reports the memory they hold as leaked.
-LSAN_ENV := LSAN_OPTIONS=use_unaligned=1:suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0
+LSAN_ENV := LSAN_OPTIONS=use_unaligned=1
 SAN_ENV := ASAN_OPTIONS=detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(LSAN_ENV)
 
@@ -187,8 +187,7 @@ asan-unit:
 valgrind: all
 	scripts/install-deps valgrind
 	CK_FORK=no TALLY_BIN=$(BIN) TALLY_SUITES=unit valgrind --error-exitcode=1 --leak-check=full \
-		--errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect \
-		--suppressions=tests/valgrind.supp --quiet $(TEST_BIN)
+		--quiet $(TEST_BIN)
 
 # make fuzz: every harness in tests/fuzz/ for FUZZ_SECONDS, from its committed seed corpus
 # (tests/fuzz/corpus/<name>/, read-only: new inputs go to build-fuzz/corpus/<name>/).
