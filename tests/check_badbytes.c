@@ -3,10 +3,12 @@
  * the real entry point — Avro bodies through the codec, NDJSON lines through what `tallyctl
  * publish` runs (JSON parse, then validate and encode), HTTP requests through the server's request
  * handling, config files through the loader — each answering the error its sidecar names, with
- * the text it names, and no crash (the sanitizer build runs this suite too). The same inputs in
- * running processes: check_ledger.c (quarantine), check_producer.c (publish), check_http.c.
+ * the text it names, and no crash (the sanitizer build runs this suite too). Suite
+ * "badbytes-programs": the config files given to the real programs. The other inputs in running
+ * processes: check_ledger.c (quarantine), check_producer.c (publish), check_http.c.
  */
 #include <check.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,9 +18,11 @@
 #include "config.h"
 #include "corpus.h"
 #include "event_json.h"
+#include "harness.h"
 #include "health.h"
 #include "http.h"
 #include "metrics.h"
+#include "proc.h"
 #include "suites.h"
 
 /* Mismatches of one test, all listed when it fails (one line each). */
@@ -165,6 +169,49 @@ START_TEST(test_config_corpus)
 	no_mismatch();
 }
 END_TEST
+
+/* The config corpus given to the real programs: a clear message and exit status 2, no crash. */
+START_TEST(test_config_corpus_programs)
+{
+	static char out[8192];
+	char path[600];
+	struct tly_corpus_case *cases;
+	size_t n = tly_test_corpus_load("config", &cases);
+	const char *root = getenv("TALLY_CORPUS") ? getenv("TALLY_CORPUS") : "tests/corpus";
+	static const char *const programs[] = {"tally-ledger", "tally-projector", "tallyctl"};
+	for (size_t i = 0; i < n; i++) {
+		snprintf(path, sizeof(path), "%s/config/%s.conf", root, cases[i].name);
+		for (size_t k = 0; k < sizeof(programs) / sizeof(programs[0]); k++) {
+			bool ok = strcmp(cases[i].error, "ok") == 0;
+			if (ok && k < 2)
+				continue; /* a daemon with a good file goes on to connect: not this test's business */
+			char *const argv[] = {(char *)tly_test_bin(programs[k]), "-c", path,
+					      k == 2 ? "config" : NULL, NULL};
+			int rc = tly_proc_run(argv, out, sizeof(out));
+			if (ok) {
+				ck_assert_msg(rc == 0, "%s -c %s: exit %d: %s", programs[k], cases[i].name, rc, out);
+				continue;
+			}
+			ck_assert_msg(rc == 2 || rc == 1, "%s -c %s: exit %d (a crash is -1): %s", programs[k],
+				      cases[i].name, rc, out);
+			ck_assert_msg(strstr(out, path) && strstr(out, cases[i].text),
+				      "%s -c %s: expected \"%s\" in: %s", programs[k], cases[i].name,
+				      cases[i].text, out);
+		}
+	}
+	tly_test_corpus_free(cases, n);
+}
+END_TEST
+
+Suite *badbytes_programs_suite(void)
+{
+	Suite *s = suite_create("badbytes-programs");
+	TCase *tc = tcase_create("config");
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, test_config_corpus_programs);
+	suite_add_tcase(s, tc);
+	return s;
+}
 
 Suite *badbytes_suite(void)
 {

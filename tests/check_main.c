@@ -33,6 +33,7 @@ static const struct suite_entry all_suites[] = {
 	{"status", status_suite, true},
 	{"rebuild", rebuild_suite, true},
 	{"http", http_suite, true},
+	{"badbytes-programs", badbytes_programs_suite, true},
 };
 
 int main(void)

@@ -23,5 +23,6 @@ Suite *roles_suite(void);
 Suite *status_suite(void);
 Suite *rebuild_suite(void);
 Suite *http_suite(void);
+Suite *badbytes_programs_suite(void);
 
 #endif
