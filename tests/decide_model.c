@@ -189,10 +189,25 @@ static void m_advance(struct model *m, int64_t t)
 	}
 }
 
+/* A settle (actual tokens used) or a release (actual < 0) of reservation r: NULL or the refusal. */
+static const char *m_end_hold(struct model *m, int r, int64_t actual)
+{
+	struct m_hold *h = m_hold(m, r);
+	if (!h)
+		return TLY_REASON_UNKNOWN_RESERVATION;
+	if (!h->open)
+		return TLY_REASON_RESERVATION_ENDED;
+	h->open = false;
+	h->ended_at = m->time;
+	if (actual >= 0)
+		m_debit(m, actual);
+	return NULL;
+}
+
 /* ---- events from bytes ---------------------------------------------------------------------- */
 
 enum op_kind { OP_START, OP_GRANT, OP_RESERVE, OP_SETTLE, OP_RELEASE, OP_DEBIT, OP_CANCEL,
-	       OP_PAUSE, OP_RESUME, OP_OTHER, OP__COUNT };
+	       OP_PAUSE, OP_RESUME, OP_OTHER, OP_MESSAGE, OP__COUNT };
 
 static void make_id(tly_uuid *u, unsigned char kind, uint32_t n)
 {
@@ -228,7 +243,7 @@ static const char *step(struct model *m, const uint8_t *b, size_t no, struct tly
 		TLY_EV_SUBSCRIPTION_STARTED, TLY_EV_CREDITS_GRANTED, TLY_EV_TOKENS_RESERVED,
 		TLY_EV_RESERVATION_SETTLED, TLY_EV_RESERVATION_RELEASED, TLY_EV_TOKENS_DEBITED,
 		TLY_EV_SUBSCRIPTION_CANCELLED, TLY_EV_SUBSCRIPTION_PAUSED, TLY_EV_SUBSCRIPTION_RESUMED,
-		TLY_EV_CONVERSATION_STARTED};
+		TLY_EV_CONVERSATION_STARTED, TLY_EV_MESSAGE_APPENDED};
 	tly_fixture_event(ev, types[kind], (unsigned)no);
 	make_id(&ev->event_id, 0xe0, (uint32_t)no);
 	ev->tenant_id = *tenant();
@@ -310,6 +325,20 @@ static const char *step(struct model *m, const uint8_t *b, size_t no, struct tly
 			m->holds[id] = (struct m_hold){true, true, r->tokens, r->expires_at, -1};
 		break;
 	}
+	case OP_MESSAGE:
+		/* usage of a message: settles the reservation it names, else a direct debit if any */
+		ev->u.message_appended.prompt_tokens = x * 4;
+		ev->u.message_appended.completion_tokens = y % 16;
+		ev->u.message_appended.reasoning_tokens = 0;
+		memset(&ev->u.message_appended.reservation_id, 0, sizeof(tly_uuid));
+		if (!(a & 1)) {
+			if (x * 4 + y % 16 > 0)
+				m_debit(m, x * 4 + y % 16);
+			break;
+		}
+		make_id(&ev->u.message_appended.reservation_id, 0xa0, (uint32_t)((a >> 1) % N_RES));
+		reason = m_end_hold(m, (a >> 1) % N_RES, x * 4 + y % 16);
+		break;
 	case OP_SETTLE:
 	case OP_RELEASE: {
 		int id = a % N_RES;
@@ -323,17 +352,7 @@ static const char *step(struct model *m, const uint8_t *b, size_t no, struct tly
 		} else {
 			make_id(&ev->u.reservation_released.reservation_id, 0xa0, (uint32_t)id);
 		}
-		struct m_hold *h = m_hold(m, id);
-		if (!h) {
-			reason = TLY_REASON_UNKNOWN_RESERVATION;
-		} else if (!h->open) {
-			reason = TLY_REASON_RESERVATION_ENDED;
-		} else {
-			h->open = false;
-			h->ended_at = m->time;
-			if (kind == OP_SETTLE)
-				m_debit(m, actual);
-		}
+		reason = m_end_hold(m, id, kind == OP_SETTLE ? actual : -1);
 		break;
 	}
 	case OP_DEBIT:
