@@ -7,10 +7,29 @@
 #                   DEMO_SECONDS (default 30) of tally-loadgen traffic, a report; up until Ctrl-C
 #   make demo-stop  stop a running demo (every process it started)
 #   make dev        bring up the embedded dev stack (dev broker + throw-away PostgreSQL, migrated)
-#   make clean      remove build/
+#   make asan check the same build in build-asan/ with AddressSanitizer + UBSan, every suite under it
+#   make valgrind   the unit suites under valgrind (no error, no leak)
+#   make fuzz       libFuzzer harnesses (tests/fuzz/, clang) for FUZZ_SECONDS each, into build-fuzz/
+#   make clean      remove build/, build-asan/, build-fuzz/
 
 .DEFAULT_GOAL := all
 SHELL := /bin/bash
+
+# `make asan <goal>`: the goal in the sanitizer variant (exported, so sub-makes build it too).
+ifneq ($(filter asan,$(MAKECMDGOALS)),)
+export SANITIZE := 1
+endif
+SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+ifeq ($(SANITIZE),1)
+BUILD  ?= build-asan
+CFLAGS ?= -O1 -g $(SAN_FLAGS)
+endif
+# Sanitizer runs: stop at the first report. avro-c keeps its values 4 bytes into their allocation,
+# so pointers inside them are unaligned: LeakSanitizer must scan unaligned words (use_unaligned=1)
+# or it reports the memory they hold as leaked.
+LSAN_ENV := LSAN_OPTIONS=use_unaligned=1
+SAN_ENV := ASAN_OPTIONS=detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+           UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(LSAN_ENV)
 
 BUILD  ?= build
 OBJ    := $(BUILD)/obj
@@ -98,9 +117,12 @@ TEST_SRCS := \
 	tests/harness_pg.c \
 	tests/harness.c \
 	tests/check_audit.c \
+	tests/check_badbytes.c \
 	tests/check_codec.c \
+	tests/corpus.c \
 	tests/check_config.c \
 	tests/check_decide.c \
+	tests/decide_model.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
 	tests/check_decision.c \
@@ -119,7 +141,8 @@ TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 
-.PHONY: all deps check unit bench clean dev demo demo-stop schemas-release
+.PHONY: all deps check unit bench clean dev demo demo-stop schemas-release asan asan-unit valgrind \
+        fuzz fuzzers
 all: $(LIB) $(addprefix $(BIN)/,$(PROGRAMS)) $(TEST_BIN)
 
 # make V=1 shows the full commands.
@@ -162,11 +185,64 @@ deps:
 	scripts/install-deps
 
 # make check: install what is missing, build, check the production compose file (docker-compose
-# parses and resolves it; no engine needed), run every suite (unit and integration).
+# parses and resolves it; no engine needed), run every suite (unit and integration); then the
+# unit suites and the bad-bytes corpus again under the sanitizers (`make asan check` runs all).
 check: deps
 	$(MAKE) all
 	docker-compose -f docker-compose.yml config -q
-	TALLY_BIN=$(BIN) $(TEST_BIN)
+	$(if $(filter 1,$(SANITIZE)),$(SAN_ENV)) TALLY_BIN=$(BIN) $(TEST_BIN)
+	$(if $(filter 1,$(SANITIZE)),,$(MAKE) SANITIZE=1 asan-unit)
+
+# The goal `asan` only selects the variant (above); alone it builds it.
+asan: $(if $(filter-out asan,$(MAKECMDGOALS)),,all)
+
+asan-unit:
+	$(MAKE) SANITIZE=1 BUILD=build-asan build-asan/bin/tally-tests
+	$(SAN_ENV) TALLY_SUITES=unit build-asan/bin/tally-tests
+
+# make valgrind: the unit suites in one process under valgrind; any error or leak fails.
+valgrind: all
+	scripts/install-deps valgrind
+	CK_FORK=no TALLY_BIN=$(BIN) TALLY_SUITES=unit valgrind --error-exitcode=1 --leak-check=full \
+		--quiet $(TEST_BIN)
+
+# make fuzz: every harness in tests/fuzz/ for FUZZ_SECONDS, from its committed seed corpus
+# (tests/fuzz/corpus/<name>/, read-only: new inputs go to build-fuzz/corpus/<name>/).
+FUZZ_SECONDS ?= 60
+FUZZERS := fuzz_codec fuzz_event_json fuzz_http fuzz_decide
+fuzz_codec_SRCS      := tests/fuzz/fuzz_codec.c
+fuzz_event_json_SRCS := tests/fuzz/fuzz_event_json.c
+fuzz_http_SRCS       := tests/fuzz/fuzz_http.c
+fuzz_decide_SRCS     := tests/fuzz/fuzz_decide.c tests/decide_model.c tests/fixtures.c
+fuzz_codec_SEEDS      := tests/corpus/avro
+fuzz_event_json_SEEDS := tests/corpus/ndjson
+fuzz_http_SEEDS       := tests/corpus/http
+FUZZ_FLAGS := -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
+              -fno-sanitize-recover=all
+fuzz:
+	scripts/install-deps fuzz
+	$(MAKE) BUILD=build-fuzz CC=clang CFLAGS="$(FUZZ_FLAGS)" fuzzers
+	$(foreach f,$(FUZZERS),$(call fuzz_run,$(f)))
+
+# One harness: new inputs into build-fuzz/corpus/<name>, seeds from the committed corpora; a
+# crash leaves build-fuzz/<name>-crash-* (make it a regression test: tests/corpus/ or the suite).
+define fuzz_run
+	@mkdir -p build-fuzz/corpus/$(1)
+	@echo "== $(1): $(FUZZ_SECONDS) s"
+	$(LSAN_ENV) build-fuzz/bin/$(1) -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+		-print_final_stats=1 -artifact_prefix=build-fuzz/$(1)- \
+		build-fuzz/corpus/$(1) tests/fuzz/corpus/$(1) $($(1)_SEEDS)
+
+endef
+
+define fuzzer_rule
+$(BIN)/$(1): $$($(1)_SRCS:%.c=$(OBJ)/%.o) $(LIB)
+	@mkdir -p $$(@D)
+	@$$(if $$(Q),echo "  LINK    $$@")
+	$$(Q)$$(CC) $$(CFLAGS) -fsanitize=fuzzer -o $$@ $$^ $$(LDLIBS)
+endef
+$(foreach f,$(FUZZERS),$(eval $(call fuzzer_rule,$(f))))
+fuzzers: $(addprefix $(BIN)/,$(FUZZERS))
 
 # make unit: only the suites with no I/O (fast inner loop).
 unit: all
@@ -197,6 +273,6 @@ schemas-release: all
 	$(BIN)/tallyctl schemas release schemas/released
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf build build-asan build-fuzz
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

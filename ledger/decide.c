@@ -348,6 +348,31 @@ static int64_t held_backing(const struct tly_wallet *w)
 	return need < w->allowance ? need : w->allowance;
 }
 
+/*
+ * The part of an expiring grant that backs open holds beyond the allowance and the other credits:
+ * it stays (until the last open hold's expiry), so an expiry never takes available below where
+ * it was or below zero, as a period close keeps the allowance that backs holds.
+ */
+static int64_t grant_backing(const struct tly_wallet *w, const struct tly_grant *g)
+{
+	int64_t others = tly_wallet_credits(w) - g->remaining;
+	int64_t need = tly_wallet_held(w) - w->allowance - others;
+	if (need <= 0)
+		return 0;
+	return need < g->remaining ? need : g->remaining;
+}
+
+/* The latest expiry of an open hold (open holds expire after the current ledger time). */
+static int64_t last_hold_expiry(const struct tly_wallet *w)
+{
+	int64_t last = w->time;
+	for (size_t i = 0; i < w->n_holds; i++) {
+		if (w->holds[i].open && w->holds[i].expires_at > last)
+			last = w->holds[i].expires_at;
+	}
+	return last;
+}
+
 /* ---- periods -------------------------------------------------------------------------------- */
 
 static int64_t micros_to_cents(__int128 micros)
@@ -509,9 +534,16 @@ static int advance(struct ctx *c, int64_t t)
 			break;
 		case DUE_GRANT: {
 			struct tly_grant g = w->grants[idx];
-			remove_grant(w, idx);
-			struct delta d = {0, -g.remaining, 0, 0};
-			rc = emit(c, TLY_KIND_CREDITS_EXPIRED, &d, &g.id, NULL);
+			int64_t keep = grant_backing(w, &g);
+			if (keep > 0) {
+				w->grants[idx].remaining = keep;
+				w->grants[idx].expires_at = last_hold_expiry(w);
+			} else {
+				remove_grant(w, idx);
+			}
+			struct delta d = {0, keep - g.remaining, 0, 0};
+			if (keep < g.remaining)
+				rc = emit(c, TLY_KIND_CREDITS_EXPIRED, &d, &g.id, NULL);
 			break;
 		}
 		case DUE_CHANGE:
@@ -544,6 +576,12 @@ static int on_reserve(struct ctx *c, const struct tly_ev_tokens_reserved *r)
 	struct tly_wallet *w = c->w;
 	if (find_hold(w, &r->reservation_id))
 		return reject(c, TLY_REASON_DUPLICATE_RESERVATION, &r->reservation_id);
+	if (tly_wallet_find_hold(w, &r->reservation_id)) {
+		/* the id's old hold is forgotten but still in memory: drop it, or the id finds it first */
+		w->forget_scan_at = 0;
+		if (forget_holds(w) != 0)
+			return TLY_E_NOMEM;
+	}
 	if (r->expires_at <= w->time)
 		return reject(c, TLY_REASON_HOLD_EXPIRED_ON_ARRIVAL, &r->reservation_id);
 	int64_t credits = tly_wallet_credits(w);
@@ -614,10 +652,12 @@ static int on_subscription_started(struct ctx *c, const struct tly_ev_subscripti
 	s->period_end = e->period_end;
 	s->seats = e->seat_count;
 	s->auto_renew = e->auto_renew;
+	/* usage past zero without a subscription has no price: it is dropped, and the entry says so */
+	int64_t overage = w->overage;
 	w->overage = 0;
 	w->n_usage = 0;
 	w->allowance += e->terms.tokens_per_period;
-	struct delta d = {e->terms.tokens_per_period, 0, 0, 0};
+	struct delta d = {e->terms.tokens_per_period, 0, 0, -overage};
 	return emit(c, TLY_KIND_SUBSCRIPTION_STARTED, &d, &s->id, NULL);
 }
 

@@ -361,7 +361,7 @@ static int get_str(avro_value_t *v, struct tly_arena *arena, const char *field, 
 static int get_long(avro_value_t *v, int64_t *out)
 {
 	if (avro_value_get_type(v) == AVRO_INT32) {
-		int32_t i;
+		int32_t i = 0; /* avro_value_get_int leaves it unset when the value has no int getter */
 		int rc = avro_value_get_int(v, &i);
 		*out = i;
 		return rc;

@@ -6,10 +6,12 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
 
 #include "log.h"
 
 #define KAFKA_PREFIX "kafka."
+#define MAX_LINE 4096 /* bytes of one config file line, newline included */
 
 /* The one table of settings: --help and the README's configuration section are generated from it. */
 static const struct tly_setting settings[] = {
@@ -253,14 +255,21 @@ int tly_config_load_file(struct tly_config *cfg, const char *path, char *errstr,
 			 strerror(errno));
 		return TLY_E_CONFIG;
 	}
-	char line[4096];
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
 	char inner[512];
 	int lineno = 0;
 	int rc = 0;
-	while (fgets(line, sizeof(line), f)) {
+	while ((len = getline(&line, &cap, f)) >= 0) {
 		lineno++;
-		if (!strchr(line, '\n') && !feof(f)) {
+		if (len >= MAX_LINE) {
 			snprintf(errstr, errlen, "%s:%d: line too long", path, lineno);
+			rc = TLY_E_CONFIG;
+			break;
+		}
+		if (strlen(line) != (size_t)len) {
+			snprintf(errstr, errlen, "%s:%d: NUL byte in line", path, lineno);
 			rc = TLY_E_CONFIG;
 			break;
 		}
@@ -290,6 +299,7 @@ int tly_config_load_file(struct tly_config *cfg, const char *path, char *errstr,
 			 strerror(errno));
 		rc = TLY_E_CONFIG;
 	}
+	free(line);
 	fclose(f);
 	return rc;
 }

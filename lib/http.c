@@ -27,8 +27,9 @@
 #define LINGER_S 1.0         /* after the response: drain what the client still sends, then close */
 #define ACCEPT_PAUSE_S 0.1   /* out of file descriptors: stop accepting for this long */
 #define URL_MAX 1024
+#define READ_CHUNK 4096      /* bytes read from a connection at a time */
 
-enum conn_state { READING, WRITING, LINGERING };
+enum conn_state { READING, WRITING, LINGERING, DROPPED /* no response could be built: close */ };
 
 struct conn {
 	ev_io io;                  /* read, then write, then drain; data points to the conn */
@@ -98,7 +99,7 @@ static const char *status_text(int status)
 	}
 }
 
-/* Queue the response and switch the connection to writing; body is copied. */
+/* Queue the response (body is copied): state WRITING, or DROPPED when out of memory. */
 static void respond(struct conn *c, int status, const char *content_type, const char *body,
 		    size_t body_len)
 {
@@ -109,7 +110,7 @@ static void respond(struct conn *c, int status, const char *content_type, const 
 			 status, status_text(status), content_type, body_len,
 			 status == 405 ? "Allow: GET\r\n" : "");
 	if (n < 0 || (size_t)n >= sizeof(head) || !(c->out = malloc((size_t)n + body_len))) {
-		conn_close(c);
+		c->state = DROPPED;
 		return;
 	}
 	memcpy(c->out, head, (size_t)n);
@@ -117,9 +118,6 @@ static void respond(struct conn *c, int status, const char *content_type, const 
 	c->out_len = (size_t)n + body_len;
 	c->out_off = 0;
 	c->state = WRITING;
-	ev_io_stop(c->srv->loop, &c->io);
-	ev_io_set(&c->io, c->fd, EV_WRITE);
-	ev_io_start(c->srv->loop, &c->io);
 }
 
 static void respond_text(struct conn *c, int status, const char *text)
@@ -189,9 +187,30 @@ static int on_message_complete(http_parser *p)
 	return 0;
 }
 
+/* Bytes received while READING: parse them; a whole or a bad request gets its response queued. */
+static void conn_input(struct conn *c, const char *buf, size_t n)
+{
+	c->received += n;
+	if (c->received > c->srv->opts.max_request) {
+		respond_text(c, 413, "request too large");
+		return;
+	}
+	size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf, n);
+	if (c->complete) {
+		route(c); /* bytes after the request (parsed < n, parser paused) are ignored */
+		return;
+	}
+	enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
+	if (e != HPE_OK || parsed != n) {
+		char text[200];
+		snprintf(text, sizeof(text), "bad request: %s", http_errno_description(e));
+		respond_text(c, 400, text);
+	}
+}
+
 static void on_read(struct conn *c)
 {
-	char buf[4096];
+	char buf[READ_CHUNK];
 	ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
 	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
 		return;
@@ -201,21 +220,13 @@ static void on_read(struct conn *c)
 	}
 	if (c->state == LINGERING)
 		return;
-	c->received += (size_t)n;
-	if (c->received > c->srv->opts.max_request) {
-		respond_text(c, 413, "request too large");
-		return;
-	}
-	size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf, (size_t)n);
-	if (c->complete) {
-		route(c); /* bytes after the request (parsed < n, parser paused) are ignored */
-		return;
-	}
-	enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
-	if (e != HPE_OK || parsed != (size_t)n) {
-		char text[200];
-		snprintf(text, sizeof(text), "bad request: %s", http_errno_description(e));
-		respond_text(c, 400, text);
+	conn_input(c, buf, (size_t)n);
+	if (c->state == DROPPED) {
+		conn_close(c);
+	} else if (c->state == WRITING) {
+		ev_io_stop(c->srv->loop, &c->io);
+		ev_io_set(&c->io, c->fd, EV_WRITE);
+		ev_io_start(c->srv->loop, &c->io);
 	}
 }
 
@@ -271,6 +282,15 @@ static void conn_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- the listener ------------------------------------------------------------------------- */
 
+static void conn_init(struct conn *c, struct tly_http *srv, int fd)
+{
+	c->srv = srv;
+	c->fd = fd;
+	c->state = READING;
+	http_parser_init(&c->parser, HTTP_REQUEST);
+	c->parser.data = c;
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	(void)revents;
@@ -293,11 +313,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 					  strerror(errno));
 			continue;
 		}
-		c->srv = srv;
-		c->fd = fd;
-		c->state = READING;
-		http_parser_init(&c->parser, HTTP_REQUEST);
-		c->parser.data = c;
+		conn_init(c, srv, fd);
 		ev_io_init(&c->io, conn_io_cb, fd, EV_READ);
 		c->io.data = c;
 		ev_timer_init(&c->timer, conn_timer_cb, srv->opts.timeout_ms / 1000.0, 0.);
@@ -402,16 +418,10 @@ static int bind_listener(const char *listen_on, char *address, size_t addrlen, c
 	return fd;
 }
 
-struct tly_http *tly_http_start(const char *listen_on, struct tly_metrics *metrics,
-				struct tly_health *health, const struct tly_http_options *opts,
-				char *errstr, size_t errlen)
+/* Options with their defaults, the borrowed handles and the parser callbacks; no socket, no loop. */
+static void server_init(struct tly_http *srv, struct tly_metrics *metrics, struct tly_health *health,
+			const struct tly_http_options *opts)
 {
-	sigset_t all, old;
-	struct tly_http *srv = calloc(1, sizeof(*srv));
-	if (!srv) {
-		snprintf(errstr, errlen, "out of memory");
-		return NULL;
-	}
 	srv->fd = -1;
 	if (opts)
 		srv->opts = *opts;
@@ -428,6 +438,35 @@ struct tly_http *tly_http_start(const char *listen_on, struct tly_metrics *metri
 	http_parser_settings_init(&srv->settings);
 	srv->settings.on_url = on_url;
 	srv->settings.on_message_complete = on_message_complete;
+}
+
+char *tly_http_serve_bytes(struct tly_metrics *metrics, struct tly_health *health,
+			   const struct tly_http_options *opts, const void *req, size_t len,
+			   size_t chunk, size_t *out_len)
+{
+	struct tly_http srv = {0};
+	struct conn c = {0};
+	server_init(&srv, metrics, health, opts);
+	conn_init(&c, &srv, -1);
+	if (chunk == 0)
+		chunk = READ_CHUNK;
+	for (size_t off = 0; off < len && c.state == READING; off += chunk)
+		conn_input(&c, (const char *)req + off, len - off < chunk ? len - off : chunk);
+	*out_len = c.state == WRITING ? c.out_len : 0;
+	return c.state == WRITING ? c.out : NULL;
+}
+
+struct tly_http *tly_http_start(const char *listen_on, struct tly_metrics *metrics,
+				struct tly_health *health, const struct tly_http_options *opts,
+				char *errstr, size_t errlen)
+{
+	sigset_t all, old;
+	struct tly_http *srv = calloc(1, sizeof(*srv));
+	if (!srv) {
+		snprintf(errstr, errlen, "out of memory");
+		return NULL;
+	}
+	server_init(srv, metrics, health, opts);
 	if ((srv->fd = bind_listener(listen_on, srv->address, sizeof(srv->address), errstr,
 				     errlen)) < 0)
 		goto fail;

@@ -40,4 +40,15 @@ const char *tly_http_address(const struct tly_http *h);
 /* Stop the thread, close every connection and the listener, free h. Accepts NULL. */
 void tly_http_stop(struct tly_http *h);
 
+/*
+ * One connection's request served from memory, as the server would serve it but with no socket,
+ * thread or deadline (for the tests and the fuzzer): req is fed in pieces of chunk bytes (0: the
+ * server's read size). Returns the whole response (malloc'd, *out_len bytes, caller frees), or
+ * NULL when the connection would still be waiting for more of the request (the server closes it
+ * at its deadline without answering) or no response could be built (out of memory).
+ */
+char *tly_http_serve_bytes(struct tly_metrics *metrics, struct tly_health *health,
+			   const struct tly_http_options *opts, const void *req, size_t len,
+			   size_t chunk, size_t *out_len);
+
 #endif

@@ -23,6 +23,7 @@ static const struct suite_entry all_suites[] = {
 	{"event", event_suite, false},
 	{"codec", codec_suite, false},
 	{"decide", decide_suite, false},
+	{"badbytes", badbytes_suite, false},
 	{"migrate", migrate_suite, true},
 	{"devbroker", devbroker_suite, true},
 	{"ledger", ledger_suite, true},
@@ -36,6 +37,7 @@ static const struct suite_entry all_suites[] = {
 	{"lifecycle", lifecycle_suite, true},
 	{"demo", demo_suite, true},
 	{"audit", audit_suite, true},
+	{"badbytes-programs", badbytes_programs_suite, true},
 };
 
 static const char help[] =
@@ -44,7 +46,7 @@ static const char help[] =
 	"The Check runner of every suite (make check). Environment:\n"
 	"  TALLY_SUITE=NAME     run one suite (config, schema, event, codec, decide, migrate, devbroker,\n"
 	"                       ledger, producer, decision, projector, roles, status, rebuild, http,\n"
-	"                       lifecycle, demo, audit)\n"
+	"                       lifecycle, demo, audit, badbytes, badbytes-programs)\n"
 	"  TALLY_SUITES=unit    run only the suites without I/O\n"
 	"  CK_RUN_CASE=NAME     run one test case of the suite (Check)\n"
 	"  TALLY_BIN=DIR        where the programs under test are (default build/bin)\n"

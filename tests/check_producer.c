@@ -17,6 +17,7 @@
 #include "codec.h"
 #include "config.h"
 #include "event_json.h"
+#include "corpus.h"
 #include "fixtures.h"
 #include "harness.h"
 #include "kafka.h"
@@ -597,6 +598,46 @@ START_TEST(test_tallyctl_publish_and_tail)
 	rc = tallyctl(b.bootstraps, out, sizeof(out), "tail", "tally.catalog", "--from-beginning",
 		      "--timeout-ms", "1500", NULL);
 	ck_assert_msg(rc == 0 && strstr(out, "\"type\":\"PlanPublished\""), "exit %d: %s", rc, out);
+
+	/*
+	 * The bad-bytes corpus (tests/corpus/ndjson), each line followed by a good one: every bad
+	 * line is reported by number with its error, every good line behind one is delivered.
+	 */
+	struct tly_corpus_case *cases;
+	size_t n = tly_test_corpus_load("ndjson", &cases), bad = 0;
+	snprintf(path, sizeof(path), "%s/corpus.ndjson", b.dir);
+	FILE *f = fopen(path, "wb");
+	ck_assert_ptr_nonnull(f);
+	static const char good[] = "{\"type\":\"TenantCreated\",\"tenant_id\":"
+				   "\"11111111-2222-4333-8444-555555555555\",\"slug\":\"t\",\"name\":\"T\"}\n";
+	for (size_t i = 0; i < n; i++) {
+		ck_assert(fwrite(cases[i].data, 1, cases[i].len, f) == cases[i].len);
+		ck_assert(fputs(good, f) >= 0);
+		bad += strcmp(cases[i].error, "ok") != 0;
+	}
+	ck_assert(fclose(f) == 0);
+	rc = tallyctl(b.bootstraps, out, sizeof(out), "publish", path, NULL);
+	ck_assert_msg(rc == 1, "exit %d: %s", rc, out);
+	for (size_t i = 0; i < n; i++) {
+		char line[64];
+		snprintf(line, sizeof(line), "tallyctl: line %zu: ", 2 * i + 1);
+		const char *at = strstr(out, line);
+		if (strcmp(cases[i].error, "ok") == 0) {
+			ck_assert_msg(!at, "case %s reported: %s", cases[i].name, out);
+		} else {
+			ck_assert_msg(at, "case %s: no \"%s\" in:\n%s", cases[i].name, line, out);
+			const char *eol = strchr(at, '\n'), *text = strstr(at, cases[i].text);
+			ck_assert_msg(text && (!eol || text < eol), "case %s: no \"%s\" in %.*s", cases[i].name,
+				      cases[i].text, eol ? (int)(eol - at) : 300, at);
+		}
+		snprintf(line, sizeof(line), "line %zu: ", 2 * i + 2);
+		ck_assert_msg(!strstr(out, line), "good line after case %s rejected: %s", cases[i].name, out);
+	}
+	char summary[128];
+	snprintf(summary, sizeof(summary), "sent %zu, rejected %zu, delivered %zu, failed 0", 2 * n - bad,
+		 bad, 2 * n - bad);
+	ck_assert_msg(strstr(out, summary), "expected \"%s\" in:\n%s", summary, out);
+	tly_test_corpus_free(cases, n);
 	tly_test_broker_stop(&b);
 }
 END_TEST

@@ -10,6 +10,7 @@ Suite *schema_suite(void);
 Suite *event_suite(void);
 Suite *codec_suite(void);
 Suite *decide_suite(void);
+Suite *badbytes_suite(void);
 
 /* Integration suites: run against the harness's PostgreSQL and dev broker. */
 Suite *migrate_suite(void);
@@ -25,5 +26,6 @@ Suite *http_suite(void);
 Suite *demo_suite(void);
 Suite *lifecycle_suite(void);
 Suite *audit_suite(void);
+Suite *badbytes_programs_suite(void);
 
 #endif
