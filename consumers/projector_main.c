@@ -27,8 +27,8 @@ extern char **environ;
 #define PROG "tally-projector"
 #define CONSUMER_NAME "tally-projector" /* consumer_offsets.consumer */
 #define POLL_MS 10
-#define BATCH_MAX_RECORDS 5000
-#define BATCH_MAX_MS 50
+#define BATCH_MAX_RECORDS 20000
+#define BATCH_MAX_MS 200
 #define RETRY_MS 200
 #define MAX_BACKOFF_MS 5000
 #define METADATA_TIMEOUT_MS 10000

@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <inttypes.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,7 @@ struct tly_fold {
 	char *data;                             /* COPY text of the staged rows; owned */
 	size_t len, cap;
 	size_t pending;
+	uint64_t present;                       /* T() of the types and kinds pending */
 	int64_t ord;                            /* feed order of the next row */
 	PGconn *staged_on;                      /* borrowed: conn where the staging table exists */
 };
@@ -323,7 +325,8 @@ static const char *const FOLD_SQL[] = {
 	"    (e.doc->>'overage_delta')::bigint - (e.doc->>'allowance_delta')::bigint "
 	"    - (e.doc->>'credits_delta')::bigint) FILTER (WHERE e.kind = 'debit' "
 	"    AND (k.reset_seq IS NULL OR e.seq > k.reset_seq)), 0) AS used "
-	"  FROM k JOIN e ON e.tenant_id = k.tenant_id AND e.sub IS NOT DISTINCT FROM k.sub "
+	"  FROM k JOIN e ON e.tenant_id = k.tenant_id "
+	"    AND COALESCE(e.sub, '" NIL_UUID "') = COALESCE(k.sub, '" NIL_UUID "') "
 	"  GROUP BY k.tenant_id, k.sub, k.reset_seq, k.last_seq), "
 	"fin AS (SELECT agg.tenant_id, agg.sub, agg.last_seq, e.at, e.doc, "
 	"    CASE WHEN agg.reset_seq IS NULL THEN COALESCE(b.tokens_used, 0) ELSE 0 END + agg.used AS used, "
@@ -385,6 +388,56 @@ static const char *const FOLD_SQL[] = {
 };
 
 #define N_FOLD_SQL (sizeof(FOLD_SQL) / sizeof(FOLD_SQL[0]))
+
+/*
+ * What each statement of FOLD_SQL reads: it runs only when the batch holds a message of one of
+ * these types or ledger entry kinds (a statement over none of them would change no row).
+ */
+#define T(type) (UINT64_C(1) << (type))
+enum { K_SUB_STATUS = TLY_EV__COUNT, K_PERIOD, K_CANCELLED, K_ENDED, K_USAGE, K_INVOICE };
+#define ANY_EVENT ((T(TLY_EV__COUNT) - 1) & ~T(TLY_EV_LEDGER_ENTRY))
+#define ANY (T(TLY_EV__COUNT) - 1)
+#define CONV_REF (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_AGENT_HANDOFF) | T(TLY_EV_CONVERSATION_CLOSED))
+#define MODEL_CALL (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_RESERVATION_SETTLED))
+static const uint64_t FOLD_NEEDS[] = {
+	ANY_EVENT, T(TLY_EV_LEDGER_ENTRY),                              /* 1, 2: dedupe */
+	ANY, T(TLY_EV_TENANT_CREATED), T(TLY_EV_USER_REGISTERED),       /* 3, 4 */
+	T(TLY_EV_PLAN_PUBLISHED), T(TLY_EV_PLAN_PUBLISHED),             /* 5 */
+	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_SUBSCRIPTION_STARTED),         /* 6 */
+	T(TLY_EV_SUBSCRIPTION_CHANGED), T(K_SUB_STATUS), T(K_PERIOD), T(K_CANCELLED), T(K_ENDED),
+	CONV_REF, T(TLY_EV_CONVERSATION_STARTED), T(TLY_EV_MESSAGE_APPENDED), /* 7 */
+	T(TLY_EV_AGENT_HANDOFF), T(TLY_EV_CONVERSATION_CLOSED),
+	T(K_USAGE), T(TLY_EV_USAGE_REPORTED), T(K_USAGE),               /* 8 */
+	MODEL_CALL,                                                     /* 9 */
+	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_LEDGER_ENTRY) | MODEL_CALL,    /* 10 */
+	T(K_INVOICE), T(TLY_EV_INVOICE_STATUS_CHANGED),                 /* 11 */
+	T(TLY_EV_INVOICE_STATUS_CHANGED) | T(K_INVOICE),
+};
+_Static_assert(sizeof(FOLD_NEEDS) / sizeof(FOLD_NEEDS[0]) == N_FOLD_SQL,
+	       "one FOLD_NEEDS entry per FOLD_SQL statement");
+_Static_assert(K_INVOICE < 64, "types and kinds fit the mask");
+
+/* The mask bits of a ledger entry's kind (besides its type's). */
+static uint64_t kind_bits(const char *kind)
+{
+	static const struct {
+		const char *kind;
+		uint64_t bits;
+	} kinds[] = {
+		{"subscription_started", T(K_SUB_STATUS) | T(K_PERIOD)},
+		{"subscription_paused", T(K_SUB_STATUS)},
+		{"subscription_resumed", T(K_SUB_STATUS)},
+		{"subscription_ended", T(K_SUB_STATUS) | T(K_ENDED)},
+		{"subscription_cancelled", T(K_CANCELLED)},
+		{"period_opened", T(K_PERIOD)},
+		{"usage_recorded", T(K_USAGE)},
+		{"invoice", T(K_INVOICE)},
+	};
+	for (size_t i = 0; kind && i < sizeof(kinds) / sizeof(kinds[0]); i++)
+		if (strcmp(kind, kinds[i].kind) == 0)
+			return kinds[i].bits;
+	return 0;
+}
 
 static const char STAGE_SQL[] =
 	"CREATE TEMP TABLE tly_fold_stage (ord bigint NOT NULL, type text NOT NULL, "
@@ -455,6 +508,7 @@ void tly_fold_clear(struct tly_fold *fold)
 {
 	fold->len = 0;
 	fold->pending = 0;
+	fold->present = 0;
 }
 
 static int reserve(struct tly_fold *fold, size_t more)
@@ -530,6 +584,9 @@ int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
 	    put_field(fold, doc) == 0 && put(fold, "\n", 1) == 0) {
 		fold->ord++;
 		fold->pending++;
+		fold->present |= T(ev->type);
+		if (ev->type == TLY_EV_LEDGER_ENTRY)
+			fold->present |= kind_bits(ev->u.ledger_entry.kind);
 		rc = 0;
 	} else {
 		fold->len = mark;
@@ -626,6 +683,8 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
 	if (rc == 0)
 		rc = copy_stage(fold, conn, err);
 	for (size_t i = 0; rc == 0 && i < N_FOLD_SQL; i++) {
+		if (!(fold->present & FOLD_NEEDS[i]))
+			continue;
 		char *sql = render(fold, FOLD_SQL[i]);
 		if (!sql) {
 			set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");

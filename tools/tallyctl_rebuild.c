@@ -29,8 +29,8 @@
 
 #define PROJECTOR_CONSUMER "tally-projector" /* consumer_offsets.consumer of tally-projector */
 #define SHADOW_SUFFIX "_rebuild"
-#define FLUSH_EVERY 50000       /* records per fold flush */
-#define LEDGER_PAGE "5000"      /* entries per keyset page */
+#define FLUSH_EVERY 100000      /* records per fold flush */
+#define LEDGER_PAGE "50000"     /* entries per keyset page */
 #define SWAP_ATTEMPTS 20
 #define CATCHUP_PASSES 5        /* passes before the swap, while the projector runs */
 #define CATCHUP_SMALL 2000      /* records: few enough to fold inside the swap transaction */
