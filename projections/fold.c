@@ -665,6 +665,21 @@ static int copy_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *
 	return ok ? 0 : TLY_E_PG;
 }
 
+/*
+ * Memory for the fold's sorts and hashes, for this transaction only: they carry the staged
+ * documents, and with the default work_mem (4 MB) a batch of a few thousand messages spills to
+ * temporary files. Twice the staged text, between 16 MB and 1 GB.
+ */
+static int set_work_mem(const struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
+{
+	size_t kb = fold->len / 512;
+	char value[32];
+	kb = kb < 16 * 1024 ? 16 * 1024 : kb > 1024 * 1024 ? 1024 * 1024 : kb;
+	snprintf(value, sizeof(value), "%zukB", kb);
+	const char *const v[] = {value};
+	return tly_pg_exec(conn, "SELECT set_config('work_mem', $1, true)", 1, v, err);
+}
+
 int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
 {
 	if (fold->pending == 0)
@@ -678,6 +693,8 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
 		return TLY_E_PG;
 	}
 	int rc = ensure_stage(fold, conn, err);
+	if (rc == 0)
+		rc = set_work_mem(fold, conn, err);
 	if (rc == 0)
 		rc = tly_pg_exec(conn, "DELETE FROM tly_fold_stage", 0, NULL, err);
 	if (rc == 0)
