@@ -806,7 +806,7 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
 		rc = tly_pgcopy_send(conn, fold->rows, "COPY tly_fold_stage FROM STDIN (FORMAT binary)", err);
 	/* the planner's row counts for the statements below (a temporary table has no others) */
 	if (rc == 0)
-		rc = tly_pg_exec(conn, "ANALYZE tly_fold_stage", 0, NULL, err);
+		rc = tly_pg_exec(conn, "ANALYZE tly_fold_stage (type, tenant_id, kind)", 0, NULL, err);
 	for (size_t i = 0; rc == 0 && i < N_FOLD_SQL; i++) {
 		if (!(fold->present & FOLD_NEEDS[i]))
 			continue;
