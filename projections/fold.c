@@ -758,6 +758,15 @@ static char *render(const struct tly_fold *fold, const char *sql)
 	return out;
 }
 
+/* Local buffers of a session (a maximum, allocated as used): a batch's staging table stays in memory. */
+#define STAGE_TEMP_BUFFERS "256MB"
+
+int tly_fold_prepare_session(PGconn *conn, struct tly_pg_error *err)
+{
+	const char *const v[] = {STAGE_TEMP_BUFFERS};
+	return tly_pg_exec(conn, "SELECT set_config('temp_buffers', $1, false)", 1, v, err);
+}
+
 static int ensure_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
 {
 	if (fold->staged_on == conn)
@@ -768,7 +777,8 @@ static int ensure_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error
 		return TLY_E_PG;
 	bool missing = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
 	PQclear(res);
-	if (missing && tly_pg_exec(conn, fold->stage_sql, 0, NULL, err) != 0)
+	if (missing && (tly_fold_prepare_session(conn, err) != 0 ||
+			tly_pg_exec(conn, fold->stage_sql, 0, NULL, err) != 0))
 		return TLY_E_PG;
 	fold->staged_on = conn;
 	return 0;

@@ -51,6 +51,14 @@ int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *nam
  */
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev) TLY_MUST_CHECK;
 
+/*
+ * Set conn's session up for the fold (temp_buffers, so that a batch's staging table stays in
+ * memory; PostgreSQL lets a session change it only before its first temporary table).
+ * tly_fold_flush does it when it creates the staging table; a caller whose session uses
+ * temporary tables of its own first calls it right after connecting. 0 or TLY_E_PG.
+ */
+int tly_fold_prepare_session(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
+
 /* Messages added since the last flush or clear. */
 size_t tly_fold_pending(const struct tly_fold *fold);
 

@@ -859,6 +859,11 @@ static int start(struct rebuild *rb)
 		report(rb, "set synchronous_commit", &err);
 		goto out;
 	}
+	/* before seed_shadows' temporary tables */
+	if (tly_fold_prepare_session(rb->conn, &err) != 0) {
+		report(rb, "set the session up for the fold", &err);
+		goto out;
+	}
 	PGresult *res = tly_pg_query(rb->conn, "SELECT pg_try_advisory_lock(" ADVISORY_KEY ")", 0, NULL,
 				     &err);
 	if (!res) {
