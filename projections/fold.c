@@ -814,20 +814,27 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
 		rc = tly_pg_exec(conn, "DELETE FROM tly_fold_stage", 0, NULL, err);
 	if (rc == 0)
 		rc = tly_pgcopy_send(conn, fold->rows, "COPY tly_fold_stage FROM STDIN (FORMAT binary)", err);
-	/* the planner's row counts for the statements below (a temporary table has no others) */
-	if (rc == 0)
-		rc = tly_pg_exec(conn, "ANALYZE tly_fold_stage (type, tenant_id, kind)", 0, NULL, err);
+	/* the planner's row counts first (a temporary table has no others), then the fold, in one
+	 * round trip */
+	const char *sqls[1 + N_FOLD_SQL];
+	char *rendered[N_FOLD_SQL] = {NULL};
+	size_t n = 0;
+	sqls[n++] = "ANALYZE tly_fold_stage (type, tenant_id, kind)";
 	for (size_t i = 0; rc == 0 && i < N_FOLD_SQL; i++) {
 		if (!(fold->present & FOLD_NEEDS[i]))
 			continue;
-		char *sql = render(fold, FOLD_SQL[i]);
-		if (!sql) {
+		if (!(rendered[i] = render(fold, FOLD_SQL[i]))) {
 			set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");
-			return TLY_E_NOMEM;
+			rc = TLY_E_NOMEM;
 		}
-		rc = tly_pg_exec(conn, sql, 0, NULL, err);
-		free(sql);
+		sqls[n++] = rendered[i];
 	}
+	if (rc == 0)
+		rc = tly_pg_exec_pipeline(conn, sqls, n, err);
+	for (size_t i = 0; i < N_FOLD_SQL; i++)
+		free(rendered[i]);
+	if (rc == TLY_E_NOMEM)
+		return rc;
 	if (rc != 0) {
 		/* the staging table may have been dropped with a rolled back creation */
 		fold->staged_on = NULL;
