@@ -65,7 +65,8 @@ struct tly_fold {
 /*
  * The fold, statement by statement, over the staging table tly_fold_stage (ord, type,
  * tenant_id, event_id, at, then one column per STAGE_FIELDS name holding that field of the
- * message, NULL for a type without it): at is occurred_at (events) or ledger_time (entries). @name@ is replaced by the target table's name.
+ * message, NULL for a type without it): at is occurred_at (events) or ledger_time (entries).
+ * @name@ is replaced by the target table's name.
  * Order matters: dedupe first, then the rows other rows reference (tenants, subscriptions,
  * conversations), then the rows and counters. Every counter adds only rows actually inserted.
  */
