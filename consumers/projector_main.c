@@ -27,8 +27,8 @@ extern char **environ;
 #define PROG "tally-projector"
 #define CONSUMER_NAME "tally-projector" /* consumer_offsets.consumer */
 #define POLL_MS 10
-#define BATCH_MAX_RECORDS 5000
-#define BATCH_MAX_MS 50
+#define BATCH_MAX_RECORDS 20000
+#define BATCH_MAX_MS 200
 #define RETRY_MS 200
 #define MAX_BACKOFF_MS 5000
 #define METADATA_TIMEOUT_MS 10000
@@ -168,40 +168,89 @@ static int load_offset(struct app *app, const char *topic, int32_t partition, in
 	return 0;
 }
 
-/* Compare-and-set of one stored offset: 0, or TLY_E_PG with *fenced when it moved. */
-static int advance_offset(struct app *app, const char *topic, int32_t partition,
-			  const struct part *pt, bool *fenced, struct tly_pg_error *err)
+/*
+ * Compare-and-set of every stored offset the open batch moves, in two statements (the partitions
+ * with a stored offset, then the ones storing their first): 0, or TLY_E_PG, with *fenced when
+ * one of them moved (another process committed it).
+ */
+static int advance_offsets(struct app *app, bool *fenced, struct tly_pg_error *err)
 {
-	char p[16], old[24], new[24];
-	snprintf(p, sizeof(p), "%d", (int)partition);
-	snprintf(old, sizeof(old), "%" PRId64, pt->stored);
-	snprintf(new, sizeof(new), "%" PRId64, pt->next);
-	const char *const v[] = {CONSUMER_NAME, topic, p, new, old};
-	PGresult *res =
-		pt->stored < 0
-			? tly_pg_query(app->conn,
-				       "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
-				       "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-				       4, v, err)
-			: tly_pg_query(app->conn,
-				       "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() "
-				       "WHERE consumer = $1 AND topic = $2 AND partition = $3 "
-				       "AND next_offset = $5",
-				       5, v, err);
-	if (!res)
-		return TLY_E_PG;
-	long n = strtol(PQcmdTuples(res), NULL, 10);
-	PQclear(res);
-	if (n != 1) {
-		*fenced = true;
-		err->errclass = TLY_ERRCLASS_PERMANENT;
-		err->sqlstate[0] = '\0';
-		snprintf(err->message, sizeof(err->message),
-			 "the stored offset of %s [%d] moved: another process committed it", topic,
-			 (int)partition);
-		return TLY_E_PG;
+	char *lists[2][4] = {{NULL}}; /* [update, insert] x {topics, partitions, new, old} array literals */
+	size_t lens[2][4] = {{0}}, counts[2] = {0};
+	FILE *f[2][4] = {{NULL}};
+	int rc = TLY_E_NOMEM;
+	for (int k = 0; k < 2; k++)
+		for (int c = 0; c < 4; c++)
+			if (!(f[k][c] = open_memstream(&lists[k][c], &lens[k][c])))
+				goto out;
+	for (int i = 0; i < N_TOPICS; i++) {
+		struct topic *t = &app->topics[i];
+		for (int32_t p = 0; p < t->count; p++) {
+			struct part *pt = &t->parts[p];
+			if (!pt->assigned || pt->next < 0 || pt->next == pt->stored)
+				continue;
+			int k = pt->stored < 0 ? 1 : 0;
+			const char *sep = counts[k]++ ? "," : "{";
+			/* topic names are [a-zA-Z0-9._-] (Kafka's rule): quoted, nothing to escape */
+			fprintf(f[k][0], "%s\"%s\"", sep, t->name);
+			fprintf(f[k][1], "%s%d", sep, (int)p);
+			fprintf(f[k][2], "%s%" PRId64, sep, pt->next);
+			fprintf(f[k][3], "%s%" PRId64, sep, pt->stored);
+		}
 	}
-	return 0;
+	for (int k = 0; k < 2; k++)
+		for (int c = 0; c < 4; c++) {
+			fputs(counts[k] ? "}" : "{}", f[k][c]);
+			int closed = fclose(f[k][c]);
+			f[k][c] = NULL;
+			if (closed != 0)
+				goto out;
+		}
+	static const char *const SQL[2] = {
+		"UPDATE consumer_offsets o SET next_offset = u.new, updated_at = now() "
+		"FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS u(topic, part, new, old) "
+		"WHERE o.consumer = $1 AND o.topic = u.topic AND o.partition = u.part "
+		"AND o.next_offset = u.old",
+		"INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
+		"SELECT $1, u.topic, u.part, u.new "
+		"FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(topic, part, new) "
+		"ON CONFLICT DO NOTHING",
+	};
+	rc = 0;
+	for (int k = 0; rc == 0 && k < 2; k++) {
+		if (!counts[k])
+			continue;
+		const char *const v[] = {CONSUMER_NAME, lists[k][0], lists[k][1], lists[k][2], lists[k][3]};
+		PGresult *res = tly_pg_query(app->conn, SQL[k], k == 0 ? 5 : 4, v, err);
+		if (!res) {
+			rc = TLY_E_PG;
+			break;
+		}
+		size_t n = strtoul(PQcmdTuples(res), NULL, 10);
+		PQclear(res);
+		if (n != counts[k]) {
+			*fenced = true;
+			err->errclass = TLY_ERRCLASS_PERMANENT;
+			err->sqlstate[0] = '\0';
+			snprintf(err->message, sizeof(err->message),
+				 "%zu of %zu stored offsets moved: another process committed them",
+				 counts[k] - n, counts[k]);
+			rc = TLY_E_PG;
+		}
+	}
+out:
+	if (rc == TLY_E_NOMEM) {
+		err->errclass = TLY_ERRCLASS_FATAL;
+		err->sqlstate[0] = '\0';
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	}
+	for (int k = 0; k < 2; k++)
+		for (int c = 0; c < 4; c++) {
+			if (f[k][c])
+				fclose(f[k][c]);
+			free(lists[k][c]);
+		}
+	return rc;
 }
 
 /* ---- batches ------------------------------------------------------------------------------ */
@@ -287,14 +336,8 @@ static void commit_batch(struct app *app)
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	int rc = tly_pg_begin(app->conn, &err);
-	for (int i = 0; rc == 0 && i < N_TOPICS; i++) {
-		struct topic *t = &app->topics[i];
-		for (int32_t p = 0; rc == 0 && p < t->count; p++) {
-			struct part *pt = &t->parts[p];
-			if (pt->assigned && pt->next >= 0 && pt->next != pt->stored)
-				rc = advance_offset(app, t->name, p, pt, &fenced, &err);
-		}
-	}
+	if (rc == 0)
+		rc = advance_offsets(app, &fenced, &err);
 	if (rc == 0)
 		rc = tly_fold_flush(app->fold, app->conn, &err);
 	if (rc == 0)

@@ -137,6 +137,44 @@ int tly_pg_exec(PGconn *conn, const char *sql, int nparams, const char *const *v
 	return 0;
 }
 
+int tly_pg_exec_pipeline(PGconn *conn, const char *const *sqls, size_t n, struct tly_pg_error *err)
+{
+	if (n == 0)
+		return 0;
+	if (PQenterPipelineMode(conn) != 1) {
+		tly_pg_error_set(err, conn, NULL);
+		return TLY_E_PG;
+	}
+	int rc = 0;
+	for (size_t i = 0; rc == 0 && i < n; i++)
+		if (PQsendQueryParams(conn, sqls[i], 0, NULL, NULL, NULL, NULL, 0) != 1)
+			rc = TLY_E_PG;
+	if (PQpipelineSync(conn) != 1)
+		rc = TLY_E_PG;
+	if (rc != 0)
+		tly_pg_error_set(err, conn, NULL);
+	/* every result up to the sync's: a NULL ends each statement's results */
+	while (PQstatus(conn) == CONNECTION_OK) {
+		PGresult *res = PQgetResult(conn);
+		if (!res)
+			continue;
+		ExecStatusType st = PQresultStatus(res);
+		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_PIPELINE_SYNC &&
+		    rc == 0) {
+			tly_pg_error_set(err, conn, res);
+			rc = TLY_E_PG;
+		}
+		PQclear(res);
+		if (st == PGRES_PIPELINE_SYNC)
+			break;
+	}
+	if (PQexitPipelineMode(conn) != 1 && rc == 0) {
+		tly_pg_error_set(err, conn, NULL);
+		rc = TLY_E_PG;
+	}
+	return rc;
+}
+
 int tly_pg_exec_script(PGconn *conn, const char *sql, struct tly_pg_error *err)
 {
 	PGresult *res = PQexec(conn, sql);

@@ -96,6 +96,14 @@ int tly_pg_exec(PGconn *conn, const char *sql, int nparams, const char *const *v
  */
 int tly_pg_exec_script(PGconn *conn, const char *sql, struct tly_pg_error *err) TLY_MUST_CHECK;
 
+/*
+ * Run n statements with no parameters (whose rows are not needed) in one pipeline: sent together,
+ * one round trip, in order. 0, or TLY_E_PG with err of the first that failed (the ones after it
+ * are skipped; inside a transaction block, the transaction is then aborted).
+ */
+int tly_pg_exec_pipeline(PGconn *conn, const char *const *sqls, size_t n,
+			 struct tly_pg_error *err) TLY_MUST_CHECK;
+
 /* BEGIN / COMMIT / ROLLBACK; 0 or TLY_E_PG. A COMMIT the server turns into a ROLLBACK fails. */
 int tly_pg_begin(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 int tly_pg_commit(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;

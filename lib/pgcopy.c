@@ -85,6 +85,12 @@ void tly_pgcopy_null(struct tly_pgcopy *c)
 	put_be(c, UINT32_MAX, 4); /* length -1 */
 }
 
+void tly_pgcopy_bool(struct tly_pgcopy *c, bool v)
+{
+	put_be(c, 1, 4);
+	put(c, v ? "\x01" : "\x00", 1);
+}
+
 void tly_pgcopy_int4(struct tly_pgcopy *c, int32_t v)
 {
 	put_be(c, 4, 4);

@@ -6,6 +6,7 @@
 #ifndef TLY_PGCOPY_H
 #define TLY_PGCOPY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -24,6 +25,7 @@ size_t tly_pgcopy_rows(const struct tly_pgcopy *c);
 
 void tly_pgcopy_row(struct tly_pgcopy *c, int nfields); /* starts a row of nfields values */
 void tly_pgcopy_null(struct tly_pgcopy *c);
+void tly_pgcopy_bool(struct tly_pgcopy *c, bool v);
 void tly_pgcopy_int4(struct tly_pgcopy *c, int32_t v);
 void tly_pgcopy_int8(struct tly_pgcopy *c, int64_t v);
 void tly_pgcopy_text(struct tly_pgcopy *c, const char *s);   /* NULL: SQL NULL */

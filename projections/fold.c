@@ -1,14 +1,16 @@
-/* The projection fold: a batch of decoded messages staged by COPY, folded by set-based SQL. */
+/* The projection fold: a batch of decoded messages staged by binary COPY, folded by set-based SQL. */
 #include "fold.h"
 
 #include <ctype.h>
 #include <inttypes.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "event_json.h"
+#include "pgcopy.h"
 
 #define NAME_MAX_LEN 127
 #define NIL_UUID "00000000-0000-0000-0000-000000000000"
@@ -26,19 +28,45 @@ const char *const tly_fold_tables[] = {
 const size_t tly_fold_n_tables = sizeof(tly_fold_tables) / sizeof(tly_fold_tables[0]);
 #define N_TABLES (sizeof(tly_fold_tables) / sizeof(tly_fold_tables[0]))
 
+/*
+ * The message fields the fold reads, by their names in lib/event's descriptors: each is a
+ * column of the staging table, typed by the field's kind (uuid, text, bigint, int, boolean,
+ * timestamptz; maps and lists of records as jsonb, as lib/event_json renders them).
+ */
+static const char *const STAGE_FIELDS[] = {
+	"slug", "name", "user_id", "external_id", "username", "display_name", "email",
+	"plan_id", "code", "interval", "interval_count", "price_cents", "currency", "trial_days",
+	"seat_included", "tokens_per_period", "overage_price_micros_per_1k_tokens",
+	"feature_toggles", "is_active", "features", "subscription_id", "period_start", "period_end",
+	"plan_code", "auto_renew", "billing_email", "trial_ends_at", "seat_count",
+	"rollover_cap_tokens", "metered_prices", "metadata", "kind", "seq", "ref_id",
+	"cause_event_id", "overage_delta", "allowance_delta", "credits_delta", "allowance_remaining",
+	"credits_remaining", "held", "overage_tokens", "amount_cents", "lines", "conversation_id",
+	"agent_entrypoint", "source_channel", "topic_hint", "message_id", "role", "agent_type",
+	"content", "tool_name", "tool_call_id", "provider", "model", "prompt_tokens",
+	"completion_tokens", "reasoning_tokens", "latency_ms", "cost_micros", "reservation_id",
+	"to_agent", "status", "feature_key", "unit", "quantity", "external_event_id", "invoice_id",
+	"external_invoice_id", "hosted_invoice_url",
+};
+#define N_STAGE_FIELDS (sizeof(STAGE_FIELDS) / sizeof(STAGE_FIELDS[0]))
+#define N_STAGE_COLUMNS (5 + (int)N_STAGE_FIELDS) /* ord, type, tenant_id, event_id, at, fields */
+
 struct tly_fold {
 	char names[N_TABLES][NAME_MAX_LEN + 1]; /* target name of each table */
-	char *data;                             /* COPY text of the staged rows; owned */
-	size_t len, cap;
+	struct tly_pgcopy *rows;                /* the staged rows (binary COPY); owned */
 	size_t pending;
+	uint64_t present;                       /* T() of the types and kinds pending */
 	int64_t ord;                            /* feed order of the next row */
 	PGconn *staged_on;                      /* borrowed: conn where the staging table exists */
+	char *stage_sql;                        /* CREATE TEMP TABLE tly_fold_stage ...; owned */
+	const struct tly_field *fields[TLY_EV__COUNT][N_STAGE_FIELDS]; /* NULL: the type has none */
 };
 
 /*
  * The fold, statement by statement, over the staging table tly_fold_stage (ord, type,
- * tenant_id, event_id, at, doc): doc is the message as JSON (lib/event_json), at its
- * occurred_at (events) or ledger_time (entries). @name@ is replaced by the target table's name.
+ * tenant_id, event_id, at, then one column per STAGE_FIELDS name holding that field of the
+ * message, NULL for a type without it): at is occurred_at (events) or ledger_time (entries).
+ * @name@ is replaced by the target table's name.
  * Order matters: dedupe first, then the rows other rows reference (tenants, subscriptions,
  * conversations), then the rows and counters. Every counter adds only rows actually inserted.
  */
@@ -52,9 +80,9 @@ static const char *const FOLD_SQL[] = {
 	"  (SELECT f.ord FROM firsts f JOIN ins i USING (tenant_id, event_id))",
 
 	/* 2. ledger entries at or below the tenant's applied seq (republished) are dropped */
-	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, (doc->>'seq')::bigint) ord, tenant_id, "
-	"  (doc->>'seq')::bigint AS seq FROM tly_fold_stage WHERE type = 'LedgerEntry' "
-	"  ORDER BY tenant_id, (doc->>'seq')::bigint, ord), "
+	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, (seq)::bigint) ord, tenant_id, "
+	"  (seq)::bigint AS seq FROM tly_fold_stage WHERE type = 'LedgerEntry' "
+	"  ORDER BY tenant_id, (seq)::bigint, ord), "
 	"keep AS (SELECT f.ord, f.tenant_id, f.seq FROM firsts f "
 	"  LEFT JOIN @projector_ledger_applied@ a ON a.tenant_id = f.tenant_id "
 	"  WHERE a.seq IS NULL OR f.seq > a.seq), "
@@ -68,17 +96,17 @@ static const char *const FOLD_SQL[] = {
 	"SELECT tenant_id, '', '', min(at), min(at) FROM tly_fold_stage "
 	"WHERE tenant_id <> '" NIL_UUID "' GROUP BY tenant_id ON CONFLICT (id) DO NOTHING",
 
-	"UPDATE @tenant_accounts@ t SET slug = x.doc->>'slug', name = x.doc->>'name', "
+	"UPDATE @tenant_accounts@ t SET slug = x.slug, name = x.name, "
 	"  created_at = x.at, updated_at = x.at "
-	"FROM (SELECT DISTINCT ON (tenant_id) tenant_id, at, doc FROM tly_fold_stage "
+	"FROM (SELECT DISTINCT ON (tenant_id) * FROM tly_fold_stage "
 	"  WHERE type = 'TenantCreated' ORDER BY tenant_id, ord DESC) x WHERE t.id = x.tenant_id",
 
 	/* 4. users */
 	"INSERT INTO @users@ AS u (id, tenant_id, external_id, username, display_name, email, "
 	"  created_at, updated_at) "
-	"SELECT DISTINCT ON ((doc->>'user_id')::uuid) (doc->>'user_id')::uuid, tenant_id, "
-	"  doc->>'external_id', doc->>'username', doc->>'display_name', doc->>'email', at, at "
-	"FROM tly_fold_stage WHERE type = 'UserRegistered' ORDER BY (doc->>'user_id')::uuid, ord DESC "
+	"SELECT DISTINCT ON ((user_id)::uuid) (user_id)::uuid, tenant_id, "
+	"  external_id, username, display_name, email, at, at "
+	"FROM tly_fold_stage WHERE type = 'UserRegistered' ORDER BY (user_id)::uuid, ord DESC "
 	"ON CONFLICT (id) DO UPDATE SET external_id = EXCLUDED.external_id, "
 	"  username = EXCLUDED.username, display_name = EXCLUDED.display_name, email = EXCLUDED.email, "
 	"  created_at = LEAST(u.created_at, EXCLUDED.created_at), "
@@ -88,13 +116,13 @@ static const char *const FOLD_SQL[] = {
 	"INSERT INTO @billing_plans@ AS p (id, code, name, \"interval\", interval_count, price_cents, "
 	"  currency, trial_days, seat_included, tokens_per_period, overage_price_micros_per_1k_tokens, "
 	"  feature_toggles, is_active, created_at, updated_at) "
-	"SELECT DISTINCT ON ((doc->>'plan_id')::uuid) (doc->>'plan_id')::uuid, doc->>'code', "
-	"  doc->>'name', doc->>'interval', (doc->>'interval_count')::int, "
-	"  (doc->>'price_cents')::bigint, doc->>'currency', (doc->>'trial_days')::int, "
-	"  (doc->>'seat_included')::int, (doc->>'tokens_per_period')::bigint, "
-	"  (doc->>'overage_price_micros_per_1k_tokens')::bigint, "
-	"  COALESCE(doc->'feature_toggles', '{}'::jsonb), (doc->>'is_active')::boolean, at, at "
-	"FROM tly_fold_stage WHERE type = 'PlanPublished' ORDER BY (doc->>'plan_id')::uuid, ord DESC "
+	"SELECT DISTINCT ON ((plan_id)::uuid) (plan_id)::uuid, code, "
+	"  name, \"interval\", (interval_count)::int, "
+	"  (price_cents)::bigint, currency, (trial_days)::int, "
+	"  (seat_included)::int, (tokens_per_period)::bigint, "
+	"  (overage_price_micros_per_1k_tokens)::bigint, "
+	"  COALESCE(feature_toggles, '{}'::jsonb), (is_active)::boolean, at, at "
+	"FROM tly_fold_stage WHERE type = 'PlanPublished' ORDER BY (plan_id)::uuid, ord DESC "
 	"ON CONFLICT (id) DO UPDATE SET code = EXCLUDED.code, name = EXCLUDED.name, "
 	"  \"interval\" = EXCLUDED.\"interval\", interval_count = EXCLUDED.interval_count, "
 	"  price_cents = EXCLUDED.price_cents, currency = EXCLUDED.currency, "
@@ -105,9 +133,9 @@ static const char *const FOLD_SQL[] = {
 	"  created_at = LEAST(p.created_at, EXCLUDED.created_at), "
 	"  updated_at = GREATEST(p.updated_at, EXCLUDED.updated_at)",
 
-	"WITH p AS (SELECT DISTINCT ON ((doc->>'plan_id')::uuid) (doc->>'plan_id')::uuid AS plan_id, "
-	"  at, COALESCE(doc->'features', '[]'::jsonb) AS features FROM tly_fold_stage "
-	"  WHERE type = 'PlanPublished' ORDER BY (doc->>'plan_id')::uuid, ord DESC), "
+	"WITH p AS (SELECT DISTINCT ON ((plan_id)::uuid) (plan_id)::uuid AS plan_id, "
+	"  at, COALESCE(features, '[]'::jsonb) AS features FROM tly_fold_stage "
+	"  WHERE type = 'PlanPublished' ORDER BY (plan_id)::uuid, ord DESC), "
 	"del AS (DELETE FROM @plan_features@ f USING p WHERE f.plan_id = p.plan_id AND NOT EXISTS "
 	"  (SELECT 1 FROM jsonb_array_elements(p.features) e WHERE e->>'feature_key' = f.feature_key)) "
 	"INSERT INTO @plan_features@ AS f (plan_id, feature_key, display_name, hard_limit, soft_limit, "
@@ -123,29 +151,29 @@ static const char *const FOLD_SQL[] = {
 	"INSERT INTO @tenant_subscriptions@ (id, tenant_id, plan_code, status, starts_at, "
 	"  current_period_start, current_period_end, price_cents, currency, tokens_per_period, "
 	"  created_at, updated_at) "
-	"SELECT DISTINCT ON ((doc->>'subscription_id')::uuid) (doc->>'subscription_id')::uuid, "
-	"  tenant_id, '', 'pending', (doc->>'period_start')::timestamptz, "
-	"  (doc->>'period_start')::timestamptz, (doc->>'period_end')::timestamptz, 0, 'XXX', 0, at, at "
-	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND doc->>'subscription_id' IS NOT NULL "
-	"  AND doc->>'period_start' IS NOT NULL AND doc->>'period_end' IS NOT NULL "
-	"ORDER BY (doc->>'subscription_id')::uuid, ord ON CONFLICT (id) DO NOTHING",
+	"SELECT DISTINCT ON ((subscription_id)::uuid) (subscription_id)::uuid, "
+	"  tenant_id, '', 'pending', (period_start)::timestamptz, "
+	"  (period_start)::timestamptz, (period_end)::timestamptz, 0, 'XXX', 0, at, at "
+	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND subscription_id IS NOT NULL "
+	"  AND period_start IS NOT NULL AND period_end IS NOT NULL "
+	"ORDER BY (subscription_id)::uuid, ord ON CONFLICT (id) DO NOTHING",
 
 	"INSERT INTO @tenant_subscriptions@ AS s (id, tenant_id, plan_id, plan_code, status, auto_renew, "
 	"  billing_email, starts_at, current_period_start, current_period_end, trial_ends_at, "
 	"  seat_count, price_cents, currency, tokens_per_period, overage_price_micros_per_1k_tokens, "
 	"  rollover_cap_tokens, metered_prices, metadata_json, created_at, updated_at) "
-	"SELECT DISTINCT ON ((x.doc->>'subscription_id')::uuid) (x.doc->>'subscription_id')::uuid, "
-	"  x.tenant_id, (SELECT bp.id FROM @billing_plans@ bp WHERE bp.code = x.doc->>'plan_code'), "
-	"  x.doc->>'plan_code', 'pending', (x.doc->>'auto_renew')::boolean, x.doc->>'billing_email', "
-	"  (x.doc->>'period_start')::timestamptz, (x.doc->>'period_start')::timestamptz, "
-	"  (x.doc->>'period_end')::timestamptz, (x.doc->>'trial_ends_at')::timestamptz, "
-	"  (x.doc->>'seat_count')::int, (x.doc->>'price_cents')::bigint, x.doc->>'currency', "
-	"  (x.doc->>'tokens_per_period')::bigint, "
-	"  (x.doc->>'overage_price_micros_per_1k_tokens')::bigint, "
-	"  (x.doc->>'rollover_cap_tokens')::bigint, COALESCE(x.doc->'metered_prices', '{}'::jsonb), "
-	"  COALESCE(x.doc->'metadata', '{}'::jsonb), x.at, x.at "
+	"SELECT DISTINCT ON ((x.subscription_id)::uuid) (x.subscription_id)::uuid, "
+	"  x.tenant_id, (SELECT bp.id FROM @billing_plans@ bp WHERE bp.code = x.plan_code), "
+	"  x.plan_code, 'pending', (x.auto_renew)::boolean, x.billing_email, "
+	"  (x.period_start)::timestamptz, (x.period_start)::timestamptz, "
+	"  (x.period_end)::timestamptz, (x.trial_ends_at)::timestamptz, "
+	"  (x.seat_count)::int, (x.price_cents)::bigint, x.currency, "
+	"  (x.tokens_per_period)::bigint, "
+	"  (x.overage_price_micros_per_1k_tokens)::bigint, "
+	"  (x.rollover_cap_tokens)::bigint, COALESCE(x.metered_prices, '{}'::jsonb), "
+	"  COALESCE(x.metadata, '{}'::jsonb), x.at, x.at "
 	"FROM tly_fold_stage x WHERE x.type = 'SubscriptionStarted' "
-	"ORDER BY (x.doc->>'subscription_id')::uuid, x.ord "
+	"ORDER BY (x.subscription_id)::uuid, x.ord "
 	"ON CONFLICT (id) DO UPDATE SET plan_id = EXCLUDED.plan_id, plan_code = EXCLUDED.plan_code, "
 	"  auto_renew = EXCLUDED.auto_renew, billing_email = EXCLUDED.billing_email, "
 	"  starts_at = EXCLUDED.starts_at, trial_ends_at = EXCLUDED.trial_ends_at, "
@@ -157,64 +185,64 @@ static const char *const FOLD_SQL[] = {
 	"  created_at = EXCLUDED.created_at, updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at)",
 
 	"UPDATE @tenant_subscriptions@ s SET "
-	"  plan_id = (SELECT bp.id FROM @billing_plans@ bp WHERE bp.code = x.doc->>'plan_code'), "
-	"  plan_code = x.doc->>'plan_code', seat_count = (x.doc->>'seat_count')::int, "
-	"  price_cents = (x.doc->>'price_cents')::bigint, currency = x.doc->>'currency', "
-	"  tokens_per_period = (x.doc->>'tokens_per_period')::bigint, "
-	"  overage_price_micros_per_1k_tokens = (x.doc->>'overage_price_micros_per_1k_tokens')::bigint, "
-	"  rollover_cap_tokens = (x.doc->>'rollover_cap_tokens')::bigint, "
-	"  metered_prices = COALESCE(x.doc->'metered_prices', '{}'::jsonb), "
+	"  plan_id = (SELECT bp.id FROM @billing_plans@ bp WHERE bp.code = x.plan_code), "
+	"  plan_code = x.plan_code, seat_count = (x.seat_count)::int, "
+	"  price_cents = (x.price_cents)::bigint, currency = x.currency, "
+	"  tokens_per_period = (x.tokens_per_period)::bigint, "
+	"  overage_price_micros_per_1k_tokens = (x.overage_price_micros_per_1k_tokens)::bigint, "
+	"  rollover_cap_tokens = (x.rollover_cap_tokens)::bigint, "
+	"  metered_prices = COALESCE(x.metered_prices, '{}'::jsonb), "
 	"  updated_at = GREATEST(s.updated_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((doc->>'subscription_id')::uuid) tenant_id, at, doc "
+	"FROM (SELECT DISTINCT ON ((subscription_id)::uuid) * "
 	"  FROM tly_fold_stage WHERE type = 'SubscriptionChanged' "
-	"  ORDER BY (doc->>'subscription_id')::uuid, ord DESC) x "
-	"WHERE s.id = (x.doc->>'subscription_id')::uuid AND s.tenant_id = x.tenant_id",
+	"  ORDER BY (subscription_id)::uuid, ord DESC) x "
+	"WHERE s.id = (x.subscription_id)::uuid AND s.tenant_id = x.tenant_id",
 
 	/* status and period from the ledger, the authority on what was accepted */
 	"UPDATE @tenant_subscriptions@ s SET status = x.status, updated_at = GREATEST(s.updated_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((doc->>'ref_id')::uuid) (doc->>'ref_id')::uuid AS id, tenant_id, at, "
-	"  CASE doc->>'kind' WHEN 'subscription_paused' THEN 'paused' "
+	"FROM (SELECT DISTINCT ON ((ref_id)::uuid) (ref_id)::uuid AS id, tenant_id, at, "
+	"  CASE kind WHEN 'subscription_paused' THEN 'paused' "
 	"  WHEN 'subscription_ended' THEN 'cancelled' ELSE 'active' END AS status "
-	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND doc->>'kind' IN ('subscription_started', "
+	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind IN ('subscription_started', "
 	"  'subscription_paused', 'subscription_resumed', 'subscription_ended') "
-	"  ORDER BY (doc->>'ref_id')::uuid, ord DESC) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
+	"  ORDER BY (ref_id)::uuid, ord DESC) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
 
 	"UPDATE @tenant_subscriptions@ s SET current_period_start = x.ps, current_period_end = x.pe, "
 	"  updated_at = GREATEST(s.updated_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((doc->>'ref_id')::uuid) (doc->>'ref_id')::uuid AS id, tenant_id, at, "
-	"  (doc->>'period_start')::timestamptz AS ps, (doc->>'period_end')::timestamptz AS pe "
-	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND doc->>'kind' IN ('subscription_started', "
-	"  'period_opened') AND doc->>'period_start' IS NOT NULL AND doc->>'period_end' IS NOT NULL "
-	"  ORDER BY (doc->>'ref_id')::uuid, ord DESC) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
+	"FROM (SELECT DISTINCT ON ((ref_id)::uuid) (ref_id)::uuid AS id, tenant_id, at, "
+	"  (period_start)::timestamptz AS ps, (period_end)::timestamptz AS pe "
+	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind IN ('subscription_started', "
+	"  'period_opened') AND period_start IS NOT NULL AND period_end IS NOT NULL "
+	"  ORDER BY (ref_id)::uuid, ord DESC) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
 
 	"UPDATE @tenant_subscriptions@ s SET cancel_at_period_end = true, cancel_at = x.pe, "
 	"  updated_at = GREATEST(s.updated_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((doc->>'ref_id')::uuid) (doc->>'ref_id')::uuid AS id, tenant_id, at, "
-	"  (doc->>'period_end')::timestamptz AS pe FROM tly_fold_stage WHERE type = 'LedgerEntry' "
-	"  AND doc->>'kind' = 'subscription_cancelled' ORDER BY (doc->>'ref_id')::uuid, ord DESC) x "
+	"FROM (SELECT DISTINCT ON ((ref_id)::uuid) (ref_id)::uuid AS id, tenant_id, at, "
+	"  (period_end)::timestamptz AS pe FROM tly_fold_stage WHERE type = 'LedgerEntry' "
+	"  AND kind = 'subscription_cancelled' ORDER BY (ref_id)::uuid, ord DESC) x "
 	"WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
 
 	"UPDATE @tenant_subscriptions@ s SET cancel_at = COALESCE(s.cancel_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((doc->>'ref_id')::uuid) (doc->>'ref_id')::uuid AS id, tenant_id, at "
-	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND doc->>'kind' = 'subscription_ended' "
-	"  ORDER BY (doc->>'ref_id')::uuid, ord) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
+	"FROM (SELECT DISTINCT ON ((ref_id)::uuid) (ref_id)::uuid AS id, tenant_id, at "
+	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind = 'subscription_ended' "
+	"  ORDER BY (ref_id)::uuid, ord) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
 
 	/* 7. conversations: a placeholder for one a message, handoff or close names first */
 	"INSERT INTO @agent_conversations@ (id, tenant_id, agent_entrypoint, status, created_at, "
 	"  updated_at) "
-	"SELECT (doc->>'conversation_id')::uuid, min(tenant_id::text)::uuid, '', 'active', min(at), "
+	"SELECT (conversation_id)::uuid, min(tenant_id::text)::uuid, '', 'active', min(at), "
 	"  min(at) FROM tly_fold_stage "
 	"WHERE type IN ('MessageAppended', 'AgentHandoff', 'ConversationClosed') "
-	"GROUP BY (doc->>'conversation_id')::uuid ON CONFLICT (id) DO NOTHING",
+	"GROUP BY (conversation_id)::uuid ON CONFLICT (id) DO NOTHING",
 
 	"INSERT INTO @agent_conversations@ AS c (id, tenant_id, user_id, agent_entrypoint, active_agent, "
 	"  status, source_channel, topic_hint, created_at, updated_at) "
-	"SELECT DISTINCT ON ((x.doc->>'conversation_id')::uuid) (x.doc->>'conversation_id')::uuid, "
-	"  x.tenant_id, (SELECT u.id FROM @users@ u WHERE u.id = (x.doc->>'user_id')::uuid), "
-	"  x.doc->>'agent_entrypoint', x.doc->>'agent_entrypoint', 'active', x.doc->>'source_channel', "
-	"  x.doc->>'topic_hint', x.at, x.at "
+	"SELECT DISTINCT ON ((x.conversation_id)::uuid) (x.conversation_id)::uuid, "
+	"  x.tenant_id, (SELECT u.id FROM @users@ u WHERE u.id = (x.user_id)::uuid), "
+	"  x.agent_entrypoint, x.agent_entrypoint, 'active', x.source_channel, "
+	"  x.topic_hint, x.at, x.at "
 	"FROM tly_fold_stage x WHERE x.type = 'ConversationStarted' "
-	"ORDER BY (x.doc->>'conversation_id')::uuid, x.ord "
+	"ORDER BY (x.conversation_id)::uuid, x.ord "
 	"ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id, "
 	"  agent_entrypoint = EXCLUDED.agent_entrypoint, "
 	"  active_agent = COALESCE(c.active_agent, EXCLUDED.active_agent), "
@@ -222,9 +250,9 @@ static const char *const FOLD_SQL[] = {
 	"  created_at = EXCLUDED.created_at, updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at)",
 
 	/* messages: one row per message id; the counters add only the rows inserted */
-	"WITH m AS (SELECT DISTINCT ON ((doc->>'message_id')::uuid) (doc->>'message_id')::uuid AS mid, "
-	"  (doc->>'conversation_id')::uuid AS cid, ord, tenant_id, at, doc FROM tly_fold_stage "
-	"  WHERE type = 'MessageAppended' ORDER BY (doc->>'message_id')::uuid, ord), "
+	"WITH m AS (SELECT DISTINCT ON ((message_id)::uuid) (message_id)::uuid AS mid, "
+	"  (conversation_id)::uuid AS cid, * FROM tly_fold_stage "
+	"  WHERE type = 'MessageAppended' ORDER BY (message_id)::uuid, ord), "
 	"fresh AS (SELECT m.* FROM m WHERE NOT EXISTS "
 	"  (SELECT 1 FROM @agent_messages@ a WHERE a.message_id = m.mid)), "
 	"numbered AS (SELECT f.*, c.message_count + row_number() OVER (PARTITION BY f.cid "
@@ -233,12 +261,12 @@ static const char *const FOLD_SQL[] = {
 	"  position, role, agent_type, content, tool_name, tool_call_id, provider, model, "
 	"  token_count_prompt, token_count_completion, reasoning_tokens, latency_ms, "
 	"  content_checksum, cost_micros, reservation_id, created_at) "
-	"  SELECT mid, tenant_id, cid, (doc->>'user_id')::uuid, pos, doc->>'role', doc->>'agent_type', "
-	"  (doc->>'content')::jsonb, doc->>'tool_name', doc->>'tool_call_id', doc->>'provider', "
-	"  doc->>'model', (doc->>'prompt_tokens')::bigint, (doc->>'completion_tokens')::bigint, "
-	"  (doc->>'reasoning_tokens')::bigint, (doc->>'latency_ms')::int, "
-	"  encode(sha256(convert_to(doc->>'content', 'UTF8')), 'hex'), (doc->>'cost_micros')::bigint, "
-	"  (doc->>'reservation_id')::uuid, at FROM numbered ON CONFLICT DO NOTHING "
+	"  SELECT mid, tenant_id, cid, (user_id)::uuid, pos, role, agent_type, "
+	"  (content)::jsonb, tool_name, tool_call_id, provider, "
+	"  model, (prompt_tokens)::bigint, (completion_tokens)::bigint, "
+	"  (reasoning_tokens)::bigint, (latency_ms)::int, "
+	"  encode(sha256(convert_to(content, 'UTF8')), 'hex'), (cost_micros)::bigint, "
+	"  (reservation_id)::uuid, at FROM numbered ON CONFLICT DO NOTHING "
 	"  RETURNING conversation_id, token_count_prompt, token_count_completion, reasoning_tokens, "
 	"  cost_micros, created_at) "
 	"UPDATE @agent_conversations@ c SET message_count = c.message_count + x.n, "
@@ -253,46 +281,46 @@ static const char *const FOLD_SQL[] = {
 
 	"UPDATE @agent_conversations@ c SET handoff_count = c.handoff_count + x.n, "
 	"  active_agent = x.to_agent, updated_at = GREATEST(c.updated_at, x.last) "
-	"FROM (SELECT (doc->>'conversation_id')::uuid AS cid, count(*) AS n, "
-	"  (array_agg(doc->>'to_agent' ORDER BY ord DESC))[1] AS to_agent, max(at) AS last "
+	"FROM (SELECT (conversation_id)::uuid AS cid, count(*) AS n, "
+	"  (array_agg(to_agent ORDER BY ord DESC))[1] AS to_agent, max(at) AS last "
 	"  FROM tly_fold_stage WHERE type = 'AgentHandoff' GROUP BY 1) x WHERE c.id = x.cid",
 
 	"UPDATE @agent_conversations@ c SET status = x.status, updated_at = GREATEST(c.updated_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((doc->>'conversation_id')::uuid) (doc->>'conversation_id')::uuid "
-	"  AS cid, doc->>'status' AS status, at FROM tly_fold_stage WHERE type = 'ConversationClosed' "
-	"  ORDER BY (doc->>'conversation_id')::uuid, ord DESC) x WHERE c.id = x.cid",
+	"FROM (SELECT DISTINCT ON ((conversation_id)::uuid) (conversation_id)::uuid "
+	"  AS cid, status AS status, at FROM tly_fold_stage WHERE type = 'ConversationClosed' "
+	"  ORDER BY (conversation_id)::uuid, ord DESC) x WHERE c.id = x.cid",
 
 	/* 8. metered usage, once per external event id; its period from the ledger's entry */
 	"INSERT INTO @projector_usage_periods@ (event_id, period_start, period_end) "
-	"SELECT DISTINCT ON ((doc->>'cause_event_id')::uuid) (doc->>'cause_event_id')::uuid, "
-	"  (doc->>'period_start')::timestamptz, (doc->>'period_end')::timestamptz "
-	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND doc->>'kind' = 'usage_recorded' "
-	"  AND doc->>'period_start' IS NOT NULL AND doc->>'period_end' IS NOT NULL "
-	"ORDER BY (doc->>'cause_event_id')::uuid, ord ON CONFLICT (event_id) DO NOTHING",
+	"SELECT DISTINCT ON ((cause_event_id)::uuid) (cause_event_id)::uuid, "
+	"  (period_start)::timestamptz, (period_end)::timestamptz "
+	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind = 'usage_recorded' "
+	"  AND period_start IS NOT NULL AND period_end IS NOT NULL "
+	"ORDER BY (cause_event_id)::uuid, ord ON CONFLICT (event_id) DO NOTHING",
 
 	"INSERT INTO @subscription_usage@ (id, tenant_id, subscription_id, feature_key, unit, "
 	"  period_start, period_end, quantity, reported_at, external_event_id) "
-	"SELECT DISTINCT ON (u.tenant_id, u.doc->>'external_event_id') u.event_id, u.tenant_id, s.id, "
-	"  u.doc->>'feature_key', u.doc->>'unit', p.period_start, p.period_end, "
-	"  (u.doc->>'quantity')::bigint, u.at, u.doc->>'external_event_id' "
+	"SELECT DISTINCT ON (u.tenant_id, u.external_event_id) u.event_id, u.tenant_id, s.id, "
+	"  u.feature_key, u.unit, p.period_start, p.period_end, "
+	"  (u.quantity)::bigint, u.at, u.external_event_id "
 	"FROM tly_fold_stage u JOIN @tenant_subscriptions@ s "
-	"  ON s.id = (u.doc->>'subscription_id')::uuid AND s.tenant_id = u.tenant_id "
+	"  ON s.id = (u.subscription_id)::uuid AND s.tenant_id = u.tenant_id "
 	"LEFT JOIN @projector_usage_periods@ p ON p.event_id = u.event_id "
 	"WHERE u.type = 'UsageReported' AND NOT EXISTS (SELECT 1 FROM @subscription_usage@ x "
-	"  WHERE x.tenant_id = u.tenant_id AND x.external_event_id = u.doc->>'external_event_id') "
-	"ORDER BY u.tenant_id, u.doc->>'external_event_id', u.ord ON CONFLICT (id) DO NOTHING",
+	"  WHERE x.tenant_id = u.tenant_id AND x.external_event_id = u.external_event_id) "
+	"ORDER BY u.tenant_id, u.external_event_id, u.ord ON CONFLICT (id) DO NOTHING",
 
 	"UPDATE @subscription_usage@ u SET period_start = p.period_start, period_end = p.period_end "
 	"FROM @projector_usage_periods@ p WHERE p.event_id = u.id AND u.period_start IS NULL "
-	"  AND p.event_id IN (SELECT (doc->>'cause_event_id')::uuid FROM tly_fold_stage "
-	"  WHERE type = 'LedgerEntry' AND doc->>'kind' = 'usage_recorded')",
+	"  AND p.event_id IN (SELECT (cause_event_id)::uuid FROM tly_fold_stage "
+	"  WHERE type = 'LedgerEntry' AND kind = 'usage_recorded')",
 
 	/* 9. API usage per model and UTC day, once per model call (reservation or message) */
 	"WITH z AS (SELECT ord, tenant_id, at, "
-	"    COALESCE((doc->>'reservation_id')::uuid, (doc->>'message_id')::uuid) AS call_id, "
-	"    doc->>'provider' AS provider, doc->>'model' AS model, (doc->>'prompt_tokens')::bigint AS p, "
-	"    (doc->>'completion_tokens')::bigint AS co, (doc->>'reasoning_tokens')::bigint AS r, "
-	"    (doc->>'cost_micros')::bigint AS cost FROM tly_fold_stage "
+	"    COALESCE((reservation_id)::uuid, (message_id)::uuid) AS call_id, "
+	"    provider AS provider, model AS model, (prompt_tokens)::bigint AS p, "
+	"    (completion_tokens)::bigint AS co, (reasoning_tokens)::bigint AS r, "
+	"    (cost_micros)::bigint AS cost FROM tly_fold_stage "
 	"  WHERE type IN ('MessageAppended', 'ReservationSettled')), "
 	"calls AS (SELECT DISTINCT ON (tenant_id, call_id) * FROM z "
 	"  WHERE p + co + r > 0 OR cost > 0 ORDER BY tenant_id, call_id, ord), "
@@ -313,23 +341,26 @@ static const char *const FOLD_SQL[] = {
 	"  updated_at = GREATEST(a.updated_at, EXCLUDED.updated_at)",
 
 	/* 10. token balances: the wallet after the last entry per (tenant, subscription) */
-	"WITH e AS (SELECT ord, tenant_id, at, doc, doc->>'kind' AS kind, (doc->>'seq')::bigint AS seq, "
-	"    CASE WHEN doc->>'subscription_id' IS NOT NULL THEN (doc->>'subscription_id')::uuid "
-	"    WHEN doc->>'kind' = 'subscription_ended' THEN (doc->>'ref_id')::uuid END AS sub "
+	"WITH e AS (SELECT ord, tenant_id, at, kind, seq, period_start, period_end, overage_delta, "
+	"    allowance_delta, credits_delta, allowance_remaining, credits_remaining, held, "
+	"    overage_tokens, "
+	"    CASE WHEN subscription_id IS NOT NULL THEN (subscription_id)::uuid "
+	"    WHEN kind = 'subscription_ended' THEN (ref_id)::uuid END AS sub "
 	"  FROM tly_fold_stage WHERE type = 'LedgerEntry'), "
 	"k AS (SELECT tenant_id, sub, max(seq) FILTER (WHERE kind IN ('subscription_started', "
 	"  'period_opened')) AS reset_seq, max(seq) AS last_seq FROM e GROUP BY tenant_id, sub), "
 	"agg AS (SELECT k.tenant_id, k.sub, k.reset_seq, k.last_seq, COALESCE(sum("
-	"    (e.doc->>'overage_delta')::bigint - (e.doc->>'allowance_delta')::bigint "
-	"    - (e.doc->>'credits_delta')::bigint) FILTER (WHERE e.kind = 'debit' "
+	"    (e.overage_delta)::bigint - (e.allowance_delta)::bigint "
+	"    - (e.credits_delta)::bigint) FILTER (WHERE e.kind = 'debit' "
 	"    AND (k.reset_seq IS NULL OR e.seq > k.reset_seq)), 0) AS used "
-	"  FROM k JOIN e ON e.tenant_id = k.tenant_id AND e.sub IS NOT DISTINCT FROM k.sub "
+	"  FROM k JOIN e ON e.tenant_id = k.tenant_id "
+	"    AND COALESCE(e.sub, '" NIL_UUID "') = COALESCE(k.sub, '" NIL_UUID "') "
 	"  GROUP BY k.tenant_id, k.sub, k.reset_seq, k.last_seq), "
-	"fin AS (SELECT agg.tenant_id, agg.sub, agg.last_seq, e.at, e.doc, "
+	"fin AS (SELECT agg.tenant_id, agg.sub, agg.last_seq, e.at, e.period_start, e.period_end, "
 	"    CASE WHEN agg.reset_seq IS NULL THEN COALESCE(b.tokens_used, 0) ELSE 0 END + agg.used AS used, "
-	"    (e.doc->>'allowance_remaining')::bigint AS allowance, "
-	"    (e.doc->>'credits_remaining')::bigint AS credits, (e.doc->>'held')::bigint AS held, "
-	"    (e.doc->>'overage_tokens')::bigint AS overage "
+	"    (e.allowance_remaining)::bigint AS allowance, "
+	"    (e.credits_remaining)::bigint AS credits, (e.held)::bigint AS held, "
+	"    (e.overage_tokens)::bigint AS overage "
 	"  FROM agg JOIN e ON e.tenant_id = agg.tenant_id AND e.seq = agg.last_seq "
 	"  LEFT JOIN @token_balances@ b ON b.tenant_id = agg.tenant_id "
 	"    AND b.subscription_id IS NOT DISTINCT FROM agg.sub) "
@@ -338,7 +369,7 @@ static const char *const FOLD_SQL[] = {
 	"  updated_at) "
 	"SELECT tenant_id, sub, GREATEST(used - overage, 0) + allowance + credits, used, "
 	"  GREATEST(allowance + credits - held, 0), held, credits, overage, "
-	"  (doc->>'period_start')::timestamptz, (doc->>'period_end')::timestamptz, last_seq, at FROM fin "
+	"  (period_start)::timestamptz, (period_end)::timestamptz, last_seq, at FROM fin "
 	"ON CONFLICT (tenant_id, subscription_id) DO UPDATE SET tokens_limit = EXCLUDED.tokens_limit, "
 	"  tokens_used = EXCLUDED.tokens_used, tokens_remaining = EXCLUDED.tokens_remaining, "
 	"  held = EXCLUDED.held, credits = EXCLUDED.credits, overage_tokens = EXCLUDED.overage_tokens, "
@@ -356,19 +387,19 @@ static const char *const FOLD_SQL[] = {
 	/* 11. invoices from the ledger's invoice entries; status from InvoiceStatusChanged */
 	"INSERT INTO @subscription_invoices@ (id, tenant_id, subscription_id, ledger_seq, period_start, "
 	"  period_end, amount_cents, currency, overage_tokens, lines, status, created_at, updated_at) "
-	"SELECT (doc->>'ref_id')::uuid, tenant_id, (doc->>'subscription_id')::uuid, "
-	"  (doc->>'seq')::bigint, (doc->>'period_start')::timestamptz, "
-	"  (doc->>'period_end')::timestamptz, (doc->>'amount_cents')::bigint, doc->>'currency', "
-	"  -(doc->>'overage_delta')::bigint, COALESCE(doc->'lines', '[]'::jsonb), 'issued', at, at "
-	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND doc->>'kind' = 'invoice' "
+	"SELECT (ref_id)::uuid, tenant_id, (subscription_id)::uuid, "
+	"  (seq)::bigint, (period_start)::timestamptz, "
+	"  (period_end)::timestamptz, (amount_cents)::bigint, currency, "
+	"  -(overage_delta)::bigint, COALESCE(lines, '[]'::jsonb), 'issued', at, at "
+	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind = 'invoice' "
 	"ON CONFLICT (id) DO NOTHING",
 
 	"INSERT INTO @projector_invoice_status@ AS p (invoice_id, tenant_id, status, "
 	"  external_invoice_id, hosted_invoice_url, changed_at) "
-	"SELECT DISTINCT ON ((doc->>'invoice_id')::uuid) (doc->>'invoice_id')::uuid, tenant_id, "
-	"  doc->>'status', doc->>'external_invoice_id', doc->>'hosted_invoice_url', at "
+	"SELECT DISTINCT ON ((invoice_id)::uuid) (invoice_id)::uuid, tenant_id, "
+	"  status, external_invoice_id, hosted_invoice_url, at "
 	"FROM tly_fold_stage WHERE type = 'InvoiceStatusChanged' "
-	"ORDER BY (doc->>'invoice_id')::uuid, ord DESC "
+	"ORDER BY (invoice_id)::uuid, ord DESC "
 	"ON CONFLICT (invoice_id) DO UPDATE SET status = EXCLUDED.status, "
 	"  external_invoice_id = COALESCE(EXCLUDED.external_invoice_id, p.external_invoice_id), "
 	"  hosted_invoice_url = COALESCE(EXCLUDED.hosted_invoice_url, p.hosted_invoice_url), "
@@ -378,18 +409,128 @@ static const char *const FOLD_SQL[] = {
 	"  external_invoice_id = p.external_invoice_id, hosted_invoice_url = p.hosted_invoice_url, "
 	"  updated_at = GREATEST(i.created_at, p.changed_at) "
 	"FROM @projector_invoice_status@ p WHERE p.invoice_id = i.id AND p.tenant_id = i.tenant_id "
-	"  AND i.id IN (SELECT (doc->>'invoice_id')::uuid FROM tly_fold_stage "
+	"  AND i.id IN (SELECT (invoice_id)::uuid FROM tly_fold_stage "
 	"    WHERE type = 'InvoiceStatusChanged' "
-	"  UNION ALL SELECT (doc->>'ref_id')::uuid FROM tly_fold_stage "
-	"    WHERE type = 'LedgerEntry' AND doc->>'kind' = 'invoice')",
+	"  UNION ALL SELECT (ref_id)::uuid FROM tly_fold_stage "
+	"    WHERE type = 'LedgerEntry' AND kind = 'invoice')",
 };
 
 #define N_FOLD_SQL (sizeof(FOLD_SQL) / sizeof(FOLD_SQL[0]))
 
-static const char STAGE_SQL[] =
-	"CREATE TEMP TABLE tly_fold_stage (ord bigint NOT NULL, type text NOT NULL, "
-	"tenant_id uuid NOT NULL, event_id uuid, at timestamptz NOT NULL, doc jsonb NOT NULL) "
-	"ON COMMIT DELETE ROWS";
+/*
+ * What each statement of FOLD_SQL reads: it runs only when the batch holds a message of one of
+ * these types or ledger entry kinds (a statement over none of them would change no row).
+ */
+#define T(type) (UINT64_C(1) << (type))
+enum { K_SUB_STATUS = TLY_EV__COUNT, K_PERIOD, K_CANCELLED, K_ENDED, K_USAGE, K_INVOICE };
+#define ANY_EVENT ((T(TLY_EV__COUNT) - 1) & ~T(TLY_EV_LEDGER_ENTRY))
+#define ANY (T(TLY_EV__COUNT) - 1)
+#define CONV_REF (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_AGENT_HANDOFF) | T(TLY_EV_CONVERSATION_CLOSED))
+#define MODEL_CALL (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_RESERVATION_SETTLED))
+static const uint64_t FOLD_NEEDS[] = {
+	ANY_EVENT, T(TLY_EV_LEDGER_ENTRY),                              /* 1, 2: dedupe */
+	ANY, T(TLY_EV_TENANT_CREATED), T(TLY_EV_USER_REGISTERED),       /* 3, 4 */
+	T(TLY_EV_PLAN_PUBLISHED), T(TLY_EV_PLAN_PUBLISHED),             /* 5 */
+	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_SUBSCRIPTION_STARTED),         /* 6 */
+	T(TLY_EV_SUBSCRIPTION_CHANGED), T(K_SUB_STATUS), T(K_PERIOD), T(K_CANCELLED), T(K_ENDED),
+	CONV_REF, T(TLY_EV_CONVERSATION_STARTED), T(TLY_EV_MESSAGE_APPENDED), /* 7 */
+	T(TLY_EV_AGENT_HANDOFF), T(TLY_EV_CONVERSATION_CLOSED),
+	T(K_USAGE), T(TLY_EV_USAGE_REPORTED), T(K_USAGE),               /* 8 */
+	MODEL_CALL,                                                     /* 9 */
+	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_LEDGER_ENTRY) | MODEL_CALL,    /* 10 */
+	T(K_INVOICE), T(TLY_EV_INVOICE_STATUS_CHANGED),                 /* 11 */
+	T(TLY_EV_INVOICE_STATUS_CHANGED) | T(K_INVOICE),
+};
+_Static_assert(sizeof(FOLD_NEEDS) / sizeof(FOLD_NEEDS[0]) == N_FOLD_SQL,
+	       "one FOLD_NEEDS entry per FOLD_SQL statement");
+_Static_assert(K_INVOICE < 64, "types and kinds fit the mask");
+
+/* The mask bits of a ledger entry's kind (besides its type's). */
+static uint64_t kind_bits(const char *kind)
+{
+	static const struct {
+		const char *kind;
+		uint64_t bits;
+	} kinds[] = {
+		{"subscription_started", T(K_SUB_STATUS) | T(K_PERIOD)},
+		{"subscription_paused", T(K_SUB_STATUS)},
+		{"subscription_resumed", T(K_SUB_STATUS)},
+		{"subscription_ended", T(K_SUB_STATUS) | T(K_ENDED)},
+		{"subscription_cancelled", T(K_CANCELLED)},
+		{"period_opened", T(K_PERIOD)},
+		{"usage_recorded", T(K_USAGE)},
+		{"invoice", T(K_INVOICE)},
+	};
+	for (size_t i = 0; kind && i < sizeof(kinds) / sizeof(kinds[0]); i++)
+		if (strcmp(kind, kinds[i].kind) == 0)
+			return kinds[i].bits;
+	return 0;
+}
+
+/* The staging column type of a field kind; NULL for a kind the fold does not stage. */
+static const char *column_type(enum tly_field_kind kind)
+{
+	switch (kind) {
+	case TLY_F_UUID:
+	case TLY_F_OPT_UUID: return "uuid";
+	case TLY_F_STR:
+	case TLY_F_OPT_STR:
+	case TLY_F_JSON: return "text";
+	case TLY_F_LONG:
+	case TLY_F_OPT_LONG: return "bigint";
+	case TLY_F_INT: return "integer";
+	case TLY_F_BOOL: return "boolean";
+	case TLY_F_TS:
+	case TLY_F_OPT_TS: return "timestamptz";
+	case TLY_F_MAP_LONG:
+	case TLY_F_MAP_STR:
+	case TLY_F_MAP_BOOL:
+	case TLY_F_RECORDS: return "jsonb";
+	case TLY_F_SHA256: return NULL;
+	}
+	return NULL;
+}
+
+/*
+ * Each type's field of each STAGE_FIELDS name, and the staging table's CREATE statement: 0, or
+ * -1 when a name is no field of any type, or fields of one name have kinds of different column
+ * types (the descriptors and STAGE_FIELDS disagree), or out of memory.
+ */
+static int map_fields(struct tly_fold *fold)
+{
+	char *sql = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&sql, &len);
+	if (!f)
+		return -1;
+	fputs("CREATE TEMP TABLE tly_fold_stage (ord bigint NOT NULL, type text NOT NULL, "
+	      "tenant_id uuid NOT NULL, event_id uuid, at timestamptz NOT NULL", f);
+	bool ok = true;
+	for (size_t i = 0; i < N_STAGE_FIELDS; i++) {
+		const char *type = NULL;
+		for (int t = 0; t < TLY_EV__COUNT; t++) {
+			const struct tly_event_desc *d = tly_event_desc((enum tly_event_type)t);
+			for (size_t k = 0; d && k < d->record.n_fields; k++) {
+				const struct tly_field *fd = &d->record.fields[k];
+				if (strcmp(fd->name, STAGE_FIELDS[i]) != 0)
+					continue;
+				const char *ct = column_type(fd->kind);
+				ok &= ct && (!type || strcmp(type, ct) == 0);
+				type = ct;
+				fold->fields[t][i] = fd;
+			}
+		}
+		ok &= type != NULL;
+		fprintf(f, ", \"%s\" %s", STAGE_FIELDS[i], type ? type : "?");
+	}
+	fputs(") ON COMMIT DELETE ROWS", f);
+	if (fclose(f) != 0 || !ok) {
+		free(sql);
+		return -1;
+	}
+	fold->stage_sql = sql;
+	return 0;
+}
 
 static void set_err(struct tly_pg_error *err, enum tly_errclass cls, const char *msg)
 {
@@ -407,6 +548,10 @@ struct tly_fold *tly_fold_new(void)
 		return NULL;
 	for (size_t i = 0; i < N_TABLES; i++)
 		snprintf(fold->names[i], sizeof(fold->names[i]), "%s", tly_fold_tables[i]);
+	if (!(fold->rows = tly_pgcopy_new()) || map_fields(fold) != 0) {
+		tly_fold_free(fold);
+		return NULL;
+	}
 	return fold;
 }
 
@@ -414,7 +559,8 @@ void tly_fold_free(struct tly_fold *fold)
 {
 	if (!fold)
 		return;
-	free(fold->data);
+	tly_pgcopy_free(fold->rows);
+	free(fold->stage_sql);
 	free(fold);
 }
 
@@ -453,56 +599,98 @@ size_t tly_fold_pending(const struct tly_fold *fold)
 
 void tly_fold_clear(struct tly_fold *fold)
 {
-	fold->len = 0;
+	tly_pgcopy_reset(fold->rows);
 	fold->pending = 0;
+	fold->present = 0;
 }
 
-static int reserve(struct tly_fold *fold, size_t more)
+/*
+ * One staged field: its value at base + f->offset, in f's column type. A map or a list of
+ * records with items is rendered as lib/event_json renders it (*json: the message as JSON,
+ * made on first use, the caller's to release).
+ */
+static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const struct tly_event *ev,
+		       json_t **json)
 {
-	if (fold->len + more <= fold->cap)
+	const unsigned char *src = (const unsigned char *)ev + f->offset;
+	const char *s;
+	int64_t l;
+	int32_t i32;
+	bool b;
+	struct tly_opt_i64 o;
+	struct tly_map m;
+	struct tly_list list;
+	size_t items = 0;
+
+	switch (f->kind) {
+	case TLY_F_UUID:
+		tly_pgcopy_uuid(rows, (const tly_uuid *)src);
 		return 0;
-	size_t cap = fold->cap ? fold->cap : 1 << 16;
-	while (cap < fold->len + more)
-		cap *= 2;
-	char *data = realloc(fold->data, cap);
-	if (!data)
-		return TLY_E_NOMEM;
-	fold->data = data;
-	fold->cap = cap;
-	return 0;
-}
-
-static int put(struct tly_fold *fold, const char *s, size_t n)
-{
-	if (reserve(fold, n) != 0)
-		return TLY_E_NOMEM;
-	memcpy(fold->data + fold->len, s, n);
-	fold->len += n;
-	return 0;
-}
-
-/* One COPY text field: backslash, tab, newline and carriage return escaped. */
-static int put_field(struct tly_fold *fold, const char *s)
-{
-	if (reserve(fold, 2 * strlen(s) + 1) != 0)
-		return TLY_E_NOMEM;
-	for (; *s; s++) {
-		char esc = 0;
-		switch (*s) {
-		case '\\': esc = '\\'; break;
-		case '\t': esc = 't'; break;
-		case '\n': esc = 'n'; break;
-		case '\r': esc = 'r'; break;
-		default: break;
-		}
-		if (esc) {
-			fold->data[fold->len++] = '\\';
-			fold->data[fold->len++] = esc;
+	case TLY_F_OPT_UUID:
+		if (tly_uuid_is_nil((const tly_uuid *)src))
+			tly_pgcopy_null(rows);
+		else
+			tly_pgcopy_uuid(rows, (const tly_uuid *)src);
+		return 0;
+	case TLY_F_STR:
+	case TLY_F_OPT_STR:
+	case TLY_F_JSON:
+		memcpy(&s, src, sizeof(s));
+		tly_pgcopy_text(rows, s);
+		return 0;
+	case TLY_F_LONG:
+		memcpy(&l, src, sizeof(l));
+		tly_pgcopy_int8(rows, l);
+		return 0;
+	case TLY_F_INT:
+		memcpy(&i32, src, sizeof(i32));
+		tly_pgcopy_int4(rows, i32);
+		return 0;
+	case TLY_F_BOOL:
+		memcpy(&b, src, sizeof(b));
+		tly_pgcopy_bool(rows, b);
+		return 0;
+	case TLY_F_TS:
+		memcpy(&l, src, sizeof(l));
+		tly_pgcopy_timestamptz(rows, l);
+		return 0;
+	case TLY_F_OPT_LONG:
+	case TLY_F_OPT_TS:
+		memcpy(&o, src, sizeof(o));
+		if (!o.set)
+			tly_pgcopy_null(rows);
+		else if (f->kind == TLY_F_OPT_LONG)
+			tly_pgcopy_int8(rows, o.v);
+		else
+			tly_pgcopy_timestamptz(rows, o.v);
+		return 0;
+	case TLY_F_MAP_LONG:
+	case TLY_F_MAP_STR:
+	case TLY_F_MAP_BOOL:
+	case TLY_F_RECORDS:
+		if (f->kind == TLY_F_RECORDS) {
+			memcpy(&list, src, sizeof(list));
+			items = list.n;
 		} else {
-			fold->data[fold->len++] = *s;
+			memcpy(&m, src, sizeof(m));
+			items = m.n;
 		}
+		if (items == 0) {
+			tly_pgcopy_jsonb(rows, f->kind == TLY_F_RECORDS ? "[]" : "{}");
+			return 0;
+		}
+		if (!*json && !(*json = tly_event_to_json(ev)))
+			return TLY_E_NOMEM;
+		char *text = json_dumps(json_object_get(*json, f->name), JSON_COMPACT | JSON_PRESERVE_ORDER);
+		if (!text)
+			return TLY_E_NOMEM;
+		tly_pgcopy_jsonb(rows, text);
+		free(text);
+		return 0;
+	case TLY_F_SHA256:
+		break;
 	}
-	return 0;
+	return TLY_E_INVALID; /* map_fields stages no such field */
 }
 
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
@@ -510,32 +698,35 @@ int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
 	const struct tly_event_desc *desc = tly_event_desc(ev->type);
 	if (!desc || ev->type == TLY_EV_CLOCK_TICK)
 		return 0;
-	char *doc = tly_event_to_json_text(ev);
-	if (!doc)
-		return TLY_E_NOMEM;
-	char head[256], tenant[37], event_id[37], at[40];
-	tly_uuid_format(&ev->tenant_id, tenant);
-	if (ev->type == TLY_EV_LEDGER_ENTRY)
-		snprintf(event_id, sizeof(event_id), "\\N");
+	bool entry = ev->type == TLY_EV_LEDGER_ENTRY;
+	struct tly_pgcopy *rows = fold->rows;
+	json_t *json = NULL;
+	int rc = 0;
+	tly_pgcopy_row(rows, N_STAGE_COLUMNS);
+	tly_pgcopy_int8(rows, fold->ord);
+	tly_pgcopy_text(rows, desc->name);
+	tly_pgcopy_uuid(rows, &ev->tenant_id);
+	if (entry)
+		tly_pgcopy_null(rows);
 	else
-		tly_uuid_format(&ev->event_id, event_id);
-	tly_time_format_rfc3339(ev->type == TLY_EV_LEDGER_ENTRY ? ev->u.ledger_entry.ledger_time
-								: ev->occurred_at,
-				at);
-	int n = snprintf(head, sizeof(head), "%" PRId64 "\t%s\t%s\t%s\t%s\t", fold->ord, desc->name,
-			 tenant, event_id, at);
-	size_t mark = fold->len;
-	int rc = TLY_E_NOMEM;
-	if (n > 0 && (size_t)n < sizeof(head) && put(fold, head, (size_t)n) == 0 &&
-	    put_field(fold, doc) == 0 && put(fold, "\n", 1) == 0) {
-		fold->ord++;
-		fold->pending++;
-		rc = 0;
-	} else {
-		fold->len = mark;
+		tly_pgcopy_uuid(rows, &ev->event_id);
+	tly_pgcopy_timestamptz(rows, entry ? ev->u.ledger_entry.ledger_time : ev->occurred_at);
+	for (size_t i = 0; rc == 0 && i < N_STAGE_FIELDS; i++) {
+		const struct tly_field *f = fold->fields[ev->type][i];
+		if (f)
+			rc = stage_field(rows, f, ev, &json);
+		else
+			tly_pgcopy_null(rows);
 	}
-	free(doc);
-	return rc;
+	json_decref(json);
+	if (rc != 0)
+		return rc; /* the row is incomplete: the batch is cleared or the send fails */
+	fold->ord++;
+	fold->pending++;
+	fold->present |= T(ev->type);
+	if (entry)
+		fold->present |= kind_bits(ev->u.ledger_entry.kind);
+	return 0;
 }
 
 /* FOLD_SQL[i] with every @table@ replaced by its target name; malloc'd, NULL on OOM. */
@@ -568,6 +759,15 @@ static char *render(const struct tly_fold *fold, const char *sql)
 	return out;
 }
 
+/* Local buffers of a session (a maximum, allocated as used): a batch's staging table stays in memory. */
+#define STAGE_TEMP_BUFFERS "256MB"
+
+int tly_fold_prepare_session(PGconn *conn, struct tly_pg_error *err)
+{
+	const char *const v[] = {STAGE_TEMP_BUFFERS};
+	return tly_pg_exec(conn, "SELECT set_config('temp_buffers', $1, false)", 1, v, err);
+}
+
 static int ensure_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
 {
 	if (fold->staged_on == conn)
@@ -578,34 +778,26 @@ static int ensure_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error
 		return TLY_E_PG;
 	bool missing = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
 	PQclear(res);
-	if (missing && tly_pg_exec(conn, STAGE_SQL, 0, NULL, err) != 0)
+	if (missing && (tly_fold_prepare_session(conn, err) != 0 ||
+			tly_pg_exec(conn, fold->stage_sql, 0, NULL, err) != 0))
 		return TLY_E_PG;
 	fold->staged_on = conn;
 	return 0;
 }
 
-static int copy_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
+/*
+ * Memory for the fold's sorts and hashes, for this transaction only: they carry the staged
+ * documents, and with the default work_mem (4 MB) a batch of a few thousand messages spills to
+ * temporary files. 2 kB per staged message, between 16 MB and 1 GB.
+ */
+static int set_work_mem(const struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
 {
-	PGresult *res = PQexec(conn, "COPY tly_fold_stage (ord, type, tenant_id, event_id, at, doc) "
-				     "FROM STDIN");
-	if (PQresultStatus(res) != PGRES_COPY_IN) {
-		tly_pg_error_set(err, conn, res);
-		PQclear(res);
-		return TLY_E_PG;
-	}
-	PQclear(res);
-	if (PQputCopyData(conn, fold->data, (int)fold->len) != 1 || PQputCopyEnd(conn, NULL) != 1) {
-		tly_pg_error_set(err, conn, NULL);
-		return TLY_E_PG;
-	}
-	res = PQgetResult(conn);
-	bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-	if (!ok)
-		tly_pg_error_set(err, conn, res);
-	PQclear(res);
-	while ((res = PQgetResult(conn)) != NULL)
-		PQclear(res);
-	return ok ? 0 : TLY_E_PG;
+	size_t kb = 2 * fold->pending;
+	char value[32];
+	kb = kb < 16 * 1024 ? 16 * 1024 : kb > 1024 * 1024 ? 1024 * 1024 : kb;
+	snprintf(value, sizeof(value), "%zukB", kb);
+	const char *const v[] = {value};
+	return tly_pg_exec(conn, "SELECT set_config('work_mem', $1, true)", 1, v, err);
 }
 
 int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
@@ -616,24 +808,34 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
 		set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: no transaction is open");
 		return TLY_E_PG;
 	}
-	if (fold->len > INT32_MAX) {
-		set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: more than 2 GB of rows");
-		return TLY_E_PG;
-	}
 	int rc = ensure_stage(fold, conn, err);
+	if (rc == 0)
+		rc = set_work_mem(fold, conn, err);
 	if (rc == 0)
 		rc = tly_pg_exec(conn, "DELETE FROM tly_fold_stage", 0, NULL, err);
 	if (rc == 0)
-		rc = copy_stage(fold, conn, err);
+		rc = tly_pgcopy_send(conn, fold->rows, "COPY tly_fold_stage FROM STDIN (FORMAT binary)", err);
+	/* the planner's row counts first (a temporary table has no others), then the fold, in one
+	 * round trip */
+	const char *sqls[1 + N_FOLD_SQL];
+	char *rendered[N_FOLD_SQL] = {NULL};
+	size_t n = 0;
+	sqls[n++] = "ANALYZE tly_fold_stage (type, tenant_id, kind)";
 	for (size_t i = 0; rc == 0 && i < N_FOLD_SQL; i++) {
-		char *sql = render(fold, FOLD_SQL[i]);
-		if (!sql) {
+		if (!(fold->present & FOLD_NEEDS[i]))
+			continue;
+		if (!(rendered[i] = render(fold, FOLD_SQL[i]))) {
 			set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");
-			return TLY_E_NOMEM;
+			rc = TLY_E_NOMEM;
 		}
-		rc = tly_pg_exec(conn, sql, 0, NULL, err);
-		free(sql);
+		sqls[n++] = rendered[i];
 	}
+	if (rc == 0)
+		rc = tly_pg_exec_pipeline(conn, sqls, n, err);
+	for (size_t i = 0; i < N_FOLD_SQL; i++)
+		free(rendered[i]);
+	if (rc == TLY_E_NOMEM)
+		return rc;
 	if (rc != 0) {
 		/* the staging table may have been dropped with a rolled back creation */
 		fold->staged_on = NULL;

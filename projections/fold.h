@@ -2,10 +2,11 @@
  * The projection fold: decoded tally.events, tally.ledger and tally.catalog messages -> the rows
  * of the projection tables (tenant_accounts … api_usage, see migrations/0001_baseline.sql).
  *
- * A batch collects messages in feed order (in memory, as COPY text), then flush writes them in
- * one COPY into a temporary staging table and folds them into the projections with a fixed
- * number of set-based statements, inside a transaction the caller owns (so the caller commits
- * the rows together with its consumed offsets, or with a table swap when rebuilding).
+ * A batch collects messages in feed order (in memory, as binary COPY rows with one typed column
+ * per message field the fold reads), then flush writes them in one COPY into a temporary staging
+ * table and folds them into the projections with at most a fixed number of set-based statements
+ * (those whose input types are in the batch), inside a transaction the caller owns (so the caller
+ * commits the rows together with its consumed offsets, or with a table swap when rebuilding).
  *
  * The fold is idempotent and depends only on the messages: event ids seen before are skipped
  * (projector_seen_events), ledger entries at or below the last applied seq of their tenant are
@@ -31,7 +32,8 @@ struct tly_fold;
 extern const char *const tly_fold_tables[];
 extern const size_t tly_fold_n_tables;
 
-/* An empty batch writing the default tables. NULL on OOM. */
+/* An empty batch writing the default tables. NULL on OOM (or lib/event's descriptors lack a
+ * field the fold stages: a build error the projector and rebuild suites catch). */
 struct tly_fold *tly_fold_new(void);
 void tly_fold_free(struct tly_fold *fold); /* accepts NULL */
 
@@ -48,6 +50,14 @@ int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *nam
  * 0 or TLY_E_NOMEM.
  */
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev) TLY_MUST_CHECK;
+
+/*
+ * Set conn's session up for the fold (temp_buffers, so that a batch's staging table stays in
+ * memory; PostgreSQL lets a session change it only before its first temporary table).
+ * tly_fold_flush does it when it creates the staging table; a caller whose session uses
+ * temporary tables of its own first calls it right after connecting. 0 or TLY_E_PG.
+ */
+int tly_fold_prepare_session(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 
 /* Messages added since the last flush or clear. */
 size_t tly_fold_pending(const struct tly_fold *fold);

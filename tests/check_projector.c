@@ -662,6 +662,58 @@ START_TEST(loadgen_kill_restart)
 }
 END_TEST
 
+/* The projector's tally.events offsets equal the ledger's, partition by partition. */
+#define EVENTS_CAUGHT_UP                                                                          \
+	"SELECT count(*) > 0 AND bool_and(p.next_offset IS NOT DISTINCT FROM l.next_offset) "         \
+	"FROM consumer_offsets l LEFT JOIN consumer_offsets p ON p.consumer = 'tally-projector' "    \
+	"AND p.topic = l.topic AND p.partition = l.partition "                                       \
+	"WHERE l.consumer = 'tally-ledger' AND l.topic = 'tally.events'"
+
+/* Whether the file at path contains needle. */
+static bool file_has(const char *path, const char *needle)
+{
+	size_t cap = 1 << 22;
+	char *text = malloc(cap);
+	FILE *f = fopen(path, "r");
+	ck_assert(text && f);
+	size_t n = fread(text, 1, cap - 1, f);
+	fclose(f);
+	text[n] = '\0';
+	bool found = strstr(text, needle) != NULL;
+	free(text);
+	return found;
+}
+
+/*
+ * Another process commits the stored offsets while the projector runs (the test moves every
+ * tally.events offset one record on): the projector's next batch fails its compare-and-set and
+ * is rolled back, and it goes on from the offsets the other process stored to the topic's end.
+ */
+START_TEST(fenced_by_moved_offsets)
+{
+	static const char fenced[] = "another process moved a stored offset";
+	struct env e;
+	env_up(&e);
+	run_loadgen(&e, "8", "300");
+	wait_for(&e, EVENTS_CAUGHT_UP, "t", 60000);
+	ck_assert_int_eq(q_long(e.d.conn, "SELECT count(*) FROM consumer_offsets "
+					  "WHERE consumer = 'tally-projector' AND topic = 'tally.events'"),
+			 PARTITIONS);
+	ck_assert(!file_has(e.projector_log, fenced));
+	ck_assert(tly_pg_exec(e.d.conn, "UPDATE consumer_offsets SET next_offset = next_offset + 1 "
+			      "WHERE consumer = 'tally-projector' AND topic = 'tally.events'", 0, NULL,
+			      NULL) == 0);
+	/* more traffic: ClockTicks reach every partition, so the moved ones get batches */
+	run_loadgen(&e, "9", "300");
+	for (int64_t give_up = now_ms() + 60000; !file_has(e.projector_log, fenced);) {
+		ck_assert_msg(now_ms() < give_up, "no batch was fenced (see %s)", e.projector_log);
+		usleep(100000);
+	}
+	wait_for(&e, EVENTS_CAUGHT_UP, "t", 60000);
+	env_down(&e);
+}
+END_TEST
+
 Suite *projector_suite(void)
 {
 	Suite *s = suite_create("projector");
@@ -672,6 +724,7 @@ Suite *projector_suite(void)
 	tc = tcase_create("daemon");
 	tcase_add_test(tc, scenario);
 	tcase_add_test(tc, loadgen_kill_restart);
+	tcase_add_test(tc, fenced_by_moved_offsets);
 	tcase_set_timeout(tc, 240);
 	suite_add_tcase(s, tc);
 	return s;

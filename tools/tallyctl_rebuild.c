@@ -29,8 +29,8 @@
 
 #define PROJECTOR_CONSUMER "tally-projector" /* consumer_offsets.consumer of tally-projector */
 #define SHADOW_SUFFIX "_rebuild"
-#define FLUSH_EVERY 50000       /* records per fold flush */
-#define LEDGER_PAGE "5000"      /* entries per keyset page */
+#define FLUSH_EVERY 100000      /* records per fold flush */
+#define LEDGER_PAGE "50000"     /* entries per keyset page */
 #define SWAP_ATTEMPTS 20
 #define CATCHUP_PASSES 5        /* passes before the swap, while the projector runs */
 #define CATCHUP_SMALL 2000      /* records: few enough to fold inside the swap transaction */
@@ -65,6 +65,7 @@ struct rpart {
 struct rebuild {
 	struct app *app;
 	PGconn *conn;               /* owned */
+	bool locked;                /* conn holds the rebuild's advisory lock */
 	rd_kafka_t *rk;             /* owned; assigned partitions only, never joins its group */
 	struct tly_codec *codec;    /* owned */
 	struct tly_fold *fold;      /* owned; writes the shadow tables */
@@ -858,15 +859,20 @@ static int start(struct rebuild *rb)
 		report(rb, "set synchronous_commit", &err);
 		goto out;
 	}
+	/* before seed_shadows' temporary tables */
+	if (tly_fold_prepare_session(rb->conn, &err) != 0) {
+		report(rb, "set the session up for the fold", &err);
+		goto out;
+	}
 	PGresult *res = tly_pg_query(rb->conn, "SELECT pg_try_advisory_lock(" ADVISORY_KEY ")", 0, NULL,
 				     &err);
 	if (!res) {
 		report(rb, "take the rebuild lock", &err);
 		goto out;
 	}
-	bool locked = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+	rb->locked = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
 	PQclear(res);
-	if (!locked) {
+	if (!rb->locked) {
 		fprintf(stderr, "tallyctl: could not rebuild: another rebuild is running on this database\n");
 		goto out;
 	}
@@ -1057,6 +1063,14 @@ out:
 		if (drop_shadows(&rb, false, &err) != 0)
 			fprintf(stderr, "tallyctl: could not drop the shadow tables: %s\n", err.message);
 	}
+	/*
+	 * Released here, not by the session's end: a backend ends after its client has gone (and
+	 * drops its temporary tables first), so the next rebuild could find the lock still held.
+	 */
+	if (rb.locked && PQstatus(rb.conn) == CONNECTION_OK &&
+	    PQtransactionStatus(rb.conn) == PQTRANS_IDLE &&
+	    tly_pg_exec(rb.conn, "SELECT pg_advisory_unlock(" ADVISORY_KEY ")", 0, NULL, &err) != 0)
+		fprintf(stderr, "tallyctl: could not release the rebuild lock: %s\n", err.message);
 	PQclear(fks);
 	tly_kafka_consumer_destroy(rb.rk);
 	tly_fold_free(rb.fold);
