@@ -35,6 +35,7 @@ LIB_SRCS := \
 	lib/entries.c \
 	lib/devbroker_ctl.c \
 	lib/devpg.c \
+	lib/devstack.c \
 	lib/err.c \
 	lib/event.c \
 	lib/event_json.c \
@@ -54,6 +55,7 @@ LIB_SRCS := \
 	lib/validate_bytes.c \
 	ledger/decide.c \
 	ledger/wallet.c \
+	projections/compare.c \
 	projections/fold.c \
 	$(BUILD)/gen/schemas_embedded.c
 LIB_OBJS := $(patsubst %.c,$(OBJ)/%.o,$(LIB_SRCS:$(BUILD)/gen/%=gen/%))

@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -143,4 +145,16 @@ int tly_proc_wait_file(const char *path, int timeout_ms)
 			return TLY_E_TIMEOUT;
 		sleep_ms(10);
 	}
+}
+
+void tly_proc_sibling(const char *program, char *out, size_t outlen)
+{
+	char self[PATH_MAX];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n <= 0) {
+		snprintf(out, outlen, "%s", program);
+		return;
+	}
+	self[n] = '\0';
+	snprintf(out, outlen, "%s/%s", dirname(self), program);
 }

@@ -204,19 +204,6 @@ static void on_stop(int sig)
 	stop_requested = 1;
 }
 
-/* Path of a program built beside this one. */
-static void sibling(const char *program, char *out, size_t outlen)
-{
-	char self[PATH_MAX];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-	if (n <= 0) {
-		snprintf(out, outlen, "%s", program);
-		return;
-	}
-	self[n] = '\0';
-	snprintf(out, outlen, "%s/%s", dirname(self), program);
-}
-
 static int cmd_dev(struct app *app, int argc, char **argv)
 {
 	char err[1024];
@@ -248,7 +235,7 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 		goto out;
 	}
 	char exe[PATH_MAX], bootfile[PATH_MAX], ctl[PATH_MAX], log[PATH_MAX], parts[16];
-	sibling("tally-devbroker", exe, sizeof(exe));
+	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(bootfile, sizeof(bootfile), "%s/bootstrap", dir);
 	snprintf(ctl, sizeof(ctl), "%s/broker.sock", dir);
 	snprintf(log, sizeof(log), "%s/devbroker.log", dir);
@@ -301,7 +288,7 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 	fclose(ef);
 
 	char self[PATH_MAX];
-	sibling("tallyctl", self, sizeof(self));
+	tly_proc_sibling("tallyctl", self, sizeof(self));
 	printf("Tally dev stack is up (%d migration(s) applied, %d partitions per topic).\n\n"
 	       "  PostgreSQL   psql \"%s\"\n"
 	       "  Kafka        %s   (topics tally.events, tally.ledger, tally.catalog, tally.deadletter)\n"
