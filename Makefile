@@ -43,6 +43,7 @@ LIB_SRCS := \
 	lib/http.c \
 	lib/kafka.c \
 	lib/lag.c \
+	lib/ledgercheck.c \
 	lib/log.c \
 	lib/metrics.c \
 	lib/migrate.c \
@@ -67,7 +68,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
-            tally-projector tally-bench-projector
+            tally-projector tally-bench-projector tally-chaos
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
                         tools/tallyctl_status.c tools/tallyctl_rebuild.c
@@ -79,6 +80,7 @@ tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 tally-projector_SRCS := consumers/projector_main.c
 tally-bench-projector_SRCS := tools/bench_projector.c
+tally-chaos_SRCS     := tools/chaos.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
