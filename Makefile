@@ -3,6 +3,8 @@
 #   make            build libtally.a and every program into build/
 #   make deps       install the Debian packages the build, the tests and the dev stack need
 #   make check      install deps, build, run the Check suites (unit + integration)
+#   make chaos      the long chaos run (CHAOS_SECONDS=300, SEED=1)
+#   make soak       steady traffic for DURATION (seconds, or 30m, 2h): RSS and throughput
 #   make dev        bring up the embedded dev stack (dev broker + throw-away PostgreSQL, migrated)
 #   make clean      remove build/
 
@@ -90,6 +92,7 @@ TEST_SRCS := \
 	tests/harness_ledger.c \
 	tests/harness_pg.c \
 	tests/harness.c \
+	tests/check_chaos.c \
 	tests/check_codec.c \
 	tests/check_config.c \
 	tests/check_decide.c \
@@ -109,7 +112,7 @@ TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 
-.PHONY: all deps check unit bench clean dev schemas-release
+.PHONY: all deps check unit bench chaos soak clean dev schemas-release
 all: $(LIB) $(addprefix $(BIN)/,$(PROGRAMS)) $(TEST_BIN)
 
 # make V=1 shows the full commands.
@@ -166,6 +169,13 @@ bench: deps
 	$(BIN)/tally-bench
 	$(BIN)/tally-bench-publish
 	$(BIN)/tally-bench-projector
+
+# make chaos: the long chaos run (make check runs a short one); SEED and CHAOS_SECONDS choose it.
+CHAOS_SECONDS ?= 300
+SEED ?= 1
+chaos: deps
+	$(MAKE) all
+	$(BIN)/tally-chaos --seed $(SEED) --seconds $(CHAOS_SECONDS)
 
 dev: deps
 	$(MAKE) all

@@ -32,6 +32,7 @@ static const struct suite_entry all_suites[] = {
 	{"status", status_suite, true},
 	{"rebuild", rebuild_suite, true},
 	{"http", http_suite, true},
+	{"chaos", chaos_suite, true},
 };
 
 int main(void)

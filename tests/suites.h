@@ -22,5 +22,6 @@ Suite *roles_suite(void);
 Suite *status_suite(void);
 Suite *rebuild_suite(void);
 Suite *http_suite(void);
+Suite *chaos_suite(void);
 
 #endif

@@ -108,7 +108,7 @@ static const struct {
 } faults[F__COUNT] = {
 	[F_KILL_LEDGER] = {"kill -9 ledger", 4},
 	[F_KILL_PROJECTOR] = {"kill -9 projector", 4},
-	[F_PG_RESTART] = {"PostgreSQL restart", 1},
+	[F_PG_RESTART] = {"PostgreSQL restart", 2},
 	[F_BROKER_DOWN] = {"broker down", 2},
 	[F_REQUEST_ERRORS] = {"request errors", 2},
 	[F_SECOND_LEDGER] = {"second ledger joins or leaves", 2},
@@ -363,7 +363,7 @@ static void loadgen_start(struct chaos *c)
 	snprintf(duration, sizeof(duration), "%d", c->seconds);
 	const char *const extra[] = {"--seed", seed, "--tenants", tenants, "--rate", rate,
 				     "--duration", duration, "--duplicates", "5", "--bad", "1",
-				     "--step-ms", "1800000", NULL};
+				     "--step-ms", "600000", NULL};
 	/* loadgen takes -s too; the database and HTTP settings it ignores */
 	c->loadgen = tly_devstack_spawn(&c->stack, "tally-loadgen", c->stack.db, extra, "loadgen.log",
 					err, sizeof(err));
@@ -763,6 +763,8 @@ int main(int argc, char **argv)
 	rd_kafka_conf_t *conf = NULL;
 	if (!cfg || tly_config_set(cfg, "kafka.bootstrap.servers", c.stack.bootstraps, err, sizeof(err)) != 0 ||
 	    !(conf = tly_kafka_conf_new(cfg, err, sizeof(err))) ||
+	    /* its "brokers are down" while a broker is down is the fault, not news */
+	    tly_kafka_conf_set(conf, "log_level", "2", err, sizeof(err)) != 0 ||
 	    !(c.rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err))) ||
 	    !(c.codec = tly_codec_new(err, sizeof(err)))) {
 		fprintf(stderr, PROG ": %s\n", cfg ? err : "out of memory");
