@@ -70,7 +70,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
-            tally-projector tally-bench-projector tally-chaos
+            tally-projector tally-bench-projector tally-chaos tally-soak
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
                         tools/tallyctl_status.c tools/tallyctl_rebuild.c
@@ -83,6 +83,7 @@ tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
 tally-projector_SRCS := consumers/projector_main.c
 tally-bench-projector_SRCS := tools/bench_projector.c
 tally-chaos_SRCS     := tools/chaos.c
+tally-soak_SRCS      := tools/soak.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -176,6 +177,12 @@ SEED ?= 1
 chaos: deps
 	$(MAKE) all
 	$(BIN)/tally-chaos --seed $(SEED) --seconds $(CHAOS_SECONDS)
+
+# make soak: steady traffic for DURATION (600, 30m, 2h): RSS and throughput per daemon, printed.
+DURATION ?= 600
+soak: deps
+	$(MAKE) all
+	DURATION=$(DURATION) $(BIN)/tally-soak
 
 dev: deps
 	$(MAKE) all

@@ -37,7 +37,8 @@
 #include "proc.h"
 
 #define PROG "tally-chaos"
-#define PARTITIONS 6
+/* 12 partitions keep a 300 s run well inside the dev broker's ~5 MiB per partition */
+#define PARTITIONS 12
 #define BROKERS 3
 #define QUIESCE_S 240
 #define WARMUP_S 3.0
@@ -142,7 +143,8 @@ struct chaos {
 	int loadgen_status;
 	double broker_up_at[BROKERS + 1]; /* 0: up */
 	double pg_up_at;                  /* 0: up */
-	int count[F__COUNT];
+	int count[F__COUNT];   /* faults struck, by kind */
+	int idle;              /* faults drawn while their target was already down */
 	int checks, failed;
 	rd_kafka_t *rk;        /* watermarks */
 	PGconn *conn;          /* the run's database, for the checks */
@@ -194,8 +196,10 @@ static void daemon_kill(struct chaos *c, struct daemon *d, double restart_after)
 		return;
 	if (kill(d->pid, SIGKILL) != 0 || tly_proc_wait(d->pid, 10000, &status) != 0)
 		say(c, "could not kill -9 %s (pid %d): %s", d->name, (int)d->pid, strerror(errno));
-	else
+	else if (d->wanted)
 		say(c, "kill -9 %s (pid %d); restart in %.2f s", d->name, (int)d->pid, restart_after);
+	else
+		say(c, "kill -9 %s (pid %d)", d->name, (int)d->pid);
 	d->kills++;
 	d->pid = 0;
 	if (d->wanted)
@@ -270,25 +274,25 @@ static void strike(struct chaos *c)
 		pick -= faults[f++].weight;
 	uint64_t param = rng_next(&c->rng);
 	double delay = rng_between(&c->rng, 0.2, 4.0);
-	c->count[f]++;
+	bool struck = true;
 	char cmd[128];
 	switch ((enum fault)f) {
 	case F_KILL_LEDGER:
 		if (c->ledger.pid > 0)
 			daemon_kill(c, &c->ledger, delay / 2);
 		else
-			say(c, "kill -9 ledger: not running");
+			struck = false;
 		break;
 	case F_KILL_PROJECTOR:
 		if (c->projector.pid > 0)
 			daemon_kill(c, &c->projector, delay / 2);
 		else
-			say(c, "kill -9 projector: not running");
+			struck = false;
 		break;
 	case F_PG_RESTART: {
 		char err[512];
 		if (c->pg_up_at > 0) {
-			say(c, "PostgreSQL restart: already down");
+			struck = false;
 			break;
 		}
 		bool crash = param & 1;
@@ -304,7 +308,7 @@ static void strike(struct chaos *c)
 	case F_BROKER_DOWN: {
 		int id = 1 + (int)(param % BROKERS);
 		if (c->broker_up_at[id] > 0) {
-			say(c, "broker %d: already down", id);
+			struck = false;
 			break;
 		}
 		snprintf(cmd, sizeof(cmd), "broker-down %d", id);
@@ -334,6 +338,10 @@ static void strike(struct chaos *c)
 	case F__COUNT:
 		break;
 	}
+	if (!struck)
+		say(c, "%s: its target is already down", faults[f].name);
+	c->count[f] += struck;
+	c->idle += !struck;
 }
 
 /* Bring everything that is due back up: brokers, PostgreSQL, daemons. */
@@ -564,9 +572,15 @@ static void check_projections(struct chaos *c)
 	const char *w = live ? live : "", *h = folded ? folded : "";
 	while (*w && *w == *h)
 		w++, h++;
-	check(c, "projections = fold of the log", same,
-	      same ? "tallyctl rebuild all changed no row" : "tallyctl rebuild all exited %d; first "
-	      "difference: live %.80s, fold %.80s", rc, w, h);
+	out[strcspn(out, "\n")] = '\0';
+	if (same)
+		check(c, "projections = fold of the log", true, "tallyctl rebuild all changed no row");
+	else if (rc != 0)
+		check(c, "projections = fold of the log", false, "tallyctl rebuild all exited %d: %.300s",
+		      rc, out);
+	else
+		check(c, "projections = fold of the log", false, "first difference: live %.80s, fold %.80s",
+		      w, h);
 	free(live);
 	free(folded);
 }
@@ -655,6 +669,20 @@ static void check_all(struct chaos *c, bool quiet, bool clean_ledger, bool clean
 			     "AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.cause_partition = q.partition "
 			     "AND e.cause_offset = q.\"offset\")", NULL);
 	check(c, "no record both quarantined and applied", both == 0, "%" PRId64 " record(s)", both);
+
+	/* the rebuild and the replay read the topics from the start: they must still hold it */
+	int64_t dropped = 0;
+	static const char *const topics[] = {"tally.events", "tally.ledger", "tally.catalog"};
+	for (size_t t = 0; t < 3; t++)
+		for (int p = 0; p < PARTITIONS; p++) {
+			int64_t low = 0, high = 0;
+			if (rd_kafka_query_watermark_offsets(c->rk, topics[t], p, &low, &high, 10000) != 0)
+				low = 1;
+			dropped += low;
+		}
+	check(c, "topics kept their whole history", dropped == 0,
+	      "%" PRId64 " record(s) dropped by the dev broker's retention%s", dropped,
+	      dropped ? ": a run too large for it (fewer --seconds or --rate)" : "");
 
 	check_ledger(c);
 	check_projections(c);
@@ -817,6 +845,7 @@ int main(int argc, char **argv)
 		total += c.count[f];
 	}
 	printf("  %-32s %d\n", "total", total);
+	printf("  %-32s %d\n", "drawn while already down", c.idle);
 	printf("  %-32s ledger %d, ledger-2 %d, projector %d\n", "starts", c.ledger.starts,
 	       c.ledger2.starts, c.projector.starts);
 	printf("  %-32s ledger %d, projector %d\n", "exits on their own", c.ledger.exits,
@@ -827,6 +856,10 @@ int main(int argc, char **argv)
 		       topic_end(&c, "tally.ledger"),
 		       q_int(c.conn, "SELECT count(*) FROM ledger_entries", NULL),
 		       q_int(c.conn, "SELECT count(*) FROM quarantine", NULL));
+		char *kinds = q_text(c.conn, "SELECT string_agg(kind || ' ' || n, ', ' ORDER BY n DESC) "
+					     "FROM (SELECT kind, count(*) AS n FROM ledger_entries GROUP BY 1) k");
+		printf("entries by kind: %s\n", kinds);
+		free(kinds);
 		check_all(&c, quiet, clean_ledger, clean_projector);
 	} else {
 		check(&c, "connect to the run's database", false, "%s", err);
