@@ -371,7 +371,7 @@ static void loadgen_start(struct chaos *c)
 	snprintf(duration, sizeof(duration), "%d", c->seconds);
 	const char *const extra[] = {"--seed", seed, "--tenants", tenants, "--rate", rate,
 				     "--duration", duration, "--duplicates", "5", "--bad", "1",
-				     "--step-ms", "600000", NULL};
+				     "--step-ms", "180000", NULL};
 	/* loadgen takes -s too; the database and HTTP settings it ignores */
 	c->loadgen = tly_devstack_spawn(&c->stack, "tally-loadgen", c->stack.db, extra, "loadgen.log",
 					err, sizeof(err));
@@ -706,7 +706,7 @@ static void usage(FILE *out)
 		"  --seed N       seed of the traffic and of the fault schedule (default 1)\n"
 		"  --seconds S    traffic and faults for S seconds (default $CHAOS_SECONDS, else 60)\n"
 		"  --rate R       events per second (default 150)\n"
-		"  --tenants N    tenants (default 50)\n"
+		"  --tenants N    tenants (default 100)\n"
 		"  --keep         keep the run's dir (logs) also when every check passes\n"
 		"  -h, --help     this help\n");
 }
@@ -726,7 +726,7 @@ static int parse_int(const char *opt, const char *s, long lo, long hi, long *out
 
 int main(int argc, char **argv)
 {
-	struct chaos c = {.seed = 1, .seconds = 60, .rate = 150, .tenants = 50};
+	struct chaos c = {.seed = 1, .seconds = 60, .rate = 150, .tenants = 100};
 	char err[1024];
 	long v;
 	const char *env = getenv("CHAOS_SECONDS");
