@@ -6,6 +6,8 @@
 #   make demo       the whole product in one command: dev stack, tally-ledger, tally-projector,
 #                   DEMO_SECONDS (default 30) of tally-loadgen traffic, a report; up until Ctrl-C
 #   make demo-stop  stop a running demo (every process it started)
+#   make chaos      the long chaos run (CHAOS_SECONDS=300, SEED=1)
+#   make soak       steady traffic for DURATION (seconds, or 30m, 2h): RSS and throughput
 #   make dev        bring up the embedded dev stack (dev broker + throw-away PostgreSQL, migrated)
 #   make asan check the same build in build-asan/ with AddressSanitizer + UBSan, every suite under it
 #   make valgrind   the unit suites under valgrind (no error, no leak)
@@ -60,6 +62,7 @@ LIB_SRCS := \
 	lib/entries.c \
 	lib/devbroker_ctl.c \
 	lib/devpg.c \
+	lib/devstack.c \
 	lib/err.c \
 	lib/event.c \
 	lib/event_json.c \
@@ -67,6 +70,7 @@ LIB_SRCS := \
 	lib/http.c \
 	lib/kafka.c \
 	lib/lag.c \
+	lib/ledgercheck.c \
 	lib/log.c \
 	lib/metrics.c \
 	lib/migrate.c \
@@ -79,6 +83,7 @@ LIB_SRCS := \
 	lib/validate_bytes.c \
 	ledger/decide.c \
 	ledger/wallet.c \
+	projections/compare.c \
 	projections/fold.c \
 	$(BUILD)/gen/schemas_embedded.c
 LIB_OBJS := $(patsubst %.c,$(OBJ)/%.o,$(LIB_SRCS:$(BUILD)/gen/%=gen/%))
@@ -90,7 +95,7 @@ MIGRATIONS := $(sort $(wildcard migrations/*.sql))
 
 # ---- programs: thin mains over the library ---------------------------------------------
 PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tally-bench-publish \
-            tally-projector tally-bench-projector tally-bench-audit
+            tally-projector tally-bench-projector tally-bench-audit tally-chaos tally-soak
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
                         tools/tallyctl_status.c tools/tallyctl_rebuild.c \
@@ -107,6 +112,8 @@ tally-projector_SRCS := consumers/projector_main.c
 tally-bench-projector_SRCS := tools/bench_projector.c
 tally-bench-audit_SRCS := tools/bench_audit.c consumers/ledger_partition.c consumers/ledger_store.c \
                           producers/loadgen.c
+tally-chaos_SRCS     := tools/chaos.c
+tally-soak_SRCS      := tools/soak.c
 
 # ---- tests: one Check runner, one suite per module -------------------------------------
 TEST_SRCS := \
@@ -118,6 +125,7 @@ TEST_SRCS := \
 	tests/harness.c \
 	tests/check_audit.c \
 	tests/check_badbytes.c \
+	tests/check_chaos.c \
 	tests/check_codec.c \
 	tests/corpus.c \
 	tests/check_config.c \
@@ -141,8 +149,8 @@ TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 
-.PHONY: all deps check unit bench clean dev demo demo-stop schemas-release asan asan-unit valgrind \
-        fuzz fuzzers
+.PHONY: all deps check unit bench chaos soak clean dev demo demo-stop schemas-release asan \
+        asan-unit valgrind fuzz fuzzers
 all: $(LIB) $(addprefix $(BIN)/,$(PROGRAMS)) $(TEST_BIN)
 
 # make V=1 shows the full commands.
@@ -255,6 +263,19 @@ bench: deps
 	$(BIN)/tally-bench-publish
 	$(BIN)/tally-bench-projector
 	$(BIN)/tally-bench-audit
+
+# make chaos: the long chaos run (make check runs a short one); SEED and CHAOS_SECONDS choose it.
+CHAOS_SECONDS ?= 300
+SEED ?= 1
+chaos: deps
+	$(MAKE) all
+	$(BIN)/tally-chaos --seed $(SEED) --seconds $(CHAOS_SECONDS)
+
+# make soak: steady traffic for DURATION (600, 30m, 2h): RSS and throughput per daemon, printed.
+DURATION ?= 600
+soak: deps
+	$(MAKE) all
+	DURATION=$(DURATION) $(BIN)/tally-soak
 
 dev: deps
 	$(MAKE) all

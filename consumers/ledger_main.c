@@ -689,6 +689,16 @@ static int start(struct app *app)
 		tly_error("could not configure Kafka", "reason=\"%s\"", errstr);
 		goto out;
 	}
+	/*
+	 * Consumption starts at the stored offset. When the partition no longer holds it (retention
+	 * dropped the head while the consumer was away), resume at the earliest record still kept:
+	 * librdkafka's default (latest) would skip every record the topic still holds.
+	 */
+	if (tly_kafka_conf_default(conf, "auto.offset.reset", "earliest", errstr, sizeof(errstr)) != 0) {
+		tly_error("could not configure Kafka", "reason=\"%s\"", errstr);
+		rd_kafka_conf_destroy(conf);
+		goto out;
+	}
 	rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
 	rd_kafka_conf_set_opaque(conf, app);
 	if (!(app->consumer = tly_kafka_consumer_new(conf, tly_config_str(app->cfg, "ledger.group.id"),

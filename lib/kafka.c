@@ -90,20 +90,37 @@ fail:
 	return NULL;
 }
 
-/* True when conf still holds librdkafka's own default for name (the caller did not set it). */
+/*
+ * True when conf still holds librdkafka's own default for name (the caller did not set it). A
+ * topic property (auto.offset.reset…) set on the global conf lives in its default topic conf.
+ */
 static bool conf_is_default(const rd_kafka_conf_t *conf, const char *name)
 {
 	char have[128], dflt[128];
 	size_t havelen = sizeof(have), dfltlen = sizeof(dflt);
+	if (rd_kafka_conf_get(conf, name, have, &havelen) != RD_KAFKA_CONF_OK) {
+		const rd_kafka_topic_conf_t *tconf = rd_kafka_conf_get_default_topic_conf(
+			(rd_kafka_conf_t *)conf);
+		rd_kafka_topic_conf_t *tpristine = rd_kafka_topic_conf_new();
+		bool known = tpristine && rd_kafka_topic_conf_get(tpristine, name, dflt, &dfltlen) ==
+					 RD_KAFKA_CONF_OK;
+		bool same = known && (!tconf || (rd_kafka_topic_conf_get(tconf, name, have, &havelen) ==
+						 RD_KAFKA_CONF_OK && strcmp(have, dflt) == 0));
+		if (tpristine)
+			rd_kafka_topic_conf_destroy(tpristine);
+		return same;
+	}
 	rd_kafka_conf_t *pristine = rd_kafka_conf_new();
-	bool same = false;
-	if (!pristine)
-		return false;
-	if (rd_kafka_conf_get(conf, name, have, &havelen) == RD_KAFKA_CONF_OK &&
-	    rd_kafka_conf_get(pristine, name, dflt, &dfltlen) == RD_KAFKA_CONF_OK)
-		same = strcmp(have, dflt) == 0;
+	bool same = pristine && rd_kafka_conf_get(pristine, name, dflt, &dfltlen) == RD_KAFKA_CONF_OK &&
+		    strcmp(have, dflt) == 0;
 	rd_kafka_conf_destroy(pristine);
 	return same;
+}
+
+int tly_kafka_conf_default(rd_kafka_conf_t *conf, const char *name, const char *value,
+			   char *errstr, size_t errlen)
+{
+	return conf_is_default(conf, name) ? tly_kafka_conf_set(conf, name, value, errstr, errlen) : 0;
 }
 
 rd_kafka_t *tly_kafka_consumer_new(rd_kafka_conf_t *conf, const char *group_id, char *errstr,
@@ -116,9 +133,8 @@ rd_kafka_t *tly_kafka_consumer_new(rd_kafka_conf_t *conf, const char *group_id, 
 	    tly_kafka_conf_set(conf, "partition.assignment.strategy", "cooperative-sticky", errstr,
 			       errlen) != 0)
 		goto fail;
-	if (conf_is_default(conf, "session.timeout.ms") &&
-	    tly_kafka_conf_set(conf, "session.timeout.ms", CONSUMER_SESSION_TIMEOUT_MS, errstr,
-			       errlen) != 0)
+	if (tly_kafka_conf_default(conf, "session.timeout.ms", CONSUMER_SESSION_TIMEOUT_MS, errstr,
+				   errlen) != 0)
 		goto fail;
 	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, rderr, sizeof(rderr));
 	if (!rk) {

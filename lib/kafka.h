@@ -19,6 +19,13 @@
  */
 rd_kafka_conf_t *tly_kafka_conf_new(const struct tly_config *cfg, char *errstr, size_t errlen);
 
+/*
+ * value for name unless conf already sets name to something other than librdkafka's default (the
+ * operator's kafka.* settings win). 0, or TLY_E_CONFIG with errstr.
+ */
+int tly_kafka_conf_default(rd_kafka_conf_t *conf, const char *name, const char *value,
+			   char *errstr, size_t errlen) TLY_MUST_CHECK;
+
 /* One more setting on conf; TLY_E_CONFIG with librdkafka's error text in errstr on failure. */
 int tly_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char *errstr,
 		       size_t errlen) TLY_MUST_CHECK;

@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -159,4 +161,16 @@ bool tly_proc_alive(pid_t pid)
 	stat[n] = '\0';
 	const char *state = strrchr(stat, ')'); /* "pid (comm) S ...": comm may hold anything */
 	return !(state && state[1] == ' ' && state[2] == 'Z');
+}
+
+void tly_proc_sibling(const char *program, char *out, size_t outlen)
+{
+	char self[PATH_MAX];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n <= 0) {
+		snprintf(out, outlen, "%s", program);
+		return;
+	}
+	self[n] = '\0';
+	snprintf(out, outlen, "%s/%s", dirname(self), program);
 }

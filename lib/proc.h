@@ -35,6 +35,12 @@ int tly_proc_run(char *const argv[], char *out, size_t outlen);
  */
 bool tly_proc_alive(pid_t pid);
 
+/*
+ * Path of a program built beside the running one (DIR_OF(/proc/self/exe)/program) into out; just
+ * program (searched in PATH) when the running program's path cannot be read.
+ */
+void tly_proc_sibling(const char *program, char *out, size_t outlen);
+
 /* Wait until path exists and is non-empty, up to timeout_ms. 0 or TLY_E_TIMEOUT. */
 int tly_proc_wait_file(const char *path, int timeout_ms) TLY_MUST_CHECK;
 

@@ -38,6 +38,7 @@ static const struct suite_entry all_suites[] = {
 	{"demo", demo_suite, true},
 	{"audit", audit_suite, true},
 	{"badbytes-programs", badbytes_programs_suite, true},
+	{"chaos", chaos_suite, true},
 };
 
 static const char help[] =
@@ -46,7 +47,7 @@ static const char help[] =
 	"The Check runner of every suite (make check). Environment:\n"
 	"  TALLY_SUITE=NAME     run one suite (config, schema, event, codec, decide, migrate, devbroker,\n"
 	"                       ledger, producer, decision, projector, roles, status, rebuild, http,\n"
-	"                       lifecycle, demo, audit, badbytes, badbytes-programs)\n"
+	"                       lifecycle, demo, audit, badbytes, badbytes-programs, chaos)\n"
 	"  TALLY_SUITES=unit    run only the suites without I/O\n"
 	"  CK_RUN_CASE=NAME     run one test case of the suite (Check)\n"
 	"  TALLY_BIN=DIR        where the programs under test are (default build/bin)\n"

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "compare.h"
 #include "config.h"
 #include "event_json.h"
 #include "fold.h"
@@ -226,14 +227,10 @@ static void batch3(struct tly_fold *f)
 /* One digest of every projection row: equal digests, equal projections. */
 static char *digest(PGconn *conn)
 {
-	char sql[4096];
-	size_t off = (size_t)snprintf(sql, sizeof(sql), "SELECT md5(''");
-	for (size_t i = 0; i < tly_fold_n_tables; i++)
-		off += (size_t)snprintf(sql + off, sizeof(sql) - off,
-					" || (SELECT coalesce(string_agg(t::text, '|' ORDER BY t::text), '') FROM %s t)",
-					tly_fold_tables[i]);
-	snprintf(sql + off, sizeof(sql) - off, ")");
-	return q_text(conn, sql);
+	struct tly_pg_error err;
+	char *d = tly_compare_digest(conn, &err);
+	ck_assert_msg(d != NULL, "could not digest the projections: %s", err.message);
+	return d;
 }
 
 static void check_fold_rows(PGconn *c)
@@ -592,7 +589,7 @@ static void run_loadgen(struct env *e, const char *seed, const char *events)
 /* The projections agree with the independent count and with the ledger's entries. */
 static void check_against_truth(struct env *e, const struct truth *t)
 {
-	char want[256], sql[1024];
+	char want[256];
 	snprintf(want, sizeof(want), "%ld %ld %ld %ld", t->messages, t->prompt, t->completion, t->reasoning);
 	wait_for(e, "SELECT concat_ws(' ', count(*), sum(token_count_prompt), sum(token_count_completion), "
 		    "sum(reasoning_tokens)) FROM agent_messages", want, 60000);
@@ -606,14 +603,15 @@ static void check_against_truth(struct env *e, const struct truth *t)
 	expect(e->d.conn, "SELECT count(*) FROM (SELECT conversation_id FROM agent_messages GROUP BY 1 "
 			  "HAVING min(position) <> 0 OR max(position) <> count(*) - 1) x", "0");
 	/* every tenant's balance row is its last ledger entry */
-	snprintf(sql, sizeof(sql),
-		 "SELECT count(*) FROM (SELECT DISTINCT ON (tenant_id) * FROM ledger_entries "
-		 "ORDER BY tenant_id, seq DESC) l WHERE NOT EXISTS (SELECT 1 FROM token_balances b "
-		 "WHERE b.tenant_id = l.tenant_id AND b.ledger_seq = l.seq "
-		 "AND b.held = l.held AND b.credits = l.credits_remaining "
-		 "AND b.tokens_remaining = GREATEST(l.allowance_remaining + l.credits_remaining - l.held, 0) "
-		 "AND b.overage_tokens = l.overage_tokens)");
-	wait_for(e, sql, "0", 60000);
+	int64_t mismatched = -1;
+	struct tly_pg_error err;
+	for (int64_t deadline = now_ms() + 60000; mismatched != 0 && now_ms() < deadline;) {
+		ck_assert_msg(tly_compare_balances(e->d.conn, &mismatched, &err) == 0, "%s", err.message);
+		if (mismatched != 0)
+			usleep(100000);
+	}
+	ck_assert_msg(mismatched == 0, "%lld tenant(s) whose balance is not their last entry (see %s)",
+		      (long long)mismatched, e->projector_log);
 	/* one invoice row per invoice entry, with its amount */
 	expect(e->d.conn, "SELECT (SELECT count(*) FROM ledger_entries WHERE kind = 'invoice') - "
 			  "(SELECT count(*) FROM subscription_invoices i JOIN ledger_entries l ON "

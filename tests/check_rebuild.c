@@ -27,6 +27,7 @@
 #include "harness.h"
 #include "kafka.h"
 #include "lag.h"
+#include "compare.h"
 #include "pg.h"
 #include "proc.h"
 #include "suites.h"
@@ -172,35 +173,12 @@ static void wait_quiescent(struct env *e)
 
 /* ---- snapshots ---------------------------------------------------------------------------- */
 
-/* Rows of one table, in a canonical order, without the surrogate bigserial id. */
-static char *digest_table(PGconn *conn, const char *table)
-{
-	char *q = PQescapeIdentifier(conn, table, strlen(table));
-	char sql[512];
-	ck_assert_ptr_nonnull(q);
-	bool surrogate = strcmp(table, "agent_messages") == 0 || strcmp(table, "plan_features") == 0 ||
-			 strcmp(table, "token_balances") == 0;
-	snprintf(sql, sizeof(sql),
-		 "SELECT count(*) || ':' || md5(coalesce(string_agg(x, '|' ORDER BY x), '')) "
-		 "FROM (SELECT (to_jsonb(t) %s)::text AS x FROM %s t) s",
-		 surrogate ? "- 'id'" : "", q);
-	PQfreemem(q);
-	return q_text(conn, sql, 0, NULL);
-}
-
 static char *digest_all(PGconn *conn)
 {
-	char *out = NULL;
-	size_t len = 0;
-	FILE *f = open_memstream(&out, &len);
-	ck_assert_ptr_nonnull(f);
-	for (size_t i = 0; i < tly_fold_n_tables; i++) {
-		char *d = digest_table(conn, tly_fold_tables[i]);
-		fprintf(f, "%s=%s\n", tly_fold_tables[i], d);
-		free(d);
-	}
-	ck_assert_int_eq(fclose(f), 0);
-	return out;
+	struct tly_pg_error err;
+	char *d = tly_compare_digest(conn, &err);
+	ck_assert_msg(d != NULL, "could not digest the projections: %s", err.message);
+	return d;
 }
 
 /*

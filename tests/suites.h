@@ -27,5 +27,6 @@ Suite *demo_suite(void);
 Suite *lifecycle_suite(void);
 Suite *audit_suite(void);
 Suite *badbytes_programs_suite(void);
+Suite *chaos_suite(void);
 
 #endif

@@ -167,21 +167,13 @@ struct stack {
 	struct tly_config *cfg;
 };
 
-static void sibling(const char *program, char *out, size_t outlen)
-{
-	char self[PATH_MAX];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-	self[n > 0 ? n : 0] = '\0';
-	snprintf(out, outlen, "%s/%s", dirname(self), program);
-}
-
 static void stack_start(struct stack *s, const char *db)
 {
 	char err[512], exe[PATH_MAX], boot[128], parts[8];
 	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
 	if (!mkdtemp(s->dir))
 		die("mkdtemp", strerror(errno));
-	sibling("tally-devbroker", exe, sizeof(exe));
+	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
 	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
 	char log[128];
@@ -349,7 +341,7 @@ static long committed_offsets(PGconn *conn)
 static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 {
 	char err[512], exe[PATH_MAX];
-	sibling("tally-ledger", exe, sizeof(exe));
+	tly_proc_sibling("tally-ledger", exe, sizeof(exe));
 	setenv("TALLY_DATABASE_URL", db, 1);
 	setenv("TALLY_KAFKA_BOOTSTRAP_SERVERS", s->bootstraps, 1);
 	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
@@ -592,7 +584,7 @@ int main(int argc, char **argv)
 	}
 
 	char ledger_exe[PATH_MAX];
-	sibling("tally-ledger", ledger_exe, sizeof(ledger_exe));
+	tly_proc_sibling("tally-ledger", ledger_exe, sizeof(ledger_exe));
 	if (access(ledger_exe, X_OK) != 0) {
 		printf("tally-ledger is not built: no end-to-end figures\n");
 		tly_devpg_stop(pg);

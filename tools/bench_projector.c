@@ -49,14 +49,6 @@ static void die(const char *what, const char *why)
 	exit(1);
 }
 
-static void sibling(const char *program, char *out, size_t outlen)
-{
-	char self[PATH_MAX];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-	self[n > 0 ? n : 0] = '\0';
-	snprintf(out, outlen, "%s/%s", dirname(self), program);
-}
-
 struct stack {
 	struct tly_devpg *pg;
 	char db[1024];
@@ -90,7 +82,7 @@ static void stack_start(struct stack *s)
 	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
 	if (!mkdtemp(s->dir))
 		die("mkdtemp", strerror(errno));
-	sibling("tally-devbroker", exe, sizeof(exe));
+	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
 	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
 	snprintf(log, sizeof(log), "%s/broker.log", s->dir);
@@ -293,7 +285,7 @@ int main(int argc, char **argv)
 	stack_start(&s);
 
 	/* the workload: loadgen as fast as it goes, with period closes and invoices */
-	sibling("tally-loadgen", exe, sizeof(exe));
+	tly_proc_sibling("tally-loadgen", exe, sizeof(exe));
 	char *lg[] = {exe, "--seed", "5", "--tenants", TENANTS, "--events", EVENTS, "--duplicates", "5",
 		      "--step-ms", "600000", NULL};
 	if (tly_proc_run(lg, out, sizeof(out)) != 0)
@@ -302,7 +294,7 @@ int main(int argc, char **argv)
 
 	/* the ledger on the backlog */
 	snprintf(log, sizeof(log), "%s/ledger.log", s.dir);
-	sibling("tally-ledger", exe, sizeof(exe));
+	tly_proc_sibling("tally-ledger", exe, sizeof(exe));
 	char *la[] = {exe, NULL};
 	pid_t ledger = tly_proc_spawn(la, log, err, sizeof(err));
 	if (ledger < 0)
@@ -323,7 +315,7 @@ int main(int argc, char **argv)
 	/* the projector on the whole backlog */
 	long inputs = events + ledger_records + catalog;
 	snprintf(log, sizeof(log), "%s/projector.log", s.dir);
-	sibling("tally-projector", exe, sizeof(exe));
+	tly_proc_sibling("tally-projector", exe, sizeof(exe));
 	char *pa[] = {exe, NULL};
 	pid_t projector = tly_proc_spawn(pa, log, err, sizeof(err));
 	if (projector < 0)
@@ -339,7 +331,7 @@ int main(int argc, char **argv)
 	double proj_events = (double)events * (double)(inputs - first) / (double)inputs / proj_s;
 
 	/* a rebuild of everything, timed to the exit of tallyctl */
-	sibling("tallyctl", exe, sizeof(exe));
+	tly_proc_sibling("tallyctl", exe, sizeof(exe));
 	char *ra[] = {exe, "rebuild", "all", NULL};
 	double t0 = now_s();
 	if (tly_proc_run(ra, out, sizeof(out)) != 0)

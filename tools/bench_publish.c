@@ -55,14 +55,6 @@ static void die(const char *what, const char *why)
 	exit(1);
 }
 
-static void sibling(const char *program, char *out, size_t outlen)
-{
-	char self[PATH_MAX];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-	self[n > 0 ? n : 0] = '\0';
-	snprintf(out, outlen, "%s/%s", dirname(self), program);
-}
-
 static void uuid_n(tly_uuid *u, uint64_t a, uint64_t b)
 {
 	for (int i = 0; i < 8; i++) {
@@ -222,7 +214,7 @@ static double run_cli(const char *bootstraps, const char *dir, const char *conte
 	if (fclose(f) != 0)
 		die(path, strerror(errno));
 	tly_event_free(&ev);
-	sibling("tallyctl", exe, sizeof(exe));
+	tly_proc_sibling("tallyctl", exe, sizeof(exe));
 	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", bootstraps);
 	char *argv[] = {exe, "-s", kset, "publish", path, NULL};
 	double t0 = now_s();
@@ -251,7 +243,7 @@ int main(int argc, char **argv)
 	tly_log_init("tally-bench-publish", TLY_LOG_WARN);
 	if (!mkdtemp(dir))
 		die("mkdtemp", strerror(errno));
-	sibling("tally-devbroker", exe, sizeof(exe));
+	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", dir);
 	snprintf(log, sizeof(log), "%s/broker.log", dir);
 	snprintf(parts, sizeof(parts), "%d", PARTITIONS);

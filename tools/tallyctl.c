@@ -215,18 +215,6 @@ static void on_stop(int sig)
 	stop_requested = 1;
 }
 
-void tallyctl_sibling(const char *program, char *out, size_t outlen)
-{
-	char self[PATH_MAX];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-	if (n <= 0) {
-		snprintf(out, outlen, "%s", program);
-		return;
-	}
-	self[n] = '\0';
-	snprintf(out, outlen, "%s/%s", dirname(self), program);
-}
-
 static int cmd_dev(struct app *app, int argc, char **argv)
 {
 	int partitions = (int)tly_config_int(app->cfg, "topics.partitions");
@@ -252,7 +240,7 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 	if (tallyctl_devstack_up(app, dir, partitions, &ds) != 0)
 		goto out;
 	char self[PATH_MAX];
-	tallyctl_sibling("tallyctl", self, sizeof(self));
+	tly_proc_sibling("tallyctl", self, sizeof(self));
 	printf("Tally dev stack is up (%d migration(s) applied, %d partitions per topic).\n\n"
 	       "  PostgreSQL   psql \"%s\"\n"
 	       "  Kafka        %s   (topics tally.events, tally.ledger, tally.catalog, tally.deadletter)\n"

@@ -25,11 +25,6 @@ PGconn *tallyctl_connect_db(struct app *app);
 /* The migrations of --migrations DIR, else the compiled-in set; NULL with err filled (tallyctl.c). */
 struct tly_migrate_set *tallyctl_load_migrations(struct app *app, char *err, size_t errlen);
 
-/* Whether this build of tallyctl has the command name (tallyctl.c). */
-
-/* Path of a program built beside tallyctl, in out (tallyctl.c). */
-void tallyctl_sibling(const char *program, char *out, size_t outlen);
-
 /* A client for metadata and watermark queries, or NULL after printing why (tallyctl_status.c). */
 rd_kafka_t *tallyctl_kafka_client(struct app *app);
 

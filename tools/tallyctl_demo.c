@@ -144,7 +144,7 @@ static int write_pids(const struct demo *d)
 static int spawn(struct child *c, char **argv)
 {
 	char err[512], exe[PATH_MAX];
-	tallyctl_sibling(c->name, exe, sizeof(exe));
+	tly_proc_sibling(c->name, exe, sizeof(exe));
 	argv[0] = exe;
 	if (unlink(c->log) != 0 && errno != ENOENT) {
 		fprintf(stderr, "tallyctl: could not remove \"%s\": %s\n", c->log, strerror(errno));
@@ -397,7 +397,7 @@ static void report_events(const struct demo *d)
 static void report_audit(struct demo *d)
 {
 	char self[PATH_MAX], db[1100], kafka[600], out[16384];
-	tallyctl_sibling("tallyctl", self, sizeof(self));
+	tly_proc_sibling("tallyctl", self, sizeof(self));
 	snprintf(db, sizeof(db), "database.url=%s", tly_config_str(d->app->cfg, "database.url"));
 	snprintf(kafka, sizeof(kafka), "kafka.bootstrap.servers=%s", d->ds.bootstraps);
 	char *argv[] = {self, "-s", db, "-s", kafka, "audit", NULL};
@@ -430,7 +430,7 @@ static void report_lag(struct demo *d)
 static void report(struct demo *d, int seconds)
 {
 	char self[PATH_MAX];
-	tallyctl_sibling("tallyctl", self, sizeof(self));
+	tly_proc_sibling("tallyctl", self, sizeof(self));
 	printf("\n==== Tally demo report (%d s of traffic) ====\n\n", seconds);
 	report_events(d);
 	printf("\n");

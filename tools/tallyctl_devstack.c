@@ -13,7 +13,7 @@
 static int broker_up(struct devstack *ds, int partitions)
 {
 	char err[1024], exe[PATH_MAX], bootfile[PATH_MAX + 16], parts[16];
-	tallyctl_sibling("tally-devbroker", exe, sizeof(exe));
+	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(bootfile, sizeof(bootfile), "%s/bootstrap", ds->dir);
 	snprintf(ds->ctl, sizeof(ds->ctl), "%s/broker.sock", ds->dir);
 	snprintf(ds->broker_log, sizeof(ds->broker_log), "%s/devbroker.log", ds->dir);
