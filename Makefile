@@ -55,6 +55,7 @@ LIB_SRCS := \
 	lib/audit_pg.c \
 	lib/audit_proj.c \
 	lib/cli.c \
+	lib/clock.c \
 	lib/config.c \
 	lib/crc64.c \
 	lib/codec.c \

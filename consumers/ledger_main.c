@@ -6,10 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <librdkafka/rdkafka.h>
 
+#include "clock.h"
 #include "cli.h"
 #include "codec.h"
 #include "config.h"
@@ -105,20 +105,6 @@ static void on_reload(int sig)
 	reload_requested = 1;
 }
 
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t now_us(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 /* On the writer's thread: a transaction ran, wake the consumer loop out of its poll. */
 static void wake_loop(void *ud)
 {
@@ -190,7 +176,7 @@ static void reset_partition(struct app *app, int32_t partition, int backoff_ms)
 	tly_ledger_partition_free(s->part);
 	s->part = NULL;
 	s->backoff_ms = backoff_ms;
-	s->reload_at_ms = now_ms() + backoff_ms;
+	s->reload_at_ms = tly_clock_ms() + backoff_ms;
 	pause_partition(app, partition, true);
 }
 
@@ -226,7 +212,7 @@ fail:
 /* Partitions whose state was dropped: load again, move consumption back, resume. */
 static void reload_due(struct app *app)
 {
-	int64_t now = now_ms();
+	int64_t now = tly_clock_ms();
 	for (int32_t i = 0; i < app->partition_count; i++) {
 		struct slot *s = &app->slots[i];
 		int64_t offset;
@@ -331,12 +317,12 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 			ready_parts[n_ready++] = tly_ledger_partition_id(app->ready.items[k].part);
 	}
 	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
-	int64_t commit_us = now_us() - g->submitted_at_us;
+	int64_t commit_us = tly_clock_us() - g->submitted_at_us;
 	if (rc == 0) {
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
 		tly_health_set_pg(app->health, true);
-		app->pg_checked_ms = now_ms();
+		app->pg_checked_ms = tly_clock_ms();
 	}
 	tly_debug("group committed", "partitions=%zu records=%zu waited_us=%" PRId64 " decide_us=%" PRId64
 		  " commit_us=%" PRId64 " ok=%s",
@@ -408,7 +394,7 @@ static void submit_ready(struct app *app)
 	app->flight = app->ready;
 	app->ready = g;
 	app->ready.n = 0;
-	app->flight.submitted_at_us = now_us();
+	app->flight.submitted_at_us = tly_clock_us();
 	tly_ledger_writer_submit(app->writer, app->flight.txn);
 	app->flight.txn = NULL; /* the writer has it until complete_flight */
 }
@@ -433,14 +419,14 @@ static void decide_group(struct app *app)
 				.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
 	}
 	g->records = app->pending;
-	g->waited_us = now_us() - 1000 * app->opened_ms;
+	g->waited_us = tly_clock_us() - 1000 * app->opened_ms;
 	app->pending = 0;
 	if (n == 0)
 		return;
-	int64_t t0 = now_us();
+	int64_t t0 = tly_clock_us();
 	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_decide(g->items, n, &app->ctx, &g->txn, &err)
 				       : TLY_E_PG;
-	g->decided_us = now_us() - t0;
+	g->decided_us = tly_clock_us() - t0;
 	if (rc == 0) {
 		g->n = n;
 		return;
@@ -507,7 +493,7 @@ static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
 		if (load_partition(app, tp->partition, &offset) == 0) {
 			tp->offset = offset;
 		} else {
-			s->reload_at_ms = now_ms() + RELOAD_BACKOFF_MS;
+			s->reload_at_ms = tly_clock_ms() + RELOAD_BACKOFF_MS;
 			tp->offset = RD_KAFKA_OFFSET_BEGINNING; /* paused below until loaded */
 		}
 	}
@@ -786,7 +772,7 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 	bool added = false;
 	int64_t expected = tly_ledger_partition_next_offset(part);
 	if (tly_ledger_partition_add(part, m->offset, m->key, m->key_len, m->payload, m->len,
-				     now_ms(), &added) != 0) {
+				     tly_clock_ms(), &added) != 0) {
 		tly_error("could not buffer input record: out of memory", "partition=%d offset=%" PRId64,
 			  (int)p, m->offset);
 		app->failed = true;
@@ -799,7 +785,7 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 			 (int)p, expected, m->offset);
 	tly_metrics_add(app->m.consumed, 1);
 	if (app->pending++ == 0)
-		app->opened_ms = now_ms();
+		app->opened_ms = tly_clock_ms();
 }
 
 /* Delivery to tally.ledger failed for good: republish from the marker. */
@@ -857,7 +843,7 @@ static void refresh_lag(struct app *app)
  */
 static void check_pg(struct app *app)
 {
-	app->pg_checked_ms = now_ms();
+	app->pg_checked_ms = tly_clock_ms();
 	tly_health_set_pg(app->health, tly_pg_check(&app->conn, app->database_url, "tally-ledger"));
 	app->ctx.conn = app->conn;
 }
@@ -865,7 +851,7 @@ static void check_pg(struct app *app)
 /* Housekeeping for /healthz, /readyz and the lag gauges, on every turn of the loop. */
 static void observe(struct app *app)
 {
-	int64_t now = now_ms();
+	int64_t now = tly_clock_ms();
 	tly_health_beat(app->health);
 	if (now - app->lag_at_ms >= LAG_EVERY_MS) {
 		app->lag_at_ms = now;
@@ -905,7 +891,7 @@ static void run(struct app *app)
 		complete_flight(app, 0);
 		submit_ready(app);
 		if (app->pending && !app->ready.n &&
-		    (!m || app->pending >= app->max_events || now_ms() - app->opened_ms >= app->max_ms)) {
+		    (!m || app->pending >= app->max_events || tly_clock_ms() - app->opened_ms >= app->max_ms)) {
 			decide_group(app);
 			submit_ready(app);
 		}

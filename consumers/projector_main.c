@@ -9,6 +9,7 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "clock.h"
 #include "cli.h"
 #include "codec.h"
 #include "config.h"
@@ -88,13 +89,6 @@ static void on_reload(int sig)
 {
 	(void)sig;
 	reload_requested = 1;
-}
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void usage(FILE *out)
@@ -260,7 +254,7 @@ static void drop_batch(struct app *app, int backoff_ms)
 {
 	tly_fold_clear(app->fold);
 	app->opened_ms = 0;
-	app->rewind_at_ms = now_ms() + backoff_ms;
+	app->rewind_at_ms = tly_clock_ms() + backoff_ms;
 }
 
 /* Reload the stored offsets of every assigned partition and seek there: 0 or -1 (retry later). */
@@ -356,7 +350,7 @@ static void commit_batch(struct app *app)
 		tly_metrics_observe(app->batch, (double)n);
 		tly_metrics_observe(app->commit, (double)(t1.tv_sec - t0.tv_sec) +
 							 (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
-		app->pg_checked_ms = now_ms();
+		app->pg_checked_ms = tly_clock_ms();
 		app->opened_ms = 0;
 		app->backoff_ms = RETRY_MS;
 		tly_debug("batch committed", "records=%zu", n);
@@ -395,7 +389,7 @@ static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
 			tly_warn("could not read the stored offset; moving back once it can be read",
 				 "topic=%s partition=%d reason=\"%s\"", tp->topic, (int)tp->partition,
 				 err.message);
-			app->rewind_at_ms = now_ms() + RETRY_MS;
+			app->rewind_at_ms = tly_clock_ms() + RETRY_MS;
 		}
 		pt->next = pt->stored;
 		tp->offset = pt->stored >= 0 ? pt->stored : RD_KAFKA_OFFSET_BEGINNING;
@@ -621,7 +615,7 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 	pt->next = m->offset + 1;
 	tly_metrics_add(app->topics[ti].consumed, 1);
 	if (!app->opened_ms)
-		app->opened_ms = now_ms();
+		app->opened_ms = tly_clock_ms();
 	int rc = tly_codec_decode(app->codec, m->payload, m->len, &app->ev, errstr, sizeof(errstr));
 	if (rc != 0) {
 		app->skipped++;
@@ -683,14 +677,14 @@ static void refresh_lag(struct app *app)
  */
 static void check_pg(struct app *app)
 {
-	app->pg_checked_ms = now_ms();
+	app->pg_checked_ms = tly_clock_ms();
 	tly_health_set_pg(app->health, tly_pg_check(&app->conn, app->database_url, PROG));
 }
 
 /* Housekeeping for /healthz, /readyz and the lag gauges, on every turn of the loop. */
 static void observe(struct app *app)
 {
-	int64_t now = now_ms();
+	int64_t now = tly_clock_ms();
 	tly_health_beat(app->health);
 	if (now - app->lag_at_ms >= LAG_EVERY_MS) {
 		app->lag_at_ms = now;
@@ -713,9 +707,9 @@ static void run(struct app *app)
 			rd_kafka_message_destroy(m);
 		}
 		if (app->rewind_at_ms) {
-			if (now_ms() >= app->rewind_at_ms)
-				app->rewind_at_ms = rewind_all(app) == 0 ? 0 : now_ms() + RETRY_MS;
-		} else if (app->opened_ms && now_ms() - app->opened_ms >= BATCH_MAX_MS) {
+			if (tly_clock_ms() >= app->rewind_at_ms)
+				app->rewind_at_ms = rewind_all(app) == 0 ? 0 : tly_clock_ms() + RETRY_MS;
+		} else if (app->opened_ms && tly_clock_ms() - app->opened_ms >= BATCH_MAX_MS) {
 			commit_batch(app);
 		}
 		observe(app);

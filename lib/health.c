@@ -5,7 +5,8 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
+
+#include "clock.h"
 
 struct tly_health {
 	_Atomic int64_t beat_ms;   /* last heartbeat; 0: never */
@@ -35,16 +36,9 @@ void tly_health_free(struct tly_health *h)
 	free(h);
 }
 
-int64_t tly_health_now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 void tly_health_beat(struct tly_health *h)
 {
-	atomic_store(&h->beat_ms, tly_health_now_ms());
+	atomic_store(&h->beat_ms, tly_clock_ms());
 }
 
 void tly_health_set_pg(struct tly_health *h, bool reachable)
@@ -70,7 +64,7 @@ void tly_health_set_lag(struct tly_health *h, int64_t total)
 bool tly_health_alive(const struct tly_health *h, int64_t alive_ms, char *reason, size_t len)
 {
 	int64_t beat = atomic_load(&h->beat_ms);
-	int64_t age = tly_health_now_ms() - beat;
+	int64_t age = tly_clock_ms() - beat;
 	if (beat == 0) {
 		snprintf(reason, len, "the consumer loop has not started");
 		return false;

@@ -19,9 +19,6 @@ struct tly_health;
 struct tly_health *tly_health_new(int64_t max_lag); /* NULL on OOM */
 void tly_health_free(struct tly_health *h);        /* accepts NULL */
 
-/* Monotonic milliseconds, the clock the heartbeat uses. */
-int64_t tly_health_now_ms(void);
-
 void tly_health_beat(struct tly_health *h);                 /* the loop is alive now */
 void tly_health_set_pg(struct tly_health *h, bool reachable);
 void tly_health_set_schema(struct tly_health *h, bool at_head);

@@ -3,8 +3,8 @@
 
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
+#include "clock.h"
 #include "log.h"
 
 #define KAFKA_PREFIX "kafka."
@@ -174,17 +174,10 @@ int tly_kafka_subscribe(rd_kafka_t *rk, const char *const *topics, size_t n)
 	return rc;
 }
 
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int tly_kafka_produce(rd_kafka_t *rk, const struct tly_kafka_msg *msg, int timeout_ms,
 		      rd_kafka_resp_err_t *errp)
 {
-	int64_t deadline = now_ms() + timeout_ms;
+	int64_t deadline = tly_clock_ms() + timeout_ms;
 	if (errp)
 		*errp = RD_KAFKA_RESP_ERR_NO_ERROR;
 	for (;;) {
@@ -203,7 +196,7 @@ int tly_kafka_produce(rd_kafka_t *rk, const struct tly_kafka_msg *msg, int timeo
 				  msg->topic, (int)msg->partition, rd_kafka_err2str(err));
 			return TLY_E_KAFKA;
 		}
-		int64_t left = deadline - now_ms();
+		int64_t left = deadline - tly_clock_ms();
 		if (left <= 0) {
 			tly_warn("could not produce Kafka message: local queue still full",
 				 "topic=%s partition=%d timeout_ms=%d", msg->topic,

@@ -11,10 +11,10 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <dirent.h>
 
+#include "clock.h"
 #include "config.h"
 #include "devbroker_ctl.h"
 #include "harness.h"
@@ -24,13 +24,6 @@
 
 #define PARTITIONS 12
 #define TOPIC "tally.events"
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Send cmd and require the exact reply. */
 static void ctl_expect(const struct tly_test_broker *b, const char *cmd, const char *want)
@@ -122,8 +115,8 @@ static void produce_one(rd_kafka_t *rk, int32_t partition, const char *key, cons
 /* Serve delivery reports until *counter reaches target or timeout_ms passes. */
 static bool poll_until(rd_kafka_t *rk, const int *counter, int target, int timeout_ms)
 {
-	int64_t deadline = now_ms() + timeout_ms;
-	while (*counter < target && now_ms() < deadline)
+	int64_t deadline = tly_clock_ms() + timeout_ms;
+	while (*counter < target && tly_clock_ms() < deadline)
 		rd_kafka_poll(rk, 50);
 	return *counter >= target;
 }
@@ -298,8 +291,8 @@ START_TEST(test_produce_consume_keyed)
 		last_offset[p] = -1;
 		last_seq[p] = -1;
 	}
-	int64_t deadline = now_ms() + 30000;
-	while (received < N && now_ms() < deadline) {
+	int64_t deadline = tly_clock_ms() + 30000;
+	while (received < N && tly_clock_ms() < deadline) {
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(consumer, 100);
 		if (!m)
 			continue;

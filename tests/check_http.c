@@ -11,9 +11,9 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "corpus.h"
 #include "fixtures.h"
 #include "harness.h"
@@ -28,13 +28,6 @@
 #define PARTITIONS 4
 #define T0 1767225600000000LL /* 2026-01-01 */
 #define HOUR 3600000000LL
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* A connected socket to "host:port", with a 10 s receive timeout. */
 static int dial(const char *address)
@@ -281,14 +274,14 @@ START_TEST(test_slow_client)
 	const char *addr = tly_http_address(s.http);
 	int slow = dial(addr);
 	send_all(slow, "GET /metr", 9);
-	int64_t t0 = now_ms();
+	int64_t t0 = tly_clock_ms();
 	char *r = get(addr, "/healthz");
-	ck_assert_int_lt(now_ms() - t0, 500); /* not held up by the slow one */
+	ck_assert_int_lt(tly_clock_ms() - t0, 500); /* not held up by the slow one */
 	ck_assert_int_eq(status_of(r), 503);
 	free(r);
 	/* the slow one is closed at its deadline, without a response */
 	r = read_all(slow);
-	int64_t waited = now_ms() - t0;
+	int64_t waited = tly_clock_ms() - t0;
 	ck_assert_str_eq(r, "");
 	ck_assert_msg(waited >= 400 && waited < 3000, "closed after %lld ms", (long long)waited);
 	free(r);
@@ -367,8 +360,8 @@ static void env_down(struct env *e)
 static void listening_address(const char *log, char *out, size_t len)
 {
 	char line[4096];
-	int64_t deadline = now_ms() + 20000;
-	while (now_ms() < deadline) {
+	int64_t deadline = tly_clock_ms() + 20000;
+	while (tly_clock_ms() < deadline) {
 		FILE *f = fopen(log, "r");
 		while (f && fgets(line, sizeof(line), f)) {
 			const char *a;
@@ -451,12 +444,12 @@ static char *scrape_until(const char *addr, const char *path, int status,
 			  bool (*pred)(const char *body, const void *ud), const void *ud,
 			  int timeout_ms)
 {
-	int64_t deadline = now_ms() + timeout_ms;
+	int64_t deadline = tly_clock_ms() + timeout_ms;
 	for (;;) {
 		char *r = get(addr, path);
 		if (status_of(r) == status && (!pred || pred(body_of(r), ud)))
 			return r;
-		if (now_ms() > deadline)
+		if (tly_clock_ms() > deadline)
 			ck_abort_msg("%s did not reach %d within %d ms:\n%s", path, status, timeout_ms, r);
 		free(r);
 		usleep(100000);

@@ -12,9 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "../consumers/ledger_partition.h"
 #include "../consumers/ledger_store.h"
 #include "codec.h"
@@ -42,13 +42,6 @@ struct env {
 	struct tly_producer *prod;
 	char log[400];
 };
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static struct tly_config *env_config(const struct env *e)
 {
@@ -123,9 +116,9 @@ static long q_long(PGconn *conn, const char *sql, int n, const char *const *v)
 /* Wait until the ledger's stored offsets sum to want (every record consumed and committed). */
 static void wait_consumed(const struct env *e, long want, int timeout_ms)
 {
-	int64_t deadline = now_ms() + timeout_ms;
+	int64_t deadline = tly_clock_ms() + timeout_ms;
 	long have = -1;
-	while (now_ms() < deadline) {
+	while (tly_clock_ms() < deadline) {
 		have = q_long(e->conn, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
 				       "WHERE consumer = 'tally-ledger'", 0, NULL);
 		if (have >= want)
@@ -304,8 +297,8 @@ static long check_published(const struct env *e, long want)
 	rd_kafka_t *rk = env_reader(e, "tally.ledger");
 	struct tly_event ev = {0};
 	int eof = 0;
-	int64_t deadline = now_ms() + 30000;
-	while (eof < PARTITIONS && now_ms() < deadline) {
+	int64_t deadline = tly_clock_ms() + 30000;
+	while (eof < PARTITIONS && tly_clock_ms() < deadline) {
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
 		if (!m)
 			continue;
@@ -576,8 +569,8 @@ START_TEST(test_crash_and_replay)
 	ck_assert_msg(set && tly_migrate_up(c2, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	tly_migrate_free(set);
 	pid = ledger_start_db(&e, db2, "ledger-replay");
-	int64_t deadline = now_ms() + 30000;
-	while (now_ms() < deadline &&
+	int64_t deadline = tly_clock_ms() + 30000;
+	while (tly_clock_ms() < deadline &&
 	       q_long(c2, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets", 0, NULL) < sent)
 		usleep(100000);
 	ledger_stop(&e, pid);
@@ -1184,8 +1177,8 @@ static pid_t traffic_start(const struct env *e, const tly_uuid t[TRAFFIC_TENANTS
 	char errstr[256];
 	struct tly_producer *p = env_producer(e);
 	int bad = 0;
-	int64_t end = now_ms() + TRAFFIC_MAX_MS, at = T0 + HOUR;
-	while (!traffic_stop && now_ms() < end) {
+	int64_t end = tly_clock_ms() + TRAFFIC_MAX_MS, at = T0 + HOUR;
+	while (!traffic_stop && tly_clock_ms() < end) {
 		unsigned r = (unsigned)rand_r(&seed);
 		int i = (int)(r % TRAFFIC_TENANTS);
 		struct tly_event ev;
@@ -1239,8 +1232,8 @@ static long consumed(const struct env *e)
 static void wait_progress(const struct env *e, int timeout_ms)
 {
 	long from = consumed(e);
-	int64_t deadline = now_ms() + timeout_ms;
-	while (consumed(e) <= from && now_ms() < deadline)
+	int64_t deadline = tly_clock_ms() + timeout_ms;
+	while (consumed(e) <= from && tly_clock_ms() < deadline)
 		usleep(100000);
 	ck_assert_msg(consumed(e) > from, "the ledger made no progress in %d ms (see %s)", timeout_ms, e->log);
 }

@@ -14,9 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "compare.h"
 #include "config.h"
 #include "event_json.h"
@@ -37,13 +37,6 @@
 #define M1 "77777777-7777-4777-8777-777777777771"
 #define M2 "77777777-7777-4777-8777-777777777772"
 #define ZERO64 "0000000000000000000000000000000000000000000000000000000000000000"
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static char *q_text(PGconn *conn, const char *sql)
 {
@@ -381,12 +374,12 @@ static void publish_json(struct env *e, const char *text)
 /* Wait until sql gives want (up to timeout_ms); fail with the last answer and the logs. */
 static void wait_for(struct env *e, const char *sql, const char *want, int timeout_ms)
 {
-	int64_t deadline = now_ms() + timeout_ms;
+	int64_t deadline = tly_clock_ms() + timeout_ms;
 	char *have = NULL;
 	for (;;) {
 		free(have);
 		have = q_text(e->d.conn, sql);
-		if (strcmp(have, want) == 0 || now_ms() > deadline)
+		if (strcmp(have, want) == 0 || tly_clock_ms() > deadline)
 			break;
 		usleep(100000);
 	}
@@ -605,7 +598,7 @@ static void check_against_truth(struct env *e, const struct truth *t)
 	/* every tenant's balance row is its last ledger entry */
 	int64_t mismatched = -1;
 	struct tly_pg_error err;
-	for (int64_t deadline = now_ms() + 60000; mismatched != 0 && now_ms() < deadline;) {
+	for (int64_t deadline = tly_clock_ms() + 60000; mismatched != 0 && tly_clock_ms() < deadline;) {
 		ck_assert_msg(tly_compare_balances(e->d.conn, &mismatched, &err) == 0, "%s", err.message);
 		if (mismatched != 0)
 			usleep(100000);
@@ -703,8 +696,8 @@ START_TEST(fenced_by_moved_offsets)
 			      NULL) == 0);
 	/* more traffic: ClockTicks reach every partition, so the moved ones get batches */
 	run_loadgen(&e, "9", "300");
-	for (int64_t give_up = now_ms() + 60000; !file_has(e.projector_log, fenced);) {
-		ck_assert_msg(now_ms() < give_up, "no batch was fenced (see %s)", e.projector_log);
+	for (int64_t give_up = tly_clock_ms() + 60000; !file_has(e.projector_log, fenced);) {
+		ck_assert_msg(tly_clock_ms() < give_up, "no batch was fenced (see %s)", e.projector_log);
 		usleep(100000);
 	}
 	wait_for(&e, EVENTS_CAUGHT_UP, "t", 60000);

@@ -17,11 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <librdkafka/rdkafka.h>
 
+#include "clock.h"
 #include "config.h"
 #include "fold.h"
 #include "harness.h"
@@ -34,13 +34,6 @@
 
 #define PARTITIONS 4
 #define ANALYST "tly_test_rebuild_analyst"
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static char *q_text(PGconn *conn, const char *sql, int n, const char *const *v)
 {
@@ -147,7 +140,7 @@ static void wait_quiescent(struct env *e)
 	};
 	char errstr[512];
 	char *prev = NULL;
-	int64_t deadline = now_ms() + 120000;
+	int64_t deadline = tly_clock_ms() + 120000;
 	for (;;) {
 		struct tly_lag_report report = {0};
 		int rc = tly_lag_collect(e->d.conn, e->rk, expect, 4, 5000, &report, errstr, sizeof(errstr));
@@ -165,7 +158,7 @@ static void wait_quiescent(struct env *e)
 			free(prev);
 			prev = now;
 		}
-		ck_assert_msg(now_ms() < deadline, "no quiescence in 120 s (lag %lld); see %s and %s",
+		ck_assert_msg(tly_clock_ms() < deadline, "no quiescence in 120 s (lag %lld); see %s and %s",
 			      (long long)lag, e->projector_log, e->ledger_log);
 		usleep(1000000);
 	}
@@ -382,10 +375,10 @@ START_TEST(kill_projector_then_rebuild)
 	pid_t lg = loadgen_spawn(&e, "31", "4000", "500", log);
 	/* kill -9 in the middle of the traffic, twice, once it has committed something */
 	for (int i = 0; i < 2; i++) {
-		int64_t deadline = now_ms() + 30000;
+		int64_t deadline = tly_clock_ms() + 30000;
 		long base = q_long(e.d.conn, "SELECT count(*) FROM projector_seen_events");
 		while (q_long(e.d.conn, "SELECT count(*) FROM projector_seen_events") <= base + 200 &&
-		       now_ms() < deadline)
+		       tly_clock_ms() < deadline)
 			usleep(50000);
 		ck_assert_int_eq(kill(e.projector, SIGKILL), 0);
 		int status = 0;

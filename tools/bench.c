@@ -20,6 +20,7 @@
 #include <librdkafka/rdkafka.h>
 #include <libpq-fe.h>
 
+#include "clock.h"
 #include "cli.h"
 #include "codec.h"
 #include "config.h"
@@ -37,13 +38,6 @@
 #define PARTITIONS 12
 #define FETCH_WAIT_MS "10" /* consumers' fetch.wait.max.ms on the mock cluster (see start_ledger) */
 #define LINGER_MS "1"      /* producers' linger.ms where a decision is waited for */
-
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static int64_t wall_us(void)
 {
@@ -84,7 +78,7 @@ static void *seeds_client(void *p)
 	if (!conn)
 		die("seeds client", err);
 	uint64_t rng = (uint64_t)a->seed;
-	while (now_s() < a->until) {
+	while (tly_clock_s() < a->until) {
 		char tenant[16], amount[16] = "10";
 		snprintf(tenant, sizeof(tenant), "%d", (int)(splitmix(&rng) % (uint64_t)a->tenants));
 		const char *params[] = {tenant, amount};
@@ -145,7 +139,7 @@ static double bench_seeds(const char *conninfo, int tenants)
 
 	pthread_t th[CLIENTS];
 	struct seeds_arg args[CLIENTS];
-	double start = now_s();
+	double start = tly_clock_s();
 	for (int i = 0; i < CLIENTS; i++) {
 		args[i] = (struct seeds_arg){conninfo, tenants, i + 1, start + SEEDS_SECONDS, 0};
 		pthread_create(&th[i], NULL, seeds_client, &args[i]);
@@ -155,7 +149,7 @@ static double bench_seeds(const char *conninfo, int tenants)
 		pthread_join(th[i], NULL);
 		total += args[i].done;
 	}
-	return (double)total / (now_s() - start);
+	return (double)total / (tly_clock_s() - start);
 }
 
 /* ---- Tally ------------------------------------------------------------------------------------ */
@@ -308,15 +302,15 @@ static double bench_bare_consumer(struct stack *s, long expect)
 		die("assign", "failed");
 	rd_kafka_topic_partition_list_destroy(parts);
 	long got = 0;
-	double first = 0, last = 0, give_up = now_s() + 60;
-	while (got < expect && now_s() < give_up) {
+	double first = 0, last = 0, give_up = tly_clock_s() + 60;
+	while (got < expect && tly_clock_s() < give_up) {
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
 		if (!m)
 			continue;
 		if (!m->err) {
 			if (got++ == 0)
-				first = now_s();
-			last = now_s();
+				first = tly_clock_s();
+			last = tly_clock_s();
 		}
 		rd_kafka_message_destroy(m);
 	}
@@ -397,16 +391,16 @@ static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants
 	if (!conn)
 		die("connect", err);
 	pid_t ledger = start_ledger(&s, db, log);
-	double first_t = 0, end_t = 0, give_up = now_s() + 300;
+	double first_t = 0, end_t = 0, give_up = tly_clock_s() + 300;
 	long first_v = 0, v = 0;
-	while (now_s() < give_up) {
+	while (tly_clock_s() < give_up) {
 		v = committed_offsets(conn);
 		if (v > 0 && first_t == 0) {
-			first_t = now_s();
+			first_t = tly_clock_s();
 			first_v = v;
 		}
 		if (v >= total) {
-			end_t = now_s();
+			end_t = tly_clock_s();
 			break;
 		}
 		usleep(20000);
@@ -446,7 +440,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 	PGconn *conn = tly_pg_connect(db, "tally-bench", err, sizeof(err));
 	if (!conn)
 		die("connect", err);
-	for (double give_up = now_s() + 60; committed_offsets(conn) < 1000 && now_s() < give_up;)
+	for (double give_up = tly_clock_s() + 60; committed_offsets(conn) < 1000 && tly_clock_s() < give_up;)
 		usleep(20000);
 
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(s.cfg, err, sizeof(err));
@@ -478,9 +472,9 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 	long got = 0, sent = 0;
 	struct tly_event ev = {0}, entry = {0};
 	uint64_t rng = 7;
-	double start = now_s(), drain_until = 0;
+	double start = tly_clock_s(), drain_until = 0;
 	while (got < n) {
-		double t = now_s();
+		double t = tly_clock_s();
 		while (sent < total && sent < (long)((t - start) * rate)) {
 			tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
 			uuid_n(&ev.event_id, 6, (uint64_t)sent);
@@ -496,8 +490,8 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 		}
 		tly_producer_poll(p, 0);
 		if (sent == total && drain_until == 0)
-			drain_until = now_s() + 30;
-		if (drain_until && now_s() > drain_until)
+			drain_until = tly_clock_s() + 30;
+		if (drain_until && tly_clock_s() > drain_until)
 			break;
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 1);
 		if (!m)

@@ -14,12 +14,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <librdkafka/rdkafka.h>
 #include <libpq-fe.h>
 
+#include "clock.h"
 #include "cli.h"
 #include "config.h"
 #include "devpg.h"
@@ -35,13 +35,6 @@
 #define EVENTS "30000"
 #define DB "bench_projector"
 #define WAIT_S 240
-
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void die(const char *what, const char *why)
 {
@@ -157,16 +150,16 @@ static long stored(struct stack *s, const char *consumer)
 /* Seconds from the first committed offset of consumer until it stored `total`; -1 on timeout. */
 static double time_consumer(struct stack *s, const char *consumer, long total, long *first_v)
 {
-	double first_t = 0, give_up = now_s() + WAIT_S;
+	double first_t = 0, give_up = tly_clock_s() + WAIT_S;
 	*first_v = 0;
-	while (now_s() < give_up) {
+	while (tly_clock_s() < give_up) {
 		long v = stored(s, consumer);
 		if (v > 0 && first_t == 0) {
-			first_t = now_s();
+			first_t = tly_clock_s();
 			*first_v = v;
 		}
 		if (v >= total)
-			return now_s() - first_t;
+			return tly_clock_s() - first_t;
 		usleep(20000);
 	}
 	return -1;
@@ -231,7 +224,7 @@ static double raw_copy(struct stack *s, long *rows_out)
 		PQfreemem(q);
 		PQfreemem(qc);
 	}
-	double t0 = now_s();
+	double t0 = tly_clock_s();
 	if (tly_pg_begin(s->conn, &pe) != 0)
 		die("copy begin", pe.message);
 	long rows = 0;
@@ -260,7 +253,7 @@ static double raw_copy(struct stack *s, long *rows_out)
 	}
 	if (tly_pg_commit(s->conn, &pe) != 0)
 		die("copy commit", pe.message);
-	double secs = now_s() - t0;
+	double secs = tly_clock_s() - t0;
 	free(data);
 	free(lens);
 	*rows_out = rows;
@@ -306,7 +299,7 @@ int main(int argc, char **argv)
 	double ledger_rate = (double)(events - first) / ledger_s;
 	long entries = q_long(&s, "SELECT count(*) FROM ledger_entries", NULL);
 	/* every entry published to tally.ledger before the projector starts */
-	for (double give_up = now_s() + 60; topic_end(&s, "tally.ledger") < entries && now_s() < give_up;)
+	for (double give_up = tly_clock_s() + 60; topic_end(&s, "tally.ledger") < entries && tly_clock_s() < give_up;)
 		usleep(50000);
 	if (tly_proc_stop(ledger, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
@@ -333,10 +326,10 @@ int main(int argc, char **argv)
 	/* a rebuild of everything, timed to the exit of tallyctl */
 	tly_proc_sibling("tallyctl", exe, sizeof(exe));
 	char *ra[] = {exe, "rebuild", "all", NULL};
-	double t0 = now_s();
+	double t0 = tly_clock_s();
 	if (tly_proc_run(ra, out, sizeof(out)) != 0)
 		die("tallyctl rebuild all", out);
-	double rebuild_s = now_s() - t0;
+	double rebuild_s = tly_clock_s() - t0;
 	double rebuild_rows = (double)rows / rebuild_s;
 
 	long copied = 0;

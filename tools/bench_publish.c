@@ -13,11 +13,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <librdkafka/rdkafka.h>
 
+#include "clock.h"
 #include "cli.h"
 #include "codec.h"
 #include "config.h"
@@ -41,13 +41,6 @@ struct workload {
 struct rates {
 	double raw, api, cli; /* events/s */
 };
-
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void die(const char *what, const char *why)
 {
@@ -136,7 +129,7 @@ static double run_raw(const struct tly_config *cfg, struct tly_buf *msgs, char (
 		die("kafka topic", rd_kafka_err2str(rd_kafka_last_error()));
 	raw_delivered = 0;
 	*bytes = 0;
-	double t0 = now_s();
+	double t0 = tly_clock_s();
 	for (long i = 0; i < n; i++) {
 		while (rd_kafka_produce(rkt, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, msgs[i].data,
 					msgs[i].len, keys[i % TENANTS], 36, NULL) != 0) {
@@ -149,7 +142,7 @@ static double run_raw(const struct tly_config *cfg, struct tly_buf *msgs, char (
 	}
 	if (rd_kafka_flush(rk, FLUSH_MS) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		die("raw flush", "timed out");
-	double dt = now_s() - t0;
+	double dt = tly_clock_s() - t0;
 	if (raw_delivered != n)
 		die("raw", "not every message was delivered");
 	rd_kafka_topic_destroy(rkt);
@@ -178,7 +171,7 @@ static double run_api(const struct tly_config *cfg, const char *content, long n)
 		die("producer", err);
 	struct tly_event ev = {0};
 	api_delivered = api_failed = 0;
-	double t0 = now_s();
+	double t0 = tly_clock_s();
 	for (long i = 0; i < n; i++) {
 		make_event(&ev, i, content);
 		if (tly_producer_publish(p, &ev, NULL, err, sizeof(err)) != 0)
@@ -186,7 +179,7 @@ static double run_api(const struct tly_config *cfg, const char *content, long n)
 	}
 	if (tly_producer_flush(p, FLUSH_MS) != 0)
 		die("api flush", "timed out");
-	double dt = now_s() - t0;
+	double dt = tly_clock_s() - t0;
 	tly_producer_free(p, 0);
 	tly_event_free(&ev);
 	if (api_delivered != n || api_failed)
@@ -217,9 +210,9 @@ static double run_cli(const char *bootstraps, const char *dir, const char *conte
 	tly_proc_sibling("tallyctl", exe, sizeof(exe));
 	snprintf(kset, sizeof(kset), "kafka.bootstrap.servers=%s", bootstraps);
 	char *argv[] = {exe, "-s", kset, "publish", path, NULL};
-	double t0 = now_s();
+	double t0 = tly_clock_s();
 	int rc = tly_proc_run(argv, out, sizeof(out));
-	double dt = now_s() - t0;
+	double dt = tly_clock_s() - t0;
 	snprintf(want, sizeof(want), "delivered %ld, failed 0", n);
 	if (rc != 0 || !strstr(out, want))
 		die("tallyctl publish", out);

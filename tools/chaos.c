@@ -23,6 +23,7 @@
 #include <librdkafka/rdkafka.h>
 #include <libpq-fe.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "compare.h"
 #include "config.h"
@@ -49,13 +50,6 @@ static void on_stop(int sig)
 {
 	(void)sig;
 	stop_requested = 1;
-}
-
-static double mono_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 static void sleep_s(double s)
@@ -153,7 +147,7 @@ struct chaos {
 
 static double now(const struct chaos *c)
 {
-	return mono_s() - c->t0;
+	return tly_clock_s() - c->t0;
 }
 
 static void say(const struct chaos *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -806,7 +800,7 @@ int main(int argc, char **argv)
 	}
 	tly_config_free(cfg);
 
-	c.t0 = mono_s();
+	c.t0 = tly_clock_s();
 	daemon_start(&c, &c.ledger);
 	daemon_start(&c, &c.projector);
 	loadgen_start(&c);

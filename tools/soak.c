@@ -14,11 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <libpq-fe.h>
 
+#include "clock.h"
 #include "devstack.h"
 #include "log.h"
 #include "pg.h"
@@ -37,13 +37,6 @@ static void on_stop(int sig)
 {
 	(void)sig;
 	stop_requested = 1;
-}
-
-static double mono_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 /* "600", "600s", "30m", "2h": seconds, or -1. */
@@ -219,14 +212,14 @@ int main(int argc, char **argv)
 
 	printf("%8s  %12s %12s  %12s %12s\n", "time s", "ledger MiB", "ledger rec/s", "proj. MiB",
 	       "proj. rec/s");
-	double t0 = mono_s(), prev_t = t0;
+	double t0 = tly_clock_s(), prev_t = t0;
 	int64_t prev[2] = {0, 0}, total[2] = {0, 0};
 	bool died = false;
 	while (!stop_requested && !died) {
 		double next = prev_t + (double)interval;
-		while (mono_s() < next && !stop_requested)
+		while (tly_clock_s() < next && !stop_requested)
 			usleep(100000);
-		double t = mono_s();
+		double t = tly_clock_s();
 		struct sample *s = &samples[n < MAX_SAMPLES ? n++ : MAX_SAMPLES - 1];
 		s->t = t - t0;
 		printf("%8.0f ", s->t);

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "pg.h"
 #include "proc.h"
 #include "tallyctl.h"
@@ -64,13 +65,6 @@ struct progress {
 	int64_t entries;
 	bool both_seen;       /* both consumers have stored offsets */
 };
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void sleep_ms(int ms)
 {
@@ -221,12 +215,12 @@ static int start_daemon(struct demo *d, struct child *c)
 			"log.level=info", NULL};
 	if (spawn(c, argv) != 0 || write_pids(d) != 0)
 		return -1;
-	for (int64_t deadline = now_ms() + START_TIMEOUT_MS; !demo_stop;) {
+	for (int64_t deadline = tly_clock_ms() + START_TIMEOUT_MS; !demo_stop;) {
 		if (find_listening(c))
 			return 0;
 		if (exited(c))
 			return -1;
-		if (now_ms() > deadline) {
+		if (tly_clock_ms() > deadline) {
 			fprintf(stderr, "tallyctl: %s did not start within %d s (see %s)\n", c->name,
 				START_TIMEOUT_MS / 1000, c->log);
 			return -1;
@@ -302,7 +296,7 @@ static int run_load(struct demo *d, int seconds, int rate, int tenants, const ch
 	struct child *c = &d->c[C_LOADGEN];
 	if (spawn(c, argv) != 0 || write_pids(d) != 0)
 		return -1;
-	int64_t start = now_ms();
+	int64_t start = tly_clock_ms();
 	while (!demo_stop) {
 		int status;
 		if (tly_proc_wait(c->pid, 0, &status) == 0) {
@@ -318,7 +312,7 @@ static int run_load(struct demo *d, int seconds, int rate, int tenants, const ch
 			return -1;
 		struct progress p;
 		if (read_progress(d, &p) == 0)
-			draw_progress(d, "load", (now_ms() - start) / 1000, &p);
+			draw_progress(d, "load", (tly_clock_ms() - start) / 1000, &p);
 		sleep_ms(500);
 	}
 	return -1;
@@ -327,12 +321,12 @@ static int run_load(struct demo *d, int seconds, int rate, int tenants, const ch
 /* Wait until both consumers have read everything (twice in a row, a second apart). */
 static int catch_up(struct demo *d)
 {
-	int64_t start = now_ms();
+	int64_t start = tly_clock_ms();
 	int quiet = 0;
 	while (!demo_stop && quiet < 2) {
 		if (exited(&d->c[C_LEDGER]) || exited(&d->c[C_PROJECTOR]))
 			return -1;
-		if (now_ms() - start > CATCH_UP_TIMEOUT_MS) {
+		if (tly_clock_ms() - start > CATCH_UP_TIMEOUT_MS) {
 			fprintf(stderr, "\ntallyctl: the consumers did not catch up within %d s; the report "
 					"shows where they are\n", CATCH_UP_TIMEOUT_MS / 1000);
 			return 0;
@@ -342,7 +336,7 @@ static int catch_up(struct demo *d)
 			sleep_ms(500);
 			continue;
 		}
-		draw_progress(d, "catch-up", (now_ms() - start) / 1000, &p);
+		draw_progress(d, "catch-up", (tly_clock_ms() - start) / 1000, &p);
 		quiet = p.both_seen && p.ledger_lag == 0 && p.projector_lag == 0 ? quiet + 1 : 0;
 		if (quiet < 2)
 			sleep_ms(1000);
@@ -498,7 +492,7 @@ static int demo_stop_cmd(const char *dir)
 		return 1;
 	}
 	/* The demo stops everything it started, then exits. */
-	for (int64_t deadline = now_ms() + 3 * STOP_TIMEOUT_MS + 60000; now_ms() < deadline;) {
+	for (int64_t deadline = tly_clock_ms() + 3 * STOP_TIMEOUT_MS + 60000; tly_clock_ms() < deadline;) {
 		if (!tly_proc_alive(pid)) {
 			printf("demo stopped (pid %d)\n", (int)pid);
 			return 0;

@@ -5,9 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "event_json.h"
 #include "log.h"
@@ -22,13 +22,6 @@ struct publish_run {
 	bool progress; /* stdout is a terminal */
 	int64_t last_progress_ms;
 };
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void on_delivery(const struct tly_delivery *d, void *ud)
 {
@@ -47,7 +40,7 @@ static void progress(struct publish_run *run, bool last)
 {
 	if (!run->progress)
 		return;
-	int64_t now = mono_ms();
+	int64_t now = tly_clock_ms();
 	if (!last && now - run->last_progress_ms < PROGRESS_EVERY_MS)
 		return;
 	run->last_progress_ms = now;

@@ -13,11 +13,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <librdkafka/rdkafka.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "embedded.h"
 #include "entries.h"
@@ -86,13 +86,6 @@ struct rebuild {
 	double started, drawn;
 };
 
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void rebuild_usage(void)
 {
 	fprintf(stderr, "tallyctl: usage: tallyctl rebuild all|PROJECTION... (tables: see "
@@ -105,7 +98,7 @@ static void progress(struct rebuild *rb, bool force)
 {
 	if (!rb->tty)
 		return;
-	double t = now_s();
+	double t = tly_clock_s();
 	if (!force && t - rb->drawn < 0.1)
 		return;
 	rb->drawn = t;
@@ -356,11 +349,11 @@ static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
 		rc = TLY_E_KAFKA;
 		goto out;
 	}
-	double last = now_s();
+	double last = tly_clock_s();
 	while (remaining > 0 && rc == 0) {
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rb->rk, 100);
 		if (!m) {
-			if (now_s() - last > STALL_MS / 1000.0) {
+			if (tly_clock_s() - last > STALL_MS / 1000.0) {
 				snprintf(err->message, sizeof(err->message),
 					 "no record for %d s while %zu partition(s) are behind the projector",
 					 STALL_MS / 1000, remaining);
@@ -388,7 +381,7 @@ static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
 			rd_kafka_message_destroy(m);
 			continue;
 		}
-		last = now_s();
+		last = tly_clock_s();
 		if (!pt || !pt->active || m->offset < pt->done) {
 			rd_kafka_message_destroy(m);
 			continue;
@@ -931,7 +924,7 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 		return rc;
 	rc = 1;
 	rb.tty = isatty(STDERR_FILENO) == 1;
-	rb.started = now_s();
+	rb.started = tly_clock_s();
 	if (start(&rb) != 0)
 		goto out;
 	if ((prc = create_shadows(&rb, &err)) != 0) {
@@ -1043,7 +1036,7 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 			goto out;
 		}
 	}
-	double secs = now_s() - rb.started;
+	double secs = tly_clock_s() - rb.started;
 	int nsel = 0;
 	for (size_t i = 0; i < rb.ntables; i++)
 		nsel += rb.selected[i];

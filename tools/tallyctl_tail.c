@@ -5,9 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "event_json.h"
 #include "kafka.h"
@@ -22,13 +22,6 @@ static void on_signal(int sig)
 {
 	(void)sig;
 	tail_stop = 1;
-}
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void tail_usage(void)
@@ -140,16 +133,16 @@ int cmd_tail(struct app *app, int argc, char **argv)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	long long printed = 0;
-	int64_t last = mono_ms();
+	int64_t last = tly_clock_ms();
 	rc = 0;
 	while (!tail_stop && (max < 0 || printed < max)) {
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
 		if (!m) {
-			if (timeout_ms >= 0 && mono_ms() - last >= timeout_ms)
+			if (timeout_ms >= 0 && tly_clock_ms() - last >= timeout_ms)
 				break;
 			continue;
 		}
-		last = mono_ms();
+		last = tly_clock_ms();
 		if (m->err) {
 			if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
 				fprintf(stderr, "tallyctl: consumer error: %s\n", rd_kafka_message_errstr(m));
