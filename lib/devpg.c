@@ -302,15 +302,8 @@ int tly_devpg_resume(struct tly_devpg *pg, char *errstr, size_t errlen)
 static pid_t postmaster_pid(const struct tly_devpg *pg)
 {
 	char path[PATH_MAX + 32];
-	long pid = -1;
 	snprintf(path, sizeof(path), "%s/postmaster.pid", pg->datadir);
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return -1;
-	if (fscanf(f, "%ld", &pid) != 1)
-		pid = -1;
-	fclose(f);
-	return (pid_t)pid;
+	return tly_proc_read_pid(path);
 }
 
 int tly_devpg_halt(struct tly_devpg *pg, bool immediate, char *errstr, size_t errlen)

@@ -163,6 +163,18 @@ bool tly_proc_alive(pid_t pid)
 	return !(state && state[1] == ' ' && state[2] == 'Z');
 }
 
+pid_t tly_proc_read_pid(const char *path)
+{
+	long pid = -1;
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	if (fscanf(f, "%ld", &pid) != 1 || pid <= 0)
+		pid = -1;
+	fclose(f);
+	return (pid_t)pid;
+}
+
 void tly_proc_sibling(const char *program, char *out, size_t outlen)
 {
 	char self[PATH_MAX];

@@ -35,6 +35,9 @@ int tly_proc_run(char *const argv[], char *out, size_t outlen);
  */
 bool tly_proc_alive(pid_t pid);
 
+/* The pid on the first line of the file at path (a pid file), or -1 when it cannot be read. */
+pid_t tly_proc_read_pid(const char *path);
+
 /*
  * Path of a program built beside the running one (DIR_OF(/proc/self/exe)/program) into out; just
  * program (searched in PATH) when the running program's path cannot be read.

@@ -90,15 +90,9 @@ static void default_state_dir(char *out, size_t outlen)
 static pid_t running_demo(const char *dir)
 {
 	char path[PATH_MAX + 8];
-	long pid = -1;
 	snprintf(path, sizeof(path), "%s/pid", dir);
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return -1;
-	if (fscanf(f, "%ld", &pid) != 1)
-		pid = -1;
-	fclose(f);
-	return tly_proc_alive((pid_t)pid) ? (pid_t)pid : -1;
+	pid_t pid = tly_proc_read_pid(path);
+	return tly_proc_alive(pid) ? pid : -1;
 }
 
 /* Write text to dir/name through a temp file and a rename. 0 or -1 after printing why. */
