@@ -37,6 +37,7 @@ LIB_SRCS := \
 	lib/config.c \
 	lib/crc64.c \
 	lib/codec.c \
+	lib/codec_plan.c \
 	lib/decision.c \
 	lib/entries.c \
 	lib/devbroker_ctl.c \

@@ -7,8 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-
 #include "arena.h"
 #include "codec.h"
 #include "decide.h"
@@ -59,7 +57,6 @@ struct tly_audit {
 	struct part *parts;
 	size_t n_parts;
 	struct tly_event input;    /* the decoded input, reused */
-	struct tly_buf encoded;
 	struct tly_entries produced;
 	size_t *order;             /* produced, sorted by (tenant, seq) */
 	size_t cap_order, n_order, next;
@@ -141,7 +138,6 @@ void tly_audit_free(struct tly_audit *a)
 	tly_uuidmap_free(a->holds);
 	tly_arena_free(a->arena);
 	tly_event_free(&a->input);
-	tly_buf_free(&a->encoded);
 	tly_entries_free(&a->produced);
 	free(a->order);
 	tly_codec_free(a->codec);
@@ -375,11 +371,10 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 	a->g_partition = partition;
 	a->g_offset = offset;
 	a->counts.inputs++;
-	int rc = tly_codec_decode(a->codec, value, len, &a->input, errstr, sizeof(errstr));
-	if (rc == TLY_E_NOMEM)
-		return rc;
-	if (rc == 0)
-		rc = tly_codec_encode(a->codec, &a->input, &a->encoded, errstr, sizeof(errstr));
+	/* decoded and validated as tally-ledger did; its cause digest from its current encoding */
+	unsigned char digest[32];
+	int rc = tly_codec_decode_digest(a->codec, value, len, &a->input, digest, errstr,
+					 sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
 		return rc;
 	if (rc != 0) {
@@ -389,9 +384,7 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 	}
 	const struct tly_event_desc *desc = tly_event_desc(a->input.type);
 	struct tly_cause cause = {a->input.event_id, desc->name, partition, offset, {0}};
-	unsigned int mdlen = 0;
-	if (EVP_Digest(a->encoded.data, a->encoded.len, cause.digest, &mdlen, EVP_sha256(), NULL) != 1)
-		return TLY_E_NOMEM;
+	memcpy(cause.digest, digest, 32);
 	a->g_tick = a->input.type == TLY_EV_CLOCK_TICK;
 	rc = replay(a, p, tenant, &cause);
 	if (rc == TLY_E_NOMEM)
