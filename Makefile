@@ -115,7 +115,7 @@ TEST_SRCS := \
 	tests/check_schema.c \
 	tests/check_lifecycle.c \
 	tests/check_demo.c
-TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
+TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o $(OBJ)/producers/loadgen.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 
