@@ -64,6 +64,7 @@ struct tly_audit {
 	int32_t g_partition;
 	int64_t g_offset;
 	bool g_tick;
+	struct seen *g_seen;       /* the open input's event id, once looked up (NULL: not yet) */
 	struct tly_audit_counts counts;
 };
 
@@ -264,18 +265,26 @@ static void close_group(struct tly_audit *a)
 	tly_entries_clear(&a->produced);
 }
 
-static struct seen *seen_get(struct tly_audit *a, const tly_uuid *tenant, const tly_uuid *id,
-			     bool create)
+/* A new event id of a tenant (not in the map yet). NULL on OOM. */
+static struct seen *seen_add(struct tly_audit *a, const tly_uuid *tenant, const tly_uuid *id)
 {
-	struct seen *s = tly_uuidmap_get(a->seen, tenant, id);
-	if (s || !create)
-		return s;
-	if (!(s = tly_arena_alloc(a->arena, sizeof(*s))))
+	struct seen *s = tly_arena_alloc(a->arena, sizeof(*s));
+	if (!s)
 		return NULL;
 	memset(s, 0, sizeof(*s));
 	s->partition = -1;
 	s->offset = -1;
 	return tly_uuidmap_put(a->seen, tenant, id, s) == 0 ? s : NULL;
+}
+
+static struct seen *seen_get(struct tly_audit *a, const tly_uuid *tenant, const tly_uuid *id,
+			     bool create)
+{
+	if (a->g_seen && memcmp(id->b, a->input.event_id.b, 16) == 0 &&
+	    memcmp(tenant->b, a->input.tenant_id.b, 16) == 0)
+		return a->g_seen;
+	struct seen *s = tly_uuidmap_get(a->seen, tenant, id);
+	return s || !create ? s : seen_add(a, tenant, id);
 }
 
 static int wallet_of(struct part *p, struct tenant *t)
@@ -339,11 +348,12 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 		return TLY_E_INVALID;
 	}
 	if (a->produced.n > before && !seen.seen) {
-		if (!(s = seen_get(a, &ev->tenant_id, &ev->event_id, true)))
+		if (!s && !(s = seen_add(a, &ev->tenant_id, &ev->event_id)))
 			return TLY_E_NOMEM;
 		s->replayed = true;
 		memcpy(s->digest, cause->digest, 32);
 	}
+	a->g_seen = s; /* the stored entries of this input look it up again */
 	return 0;
 }
 
@@ -368,6 +378,7 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 			p->expect = offset + 1;
 	}
 	a->group = true;
+	a->g_seen = NULL;
 	a->g_partition = partition;
 	a->g_offset = offset;
 	a->counts.inputs++;

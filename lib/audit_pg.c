@@ -165,12 +165,12 @@ static int declare(struct run *r, const char *lo, const char *hi, const char *te
 	PQclear(res);
 	res = tenant ? tly_pg_query(r->conn,
 				    "DECLARE tly_audit_entries NO SCROLL CURSOR FOR SELECT "
-				    TLY_ENTRIES_SELECT " FROM ledger_entries e WHERE e.tenant_id = $1 "
+				    TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries e WHERE e.tenant_id = $1 "
 				    "ORDER BY e.cause_partition, e.cause_offset, e.tenant_id, e.seq",
 				    1, v + 2, &r->err)
 		     : tly_pg_query(r->conn,
 				    "DECLARE tly_audit_entries NO SCROLL CURSOR FOR SELECT "
-				    TLY_ENTRIES_SELECT " FROM ledger_entries e "
+				    TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries e "
 				    "WHERE e.cause_partition >= $1::integer AND "
 				    "e.cause_partition < $2::integer "
 				    "ORDER BY e.cause_partition, e.cause_offset, e.tenant_id, e.seq",

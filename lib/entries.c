@@ -18,10 +18,16 @@ static int64_t be_int(const unsigned char *p, int len)
 	return (int64_t)v;
 }
 
+#define TIMESTAMPTZOID 1184
+#define PG_EPOCH_US 946684800000000LL /* 2000-01-01, where a binary timestamptz counts from */
+
+/* A binary int4, int8 or timestamptz (as µs since the Unix epoch), or a text integer. */
 static int64_t col_i64(const PGresult *res, int r, int c)
 {
-	if (PQfformat(res, c) == 1)
-		return be_int((const unsigned char *)PQgetvalue(res, r, c), PQgetlength(res, r, c));
+	if (PQfformat(res, c) == 1) {
+		int64_t v = be_int((const unsigned char *)PQgetvalue(res, r, c), PQgetlength(res, r, c));
+		return PQftype(res, c) == TIMESTAMPTZOID ? v + PG_EPOCH_US : v;
+	}
 	return strtoll(PQgetvalue(res, r, c), NULL, 10);
 }
 
