@@ -35,6 +35,7 @@ LIB_SRCS := \
 	lib/audit_proj.c \
 	lib/cli.c \
 	lib/config.c \
+	lib/copyout.c \
 	lib/crc64.c \
 	lib/codec.c \
 	lib/codec_plan.c \

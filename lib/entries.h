@@ -33,6 +33,8 @@
 #define TLY_ENTRIES_SELECT_BINARY                                                                  \
 	TLY_ENTRIES_COLUMNS_("e.period_start", "e.period_end", "e.ledger_time")
 
+#define TLY_ENTRIES_NFIELDS 27
+
 /*
  * Call fn for each row of res (a result of a TLY_ENTRIES_SELECT query, text or binary format)
  * as a
@@ -41,5 +43,13 @@
  */
 int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entry, void *ud),
 		     void *ud) TLY_MUST_CHECK;
+
+/*
+ * One row of a COPY (SELECT TLY_ENTRIES_SELECT_BINARY ...) TO STDOUT (FORMAT binary) (values and
+ * lengths as lib/copyout gives them) as a LedgerEntry into ev (reset first; strings into its
+ * arena). 0, TLY_E_CORRUPT (not such a row) or TLY_E_NOMEM.
+ */
+int tly_entries_from_copy(const char *const *values, const int *lengths, int nfields,
+			  struct tly_event *ev) TLY_MUST_CHECK;
 
 #endif
