@@ -633,10 +633,12 @@ static void check_identities(struct tly_audit *a, struct tenant *t, const struct
 		snprintf(detail, sizeof(detail), "held %" PRId64 " is not the sum of the open holds %"
 			 PRId64, e->held, t->open_held);
 	else {
-		struct tly_balance b = {0};
-		if (t->w)
-			tly_wallet_balance(t->w, &b);
 		int64_t available = e->allowance_remaining + e->credits_remaining - e->held;
+		struct tly_balance b = {0};
+		/* the wallet's terms only where they matter: a reservation below the limit */
+		if (available < -a->opts.overdraft_limit && strcmp(e->kind, TLY_KIND_HOLD_PLACED) == 0 &&
+		    t->w)
+			tly_wallet_balance(t->w, &b);
 		if (!b.overage_allowed && available < -a->opts.overdraft_limit &&
 		    strcmp(e->kind, TLY_KIND_HOLD_PLACED) == 0)
 			snprintf(detail, sizeof(detail), "available %" PRId64 " is below the limit -%"

@@ -35,6 +35,7 @@ struct tly_codec {
 	struct tly_codec_plan **plans;
 	bool *plan_tried;
 	bool generic;            /* plans off: avro-c's generic values only */
+	struct tly_uuid_memo *uuids;
 	struct tly_buf scratch;  /* encodings hashed by tly_codec_digest and tly_codec_decode_digest */
 	EVP_MD *sha256;
 	EVP_MD_CTX *md;
@@ -90,8 +91,9 @@ struct tly_codec *tly_codec_new_with_registry(struct tly_schema_registry *reg, c
 	codec->plan_tried = calloc(codec->n_values ? codec->n_values : 1, sizeof(bool));
 	codec->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
 	codec->md = EVP_MD_CTX_new();
+	codec->uuids = calloc(1, sizeof(*codec->uuids));
 	if (!codec->values || !codec->has_value || !codec->writer || !codec->reader || !codec->memo ||
-	    !codec->plans || !codec->plan_tried || !codec->sha256 || !codec->md)
+	    !codec->plans || !codec->plan_tried || !codec->sha256 || !codec->md || !codec->uuids)
 		goto oom;
 	for (int t = 0; t < TLY_EV__COUNT; t++) {
 		const struct tly_event_desc *d = tly_event_desc((enum tly_event_type)t);
@@ -121,6 +123,7 @@ void tly_codec_free(struct tly_codec *codec)
 	free(codec->plans);
 	free(codec->plan_tried);
 	tly_buf_free(&codec->scratch);
+	free(codec->uuids);
 	EVP_MD_free(codec->sha256);
 	EVP_MD_CTX_free(codec->md);
 	if (codec->writer)
@@ -751,7 +754,7 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 			return TLY_E_NOMEM;
 		}
 		tly_event_init(ev, d->type);
-		rc = tly_codec_plan_decode(plan, body, body_len, ev, arena);
+		rc = tly_codec_plan_decode(plan, body, body_len, ev, arena, codec->uuids);
 		if (rc == TLY_E_NOMEM) {
 			snprintf(errstr, errlen, "out of memory");
 			return rc;

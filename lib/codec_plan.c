@@ -89,7 +89,8 @@ static bool fits(avro_schema_t s, const struct tly_field *f, struct step *st)
 struct tly_codec_plan *tly_codec_plan_new(avro_schema_t schema, const struct tly_record_desc *rd)
 {
 	schema = deref(schema);
-	if (!schema || avro_typeof(schema) != AVRO_RECORD || avro_schema_record_size(schema) != rd->n_fields)
+	if (!schema || avro_typeof(schema) != AVRO_RECORD ||
+	    avro_schema_record_size(schema) != rd->n_fields)
 		return NULL;
 	struct tly_codec_plan *plan = calloc(1, sizeof(*plan) + rd->n_fields * sizeof(struct step));
 	if (!plan)
@@ -297,6 +298,7 @@ struct in {
 	const unsigned char *p;
 	size_t len, pos;
 	struct tly_arena *arena;
+	struct tly_uuid_memo *memo; /* may be NULL */
 };
 
 /* A varint of at most max bytes, zig-zag decoded. */
@@ -369,10 +371,24 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	char text[37];
 	if (get_span(in, &s, &len) != 0 || len != 36)
 		return NO;
+	struct tly_uuid_memo *m = in->memo;
+	uint64_t w0, w1;
+	memcpy(&w0, s, 8);
+	memcpy(&w1, s + 28, 8);
+	size_t slot = (size_t)(((w0 ^ w1) * 0x9e3779b97f4a7c15ull) >> 53) % TLY_UUID_MEMO;
+	if (m && m->used[slot] && memcmp(m->text[slot], s, 36) == 0) {
+		*out = m->id[slot];
+		return 0;
+	}
 	memcpy(text, s, 36);
 	text[36] = '\0';
 	if (memchr(text, '\0', 36) || uuid_parse(text, out->b) != 0)
 		return NO;
+	if (m) {
+		memcpy(m->text[slot], s, 36);
+		m->id[slot] = *out;
+		m->used[slot] = true;
+	}
 	return 0;
 }
 
@@ -534,9 +550,9 @@ static int get_record_item(struct in *in, void *at, const void *ud)
 }
 
 int tly_codec_plan_decode(const struct tly_codec_plan *plan, const void *body, size_t len,
-			  void *base, struct tly_arena *arena)
+			  void *base, struct tly_arena *arena, struct tly_uuid_memo *memo)
 {
-	struct in in = {body, len, 0, arena};
+	struct in in = {body, len, 0, arena, memo};
 	int rc = get_record(plan, base, &in);
 	if (rc == 0 && in.pos != len)
 		rc = NO;

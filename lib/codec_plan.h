@@ -9,6 +9,7 @@
 #define TLY_CODEC_PLAN_H
 
 #include <avro.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "codec.h"
@@ -17,6 +18,18 @@
 
 struct tly_arena;
 struct tly_codec_plan;
+
+/*
+ * UUID texts a codec's decodes parsed lately, with their bytes: decodes meet the same tenants,
+ * reservations and conversations again, and libuuid's parse is the costly part of a decode.
+ * One per codec (not shared between threads); calloc it to start.
+ */
+#define TLY_UUID_MEMO 2048
+struct tly_uuid_memo {
+	char text[TLY_UUID_MEMO][36];
+	tly_uuid id[TLY_UUID_MEMO];
+	bool used[TLY_UUID_MEMO];
+};
 
 /* The plan of record schema for rd, or NULL when it has none (or out of memory). */
 struct tly_codec_plan *tly_codec_plan_new(avro_schema_t schema, const struct tly_record_desc *rd);
@@ -32,12 +45,14 @@ int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base,
 			  struct tly_buf *out) TLY_MUST_CHECK;
 
 /*
- * Read body[0..len) into the zeroed struct at base (strings, maps and lists into arena). 0 when
+ * Read body[0..len) into the zeroed struct at base (strings, maps and lists into arena; memo may
+ * be NULL). 0 when
  * the bytes are exactly one value that the generic path reads to the same struct; TLY_E_NOMEM; or
  * TLY_E_CORRUPT for anything else (malformed, truncated, a NUL byte, a duplicate map key, a UUID
  * that does not parse, ...): the caller then reads it the generic way, which gives the reason.
  */
 int tly_codec_plan_decode(const struct tly_codec_plan *plan, const void *body, size_t len,
-			  void *base, struct tly_arena *arena) TLY_MUST_CHECK;
+			  void *base, struct tly_arena *arena,
+			  struct tly_uuid_memo *memo) TLY_MUST_CHECK;
 
 #endif

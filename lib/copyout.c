@@ -1,4 +1,4 @@
-/* Binary COPY TO STDOUT read row by row: the signature, then int16 field counts and int32 lengths. */
+/* Binary COPY TO STDOUT read row by row: the signature, then field counts and lengths. */
 #include "copyout.h"
 
 #include <stdbool.h>
