@@ -710,10 +710,15 @@ int tly_codec_peek_fingerprint(const void *bytes, size_t len, uint64_t *fingerpr
 	return 0;
 }
 
-int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
-		     char *errstr, size_t errlen)
+/*
+ * tly_codec_decode; *canonical when bytes are exactly the event's encoding with its current
+ * schema (read by the current schema's plan, which found nothing it would write otherwise).
+ */
+static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
+		  bool *canonical, char *errstr, size_t errlen)
 {
 	uint64_t fp = 0;
+	*canonical = false;
 	char why[512];
 	int rc;
 
@@ -754,7 +759,8 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 			return TLY_E_NOMEM;
 		}
 		tly_event_init(ev, d->type);
-		rc = tly_codec_plan_decode(plan, body, body_len, ev, arena, codec->uuids);
+		rc = tly_codec_plan_decode(plan, body, body_len, ev, arena, codec->uuids, canonical);
+		*canonical = *canonical && writer == codec->current[d->type];
 		if (rc == TLY_E_NOMEM) {
 			snprintf(errstr, errlen, "out of memory");
 			return rc;
@@ -794,16 +800,29 @@ validate:
 	return validate(ev, errstr, errlen);
 }
 
+int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
+		     char *errstr, size_t errlen)
+{
+	bool canonical;
+	return decode(codec, bytes, len, ev, &canonical, errstr, errlen);
+}
+
 int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t len,
 			    struct tly_event *ev, unsigned char digest[32], char *errstr,
 			    size_t errlen)
 {
-	int rc = tly_codec_decode(codec, bytes, len, ev, errstr, errlen);
+	bool canonical = false;
+	int rc = decode(codec, bytes, len, ev, &canonical, errstr, errlen);
+	if (rc == 0 && canonical) { /* the bytes are their own current encoding */
+		rc = sha256(codec, NULL, 0, bytes, len, digest);
+		goto out;
+	}
 	if (rc == 0) /* ev is what decoding just validated */
 		rc = encode_valid(codec, ev, &codec->scratch, errstr, errlen);
 	if (rc != 0)
 		return rc;
 	rc = sha256(codec, NULL, 0, codec->scratch.data, codec->scratch.len, digest);
+out:
 	if (rc != 0)
 		snprintf(errstr, errlen, "could not compute SHA-256");
 	return rc;

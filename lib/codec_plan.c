@@ -299,6 +299,7 @@ struct in {
 	size_t len, pos;
 	struct tly_arena *arena;
 	struct tly_uuid_memo *memo; /* may be NULL */
+	bool canonical;             /* so far exactly what tly_codec_plan_encode writes */
 };
 
 /* A varint of at most max bytes, zig-zag decoded. */
@@ -312,8 +313,11 @@ static int get_varint(struct in *in, int max, int64_t *out)
 		if (i == 9 && b > 1)
 			return NO;
 		v |= (uint64_t)(b & 0x7f) << (7 * i);
-		if (!(b & 0x80))
+		if (!(b & 0x80)) {
+			if (i > 0 && b == 0)
+				in->canonical = false; /* over-long: a writer's zero padding */
 			break;
+		}
 	}
 	*out = (int64_t)((v >> 1) ^ (0 - (v & 1)));
 	return 0;
@@ -376,6 +380,8 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	memcpy(&w0, s, 8);
 	memcpy(&w1, s + 28, 8);
 	size_t slot = (size_t)(((w0 ^ w1) * 0x9e3779b97f4a7c15ull) >> 53) % TLY_UUID_MEMO;
+	for (size_t i = 0; i < 36 && in->canonical; i++)
+		in->canonical = !(s[i] >= 'A' && s[i] <= 'F'); /* written back in lower case */
 	if (m && m->used[slot] && memcmp(m->text[slot], s, 36) == 0) {
 		*out = m->id[slot];
 		return 0;
@@ -406,7 +412,7 @@ static int get_branch(struct in *in, bool *present)
  * The item count of the next array or map block: 0 at the end. A block with a byte size (negative
  * count) is read like any other. Every item takes at least one byte.
  */
-static int get_block(struct in *in, size_t *count)
+static int get_block(struct in *in, size_t *count, int *blocks)
 {
 	int64_t n, bytes;
 	if (get_long(in, &n) != 0)
@@ -416,7 +422,10 @@ static int get_block(struct in *in, size_t *count)
 		    (uint64_t)bytes > in->len - in->pos)
 			return NO;
 		n = -n;
+		in->canonical = false; /* written with its byte size */
 	}
+	if (n > 0 && (*blocks)++ > 0)
+		in->canonical = false; /* written in more than one block */
 	if ((uint64_t)n > in->len - in->pos)
 		return NO;
 	*count = (size_t)n;
@@ -428,9 +437,10 @@ static int get_items(struct in *in, size_t item, void **items, size_t *n,
 		     int (*one)(struct in *in, void *at, const void *ud), const void *ud)
 {
 	size_t count;
+	int blocks = 0;
 	*items = NULL;
 	*n = 0;
-	while (get_block(in, &count) == 0) {
+	while (get_block(in, &count, &blocks) == 0) {
 		if (count == 0)
 			return 0;
 		unsigned char *all = tly_arena_alloc(in->arena, (*n + count) * item);
@@ -476,7 +486,9 @@ static int get_step(const struct step *st, unsigned char *base, struct in *in)
 	case TLY_F_OPT_UUID:
 		if ((rc = get_branch(in, &present)) != 0 || !present)
 			return rc;
-		return get_uuid(in, p);
+		if ((rc = get_uuid(in, p)) == 0 && tly_uuid_is_nil(p))
+			in->canonical = false; /* a nil UUID is written back as null */
+		return rc;
 	case TLY_F_STR:
 	case TLY_F_JSON:
 		return get_str(in, p);
@@ -550,11 +562,13 @@ static int get_record_item(struct in *in, void *at, const void *ud)
 }
 
 int tly_codec_plan_decode(const struct tly_codec_plan *plan, const void *body, size_t len,
-			  void *base, struct tly_arena *arena, struct tly_uuid_memo *memo)
+			  void *base, struct tly_arena *arena, struct tly_uuid_memo *memo,
+			  bool *canonical)
 {
-	struct in in = {body, len, 0, arena, memo};
+	struct in in = {body, len, 0, arena, memo, true};
 	int rc = get_record(plan, base, &in);
 	if (rc == 0 && in.pos != len)
 		rc = NO;
+	*canonical = rc == 0 && in.canonical;
 	return rc;
 }

@@ -50,9 +50,11 @@ int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base,
  * the bytes are exactly one value that the generic path reads to the same struct; TLY_E_NOMEM; or
  * TLY_E_CORRUPT for anything else (malformed, truncated, a NUL byte, a duplicate map key, a UUID
  * that does not parse, ...): the caller then reads it the generic way, which gives the reason.
+ * *canonical: the body is exactly what tly_codec_plan_encode writes for the value read (minimal
+ * varints, one block per array and map, UUIDs in lower case, no nil UUID for a null).
  */
 int tly_codec_plan_decode(const struct tly_codec_plan *plan, const void *body, size_t len,
-			  void *base, struct tly_arena *arena,
-			  struct tly_uuid_memo *memo) TLY_MUST_CHECK;
+			  void *base, struct tly_arena *arena, struct tly_uuid_memo *memo,
+			  bool *canonical) TLY_MUST_CHECK;
 
 #endif

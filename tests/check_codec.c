@@ -517,6 +517,60 @@ START_TEST(test_plan_duplicate_key)
 }
 END_TEST
 
+/*
+ * Bytes another writer may produce for the same value (UUIDs in upper case, an over-long varint,
+ * a nil UUID written as a value): they decode, and their cause digest is still that of the
+ * current encoding, not of the bytes as given.
+ */
+START_TEST(test_plan_not_canonical)
+{
+	struct tly_event ev = {0}, back = {0};
+	struct tly_buf m = {0};
+	char err[512];
+	tly_fixture_event(&ev, TLY_EV_TOKENS_RESERVED, 4);
+	assert_same_encoding(&ev, &m);
+	unsigned char *b = malloc(m.len + 1);
+	ck_assert_uint_eq(m.data[10], 0x48);
+
+	memcpy(b, m.data, m.len); /* event_id in upper case */
+	int letters = 0;
+	for (size_t i = 11; i < 47; i++) {
+		if (b[i] >= 'a' && b[i] <= 'f') {
+			b[i] = (unsigned char)(b[i] - 'a' + 'A');
+			letters++;
+		}
+	}
+	ck_assert_int_gt(letters, 0);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len, &back, err, sizeof(err)), 0);
+	ck_assert_mem_eq(back.event_id.b, ev.event_id.b, 16);
+	assert_same_decoding(b, m.len);
+
+	size_t at = 10 + 37 + 37; /* occurred_at, padded with a zero byte */
+	size_t end = at;
+	while (m.data[end] & 0x80)
+		end++;
+	memcpy(b, m.data, end);
+	b[end] = m.data[end] | 0x80;
+	b[end + 1] = 0x00;
+	memcpy(b + end + 2, m.data + end + 1, m.len - end - 1);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len + 1, &back, err, sizeof(err)), 0);
+	ck_assert_int_eq(back.occurred_at, ev.occurred_at);
+	assert_same_decoding(b, m.len + 1);
+
+	memcpy(b, m.data, m.len); /* conversation_id (last) present but nil */
+	ck_assert_uint_eq(b[m.len - 38], 0x02);
+	memcpy(b + m.len - 36, "00000000-0000-0000-0000-000000000000", 36);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len, &back, err, sizeof(err)), 0);
+	ck_assert(tly_uuid_is_nil(&back.u.tokens_reserved.conversation_id));
+	assert_same_decoding(b, m.len);
+
+	free(b);
+	tly_event_free(&ev);
+	tly_event_free(&back);
+	tly_buf_free(&m);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -542,6 +596,7 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_plan_loadgen);
 	tcase_add_test(tc, test_plan_foreign_blocks);
 	tcase_add_test(tc, test_plan_duplicate_key);
+	tcase_add_test(tc, test_plan_not_canonical);
 	suite_add_tcase(s, tc);
 	return s;
 }
