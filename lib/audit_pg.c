@@ -286,15 +286,25 @@ static int join(struct run *r, PGconn **conn)
 	if (tly_pg_exec_script(*conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
 			       &r->err) != 0)
 		return TLY_E_PG;
-	if (!r->sh->snapshot[0])
-		return 0; /* an empty ledger: nothing to share */
-	char *lit = PQescapeLiteral(*conn, r->sh->snapshot, strlen(r->sh->snapshot));
-	if (!lit)
-		return TLY_E_NOMEM;
-	char sql[128];
-	snprintf(sql, sizeof(sql), "SET TRANSACTION SNAPSHOT %s", lit);
-	PQfreemem(lit);
-	return tly_pg_exec_script(*conn, sql, &r->err) == 0 ? 0 : TLY_E_PG;
+	if (r->sh->snapshot[0]) { /* else an empty ledger: nothing to share */
+		char *lit = PQescapeLiteral(*conn, r->sh->snapshot, strlen(r->sh->snapshot));
+		if (!lit)
+			return TLY_E_NOMEM;
+		char sql[128];
+		snprintf(sql, sizeof(sql), "SET TRANSACTION SNAPSHOT %s", lit);
+		PQfreemem(lit);
+		if (tly_pg_exec_script(*conn, sql, &r->err) != 0)
+			return TLY_E_PG;
+	}
+	/*
+	 * Rows in (partition, offset) order straight from the indexes, streamed: for a range of
+	 * partitions the planner would rather scan the table in parallel and sort it on disk, which
+	 * costs a worker more than the whole ledger read in index order. No JIT for one pass.
+	 */
+	return tly_pg_exec_script(*conn, "SET LOCAL enable_seqscan = off; "
+				  "SET LOCAL enable_bitmapscan = off; "
+				  "SET LOCAL max_parallel_workers_per_gather = 0; SET LOCAL jit = off",
+				  &r->err) == 0 ? 0 : TLY_E_PG;
 }
 
 static int worker_begin(struct run *r)
