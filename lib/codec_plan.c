@@ -382,8 +382,8 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	size_t slot = (size_t)(((w0 ^ w1) * 0x9e3779b97f4a7c15ull) >> 53) % TLY_UUID_MEMO;
 	for (size_t i = 0; i < 36 && in->canonical; i++)
 		in->canonical = !(s[i] >= 'A' && s[i] <= 'F'); /* written back in lower case */
-	if (m && m->used[slot] && memcmp(m->text[slot], s, 36) == 0) {
-		*out = m->id[slot];
+	if (m && m->slot[slot].used && memcmp(m->slot[slot].text, s, 36) == 0) {
+		*out = m->slot[slot].id;
 		return 0;
 	}
 	memcpy(text, s, 36);
@@ -391,9 +391,9 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	if (memchr(text, '\0', 36) || uuid_parse(text, out->b) != 0)
 		return NO;
 	if (m) {
-		memcpy(m->text[slot], s, 36);
-		m->id[slot] = *out;
-		m->used[slot] = true;
+		memcpy(m->slot[slot].text, s, 36);
+		m->slot[slot].id = *out;
+		m->slot[slot].used = true;
 	}
 	return 0;
 }

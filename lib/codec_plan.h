@@ -26,9 +26,12 @@ struct tly_codec_plan;
  */
 #define TLY_UUID_MEMO 2048
 struct tly_uuid_memo {
-	char text[TLY_UUID_MEMO][36];
-	tly_uuid id[TLY_UUID_MEMO];
-	bool used[TLY_UUID_MEMO];
+	struct {
+		char text[36];
+		tly_uuid id;
+		bool used;
+		char pad[11]; /* one cache line a slot */
+	} slot[TLY_UUID_MEMO];
 };
 
 /* The plan of record schema for rd, or NULL when it has none (or out of memory). */
