@@ -7,8 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <arpa/inet.h>
-
 #include "audit_proj.h"
 #include "copyout.h"
 #include "entries.h"
@@ -52,21 +50,6 @@ struct run {
 	size_t n_group, cap_group;    /* slots keep their arenas from one cause to the next */
 };
 
-static int64_t be64(const char *p)
-{
-	uint64_t v = 0;
-	for (int i = 0; i < 8; i++)
-		v = v << 8 | (unsigned char)p[i];
-	return (int64_t)v;
-}
-
-static int32_t be32(const char *p)
-{
-	uint32_t v;
-	memcpy(&v, p, 4);
-	return (int32_t)ntohl(v);
-}
-
 /* A stream that is not what its query returns: a server or network fault, not the ledger's. */
 static int stream_fault(struct run *r, int rc, const char *what)
 {
@@ -105,8 +88,8 @@ static int feed_inputs(struct run *r, int32_t partition, int64_t offset, bool al
 {
 	int have;
 	while ((have = input_row(r)) == 1) {
-		int32_t p = be32(r->in_values[0]);
-		int64_t o = be64(r->in_values[1]);
+		int32_t p = tly_copyout_int4(r->in_values[0]);
+		int64_t o = tly_copyout_int8(r->in_values[1]);
 		if (!all && (p > partition || (p == partition && o > offset)))
 			return 0;
 		tly_uuid tenant;

@@ -51,11 +51,17 @@ void tly_copyout_free(struct tly_copyout *c)
 	free(c);
 }
 
-static int32_t be32(const char *p)
+int32_t tly_copyout_int4(const char *value)
 {
 	uint32_t v;
-	memcpy(&v, p, 4);
+	memcpy(&v, value, 4);
 	return (int32_t)ntohl(v);
+}
+
+int64_t tly_copyout_int8(const char *value)
+{
+	return (int64_t)((uint64_t)(uint32_t)tly_copyout_int4(value) << 32 |
+			 (uint32_t)tly_copyout_int4(value + 4));
 }
 
 static int16_t be16(const char *p)
@@ -107,7 +113,7 @@ int tly_copyout_next(struct tly_copyout *c, const char *const **values, const in
 		if (!c->header) {
 			if (left < 19 || memcmp(p, signature, sizeof(signature)) != 0)
 				return TLY_E_CORRUPT;
-			int32_t ext = be32(p + 15);
+			int32_t ext = tly_copyout_int4(p + 15);
 			if (ext < 0 || ext > left - 19)
 				return TLY_E_CORRUPT;
 			c->pos += 19 + ext;
@@ -144,7 +150,7 @@ int tly_copyout_next(struct tly_copyout *c, const char *const **values, const in
 		for (int i = 0; i < n; i++) {
 			if (left - at < 4)
 				return TLY_E_CORRUPT;
-			int32_t flen = be32(p + at);
+			int32_t flen = tly_copyout_int4(p + at);
 			at += 4;
 			if (flen < -1 || (flen > 0 && flen > left - at))
 				return TLY_E_CORRUPT;

@@ -6,6 +6,8 @@
 #ifndef TLY_COPYOUT_H
 #define TLY_COPYOUT_H
 
+#include <stdint.h>
+
 #include <libpq-fe.h>
 
 #include "err.h"
@@ -28,5 +30,9 @@ int tly_copyout_next(struct tly_copyout *c, const char *const **values, const in
 		     int *nfields, struct tly_pg_error *err) TLY_MUST_CHECK;
 
 void tly_copyout_free(struct tly_copyout *c); /* accepts NULL; does not read the rest */
+
+/* A binary int4 or int8 value of a row (4 or 8 bytes, network order). */
+int32_t tly_copyout_int4(const char *value);
+int64_t tly_copyout_int8(const char *value);
 
 #endif
