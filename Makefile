@@ -57,8 +57,10 @@ LIB_SRCS := \
 	lib/cli.c \
 	lib/clock.c \
 	lib/config.c \
+	lib/copyout.c \
 	lib/crc64.c \
 	lib/codec.c \
+	lib/codec_plan.c \
 	lib/decision.c \
 	lib/entries.c \
 	lib/devbroker_ctl.c \
@@ -146,7 +148,7 @@ TEST_SRCS := \
 	tests/check_schema.c \
 	tests/check_lifecycle.c \
 	tests/check_demo.c
-TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o \
+TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o $(OBJ)/producers/loadgen.o \
              $(OBJ)/consumers/ledger_store.o
 TEST_BIN  := $(BIN)/tally-tests
 

@@ -1,7 +1,6 @@
 /* The ledger's rules: reserve, settle, release, expire, debit, grant, periods and invoices. */
 #include "decide.h"
 
-#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,23 +57,10 @@ int tly_ledger_entry_hash(struct tly_codec *codec, const struct tly_event *entry
 			  unsigned char hash[32])
 {
 	char err[256];
-	struct tly_buf buf = {0};
 	struct tly_event copy = *entry;
 	memset(copy.u.ledger_entry.hash, 0, 32);
-	int rc = tly_codec_encode(codec, &copy, &buf, err, sizeof(err));
-	if (rc != 0)
-		goto out;
-	EVP_MD_CTX *md = EVP_MD_CTX_new();
-	unsigned int len = 0;
-	if (!md || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1 ||
-	    EVP_DigestUpdate(md, entry->u.ledger_entry.prev_hash, 32) != 1 ||
-	    EVP_DigestUpdate(md, buf.data + TLY_CODEC_HEADER, buf.len - TLY_CODEC_HEADER) != 1 ||
-	    EVP_DigestFinal_ex(md, hash, &len) != 1 || len != 32)
-		rc = TLY_E_NOMEM;
-	EVP_MD_CTX_free(md);
-out:
-	tly_buf_free(&buf);
-	return rc;
+	return tly_codec_digest(codec, &copy, true, entry->u.ledger_entry.prev_hash, 32, hash, err,
+				sizeof(err));
 }
 
 /* A new entry slot with the cause filled in; valid until the next begin. NULL on OOM. */

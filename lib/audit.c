@@ -7,8 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-
 #include "arena.h"
 #include "codec.h"
 #include "decide.h"
@@ -24,6 +22,9 @@ struct tenant {
 	int64_t allowance, credits, held, overage; /* after the last stored entry */
 	int64_t open_held;        /* tokens of the holds placed and not ended, by the stored entries */
 	bool counted;             /* has an entry in range */
+	/* its event ids (struct seen) and holds (struct hold): a map per tenant, so that the maps
+	 * the partition being audited reads stay small enough for the caches; NULL until used */
+	struct tly_uuidmap *seen, *holds;
 };
 
 /* An event id of a tenant: where re-execution and the stored entries first applied it. */
@@ -54,12 +55,11 @@ struct tly_audit {
 	struct tly_audit_opts opts;
 	struct tly_codec *codec;
 	struct tly_ledger_config cfg;
-	struct tly_uuidmap *tenants, *seen, *holds;
+	struct tly_uuidmap *tenants;
 	struct tly_arena *arena;   /* tenants, seen, holds: live as long as the audit */
 	struct part *parts;
 	size_t n_parts;
 	struct tly_event input;    /* the decoded input, reused */
-	struct tly_buf encoded;
 	struct tly_entries produced;
 	size_t *order;             /* produced, sorted by (tenant, seq) */
 	size_t cap_order, n_order, next;
@@ -67,6 +67,7 @@ struct tly_audit {
 	int32_t g_partition;
 	int64_t g_offset;
 	bool g_tick;
+	struct seen *g_seen;       /* the open input's event id, once looked up (NULL: not yet) */
 	struct tly_audit_counts counts;
 };
 
@@ -109,8 +110,7 @@ struct tly_audit *tly_audit_new(const struct tly_audit_opts *opts, char *errstr,
 	if (!(a->codec = tly_codec_new(errstr, errlen)))
 		goto fail;
 	a->cfg = (struct tly_ledger_config){opts->overdraft_limit, a->codec};
-	if (!(a->tenants = tly_uuidmap_new()) || !(a->seen = tly_uuidmap_new()) ||
-	    !(a->holds = tly_uuidmap_new()) || !(a->arena = tly_arena_new())) {
+	if (!(a->tenants = tly_uuidmap_new()) || !(a->arena = tly_arena_new())) {
 		snprintf(errstr, errlen, "out of memory");
 		goto fail;
 	}
@@ -127,8 +127,11 @@ void tly_audit_free(struct tly_audit *a)
 	if (a->tenants) {
 		for (size_t i = 0; i < tly_uuidmap_capacity(a->tenants); i++) {
 			struct tenant *t = tly_uuidmap_slot(a->tenants, i);
-			if (t)
+			if (t) {
 				tly_wallet_free(t->w);
+				tly_uuidmap_free(t->seen);
+				tly_uuidmap_free(t->holds);
+			}
 		}
 	}
 	for (size_t i = 0; i < a->n_parts; i++) {
@@ -137,11 +140,8 @@ void tly_audit_free(struct tly_audit *a)
 	}
 	free(a->parts);
 	tly_uuidmap_free(a->tenants);
-	tly_uuidmap_free(a->seen);
-	tly_uuidmap_free(a->holds);
 	tly_arena_free(a->arena);
 	tly_event_free(&a->input);
-	tly_buf_free(&a->encoded);
 	tly_entries_free(&a->produced);
 	free(a->order);
 	tly_codec_free(a->codec);
@@ -268,18 +268,34 @@ static void close_group(struct tly_audit *a)
 	tly_entries_clear(&a->produced);
 }
 
-static struct seen *seen_get(struct tly_audit *a, const tly_uuid *tenant, const tly_uuid *id,
-			     bool create)
+/* The tenant's map *map, created on first use. NULL on OOM. */
+static struct tly_uuidmap *map_of(struct tly_uuidmap **map)
 {
-	struct seen *s = tly_uuidmap_get(a->seen, tenant, id);
-	if (s || !create)
-		return s;
-	if (!(s = tly_arena_alloc(a->arena, sizeof(*s))))
+	if (!*map)
+		*map = tly_uuidmap_new();
+	return *map;
+}
+
+/* A new event id of a tenant (not in its map yet). NULL on OOM. */
+static struct seen *seen_add(struct tly_audit *a, struct tenant *t, const tly_uuid *id)
+{
+	struct seen *s = tly_arena_alloc(a->arena, sizeof(*s));
+	if (!s || !map_of(&t->seen))
 		return NULL;
 	memset(s, 0, sizeof(*s));
 	s->partition = -1;
 	s->offset = -1;
-	return tly_uuidmap_put(a->seen, tenant, id, s) == 0 ? s : NULL;
+	return tly_uuidmap_put(t->seen, id, NULL, s) == 0 ? s : NULL;
+}
+
+static struct seen *seen_get(struct tly_audit *a, struct tenant *t, const tly_uuid *id,
+			     bool create)
+{
+	if (a->g_seen && memcmp(id->b, a->input.event_id.b, 16) == 0 &&
+	    memcmp(t->id.b, a->input.tenant_id.b, 16) == 0)
+		return a->g_seen;
+	struct seen *s = t->seen ? tly_uuidmap_get(t->seen, id, NULL) : NULL;
+	return s || !create ? s : seen_add(a, t, id);
 }
 
 static int wallet_of(struct part *p, struct tenant *t)
@@ -325,7 +341,7 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 	struct tenant *t = tenant_get(a, &ev->tenant_id);
 	if (!t || wallet_of(p, t) != 0)
 		return TLY_E_NOMEM;
-	struct seen *s = seen_get(a, &ev->tenant_id, &ev->event_id, false);
+	struct seen *s = seen_get(a, t, &ev->event_id, false);
 	struct tly_seen seen = {s && s->replayed, {0}};
 	if (seen.seen)
 		memcpy(seen.digest, s->digest, 32);
@@ -343,11 +359,12 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 		return TLY_E_INVALID;
 	}
 	if (a->produced.n > before && !seen.seen) {
-		if (!(s = seen_get(a, &ev->tenant_id, &ev->event_id, true)))
+		if (!s && !(s = seen_add(a, t, &ev->event_id)))
 			return TLY_E_NOMEM;
 		s->replayed = true;
 		memcpy(s->digest, cause->digest, 32);
 	}
+	a->g_seen = s; /* the stored entries of this input look it up again */
 	return 0;
 }
 
@@ -372,14 +389,14 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 			p->expect = offset + 1;
 	}
 	a->group = true;
+	a->g_seen = NULL;
 	a->g_partition = partition;
 	a->g_offset = offset;
 	a->counts.inputs++;
-	int rc = tly_codec_decode(a->codec, value, len, &a->input, errstr, sizeof(errstr));
-	if (rc == TLY_E_NOMEM)
-		return rc;
-	if (rc == 0)
-		rc = tly_codec_encode(a->codec, &a->input, &a->encoded, errstr, sizeof(errstr));
+	/* decoded and validated as tally-ledger did; its cause digest from its current encoding */
+	unsigned char digest[32];
+	int rc = tly_codec_decode_digest(a->codec, value, len, &a->input, digest, errstr,
+					 sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
 		return rc;
 	if (rc != 0) {
@@ -389,9 +406,7 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 	}
 	const struct tly_event_desc *desc = tly_event_desc(a->input.type);
 	struct tly_cause cause = {a->input.event_id, desc->name, partition, offset, {0}};
-	unsigned int mdlen = 0;
-	if (EVP_Digest(a->encoded.data, a->encoded.len, cause.digest, &mdlen, EVP_sha256(), NULL) != 1)
-		return TLY_E_NOMEM;
+	memcpy(cause.digest, digest, 32);
 	a->g_tick = a->input.type == TLY_EV_CLOCK_TICK;
 	rc = replay(a, p, tenant, &cause);
 	if (rc == TLY_E_NOMEM)
@@ -568,7 +583,7 @@ static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_e
 		return 0;
 	char ref[37];
 	tly_uuid_format(&e->ref_id, ref);
-	struct hold *h = tly_uuidmap_get(a->holds, &t->id, &e->ref_id);
+	struct hold *h = t->holds ? tly_uuidmap_get(t->holds, &e->ref_id, NULL) : NULL;
 	a->counts.checks++;
 	if (placed) {
 		if (h && h->open) {
@@ -578,8 +593,8 @@ static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_e
 			return 0;
 		}
 		if (!h) {
-			if (!(h = tly_arena_alloc(a->arena, sizeof(*h))) ||
-			    tly_uuidmap_put(a->holds, &t->id, &e->ref_id, h) != 0)
+			if (!(h = tly_arena_alloc(a->arena, sizeof(*h))) || !map_of(&t->holds) ||
+			    tly_uuidmap_put(t->holds, &e->ref_id, NULL, h) != 0)
 				return TLY_E_NOMEM;
 		}
 		*h = (struct hold){e->held_delta, true};
@@ -629,10 +644,12 @@ static void check_identities(struct tly_audit *a, struct tenant *t, const struct
 		snprintf(detail, sizeof(detail), "held %" PRId64 " is not the sum of the open holds %"
 			 PRId64, e->held, t->open_held);
 	else {
-		struct tly_balance b = {0};
-		if (t->w)
-			tly_wallet_balance(t->w, &b);
 		int64_t available = e->allowance_remaining + e->credits_remaining - e->held;
+		struct tly_balance b = {0};
+		/* the wallet's terms only where they matter: a reservation below the limit */
+		if (available < -a->opts.overdraft_limit && strcmp(e->kind, TLY_KIND_HOLD_PLACED) == 0 &&
+		    t->w)
+			tly_wallet_balance(t->w, &b);
 		if (!b.overage_allowed && available < -a->opts.overdraft_limit &&
 		    strcmp(e->kind, TLY_KIND_HOLD_PLACED) == 0)
 			snprintf(detail, sizeof(detail), "available %" PRId64 " is below the limit -%"
@@ -651,7 +668,7 @@ static int check_idempotency(struct tly_audit *a, struct tenant *t, const struct
 	if (strcmp(e->kind, TLY_KIND_DUPLICATE) == 0 || strcmp(e->kind, TLY_KIND_CONFLICT) == 0 ||
 	    strcmp(e->cause_type, "ClockTick") == 0)
 		return 0;
-	struct seen *s = seen_get(a, &t->id, &e->cause_event_id, true);
+	struct seen *s = seen_get(a, t, &e->cause_event_id, true);
 	if (!s)
 		return TLY_E_NOMEM;
 	a->counts.checks++;

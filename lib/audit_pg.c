@@ -7,12 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <arpa/inet.h>
-
 #include "audit_proj.h"
+#include "copyout.h"
 #include "entries.h"
 
-#define DEFAULT_FETCH 20000
+#define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
 
 /* What the workers share; every field below mu is guarded by it. */
@@ -31,56 +30,57 @@ struct shared {
 	struct tly_pg_error err;
 };
 
-/* One worker's connection and verifier, and its place in the partition it is auditing. */
+/*
+ * One worker's verifier and its two connections in the snapshot: the inputs stream on one, the
+ * entries on the other, both as binary COPY, so the server produces while the verifier works.
+ */
 struct run {
 	struct shared *sh;
 	int index;
-	PGconn *conn;
+	PGconn *conn;    /* inputs, and the partitions' offsets */
+	PGconn *conn2;   /* entries */
 	struct tly_audit *a;
 	struct tly_pg_error err;
-	int fetch_rows;
-	PGresult *in; /* the inputs fetched last (binary) */
-	int in_row;
-	bool in_done;
+	int progress_rows;
+	struct tly_copyout *inputs;
+	const char *const *in_values; /* the next input row, when in_have */
+	const int *in_lengths;
+	bool in_have, in_done;
+	struct tly_event *group;      /* the stored entries of one cause, read so far */
+	size_t n_group, cap_group;    /* slots keep their arenas from one cause to the next */
 };
 
-static int64_t be64(const char *p)
+/* A stream that is not what its query returns: a server or network fault, not the ledger's. */
+static int stream_fault(struct run *r, int rc, const char *what)
 {
-	uint64_t v = 0;
-	for (int i = 0; i < 8; i++)
-		v = v << 8 | (unsigned char)p[i];
-	return (int64_t)v;
+	if (rc == TLY_E_CORRUPT) {
+		r->err.errclass = TLY_ERRCLASS_FATAL;
+		r->err.sqlstate[0] = '\0';
+		snprintf(r->err.message, sizeof(r->err.message),
+			 "could not read the %s: a row does not read back as one", what);
+		rc = TLY_E_PG;
+	}
+	return rc;
 }
 
-static int32_t be32(const char *p)
-{
-	uint32_t v;
-	memcpy(&v, p, 4);
-	return (int32_t)ntohl(v);
-}
-
-/* FETCH the next rows of cursor (a name written in this file) in binary format. */
-static PGresult *fetch(struct run *r, const char *cursor)
-{
-	char sql[64];
-	snprintf(sql, sizeof(sql), "FETCH %d FROM %s", r->fetch_rows, cursor);
-	return tly_pg_query_params(r->conn, sql, 0, NULL, NULL, NULL, 1, &r->err);
-}
-
-/* The next input row, fetching when needed: 1 with r->in_row on it, 0 at the end, or an error. */
+/* The next input row, read when needed: 1 with r->in_values on it, 0 at the end, or an error. */
 static int input_row(struct run *r)
 {
-	if (r->in && r->in_row < PQntuples(r->in))
+	if (r->in_have)
 		return 1;
 	if (r->in_done)
 		return 0;
-	PQclear(r->in);
-	r->in_row = 0;
-	if (!(r->in = fetch(r, "tly_audit_inputs")))
-		return TLY_E_PG;
-	if (PQntuples(r->in) == 0)
+	int n;
+	int rc = tly_copyout_next(r->inputs, &r->in_values, &r->in_lengths, &n, &r->err);
+	if (rc == 0)
 		r->in_done = true;
-	return PQntuples(r->in) > 0;
+	if (rc == 1 && (n != 4 || r->in_lengths[0] != 4 || r->in_lengths[1] != 8 ||
+			(r->in_lengths[2] != 16 && r->in_lengths[2] != -1) || r->in_lengths[3] < 0))
+		rc = TLY_E_CORRUPT;
+	if (rc < 0)
+		return stream_fault(r, rc, "ledger inputs");
+	r->in_have = rc == 1;
+	return rc;
 }
 
 /* Feed the task's inputs up to (partition, offset) inclusive; all of them with all. */
@@ -88,31 +88,21 @@ static int feed_inputs(struct run *r, int32_t partition, int64_t offset, bool al
 {
 	int have;
 	while ((have = input_row(r)) == 1) {
-		const PGresult *in = r->in;
-		int row = r->in_row;
-		int32_t p = be32(PQgetvalue(in, row, 0));
-		int64_t o = be64(PQgetvalue(in, row, 1));
+		int32_t p = tly_copyout_int4(r->in_values[0]);
+		int64_t o = tly_copyout_int8(r->in_values[1]);
 		if (!all && (p > partition || (p == partition && o > offset)))
 			return 0;
 		tly_uuid tenant;
-		bool tick = PQgetisnull(in, row, 2);
+		bool tick = r->in_lengths[2] < 0;
 		if (!tick)
-			memcpy(tenant.b, PQgetvalue(in, row, 2), 16);
-		int rc = tly_audit_input(r->a, p, o, tick ? NULL : &tenant, PQgetvalue(in, row, 3),
-					 (size_t)PQgetlength(in, row, 3));
+			memcpy(tenant.b, r->in_values[2], 16);
+		r->in_have = false; /* the row stays valid until the next read */
+		int rc = tly_audit_input(r->a, p, o, tick ? NULL : &tenant, r->in_values[3],
+					 (size_t)r->in_lengths[3]);
 		if (rc != 0)
 			return rc;
-		r->in_row++;
 	}
 	return have;
-}
-
-static int on_entry(const struct tly_event *entry, void *ud)
-{
-	struct run *r = ud;
-	const struct tly_ledger_entry *e = &entry->u.ledger_entry;
-	int rc = feed_inputs(r, e->cause_partition, e->cause_offset, false);
-	return rc ? rc : tly_audit_entry(r->a, entry);
 }
 
 /* The ledger's stored offset of partition and its quarantined offsets, to the verifier. */
@@ -142,43 +132,54 @@ static int announce(struct run *r, int32_t partition, const char *ptext)
 	return rc;
 }
 
+/* The task's bounds, as settings of both transactions the COPY statements read (no parameters). */
+static int bounds(struct run *r, const char *lo, const char *hi, const char *tenant)
+{
+	const char *v[] = {lo, hi, tenant ? tenant : ""};
+	PGconn *conns[] = {r->conn, r->conn2};
+	for (int i = 0; i < 2; i++) {
+		PGresult *res = tly_pg_query(conns[i],
+					     "SELECT set_config('tally.audit_lo', $1, true), "
+					     "set_config('tally.audit_hi', $2, true), "
+					     "set_config('tally.audit_tenant', $3, true)",
+					     3, v, &r->err);
+		if (!res)
+			return TLY_E_PG;
+		PQclear(res);
+	}
+	return 0;
+}
+
 /*
- * The task's cursors: inputs and entries of partitions [lo, hi) in (partition, offset) order, or
+ * The task's streams: inputs and entries of partitions [lo, hi) in (partition, offset) order, or
  * one tenant's (its partition's ticks with it, and all its entries whatever partition they claim).
  */
-static int declare(struct run *r, const char *lo, const char *hi, const char *tenant)
+#define LO "current_setting('tally.audit_lo')::integer"
+#define HI "current_setting('tally.audit_hi')::integer"
+#define TENANT "current_setting('tally.audit_tenant')::uuid"
+static int start_streams(struct run *r, bool one, struct tly_copyout **entries)
 {
-	const char *v[] = {lo, hi, tenant};
-	PGresult *res = tly_pg_query(r->conn,
-				     tenant ? "DECLARE tly_audit_inputs NO SCROLL CURSOR FOR "
-					      "SELECT partition, \"offset\", tenant_id, value FROM "
-					      "ledger_inputs WHERE partition >= $1::integer AND "
-					      "partition < $2::integer AND (tenant_id = $3 OR tenant_id "
-					      "IS NULL) ORDER BY partition, \"offset\""
-					    : "DECLARE tly_audit_inputs NO SCROLL CURSOR FOR "
-					      "SELECT partition, \"offset\", tenant_id, value FROM "
-					      "ledger_inputs WHERE partition >= $1::integer AND "
-					      "partition < $2::integer ORDER BY partition, \"offset\"",
-				     tenant ? 3 : 2, v, &r->err);
-	if (!res)
+	r->inputs = tly_copyout_start(r->conn,
+				      one ? "COPY (SELECT partition, \"offset\", tenant_id, value FROM "
+					    "ledger_inputs WHERE partition >= " LO " AND partition < " HI
+					    " AND (tenant_id = " TENANT " OR tenant_id IS NULL) "
+					    "ORDER BY partition, \"offset\") TO STDOUT (FORMAT binary)"
+					  : "COPY (SELECT partition, \"offset\", tenant_id, value FROM "
+					    "ledger_inputs WHERE partition >= " LO " AND partition < " HI
+					    " ORDER BY partition, \"offset\") TO STDOUT (FORMAT binary)",
+				      &r->err);
+	if (!r->inputs)
 		return TLY_E_PG;
-	PQclear(res);
-	res = tenant ? tly_pg_query(r->conn,
-				    "DECLARE tly_audit_entries NO SCROLL CURSOR FOR SELECT "
-				    TLY_ENTRIES_SELECT " FROM ledger_entries e WHERE e.tenant_id = $1 "
-				    "ORDER BY e.cause_partition, e.cause_offset, e.tenant_id, e.seq",
-				    1, v + 2, &r->err)
-		     : tly_pg_query(r->conn,
-				    "DECLARE tly_audit_entries NO SCROLL CURSOR FOR SELECT "
-				    TLY_ENTRIES_SELECT " FROM ledger_entries e "
-				    "WHERE e.cause_partition >= $1::integer AND "
-				    "e.cause_partition < $2::integer "
-				    "ORDER BY e.cause_partition, e.cause_offset, e.tenant_id, e.seq",
-				    2, v, &r->err);
-	if (!res)
-		return TLY_E_PG;
-	PQclear(res);
-	return 0;
+	*entries = tly_copyout_start(r->conn2,
+				     one ? "COPY (SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries "
+					   "e WHERE e.tenant_id = " TENANT " ORDER BY e.cause_partition, "
+					   "e.cause_offset) TO STDOUT (FORMAT binary)"
+					 : "COPY (SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries "
+					   "e WHERE e.cause_partition >= " LO " AND e.cause_partition < " HI
+					   " ORDER BY e.cause_partition, e.cause_offset) "
+					   "TO STDOUT (FORMAT binary)",
+				     &r->err);
+	return *entries ? 0 : TLY_E_PG;
 }
 
 static void progress(struct run *r)
@@ -198,13 +199,66 @@ static void progress(struct run *r)
 	pthread_mutex_unlock(&sh->mu);
 }
 
-/* One task: partitions [lo, hi) (or the tenant's), inputs and entries merged in offset order. */
+/* Entry order inside one cause, as the verifier takes them: (tenant, seq). */
+static int entry_cmp(const void *x, const void *y)
+{
+	const struct tly_event *ex = x, *ey = y;
+	int c = memcmp(ex->tenant_id.b, ey->tenant_id.b, 16);
+	if (c)
+		return c;
+	int64_t sx = ex->u.ledger_entry.seq, sy = ey->u.ledger_entry.seq;
+	return sx < sy ? -1 : sx > sy;
+}
+
+/* The entries of the cause read so far, in (tenant, seq) order, after the inputs up to it. */
+static int flush(struct run *r, size_t n)
+{
+	if (n == 0)
+		return 0;
+	if (n > 1)
+		qsort(r->group, n, sizeof(*r->group), entry_cmp);
+	const struct tly_ledger_entry *e = &r->group[0].u.ledger_entry;
+	int rc = feed_inputs(r, e->cause_partition, e->cause_offset, false);
+	for (size_t i = 0; i < n && rc == 0; i++)
+		rc = tly_audit_entry(r->a, &r->group[i]);
+	return rc;
+}
+
+/* The next stored entry into r->group[r->n_group] (grown as needed): 1, 0 at the end, or an error. */
+static int entry_row(struct run *r, struct tly_copyout *entries)
+{
+	const char *const *values;
+	const int *lengths;
+	int n;
+	int rc = tly_copyout_next(entries, &values, &lengths, &n, &r->err);
+	if (rc != 1)
+		return stream_fault(r, rc, "ledger entries");
+	if (r->n_group == r->cap_group) {
+		size_t cap = r->cap_group ? 2 * r->cap_group : 16;
+		struct tly_event *g = realloc(r->group, cap * sizeof(*g));
+		if (!g)
+			return TLY_E_NOMEM;
+		memset(g + r->cap_group, 0, (cap - r->cap_group) * sizeof(*g));
+		r->group = g;
+		r->cap_group = cap;
+	}
+	rc = tly_entries_from_copy(values, lengths, n, &r->group[r->n_group]);
+	return rc ? stream_fault(r, rc, "ledger entries") : 1;
+}
+
+/*
+ * One task: partitions [lo, hi) (or the tenant's), inputs and entries merged in offset order. The
+ * entries come in (partition, offset) order from the index; those of one cause are put in (tenant,
+ * seq) order here, which spares the server a sort step on every row.
+ */
 static int audit_task(struct run *r, int32_t lo, int32_t hi)
 {
 	char lot[16], hit[16], tenant[37];
 	const struct shared *sh = r->sh;
 	bool one = sh->opts->tenant != NULL;
+	struct tly_copyout *entries = NULL;
 	int rc = 0;
+	long rows = 0;
 	snprintf(lot, sizeof(lot), "%d", (int)lo);
 	snprintf(hit, sizeof(hit), "%d", (int)hi);
 	if (one)
@@ -214,38 +268,38 @@ static int audit_task(struct run *r, int32_t lo, int32_t hi)
 		snprintf(ptext, sizeof(ptext), "%d", (int)p);
 		rc = announce(r, p, ptext);
 	}
+	r->in_have = r->in_done = false;
+	r->n_group = 0;
 	if (rc == 0)
-		rc = declare(r, lot, hit, one ? tenant : NULL);
-	r->in = NULL;
-	r->in_row = 0;
-	r->in_done = false;
-	while (rc == 0) {
-		PGresult *ents = fetch(r, "tly_audit_entries");
-		if (!ents) {
-			rc = TLY_E_PG;
-			break;
+		rc = bounds(r, lot, hit, one ? tenant : NULL);
+	if (rc == 0)
+		rc = start_streams(r, one, &entries);
+	while (rc == 0 && (rc = entry_row(r, entries)) == 1) {
+		size_t at = r->n_group;
+		const struct tly_ledger_entry *e = &r->group[at].u.ledger_entry;
+		const struct tly_ledger_entry *first = &r->group[0].u.ledger_entry;
+		rc = 0;
+		if (at > 0 && (e->cause_partition != first->cause_partition ||
+			       e->cause_offset != first->cause_offset)) {
+			rc = flush(r, at); /* a new cause: the one before is complete */
+			struct tly_event row = r->group[at];
+			r->group[at] = r->group[0];
+			r->group[0] = row;
+			at = 0;
 		}
-		int n = PQntuples(ents);
-		rc = n ? tly_entries_each(ents, on_entry, r) : 0;
-		PQclear(ents);
-		if (rc == TLY_E_CORRUPT) {
-			snprintf(r->err.message, sizeof(r->err.message),
-				 "could not read a ledger entry row of partitions %d..%d: it does not "
-				 "read back as an entry", (int)lo, (int)hi - 1);
-			rc = TLY_E_PG;
-		}
-		if (rc == 0)
+		r->n_group = at + 1;
+		if (rc == 0 && ++rows % r->progress_rows == 0)
 			progress(r);
-		if (n == 0)
-			break;
 	}
 	if (rc == 0)
+		rc = flush(r, r->n_group);
+	if (rc == 0)
 		rc = feed_inputs(r, 0, 0, true);
-	PQclear(r->in);
-	r->in = NULL;
-	if (rc == 0 && tly_pg_exec_script(r->conn, "CLOSE tly_audit_inputs; CLOSE tly_audit_entries",
-					  &r->err) != 0)
-		rc = TLY_E_PG;
+	if (rc == 0)
+		progress(r);
+	tly_copyout_free(entries);
+	tly_copyout_free(r->inputs);
+	r->inputs = NULL;
 	return rc;
 }
 
@@ -259,27 +313,43 @@ static void serialised_failure(const struct tly_audit_failure *fl, void *ud)
 }
 
 /* Connect and join the coordinator's snapshot (a server-generated id, quoted as a literal). */
-static int worker_begin(struct run *r)
+static int join(struct run *r, PGconn **conn)
 {
 	char errstr[512];
-	if (!(r->conn = tly_pg_connect(r->sh->opts->conninfo, "tallyctl audit", errstr,
-				       sizeof(errstr)))) {
+	if (!(*conn = tly_pg_connect(r->sh->opts->conninfo, "tallyctl audit", errstr,
+				     sizeof(errstr)))) {
 		r->err.errclass = TLY_ERRCLASS_RETRIABLE;
 		snprintf(r->err.message, sizeof(r->err.message), "%s", errstr);
 		return TLY_E_PG;
 	}
-	if (tly_pg_exec_script(r->conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+	if (tly_pg_exec_script(*conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
 			       &r->err) != 0)
 		return TLY_E_PG;
-	if (!r->sh->snapshot[0])
-		return 0; /* an empty ledger: nothing to share */
-	char *lit = PQescapeLiteral(r->conn, r->sh->snapshot, strlen(r->sh->snapshot));
-	if (!lit)
-		return TLY_E_NOMEM;
-	char sql[128];
-	snprintf(sql, sizeof(sql), "SET TRANSACTION SNAPSHOT %s", lit);
-	PQfreemem(lit);
-	return tly_pg_exec_script(r->conn, sql, &r->err) == 0 ? 0 : TLY_E_PG;
+	if (r->sh->snapshot[0]) { /* else an empty ledger: nothing to share */
+		char *lit = PQescapeLiteral(*conn, r->sh->snapshot, strlen(r->sh->snapshot));
+		if (!lit)
+			return TLY_E_NOMEM;
+		char sql[128];
+		snprintf(sql, sizeof(sql), "SET TRANSACTION SNAPSHOT %s", lit);
+		PQfreemem(lit);
+		if (tly_pg_exec_script(*conn, sql, &r->err) != 0)
+			return TLY_E_PG;
+	}
+	/*
+	 * Rows in (partition, offset) order straight from the indexes, streamed: for a range of
+	 * partitions the planner would rather scan the table in parallel and sort it on disk, which
+	 * costs a worker more than the whole ledger read in index order. No JIT for one pass.
+	 */
+	return tly_pg_exec_script(*conn, "SET LOCAL enable_seqscan = off; "
+				  "SET LOCAL enable_bitmapscan = off; "
+				  "SET LOCAL max_parallel_workers_per_gather = 0; SET LOCAL jit = off",
+				  &r->err) == 0 ? 0 : TLY_E_PG;
+}
+
+static int worker_begin(struct run *r)
+{
+	int rc = join(r, &r->conn);
+	return rc ? rc : join(r, &r->conn2);
 }
 
 static void *worker_main(void *arg)
@@ -318,6 +388,11 @@ static void *worker_main(void *arg)
 	tly_audit_free(r->a);
 	if (r->conn)
 		PQfinish(r->conn);
+	if (r->conn2)
+		PQfinish(r->conn2);
+	for (size_t i = 0; i < r->cap_group; i++)
+		tly_event_free(&r->group[i]);
+	free(r->group);
 	return NULL;
 }
 
@@ -404,8 +479,9 @@ int tly_audit_pg_run(const struct tly_audit_opts *aopts, const struct tly_audit_
 	}
 	for (; started < sh.jobs; started++) {
 		runs[started] = (struct run){.sh = &sh, .index = started,
-					     .fetch_rows = opts->fetch_rows > 0 ? opts->fetch_rows
-										: DEFAULT_FETCH};
+					     .progress_rows = opts->progress_rows > 0
+								      ? opts->progress_rows
+								      : DEFAULT_PROGRESS};
 		if (pthread_create(&threads[started], NULL, worker_main, &runs[started]) != 0)
 			break;
 	}

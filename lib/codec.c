@@ -3,11 +3,13 @@
 
 #include <avro.h>
 #include <jansson.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "arena.h"
+#include "codec_plan.h"
 #include "schema.h"
 #include "validate_bytes.h"
 
@@ -29,6 +31,14 @@ struct tly_codec {
 	avro_writer_t writer;
 	avro_reader_t reader;
 	struct field_memo *memo; /* FIELD_MEMO slots: a field's index in a record schema */
+	/* per registry entry: its compiled plan (NULL: none); plan_tried once compiled or refused */
+	struct tly_codec_plan **plans;
+	bool *plan_tried;
+	bool generic;            /* plans off: avro-c's generic values only */
+	struct tly_uuid_memo *uuids;
+	struct tly_buf scratch;  /* encodings hashed by tly_codec_digest and tly_codec_decode_digest */
+	EVP_MD *sha256;
+	EVP_MD_CTX *md;
 };
 
 void tly_buf_free(struct tly_buf *buf)
@@ -40,7 +50,7 @@ void tly_buf_free(struct tly_buf *buf)
 	buf->len = buf->cap = 0;
 }
 
-static int buf_reserve(struct tly_buf *buf, size_t n)
+int tly_buf_reserve(struct tly_buf *buf, size_t n)
 {
 	if (buf->cap >= n)
 		return 0;
@@ -77,7 +87,13 @@ struct tly_codec *tly_codec_new_with_registry(struct tly_schema_registry *reg, c
 	codec->writer = avro_writer_memory(NULL, 0);
 	codec->reader = avro_reader_memory(NULL, 0);
 	codec->memo = calloc(FIELD_MEMO, sizeof(*codec->memo));
-	if (!codec->values || !codec->has_value || !codec->writer || !codec->reader || !codec->memo)
+	codec->plans = calloc(codec->n_values ? codec->n_values : 1, sizeof(*codec->plans));
+	codec->plan_tried = calloc(codec->n_values ? codec->n_values : 1, sizeof(bool));
+	codec->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+	codec->md = EVP_MD_CTX_new();
+	codec->uuids = calloc(1, sizeof(*codec->uuids));
+	if (!codec->values || !codec->has_value || !codec->writer || !codec->reader || !codec->memo ||
+	    !codec->plans || !codec->plan_tried || !codec->sha256 || !codec->md || !codec->uuids)
 		goto oom;
 	for (int t = 0; t < TLY_EV__COUNT; t++) {
 		const struct tly_event_desc *d = tly_event_desc((enum tly_event_type)t);
@@ -102,6 +118,14 @@ void tly_codec_free(struct tly_codec *codec)
 	free(codec->values);
 	free(codec->has_value);
 	free(codec->memo);
+	for (size_t i = 0; i < codec->n_values && codec->plans; i++)
+		tly_codec_plan_free(codec->plans[i]);
+	free(codec->plans);
+	free(codec->plan_tried);
+	tly_buf_free(&codec->scratch);
+	free(codec->uuids);
+	EVP_MD_free(codec->sha256);
+	EVP_MD_CTX_free(codec->md);
 	if (codec->writer)
 		avro_writer_free(codec->writer);
 	if (codec->reader)
@@ -284,17 +308,58 @@ static void put_header(unsigned char *h, uint64_t fp)
 		h[2 + i] = (unsigned char)(fp >> (8 * i));
 }
 
-int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
-		     char *errstr, size_t errlen)
+void tly_codec_set_generic(struct tly_codec *codec, bool generic)
+{
+	codec->generic = generic;
+}
+
+/* The plan of registry entry s for d (compiled on first use); NULL: none, or plans are off. */
+static const struct tly_codec_plan *plan_for(struct tly_codec *codec, const struct tly_schema *s,
+					     const struct tly_event_desc *d)
+{
+	if (codec->generic)
+		return NULL;
+	for (size_t i = 0; i < codec->n_values; i++) {
+		if (tly_schema_at(codec->reg, i) != s)
+			continue;
+		if (!codec->plan_tried[i]) {
+			codec->plans[i] = tly_codec_plan_new(tly_schema_avro(s), &d->record);
+			codec->plan_tried[i] = true;
+		}
+		return codec->plans[i];
+	}
+	return NULL;
+}
+
+/* The single-object encoding of ev, which has passed tly_event_validate, into out. */
+static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+			char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
+	const struct tly_schema *s = codec->current[ev->type];
 	char why[512];
-	int rc = tly_event_validate(ev, why, sizeof(why));
-	if (rc != 0) {
-		snprintf(errstr, errlen, "%s: %s", d ? d->name : "event", why);
+	int rc;
+	const struct tly_codec_plan *plan = s ? plan_for(codec, s, d) : NULL;
+	if (plan) {
+		if (tly_buf_reserve(out, TLY_CODEC_HEADER) != 0) {
+			snprintf(errstr, errlen, "out of memory");
+			return TLY_E_NOMEM;
+		}
+		put_header(out->data, tly_schema_fingerprint(s));
+		out->len = TLY_CODEC_HEADER;
+		rc = tly_codec_plan_encode(plan, ev, out);
+		if (rc == 0 && out->len > TLY_CODEC_MAX_BYTES) {
+			snprintf(errstr, errlen, "%s: %zu bytes encoded, more than the %u allowed", d->name,
+				 out->len, TLY_CODEC_MAX_BYTES);
+			rc = TLY_E_TOO_LARGE;
+		} else if (rc != 0) {
+			snprintf(errstr, errlen, "%s: %s", d->name,
+				 rc == TLY_E_NOMEM ? "out of memory" : "a required string is NULL");
+		}
+		if (rc != 0)
+			out->len = 0;
 		return rc;
 	}
-	const struct tly_schema *s = codec->current[ev->type];
 	avro_value_t *rec;
 	if (!s || value_for(codec, s, &rec) != 0) {
 		snprintf(errstr, errlen, "no schema for %s", d->name);
@@ -314,7 +379,7 @@ int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct
 			 size + TLY_CODEC_HEADER, TLY_CODEC_MAX_BYTES);
 		return TLY_E_TOO_LARGE;
 	}
-	if (buf_reserve(out, size + TLY_CODEC_HEADER) != 0) {
+	if (tly_buf_reserve(out, size + TLY_CODEC_HEADER) != 0) {
 		snprintf(errstr, errlen, "out of memory");
 		return TLY_E_NOMEM;
 	}
@@ -327,6 +392,53 @@ int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct
 	}
 	out->len = size + TLY_CODEC_HEADER;
 	return 0;
+}
+
+static int validate(const struct tly_event *ev, char *errstr, size_t errlen)
+{
+	const struct tly_event_desc *d = tly_event_desc(ev->type);
+	char why[512];
+	int rc = tly_event_validate(ev, why, sizeof(why));
+	if (rc != 0)
+		snprintf(errstr, errlen, "%s: %s", d ? d->name : "event", why);
+	return rc;
+}
+
+int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+		     char *errstr, size_t errlen)
+{
+	int rc = validate(ev, errstr, errlen);
+	return rc ? rc : encode_valid(codec, ev, out, errstr, errlen);
+}
+
+/* SHA-256 of a[0..alen) then b[0..blen), with the codec's digest context. */
+static int sha256(struct tly_codec *codec, const void *a, size_t alen, const void *b, size_t blen,
+		  unsigned char out[32])
+{
+	unsigned int n = 0;
+	if (EVP_DigestInit_ex(codec->md, codec->sha256, NULL) != 1 ||
+	    (alen && EVP_DigestUpdate(codec->md, a, alen) != 1) ||
+	    EVP_DigestUpdate(codec->md, b, blen) != 1 || EVP_DigestFinal_ex(codec->md, out, &n) != 1 ||
+	    n != 32)
+		return TLY_E_NOMEM;
+	return 0;
+}
+
+int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool body_only,
+		     const void *prefix, size_t prefix_len, unsigned char digest[32], char *errstr,
+		     size_t errlen)
+{
+	int rc = validate(ev, errstr, errlen);
+	if (rc == 0)
+		rc = encode_valid(codec, ev, &codec->scratch, errstr, errlen);
+	if (rc != 0)
+		return rc;
+	size_t skip = body_only ? TLY_CODEC_HEADER : 0;
+	rc = sha256(codec, prefix, prefix_len, codec->scratch.data + skip, codec->scratch.len - skip,
+		    digest);
+	if (rc != 0)
+		snprintf(errstr, errlen, "could not compute SHA-256");
+	return rc;
 }
 
 /* ---- decode ------------------------------------------------------------------------------- */
@@ -598,10 +710,15 @@ int tly_codec_peek_fingerprint(const void *bytes, size_t len, uint64_t *fingerpr
 	return 0;
 }
 
-int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
-		     char *errstr, size_t errlen)
+/*
+ * tly_codec_decode; *canonical when bytes are exactly the event's encoding with its current
+ * schema (read by the current schema's plan, which found nothing it would write otherwise).
+ */
+static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
+		  bool *canonical, char *errstr, size_t errlen)
 {
 	uint64_t fp = 0;
+	*canonical = false;
 	char why[512];
 	int rc;
 
@@ -634,6 +751,24 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 	}
 	const unsigned char *body = (const unsigned char *)bytes + TLY_CODEC_HEADER;
 	size_t body_len = len - TLY_CODEC_HEADER;
+	const struct tly_codec_plan *plan = plan_for(codec, writer, d);
+	if (plan) {
+		struct tly_arena *arena = tly_event_arena(ev);
+		if (!arena) {
+			snprintf(errstr, errlen, "out of memory");
+			return TLY_E_NOMEM;
+		}
+		tly_event_init(ev, d->type);
+		rc = tly_codec_plan_decode(plan, body, body_len, ev, arena, codec->uuids, canonical);
+		*canonical = *canonical && writer == codec->current[d->type];
+		if (rc == TLY_E_NOMEM) {
+			snprintf(errstr, errlen, "out of memory");
+			return rc;
+		}
+		if (rc == 0)
+			goto validate;
+		tly_event_reset(ev); /* the generic path says what is wrong */
+	}
 	rc = tly_avro_validate_bytes(tly_schema_avro(writer), body, body_len, why, sizeof(why));
 	if (rc != 0) {
 		snprintf(errstr, errlen, "%s: %s", d->name, why);
@@ -657,11 +792,38 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 	tly_event_init(ev, d->type);
 	rc = get_record(codec, &d->record, (unsigned char *)ev, rec, codec->current[d->type], arena,
 			why, sizeof(why));
-	if (rc == 0)
-		rc = tly_event_validate(ev, why, sizeof(why));
 	if (rc != 0) {
 		snprintf(errstr, errlen, "%s: %s", d->name, why);
 		return rc;
 	}
-	return 0;
+validate:
+	return validate(ev, errstr, errlen);
+}
+
+int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
+		     char *errstr, size_t errlen)
+{
+	bool canonical;
+	return decode(codec, bytes, len, ev, &canonical, errstr, errlen);
+}
+
+int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t len,
+			    struct tly_event *ev, unsigned char digest[32], char *errstr,
+			    size_t errlen)
+{
+	bool canonical = false;
+	int rc = decode(codec, bytes, len, ev, &canonical, errstr, errlen);
+	if (rc == 0 && canonical) { /* the bytes are their own current encoding */
+		rc = sha256(codec, NULL, 0, bytes, len, digest);
+		goto out;
+	}
+	if (rc == 0) /* ev is what decoding just validated */
+		rc = encode_valid(codec, ev, &codec->scratch, errstr, errlen);
+	if (rc != 0)
+		return rc;
+	rc = sha256(codec, NULL, 0, codec->scratch.data, codec->scratch.len, digest);
+out:
+	if (rc != 0)
+		snprintf(errstr, errlen, "could not compute SHA-256");
+	return rc;
 }

@@ -3,11 +3,16 @@
  * fingerprint (little-endian), then the Avro binary body. Decoding finds the writer schema by
  * fingerprint, checks the bytes, reads them with avro-c and validates the typed result.
  *
+ * Where a schema's fields are exactly its type's descriptor (every current schema), a compiled
+ * plan (lib/codec_plan) writes and reads the bytes directly; elsewhere avro-c's generic values do,
+ * and they still say why bytes the plan would not read are wrong.
+ *
  * A codec caches avro-c values and is not thread-safe: use one per thread.
  */
 #ifndef TLY_CODEC_H
 #define TLY_CODEC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -26,6 +31,8 @@ struct tly_buf {
 	size_t len, cap;
 };
 void tly_buf_free(struct tly_buf *buf);
+/* Room for n bytes in all (len unchanged). 0 or TLY_E_NOMEM. */
+int tly_buf_reserve(struct tly_buf *buf, size_t n) TLY_MUST_CHECK;
 
 /* A codec over the compiled-in registry. NULL with errstr on failure. */
 struct tly_codec *tly_codec_new(char *errstr, size_t errlen);
@@ -54,6 +61,30 @@ int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct
  */
 int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,
 		     char *errstr, size_t errlen) TLY_MUST_CHECK;
+
+/*
+ * SHA-256 of prefix[0..prefix_len) followed by ev's encoding: the whole single-object encoding, or
+ * with body_only its Avro body alone. Validates ev and fails as tly_codec_encode does; encodes into
+ * the codec's own buffer (no allocation once it has grown).
+ */
+int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool body_only,
+		     const void *prefix, size_t prefix_len, unsigned char digest[32], char *errstr,
+		     size_t errlen) TLY_MUST_CHECK;
+
+/*
+ * tly_codec_decode, then the SHA-256 of the decoded event's single-object encoding with its
+ * current schema (a cause digest as tally-ledger computes it: decode, encode, hash), without
+ * validating the event a second time.
+ */
+int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t len,
+			    struct tly_event *ev, unsigned char digest[32], char *errstr,
+			    size_t errlen) TLY_MUST_CHECK;
+
+/*
+ * generic: encode and decode through avro-c's generic values only, never a compiled plan (the
+ * reference the plans are tested against). Default false.
+ */
+void tly_codec_set_generic(struct tly_codec *codec, bool generic);
 
 /* The fingerprint in a single-object header, or TLY_E_BAD_MAGIC / TLY_E_TRUNCATED. */
 int tly_codec_peek_fingerprint(const void *bytes, size_t len, uint64_t *fingerprint) TLY_MUST_CHECK;

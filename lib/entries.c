@@ -1,6 +1,7 @@
 /* Ledger entries read back from PostgreSQL rows into decoded LedgerEntry events. */
 #include "entries.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +9,43 @@
 #include <jansson.h>
 
 #include "arena.h"
+
+/* One row's values: a result's row, or a binary COPY row of TLY_ENTRIES_SELECT_BINARY. */
+struct row {
+	const PGresult *res; /* NULL: a COPY row */
+	int r;
+	const char *const *values;
+	const int *lengths;  /* -1: NULL */
+};
+
+#define TIMESTAMPTZOID 1184
+#define PG_EPOCH_US 946684800000000LL /* 2000-01-01, where a binary timestamptz counts from */
+
+static bool is_null(const struct row *w, int c)
+{
+	return w->res ? PQgetisnull(w->res, w->r, c) : w->lengths[c] < 0;
+}
+
+static const char *value(const struct row *w, int c)
+{
+	return w->res ? PQgetvalue(w->res, w->r, c) : w->values[c];
+}
+
+static int length(const struct row *w, int c)
+{
+	return w->res ? PQgetlength(w->res, w->r, c) : w->lengths[c];
+}
+
+static bool binary(const struct row *w, int c)
+{
+	return w->res ? PQfformat(w->res, c) == 1 : true;
+}
+
+/* The columns of TLY_ENTRIES_SELECT_BINARY that are timestamps. */
+static bool timestamp(const struct row *w, int c)
+{
+	return w->res ? PQftype(w->res, c) == TIMESTAMPTZOID : c == 18 || c == 19 || c == 24;
+}
 
 /* Network-order integer of len bytes (a binary-format int4 or int8). */
 static int64_t be_int(const unsigned char *p, int len)
@@ -18,53 +56,58 @@ static int64_t be_int(const unsigned char *p, int len)
 	return (int64_t)v;
 }
 
-static int64_t col_i64(const PGresult *res, int r, int c)
+/* A binary int4, int8 or timestamptz (as µs since the Unix epoch), or a text integer. */
+static int64_t col_i64(const struct row *w, int c)
 {
-	if (PQfformat(res, c) == 1)
-		return be_int((const unsigned char *)PQgetvalue(res, r, c), PQgetlength(res, r, c));
-	return strtoll(PQgetvalue(res, r, c), NULL, 10);
+	if (binary(w, c)) {
+		int64_t v = be_int((const unsigned char *)value(w, c), length(w, c));
+		return timestamp(w, c) ? v + PG_EPOCH_US : v;
+	}
+	return strtoll(value(w, c), NULL, 10);
 }
 
-static struct tly_opt_i64 col_opt(const PGresult *res, int r, int c)
+static struct tly_opt_i64 col_opt(const struct row *w, int c)
 {
 	struct tly_opt_i64 o = {false, 0};
-	if (!PQgetisnull(res, r, c))
-		o = (struct tly_opt_i64){true, col_i64(res, r, c)};
+	if (!is_null(w, c))
+		o = (struct tly_opt_i64){true, col_i64(w, c)};
 	return o;
 }
 
-static const char *col_str(struct tly_arena *arena, const PGresult *res, int r, int c)
+static const char *col_str(struct tly_arena *arena, const struct row *w, int c)
 {
-	if (PQgetisnull(res, r, c))
+	if (is_null(w, c))
 		return NULL;
-	return tly_arena_strndup(arena, PQgetvalue(res, r, c), (size_t)PQgetlength(res, r, c));
+	return tly_arena_strndup(arena, value(w, c), (size_t)length(w, c));
 }
 
-static int col_uuid(const PGresult *res, int r, int c, tly_uuid *out)
+static int col_uuid(const struct row *w, int c, tly_uuid *out)
 {
 	memset(out, 0, sizeof(*out));
-	if (PQgetisnull(res, r, c))
+	if (is_null(w, c))
 		return 0;
-	if (PQfformat(res, c) == 1) {
-		if (PQgetlength(res, r, c) != 16)
+	if (binary(w, c)) {
+		if (length(w, c) != 16)
 			return TLY_E_CORRUPT;
-		memcpy(out->b, PQgetvalue(res, r, c), 16);
+		memcpy(out->b, value(w, c), 16);
 		return 0;
 	}
-	return tly_uuid_parse(PQgetvalue(res, r, c), out);
+	return tly_uuid_parse(value(w, c), out);
 }
 
 /* bytea of 32 bytes: raw in binary format, hex text ("\x00ab…") in text format. */
-static int col_sha(const PGresult *res, int r, int c, unsigned char out[32])
+static int col_sha(const struct row *w, int c, unsigned char out[32])
 {
-	if (PQfformat(res, c) == 1) {
-		if (PQgetlength(res, r, c) != 32)
+	if (is_null(w, c))
+		return TLY_E_CORRUPT;
+	if (binary(w, c)) {
+		if (length(w, c) != 32)
 			return TLY_E_CORRUPT;
-		memcpy(out, PQgetvalue(res, r, c), 32);
+		memcpy(out, value(w, c), 32);
 		return 0;
 	}
 	size_t n = 0;
-	unsigned char *bytes = PQunescapeBytea((const unsigned char *)PQgetvalue(res, r, c), &n);
+	unsigned char *bytes = PQunescapeBytea((const unsigned char *)value(w, c), &n);
 	int rc = bytes && n == 32 ? 0 : TLY_E_CORRUPT;
 	if (rc == 0)
 		memcpy(out, bytes, 32);
@@ -72,13 +115,13 @@ static int col_sha(const PGresult *res, int r, int c, unsigned char out[32])
 	return rc;
 }
 
-static int col_lines(struct tly_arena *arena, const PGresult *res, int r, int c, struct tly_list *out)
+static int col_lines(struct tly_arena *arena, const struct row *w, int c, struct tly_list *out)
 {
 	*out = (struct tly_list){NULL, 0};
-	if (PQgetisnull(res, r, c))
+	if (is_null(w, c))
 		return 0;
 	json_error_t jerr;
-	json_t *arr = json_loads(PQgetvalue(res, r, c), 0, &jerr);
+	json_t *arr = json_loadb(value(w, c), (size_t)length(w, c), 0, &jerr);
 	int rc = TLY_E_CORRUPT;
 	if (!arr || !json_is_array(arr))
 		goto out;
@@ -115,52 +158,72 @@ out:
 	return rc;
 }
 
+/* The row as a LedgerEntry into ev (reset first). 0, TLY_E_CORRUPT or TLY_E_NOMEM. */
+static int fill(const struct row *w, struct tly_event *ev)
+{
+	tly_event_reset(ev);
+	tly_event_init(ev, TLY_EV_LEDGER_ENTRY);
+	struct tly_arena *arena = tly_event_arena(ev);
+	struct tly_ledger_entry *e = &ev->u.ledger_entry;
+	if (!arena)
+		return TLY_E_NOMEM;
+	e->seq = col_i64(w, 1);
+	e->kind = col_str(arena, w, 2);
+	e->cause_type = col_str(arena, w, 4);
+	e->cause_partition = (int32_t)col_i64(w, 5);
+	e->cause_offset = col_i64(w, 6);
+	e->allowance_delta = col_i64(w, 10);
+	e->credits_delta = col_i64(w, 11);
+	e->held_delta = col_i64(w, 12);
+	e->overage_delta = col_i64(w, 13);
+	e->allowance_remaining = col_i64(w, 14);
+	e->credits_remaining = col_i64(w, 15);
+	e->held = col_i64(w, 16);
+	e->overage_tokens = col_i64(w, 17);
+	e->period_start = col_opt(w, 18);
+	e->period_end = col_opt(w, 19);
+	e->amount_cents = col_opt(w, 20);
+	e->currency = col_str(arena, w, 21);
+	e->reason = col_str(arena, w, 23);
+	e->ledger_time = col_i64(w, 24);
+	if (col_uuid(w, 0, &ev->tenant_id) != 0 || col_uuid(w, 3, &e->cause_event_id) != 0 ||
+	    col_uuid(w, 8, &e->ref_id) != 0 || col_uuid(w, 9, &e->subscription_id) != 0 ||
+	    col_sha(w, 7, e->cause_digest) != 0 || col_sha(w, 25, e->prev_hash) != 0 ||
+	    col_sha(w, 26, e->hash) != 0 || !e->kind || !e->cause_type)
+		return TLY_E_CORRUPT;
+	return col_lines(arena, w, 22, &e->lines);
+}
+
 int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entry, void *ud),
 		     void *ud)
 {
 	struct tly_event ev = {0}; /* tly_event_init keeps ev.arena: it must start NULL */
 	int rc = 0;
-	if (PQnfields(res) != 27)
+	if (PQnfields(res) != TLY_ENTRIES_NFIELDS)
 		return TLY_E_CORRUPT;
 	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
-		tly_event_reset(&ev);
-		tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
-		struct tly_arena *arena = tly_event_arena(&ev);
-		struct tly_ledger_entry *e = &ev.u.ledger_entry;
-		if (!arena) {
-			rc = TLY_E_NOMEM;
-			break;
-		}
-		e->seq = col_i64(res, r, 1);
-		e->kind = col_str(arena, res, r, 2);
-		e->cause_type = col_str(arena, res, r, 4);
-		e->cause_partition = (int32_t)col_i64(res, r, 5);
-		e->cause_offset = col_i64(res, r, 6);
-		e->allowance_delta = col_i64(res, r, 10);
-		e->credits_delta = col_i64(res, r, 11);
-		e->held_delta = col_i64(res, r, 12);
-		e->overage_delta = col_i64(res, r, 13);
-		e->allowance_remaining = col_i64(res, r, 14);
-		e->credits_remaining = col_i64(res, r, 15);
-		e->held = col_i64(res, r, 16);
-		e->overage_tokens = col_i64(res, r, 17);
-		e->period_start = col_opt(res, r, 18);
-		e->period_end = col_opt(res, r, 19);
-		e->amount_cents = col_opt(res, r, 20);
-		e->currency = col_str(arena, res, r, 21);
-		e->reason = col_str(arena, res, r, 23);
-		e->ledger_time = col_i64(res, r, 24);
-		if (col_uuid(res, r, 0, &ev.tenant_id) != 0 || col_uuid(res, r, 3, &e->cause_event_id) != 0 ||
-		    col_uuid(res, r, 8, &e->ref_id) != 0 || col_uuid(res, r, 9, &e->subscription_id) != 0 ||
-		    col_sha(res, r, 7, e->cause_digest) != 0 || col_sha(res, r, 25, e->prev_hash) != 0 ||
-		    col_sha(res, r, 26, e->hash) != 0 || !e->kind || !e->cause_type) {
-			rc = TLY_E_CORRUPT;
-			break;
-		}
-		if ((rc = col_lines(arena, res, r, 22, &e->lines)) != 0)
-			break;
-		rc = fn(&ev, ud);
+		struct row w = {res, r, NULL, NULL};
+		rc = fill(&w, &ev);
+		if (rc == 0)
+			rc = fn(&ev, ud);
 	}
 	tly_event_free(&ev);
 	return rc;
+}
+
+int tly_entries_from_copy(const char *const *values, const int *lengths, int nfields,
+			  struct tly_event *ev)
+{
+	static const int fixed[TLY_ENTRIES_NFIELDS] = {
+		[0] = 16, [1] = 8, [3] = 16, [5] = 4, [6] = 8, [8] = 16, [9] = 16, [10] = 8, [11] = 8,
+		[12] = 8, [13] = 8, [14] = 8, [15] = 8, [16] = 8, [17] = 8, [18] = 8, [19] = 8,
+		[20] = 8, [24] = 8};
+	if (nfields != TLY_ENTRIES_NFIELDS)
+		return TLY_E_CORRUPT;
+	for (int c = 0; c < nfields; c++) {
+		if (fixed[c] && lengths[c] >= 0 && lengths[c] != fixed[c])
+			return TLY_E_CORRUPT;
+	}
+	struct row w = {NULL, 0, values, lengths};
+	return fill(&w, ev);
 }

@@ -4,22 +4,30 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "codec.h"
 #include "fixtures.h"
+#include "../producers/loadgen.h"
 #include "suites.h"
 
 static struct tly_codec *codec;
+static struct tly_codec *generic; /* avro-c's generic values only: the plans' reference */
 
 static void setup(void)
 {
 	char err[256];
 	codec = tly_codec_new(err, sizeof(err));
 	ck_assert_msg(codec, "%s", err);
+	generic = tly_codec_new(err, sizeof(err));
+	ck_assert_msg(generic, "%s", err);
+	tly_codec_set_generic(generic, true);
 }
 
 static void teardown(void)
 {
 	tly_codec_free(codec);
+	tly_codec_free(generic);
 }
 
 /* Encode a fixture of type; caller frees out. */
@@ -288,6 +296,281 @@ START_TEST(test_random_mutations)
 }
 END_TEST
 
+
+/* ---- compiled plans against avro-c's generic values ----------------------------------------- */
+
+/* ev encodes to the same bytes through the plan and through the generic path. */
+static void assert_same_encoding(const struct tly_event *ev, struct tly_buf *fast)
+{
+	struct tly_buf slow = {0};
+	char err[512], err2[512];
+	int rc = tly_codec_encode(codec, ev, fast, err, sizeof(err));
+	int rc2 = tly_codec_encode(generic, ev, &slow, err2, sizeof(err2));
+	ck_assert_msg(rc == rc2, "plan rc %d (%s), generic rc %d (%s)", rc, err, rc2, err2);
+	if (rc == 0) {
+		ck_assert_uint_eq(fast->len, slow.len);
+		ck_assert_mem_eq(fast->data, slow.data, slow.len);
+	}
+	tly_buf_free(&slow);
+}
+
+/*
+ * bytes decode through the plan exactly as through the generic path: the same code and reason,
+ * and on success the same value (equal generic re-encodings) and the digest of that re-encoding.
+ */
+static void assert_same_decoding(const void *bytes, size_t len)
+{
+	struct tly_event a = {0}, b = {0};
+	struct tly_buf ea = {0}, eb = {0};
+	char err[512] = "", err2[512] = "";
+	unsigned char digest[32], want[32];
+	int rc = tly_codec_decode_digest(codec, bytes, len, &a, digest, err, sizeof(err));
+	int rc2 = tly_codec_decode(generic, bytes, len, &b, err2, sizeof(err2));
+	ck_assert_msg(rc == rc2, "plan rc %d (%s), generic rc %d (%s)", rc, err, rc2, err2);
+	if (rc != 0) {
+		ck_assert_str_eq(err, err2);
+	} else {
+		ck_assert_int_eq(tly_codec_encode(generic, &a, &ea, err, sizeof(err)), 0);
+		ck_assert_int_eq(tly_codec_encode(generic, &b, &eb, err, sizeof(err)), 0);
+		ck_assert_uint_eq(ea.len, eb.len);
+		ck_assert_mem_eq(ea.data, eb.data, eb.len);
+		unsigned int n = 0;
+		ck_assert_int_eq(EVP_Digest(eb.data, eb.len, want, &n, EVP_sha256(), NULL), 1);
+		ck_assert_mem_eq(digest, want, 32);
+	}
+	tly_event_free(&a);
+	tly_event_free(&b);
+	tly_buf_free(&ea);
+	tly_buf_free(&eb);
+}
+
+START_TEST(test_plan_matches_generic)
+{
+	enum tly_event_type type = (enum tly_event_type)_i;
+	struct tly_buf m = {0};
+	for (unsigned seed = 0; seed < 8; seed++) {
+		struct tly_event ev = {0};
+		tly_fixture_event(&ev, type, seed);
+		assert_same_encoding(&ev, &m);
+		assert_same_decoding(m.data, m.len);
+		tly_event_free(&ev);
+	}
+	tly_buf_free(&m);
+}
+END_TEST
+
+/* Varint edges, optional fields absent, empty lists: still the generic path's bytes. */
+START_TEST(test_plan_edges)
+{
+	static const int64_t edges[] = {0, 1, -1, 63, 64, -64, -65, 127, 128, 8191, 8192,
+					INT32_MAX, INT32_MIN, (int64_t)1 << 35, -((int64_t)1 << 49),
+					INT64_MAX, INT64_MIN, INT64_MIN + 1};
+	struct tly_buf m = {0};
+	struct tly_event ev = {0};
+	for (size_t i = 0; i < sizeof(edges) / sizeof(edges[0]); i++) {
+		tly_fixture_event(&ev, TLY_EV_LEDGER_ENTRY, (unsigned)i);
+		struct tly_ledger_entry *e = &ev.u.ledger_entry;
+		e->allowance_delta = edges[i];
+		e->credits_delta = -edges[i] / 2;
+		e->held_delta = edges[(i + 1) % (sizeof(edges) / sizeof(edges[0]))];
+		e->cause_partition = (int32_t)(edges[i] % 1000000);
+		if (i % 2) {
+			e->ref_id = (tly_uuid){{0}};
+			e->currency = NULL;
+			e->amount_cents.set = false;
+			e->lines = (struct tly_list){NULL, 0};
+			e->reason = NULL;
+		}
+		assert_same_encoding(&ev, &m);
+		assert_same_decoding(m.data, m.len);
+	}
+	tly_event_free(&ev);
+	tly_buf_free(&m);
+}
+END_TEST
+
+/* Corrupt bytes: the plan refuses them and the generic path gives the same code and reason. */
+START_TEST(test_plan_mutations)
+{
+	struct tly_buf m = {0};
+	struct tly_event ev = {0};
+	tly_fixture_event(&ev, (enum tly_event_type)_i, 3);
+	assert_same_encoding(&ev, &m);
+	unsigned char *b = malloc(m.len + 1);
+	unsigned seed = 777u + (unsigned)_i;
+	for (int round = 0; round < 300; round++) {
+		memcpy(b, m.data, m.len);
+		int flips = 1 + (int)(rand_r(&seed) % 3);
+		for (int k = 0; k < flips; k++)
+			b[10 + (size_t)rand_r(&seed) % (m.len - 10)] = (unsigned char)rand_r(&seed);
+		assert_same_decoding(b, m.len - (size_t)(rand_r(&seed) % 2));
+	}
+	free(b);
+	tly_event_free(&ev);
+	tly_buf_free(&m);
+}
+END_TEST
+
+/* tally-loadgen's traffic (every type it sends, duplicates and bad records) through both paths. */
+START_TEST(test_plan_loadgen)
+{
+	char err[512];
+	struct loadgen_opts o = {.seed = 5, .tenants = 40, .duplicate_pct = 2, .bad_pct = 5,
+				 .start_us = 1767225600000000LL, .step_us = 2000000};
+	struct loadgen *lg = loadgen_new(&o, err, sizeof(err));
+	ck_assert_msg(lg, "%s", err);
+	struct tly_buf m = {0};
+	int events = 0, bad = 0;
+	for (int i = 0; i < 5000; i++) {
+		struct loadgen_item it;
+		ck_assert_int_eq(loadgen_next(lg, &it, err, sizeof(err)), 0);
+		if (it.kind == LOADGEN_EVENT) {
+			assert_same_encoding(it.ev, &m);
+			ck_assert_uint_eq(m.len, it.len);
+			ck_assert_mem_eq(m.data, it.bytes, it.len);
+			events++;
+		} else if (it.kind == LOADGEN_BAD) {
+			bad++;
+		}
+		assert_same_decoding(it.bytes, it.len);
+	}
+	ck_assert_int_gt(events, 4000);
+	ck_assert_int_gt(bad, 50);
+	loadgen_free(lg);
+	tly_buf_free(&m);
+}
+END_TEST
+
+/* A map key written twice and an array in two blocks: bytes only a foreign writer produces. */
+START_TEST(test_plan_foreign_blocks)
+{
+	struct tly_event ev = {0};
+	struct tly_buf m = {0};
+	tly_fixture_event(&ev, TLY_EV_LEDGER_ENTRY, 1);
+	assert_same_encoding(&ev, &m);
+	/* lines: count 3 (0x06), items, 0; rewritten as a block of 1 with its byte size, then of 2 */
+	const struct tly_ledger_entry *e = &ev.u.ledger_entry;
+	ck_assert_uint_eq(e->lines.n, 3);
+	/* where the lines block starts: the first byte that differs from an entry with no lines */
+	struct tly_event none = ev;
+	none.u.ledger_entry.lines = (struct tly_list){NULL, 0};
+	struct tly_buf n = {0};
+	assert_same_encoding(&none, &n);
+	size_t at = 0;
+	while (at < n.len && n.data[at] == m.data[at])
+		at++;
+	ck_assert_uint_eq(m.data[at], 0x06); /* the count of the only block */
+	size_t items_len = m.len - n.len;    /* 3 items and the count byte */
+	unsigned char *b = malloc(m.len + 16);
+	/* the first item's length: encode a one-line entry */
+	struct tly_event one = ev;
+	one.u.ledger_entry.lines.n = 1;
+	struct tly_buf o1 = {0};
+	assert_same_encoding(&one, &o1);
+	size_t first = o1.len - n.len - 1;
+	size_t k = 0;
+	memcpy(b, m.data, at);
+	k = at;
+	b[k++] = 0x01; /* count -1 */
+	b[k++] = (unsigned char)(first << 1);
+	memcpy(b + k, m.data + at + 1, first);
+	k += first;
+	b[k++] = 0x04; /* count 2 */
+	memcpy(b + k, m.data + at + 1 + first, items_len - 1 - first);
+	k += items_len - 1 - first;
+	memcpy(b + k, m.data + at + items_len, m.len - at - items_len);
+	k += m.len - at - items_len;
+	assert_same_decoding(b, k);
+	char err[512];
+	struct tly_event back = {0};
+	ck_assert_int_eq(tly_codec_decode(codec, b, k, &back, err, sizeof(err)), 0);
+	ck_assert_uint_eq(back.u.ledger_entry.lines.n, 3);
+	ck_assert_str_eq(((const struct tly_invoice_line *)back.u.ledger_entry.lines.items)[2].feature_key,
+			 "web_search");
+	tly_event_free(&back);
+	free(b);
+	tly_buf_free(&o1);
+	tly_buf_free(&n);
+	tly_buf_free(&m);
+	tly_event_free(&ev);
+}
+END_TEST
+
+/* The same key twice in a map: read the generic way (it keeps one entry), not as two. */
+START_TEST(test_plan_duplicate_key)
+{
+	struct tly_event ev = {0};
+	struct tly_buf m = {0};
+	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 1);
+	struct tly_ev_subscription_started *s = &ev.u.subscription_started;
+	ck_assert_uint_eq(s->metadata.n, 2);
+	assert_same_encoding(&ev, &m);
+	/* the second metadata key becomes the first's: same length needed */
+	const char *k0 = s->metadata.items[0].key, *k1 = s->metadata.items[1].key;
+	ck_assert_uint_eq(strlen(k0), strlen(k1));
+	unsigned char *p = memmem(m.data, m.len, k1, strlen(k1));
+	ck_assert_ptr_nonnull(p);
+	memcpy(p, k0, strlen(k0));
+	assert_same_decoding(m.data, m.len);
+	tly_event_free(&ev);
+	tly_buf_free(&m);
+}
+END_TEST
+
+/*
+ * Bytes another writer may produce for the same value (UUIDs in upper case, an over-long varint,
+ * a nil UUID written as a value): they decode, and their cause digest is still that of the
+ * current encoding, not of the bytes as given.
+ */
+START_TEST(test_plan_not_canonical)
+{
+	struct tly_event ev = {0}, back = {0};
+	struct tly_buf m = {0};
+	char err[512];
+	tly_fixture_event(&ev, TLY_EV_TOKENS_RESERVED, 4);
+	assert_same_encoding(&ev, &m);
+	unsigned char *b = malloc(m.len + 1);
+	ck_assert_uint_eq(m.data[10], 0x48);
+
+	memcpy(b, m.data, m.len); /* event_id in upper case */
+	int letters = 0;
+	for (size_t i = 11; i < 47; i++) {
+		if (b[i] >= 'a' && b[i] <= 'f') {
+			b[i] = (unsigned char)(b[i] - 'a' + 'A');
+			letters++;
+		}
+	}
+	ck_assert_int_gt(letters, 0);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len, &back, err, sizeof(err)), 0);
+	ck_assert_mem_eq(back.event_id.b, ev.event_id.b, 16);
+	assert_same_decoding(b, m.len);
+
+	size_t at = 10 + 37 + 37; /* occurred_at, padded with a zero byte */
+	size_t end = at;
+	while (m.data[end] & 0x80)
+		end++;
+	memcpy(b, m.data, end);
+	b[end] = m.data[end] | 0x80;
+	b[end + 1] = 0x00;
+	memcpy(b + end + 2, m.data + end + 1, m.len - end - 1);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len + 1, &back, err, sizeof(err)), 0);
+	ck_assert_int_eq(back.occurred_at, ev.occurred_at);
+	assert_same_decoding(b, m.len + 1);
+
+	memcpy(b, m.data, m.len); /* conversation_id (last) present but nil */
+	ck_assert_uint_eq(b[m.len - 38], 0x02);
+	memcpy(b + m.len - 36, "00000000-0000-0000-0000-000000000000", 36);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len, &back, err, sizeof(err)), 0);
+	ck_assert(tly_uuid_is_nil(&back.u.tokens_reserved.conversation_id));
+	assert_same_decoding(b, m.len);
+
+	free(b);
+	tly_event_free(&ev);
+	tly_event_free(&back);
+	tly_buf_free(&m);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -304,6 +587,16 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_hostile_bodies);
 	tcase_add_test(tc, test_hostile_unions_and_booleans);
 	tcase_add_loop_test(tc, test_random_mutations, 0, TLY_EV__COUNT);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("plans");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_loop_test(tc, test_plan_matches_generic, 0, TLY_EV__COUNT);
+	tcase_add_test(tc, test_plan_edges);
+	tcase_add_loop_test(tc, test_plan_mutations, 0, TLY_EV__COUNT);
+	tcase_add_test(tc, test_plan_loadgen);
+	tcase_add_test(tc, test_plan_foreign_blocks);
+	tcase_add_test(tc, test_plan_duplicate_key);
+	tcase_add_test(tc, test_plan_not_canonical);
 	suite_add_tcase(s, tc);
 	return s;
 }

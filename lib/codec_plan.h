@@ -1,0 +1,63 @@
+/*
+ * A compiled plan of one record schema for its field descriptors: the codec's fast path. It writes
+ * and reads the Avro binary body straight from and into the typed struct, in the writer's field
+ * order, with no avro-c generic value in between. A plan exists only where the schema's fields are
+ * exactly the descriptor's (same names, the types the codec writes: no defaults, no promotions);
+ * elsewhere the codec uses avro-c's generic values. Immutable once built: may be shared by threads.
+ */
+#ifndef TLY_CODEC_PLAN_H
+#define TLY_CODEC_PLAN_H
+
+#include <avro.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "codec.h"
+#include "err.h"
+#include "event.h"
+
+struct tly_arena;
+struct tly_codec_plan;
+
+/*
+ * UUID texts a codec's decodes parsed lately, with their bytes: decodes meet the same tenants,
+ * reservations and conversations again, and libuuid's parse is the costly part of a decode.
+ * One per codec (not shared between threads); calloc it to start.
+ */
+#define TLY_UUID_MEMO 2048
+struct tly_uuid_memo {
+	struct {
+		char text[36];
+		tly_uuid id;
+		bool used;
+		char pad[11]; /* one cache line a slot */
+	} slot[TLY_UUID_MEMO];
+};
+
+/* The plan of record schema for rd, or NULL when it has none (or out of memory). */
+struct tly_codec_plan *tly_codec_plan_new(avro_schema_t schema, const struct tly_record_desc *rd);
+void tly_codec_plan_free(struct tly_codec_plan *plan); /* accepts NULL */
+
+/*
+ * Append the Avro binary body of the struct at base to out: the bytes avro-c's generic writer
+ * produces for the same value (single block arrays and maps, null as union branch 0). base must
+ * have passed tly_event_validate. 0, TLY_E_NOMEM, or TLY_E_INVALID for a required string that is
+ * NULL.
+ */
+int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base,
+			  struct tly_buf *out) TLY_MUST_CHECK;
+
+/*
+ * Read body[0..len) into the zeroed struct at base (strings, maps and lists into arena; memo may
+ * be NULL). 0 when
+ * the bytes are exactly one value that the generic path reads to the same struct; TLY_E_NOMEM; or
+ * TLY_E_CORRUPT for anything else (malformed, truncated, a NUL byte, a duplicate map key, a UUID
+ * that does not parse, ...): the caller then reads it the generic way, which gives the reason.
+ * *canonical: the body is exactly what tly_codec_plan_encode writes for the value read (minimal
+ * varints, one block per array and map, UUIDs in lower case, no nil UUID for a null).
+ */
+int tly_codec_plan_decode(const struct tly_codec_plan *plan, const void *body, size_t len,
+			  void *base, struct tly_arena *arena, struct tly_uuid_memo *memo,
+			  bool *canonical) TLY_MUST_CHECK;
+
+#endif
