@@ -480,8 +480,9 @@ static void save_marker(struct app *app, int32_t partition)
 
 /* ---- rebalance ---------------------------------------------------------------------------- */
 
-static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
+static void on_assign(void *opaque, rd_kafka_topic_partition_list_t *parts)
 {
+	struct app *app = opaque;
 	for (int i = 0; i < parts->cnt; i++) {
 		rd_kafka_topic_partition_t *tp = &parts->elems[i];
 		if (tp->partition < 0 || tp->partition >= app->partition_count)
@@ -512,8 +513,9 @@ static void on_assign(struct app *app, rd_kafka_topic_partition_list_t *parts)
 	}
 }
 
-static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, bool lost)
+static void on_revoke(void *opaque, rd_kafka_topic_partition_list_t *parts, bool lost)
 {
+	struct app *app = opaque;
 	drain(app); /* decided groups first: the compare-and-set refuses them if another owner moved on */
 	for (int i = 0; i < parts->cnt; i++) {
 		int32_t p = parts->elems[i].partition;
@@ -542,25 +544,13 @@ static void on_revoke(struct app *app, rd_kafka_topic_partition_list_t *parts, b
 		app->slots[p] = (struct slot){.lag = app->slots[p].lag, .holds = app->slots[p].holds};
 		tly_info("partition revoked", "partition=%d lost=%s", (int)p, lost ? "true" : "false");
 	}
-	rd_kafka_error_t *error = rd_kafka_incremental_unassign(app->consumer, parts);
-	if (error) {
-		tly_error("could not unassign partitions", "reason=\"%s\"", rd_kafka_error_string(error));
-		rd_kafka_error_destroy(error);
-	}
 }
 
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			 rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
 	struct app *app = opaque;
-	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
-		on_assign(app, parts);
-	else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
-		on_revoke(app, parts, rd_kafka_assignment_lost(rk) || app->failed);
-	else {
-		tly_error("unexpected rebalance event", "reason=\"%s\"", rd_kafka_err2str(err));
-		on_revoke(app, parts, true);
-	}
+	tly_kafka_rebalance(rk, err, parts, app->failed, on_assign, on_revoke, app);
 }
 
 /* ---- start-up ----------------------------------------------------------------------------- */

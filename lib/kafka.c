@@ -336,3 +336,25 @@ int tly_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms
 	rd_kafka_metadata_destroy(md);
 	return rc;
 }
+
+void tly_kafka_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
+			 bool failed, void (*assign)(void *ud, rd_kafka_topic_partition_list_t *parts),
+			 void (*revoke)(void *ud, rd_kafka_topic_partition_list_t *parts, bool lost),
+			 void *ud)
+{
+	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+		assign(ud, parts);
+		return;
+	}
+	if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
+		revoke(ud, parts, rd_kafka_assignment_lost(rk) || failed);
+	} else {
+		tly_error("unexpected rebalance event", "reason=\"%s\"", rd_kafka_err2str(err));
+		revoke(ud, parts, true);
+	}
+	rd_kafka_error_t *error = rd_kafka_incremental_unassign(rk, parts);
+	if (error) {
+		tly_error("could not unassign partitions", "reason=\"%s\"", rd_kafka_error_string(error));
+		rd_kafka_error_destroy(error);
+	}
+}

@@ -99,4 +99,15 @@ enum tly_errclass tly_kafka_errclass(rd_kafka_resp_err_t err, bool fatal);
  */
 int32_t tly_kafka_partition_for_key(const void *key, size_t len, int32_t partition_count);
 
+/*
+ * The cooperative rebalance callback of a consumer, once: an assignment goes to assign; a
+ * revocation to revoke, lost when the assignment was lost or failed says this process can no
+ * longer commit; any other event is logged and handled as a lost revocation. Then the revoked
+ * partitions are handed back (incremental unassign; a failure is logged). ud goes to both.
+ */
+void tly_kafka_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
+			 bool failed, void (*assign)(void *ud, rd_kafka_topic_partition_list_t *parts),
+			 void (*revoke)(void *ud, rd_kafka_topic_partition_list_t *parts, bool lost),
+			 void *ud);
+
 #endif
