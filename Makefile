@@ -88,6 +88,7 @@ LIB_SRCS := \
 	ledger/wallet.c \
 	projections/compare.c \
 	projections/fold.c \
+	projections/memfold.c \
 	$(BUILD)/gen/schemas_embedded.c
 LIB_OBJS := $(patsubst %.c,$(OBJ)/%.o,$(LIB_SRCS:$(BUILD)/gen/%=gen/%))
 LIB      := $(BUILD)/libtally.a

@@ -127,6 +127,11 @@ void tly_pgcopy_timestamptz(struct tly_pgcopy *c, int64_t unix_us)
 	tly_pgcopy_int8(c, unix_us - PG_EPOCH_US);
 }
 
+void tly_pgcopy_date(struct tly_pgcopy *c, int32_t unix_days)
+{
+	tly_pgcopy_int4(c, unix_days - (int32_t)(PG_EPOCH_US / 86400000000LL));
+}
+
 void tly_pgcopy_jsonb(struct tly_pgcopy *c, const char *json)
 {
 	if (!json) {

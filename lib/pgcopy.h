@@ -33,6 +33,7 @@ void tly_pgcopy_bytea(struct tly_pgcopy *c, const void *p, size_t len);
 void tly_pgcopy_uuid(struct tly_pgcopy *c, const tly_uuid *u);
 void tly_pgcopy_timestamptz(struct tly_pgcopy *c, int64_t unix_us); /* µs since 1970, UTC */
 void tly_pgcopy_jsonb(struct tly_pgcopy *c, const char *json); /* NULL: SQL NULL */
+void tly_pgcopy_date(struct tly_pgcopy *c, int32_t unix_days); /* days since 1970-01-01 */
 
 /*
  * Run sql (a "COPY table (columns) FROM STDIN (FORMAT binary)") and send the rows. Nothing is

@@ -604,6 +604,13 @@ void tly_fold_clear(struct tly_fold *fold)
 	fold->present = 0;
 }
 
+char *tly_fold_field_json(const struct tly_event *ev, const char *name, json_t **json)
+{
+	if (!*json && !(*json = tly_event_to_json(ev)))
+		return NULL;
+	return json_dumps(json_object_get(*json, name), JSON_COMPACT | JSON_PRESERVE_ORDER);
+}
+
 /*
  * One staged field: its value at base + f->offset, in f's column type. A map or a list of
  * records with items is rendered as lib/event_json renders it (*json: the message as JSON,
@@ -679,9 +686,7 @@ static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const
 			tly_pgcopy_jsonb(rows, f->kind == TLY_F_RECORDS ? "[]" : "{}");
 			return 0;
 		}
-		if (!*json && !(*json = tly_event_to_json(ev)))
-			return TLY_E_NOMEM;
-		char *text = json_dumps(json_object_get(*json, f->name), JSON_COMPACT | JSON_PRESERVE_ORDER);
+		char *text = tly_fold_field_json(ev, f->name, json);
 		if (!text)
 			return TLY_E_NOMEM;
 		tly_pgcopy_jsonb(rows, text);

@@ -20,6 +20,7 @@
 
 #include <stddef.h>
 
+#include <jansson.h>
 #include <libpq-fe.h>
 
 #include "err.h"
@@ -71,5 +72,12 @@ void tly_fold_clear(struct tly_fold *fold);
  * filled (switch on err->errclass); then roll back, and add the messages again or clear.
  */
 int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/*
+ * A map or record-list field of ev (by its descriptor name) as JSON text, as lib/event_json renders
+ * it (*json: the whole message as JSON, made on first use, the caller's to json_decref). malloc'd,
+ * caller frees; NULL on OOM.
+ */
+char *tly_fold_field_json(const struct tly_event *ev, const char *name, json_t **json);
 
 #endif

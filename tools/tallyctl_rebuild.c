@@ -22,6 +22,7 @@
 #include "embedded.h"
 #include "entries.h"
 #include "fold.h"
+#include "memfold.h"
 #include "kafka.h"
 #include "migrate.h"
 #include "pg.h"
@@ -69,6 +70,7 @@ struct rebuild {
 	rd_kafka_t *rk;             /* owned; assigned partitions only, never joins its group */
 	struct tly_codec *codec;    /* owned */
 	struct tly_fold *fold;      /* owned; writes the shadow tables */
+	struct tly_memfold *mem;    /* owned; the first pass, into the empty shadows; then NULL */
 	struct tly_event ev;        /* decode target, reused */
 	const char *topics[2];      /* events, catalog (borrowed from the config) */
 	struct rpart *parts;        /* owned */
@@ -84,7 +86,13 @@ struct rebuild {
 	int64_t total, events, entries;
 	uint64_t undecodable;
 	double started, drawn;
+	double phase[8];            /* seconds per phase, for the summary line (PHASES) */
 };
+
+/* The phases the summary line times. */
+enum { PH_SHADOWS, PH_READ, PH_COPY, PH_INDEXES, PH_CATCHUP, PH_SWAP, PH_AFTER, PH__N };
+static const char *const PHASES[PH__N] = {"shadows", "read+fold", "copy", "indexes", "catch-up",
+					  "swap", "validate+analyze"};
 
 static void rebuild_usage(void)
 {
@@ -163,7 +171,7 @@ static int drop_shadows(struct rebuild *rb, bool only_unselected, struct tly_pg_
 	return rc;
 }
 
-/* Empty copies of every table the fold writes (columns, defaults, checks, indexes; no data). */
+/* Empty copies of every table the fold writes (columns, defaults, checks; no index, no data). */
 static int create_shadows(struct rebuild *rb, struct tly_pg_error *err)
 {
 	int rc = tly_pg_begin(rb->conn, err);
@@ -173,8 +181,9 @@ static int create_shadows(struct rebuild *rb, struct tly_pg_error *err)
 		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
 		char sql[512];
 		if (ql && qs) {
-			/* unlogged while folding (no WAL per statement), logged before the swap */
-			snprintf(sql, sizeof(sql), "CREATE UNLOGGED TABLE %s (LIKE %s INCLUDING ALL)", qs, ql);
+			/* no index while the first pass loads (build_indexes adds them after) */
+			snprintf(sql, sizeof(sql), "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES)",
+				 qs, ql);
 			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
 		} else {
 			rc = TLY_E_NOMEM;
@@ -260,8 +269,8 @@ static int seed_shadows(struct rebuild *rb, struct tly_pg_error *err)
 
 static int flush(struct rebuild *rb, struct tly_pg_error *err)
 {
-	if (tly_fold_pending(rb->fold) == 0)
-		return 0;
+	if (rb->mem || tly_fold_pending(rb->fold) == 0)
+		return 0; /* the first pass: plans wait for the shadows' indexes (first_pass_copy) */
 	if (rb->in_swap)
 		return tly_fold_flush(rb->fold, rb->conn, err);
 	int rc = tly_pg_begin(rb->conn, err);
@@ -277,6 +286,15 @@ static int flush(struct rebuild *rb, struct tly_pg_error *err)
 
 static int add(struct rebuild *rb, const struct tly_event *ev, struct tly_pg_error *err)
 {
+	if (rb->mem) {
+		int rc = tly_memfold_add(rb->mem, ev);
+		if (rc == 0 && ev->type == TLY_EV_PLAN_PUBLISHED && tly_fold_add(rb->fold, ev) != 0)
+			rc = TLY_E_NOMEM;
+		if (rc != 0)
+			snprintf(err->message, sizeof(err->message), "%s", rc == TLY_E_NOMEM ? "out of memory" :
+				 "the in-memory fold got an event after the ledger entries");
+		return rc;
+	}
 	if (tly_fold_add(rb->fold, ev) != 0) {
 		snprintf(err->message, sizeof(err->message), "out of memory");
 		return TLY_E_NOMEM;
@@ -497,6 +515,96 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 	if (rc == 0)
 		rc = fold_ledger(rb, err);
 	progress(rb, true);
+	return rc;
+}
+
+/* ---- the first pass, folded in memory --------------------------------------------------- */
+
+/* The shadow name of one of the fold's tables. */
+static const char *shadow_of(const struct rebuild *rb, const char *table)
+{
+	for (size_t i = 0; i < rb->ntables; i++)
+		if (strcmp(rb->tables[i], table) == 0)
+			return rb->shadow[i];
+	return NULL;
+}
+
+/* The in-memory fold of the first pass, knowing the plans the shadows were seeded with. */
+static int first_pass_begin(struct rebuild *rb, struct tly_pg_error *err)
+{
+	char *q = qident(rb->conn, shadow_of(rb, "billing_plans"));
+	char sql[256];
+	if (!q || !(rb->mem = tly_memfold_new())) {
+		PQfreemem(q);
+		snprintf(err->message, sizeof(err->message), "out of memory");
+		return TLY_E_NOMEM;
+	}
+	snprintf(sql, sizeof(sql), "SELECT code, id FROM %s", q);
+	PQfreemem(q);
+	PGresult *res = tly_pg_query(rb->conn, sql, 0, NULL, err);
+	if (!res)
+		return TLY_E_PG;
+	int rc = 0;
+	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
+		tly_uuid id;
+		rc = tly_uuid_parse(PQgetvalue(res, r, 1), &id);
+		if (rc == 0)
+			rc = tly_memfold_plan(rb->mem, PQgetvalue(res, r, 0), &id);
+	}
+	PQclear(res);
+	if (rc != 0)
+		snprintf(err->message, sizeof(err->message), "could not read the seeded plans");
+	return rc;
+}
+
+/*
+ * The live table's indexes and the constraints they back, generated for its shadow ($1 live, $2
+ * shadow), built after the load (one sort per index instead of an insertion per row). The names
+ * end in _rb; the swap renames them to the live names (paired by definition, INDEX_MAP_SQL).
+ */
+static const char SHADOW_INDEX_SQL[] =
+	"SELECT CASE WHEN con.oid IS NOT NULL "
+	"  THEN format('ALTER TABLE %I ADD CONSTRAINT %I %s', $2::text, left(ic.relname, 60) || '_rb', "
+	"    pg_get_constraintdef(con.oid)) "
+	"  ELSE format('CREATE %sINDEX %I ON %I USING %s', CASE WHEN i.indisunique THEN 'UNIQUE ' "
+	"    ELSE '' END, left(ic.relname, 60) || '_rb', $2::text, "
+	"    regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '')) END "
+	"FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid "
+	"LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid "
+	"  AND con.contype IN ('p', 'u', 'x') "
+	"WHERE i.indrelid = quote_ident($1)::regclass ORDER BY ic.relname";
+
+/*
+ * End of the first pass, one transaction: the in-memory fold's rows COPYed into the shadows, the
+ * shadows' indexes built, then the plans (fold.c, which needs the indexes) folded on top.
+ */
+static int first_pass_copy(struct rebuild *rb, struct tly_pg_error *err)
+{
+	const char *names[N_MAX_TABLES];
+	for (size_t k = 0; k < tly_fold_n_tables && k < N_MAX_TABLES; k++)
+		names[k] = shadow_of(rb, tly_fold_tables[k]);
+	double t0 = tly_clock_s();
+	int rc = tly_pg_begin(rb->conn, err);
+	if (rc == 0)
+		rc = tly_memfold_copy(rb->mem, rb->conn, names, err);
+	double t1 = tly_clock_s();
+	for (size_t i = 0; i < rb->ntables && rc == 0; i++)
+		rc = run_generated(rb->conn, SHADOW_INDEX_SQL, rb->tables[i], rb->shadow[i], err);
+	tly_memfold_free(rb->mem);
+	rb->mem = NULL;
+	if (rc == 0)
+		rc = tly_fold_flush(rb->fold, rb->conn, err);
+	if (rc == 0)
+		rc = tly_pg_commit(rb->conn, err);
+	rb->phase[PH_COPY] += t1 - t0;
+	rb->phase[PH_INDEXES] += tly_clock_s() - t1;
+	if (rc == TLY_E_NOMEM)
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	if (rc == 0)
+		return 0;
+	struct tly_pg_error rberr;
+	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
+		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
 	return rc;
 }
 
@@ -937,32 +1045,31 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 		goto out;
 	}
 
-	/* Passes while the projector runs, until what is left is small. */
-	for (int i = 0; i < CATCHUP_PASSES; i++) {
-		int64_t behind = 0;
+	double t = tly_clock_s();
+	rb.phase[PH_SHADOWS] = t - rb.started;
+
+	/* The first pass folds in memory into the empty shadows; then they get their indexes. */
+	int64_t behind = 0;
+	if ((prc = first_pass_begin(&rb, &err)) != 0 || (prc = pass(&rb, &behind, &err)) != 0) {
+		report(&rb, "fold into the shadow tables", &err);
+		goto out;
+	}
+	rb.phase[PH_READ] = tly_clock_s() - t;
+	if ((prc = first_pass_copy(&rb, &err)) != 0) {
+		report(&rb, "write the shadow tables", &err);
+		goto out;
+	}
+
+	/* Catch-up passes (fold.c) while the projector runs, until what is left is small. */
+	t = tly_clock_s();
+	for (int i = 1; i < CATCHUP_PASSES && behind > CATCHUP_SMALL; i++) {
 		if ((prc = pass(&rb, &behind, &err)) != 0) {
 			report(&rb, "fold into the shadow tables", &err);
 			goto out;
 		}
-		if (behind <= CATCHUP_SMALL && i > 0)
-			break;
 	}
-
-	/* The shadows become logged (one rewrite each, before any lock on the live tables). */
-	for (size_t i = 0; i < rb.ntables; i++) {
-		char *q = qident(rb.conn, rb.shadow[i]);
-		char sql[256];
-		if (!q) {
-			fprintf(stderr, "tallyctl: out of memory\n");
-			goto out;
-		}
-		snprintf(sql, sizeof(sql), "ALTER TABLE %s SET LOGGED", q);
-		PQfreemem(q);
-		if (tly_pg_exec(rb.conn, sql, 0, NULL, &err) != 0) {
-			report(&rb, "make the shadow tables logged", &err);
-			goto out;
-		}
-	}
+	rb.phase[PH_CATCHUP] = tly_clock_s() - t;
+	t = tly_clock_s();
 
 	/* The swap; a lock timeout or a deadlock with a projector batch rolls back and retries. */
 	for (int attempt = 1;; attempt++) {
@@ -1000,7 +1107,6 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 		}
 		fprintf(stderr, "%stallyctl: swap attempt %d: %s; retrying\n", rb.tty ? "\n" : "", attempt,
 			err.message);
-		int64_t behind = 0;
 		if ((prc = pass(&rb, &behind, &err)) != 0) {
 			report(&rb, "fold into the shadow tables", &err);
 			goto out;
@@ -1009,6 +1115,8 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	progress(&rb, true);
 	if (rb.tty)
 		fprintf(stderr, "\n");
+	rb.phase[PH_SWAP] = tly_clock_s() - t;
+	t = tly_clock_s();
 
 	/* After the commit: foreign keys validated (no lock that blocks readers or writers), the
 	 * unswapped shadows dropped, statistics for the planner. */
@@ -1036,6 +1144,7 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 			goto out;
 		}
 	}
+	rb.phase[PH_AFTER] = tly_clock_s() - t;
 	double secs = tly_clock_s() - rb.started;
 	int nsel = 0;
 	for (size_t i = 0; i < rb.ntables; i++)
@@ -1046,6 +1155,9 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	if (rb.undecodable)
 		printf("; %" PRIu64 " undecodable record(s) skipped, as the projector skips them",
 		       rb.undecodable);
+	printf("\n  seconds:");
+	for (int ph = 0; ph < PH__N; ph++)
+		printf(" %s %.2f", PHASES[ph], rb.phase[ph]);
 	printf("\n");
 	rc = 0;
 out:
@@ -1067,6 +1179,7 @@ out:
 	PQclear(fks);
 	tly_kafka_consumer_destroy(rb.rk);
 	tly_fold_free(rb.fold);
+	tly_memfold_free(rb.mem);
 	tly_event_free(&rb.ev);
 	tly_codec_free(rb.codec);
 	free(rb.parts);

@@ -1,0 +1,51 @@
+/*
+ * The projection fold in memory, for a rebuild from empty tables: every input of a rebuild is
+ * folded into C structs (the same rules as fold.c's statements, projections/README.md
+ * "Semantics"), then the final rows of every table are sent by binary COPY, one per table, into
+ * tables that need no index while they load. fold.c stays the fold of the incremental path (the
+ * projector, a rebuild's catch-up passes), which continues from the rows written here.
+ *
+ * Plans are not folded here: PlanPublished only teaches the fold a plan code's id (for
+ * tenant_subscriptions.plan_id); the caller folds the plans themselves with fold.c after the copy,
+ * and registers the plans already in the tables (the migrations' seed) with tly_memfold_plan.
+ *
+ * Not thread-safe; memory grows with the inputs until tly_memfold_free.
+ */
+#ifndef TLY_MEMFOLD_H
+#define TLY_MEMFOLD_H
+
+#include <stddef.h>
+
+#include <libpq-fe.h>
+
+#include "err.h"
+#include "event.h"
+#include "pg.h"
+
+struct tly_memfold;
+
+struct tly_memfold *tly_memfold_new(void); /* NULL on OOM */
+void tly_memfold_free(struct tly_memfold *mf); /* accepts NULL */
+
+/* A plan that exists before any input (code borrowed for the call). 0 or TLY_E_NOMEM. */
+int tly_memfold_plan(struct tly_memfold *mf, const char *code, const tly_uuid *plan_id) TLY_MUST_CHECK;
+
+/*
+ * Fold one decoded message (borrowed for the call). Events of each tenant in partition order, then
+ * ledger entries of each tenant in seq order: every event before the first entry (TLY_E_INVALID
+ * for an event after an entry). ClockTick is ignored. 0, TLY_E_NOMEM or TLY_E_INVALID.
+ */
+int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev) TLY_MUST_CHECK;
+
+/* Rows the copy will write, over every table. */
+size_t tly_memfold_rows(const struct tly_memfold *mf);
+
+/*
+ * COPY the final rows into the tables named by names[i] for tly_fold_tables[i] (unquoted; the
+ * plan tables are not written), over conn, inside the caller's transaction. 0, TLY_E_NOMEM, or
+ * TLY_E_PG with err filled.
+ */
+int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const names[],
+		     struct tly_pg_error *err) TLY_MUST_CHECK;
+
+#endif
