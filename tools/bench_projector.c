@@ -261,25 +261,39 @@ static double raw_copy(struct stack *s, long *rows_out)
 }
 
 static const char help[] =
-	"Usage: tally-bench-projector\n"
+	"Usage: tally-bench-projector [--tenants N] [--events N] [--baseline TALLYCTL]\n"
 	"\n"
 	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
 	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
-	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing.\n";
+	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing.\n"
+	"--tenants, --events: the loadgen backlog (default " TENANTS " tenants, " EVENTS " events).\n"
+	"--baseline: another build's tallyctl, whose `rebuild all` runs first on the same rows.\n";
 
 int main(int argc, char **argv)
 {
-	int only = tly_cli_help_only(argc, argv, help);
-	if (only != 0)
+	if (argc == 2) {
+		int only = tly_cli_help_only(argc, argv, help);
 		return only > 0 ? 0 : 2;
+	}
 	char err[512], exe[PATH_MAX], log[256], out[4096];
+	const char *tenants = TENANTS, *nevents = EVENTS, *baseline = NULL;
+	for (int a = 1; a + 1 < argc; a += 2) {
+		if (strcmp(argv[a], "--tenants") == 0)
+			tenants = argv[a + 1];
+		else if (strcmp(argv[a], "--events") == 0)
+			nevents = argv[a + 1];
+		else if (strcmp(argv[a], "--baseline") == 0)
+			baseline = argv[a + 1];
+		else
+			die("unexpected argument", argv[a]);
+	}
 	tly_log_init("tally-bench-projector", TLY_LOG_WARN);
 	struct stack s = {0};
 	stack_start(&s);
 
 	/* the workload: loadgen as fast as it goes, with period closes and invoices */
 	tly_proc_sibling("tally-loadgen", exe, sizeof(exe));
-	char *lg[] = {exe, "--seed", "5", "--tenants", TENANTS, "--events", EVENTS, "--duplicates", "5",
+	char *lg[] = {exe, "--seed", "5", "--tenants", (char *)tenants, "--events", (char *)nevents, "--duplicates", "5",
 		      "--step-ms", "600000", NULL};
 	if (tly_proc_run(lg, out, sizeof(out)) != 0)
 		die("tally-loadgen", out);
@@ -323,7 +337,16 @@ int main(int argc, char **argv)
 	double proj_rows = (double)rows * (double)(inputs - first) / (double)inputs / proj_s;
 	double proj_events = (double)events * (double)(inputs - first) / (double)inputs / proj_s;
 
-	/* a rebuild of everything, timed to the exit of tallyctl */
+	/* a rebuild of everything, timed to the exit of tallyctl; first by the baseline's tallyctl */
+	double base_s = 0;
+	char base_out[4096] = "";
+	if (baseline) {
+		char *ba[] = {(char *)baseline, "rebuild", "all", NULL};
+		double b0 = tly_clock_s();
+		if (tly_proc_run(ba, base_out, sizeof(base_out)) != 0)
+			die("baseline tallyctl rebuild all", base_out);
+		base_s = tly_clock_s() - b0;
+	}
 	tly_proc_sibling("tallyctl", exe, sizeof(exe));
 	char *ra[] = {exe, "rebuild", "all", NULL};
 	double t0 = tly_clock_s();
@@ -331,6 +354,8 @@ int main(int argc, char **argv)
 		die("tallyctl rebuild all", out);
 	double rebuild_s = tly_clock_s() - t0;
 	double rebuild_rows = (double)rows / rebuild_s;
+	if (rows != projection_rows(&s))
+		die("tallyctl rebuild all", "the rebuild changed the number of projection rows");
 
 	long copied = 0;
 	double copy_rows = raw_copy(&s, &copied);
@@ -341,13 +366,16 @@ int main(int argc, char **argv)
 	printf("workload: tally-loadgen --tenants %s --events %s --duplicates 5 --step-ms 600000\n"
 	       "  %ld records on tally.events, %ld on tally.catalog; the ledger made %ld entries\n"
 	       "  (%ld records on tally.ledger); %ld rows in the %zu projection tables\n\n",
-	       TENANTS, EVENTS, events, catalog, entries, ledger_records, rows, tly_fold_n_tables);
+	       tenants, nevents, events, catalog, entries, ledger_records, rows, tly_fold_n_tables);
 	printf("tally-ledger on the backlog           %10.0f events/s\n", ledger_rate);
 	printf("tally-projector on the backlog        %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", proj_events, proj_records, proj_rows, proj_s);
 	printf("tallyctl rebuild all (whole command)  %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", (double)events / rebuild_s,
 	       (double)(events + entries + catalog) / rebuild_s, rebuild_rows, rebuild_s);
+	if (baseline)
+		printf("baseline (%s) rebuild all        %10.0f rows/s   (%.2f s)\n", baseline,
+		       (double)rows / base_s, base_s);
 	printf("raw COPY of the same %ld rows into empty copies (same indexes), one transaction:\n"
 	       "                                                                            "
 	       "%10.0f rows/s\n\n", copied, copy_rows);
@@ -355,7 +383,11 @@ int main(int argc, char **argv)
 	       ledger_rate > 0 ? proj_events / ledger_rate : 0);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
 	       copy_rows > 0 ? 100 * rebuild_rows / copy_rows : 0);
+	if (baseline)
+		printf("baseline rebuild vs raw COPY:         %5.1f%%\n",
+		       copy_rows > 0 ? 100 * (double)rows / base_s / copy_rows : 0);
 	printf("steady state vs raw COPY (rows/s):    %5.1f%%\n", copy_rows > 0 ? 100 * proj_rows / copy_rows : 0);
+	printf("\ntallyctl rebuild all said: %s", out);
 	stack_stop(&s);
 	return 0;
 }
