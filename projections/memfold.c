@@ -65,6 +65,7 @@ struct usage {
 	tly_uuid id, tenant, sub;
 	const char *feature_key, *unit, *external_event_id;
 	int64_t quantity, at;
+	uint64_t ord; /* feed order: the first report of an external event id wins */
 };
 
 struct balance {
@@ -118,7 +119,7 @@ struct tly_memfold {
 	struct tly_arena *arena; /* owns every row and string */
 	struct tly_uuidmap *map[N_T];   /* each table's rows by key */
 	struct tly_uuidmap *plans;      /* code hash -> plan id */
-	struct tly_uuidmap *usage_ext;  /* (tenant, hash of external_event_id) -> usage */
+	struct tly_uuidmap *usage_ext;  /* (tenant, hash of external_event_id) -> the usage row kept */
 	struct tly_uuidmap *tenant_api; /* tenant -> its first api_day */
 	EVP_MD_CTX *md;                 /* owned */
 	bool entries_started;
@@ -491,20 +492,15 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		break;
 	}
 	case TLY_EV_USAGE_REPORTED: {
+		/* a candidate: its subscription may be named later (usage_winners) */
 		const struct tly_ev_usage_reported *e = &ev->u.usage_reported;
-		struct sub *s = tly_uuidmap_get(mf->map[T_SUBS], &e->subscription_id, NULL);
-		tly_uuid ek = str_key(mf, e->external_event_id, NULL, 0);
-		if (!s || memcmp(&s->tenant, tenant, sizeof(*tenant)) != 0 ||
-		    tly_uuidmap_get(mf->usage_ext, tenant, &ek))
-			break;
 		struct usage *u = alloc(mf, sizeof(*u));
 		if (!u)
 			break;
 		*u = (struct usage){ev->event_id, *tenant, e->subscription_id, sdup(mf, e->feature_key),
-				    sdup(mf, e->unit), sdup(mf, e->external_event_id), e->quantity, at};
+				    sdup(mf, e->unit), sdup(mf, e->external_event_id), e->quantity, at,
+				    tly_uuidmap_count(mf->map[T_SEEN])};
 		put(mf, T_USAGE, &u->id, NULL, u);
-		if (tly_uuidmap_put(mf->usage_ext, tenant, &ek, u) != 0)
-			mf->oom = true;
 		break;
 	}
 	case TLY_EV_INVOICE_STATUS_CHANGED: {
@@ -681,6 +677,27 @@ static void opt_uuid(struct tly_pgcopy *c, const tly_uuid *u)
 		tly_pgcopy_uuid(c, u);
 }
 
+/*
+ * Usage rows: per (tenant, external event id) the first report (feed order) whose subscription
+ * exists, for the tenant, once every input is in (as fold.c, which joins the subscriptions after
+ * folding its batch's). Into usage_ext.
+ */
+static void usage_winners(struct tly_memfold *mf)
+{
+	const struct tly_uuidmap *map = mf->map[T_USAGE];
+	tly_uuidmap_clear(mf->usage_ext);
+	for (size_t i = 0; i < tly_uuidmap_capacity(map); i++) {
+		struct usage *u = tly_uuidmap_slot(map, i);
+		const struct sub *s = u ? tly_uuidmap_get(mf->map[T_SUBS], &u->sub, NULL) : NULL;
+		if (!s || memcmp(&s->tenant, &u->tenant, sizeof(u->tenant)) != 0)
+			continue;
+		tly_uuid ek = str_key(mf, u->external_event_id, NULL, 0);
+		const struct usage *w = tly_uuidmap_get(mf->usage_ext, &u->tenant, &ek);
+		if ((!w || u->ord < w->ord) && tly_uuidmap_put(mf->usage_ext, &u->tenant, &ek, u) != 0)
+			mf->oom = true;
+	}
+}
+
 /* The rows of table t, in the column order of COPY_COLUMNS[t]. */
 static void rows_of(struct tly_memfold *mf, int t, struct tly_pgcopy *c)
 {
@@ -826,6 +843,9 @@ static void rows_of(struct tly_memfold *mf, int t, struct tly_pgcopy *c)
 		}
 		case T_USAGE: {
 			const struct usage *r = row;
+			tly_uuid ek = str_key(mf, r->external_event_id, NULL, 0);
+			if (tly_uuidmap_get(mf->usage_ext, &r->tenant, &ek) != row)
+				break;
 			const struct period *p = tly_uuidmap_get(mf->map[T_PERIODS], &r->id, NULL);
 			tly_pgcopy_row(c, 10);
 			tly_pgcopy_uuid(c, &r->id);
@@ -972,12 +992,16 @@ int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const nam
 		err->errclass = TLY_ERRCLASS_FATAL;
 		return TLY_E_PG;
 	}
+	usage_winners(mf);
 	struct tly_pgcopy *c = tly_pgcopy_new();
-	if (!c)
+	if (!c || mf->oom) {
+		tly_pgcopy_free(c);
 		return TLY_E_NOMEM;
+	}
 	int rc = 0;
 	for (int t = 0; t < N_T && rc == 0; t++) {
-		if (!COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0)
+		if (!COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0 ||
+		    (t == T_USAGE && tly_uuidmap_count(mf->usage_ext) == 0))
 			continue;
 		char *q = PQescapeIdentifier(conn, names[t], strlen(names[t]));
 		char *sql = NULL;

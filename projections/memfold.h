@@ -37,7 +37,7 @@ int tly_memfold_plan(struct tly_memfold *mf, const char *code, const tly_uuid *p
  */
 int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev) TLY_MUST_CHECK;
 
-/* Rows the copy will write, over every table. */
+/* Rows folded, over every table (the copy writes at most as many). */
 size_t tly_memfold_rows(const struct tly_memfold *mf);
 
 /*

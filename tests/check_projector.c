@@ -22,6 +22,7 @@
 #include "event_json.h"
 #include "fold.h"
 #include "harness.h"
+#include "memfold.h"
 #include "pg.h"
 #include "proc.h"
 #include "producer.h"
@@ -67,6 +68,11 @@ static long q_long(PGconn *conn, const char *sql)
 
 static void add_json(struct tly_fold *fold, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Every message the batches below add, in feed order (memfold_equals_fold replays them). */
+#define MAX_RECORDED 256
+static char *recorded[MAX_RECORDED];
+static size_t n_recorded;
+
 static void add_json(struct tly_fold *fold, const char *fmt, ...)
 {
 	char text[4096], errstr[512];
@@ -75,6 +81,8 @@ static void add_json(struct tly_fold *fold, const char *fmt, ...)
 	int n = vsnprintf(text, sizeof(text), fmt, ap);
 	va_end(ap);
 	ck_assert(n > 0 && (size_t)n < sizeof(text));
+	ck_assert(n_recorded < MAX_RECORDED);
+	ck_assert_ptr_nonnull(recorded[n_recorded++] = strdup(text));
 	struct tly_event ev = {0};
 	ck_assert_msg(tly_event_from_json_text(text, strlen(text), 0, &ev, errstr, sizeof(errstr)) == 0,
 		      "%s: %s", text, errstr);
@@ -305,6 +313,110 @@ START_TEST(fold_direct)
 	free(after);
 	free(rolled);
 	tly_fold_free(g);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/* One recorded message into the in-memory fold. */
+static void memfold_add_text(struct tly_memfold *mf, const char *text)
+{
+	char errstr[512];
+	struct tly_event ev = {0};
+	ck_assert_msg(tly_event_from_json_text(text, strlen(text), 0, &ev, errstr, sizeof(errstr)) == 0,
+		      "%s: %s", text, errstr);
+	ck_assert_int_eq(tly_memfold_add(mf, &ev), 0);
+	tly_event_free(&ev);
+}
+
+/*
+ * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
+ * entries before their subscription's event, an invoice status before its invoice, messages and
+ * a handoff before their conversation's start; duplicate events and republished entries; then
+ * all of it again), folded by fold.c batch by batch, then the same messages by memfold in a
+ * rebuild's order (events in feed order, then entries by seq) into the emptied tables.
+ */
+START_TEST(memfold_equals_fold)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	batch1(f);
+	flush_in_tx(d.conn, f);
+	batch2(f);
+	flush_in_tx(d.conn, f);
+	batch3(f);
+	flush_in_tx(d.conn, f);
+	batch1(f);
+	batch2(f);
+	batch3(f);
+	flush_in_tx(d.conn, f);
+	check_fold_rows(d.conn);
+	char *want = digest(d.conn);
+
+	/* every row the fold wrote goes (the plans are not memfold's: they stay) */
+	struct tly_pg_error err;
+	for (size_t i = 0; i < tly_fold_n_tables; i++) {
+		char sql[128];
+		if (strcmp(tly_fold_tables[i], "billing_plans") == 0 ||
+		    strcmp(tly_fold_tables[i], "plan_features") == 0)
+			continue;
+		snprintf(sql, sizeof(sql), "TRUNCATE %s CASCADE", tly_fold_tables[i]);
+		ck_assert_msg(tly_pg_exec(d.conn, sql, 0, NULL, &err) == 0, "%s", err.message);
+	}
+	char *emptied = digest(d.conn);
+	ck_assert_str_ne(want, emptied);
+
+	struct tly_memfold *mf = tly_memfold_new();
+	ck_assert_ptr_nonnull(mf);
+	PGresult *res = tly_pg_query(d.conn, "SELECT code, id FROM billing_plans", 0, NULL, &err);
+	ck_assert_msg(res != NULL, "%s", err.message);
+	for (int r = 0; r < PQntuples(res); r++) {
+		tly_uuid id;
+		ck_assert_int_eq(tly_uuid_parse(PQgetvalue(res, r, 1), &id), 0);
+		ck_assert_int_eq(tly_memfold_plan(mf, PQgetvalue(res, r, 0), &id), 0);
+	}
+	PQclear(res);
+	int max_seq = 0;
+	for (size_t i = 0; i < n_recorded; i++) {
+		const char *seq = strstr(recorded[i], "\"seq\": ");
+		if (!strstr(recorded[i], "\"LedgerEntry\""))
+			memfold_add_text(mf, recorded[i]);
+		else if (seq && atoi(seq + 7) > max_seq)
+			max_seq = atoi(seq + 7);
+	}
+	for (int s = 1; s <= max_seq; s++) {
+		for (size_t i = 0; i < n_recorded; i++) {
+			const char *seq = strstr(recorded[i], "\"seq\": ");
+			if (strstr(recorded[i], "\"LedgerEntry\"") && seq && atoi(seq + 7) == s)
+				memfold_add_text(mf, recorded[i]);
+		}
+	}
+	/* an event after the entries is refused: the in-memory fold needs a rebuild's order */
+	struct tly_event late = {0};
+	char errstr[256];
+	ck_assert_int_eq(tly_event_from_json_text(recorded[0], strlen(recorded[0]), 0, &late, errstr,
+						  sizeof(errstr)), 0);
+	ck_assert_int_eq(tly_memfold_add(mf, &late), TLY_E_INVALID);
+	tly_event_free(&late);
+	ck_assert_int_gt(tly_memfold_rows(mf), 10);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
+		      err.message);
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	char *have = digest(d.conn);
+	ck_assert_str_eq(want, have);
+	check_fold_rows(d.conn);
+
+	for (size_t i = 0; i < n_recorded; i++)
+		free(recorded[i]);
+	n_recorded = 0;
+	free(want);
+	free(emptied);
+	free(have);
+	tly_memfold_free(mf);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
@@ -710,6 +822,7 @@ Suite *projector_suite(void)
 	Suite *s = suite_create("projector");
 	TCase *tc = tcase_create("fold");
 	tcase_add_test(tc, fold_direct);
+	tcase_add_test(tc, memfold_equals_fold);
 	tcase_set_timeout(tc, 60);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("daemon");

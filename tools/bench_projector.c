@@ -30,9 +30,10 @@
 #include "pg.h"
 #include "proc.h"
 
-#define PARTITIONS 12
+#define PARTITIONS "12"
 #define TENANTS "200"
 #define EVENTS "30000"
+#define STEP_MS "600000"
 #define DB "bench_projector"
 #define WAIT_S 240
 
@@ -48,6 +49,7 @@ struct stack {
 	pid_t broker;
 	char dir[64];
 	char bootstraps[512];
+	int partitions;
 	PGconn *conn;
 	rd_kafka_t *rk; /* watermarks */
 };
@@ -77,7 +79,7 @@ static void stack_start(struct stack *s)
 		die("mkdtemp", strerror(errno));
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
-	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
+	snprintf(parts, sizeof(parts), "%d", s->partitions);
 	snprintf(log, sizeof(log), "%s/broker.log", s->dir);
 	char *argv[] = {exe, "--partitions", parts, "--bootstrap-file", boot, NULL};
 	if ((s->broker = tly_proc_spawn(argv, log, err, sizeof(err))) < 0)
@@ -119,7 +121,7 @@ static void stack_stop(struct stack *s)
 static long topic_end(struct stack *s, const char *topic)
 {
 	long sum = 0;
-	for (int p = 0; p < PARTITIONS; p++) {
+	for (int p = 0; p < s->partitions; p++) {
 		int64_t low = 0, high = 0;
 		rd_kafka_resp_err_t e = rd_kafka_query_watermark_offsets(s->rk, topic, p, &low, &high, 10000);
 		if (e)
@@ -261,12 +263,16 @@ static double raw_copy(struct stack *s, long *rows_out)
 }
 
 static const char help[] =
-	"Usage: tally-bench-projector [--tenants N] [--events N] [--baseline TALLYCTL]\n"
+	"Usage: tally-bench-projector [--tenants N] [--events N] [--step-ms MS]\n"
+	"                             [--partitions N] [--baseline TALLYCTL]\n"
 	"\n"
 	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
 	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
 	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing.\n"
-	"--tenants, --events: the loadgen backlog (default " TENANTS " tenants, " EVENTS " events).\n"
+	"--tenants, --events, --step-ms: the loadgen backlog (default " TENANTS " tenants, " EVENTS "\n"
+	"events, " STEP_MS " ms, " PARTITIONS " partitions; the dev broker keeps about 5 MiB per\n"
+	"partition: for more events, add partitions and shorten the step so that the hourly\n"
+	"ClockTicks on every partition stay few).\n"
 	"--baseline: another build's tallyctl, whose `rebuild all` runs first on the same rows.\n";
 
 int main(int argc, char **argv)
@@ -276,25 +282,32 @@ int main(int argc, char **argv)
 		return only > 0 ? 0 : 2;
 	}
 	char err[512], exe[PATH_MAX], log[256], out[4096];
-	const char *tenants = TENANTS, *nevents = EVENTS, *baseline = NULL;
+	const char *tenants = TENANTS, *nevents = EVENTS, *step = STEP_MS, *baseline = NULL;
+	const char *partitions = PARTITIONS;
 	for (int a = 1; a + 1 < argc; a += 2) {
 		if (strcmp(argv[a], "--tenants") == 0)
 			tenants = argv[a + 1];
 		else if (strcmp(argv[a], "--events") == 0)
 			nevents = argv[a + 1];
+		else if (strcmp(argv[a], "--partitions") == 0)
+			partitions = argv[a + 1];
+		else if (strcmp(argv[a], "--step-ms") == 0)
+			step = argv[a + 1];
 		else if (strcmp(argv[a], "--baseline") == 0)
 			baseline = argv[a + 1];
 		else
 			die("unexpected argument", argv[a]);
 	}
 	tly_log_init("tally-bench-projector", TLY_LOG_WARN);
-	struct stack s = {0};
+	struct stack s = {.partitions = atoi(partitions)};
+	if (s.partitions < 1)
+		die("--partitions", "not a positive number");
 	stack_start(&s);
 
 	/* the workload: loadgen as fast as it goes, with period closes and invoices */
 	tly_proc_sibling("tally-loadgen", exe, sizeof(exe));
 	char *lg[] = {exe, "--seed", "5", "--tenants", (char *)tenants, "--events", (char *)nevents, "--duplicates", "5",
-		      "--step-ms", "600000", NULL};
+		      "--step-ms", (char *)step, NULL};
 	if (tly_proc_run(lg, out, sizeof(out)) != 0)
 		die("tally-loadgen", out);
 	long events = topic_end(&s, "tally.events"), catalog = topic_end(&s, "tally.catalog");
@@ -362,11 +375,11 @@ int main(int argc, char **argv)
 
 	printf("Projections (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on;\ndev broker with %d partitions; kafka.fetch.wait.max.ms=10)\n\n",
-	       PARTITIONS);
-	printf("workload: tally-loadgen --tenants %s --events %s --duplicates 5 --step-ms 600000\n"
+	       s.partitions);
+	printf("workload: tally-loadgen --tenants %s --events %s --duplicates 5 --step-ms %s\n"
 	       "  %ld records on tally.events, %ld on tally.catalog; the ledger made %ld entries\n"
 	       "  (%ld records on tally.ledger); %ld rows in the %zu projection tables\n\n",
-	       tenants, nevents, events, catalog, entries, ledger_records, rows, tly_fold_n_tables);
+	       tenants, nevents, step, events, catalog, entries, ledger_records, rows, tly_fold_n_tables);
 	printf("tally-ledger on the backlog           %10.0f events/s\n", ledger_rate);
 	printf("tally-projector on the backlog        %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", proj_events, proj_records, proj_rows, proj_s);
