@@ -82,6 +82,8 @@ struct app {
 	int64_t opened_ms;                /* when the first of them was added */
 	size_t max_events;
 	int64_t max_ms;
+	int64_t commit_est_us;            /* moving average of a group's commit (submit to result) */
+	int64_t decide_est_ns;            /* moving average of deciding one record */
 	int shutdown_ms;
 	bool failed;                      /* a fatal error: leave the loop, exit 1 */
 	struct tly_metrics *metrics;      /* owned; read by the HTTP thread */
@@ -319,6 +321,7 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
 	int64_t commit_us = tly_clock_us() - g->submitted_at_us;
 	if (rc == 0) {
+		app->commit_est_us += (commit_us - app->commit_est_us) / 8;
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
 		tly_health_set_pg(app->health, true);
@@ -428,6 +431,7 @@ static void decide_group(struct app *app)
 				       : TLY_E_PG;
 	g->decided_us = tly_clock_us() - t0;
 	if (rc == 0) {
+		app->decide_est_ns += (1000 * g->decided_us / (int64_t)g->records - app->decide_est_ns) / 8;
 		g->n = n;
 		return;
 	}
@@ -853,6 +857,29 @@ static void observe(struct app *app)
 }
 
 /*
+ * Microseconds until the open records are to be decided: 0 now, -1 not yet (more are ready to
+ * take, or a decided group already waits for the writer). With the writer free they are decided
+ * as soon as none is ready. While a group commits they are decided when that commit is about to
+ * end (its expected time less the time deciding them takes), so the records that come in the
+ * meantime join them instead of waiting behind a small group's whole commit.
+ */
+static int64_t decide_in_us(const struct app *app, bool none_ready)
+{
+	if (!app->pending || app->ready.n)
+		return -1;
+	int64_t now = tly_clock_us(), bound = 1000 * (app->opened_ms + app->max_ms) - now;
+	if (app->pending >= app->max_events || bound <= 0)
+		return 0;
+	if (!none_ready)
+		return -1;
+	if (!app->writer || !tly_ledger_writer_busy(app->writer))
+		return 0;
+	int64_t due = app->flight.submitted_at_us + app->commit_est_us -
+		      app->decide_est_ns * (int64_t)app->pending / 1000 - now;
+	return due <= 0 ? 0 : due < bound ? due : bound;
+}
+
+/*
  * The loop. Records are taken as long as librdkafka has them ready; the open batches are decided
  * as soon as none is ready (so a lone event is decided at once), or at ledger.batch.max.events,
  * or ledger.batch.max.ms after the first record, and their transaction goes to the writer. While
@@ -871,8 +898,11 @@ static void run(struct app *app)
 		if (app->ready.n && app->pending >= app->max_events) {
 			complete_flight(app, POLL_MS); /* back pressure: the next group is full */
 		} else {
+			/* a record or the writer's wake-up ends the wait early */
+			int64_t due_us = decide_in_us(app, true);
 			m = rd_kafka_consumer_poll(app->consumer,
-						   app->pending && !app->ready.n ? 0 : POLL_MS);
+						   due_us < 0 || due_us >= 1000 * POLL_MS ? POLL_MS
+											  : (int)((due_us + 999) / 1000));
 			if (m) {
 				handle_message(app, m);
 				rd_kafka_message_destroy(m);
@@ -880,8 +910,7 @@ static void run(struct app *app)
 		}
 		complete_flight(app, 0);
 		submit_ready(app);
-		if (app->pending && !app->ready.n &&
-		    (!m || app->pending >= app->max_events || tly_clock_ms() - app->opened_ms >= app->max_ms)) {
+		if (decide_in_us(app, !m) == 0) {
 			decide_group(app);
 			submit_ready(app);
 		}

@@ -37,7 +37,7 @@
 #define SEEDS_SECONDS 5
 #define PARTITIONS 12
 #define FETCH_WAIT_MS "10" /* consumers' fetch.wait.max.ms on the mock cluster (see start_ledger) */
-#define LINGER_MS "1"      /* producers' linger.ms where a decision is waited for */
+#define LINGER_MS "1"      /* linger.ms of the bench's producer, a gateway waiting for decisions */
 
 static int64_t wall_us(void)
 {
@@ -341,8 +341,6 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
 	 * has little data; Apache Kafka answers as soon as fetch.min.bytes are there. */
 	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", FETCH_WAIT_MS, 1);
-	/* The ledger's producer (tally.ledger) sends a decision at once rather than after 5 ms. */
-	setenv("TALLY_KAFKA_LINGER_MS", LINGER_MS, 1);
 	setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0); /* never collide with a running daemon */
 	char *argv[] = {exe, NULL};
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
@@ -588,8 +586,8 @@ int main(int argc, char **argv)
 	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d partitions;\n"
-	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s and kafka.linger.ms=%s)\n\n",
-	       PARTITIONS, FETCH_WAIT_MS, LINGER_MS);
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s)\n\n",
+	       PARTITIONS, FETCH_WAIT_MS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
