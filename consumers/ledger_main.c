@@ -16,6 +16,7 @@
 #include "health.h"
 #include "http.h"
 #include "kafka.h"
+#include "ledger_pace.h"
 #include "ledger_partition.h"
 #include "ledger_publisher.h"
 #include "ledger_store.h"
@@ -82,8 +83,7 @@ struct app {
 	int64_t opened_ms;                /* when the first of them was added */
 	size_t max_events;
 	int64_t max_ms;
-	int64_t commit_est_us;            /* moving average of a group's commit (submit to result) */
-	int64_t decide_est_ns;            /* moving average of deciding one record */
+	struct tly_ledger_pace pace;      /* when the pending records are decided */
 	int shutdown_ms;
 	bool failed;                      /* a fatal error: leave the loop, exit 1 */
 	struct tly_metrics *metrics;      /* owned; read by the HTTP thread */
@@ -321,7 +321,7 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
 	int64_t commit_us = tly_clock_us() - g->submitted_at_us;
 	if (rc == 0) {
-		app->commit_est_us += (commit_us - app->commit_est_us) / 8;
+		tly_ledger_pace_committed(&app->pace, commit_us);
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
 		tly_health_set_pg(app->health, true);
@@ -431,7 +431,7 @@ static void decide_group(struct app *app)
 				       : TLY_E_PG;
 	g->decided_us = tly_clock_us() - t0;
 	if (rc == 0) {
-		app->decide_est_ns += (1000 * g->decided_us / (int64_t)g->records - app->decide_est_ns) / 8;
+		tly_ledger_pace_decided(&app->pace, g->decided_us, g->records);
 		g->n = n;
 		return;
 	}
@@ -856,27 +856,20 @@ static void observe(struct app *app)
 		check_pg(app);
 }
 
-/*
- * Microseconds until the open records are to be decided: 0 now, -1 not yet (more are ready to
- * take, or a decided group already waits for the writer). With the writer free they are decided
- * as soon as none is ready. While a group commits they are decided when that commit is about to
- * end (its expected time less the time deciding them takes), so the records that come in the
- * meantime join them instead of waiting behind a small group's whole commit.
- */
+/* Microseconds until the pending records are to be decided: 0 now, -1 not yet (ledger_pace.h). */
 static int64_t decide_in_us(const struct app *app, bool none_ready)
 {
-	if (!app->pending || app->ready.n)
-		return -1;
-	int64_t now = tly_clock_us(), bound = 1000 * (app->opened_ms + app->max_ms) - now;
-	if (app->pending >= app->max_events || bound <= 0)
-		return 0;
-	if (!none_ready)
-		return -1;
-	if (!app->writer || !tly_ledger_writer_busy(app->writer))
-		return 0;
-	int64_t due = app->flight.submitted_at_us + app->commit_est_us -
-		      app->decide_est_ns * (int64_t)app->pending / 1000 - now;
-	return due <= 0 ? 0 : due < bound ? due : bound;
+	struct tly_ledger_pace_state st = {
+		.pending = app->pending,
+		.max_events = app->max_events,
+		.bound_us = 1000 * (app->opened_ms + app->max_ms),
+		.group_waiting = app->ready.n > 0,
+		.none_ready = none_ready,
+		.writer_busy = app->writer && tly_ledger_writer_busy(app->writer),
+		.submitted_us = app->flight.submitted_at_us,
+		.now_us = tly_clock_us(),
+	};
+	return tly_ledger_pace_decide_in_us(&app->pace, &st);
 }
 
 /*
