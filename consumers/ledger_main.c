@@ -873,12 +873,13 @@ static int64_t decide_in_us(const struct app *app, bool none_ready)
 }
 
 /*
- * The loop. Records are taken as long as librdkafka has them ready; the open batches are decided
- * as soon as none is ready (so a lone event is decided at once), or at ledger.batch.max.events,
- * or ledger.batch.max.ms after the first record, and their transaction goes to the writer. While
- * it commits, the loop goes on taking records and decides the next group, which waits for the
- * writer (then taking records pauses at ledger.batch.max.events). The writer wakes the loop when
- * a transaction ran; only then is its group published.
+ * The loop. Records are taken as long as librdkafka has them ready; with the writer free the open
+ * batches are decided as soon as none is ready (so a lone event is decided at once), or at
+ * ledger.batch.max.events, or ledger.batch.max.ms after the first record, and their transaction
+ * goes to the writer. While it commits, the loop goes on taking records and decides the next group
+ * when that commit is about to end (ledger_pace.h); the group then waits for the writer (and
+ * taking records pauses at ledger.batch.max.events). The writer wakes the loop when a transaction
+ * ran; only then is its group published.
  */
 static void run(struct app *app)
 {
