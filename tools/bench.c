@@ -432,7 +432,20 @@ struct latency {
 	double in_p50, in_p99;   /* publish -> tally-ledger produced it (fetch, batch, decide, COMMIT) */
 	double out_p50, out_p99; /* produced -> read (its producer, the broker, the bench's fetch) */
 	long samples;
+	struct tly_proc_cpu cpu[4]; /* over the measured 5 s, of each of cpu_names */
 };
+
+static const char *const cpu_names[] = {"tally-ledger", "PostgreSQL", "dev broker", "tally-bench"};
+
+/* Scheduler time so far of the processes in the latency run (cpu_names' order). */
+static void cpu_snapshot(pid_t ledger, struct tly_devpg *pg, pid_t broker, struct tly_proc_cpu *cpu)
+{
+	memset(cpu, 0, 4 * sizeof(*cpu));
+	if (tly_proc_cpu_add(ledger, false, &cpu[0]) != 0 ||
+	    tly_proc_cpu_add(tly_devpg_pid(pg), true, &cpu[1]) != 0 ||
+	    tly_proc_cpu_add(broker, false, &cpu[2]) != 0 || tly_proc_cpu_add(getpid(), false, &cpu[3]) != 0)
+		die("latency", "could not read /proc");
+}
 
 static void percentiles(double *v, long n, double *p50, double *p99)
 {
@@ -490,8 +503,14 @@ static void bench_latency(struct tly_devpg *pg, double rate, struct latency *res
 	struct tly_event ev = {0}, entry = {0};
 	uint64_t rng = 7;
 	double start = tly_clock_s(), drain_until = 0;
+	bool measuring = false;
+	struct tly_proc_cpu cpu0[4];
 	while (got < n) {
 		double t = tly_clock_s();
+		if (!measuring && wall_us() >= measure_from) {
+			measuring = true;
+			cpu_snapshot(ledger, pg, s.broker, cpu0);
+		}
 		while (sent < total && sent < (long)((t - start) * rate)) {
 			tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
 			uuid_n(&ev.event_id, 6, (uint64_t)sent);
@@ -525,6 +544,11 @@ static void bench_latency(struct tly_devpg *pg, double rate, struct latency *res
 			got++;
 		}
 		rd_kafka_message_destroy(m);
+	}
+	cpu_snapshot(ledger, pg, s.broker, res->cpu);
+	for (int i = 0; i < 4; i++) {
+		res->cpu[i].on_cpu_us -= cpu0[i].on_cpu_us;
+		res->cpu[i].waiting_us -= cpu0[i].waiting_us;
 	}
 	res->samples = got;
 	percentiles(lat, got, &res->p50, &res->p99);
@@ -637,6 +661,11 @@ int main(int argc, char **argv)
 		       "  and produced -> read from tally.ledger:                            p50 %.1f ms   p99 %.1f ms\n",
 		       rate, ledger_many > 0 ? "half the 1,000-tenant rate" : "--rate", l.p50, l.p99,
 		       l.samples, l.in_p50, l.in_p99, l.out_p50, l.out_p99);
+		printf("  CPU per decision measured (from /proc/PID/task/*/schedstat; waiting: runnable, no CPU free):\n");
+		for (int i = 0; i < 4; i++)
+			printf("    %-13s %6.1f us on a CPU   %6.1f us waiting for one\n", cpu_names[i],
+			       l.samples ? (double)l.cpu[i].on_cpu_us / (double)l.samples : 0,
+			       l.samples ? (double)l.cpu[i].waiting_us / (double)l.samples : 0);
 	}
 	tly_devpg_stop(pg);
 	return 0;
