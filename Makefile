@@ -134,6 +134,7 @@ TEST_SRCS := \
 	tests/check_config.c \
 	tests/check_decide.c \
 	tests/check_ledger_pace.c \
+	tests/check_proc.c \
 	tests/decide_model.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
