@@ -108,7 +108,7 @@ tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl
 tally-devbroker_SRCS := tools/devbroker.c
 tally-ledger_SRCS    := consumers/ledger_main.c consumers/ledger_partition.c \
                         consumers/ledger_publisher.c consumers/ledger_store.c \
-                        consumers/ledger_writer.c
+                        consumers/ledger_writer.c consumers/ledger_pace.c
 tally-bench_SRCS     := tools/bench.c
 tally-bench-publish_SRCS := tools/bench_publish.c
 tally-loadgen_SRCS   := producers/loadgen_main.c producers/loadgen.c
@@ -134,6 +134,8 @@ TEST_SRCS := \
 	tests/corpus.c \
 	tests/check_config.c \
 	tests/check_decide.c \
+	tests/check_ledger_pace.c \
+	tests/check_proc.c \
 	tests/decide_model.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \
@@ -150,7 +152,7 @@ TEST_SRCS := \
 	tests/check_lifecycle.c \
 	tests/check_demo.c
 TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o $(OBJ)/producers/loadgen.o \
-             $(OBJ)/consumers/ledger_store.o
+             $(OBJ)/consumers/ledger_store.o $(OBJ)/consumers/ledger_pace.o
 TEST_BIN  := $(BIN)/tally-tests
 
 .PHONY: all deps check unit bench chaos soak clean dev demo demo-stop schemas-release asan \

@@ -16,6 +16,7 @@
 #include "health.h"
 #include "http.h"
 #include "kafka.h"
+#include "ledger_pace.h"
 #include "ledger_partition.h"
 #include "ledger_publisher.h"
 #include "ledger_store.h"
@@ -82,6 +83,7 @@ struct app {
 	int64_t opened_ms;                /* when the first of them was added */
 	size_t max_events;
 	int64_t max_ms;
+	struct tly_ledger_pace pace;      /* when the pending records are decided */
 	int shutdown_ms;
 	bool failed;                      /* a fatal error: leave the loop, exit 1 */
 	struct tly_metrics *metrics;      /* owned; read by the HTTP thread */
@@ -319,6 +321,7 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
 	int64_t commit_us = tly_clock_us() - g->submitted_at_us;
 	if (rc == 0) {
+		tly_ledger_pace_committed(&app->pace, commit_us);
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
 		tly_health_set_pg(app->health, true);
@@ -428,6 +431,7 @@ static void decide_group(struct app *app)
 				       : TLY_E_PG;
 	g->decided_us = tly_clock_us() - t0;
 	if (rc == 0) {
+		tly_ledger_pace_decided(&app->pace, g->decided_us, g->records);
 		g->n = n;
 		return;
 	}
@@ -852,13 +856,30 @@ static void observe(struct app *app)
 		check_pg(app);
 }
 
+/* Microseconds until the pending records are to be decided: 0 now, -1 not yet (ledger_pace.h). */
+static int64_t decide_in_us(const struct app *app, bool none_ready)
+{
+	struct tly_ledger_pace_state st = {
+		.pending = app->pending,
+		.max_events = app->max_events,
+		.bound_us = 1000 * (app->opened_ms + app->max_ms),
+		.group_waiting = app->ready.n > 0,
+		.none_ready = none_ready,
+		.writer_busy = app->writer && tly_ledger_writer_busy(app->writer),
+		.submitted_us = app->flight.submitted_at_us,
+		.now_us = tly_clock_us(),
+	};
+	return tly_ledger_pace_decide_in_us(&app->pace, &st);
+}
+
 /*
- * The loop. Records are taken as long as librdkafka has them ready; the open batches are decided
- * as soon as none is ready (so a lone event is decided at once), or at ledger.batch.max.events,
- * or ledger.batch.max.ms after the first record, and their transaction goes to the writer. While
- * it commits, the loop goes on taking records and decides the next group, which waits for the
- * writer (then taking records pauses at ledger.batch.max.events). The writer wakes the loop when
- * a transaction ran; only then is its group published.
+ * The loop. Records are taken as long as librdkafka has them ready; with the writer free the open
+ * batches are decided as soon as none is ready (so a lone event is decided at once), or at
+ * ledger.batch.max.events, or ledger.batch.max.ms after the first record, and their transaction
+ * goes to the writer. While it commits, the loop goes on taking records and decides the next group
+ * when that commit is about to end (ledger_pace.h); the group then waits for the writer (and
+ * taking records pauses at ledger.batch.max.events). The writer wakes the loop when a transaction
+ * ran; only then is its group published.
  */
 static void run(struct app *app)
 {
@@ -871,8 +892,11 @@ static void run(struct app *app)
 		if (app->ready.n && app->pending >= app->max_events) {
 			complete_flight(app, POLL_MS); /* back pressure: the next group is full */
 		} else {
+			/* a record or the writer's wake-up ends the wait early */
+			int64_t due_us = decide_in_us(app, true);
 			m = rd_kafka_consumer_poll(app->consumer,
-						   app->pending && !app->ready.n ? 0 : POLL_MS);
+						   due_us < 0 || due_us >= 1000 * POLL_MS ? POLL_MS
+											  : (int)((due_us + 999) / 1000));
 			if (m) {
 				handle_message(app, m);
 				rd_kafka_message_destroy(m);
@@ -880,8 +904,7 @@ static void run(struct app *app)
 		}
 		complete_flight(app, 0);
 		submit_ready(app);
-		if (app->pending && !app->ready.n &&
-		    (!m || app->pending >= app->max_events || tly_clock_ms() - app->opened_ms >= app->max_ms)) {
+		if (decide_in_us(app, !m) == 0) {
 			decide_group(app);
 			submit_ready(app);
 		}

@@ -1,6 +1,7 @@
 /* Child processes: fork/exec with optional log redirection, bounded waits, escalating stop. */
 #include "proc.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -185,4 +186,67 @@ void tly_proc_sibling(const char *program, char *out, size_t outlen)
 	}
 	self[n] = '\0';
 	snprintf(out, outlen, "%s/%s", dirname(self), program);
+}
+
+/* The threads of one process. */
+static int add_tasks(pid_t pid, struct tly_proc_cpu *cpu)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+	DIR *d = opendir(path);
+	if (!d)
+		return -1;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		long long on = 0, wait = 0;
+		char stat[64];
+		if (e->d_name[0] < '0' || e->d_name[0] > '9')
+			continue;
+		snprintf(stat, sizeof(stat), "/proc/%d/task/%d/schedstat", (int)pid, atoi(e->d_name));
+		FILE *f = fopen(stat, "r");
+		if (!f)
+			continue; /* the thread ended */
+		if (fscanf(f, "%lld %lld", &on, &wait) == 2) {
+			cpu->on_cpu_us += on / 1000;
+			cpu->waiting_us += wait / 1000;
+		}
+		fclose(f);
+	}
+	closedir(d);
+	return 0;
+}
+
+/* The parent of pid from /proc/PID/stat ("pid (comm) S ppid ..."), or -1. */
+static pid_t parent_of(const char *pid)
+{
+	char path[64], stat[512];
+	snprintf(path, sizeof(path), "/proc/%s/stat", pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	size_t n = fread(stat, 1, sizeof(stat) - 1, f);
+	fclose(f);
+	stat[n] = '\0';
+	const char *rest = strrchr(stat, ')');
+	int ppid = -1;
+	if (!rest || sscanf(rest + 1, " %*c %d", &ppid) != 1)
+		return -1;
+	return (pid_t)ppid;
+}
+
+int tly_proc_cpu_add(pid_t pid, bool children, struct tly_proc_cpu *cpu)
+{
+	if (add_tasks(pid, cpu) != 0)
+		return -1;
+	if (!children)
+		return 0;
+	DIR *d = opendir("/proc");
+	if (!d)
+		return -1;
+	struct dirent *e;
+	while ((e = readdir(d)))
+		if (e->d_name[0] >= '1' && e->d_name[0] <= '9' && parent_of(e->d_name) == pid)
+			(void)add_tasks((pid_t)atoi(e->d_name), cpu); /* a child may end meanwhile */
+	closedir(d);
+	return 0;
 }

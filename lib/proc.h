@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include "err.h"
@@ -43,6 +44,18 @@ pid_t tly_proc_read_pid(const char *path);
  * program (searched in PATH) when the running program's path cannot be read.
  */
 void tly_proc_sibling(const char *program, char *out, size_t outlen);
+
+/* Scheduler time of a process's threads, from /proc/PID/task/TID/schedstat (microseconds). */
+struct tly_proc_cpu {
+	int64_t on_cpu_us;   /* running */
+	int64_t waiting_us;  /* runnable, waiting for a CPU */
+};
+
+/*
+ * Add the scheduler time of every thread of pid, and with children that of its child processes
+ * (a postmaster's backends), to *cpu. 0, or -1 when pid's threads cannot be read.
+ */
+int tly_proc_cpu_add(pid_t pid, bool children, struct tly_proc_cpu *cpu);
 
 /* Wait until path exists and is non-empty, up to timeout_ms. 0 or TLY_E_TIMEOUT. */
 int tly_proc_wait_file(const char *path, int timeout_ms) TLY_MUST_CHECK;

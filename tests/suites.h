@@ -11,6 +11,8 @@ Suite *event_suite(void);
 Suite *codec_suite(void);
 Suite *decide_suite(void);
 Suite *badbytes_suite(void);
+Suite *ledger_pace_suite(void);
+Suite *proc_suite(void);
 
 /* Integration suites: run against the harness's PostgreSQL and dev broker. */
 Suite *migrate_suite(void);

@@ -37,7 +37,7 @@
 #define SEEDS_SECONDS 5
 #define PARTITIONS 12
 #define FETCH_WAIT_MS "10" /* consumers' fetch.wait.max.ms on the mock cluster (see start_ledger) */
-#define LINGER_MS "1"      /* producers' linger.ms where a decision is waited for */
+#define LINGER_MS "1"      /* linger.ms of the bench's producer, a gateway waiting for decisions */
 
 static int64_t wall_us(void)
 {
@@ -341,8 +341,6 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
 	 * has little data; Apache Kafka answers as soon as fetch.min.bytes are there. */
 	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", FETCH_WAIT_MS, 1);
-	/* The ledger's producer (tally.ledger) sends a decision at once rather than after 5 ms. */
-	setenv("TALLY_KAFKA_LINGER_MS", LINGER_MS, 1);
 	setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0); /* never collide with a running daemon */
 	char *argv[] = {exe, NULL};
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
@@ -428,7 +426,35 @@ static int cmp_double(const void *a, const void *b)
  * occurred_at; the entry's ledger_time is that time, and the bench reads each hold_placed entry
  * from tally.ledger, which the ledger publishes only after the commit.
  */
-static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double *p99, long *samples)
+/* Percentiles of publish -> read back, split at the moment tally-ledger produced the entry. */
+struct latency {
+	double p50, p99;         /* publish -> the bench read the entry from tally.ledger */
+	double in_p50, in_p99;   /* publish -> tally-ledger produced it (fetch, batch, decide, COMMIT) */
+	double out_p50, out_p99; /* produced -> read (its producer, the broker, the bench's fetch) */
+	long samples;
+	struct tly_proc_cpu cpu[4]; /* over the measured 5 s, of each of cpu_names */
+};
+
+static const char *const cpu_names[] = {"tally-ledger", "PostgreSQL", "dev broker", "tally-bench"};
+
+/* Scheduler time so far of the processes in the latency run (cpu_names' order). */
+static void cpu_snapshot(pid_t ledger, struct tly_devpg *pg, pid_t broker, struct tly_proc_cpu *cpu)
+{
+	memset(cpu, 0, 4 * sizeof(*cpu));
+	if (tly_proc_cpu_add(ledger, false, &cpu[0]) != 0 ||
+	    tly_proc_cpu_add(tly_devpg_pid(pg), true, &cpu[1]) != 0 ||
+	    tly_proc_cpu_add(broker, false, &cpu[2]) != 0 || tly_proc_cpu_add(getpid(), false, &cpu[3]) != 0)
+		die("latency", "could not read /proc");
+}
+
+static void percentiles(double *v, long n, double *p50, double *p99)
+{
+	qsort(v, (size_t)n, sizeof(double), cmp_double);
+	*p50 = n ? v[n / 2] : 0;
+	*p99 = n ? v[(long)(n * 0.99)] : 0;
+}
+
+static void bench_latency(struct tly_devpg *pg, double rate, struct latency *res)
 {
 	char err[512], log[128];
 	char *db = fresh_db(pg, "bench_latency");
@@ -469,12 +495,22 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 	long n = (long)(rate * 5), total = (long)(rate * 6);
 	int64_t measure_from = wall_us() + 1000000;
 	double *lat = calloc((size_t)n + 1, sizeof(double));
+	double *lat_in = calloc((size_t)n + 1, sizeof(double));
+	double *lat_out = calloc((size_t)n + 1, sizeof(double));
+	if (!lat || !lat_in || !lat_out)
+		die("latency", "out of memory");
 	long got = 0, sent = 0;
 	struct tly_event ev = {0}, entry = {0};
 	uint64_t rng = 7;
 	double start = tly_clock_s(), drain_until = 0;
+	bool measuring = false;
+	struct tly_proc_cpu cpu0[4];
 	while (got < n) {
 		double t = tly_clock_s();
+		if (!measuring && wall_us() >= measure_from) {
+			measuring = true;
+			cpu_snapshot(ledger, pg, s.broker, cpu0);
+		}
 		while (sent < total && sent < (long)((t - start) * rate)) {
 			tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
 			uuid_n(&ev.event_id, 6, (uint64_t)sent);
@@ -498,15 +534,29 @@ static void bench_latency(struct tly_devpg *pg, double rate, double *p50, double
 			continue;
 		if (!m->err && tly_codec_decode(codec, m->payload, m->len, &entry, err, sizeof(err)) == 0 &&
 		    strcmp(entry.u.ledger_entry.kind, "hold_placed") == 0 &&
-		    entry.u.ledger_entry.ledger_time >= measure_from && got < n)
-			lat[got++] = (double)(wall_us() - entry.u.ledger_entry.ledger_time) / 1000.0;
+		    entry.u.ledger_entry.ledger_time >= measure_from && got < n) {
+			int64_t now = wall_us(), published = entry.u.ledger_entry.ledger_time;
+			/* the entry's CreateTime: when tally-ledger handed it to its producer, after COMMIT */
+			int64_t out_ms = rd_kafka_message_timestamp(m, NULL);
+			lat[got] = (double)(now - published) / 1000.0;
+			lat_in[got] = (double)(out_ms * 1000 - published) / 1000.0;
+			lat_out[got] = (double)(now - out_ms * 1000) / 1000.0;
+			got++;
+		}
 		rd_kafka_message_destroy(m);
 	}
-	qsort(lat, (size_t)got, sizeof(double), cmp_double);
-	*samples = got;
-	*p50 = got ? lat[got / 2] : 0;
-	*p99 = got ? lat[(long)(got * 0.99)] : 0;
+	cpu_snapshot(ledger, pg, s.broker, res->cpu);
+	for (int i = 0; i < 4; i++) {
+		res->cpu[i].on_cpu_us -= cpu0[i].on_cpu_us;
+		res->cpu[i].waiting_us -= cpu0[i].waiting_us;
+	}
+	res->samples = got;
+	percentiles(lat, got, &res->p50, &res->p99);
+	percentiles(lat_in, got, &res->in_p50, &res->in_p99);
+	percentiles(lat_out, got, &res->out_p50, &res->out_p99);
 	free(lat);
+	free(lat_in);
+	free(lat_out);
 	tly_event_free(&ev);
 	tly_event_free(&entry);
 	tly_codec_free(codec);
@@ -560,8 +610,8 @@ int main(int argc, char **argv)
 	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d partitions;\n"
-	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s and kafka.linger.ms=%s)\n\n",
-	       PARTITIONS, FETCH_WAIT_MS, LINGER_MS);
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s)\n\n",
+	       PARTITIONS, FETCH_WAIT_MS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
@@ -602,13 +652,20 @@ int main(int argc, char **argv)
 	       bare_hot > 0 ? 100 * ledger_hot / bare_hot : 0);
 	double rate = ledger_many > 0 ? ledger_many / 2 : latency_rate;
 	if (wanted(only, "latency") && rate > 0) {
-		double p50, p99;
-		long samples;
-		bench_latency(pg, rate, &p50, &p99, &samples);
+		struct latency l;
+		bench_latency(pg, rate, &l);
 		printf("\npublish -> committed decision (read back from tally.ledger), %.0f reservations/s "
-		       "(half the 1,000-tenant rate), 5 s after 1 s of warm-up:\n"
-		       "  p50 %.1f ms   p99 %.1f ms   (%ld samples)\n",
-		       rate, p50, p99, samples);
+		       "(%s), 5 s after 1 s of warm-up:\n"
+		       "  p50 %.1f ms   p99 %.1f ms   (%ld samples)\n"
+		       "  of which publish -> tally-ledger produced the entry (after COMMIT): p50 %.1f ms   p99 %.1f ms\n"
+		       "  and produced -> read from tally.ledger:                            p50 %.1f ms   p99 %.1f ms\n",
+		       rate, ledger_many > 0 ? "half the 1,000-tenant rate" : "--rate", l.p50, l.p99,
+		       l.samples, l.in_p50, l.in_p99, l.out_p50, l.out_p99);
+		printf("  CPU per decision measured (from /proc/PID/task/*/schedstat; waiting: runnable, no CPU free):\n");
+		for (int i = 0; i < 4; i++)
+			printf("    %-13s %6.1f us on a CPU   %6.1f us waiting for one\n", cpu_names[i],
+			       l.samples ? (double)l.cpu[i].on_cpu_us / (double)l.samples : 0,
+			       l.samples ? (double)l.cpu[i].waiting_us / (double)l.samples : 0);
 	}
 	tly_devpg_stop(pg);
 	return 0;

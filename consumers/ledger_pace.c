@@ -1,0 +1,33 @@
+/* When tally-ledger decides the records it has taken (see ledger_pace.h). */
+#include "ledger_pace.h"
+
+#define WEIGHT 8 /* each new observation moves an average by 1/WEIGHT of the difference */
+
+void tly_ledger_pace_committed(struct tly_ledger_pace *p, int64_t commit_us)
+{
+	p->commit_us += (commit_us - p->commit_us) / WEIGHT;
+}
+
+void tly_ledger_pace_decided(struct tly_ledger_pace *p, int64_t decide_us, size_t records)
+{
+	if (records == 0)
+		return;
+	p->decide_ns += (1000 * decide_us / (int64_t)records - p->decide_ns) / WEIGHT;
+}
+
+int64_t tly_ledger_pace_decide_in_us(const struct tly_ledger_pace *p,
+				     const struct tly_ledger_pace_state *s)
+{
+	if (!s->pending || s->group_waiting)
+		return -1;
+	int64_t bound = s->bound_us - s->now_us;
+	if (s->pending >= s->max_events || bound <= 0)
+		return 0;
+	if (!s->none_ready)
+		return -1;
+	if (!s->writer_busy)
+		return 0;
+	int64_t due = s->submitted_us + p->commit_us - p->decide_ns * (int64_t)s->pending / 1000 -
+		      s->now_us;
+	return due <= 0 ? 0 : due < bound ? due : bound;
+}

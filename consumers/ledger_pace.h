@@ -1,0 +1,46 @@
+/*
+ * When tally-ledger decides the records it has taken: at once while its writer is free, and while
+ * a group commits, just before that commit is expected to end (so the records that come in
+ * meanwhile join the next group instead of waiting behind a small one's whole commit). Pure: the
+ * caller passes the clock and the loop's state.
+ */
+#ifndef TLY_LEDGER_PACE_H
+#define TLY_LEDGER_PACE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Moving averages of the pipeline's two steps; zero-initialised it decides as soon as none is ready. */
+struct tly_ledger_pace {
+	int64_t commit_us;       /* a group's commit, submitted to result */
+	int64_t decide_ns;       /* deciding one record */
+};
+
+/* The loop's state at one moment, as decide_in_us reads it. */
+struct tly_ledger_pace_state {
+	size_t pending;          /* records taken and not decided */
+	size_t max_events;       /* ledger.batch.max.events */
+	int64_t bound_us;        /* when the first pending record was taken + ledger.batch.max.ms */
+	bool group_waiting;      /* a decided group waits for the writer */
+	bool none_ready;         /* librdkafka had no record ready on the last poll */
+	bool writer_busy;        /* a group commits */
+	int64_t submitted_us;    /* when it was handed to the writer */
+	int64_t now_us;
+};
+
+/* A group committed after commit_us. */
+void tly_ledger_pace_committed(struct tly_ledger_pace *p, int64_t commit_us);
+
+/* records were decided in decide_us. */
+void tly_ledger_pace_decided(struct tly_ledger_pace *p, int64_t decide_us, size_t records);
+
+/*
+ * Microseconds until the pending records are to be decided: 0 now, -1 not yet (more records are
+ * ready to take, or a decided group already waits). Never later than bound_us; at once at
+ * max_events.
+ */
+int64_t tly_ledger_pace_decide_in_us(const struct tly_ledger_pace *p,
+				     const struct tly_ledger_pace_state *s);
+
+#endif

@@ -1,0 +1,100 @@
+/* consumers/ledger_pace: when tally-ledger decides the records it has taken. */
+#include <check.h>
+
+#include "../consumers/ledger_pace.h"
+#include "suites.h"
+
+/* A loop with 10 records taken, none ready, the writer free, 50 ms of batch bound left. */
+static struct tly_ledger_pace_state idle(void)
+{
+	return (struct tly_ledger_pace_state){.pending = 10, .max_events = 1000,
+					      .bound_us = 1050000, .none_ready = true,
+					      .now_us = 1000000};
+}
+
+START_TEST(test_writer_free_decides_when_none_ready)
+{
+	struct tly_ledger_pace p = {.commit_us = 20000, .decide_ns = 1000};
+	struct tly_ledger_pace_state s = idle();
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
+	s.none_ready = false; /* more records are there to take first */
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), -1);
+	s.pending = 0;
+	s.none_ready = true;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), -1);
+}
+END_TEST
+
+START_TEST(test_busy_writer_decides_before_its_commit_ends)
+{
+	/* a commit takes 20 ms, deciding a record 100 us: 10 records are decided 1 ms before its end */
+	struct tly_ledger_pace p = {.commit_us = 20000, .decide_ns = 100000};
+	struct tly_ledger_pace_state s = idle();
+	s.writer_busy = true;
+	s.submitted_us = s.now_us - 5000;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 14000);
+	s.now_us += 14000;
+	s.bound_us += 14000;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
+	/* with more records taken, deciding them starts earlier */
+	s = idle();
+	s.writer_busy = true;
+	s.submitted_us = s.now_us;
+	s.pending = 100;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 10000);
+	/* unknown averages: at once, as without pacing */
+	struct tly_ledger_pace none = {0};
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&none, &s), 0);
+}
+END_TEST
+
+START_TEST(test_bounds_and_waiting_group)
+{
+	struct tly_ledger_pace p = {.commit_us = 200000, .decide_ns = 0};
+	struct tly_ledger_pace_state s = idle();
+	s.writer_busy = true;
+	s.submitted_us = s.now_us;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 50000); /* ledger.batch.max.ms */
+	s.bound_us = s.now_us;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
+	s = idle();
+	s.writer_busy = true;
+	s.submitted_us = s.now_us;
+	s.none_ready = false;
+	s.pending = s.max_events;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
+	s.group_waiting = true; /* one decided group waits already: never a second */
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), -1);
+}
+END_TEST
+
+START_TEST(test_averages_follow_observations)
+{
+	struct tly_ledger_pace p = {0};
+	for (int i = 0; i < 100; i++) {
+		tly_ledger_pace_committed(&p, 8000);
+		tly_ledger_pace_decided(&p, 3000, 100);
+	}
+	ck_assert_int_ge(p.commit_us, 7900);
+	ck_assert_int_le(p.commit_us, 8000);
+	ck_assert_int_ge(p.decide_ns, 29000);
+	ck_assert_int_le(p.decide_ns, 30000);
+	tly_ledger_pace_decided(&p, 5000, 0); /* nothing decided: no change */
+	ck_assert_int_le(p.decide_ns, 30000);
+	tly_ledger_pace_committed(&p, 80000); /* a slow commit moves it, by an eighth */
+	ck_assert_int_gt(p.commit_us, 16000);
+	ck_assert_int_lt(p.commit_us, 18000);
+}
+END_TEST
+
+Suite *ledger_pace_suite(void)
+{
+	Suite *s = suite_create("ledger_pace");
+	TCase *tc = tcase_create("ledger_pace");
+	tcase_add_test(tc, test_writer_free_decides_when_none_ready);
+	tcase_add_test(tc, test_busy_writer_decides_before_its_commit_ends);
+	tcase_add_test(tc, test_bounds_and_waiting_group);
+	tcase_add_test(tc, test_averages_follow_observations);
+	suite_add_tcase(s, tc);
+	return s;
+}

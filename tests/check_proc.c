@@ -1,0 +1,61 @@
+/* lib/proc: scheduler time of a process, its threads and its children. */
+#include <check.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "proc.h"
+#include "suites.h"
+
+/* Keep a CPU busy for ms of this thread's own CPU time. */
+static void spin_ms(int ms)
+{
+	struct timespec t0, t;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+	do
+		clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+	while ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 < ms);
+}
+
+START_TEST(test_cpu_of_self_and_children)
+{
+	struct tly_proc_cpu a = {0}, b = {0}, with = {0}, without = {0};
+	ck_assert_int_eq(tly_proc_cpu_add(getpid(), false, &a), 0);
+	spin_ms(30);
+	ck_assert_int_eq(tly_proc_cpu_add(getpid(), false, &b), 0);
+	ck_assert_int_ge(b.on_cpu_us - a.on_cpu_us, 25000);
+
+	int ready[2];
+	ck_assert_int_eq(pipe(ready), 0);
+	pid_t child = fork();
+	ck_assert_int_ge(child, 0);
+	if (child == 0) {
+		spin_ms(60);
+		(void)!write(ready[1], "x", 1);
+		pause();
+		_exit(0);
+	}
+	char c;
+	ck_assert_int_eq(read(ready[0], &c, 1), 1);
+	ck_assert_int_eq(tly_proc_cpu_add(getpid(), true, &with), 0);
+	ck_assert_int_eq(tly_proc_cpu_add(getpid(), false, &without), 0);
+	ck_assert_int_ge(with.on_cpu_us - without.on_cpu_us, 50000);
+	kill(child, SIGKILL);
+	ck_assert_int_eq(waitpid(child, NULL, 0), child);
+	close(ready[0]);
+	close(ready[1]);
+	struct tly_proc_cpu gone = {0};
+	ck_assert_int_eq(tly_proc_cpu_add(child, false, &gone), -1); /* reaped: no such process */
+	ck_assert_int_eq(gone.on_cpu_us, 0);
+}
+END_TEST
+
+Suite *proc_suite(void)
+{
+	Suite *s = suite_create("proc");
+	TCase *tc = tcase_create("proc");
+	tcase_add_test(tc, test_cpu_of_self_and_children);
+	suite_add_tcase(s, tc);
+	return s;
+}
