@@ -6,8 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-
 #include "arena.h"
 #include "codec.h"
 #include "kafka.h"
@@ -28,7 +26,7 @@ struct record {
 	struct tly_seen seen;     /* committed knowledge before the batch */
 	bool lookup;              /* seen comes from the database lookup (index in keys) */
 	size_t key_index;
-	unsigned char digest[32]; /* SHA-256 of the re-encoded event */
+	unsigned char digest[32]; /* SHA-256 of the event's current encoding */
 };
 
 struct cache_slot {
@@ -74,7 +72,6 @@ struct tly_ledger_partition {
 	struct batch *open;
 	struct batch *decided[BATCHES - 1]; /* oldest first */
 	size_t n_decided;
-	struct tly_buf encoded;      /* scratch of classify */
 };
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
@@ -151,7 +148,6 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 		free(b->inputs);
 		tly_arena_free(b->arena);
 	}
-	tly_buf_free(&p->encoded);
 	free(p);
 }
 
@@ -326,8 +322,10 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 {
 	char errstr[256], keytext[37];
 	const struct batch *b = p->open;
-	int rc = tly_codec_decode(ctx->codec, rec_value(b, r), r->valuelen, ev, errstr,
-				  sizeof(errstr));
+	/* The cause digest: of the event's encoding with the current schema, so writers agree (bytes
+	 * already in that encoding are hashed as they are, the rest re-encoded first). */
+	int rc = tly_codec_decode_digest(ctx->codec, rec_value(b, r), r->valuelen, ev, r->digest,
+					 errstr, sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
 		return rc;
 	if (rc != 0) {
@@ -369,18 +367,6 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			return 0;
 		}
 	}
-	/* The cause digest: the event re-encoded with the current schema, so writers agree. */
-	rc = tly_codec_encode(ctx->codec, ev, &p->encoded, errstr, sizeof(errstr));
-	if (rc == TLY_E_NOMEM)
-		return rc;
-	if (rc != 0) {
-		quarantine(p, r, tly_err_name(rc), errstr);
-		return 0;
-	}
-	unsigned int mdlen = 0;
-	if (EVP_Digest(p->encoded.data, p->encoded.len, r->digest, &mdlen, EVP_sha256(), NULL) != 1 ||
-	    mdlen != 32)
-		return TLY_E_NOMEM;
 	return 0;
 }
 
@@ -635,8 +621,9 @@ static void committed(struct tly_ledger_partition *p, struct tly_ledger_batch_ou
 			cache_put(p, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
 	}
 	/* b's memory stays as it is until it opens again, after the caller used out */
-	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, b->quarantined,
-					     b->n_quarantined, b->recs[0].offset, b->new_offset};
+	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, &b->entries,
+					     b->quarantined, b->n_quarantined, b->recs[0].offset,
+					     b->new_offset};
 	p->n_decided--;
 	memmove(p->decided, p->decided + 1, p->n_decided * sizeof(*p->decided));
 }
