@@ -371,13 +371,18 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 		}
 		memcpy(keytext, rec_key(b, r), 36);
 		keytext[36] = '\0';
-		if (tly_uuid_parse(keytext, &key) != 0) {
-			quarantine(p, r, "bad_key", "the key is not a UUID");
-			return 0;
-		}
-		if (memcmp(&key, &ev->tenant_id, sizeof(key)) != 0) {
-			quarantine(p, r, "key_mismatch", "the key is not the event's tenant_id");
-			return 0;
+		/* the usual key is the tenant id as the producer formats it: no parse needed */
+		char tenant[37];
+		tly_uuid_format(&ev->tenant_id, tenant);
+		if (memcmp(keytext, tenant, 36) != 0) {
+			if (tly_uuid_parse(keytext, &key) != 0) {
+				quarantine(p, r, "bad_key", "the key is not a UUID");
+				return 0;
+			}
+			if (memcmp(&key, &ev->tenant_id, sizeof(key)) != 0) {
+				quarantine(p, r, "key_mismatch", "the key is not the event's tenant_id");
+				return 0;
+			}
 		}
 		int32_t want = tly_kafka_partition_for_key(rec_key(b, r), r->keylen, ctx->partition_count);
 		if (want != p->partition) {

@@ -17,6 +17,7 @@
 #include "wallet.h"
 
 #define ROWS_PER_STATEMENT 1000
+#define COPY_ROWS 200 /* rows per COPY statement (see copy_for_row) */
 #define ENTRY_COLS 27
 
 #define ENTRY_COLUMNS_TEXT                                                                          \
@@ -409,15 +410,13 @@ struct step {
 	int nparams;
 	const char **values;
 	const int *lengths, *formats; /* NULL: text parameters */
-	struct tly_pgcopy *copy;      /* STEP_COPY: its rows, owned by the transaction */
+	struct tly_pgcopy *copy;      /* STEP_COPY: its rows, owned by the step */
 };
 
 struct tly_ledger_txn {
 	struct tly_arena *arena;   /* every string and array below */
 	struct step *steps;
 	size_t n_steps, cap_steps;
-	struct tly_pgcopy *copy;   /* the entries */
-	struct tly_pgcopy *inputs; /* the applied input records */
 	int32_t *partitions;       /* of each commit, in order */
 	bool *fenced;              /* out, per commit */
 	size_t n;
@@ -537,59 +536,74 @@ static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const st
 	return 0;
 }
 
-/* The entries of every commit of the group in one binary COPY payload (no per-row parse or plan). */
+/*
+ * The rows of a COPY go out in statements of at most COPY_ROWS rows: PostgreSQL 15 remembers the
+ * table's tuple descriptor once per buffered row of a COPY in a resource array that hashes them
+ * all to one slot, so a COPY's cost grows with the square of its rows (a seventh of the writer's
+ * time with 1,000 rows a COPY); each COPY also costs its start (a sixteenth of the writer's time
+ * with 100 rows a COPY): 200 rows balance the two.
+ */
+/* The copy payload to add a row to: the last one of kind's, or a new one when it is full. */
+static struct tly_pgcopy *copy_for_row(struct tly_ledger_txn *t, const char *sql)
+{
+	struct step *last = t->n_steps ? &t->steps[t->n_steps - 1] : NULL;
+	if (last && last->kind == STEP_COPY && last->sql == sql &&
+	    tly_pgcopy_rows(last->copy) < COPY_ROWS)
+		return last->copy;
+	struct tly_pgcopy *copy = tly_pgcopy_new();
+	struct step *s = copy ? add_step(t, STEP_COPY, sql, 0) : NULL;
+	if (!s) {
+		tly_pgcopy_free(copy);
+		t->oom = true;
+		return NULL;
+	}
+	s->copy = copy;
+	return copy;
+}
+
+/* The entries of every commit of the group as binary COPY payloads (no per-row parse or plan). */
 static void build_entries(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
 	static const char sql[] = "COPY ledger_entries (" ENTRY_COLUMNS_TEXT ") FROM STDIN (FORMAT binary)";
 	struct tly_arena *scratch = tly_arena_new();
-	if (!scratch || !(t->copy = tly_pgcopy_new())) {
+	if (!scratch) {
 		t->oom = true;
-		goto out;
+		return;
 	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_entries; r++) {
-			if (copy_entry(t->copy, scratch, &c[i].entries[r]) != 0) {
+			struct tly_pgcopy *copy = copy_for_row(t, sql);
+			if (!copy || copy_entry(copy, scratch, &c[i].entries[r]) != 0) {
 				t->oom = true;
 				goto out;
 			}
 			tly_arena_reset(scratch);
 		}
 	}
-	if (tly_pgcopy_rows(t->copy)) {
-		struct step *s = add_step(t, STEP_COPY, sql, 0);
-		if (s)
-			s->copy = t->copy;
-	}
 out:
 	tly_arena_free(scratch);
 }
 
-/* The applied input records of every commit of the group in a second binary COPY payload. */
+/* The applied input records of every commit of the group as more binary COPY payloads. */
 static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
 	static const char sql[] = "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
 				  "FROM STDIN (FORMAT binary)";
-	if (!(t->inputs = tly_pgcopy_new())) {
-		t->oom = true;
-		return;
-	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_inputs; r++) {
 			const struct tly_ledger_input *in = &c[i].inputs[r];
-			tly_pgcopy_row(t->inputs, 4);
-			tly_pgcopy_int4(t->inputs, c[i].partition);
-			tly_pgcopy_int8(t->inputs, in->offset);
+			struct tly_pgcopy *copy = copy_for_row(t, sql);
+			if (!copy)
+				return;
+			tly_pgcopy_row(copy, 4);
+			tly_pgcopy_int4(copy, c[i].partition);
+			tly_pgcopy_int8(copy, in->offset);
 			if (in->tenant_id)
-				tly_pgcopy_uuid(t->inputs, in->tenant_id);
+				tly_pgcopy_uuid(copy, in->tenant_id);
 			else
-				tly_pgcopy_null(t->inputs);
-			tly_pgcopy_bytea(t->inputs, in->value, in->valuelen);
+				tly_pgcopy_null(copy);
+			tly_pgcopy_bytea(copy, in->value, in->valuelen);
 		}
-	}
-	if (tly_pgcopy_rows(t->inputs)) {
-		struct step *s = add_step(t, STEP_COPY, sql, 0);
-		if (s)
-			s->copy = t->inputs;
 	}
 }
 
@@ -904,8 +918,8 @@ void tly_ledger_store_txn_free(struct tly_ledger_txn *t)
 	if (!t)
 		return;
 	tly_arena_free(t->arena);
-	tly_pgcopy_free(t->copy);
-	tly_pgcopy_free(t->inputs);
+	for (size_t k = 0; k < t->n_steps; k++)
+		tly_pgcopy_free(t->steps[k].copy);
 	free(t->steps);
 	free(t->partitions);
 	free(t->fenced);
