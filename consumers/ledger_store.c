@@ -214,8 +214,8 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 	return rc;
 }
 
-/* n uuids as a PostgreSQL array literal (malloc'd), or NULL when out of memory. */
-static char *uuid_array(const tly_uuid *ids, size_t n)
+/* n uuids, stride bytes apart from first, as a PostgreSQL array literal (malloc'd), or NULL. */
+static char *uuid_array(const tly_uuid *first, size_t n, size_t stride)
 {
 	char *text = malloc(n * 37 + 3);
 	if (!text)
@@ -225,7 +225,7 @@ static char *uuid_array(const tly_uuid *ids, size_t n)
 	for (size_t i = 0; i < n; i++) {
 		if (i)
 			text[at++] = ',';
-		tly_uuid_format(&ids[i], text + at);
+		tly_uuid_format((const tly_uuid *)((const char *)first + i * stride), text + at);
 		at += 36;
 	}
 	text[at++] = '}';
@@ -247,7 +247,7 @@ int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, 
 				 void *ud, struct tly_pg_error *err)
 {
 	char p[16], f[24], t[24];
-	char *ids = uuid_array(tenants, n);
+	char *ids = uuid_array(tenants, n, sizeof(*tenants));
 	if (!ids) {
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 		return TLY_E_NOMEM;
@@ -282,7 +282,7 @@ int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, 
 int tly_ledger_store_load_heads(PGconn *conn, const tly_uuid *tenants, size_t n, int64_t *seq,
 				unsigned char (*hash)[32], struct tly_pg_error *err)
 {
-	char *ids = uuid_array(tenants, n);
+	char *ids = uuid_array(tenants, n, sizeof(*tenants));
 	if (!ids) {
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 		return TLY_E_NOMEM;
@@ -325,29 +325,13 @@ static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n
 			struct tly_pg_error *err)
 {
 	int rc = TLY_E_NOMEM;
-	char *tenants = NULL, *events = NULL;
-	size_t tlen = 0, elen = 0;
-	FILE *ft = open_memstream(&tenants, &tlen), *fe = open_memstream(&events, &elen);
 	PGresult *res = NULL;
-	if (!ft || !fe) {
-		if (ft)
-			fclose(ft);
-		if (fe)
-			fclose(fe);
+	char *tenants = uuid_array(&keys[0].tenant_id, n, sizeof(*keys));
+	char *events = uuid_array(&keys[0].event_id, n, sizeof(*keys));
+	if (!tenants || !events)
 		goto out;
-	}
-	for (size_t i = 0; i < n; i++) {
-		char t[37], e[37];
-		tly_uuid_format(&keys[i].tenant_id, t);
-		tly_uuid_format(&keys[i].event_id, e);
-		fprintf(ft, "%s%s", i ? "," : "{", t);
-		fprintf(fe, "%s%s", i ? "," : "{", e);
+	for (size_t i = 0; i < n; i++)
 		keys[i].seen.seen = false;
-	}
-	fputc('}', ft);
-	fputc('}', fe);
-	if ((fclose(ft) | fclose(fe)) != 0)
-		goto out;
 	rc = TLY_E_PG;
 	const char *const values[] = {tenants, events};
 	res = tly_pg_query_params(conn,
