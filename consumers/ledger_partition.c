@@ -6,8 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-
 #include "arena.h"
 #include "codec.h"
 #include "kafka.h"
@@ -16,6 +14,17 @@
 #include "wallet.h"
 
 #define CACHE_SLOTS 8192 /* recently committed (tenant, event id) pairs, direct-mapped */
+
+/*
+ * When a wallet's snapshot is saved (with its changed holds): when the wallet is new, after
+ * SAVE_EVERY_BATCHES batches changed it, and once its partition moved SAVE_LAG_INPUTS input
+ * records past it (at most SAVE_LAG_PER_BATCH such wallets a batch). Loading brings a wallet
+ * forward from its snapshot by re-executing its input records since, so these bound that work.
+ */
+#define SAVE_EVERY_BATCHES 16
+#define SAVE_LAG_INPUTS 100000
+#define SAVE_LAG_PER_BATCH 256
+#define REPLAY_CHUNK 1000 /* input records re-executed per "seen" lookup when loading */
 
 /* A record of the open batch; its bytes are in the partition's byte buffer. */
 struct record {
@@ -28,7 +37,7 @@ struct record {
 	struct tly_seen seen;     /* committed knowledge before the batch */
 	bool lookup;              /* seen comes from the database lookup (index in keys) */
 	size_t key_index;
-	unsigned char digest[32]; /* SHA-256 of the re-encoded event */
+	unsigned char digest[32]; /* SHA-256 of the event's current encoding */
 };
 
 struct cache_slot {
@@ -53,6 +62,8 @@ struct batch {
 	struct tly_uuidmap *touched;       /* tenant -> wallet */
 	struct tly_wallet **touched_list;
 	size_t n_touched, cap_touched;
+	struct tly_wallet **saved_list;    /* the wallets whose snapshots its transaction saves */
+	size_t n_saved, cap_saved;
 	struct tly_ledger_quarantined *quarantined;
 	size_t n_quarantined;
 	struct tly_ledger_input *inputs;   /* applied records, kept for re-execution */
@@ -74,7 +85,7 @@ struct tly_ledger_partition {
 	struct batch *open;
 	struct batch *decided[BATCHES - 1]; /* oldest first */
 	size_t n_decided;
-	struct tly_buf encoded;      /* scratch of classify */
+	int64_t lag_check_at;        /* offset from which a wallet's snapshot may lag too far */
 };
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
@@ -88,6 +99,9 @@ static int adopt_wallet(struct tly_wallet *w, void *ud)
 	}
 	return 0;
 }
+
+static int catch_up(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		    struct tly_pg_error *err);
 
 static void free_wallets(struct tly_uuidmap *map)
 {
@@ -124,6 +138,8 @@ struct tly_ledger_partition *tly_ledger_partition_open(const struct tly_ledger_c
 	    tly_ledger_store_load_wallets(ctx->conn, partition, adopt_wallet, p, err) != 0)
 		goto fail;
 	p->next_offset = p->decided_offset < 0 ? 0 : p->decided_offset;
+	if (catch_up(p, ctx, err) != 0)
+		goto fail;
 	return p;
 fail:
 	tly_ledger_partition_free(p);
@@ -147,11 +163,11 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 		free(b->events);
 		tly_entries_free(&b->entries);
 		free(b->touched_list);
+		free(b->saved_list);
 		free(b->quarantined);
 		free(b->inputs);
 		tly_arena_free(b->arena);
 	}
-	tly_buf_free(&p->encoded);
 	free(p);
 }
 
@@ -326,8 +342,10 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 {
 	char errstr[256], keytext[37];
 	const struct batch *b = p->open;
-	int rc = tly_codec_decode(ctx->codec, rec_value(b, r), r->valuelen, ev, errstr,
-				  sizeof(errstr));
+	/* The cause digest: of the event's encoding with the current schema, so writers agree (bytes
+	 * already in that encoding are hashed as they are, the rest re-encoded first). */
+	int rc = tly_codec_decode_digest(ctx->codec, rec_value(b, r), r->valuelen, ev, r->digest,
+					 errstr, sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
 		return rc;
 	if (rc != 0) {
@@ -353,13 +371,18 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 		}
 		memcpy(keytext, rec_key(b, r), 36);
 		keytext[36] = '\0';
-		if (tly_uuid_parse(keytext, &key) != 0) {
-			quarantine(p, r, "bad_key", "the key is not a UUID");
-			return 0;
-		}
-		if (memcmp(&key, &ev->tenant_id, sizeof(key)) != 0) {
-			quarantine(p, r, "key_mismatch", "the key is not the event's tenant_id");
-			return 0;
+		/* the usual key is the tenant id as the producer formats it: no parse needed */
+		char tenant[37];
+		tly_uuid_format(&ev->tenant_id, tenant);
+		if (memcmp(keytext, tenant, 36) != 0) {
+			if (tly_uuid_parse(keytext, &key) != 0) {
+				quarantine(p, r, "bad_key", "the key is not a UUID");
+				return 0;
+			}
+			if (memcmp(&key, &ev->tenant_id, sizeof(key)) != 0) {
+				quarantine(p, r, "key_mismatch", "the key is not the event's tenant_id");
+				return 0;
+			}
 		}
 		int32_t want = tly_kafka_partition_for_key(rec_key(b, r), r->keylen, ctx->partition_count);
 		if (want != p->partition) {
@@ -369,18 +392,6 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			return 0;
 		}
 	}
-	/* The cause digest: the event re-encoded with the current schema, so writers agree. */
-	rc = tly_codec_encode(ctx->codec, ev, &p->encoded, errstr, sizeof(errstr));
-	if (rc == TLY_E_NOMEM)
-		return rc;
-	if (rc != 0) {
-		quarantine(p, r, tly_err_name(rc), errstr);
-		return 0;
-	}
-	unsigned int mdlen = 0;
-	if (EVP_Digest(p->encoded.data, p->encoded.len, r->digest, &mdlen, EVP_sha256(), NULL) != 1 ||
-	    mdlen != 32)
-		return TLY_E_NOMEM;
 	return 0;
 }
 
@@ -442,14 +453,21 @@ static int tick_all(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 	return 0;
 }
 
+static struct tly_cause cause_of(const struct tly_ledger_partition *p, const struct record *r,
+				  const struct tly_event *ev)
+{
+	struct tly_cause cause = {ev->event_id, tly_event_desc(ev->type)->name, p->partition,
+				  r->offset, {0}};
+	memcpy(cause.digest, r->digest, 32);
+	return cause;
+}
+
 static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
 		     struct record *r, const struct tly_event *ev)
 {
 	char errstr[256];
 	struct batch *b = p->open;
-	const struct tly_event_desc *desc = tly_event_desc(ev->type);
-	struct tly_cause cause = {ev->event_id, desc->name, p->partition, r->offset, {0}};
-	memcpy(cause.digest, r->digest, 32);
+	struct tly_cause cause = cause_of(p, r, ev);
 	if (ev->type == TLY_EV_CLOCK_TICK)
 		return tick_all(p, ctx, ev, &cause);
 
@@ -524,6 +542,200 @@ static bool known(const struct tly_ledger_partition *p, const tly_uuid *tenant,
 	return false;
 }
 
+/* ---- loading: wallets brought forward from their snapshots ------------------------------- */
+
+static void set_corrupt(struct tly_ledger_partition *p, struct tly_pg_error *err, int64_t offset,
+			const char *why)
+{
+	tly_error("could not bring a wallet forward from its snapshot",
+		  "partition=%d offset=%" PRId64 " reason=\"%s\"", (int)p->partition, offset, why);
+	set_fatal(err, "a wallet does not re-execute to the stored ledger");
+}
+
+/* Is w's snapshot older than the input record at offset (its effect not in the snapshot)? */
+static bool stale_at(struct tly_wallet *w, int64_t offset)
+{
+	int64_t as_of = tly_wallet_saving(w)->as_of;
+	return as_of >= 0 && as_of <= offset;
+}
+
+/* Re-execute the records of the open batch (applied input records, loaded): 0, TLY_E_CORRUPT... */
+static int replay_chunk(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+			struct tly_pg_error *err)
+{
+	struct batch *b = p->open;
+	char errstr[256];
+	size_t n_keys = 0;
+	int rc = 0;
+	struct tly_ledger_seen_key *keys = calloc(b->n_recs ? b->n_recs : 1, sizeof(*keys));
+	if (!keys) {
+		set_fatal(err, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	for (size_t i = 0; i < b->n_recs && rc == 0; i++) {
+		struct record *r = &b->recs[i];
+		struct tly_event *ev = &b->events[i];
+		rc = tly_codec_decode_digest(ctx->codec, rec_value(b, r), r->valuelen, ev, r->digest,
+					     errstr, sizeof(errstr));
+		if (rc != 0) {
+			set_corrupt(p, err, r->offset, errstr);
+			rc = TLY_E_CORRUPT;
+			break;
+		}
+		struct tly_wallet *w = ev->type == TLY_EV_CLOCK_TICK
+					       ? NULL
+					       : tly_uuidmap_get(p->wallets, &ev->tenant_id, NULL);
+		r->lookup = w && stale_at(w, r->offset);
+		if (!r->lookup)
+			continue;
+		r->key_index = n_keys;
+		keys[n_keys].tenant_id = ev->tenant_id;
+		keys[n_keys++].event_id = ev->event_id;
+	}
+	if (rc == 0 && n_keys)
+		rc = tly_ledger_store_lookup_seen(ctx->conn, keys, n_keys, err);
+	for (size_t i = 0; i < b->n_recs && rc == 0; i++) {
+		struct record *r = &b->recs[i];
+		const struct tly_event *ev = &b->events[i];
+		struct tly_cause cause = cause_of(p, r, ev);
+		if (ev->type == TLY_EV_CLOCK_TICK) {
+			for (size_t k = 0; k < tly_uuidmap_capacity(p->wallets) && rc == 0; k++) {
+				struct tly_wallet *w = tly_uuidmap_slot(p->wallets, k);
+				if (w && stale_at(w, r->offset))
+					rc = tly_ledger_tick(&ctx->decide, w, ev->occurred_at, &cause,
+							     &b->entries, errstr, sizeof(errstr));
+			}
+		} else if (r->lookup) {
+			/* seen as the decision saw it: an entry caused by an earlier record */
+			const struct tly_ledger_seen_key *key = &keys[r->key_index];
+			struct tly_seen seen = key->seen;
+			seen.seen = seen.seen && key->first_offset < r->offset;
+			rc = tly_ledger_apply(&ctx->decide,
+					      tly_uuidmap_get(p->wallets, &ev->tenant_id, NULL), ev,
+					      &cause, &seen, &b->entries, errstr, sizeof(errstr));
+		}
+		if (rc != 0 && rc != TLY_E_NOMEM) {
+			set_corrupt(p, err, r->offset, errstr);
+			rc = TLY_E_CORRUPT;
+		}
+		tly_entries_clear(&b->entries);
+	}
+	if (rc == TLY_E_NOMEM)
+		set_fatal(err, "out of memory");
+	free(keys);
+	b->n_recs = 0;
+	b->bytes.len = 0;
+	return rc;
+}
+
+struct replay {
+	struct tly_ledger_partition *p;
+	const struct tly_ledger_ctx *ctx;
+	struct tly_pg_error *err;
+	size_t n;
+};
+
+static int replay_add(int64_t offset, const void *value, size_t len, void *ud)
+{
+	struct replay *rp = ud;
+	struct batch *b = rp->p->open;
+	if (b->n_recs == b->cap_recs && grow_records(b) != 0) {
+		set_fatal(rp->err, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	struct record *r = &b->recs[b->n_recs];
+	memset(r, 0, sizeof(*r));
+	r->offset = offset;
+	r->has_value = true;
+	r->valuelen = len;
+	if (buf_append(&b->bytes, value, len, &r->value_at) != 0) {
+		set_fatal(rp->err, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	b->n_recs++;
+	rp->n++;
+	return b->n_recs == REPLAY_CHUNK ? replay_chunk(rp->p, rp->ctx, rp->err) : 0;
+}
+
+/*
+ * Bring every wallet whose snapshot is older than the partition's stored offset forward: re-execute
+ * its applied input records since (and the partition's ClockTicks), then check that it reached
+ * its last stored entry (seq and hash). Snapshots saved before as_of was kept are current.
+ */
+static int catch_up(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
+		    struct tly_pg_error *err)
+{
+	tly_uuid *stale = NULL;
+	int64_t *seq = NULL;
+	unsigned char(*hash)[32] = NULL;
+	size_t n = 0, cap = tly_uuidmap_count(p->wallets);
+	int64_t from = p->decided_offset;
+	int rc = TLY_E_NOMEM;
+	if (!(stale = calloc(cap ? cap : 1, sizeof(*stale))))
+		goto oom;
+	for (size_t k = 0; k < tly_uuidmap_capacity(p->wallets); k++) {
+		struct tly_wallet *w = tly_uuidmap_slot(p->wallets, k);
+		if (!w)
+			continue;
+		struct tly_wallet_saving *sv = tly_wallet_saving(w);
+		if (sv->as_of < 0 || sv->as_of > p->decided_offset)
+			sv->as_of = p->decided_offset < 0 ? 0 : p->decided_offset;
+		if (sv->as_of >= p->decided_offset)
+			continue;
+		stale[n++] = *tly_wallet_tenant(w);
+		sv->batches = SAVE_EVERY_BATCHES - 1; /* saved again at its next change */
+		if (sv->as_of < from)
+			from = sv->as_of;
+	}
+	p->lag_check_at = n ? from + SAVE_LAG_INPUTS : p->decided_offset + SAVE_LAG_INPUTS;
+	if (n == 0) {
+		free(stale);
+		return 0;
+	}
+	struct replay rp = {p, ctx, err, 0};
+	rc = tly_ledger_store_load_inputs(ctx->conn, p->partition, from, p->decided_offset, stale, n,
+					  replay_add, &rp, err);
+	if (rc == 0 && p->open->n_recs)
+		rc = replay_chunk(p, ctx, err);
+	reset_batch_scratch(p->open);
+	p->open->n_recs = 0;
+	p->open->bytes.len = 0;
+	if (rc != 0)
+		goto out;
+	rc = TLY_E_NOMEM;
+	if (!(seq = calloc(n, sizeof(*seq))) || !(hash = calloc(n, sizeof(*hash))))
+		goto oom;
+	if ((rc = tly_ledger_store_load_heads(ctx->conn, stale, n, seq, hash, err)) != 0)
+		goto out;
+	for (size_t i = 0; i < n; i++) {
+		struct tly_wallet *w = tly_uuidmap_get(p->wallets, &stale[i], NULL);
+		struct tly_balance bal;
+		tly_wallet_balance(w, &bal);
+		if (bal.seq != seq[i] || (seq[i] && memcmp(tly_wallet_last_hash(w), hash[i], 32) != 0)) {
+			char tenant[37], why[160];
+			tly_uuid_format(&stale[i], tenant);
+			snprintf(why, sizeof(why), "tenant %s re-executes to seq %" PRId64
+				 ", the ledger ends at seq %" PRId64 " (or its hash differs)",
+				 tenant, bal.seq, seq[i]);
+			set_corrupt(p, err, p->decided_offset, why);
+			rc = TLY_E_CORRUPT;
+			goto out;
+		}
+	}
+	tly_info("wallets brought forward from their snapshots",
+		 "partition=%d wallets=%zu from_offset=%" PRId64 " to_offset=%" PRId64 " inputs=%zu",
+		 (int)p->partition, n, from, p->decided_offset, rp.n);
+	rc = 0;
+	goto out;
+oom:
+	set_fatal(err, "out of memory");
+out:
+	free(stale);
+	free(seq);
+	free(hash);
+	return rc;
+}
+
 /* Step 1: decode and check the open batch; add what is not known in memory to keys. */
 static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
 		   struct tly_ledger_seen_key *keys, size_t *n_keys)
@@ -546,6 +758,58 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 		keys[*n_keys].event_id = ev->event_id;
 		(*n_keys)++;
 	}
+	return 0;
+}
+
+static int save_wallet(struct batch *b, struct tly_wallet *w)
+{
+	if (b->n_saved == b->cap_saved) {
+		size_t cap = b->cap_saved ? b->cap_saved * 2 : 64;
+		struct tly_wallet **l = realloc(b->saved_list, cap * sizeof(*l));
+		if (!l)
+			return TLY_E_NOMEM;
+		b->saved_list = l;
+		b->cap_saved = cap;
+	}
+	b->saved_list[b->n_saved++] = w;
+	return 0;
+}
+
+/*
+ * The wallets whose snapshots the open batch saves (see SAVE_EVERY_BATCHES): the ones it changed
+ * that are due, and, once in a while, any whose snapshot lags too far behind the partition.
+ */
+static int choose_saved(struct tly_ledger_partition *p)
+{
+	struct batch *b = p->open;
+	int64_t lag_limit = b->new_offset - SAVE_LAG_INPUTS;
+	b->n_saved = 0;
+	for (size_t i = 0; i < b->n_touched; i++) {
+		struct tly_wallet *w = b->touched_list[i];
+		const struct tly_wallet_saving *sv = tly_wallet_saving(w);
+		if ((sv->as_of < 0 || sv->batches + 1 >= SAVE_EVERY_BATCHES || sv->as_of <= lag_limit) &&
+		    save_wallet(b, w) != 0)
+			return TLY_E_NOMEM;
+	}
+	if (b->new_offset < p->lag_check_at)
+		return 0;
+	int64_t oldest = b->new_offset;
+	size_t lagging = 0;
+	for (size_t k = 0; k < tly_uuidmap_capacity(p->wallets); k++) {
+		struct tly_wallet *w = tly_uuidmap_slot(p->wallets, k);
+		if (!w || tly_uuidmap_get(b->touched, tly_wallet_tenant(w), NULL))
+			continue;
+		int64_t as_of = tly_wallet_saving(w)->as_of;
+		if (as_of >= 0 && as_of <= lag_limit && lagging < SAVE_LAG_PER_BATCH) {
+			lagging++;
+			if (save_wallet(b, w) != 0)
+				return TLY_E_NOMEM;
+		} else if (as_of >= 0 && as_of < oldest) {
+			oldest = as_of;
+		}
+	}
+	/* look again when the oldest snapshot left lags too far (next batch if some had to wait) */
+	p->lag_check_at = lagging == SAVE_LAG_PER_BATCH ? b->new_offset + 1 : oldest + SAVE_LAG_INPUTS;
 	return 0;
 }
 
@@ -583,6 +847,8 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 				rec_value(b, r), r->valuelen};
 	}
 	b->new_offset = b->recs[b->n_recs - 1].offset + 1;
+	if (choose_saved(p) != 0)
+		return TLY_E_NOMEM;
 	*c = (struct tly_ledger_commit){
 		.topic = ctx->events_topic,
 		.partition = p->partition,
@@ -590,8 +856,8 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 		.new_offset = b->new_offset,
 		.entries = b->entries.items,
 		.n_entries = b->entries.n,
-		.wallets = b->touched_list,
-		.n_wallets = b->n_touched,
+		.wallets = b->saved_list,
+		.n_wallets = b->n_saved,
 		.quarantined = b->quarantined,
 		.n_quarantined = b->n_quarantined,
 		.inputs = b->inputs,
@@ -606,8 +872,15 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 static void close_open(struct tly_ledger_partition *p)
 {
 	struct batch *b = p->open;
-	for (size_t i = 0; i < b->n_touched; i++)
-		tly_wallet_mark_saved(b->touched_list[i]); /* their changes are in the transaction */
+	for (size_t i = 0; i < b->n_saved; i++) { /* their snapshots are in the transaction */
+		tly_wallet_mark_saved(b->saved_list[i]);
+		*tly_wallet_saving(b->saved_list[i]) = (struct tly_wallet_saving){b->new_offset, 0};
+	}
+	for (size_t i = 0; i < b->n_touched; i++) {
+		struct tly_wallet_saving *sv = tly_wallet_saving(b->touched_list[i]);
+		if (sv->as_of != b->new_offset)
+			sv->batches++;
+	}
 	p->decided_offset = b->new_offset;
 	p->decided[p->n_decided++] = b;
 	for (int k = 0; k < BATCHES; k++) {
@@ -635,8 +908,9 @@ static void committed(struct tly_ledger_partition *p, struct tly_ledger_batch_ou
 			cache_put(p, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
 	}
 	/* b's memory stays as it is until it opens again, after the caller used out */
-	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, b->quarantined,
-					     b->n_quarantined, b->recs[0].offset, b->new_offset};
+	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, &b->entries,
+					     b->quarantined, b->n_quarantined, b->recs[0].offset,
+					     b->new_offset};
 	p->n_decided--;
 	memmove(p->decided, p->decided + 1, p->n_decided * sizeof(*p->decided));
 }

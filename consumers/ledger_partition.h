@@ -36,6 +36,7 @@ struct tly_ledger_ctx {
 struct tly_ledger_batch_out {
 	const struct tly_event *entries; /* committed entries in decision order */
 	size_t n_entries;
+	const struct tly_entries *encoded; /* their encodings (tly_entries_encoded), NULL: encode */
 	const struct tly_ledger_quarantined *quarantined;
 	size_t n_quarantined;
 	int64_t first_offset, end_offset; /* input offsets [first, end) the batch covered */

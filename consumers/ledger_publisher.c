@@ -176,21 +176,27 @@ static int produce(struct tly_ledger_publisher *pub, struct pub_batch *b, int32_
 	return 0;
 }
 
+/* One entry to tally.ledger: its encoding when given (the bytes its hash covers), else encoded here. */
 static int send_entry(struct tly_ledger_publisher *pub, struct pub_batch *b, int32_t partition,
-		      const struct tly_event *entry)
+		      const struct tly_event *entry, const void *encoded, size_t encoded_len)
 {
 	char errstr[256], key[37];
-	int rc = tly_codec_encode(pub->codec, entry, &pub->buf, errstr, sizeof(errstr));
-	if (rc != 0) {
-		tly_error("could not encode ledger entry", "partition=%d seq=%" PRId64 " reason=\"%s\"",
-			  (int)partition, entry->u.ledger_entry.seq, errstr);
-		b->failed = true;
-		return rc;
+	if (!encoded) {
+		int rc = tly_codec_encode(pub->codec, entry, &pub->buf, errstr, sizeof(errstr));
+		if (rc != 0) {
+			tly_error("could not encode ledger entry",
+				  "partition=%d seq=%" PRId64 " reason=\"%s\"", (int)partition,
+				  entry->u.ledger_entry.seq, errstr);
+			b->failed = true;
+			return rc;
+		}
+		encoded = pub->buf.data;
+		encoded_len = pub->buf.len;
 	}
 	tly_uuid_format(&entry->tenant_id, key);
 	struct tly_kafka_msg msg = {.topic = pub->ledger_topic, .partition = partition,
-				    .key = key, .keylen = 36, .value = pub->buf.data,
-				    .valuelen = pub->buf.len};
+				    .key = key, .keylen = 36, .value = encoded,
+				    .valuelen = encoded_len};
 	return produce(pub, b, partition, &msg);
 }
 
@@ -225,8 +231,11 @@ int tly_ledger_publisher_send(struct tly_ledger_publisher *pub, int32_t partitio
 	struct pub_batch *b = open_batch(pub, partition, out->end_offset);
 	if (!b)
 		return TLY_E_NOMEM;
-	for (size_t i = 0; i < out->n_entries && rc == 0; i++)
-		rc = send_entry(pub, b, partition, &out->entries[i]);
+	for (size_t i = 0; i < out->n_entries && rc == 0; i++) {
+		size_t len = 0;
+		const void *bytes = out->encoded ? tly_entries_encoded(out->encoded, i, &len) : NULL;
+		rc = send_entry(pub, b, partition, &out->entries[i], bytes, len);
+	}
 	for (size_t i = 0; i < out->n_quarantined && rc == 0; i++)
 		rc = send_deadletter(pub, b, partition, &out->quarantined[i]);
 	if (rc != 0)
@@ -250,7 +259,7 @@ static int republish_one(const struct tly_event *entry, void *ud)
 	if (entry->u.ledger_entry.cause_offset >= r->upto)
 		return 0;
 	r->n++;
-	return send_entry(r->pub, r->b, r->partition, entry);
+	return send_entry(r->pub, r->b, r->partition, entry, NULL, 0);
 }
 
 int tly_ledger_publisher_republish(struct tly_ledger_publisher *pub, PGconn *conn,

@@ -17,6 +17,7 @@
 #include "wallet.h"
 
 #define ROWS_PER_STATEMENT 1000
+#define COPY_ROWS 200 /* rows per COPY statement (see copy_for_row) */
 #define ENTRY_COLS 27
 
 #define ENTRY_COLUMNS_TEXT                                                                          \
@@ -159,7 +160,7 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 	const char *const v[] = {p};
 	PGresult *holds = NULL;
 	PGresult *res = tly_pg_query(conn,
-				     "SELECT tenant_id, state::text FROM ledger_wallets "
+				     "SELECT tenant_id, state::text, as_of_offset FROM ledger_wallets "
 				     "WHERE partition = $1 ORDER BY tenant_id",
 				     1, v, err);
 	if (!res)
@@ -191,6 +192,9 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 				w = NULL;
 			}
 		}
+		if (w)
+			tly_wallet_saving(w)->as_of =
+				PQgetisnull(res, i, 2) ? -1 : strtoll(PQgetvalue(res, i, 2), NULL, 10);
 		if (w && tly_wallet_loaded(w) != 0) {
 			snprintf(errstr, sizeof(errstr), "out of memory");
 			tly_wallet_free(w);
@@ -210,6 +214,107 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 	return rc;
 }
 
+/* n uuids, stride bytes apart from first, as a PostgreSQL array literal (malloc'd), or NULL. */
+static char *uuid_array(const tly_uuid *first, size_t n, size_t stride)
+{
+	char *text = malloc(n * 37 + 3);
+	if (!text)
+		return NULL;
+	size_t at = 0;
+	text[at++] = '{';
+	for (size_t i = 0; i < n; i++) {
+		if (i)
+			text[at++] = ',';
+		tly_uuid_format((const tly_uuid *)((const char *)first + i * stride), text + at);
+		at += 36;
+	}
+	text[at++] = '}';
+	text[at] = '\0';
+	return text;
+}
+
+static int64_t be64(const char *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | (unsigned char)p[i];
+	return (int64_t)v;
+}
+
+int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, int64_t to,
+				 const tly_uuid *tenants, size_t n,
+				 int (*fn)(int64_t offset, const void *value, size_t len, void *ud),
+				 void *ud, struct tly_pg_error *err)
+{
+	char p[16], f[24], t[24];
+	char *ids = uuid_array(tenants, n, sizeof(*tenants));
+	if (!ids) {
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	snprintf(f, sizeof(f), "%" PRId64, from);
+	snprintf(t, sizeof(t), "%" PRId64, to);
+	const char *const v[] = {p, f, t, ids};
+	PGresult *res = tly_pg_query_params(conn,
+					    "SELECT \"offset\", value FROM ledger_inputs "
+					    "WHERE partition = $1 AND \"offset\" >= $2 AND \"offset\" < $3 "
+					    "AND (tenant_id IS NULL OR tenant_id = ANY ($4::uuid[])) "
+					    "ORDER BY \"offset\"",
+					    4, v, NULL, NULL, 1, err);
+	free(ids);
+	if (!res)
+		return TLY_E_PG;
+	int rc = 0;
+	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
+		if (PQgetlength(res, r, 0) != 8) {
+			set_err(err, TLY_ERRCLASS_FATAL, "ledger_inputs returned a malformed offset");
+			rc = TLY_E_PG;
+			break;
+		}
+		rc = fn(be64(PQgetvalue(res, r, 0)), PQgetvalue(res, r, 1),
+			(size_t)PQgetlength(res, r, 1), ud);
+	}
+	PQclear(res);
+	return rc;
+}
+
+int tly_ledger_store_load_heads(PGconn *conn, const tly_uuid *tenants, size_t n, int64_t *seq,
+				unsigned char (*hash)[32], struct tly_pg_error *err)
+{
+	char *ids = uuid_array(tenants, n, sizeof(*tenants));
+	if (!ids) {
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	const char *const v[] = {ids};
+	PGresult *res = tly_pg_query_params(conn,
+					    "SELECT k.i, x.seq, x.hash FROM unnest($1::uuid[]) "
+					    "WITH ORDINALITY AS k (tenant_id, i) CROSS JOIN LATERAL "
+					    "(SELECT e.seq, e.hash FROM ledger_entries e "
+					    "WHERE e.tenant_id = k.tenant_id ORDER BY e.seq DESC LIMIT 1) x",
+					    1, v, NULL, NULL, 1, err);
+	free(ids);
+	if (!res)
+		return TLY_E_PG;
+	for (size_t i = 0; i < n; i++)
+		seq[i] = 0;
+	int rc = 0;
+	for (int r = 0; r < PQntuples(res); r++) {
+		int64_t i = be64(PQgetvalue(res, r, 0)) - 1;
+		if (PQgetlength(res, r, 0) != 8 || PQgetlength(res, r, 1) != 8 ||
+		    PQgetlength(res, r, 2) != 32 || i < 0 || (size_t)i >= n) {
+			set_err(err, TLY_ERRCLASS_FATAL, "ledger_entries returned a malformed head");
+			rc = TLY_E_PG;
+			break;
+		}
+		seq[i] = be64(PQgetvalue(res, r, 1));
+		memcpy(hash[i], PQgetvalue(res, r, 2), 32);
+	}
+	PQclear(res);
+	return rc;
+}
+
 /* ---- seen lookup -------------------------------------------------------------------------- */
 
 /*
@@ -220,35 +325,20 @@ static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n
 			struct tly_pg_error *err)
 {
 	int rc = TLY_E_NOMEM;
-	char *tenants = NULL, *events = NULL;
-	size_t tlen = 0, elen = 0;
-	FILE *ft = open_memstream(&tenants, &tlen), *fe = open_memstream(&events, &elen);
 	PGresult *res = NULL;
-	if (!ft || !fe) {
-		if (ft)
-			fclose(ft);
-		if (fe)
-			fclose(fe);
+	char *tenants = uuid_array(&keys[0].tenant_id, n, sizeof(*keys));
+	char *events = uuid_array(&keys[0].event_id, n, sizeof(*keys));
+	if (!tenants || !events)
 		goto out;
-	}
-	for (size_t i = 0; i < n; i++) {
-		char t[37], e[37];
-		tly_uuid_format(&keys[i].tenant_id, t);
-		tly_uuid_format(&keys[i].event_id, e);
-		fprintf(ft, "%s%s", i ? "," : "{", t);
-		fprintf(fe, "%s%s", i ? "," : "{", e);
+	for (size_t i = 0; i < n; i++)
 		keys[i].seen.seen = false;
-	}
-	fputc('}', ft);
-	fputc('}', fe);
-	if ((fclose(ft) | fclose(fe)) != 0)
-		goto out;
 	rc = TLY_E_PG;
 	const char *const values[] = {tenants, events};
 	res = tly_pg_query_params(conn,
-				  "SELECT k.i, x.cause_digest FROM unnest($1::uuid[], $2::uuid[]) "
-				  "WITH ORDINALITY AS k (tenant_id, event_id, i) CROSS JOIN LATERAL "
-				  "(SELECT e.cause_digest FROM ledger_entries e WHERE e.tenant_id = k.tenant_id "
+				  "SELECT k.i, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
+				  "$2::uuid[]) WITH ORDINALITY AS k (tenant_id, event_id, i) CROSS JOIN LATERAL "
+				  "(SELECT e.cause_digest, e.cause_offset FROM ledger_entries e "
+				  "WHERE e.tenant_id = k.tenant_id "
 				  "AND e.cause_event_id = k.event_id ORDER BY e.seq LIMIT 1) x",
 				  2, values, NULL, NULL, 0, err);
 	if (!res)
@@ -260,6 +350,7 @@ static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n
 		if (i >= 0 && (size_t)i < n && digest && dlen == 32) {
 			keys[i].seen.seen = true;
 			memcpy(keys[i].seen.digest, digest, 32);
+			keys[i].first_offset = strtoll(PQgetvalue(res, r, 2), NULL, 10);
 		}
 		PQfreemem(digest);
 	}
@@ -303,15 +394,13 @@ struct step {
 	int nparams;
 	const char **values;
 	const int *lengths, *formats; /* NULL: text parameters */
-	struct tly_pgcopy *copy;      /* STEP_COPY: its rows, owned by the transaction */
+	struct tly_pgcopy *copy;      /* STEP_COPY: its rows, owned by the step */
 };
 
 struct tly_ledger_txn {
 	struct tly_arena *arena;   /* every string and array below */
 	struct step *steps;
 	size_t n_steps, cap_steps;
-	struct tly_pgcopy *copy;   /* the entries */
-	struct tly_pgcopy *inputs; /* the applied input records */
 	int32_t *partitions;       /* of each commit, in order */
 	bool *fenced;              /* out, per commit */
 	size_t n;
@@ -431,59 +520,74 @@ static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const st
 	return 0;
 }
 
-/* The entries of every commit of the group in one binary COPY payload (no per-row parse or plan). */
+/*
+ * The rows of a COPY go out in statements of at most COPY_ROWS rows: PostgreSQL 15 remembers the
+ * table's tuple descriptor once per buffered row of a COPY in a resource array that hashes them
+ * all to one slot, so a COPY's cost grows with the square of its rows (a seventh of the writer's
+ * time with 1,000 rows a COPY); each COPY also costs its start (a sixteenth of the writer's time
+ * with 100 rows a COPY): 200 rows balance the two.
+ */
+/* The copy payload to add a row to: the last one of kind's, or a new one when it is full. */
+static struct tly_pgcopy *copy_for_row(struct tly_ledger_txn *t, const char *sql)
+{
+	struct step *last = t->n_steps ? &t->steps[t->n_steps - 1] : NULL;
+	if (last && last->kind == STEP_COPY && last->sql == sql &&
+	    tly_pgcopy_rows(last->copy) < COPY_ROWS)
+		return last->copy;
+	struct tly_pgcopy *copy = tly_pgcopy_new();
+	struct step *s = copy ? add_step(t, STEP_COPY, sql, 0) : NULL;
+	if (!s) {
+		tly_pgcopy_free(copy);
+		t->oom = true;
+		return NULL;
+	}
+	s->copy = copy;
+	return copy;
+}
+
+/* The entries of every commit of the group as binary COPY payloads (no per-row parse or plan). */
 static void build_entries(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
 	static const char sql[] = "COPY ledger_entries (" ENTRY_COLUMNS_TEXT ") FROM STDIN (FORMAT binary)";
 	struct tly_arena *scratch = tly_arena_new();
-	if (!scratch || !(t->copy = tly_pgcopy_new())) {
+	if (!scratch) {
 		t->oom = true;
-		goto out;
+		return;
 	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_entries; r++) {
-			if (copy_entry(t->copy, scratch, &c[i].entries[r]) != 0) {
+			struct tly_pgcopy *copy = copy_for_row(t, sql);
+			if (!copy || copy_entry(copy, scratch, &c[i].entries[r]) != 0) {
 				t->oom = true;
 				goto out;
 			}
 			tly_arena_reset(scratch);
 		}
 	}
-	if (tly_pgcopy_rows(t->copy)) {
-		struct step *s = add_step(t, STEP_COPY, sql, 0);
-		if (s)
-			s->copy = t->copy;
-	}
 out:
 	tly_arena_free(scratch);
 }
 
-/* The applied input records of every commit of the group in a second binary COPY payload. */
+/* The applied input records of every commit of the group as more binary COPY payloads. */
 static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
 	static const char sql[] = "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
 				  "FROM STDIN (FORMAT binary)";
-	if (!(t->inputs = tly_pgcopy_new())) {
-		t->oom = true;
-		return;
-	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_inputs; r++) {
 			const struct tly_ledger_input *in = &c[i].inputs[r];
-			tly_pgcopy_row(t->inputs, 4);
-			tly_pgcopy_int4(t->inputs, c[i].partition);
-			tly_pgcopy_int8(t->inputs, in->offset);
+			struct tly_pgcopy *copy = copy_for_row(t, sql);
+			if (!copy)
+				return;
+			tly_pgcopy_row(copy, 4);
+			tly_pgcopy_int4(copy, c[i].partition);
+			tly_pgcopy_int8(copy, in->offset);
 			if (in->tenant_id)
-				tly_pgcopy_uuid(t->inputs, in->tenant_id);
+				tly_pgcopy_uuid(copy, in->tenant_id);
 			else
-				tly_pgcopy_null(t->inputs);
-			tly_pgcopy_bytea(t->inputs, in->value, in->valuelen);
+				tly_pgcopy_null(copy);
+			tly_pgcopy_bytea(copy, in->value, in->valuelen);
 		}
-	}
-	if (tly_pgcopy_rows(t->inputs)) {
-		struct step *s = add_step(t, STEP_COPY, sql, 0);
-		if (s)
-			s->copy = t->inputs;
 	}
 }
 
@@ -491,24 +595,26 @@ static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commi
 
 /* One upsert of k wallet snapshots (w[0..k-1], all of partition's commit or not: each names its own). */
 static void build_wallet_rows(struct tly_ledger_txn *t, struct tly_wallet *const *w,
-			      const int32_t *partition, size_t k)
+			      const int32_t *partition, const int64_t *as_of, size_t k)
 {
 	struct text sql;
 	if (!text_open(&sql)) {
 		t->oom = true;
 		return;
 	}
-	fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES ", sql.f);
+	fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state, as_of_offset) VALUES ",
+	      sql.f);
 	for (size_t r = 0; r < k; r++)
-		fprintf(sql.f, "%s($%zu, $%zu, $%zu, $%zu::jsonb)", r ? ", " : "", 4 * r + 1, 4 * r + 2,
-			4 * r + 3, 4 * r + 4);
+		fprintf(sql.f, "%s($%zu, $%zu, $%zu, $%zu::jsonb, $%zu)", r ? ", " : "", 5 * r + 1,
+			5 * r + 2, 5 * r + 3, 5 * r + 4, 5 * r + 5);
 	fputs(" ON CONFLICT (tenant_id) DO UPDATE SET partition = EXCLUDED.partition, "
-	      "seq = EXCLUDED.seq, state = EXCLUDED.state, updated_at = now()",
+	      "seq = EXCLUDED.seq, state = EXCLUDED.state, as_of_offset = EXCLUDED.as_of_offset, "
+	      "updated_at = now()",
 	      sql.f);
 	const char *text = text_close(t, &sql);
-	struct step *s = text ? add_step(t, STEP_EXEC, text, (int)(4 * k)) : NULL;
+	struct step *s = text ? add_step(t, STEP_EXEC, text, (int)(5 * k)) : NULL;
 	for (size_t r = 0; s && r < k; r++) {
-		char tenant[37], seq[24], part[16];
+		char tenant[37], seq[24], part[16], off[24];
 		struct tly_balance bal;
 		char *state = tly_wallet_to_json(w[r], false);
 		if (!state) {
@@ -519,10 +625,12 @@ static void build_wallet_rows(struct tly_ledger_txn *t, struct tly_wallet *const
 		tly_wallet_balance(w[r], &bal);
 		snprintf(seq, sizeof(seq), "%" PRId64, bal.seq);
 		snprintf(part, sizeof(part), "%d", (int)partition[r]);
-		s->values[4 * r] = arena_text(t, tenant, strlen(tenant));
-		s->values[4 * r + 1] = arena_text(t, part, strlen(part));
-		s->values[4 * r + 2] = arena_text(t, seq, strlen(seq));
-		s->values[4 * r + 3] = arena_text(t, state, strlen(state));
+		snprintf(off, sizeof(off), "%" PRId64, as_of[r]);
+		s->values[5 * r] = arena_text(t, tenant, strlen(tenant));
+		s->values[5 * r + 1] = arena_text(t, part, strlen(part));
+		s->values[5 * r + 2] = arena_text(t, seq, strlen(seq));
+		s->values[5 * r + 3] = arena_text(t, state, strlen(state));
+		s->values[5 * r + 4] = arena_text(t, off, strlen(off));
 		free(state);
 	}
 }
@@ -532,19 +640,21 @@ static void build_wallets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 {
 	struct tly_wallet *w[WALLETS_PER_STATEMENT];
 	int32_t part[WALLETS_PER_STATEMENT];
+	int64_t as_of[WALLETS_PER_STATEMENT];
 	size_t k = 0;
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {
 			w[k] = c[i].wallets[j];
+			as_of[k] = c[i].new_offset;
 			part[k++] = c[i].partition;
 			if (k == WALLETS_PER_STATEMENT) {
-				build_wallet_rows(t, w, part, k);
+				build_wallet_rows(t, w, part, as_of, k);
 				k = 0;
 			}
 		}
 	}
 	if (k)
-		build_wallet_rows(t, w, part, k);
+		build_wallet_rows(t, w, part, as_of, k);
 }
 
 /* Text arrays of hold rows for one unnest() statement. */
@@ -792,8 +902,8 @@ void tly_ledger_store_txn_free(struct tly_ledger_txn *t)
 	if (!t)
 		return;
 	tly_arena_free(t->arena);
-	tly_pgcopy_free(t->copy);
-	tly_pgcopy_free(t->inputs);
+	for (size_t k = 0; k < t->n_steps; k++)
+		tly_pgcopy_free(t->steps[k].copy);
 	free(t->steps);
 	free(t->partitions);
 	free(t->fenced);

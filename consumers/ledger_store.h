@@ -42,11 +42,26 @@ int tly_ledger_store_load_wallets(PGconn *conn, int32_t partition,
 				  int (*fn)(struct tly_wallet *w, void *ud), void *ud,
 				  struct tly_pg_error *err) TLY_MUST_CHECK;
 
+/*
+ * The applied input records of partition at offsets [from, to), in offset order, that are
+ * ClockTicks or belong to one of the n tenants: fn gets each (value borrowed for the call); a
+ * non-zero return stops the walk and is returned. 0 or TLY_E_PG (err filled).
+ */
+int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, int64_t to,
+				 const tly_uuid *tenants, size_t n,
+				 int (*fn)(int64_t offset, const void *value, size_t len, void *ud),
+				 void *ud, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* The last stored entry of each of n tenants: seq (0 when it has none) and hash. */
+int tly_ledger_store_load_heads(PGconn *conn, const tly_uuid *tenants, size_t n, int64_t *seq,
+				unsigned char (*hash)[32], struct tly_pg_error *err) TLY_MUST_CHECK;
+
 /* One (tenant, event id) pair to look up; seen is filled by tly_ledger_store_lookup_seen. */
 struct tly_ledger_seen_key {
 	tly_uuid tenant_id;
 	tly_uuid event_id;
 	struct tly_seen seen; /* out: committed entry with this cause, and its first digest */
+	int64_t first_offset; /* out, when seen: that first entry's cause offset */
 };
 
 /* Fill seen for n keys (one query per 1000 keys): exact, from the committed entries. */
@@ -82,7 +97,7 @@ struct tly_ledger_commit {
 	int64_t new_offset;       /* next offset after the batch */
 	const struct tly_event *entries; /* TLY_EV_LEDGER_ENTRY, tenant_id set */
 	size_t n_entries;
-	struct tly_wallet *const *wallets; /* touched wallets, saved as snapshots */
+	struct tly_wallet *const *wallets; /* wallets saved as snapshots, as of new_offset */
 	size_t n_wallets;
 	const struct tly_ledger_quarantined *quarantined;
 	size_t n_quarantined;

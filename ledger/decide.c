@@ -41,6 +41,7 @@ struct delta {
 void tly_entries_clear(struct tly_entries *out)
 {
 	out->n = 0;
+	out->encoded.len = 0;
 	tly_arena_reset(out->arena);
 }
 
@@ -50,7 +51,16 @@ void tly_entries_free(struct tly_entries *out)
 		return;
 	free(out->items);
 	tly_arena_free(out->arena);
+	tly_buf_free(&out->encoded);
+	free(out->ends);
 	memset(out, 0, sizeof(*out));
+}
+
+const unsigned char *tly_entries_encoded(const struct tly_entries *out, size_t i, size_t *len)
+{
+	size_t from = i ? out->ends[i - 1] : 0;
+	*len = out->ends[i] - from;
+	return out->encoded.data + from;
 }
 
 int tly_ledger_entry_hash(struct tly_codec *codec, const struct tly_event *entry,
@@ -108,12 +118,21 @@ static int entry_finish(struct ctx *c, struct tly_event *ev, const struct delta 
 	}
 	e->ledger_time = w->time;
 	memcpy(e->prev_hash, w->hash, 32);
-	int rc = tly_ledger_entry_hash(c->cfg->codec, ev, e->hash);
+	/* Hashed and encoded once: the bytes hashed are the bytes published. Entries dropped since
+	 * (a failed apply rolls n back) leave bytes past the last item's end: cut them. */
+	struct tly_entries *out = c->out;
+	char why[256];
+	out->encoded.len = out->n ? out->ends[out->n - 1] : 0;
+	int rc = tly_ledger_grow(&out->ends, &out->cap_ends, out->n, sizeof(*out->ends));
+	if (rc == 0)
+		rc = tly_codec_encode_sealed(c->cfg->codec, ev, e->prev_hash, 32, &out->encoded,
+					     e->hash, why, sizeof(why));
 	if (rc != 0) {
 		snprintf(c->errstr, c->errlen, "could not hash ledger entry %lld: %s",
-			 (long long)e->seq, tly_err_name(rc));
+			 (long long)e->seq, rc == TLY_E_NOMEM ? "out of memory" : why);
 		return rc;
 	}
+	out->ends[out->n] = out->encoded.len;
 	w->seq = e->seq;
 	memcpy(w->hash, e->hash, 32);
 	c->out->n++;

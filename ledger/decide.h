@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "err.h"
 #include "event.h"
 
@@ -49,9 +50,14 @@ struct tly_entries {
 	struct tly_event *items;
 	size_t n, cap;
 	struct tly_arena *arena;
+	struct tly_buf encoded; /* every item's single-object encoding (hash set), one after another */
+	size_t *ends;           /* item i's bytes: encoded.data[i ? ends[i - 1] : 0 .. ends[i]) */
+	size_t cap_ends;
 };
 void tly_entries_clear(struct tly_entries *out);  /* n = 0, arena reset */
 void tly_entries_free(struct tly_entries *out);
+/* Item i's encoding (the bytes published to tally.ledger), borrowed until the next clear. */
+const unsigned char *tly_entries_encoded(const struct tly_entries *out, size_t i, size_t *len);
 
 /* Entry kinds (LedgerEntry.kind). */
 #define TLY_KIND_SUBSCRIPTION_STARTED "subscription_started"

@@ -27,6 +27,7 @@ struct tly_wallet *tly_wallet_new(const tly_uuid *tenant)
 	if (!w)
 		return NULL;
 	w->tenant = *tenant;
+	w->saving.as_of = -1;
 	return w;
 }
 
@@ -230,6 +231,11 @@ const int64_t *tly_wallet_forgotten(const struct tly_wallet *w, size_t *n)
 {
 	*n = w->n_forgotten;
 	return w->forgotten;
+}
+
+struct tly_wallet_saving *tly_wallet_saving(struct tly_wallet *w)
+{
+	return &w->saving;
 }
 
 void tly_wallet_mark_saved(struct tly_wallet *w)

@@ -74,6 +74,16 @@ const int64_t *tly_wallet_forgotten(const struct tly_wallet *w, size_t *n);
 void tly_wallet_mark_saved(struct tly_wallet *w);
 
 /*
+ * Where the consumer's stored snapshot of the wallet stands (not decision state: never in a
+ * snapshot, never read by the decision core). A new or loaded wallet has as_of -1, batches 0.
+ */
+struct tly_wallet_saving {
+	int64_t as_of;    /* input offset the stored snapshot is as of; -1: none (or not known yet) */
+	uint32_t batches; /* batches that changed the wallet since it was stored */
+};
+struct tly_wallet_saving *tly_wallet_saving(struct tly_wallet *w);
+
+/*
  * Add a saved hold to a wallet being loaded, in order (after tly_wallet_from_json of a snapshot
  * without holds); then call tly_wallet_loaded. 0, TLY_E_INVALID (out of order), TLY_E_NOMEM.
  */

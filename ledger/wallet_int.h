@@ -88,6 +88,7 @@ struct tly_wallet {
 	struct tly_due *heap;   /* open holds by expires_at (min-heap; ended ones dropped lazily) */
 	size_t n_heap, cap_heap;
 	size_t forget_scan_at;  /* n_holds at which ledger/decide.c next looks for forgotten holds */
+	struct tly_wallet_saving saving; /* the consumer's, not decision state */
 };
 
 int64_t tly_wallet_credits(const struct tly_wallet *w);

@@ -17,7 +17,8 @@ static const char counts_sql[] =
 	"WITH " CAUGHT
 	"SELECT (SELECT count(*) FROM caught), CASE WHEN EXISTS (SELECT 1 FROM "
 	"  projector_ledger_applied) THEN (SELECT count(*) FROM ledger_wallets w "
-	"  WHERE w.seq > 0 AND ($1::uuid IS NULL OR w.tenant_id = $1::uuid)) ELSE 0 END";
+	"  WHERE ($1::uuid IS NULL OR w.tenant_id = $1::uuid) AND EXISTS (SELECT 1 FROM "
+	"  ledger_entries e WHERE e.tenant_id = w.tenant_id)) ELSE 0 END";
 
 /* Rows of (tenant, seq, message): one per difference. */
 static const char balances_sql[] =

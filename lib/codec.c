@@ -441,6 +441,50 @@ int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool b
 	return rc;
 }
 
+int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
+			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
+			    char *errstr, size_t errlen)
+{
+	const struct tly_event_desc *d = tly_event_desc(ev->type);
+	const struct tly_schema *s = d ? codec->current[ev->type] : NULL;
+	const struct tly_field *last = d && d->record.n_fields ? &d->record.fields[d->record.n_fields - 1]
+							      : NULL;
+	avro_schema_t as = s ? tly_schema_avro(s) : NULL;
+	size_t nf = as ? avro_schema_record_size(as) : 0;
+	const char *name = nf ? avro_schema_record_field_name(as, (int)nf - 1) : NULL;
+	if (!last || last->kind != TLY_F_SHA256 || !name || strcmp(name, last->name) != 0) {
+		snprintf(errstr, errlen, "%s does not end with its hash", d ? d->name : "the message");
+		return TLY_E_INVALID;
+	}
+	struct tly_event copy = *ev;
+	unsigned char *field = (unsigned char *)&copy + last->offset;
+	memset(field, 0, 32);
+	int rc = validate(&copy, errstr, errlen);
+	if (rc == 0)
+		rc = encode_valid(codec, &copy, &codec->scratch, errstr, errlen);
+	if (rc != 0)
+		return rc;
+	const struct tly_buf *enc = &codec->scratch;
+	/* Avro writes the last field, 32 bytes, as its zig-zag length (64) and the bytes. */
+	if (enc->len < TLY_CODEC_HEADER + 33 || enc->data[enc->len - 33] != 64) {
+		snprintf(errstr, errlen, "%s: the hash is not where it was expected", d->name);
+		return TLY_E_INVALID;
+	}
+	if (sha256(codec, prefix, prefix_len, enc->data + TLY_CODEC_HEADER,
+		   enc->len - TLY_CODEC_HEADER, hash) != 0) {
+		snprintf(errstr, errlen, "could not compute SHA-256");
+		return TLY_E_NOMEM;
+	}
+	if (tly_buf_reserve(out, out->len + enc->len) != 0) {
+		snprintf(errstr, errlen, "out of memory");
+		return TLY_E_NOMEM;
+	}
+	memcpy(out->data + out->len, enc->data, enc->len - 32);
+	memcpy(out->data + out->len + enc->len - 32, hash, 32);
+	out->len += enc->len;
+	return 0;
+}
+
 /* ---- decode ------------------------------------------------------------------------------- */
 
 static int get_record(struct tly_codec *codec, const struct tly_record_desc *rd,

@@ -72,6 +72,17 @@ int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool b
 		     size_t errlen) TLY_MUST_CHECK;
 
 /*
+ * Seal a hash-chained message (a LedgerEntry): hash = SHA-256(prefix[0..prefix_len) || the Avro
+ * body of ev with its last field, a 32-byte SHA-256, set to zeros), and append to out ev's
+ * single-object encoding with that field set to hash: the bytes tly_codec_encode writes for ev
+ * once its hash is set, from one encoding. TLY_E_INVALID when ev's schema does not end with such
+ * a field or ev fails validation; TLY_E_TOO_LARGE; TLY_E_NOMEM.
+ */
+int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
+			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
+			    char *errstr, size_t errlen) TLY_MUST_CHECK;
+
+/*
  * tly_codec_decode, then the SHA-256 of the decoded event's single-object encoding with its
  * current schema (a cause digest as tally-ledger computes it: decode, encode, hash), without
  * validating the event a second time.

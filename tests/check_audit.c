@@ -547,8 +547,9 @@ static void loadgen_run_with_kills(struct env *e)
 	tly_test_ledger_stop(ledger, e->log);
 	/* the projector has applied every tenant's whole ledger */
 	static const char behind_sql[] =
-		"SELECT count(*) FROM ledger_wallets w WHERE w.seq > 0 AND NOT EXISTS (SELECT 1 FROM "
-		"projector_ledger_applied a WHERE a.tenant_id = w.tenant_id AND a.seq = w.seq)";
+		"SELECT count(*) FROM (SELECT tenant_id, max(seq) AS seq FROM ledger_entries "
+		"GROUP BY tenant_id) l WHERE NOT EXISTS (SELECT 1 FROM "
+		"projector_ledger_applied a WHERE a.tenant_id = l.tenant_id AND a.seq = l.seq)";
 	deadline = mono_ms() + 60000;
 	while (mono_ms() < deadline && tly_test_q_long(e->db.conn, behind_sql, 0, NULL) != 0)
 		usleep(200000);

@@ -412,6 +412,14 @@ static void check_entries(struct run *r, const char *name, int stepno, bool over
 		unsigned char h[32];
 		ck_assert_int_eq(tly_ledger_entry_hash(r->codec, ev, h), 0);
 		ck_assert_mem_eq(h, e->hash, 32);
+		/* the bytes kept for tally.ledger are the entry's encoding, hash included */
+		struct tly_buf want = {0};
+		size_t len;
+		const unsigned char *got = tly_entries_encoded(&r->out, i, &len);
+		ck_assert_int_eq(tly_codec_encode(r->codec, ev, &want, err, sizeof(err)), 0);
+		ck_assert_uint_eq(len, want.len);
+		ck_assert_mem_eq(got, want.data, len);
+		tly_buf_free(&want);
 		ck_assert_msg(r->a + e->allowance_delta == e->allowance_remaining &&
 				      r->c + e->credits_delta == e->credits_remaining &&
 				      r->h + e->held_delta == e->held && r->o + e->overage_delta == e->overage_tokens,

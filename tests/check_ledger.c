@@ -424,9 +424,22 @@ static long check_end_state(const struct env *e, bool unique_input)
 	ck_assert_msg(rh.bad == 0, "%ld of %ld stored hashes do not recompute", rh.bad, rh.n);
 	ck_assert_int_ge(q_long(e->conn, "SELECT coalesce(min(allowance_remaining + credits_remaining - held), 0) "
 				"FROM ledger_entries", 0, NULL), 0);
+	/* every tenant has a snapshot no later than its ledger, and every partition loads: each
+	 * wallet re-executes from its snapshot to its last stored entry (seq and hash) */
 	ck_assert_int_eq(q_long(e->conn, "SELECT count(*) FROM (SELECT tenant_id, max(seq) AS seq "
-				"FROM ledger_entries GROUP BY tenant_id) l FULL JOIN ledger_wallets w "
-				"USING (tenant_id) WHERE w.seq IS DISTINCT FROM l.seq", 0, NULL), 0);
+				"FROM ledger_entries GROUP BY tenant_id) l LEFT JOIN ledger_wallets w "
+				"USING (tenant_id) WHERE w.seq IS NULL OR w.seq > l.seq", 0, NULL), 0);
+	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
+	ck_assert_msg(codec != NULL, "%s", errstr);
+	struct tly_ledger_ctx ctx = {e->conn, codec, {0, codec}, "tally.events", "tally.ledger",
+				     PARTITIONS};
+	for (int p = 0; p < PARTITIONS; p++) {
+		struct tly_pg_error err;
+		struct tly_ledger_partition *part = tly_ledger_partition_open(&ctx, p, &err);
+		ck_assert_msg(part != NULL, "partition %d does not load: %s", p, err.message);
+		tly_ledger_partition_free(part);
+	}
+	tly_codec_free(codec);
 	check_published(e, n);
 	ck_assert_int_gt(records, 0);
 	return n;
@@ -883,6 +896,111 @@ START_TEST(test_group_commit_all_or_nothing)
 	tly_ledger_partition_free(y_owner);
 	tly_buf_free(&bx);
 	tly_buf_free(&by);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/* ev encoded and added to p's open batch at offset. */
+static void add_event(struct tly_ledger_partition *p, struct tly_codec *codec, const char *key,
+		      int64_t offset, const struct tly_event *ev)
+{
+	char errstr[256];
+	struct tly_buf buf = {0};
+	bool added;
+	ck_assert_msg(tly_codec_encode(codec, ev, &buf, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert(tly_ledger_partition_add(p, offset, key, 36, buf.data, buf.len, 0, &added) == 0 &&
+		  added);
+	tly_buf_free(&buf);
+}
+
+static void settle_event(struct tly_event *ev, const tly_uuid *tenant, const tly_uuid *reservation,
+			 int64_t at)
+{
+	tly_fixture_event(ev, TLY_EV_RESERVATION_SETTLED, 11);
+	tly_uuid_generate(&ev->event_id);
+	ev->tenant_id = *tenant;
+	ev->occurred_at = at;
+	ev->u.reservation_settled.reservation_id = *reservation;
+}
+
+/*
+ * Snapshots are saved only every few batches: a partition loaded afterwards re-executes the
+ * tenant's applied inputs since its snapshot, and decides on as if it had never stopped (holds
+ * placed and ended since, event ids seen since). An input missing from ledger_inputs leaves the
+ * wallet short of its stored ledger: the load is refused.
+ */
+START_TEST(test_wallet_catch_up)
+{
+	enum { BATCHES = 41 };
+	char key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t, res[BATCHES];
+	int32_t part = partition_ctx(&e, 8, &codec, &ctx, &t, key);
+	struct tly_pg_error err;
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(p);
+	struct tly_event ev, reserve_38;
+	struct tly_ledger_batch_out out;
+	bool fenced;
+	int64_t off = 0;
+	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
+	tly_uuid_generate(&ev.event_id);
+	ev.tenant_id = t;
+	ev.occurred_at = T0;
+	ev.u.subscription_started.period_start = T0;
+	ev.u.subscription_started.period_end = T0 + 720 * HOUR;
+	ev.u.subscription_started.trial_ends_at.set = false;
+	ev.u.subscription_started.terms.tokens_per_period = 100000;
+	ev.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+	add_event(p, codec, key, off++, &ev);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	/* batch i reserves 10 tokens and settles the reservation of batch i - 3 */
+	for (int i = 0; i < BATCHES - 1; i++) {
+		reserve_event(&ev, &t, 10, T0 + (i + 1) * 1000LL);
+		res[i] = ev.u.tokens_reserved.reservation_id;
+		add_event(p, codec, key, off++, &ev);
+		if (i == 38)
+			reserve_38 = ev;
+		if (i >= 3) {
+			settle_event(&ev, &t, &res[i - 3], T0 + (i + 1) * 1000LL + 1);
+			add_event(p, codec, key, off++, &ev);
+		}
+		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	}
+	tly_ledger_partition_free(p);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_wallets w, consumer_offsets o "
+				"WHERE w.as_of_offset < o.next_offset", 0, NULL), 1);
+	long before = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+
+	/* a record the snapshot does not hold gone: the wallet stops short, the load is refused */
+	ck_assert(tly_pg_exec_script(e.conn, "BEGIN; DELETE FROM ledger_inputs WHERE \"offset\" = "
+				     "(SELECT max(\"offset\") FROM ledger_inputs)", &err) == 0);
+	ck_assert_ptr_null(tly_ledger_partition_open(&ctx, part, &err));
+	ck_assert(tly_pg_exec_script(e.conn, "ROLLBACK", &err) == 0);
+
+	p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_msg(p != NULL, "%s", err.message);
+	settle_event(&ev, &t, &res[39], T0 + 50000); /* placed after the snapshot */
+	add_event(p, codec, key, off++, &ev);
+	add_event(p, codec, key, off++, &reserve_38); /* a redelivery of a record after it */
+	settle_event(&ev, &t, &res[33], T0 + 50001); /* settled after it */
+	add_event(p, codec, key, off++, &ev);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(out.n_entries, 4);
+	ck_assert_str_eq(out.entries[0].u.ledger_entry.kind, "hold_released");
+	ck_assert_str_eq(out.entries[1].u.ledger_entry.kind, "debit");
+	ck_assert_str_eq(out.entries[2].u.ledger_entry.kind, "duplicate");
+	ck_assert_str_eq(out.entries[3].u.ledger_entry.kind, "rejected");
+	ck_assert_str_eq(out.entries[3].u.ledger_entry.reason, "reservation_already_ended");
+	ck_assert_int_eq(out.entries[0].u.ledger_entry.seq, before + 1);
+	/* reservations 37 and 38 are still held, 10 tokens each */
+	ck_assert_int_eq(out.entries[3].u.ledger_entry.held, 20);
+	ck_assert_int_eq(check_chains(e.conn), before + 4);
+	tly_ledger_partition_free(p);
 	tly_codec_free(codec);
 	env_down(&e);
 }
@@ -1365,6 +1483,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_happy_path);
 	tcase_add_test(tc, test_stale_owner_fenced);
 	tcase_add_test(tc, test_group_commit_all_or_nothing);
+	tcase_add_test(tc, test_wallet_catch_up);
 	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_quarantine);
