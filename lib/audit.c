@@ -10,7 +10,7 @@
 #include "arena.h"
 #include "codec.h"
 #include "decide.h"
-#include "uuidmap.h"
+#include "audit_ids.h"
 #include "wallet.h"
 
 /* What the audit knows of one tenant. */
@@ -24,11 +24,12 @@ struct tenant {
 	bool counted;             /* has an entry in range */
 	/* its event ids (struct seen) and holds (struct hold): a map per tenant, so that the maps
 	 * the partition being audited reads stay small enough for the caches; NULL until used */
-	struct tly_uuidmap *seen, *holds;
+	struct tly_audit_ids *seen, *holds;
 };
 
 /* An event id of a tenant: where re-execution and the stored entries first applied it. */
 struct seen {
+	tly_uuid id;              /* the key: first */
 	unsigned char digest[32]; /* re-execution's cause digest */
 	bool replayed;
 	int32_t partition;        /* stored: first cause with a non-duplicate entry; -1: none */
@@ -36,6 +37,7 @@ struct seen {
 };
 
 struct hold {
+	tly_uuid id;              /* the key: first */
 	int64_t tokens;
 	bool open;
 };
@@ -55,7 +57,7 @@ struct tly_audit {
 	struct tly_audit_opts opts;
 	struct tly_codec *codec;
 	struct tly_ledger_config cfg;
-	struct tly_uuidmap *tenants;
+	struct tly_audit_ids *tenants; /* struct tenant */
 	struct tly_arena *arena;   /* tenants, seen, holds: live as long as the audit */
 	struct part *parts;
 	size_t n_parts;
@@ -110,7 +112,7 @@ struct tly_audit *tly_audit_new(const struct tly_audit_opts *opts, char *errstr,
 	if (!(a->codec = tly_codec_new(errstr, errlen)))
 		goto fail;
 	a->cfg = (struct tly_ledger_config){opts->overdraft_limit, a->codec};
-	if (!(a->tenants = tly_uuidmap_new()) || !(a->arena = tly_arena_new())) {
+	if (!(a->tenants = tly_audit_ids_new()) || !(a->arena = tly_arena_new())) {
 		snprintf(errstr, errlen, "out of memory");
 		goto fail;
 	}
@@ -125,12 +127,12 @@ void tly_audit_free(struct tly_audit *a)
 	if (!a)
 		return;
 	if (a->tenants) {
-		for (size_t i = 0; i < tly_uuidmap_capacity(a->tenants); i++) {
-			struct tenant *t = tly_uuidmap_slot(a->tenants, i);
+		for (size_t i = 0; i < tly_audit_ids_capacity(a->tenants); i++) {
+			struct tenant *t = tly_audit_ids_slot(a->tenants, i);
 			if (t) {
 				tly_wallet_free(t->w);
-				tly_uuidmap_free(t->seen);
-				tly_uuidmap_free(t->holds);
+				tly_audit_ids_free(t->seen);
+				tly_audit_ids_free(t->holds);
 			}
 		}
 	}
@@ -139,7 +141,7 @@ void tly_audit_free(struct tly_audit *a)
 		free(a->parts[i].quarantined);
 	}
 	free(a->parts);
-	tly_uuidmap_free(a->tenants);
+	tly_audit_ids_free(a->tenants);
 	tly_arena_free(a->arena);
 	tly_event_free(&a->input);
 	tly_entries_free(&a->produced);
@@ -172,14 +174,14 @@ static struct part *part_get(struct tly_audit *a, int32_t partition)
 
 static struct tenant *tenant_get(struct tly_audit *a, const tly_uuid *id)
 {
-	struct tenant *t = tly_uuidmap_get(a->tenants, id, NULL);
+	struct tenant *t = tly_audit_ids_get(a->tenants, id);
 	if (t)
 		return t;
 	if (!(t = tly_arena_alloc(a->arena, sizeof(*t))))
 		return NULL;
 	memset(t, 0, sizeof(*t));
 	t->id = *id;
-	if (tly_uuidmap_put(a->tenants, id, NULL, t) != 0)
+	if (tly_audit_ids_add(a->tenants, t) != 0)
 		return NULL;
 	return t;
 }
@@ -269,10 +271,10 @@ static void close_group(struct tly_audit *a)
 }
 
 /* The tenant's map *map, created on first use. NULL on OOM. */
-static struct tly_uuidmap *map_of(struct tly_uuidmap **map)
+static struct tly_audit_ids *map_of(struct tly_audit_ids **map)
 {
 	if (!*map)
-		*map = tly_uuidmap_new();
+		*map = tly_audit_ids_new();
 	return *map;
 }
 
@@ -283,9 +285,10 @@ static struct seen *seen_add(struct tly_audit *a, struct tenant *t, const tly_uu
 	if (!s || !map_of(&t->seen))
 		return NULL;
 	memset(s, 0, sizeof(*s));
+	s->id = *id;
 	s->partition = -1;
 	s->offset = -1;
-	return tly_uuidmap_put(t->seen, id, NULL, s) == 0 ? s : NULL;
+	return tly_audit_ids_add(t->seen, s) == 0 ? s : NULL;
 }
 
 static struct seen *seen_get(struct tly_audit *a, struct tenant *t, const tly_uuid *id,
@@ -294,7 +297,7 @@ static struct seen *seen_get(struct tly_audit *a, struct tenant *t, const tly_uu
 	if (a->g_seen && memcmp(id->b, a->input.event_id.b, 16) == 0 &&
 	    memcmp(t->id.b, a->input.tenant_id.b, 16) == 0)
 		return a->g_seen;
-	struct seen *s = t->seen ? tly_uuidmap_get(t->seen, id, NULL) : NULL;
+	struct seen *s = t->seen ? tly_audit_ids_get(t->seen, id) : NULL;
 	return s || !create ? s : seen_add(a, t, id);
 }
 
@@ -368,6 +371,25 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 	return 0;
 }
 
+/* Entries whose UUIDs are offered: a ClockTick's many entries name holds its input does not. */
+#define EXPECT_ENTRIES 4
+
+void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n)
+{
+	if (n == 0)
+		return;
+	tly_codec_uuid_hint(a->codec, &le(&entries[0])->cause_event_id);
+	for (size_t i = 0; i < n && i < EXPECT_ENTRIES; i++) {
+		const struct tly_ledger_entry *e = le(&entries[i]);
+		if (i == 0 || memcmp(entries[i].tenant_id.b, entries[i - 1].tenant_id.b, 16) != 0)
+			tly_codec_uuid_hint(a->codec, &entries[i].tenant_id);
+		if (!tly_uuid_is_nil(&e->ref_id))
+			tly_codec_uuid_hint(a->codec, &e->ref_id);
+		if (!tly_uuid_is_nil(&e->subscription_id))
+			tly_codec_uuid_hint(a->codec, &e->subscription_id);
+	}
+}
+
 int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, const tly_uuid *tenant,
 		    const void *value, size_t len)
 {
@@ -395,6 +417,8 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 	a->counts.inputs++;
 	/* decoded and validated as tally-ledger did; its cause digest from its current encoding */
 	unsigned char digest[32];
+	if (tenant)
+		tly_codec_uuid_hint(a->codec, tenant); /* the row's column: a hint, see replay */
 	int rc = tly_codec_decode_digest(a->codec, value, len, &a->input, digest, errstr,
 					 sizeof(errstr));
 	if (rc == TLY_E_NOMEM)
@@ -583,7 +607,7 @@ static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_e
 		return 0;
 	char ref[37];
 	tly_uuid_format(&e->ref_id, ref);
-	struct hold *h = t->holds ? tly_uuidmap_get(t->holds, &e->ref_id, NULL) : NULL;
+	struct hold *h = t->holds ? tly_audit_ids_get(t->holds, &e->ref_id) : NULL;
 	a->counts.checks++;
 	if (placed) {
 		if (h && h->open) {
@@ -593,11 +617,14 @@ static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_e
 			return 0;
 		}
 		if (!h) {
-			if (!(h = tly_arena_alloc(a->arena, sizeof(*h))) || !map_of(&t->holds) ||
-			    tly_uuidmap_put(t->holds, &e->ref_id, NULL, h) != 0)
+			if (!(h = tly_arena_alloc(a->arena, sizeof(*h))) || !map_of(&t->holds))
+				return TLY_E_NOMEM;
+			h->id = e->ref_id;
+			if (tly_audit_ids_add(t->holds, h) != 0)
 				return TLY_E_NOMEM;
 		}
-		*h = (struct hold){e->held_delta, true};
+		h->tokens = e->held_delta;
+		h->open = true;
 		t->open_held += e->held_delta;
 		return 0;
 	}

@@ -16,6 +16,7 @@
 #include <openssl/evp.h>
 
 #include "audit.h"
+#include "audit_ids.h"
 #include "codec.h"
 #include "config.h"
 #include "decide.h"
@@ -207,6 +208,43 @@ static size_t find_kind(const struct tly_event *e, size_t n, const char *kind, s
 	ck_abort_msg("no entry of kind %s", kind);
 	return 0;
 }
+
+/* The verifier's id maps: every record found by its key after growth, absent keys not found. */
+struct id_rec {
+	tly_uuid id;
+	int n;
+};
+
+START_TEST(test_audit_ids)
+{
+	enum { N = 5000 };
+	struct id_rec *recs = calloc(N, sizeof(*recs));
+	struct tly_audit_ids *m = tly_audit_ids_new();
+	ck_assert_ptr_nonnull(recs);
+	ck_assert_ptr_nonnull(m);
+	for (int i = 0; i < N; i++) {
+		/* ids alike but for a few bytes, as time-based UUIDs are */
+		recs[i].id.b[0] = (unsigned char)(i & 0xff);
+		recs[i].id.b[15] = (unsigned char)(i >> 8);
+		recs[i].n = i;
+		ck_assert_ptr_null(tly_audit_ids_get(m, &recs[i].id));
+		ck_assert_int_eq(tly_audit_ids_add(m, &recs[i]), 0);
+	}
+	for (int i = 0; i < N; i++) {
+		struct id_rec *r = tly_audit_ids_get(m, &recs[i].id);
+		ck_assert_ptr_eq(r, &recs[i]);
+	}
+	tly_uuid absent = recs[7].id;
+	absent.b[8] = 1;
+	ck_assert_ptr_null(tly_audit_ids_get(m, &absent));
+	int seen = 0;
+	for (size_t i = 0; i < tly_audit_ids_capacity(m); i++)
+		seen += tly_audit_ids_slot(m, i) != NULL;
+	ck_assert_int_eq(seen, N);
+	tly_audit_ids_free(m);
+	free(recs);
+}
+END_TEST
 
 START_TEST(test_verifier_clean)
 {
@@ -778,6 +816,7 @@ Suite *audit_suite(void)
 {
 	Suite *s = suite_create("audit");
 	TCase *tc = tcase_create("verifier");
+	tcase_add_test(tc, test_audit_ids);
 	tcase_add_test(tc, test_verifier_clean);
 	tcase_add_test(tc, test_verifier_forged_valid_chain);
 	tcase_add_test(tc, test_verifier_amount_and_hash);
