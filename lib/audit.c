@@ -596,17 +596,30 @@ static void hex8(const unsigned char *h, char out[17])
 		snprintf(out + 2 * i, 3, "%02x", h[i]);
 }
 
+/* What the checks below need to know of an entry's kind, found once per entry. */
+enum kind_class { KIND_OTHER, KIND_HOLD_PLACED, KIND_HOLD_ENDED, KIND_NOT_APPLIED };
+
+static enum kind_class kind_class(const char *kind)
+{
+	if (strcmp(kind, TLY_KIND_HOLD_PLACED) == 0)
+		return KIND_HOLD_PLACED;
+	if (strcmp(kind, TLY_KIND_HOLD_RELEASED) == 0 || strcmp(kind, TLY_KIND_HOLD_EXPIRED) == 0)
+		return KIND_HOLD_ENDED;
+	if (strcmp(kind, TLY_KIND_DUPLICATE) == 0 || strcmp(kind, TLY_KIND_CONFLICT) == 0)
+		return KIND_NOT_APPLIED;
+	return KIND_OTHER;
+}
+
 static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_event *stored,
-		       bool report)
+		       enum kind_class kc, bool report)
 {
 	const struct tly_ledger_entry *e = le(stored);
-	bool placed = strcmp(e->kind, TLY_KIND_HOLD_PLACED) == 0;
-	bool ended = strcmp(e->kind, TLY_KIND_HOLD_RELEASED) == 0 ||
-		     strcmp(e->kind, TLY_KIND_HOLD_EXPIRED) == 0;
-	if (!placed && !ended)
+	bool placed = kc == KIND_HOLD_PLACED;
+	if (!placed && kc != KIND_HOLD_ENDED)
 		return 0;
-	char ref[37];
-	tly_uuid_format(&e->ref_id, ref);
+	char ref[37] = ""; /* the hold's id, written only for a failure */
+	if (report)
+		tly_uuid_format(&e->ref_id, ref);
 	struct hold *h = t->holds ? tly_audit_ids_get(t->holds, &e->ref_id) : NULL;
 	a->counts.checks++;
 	if (placed) {
@@ -689,11 +702,10 @@ static void check_identities(struct tly_audit *a, struct tenant *t, const struct
 }
 
 static int check_idempotency(struct tly_audit *a, struct tenant *t, const struct tly_event *stored,
-			     bool report)
+			     enum kind_class kc, bool report)
 {
 	const struct tly_ledger_entry *e = le(stored);
-	if (strcmp(e->kind, TLY_KIND_DUPLICATE) == 0 || strcmp(e->kind, TLY_KIND_CONFLICT) == 0 ||
-	    strcmp(e->cause_type, "ClockTick") == 0)
+	if (kc == KIND_NOT_APPLIED || strcmp(e->cause_type, "ClockTick") == 0)
 		return 0;
 	struct seen *s = seen_get(a, t, &e->cause_event_id, true);
 	if (!s)
@@ -769,10 +781,11 @@ int tly_audit_entry(struct tly_audit *a, const struct tly_event *stored)
 				     got, want);
 		}
 	}
-	int rc = check_holds(a, t, stored, report);
+	enum kind_class kc = kind_class(e->kind);
+	int rc = check_holds(a, t, stored, kc, report);
 	if (rc == 0) {
 		check_identities(a, t, stored, report);
-		rc = check_idempotency(a, t, stored, report);
+		rc = check_idempotency(a, t, stored, kc, report);
 	}
 	t->last_seq = e->seq;
 	memcpy(t->last_hash, e->hash, 32);
