@@ -371,22 +371,25 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 	return 0;
 }
 
-/* Entries whose UUIDs are offered: a ClockTick's many entries name holds its input does not. */
-#define EXPECT_ENTRIES 4
-
+/*
+ * The ids an input's stored entries share with it: its event id and the ids its entries act on
+ * (a reservation, a grant, a debit). Not the holds that expire on the way (other inputs placed
+ * them), nor the tenant (tly_audit_input offers the row's), nor the subscription (in every entry,
+ * in few inputs).
+ */
 void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n)
 {
+	const tly_uuid *last = NULL;
 	if (n == 0)
 		return;
 	tly_codec_uuid_hint(a->codec, &le(&entries[0])->cause_event_id);
-	for (size_t i = 0; i < n && i < EXPECT_ENTRIES; i++) {
+	for (size_t i = 0; i < n; i++) {
 		const struct tly_ledger_entry *e = le(&entries[i]);
-		if (i == 0 || memcmp(entries[i].tenant_id.b, entries[i - 1].tenant_id.b, 16) != 0)
-			tly_codec_uuid_hint(a->codec, &entries[i].tenant_id);
-		if (!tly_uuid_is_nil(&e->ref_id))
-			tly_codec_uuid_hint(a->codec, &e->ref_id);
-		if (!tly_uuid_is_nil(&e->subscription_id))
-			tly_codec_uuid_hint(a->codec, &e->subscription_id);
+		if (tly_uuid_is_nil(&e->ref_id) || strcmp(e->kind, TLY_KIND_HOLD_EXPIRED) == 0 ||
+		    (last && memcmp(last->b, e->ref_id.b, 16) == 0))
+			continue;
+		tly_codec_uuid_hint(a->codec, &e->ref_id);
+		last = &e->ref_id;
 	}
 }
 
