@@ -58,6 +58,7 @@ struct tly_audit {
 	struct tly_codec *codec;
 	struct tly_ledger_config cfg;
 	struct tly_audit_ids *tenants; /* struct tenant */
+	struct tenant *last_tenant; /* the last one looked up: an input's entries are its tenant's */
 	struct tly_arena *arena;   /* tenants, seen, holds: live as long as the audit */
 	struct part *parts;
 	size_t n_parts;
@@ -174,16 +175,18 @@ static struct part *part_get(struct tly_audit *a, int32_t partition)
 
 static struct tenant *tenant_get(struct tly_audit *a, const tly_uuid *id)
 {
-	struct tenant *t = tly_audit_ids_get(a->tenants, id);
-	if (t)
+	struct tenant *t = a->last_tenant;
+	if (t && memcmp(t->id.b, id->b, 16) == 0)
 		return t;
-	if (!(t = tly_arena_alloc(a->arena, sizeof(*t))))
-		return NULL;
-	memset(t, 0, sizeof(*t));
-	t->id = *id;
-	if (tly_audit_ids_add(a->tenants, t) != 0)
-		return NULL;
-	return t;
+	if (!(t = tly_audit_ids_get(a->tenants, id))) {
+		if (!(t = tly_arena_alloc(a->arena, sizeof(*t))))
+			return NULL;
+		memset(t, 0, sizeof(*t));
+		t->id = *id;
+		if (tly_audit_ids_add(a->tenants, t) != 0)
+			return NULL;
+	}
+	return a->last_tenant = t;
 }
 
 /* ---- offsets ------------------------------------------------------------------------------ */
@@ -374,8 +377,8 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 /*
  * The ids an input's stored entries share with it: its event id and the ids its entries act on
  * (a reservation, a grant, a debit). Not the holds that expire on the way (other inputs placed
- * them), nor the tenant (tly_audit_input offers the row's), nor the subscription (in every entry,
- * in few inputs).
+ * them), nor the tenant (the memo keeps the partition's few), nor the subscription (in every
+ * entry, in few inputs).
  */
 void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n)
 {
@@ -420,8 +423,6 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 	a->counts.inputs++;
 	/* decoded and validated as tally-ledger did; its cause digest from its current encoding */
 	unsigned char digest[32];
-	if (tenant)
-		tly_codec_uuid_hint(a->codec, tenant); /* the row's column: a hint, see replay */
 	int rc = tly_codec_decode_digest(a->codec, value, len, &a->input, digest, errstr,
 					 sizeof(errstr));
 	if (rc == TLY_E_NOMEM)

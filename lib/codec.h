@@ -81,7 +81,7 @@ int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t l
 			    size_t errlen) TLY_MUST_CHECK;
 
 /*
- * A UUID the next decodes are likely to meet (an input's tenant, the ids of the entries it
+ * A UUID the next decodes are likely to meet (the audit: the ids of the entries an input
  * caused): a text equal to what libuuid writes for it is then taken without parsing. Only a
  * hint: any other text is parsed as before, so a wrong hint changes nothing but the time.
  */
