@@ -380,14 +380,22 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
  * them), nor the tenant (the memo keeps the partition's few), nor the subscription (in every
  * entry, in few inputs).
  */
+#define EXPECT_PREFETCH 4 /* a ClockTick may end the holds of many tenants: those of the first */
+
 void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n)
 {
 	const tly_uuid *last = NULL;
 	if (n == 0)
 		return;
 	tly_codec_uuid_hint(a->codec, &le(&entries[0])->cause_event_id);
+	/* the maps re-execution and the checks will look the ids up in, loaded while it decodes */
+	const struct tenant *t = tly_audit_ids_get(a->tenants, &entries[0].tenant_id);
+	if (t && t->seen)
+		tly_audit_ids_prefetch(t->seen, &le(&entries[0])->cause_event_id);
 	for (size_t i = 0; i < n; i++) {
 		const struct tly_ledger_entry *e = le(&entries[i]);
+		if (t && t->holds && i < EXPECT_PREFETCH && !tly_uuid_is_nil(&e->ref_id))
+			tly_audit_ids_prefetch(t->holds, &e->ref_id);
 		if (tly_uuid_is_nil(&e->ref_id) || strcmp(e->kind, TLY_KIND_HOLD_EXPIRED) == 0 ||
 		    (last && memcmp(last->b, e->ref_id.b, 16) == 0))
 			continue;

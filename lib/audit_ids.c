@@ -63,6 +63,11 @@ void *tly_audit_ids_get(const struct tly_audit_ids *m, const tly_uuid *id)
 	return find(m, id, hash_id(id))->rec;
 }
 
+void tly_audit_ids_prefetch(const struct tly_audit_ids *m, const tly_uuid *id)
+{
+	__builtin_prefetch(&m->slots[(size_t)hash_id(id) & (m->cap - 1)]);
+}
+
 static int grow(struct tly_audit_ids *m)
 {
 	struct tly_audit_ids bigger = {calloc(m->cap * 2, sizeof(struct slot)), m->cap * 2, m->n};

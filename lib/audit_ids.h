@@ -20,6 +20,9 @@ void tly_audit_ids_free(struct tly_audit_ids *m); /* accepts NULL; not the recor
 /* The record whose leading tly_uuid is id, or NULL. */
 void *tly_audit_ids_get(const struct tly_audit_ids *m, const tly_uuid *id);
 
+/* Start loading the slot of id into the CPU's caches, for a lookup a little later. */
+void tly_audit_ids_prefetch(const struct tly_audit_ids *m, const tly_uuid *id);
+
 /* Add rec (starting with its key, not in m yet; borrowed while m lives). 0 or TLY_E_NOMEM. */
 int tly_audit_ids_add(struct tly_audit_ids *m, void *rec) TLY_MUST_CHECK;
 
