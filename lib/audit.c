@@ -374,14 +374,14 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 	return 0;
 }
 
-/*
- * The ids an input's stored entries share with it: its event id and the ids its entries act on
- * (a reservation, a grant, a debit). Not the holds that expire on the way (other inputs placed
- * them), nor the tenant (the memo keeps the partition's few), nor the subscription (in every
- * entry, in few inputs).
- */
 #define EXPECT_PREFETCH 4 /* a ClockTick may end the holds of many tenants: those of the first */
 
+/*
+ * Offered to the codec: the ids an input's stored entries share with it, its event id and the
+ * ids its entries act on (a reservation, a grant, a debit). Not the holds that expire on the way
+ * (other inputs placed them), nor the tenant (the memo keeps the partition's few), nor the
+ * subscription (in every entry, in few inputs).
+ */
 void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n)
 {
 	const tly_uuid *last = NULL;

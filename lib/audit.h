@@ -72,7 +72,8 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 /*
  * The stored entries (borrowed for the call) of the input that the next tly_audit_input calls
  * will reach: their UUIDs are offered to the decoding of that input (tly_codec_uuid_hint), which
- * then takes a text equal to one of them without parsing it. Only a hint, never trusted: it
+ * then takes a text equal to one of them without parsing it, and the map slots the checks will
+ * look them up in are loaded into the CPU's caches meanwhile. Only a hint, never trusted: it
  * changes the time an audit takes, never what it finds.
  */
 void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n);
