@@ -52,6 +52,7 @@ ALL_CFLAGS = $(WARN) $(CPPFLAGS) $(PKG_CFLAGS) $(CFLAGS) -MMD -MP
 LIB_SRCS := \
 	lib/arena.c \
 	lib/audit.c \
+	lib/audit_ids.c \
 	lib/audit_pg.c \
 	lib/audit_proj.c \
 	lib/cli.c \

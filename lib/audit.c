@@ -10,7 +10,7 @@
 #include "arena.h"
 #include "codec.h"
 #include "decide.h"
-#include "uuidmap.h"
+#include "audit_ids.h"
 #include "wallet.h"
 
 /* What the audit knows of one tenant. */
@@ -24,11 +24,12 @@ struct tenant {
 	bool counted;             /* has an entry in range */
 	/* its event ids (struct seen) and holds (struct hold): a map per tenant, so that the maps
 	 * the partition being audited reads stay small enough for the caches; NULL until used */
-	struct tly_uuidmap *seen, *holds;
+	struct tly_audit_ids *seen, *holds;
 };
 
 /* An event id of a tenant: where re-execution and the stored entries first applied it. */
 struct seen {
+	tly_uuid id;              /* the key: first */
 	unsigned char digest[32]; /* re-execution's cause digest */
 	bool replayed;
 	int32_t partition;        /* stored: first cause with a non-duplicate entry; -1: none */
@@ -36,6 +37,7 @@ struct seen {
 };
 
 struct hold {
+	tly_uuid id;              /* the key: first */
 	int64_t tokens;
 	bool open;
 };
@@ -55,7 +57,8 @@ struct tly_audit {
 	struct tly_audit_opts opts;
 	struct tly_codec *codec;
 	struct tly_ledger_config cfg;
-	struct tly_uuidmap *tenants;
+	struct tly_audit_ids *tenants; /* struct tenant */
+	struct tenant *last_tenant; /* the last one looked up: an input's entries are its tenant's */
 	struct tly_arena *arena;   /* tenants, seen, holds: live as long as the audit */
 	struct part *parts;
 	size_t n_parts;
@@ -110,7 +113,7 @@ struct tly_audit *tly_audit_new(const struct tly_audit_opts *opts, char *errstr,
 	if (!(a->codec = tly_codec_new(errstr, errlen)))
 		goto fail;
 	a->cfg = (struct tly_ledger_config){opts->overdraft_limit, a->codec};
-	if (!(a->tenants = tly_uuidmap_new()) || !(a->arena = tly_arena_new())) {
+	if (!(a->tenants = tly_audit_ids_new()) || !(a->arena = tly_arena_new())) {
 		snprintf(errstr, errlen, "out of memory");
 		goto fail;
 	}
@@ -125,12 +128,12 @@ void tly_audit_free(struct tly_audit *a)
 	if (!a)
 		return;
 	if (a->tenants) {
-		for (size_t i = 0; i < tly_uuidmap_capacity(a->tenants); i++) {
-			struct tenant *t = tly_uuidmap_slot(a->tenants, i);
+		for (size_t i = 0; i < tly_audit_ids_capacity(a->tenants); i++) {
+			struct tenant *t = tly_audit_ids_slot(a->tenants, i);
 			if (t) {
 				tly_wallet_free(t->w);
-				tly_uuidmap_free(t->seen);
-				tly_uuidmap_free(t->holds);
+				tly_audit_ids_free(t->seen);
+				tly_audit_ids_free(t->holds);
 			}
 		}
 	}
@@ -139,7 +142,7 @@ void tly_audit_free(struct tly_audit *a)
 		free(a->parts[i].quarantined);
 	}
 	free(a->parts);
-	tly_uuidmap_free(a->tenants);
+	tly_audit_ids_free(a->tenants);
 	tly_arena_free(a->arena);
 	tly_event_free(&a->input);
 	tly_entries_free(&a->produced);
@@ -172,16 +175,18 @@ static struct part *part_get(struct tly_audit *a, int32_t partition)
 
 static struct tenant *tenant_get(struct tly_audit *a, const tly_uuid *id)
 {
-	struct tenant *t = tly_uuidmap_get(a->tenants, id, NULL);
-	if (t)
+	struct tenant *t = a->last_tenant;
+	if (t && memcmp(t->id.b, id->b, 16) == 0)
 		return t;
-	if (!(t = tly_arena_alloc(a->arena, sizeof(*t))))
-		return NULL;
-	memset(t, 0, sizeof(*t));
-	t->id = *id;
-	if (tly_uuidmap_put(a->tenants, id, NULL, t) != 0)
-		return NULL;
-	return t;
+	if (!(t = tly_audit_ids_get(a->tenants, id))) {
+		if (!(t = tly_arena_alloc(a->arena, sizeof(*t))))
+			return NULL;
+		memset(t, 0, sizeof(*t));
+		t->id = *id;
+		if (tly_audit_ids_add(a->tenants, t) != 0)
+			return NULL;
+	}
+	return a->last_tenant = t;
 }
 
 /* ---- offsets ------------------------------------------------------------------------------ */
@@ -269,10 +274,10 @@ static void close_group(struct tly_audit *a)
 }
 
 /* The tenant's map *map, created on first use. NULL on OOM. */
-static struct tly_uuidmap *map_of(struct tly_uuidmap **map)
+static struct tly_audit_ids *map_of(struct tly_audit_ids **map)
 {
 	if (!*map)
-		*map = tly_uuidmap_new();
+		*map = tly_audit_ids_new();
 	return *map;
 }
 
@@ -283,9 +288,10 @@ static struct seen *seen_add(struct tly_audit *a, struct tenant *t, const tly_uu
 	if (!s || !map_of(&t->seen))
 		return NULL;
 	memset(s, 0, sizeof(*s));
+	s->id = *id;
 	s->partition = -1;
 	s->offset = -1;
-	return tly_uuidmap_put(t->seen, id, NULL, s) == 0 ? s : NULL;
+	return tly_audit_ids_add(t->seen, s) == 0 ? s : NULL;
 }
 
 static struct seen *seen_get(struct tly_audit *a, struct tenant *t, const tly_uuid *id,
@@ -294,7 +300,7 @@ static struct seen *seen_get(struct tly_audit *a, struct tenant *t, const tly_uu
 	if (a->g_seen && memcmp(id->b, a->input.event_id.b, 16) == 0 &&
 	    memcmp(t->id.b, a->input.tenant_id.b, 16) == 0)
 		return a->g_seen;
-	struct seen *s = t->seen ? tly_uuidmap_get(t->seen, id, NULL) : NULL;
+	struct seen *s = t->seen ? tly_audit_ids_get(t->seen, id) : NULL;
 	return s || !create ? s : seen_add(a, t, id);
 }
 
@@ -366,6 +372,36 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 	}
 	a->g_seen = s; /* the stored entries of this input look it up again */
 	return 0;
+}
+
+#define EXPECT_PREFETCH 4 /* a ClockTick may end the holds of many tenants: those of the first */
+
+/*
+ * Offered to the codec: the ids an input's stored entries share with it, its event id and the
+ * ids its entries act on (a reservation, a grant, a debit). Not the holds that expire on the way
+ * (other inputs placed them), nor the tenant (the memo keeps the partition's few), nor the
+ * subscription (in every entry, in few inputs).
+ */
+void tly_audit_expect(struct tly_audit *a, const struct tly_event *entries, size_t n)
+{
+	const tly_uuid *last = NULL;
+	if (n == 0)
+		return;
+	tly_codec_uuid_hint(a->codec, &le(&entries[0])->cause_event_id);
+	/* the maps re-execution and the checks will look the ids up in, loaded while it decodes */
+	const struct tenant *t = tly_audit_ids_get(a->tenants, &entries[0].tenant_id);
+	if (t && t->seen)
+		tly_audit_ids_prefetch(t->seen, &le(&entries[0])->cause_event_id);
+	for (size_t i = 0; i < n; i++) {
+		const struct tly_ledger_entry *e = le(&entries[i]);
+		if (t && t->holds && i < EXPECT_PREFETCH && !tly_uuid_is_nil(&e->ref_id))
+			tly_audit_ids_prefetch(t->holds, &e->ref_id);
+		if (tly_uuid_is_nil(&e->ref_id) || strcmp(e->kind, TLY_KIND_HOLD_EXPIRED) == 0 ||
+		    (last && memcmp(last->b, e->ref_id.b, 16) == 0))
+			continue;
+		tly_codec_uuid_hint(a->codec, &e->ref_id);
+		last = &e->ref_id;
+	}
 }
 
 int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, const tly_uuid *tenant,
@@ -572,18 +608,31 @@ static void hex8(const unsigned char *h, char out[17])
 		snprintf(out + 2 * i, 3, "%02x", h[i]);
 }
 
+/* What the checks below need to know of an entry's kind, found once per entry. */
+enum kind_class { KIND_OTHER, KIND_HOLD_PLACED, KIND_HOLD_ENDED, KIND_NOT_APPLIED };
+
+static enum kind_class kind_class(const char *kind)
+{
+	if (strcmp(kind, TLY_KIND_HOLD_PLACED) == 0)
+		return KIND_HOLD_PLACED;
+	if (strcmp(kind, TLY_KIND_HOLD_RELEASED) == 0 || strcmp(kind, TLY_KIND_HOLD_EXPIRED) == 0)
+		return KIND_HOLD_ENDED;
+	if (strcmp(kind, TLY_KIND_DUPLICATE) == 0 || strcmp(kind, TLY_KIND_CONFLICT) == 0)
+		return KIND_NOT_APPLIED;
+	return KIND_OTHER;
+}
+
 static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_event *stored,
-		       bool report)
+		       enum kind_class kc, bool report)
 {
 	const struct tly_ledger_entry *e = le(stored);
-	bool placed = strcmp(e->kind, TLY_KIND_HOLD_PLACED) == 0;
-	bool ended = strcmp(e->kind, TLY_KIND_HOLD_RELEASED) == 0 ||
-		     strcmp(e->kind, TLY_KIND_HOLD_EXPIRED) == 0;
-	if (!placed && !ended)
+	bool placed = kc == KIND_HOLD_PLACED;
+	if (!placed && kc != KIND_HOLD_ENDED)
 		return 0;
-	char ref[37];
-	tly_uuid_format(&e->ref_id, ref);
-	struct hold *h = t->holds ? tly_uuidmap_get(t->holds, &e->ref_id, NULL) : NULL;
+	char ref[37] = ""; /* the hold's id, written only for a failure */
+	if (report)
+		tly_uuid_format(&e->ref_id, ref);
+	struct hold *h = t->holds ? tly_audit_ids_get(t->holds, &e->ref_id) : NULL;
 	a->counts.checks++;
 	if (placed) {
 		if (h && h->open) {
@@ -593,11 +642,14 @@ static int check_holds(struct tly_audit *a, struct tenant *t, const struct tly_e
 			return 0;
 		}
 		if (!h) {
-			if (!(h = tly_arena_alloc(a->arena, sizeof(*h))) || !map_of(&t->holds) ||
-			    tly_uuidmap_put(t->holds, &e->ref_id, NULL, h) != 0)
+			if (!(h = tly_arena_alloc(a->arena, sizeof(*h))) || !map_of(&t->holds))
+				return TLY_E_NOMEM;
+			h->id = e->ref_id;
+			if (tly_audit_ids_add(t->holds, h) != 0)
 				return TLY_E_NOMEM;
 		}
-		*h = (struct hold){e->held_delta, true};
+		h->tokens = e->held_delta;
+		h->open = true;
 		t->open_held += e->held_delta;
 		return 0;
 	}
@@ -662,11 +714,10 @@ static void check_identities(struct tly_audit *a, struct tenant *t, const struct
 }
 
 static int check_idempotency(struct tly_audit *a, struct tenant *t, const struct tly_event *stored,
-			     bool report)
+			     enum kind_class kc, bool report)
 {
 	const struct tly_ledger_entry *e = le(stored);
-	if (strcmp(e->kind, TLY_KIND_DUPLICATE) == 0 || strcmp(e->kind, TLY_KIND_CONFLICT) == 0 ||
-	    strcmp(e->cause_type, "ClockTick") == 0)
+	if (kc == KIND_NOT_APPLIED || strcmp(e->cause_type, "ClockTick") == 0)
 		return 0;
 	struct seen *s = seen_get(a, t, &e->cause_event_id, true);
 	if (!s)
@@ -742,10 +793,11 @@ int tly_audit_entry(struct tly_audit *a, const struct tly_event *stored)
 				     got, want);
 		}
 	}
-	int rc = check_holds(a, t, stored, report);
+	enum kind_class kc = kind_class(e->kind);
+	int rc = check_holds(a, t, stored, kc, report);
 	if (rc == 0) {
 		check_identities(a, t, stored, report);
-		rc = check_idempotency(a, t, stored, report);
+		rc = check_idempotency(a, t, stored, kc, report);
 	}
 	t->last_seq = e->seq;
 	memcpy(t->last_hash, e->hash, 32);

@@ -218,6 +218,7 @@ static int flush(struct run *r, size_t n)
 	if (n > 1)
 		qsort(r->group, n, sizeof(*r->group), entry_cmp);
 	const struct tly_ledger_entry *e = &r->group[0].u.ledger_entry;
+	tly_audit_expect(r->a, r->group, n);
 	int rc = feed_inputs(r, e->cause_partition, e->cause_offset, false);
 	for (size_t i = 0; i < n && rc == 0; i++)
 		rc = tly_audit_entry(r->a, &r->group[i]);

@@ -851,6 +851,11 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 	return decode(codec, bytes, len, ev, &canonical, errstr, errlen);
 }
 
+void tly_codec_uuid_hint(struct tly_codec *codec, const tly_uuid *id)
+{
+	tly_uuid_memo_offer(codec->uuids, id);
+}
+
 int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t len,
 			    struct tly_event *ev, unsigned char digest[32], char *errstr,
 			    size_t errlen)

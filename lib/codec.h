@@ -92,6 +92,13 @@ int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t l
 			    size_t errlen) TLY_MUST_CHECK;
 
 /*
+ * A UUID the next decodes are likely to meet (the audit: the ids of the entries an input
+ * caused): a text equal to what libuuid writes for it is then taken without parsing. Only a
+ * hint: any other text is parsed as before, so a wrong hint changes nothing but the time.
+ */
+void tly_codec_uuid_hint(struct tly_codec *codec, const tly_uuid *id);
+
+/*
  * generic: encode and decode through avro-c's generic values only, never a compiled plan (the
  * reference the plans are tested against). Default false.
  */

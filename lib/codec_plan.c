@@ -368,6 +368,26 @@ static int get_str(struct in *in, const char **out)
 	return (*out = tly_arena_strndup(in->arena, (const char *)s, len)) ? 0 : TLY_E_NOMEM;
 }
 
+/* The memo slot of a UUID text of 36 bytes. */
+static size_t memo_slot(const unsigned char *s)
+{
+	uint64_t w0, w1;
+	memcpy(&w0, s, 8);
+	memcpy(&w1, s + 28, 8);
+	return (size_t)(((w0 ^ w1) * 0x9e3779b97f4a7c15ull) >> 53) % TLY_UUID_MEMO;
+}
+
+void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
+{
+	char text[37];
+	uuid_unparse_lower(id->b, text);
+	size_t slot = memo_slot((const unsigned char *)text);
+	memcpy(memo->slot[slot].text, text, 36);
+	memo->slot[slot].id = *id;
+	memo->slot[slot].used = true;
+	memo->slot[slot].lower = true;
+}
+
 static int get_uuid(struct in *in, tly_uuid *out)
 {
 	const unsigned char *s;
@@ -376,24 +396,25 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	if (get_span(in, &s, &len) != 0 || len != 36)
 		return NO;
 	struct tly_uuid_memo *m = in->memo;
-	uint64_t w0, w1;
-	memcpy(&w0, s, 8);
-	memcpy(&w1, s + 28, 8);
-	size_t slot = (size_t)(((w0 ^ w1) * 0x9e3779b97f4a7c15ull) >> 53) % TLY_UUID_MEMO;
-	for (size_t i = 0; i < 36 && in->canonical; i++)
-		in->canonical = !(s[i] >= 'A' && s[i] <= 'F'); /* written back in lower case */
+	size_t slot = memo_slot(s);
 	if (m && m->slot[slot].used && memcmp(m->slot[slot].text, s, 36) == 0) {
 		*out = m->slot[slot].id;
+		in->canonical = in->canonical && m->slot[slot].lower;
 		return 0;
 	}
 	memcpy(text, s, 36);
 	text[36] = '\0';
 	if (memchr(text, '\0', 36) || uuid_parse(text, out->b) != 0)
 		return NO;
+	bool lower = true;
+	for (size_t i = 0; i < 36; i++)
+		lower = lower && !(s[i] >= 'A' && s[i] <= 'F'); /* else written back in lower case */
+	in->canonical = in->canonical && lower;
 	if (m) {
 		memcpy(m->slot[slot].text, s, 36);
 		m->slot[slot].id = *out;
 		m->slot[slot].used = true;
+		m->slot[slot].lower = lower;
 	}
 	return 0;
 }

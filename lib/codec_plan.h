@@ -22,6 +22,8 @@ struct tly_codec_plan;
 /*
  * UUID texts a codec's decodes parsed lately, with their bytes: decodes meet the same tenants,
  * reservations and conversations again, and libuuid's parse is the costly part of a decode.
+ * A caller that expects a UUID may offer it first (tly_uuid_memo_offer): a text equal to what
+ * libuuid writes for it is what libuuid parses back to it, so nothing offered is trusted.
  * One per codec (not shared between threads); calloc it to start.
  */
 #define TLY_UUID_MEMO 2048
@@ -30,9 +32,13 @@ struct tly_uuid_memo {
 		char text[36];
 		tly_uuid id;
 		bool used;
-		char pad[11]; /* one cache line a slot */
+		bool lower;   /* text has no upper-case hex digit (as the plans write it) */
+		char pad[10]; /* one cache line a slot */
 	} slot[TLY_UUID_MEMO];
 };
+
+/* Remember id with its text as uuid_unparse_lower writes it, for the decodes that follow. */
+void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id);
 
 /* The plan of record schema for rd, or NULL when it has none (or out of memory). */
 struct tly_codec_plan *tly_codec_plan_new(avro_schema_t schema, const struct tly_record_desc *rd);

@@ -9,6 +9,7 @@
 #include <jansson.h>
 
 #include "arena.h"
+#include "copyout.h"
 
 /* One row's values: a result's row, or a binary COPY row of TLY_ENTRIES_SELECT_BINARY. */
 struct row {
@@ -60,7 +61,11 @@ static int64_t be_int(const unsigned char *p, int len)
 static int64_t col_i64(const struct row *w, int c)
 {
 	if (binary(w, c)) {
-		int64_t v = be_int((const unsigned char *)value(w, c), length(w, c));
+		const char *p = value(w, c);
+		int len = length(w, c);
+		int64_t v = len == 8   ? tly_copyout_int8(p)
+			    : len == 4 ? tly_copyout_int4(p)
+				       : be_int((const unsigned char *)p, len);
 		return timestamp(w, c) ? v + PG_EPOCH_US : v;
 	}
 	return strtoll(value(w, c), NULL, 10);

@@ -16,6 +16,7 @@
 #include <openssl/evp.h>
 
 #include "audit.h"
+#include "audit_ids.h"
 #include "codec.h"
 #include "config.h"
 #include "decide.h"
@@ -50,6 +51,7 @@ struct failure {
 	tly_uuid tenant;
 	int64_t seq;
 	int64_t offset;
+	char message[256];
 };
 
 struct failures {
@@ -144,6 +146,7 @@ static void on_failure(const struct tly_audit_failure *f, void *ud)
 	x->tenant = f->tenant;
 	x->seq = f->seq;
 	x->offset = f->offset;
+	snprintf(x->message, sizeof(x->message), "%s", f->message);
 }
 
 /* A copy of the run's entries the test may change (caller frees). */
@@ -175,6 +178,13 @@ static struct tly_audit_counts audit_with(const struct mini *m, const struct tly
 	size_t in = 0;
 	for (size_t i = 0; i <= n; i++) {
 		int64_t upto = i < n ? e[i].u.ledger_entry.cause_offset : (int64_t)m->n - 1;
+		/* as lib/audit_pg does: a cause's stored entries offered before its input */
+		bool first = i < n && (i == 0 || e[i - 1].u.ledger_entry.cause_offset != upto);
+		size_t group = i;
+		while (first && group < n && e[group].u.ledger_entry.cause_offset == upto)
+			group++;
+		if (group > i)
+			tly_audit_expect(a, &e[i], group - i);
 		for (; (int64_t)in <= upto && in < m->n; in++)
 			if ((int64_t)in != skip)
 				ck_assert_int_eq(tly_audit_input(a, 0, (int64_t)in, &m->tenant,
@@ -207,6 +217,43 @@ static size_t find_kind(const struct tly_event *e, size_t n, const char *kind, s
 	ck_abort_msg("no entry of kind %s", kind);
 	return 0;
 }
+
+/* The verifier's id maps: every record found by its key after growth, absent keys not found. */
+struct id_rec {
+	tly_uuid id;
+	int n;
+};
+
+START_TEST(test_audit_ids)
+{
+	enum { N = 5000 };
+	struct id_rec *recs = calloc(N, sizeof(*recs));
+	struct tly_audit_ids *m = tly_audit_ids_new();
+	ck_assert_ptr_nonnull(recs);
+	ck_assert_ptr_nonnull(m);
+	for (int i = 0; i < N; i++) {
+		/* ids alike but for a few bytes, as time-based UUIDs are */
+		recs[i].id.b[0] = (unsigned char)(i & 0xff);
+		recs[i].id.b[15] = (unsigned char)(i >> 8);
+		recs[i].n = i;
+		ck_assert_ptr_null(tly_audit_ids_get(m, &recs[i].id));
+		ck_assert_int_eq(tly_audit_ids_add(m, &recs[i]), 0);
+	}
+	for (int i = 0; i < N; i++) {
+		struct id_rec *r = tly_audit_ids_get(m, &recs[i].id);
+		ck_assert_ptr_eq(r, &recs[i]);
+	}
+	tly_uuid absent = recs[7].id;
+	absent.b[8] = 1;
+	ck_assert_ptr_null(tly_audit_ids_get(m, &absent));
+	int seen = 0;
+	for (size_t i = 0; i < tly_audit_ids_capacity(m); i++)
+		seen += tly_audit_ids_slot(m, i) != NULL;
+	ck_assert_int_eq(seen, N);
+	tly_audit_ids_free(m);
+	free(recs);
+}
+END_TEST
 
 START_TEST(test_verifier_clean)
 {
@@ -287,6 +334,42 @@ START_TEST(test_verifier_amount_and_hash)
 	audit_with(&m, e, m.out.n, &fs, -1, NULL, 0, -1);
 	ck_assert(has_failure(&fs, "chain", &m.tenant, e[2].u.ledger_entry.seq));
 	ck_assert(has_failure(&fs, "chain", &m.tenant, e[3].u.ledger_entry.seq));
+	free(e);
+	mini_down(&m);
+}
+END_TEST
+
+/*
+ * Stored entries offered to the decoding of their input (tly_audit_expect) are never trusted: an
+ * entry naming another event id or another reservation than its input is still reported, by
+ * field, although its ids were offered as the input's.
+ */
+START_TEST(test_verifier_expect_not_trusted)
+{
+	struct mini m;
+	mini_up(&m);
+	mini_history(&m);
+	struct tly_event *e = mini_entries(&m);
+	size_t i = find_kind(e, m.out.n, TLY_KIND_HOLD_PLACED, 0);
+	struct tly_ledger_entry *le_i = &e[i].u.ledger_entry;
+	int64_t seq = le_i->seq;
+	le_i->ref_id.b[3] ^= 0x10;
+	struct failures fs;
+	audit_with(&m, e, m.out.n, &fs, -1, NULL, 0, -1);
+	ck_assert(has_failure(&fs, "reexec", &m.tenant, seq));
+	bool named = false;
+	for (size_t k = 0; k < fs.n; k++)
+		named = named || (fs.f[k].seq == seq && strstr(fs.f[k].message, "field ref_id"));
+	ck_assert_msg(named, "the reservation id is not named");
+	free(e);
+	e = mini_entries(&m);
+	le_i = &e[i].u.ledger_entry;
+	le_i->cause_event_id.b[9] ^= 0x01;
+	audit_with(&m, e, m.out.n, &fs, -1, NULL, 0, -1);
+	named = false;
+	for (size_t k = 0; k < fs.n; k++)
+		named = named || (fs.f[k].seq == seq && strstr(fs.f[k].message, "field cause_event_id"));
+	ck_assert_msg(named, "the event id is not named");
 	free(e);
 	mini_down(&m);
 }
@@ -779,9 +862,11 @@ Suite *audit_suite(void)
 {
 	Suite *s = suite_create("audit");
 	TCase *tc = tcase_create("verifier");
+	tcase_add_test(tc, test_audit_ids);
 	tcase_add_test(tc, test_verifier_clean);
 	tcase_add_test(tc, test_verifier_forged_valid_chain);
 	tcase_add_test(tc, test_verifier_amount_and_hash);
+	tcase_add_test(tc, test_verifier_expect_not_trusted);
 	tcase_add_test(tc, test_verifier_holds_and_idempotency);
 	tcase_add_test(tc, test_verifier_offsets);
 	tcase_add_test(tc, test_verifier_input_tampered);

@@ -571,6 +571,63 @@ START_TEST(test_plan_not_canonical)
 }
 END_TEST
 
+/*
+ * UUIDs offered to the codec (tly_codec_uuid_hint) and texts it parsed before are taken without
+ * parsing only when the text is exactly theirs: a hint for another text changes nothing, and a
+ * remembered upper-case text still makes the cause digest that of the current encoding.
+ */
+START_TEST(test_plan_uuid_hint)
+{
+	struct tly_event ev = {0}, back = {0};
+	struct tly_buf m = {0};
+	char err[512];
+	unsigned char want[32], got[32];
+	tly_fixture_event(&ev, TLY_EV_TOKENS_RESERVED, 4);
+	assert_same_encoding(&ev, &m);
+	ck_assert_int_eq(tly_codec_decode_digest(codec, m.data, m.len, &back, want, err, sizeof(err)),
+			 0);
+	unsigned char *b = malloc(m.len);
+	ck_assert_uint_eq(m.data[10], 0x48);
+
+	/* the hint is the event's own id: the same event and digest */
+	tly_codec_uuid_hint(codec, &ev.event_id);
+	ck_assert_int_eq(tly_codec_decode_digest(codec, m.data, m.len, &back, got, err, sizeof(err)),
+			 0);
+	ck_assert_mem_eq(back.event_id.b, ev.event_id.b, 16);
+	ck_assert_mem_eq(got, want, 32);
+
+	/* the hint is the event's id, the text another: the text's id */
+	memcpy(b, m.data, m.len);
+	b[11] = b[11] == '0' ? '1' : '0';
+	tly_uuid other;
+	char text[37];
+	memcpy(text, b + 11, 36);
+	text[36] = '\0';
+	ck_assert_int_eq(tly_uuid_parse(text, &other), 0);
+	tly_codec_uuid_hint(codec, &ev.event_id);
+	ck_assert_int_eq(tly_codec_decode(codec, b, m.len, &back, err, sizeof(err)), 0);
+	ck_assert_mem_eq(back.event_id.b, other.b, 16);
+	ck_assert_mem_ne(back.event_id.b, ev.event_id.b, 16);
+
+	/* the id in upper case, decoded twice (remembered the second time): the same digest */
+	memcpy(b, m.data, m.len);
+	for (size_t i = 11; i < 47; i++)
+		if (b[i] >= 'a' && b[i] <= 'f')
+			b[i] = (unsigned char)(b[i] - 'a' + 'A');
+	for (int round = 0; round < 2; round++) {
+		ck_assert_int_eq(tly_codec_decode_digest(codec, b, m.len, &back, got, err, sizeof(err)),
+				 0);
+		ck_assert_mem_eq(back.event_id.b, ev.event_id.b, 16);
+		ck_assert_mem_eq(got, want, 32);
+	}
+
+	free(b);
+	tly_event_free(&ev);
+	tly_event_free(&back);
+	tly_buf_free(&m);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -597,6 +654,7 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_plan_foreign_blocks);
 	tcase_add_test(tc, test_plan_duplicate_key);
 	tcase_add_test(tc, test_plan_not_canonical);
+	tcase_add_test(tc, test_plan_uuid_hint);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -125,6 +126,56 @@ static void generate(PGconn *conn, long target, long *records, long *entries, do
 	tly_codec_free(codec);
 }
 
+/* CPU seconds this process used so far (the audit's verifier threads when it runs). */
+static double cpu_self(void)
+{
+	struct rusage ru;
+	if (getrusage(RUSAGE_SELF, &ru) != 0)
+		return -1;
+	return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+/*
+ * CPU seconds of a local process from /proc: its own, or (children) those of its children that
+ * ended (the postmaster's: the backends of connections closed). -1 when not readable.
+ */
+static double cpu_proc(pid_t pid, bool children)
+{
+	char path[64], buf[1024];
+	unsigned long long ut, st;
+	long long cut, cst;
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	FILE *f = pid > 0 ? fopen(path, "r") : NULL;
+	if (!f)
+		return -1;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	const char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+	if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %lld %lld",
+			 &ut, &st, &cut, &cst) != 4)
+		return -1;
+	double tick = (double)sysconf(_SC_CLK_TCK);
+	return children ? (double)(cut + cst) / tick : (double)(ut + st) / tick;
+}
+
+/* The parent of a local process (a backend's: the postmaster), or -1. */
+static pid_t parent_of(pid_t pid)
+{
+	char path[64], buf[1024];
+	int ppid;
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	FILE *f = pid > 0 ? fopen(path, "r") : NULL;
+	if (!f)
+		return -1;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	const char *p = strrchr(buf, ')');
+	return p && sscanf(p + 1, " %*c %d", &ppid) == 1 ? (pid_t)ppid : -1;
+}
+
 /* Seconds to read a COPY ... TO STDOUT (FORMAT binary) to the end, discarding the bytes. */
 static double copy_out(PGconn *conn, const char *sql, long *bytes)
 {
@@ -155,15 +206,19 @@ int main(int argc, char **argv)
 	struct tly_pg_error pe;
 	long target = DEFAULT_ENTRIES;
 	const char *given = NULL; /* an empty database to use instead of a throw-away cluster */
+	bool reuse = false;       /* given holds the ledger of an earlier run: audit it again */
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--entries") == 0 && i + 1 < argc && atol(argv[i + 1]) > 0)
 			target = atol(argv[++i]);
 		else if (strcmp(argv[i], "--db") == 0 && i + 1 < argc)
 			given = argv[++i];
+		else if (strcmp(argv[i], "--reuse") == 0)
+			reuse = true;
 		else {
-			fprintf(stderr, "usage: " PROG " [--entries N] [--db CONNINFO]\n"
+			fprintf(stderr, "usage: " PROG " [--entries N] [--db CONNINFO [--reuse]]\n"
 					"  N entries (default %d) into a throw-away PostgreSQL, or into the "
-					"empty database CONNINFO (kept)\n", DEFAULT_ENTRIES);
+					"empty database CONNINFO (kept); --reuse: CONNINFO holds the ledger "
+					"of an earlier --db run, read and audit it again\n", DEFAULT_ENTRIES);
 			return 2;
 		}
 	}
@@ -188,9 +243,15 @@ int main(int argc, char **argv)
 	tly_migrate_free(set);
 
 	long records, entries;
-	double gen_s;
-	fprintf(stderr, PROG ": writing a ledger of %ld entries\n", target);
-	generate(conn, target, &records, &entries, &gen_s);
+	double gen_s = 0;
+	if (reuse && given) {
+		entries = count(conn, "SELECT count(*) FROM ledger_entries");
+		records = count(conn, "SELECT (SELECT count(*) FROM ledger_inputs) + "
+				      "(SELECT count(*) FROM quarantine)");
+	} else {
+		fprintf(stderr, PROG ": writing a ledger of %ld entries\n", target);
+		generate(conn, target, &records, &entries, &gen_s);
+	}
 	if (tly_pg_exec_script(conn, "VACUUM ANALYZE", &pe) != 0)
 		die("vacuum", pe.message);
 	long inputs = count(conn, "SELECT count(*) FROM ledger_inputs");
@@ -198,7 +259,8 @@ int main(int argc, char **argv)
 	long inputs_mb = count(conn, "SELECT pg_total_relation_size('ledger_inputs') >> 20");
 	/* what keeping the inputs costs the ledger: the same rows stored again */
 	double st0 = now_s();
-	if (tly_pg_exec_script(conn, "CREATE TABLE bench_inputs (LIKE ledger_inputs INCLUDING ALL); "
+	if (gen_s > 0 &&
+	    tly_pg_exec_script(conn, "CREATE TABLE bench_inputs (LIKE ledger_inputs INCLUDING ALL); "
 				     "INSERT INTO bench_inputs SELECT * FROM ledger_inputs; "
 				     "DROP TABLE bench_inputs", &pe) != 0)
 		die("store inputs", pe.message);
@@ -208,7 +270,9 @@ int main(int argc, char **argv)
 	/* raw reads, warm: once to load the cache, then timed */
 	long bytes_e, bytes_i;
 	copy_out(conn, "COPY ledger_entries TO STDOUT (FORMAT binary)", &bytes_e);
+	double raw_cpu0 = cpu_proc(PQbackendPID(conn), false);
 	double raw_e = copy_out(conn, "COPY ledger_entries TO STDOUT (FORMAT binary)", &bytes_e);
+	double raw_cpu = raw_cpu0 < 0 ? -1 : cpu_proc(PQbackendPID(conn), false) - raw_cpu0;
 	copy_out(conn, "COPY ledger_inputs TO STDOUT (FORMAT binary)", &bytes_i);
 	double raw_i = copy_out(conn, "COPY ledger_inputs TO STDOUT (FORMAT binary)", &bytes_i);
 
@@ -219,14 +283,20 @@ int main(int argc, char **argv)
 				    .to_time = INT64_MAX};
 	struct tly_audit_counts c, c1;
 	double audit_s = 0, audit1_s = 0;
+	double cpu_v = -1, cpu_pg = -1; /* CPU of the audit with jobs_n workers: verifier, server */
+	pid_t postmaster = parent_of(PQbackendPID(conn)); /* a local server: else no CPU figures */
 	fprintf(stderr, PROG ": auditing it\n");
 	for (int jobs = 1; jobs <= jobs_n; jobs += jobs_n - 1) {
 		struct tly_audit_pg_opts po = {.conninfo = db, .events_topic = "tally.events",
 					       .jobs = jobs};
+		double v0 = cpu_self(), pg0 = cpu_proc(postmaster, true);
 		double at0 = now_s();
 		if (tly_audit_pg_run(&ao, &po, jobs == 1 ? &c1 : &c, &pe) != 0)
 			die("audit", pe.message);
 		*(jobs == 1 ? &audit1_s : &audit_s) = now_s() - at0;
+		cpu_v = cpu_self() - v0;
+		usleep(300000); /* the workers' backends end and are reaped by the postmaster */
+		cpu_pg = pg0 < 0 ? -1 : cpu_proc(postmaster, true) - pg0;
 	}
 	if (c.failures != 0 || c.entries != entries || c1.failures != 0)
 		fprintf(stderr, PROG ": the audit FAILED: %" PRId64 " failures over %" PRId64
@@ -239,12 +309,18 @@ int main(int argc, char **argv)
 	printf("workload: tally-loadgen model, %d tenants, %d partitions, 2%% duplicates, 1%% bad, "
 	       "through tally-ledger's batch step in process (%d records per group commit)\n",
 	       TENANTS, PARTITIONS, BATCH_RECORDS);
-	printf("ledger written                        %10ld entries from %ld input records "
-	       "(%ld applied, kept in ledger_inputs) in %.1f s: %.0f records/s\n",
-	       entries, records, inputs, gen_s, (double)records / gen_s);
-	printf("keeping the inputs                    ledger_inputs %ld MiB beside ledger_entries "
-	       "%ld MiB; storing those rows again takes %.2f s (%.0f%% of the write time above)\n",
-	       inputs_mb, entries_mb, store_s, 100 * store_s / gen_s);
+	if (gen_s > 0) {
+		printf("ledger written                        %10ld entries from %ld input records "
+		       "(%ld applied, kept in ledger_inputs) in %.1f s: %.0f records/s\n",
+		       entries, records, inputs, gen_s, (double)records / gen_s);
+		printf("keeping the inputs                    ledger_inputs %ld MiB beside "
+		       "ledger_entries %ld MiB; storing those rows again takes %.2f s (%.0f%% of the "
+		       "write time above)\n",
+		       inputs_mb, entries_mb, store_s, 100 * store_s / gen_s);
+	} else {
+		printf("ledger of an earlier run (--reuse)    %10ld entries from %ld input records "
+		       "(%ld applied, kept in ledger_inputs)\n", entries, records, inputs);
+	}
 	printf("raw read, COPY ledger_entries binary  %10.0f entries/s  (%.2f s, %.0f MiB)\n",
 	       raw_rate, raw_e, (double)bytes_e / (1 << 20));
 	printf("raw read, COPY ledger_inputs binary   %10.0f rows/s     (%.2f s, %.0f MiB)\n",
@@ -265,6 +341,14 @@ int main(int argc, char **argv)
 	       audit_rate >= raw_rate / 2 ? "met" : "not met");
 	printf("audit vs raw read of entries+inputs:  %5.1f%% with %d workers, %.1f%% with 1\n",
 	       100 * audit_rate / both_rate, jobs_n, 100 * audit1_rate / both_rate);
+	if (raw_cpu >= 0 && cpu_pg >= 0)
+		printf("CPU (the machine is shared: judge by these): raw read of the entries %.2f s in "
+		       "the server; audit with %d workers %.2f s in the verifier + %.2f s in the server "
+		       "= %.2f s, %.1fx the raw read's\n",
+		       raw_cpu, jobs_n, cpu_v, cpu_pg, cpu_v + cpu_pg, (cpu_v + cpu_pg) / raw_cpu);
+	else
+		printf("CPU: audit with %d workers %.2f s in the verifier (the server's is not readable "
+		       "from here)\n", jobs_n, cpu_v);
 	printf("tally.ledger: not read here (the dev broker keeps about 5 MiB per partition, far "
 	       "less than these entries)\n");
 	PQfinish(conn);
