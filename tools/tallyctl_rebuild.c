@@ -27,6 +27,7 @@
 #include "kafka.h"
 #include "migrate.h"
 #include "pg.h"
+#include "schema.h"
 #include "tallyctl.h"
 
 #define PROJECTOR_CONSUMER "tally-projector" /* consumer_offsets.consumer of tally-projector */
@@ -73,6 +74,8 @@ struct rebuild {
 	struct tly_fold *fold;      /* owned; writes the shadow tables */
 	struct tly_memfold *mem;    /* owned; the first pass, into the empty shadows; then NULL */
 	struct tly_event ev;        /* decode target, reused */
+	uint64_t tick_fp[8];        /* fingerprints of the ClockTick schemas: skipped undecoded */
+	size_t n_tick_fp;
 	const char *topics[2];      /* events, catalog (borrowed from the config) */
 	struct rpart *parts;        /* owned */
 	size_t nparts;
@@ -334,6 +337,36 @@ static int read_targets(struct rebuild *rb, int64_t *behind, struct tly_pg_error
 	return 0;
 }
 
+/*
+ * The fingerprints of every ClockTick schema version: the fold ignores ClockTicks (time moves the
+ * ledger, not the projections), and they are most of tally.events, so they are skipped by their
+ * single-object header without a decode.
+ */
+static void find_ticks(struct rebuild *rb)
+{
+	const struct tly_schema_registry *reg = tly_codec_registry(rb->codec);
+	const char *name = tly_event_desc(TLY_EV_CLOCK_TICK)->name;
+	rb->n_tick_fp = 0;
+	for (size_t i = 0; i < tly_schema_count(reg); i++) {
+		const struct tly_schema *sc = tly_schema_at(reg, i);
+		const char *full = tly_schema_fullname(sc), *dot = strrchr(full, '.');
+		if (strcmp(dot ? dot + 1 : full, name) == 0 &&
+		    rb->n_tick_fp < sizeof(rb->tick_fp) / sizeof(rb->tick_fp[0]))
+			rb->tick_fp[rb->n_tick_fp++] = tly_schema_fingerprint(sc);
+	}
+}
+
+static bool is_tick(const struct rebuild *rb, const rd_kafka_message_t *m)
+{
+	uint64_t fp;
+	if (tly_codec_peek_fingerprint(m->payload, m->len, &fp) != 0)
+		return false;
+	for (size_t i = 0; i < rb->n_tick_fp; i++)
+		if (rb->tick_fp[i] == fp)
+			return true;
+	return false;
+}
+
 static struct rpart *find_rpart(struct rebuild *rb, const char *topic, int32_t partition)
 {
 	for (size_t i = 0; i < rb->nparts; i++)
@@ -405,7 +438,9 @@ static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
 			rd_kafka_message_destroy(m);
 			continue;
 		}
-		if (m->offset < pt->target) {
+		if (m->offset < pt->target && is_tick(rb, m)) {
+			rb->events++;
+		} else if (m->offset < pt->target) {
 			if (tly_codec_decode(rb->codec, m->payload, m->len, &rb->ev, errstr, sizeof(errstr)) == 0)
 				rc = add(rb, &rb->ev, err);
 			else
@@ -446,17 +481,26 @@ static int add_entry(const struct tly_event *entry, void *ud)
 }
 
 /*
+ * The tenants whose live applied seq is above the shadow's, with the range (lo, hi] still to fold:
+ * a few rows of projector_ledger_applied, not a scan of ledger_entries, when little is behind.
+ */
+#define LEDGER_BEHIND_SQL(shadow)                                                                   \
+	"SELECT a.tenant_id, COALESCE(s.seq, 0) AS lo, a.seq AS hi FROM projector_ledger_applied a " \
+	"LEFT JOIN " shadow " s ON s.tenant_id = a.tenant_id WHERE a.seq > COALESCE(s.seq, 0)"
+
+/*
  * Fold the ledger entries the live projector has applied (seq <= its projector_ledger_applied
- * row) and the shadows have not (seq > the shadow's row), by keyset pages in (tenant, seq) order.
+ * row) and the shadows have not (seq > the shadow's row), by keyset pages in (tenant, seq) order,
+ * each tenant's range read by its primary key.
  */
 static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
 {
 	char sql[1536], tenant[37] = NIL_UUID, seq[24] = "-1";
 	snprintf(sql, sizeof(sql),
-		 "SELECT " TLY_ENTRIES_SELECT " FROM ledger_entries e "
-		 "JOIN projector_ledger_applied a ON a.tenant_id = e.tenant_id AND e.seq <= a.seq "
-		 "LEFT JOIN %s s ON s.tenant_id = e.tenant_id "
-		 "WHERE e.seq > COALESCE(s.seq, 0) AND (e.tenant_id, e.seq) > ($1::uuid, $2::bigint) "
+		 "SELECT " TLY_ENTRIES_SELECT " FROM (" LEDGER_BEHIND_SQL("%s") ") g "
+		 "CROSS JOIN LATERAL (SELECT * FROM ledger_entries x WHERE x.tenant_id = g.tenant_id "
+		 "  AND x.seq > g.lo AND x.seq <= g.hi) e "
+		 "WHERE (e.tenant_id, e.seq) > ($1::uuid, $2::bigint) "
 		 "ORDER BY e.tenant_id, e.seq LIMIT " LEDGER_PAGE,
 		 rb->qshadow_applied);
 	struct add_ctx c = {rb, err};
@@ -519,14 +563,11 @@ static int fold_ledger_stream(struct rebuild *rb, struct tly_pg_error *err)
 	return rc;
 }
 
-/* Entries still to fold (for the progress bar's total). */
+/* Entries still to fold: seqs are gap-free per tenant (DESIGN.md), so each range holds hi - lo. */
 static int64_t ledger_behind(struct rebuild *rb, struct tly_pg_error *err)
 {
 	char sql[512];
-	snprintf(sql, sizeof(sql),
-		 "SELECT count(*) FROM ledger_entries e "
-		 "JOIN projector_ledger_applied a ON a.tenant_id = e.tenant_id AND e.seq <= a.seq "
-		 "LEFT JOIN %s s ON s.tenant_id = e.tenant_id WHERE e.seq > COALESCE(s.seq, 0)",
+	snprintf(sql, sizeof(sql), "SELECT COALESCE(sum(hi - lo), 0) FROM (" LEDGER_BEHIND_SQL("%s") ") g",
 		 rb->qshadow_applied);
 	PGresult *res = tly_pg_query(rb->conn, sql, 0, NULL, err);
 	if (!res)
@@ -550,7 +591,7 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 	double t0 = tly_clock_s();
 	int rc = fold_topics(rb, err);
 	double t1 = tly_clock_s();
-	if (rc == 0)
+	if (rc == 0 && entries_behind > 0)
 		rc = rb->mem ? fold_ledger_stream(rb, err) : fold_ledger(rb, err);
 	if (rb->mem) {
 		rb->phase[PH_EVENTS] += t1 - t0;
@@ -1019,7 +1060,9 @@ static int start(struct rebuild *rb)
 		fprintf(stderr, "tallyctl: could not rebuild: another rebuild is running on this database\n");
 		goto out;
 	}
-	if (!(rb->codec = tly_codec_new(errstr, sizeof(errstr))) || new_fold(rb) != 0) {
+	if ((rb->codec = tly_codec_new(errstr, sizeof(errstr))) != NULL)
+		find_ticks(rb);
+	if (!rb->codec || new_fold(rb) != 0) {
 		fprintf(stderr, "tallyctl: %s\n", rb->codec ? "out of memory" : errstr);
 		goto out;
 	}
