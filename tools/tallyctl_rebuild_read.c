@@ -1,0 +1,243 @@
+/* tallyctl rebuild: tally.events and tally.catalog read and decoded on a thread, handed over in blocks. */
+#include "tallyctl_rebuild_read.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "err.h"
+#include "kafka.h"
+
+#define BLOCK_EVENTS 256 /* decoded records per hand-over */
+#define N_BLOCKS 4       /* blocks in flight: the reader runs at most this far ahead */
+#define POLL_MS 100
+
+struct block {
+	struct tly_event ev[BLOCK_EVENTS]; /* decode targets, reused (their arenas too) */
+	size_t n;
+	int64_t records;      /* records read for this block, skipped ones included */
+	uint64_t undecodable;
+};
+
+struct rb_read {
+	pthread_t thread;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	struct block blocks[N_BLOCKS];
+	uint64_t head, tail; /* under mu: blocks [tail, head) are filled, the reader fills head */
+	bool done;           /* under mu */
+	atomic_bool stop;    /* the caller's request; the reader looks between records */
+	int rc;              /* the reader's end: 0 or an error (written before done) */
+	char err[256];
+	/* the reader's, until it is done */
+	rd_kafka_t *rk;
+	struct tly_codec *codec;
+	struct rpart *parts;
+	size_t nparts;
+	const uint64_t *tick_fp;
+	size_t n_tick;
+	int stall_ms;
+	/* the caller's */
+	struct block *cur;
+	size_t next;
+	uint64_t undecodable;
+};
+
+static bool is_tick(const struct rb_read *r, const rd_kafka_message_t *m)
+{
+	uint64_t fp;
+	if (tly_codec_peek_fingerprint(m->payload, m->len, &fp) != 0)
+		return false;
+	for (size_t i = 0; i < r->n_tick; i++)
+		if (r->tick_fp[i] == fp)
+			return true;
+	return false;
+}
+
+static struct rpart *find_part(struct rb_read *r, const char *topic, int32_t partition)
+{
+	for (size_t i = 0; i < r->nparts; i++)
+		if (r->parts[i].partition == partition && strcmp(r->parts[i].topic, topic) == 0)
+			return &r->parts[i];
+	return NULL;
+}
+
+/*
+ * One message into b: partition bookkeeping, then a ClockTick skipped, another record decoded.
+ * 0, or TLY_E_KAFKA with r->err filled.
+ */
+static int take(struct rb_read *r, struct block *b, rd_kafka_message_t *m, size_t *remaining)
+{
+	char errstr[256];
+	const char *topic = m->rkt ? rd_kafka_topic_name(m->rkt) : "";
+	struct rpart *pt = find_part(r, topic, m->partition);
+	if (m->err) {
+		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+			if (pt && pt->active && m->offset >= pt->target) {
+				pt->done = pt->target; /* a gap up to the end (compaction) */
+				pt->active = false;
+				(*remaining)--;
+			}
+		} else if (tly_kafka_errclass(m->err, m->err == RD_KAFKA_RESP_ERR__FATAL) ==
+			   TLY_ERRCLASS_FATAL) {
+			snprintf(r->err, sizeof(r->err), "Kafka: %s", rd_kafka_message_errstr(m));
+			return TLY_E_KAFKA;
+		} else {
+			fprintf(stderr, "\ntallyctl: Kafka (retrying): %s\n", rd_kafka_message_errstr(m));
+		}
+		return 0;
+	}
+	if (!pt || !pt->active || m->offset < pt->done)
+		return 0;
+	if (m->offset < pt->target) {
+		b->records++;
+		if (!is_tick(r, m)) {
+			if (tly_codec_decode(r->codec, m->payload, m->len, &b->ev[b->n], errstr,
+					     sizeof(errstr)) == 0)
+				b->n++;
+			else
+				b->undecodable++;
+		}
+	}
+	pt->done = m->offset + 1 < pt->target ? m->offset + 1 : pt->target;
+	if (pt->done >= pt->target) {
+		pt->active = false;
+		(*remaining)--;
+	}
+	return 0;
+}
+
+static void *reader(void *arg)
+{
+	struct rb_read *r = arg;
+	size_t remaining = 0;
+	int rc = 0;
+	for (size_t i = 0; i < r->nparts; i++)
+		remaining += r->parts[i].active;
+	double last = tly_clock_s();
+	while (remaining > 0 && rc == 0) {
+		pthread_mutex_lock(&r->mu);
+		while (r->head - r->tail == N_BLOCKS && !atomic_load(&r->stop))
+			pthread_cond_wait(&r->cv, &r->mu);
+		bool stop = atomic_load(&r->stop);
+		struct block *b = &r->blocks[r->head % N_BLOCKS];
+		pthread_mutex_unlock(&r->mu);
+		if (stop)
+			break;
+		b->n = 0;
+		b->records = 0;
+		b->undecodable = 0;
+		/* fill the block; a partial one goes when the topic has nothing more at once */
+		while (remaining > 0 && rc == 0 && b->n < BLOCK_EVENTS && !atomic_load(&r->stop)) {
+			rd_kafka_message_t *m = rd_kafka_consumer_poll(r->rk, b->records ? 0 : POLL_MS);
+			if (!m) {
+				if (b->records)
+					break;
+				if (tly_clock_s() - last > r->stall_ms / 1000.0) {
+					snprintf(r->err, sizeof(r->err),
+						 "no record for %d s while %zu partition(s) are behind the projector",
+						 r->stall_ms / 1000, remaining);
+					rc = TLY_E_TIMEOUT;
+				}
+				continue;
+			}
+			if (!m->err)
+				last = tly_clock_s();
+			rc = take(r, b, m, &remaining);
+			rd_kafka_message_destroy(m);
+		}
+		pthread_mutex_lock(&r->mu);
+		r->head++;
+		pthread_cond_broadcast(&r->cv);
+		pthread_mutex_unlock(&r->mu);
+	}
+	pthread_mutex_lock(&r->mu);
+	r->rc = rc;
+	r->done = true;
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	return NULL;
+}
+
+struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rpart *parts,
+			      size_t nparts, const uint64_t *tick_fp, size_t n_tick, int stall_ms,
+			      char *errstr, size_t errlen)
+{
+	struct rb_read *r = calloc(1, sizeof(*r));
+	if (!r) {
+		snprintf(errstr, errlen, "out of memory");
+		return NULL;
+	}
+	r->rk = rk;
+	r->codec = codec;
+	r->parts = parts;
+	r->nparts = nparts;
+	r->tick_fp = tick_fp;
+	r->n_tick = n_tick;
+	r->stall_ms = stall_ms;
+	atomic_init(&r->stop, false);
+	int e = pthread_mutex_init(&r->mu, NULL);
+	if (e == 0 && (e = pthread_cond_init(&r->cv, NULL)) != 0)
+		pthread_mutex_destroy(&r->mu);
+	if (e == 0 && (e = pthread_create(&r->thread, NULL, reader, r)) != 0) {
+		pthread_cond_destroy(&r->cv);
+		pthread_mutex_destroy(&r->mu);
+	}
+	if (e != 0) {
+		snprintf(errstr, errlen, "could not start the reading thread: %s", strerror(e));
+		free(r);
+		return NULL;
+	}
+	return r;
+}
+
+int rb_read_next(struct rb_read *r, const struct tly_event **ev, int64_t *records, char *errstr,
+		 size_t errlen)
+{
+	for (;;) {
+		if (r->cur && r->next < r->cur->n) {
+			*ev = &r->cur->ev[r->next++];
+			return 1;
+		}
+		pthread_mutex_lock(&r->mu);
+		if (r->cur) {
+			r->tail++; /* the block is the reader's again */
+			r->cur = NULL;
+			pthread_cond_broadcast(&r->cv);
+		}
+		while (r->head == r->tail && !r->done)
+			pthread_cond_wait(&r->cv, &r->mu);
+		if (r->head == r->tail) {
+			pthread_mutex_unlock(&r->mu);
+			if (r->rc != 0)
+				snprintf(errstr, errlen, "%s", r->err);
+			return r->rc;
+		}
+		r->cur = &r->blocks[r->tail % N_BLOCKS];
+		pthread_mutex_unlock(&r->mu);
+		r->next = 0;
+		*records += r->cur->records;
+		r->undecodable += r->cur->undecodable;
+	}
+}
+
+void rb_read_end(struct rb_read *r, uint64_t *undecodable)
+{
+	if (!r)
+		return;
+	pthread_mutex_lock(&r->mu);
+	atomic_store(&r->stop, true);
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	pthread_join(r->thread, NULL);
+	*undecodable += r->undecodable;
+	for (size_t i = 0; i < N_BLOCKS; i++)
+		for (size_t k = 0; k < BLOCK_EVENTS; k++)
+			tly_event_free(&r->blocks[i].ev[k]);
+	pthread_cond_destroy(&r->cv);
+	pthread_mutex_destroy(&r->mu);
+	free(r);
+}

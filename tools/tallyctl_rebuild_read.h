@@ -1,0 +1,56 @@
+/*
+ * tallyctl rebuild's reading of tally.events and tally.catalog on a thread of its own: the thread
+ * polls the assigned partitions up to each one's target, skips ClockTicks by their fingerprint,
+ * decodes the rest and hands them over in partition order, in blocks, while the caller folds the
+ * blocks before (two cores instead of one for a pass's Kafka side).
+ */
+#ifndef TALLYCTL_REBUILD_READ_H
+#define TALLYCTL_REBUILD_READ_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "codec.h"
+#include "event.h"
+
+/* One partition of tally.events or tally.catalog. */
+struct rpart {
+	const char *topic;
+	int32_t partition;
+	int64_t low;    /* low watermark at start */
+	int64_t done;   /* next offset to fold into the shadows */
+	int64_t target; /* fold up to here (exclusive) in this pass */
+	bool active;
+};
+
+struct rb_read;
+
+/*
+ * Start reading: rk has the partitions with done < target assigned (from done); parts, codec and
+ * rk belong to the thread until rb_read_end (the caller touches none of them meanwhile);
+ * tick_fp[0..n_tick) are fingerprints skipped undecoded; stall_ms without a record while some
+ * are expected ends the reading with an error. NULL with errstr filled.
+ */
+struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rpart *parts,
+			      size_t nparts, const uint64_t *tick_fp, size_t n_tick, int stall_ms,
+			      char *errstr, size_t errlen);
+
+/*
+ * The next decoded record (borrowed until the next call): 1; 0 when every partition reached its
+ * target; TLY_E_KAFKA or TLY_E_TIMEOUT with errstr filled. *records grows by the records read
+ * (ClockTicks and undecodable ones included) as blocks arrive.
+ */
+int rb_read_next(struct rb_read *r, const struct tly_event **ev, int64_t *records, char *errstr,
+		 size_t errlen);
+
+/*
+ * Stop the thread (also before the end) and free r; parts[].done are then where the reading
+ * stopped. *undecodable grows by the records that did not decode (skipped, as tally-projector
+ * skips them). Accepts NULL.
+ */
+void rb_read_end(struct rb_read *r, uint64_t *undecodable);
+
+#endif
