@@ -35,6 +35,8 @@
 #define SHADOW_SUFFIX "_rebuild"
 #define FLUSH_EVERY 100000      /* records per fold flush */
 #define LEDGER_PAGE "50000"     /* entries per keyset page */
+#define ENTRIES_AHEAD ((size_t)256 << 20) /* bytes of entries the first pass reads ahead, at most */
+#define ENTRIES_WORK_MEM "256MB" /* the first pass's sort of the entries, in memory */
 #define SWAP_ATTEMPTS 20
 #define CATCHUP_PASSES 5        /* passes before the swap, while the projector runs */
 #define CATCHUP_SMALL 2000      /* records: few enough to fold inside the swap transaction */
@@ -460,11 +462,13 @@ static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
 }
 
 /*
- * The first pass's ledger entries in one binary COPY, streamed (PostgreSQL produces while the
- * fold consumes): the same rows as fold_ledger's pages. COPY takes no parameters; the only
- * variable text is the quoted shadow name.
+ * The first pass's ledger entries: one binary COPY, the same rows as fold_ledger's pages, run on a
+ * second connection by a thread that reads them ahead (rb_rows) while this one folds the events
+ * (the events come first in the in-memory fold), at most ENTRIES_AHEAD bytes ahead; the server
+ * sorts them in memory with no parallel workers. COPY takes no parameters; the only variable
+ * text is the quoted shadow name. NULL with err filled.
  */
-static int fold_ledger_stream(struct rebuild *rb, struct tly_pg_error *err)
+static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct tly_pg_error *err)
 {
 	char sql[1536];
 	snprintf(sql, sizeof(sql),
@@ -473,13 +477,23 @@ static int fold_ledger_stream(struct rebuild *rb, struct tly_pg_error *err)
 		 "LEFT JOIN %s s ON s.tenant_id = e.tenant_id WHERE e.seq > COALESCE(s.seq, 0) "
 		 "ORDER BY e.tenant_id, e.seq) TO STDOUT (FORMAT binary)",
 		 rb->qshadow_applied);
-	struct tly_copyout *c = tly_copyout_start(rb->conn, sql, err);
-	if (!c)
-		return TLY_E_PG;
+	if (!(*conn2 = tallyctl_connect_db(rb->app))) {
+		snprintf(err->message, sizeof(err->message), "could not open a second connection");
+		return NULL;
+	}
+	if (tly_pg_exec(*conn2, "SELECT set_config('work_mem', '" ENTRIES_WORK_MEM "', false), "
+			"set_config('max_parallel_workers_per_gather', '0', false)", 0, NULL, err) != 0)
+		return NULL;
+	return rb_rows_start(*conn2, sql, ENTRIES_AHEAD, err->message, sizeof(err->message));
+}
+
+/* Fold the entries entries_ahead reads. */
+static int fold_ledger_ahead(struct rebuild *rb, struct rb_rows *rows, struct tly_pg_error *err)
+{
 	const char *const *values;
 	const int *lengths;
 	int n, rc;
-	while ((rc = tly_copyout_next(c, &values, &lengths, &n, err)) == 1) {
+	while ((rc = rb_rows_next(rows, &values, &lengths, &n, err->message, sizeof(err->message))) == 1) {
 		if ((rc = tly_entries_from_copy(values, lengths, n, &rb->ev)) != 0)
 			break;
 		rb->entries++;
@@ -487,7 +501,6 @@ static int fold_ledger_stream(struct rebuild *rb, struct tly_pg_error *err)
 			break;
 		progress(rb, false);
 	}
-	tly_copyout_free(c);
 	if (rc == TLY_E_CORRUPT || rc == TLY_E_NOMEM)
 		snprintf(err->message, sizeof(err->message), "%s",
 			 rc == TLY_E_NOMEM ? "out of memory" : "a stored ledger entry does not read back");
@@ -520,10 +533,19 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 	rb->total += *behind;
 	progress(rb, true);
 	double t0 = tly_clock_s();
-	int rc = fold_topics(rb, err);
+	PGconn *conn2 = NULL;
+	struct rb_rows *rows = NULL;
+	int rc = 0;
+	if (rb->mem && entries_behind > 0 && !(rows = entries_ahead(rb, &conn2, err)))
+		rc = TLY_E_PG;
+	if (rc == 0)
+		rc = fold_topics(rb, err);
 	double t1 = tly_clock_s();
 	if (rc == 0 && entries_behind > 0)
-		rc = rb->mem ? fold_ledger_stream(rb, err) : fold_ledger(rb, err);
+		rc = rows ? fold_ledger_ahead(rb, rows, err) : fold_ledger(rb, err);
+	rb_rows_end(rows);
+	if (conn2)
+		PQfinish(conn2);
 	if (rb->mem) {
 		rb->phase[PH_EVENTS] += t1 - t0;
 		rb->phase[PH_ENTRIES] += tly_clock_s() - t1;

@@ -1,4 +1,4 @@
-/* tallyctl rebuild: tally.events and tally.catalog read and decoded on a thread, handed over in blocks. */
+/* tallyctl rebuild: its inputs read on threads (Kafka records decoded in blocks; COPY rows read ahead). */
 #include "tallyctl_rebuild_read.h"
 
 #include <pthread.h>
@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "copyout.h"
 #include "err.h"
 #include "kafka.h"
 
@@ -31,7 +32,7 @@ struct rb_read {
 	bool done;           /* under mu */
 	atomic_bool stop;    /* the caller's request; the reader looks between records */
 	int rc;              /* the reader's end: 0 or an error (written before done) */
-	char err[256];
+	char err[512];
 	/* the reader's, until it is done */
 	rd_kafka_t *rk;
 	struct tly_codec *codec;
@@ -239,5 +240,216 @@ void rb_read_end(struct rb_read *r, uint64_t *undecodable)
 			tly_event_free(&r->blocks[i].ev[k]);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->mu);
+	free(r);
+}
+
+/* ---- rows of a COPY, read ahead ------------------------------------------------------------ */
+
+#define CHUNK_BYTES (1024 * 1024) /* rows are kept in chunks of about this size */
+#define MAX_FIELDS 64
+
+/* Rows, each as int32 nfields, nfields int32 lengths (-1: NULL), then the values' bytes. */
+struct chunk {
+	struct chunk *next;
+	size_t len, cap;
+	char data[];
+};
+
+struct rb_rows {
+	pthread_t thread;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	struct chunk *first, *last; /* under mu: the full chunks not yet read */
+	size_t held;                /* under mu: bytes in them */
+	bool done;                  /* under mu */
+	atomic_bool stop;
+	int rc;                     /* the thread's end (written before done) */
+	char err[512];
+	/* the thread's */
+	PGconn *conn;
+	char *sql;
+	size_t max_bytes;
+	/* the caller's */
+	struct chunk *cur;
+	size_t off;
+	const char *values[MAX_FIELDS];
+	int lengths[MAX_FIELDS];
+};
+
+static void publish(struct rb_rows *r, struct chunk *c)
+{
+	pthread_mutex_lock(&r->mu);
+	if (r->last)
+		r->last->next = c;
+	else
+		r->first = c;
+	r->last = c;
+	r->held += c->len;
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+}
+
+static void *rows_reader(void *arg)
+{
+	struct rb_rows *r = arg;
+	struct tly_pg_error pe = {0};
+	struct chunk *c = NULL;
+	int rc = 0;
+	struct tly_copyout *co = tly_copyout_start(r->conn, r->sql, &pe);
+	if (!co) {
+		rc = TLY_E_PG;
+		snprintf(r->err, sizeof(r->err), "%s", pe.message);
+	}
+	const char *const *values;
+	const int *lengths;
+	int n = 0;
+	while (rc == 0 && !atomic_load(&r->stop) &&
+	       (rc = tly_copyout_next(co, &values, &lengths, &n, &pe)) == 1) {
+		rc = 0;
+		size_t need = sizeof(int32_t) * (1 + (size_t)n);
+		for (int i = 0; i < n; i++)
+			need += lengths[i] > 0 ? (size_t)lengths[i] : 0;
+		if (n > MAX_FIELDS) {
+			rc = TLY_E_CORRUPT;
+			break;
+		}
+		if (c && c->len + need > c->cap) {
+			publish(r, c);
+			c = NULL;
+			pthread_mutex_lock(&r->mu);
+			while (r->held >= r->max_bytes && !atomic_load(&r->stop))
+				pthread_cond_wait(&r->cv, &r->mu);
+			pthread_mutex_unlock(&r->mu);
+		}
+		if (!c) {
+			size_t cap = need > CHUNK_BYTES ? need : CHUNK_BYTES;
+			if (!(c = malloc(sizeof(*c) + cap))) {
+				rc = TLY_E_NOMEM;
+				break;
+			}
+			c->next = NULL;
+			c->len = 0;
+			c->cap = cap;
+		}
+		int32_t v = n;
+		memcpy(c->data + c->len, &v, sizeof(v));
+		c->len += sizeof(v);
+		for (int i = 0; i < n; i++) {
+			v = lengths[i];
+			memcpy(c->data + c->len, &v, sizeof(v));
+			c->len += sizeof(v);
+		}
+		for (int i = 0; i < n; i++) {
+			if (lengths[i] > 0) {
+				memcpy(c->data + c->len, values[i], (size_t)lengths[i]);
+				c->len += (size_t)lengths[i];
+			}
+		}
+	}
+	if (rc == TLY_E_PG && !r->err[0])
+		snprintf(r->err, sizeof(r->err), "%s", pe.message);
+	else if (rc == TLY_E_CORRUPT || rc == TLY_E_NOMEM)
+		snprintf(r->err, sizeof(r->err), "%s", rc == TLY_E_NOMEM ? "out of memory" :
+			 "a row of the COPY does not read back");
+	tly_copyout_free(co);
+	if (c)
+		publish(r, c);
+	pthread_mutex_lock(&r->mu);
+	r->rc = rc;
+	r->done = true;
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	return NULL;
+}
+
+struct rb_rows *rb_rows_start(PGconn *conn, const char *sql, size_t max_bytes, char *errstr,
+			      size_t errlen)
+{
+	struct rb_rows *r = calloc(1, sizeof(*r));
+	if (!r || !(r->sql = strdup(sql))) {
+		free(r);
+		snprintf(errstr, errlen, "out of memory");
+		return NULL;
+	}
+	r->conn = conn;
+	r->max_bytes = max_bytes;
+	atomic_init(&r->stop, false);
+	int e = pthread_mutex_init(&r->mu, NULL);
+	if (e == 0 && (e = pthread_cond_init(&r->cv, NULL)) != 0)
+		pthread_mutex_destroy(&r->mu);
+	if (e == 0 && (e = pthread_create(&r->thread, NULL, rows_reader, r)) != 0) {
+		pthread_cond_destroy(&r->cv);
+		pthread_mutex_destroy(&r->mu);
+	}
+	if (e != 0) {
+		snprintf(errstr, errlen, "could not start the reading thread: %s", strerror(e));
+		free(r->sql);
+		free(r);
+		return NULL;
+	}
+	return r;
+}
+
+int rb_rows_next(struct rb_rows *r, const char *const **values, const int **lengths, int *nfields,
+		 char *errstr, size_t errlen)
+{
+	while (!r->cur || r->off >= r->cur->len) {
+		pthread_mutex_lock(&r->mu);
+		if (r->cur) {
+			r->held -= r->cur->len;
+			free(r->cur);
+			r->cur = NULL;
+			pthread_cond_broadcast(&r->cv);
+		}
+		while (!r->first && !r->done)
+			pthread_cond_wait(&r->cv, &r->mu);
+		if (!r->first) {
+			pthread_mutex_unlock(&r->mu);
+			if (r->rc != 0)
+				snprintf(errstr, errlen, "%s", r->err);
+			return r->rc;
+		}
+		r->cur = r->first;
+		r->first = r->cur->next;
+		if (!r->first)
+			r->last = NULL;
+		pthread_mutex_unlock(&r->mu);
+		r->off = 0;
+	}
+	const char *p = r->cur->data + r->off;
+	int32_t n, len;
+	memcpy(&n, p, sizeof(n));
+	p += sizeof(n);
+	const char *bytes = p + sizeof(int32_t) * (size_t)n;
+	for (int i = 0; i < n; i++) {
+		memcpy(&len, p + sizeof(int32_t) * (size_t)i, sizeof(len));
+		r->lengths[i] = len;
+		r->values[i] = len >= 0 ? bytes : NULL;
+		bytes += len > 0 ? len : 0;
+	}
+	r->off = (size_t)(bytes - r->cur->data);
+	*values = r->values;
+	*lengths = r->lengths;
+	*nfields = n;
+	return 1;
+}
+
+void rb_rows_end(struct rb_rows *r)
+{
+	if (!r)
+		return;
+	pthread_mutex_lock(&r->mu);
+	atomic_store(&r->stop, true);
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	pthread_join(r->thread, NULL);
+	free(r->cur);
+	for (struct chunk *c = r->first, *next; c; c = next) {
+		next = c->next;
+		free(c);
+	}
+	pthread_cond_destroy(&r->cv);
+	pthread_mutex_destroy(&r->mu);
+	free(r->sql);
 	free(r);
 }

@@ -1,8 +1,9 @@
 /*
- * tallyctl rebuild's reading of tally.events and tally.catalog on a thread of its own: the thread
- * polls the assigned partitions up to each one's target, skips ClockTicks by their fingerprint,
- * decodes the rest and hands them over in partition order, in blocks, while the caller folds the
- * blocks before (two cores instead of one for a pass's Kafka side).
+ * tallyctl rebuild's reading of its inputs on threads of their own, while the caller folds:
+ * tally.events and tally.catalog (rb_read: the assigned partitions polled up to each one's target,
+ * ClockTicks skipped by their fingerprint, the rest decoded and handed over in partition order, in
+ * blocks) and the rows of a COPY TO STDOUT (rb_rows: the ledger entries, read ahead on a second
+ * connection while the events are folded, up to a memory bound).
  */
 #ifndef TALLYCTL_REBUILD_READ_H
 #define TALLYCTL_REBUILD_READ_H
@@ -12,6 +13,7 @@
 #include <stdint.h>
 
 #include <librdkafka/rdkafka.h>
+#include <libpq-fe.h>
 
 #include "codec.h"
 #include "event.h"
@@ -52,5 +54,26 @@ int rb_read_next(struct rb_read *r, const struct tly_event **ev, int64_t *record
  * skips them). Accepts NULL.
  */
 void rb_read_end(struct rb_read *r, uint64_t *undecodable);
+
+struct rb_rows;
+
+/*
+ * Run sql (a "COPY (...) TO STDOUT (FORMAT binary)") on conn from a thread, which takes conn
+ * until rb_rows_end, and keep its rows in memory, at most about max_bytes ahead of the caller.
+ * NULL with errstr filled.
+ */
+struct rb_rows *rb_rows_start(PGconn *conn, const char *sql, size_t max_bytes, char *errstr,
+			      size_t errlen);
+
+/*
+ * The next row, as lib/copyout gives it (values and lengths borrowed until the next call): 1; 0
+ * after the last row (the COPY finished well); TLY_E_PG, TLY_E_CORRUPT or TLY_E_NOMEM with errstr
+ * filled.
+ */
+int rb_rows_next(struct rb_rows *r, const char *const **values, const int **lengths, int *nfields,
+		 char *errstr, size_t errlen);
+
+/* Stop reading (also before the end), join the thread and free r; conn is the caller's again. */
+void rb_rows_end(struct rb_rows *r);
 
 #endif
