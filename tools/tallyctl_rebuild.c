@@ -87,8 +87,8 @@ struct rebuild {
 };
 
 /* The phases the summary line times. */
-enum { PH_SHADOWS, PH_EVENTS, PH_ENTRIES, PH_COPY, PH_INDEXES, PH_CATCHUP, PH_SWAP, PH_AFTER, PH__N };
-static const char *const PHASES[PH__N] = {"shadows", "events", "entries", "copy", "indexes",
+enum { PH_START, PH_SHADOWS, PH_EVENTS, PH_ENTRIES, PH_COPY, PH_INDEXES, PH_CATCHUP, PH_SWAP, PH_AFTER, PH__N };
+static const char *const PHASES[PH__N] = {"start", "shadows", "events", "entries", "copy", "indexes",
 					  "catch-up", "swap", "validate"};
 
 static void rebuild_usage(void)
@@ -168,44 +168,15 @@ static int drop_shadows(struct rebuild *rb, bool only_unselected, struct tly_pg_
 	return rc;
 }
 
-/* Empty copies of every table the fold writes (columns, defaults, checks; no index, no data). */
-static int create_shadows(struct rebuild *rb, struct tly_pg_error *err)
-{
-	int rc = tly_pg_begin(rb->conn, err);
-	if (rc == 0)
-		rc = drop_shadows(rb, false, err);
-	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
-		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
-		char sql[512];
-		if (ql && qs) {
-			/* no index while the first pass loads (build_indexes adds them after) */
-			snprintf(sql, sizeof(sql), "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES)",
-				 qs, ql);
-			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
-		} else {
-			rc = TLY_E_NOMEM;
-		}
-		PQfreemem(ql);
-		PQfreemem(qs);
-	}
-	if (rc == 0)
-		return tly_pg_commit(rb->conn, err);
-	struct tly_pg_error rberr;
-	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
-		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
-	return rc;
-}
-
 /*
  * The rows the migrations themselves put into projection tables (the plan catalog seed of
  * 0001_baseline.sql) are the first input of every projection, before any event: their INSERT
  * statements run again, verbatim, into temporary tables that shadow the live names (pg_temp comes
- * first in the search path), and the rows go on into the shadow tables.
+ * first in the search path), inside the open transaction; seeded[i] says which tables got some.
  */
-static int seed_shadows(struct rebuild *rb, struct tly_pg_error *err)
+static int seed_temps(struct rebuild *rb, bool *seeded, struct tly_pg_error *err)
 {
-	int rc = tly_pg_begin(rb->conn, err);
-	bool made[N_MAX_TABLES] = {false};
+	int rc = 0;
 	for (const struct tly_embedded *m = tly_embedded_migrations; rc == 0 && m->name; m++) {
 		for (const char *p = m->data; rc == 0 && (p = strstr(p, "INSERT INTO ")) != NULL; p++) {
 			if (p != m->data && p[-1] != '\n')
@@ -227,11 +198,11 @@ static int seed_shadows(struct rebuild *rb, struct tly_pg_error *err)
 			char sql[512];
 			if (!stmt || !ql) {
 				rc = TLY_E_NOMEM;
-			} else if (!made[i]) {
+			} else if (!seeded[i]) {
 				snprintf(sql, sizeof(sql), "CREATE TEMP TABLE %s (LIKE public.%s INCLUDING DEFAULTS) "
 					 "ON COMMIT DROP", ql, ql);
 				rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
-				made[i] = true;
+				seeded[i] = true;
 			}
 			/* SQL text of our own migrations, compiled in: no value comes from outside */
 			if (rc == 0)
@@ -240,25 +211,61 @@ static int seed_shadows(struct rebuild *rb, struct tly_pg_error *err)
 			PQfreemem(ql);
 		}
 	}
-	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
-		if (!made[i])
-			continue;
-		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
-		char sql[512];
-		if (ql && qs) {
-			snprintf(sql, sizeof(sql), "INSERT INTO public.%s SELECT * FROM pg_temp.%s", qs, ql);
-			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
-		} else {
-			rc = TLY_E_NOMEM;
+	return rc;
+}
+
+/*
+ * The shadows' DDL as one script for the open transaction: leftovers of an earlier rebuild
+ * dropped, an empty copy of every table the fold writes (columns, defaults, checks; no index, no
+ * data), the seeded rows, COMMIT. malloc'd; NULL on OOM.
+ */
+static char *shadows_script(struct rebuild *rb, const bool *seeded)
+{
+	char *sql = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&sql, &len);
+	if (!f)
+		return NULL;
+	bool ok = true;
+	for (int step = 0; step < 3 && ok; step++) {
+		if (step == 0)
+			fputs("DROP TABLE IF EXISTS ", f);
+		for (size_t i = 0; i < rb->ntables && ok; i++) {
+			char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
+			ok = ql && qs;
+			if (ok && step == 0)
+				fprintf(f, "%s%s", i ? ", " : "", qs);
+			else if (ok && step == 1)
+				fprintf(f, "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES);\n", qs, ql);
+			else if (ok && seeded[i])
+				fprintf(f, "INSERT INTO public.%s SELECT * FROM pg_temp.%s;\n", qs, ql);
+			PQfreemem(ql);
+			PQfreemem(qs);
 		}
-		PQfreemem(ql);
-		PQfreemem(qs);
+		if (step == 0)
+			fputs(";\n", f);
 	}
-	if (rc == 0)
-		return tly_pg_commit(rb->conn, err);
-	struct tly_pg_error rberr;
-	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
-		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
+	fputs("COMMIT", f);
+	if (fclose(f) != 0 || !ok) {
+		free(sql);
+		return NULL;
+	}
+	return sql;
+}
+
+/* The results of a script sent with PQsendQuery: 0, or TLY_E_PG with the first error in err. */
+static int script_results(PGconn *conn, struct tly_pg_error *err)
+{
+	int rc = 0;
+	PGresult *res;
+	while ((res = PQgetResult(conn)) != NULL) {
+		ExecStatusType st = PQresultStatus(res);
+		if (rc == 0 && st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+			tly_pg_error_set(err, conn, res);
+			rc = TLY_E_PG;
+		}
+		PQclear(res);
+	}
 	return rc;
 }
 
@@ -462,11 +469,11 @@ static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
 }
 
 /*
- * The first pass's ledger entries: one binary COPY, the same rows as fold_ledger's pages, run on a
- * second connection by a thread that reads them ahead (rb_rows) while this one folds the events
- * (the events come first in the in-memory fold), at most ENTRIES_AHEAD bytes ahead; the server
- * sorts them in memory with no parallel workers. COPY takes no parameters; the only variable
- * text is the quoted shadow name. NULL with err filled.
+ * The first pass's ledger entries (the shadows hold none): one binary COPY of every entry up to
+ * the live applied seqs, run on a second connection by a thread that reads them ahead (rb_rows)
+ * while this one folds the events (the events come first in the in-memory fold), at most
+ * ENTRIES_AHEAD bytes ahead; the server sorts them in memory with no parallel workers. NULL with
+ * err filled.
  */
 static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct tly_pg_error *err)
 {
@@ -474,9 +481,7 @@ static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct 
 	snprintf(sql, sizeof(sql),
 		 "COPY (SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries e "
 		 "JOIN projector_ledger_applied a ON a.tenant_id = e.tenant_id AND e.seq <= a.seq "
-		 "LEFT JOIN %s s ON s.tenant_id = e.tenant_id WHERE e.seq > COALESCE(s.seq, 0) "
-		 "ORDER BY e.tenant_id, e.seq) TO STDOUT (FORMAT binary)",
-		 rb->qshadow_applied);
+		 "ORDER BY e.tenant_id, e.seq) TO STDOUT (FORMAT binary)");
 	if (!(*conn2 = tallyctl_connect_db(rb->app))) {
 		snprintf(err->message, sizeof(err->message), "could not open a second connection");
 		return NULL;
@@ -532,24 +537,9 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 	*behind = topics_behind + entries_behind;
 	rb->total += *behind;
 	progress(rb, true);
-	double t0 = tly_clock_s();
-	PGconn *conn2 = NULL;
-	struct rb_rows *rows = NULL;
-	int rc = 0;
-	if (rb->mem && entries_behind > 0 && !(rows = entries_ahead(rb, &conn2, err)))
-		rc = TLY_E_PG;
-	if (rc == 0)
-		rc = fold_topics(rb, err);
-	double t1 = tly_clock_s();
+	int rc = fold_topics(rb, err);
 	if (rc == 0 && entries_behind > 0)
-		rc = rows ? fold_ledger_ahead(rb, rows, err) : fold_ledger(rb, err);
-	rb_rows_end(rows);
-	if (conn2)
-		PQfinish(conn2);
-	if (rb->mem) {
-		rb->phase[PH_EVENTS] += t1 - t0;
-		rb->phase[PH_ENTRIES] += tly_clock_s() - t1;
-	}
+		rc = fold_ledger(rb, err);
 	progress(rb, true);
 	return rc;
 }
@@ -565,31 +555,83 @@ static const char *shadow_of(const struct rebuild *rb, const char *table)
 	return NULL;
 }
 
-/* The in-memory fold of the first pass, knowing the plans the shadows were seeded with. */
-static int first_pass_begin(struct rebuild *rb, struct tly_pg_error *err)
+/*
+ * The first pass, up to its Kafka records: in one transaction, the seeds into temporary tables,
+ * the in-memory fold told the seeded plans, the targets, the ledger entries read ahead on a second
+ * connection, and the shadows' DDL sent (shadows_script) without waiting: the server creates
+ * the shadows while the events are read and folded (first_pass).
+ */
+static int first_pass_begin(struct rebuild *rb, PGconn **conn2, struct rb_rows **rows,
+			    int64_t *behind, struct tly_pg_error *err)
 {
-	char *q = qident(rb->conn, shadow_of(rb, "billing_plans"));
-	char sql[256];
-	if (!q || !(rb->mem = tly_memfold_new())) {
-		PQfreemem(q);
-		snprintf(err->message, sizeof(err->message), "out of memory");
-		return TLY_E_NOMEM;
+	bool seeded[N_MAX_TABLES] = {false};
+	int64_t topics_behind = 0;
+	int rc = tly_pg_begin(rb->conn, err);
+	if (rc == 0)
+		rc = seed_temps(rb, seeded, err);
+	if (rc == 0 && !(rb->mem = tly_memfold_new()))
+		rc = TLY_E_NOMEM;
+	for (size_t i = 0; rc == 0 && i < rb->ntables; i++) {
+		if (!seeded[i] || strcmp(rb->tables[i], "billing_plans") != 0)
+			continue;
+		PGresult *res = tly_pg_query(rb->conn, "SELECT code, id FROM pg_temp.billing_plans", 0, NULL,
+					     err);
+		if (!res)
+			return TLY_E_PG;
+		for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
+			tly_uuid id;
+			rc = tly_uuid_parse(PQgetvalue(res, r, 1), &id);
+			if (rc == 0)
+				rc = tly_memfold_plan(rb->mem, PQgetvalue(res, r, 0), &id);
+		}
+		PQclear(res);
+		if (rc != 0)
+			snprintf(err->message, sizeof(err->message), "could not read the seeded plans");
 	}
-	snprintf(sql, sizeof(sql), "SELECT code, id FROM %s", q);
-	PQfreemem(q);
-	PGresult *res = tly_pg_query(rb->conn, sql, 0, NULL, err);
-	if (!res)
-		return TLY_E_PG;
-	int rc = 0;
-	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
-		tly_uuid id;
-		rc = tly_uuid_parse(PQgetvalue(res, r, 1), &id);
-		if (rc == 0)
-			rc = tly_memfold_plan(rb->mem, PQgetvalue(res, r, 0), &id);
-	}
+	if (rc == 0)
+		rc = read_targets(rb, &topics_behind, err);
+	PGresult *res = rc == 0 ? tly_pg_query(rb->conn, "SELECT COALESCE(sum(seq), 0) FROM "
+					      "projector_ledger_applied", 0, NULL, err) : NULL;
+	if (rc == 0 && !res)
+		rc = TLY_E_PG;
+	int64_t entries_behind = res ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
 	PQclear(res);
-	if (rc != 0)
-		snprintf(err->message, sizeof(err->message), "could not read the seeded plans");
+	*behind = topics_behind + entries_behind;
+	rb->total += *behind;
+	if (rc == 0 && entries_behind > 0 && !(*rows = entries_ahead(rb, conn2, err)))
+		rc = TLY_E_PG;
+	char *script = rc == 0 ? shadows_script(rb, seeded) : NULL;
+	if (rc == 0 && !script)
+		rc = TLY_E_NOMEM;
+	if (rc == 0 && PQsendQuery(rb->conn, script) != 1) {
+		tly_pg_error_set(err, rb->conn, NULL);
+		rc = TLY_E_PG;
+	}
+	free(script);
+	if (rc == TLY_E_NOMEM)
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	return rc;
+}
+
+/* The rest of the first pass: the Kafka records folded, the shadows' DDL done, the entries folded. */
+static int first_pass(struct rebuild *rb, struct rb_rows *rows, struct tly_pg_error *err)
+{
+	double t0 = tly_clock_s();
+	struct tly_pg_error ddl_err = {0};
+	int rc = fold_topics(rb, err);
+	double t1 = tly_clock_s();
+	int ddl = script_results(rb->conn, &ddl_err); /* the shadows: created and committed */
+	if (rc == 0 && ddl != 0) {
+		*err = ddl_err;
+		rc = ddl;
+	}
+	double t2 = tly_clock_s();
+	if (rc == 0 && rows)
+		rc = fold_ledger_ahead(rb, rows, err);
+	rb->phase[PH_EVENTS] += t1 - t0;
+	rb->phase[PH_SHADOWS] += t2 - t1;
+	rb->phase[PH_ENTRIES] += tly_clock_s() - t2;
+	progress(rb, true);
 	return rc;
 }
 
@@ -1073,22 +1115,27 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	rb.started = tly_clock_s();
 	if (start(&rb) != 0)
 		goto out;
-	if ((prc = create_shadows(&rb, &err)) != 0) {
-		report(&rb, "create the shadow tables", &err);
-		goto out;
-	}
-	shadows = true;
-	if ((prc = seed_shadows(&rb, &err)) != 0) {
-		report(&rb, "seed the shadow tables from the migrations", &err);
-		goto out;
-	}
-
-	double t = tly_clock_s();
-	rb.phase[PH_SHADOWS] = t - rb.started;
-
+	rb.phase[PH_START] = tly_clock_s() - rb.started;
 	/* The first pass folds in memory into the empty shadows; then they get their indexes. */
 	int64_t behind = 0;
-	if ((prc = first_pass_begin(&rb, &err)) != 0 || (prc = pass(&rb, &behind, &err)) != 0) {
+	PGconn *conn2 = NULL;
+	struct rb_rows *rows = NULL;
+	struct tly_pg_error ddl_err = {0};
+	prc = first_pass_begin(&rb, &conn2, &rows, &behind, &err);
+	shadows = true;
+	rb.phase[PH_SHADOWS] = tly_clock_s() - rb.started - rb.phase[PH_START];
+	progress(&rb, true);
+	if (prc == 0)
+		prc = first_pass(&rb, rows, &err);
+	else if (PQtransactionStatus(rb.conn) == PQTRANS_ACTIVE && script_results(rb.conn, &ddl_err) != 0)
+		fprintf(stderr, "tallyctl: could not create the shadow tables: %s\n", ddl_err.message);
+	rb_rows_end(rows);
+	if (conn2)
+		PQfinish(conn2);
+	if (prc != 0) {
+		struct tly_pg_error rberr;
+		if (PQtransactionStatus(rb.conn) != PQTRANS_IDLE && tly_pg_rollback(rb.conn, &rberr) != 0)
+			fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
 		report(&rb, "fold into the shadow tables", &err);
 		goto out;
 	}
@@ -1098,7 +1145,7 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	}
 
 	/* Catch-up passes (fold.c) while the projector runs, until what is left is small. */
-	t = tly_clock_s();
+	double t = tly_clock_s();
 	for (int i = 1; i < CATCHUP_PASSES && behind > CATCHUP_SMALL; i++) {
 		if ((prc = pass(&rb, &behind, &err)) != 0) {
 			report(&rb, "fold into the shadow tables", &err);
