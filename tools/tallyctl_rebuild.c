@@ -236,7 +236,8 @@ static char *shadows_script(struct rebuild *rb, const bool *seeded)
 			if (ok && step == 0)
 				fprintf(f, "%s%s", i ? ", " : "", qs);
 			else if (ok && step == 1)
-				fprintf(f, "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES);\n", qs, ql);
+				fprintf(f, "CREATE TABLE %s (LIKE public.%s INCLUDING ALL EXCLUDING INDEXES);\n",
+					qs, ql); /* public.: the seeds' temporary tables shadow the live names */
 			else if (ok && seeded[i])
 				fprintf(f, "INSERT INTO public.%s SELECT * FROM pg_temp.%s;\n", qs, ql);
 			PQfreemem(ql);
