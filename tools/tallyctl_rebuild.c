@@ -359,7 +359,7 @@ static void find_ticks(struct rebuild *rb)
 
 /*
  * Fold every partition's records from done up to target, in partition order: read and decoded on
- * the reading thread (tallyctl_rebuild_read.c) while this one folds.
+ * the reading threads (tallyctl_rebuild_read.c) while this one folds.
  */
 static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
 {
@@ -378,17 +378,19 @@ static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
 	int rc = 0;
 	if (remaining == 0)
 		goto out;
+	/* the readers' queues first: what the assignment fetches goes to them */
+	struct rb_read *r = rb_read_start(rb->rk, rb->codec, rb->parts, rb->nparts, rb->tick_fp,
+					  rb->n_tick_fp, STALL_MS, err->message, sizeof(err->message));
+	if (!r) {
+		rc = TLY_E_NOMEM;
+		goto out;
+	}
 	rd_kafka_resp_err_t kerr = rd_kafka_assign(rb->rk, l);
 	if (kerr) {
 		snprintf(err->message, sizeof(err->message), "could not assign partitions: %s",
 			 rd_kafka_err2str(kerr));
 		rc = TLY_E_KAFKA;
-		goto out;
 	}
-	struct rb_read *r = rb_read_start(rb->rk, rb->codec, rb->parts, rb->nparts, rb->tick_fp,
-					  rb->n_tick_fp, STALL_MS, err->message, sizeof(err->message));
-	if (!r)
-		rc = TLY_E_NOMEM;
 	const struct tly_event *ev;
 	while (rc == 0 && (rc = rb_read_next(r, &ev, &rb->events, err->message,
 					      sizeof(err->message))) == 1) {

@@ -13,7 +13,8 @@
 #include "kafka.h"
 
 #define BLOCK_EVENTS 256 /* decoded records per hand-over */
-#define N_BLOCKS 4       /* blocks in flight: the reader runs at most this far ahead */
+#define N_BLOCKS 4       /* blocks in flight per reader: it runs at most this far ahead */
+#define N_READERS 2      /* reading threads, each with the partitions of its own queue */
 #define POLL_MS 100
 
 struct block {
@@ -23,27 +24,40 @@ struct block {
 	uint64_t undecodable;
 };
 
-struct rb_read {
+struct rb_read;
+
+/* One reading thread: its partitions' records come through its own queue. */
+struct reader {
+	struct rb_read *r;
 	pthread_t thread;
+	bool started;
+	rd_kafka_queue_t *q;       /* owned */
+	struct tly_codec *codec;   /* owned, or the caller's (reader 0) */
+	bool own_codec;
+	struct block blocks[N_BLOCKS];
+	uint64_t head, tail;       /* under r->mu: blocks [tail, head) are filled */
+	bool done;                 /* under r->mu */
+	int rc;                    /* its end: 0 or an error (written before done) */
+	char err[512];
+	size_t remaining;          /* its partitions not at their target yet */
+};
+
+struct rb_read {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
-	struct block blocks[N_BLOCKS];
-	uint64_t head, tail; /* under mu: blocks [tail, head) are filled, the reader fills head */
-	bool done;           /* under mu */
-	atomic_bool stop;    /* the caller's request; the reader looks between records */
-	int rc;              /* the reader's end: 0 or an error (written before done) */
-	char err[512];
-	/* the reader's, until it is done */
+	atomic_bool stop;          /* the caller's request; readers look between records */
+	struct reader readers[N_READERS];
+	size_t n_readers;
 	rd_kafka_t *rk;
-	struct tly_codec *codec;
-	struct rpart *parts;
+	struct rpart *parts;       /* each reader writes only its own partitions' elements */
 	size_t nparts;
 	const uint64_t *tick_fp;
 	size_t n_tick;
 	int stall_ms;
 	/* the caller's */
+	struct reader *cur_reader;
 	struct block *cur;
-	size_t next;
+	size_t next, turn;
 	uint64_t undecodable;
 };
 
@@ -68,23 +82,23 @@ static struct rpart *find_part(struct rb_read *r, const char *topic, int32_t par
 
 /*
  * One message into b: partition bookkeeping, then a ClockTick skipped, another record decoded.
- * 0, or TLY_E_KAFKA with r->err filled.
+ * 0, or TLY_E_KAFKA with rd->err filled.
  */
-static int take(struct rb_read *r, struct block *b, rd_kafka_message_t *m, size_t *remaining)
+static int take(struct reader *rd, struct block *b, rd_kafka_message_t *m)
 {
 	char errstr[256];
 	const char *topic = m->rkt ? rd_kafka_topic_name(m->rkt) : "";
-	struct rpart *pt = find_part(r, topic, m->partition);
+	struct rpart *pt = find_part(rd->r, topic, m->partition);
 	if (m->err) {
 		if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
 			if (pt && pt->active && m->offset >= pt->target) {
 				pt->done = pt->target; /* a gap up to the end (compaction) */
 				pt->active = false;
-				(*remaining)--;
+				rd->remaining--;
 			}
 		} else if (tly_kafka_errclass(m->err, m->err == RD_KAFKA_RESP_ERR__FATAL) ==
 			   TLY_ERRCLASS_FATAL) {
-			snprintf(r->err, sizeof(r->err), "Kafka: %s", rd_kafka_message_errstr(m));
+			snprintf(rd->err, sizeof(rd->err), "Kafka: %s", rd_kafka_message_errstr(m));
 			return TLY_E_KAFKA;
 		} else {
 			fprintf(stderr, "\ntallyctl: Kafka (retrying): %s\n", rd_kafka_message_errstr(m));
@@ -95,8 +109,8 @@ static int take(struct rb_read *r, struct block *b, rd_kafka_message_t *m, size_
 		return 0;
 	if (m->offset < pt->target) {
 		b->records++;
-		if (!is_tick(r, m)) {
-			if (tly_codec_decode(r->codec, m->payload, m->len, &b->ev[b->n], errstr,
+		if (!is_tick(rd->r, m)) {
+			if (tly_codec_decode(rd->codec, m->payload, m->len, &b->ev[b->n], errstr,
 					     sizeof(errstr)) == 0)
 				b->n++;
 			else
@@ -106,61 +120,80 @@ static int take(struct rb_read *r, struct block *b, rd_kafka_message_t *m, size_
 	pt->done = m->offset + 1 < pt->target ? m->offset + 1 : pt->target;
 	if (pt->done >= pt->target) {
 		pt->active = false;
-		(*remaining)--;
+		rd->remaining--;
 	}
 	return 0;
 }
 
 static void *reader(void *arg)
 {
-	struct rb_read *r = arg;
-	size_t remaining = 0;
+	struct reader *rd = arg;
+	struct rb_read *r = rd->r;
 	int rc = 0;
-	for (size_t i = 0; i < r->nparts; i++)
-		remaining += r->parts[i].active;
 	double last = tly_clock_s();
-	while (remaining > 0 && rc == 0) {
+	while (rd->remaining > 0 && rc == 0) {
 		pthread_mutex_lock(&r->mu);
-		while (r->head - r->tail == N_BLOCKS && !atomic_load(&r->stop))
+		while (rd->head - rd->tail == N_BLOCKS && !atomic_load(&r->stop))
 			pthread_cond_wait(&r->cv, &r->mu);
-		bool stop = atomic_load(&r->stop);
-		struct block *b = &r->blocks[r->head % N_BLOCKS];
+		struct block *b = &rd->blocks[rd->head % N_BLOCKS];
 		pthread_mutex_unlock(&r->mu);
-		if (stop)
+		if (atomic_load(&r->stop))
 			break;
 		b->n = 0;
 		b->records = 0;
 		b->undecodable = 0;
 		/* fill the block; a partial one goes when the topic has nothing more at once */
-		while (remaining > 0 && rc == 0 && b->n < BLOCK_EVENTS && !atomic_load(&r->stop)) {
-			rd_kafka_message_t *m = rd_kafka_consumer_poll(r->rk, b->records ? 0 : POLL_MS);
+		while (rd->remaining > 0 && rc == 0 && b->n < BLOCK_EVENTS && !atomic_load(&r->stop)) {
+			rd_kafka_message_t *m = rd_kafka_consume_queue(rd->q, b->records ? 0 : POLL_MS);
 			if (!m) {
 				if (b->records)
 					break;
 				if (tly_clock_s() - last > r->stall_ms / 1000.0) {
-					snprintf(r->err, sizeof(r->err),
+					snprintf(rd->err, sizeof(rd->err),
 						 "no record for %d s while %zu partition(s) are behind the projector",
-						 r->stall_ms / 1000, remaining);
+						 r->stall_ms / 1000, rd->remaining);
 					rc = TLY_E_TIMEOUT;
 				}
 				continue;
 			}
 			if (!m->err)
 				last = tly_clock_s();
-			rc = take(r, b, m, &remaining);
+			rc = take(rd, b, m);
 			rd_kafka_message_destroy(m);
 		}
 		pthread_mutex_lock(&r->mu);
-		r->head++;
+		rd->head++;
 		pthread_cond_broadcast(&r->cv);
 		pthread_mutex_unlock(&r->mu);
 	}
 	pthread_mutex_lock(&r->mu);
-	r->rc = rc;
-	r->done = true;
+	rd->rc = rc;
+	rd->done = true;
 	pthread_cond_broadcast(&r->cv);
 	pthread_mutex_unlock(&r->mu);
 	return NULL;
+}
+
+/* Each active partition's queue forwarded to its reader's (dst NULL: back to the consumer's). */
+static void route(struct rb_read *r, bool to_readers)
+{
+	rd_kafka_queue_t *consumer = to_readers ? NULL : rd_kafka_queue_get_consumer(r->rk);
+	size_t k = 0;
+	for (size_t i = 0; i < r->nparts; i++) {
+		if (!r->parts[i].active && to_readers)
+			continue;
+		rd_kafka_queue_t *pq = rd_kafka_queue_get_partition(r->rk, r->parts[i].topic,
+								    r->parts[i].partition);
+		if (!pq)
+			continue;
+		struct reader *rd = &r->readers[k++ % r->n_readers];
+		if (to_readers)
+			rd->remaining++;
+		rd_kafka_queue_forward(pq, to_readers ? rd->q : consumer);
+		rd_kafka_queue_destroy(pq);
+	}
+	if (consumer)
+		rd_kafka_queue_destroy(consumer);
 }
 
 struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rpart *parts,
@@ -173,23 +206,42 @@ struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rp
 		return NULL;
 	}
 	r->rk = rk;
-	r->codec = codec;
 	r->parts = parts;
 	r->nparts = nparts;
 	r->tick_fp = tick_fp;
 	r->n_tick = n_tick;
 	r->stall_ms = stall_ms;
+	r->n_readers = N_READERS;
 	atomic_init(&r->stop, false);
 	int e = pthread_mutex_init(&r->mu, NULL);
 	if (e == 0 && (e = pthread_cond_init(&r->cv, NULL)) != 0)
 		pthread_mutex_destroy(&r->mu);
-	if (e == 0 && (e = pthread_create(&r->thread, NULL, reader, r)) != 0) {
-		pthread_cond_destroy(&r->cv);
-		pthread_mutex_destroy(&r->mu);
-	}
 	if (e != 0) {
-		snprintf(errstr, errlen, "could not start the reading thread: %s", strerror(e));
+		snprintf(errstr, errlen, "could not start the reading threads: %s", strerror(e));
 		free(r);
+		return NULL;
+	}
+	bool ok = true;
+	for (size_t k = 0; k < r->n_readers && ok; k++) {
+		struct reader *rd = &r->readers[k];
+		rd->r = r;
+		rd->own_codec = k > 0;
+		rd->codec = k > 0 ? tly_codec_new(errstr, errlen) : codec;
+		ok = rd->codec && (rd->q = rd_kafka_queue_new(rk)) != NULL;
+	}
+	if (ok)
+		route(r, true);
+	for (size_t k = 0; k < r->n_readers && ok; k++) {
+		struct reader *rd = &r->readers[k];
+		if ((e = pthread_create(&rd->thread, NULL, reader, rd)) != 0)
+			snprintf(errstr, errlen, "could not start a reading thread: %s", strerror(e));
+		rd->started = ok = e == 0;
+	}
+	if (!ok) {
+		if (errstr[0] == '\0')
+			snprintf(errstr, errlen, "out of memory");
+		uint64_t ignored = 0;
+		rb_read_end(r, &ignored);
 		return NULL;
 	}
 	return r;
@@ -205,20 +257,32 @@ int rb_read_next(struct rb_read *r, const struct tly_event **ev, int64_t *record
 		}
 		pthread_mutex_lock(&r->mu);
 		if (r->cur) {
-			r->tail++; /* the block is the reader's again */
+			r->cur_reader->tail++; /* the block is the reader's again */
 			r->cur = NULL;
 			pthread_cond_broadcast(&r->cv);
 		}
-		while (r->head == r->tail && !r->done)
+		for (;;) {
+			bool all_done = true;
+			for (size_t i = 0; i < r->n_readers && !r->cur; i++) {
+				struct reader *rd = &r->readers[(r->turn + i) % r->n_readers];
+				if (rd->head != rd->tail) {
+					r->cur_reader = rd;
+					r->cur = &rd->blocks[rd->tail % N_BLOCKS];
+					r->turn = (r->turn + i + 1) % r->n_readers;
+				} else if (rd->done && rd->rc != 0) {
+					snprintf(errstr, errlen, "%s", rd->err);
+					pthread_mutex_unlock(&r->mu);
+					return rd->rc;
+				}
+				all_done &= rd->done;
+			}
+			if (r->cur || all_done)
+				break;
 			pthread_cond_wait(&r->cv, &r->mu);
-		if (r->head == r->tail) {
-			pthread_mutex_unlock(&r->mu);
-			if (r->rc != 0)
-				snprintf(errstr, errlen, "%s", r->err);
-			return r->rc;
 		}
-		r->cur = &r->blocks[r->tail % N_BLOCKS];
 		pthread_mutex_unlock(&r->mu);
+		if (!r->cur)
+			return 0;
 		r->next = 0;
 		*records += r->cur->records;
 		r->undecodable += r->cur->undecodable;
@@ -233,11 +297,21 @@ void rb_read_end(struct rb_read *r, uint64_t *undecodable)
 	atomic_store(&r->stop, true);
 	pthread_cond_broadcast(&r->cv);
 	pthread_mutex_unlock(&r->mu);
-	pthread_join(r->thread, NULL);
+	for (size_t k = 0; k < r->n_readers; k++)
+		if (r->readers[k].started)
+			pthread_join(r->readers[k].thread, NULL);
+	route(r, false);
 	*undecodable += r->undecodable;
-	for (size_t i = 0; i < N_BLOCKS; i++)
-		for (size_t k = 0; k < BLOCK_EVENTS; k++)
-			tly_event_free(&r->blocks[i].ev[k]);
+	for (size_t k = 0; k < r->n_readers; k++) {
+		struct reader *rd = &r->readers[k];
+		for (size_t i = 0; i < N_BLOCKS; i++)
+			for (size_t j = 0; j < BLOCK_EVENTS; j++)
+				tly_event_free(&rd->blocks[i].ev[j]);
+		if (rd->q)
+			rd_kafka_queue_destroy(rd->q);
+		if (rd->own_codec)
+			tly_codec_free(rd->codec);
+	}
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->mu);
 	free(r);

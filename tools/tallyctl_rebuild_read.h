@@ -31,7 +31,8 @@ struct rpart {
 struct rb_read;
 
 /*
- * Start reading: rk has the partitions with done < target assigned (from done); parts, codec and
+ * Start reading, before rk is assigned the partitions with done < target (from done): each one's
+ * queue is forwarded to a reading thread's (back to the consumer's at the end); parts, codec and
  * rk belong to the thread until rb_read_end (the caller touches none of them meanwhile);
  * tick_fp[0..n_tick) are fingerprints skipped undecoded; stall_ms without a record while some
  * are expected ends the reading with an error. NULL with errstr filled.
