@@ -528,6 +528,34 @@ static pid_t projector_spawn(struct env *e)
 	return tly_test_projector_spawn(e->b.bootstraps, e->d.conninfo, e->projector_log);
 }
 
+/* Lines of the projector's log (appended to by every run) that hold needle. */
+static int log_count(const struct env *e, const char *needle)
+{
+	char line[4096];
+	int n = 0;
+	FILE *f = fopen(e->projector_log, "r");
+	while (f && fgets(line, sizeof(line), f))
+		n += strstr(line, needle) != NULL;
+	if (f)
+		fclose(f);
+	return n;
+}
+
+/*
+ * A projector again, returned once it has started (its SIGTERM handler is installed before
+ * that): a test that stops it at once otherwise kills it before it handles the signal.
+ */
+static pid_t projector_respawn(struct env *e)
+{
+	int before = log_count(e, "msg=\"tally-projector started\"");
+	pid_t pid = projector_spawn(e);
+	for (int i = 0; i < 600 && log_count(e, "msg=\"tally-projector started\"") <= before; i++)
+		usleep(50000);
+	ck_assert_msg(log_count(e, "msg=\"tally-projector started\"") > before,
+		      "tally-projector did not start; see %s", e->projector_log);
+	return pid;
+}
+
 static void env_up(struct env *e)
 {
 	char errstr[512];
@@ -832,7 +860,7 @@ START_TEST(loadgen_kill_restart)
 	ck_assert_int_eq(tly_proc_wait(e.projector, 10000, &status), 0);
 	long partial = q_long(e.d.conn, "SELECT count(*) FROM agent_messages");
 	ck_assert_int_lt(partial, t.messages + 1);
-	e.projector = projector_spawn(&e);
+	e.projector = projector_respawn(&e); /* the kill may have come after the last batch */
 	check_against_truth(&e, &t);
 	/* a clean stop and restart, and everything read again from the start: nothing double counts */
 	projector_stop(&e);

@@ -16,6 +16,7 @@
 #include <libpq-fe.h>
 
 #include "codec.h"
+#include "err.h"
 #include "event.h"
 
 /* One partition of tally.events or tally.catalog. */
@@ -31,11 +32,13 @@ struct rpart {
 struct rb_read;
 
 /*
- * Start reading, before rk is assigned the partitions with done < target (from done): each one's
- * queue is forwarded to a reading thread's (back to the consumer's at the end); parts, codec and
- * rk belong to the thread until rb_read_end (the caller touches none of them meanwhile);
- * tick_fp[0..n_tick) are fingerprints skipped undecoded; stall_ms without a record while some
- * are expected ends the reading with an error. NULL with errstr filled.
+ * Start the reading threads for the partitions with active set (read from done up to target);
+ * call it before assigning them to rk (from done): each one's queue is forwarded to a thread's
+ * (back to the consumer's queue at rb_read_end), so nothing fetched reaches the consumer's queue.
+ * parts, codec and rk's queues belong to the threads until rb_read_end (the caller touches none
+ * of them meanwhile; codec is the first thread's, the others make their own); tick_fp[0..n_tick)
+ * are fingerprints skipped undecoded; stall_ms without a record while some are expected ends the
+ * reading with an error. NULL with errstr filled.
  */
 struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rpart *parts,
 			      size_t nparts, const uint64_t *tick_fp, size_t n_tick, int stall_ms,
@@ -47,10 +50,10 @@ struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rp
  * (ClockTicks and undecodable ones included) as blocks arrive.
  */
 int rb_read_next(struct rb_read *r, const struct tly_event **ev, int64_t *records, char *errstr,
-		 size_t errlen);
+		 size_t errlen) TLY_MUST_CHECK;
 
 /*
- * Stop the thread (also before the end) and free r; parts[].done are then where the reading
+ * Stop the threads (also before the end) and free r; parts[].done are then where the reading
  * stopped. *undecodable grows by the records that did not decode (skipped, as tally-projector
  * skips them). Accepts NULL.
  */
@@ -72,7 +75,7 @@ struct rb_rows *rb_rows_start(PGconn *conn, const char *sql, size_t max_bytes, c
  * filled.
  */
 int rb_rows_next(struct rb_rows *r, const char *const **values, const int **lengths, int *nfields,
-		 char *errstr, size_t errlen);
+		 char *errstr, size_t errlen) TLY_MUST_CHECK;
 
 /* Stop reading (also before the end), join the thread and free r; conn is the caller's again. */
 void rb_rows_end(struct rb_rows *r);
