@@ -61,6 +61,15 @@ struct rb_read {
 	uint64_t undecodable;
 };
 
+/* A mutex and condition variable for a reading thread's hand-over: 0 or an errno. */
+static int sync_init(pthread_mutex_t *mu, pthread_cond_t *cv)
+{
+	int e = pthread_mutex_init(mu, NULL);
+	if (e == 0 && (e = pthread_cond_init(cv, NULL)) != 0)
+		pthread_mutex_destroy(mu);
+	return e;
+}
+
 static bool is_tick(const struct rb_read *r, const rd_kafka_message_t *m)
 {
 	uint64_t fp;
@@ -213,9 +222,7 @@ struct rb_read *rb_read_start(rd_kafka_t *rk, struct tly_codec *codec, struct rp
 	r->stall_ms = stall_ms;
 	r->n_readers = N_READERS;
 	atomic_init(&r->stop, false);
-	int e = pthread_mutex_init(&r->mu, NULL);
-	if (e == 0 && (e = pthread_cond_init(&r->cv, NULL)) != 0)
-		pthread_mutex_destroy(&r->mu);
+	int e = sync_init(&r->mu, &r->cv);
 	if (e != 0) {
 		snprintf(errstr, errlen, "could not start the reading threads: %s", strerror(e));
 		free(r);
@@ -448,9 +455,7 @@ struct rb_rows *rb_rows_start(PGconn *conn, const char *sql, size_t max_bytes, c
 	r->conn = conn;
 	r->max_bytes = max_bytes;
 	atomic_init(&r->stop, false);
-	int e = pthread_mutex_init(&r->mu, NULL);
-	if (e == 0 && (e = pthread_cond_init(&r->cv, NULL)) != 0)
-		pthread_mutex_destroy(&r->mu);
+	int e = sync_init(&r->mu, &r->cv);
 	if (e == 0 && (e = pthread_create(&r->thread, NULL, rows_reader, r)) != 0) {
 		pthread_cond_destroy(&r->cv);
 		pthread_mutex_destroy(&r->mu);
