@@ -103,7 +103,7 @@ PROGRAMS := tallyctl tally-devbroker tally-bench tally-ledger tally-loadgen tall
             tally-projector tally-bench-projector tally-bench-audit tally-chaos tally-soak
 tallyctl_SRCS        := tools/tallyctl.c tools/tallyctl_publish.c tools/tallyctl_tail.c \
                         tools/tallyctl_quarantine.c tools/tallyctl_reserve.c \
-                        tools/tallyctl_status.c tools/tallyctl_rebuild.c \
+                        tools/tallyctl_status.c tools/tallyctl_rebuild.c tools/tallyctl_rebuild_read.c \
                         tools/tallyctl_devstack.c tools/tallyctl_demo.c tools/tallyctl_audit.c \
                         tools/tallyctl_balance.c tools/tallyctl_statement.c
 tally-devbroker_SRCS := tools/devbroker.c

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "entries.h"
 #include "event_json.h"
 #include "pgcopy.h"
 
@@ -54,6 +55,7 @@ static const char *const STAGE_FIELDS[] = {
 struct tly_fold {
 	char names[N_TABLES][NAME_MAX_LEN + 1]; /* target name of each table */
 	struct tly_pgcopy *rows;                /* the staged rows (binary COPY); owned */
+	struct tly_pgcopy *fill;                /* entries read back for a seq gap (fill_gaps); owned */
 	size_t pending;
 	uint64_t present;                       /* T() of the types and kinds pending */
 	int64_t ord;                            /* feed order of the next row */
@@ -418,6 +420,28 @@ static const char *const FOLD_SQL[] = {
 #define N_FOLD_SQL (sizeof(FOLD_SQL) / sizeof(FOLD_SQL[0]))
 
 /*
+ * A tenant's ledger entries in the batch that do not continue its applied seq without a gap
+ * (tally.ledger lost the older ones to retention, or never carried them): when ledger_entries,
+ * the system of record, holds every seq from the applied one up to the batch's last, the batch's
+ * entries of that tenant are dropped from the staging table and this returns the whole range,
+ * which fill_gaps stages instead, in seq order. Seqs are gap-free per tenant (DESIGN.md), so a
+ * gap is always entries the fold has not seen. A range the database does not hold in full (entries
+ * that never went through tally-ledger) is left as it came.
+ */
+static const char GAP_SQL[] =
+	"WITH t AS (SELECT s.tenant_id, max(s.seq) AS hi, COALESCE(max(a.seq), 0) AS applied, "
+	"  count(DISTINCT s.seq) FILTER (WHERE s.seq > COALESCE(a.seq, 0)) AS n "
+	"  FROM tly_fold_stage s LEFT JOIN @projector_ledger_applied@ a ON a.tenant_id = s.tenant_id "
+	"  WHERE s.type = 'LedgerEntry' GROUP BY s.tenant_id), "
+	"gap AS (SELECT t.tenant_id, t.applied, t.hi FROM t WHERE t.n < t.hi - t.applied "
+	"  AND (SELECT count(*) FROM ledger_entries e WHERE e.tenant_id = t.tenant_id "
+	"    AND e.seq > t.applied AND e.seq <= t.hi) = t.hi - t.applied), "
+	"del AS (DELETE FROM tly_fold_stage s USING gap g "
+	"  WHERE s.type = 'LedgerEntry' AND s.tenant_id = g.tenant_id) "
+	"SELECT " TLY_ENTRIES_SELECT " FROM gap g JOIN ledger_entries e ON e.tenant_id = g.tenant_id "
+	"  AND e.seq > g.applied AND e.seq <= g.hi ORDER BY e.tenant_id, e.seq";
+
+/*
  * What each statement of FOLD_SQL reads: it runs only when the batch holds a message of one of
  * these types or ledger entry kinds (a statement over none of them would change no row).
  */
@@ -548,7 +572,8 @@ struct tly_fold *tly_fold_new(void)
 		return NULL;
 	for (size_t i = 0; i < N_TABLES; i++)
 		snprintf(fold->names[i], sizeof(fold->names[i]), "%s", tly_fold_tables[i]);
-	if (!(fold->rows = tly_pgcopy_new()) || map_fields(fold) != 0) {
+	if (!(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
+	    map_fields(fold) != 0) {
 		tly_fold_free(fold);
 		return NULL;
 	}
@@ -560,6 +585,7 @@ void tly_fold_free(struct tly_fold *fold)
 	if (!fold)
 		return;
 	tly_pgcopy_free(fold->rows);
+	tly_pgcopy_free(fold->fill);
 	free(fold->stage_sql);
 	free(fold);
 }
@@ -698,17 +724,16 @@ static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const
 	return TLY_E_INVALID; /* map_fields stages no such field */
 }
 
-int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
+/* One message as a staging row of rows, numbered ord. 0, or an error with the row incomplete. */
+static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struct tly_event *ev,
+		     int64_t ord)
 {
 	const struct tly_event_desc *desc = tly_event_desc(ev->type);
-	if (!desc || ev->type == TLY_EV_CLOCK_TICK)
-		return 0;
 	bool entry = ev->type == TLY_EV_LEDGER_ENTRY;
-	struct tly_pgcopy *rows = fold->rows;
 	json_t *json = NULL;
 	int rc = 0;
 	tly_pgcopy_row(rows, N_STAGE_COLUMNS);
-	tly_pgcopy_int8(rows, fold->ord);
+	tly_pgcopy_int8(rows, ord);
 	tly_pgcopy_text(rows, desc->name);
 	tly_pgcopy_uuid(rows, &ev->tenant_id);
 	if (entry)
@@ -724,14 +749,36 @@ int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
 			tly_pgcopy_null(rows);
 	}
 	json_decref(json);
+	if (rc == 0) {
+		fold->present |= T(ev->type);
+		if (entry)
+			fold->present |= kind_bits(ev->u.ledger_entry.kind);
+	}
+	return rc;
+}
+
+int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
+{
+	if (!tly_event_desc(ev->type) || ev->type == TLY_EV_CLOCK_TICK)
+		return 0;
+	int rc = stage_row(fold, fold->rows, ev, fold->ord);
 	if (rc != 0)
 		return rc; /* the row is incomplete: the batch is cleared or the send fails */
 	fold->ord++;
 	fold->pending++;
-	fold->present |= T(ev->type);
-	if (entry)
-		fold->present |= kind_bits(ev->u.ledger_entry.kind);
 	return 0;
+}
+
+/* State of fill_gaps' staging of the entries read back. */
+struct fill {
+	struct tly_fold *fold;
+	int64_t ord;
+};
+
+static int fill_entry(const struct tly_event *entry, void *ud)
+{
+	struct fill *f = ud;
+	return stage_row(f->fold, f->fold->fill, entry, f->ord++);
 }
 
 /* FOLD_SQL[i] with every @table@ replaced by its target name; malloc'd, NULL on OOM. */
@@ -805,6 +852,40 @@ static int set_work_mem(const struct tly_fold *fold, PGconn *conn, struct tly_pg
 	return tly_pg_exec(conn, "SELECT set_config('work_mem', $1, true)", 1, v, err);
 }
 
+/*
+ * After the batch's COPY: a tenant whose entries skip seqs gets its entries from ledger_entries
+ * instead (GAP_SQL), staged with orders before the batch's first (the relative order of entries
+ * and events does not matter, a tenant's entries stay in seq order). The statements run for the
+ * kinds read back too. 0, TLY_E_PG or TLY_E_NOMEM with err filled.
+ */
+static int fill_gaps(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
+{
+	char *sql = render(fold, GAP_SQL);
+	if (!sql) {
+		set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");
+		return TLY_E_NOMEM;
+	}
+	PGresult *res = tly_pg_query(conn, sql, 0, NULL, err);
+	free(sql);
+	if (!res)
+		return TLY_E_PG;
+	int n = PQntuples(res), rc = 0;
+	if (n > 0) {
+		struct fill f = {fold, fold->ord - (int64_t)fold->pending - n};
+		tly_pgcopy_reset(fold->fill);
+		rc = tly_entries_each(res, fill_entry, &f);
+		if (rc != 0)
+			set_err(err, TLY_ERRCLASS_FATAL, rc == TLY_E_NOMEM ?
+				"could not fold the batch: out of memory" :
+				"could not fold the batch: a stored ledger entry does not read back");
+		else
+			rc = tly_pgcopy_send(conn, fold->fill, "COPY tly_fold_stage FROM STDIN (FORMAT binary)",
+					     err);
+	}
+	PQclear(res);
+	return rc;
+}
+
 int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)
 {
 	if (fold->pending == 0)
@@ -820,6 +901,8 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
 		rc = tly_pg_exec(conn, "DELETE FROM tly_fold_stage", 0, NULL, err);
 	if (rc == 0)
 		rc = tly_pgcopy_send(conn, fold->rows, "COPY tly_fold_stage FROM STDIN (FORMAT binary)", err);
+	if (rc == 0 && (fold->present & T(TLY_EV_LEDGER_ENTRY)))
+		rc = fill_gaps(fold, conn, err);
 	/* the planner's row counts first (a temporary table has no others), then the fold, in one
 	 * round trip */
 	const char *sqls[1 + N_FOLD_SQL];

@@ -21,6 +21,7 @@
 
 #include "clock.h"
 #include "cli.h"
+#include "compare.h"
 #include "config.h"
 #include "devpg.h"
 #include "fold.h"
@@ -167,8 +168,6 @@ static double time_consumer(struct stack *s, const char *consumer, long total, l
 	return -1;
 }
 
-static long table_rows[64]; /* per table of tly_fold_tables, at the last projection_rows */
-
 static long projection_rows(struct stack *s)
 {
 	long rows = 0;
@@ -179,10 +178,32 @@ static long projection_rows(struct stack *s)
 			die("escape", "out of memory");
 		snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s", q);
 		PQfreemem(q);
-		table_rows[i] = q_long(s, sql, NULL);
-		rows += table_rows[i];
+		rows += q_long(s, sql, NULL);
 	}
 	return rows;
+}
+
+/* The projections' digest (lib compare: one "table=ROWS:MD5" line per table, surrogate ids left out). */
+static char *digest(struct stack *s)
+{
+	struct tly_pg_error pe;
+	char *d = tly_compare_digest(s->conn, &pe);
+	if (!d)
+		die("digest", pe.message);
+	return d;
+}
+
+/* A warning per table whose rows (contents, not only counts) a rebuild changed. */
+static void warn_changed(const char *live, const char *rebuilt, const char *who)
+{
+	for (const char *a = live, *b = rebuilt; *a && *b;) {
+		size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+		if (la != lb || strncmp(a, b, la) != 0)
+			printf("warning: %.*s (live) vs %.*s (after %s)\n", (int)la, a,
+			       (int)(lb - strcspn(b, "=") - 1), b + strcspn(b, "=") + 1, who);
+		a += la + (a[la] != '\0');
+		b += lb + (b[lb] != '\0');
+	}
 }
 
 /* Raw COPY of the projection rows into empty copies of the tables (indexes included): rows/s. */
@@ -354,6 +375,7 @@ int main(int argc, char **argv)
 	double proj_events = (double)events * (double)(inputs - first) / (double)inputs / proj_s;
 
 	/* a rebuild of everything, timed to the exit of tallyctl; first by the baseline's tallyctl */
+	char *live_digest = digest(&s);
 	double base_s = 0;
 	char base_out[4096] = "";
 	if (baseline) {
@@ -362,14 +384,9 @@ int main(int argc, char **argv)
 		if (tly_proc_run(ba, base_out, sizeof(base_out)) != 0)
 			die("baseline tallyctl rebuild all", base_out);
 		base_s = tly_clock_s() - b0;
-		long live[64];
-		memcpy(live, table_rows, sizeof(live));
-		if (rows != projection_rows(&s))
-			for (size_t i = 0; i < tly_fold_n_tables; i++)
-				if (live[i] != table_rows[i])
-					printf("warning: %s: %ld rows live, %ld after the baseline's rebuild\n",
-						tly_fold_tables[i], live[i], table_rows[i]);
-		memcpy(table_rows, live, sizeof(live));
+		char *rebuilt = digest(&s);
+		warn_changed(live_digest, rebuilt, "the baseline's rebuild");
+		free(rebuilt);
 	}
 	tly_proc_sibling("tallyctl", exe, sizeof(exe));
 	char *ra[] = {exe, "rebuild", "all", NULL};
@@ -378,15 +395,24 @@ int main(int argc, char **argv)
 		die("tallyctl rebuild all", out);
 	double rebuild_s = tly_clock_s() - t0;
 	double rebuild_rows = (double)rows / rebuild_s;
-	long before[64];
-	memcpy(before, table_rows, sizeof(before));
-	if (rows != projection_rows(&s)) {
-		for (size_t i = 0; i < tly_fold_n_tables; i++)
-			if (before[i] != table_rows[i])
-				printf("warning: %s: %ld rows live, %ld after the rebuild\n", tly_fold_tables[i],
-				       before[i], table_rows[i]);
-	}
+	char *rebuilt = digest(&s);
+	warn_changed(live_digest, rebuilt, "the rebuild");
+	free(rebuilt);
+	free(live_digest);
 
+	/* the rebuild leaves statistics to autovacuum: gathered here, untimed, so that no autovacuum
+	 * ANALYZE runs during the raw COPY below */
+	for (size_t i = 0; i < tly_fold_n_tables; i++) {
+		char sql[256];
+		struct tly_pg_error pe;
+		char *q = PQescapeIdentifier(s.conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
+		if (!q)
+			die("escape", "out of memory");
+		snprintf(sql, sizeof(sql), "ANALYZE %s", q);
+		PQfreemem(q);
+		if (tly_pg_exec_script(s.conn, sql, &pe) != 0)
+			die("analyze", pe.message);
+	}
 	long copied = 0;
 	double copy_rows = raw_copy(&s, &copied);
 
