@@ -216,22 +216,45 @@ static int add_tasks(pid_t pid, struct tly_proc_cpu *cpu)
 	return 0;
 }
 
-/* The parent of pid from /proc/PID/stat ("pid (comm) S ppid ..."), or -1. */
-static pid_t parent_of(const char *pid)
+/*
+ * The fields of /proc/PID/stat after the command name ("pid (comm) S ppid ..."; the name may
+ * hold spaces and parentheses), into buf. A pointer to them, or NULL when pid cannot be read.
+ */
+static const char *stat_fields(pid_t pid, char *buf, size_t len)
 {
-	char path[64], stat[512];
-	snprintf(path, sizeof(path), "/proc/%s/stat", pid);
-	FILE *f = fopen(path, "r");
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	FILE *f = pid > 0 ? fopen(path, "r") : NULL;
 	if (!f)
-		return -1;
-	size_t n = fread(stat, 1, sizeof(stat) - 1, f);
+		return NULL;
+	size_t n = fread(buf, 1, len - 1, f);
 	fclose(f);
-	stat[n] = '\0';
-	const char *rest = strrchr(stat, ')');
+	buf[n] = '\0';
+	const char *rest = strrchr(buf, ')');
+	return rest ? rest + 1 : NULL;
+}
+
+pid_t tly_proc_parent(pid_t pid)
+{
+	char buf[1024];
+	const char *rest = stat_fields(pid, buf, sizeof(buf));
 	int ppid = -1;
-	if (!rest || sscanf(rest + 1, " %*c %d", &ppid) != 1)
+	if (!rest || sscanf(rest, " %*c %d", &ppid) != 1)
 		return -1;
 	return (pid_t)ppid;
+}
+
+double tly_proc_cpu_s(pid_t pid, bool reaped_children)
+{
+	char buf[1024];
+	const char *rest = stat_fields(pid, buf, sizeof(buf));
+	unsigned long long ut, st;
+	long long cut, cst;
+	if (!rest || sscanf(rest, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %lld %lld",
+			    &ut, &st, &cut, &cst) != 4)
+		return -1;
+	double tick = (double)sysconf(_SC_CLK_TCK);
+	return reaped_children ? (double)(cut + cst) / tick : (double)(ut + st) / tick;
 }
 
 int tly_proc_cpu_add(pid_t pid, bool children, struct tly_proc_cpu *cpu)
@@ -245,7 +268,7 @@ int tly_proc_cpu_add(pid_t pid, bool children, struct tly_proc_cpu *cpu)
 		return -1;
 	struct dirent *e;
 	while ((e = readdir(d)))
-		if (e->d_name[0] >= '1' && e->d_name[0] <= '9' && parent_of(e->d_name) == pid)
+		if (e->d_name[0] >= '1' && e->d_name[0] <= '9' && tly_proc_parent((pid_t)atoi(e->d_name)) == pid)
 			(void)add_tasks((pid_t)atoi(e->d_name), cpu); /* a child may end meanwhile */
 	closedir(d);
 	return 0;

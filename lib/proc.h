@@ -57,6 +57,16 @@ struct tly_proc_cpu {
  */
 int tly_proc_cpu_add(pid_t pid, bool children, struct tly_proc_cpu *cpu);
 
+/* The parent of a process (a backend's: its postmaster), or -1 when pid cannot be read. */
+pid_t tly_proc_parent(pid_t pid);
+
+/*
+ * CPU seconds (user + system) of a process from /proc/PID/stat, or with reaped_children those of
+ * its children that ended and were waited for (a postmaster's: the backends of closed
+ * connections). -1 when pid cannot be read.
+ */
+double tly_proc_cpu_s(pid_t pid, bool reaped_children);
+
 /* Wait until path exists and is non-empty, up to timeout_ms. 0 or TLY_E_TIMEOUT. */
 int tly_proc_wait_file(const char *path, int timeout_ms) TLY_MUST_CHECK;
 

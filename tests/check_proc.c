@@ -51,11 +51,33 @@ START_TEST(test_cpu_of_self_and_children)
 }
 END_TEST
 
+/* The parent from /proc/PID/stat; CPU seconds of self, and of a child once reaped. */
+START_TEST(test_parent_and_stat_cpu)
+{
+	ck_assert_int_eq(tly_proc_parent(getpid()), getppid());
+	ck_assert_int_eq(tly_proc_parent(-1), -1);
+	double before = tly_proc_cpu_s(getpid(), true);
+	ck_assert(before >= 0);
+	pid_t child = fork();
+	ck_assert_int_ge(child, 0);
+	if (child == 0) {
+		spin_ms(200);
+		_exit(0);
+	}
+	ck_assert_int_eq(tly_proc_parent(child), getpid());
+	ck_assert_int_eq(waitpid(child, NULL, 0), child);
+	/* 200 ms of the child's CPU, counted in clock ticks (10 ms): at least 0.15 s */
+	ck_assert(tly_proc_cpu_s(getpid(), true) - before >= 0.15);
+	ck_assert(tly_proc_cpu_s(child, false) < 0); /* reaped: no such process */
+}
+END_TEST
+
 Suite *proc_suite(void)
 {
 	Suite *s = suite_create("proc");
 	TCase *tc = tcase_create("proc");
 	tcase_add_test(tc, test_cpu_of_self_and_children);
+	tcase_add_test(tc, test_parent_and_stat_cpu);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -28,6 +28,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "pg.h"
+#include "proc.h"
 
 #define PROG "tally-bench-audit"
 #define PARTITIONS 12
@@ -136,46 +137,6 @@ static double cpu_self(void)
 	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
-/*
- * CPU seconds of a local process from /proc: its own, or (children) those of its children that
- * ended (the postmaster's: the backends of connections closed). -1 when not readable.
- */
-static double cpu_proc(pid_t pid, bool children)
-{
-	char path[64], buf[1024];
-	unsigned long long ut, st;
-	long long cut, cst;
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	FILE *f = pid > 0 ? fopen(path, "r") : NULL;
-	if (!f)
-		return -1;
-	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-	fclose(f);
-	buf[n] = '\0';
-	const char *p = strrchr(buf, ')'); /* the command name may hold spaces */
-	if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %lld %lld",
-			 &ut, &st, &cut, &cst) != 4)
-		return -1;
-	double tick = (double)sysconf(_SC_CLK_TCK);
-	return children ? (double)(cut + cst) / tick : (double)(ut + st) / tick;
-}
-
-/* The parent of a local process (a backend's: the postmaster), or -1. */
-static pid_t parent_of(pid_t pid)
-{
-	char path[64], buf[1024];
-	int ppid;
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	FILE *f = pid > 0 ? fopen(path, "r") : NULL;
-	if (!f)
-		return -1;
-	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-	fclose(f);
-	buf[n] = '\0';
-	const char *p = strrchr(buf, ')');
-	return p && sscanf(p + 1, " %*c %d", &ppid) == 1 ? (pid_t)ppid : -1;
-}
-
 /* Seconds to read a COPY ... TO STDOUT (FORMAT binary) to the end, discarding the bytes. */
 static double copy_out(PGconn *conn, const char *sql, long *bytes)
 {
@@ -270,9 +231,9 @@ int main(int argc, char **argv)
 	/* raw reads, warm: once to load the cache, then timed */
 	long bytes_e, bytes_i;
 	copy_out(conn, "COPY ledger_entries TO STDOUT (FORMAT binary)", &bytes_e);
-	double raw_cpu0 = cpu_proc(PQbackendPID(conn), false);
+	double raw_cpu0 = tly_proc_cpu_s(PQbackendPID(conn), false);
 	double raw_e = copy_out(conn, "COPY ledger_entries TO STDOUT (FORMAT binary)", &bytes_e);
-	double raw_cpu = raw_cpu0 < 0 ? -1 : cpu_proc(PQbackendPID(conn), false) - raw_cpu0;
+	double raw_cpu = raw_cpu0 < 0 ? -1 : tly_proc_cpu_s(PQbackendPID(conn), false) - raw_cpu0;
 	copy_out(conn, "COPY ledger_inputs TO STDOUT (FORMAT binary)", &bytes_i);
 	double raw_i = copy_out(conn, "COPY ledger_inputs TO STDOUT (FORMAT binary)", &bytes_i);
 
@@ -284,19 +245,19 @@ int main(int argc, char **argv)
 	struct tly_audit_counts c, c1;
 	double audit_s = 0, audit1_s = 0;
 	double cpu_v = -1, cpu_pg = -1; /* CPU of the audit with jobs_n workers: verifier, server */
-	pid_t postmaster = parent_of(PQbackendPID(conn)); /* a local server: else no CPU figures */
+	pid_t postmaster = tly_proc_parent(PQbackendPID(conn)); /* a local server: else no CPU figures */
 	fprintf(stderr, PROG ": auditing it\n");
 	for (int jobs = 1; jobs <= jobs_n; jobs += jobs_n - 1) {
 		struct tly_audit_pg_opts po = {.conninfo = db, .events_topic = "tally.events",
 					       .jobs = jobs};
-		double v0 = cpu_self(), pg0 = cpu_proc(postmaster, true);
+		double v0 = cpu_self(), pg0 = tly_proc_cpu_s(postmaster, true);
 		double at0 = now_s();
 		if (tly_audit_pg_run(&ao, &po, jobs == 1 ? &c1 : &c, &pe) != 0)
 			die("audit", pe.message);
 		*(jobs == 1 ? &audit1_s : &audit_s) = now_s() - at0;
 		cpu_v = cpu_self() - v0;
 		usleep(300000); /* the workers' backends end and are reaped by the postmaster */
-		cpu_pg = pg0 < 0 ? -1 : cpu_proc(postmaster, true) - pg0;
+		cpu_pg = pg0 < 0 ? -1 : tly_proc_cpu_s(postmaster, true) - pg0;
 	}
 	if (c.failures != 0 || c.entries != entries || c1.failures != 0)
 		fprintf(stderr, PROG ": the audit FAILED: %" PRId64 " failures over %" PRId64
