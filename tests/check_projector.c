@@ -343,6 +343,18 @@ static void memfold_add_text(struct tly_memfold *mf, const char *text)
 	tly_event_free(&ev);
 }
 
+/* The three fixture batches, each folded in a transaction of its own, the fixture's messages recorded. */
+static void fold_three_batches(PGconn *conn, struct tly_fold *f)
+{
+	n_recorded = 0;
+	batch1(f);
+	flush_in_tx(conn, f);
+	batch2(f);
+	flush_in_tx(conn, f);
+	batch3(f);
+	flush_in_tx(conn, f);
+}
+
 /*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
  * entries before their subscription's event, an invoice status before its invoice, messages and
@@ -356,13 +368,7 @@ START_TEST(memfold_equals_fold)
 	tly_test_db_up(&d, "check_projector");
 	struct tly_fold *f = tly_fold_new();
 	ck_assert_ptr_nonnull(f);
-	n_recorded = 0;
-	batch1(f);
-	flush_in_tx(d.conn, f);
-	batch2(f);
-	flush_in_tx(d.conn, f);
-	batch3(f);
-	flush_in_tx(d.conn, f);
+	fold_three_batches(d.conn, f);
 	batch1(f);
 	batch2(f);
 	batch3(f);
@@ -461,13 +467,7 @@ START_TEST(ledger_gap_read_back)
 	tly_test_db_up(&d, "check_projector");
 	struct tly_fold *f = tly_fold_new();
 	ck_assert_ptr_nonnull(f);
-	n_recorded = 0;
-	batch1(f);
-	flush_in_tx(d.conn, f);
-	batch2(f);
-	flush_in_tx(d.conn, f);
-	batch3(f);
-	flush_in_tx(d.conn, f);
+	fold_three_batches(d.conn, f);
 	check_fold_rows(d.conn);
 	char *want = digest(d.conn);
 	size_t n = n_recorded;
