@@ -377,6 +377,13 @@ struct tly_arena *tly_event_arena(struct tly_event *ev);
  */
 int tly_event_validate(const struct tly_event *ev, char *errstr, size_t errlen) TLY_MUST_CHECK;
 
+/*
+ * The same rules for an event a decoder filled (lib/codec), whose strings were checked as valid
+ * UTF-8 while they were read (lib/codec_plan, lib/validate_bytes): that check is not run again.
+ */
+int tly_event_validate_decoded(const struct tly_event *ev, char *errstr,
+			       size_t errlen) TLY_MUST_CHECK;
+
 /* UUID text <-> tly_uuid through libuuid. Parse returns TLY_E_INVALID for malformed text. */
 int tly_uuid_parse(const char *text, tly_uuid *out) TLY_MUST_CHECK;
 void tly_uuid_format(const tly_uuid *u, char out[37]);
