@@ -28,7 +28,8 @@
 #define OPT_TS(n, m) {.name = n, .kind = TLY_F_OPT_TS, .offset = EV(m)}
 #define CURRENCY(n, m) {.name = n, .kind = TLY_F_STR, .offset = EV(m), .flags = TLY_FF_CURRENCY}
 
-#define COMMON UUID("event_id", event_id), UUID("tenant_id", tenant_id), TS("occurred_at", occurred_at)
+#define EVENT_ID {.name = "event_id", .kind = TLY_F_UUID, .offset = EV(event_id), .flags = TLY_FF_FRESH}
+#define COMMON EVENT_ID, UUID("tenant_id", tenant_id), TS("occurred_at", occurred_at)
 
 static const char *const intervals[] = {"day", "week", "month", "year", NULL};
 static const char *const roles[] = {"user", "assistant", "system", "tool", NULL};
@@ -146,7 +147,8 @@ static const struct tly_field f_conversation_started[] = {
 static const struct tly_field f_message_appended[] = {
 	COMMON,
 	UUID("conversation_id", u.message_appended.conversation_id),
-	UUID("message_id", u.message_appended.message_id),
+	{.name = "message_id", .kind = TLY_F_UUID, .offset = EV(u.message_appended.message_id),
+	 .flags = TLY_FF_FRESH},
 	OPT_UUID("user_id", u.message_appended.user_id),
 	STR_IN("role", u.message_appended.role, roles),
 	STR("agent_type", u.message_appended.agent_type),
@@ -196,7 +198,7 @@ static const struct tly_field f_invoice_status_changed[] = {
 };
 
 static const struct tly_field f_clock_tick[] = {
-	UUID("event_id", event_id),
+	EVENT_ID,
 	TS("occurred_at", occurred_at),
 };
 
@@ -213,7 +215,7 @@ static const struct tly_record_desc d_plan_feature = {
 	sizeof(f_plan_feature) / sizeof(f_plan_feature[0])};
 
 static const struct tly_field f_plan_published[] = {
-	UUID("event_id", event_id),
+	EVENT_ID,
 	TS("occurred_at", occurred_at),
 	UUID("plan_id", u.plan_published.plan_id),
 	STR("code", u.plan_published.code),

@@ -334,6 +334,8 @@ struct tly_field {
 
 #define TLY_FF_CURRENCY 0x1u /* three capital letters (ISO 4217) */
 #define TLY_FF_EMAIL 0x2u    /* contains one '@' with text on both sides */
+#define TLY_FF_FRESH 0x4u    /* a new value in every message (its own id): a decoder does not
+			      * remember it for the messages that follow (lib/codec_plan) */
 
 struct tly_record_desc {
 	const char *name;        /* Avro record name */
