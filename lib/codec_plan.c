@@ -388,23 +388,25 @@ void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 	h->lower = true;
 }
 
-/* The remembered or offered slot with this text, or NULL. */
+/*
+ * The offered or remembered slot with this text, or NULL. The offers first: a few, in one place;
+ * a fresh field's value is never remembered, so its look-up does not touch the larger table.
+ */
 static const struct tly_uuid_memo_slot *memo_find(const struct tly_uuid_memo *m,
-						  const unsigned char *s)
+						  const unsigned char *s, bool fresh)
 {
-	const struct tly_uuid_memo_slot *slot = &m->slot[memo_slot(s)];
-	if (slot->used && memcmp(slot->text, s, 36) == 0)
-		return slot;
+	const struct tly_uuid_memo_slot *slot;
 	for (size_t i = 0; i < TLY_UUID_HINTS; i++) {
 		slot = &m->hint[i];
 		if (slot->used && slot->text[0] == s[0] && memcmp(slot->text, s, 36) == 0)
 			return slot;
 	}
-	return NULL;
+	slot = &m->slot[memo_slot(s)];
+	return !fresh && slot->used && memcmp(slot->text, s, 36) == 0 ? slot : NULL;
 }
 
-/* A UUID's text through libuuid, or what the memo holds for it; remember: keep it there. */
-static int get_uuid(struct in *in, tly_uuid *out, bool remember)
+/* A UUID's text through libuuid, or what the memo holds for it; fresh: see TLY_FF_FRESH. */
+static int get_uuid(struct in *in, tly_uuid *out, bool fresh)
 {
 	const unsigned char *s;
 	size_t len;
@@ -412,7 +414,7 @@ static int get_uuid(struct in *in, tly_uuid *out, bool remember)
 	if (get_span(in, &s, &len) != 0 || len != 36)
 		return NO;
 	struct tly_uuid_memo *m = in->memo;
-	const struct tly_uuid_memo_slot *hit = m ? memo_find(m, s) : NULL;
+	const struct tly_uuid_memo_slot *hit = m ? memo_find(m, s, fresh) : NULL;
 	if (hit) {
 		*out = hit->id;
 		in->canonical = in->canonical && hit->lower;
@@ -426,7 +428,7 @@ static int get_uuid(struct in *in, tly_uuid *out, bool remember)
 	for (size_t i = 0; i < 36; i++)
 		lower = lower && !(s[i] >= 'A' && s[i] <= 'F'); /* else written back in lower case */
 	in->canonical = in->canonical && lower;
-	if (m && remember) {
+	if (m && !fresh) {
 		struct tly_uuid_memo_slot *slot = &m->slot[memo_slot(s)];
 		memcpy(slot->text, s, 36);
 		slot->id = *out;
@@ -520,11 +522,11 @@ static int get_step(const struct step *st, unsigned char *base, struct in *in)
 	int rc;
 	switch (f->kind) {
 	case TLY_F_UUID:
-		return get_uuid(in, p, !(f->flags & TLY_FF_FRESH));
+		return get_uuid(in, p, f->flags & TLY_FF_FRESH);
 	case TLY_F_OPT_UUID:
 		if ((rc = get_branch(in, &present)) != 0 || !present)
 			return rc;
-		if ((rc = get_uuid(in, p, !(f->flags & TLY_FF_FRESH))) == 0 && tly_uuid_is_nil(p))
+		if ((rc = get_uuid(in, p, f->flags & TLY_FF_FRESH)) == 0 && tly_uuid_is_nil(p))
 			in->canonical = false; /* a nil UUID is written back as null */
 		return rc;
 	case TLY_F_STR:
