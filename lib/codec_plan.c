@@ -381,7 +381,9 @@ void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 {
 	char text[37];
 	uuid_unparse_lower(id->b, text);
-	struct tly_uuid_memo_slot *h = &memo->hint[memo->next_hint++ % TLY_UUID_HINTS];
+	unsigned at = memo->next_hint++ % TLY_UUID_HINTS;
+	struct tly_uuid_memo_slot *h = &memo->hint[at];
+	memcpy(&memo->hint_head[at], text, 8);
 	memcpy(h->text, text, 36);
 	h->id = *id;
 	h->used = true;
@@ -396,10 +398,11 @@ static const struct tly_uuid_memo_slot *memo_find(const struct tly_uuid_memo *m,
 						  const unsigned char *s, bool fresh)
 {
 	const struct tly_uuid_memo_slot *slot;
+	uint64_t head;
+	memcpy(&head, s, 8);
 	for (size_t i = 0; i < TLY_UUID_HINTS; i++) {
-		slot = &m->hint[i];
-		if (slot->used && slot->text[0] == s[0] && memcmp(slot->text, s, 36) == 0)
-			return slot;
+		if (m->hint_head[i] == head && m->hint[i].used && memcmp(m->hint[i].text, s, 36) == 0)
+			return &m->hint[i];
 	}
 	slot = &m->slot[memo_slot(s)];
 	return !fresh && slot->used && memcmp(slot->text, s, 36) == 0 ? slot : NULL;

@@ -40,6 +40,7 @@ struct tly_uuid_memo_slot {
 struct tly_uuid_memo {
 	struct tly_uuid_memo_slot slot[TLY_UUID_MEMO]; /* parsed, by a hash of the text */
 	struct tly_uuid_memo_slot hint[TLY_UUID_HINTS]; /* offered, the latest in a ring */
+	uint64_t hint_head[TLY_UUID_HINTS]; /* their first 8 bytes of text (0: empty), scanned */
 	unsigned next_hint;
 };
 
