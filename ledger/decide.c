@@ -486,6 +486,22 @@ static int apply_terms(struct ctx *c, const struct tly_terms *t, int32_t seats)
 
 enum due_kind { DUE_NONE, DUE_HOLD, DUE_GRANT, DUE_CHANGE, DUE_PERIOD };
 
+/* The earliest time anything of the wallet falls due (INT64_MAX: nothing will). */
+static int64_t next_due(struct tly_wallet *w)
+{
+	int64_t when = INT64_MAX;
+	const struct tly_hold *first = tly_wallet_first_expiry(w);
+	if (first)
+		when = first->expires_at;
+	if (w->n_grants > 0 && w->grants[0].expires_at < when)
+		when = w->grants[0].expires_at;
+	if (w->sub.active && w->sub.has_pending && w->sub.pending_at < when)
+		when = w->sub.pending_at;
+	if (w->sub.active && w->sub.period_end < when)
+		when = w->sub.period_end;
+	return when;
+}
+
 /*
  * Process everything due at or before t, earliest first; at equal times holds expire, then
  * grants, then a scheduled change applies, then the period closes (a hold expiring at the
@@ -496,6 +512,11 @@ static int advance(struct ctx *c, int64_t t)
 	struct tly_wallet *w = c->w;
 	if (t < w->time)
 		t = w->time;
+	if (w->due_floor > 0 && t < w->due_floor) {
+		w->time = t; /* nothing due: only time moves (most ClockTicks, for most tenants) */
+		return 0;
+	}
+	w->due_floor = 0; /* not known while dues are processed */
 	for (int guard = 0; guard < MAX_CATCH_UP; guard++) {
 		enum due_kind kind = DUE_NONE;
 		int64_t when = INT64_MAX;
@@ -518,6 +539,7 @@ static int advance(struct ctx *c, int64_t t)
 		}
 		if (kind == DUE_NONE) {
 			w->time = t;
+			w->due_floor = next_due(w);
 			return 0;
 		}
 		if (when > w->time)
@@ -799,6 +821,8 @@ int tly_ledger_apply(const struct tly_ledger_config *cfg, struct tly_wallet *w,
 	int rc = advance(&c, ev->occurred_at);
 	if (rc == 0)
 		rc = forget_holds(w);
+	w->due_floor = 0; /* the decision may place a hold, a grant, a subscription: known again
+			   * after the advance below */
 	if (rc == 0)
 		rc = decide(&c, ev);
 	if (rc == 0)

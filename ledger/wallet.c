@@ -143,6 +143,7 @@ int tly_wallet_reindex(struct tly_wallet *w)
 	w->n_slots = n_slots;
 	w->n_heap = 0;
 	w->held_total = 0;
+	w->due_floor = 0;
 	for (size_t i = 0; i < w->n_holds; i++) {
 		slot_insert(w, i);
 		if (w->holds[i].open) {

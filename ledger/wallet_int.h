@@ -68,6 +68,7 @@ struct tly_wallet {
 	int64_t seq;
 	unsigned char hash[32];
 	int64_t time;           /* ledger time */
+	int64_t due_floor;      /* nothing is due before it (ledger/decide.c); 0: not known */
 	int64_t allowance;      /* A */
 	int64_t overage;        /* this period */
 	int64_t next_grant;     /* order of the next grant */
