@@ -525,7 +525,8 @@ static int advance(struct ctx *c, int64_t t)
 			kind = DUE_HOLD;
 			when = first->expires_at;
 		}
-		if (w->n_grants > 0 && w->grants[0].expires_at <= t && w->grants[0].expires_at < when) {
+		if (w->n_grants > 0 && w->grants[0].expires_at <= t &&
+		    w->grants[0].expires_at < when) {
 			kind = DUE_GRANT; /* the wallet's first grant expires first */
 			when = w->grants[0].expires_at;
 		}

@@ -322,7 +322,8 @@ int64_t tly_wallet_credits(const struct tly_wallet *w)
 
 static bool grant_before(const struct tly_grant *x, const struct tly_grant *y)
 {
-	return x->expires_at < y->expires_at || (x->expires_at == y->expires_at && x->order < y->order);
+	return x->expires_at < y->expires_at ||
+	       (x->expires_at == y->expires_at && x->order < y->order);
 }
 
 void tly_wallet_place_grant(struct tly_wallet *w, size_t i)

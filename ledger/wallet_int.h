@@ -72,7 +72,7 @@ struct tly_wallet {
 	int64_t allowance;      /* A */
 	int64_t overage;        /* this period */
 	int64_t next_grant;     /* order of the next grant */
-	struct tly_grant *grants; /* by (expires_at, order): the next to expire and to spend first */
+	struct tly_grant *grants; /* by (expires_at, order): next to expire, and to spend, first */
 	int64_t credits_total;  /* sum of the grants' remaining, kept as they change */
 	size_t n_grants, cap_grants;
 	struct tly_hold *holds; /* open ones, and ended ones of this and the last period */

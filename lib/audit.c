@@ -50,7 +50,7 @@ struct part {
 	int64_t *quarantined;
 	size_t n_quarantined, qi;
 	struct tenant **tenants;
-	struct tly_wallet **wallets; /* tenants[i]->w, which a ClockTick reaches without the tenant */
+	struct tly_wallet **wallets; /* tenants[i]->w, for the ClockTicks that reach them all */
 	size_t n_tenants, cap_tenants;
 };
 

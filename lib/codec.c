@@ -809,7 +809,8 @@ static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct
 		const char *fullname = tly_schema_fullname(found);
 		const struct tly_event_desc *named = tly_event_desc_by_name(fullname);
 		if (!named) {
-			snprintf(errstr, errlen, "schema \"%s\" is not a Tally message type", fullname);
+			snprintf(errstr, errlen, "schema \"%s\" is not a Tally message type",
+				 fullname);
 			return TLY_E_UNKNOWN_FINGERPRINT;
 		}
 		*wm = (struct writer_memo){fp, found, named};
@@ -864,7 +865,7 @@ static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct
 		return rc;
 	}
 validate:
-	/* every string was checked as UTF-8 as it was read, by the plan or tly_avro_validate_bytes */
+	/* every string was checked as UTF-8 as it was read (plan or tly_avro_validate_bytes) */
 	return validate_as(ev, true, errstr, errlen);
 }
 

@@ -401,7 +401,8 @@ static const struct tly_uuid_memo_slot *memo_find(const struct tly_uuid_memo *m,
 	uint64_t head;
 	memcpy(&head, s, 8);
 	for (size_t i = 0; i < TLY_UUID_HINTS; i++) {
-		if (m->hint_head[i] == head && m->hint[i].used && memcmp(m->hint[i].text, s, 36) == 0)
+		if (m->hint_head[i] == head && m->hint[i].used &&
+		    memcmp(m->hint[i].text, s, 36) == 0)
 			return &m->hint[i];
 	}
 	slot = &m->slot[memo_slot(s)];

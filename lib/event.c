@@ -28,7 +28,8 @@
 #define OPT_TS(n, m) {.name = n, .kind = TLY_F_OPT_TS, .offset = EV(m)}
 #define CURRENCY(n, m) {.name = n, .kind = TLY_F_STR, .offset = EV(m), .flags = TLY_FF_CURRENCY}
 
-#define EVENT_ID {.name = "event_id", .kind = TLY_F_UUID, .offset = EV(event_id), .flags = TLY_FF_FRESH}
+#define EVENT_ID                                                                                   \
+	{.name = "event_id", .kind = TLY_F_UUID, .offset = EV(event_id), .flags = TLY_FF_FRESH}
 #define COMMON EVENT_ID, UUID("tenant_id", tenant_id), TS("occurred_at", occurred_at)
 
 static const char *const intervals[] = {"day", "week", "month", "year", NULL};
@@ -448,7 +449,8 @@ bool tly_utf8_valid(const char *str, size_t len)
 		if (c < 0x80) {
 			uint64_t eight;
 			/* ASCII runs eight bytes at a time */
-			while (len - i >= 8 && (memcpy(&eight, s + i, 8), (eight & 0x8080808080808080ull) == 0))
+			while (len - i >= 8 && (memcpy(&eight, s + i, 8),
+						(eight & 0x8080808080808080ull) == 0))
 				i += 8;
 			if (i < len && s[i] < 0x80)
 				i++;
@@ -575,7 +577,8 @@ static int check_map(const struct tly_field *f, const struct tly_map *m, bool de
 			return fail(errstr, errlen, prefix, f->name, "has a negative value");
 		if (f->kind == TLY_F_MAP_STR) {
 			size_t max = f->max_len ? f->max_len : MAX_STR;
-			if (!e->s || strlen(e->s) > max || (!decoded && !tly_utf8_valid(e->s, strlen(e->s))))
+			if (!e->s || strlen(e->s) > max ||
+			    (!decoded && !tly_utf8_valid(e->s, strlen(e->s))))
 				return fail(errstr, errlen, prefix, f->name,
 					    "has a value that is missing, too long or not UTF-8");
 		}
@@ -667,7 +670,8 @@ static int validate_event(const struct tly_event *ev, bool decoded, char *errstr
 		snprintf(errstr, errlen, "unknown event type %d", (int)ev->type);
 		return TLY_E_INVALID;
 	}
-	int rc = validate_record(&d->record, (const unsigned char *)ev, decoded, "", errstr, errlen);
+	int rc = validate_record(&d->record, (const unsigned char *)ev, decoded, "", errstr,
+				 errlen);
 	if (rc == 0 && d->check)
 		rc = d->check(ev, errstr, errlen);
 	return rc;
