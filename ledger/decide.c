@@ -266,23 +266,18 @@ static void remove_grant(struct tly_wallet *w, size_t i)
 	w->n_grants--;
 }
 
-/* Spend amount (<= credits) from grants, soonest-expiring first, then in grant order. */
+/* Spend amount (<= credits) from grants, soonest-expiring first, then in grant order: the
+ * wallet keeps them in that order. */
 static void spend_credits(struct tly_wallet *w, int64_t amount)
 {
 	while (amount > 0 && w->n_grants > 0) {
-		size_t best = 0;
-		for (size_t i = 1; i < w->n_grants; i++) {
-			const struct tly_grant *g = &w->grants[i], *b = &w->grants[best];
-			if (g->expires_at < b->expires_at ||
-			    (g->expires_at == b->expires_at && g->order < b->order))
-				best = i;
-		}
-		struct tly_grant *g = &w->grants[best];
+		struct tly_grant *g = &w->grants[0];
 		int64_t take = g->remaining < amount ? g->remaining : amount;
 		g->remaining -= take;
+		w->credits_total -= take;
 		amount -= take;
 		if (g->remaining == 0)
-			remove_grant(w, best);
+			remove_grant(w, 0);
 	}
 }
 
@@ -491,6 +486,22 @@ static int apply_terms(struct ctx *c, const struct tly_terms *t, int32_t seats)
 
 enum due_kind { DUE_NONE, DUE_HOLD, DUE_GRANT, DUE_CHANGE, DUE_PERIOD };
 
+/* The earliest time anything of the wallet falls due (INT64_MAX: nothing will). */
+static int64_t next_due(struct tly_wallet *w)
+{
+	int64_t when = INT64_MAX;
+	const struct tly_hold *first = tly_wallet_first_expiry(w);
+	if (first)
+		when = first->expires_at;
+	if (w->n_grants > 0 && w->grants[0].expires_at < when)
+		when = w->grants[0].expires_at;
+	if (w->sub.active && w->sub.has_pending && w->sub.pending_at < when)
+		when = w->sub.pending_at;
+	if (w->sub.active && w->sub.period_end < when)
+		when = w->sub.period_end;
+	return when;
+}
+
 /*
  * Process everything due at or before t, earliest first; at equal times holds expire, then
  * grants, then a scheduled change applies, then the period closes (a hold expiring at the
@@ -501,22 +512,23 @@ static int advance(struct ctx *c, int64_t t)
 	struct tly_wallet *w = c->w;
 	if (t < w->time)
 		t = w->time;
+	if (w->due_floor > 0 && t < w->due_floor) {
+		w->time = t; /* nothing due: only time moves (most ClockTicks, for most tenants) */
+		return 0;
+	}
+	w->due_floor = 0; /* not known while dues are processed */
 	for (int guard = 0; guard < MAX_CATCH_UP; guard++) {
 		enum due_kind kind = DUE_NONE;
 		int64_t when = INT64_MAX;
-		size_t idx = 0;
 		struct tly_hold *first = tly_wallet_first_expiry(w);
 		if (first && first->expires_at <= t) {
 			kind = DUE_HOLD;
 			when = first->expires_at;
 		}
-		for (size_t i = 0; i < w->n_grants; i++) {
-			const struct tly_grant *g = &w->grants[i];
-			if (g->expires_at <= t && g->expires_at < when) {
-				kind = DUE_GRANT;
-				when = g->expires_at;
-				idx = i;
-			}
+		if (w->n_grants > 0 && w->grants[0].expires_at <= t &&
+		    w->grants[0].expires_at < when) {
+			kind = DUE_GRANT; /* the wallet's first grant expires first */
+			when = w->grants[0].expires_at;
 		}
 		if (w->sub.active && w->sub.has_pending && w->sub.pending_at <= t && w->sub.pending_at < when) {
 			kind = DUE_CHANGE;
@@ -528,6 +540,7 @@ static int advance(struct ctx *c, int64_t t)
 		}
 		if (kind == DUE_NONE) {
 			w->time = t;
+			w->due_floor = next_due(w);
 			return 0;
 		}
 		if (when > w->time)
@@ -538,13 +551,15 @@ static int advance(struct ctx *c, int64_t t)
 			rc = end_hold(c, first, TLY_KIND_HOLD_EXPIRED);
 			break;
 		case DUE_GRANT: {
-			struct tly_grant g = w->grants[idx];
+			struct tly_grant g = w->grants[0];
 			int64_t keep = grant_backing(w, &g);
+			w->credits_total -= g.remaining - keep;
 			if (keep > 0) {
-				w->grants[idx].remaining = keep;
-				w->grants[idx].expires_at = last_hold_expiry(w);
+				w->grants[0].remaining = keep;
+				w->grants[0].expires_at = last_hold_expiry(w);
+				tly_wallet_place_grant(w, 0);
 			} else {
-				remove_grant(w, idx);
+				remove_grant(w, 0);
 			}
 			struct delta d = {0, keep - g.remaining, 0, 0};
 			if (keep < g.remaining)
@@ -638,6 +653,8 @@ static int on_grant(struct ctx *c, const struct tly_ev_credits_granted *g)
 		return TLY_E_NOMEM;
 	w->grants[w->n_grants++] = (struct tly_grant){
 		g->grant_id, g->tokens, g->expires_at.set ? g->expires_at.v : TLY_NEVER, w->next_grant++};
+	w->credits_total += g->tokens;
+	tly_wallet_place_grant(w, w->n_grants - 1);
 	struct delta d = {0, g->tokens, 0, 0};
 	return emit(c, TLY_KIND_CREDITS_GRANTED, &d, &g->grant_id, NULL);
 }
@@ -805,6 +822,8 @@ int tly_ledger_apply(const struct tly_ledger_config *cfg, struct tly_wallet *w,
 	int rc = advance(&c, ev->occurred_at);
 	if (rc == 0)
 		rc = forget_holds(w);
+	w->due_floor = 0; /* the decision may place a hold, a grant, a subscription: known again
+			   * after the advance below */
 	if (rc == 0)
 		rc = decide(&c, ev);
 	if (rc == 0)

@@ -143,6 +143,7 @@ int tly_wallet_reindex(struct tly_wallet *w)
 	w->n_slots = n_slots;
 	w->n_heap = 0;
 	w->held_total = 0;
+	w->due_floor = 0;
 	for (size_t i = 0; i < w->n_holds; i++) {
 		slot_insert(w, i);
 		if (w->holds[i].open) {
@@ -316,10 +317,29 @@ const unsigned char *tly_wallet_last_hash(const struct tly_wallet *w)
 
 int64_t tly_wallet_credits(const struct tly_wallet *w)
 {
-	int64_t c = 0;
-	for (size_t i = 0; i < w->n_grants; i++)
-		c += w->grants[i].remaining;
-	return c;
+	return w->credits_total;
+}
+
+static bool grant_before(const struct tly_grant *x, const struct tly_grant *y)
+{
+	return x->expires_at < y->expires_at ||
+	       (x->expires_at == y->expires_at && x->order < y->order);
+}
+
+void tly_wallet_place_grant(struct tly_wallet *w, size_t i)
+{
+	struct tly_grant g = w->grants[i];
+	size_t to = i;
+	while (to > 0 && grant_before(&g, &w->grants[to - 1]))
+		to--;
+	if (to < i) {
+		memmove(&w->grants[to + 1], &w->grants[to], (i - to) * sizeof(g));
+	} else {
+		while (to + 1 < w->n_grants && grant_before(&w->grants[to + 1], &g))
+			to++;
+		memmove(&w->grants[i], &w->grants[i + 1], (to - i) * sizeof(g));
+	}
+	w->grants[to] = g;
 }
 
 int64_t tly_wallet_held(const struct tly_wallet *w)
@@ -552,6 +572,9 @@ struct tly_wallet *tly_wallet_from_json(const char *text, char *errstr, size_t e
 		if (get_uuid(g, "id", &gr->id) || get_i64(g, "remaining", &gr->remaining) ||
 		    get_i64(g, "expires_at", &gr->expires_at) || get_i64(g, "order", &gr->order))
 			goto bad;
+		w->credits_total += gr->remaining;
+		/* snapshots before the grants were kept by expiry list them in grant order */
+		tly_wallet_place_grant(w, i);
 	}
 	n = json_array_size(holds);
 	if (n && !(w->holds = calloc(n, sizeof(*w->holds))))

@@ -68,10 +68,12 @@ struct tly_wallet {
 	int64_t seq;
 	unsigned char hash[32];
 	int64_t time;           /* ledger time */
+	int64_t due_floor;      /* nothing is due before it (ledger/decide.c); 0: not known */
 	int64_t allowance;      /* A */
 	int64_t overage;        /* this period */
 	int64_t next_grant;     /* order of the next grant */
-	struct tly_grant *grants;
+	struct tly_grant *grants; /* by (expires_at, order): next to expire, and to spend, first */
+	int64_t credits_total;  /* sum of the grants' remaining, kept as they change */
 	size_t n_grants, cap_grants;
 	struct tly_hold *holds; /* open ones, and ended ones of this and the last period */
 	size_t n_holds, cap_holds;
@@ -92,6 +94,9 @@ struct tly_wallet {
 };
 
 int64_t tly_wallet_credits(const struct tly_wallet *w);
+
+/* Put grant i, whose expiry changed or which was just appended, back in (expires_at, order). */
+void tly_wallet_place_grant(struct tly_wallet *w, size_t i);
 int64_t tly_wallet_held(const struct tly_wallet *w);
 
 /* Rebuild the derived hold structures (index, heap, held total). 0 or TLY_E_NOMEM. */

@@ -50,6 +50,7 @@ struct part {
 	int64_t *quarantined;
 	size_t n_quarantined, qi;
 	struct tenant **tenants;
+	struct tly_wallet **wallets; /* tenants[i]->w, for the ClockTicks that reach them all */
 	size_t n_tenants, cap_tenants;
 };
 
@@ -139,6 +140,7 @@ void tly_audit_free(struct tly_audit *a)
 	}
 	for (size_t i = 0; i < a->n_parts; i++) {
 		free(a->parts[i].tenants);
+		free(a->parts[i].wallets);
 		free(a->parts[i].quarantined);
 	}
 	free(a->parts);
@@ -313,11 +315,16 @@ static int wallet_of(struct part *p, struct tenant *t)
 	if (p->n_tenants == p->cap_tenants) {
 		size_t cap = p->cap_tenants ? 2 * p->cap_tenants : 64;
 		struct tenant **l = realloc(p->tenants, cap * sizeof(*l));
-		if (!l)
+		if (l)
+			p->tenants = l;
+		struct tly_wallet **wl = realloc(p->wallets, cap * sizeof(*wl));
+		if (wl)
+			p->wallets = wl;
+		if (!l || !wl)
 			return TLY_E_NOMEM;
-		p->tenants = l;
 		p->cap_tenants = cap;
 	}
+	p->wallets[p->n_tenants] = t->w;
 	p->tenants[p->n_tenants++] = t;
 	return 0;
 }
@@ -330,7 +337,7 @@ static int replay(struct tly_audit *a, struct part *p, const tly_uuid *tenant,
 	const struct tly_event *ev = &a->input;
 	if (ev->type == TLY_EV_CLOCK_TICK) {
 		for (size_t i = 0; i < p->n_tenants; i++) {
-			if (tly_ledger_tick(&a->cfg, p->tenants[i]->w, ev->occurred_at, cause,
+			if (tly_ledger_tick(&a->cfg, p->wallets[i], ev->occurred_at, cause,
 					    &a->produced, errstr, sizeof(errstr)) != 0) {
 				fail(a, "input", &p->tenants[i]->id, 0, cause->partition, cause->offset,
 				     "could not re-execute clock tick: %s", errstr);

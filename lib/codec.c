@@ -21,6 +21,15 @@ struct field_memo {
 	size_t index;
 };
 
+#define WRITER_MEMO 64 /* slots of the decoder's fingerprint memo, a power of two */
+
+/* A writer schema found by its fingerprint, with the message type its full name names. */
+struct writer_memo {
+	uint64_t fp;
+	const struct tly_schema *writer; /* NULL: empty slot */
+	const struct tly_event_desc *d;
+};
+
 struct tly_codec {
 	struct tly_schema_registry *reg;
 	/* one reusable generic value per registry entry, created on first use */
@@ -36,6 +45,7 @@ struct tly_codec {
 	bool *plan_tried;
 	bool generic;            /* plans off: avro-c's generic values only */
 	struct tly_uuid_memo *uuids;
+	struct writer_memo writers[WRITER_MEMO]; /* fingerprints decoded: their schema and type */
 	struct tly_buf scratch;  /* encodings hashed by tly_codec_digest and tly_codec_decode_digest */
 	EVP_MD *sha256;
 	EVP_MD_CTX *md;
@@ -394,14 +404,21 @@ static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, str
 	return 0;
 }
 
-static int validate(const struct tly_event *ev, char *errstr, size_t errlen)
+/* decoded: ev was filled by decode() (see tly_event_validate_decoded) */
+static int validate_as(const struct tly_event *ev, bool decoded, char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
 	char why[512];
-	int rc = tly_event_validate(ev, why, sizeof(why));
+	int rc = decoded ? tly_event_validate_decoded(ev, why, sizeof(why))
+			 : tly_event_validate(ev, why, sizeof(why));
 	if (rc != 0)
 		snprintf(errstr, errlen, "%s: %s", d ? d->name : "event", why);
 	return rc;
+}
+
+static int validate(const struct tly_event *ev, char *errstr, size_t errlen)
+{
+	return validate_as(ev, false, errstr, errlen);
 }
 
 int tly_codec_encode(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
@@ -781,18 +798,25 @@ static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct
 		snprintf(errstr, errlen, "truncated: %zu bytes, shorter than the 10-byte header", len);
 		return rc;
 	}
-	const struct tly_schema *writer = tly_schema_find(codec->reg, fp);
-	if (!writer) {
-		snprintf(errstr, errlen, "unknown schema fingerprint %016llx",
-			 (unsigned long long)fp);
-		return TLY_E_UNKNOWN_FINGERPRINT;
+	struct writer_memo *wm = &codec->writers[(fp ^ fp >> 32) & (WRITER_MEMO - 1)];
+	if (!wm->writer || wm->fp != fp) {
+		const struct tly_schema *found = tly_schema_find(codec->reg, fp);
+		if (!found) {
+			snprintf(errstr, errlen, "unknown schema fingerprint %016llx",
+				 (unsigned long long)fp);
+			return TLY_E_UNKNOWN_FINGERPRINT;
+		}
+		const char *fullname = tly_schema_fullname(found);
+		const struct tly_event_desc *named = tly_event_desc_by_name(fullname);
+		if (!named) {
+			snprintf(errstr, errlen, "schema \"%s\" is not a Tally message type",
+				 fullname);
+			return TLY_E_UNKNOWN_FINGERPRINT;
+		}
+		*wm = (struct writer_memo){fp, found, named};
 	}
-	const char *fullname = tly_schema_fullname(writer);
-	const struct tly_event_desc *d = tly_event_desc_by_name(fullname);
-	if (!d) {
-		snprintf(errstr, errlen, "schema \"%s\" is not a Tally message type", fullname);
-		return TLY_E_UNKNOWN_FINGERPRINT;
-	}
+	const struct tly_schema *writer = wm->writer;
+	const struct tly_event_desc *d = wm->d;
 	const unsigned char *body = (const unsigned char *)bytes + TLY_CODEC_HEADER;
 	size_t body_len = len - TLY_CODEC_HEADER;
 	const struct tly_codec_plan *plan = plan_for(codec, writer, d);
@@ -841,7 +865,8 @@ static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct
 		return rc;
 	}
 validate:
-	return validate(ev, errstr, errlen);
+	/* every string was checked as UTF-8 as it was read (plan or tly_avro_validate_bytes) */
+	return validate_as(ev, true, errstr, errlen);
 }
 
 int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, struct tly_event *ev,

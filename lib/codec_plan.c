@@ -374,21 +374,43 @@ static size_t memo_slot(const unsigned char *s)
 	uint64_t w0, w1;
 	memcpy(&w0, s, 8);
 	memcpy(&w1, s + 28, 8);
-	return (size_t)(((w0 ^ w1) * 0x9e3779b97f4a7c15ull) >> 53) % TLY_UUID_MEMO;
+	return (size_t)((w0 ^ w1) * 0x9e3779b97f4a7c15ull >> 52) & (TLY_UUID_MEMO - 1);
 }
 
 void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 {
 	char text[37];
 	uuid_unparse_lower(id->b, text);
-	size_t slot = memo_slot((const unsigned char *)text);
-	memcpy(memo->slot[slot].text, text, 36);
-	memo->slot[slot].id = *id;
-	memo->slot[slot].used = true;
-	memo->slot[slot].lower = true;
+	unsigned at = memo->next_hint++ % TLY_UUID_HINTS;
+	struct tly_uuid_memo_slot *h = &memo->hint[at];
+	memcpy(&memo->hint_head[at], text, 8);
+	memcpy(h->text, text, 36);
+	h->id = *id;
+	h->used = true;
+	h->lower = true;
 }
 
-static int get_uuid(struct in *in, tly_uuid *out)
+/*
+ * The offered or remembered slot with this text, or NULL. The offers first: a few, in one place;
+ * a fresh field's value is never remembered, so its look-up does not touch the larger table.
+ */
+static const struct tly_uuid_memo_slot *memo_find(const struct tly_uuid_memo *m,
+						  const unsigned char *s, bool fresh)
+{
+	const struct tly_uuid_memo_slot *slot;
+	uint64_t head;
+	memcpy(&head, s, 8);
+	for (size_t i = 0; i < TLY_UUID_HINTS; i++) {
+		if (m->hint_head[i] == head && m->hint[i].used &&
+		    memcmp(m->hint[i].text, s, 36) == 0)
+			return &m->hint[i];
+	}
+	slot = &m->slot[memo_slot(s)];
+	return !fresh && slot->used && memcmp(slot->text, s, 36) == 0 ? slot : NULL;
+}
+
+/* A UUID's text through libuuid, or what the memo holds for it; fresh: see TLY_FF_FRESH. */
+static int get_uuid(struct in *in, tly_uuid *out, bool fresh)
 {
 	const unsigned char *s;
 	size_t len;
@@ -396,10 +418,10 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	if (get_span(in, &s, &len) != 0 || len != 36)
 		return NO;
 	struct tly_uuid_memo *m = in->memo;
-	size_t slot = memo_slot(s);
-	if (m && m->slot[slot].used && memcmp(m->slot[slot].text, s, 36) == 0) {
-		*out = m->slot[slot].id;
-		in->canonical = in->canonical && m->slot[slot].lower;
+	const struct tly_uuid_memo_slot *hit = m ? memo_find(m, s, fresh) : NULL;
+	if (hit) {
+		*out = hit->id;
+		in->canonical = in->canonical && hit->lower;
 		return 0;
 	}
 	memcpy(text, s, 36);
@@ -410,11 +432,12 @@ static int get_uuid(struct in *in, tly_uuid *out)
 	for (size_t i = 0; i < 36; i++)
 		lower = lower && !(s[i] >= 'A' && s[i] <= 'F'); /* else written back in lower case */
 	in->canonical = in->canonical && lower;
-	if (m) {
-		memcpy(m->slot[slot].text, s, 36);
-		m->slot[slot].id = *out;
-		m->slot[slot].used = true;
-		m->slot[slot].lower = lower;
+	if (m && !fresh) {
+		struct tly_uuid_memo_slot *slot = &m->slot[memo_slot(s)];
+		memcpy(slot->text, s, 36);
+		slot->id = *out;
+		slot->used = true;
+		slot->lower = lower;
 	}
 	return 0;
 }
@@ -503,11 +526,11 @@ static int get_step(const struct step *st, unsigned char *base, struct in *in)
 	int rc;
 	switch (f->kind) {
 	case TLY_F_UUID:
-		return get_uuid(in, p);
+		return get_uuid(in, p, f->flags & TLY_FF_FRESH);
 	case TLY_F_OPT_UUID:
 		if ((rc = get_branch(in, &present)) != 0 || !present)
 			return rc;
-		if ((rc = get_uuid(in, p)) == 0 && tly_uuid_is_nil(p))
+		if ((rc = get_uuid(in, p, f->flags & TLY_FF_FRESH)) == 0 && tly_uuid_is_nil(p))
 			in->canonical = false; /* a nil UUID is written back as null */
 		return rc;
 	case TLY_F_STR:

@@ -21,20 +21,27 @@ struct tly_codec_plan;
 
 /*
  * UUID texts a codec's decodes parsed lately, with their bytes: decodes meet the same tenants,
- * reservations and conversations again, and libuuid's parse is the costly part of a decode.
- * A caller that expects a UUID may offer it first (tly_uuid_memo_offer): a text equal to what
+ * users and conversations again, and libuuid's parse is the costly part of a decode. A field
+ * whose every value is new (TLY_FF_FRESH: an event's own id) is not remembered, so it does not
+ * push out the ids that come back. A caller that expects a UUID may offer it first
+ * (tly_uuid_memo_offer), kept apart in a short ring of the latest offers: a text equal to what
  * libuuid writes for it is what libuuid parses back to it, so nothing offered is trusted.
  * One per codec (not shared between threads); calloc it to start.
  */
-#define TLY_UUID_MEMO 2048
+#define TLY_UUID_MEMO 4096 /* remembered texts, a power of two */
+#define TLY_UUID_HINTS 16  /* offered texts */
+struct tly_uuid_memo_slot {
+	char text[36];
+	tly_uuid id;
+	bool used;
+	bool lower;   /* text has no upper-case hex digit (as the plans write it) */
+	char pad[10]; /* one cache line a slot */
+};
 struct tly_uuid_memo {
-	struct {
-		char text[36];
-		tly_uuid id;
-		bool used;
-		bool lower;   /* text has no upper-case hex digit (as the plans write it) */
-		char pad[10]; /* one cache line a slot */
-	} slot[TLY_UUID_MEMO];
+	struct tly_uuid_memo_slot slot[TLY_UUID_MEMO]; /* parsed, by a hash of the text */
+	struct tly_uuid_memo_slot hint[TLY_UUID_HINTS]; /* offered, the latest in a ring */
+	uint64_t hint_head[TLY_UUID_HINTS]; /* their first 8 bytes of text (0: empty), scanned */
+	unsigned next_hint;
 };
 
 /* Remember id with its text as uuid_unparse_lower writes it, for the decodes that follow. */

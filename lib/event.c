@@ -28,7 +28,9 @@
 #define OPT_TS(n, m) {.name = n, .kind = TLY_F_OPT_TS, .offset = EV(m)}
 #define CURRENCY(n, m) {.name = n, .kind = TLY_F_STR, .offset = EV(m), .flags = TLY_FF_CURRENCY}
 
-#define COMMON UUID("event_id", event_id), UUID("tenant_id", tenant_id), TS("occurred_at", occurred_at)
+#define EVENT_ID                                                                                   \
+	{.name = "event_id", .kind = TLY_F_UUID, .offset = EV(event_id), .flags = TLY_FF_FRESH}
+#define COMMON EVENT_ID, UUID("tenant_id", tenant_id), TS("occurred_at", occurred_at)
 
 static const char *const intervals[] = {"day", "week", "month", "year", NULL};
 static const char *const roles[] = {"user", "assistant", "system", "tool", NULL};
@@ -146,7 +148,8 @@ static const struct tly_field f_conversation_started[] = {
 static const struct tly_field f_message_appended[] = {
 	COMMON,
 	UUID("conversation_id", u.message_appended.conversation_id),
-	UUID("message_id", u.message_appended.message_id),
+	{.name = "message_id", .kind = TLY_F_UUID, .offset = EV(u.message_appended.message_id),
+	 .flags = TLY_FF_FRESH},
 	OPT_UUID("user_id", u.message_appended.user_id),
 	STR_IN("role", u.message_appended.role, roles),
 	STR("agent_type", u.message_appended.agent_type),
@@ -196,7 +199,7 @@ static const struct tly_field f_invoice_status_changed[] = {
 };
 
 static const struct tly_field f_clock_tick[] = {
-	UUID("event_id", event_id),
+	EVENT_ID,
 	TS("occurred_at", occurred_at),
 };
 
@@ -213,7 +216,7 @@ static const struct tly_record_desc d_plan_feature = {
 	sizeof(f_plan_feature) / sizeof(f_plan_feature[0])};
 
 static const struct tly_field f_plan_published[] = {
-	UUID("event_id", event_id),
+	EVENT_ID,
 	TS("occurred_at", occurred_at),
 	UUID("plan_id", u.plan_published.plan_id),
 	STR("code", u.plan_published.code),
@@ -444,7 +447,13 @@ bool tly_utf8_valid(const char *str, size_t len)
 	while (i < len) {
 		unsigned char c = s[i];
 		if (c < 0x80) {
-			i++;
+			uint64_t eight;
+			/* ASCII runs eight bytes at a time */
+			while (len - i >= 8 && (memcpy(&eight, s + i, 8),
+						(eight & 0x8080808080808080ull) == 0))
+				i += 8;
+			if (i < len && s[i] < 0x80)
+				i++;
 			continue;
 		}
 		size_t n;
@@ -484,8 +493,9 @@ static int fail(char *errstr, size_t errlen, const char *prefix, const char *fie
 	return TLY_E_INVALID;
 }
 
-static int check_string(const struct tly_field *f, const char *s, const char *prefix, char *errstr,
-			size_t errlen)
+/* decoded: s was checked as UTF-8 when it was decoded */
+static int check_string(const struct tly_field *f, const char *s, bool decoded, const char *prefix,
+			char *errstr, size_t errlen)
 {
 	size_t max = f->max_len ? f->max_len : MAX_STR;
 	size_t len = strlen(s);
@@ -496,7 +506,7 @@ static int check_string(const struct tly_field *f, const char *s, const char *pr
 		snprintf(why, sizeof(why), "longer than %zu bytes", max);
 		return fail(errstr, errlen, prefix, f->name, why);
 	}
-	if (!tly_utf8_valid(s, len))
+	if (!decoded && !tly_utf8_valid(s, len))
 		return fail(errstr, errlen, prefix, f->name, "not valid UTF-8");
 	if (f->one_of) {
 		bool found = false;
@@ -546,8 +556,8 @@ static int check_min(const struct tly_field *f, int64_t v, const char *prefix, c
 	return 0;
 }
 
-static int check_map(const struct tly_field *f, const struct tly_map *m, const char *prefix,
-		     char *errstr, size_t errlen)
+static int check_map(const struct tly_field *f, const struct tly_map *m, bool decoded,
+		     const char *prefix, char *errstr, size_t errlen)
 {
 	if (m->n > MAX_MAP)
 		return fail(errstr, errlen, prefix, f->name, "has more than 1000 entries");
@@ -555,7 +565,8 @@ static int check_map(const struct tly_field *f, const struct tly_map *m, const c
 		return fail(errstr, errlen, prefix, f->name, "entries missing");
 	for (size_t i = 0; i < m->n; i++) {
 		const struct tly_map_entry *e = &m->items[i];
-		if (!e->key || !*e->key || strlen(e->key) > 128 || !tly_utf8_valid(e->key, strlen(e->key)))
+		if (!e->key || !*e->key || strlen(e->key) > 128 ||
+		    (!decoded && !tly_utf8_valid(e->key, strlen(e->key))))
 			return fail(errstr, errlen, prefix, f->name,
 				    "has a key that is empty, longer than 128 bytes or not UTF-8");
 		for (size_t j = 0; j < i; j++) {
@@ -566,7 +577,8 @@ static int check_map(const struct tly_field *f, const struct tly_map *m, const c
 			return fail(errstr, errlen, prefix, f->name, "has a negative value");
 		if (f->kind == TLY_F_MAP_STR) {
 			size_t max = f->max_len ? f->max_len : MAX_STR;
-			if (!e->s || strlen(e->s) > max || !tly_utf8_valid(e->s, strlen(e->s)))
+			if (!e->s || strlen(e->s) > max ||
+			    (!decoded && !tly_utf8_valid(e->s, strlen(e->s))))
 				return fail(errstr, errlen, prefix, f->name,
 					    "has a value that is missing, too long or not UTF-8");
 		}
@@ -575,10 +587,10 @@ static int check_map(const struct tly_field *f, const struct tly_map *m, const c
 }
 
 static int validate_record(const struct tly_record_desc *rd, const unsigned char *base,
-			   const char *prefix, char *errstr, size_t errlen);
+			   bool decoded, const char *prefix, char *errstr, size_t errlen);
 
-static int validate_field(const struct tly_field *f, const unsigned char *base, const char *prefix,
-			  char *errstr, size_t errlen)
+static int validate_field(const struct tly_field *f, const unsigned char *base, bool decoded,
+			  const char *prefix, char *errstr, size_t errlen)
 {
 	const void *p = base + f->offset;
 	const char *s;
@@ -600,10 +612,10 @@ static int validate_field(const struct tly_field *f, const unsigned char *base, 
 		memcpy(&s, p, sizeof(s));
 		if (!s)
 			return fail(errstr, errlen, prefix, f->name, "missing");
-		return check_string(f, s, prefix, errstr, errlen);
+		return check_string(f, s, decoded, prefix, errstr, errlen);
 	case TLY_F_OPT_STR:
 		memcpy(&s, p, sizeof(s));
-		return s ? check_string(f, s, prefix, errstr, errlen) : 0;
+		return s ? check_string(f, s, decoded, prefix, errstr, errlen) : 0;
 	case TLY_F_LONG:
 	case TLY_F_TS:
 		memcpy(&l, p, sizeof(l));
@@ -618,7 +630,7 @@ static int validate_field(const struct tly_field *f, const unsigned char *base, 
 	case TLY_F_MAP_LONG:
 	case TLY_F_MAP_STR:
 	case TLY_F_MAP_BOOL:
-		return check_map(f, p, prefix, errstr, errlen);
+		return check_map(f, p, decoded, prefix, errstr, errlen);
 	case TLY_F_RECORDS: {
 		struct tly_list list;
 		memcpy(&list, p, sizeof(list));
@@ -630,7 +642,7 @@ static int validate_field(const struct tly_field *f, const unsigned char *base, 
 			char sub[128];
 			snprintf(sub, sizeof(sub), "%s%s[%zu].", prefix, f->name, k);
 			int rc = validate_record(f->sub, (const unsigned char *)list.items + k * f->sub->size,
-						 sub, errstr, errlen);
+						 decoded, sub, errstr, errlen);
 			if (rc != 0)
 				return rc;
 		}
@@ -641,25 +653,36 @@ static int validate_field(const struct tly_field *f, const unsigned char *base, 
 }
 
 static int validate_record(const struct tly_record_desc *rd, const unsigned char *base,
-			   const char *prefix, char *errstr, size_t errlen)
+			   bool decoded, const char *prefix, char *errstr, size_t errlen)
 {
 	for (size_t i = 0; i < rd->n_fields; i++) {
-		int rc = validate_field(&rd->fields[i], base, prefix, errstr, errlen);
+		int rc = validate_field(&rd->fields[i], base, decoded, prefix, errstr, errlen);
 		if (rc != 0)
 			return rc;
 	}
 	return 0;
 }
 
-int tly_event_validate(const struct tly_event *ev, char *errstr, size_t errlen)
+static int validate_event(const struct tly_event *ev, bool decoded, char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
 	if (!d) {
 		snprintf(errstr, errlen, "unknown event type %d", (int)ev->type);
 		return TLY_E_INVALID;
 	}
-	int rc = validate_record(&d->record, (const unsigned char *)ev, "", errstr, errlen);
+	int rc = validate_record(&d->record, (const unsigned char *)ev, decoded, "", errstr,
+				 errlen);
 	if (rc == 0 && d->check)
 		rc = d->check(ev, errstr, errlen);
 	return rc;
+}
+
+int tly_event_validate(const struct tly_event *ev, char *errstr, size_t errlen)
+{
+	return validate_event(ev, false, errstr, errlen);
+}
+
+int tly_event_validate_decoded(const struct tly_event *ev, char *errstr, size_t errlen)
+{
+	return validate_event(ev, true, errstr, errlen);
 }

@@ -334,6 +334,8 @@ struct tly_field {
 
 #define TLY_FF_CURRENCY 0x1u /* three capital letters (ISO 4217) */
 #define TLY_FF_EMAIL 0x2u    /* contains one '@' with text on both sides */
+#define TLY_FF_FRESH 0x4u    /* a new value in every message (its own id): a decoder does not
+			      * remember it for the messages that follow (lib/codec_plan) */
 
 struct tly_record_desc {
 	const char *name;        /* Avro record name */
@@ -376,6 +378,13 @@ struct tly_arena *tly_event_arena(struct tly_event *ev);
  * parses, cross-field rules. TLY_E_INVALID with errstr naming the field on the first failure.
  */
 int tly_event_validate(const struct tly_event *ev, char *errstr, size_t errlen) TLY_MUST_CHECK;
+
+/*
+ * The same rules for an event a decoder filled (lib/codec), whose strings were checked as valid
+ * UTF-8 while they were read (lib/codec_plan, lib/validate_bytes): that check is not run again.
+ */
+int tly_event_validate_decoded(const struct tly_event *ev, char *errstr,
+			       size_t errlen) TLY_MUST_CHECK;
 
 /* UUID text <-> tly_uuid through libuuid. Parse returns TLY_E_INVALID for malformed text. */
 int tly_uuid_parse(const char *text, tly_uuid *out) TLY_MUST_CHECK;

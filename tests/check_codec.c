@@ -609,15 +609,18 @@ START_TEST(test_plan_uuid_hint)
 	ck_assert_mem_eq(back.event_id.b, other.b, 16);
 	ck_assert_mem_ne(back.event_id.b, ev.event_id.b, 16);
 
-	/* the id in upper case, decoded twice (remembered the second time): the same digest */
+	/* the ids in upper case, decoded twice (the tenant's remembered the second time, the event's
+	 * never: a new one in every event): the same digest */
 	memcpy(b, m.data, m.len);
-	for (size_t i = 11; i < 47; i++)
+	ck_assert_uint_eq(b[47], 0x48);
+	for (size_t i = 11; i < 84; i++)
 		if (b[i] >= 'a' && b[i] <= 'f')
 			b[i] = (unsigned char)(b[i] - 'a' + 'A');
 	for (int round = 0; round < 2; round++) {
 		ck_assert_int_eq(tly_codec_decode_digest(codec, b, m.len, &back, got, err, sizeof(err)),
 				 0);
 		ck_assert_mem_eq(back.event_id.b, ev.event_id.b, 16);
+		ck_assert_mem_eq(back.tenant_id.b, ev.tenant_id.b, 16);
 		ck_assert_mem_eq(got, want, 32);
 	}
 

@@ -5,6 +5,7 @@
  * below the limit without overage, the snapshot round-trips, and a replay is byte-identical.
  */
 #include <check.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -661,6 +662,83 @@ START_TEST(test_wrong_tenant_refused)
 }
 END_TEST
 
+/*
+ * A snapshot written before the wallet kept its grants by expiry lists them in grant order: it
+ * loads, spends the soonest-expiring first and expires them in time, as before.
+ */
+START_TEST(test_snapshot_grants_in_grant_order)
+{
+	struct run *r = calloc(1, sizeof(*r));
+	char err[256], tenant[37], ids[3][37];
+	run_init(r, 0);
+	tly_uuid grant[3];
+	tly_uuid_format(&r->tenant, tenant);
+	/* grant order: 100 tokens never expiring, 30 expiring at +50 s, 10 expiring at +20 s */
+	const int64_t tokens[3] = {100, 30, 10}, expires[3] = {INT64_MAX, T0 + 50 * SEC, T0 + 20 * SEC};
+	json_t *grants = json_array();
+	for (int i = 0; i < 3; i++) {
+		make_uuid(&grant[i], 20, i + 1);
+		tly_uuid_format(&grant[i], ids[i]);
+		json_array_append_new(grants, json_pack("{s:s, s:I, s:I, s:I}", "id", ids[i], "remaining",
+							(json_int_t)tokens[i], "expires_at",
+							(json_int_t)expires[i], "order", (json_int_t)i));
+	}
+	char zeros[65];
+	memset(zeros, '0', 64);
+	zeros[64] = '\0';
+	json_t *old = json_pack("{s:i, s:s, s:I, s:s, s:I, s:I, s:I, s:I, s:I, s:o, s:{}, s:n}",
+				"version", 1, "tenant", tenant, "seq", (json_int_t)0, "hash", zeros,
+				"time", (json_int_t)T0, "allowance", (json_int_t)0, "overage",
+				(json_int_t)0, "next_grant", (json_int_t)3, "next_hold", (json_int_t)0,
+				"grants", grants, "usage", "subscription");
+	ck_assert_ptr_nonnull(old);
+	char *text = json_dumps(old, JSON_COMPACT);
+	json_decref(old);
+	tly_wallet_free(r->w);
+	r->w = tly_wallet_from_json(text, err, sizeof(err));
+	free(text);
+	ck_assert_msg(r->w, "%s", err);
+	struct tly_balance b;
+	tly_wallet_balance(r->w, &b);
+	ck_assert_int_eq(b.credits_remaining, 140);
+
+	/* 25 tokens debited: the 10 expiring first, then 15 of the 30 */
+	struct tly_event ev;
+	tly_event_init(&ev, TLY_EV_TOKENS_DEBITED);
+	ev.tenant_id = r->tenant;
+	make_uuid(&ev.event_id, 21, 1);
+	ev.occurred_at = T0 + 10 * SEC;
+	ev.u.tokens_debited = (struct tly_ev_tokens_debited){ev.event_id, 25, 0, "batch"};
+	struct tly_cause cause = {.event_id = ev.event_id, .type = "TokensDebited"};
+	ck_assert_int_eq(tly_ledger_apply(&r->cfg, r->w, &ev, &cause, NULL, &r->out, err, sizeof(err)), 0);
+	ck_assert_uint_eq(r->out.n, 1);
+	ck_assert_int_eq(r->out.items[0].u.ledger_entry.credits_delta, -25);
+	ck_assert_int_eq(r->out.items[0].u.ledger_entry.credits_remaining, 115);
+
+	/* at +60 s the rest of the 30 expires (the 10 is spent), the 100 stays */
+	tly_entries_clear(&r->out);
+	ck_assert_int_eq(tly_ledger_tick(&r->cfg, r->w, T0 + 60 * SEC, &cause, &r->out, err, sizeof(err)), 0);
+	ck_assert_uint_eq(r->out.n, 1);
+	const struct tly_ledger_entry *e = &r->out.items[0].u.ledger_entry;
+	ck_assert_str_eq(e->kind, "credits_expired");
+	ck_assert_mem_eq(e->ref_id.b, grant[1].b, 16);
+	ck_assert_int_eq(e->credits_delta, -15);
+	ck_assert_int_eq(e->credits_remaining, 100);
+
+	/* and its snapshot round-trips */
+	char *j1 = tly_wallet_to_json(r->w, true);
+	struct tly_wallet *back = tly_wallet_from_json(j1, err, sizeof(err));
+	ck_assert_msg(back, "%s", err);
+	char *j2 = tly_wallet_to_json(back, true);
+	ck_assert_str_eq(j1, j2);
+	free(j1);
+	free(j2);
+	tly_wallet_free(back);
+	run_free(r);
+	free(r);
+}
+END_TEST
+
 /* Thousands of holds with numbered ids: the id index, the expiry heap and the held total agree. */
 START_TEST(test_many_holds)
 {
@@ -776,6 +854,7 @@ Suite *decide_suite(void)
 	tcase_add_test(tc, test_invoice_amounts);
 	tcase_add_test(tc, test_wrong_tenant_refused);
 	tcase_add_test(tc, test_many_holds);
+	tcase_add_test(tc, test_snapshot_grants_in_grant_order);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("model");
 	tcase_set_timeout(tc, 120);

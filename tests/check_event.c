@@ -161,6 +161,14 @@ START_TEST(test_validation_rejects)
 	c->breakit(&ev);
 	ck_assert_msg(tly_event_validate(&ev, err, sizeof(err)) == TLY_E_INVALID, "%s: accepted", c->name);
 	ck_assert_msg(strstr(err, c->expect), "%s: error \"%s\" lacks \"%s\"", c->name, err, c->expect);
+	/* a decoder's event: every rule but UTF-8 (which the decoder checked) still holds */
+	char derr[256] = "";
+	int drc = tly_event_validate_decoded(&ev, derr, sizeof(derr));
+	if (strstr(c->expect, "UTF-8"))
+		ck_assert_int_eq(drc, 0);
+	else
+		ck_assert_msg(drc == TLY_E_INVALID && strcmp(derr, err) == 0, "%s: decoded: \"%s\"",
+			      c->name, derr);
 }
 END_TEST
 
@@ -186,6 +194,19 @@ START_TEST(test_utf8)
 	ck_assert(!tly_utf8_valid("\xf4\x90\x80\x80", 4)); /* past U+10FFFF */
 	ck_assert(!tly_utf8_valid("\xe2\x82", 2));          /* cut short */
 	ck_assert(!tly_utf8_valid("\x80", 1));
+	/* ASCII is read eight bytes at a time: a bad or a good byte sequence at every offset */
+	for (size_t at = 0; at < 24; at++) {
+		char s[32];
+		memset(s, 'a', sizeof(s));
+		s[at] = '\xff';
+		ck_assert_msg(!tly_utf8_valid(s, 25), "0xff at %zu", at);
+		s[at] = '\xc3';
+		ck_assert_msg(!tly_utf8_valid(s, 25), "a lone lead byte at %zu", at);
+		ck_assert_msg(!tly_utf8_valid(s, at + 1), "cut short at %zu", at);
+		s[at + 1] = '\xa9';
+		ck_assert_msg(tly_utf8_valid(s, 25), "U+00E9 at %zu", at);
+		ck_assert_msg(tly_utf8_valid(s, at), "ASCII before %zu", at);
+	}
 }
 END_TEST
 
