@@ -134,18 +134,70 @@ static char *qident(PGconn *conn, const char *name)
 	return PQescapeIdentifier(conn, name, strlen(name));
 }
 
-/* Run every statement that query (parameterised by live and shadow names) generates. */
-static int run_generated(PGconn *conn, const char *query, const char *live, const char *shadow,
-			 struct tly_pg_error *err)
+/*
+ * The tables' live (or shadow) names, every table's or only the selected ones', as a text[]
+ * literal (names are the fold's: [a-z0-9_]).
+ */
+static void names_array(const struct rebuild *rb, bool shadow, bool only_selected, char *out, size_t len)
 {
-	const char *const v[] = {live, shadow};
+	size_t off = (size_t)snprintf(out, len, "{");
+	for (size_t i = 0; i < rb->ntables; i++)
+		if ((rb->selected[i] || !only_selected) && off < len)
+			off += (size_t)snprintf(out + off, len - off, "%s\"%s\"", off > 1 ? "," : "",
+						shadow ? rb->shadow[i] : rb->tables[i]);
+	if (off < len)
+		snprintf(out + off, len - off, "}");
+}
+
+/* Statements for one pipeline: each malloc'd, owned by the list. */
+struct stmts {
+	char **v;
+	size_t n, cap;
+};
+
+/* Append a copy of sql (NULL: nothing); 0 or TLY_E_NOMEM. */
+static int stmts_add(struct stmts *l, const char *sql)
+{
+	if (!sql)
+		return 0;
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? 2 * l->cap : 64;
+		char **v = realloc(l->v, cap * sizeof(*v));
+		if (!v)
+			return TLY_E_NOMEM;
+		l->v = v;
+		l->cap = cap;
+	}
+	if (!(l->v[l->n] = strdup(sql)))
+		return TLY_E_NOMEM;
+	l->n++;
+	return 0;
+}
+
+static void stmts_free(struct stmts *l)
+{
+	for (size_t i = 0; i < l->n; i++)
+		free(l->v[i]);
+	free(l->v);
+	*l = (struct stmts){0};
+}
+
+/* Run every statement (column 0) that query, parameterised by v[0..1], generates: one pipeline. */
+static int run_generated(PGconn *conn, const char *query, const char *const *v, struct tly_pg_error *err)
+{
+	struct stmts l = {0};
 	PGresult *res = tly_pg_query(conn, query, 2, v, err);
 	if (!res)
 		return TLY_E_PG;
 	int rc = 0;
 	for (int r = 0; r < PQntuples(res) && rc == 0; r++)
-		rc = tly_pg_exec(conn, PQgetvalue(res, r, 0), 0, NULL, err);
+		rc = stmts_add(&l, PQgetvalue(res, r, 0));
 	PQclear(res);
+	if (rc != 0)
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	else
+		rc = tly_pg_exec_pipeline(conn, (const char *const *)l.v, l.n, err);
+	stmts_free(&l);
 	return rc;
 }
 
@@ -639,21 +691,24 @@ static int first_pass(struct rebuild *rb, struct rb_rows *rows, struct tly_pg_er
 }
 
 /*
- * The live table's indexes and the constraints they back, generated for its shadow ($1 live, $2
- * shadow), built after the load (one sort per index instead of an insertion per row). The names
- * end in _rb; the swap renames them to the live names (paired by definition, INDEX_MAP_SQL).
+ * The live tables' indexes and the constraints they back, generated for their shadows ($1 live
+ * names, $2 their shadows, text[] in the same order), built after the load (one sort per index
+ * instead of an insertion per row). The names end in _rb; the swap renames them to the live names
+ * (paired by definition, SWAP_SQL).
  */
 static const char SHADOW_INDEX_SQL[] =
 	"SELECT CASE WHEN con.oid IS NOT NULL "
-	"  THEN format('ALTER TABLE %I ADD CONSTRAINT %I %s', $2::text, left(ic.relname, 60) || '_rb', "
+	"  THEN format('ALTER TABLE %I ADD CONSTRAINT %I %s', t.shadow, left(ic.relname, 60) || '_rb', "
 	"    pg_get_constraintdef(con.oid)) "
 	"  ELSE format('CREATE %sINDEX %I ON %I USING %s', CASE WHEN i.indisunique THEN 'UNIQUE ' "
-	"    ELSE '' END, left(ic.relname, 60) || '_rb', $2::text, "
+	"    ELSE '' END, left(ic.relname, 60) || '_rb', t.shadow, "
 	"    regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '')) END "
-	"FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid "
+	"FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(live, shadow, n) "
+	"JOIN pg_index i ON i.indrelid = quote_ident(t.live)::regclass "
+	"JOIN pg_class ic ON ic.oid = i.indexrelid "
 	"LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid "
 	"  AND con.contype IN ('p', 'u', 'x') "
-	"WHERE i.indrelid = quote_ident($1)::regclass ORDER BY ic.relname";
+	"ORDER BY t.n, ic.relname";
 
 /*
  * End of the first pass, one transaction: the in-memory fold's rows COPYed into the shadows, the
@@ -669,8 +724,12 @@ static int first_pass_copy(struct rebuild *rb, struct tly_pg_error *err)
 	if (rc == 0)
 		rc = tly_memfold_copy(rb->mem, rb->conn, names, err);
 	double t1 = tly_clock_s();
-	for (size_t i = 0; i < rb->ntables && rc == 0; i++)
-		rc = run_generated(rb->conn, SHADOW_INDEX_SQL, rb->tables[i], rb->shadow[i], err);
+	char lives[2048], shadows[2048];
+	names_array(rb, false, false, lives, sizeof(lives));
+	names_array(rb, true, false, shadows, sizeof(shadows));
+	const char *const v[] = {lives, shadows};
+	if (rc == 0)
+		rc = run_generated(rb->conn, SHADOW_INDEX_SQL, v, err);
 	tly_memfold_free(rb->mem);
 	rb->mem = NULL;
 	if (rc == 0)
@@ -691,70 +750,70 @@ static int first_pass_copy(struct rebuild *rb, struct tly_pg_error *err)
 
 /* ---- the swap ----------------------------------------------------------------------------- */
 
-/* Ownership, grants (table and column), row-level security and policies of live, onto shadow. */
-static const char *const SECURE_SQL[] = {
-	"SELECT format('ALTER TABLE %I OWNER TO %I', $2::text, pg_get_userbyid(c.relowner)) "
-	"FROM pg_class c WHERE c.oid = quote_ident($1)::regclass",
-
-	/* whatever default privileges gave the shadow at creation */
-	"SELECT format('REVOKE ALL ON TABLE %I FROM %s', $2::text, CASE WHEN a.grantee = 0 THEN 'PUBLIC' "
-	"  ELSE quote_ident(pg_get_userbyid(a.grantee)) END) "
-	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident($2)::regclass "
-	"  AND a.grantee <> c.relowner AND $1::text IS NOT NULL GROUP BY a.grantee",
-
-	"SELECT format('GRANT %s ON TABLE %I TO %s%s', a.privilege_type, $2::text, "
+/*
+ * What the swap does per table, generated for every swapped table at once ($1 live names, $2
+ * their shadows, text[] in the same order), in one query and from the catalog as it is before any
+ * of it runs: k 0 to 7, ownership, grants (table and column; whatever default privileges gave the
+ * shadow revoked first), row-level security and policies of the live table onto its shadow, and
+ * its sequences kept alive (a serial column of the shadow already draws from the live sequence);
+ * k 8, after the live table is dropped, the shadow's indexes (and the constraints they back)
+ * renamed to the live names, paired by definition (column 3 names an index without a partner,
+ * column 2 then NULL). Rows ordered by table (column 0, its live name), k, statement.
+ */
+static const char SWAP_SQL[] =
+	"SELECT t.live, g.k, g.stmt, g.name FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
+	"  AS t(live, shadow, n) "
+	"CROSS JOIN LATERAL ("
+	"SELECT 0 AS k, format('ALTER TABLE %I OWNER TO %I', t.shadow, pg_get_userbyid(c.relowner)) "
+	"  AS stmt, NULL::name AS name FROM pg_class c WHERE c.oid = quote_ident(t.live)::regclass "
+	/* the shadow's owner after the statement above is the live owner: neither is revoked */
+	"UNION ALL SELECT 1, format('REVOKE ALL ON TABLE %I FROM %s', t.shadow, CASE WHEN a.grantee = 0 "
+	"  THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END), NULL "
+	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident(t.shadow)::regclass "
+	"  AND a.grantee <> c.relowner AND a.grantee <> (SELECT l.relowner FROM pg_class l "
+	"  WHERE l.oid = quote_ident(t.live)::regclass) GROUP BY a.grantee "
+	"UNION ALL SELECT 2, format('GRANT %s ON TABLE %I TO %s%s', a.privilege_type, t.shadow, "
 	"  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
-	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) "
-	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident($1)::regclass "
-	"  AND a.grantee <> c.relowner ORDER BY 1",
-
-	"SELECT format('GRANT %s (%I) ON TABLE %I TO %s%s', a.privilege_type, att.attname, $2::text, "
-	"  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
-	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) "
+	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL "
+	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident(t.live)::regclass "
+	"  AND a.grantee <> c.relowner "
+	"UNION ALL SELECT 3, format('GRANT %s (%I) ON TABLE %I TO %s%s', a.privilege_type, att.attname, "
+	"  t.shadow, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) "
+	"  END, CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL "
 	"FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid, aclexplode(att.attacl) a "
-	"WHERE c.oid = quote_ident($1)::regclass AND att.attnum > 0 AND NOT att.attisdropped "
-	"  AND a.grantee <> c.relowner ORDER BY 1",
-
-	"SELECT format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', $2::text) FROM pg_class c "
-	"WHERE c.oid = quote_ident($1)::regclass AND c.relrowsecurity "
-	"UNION ALL SELECT format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', $2::text) FROM pg_class c "
-	"WHERE c.oid = quote_ident($1)::regclass AND c.relforcerowsecurity",
-
-	"SELECT format('CREATE POLICY %I ON %I AS %s FOR %s TO %s%s%s', p.policyname, $2::text, "
-	"  p.permissive, p.cmd, (SELECT string_agg(CASE WHEN r = 'public' THEN 'PUBLIC' "
+	"WHERE c.oid = quote_ident(t.live)::regclass AND att.attnum > 0 AND NOT att.attisdropped "
+	"  AND a.grantee <> c.relowner "
+	"UNION ALL SELECT 4, format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t.shadow), NULL "
+	"FROM pg_class c WHERE c.oid = quote_ident(t.live)::regclass AND c.relrowsecurity "
+	"UNION ALL SELECT 5, format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t.shadow), NULL "
+	"FROM pg_class c WHERE c.oid = quote_ident(t.live)::regclass AND c.relforcerowsecurity "
+	"UNION ALL SELECT 6, format('CREATE POLICY %I ON %I AS %s FOR %s TO %s%s%s', p.policyname, "
+	"  t.shadow, p.permissive, p.cmd, (SELECT string_agg(CASE WHEN r = 'public' THEN 'PUBLIC' "
 	"  ELSE quote_ident(r) END, ', ') FROM unnest(p.roles) r), "
 	"  CASE WHEN p.qual IS NULL THEN '' ELSE ' USING (' || p.qual || ')' END, "
-	"  CASE WHEN p.with_check IS NULL THEN '' ELSE ' WITH CHECK (' || p.with_check || ')' END) "
-	"FROM pg_policies p WHERE p.schemaname = current_schema() AND p.tablename = $1 "
-	"ORDER BY p.policyname",
-
-	/* serial columns: the shadow's default already draws from the live sequence; keep it alive */
-	"SELECT format('ALTER SEQUENCE %s OWNED BY %I.%I', d.objid::regclass, $2::text, att.attname) "
+	"  CASE WHEN p.with_check IS NULL THEN '' ELSE ' WITH CHECK (' || p.with_check || ')' END), NULL "
+	"FROM pg_policies p WHERE p.schemaname = current_schema() AND p.tablename = t.live "
+	"UNION ALL SELECT 7, format('ALTER SEQUENCE %s OWNED BY %I.%I', d.objid::regclass, t.shadow, "
+	"  att.attname), NULL "
 	"FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
 	"JOIN pg_attribute att ON att.attrelid = d.refobjid AND att.attnum = d.refobjsubid "
 	"WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
-	"  AND d.refobjid = quote_ident($1)::regclass AND d.deptype = 'a'",
-};
-#define N_SECURE_SQL (sizeof(SECURE_SQL) / sizeof(SECURE_SQL[0]))
-
-/*
- * After the live table is dropped: rename the shadow's indexes (and the constraints they back)
- * to the live names, pairing indexes by definition. Computed before the drop; the statements are
- * returned (caller PQclears), column 0 the rename, NULL in 0 for an index without a partner.
- */
-static const char INDEX_MAP_SQL[] =
-	"WITH l AS (SELECT ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '') "
-	"    AS def, i.indisunique AS u, i.indisprimary AS p FROM pg_index i "
-	"    JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = quote_ident($1)::regclass), "
-	"s AS (SELECT ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '') "
-	"    AS def, i.indisunique AS u, i.indisprimary AS p FROM pg_index i "
-	"    JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = quote_ident($2)::regclass), "
-	"ln AS (SELECT *, row_number() OVER (PARTITION BY def, u, p ORDER BY relname) AS n FROM l), "
-	"sn AS (SELECT *, row_number() OVER (PARTITION BY def, u, p ORDER BY relname) AS n FROM s) "
-	"SELECT CASE WHEN ln.relname IS NOT NULL AND sn.relname IS NOT NULL "
+	"  AND d.refobjid = quote_ident(t.live)::regclass AND d.deptype = 'a' "
+	"UNION ALL SELECT 8, CASE WHEN ln.relname IS NOT NULL AND sn.relname IS NOT NULL "
 	"  THEN format('ALTER INDEX %I RENAME TO %I', sn.relname, ln.relname) END, "
 	"  coalesce(ln.relname, sn.relname) "
-	"FROM ln FULL JOIN sn USING (def, u, p, n)";
+	"FROM (SELECT *, row_number() OVER (PARTITION BY def, u, p ORDER BY relname) AS n "
+	"  FROM (SELECT ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '') "
+	"    AS def, i.indisunique AS u, i.indisprimary AS p FROM pg_index i "
+	"    JOIN pg_class ic ON ic.oid = i.indexrelid "
+	"    WHERE i.indrelid = quote_ident(t.live)::regclass) l0) ln "
+	"FULL JOIN (SELECT *, row_number() OVER (PARTITION BY def, u, p ORDER BY relname) AS n "
+	"  FROM (SELECT ic.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '') "
+	"    AS def, i.indisunique AS u, i.indisprimary AS p FROM pg_index i "
+	"    JOIN pg_class ic ON ic.oid = i.indexrelid "
+	"    WHERE i.indrelid = quote_ident(t.shadow)::regclass) s0) sn USING (def, u, p, n)"
+	") g ORDER BY t.n, g.k, g.stmt";
+#define SWAP_K_RENAME_INDEX 8
 
 /*
  * Foreign keys from or to the swapped tables ($1: their names): the drop of those held by tables
@@ -773,91 +832,78 @@ static const char FK_SQL[] =
 	"WHERE c.contype = 'f' AND (c.conrelid IN (SELECT oid FROM sel) OR c.confrelid IN "
 	"  (SELECT oid FROM sel)) ORDER BY r.relname, c.conname";
 
-/* The selected live names as a text[] literal (names are the fold's: [a-z0-9_]). */
-static void selected_array(const struct rebuild *rb, char *out, size_t len)
-{
-	size_t off = (size_t)snprintf(out, len, "{");
-	for (size_t i = 0; i < rb->ntables; i++)
-		if (rb->selected[i] && off < len)
-			off += (size_t)snprintf(out + off, len - off, "%s\"%s\"", off > 1 ? "," : "",
-						rb->tables[i]);
-	if (off < len)
-		snprintf(out + off, len - off, "}");
-}
-
 /*
  * Inside the swap transaction, with every lock held: copy security, move sequences, drop the
- * live tables, rename the shadows, their indexes, re-create the foreign keys. *fks receives the
- * FK rows (column 3: validation to run after the commit; caller PQclears).
+ * live tables, rename the shadows, their indexes, re-create the foreign keys. Generated by two
+ * queries (FK_SQL, SWAP_SQL) and run as one pipeline. *fks receives the FK rows (column 3:
+ * validation to run after the commit; caller PQclears).
  */
 static int swap_tables(struct rebuild *rb, PGresult **fks, struct tly_pg_error *err)
 {
-	char names[2048], sql[4096];
-	PGresult *maps[N_MAX_TABLES] = {0};
+	char names[2048], shadows[2048], sql[4096];
+	struct stmts l = {0};
+	PGresult *gen = NULL;
 	int rc = 0;
-	selected_array(rb, names, sizeof(names));
-	const char *const v[] = {names};
-	if (!(*fks = tly_pg_query(rb->conn, FK_SQL, 1, v, err)))
+	names_array(rb, false, true, names, sizeof(names));
+	names_array(rb, true, true, shadows, sizeof(shadows));
+	const char *const v[] = {names, shadows};
+	if (!(*fks = tly_pg_query(rb->conn, FK_SQL, 1, v, err)) ||
+	    !(gen = tly_pg_query(rb->conn, SWAP_SQL, 2, v, err)))
 		return TLY_E_PG;
-	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
-		if (!rb->selected[i])
-			continue;
-		for (size_t k = 0; k < N_SECURE_SQL && rc == 0; k++)
-			rc = run_generated(rb->conn, SECURE_SQL[k], rb->tables[i], rb->shadow[i], err);
-		const char *const m[] = {rb->tables[i], rb->shadow[i]};
-		if (rc == 0 && !(maps[i] = tly_pg_query(rb->conn, INDEX_MAP_SQL, 2, m, err)))
+	int ngen = PQntuples(gen);
+	for (int r = 0; rc == 0 && r < ngen; r++) {
+		if (atoi(PQgetvalue(gen, r, 1)) != SWAP_K_RENAME_INDEX)
+			rc = stmts_add(&l, PQgetvalue(gen, r, 2));
+		else if (PQgetisnull(gen, r, 2)) {
+			snprintf(err->message, sizeof(err->message),
+				 "index \"%s\" of \"%s\" has no counterpart in its shadow table",
+				 PQgetvalue(gen, r, 3), PQgetvalue(gen, r, 0));
+			err->errclass = TLY_ERRCLASS_FATAL;
 			rc = TLY_E_PG;
-		for (int r = 0; rc == 0 && r < PQntuples(maps[i]); r++) {
-			if (PQgetisnull(maps[i], r, 0)) {
-				snprintf(err->message, sizeof(err->message),
-					 "index \"%s\" of \"%s\" has no counterpart in its shadow table",
-					 PQgetvalue(maps[i], r, 1), rb->tables[i]);
-				err->errclass = TLY_ERRCLASS_FATAL;
-				rc = TLY_E_PG;
-			}
 		}
 	}
 	for (int r = 0; rc == 0 && r < PQntuples(*fks); r++)
 		if (strcmp(PQgetvalue(*fks, r, 0), "t") == 0)
-			rc = tly_pg_exec(rb->conn, PQgetvalue(*fks, r, 1), 0, NULL, err);
-	if (rc == 0) {
-		size_t off = (size_t)snprintf(sql, sizeof(sql), "DROP TABLE ");
-		bool first = true;
-		for (size_t i = 0; i < rb->ntables; i++) {
-			if (!rb->selected[i])
-				continue;
-			char *q = qident(rb->conn, rb->tables[i]);
-			if (!q || off >= sizeof(sql)) {
-				PQfreemem(q);
-				rc = TLY_E_NOMEM;
-				break;
-			}
+			rc = stmts_add(&l, PQgetvalue(*fks, r, 1));
+	size_t off = (size_t)snprintf(sql, sizeof(sql), "DROP TABLE ");
+	for (size_t i = 0, first = 1; rc == 0 && i < rb->ntables; i++) {
+		if (!rb->selected[i])
+			continue;
+		char *q = qident(rb->conn, rb->tables[i]);
+		if (!q || off >= sizeof(sql))
+			rc = TLY_E_NOMEM;
+		else
 			off += (size_t)snprintf(sql + off, sizeof(sql) - off, "%s%s", first ? "" : ", ", q);
-			first = false;
-			PQfreemem(q);
-		}
-		if (rc == 0)
-			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+		first = 0;
+		PQfreemem(q);
 	}
+	if (rc == 0)
+		rc = stmts_add(&l, sql);
 	for (size_t i = 0; i < rb->ntables && rc == 0; i++) {
 		if (!rb->selected[i])
 			continue;
 		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
 		if (ql && qs) {
 			snprintf(sql, sizeof(sql), "ALTER TABLE %s RENAME TO %s", qs, ql);
-			rc = tly_pg_exec(rb->conn, sql, 0, NULL, err);
+			rc = stmts_add(&l, sql);
 		} else {
 			rc = TLY_E_NOMEM;
 		}
 		PQfreemem(ql);
 		PQfreemem(qs);
-		for (int r = 0; rc == 0 && r < PQntuples(maps[i]); r++)
-			rc = tly_pg_exec(rb->conn, PQgetvalue(maps[i], r, 0), 0, NULL, err);
+		for (int r = 0; rc == 0 && r < ngen; r++)
+			if (atoi(PQgetvalue(gen, r, 1)) == SWAP_K_RENAME_INDEX &&
+			    strcmp(PQgetvalue(gen, r, 0), rb->tables[i]) == 0)
+				rc = stmts_add(&l, PQgetvalue(gen, r, 2));
 	}
 	for (int r = 0; rc == 0 && r < PQntuples(*fks); r++)
-		rc = tly_pg_exec(rb->conn, PQgetvalue(*fks, r, 2), 0, NULL, err);
-	for (size_t i = 0; i < rb->ntables; i++)
-		PQclear(maps[i]);
+		rc = stmts_add(&l, PQgetvalue(*fks, r, 2));
+	if (rc == TLY_E_NOMEM)
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	if (rc == 0)
+		rc = tly_pg_exec_pipeline(rb->conn, (const char *const *)l.v, l.n, err);
+	PQclear(gen);
+	stmts_free(&l);
 	return rc;
 }
 
@@ -886,11 +932,9 @@ static int swap_once(struct rebuild *rb, PGresult **fks, struct tly_pg_error *er
 		snprintf(sql + off, sizeof(sql) - off, " IN ACCESS EXCLUSIVE MODE");
 	const char *const v[] = {PROJECTOR_CONSUMER};
 	int64_t behind = 0;
-	int rc = tly_pg_begin(rb->conn, err);
-	if (rc == 0)
-		rc = tly_pg_exec(rb->conn, "SET LOCAL lock_timeout = '5s'", 0, NULL, err);
-	if (rc == 0)
-		rc = tly_pg_exec(rb->conn, "SET LOCAL synchronous_commit = on", 0, NULL, err);
+	static const char *const begin[] = {"BEGIN", "SET LOCAL lock_timeout = '5s'",
+					    "SET LOCAL synchronous_commit = on"};
+	int rc = tly_pg_exec_pipeline(rb->conn, begin, sizeof(begin) / sizeof(begin[0]), err);
 	if (rc == 0)
 		rc = tly_pg_exec(rb->conn, "SELECT 1 FROM consumer_offsets WHERE consumer = $1 FOR UPDATE",
 				 1, v, err);
