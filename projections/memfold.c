@@ -123,29 +123,30 @@ struct tly_memfold {
 	struct tly_uuidmap *tenant_api; /* tenant -> its first api_day */
 	EVP_MD_CTX *md;                 /* owned */
 	bool entries_started;
+	bool finished;                  /* tly_memfold_finish ran: the fold takes no more input */
 	bool oom;
 };
 
 static const tly_uuid NIL;
 
-/* SHA-256 of up to three parts into md (the context is the fold's); false on failure. */
-static bool digest(struct tly_memfold *mf, const void *a, size_t alen, const void *b, size_t blen,
+/* SHA-256 of up to three parts into md, with ctx; false (and *fail set) on failure. */
+static bool digest(EVP_MD_CTX *ctx, bool *fail, const void *a, size_t alen, const void *b, size_t blen,
 		   const void *c, size_t clen, unsigned char md[32])
 {
-	bool ok = EVP_DigestInit_ex(mf->md, EVP_sha256(), NULL) == 1 &&
-		  EVP_DigestUpdate(mf->md, a, alen) == 1 && (!b || EVP_DigestUpdate(mf->md, b, blen) == 1) &&
-		  (!c || EVP_DigestUpdate(mf->md, c, clen) == 1) && EVP_DigestFinal_ex(mf->md, md, NULL) == 1;
+	bool ok = EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(ctx, a, alen) == 1 &&
+		  (!b || EVP_DigestUpdate(ctx, b, blen) == 1) && (!c || EVP_DigestUpdate(ctx, c, clen) == 1) &&
+		  EVP_DigestFinal_ex(ctx, md, NULL) == 1;
 	if (!ok)
-		mf->oom = true;
+		*fail = true;
 	return ok;
 }
 
 /* Strings as a 16-byte key (SHA-256, truncated: collisions are not a concern at 128 bits). */
-static tly_uuid str_key(struct tly_memfold *mf, const char *a, const char *b, int32_t n)
+static tly_uuid str_key(EVP_MD_CTX *ctx, bool *fail, const char *a, const char *b, int32_t n)
 {
 	unsigned char md[32] = {0};
 	tly_uuid k;
-	digest(mf, a, strlen(a) + 1, b, b ? strlen(b) + 1 : 0, &n, sizeof(n), md);
+	digest(ctx, fail, a, strlen(a) + 1, b, b ? strlen(b) + 1 : 0, &n, sizeof(n), md);
 	memcpy(k.b, md, sizeof(k.b));
 	return k;
 }
@@ -209,7 +210,7 @@ static void put(struct tly_memfold *mf, int t, const tly_uuid *a, const tly_uuid
 
 int tly_memfold_plan(struct tly_memfold *mf, const char *code, const tly_uuid *plan_id)
 {
-	tly_uuid k = str_key(mf, code, NULL, 0);
+	tly_uuid k = str_key(mf->md, &mf->oom, code, NULL, 0);
 	tly_uuid *id = alloc(mf, sizeof(*id));
 	if (id)
 		*id = *plan_id;
@@ -303,7 +304,7 @@ static void api_call(struct tly_memfold *mf, const struct tly_event *ev, const t
 	put(mf, T_CALLS, &k->a, &k->b, k);
 	int64_t at = ev->occurred_at;
 	int32_t day = (int32_t)((at >= 0 ? at : at - DAY_US + 1) / DAY_US);
-	tly_uuid dk = str_key(mf, provider, model, day);
+	tly_uuid dk = str_key(mf->md, &mf->oom, provider, model, day);
 	struct api_day *d = tly_uuidmap_get(mf->map[T_API], &ev->tenant_id, &dk);
 	if (!d) {
 		if (!(d = alloc(mf, sizeof(*d))))
@@ -454,9 +455,13 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		m->cost = e->cost_micros;
 		m->at = at;
 		unsigned char md[32] = {0};
-		digest(mf, e->content, strlen(e->content), NULL, 0, NULL, 0, md);
-		for (int i = 0; i < 32; i++)
-			snprintf(m->checksum + 2 * i, 3, "%02x", md[i]);
+		digest(mf->md, &mf->oom, e->content, strlen(e->content), NULL, 0, NULL, 0, md);
+		static const char hex[] = "0123456789abcdef"; /* lower case, as fold.c's encode(…, 'hex') */
+		for (int i = 0; i < 32; i++) {
+			m->checksum[2 * i] = hex[md[i] >> 4];
+			m->checksum[2 * i + 1] = hex[md[i] & 15];
+		}
+		m->checksum[64] = '\0';
 		put(mf, T_MESSAGES, &m->message_id, NULL, m);
 		c->message_count++;
 		c->prompt += m->prompt;
@@ -638,6 +643,8 @@ static void add_entry(struct tly_memfold *mf, const struct tly_event *ev, json_t
 
 int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev)
 {
+	if (mf->finished)
+		return TLY_E_INVALID;
 	if (ev->type == TLY_EV_CLOCK_TICK || !tly_event_desc(ev->type))
 		return 0;
 	json_t *json = NULL;
@@ -691,15 +698,18 @@ static void usage_winners(struct tly_memfold *mf)
 		const struct sub *s = u ? tly_uuidmap_get(mf->map[T_SUBS], &u->sub, NULL) : NULL;
 		if (!s || memcmp(&s->tenant, &u->tenant, sizeof(u->tenant)) != 0)
 			continue;
-		tly_uuid ek = str_key(mf, u->external_event_id, NULL, 0);
+		tly_uuid ek = str_key(mf->md, &mf->oom, u->external_event_id, NULL, 0);
 		const struct usage *w = tly_uuidmap_get(mf->usage_ext, &u->tenant, &ek);
 		if ((!w || u->ord < w->ord) && tly_uuidmap_put(mf->usage_ext, &u->tenant, &ek, u) != 0)
 			mf->oom = true;
 	}
 }
 
-/* The rows of table t, in the column order of COPY_COLUMNS[t]. */
-static void rows_of(struct tly_memfold *mf, int t, struct tly_pgcopy *c)
+/*
+ * The rows of table t, in the column order of COPY_COLUMNS[t]; reads mf only (string keys are
+ * hashed with ctx, *fail set if that fails).
+ */
+static void rows_of(const struct tly_memfold *mf, int t, struct tly_pgcopy *c, EVP_MD_CTX *ctx, bool *fail)
 {
 	const struct tly_uuidmap *map = mf->map[t];
 	for (size_t i = 0; i < tly_uuidmap_capacity(map); i++) {
@@ -784,7 +794,7 @@ static void rows_of(struct tly_memfold *mf, int t, struct tly_pgcopy *c)
 		}
 		case T_SUBS: {
 			const struct sub *r = row;
-			tly_uuid k = str_key(mf, r->plan_code, NULL, 0);
+			tly_uuid k = str_key(ctx, fail, r->plan_code, NULL, 0);
 			const tly_uuid *plan = r->plan_code[0] ? tly_uuidmap_get(mf->plans, &k, NULL) : NULL;
 			tly_pgcopy_row(c, 23);
 			tly_pgcopy_uuid(c, &r->id);
@@ -843,7 +853,7 @@ static void rows_of(struct tly_memfold *mf, int t, struct tly_pgcopy *c)
 		}
 		case T_USAGE: {
 			const struct usage *r = row;
-			tly_uuid ek = str_key(mf, r->external_event_id, NULL, 0);
+			tly_uuid ek = str_key(ctx, fail, r->external_event_id, NULL, 0);
 			if (tly_uuidmap_get(mf->usage_ext, &r->tenant, &ek) != row)
 				break;
 			const struct period *p = tly_uuidmap_get(mf->map[T_PERIODS], &r->id, NULL);
@@ -975,6 +985,14 @@ static const char *const COPY_COLUMNS[N_T] = {
 	[T_PERIODS] = "event_id, period_start, period_end",
 };
 
+int tly_memfold_finish(struct tly_memfold *mf)
+{
+	if (!mf->finished)
+		usage_winners(mf);
+	mf->finished = true;
+	return mf->oom ? TLY_E_NOMEM : 0;
+}
+
 int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const names[],
 		     struct tly_pg_error *err)
 {
@@ -992,15 +1010,14 @@ int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const nam
 		err->errclass = TLY_ERRCLASS_FATAL;
 		return TLY_E_PG;
 	}
-	usage_winners(mf);
-	struct tly_pgcopy *c = tly_pgcopy_new();
-	if (!c || mf->oom) {
-		tly_pgcopy_free(c);
+	if (!mf->finished && tly_memfold_finish(mf) != 0)
 		return TLY_E_NOMEM;
-	}
-	int rc = 0;
+	struct tly_pgcopy *c = tly_pgcopy_new();
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new(); /* this call's own: copies may run on two threads */
+	bool fail = false;
+	int rc = c && ctx && !mf->oom ? 0 : TLY_E_NOMEM;
 	for (int t = 0; t < N_T && rc == 0; t++) {
-		if (!COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0 ||
+		if (!names[t] || !COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0 ||
 		    (t == T_USAGE && tly_uuidmap_count(mf->usage_ext) == 0))
 			continue;
 		char *q = PQescapeIdentifier(conn, names[t], strlen(names[t]));
@@ -1012,10 +1029,11 @@ int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const nam
 		}
 		PQfreemem(q);
 		tly_pgcopy_reset(c);
-		rows_of(mf, t, c);
-		rc = tly_pgcopy_send(conn, c, sql, err);
+		rows_of(mf, t, c, ctx, &fail);
+		rc = fail ? TLY_E_NOMEM : tly_pgcopy_send(conn, c, sql, err);
 		free(sql);
 	}
+	EVP_MD_CTX_free(ctx);
 	tly_pgcopy_free(c);
 	return rc;
 }

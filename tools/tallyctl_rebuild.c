@@ -9,6 +9,7 @@
  * tally.ledger, whose retention may be shorter than history. See projections/README.md.
  */
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -135,14 +136,14 @@ static char *qident(PGconn *conn, const char *name)
 }
 
 /*
- * The tables' live (or shadow) names, every table's or only the selected ones', as a text[]
+ * The tables' live (or shadow) names, those which[i] is true for (NULL: every table), as a text[]
  * literal (names are the fold's: [a-z0-9_]).
  */
-static void names_array(const struct rebuild *rb, bool shadow, bool only_selected, char *out, size_t len)
+static void names_array(const struct rebuild *rb, bool shadow, const bool *which, char *out, size_t len)
 {
 	size_t off = (size_t)snprintf(out, len, "{");
 	for (size_t i = 0; i < rb->ntables; i++)
-		if ((rb->selected[i] || !only_selected) && off < len)
+		if ((!which || which[i]) && off < len)
 			off += (size_t)snprintf(out + off, len - off, "%s\"%s\"", off > 1 ? "," : "",
 						shadow ? rb->shadow[i] : rb->tables[i]);
 	if (off < len)
@@ -453,6 +454,7 @@ static int fold_topics(struct rebuild *rb, struct tly_pg_error *err)
 	if (rc == 0)
 		rc = flush(rb, err);
 	kerr = rd_kafka_assign(rb->rk, NULL);
+
 	if (kerr && rc == 0) {
 		snprintf(err->message, sizeof(err->message), "could not unassign partitions: %s",
 			 rd_kafka_err2str(kerr));
@@ -542,7 +544,8 @@ static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct 
 		return NULL;
 	}
 	if (tly_pg_exec(*conn2, "SELECT set_config('work_mem', '" ENTRIES_WORK_MEM "', false), "
-			"set_config('max_parallel_workers_per_gather', '0', false)", 0, NULL, err) != 0)
+			"set_config('max_parallel_workers_per_gather', '0', false), "
+			"set_config('synchronous_commit', 'off', false)", 0, NULL, err) != 0)
 		return NULL;
 	return rb_rows_start(*conn2, sql, ENTRIES_AHEAD, err->message, sizeof(err->message));
 }
@@ -600,15 +603,6 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 }
 
 /* ---- the first pass, folded in memory --------------------------------------------------- */
-
-/* The shadow name of one of the fold's tables. */
-static const char *shadow_of(const struct rebuild *rb, const char *table)
-{
-	for (size_t i = 0; i < rb->ntables; i++)
-		if (strcmp(rb->tables[i], table) == 0)
-			return rb->shadow[i];
-	return NULL;
-}
 
 /*
  * The first pass, up to its Kafka records: in one transaction, the seeds into temporary tables,
@@ -710,41 +704,104 @@ static const char SHADOW_INDEX_SQL[] =
 	"  AND con.contype IN ('p', 'u', 'x') "
 	"ORDER BY t.n, ic.relname";
 
+/* The tables the first pass writes on its second connection, at the same time as the others. */
+static const char *const SECOND_CONN_TABLES[] = {"agent_messages"};
+#define N_SECOND_CONN_TABLES (sizeof(SECOND_CONN_TABLES) / sizeof(SECOND_CONN_TABLES[0]))
+
 /*
- * End of the first pass, one transaction: the in-memory fold's rows COPYed into the shadows, the
- * shadows' indexes built, then the plans (fold.c, which needs the indexes) folded on top.
+ * One connection's share of the end of the first pass, one transaction: the in-memory fold's rows
+ * of its tables COPYed into their shadows, their indexes built, and on the first connection the
+ * plans (fold.c, which needs the indexes) folded on top.
  */
-static int first_pass_copy(struct rebuild *rb, struct tly_pg_error *err)
+struct copy_share {
+	struct rebuild *rb;         /* borrowed; rb->mem only read (tly_memfold_finish ran) */
+	PGconn *conn;               /* borrowed */
+	bool which[N_MAX_TABLES];   /* rb->tables[i] is this share's */
+	bool plans;                 /* fold the plans too (rb->fold: the first connection's share) */
+	double copied;              /* seconds the COPY took */
+	int rc;
+	struct tly_pg_error err;
+};
+
+static int copy_share_run(struct copy_share *cs)
 {
-	const char *names[N_MAX_TABLES];
-	for (size_t k = 0; k < tly_fold_n_tables && k < N_MAX_TABLES; k++)
-		names[k] = shadow_of(rb, tly_fold_tables[k]);
-	double t0 = tly_clock_s();
-	int rc = tly_pg_begin(rb->conn, err);
-	if (rc == 0)
-		rc = tly_memfold_copy(rb->mem, rb->conn, names, err);
-	double t1 = tly_clock_s();
+	struct rebuild *rb = cs->rb;
+	const char *names[N_MAX_TABLES] = {0};
 	char lives[2048], shadows[2048];
-	names_array(rb, false, false, lives, sizeof(lives));
-	names_array(rb, true, false, shadows, sizeof(shadows));
+	for (size_t k = 0; k < tly_fold_n_tables && k < N_MAX_TABLES; k++)
+		for (size_t i = 0; i < rb->ntables; i++)
+			if (cs->which[i] && strcmp(rb->tables[i], tly_fold_tables[k]) == 0)
+				names[k] = rb->shadow[i];
+	names_array(rb, false, cs->which, lives, sizeof(lives));
+	names_array(rb, true, cs->which, shadows, sizeof(shadows));
 	const char *const v[] = {lives, shadows};
+	double t0 = tly_clock_s();
+	int rc = tly_pg_begin(cs->conn, &cs->err);
 	if (rc == 0)
-		rc = run_generated(rb->conn, SHADOW_INDEX_SQL, v, err);
-	tly_memfold_free(rb->mem);
-	rb->mem = NULL;
+		rc = tly_memfold_copy(rb->mem, cs->conn, names, &cs->err);
+	cs->copied = tly_clock_s() - t0;
 	if (rc == 0)
-		rc = tly_fold_flush(rb->fold, rb->conn, err);
+		rc = run_generated(cs->conn, SHADOW_INDEX_SQL, v, &cs->err);
+	if (rc == 0 && cs->plans)
+		rc = tly_fold_flush(rb->fold, cs->conn, &cs->err);
 	if (rc == 0)
-		rc = tly_pg_commit(rb->conn, err);
-	rb->phase[PH_COPY] += t1 - t0;
-	rb->phase[PH_INDEXES] += tly_clock_s() - t1;
+		rc = tly_pg_commit(cs->conn, &cs->err);
+	if (rc == TLY_E_NOMEM)
+		snprintf(cs->err.message, sizeof(cs->err.message), "out of memory");
+	struct tly_pg_error rberr;
+	if (rc != 0 && PQtransactionStatus(cs->conn) != PQTRANS_IDLE && tly_pg_rollback(cs->conn, &rberr) != 0)
+		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
+	return rc;
+}
+
+static void *copy_share_thread(void *arg)
+{
+	struct copy_share *cs = arg;
+	cs->rc = copy_share_run(cs);
+	return NULL;
+}
+
+/*
+ * End of the first pass: the in-memory fold's final rows into the shadows and their indexes,
+ * SECOND_CONN_TABLES on conn2 (idle since the ledger entries were read; NULL: everything on the
+ * first connection) by a thread of its own, the rest on the first connection at the same time.
+ */
+static int first_pass_copy(struct rebuild *rb, PGconn *conn2, struct tly_pg_error *err)
+{
+	struct copy_share one = {.rb = rb, .conn = rb->conn, .plans = true};
+	struct copy_share two = {.rb = rb, .conn = conn2};
+	bool threaded = false;
+	for (size_t i = 0; i < rb->ntables; i++) {
+		bool second = false;
+		for (size_t k = 0; k < N_SECOND_CONN_TABLES && conn2; k++)
+			second |= strcmp(rb->tables[i], SECOND_CONN_TABLES[k]) == 0;
+		one.which[i] = !second;
+		two.which[i] = second;
+	}
+	double t0 = tly_clock_s();
+	int rc = tly_memfold_finish(rb->mem);
+	pthread_t thread;
+	if (rc == 0 && conn2) {
+		int e = pthread_create(&thread, NULL, copy_share_thread, &two);
+		if (e != 0) {
+			snprintf(err->message, sizeof(err->message), "could not start a thread: %s", strerror(e));
+			return TLY_E_NOMEM;
+		}
+		threaded = true;
+	}
+	if (rc == 0 && (rc = copy_share_run(&one)) != 0)
+		*err = one.err;
+	if (threaded) {
+		pthread_join(thread, NULL);
+		if (rc == 0 && (rc = two.rc) != 0)
+			*err = two.err;
+	}
 	if (rc == TLY_E_NOMEM)
 		snprintf(err->message, sizeof(err->message), "out of memory");
-	if (rc == 0)
-		return 0;
-	struct tly_pg_error rberr;
-	if (PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
-		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
+	tly_memfold_free(rb->mem);
+	rb->mem = NULL;
+	rb->phase[PH_COPY] += one.copied;
+	rb->phase[PH_INDEXES] += tly_clock_s() - t0 - one.copied;
 	return rc;
 }
 
@@ -772,17 +829,20 @@ static const char SWAP_SQL[] =
 	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident(t.shadow)::regclass "
 	"  AND a.grantee <> c.relowner AND a.grantee <> (SELECT l.relowner FROM pg_class l "
 	"  WHERE l.oid = quote_ident(t.live)::regclass) GROUP BY a.grantee "
-	"UNION ALL SELECT 2, format('GRANT %s ON TABLE %I TO %s%s', a.privilege_type, t.shadow, "
-	"  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
+	/* one GRANT per grantee (and grant option) with all its privileges */
+	"UNION ALL SELECT 2, format('GRANT %s ON TABLE %I TO %s%s', string_agg(a.privilege_type, ', ' "
+	"  ORDER BY a.privilege_type), t.shadow, CASE WHEN a.grantee = 0 THEN 'PUBLIC' "
+	"  ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
 	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL "
 	"FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = quote_ident(t.live)::regclass "
-	"  AND a.grantee <> c.relowner "
-	"UNION ALL SELECT 3, format('GRANT %s (%I) ON TABLE %I TO %s%s', a.privilege_type, att.attname, "
-	"  t.shadow, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) "
-	"  END, CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL "
+	"  AND a.grantee <> c.relowner GROUP BY a.grantee, a.is_grantable "
+	"UNION ALL SELECT 3, format('GRANT %s (%s) ON TABLE %I TO %s%s', a.privilege_type, "
+	"  string_agg(quote_ident(att.attname), ', ' ORDER BY att.attnum), t.shadow, "
+	"  CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
+	"  CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), NULL "
 	"FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid, aclexplode(att.attacl) a "
 	"WHERE c.oid = quote_ident(t.live)::regclass AND att.attnum > 0 AND NOT att.attisdropped "
-	"  AND a.grantee <> c.relowner "
+	"  AND a.grantee <> c.relowner GROUP BY a.grantee, a.is_grantable, a.privilege_type "
 	"UNION ALL SELECT 4, format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t.shadow), NULL "
 	"FROM pg_class c WHERE c.oid = quote_ident(t.live)::regclass AND c.relrowsecurity "
 	"UNION ALL SELECT 5, format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t.shadow), NULL "
@@ -844,8 +904,8 @@ static int swap_tables(struct rebuild *rb, PGresult **fks, struct tly_pg_error *
 	struct stmts l = {0};
 	PGresult *gen = NULL;
 	int rc = 0;
-	names_array(rb, false, true, names, sizeof(names));
-	names_array(rb, true, true, shadows, sizeof(shadows));
+	names_array(rb, false, rb->selected, names, sizeof(names));
+	names_array(rb, true, rb->selected, shadows, sizeof(shadows));
 	const char *const v[] = {names, shadows};
 	if (!(*fks = tly_pg_query(rb->conn, FK_SQL, 1, v, err)) ||
 	    !(gen = tly_pg_query(rb->conn, SWAP_SQL, 2, v, err)))
@@ -948,6 +1008,7 @@ static int swap_once(struct rebuild *rb, PGresult **fks, struct tly_pg_error *er
 		rc = swap_tables(rb, fks, err);
 	if (rc == 0)
 		rc = tly_pg_commit(rb->conn, err);
+
 	return rc;
 }
 
@@ -1177,7 +1238,7 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	else if (PQtransactionStatus(rb.conn) == PQTRANS_ACTIVE && script_results(rb.conn, &ddl_err) != 0)
 		fprintf(stderr, "tallyctl: could not create the shadow tables: %s\n", ddl_err.message);
 	rb_rows_end(rows);
-	if (conn2)
+	if (prc != 0 && conn2)
 		PQfinish(conn2);
 	if (prc != 0) {
 		struct tly_pg_error rberr;
@@ -1186,7 +1247,10 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 		report(&rb, "fold into the shadow tables", &err);
 		goto out;
 	}
-	if ((prc = first_pass_copy(&rb, &err)) != 0) {
+	prc = first_pass_copy(&rb, conn2, &err);
+	if (conn2)
+		PQfinish(conn2);
+	if (prc != 0) {
 		report(&rb, "write the shadow tables", &err);
 		goto out;
 	}
