@@ -311,16 +311,59 @@ static void settle(struct stack *s)
 		die("checkpoint", pe.message);
 }
 
-/* `ctl rebuild all` after settle(), timed to its exit (seconds); warns of any table it changed. */
+/* CPU seconds used so far by a step's two sides (struct cpu_now). */
+struct cpu {
+	double client; /* this process and its reaped children (a tallyctl run) */
+	double server; /* the PostgreSQL cluster: postmaster, live and ended backends, workers */
+};
+
+static struct cpu cpu_now(struct stack *s)
+{
+	struct tly_proc_cpu live = {0};
+	pid_t pm = tly_devpg_pid(s->pg);
+	double self = tly_proc_cpu_s(getpid(), true), pm_all = tly_proc_cpu_s(pm, true),
+	       pm_own = tly_proc_cpu_s(pm, false);
+	if (self < 0 || pm_all < 0 || pm_own < 0 || tly_proc_cpu_add(pm, true, &live) != 0)
+		die("CPU time", "could not read /proc");
+	/* live: the postmaster and its running children; pm_all - pm_own: its reaped children */
+	return (struct cpu){self, (double)live.on_cpu_us / 1e6 + pm_all - pm_own};
+}
+
+/*
+ * After a tallyctl run: until its backends are gone and reaped (their CPU then counts in the
+ * postmaster's children's), at most 5 s.
+ */
+static void backends_gone(struct stack *s)
+{
+	for (double give_up = tly_clock_s() + 5; tly_clock_s() < give_up; usleep(10000))
+		if (q_long(s, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+			      "AND pid <> pg_backend_pid()", NULL) == 0)
+			break;
+	usleep(20000); /* the postmaster reaps an ended backend on SIGCHLD */
+}
+
+static struct cpu cpu_since(struct stack *s, struct cpu c0)
+{
+	struct cpu c = cpu_now(s);
+	return (struct cpu){c.client - c0.client, c.server - c0.server};
+}
+
+/*
+ * `ctl rebuild all` after settle(), timed to its exit (seconds; *cpu: CPU seconds of tallyctl and
+ * of PostgreSQL meanwhile); warns of any table it changed.
+ */
 static double time_rebuild(struct stack *s, const char *ctl, const char *who, const char *live, char *out,
-			   size_t outlen)
+			   size_t outlen, struct cpu *cpu)
 {
 	char *argv[] = {(char *)ctl, "rebuild", "all", NULL};
 	settle(s);
+	struct cpu c0 = cpu_now(s);
 	double t0 = tly_clock_s();
 	if (tly_proc_run(argv, out, outlen) != 0)
 		die(who, out);
 	double secs = tly_clock_s() - t0;
+	backends_gone(s);
+	*cpu = cpu_since(s, c0);
 	char *rebuilt = digest(s);
 	warn_changed(live, rebuilt, who);
 	free(rebuilt);
@@ -444,22 +487,37 @@ int main(int argc, char **argv)
 	char *live_digest = digest(&s);
 	char ctl[PATH_MAX], base_out[4096] = "";
 	double rebuild_t[MAX_ROUNDS], base_t[MAX_ROUNDS], copy_t[MAX_ROUNDS];
+	/* CPU seconds per round: [0] client, [1] PostgreSQL */
+	double rebuild_c[2][MAX_ROUNDS], base_c[2][MAX_ROUNDS], copy_c[2][MAX_ROUNDS];
 	long copied = 0;
 	tly_proc_sibling("tallyctl", ctl, sizeof(ctl));
 	for (int r = 0; r < rounds; r++) {
+		struct cpu c = {0};
 		for (int k = 0; k < 2; k++) {
 			bool base_now = (k == 0) == (r % 2 == 0);
-			if (base_now && baseline)
+			if (base_now && baseline) {
 				base_t[r] = time_rebuild(&s, baseline, "the baseline's rebuild", live_digest,
-							 base_out, sizeof(base_out));
-			else if (!base_now)
-				rebuild_t[r] = time_rebuild(&s, ctl, "the rebuild", live_digest, out, sizeof(out));
+							 base_out, sizeof(base_out), &c);
+				base_c[0][r] = c.client;
+				base_c[1][r] = c.server;
+			} else if (!base_now) {
+				rebuild_t[r] = time_rebuild(&s, ctl, "the rebuild", live_digest, out, sizeof(out), &c);
+				rebuild_c[0][r] = c.client;
+				rebuild_c[1][r] = c.server;
+			}
 		}
 		settle(&s);
+		struct cpu c0 = cpu_now(&s);
 		copy_t[r] = raw_copy(&s, &copied);
+		c = cpu_since(&s, c0);
+		copy_c[0][r] = c.client;
+		copy_c[1][r] = c.server;
 		if (rounds > 1)
-			printf("round %d: rebuild %.2f s%s%.2f s, raw COPY %.2f s\n", r + 1, rebuild_t[r],
-			       baseline ? ", baseline " : "", baseline ? base_t[r] : 0, copy_t[r]);
+			printf("round %d: rebuild %.2f s (CPU %.2f + %.2f s)%s%.2f s (CPU %.2f + %.2f s), "
+			       "raw COPY %.2f s (CPU %.2f + %.2f s)\n", r + 1, rebuild_t[r], rebuild_c[0][r],
+			       rebuild_c[1][r], baseline ? ", baseline " : "", baseline ? base_t[r] : 0,
+			       baseline ? base_c[0][r] : 0, baseline ? base_c[1][r] : 0, copy_t[r], copy_c[0][r],
+			       copy_c[1][r]);
 	}
 	free(live_digest);
 	double rebuild_s = median(rebuild_t, rounds), base_s = baseline ? median(base_t, rounds) : 0;
@@ -494,6 +552,11 @@ int main(int argc, char **argv)
 		printf("baseline rebuild vs raw COPY:         %5.1f%%\n",
 		       copy_rows > 0 ? 100 * (double)rows / base_s / copy_rows : 0);
 	printf("steady state vs raw COPY (rows/s):    %5.1f%%\n", copy_rows > 0 ? 100 * proj_rows / copy_rows : 0);
+	printf("CPU seconds (client + PostgreSQL%s): rebuild %.2f + %.2f, ", rounds > 1 ? ", medians" : "",
+	       median(rebuild_c[0], rounds), median(rebuild_c[1], rounds));
+	if (baseline)
+		printf("baseline rebuild %.2f + %.2f, ", median(base_c[0], rounds), median(base_c[1], rounds));
+	printf("raw COPY %.2f + %.2f\n", median(copy_c[0], rounds), median(copy_c[1], rounds));
 	printf("\ntallyctl rebuild all said: %s", out);
 	if (baseline)
 		printf("the baseline said: %s", base_out);
