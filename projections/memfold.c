@@ -124,6 +124,8 @@ struct tly_memfold {
 	EVP_MD_CTX *md;                 /* owned */
 	bool entries_started;
 	bool finished;                  /* tly_memfold_finish ran: the fold takes no more input */
+	tly_memfold_seen_fn *seen_sink; /* projector_seen_events rows go here, not to the copy */
+	void *seen_ud;
 	bool oom;
 };
 
@@ -344,6 +346,8 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		return;
 	*seen = (struct key2){*tenant, ev->event_id};
 	put(mf, T_SEEN, &seen->a, &seen->b, seen);
+	if (mf->seen_sink)
+		mf->seen_sink(mf->seen_ud, tenant, &ev->event_id);
 	ensure_tenant(mf, tenant, at);
 
 	switch (ev->type) {
@@ -985,6 +989,12 @@ static const char *const COPY_COLUMNS[N_T] = {
 	[T_PERIODS] = "event_id, period_start, period_end",
 };
 
+void tly_memfold_seen_sink(struct tly_memfold *mf, tly_memfold_seen_fn *sink, void *ud)
+{
+	mf->seen_sink = sink;
+	mf->seen_ud = ud;
+}
+
 int tly_memfold_finish(struct tly_memfold *mf)
 {
 	if (!mf->finished)
@@ -1018,6 +1028,7 @@ int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const nam
 	int rc = c && ctx && !mf->oom ? 0 : TLY_E_NOMEM;
 	for (int t = 0; t < N_T && rc == 0; t++) {
 		if (!names[t] || !COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0 ||
+		    (t == T_SEEN && mf->seen_sink) ||
 		    (t == T_USAGE && tly_uuidmap_count(mf->usage_ext) == 0))
 			continue;
 		char *q = PQescapeIdentifier(conn, names[t], strlen(names[t]));

@@ -42,6 +42,15 @@ int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev) TLY_MUST
 size_t tly_memfold_rows(const struct tly_memfold *mf);
 
 /*
+ * Hand the rows of projector_seen_events to sink as they are folded (they never change once
+ * folded), for a COPY that runs meanwhile: sink(ud, tenant_id, event_id), called from
+ * tly_memfold_add; tly_memfold_copy then does not write that table. Before the first
+ * tly_memfold_add.
+ */
+typedef void tly_memfold_seen_fn(void *ud, const tly_uuid *tenant_id, const tly_uuid *event_id);
+void tly_memfold_seen_sink(struct tly_memfold *mf, tly_memfold_seen_fn *sink, void *ud);
+
+/*
  * The end of the input: settles what depends on every input (which usage row of an external
  * event id is kept). After it, tly_memfold_add must not be called and tly_memfold_copy only reads
  * mf, so that two threads may copy at once (disjoint tables, each on its own connection).

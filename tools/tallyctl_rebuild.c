@@ -27,6 +27,7 @@
 #include "memfold.h"
 #include "kafka.h"
 #include "migrate.h"
+#include "pgcopy.h"
 #include "pg.h"
 #include "schema.h"
 #include "tallyctl.h"
@@ -46,6 +47,13 @@
 #define ADVISORY_KEY "7310412918264617"
 #define N_MAX_TABLES 32
 #define NIL_UUID "00000000-0000-0000-0000-000000000000"
+/*
+ * The table whose rows the first pass COPYs while it folds (each row is final once folded): the
+ * server loads it while the events are read. Its columns, in the memfold's sink's order.
+ */
+#define STREAMED_TABLE "projector_seen_events"
+#define STREAMED_COLUMNS "(tenant_id, event_id)"
+#define STREAM_ROWS 4096        /* rows per send of the streamed COPY */
 
 /*
  * The order in which the fold's statements first touch its tables: the swap locks them in this
@@ -79,6 +87,12 @@ struct rebuild {
 	char shadow[N_MAX_TABLES][64];
 	char *qshadow_applied;      /* quoted name of the shadow projector_ledger_applied; owned */
 	bool in_swap;               /* inside the swap transaction: flushes do not commit */
+	/* the first pass's streamed table (STREAMED_TABLE): its rows COPYed as they are folded */
+	PGconn *conn3;              /* owned; its transaction created the shadow and runs the COPY */
+	struct tly_pgcopy *stream;  /* owned; rows not sent yet */
+	bool streamed[N_MAX_TABLES];
+	int stream_rc;              /* the first error of the stream, sticky */
+	struct tly_pg_error stream_err;
 	/* progress */
 	bool tty;
 	int64_t total, events, entries;
@@ -269,8 +283,8 @@ static int seed_temps(struct rebuild *rb, bool *seeded, struct tly_pg_error *err
 
 /*
  * The shadows' DDL as one script for the open transaction: leftovers of an earlier rebuild
- * dropped, an empty copy of every table the fold writes (columns, defaults, checks; no index, no
- * data), the seeded rows, COMMIT. malloc'd; NULL on OOM.
+ * dropped, an empty copy of every table the fold writes but the streamed one (columns, defaults,
+ * checks; no index, no data), the seeded rows, COMMIT. malloc'd; NULL on OOM.
  */
 static char *shadows_script(struct rebuild *rb, const bool *seeded)
 {
@@ -283,11 +297,13 @@ static char *shadows_script(struct rebuild *rb, const bool *seeded)
 	for (int step = 0; step < 3 && ok; step++) {
 		if (step == 0)
 			fputs("DROP TABLE IF EXISTS ", f);
-		for (size_t i = 0; i < rb->ntables && ok; i++) {
+		for (size_t i = 0, n = 0; i < rb->ntables && ok; i++) {
+			if (rb->streamed[i])
+				continue; /* the stream's connection creates it (stream_begin) */
 			char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
 			ok = ql && qs;
 			if (ok && step == 0)
-				fprintf(f, "%s%s", i ? ", " : "", qs);
+				fprintf(f, "%s%s", n++ ? ", " : "", qs);
 			else if (ok && step == 1)
 				fprintf(f, "CREATE TABLE %s (LIKE public.%s INCLUDING ALL EXCLUDING INDEXES);\n",
 					qs, ql); /* public.: the seeds' temporary tables shadow the live names */
@@ -604,6 +620,56 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 
 /* ---- the first pass, folded in memory --------------------------------------------------- */
 
+/* The memfold's sink: one row of STREAMED_TABLE, sent every STREAM_ROWS rows. */
+static void stream_row(void *ud, const tly_uuid *tenant_id, const tly_uuid *event_id)
+{
+	struct rebuild *rb = ud;
+	if (rb->stream_rc != 0)
+		return;
+	tly_pgcopy_row(rb->stream, 2);
+	tly_pgcopy_uuid(rb->stream, tenant_id);
+	tly_pgcopy_uuid(rb->stream, event_id);
+	if (tly_pgcopy_rows(rb->stream) >= STREAM_ROWS)
+		rb->stream_rc = tly_pgcopy_send_rows(rb->conn3, rb->stream, &rb->stream_err);
+}
+
+/*
+ * The streamed table's shadow, on a connection of its own, in one transaction that stays open
+ * until first_pass_copy: created (so that its COPY may FREEZE its rows), and its COPY begun; the
+ * in-memory fold hands its rows over as it folds them. Not when the migrations seed the table.
+ */
+static int stream_begin(struct rebuild *rb, const bool *seeded, struct tly_pg_error *err)
+{
+	size_t i = 0;
+	while (i < rb->ntables && strcmp(rb->tables[i], STREAMED_TABLE) != 0)
+		i++;
+	if (i == rb->ntables || seeded[i])
+		return 0;
+	char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
+	char *ddl = NULL, *copy = NULL;
+	int rc = 0;
+	if (!ql || !qs ||
+	    asprintf(&ddl, "SET synchronous_commit = off; BEGIN; DROP TABLE IF EXISTS %s; "
+		     "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES)", qs, qs, ql) < 0 ||
+	    asprintf(&copy, "COPY %s " STREAMED_COLUMNS " FROM STDIN (FORMAT binary, FREEZE)", qs) < 0 ||
+	    !(rb->stream = tly_pgcopy_new())) {
+		snprintf(err->message, sizeof(err->message), "out of memory");
+		rc = TLY_E_NOMEM;
+	} else if (!(rb->conn3 = tallyctl_connect_db(rb->app))) {
+		snprintf(err->message, sizeof(err->message), "could not open a third connection");
+		rc = TLY_E_PG;
+	} else if ((rc = tly_pg_exec_script(rb->conn3, ddl, err)) == 0 &&
+		   (rc = tly_pgcopy_begin(rb->conn3, copy, err)) == 0) {
+		rb->streamed[i] = true;
+		tly_memfold_seen_sink(rb->mem, stream_row, rb);
+	}
+	PQfreemem(ql);
+	PQfreemem(qs);
+	free(ddl);
+	free(copy);
+	return rc;
+}
+
 /*
  * The first pass, up to its Kafka records: in one transaction, the seeds into temporary tables,
  * the in-memory fold told the seeded plans, the targets, the ledger entries read ahead on a second
@@ -637,6 +703,8 @@ static int first_pass_begin(struct rebuild *rb, PGconn **conn2, struct rb_rows *
 		if (rc != 0)
 			snprintf(err->message, sizeof(err->message), "could not read the seeded plans");
 	}
+	if (rc == 0)
+		rc = stream_begin(rb, seeded, err);
 	if (rc == 0)
 		rc = read_targets(rb, &topics_behind, err);
 	PGresult *res = rc == 0 ? tly_pg_query(rb->conn, "SELECT COALESCE(sum(seq), 0) FROM "
@@ -717,7 +785,8 @@ struct copy_share {
 	struct rebuild *rb;         /* borrowed; rb->mem only read (tly_memfold_finish ran) */
 	PGconn *conn;               /* borrowed */
 	bool which[N_MAX_TABLES];   /* rb->tables[i] is this share's */
-	bool plans;                 /* fold the plans too (rb->fold: the first connection's share) */
+	bool stream;                /* its rows went by the streamed COPY in progress: end it */
+	bool commit;                /* commit at the end (else the caller does) */
 	double copied;              /* seconds the COPY took */
 	int rc;
 	struct tly_pg_error err;
@@ -736,15 +805,23 @@ static int copy_share_run(struct copy_share *cs)
 	names_array(rb, true, cs->which, shadows, sizeof(shadows));
 	const char *const v[] = {lives, shadows};
 	double t0 = tly_clock_s();
-	int rc = tly_pg_begin(cs->conn, &cs->err);
-	if (rc == 0)
+	int rc = 0;
+	if (cs->stream) {
+		if ((rc = rb->stream_rc) != 0)
+			cs->err = rb->stream_err;
+		else
+			rc = tly_pgcopy_send_rows(cs->conn, rb->stream, &cs->err);
+		struct tly_pg_error end_err;
+		int erc = tly_pgcopy_end(cs->conn, &end_err); /* ends the COPY, also after an error */
+		if (rc == 0 && (rc = erc) != 0)
+			cs->err = end_err;
+	} else if ((rc = tly_pg_begin(cs->conn, &cs->err)) == 0) {
 		rc = tly_memfold_copy(rb->mem, cs->conn, names, &cs->err);
+	}
 	cs->copied = tly_clock_s() - t0;
 	if (rc == 0)
 		rc = run_generated(cs->conn, SHADOW_INDEX_SQL, v, &cs->err);
-	if (rc == 0 && cs->plans)
-		rc = tly_fold_flush(rb->fold, cs->conn, &cs->err);
-	if (rc == 0)
+	if (rc == 0 && cs->commit)
 		rc = tly_pg_commit(cs->conn, &cs->err);
 	if (rc == TLY_E_NOMEM)
 		snprintf(cs->err.message, sizeof(cs->err.message), "out of memory");
@@ -762,46 +839,63 @@ static void *copy_share_thread(void *arg)
 }
 
 /*
- * End of the first pass: the in-memory fold's final rows into the shadows and their indexes,
- * SECOND_CONN_TABLES on conn2 (idle since the ledger entries were read; NULL: everything on the
- * first connection) by a thread of its own, the rest on the first connection at the same time.
+ * End of the first pass: the in-memory fold's final rows into the shadows and their indexes, at
+ * once on up to three connections, each share but the first's by a thread of its own:
+ * SECOND_CONN_TABLES on conn2 (idle since the ledger entries were read; NULL: on the first
+ * connection), the streamed table's COPY ended on conn3, the rest on the first connection, which
+ * then folds the plans (fold.c: over the indexed shadows, the streamed one included) and commits.
  */
 static int first_pass_copy(struct rebuild *rb, PGconn *conn2, struct tly_pg_error *err)
 {
-	struct copy_share one = {.rb = rb, .conn = rb->conn, .plans = true};
-	struct copy_share two = {.rb = rb, .conn = conn2};
-	bool threaded = false;
+	struct copy_share shares[3] = {
+		{.rb = rb, .conn = rb->conn},
+		{.rb = rb, .conn = conn2, .commit = true},
+		{.rb = rb, .conn = rb->conn3, .commit = true, .stream = true},
+	};
+	pthread_t threads[3];
+	bool started[3] = {false};
 	for (size_t i = 0; i < rb->ntables; i++) {
 		bool second = false;
 		for (size_t k = 0; k < N_SECOND_CONN_TABLES && conn2; k++)
 			second |= strcmp(rb->tables[i], SECOND_CONN_TABLES[k]) == 0;
-		one.which[i] = !second;
-		two.which[i] = second;
+		shares[0].which[i] = !second && !rb->streamed[i];
+		shares[1].which[i] = second && !rb->streamed[i];
+		shares[2].which[i] = rb->streamed[i];
 	}
 	double t0 = tly_clock_s();
 	int rc = tly_memfold_finish(rb->mem);
-	pthread_t thread;
-	if (rc == 0 && conn2) {
-		int e = pthread_create(&thread, NULL, copy_share_thread, &two);
+	for (int k = 1; k < 3 && rc == 0; k++) {
+		if (!shares[k].conn)
+			continue;
+		int e = pthread_create(&threads[k], NULL, copy_share_thread, &shares[k]);
 		if (e != 0) {
 			snprintf(err->message, sizeof(err->message), "could not start a thread: %s", strerror(e));
-			return TLY_E_NOMEM;
+			rc = TLY_E_NOMEM;
 		}
-		threaded = true;
+		started[k] = e == 0;
 	}
-	if (rc == 0 && (rc = copy_share_run(&one)) != 0)
-		*err = one.err;
-	if (threaded) {
-		pthread_join(thread, NULL);
-		if (rc == 0 && (rc = two.rc) != 0)
-			*err = two.err;
+	if (rc == 0 && (rc = copy_share_run(&shares[0])) != 0)
+		*err = shares[0].err;
+	for (int k = 1; k < 3; k++) {
+		if (!started[k])
+			continue;
+		pthread_join(threads[k], NULL);
+		if (rc == 0 && (rc = shares[k].rc) != 0)
+			*err = shares[k].err;
 	}
+	if (rc == 0)
+		rc = tly_fold_flush(rb->fold, rb->conn, err);
+	if (rc == 0)
+		rc = tly_pg_commit(rb->conn, err);
 	if (rc == TLY_E_NOMEM)
 		snprintf(err->message, sizeof(err->message), "out of memory");
+	struct tly_pg_error rberr;
+	if (rc != 0 && PQtransactionStatus(rb->conn) != PQTRANS_IDLE && tly_pg_rollback(rb->conn, &rberr) != 0)
+		fprintf(stderr, "tallyctl: could not roll back: %s\n", rberr.message);
 	tly_memfold_free(rb->mem);
 	rb->mem = NULL;
-	rb->phase[PH_COPY] += one.copied;
-	rb->phase[PH_INDEXES] += tly_clock_s() - t0 - one.copied;
+	rb->phase[PH_COPY] += shares[0].copied;
+	rb->phase[PH_INDEXES] += tly_clock_s() - t0 - shares[0].copied;
 	return rc;
 }
 
@@ -1250,6 +1344,9 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	prc = first_pass_copy(&rb, conn2, &err);
 	if (conn2)
 		PQfinish(conn2);
+	if (rb.conn3)
+		PQfinish(rb.conn3);
+	rb.conn3 = NULL;
 	if (prc != 0) {
 		report(&rb, "write the shadow tables", &err);
 		goto out;
@@ -1350,6 +1447,8 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	printf("\n");
 	rc = 0;
 out:
+	if (rb.conn3) /* first: its transaction may hold a lock that the drop below would wait for */
+		PQfinish(rb.conn3);
 	if (rc != 0 && shadows && rb.conn && PQstatus(rb.conn) == CONNECTION_OK &&
 	    PQtransactionStatus(rb.conn) == PQTRANS_IDLE) {
 		for (size_t i = 0; i < rb.ntables; i++)
@@ -1366,6 +1465,7 @@ out:
 	    tly_pg_exec(rb.conn, "SELECT pg_advisory_unlock(" ADVISORY_KEY ")", 0, NULL, &err) != 0)
 		fprintf(stderr, "tallyctl: could not release the rebuild lock: %s\n", err.message);
 	PQclear(fks);
+	tly_pgcopy_free(rb.stream);
 	tly_kafka_consumer_destroy(rb.rk);
 	tly_fold_free(rb.fold);
 	tly_memfold_free(rb.mem);
