@@ -8,7 +8,9 @@
  * up to the projector's last applied seq per tenant (projector_ledger_applied), never from
  * tally.ledger, whose retention may be shorter than history. See projections/README.md.
  */
+#include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -660,6 +662,13 @@ static int stream_begin(struct rebuild *rb, const bool *seeded, struct tly_pg_er
 		rc = TLY_E_PG;
 	} else if ((rc = tly_pg_exec_script(rb->conn3, ddl, err)) == 0 &&
 		   (rc = tly_pgcopy_begin(rb->conn3, copy, err)) == 0) {
+		/* rows are queued, never waited for: the fold goes on while the server is busy */
+		if (PQsetnonblocking(rb->conn3, 1) != 0) {
+			tly_pg_error_set(err, rb->conn3, NULL);
+			rc = TLY_E_PG;
+		}
+	}
+	if (rc == 0) {
 		rb->streamed[i] = true;
 		tly_memfold_seen_sink(rb->mem, stream_row, rb);
 	}
@@ -792,6 +801,22 @@ struct copy_share {
 	struct tly_pg_error err;
 };
 
+/* Send what a nonblocking connection has queued, waiting as needed, and make it blocking again. */
+static int drain(PGconn *conn, struct tly_pg_error *err)
+{
+	int f;
+	while ((f = PQflush(conn)) == 1) {
+		struct pollfd pfd = {.fd = PQsocket(conn), .events = POLLOUT};
+		if (poll(&pfd, 1, 1000) < 0 && errno != EINTR)
+			break;
+	}
+	if (f != 0 || PQsetnonblocking(conn, 0) != 0) {
+		tly_pg_error_set(err, conn, NULL);
+		return TLY_E_PG;
+	}
+	return 0;
+}
+
 static int copy_share_run(struct copy_share *cs)
 {
 	struct rebuild *rb = cs->rb;
@@ -812,6 +837,9 @@ static int copy_share_run(struct copy_share *cs)
 		else
 			rc = tly_pgcopy_send_rows(cs->conn, rb->stream, &cs->err);
 		struct tly_pg_error end_err;
+		int drc = drain(cs->conn, &end_err); /* before the end, also after an error */
+		if (rc == 0 && (rc = drc) != 0)
+			cs->err = end_err;
 		int erc = tly_pgcopy_end(cs->conn, &end_err); /* ends the COPY, also after an error */
 		if (rc == 0 && (rc = erc) != 0)
 			cs->err = end_err;
@@ -1216,6 +1244,35 @@ static int new_fold(struct rebuild *rb)
 	return 0;
 }
 
+/*
+ * The Kafka consumer, first of all: it connects and reads the cluster's metadata on its own
+ * threads while the database is set up. 0, or 1 with the reason printed.
+ */
+static int kafka_start(struct rebuild *rb)
+{
+	char errstr[1024];
+	rb->topics[0] = tly_config_str(rb->app->cfg, "topics.events");
+	rb->topics[1] = tly_config_str(rb->app->cfg, "topics.catalog");
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(rb->app->cfg, errstr, sizeof(errstr));
+	/* EOF marks the end of a partition whose last offsets are gaps; short fetch waits keep the
+	 * catch-up inside the swap transaction short. */
+	if (!conf || tly_kafka_conf_set(conf, "enable.partition.eof", "true", errstr, sizeof(errstr)) != 0 ||
+	    tly_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, sizeof(errstr)) != 0) {
+		if (conf)
+			rd_kafka_conf_destroy(conf);
+		fprintf(stderr, "tallyctl: %s\n", errstr);
+		return 1;
+	}
+	/* Partitions are assigned, not subscribed: the group id is never joined or committed to. */
+	char group[64];
+	snprintf(group, sizeof(group), "tallyctl-rebuild-%ld", (long)getpid());
+	if (!(rb->rk = tly_kafka_consumer_new(conf, group, errstr, sizeof(errstr)))) {
+		fprintf(stderr, "tallyctl: %s\n", errstr);
+		return 1;
+	}
+	return 0;
+}
+
 static int start(struct rebuild *rb)
 {
 	char errstr[1024];
@@ -1227,7 +1284,7 @@ static int start(struct rebuild *rb)
 				"kafka.bootstrap.servers=… or TALLY_KAFKA_BOOTSTRAP_SERVERS)\n");
 		return 1;
 	}
-	if (!(rb->conn = tallyctl_connect_db(rb->app)))
+	if (kafka_start(rb) != 0 || !(rb->conn = tallyctl_connect_db(rb->app)))
 		return 1;
 	if (!(set = tly_migrate_load_embedded(errstr, sizeof(errstr))) ||
 	    tly_migrate_check_head(rb->conn, set, errstr, sizeof(errstr)) != 0) {
@@ -1272,25 +1329,6 @@ static int start(struct rebuild *rb)
 	}
 	if (!rb->qshadow_applied) {
 		fprintf(stderr, "tallyctl: out of memory\n");
-		goto out;
-	}
-	rb->topics[0] = tly_config_str(rb->app->cfg, "topics.events");
-	rb->topics[1] = tly_config_str(rb->app->cfg, "topics.catalog");
-	rd_kafka_conf_t *conf = tly_kafka_conf_new(rb->app->cfg, errstr, sizeof(errstr));
-	/* EOF marks the end of a partition whose last offsets are gaps; short fetch waits keep the
-	 * catch-up inside the swap transaction short. */
-	if (!conf || tly_kafka_conf_set(conf, "enable.partition.eof", "true", errstr, sizeof(errstr)) != 0 ||
-	    tly_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, sizeof(errstr)) != 0) {
-		if (conf)
-			rd_kafka_conf_destroy(conf);
-		fprintf(stderr, "tallyctl: %s\n", errstr);
-		goto out;
-	}
-	/* Partitions are assigned, not subscribed: the group id is never joined or committed to. */
-	char group[64];
-	snprintf(group, sizeof(group), "tallyctl-rebuild-%ld", (long)getpid());
-	if (!(rb->rk = tly_kafka_consumer_new(conf, group, errstr, sizeof(errstr)))) {
-		fprintf(stderr, "tallyctl: %s\n", errstr);
 		goto out;
 	}
 	rc = load_partitions(rb);
