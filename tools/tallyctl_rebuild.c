@@ -89,6 +89,10 @@ struct rebuild {
 	char shadow[N_MAX_TABLES][64];
 	char *qshadow_applied;      /* quoted name of the shadow projector_ledger_applied; owned */
 	bool in_swap;               /* inside the swap transaction: flushes do not commit */
+	/* the first pass's other connections, opened by a thread while the first is set up */
+	pthread_t connector;
+	bool connecting;            /* the connector thread runs or has not been joined */
+	PGconn *spare[2];           /* owned until taken (take_spare): entries, stream */
 	/* the first pass's streamed table (STREAMED_TABLE): its rows COPYed as they are folded */
 	PGconn *conn3;              /* owned; its transaction created the shadow and runs the COPY */
 	struct tly_pgcopy *stream;  /* owned; rows not sent yet */
@@ -550,6 +554,26 @@ static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
  * ENTRIES_AHEAD bytes ahead; the server sorts them in memory with no parallel workers. NULL with
  * err filled.
  */
+/* The connector thread: the first pass's other two connections (NULL where one failed, said why). */
+static void *connect_spares(void *arg)
+{
+	struct rebuild *rb = arg;
+	for (int k = 0; k < 2; k++)
+		rb->spare[k] = tallyctl_connect_db(rb->app);
+	return NULL;
+}
+
+/* Spare connection k, the caller's from now on (the connector joined first); NULL if it failed. */
+static PGconn *take_spare(struct rebuild *rb, int k)
+{
+	if (rb->connecting)
+		pthread_join(rb->connector, NULL);
+	rb->connecting = false;
+	PGconn *conn = rb->spare[k];
+	rb->spare[k] = NULL;
+	return conn;
+}
+
 static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct tly_pg_error *err)
 {
 	char sql[1536];
@@ -557,7 +581,7 @@ static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct 
 		 "COPY (SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries e "
 		 "JOIN projector_ledger_applied a ON a.tenant_id = e.tenant_id AND e.seq <= a.seq "
 		 "ORDER BY e.tenant_id, e.seq) TO STDOUT (FORMAT binary)");
-	if (!(*conn2 = tallyctl_connect_db(rb->app))) {
+	if (!(*conn2 = take_spare(rb, 0))) {
 		snprintf(err->message, sizeof(err->message), "could not open a second connection");
 		return NULL;
 	}
@@ -657,7 +681,7 @@ static int stream_begin(struct rebuild *rb, const bool *seeded, struct tly_pg_er
 	    !(rb->stream = tly_pgcopy_new())) {
 		snprintf(err->message, sizeof(err->message), "out of memory");
 		rc = TLY_E_NOMEM;
-	} else if (!(rb->conn3 = tallyctl_connect_db(rb->app))) {
+	} else if (!(rb->conn3 = take_spare(rb, 1))) {
 		snprintf(err->message, sizeof(err->message), "could not open a third connection");
 		rc = TLY_E_PG;
 	} else if ((rc = tly_pg_exec_script(rb->conn3, ddl, err)) == 0 &&
@@ -1284,7 +1308,15 @@ static int start(struct rebuild *rb)
 				"kafka.bootstrap.servers=… or TALLY_KAFKA_BOOTSTRAP_SERVERS)\n");
 		return 1;
 	}
-	if (kafka_start(rb) != 0 || !(rb->conn = tallyctl_connect_db(rb->app)))
+	if (kafka_start(rb) != 0)
+		return 1;
+	int e = pthread_create(&rb->connector, NULL, connect_spares, rb);
+	if (e != 0) {
+		fprintf(stderr, "tallyctl: could not start a thread: %s\n", strerror(e));
+		return 1;
+	}
+	rb->connecting = true;
+	if (!(rb->conn = tallyctl_connect_db(rb->app)))
 		return 1;
 	if (!(set = tly_migrate_load_embedded(errstr, sizeof(errstr))) ||
 	    tly_migrate_check_head(rb->conn, set, errstr, sizeof(errstr)) != 0) {
@@ -1487,6 +1519,11 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 out:
 	if (rb.conn3) /* first: its transaction may hold a lock that the drop below would wait for */
 		PQfinish(rb.conn3);
+	for (int k = 0; k < 2; k++) {
+		PGconn *spare = take_spare(&rb, k);
+		if (spare)
+			PQfinish(spare);
+	}
 	if (rc != 0 && shadows && rb.conn && PQstatus(rb.conn) == CONNECTION_OK &&
 	    PQtransactionStatus(rb.conn) == PQTRANS_IDLE) {
 		for (size_t i = 0; i < rb.ntables; i++)
