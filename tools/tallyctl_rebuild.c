@@ -97,7 +97,6 @@ struct rebuild {
 	PGconn *conn3;              /* owned; its transaction created the shadow and runs the COPY */
 	struct tly_pgcopy *stream;  /* owned; rows not sent yet */
 	bool streamed[N_MAX_TABLES];
-	bool early_index[N_MAX_TABLES]; /* indexed in the shadows' script, before the load */
 	int stream_rc;              /* the first error of the stream, sticky */
 	struct tly_pg_error stream_err;
 	/* progress */
@@ -289,46 +288,11 @@ static int seed_temps(struct rebuild *rb, bool *seeded, struct tly_pg_error *err
 }
 
 /*
- * The live tables' indexes and the constraints they back, generated for their shadows ($1 live
- * names, $2 their shadows, text[] in the same order), built after the load (one sort per index
- * instead of an insertion per row). The names end in _rb; the swap renames them to the live names
- * (paired by definition, SWAP_SQL). The live tables are named with their schema: the seeds'
- * temporary tables may shadow them (first_pass_begin).
- */
-static const char SHADOW_INDEX_SQL[] =
-	"SELECT CASE WHEN con.oid IS NOT NULL "
-	"  THEN format('ALTER TABLE %I ADD CONSTRAINT %I %s', t.shadow, left(ic.relname, 60) || '_rb', "
-	"    pg_get_constraintdef(con.oid)) "
-	"  ELSE format('CREATE %sINDEX %I ON %I USING %s', CASE WHEN i.indisunique THEN 'UNIQUE ' "
-	"    ELSE '' END, left(ic.relname, 60) || '_rb', t.shadow, "
-	"    regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '')) END "
-	"FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(live, shadow, n) "
-	"JOIN pg_index i "
-	"  ON i.indrelid = (quote_ident(current_schema()) || '.' || quote_ident(t.live))::regclass "
-	"JOIN pg_class ic ON ic.oid = i.indexrelid "
-	"LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid "
-	"  AND con.contype IN ('p', 'u', 'x') "
-	"ORDER BY t.n, ic.relname";
-
-/*
- * Of the tables named by $1 (text[]; in their schema, as above), those whose live heap is smaller
- * than $2 bytes: their
- * shadows get their indexes before the load (an index build writes outside shared buffers and
- * syncs its file, a fixed cost that a few rows inserted through the index do not pay).
- */
-static const char SMALL_TABLES_SQL[] =
-	"SELECT t FROM unnest($1::text[]) t "
-	"WHERE pg_relation_size((quote_ident(current_schema()) || '.' || quote_ident(t))::regclass) "
-	"  < $2::bigint";
-#define SMALL_TABLE_BYTES "524288"
-
-/*
  * The shadows' DDL as one script for the open transaction: leftovers of an earlier rebuild
  * dropped, an empty copy of every table the fold writes but the streamed one (columns, defaults,
- * checks; no data), the indexes of the small ones (indexes: generated statements, column 0), the
- * seeded rows, COMMIT. malloc'd; NULL on OOM.
+ * checks; no index, no data), the seeded rows, COMMIT. malloc'd; NULL on OOM.
  */
-static char *shadows_script(struct rebuild *rb, const bool *seeded, const PGresult *indexes)
+static char *shadows_script(struct rebuild *rb, const bool *seeded)
 {
 	char *sql = NULL;
 	size_t len = 0;
@@ -356,8 +320,6 @@ static char *shadows_script(struct rebuild *rb, const bool *seeded, const PGresu
 		}
 		if (step == 0)
 			fputs(";\n", f);
-		for (int r = 0; step == 1 && indexes && r < PQntuples(indexes); r++)
-			fprintf(f, "%s;\n", PQgetvalue(indexes, r, 0));
 	}
 	fputs("COMMIT", f);
 	if (fclose(f) != 0 || !ok) {
@@ -684,34 +646,6 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 
 /* ---- the first pass, folded in memory --------------------------------------------------- */
 
-/*
- * Which tables are small (SMALL_TABLES_SQL; the streamed one never) and the statements that index
- * their shadows (*indexes, caller PQclears), for the shadows' script.
- */
-static int early_indexes(struct rebuild *rb, PGresult **indexes, struct tly_pg_error *err)
-{
-	char lives[2048], shadows[2048];
-	bool any = false;
-	names_array(rb, false, NULL, lives, sizeof(lives));
-	const char *const q[] = {lives, SMALL_TABLE_BYTES};
-	PGresult *res = tly_pg_query(rb->conn, SMALL_TABLES_SQL, 2, q, err);
-	if (!res)
-		return TLY_E_PG;
-	for (size_t i = 0; i < rb->ntables; i++) {
-		rb->early_index[i] = false;
-		for (int r = 0; r < PQntuples(res) && !rb->streamed[i]; r++)
-			rb->early_index[i] |= strcmp(PQgetvalue(res, r, 0), rb->tables[i]) == 0;
-		any |= rb->early_index[i];
-	}
-	PQclear(res);
-	if (!any)
-		return 0;
-	names_array(rb, false, rb->early_index, lives, sizeof(lives));
-	names_array(rb, true, rb->early_index, shadows, sizeof(shadows));
-	const char *const v[] = {lives, shadows};
-	return (*indexes = tly_pg_query(rb->conn, SHADOW_INDEX_SQL, 2, v, err)) ? 0 : TLY_E_PG;
-}
-
 /* The memfold's sink: one row of STREAMED_TABLE, sent every STREAM_ROWS rows. */
 static void stream_row(void *ud, const tly_uuid *tenant_id, const tly_uuid *event_id)
 {
@@ -816,11 +750,7 @@ static int first_pass_begin(struct rebuild *rb, PGconn **conn2, struct rb_rows *
 	rb->total += *behind;
 	if (rc == 0 && entries_behind > 0 && !(*rows = entries_ahead(rb, conn2, err)))
 		rc = TLY_E_PG;
-	PGresult *indexes = NULL;
-	if (rc == 0)
-		rc = early_indexes(rb, &indexes, err);
-	char *script = rc == 0 ? shadows_script(rb, seeded, indexes) : NULL;
-	PQclear(indexes);
+	char *script = rc == 0 ? shadows_script(rb, seeded) : NULL;
 	if (rc == 0 && !script)
 		rc = TLY_E_NOMEM;
 	if (rc == 0 && PQsendQuery(rb->conn, script) != 1) {
@@ -854,6 +784,26 @@ static int first_pass(struct rebuild *rb, struct rb_rows *rows, struct tly_pg_er
 	progress(rb, true);
 	return rc;
 }
+
+/*
+ * The live tables' indexes and the constraints they back, generated for their shadows ($1 live
+ * names, $2 their shadows, text[] in the same order), built after the load (one sort per index
+ * instead of an insertion per row). The names end in _rb; the swap renames them to the live names
+ * (paired by definition, SWAP_SQL).
+ */
+static const char SHADOW_INDEX_SQL[] =
+	"SELECT CASE WHEN con.oid IS NOT NULL "
+	"  THEN format('ALTER TABLE %I ADD CONSTRAINT %I %s', t.shadow, left(ic.relname, 60) || '_rb', "
+	"    pg_get_constraintdef(con.oid)) "
+	"  ELSE format('CREATE %sINDEX %I ON %I USING %s', CASE WHEN i.indisunique THEN 'UNIQUE ' "
+	"    ELSE '' END, left(ic.relname, 60) || '_rb', t.shadow, "
+	"    regexp_replace(pg_get_indexdef(i.indexrelid), '^.*? USING ', '')) END "
+	"FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(live, shadow, n) "
+	"JOIN pg_index i ON i.indrelid = quote_ident(t.live)::regclass "
+	"JOIN pg_class ic ON ic.oid = i.indexrelid "
+	"LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid "
+	"  AND con.contype IN ('p', 'u', 'x') "
+	"ORDER BY t.n, ic.relname";
 
 /* The tables the first pass writes on its second connection, at the same time as the others. */
 static const char *const SECOND_CONN_TABLES[] = {"agent_messages"};
@@ -900,11 +850,8 @@ static int copy_share_run(struct copy_share *cs)
 		for (size_t i = 0; i < rb->ntables; i++)
 			if (cs->which[i] && strcmp(rb->tables[i], tly_fold_tables[k]) == 0)
 				names[k] = rb->shadow[i];
-	bool late[N_MAX_TABLES] = {false}; /* indexed after the load */
-	for (size_t i = 0; i < rb->ntables; i++)
-		late[i] = cs->which[i] && !rb->early_index[i];
-	names_array(rb, false, late, lives, sizeof(lives));
-	names_array(rb, true, late, shadows, sizeof(shadows));
+	names_array(rb, false, cs->which, lives, sizeof(lives));
+	names_array(rb, true, cs->which, shadows, sizeof(shadows));
 	const char *const v[] = {lives, shadows};
 	double t0 = tly_clock_s();
 	int rc = 0;
