@@ -1480,14 +1480,20 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	rb.phase[PH_SWAP] = tly_clock_s() - t;
 	t = tly_clock_s();
 
-	/* After the commit: foreign keys validated (no lock that blocks readers or writers), the
-	 * unswapped shadows dropped. */
-	for (int r = 0; r < PQntuples(fks); r++) {
-		if (!PQgetisnull(fks, r, 3) &&
-		    tly_pg_exec(rb.conn, PQgetvalue(fks, r, 3), 0, NULL, &err) != 0) {
-			report(&rb, "validate a foreign key of the swapped tables", &err);
-			goto out;
-		}
+	/* After the commit: foreign keys validated (no lock that blocks readers or writers; one
+	 * pipeline), the unswapped shadows dropped. */
+	struct stmts validations = {0};
+	for (int r = 0; r < PQntuples(fks) && prc == 0; r++)
+		if (!PQgetisnull(fks, r, 3))
+			prc = stmts_add(&validations, PQgetvalue(fks, r, 3));
+	if (prc != 0)
+		snprintf(err.message, sizeof(err.message), "out of memory");
+	else
+		prc = tly_pg_exec_pipeline(rb.conn, (const char *const *)validations.v, validations.n, &err);
+	stmts_free(&validations);
+	if (prc != 0) {
+		report(&rb, "validate a foreign key of the swapped tables", &err);
+		goto out;
 	}
 	if (drop_shadows(&rb, true, &err) != 0) {
 		report(&rb, "drop the shadow tables", &err);
