@@ -21,6 +21,7 @@
 #include "err.h"
 #include "event.h"
 #include "pg.h"
+#include "pgcopy.h"
 
 struct tly_memfold;
 
@@ -42,13 +43,19 @@ int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev) TLY_MUST
 size_t tly_memfold_rows(const struct tly_memfold *mf);
 
 /*
- * Hand the rows of projector_seen_events to sink as they are folded (they never change once
- * folded), for a COPY that runs meanwhile: sink(ud, tenant_id, event_id), called from
- * tly_memfold_add; tly_memfold_copy then does not write that table. Before the first
- * tly_memfold_add.
+ * Stream table (an index into tly_fold_tables: projector_seen_events or agent_messages, whose rows
+ * never change once folded): each of its rows, as it is folded, is added to c (binary COPY rows of
+ * the columns tly_memfold_columns(table)) and added(ud, c) is called from tly_memfold_add (the
+ * caller sends c's rows when it likes); tly_memfold_copy then does not write that table. Before
+ * the first tly_memfold_add; c is borrowed until tly_memfold_free. 0, or TLY_E_INVALID for
+ * another table.
  */
-typedef void tly_memfold_seen_fn(void *ud, const tly_uuid *tenant_id, const tly_uuid *event_id);
-void tly_memfold_seen_sink(struct tly_memfold *mf, tly_memfold_seen_fn *sink, void *ud);
+typedef void tly_memfold_added_fn(void *ud, struct tly_pgcopy *c);
+int tly_memfold_stream(struct tly_memfold *mf, size_t table, struct tly_pgcopy *c,
+		       tly_memfold_added_fn *added, void *ud) TLY_MUST_CHECK;
+
+/* The columns the fold writes of table (an index into tly_fold_tables), "a, b, ..."; NULL if none. */
+const char *tly_memfold_columns(size_t table);
 
 /*
  * The end of the input: settles what depends on every input (which usage row of an external

@@ -50,12 +50,21 @@
 #define N_MAX_TABLES 32
 #define NIL_UUID "00000000-0000-0000-0000-000000000000"
 /*
- * The table whose rows the first pass COPYs while it folds (each row is final once folded): the
- * server loads it while the events are read. Its columns, in the memfold's sink's order.
+ * The tables whose rows the first pass COPYs while it folds (each row is final once folded: see
+ * tly_memfold_stream), each on a connection of its own: the server loads them while the events are
+ * read.
  */
-#define STREAMED_TABLE "projector_seen_events"
-#define STREAMED_COLUMNS "(tenant_id, event_id)"
-#define STREAM_ROWS 4096        /* rows per send of the streamed COPY */
+static const char *const STREAMED_TABLES[] = {"projector_seen_events", "agent_messages"};
+#define N_STREAMS (sizeof(STREAMED_TABLES) / sizeof(STREAMED_TABLES[0]))
+#define STREAM_ROWS 2048        /* rows per send of a streamed COPY */
+
+/* One streamed table's COPY, on its own connection, in a transaction that created its shadow. */
+struct stream {
+	PGconn *conn;               /* owned; NULL: not streamed */
+	struct tly_pgcopy *c;       /* owned; rows not sent yet */
+	int rc;                     /* the first error of the stream, sticky */
+	struct tly_pg_error err;
+};
 
 /*
  * The order in which the fold's statements first touch its tables: the swap locks them in this
@@ -92,13 +101,9 @@ struct rebuild {
 	/* the first pass's other connections, opened by a thread while the first is set up */
 	pthread_t connector;
 	bool connecting;            /* the connector thread runs or has not been joined */
-	PGconn *spare[2];           /* owned until taken (take_spare): entries, stream */
-	/* the first pass's streamed table (STREAMED_TABLE): its rows COPYed as they are folded */
-	PGconn *conn3;              /* owned; its transaction created the shadow and runs the COPY */
-	struct tly_pgcopy *stream;  /* owned; rows not sent yet */
+	PGconn *spare[1 + N_STREAMS]; /* owned until taken (take_spare): entries, then streams */
+	struct stream streams[N_STREAMS]; /* STREAMED_TABLES[k] */
 	bool streamed[N_MAX_TABLES];
-	int stream_rc;              /* the first error of the stream, sticky */
-	struct tly_pg_error stream_err;
 	/* progress */
 	bool tty;
 	int64_t total, events, entries;
@@ -289,7 +294,7 @@ static int seed_temps(struct rebuild *rb, bool *seeded, struct tly_pg_error *err
 
 /*
  * The shadows' DDL as one script for the open transaction: leftovers of an earlier rebuild
- * dropped, an empty copy of every table the fold writes but the streamed one (columns, defaults,
+ * dropped, an empty copy of every table the fold writes but the streamed ones (columns, defaults,
  * checks; no index, no data), the seeded rows, COMMIT. malloc'd; NULL on OOM.
  */
 static char *shadows_script(struct rebuild *rb, const bool *seeded)
@@ -558,13 +563,13 @@ static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
 static void *connect_spares(void *arg)
 {
 	struct rebuild *rb = arg;
-	for (int k = 0; k < 2; k++)
+	for (size_t k = 0; k < 1 + N_STREAMS; k++)
 		rb->spare[k] = tallyctl_connect_db(rb->app);
 	return NULL;
 }
 
 /* Spare connection k, the caller's from now on (the connector joined first); NULL if it failed. */
-static PGconn *take_spare(struct rebuild *rb, int k)
+static PGconn *take_spare(struct rebuild *rb, size_t k)
 {
 	if (rb->connecting)
 		pthread_join(rb->connector, NULL);
@@ -646,60 +651,63 @@ static int pass(struct rebuild *rb, int64_t *behind, struct tly_pg_error *err)
 
 /* ---- the first pass, folded in memory --------------------------------------------------- */
 
-/* The memfold's sink: one row of STREAMED_TABLE, sent every STREAM_ROWS rows. */
-static void stream_row(void *ud, const tly_uuid *tenant_id, const tly_uuid *event_id)
+/* A row added to a stream's COPY (tly_memfold_added_fn): sent every STREAM_ROWS rows. */
+static void stream_added(void *ud, struct tly_pgcopy *c)
 {
-	struct rebuild *rb = ud;
-	if (rb->stream_rc != 0)
-		return;
-	tly_pgcopy_row(rb->stream, 2);
-	tly_pgcopy_uuid(rb->stream, tenant_id);
-	tly_pgcopy_uuid(rb->stream, event_id);
-	if (tly_pgcopy_rows(rb->stream) >= STREAM_ROWS)
-		rb->stream_rc = tly_pgcopy_send_rows(rb->conn3, rb->stream, &rb->stream_err);
+	struct stream *st = ud;
+	if (st->rc != 0)
+		tly_pgcopy_reset(c); /* failed: the error is reported when the stream ends */
+	else if (tly_pgcopy_rows(c) >= STREAM_ROWS)
+		st->rc = tly_pgcopy_send_rows(st->conn, c, &st->err);
 }
 
 /*
- * The streamed table's shadow, on a connection of its own, in one transaction that stays open
- * until first_pass_copy: created (so that its COPY may FREEZE its rows), and its COPY begun; the
- * in-memory fold hands its rows over as it folds them. Not when the migrations seed the table.
+ * The streamed tables' shadows, each on a connection of its own, in a transaction that stays
+ * open until first_pass_copy: created (so that its COPY may FREEZE the rows) and its COPY begun,
+ * nonblocking; the in-memory fold adds the rows as it folds them. Not a table the migrations seed.
  */
 static int stream_begin(struct rebuild *rb, const bool *seeded, struct tly_pg_error *err)
 {
-	size_t i = 0;
-	while (i < rb->ntables && strcmp(rb->tables[i], STREAMED_TABLE) != 0)
-		i++;
-	if (i == rb->ntables || seeded[i])
-		return 0;
-	char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
-	char *ddl = NULL, *copy = NULL;
 	int rc = 0;
-	if (!ql || !qs ||
-	    asprintf(&ddl, "SET synchronous_commit = off; BEGIN; DROP TABLE IF EXISTS %s; "
-		     "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES)", qs, qs, ql) < 0 ||
-	    asprintf(&copy, "COPY %s " STREAMED_COLUMNS " FROM STDIN (FORMAT binary, FREEZE)", qs) < 0 ||
-	    !(rb->stream = tly_pgcopy_new())) {
-		snprintf(err->message, sizeof(err->message), "out of memory");
-		rc = TLY_E_NOMEM;
-	} else if (!(rb->conn3 = take_spare(rb, 1))) {
-		snprintf(err->message, sizeof(err->message), "could not open a third connection");
-		rc = TLY_E_PG;
-	} else if ((rc = tly_pg_exec_script(rb->conn3, ddl, err)) == 0 &&
-		   (rc = tly_pgcopy_begin(rb->conn3, copy, err)) == 0) {
-		/* rows are queued, never waited for: the fold goes on while the server is busy */
-		if (PQsetnonblocking(rb->conn3, 1) != 0) {
-			tly_pg_error_set(err, rb->conn3, NULL);
+	for (size_t k = 0; k < N_STREAMS && rc == 0; k++) {
+		struct stream *st = &rb->streams[k];
+		size_t i = 0, f = 0;
+		while (i < rb->ntables && strcmp(rb->tables[i], STREAMED_TABLES[k]) != 0)
+			i++;
+		while (f < tly_fold_n_tables && strcmp(tly_fold_tables[f], STREAMED_TABLES[k]) != 0)
+			f++;
+		if (i == rb->ntables || f == tly_fold_n_tables || seeded[i])
+			continue;
+		char *ql = qident(rb->conn, rb->tables[i]), *qs = qident(rb->conn, rb->shadow[i]);
+		char *ddl = NULL, *copy = NULL;
+		if (!ql || !qs || !tly_memfold_columns(f) ||
+		    asprintf(&ddl, "SET synchronous_commit = off; BEGIN; DROP TABLE IF EXISTS %s; "
+			     "CREATE TABLE %s (LIKE %s INCLUDING ALL EXCLUDING INDEXES)", qs, qs, ql) < 0 ||
+		    asprintf(&copy, "COPY %s (%s) FROM STDIN (FORMAT binary, FREEZE)", qs,
+			     tly_memfold_columns(f)) < 0 ||
+		    !(st->c = tly_pgcopy_new())) {
+			snprintf(err->message, sizeof(err->message), "out of memory");
+			rc = TLY_E_NOMEM;
+		} else if (!(st->conn = take_spare(rb, 1 + k))) {
+			snprintf(err->message, sizeof(err->message), "could not open a connection for %s",
+				 STREAMED_TABLES[k]);
 			rc = TLY_E_PG;
+		} else if ((rc = tly_pg_exec_script(st->conn, ddl, err)) == 0 &&
+			   (rc = tly_pgcopy_begin(st->conn, copy, err)) == 0) {
+			/* rows are queued, never waited for: the fold goes on while the server is busy */
+			if (PQsetnonblocking(st->conn, 1) != 0) {
+				tly_pg_error_set(err, st->conn, NULL);
+				rc = TLY_E_PG;
+			}
 		}
+		if (rc == 0 && (rc = tly_memfold_stream(rb->mem, f, st->c, stream_added, st)) != 0)
+			snprintf(err->message, sizeof(err->message), "%s cannot be streamed", STREAMED_TABLES[k]);
+		rb->streamed[i] = rc == 0;
+		PQfreemem(ql);
+		PQfreemem(qs);
+		free(ddl);
+		free(copy);
 	}
-	if (rc == 0) {
-		rb->streamed[i] = true;
-		tly_memfold_seen_sink(rb->mem, stream_row, rb);
-	}
-	PQfreemem(ql);
-	PQfreemem(qs);
-	free(ddl);
-	free(copy);
 	return rc;
 }
 
@@ -806,7 +814,7 @@ static const char SHADOW_INDEX_SQL[] =
 	"ORDER BY t.n, ic.relname";
 
 /* The tables the first pass writes on its second connection, at the same time as the others. */
-static const char *const SECOND_CONN_TABLES[] = {"agent_messages"};
+static const char *const SECOND_CONN_TABLES[] = {"api_usage", "projector_api_calls"};
 #define N_SECOND_CONN_TABLES (sizeof(SECOND_CONN_TABLES) / sizeof(SECOND_CONN_TABLES[0]))
 
 /*
@@ -818,7 +826,7 @@ struct copy_share {
 	struct rebuild *rb;         /* borrowed; rb->mem only read (tly_memfold_finish ran) */
 	PGconn *conn;               /* borrowed */
 	bool which[N_MAX_TABLES];   /* rb->tables[i] is this share's */
-	bool stream;                /* its rows went by the streamed COPY in progress: end it */
+	struct stream *stream;      /* its rows went by this streamed COPY: end it (NULL: none) */
 	bool commit;                /* commit at the end (else the caller does) */
 	double copied;              /* seconds the COPY took */
 	int rc;
@@ -856,10 +864,10 @@ static int copy_share_run(struct copy_share *cs)
 	double t0 = tly_clock_s();
 	int rc = 0;
 	if (cs->stream) {
-		if ((rc = rb->stream_rc) != 0)
-			cs->err = rb->stream_err;
+		if ((rc = cs->stream->rc) != 0)
+			cs->err = cs->stream->err;
 		else
-			rc = tly_pgcopy_send_rows(cs->conn, rb->stream, &cs->err);
+			rc = tly_pgcopy_send_rows(cs->conn, cs->stream->c, &cs->err);
 		struct tly_pg_error end_err;
 		int drc = drain(cs->conn, &end_err); /* before the end, also after an error */
 		if (rc == 0 && (rc = drc) != 0)
@@ -892,31 +900,34 @@ static void *copy_share_thread(void *arg)
 
 /*
  * End of the first pass: the in-memory fold's final rows into the shadows and their indexes, at
- * once on up to three connections, each share but the first's by a thread of its own:
+ * once on several connections, each share but the first's by a thread of its own:
  * SECOND_CONN_TABLES on conn2 (idle since the ledger entries were read; NULL: on the first
- * connection), the streamed table's COPY ended on conn3, the rest on the first connection, which
- * then folds the plans (fold.c: over the indexed shadows, the streamed one included) and commits.
+ * connection), each streamed table's COPY ended on its connection, the rest on the first
+ * connection, which then folds the plans (fold.c: over the indexed shadows, the streamed ones
+ * included) and commits.
  */
 static int first_pass_copy(struct rebuild *rb, PGconn *conn2, struct tly_pg_error *err)
 {
-	struct copy_share shares[3] = {
-		{.rb = rb, .conn = rb->conn},
-		{.rb = rb, .conn = conn2, .commit = true},
-		{.rb = rb, .conn = rb->conn3, .commit = true, .stream = true},
-	};
-	pthread_t threads[3];
-	bool started[3] = {false};
+	enum { N_SHARES = 2 + N_STREAMS };
+	struct copy_share shares[N_SHARES] = {{.rb = rb, .conn = rb->conn},
+					      {.rb = rb, .conn = conn2, .commit = true}};
+	pthread_t threads[N_SHARES];
+	bool started[N_SHARES] = {false};
+	for (size_t k = 0; k < N_STREAMS; k++)
+		shares[2 + k] = (struct copy_share){.rb = rb, .conn = rb->streams[k].conn, .commit = true,
+						    .stream = &rb->streams[k]};
 	for (size_t i = 0; i < rb->ntables; i++) {
 		bool second = false;
 		for (size_t k = 0; k < N_SECOND_CONN_TABLES && conn2; k++)
 			second |= strcmp(rb->tables[i], SECOND_CONN_TABLES[k]) == 0;
 		shares[0].which[i] = !second && !rb->streamed[i];
 		shares[1].which[i] = second && !rb->streamed[i];
-		shares[2].which[i] = rb->streamed[i];
+		for (size_t k = 0; k < N_STREAMS; k++)
+			shares[2 + k].which[i] = rb->streamed[i] && strcmp(rb->tables[i], STREAMED_TABLES[k]) == 0;
 	}
 	double t0 = tly_clock_s();
 	int rc = tly_memfold_finish(rb->mem);
-	for (int k = 1; k < 3 && rc == 0; k++) {
+	for (int k = 1; k < N_SHARES && rc == 0; k++) {
 		if (!shares[k].conn)
 			continue;
 		int e = pthread_create(&threads[k], NULL, copy_share_thread, &shares[k]);
@@ -928,7 +939,7 @@ static int first_pass_copy(struct rebuild *rb, PGconn *conn2, struct tly_pg_erro
 	}
 	if (rc == 0 && (rc = copy_share_run(&shares[0])) != 0)
 		*err = shares[0].err;
-	for (int k = 1; k < 3; k++) {
+	for (int k = 1; k < N_SHARES; k++) {
 		if (!started[k])
 			continue;
 		pthread_join(threads[k], NULL);
@@ -1414,9 +1425,11 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	prc = first_pass_copy(&rb, conn2, &err);
 	if (conn2)
 		PQfinish(conn2);
-	if (rb.conn3)
-		PQfinish(rb.conn3);
-	rb.conn3 = NULL;
+	for (size_t k = 0; k < N_STREAMS; k++) {
+		if (rb.streams[k].conn)
+			PQfinish(rb.streams[k].conn);
+		rb.streams[k].conn = NULL;
+	}
 	if (prc != 0) {
 		report(&rb, "write the shadow tables", &err);
 		goto out;
@@ -1523,9 +1536,11 @@ int cmd_rebuild(struct app *app, int argc, char **argv)
 	printf("\n");
 	rc = 0;
 out:
-	if (rb.conn3) /* first: its transaction may hold a lock that the drop below would wait for */
-		PQfinish(rb.conn3);
-	for (int k = 0; k < 2; k++) {
+	/* first: a stream's transaction may hold a lock that the drop below would wait for */
+	for (size_t k = 0; k < N_STREAMS; k++)
+		if (rb.streams[k].conn)
+			PQfinish(rb.streams[k].conn);
+	for (size_t k = 0; k < 1 + N_STREAMS; k++) {
 		PGconn *spare = take_spare(&rb, k);
 		if (spare)
 			PQfinish(spare);
@@ -1546,7 +1561,8 @@ out:
 	    tly_pg_exec(rb.conn, "SELECT pg_advisory_unlock(" ADVISORY_KEY ")", 0, NULL, &err) != 0)
 		fprintf(stderr, "tallyctl: could not release the rebuild lock: %s\n", err.message);
 	PQclear(fks);
-	tly_pgcopy_free(rb.stream);
+	for (size_t k = 0; k < N_STREAMS; k++)
+		tly_pgcopy_free(rb.streams[k].c);
 	tly_kafka_consumer_destroy(rb.rk);
 	tly_fold_free(rb.fold);
 	tly_memfold_free(rb.mem);
