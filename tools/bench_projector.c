@@ -171,16 +171,22 @@ static double time_consumer(struct stack *s, const char *consumer, long total, l
 	return -1;
 }
 
+/* "prefix table" into sql, for projection table i (tly_fold_tables), its name quoted. */
+static void table_sql(struct stack *s, size_t i, const char *prefix, char *sql, size_t len)
+{
+	char *q = PQescapeIdentifier(s->conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
+	if (!q)
+		die("escape", "out of memory");
+	snprintf(sql, len, "%s %s", prefix, q);
+	PQfreemem(q);
+}
+
 static long projection_rows(struct stack *s)
 {
 	long rows = 0;
 	for (size_t i = 0; i < tly_fold_n_tables; i++) {
 		char sql[256];
-		char *q = PQescapeIdentifier(s->conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
-		if (!q)
-			die("escape", "out of memory");
-		snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s", q);
-		PQfreemem(q);
+		table_sql(s, i, "SELECT count(*) FROM", sql, sizeof(sql));
 		rows += q_long(s, sql, NULL);
 	}
 	return rows;
@@ -299,11 +305,7 @@ static void settle(struct stack *s)
 	struct tly_pg_error pe;
 	for (size_t i = 0; i < tly_fold_n_tables; i++) {
 		char sql[256];
-		char *q = PQescapeIdentifier(s->conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
-		if (!q)
-			die("escape", "out of memory");
-		snprintf(sql, sizeof(sql), "ANALYZE %s", q);
-		PQfreemem(q);
+		table_sql(s, i, "ANALYZE", sql, sizeof(sql));
 		if (tly_pg_exec_script(s->conn, sql, &pe) != 0)
 			die("analyze", pe.message);
 	}
@@ -548,6 +550,17 @@ int main(int argc, char **argv)
 	       ledger_rate > 0 ? proj_events / ledger_rate : 0);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
 	       copy_rows > 0 ? 100 * rebuild_rows / copy_rows : 0);
+	if (rounds > 1) { /* the same, round by round: each rebuild against the raw COPY of its round */
+		double ratio[MAX_ROUNDS], base_ratio[MAX_ROUNDS];
+		for (int r = 0; r < rounds; r++) {
+			ratio[r] = 100 * copy_t[r] / rebuild_t[r];
+			base_ratio[r] = baseline ? 100 * copy_t[r] / base_t[r] : 0;
+		}
+		printf("  median of the rounds' own ratios:   %5.1f%%", median(ratio, rounds));
+		if (baseline)
+			printf(" (baseline %.1f%%)", median(base_ratio, rounds));
+		printf("\n");
+	}
 	if (baseline)
 		printf("baseline rebuild vs raw COPY:         %5.1f%%\n",
 		       copy_rows > 0 ? 100 * (double)rows / base_s / copy_rows : 0);

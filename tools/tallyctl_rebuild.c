@@ -820,9 +820,9 @@ static const char *const SECOND_CONN_TABLES[] = {"agent_messages"};
 #define N_SECOND_CONN_TABLES (sizeof(SECOND_CONN_TABLES) / sizeof(SECOND_CONN_TABLES[0]))
 
 /*
- * One connection's share of the end of the first pass, one transaction: the in-memory fold's rows
- * of its tables COPYed into their shadows, their indexes built, and on the first connection the
- * plans (fold.c, which needs the indexes) folded on top.
+ * One connection's share of the end of the first pass, in one transaction: the in-memory fold's
+ * rows of its tables COPYed into their shadows (or its streamed COPY ended), their indexes built,
+ * committed unless the caller goes on in it (the first connection: the plans, first_pass_copy).
  */
 struct copy_share {
 	struct rebuild *rb;         /* borrowed; rb->mem only read (tly_memfold_finish ran) */
