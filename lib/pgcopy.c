@@ -144,18 +144,18 @@ void tly_pgcopy_jsonb(struct tly_pgcopy *c, const char *json)
 	put(c, json, n);
 }
 
-int tly_pgcopy_send(PGconn *conn, struct tly_pgcopy *c, const char *sql, struct tly_pg_error *err)
+static int oom_error(struct tly_pg_error *err)
 {
-	if (c->oom) {
-		if (err) {
-			err->errclass = TLY_ERRCLASS_FATAL;
-			err->sqlstate[0] = '\0';
-			snprintf(err->message, sizeof(err->message), "out of memory");
-		}
-		return TLY_E_NOMEM;
+	if (err) {
+		err->errclass = TLY_ERRCLASS_FATAL;
+		err->sqlstate[0] = '\0';
+		snprintf(err->message, sizeof(err->message), "out of memory");
 	}
-	if (c->rows == 0)
-		return 0;
+	return TLY_E_NOMEM;
+}
+
+int tly_pgcopy_begin(PGconn *conn, const char *sql, struct tly_pg_error *err)
+{
 	PGresult *res = PQexec(conn, sql);
 	if (PQresultStatus(res) != PGRES_COPY_IN) {
 		tly_pg_error_set(err, conn, res);
@@ -163,12 +163,42 @@ int tly_pgcopy_send(PGconn *conn, struct tly_pgcopy *c, const char *sql, struct 
 		return TLY_E_PG;
 	}
 	PQclear(res);
+	if (PQputCopyData(conn, (const char *)HEADER, sizeof(HEADER)) != 1) {
+		tly_pg_error_set(err, conn, NULL);
+		return TLY_E_PG;
+	}
+	return 0;
+}
+
+/* c's rows, without the header, into the COPY in progress on conn; c is left as it is. */
+static int put_rows(PGconn *conn, const struct tly_pgcopy *c, struct tly_pg_error *err)
+{
+	if (c->oom)
+		return oom_error(err);
+	size_t n = c->len - sizeof(HEADER);
+	if (n > 0 && (n > INT32_MAX ||
+		      PQputCopyData(conn, (const char *)c->data + sizeof(HEADER), (int)n) != 1)) {
+		tly_pg_error_set(err, conn, NULL);
+		return TLY_E_PG;
+	}
+	return 0;
+}
+
+int tly_pgcopy_send_rows(PGconn *conn, struct tly_pgcopy *c, struct tly_pg_error *err)
+{
+	int rc = put_rows(conn, c, err);
+	if (rc == 0)
+		tly_pgcopy_reset(c);
+	return rc;
+}
+
+int tly_pgcopy_end(PGconn *conn, struct tly_pg_error *err)
+{
 	static const unsigned char trailer[2] = {0xFF, 0xFF};
-	bool sent = c->len <= INT32_MAX && PQputCopyData(conn, (const char *)c->data, (int)c->len) == 1 &&
-		    PQputCopyData(conn, (const char *)trailer, 2) == 1 && PQputCopyEnd(conn, NULL) == 1;
+	bool sent = PQputCopyData(conn, (const char *)trailer, 2) == 1 && PQputCopyEnd(conn, NULL) == 1;
 	if (!sent)
 		tly_pg_error_set(err, conn, NULL);
-	res = PQgetResult(conn);
+	PGresult *res = PQgetResult(conn);
 	bool ok = sent && PQresultStatus(res) == PGRES_COMMAND_OK;
 	if (sent && !ok)
 		tly_pg_error_set(err, conn, res);
@@ -176,4 +206,20 @@ int tly_pgcopy_send(PGconn *conn, struct tly_pgcopy *c, const char *sql, struct 
 	while ((res = PQgetResult(conn)) != NULL)
 		PQclear(res);
 	return ok ? 0 : TLY_E_PG;
+}
+
+int tly_pgcopy_send(PGconn *conn, struct tly_pgcopy *c, const char *sql, struct tly_pg_error *err)
+{
+	if (c->oom)
+		return oom_error(err);
+	if (c->rows == 0)
+		return 0;
+	int rc = tly_pgcopy_begin(conn, sql, err);
+	if (rc == 0 && (rc = put_rows(conn, c, err)) != 0) {
+		struct tly_pg_error ignored;
+		if (tly_pgcopy_end(conn, &ignored) != 0) /* ends the COPY; the first error is reported */
+			rc = TLY_E_PG;
+		return rc;
+	}
+	return rc == 0 ? tly_pgcopy_end(conn, err) : rc;
 }

@@ -42,4 +42,15 @@ void tly_pgcopy_date(struct tly_pgcopy *c, int32_t unix_days); /* days since 197
 int tly_pgcopy_send(PGconn *conn, struct tly_pgcopy *c, const char *sql,
 		    struct tly_pg_error *err) TLY_MUST_CHECK;
 
+/*
+ * A COPY sent in parts, for rows that come over time: tly_pgcopy_begin runs sql (as for
+ * tly_pgcopy_send) and sends the header; tly_pgcopy_send_rows sends the rows c holds and resets
+ * it (libpq buffers; the socket's buffer lets the server read while the caller goes on);
+ * tly_pgcopy_end sends the trailer and ends the COPY (also after a failed send_rows). Each: 0,
+ * TLY_E_NOMEM or TLY_E_PG with err filled.
+ */
+int tly_pgcopy_begin(PGconn *conn, const char *sql, struct tly_pg_error *err) TLY_MUST_CHECK;
+int tly_pgcopy_send_rows(PGconn *conn, struct tly_pgcopy *c, struct tly_pg_error *err) TLY_MUST_CHECK;
+int tly_pgcopy_end(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
+
 #endif

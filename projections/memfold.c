@@ -123,29 +123,35 @@ struct tly_memfold {
 	struct tly_uuidmap *tenant_api; /* tenant -> its first api_day */
 	EVP_MD_CTX *md;                 /* owned */
 	bool entries_started;
+	bool finished;                  /* tly_memfold_finish ran: the fold takes no more input */
+	struct {
+		struct tly_pgcopy *c;       /* borrowed; NULL: the table is not streamed */
+		tly_memfold_added_fn *added;
+		void *ud;
+	} stream[N_T];                  /* tables streamed as they are folded (tly_memfold_stream) */
 	bool oom;
 };
 
 static const tly_uuid NIL;
 
-/* SHA-256 of up to three parts into md (the context is the fold's); false on failure. */
-static bool digest(struct tly_memfold *mf, const void *a, size_t alen, const void *b, size_t blen,
+/* SHA-256 of up to three parts into md, with ctx; false (and *fail set) on failure. */
+static bool digest(EVP_MD_CTX *ctx, bool *fail, const void *a, size_t alen, const void *b, size_t blen,
 		   const void *c, size_t clen, unsigned char md[32])
 {
-	bool ok = EVP_DigestInit_ex(mf->md, EVP_sha256(), NULL) == 1 &&
-		  EVP_DigestUpdate(mf->md, a, alen) == 1 && (!b || EVP_DigestUpdate(mf->md, b, blen) == 1) &&
-		  (!c || EVP_DigestUpdate(mf->md, c, clen) == 1) && EVP_DigestFinal_ex(mf->md, md, NULL) == 1;
+	bool ok = EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(ctx, a, alen) == 1 &&
+		  (!b || EVP_DigestUpdate(ctx, b, blen) == 1) && (!c || EVP_DigestUpdate(ctx, c, clen) == 1) &&
+		  EVP_DigestFinal_ex(ctx, md, NULL) == 1;
 	if (!ok)
-		mf->oom = true;
+		*fail = true;
 	return ok;
 }
 
 /* Strings as a 16-byte key (SHA-256, truncated: collisions are not a concern at 128 bits). */
-static tly_uuid str_key(struct tly_memfold *mf, const char *a, const char *b, int32_t n)
+static tly_uuid str_key(EVP_MD_CTX *ctx, bool *fail, const char *a, const char *b, int32_t n)
 {
 	unsigned char md[32] = {0};
 	tly_uuid k;
-	digest(mf, a, strlen(a) + 1, b, b ? strlen(b) + 1 : 0, &n, sizeof(n), md);
+	digest(ctx, fail, a, strlen(a) + 1, b, b ? strlen(b) + 1 : 0, &n, sizeof(n), md);
 	memcpy(k.b, md, sizeof(k.b));
 	return k;
 }
@@ -209,7 +215,7 @@ static void put(struct tly_memfold *mf, int t, const tly_uuid *a, const tly_uuid
 
 int tly_memfold_plan(struct tly_memfold *mf, const char *code, const tly_uuid *plan_id)
 {
-	tly_uuid k = str_key(mf, code, NULL, 0);
+	tly_uuid k = str_key(mf->md, &mf->oom, code, NULL, 0);
 	tly_uuid *id = alloc(mf, sizeof(*id));
 	if (id)
 		*id = *plan_id;
@@ -303,7 +309,7 @@ static void api_call(struct tly_memfold *mf, const struct tly_event *ev, const t
 	put(mf, T_CALLS, &k->a, &k->b, k);
 	int64_t at = ev->occurred_at;
 	int32_t day = (int32_t)((at >= 0 ? at : at - DAY_US + 1) / DAY_US);
-	tly_uuid dk = str_key(mf, provider, model, day);
+	tly_uuid dk = str_key(mf->md, &mf->oom, provider, model, day);
 	struct api_day *d = tly_uuidmap_get(mf->map[T_API], &ev->tenant_id, &dk);
 	if (!d) {
 		if (!(d = alloc(mf, sizeof(*d))))
@@ -326,6 +332,18 @@ static void api_call(struct tly_memfold *mf, const struct tly_event *ev, const t
 	d->updated = max64(d->updated, at);
 }
 
+static void row_of(const struct tly_memfold *mf, int t, const void *row, struct tly_pgcopy *c,
+		   EVP_MD_CTX *ctx, bool *fail);
+
+/* A new row of table t: into its stream, if it has one (tly_memfold_stream). */
+static void streamed(struct tly_memfold *mf, int t, const void *row)
+{
+	if (!mf->stream[t].c)
+		return;
+	row_of(mf, t, row, mf->stream[t].c, mf->md, &mf->oom);
+	mf->stream[t].added(mf->stream[t].ud, mf->stream[t].c);
+}
+
 static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t **json)
 {
 	int64_t at = ev->occurred_at;
@@ -343,6 +361,7 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		return;
 	*seen = (struct key2){*tenant, ev->event_id};
 	put(mf, T_SEEN, &seen->a, &seen->b, seen);
+	streamed(mf, T_SEEN, seen);
 	ensure_tenant(mf, tenant, at);
 
 	switch (ev->type) {
@@ -454,10 +473,15 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		m->cost = e->cost_micros;
 		m->at = at;
 		unsigned char md[32] = {0};
-		digest(mf, e->content, strlen(e->content), NULL, 0, NULL, 0, md);
-		for (int i = 0; i < 32; i++)
-			snprintf(m->checksum + 2 * i, 3, "%02x", md[i]);
+		digest(mf->md, &mf->oom, e->content, strlen(e->content), NULL, 0, NULL, 0, md);
+		static const char hex[] = "0123456789abcdef"; /* lower case, as fold.c's encode(…, 'hex') */
+		for (int i = 0; i < 32; i++) {
+			m->checksum[2 * i] = hex[md[i] >> 4];
+			m->checksum[2 * i + 1] = hex[md[i] & 15];
+		}
+		m->checksum[64] = '\0';
 		put(mf, T_MESSAGES, &m->message_id, NULL, m);
+		streamed(mf, T_MESSAGES, m);
 		c->message_count++;
 		c->prompt += m->prompt;
 		c->completion += m->completion;
@@ -638,6 +662,8 @@ static void add_entry(struct tly_memfold *mf, const struct tly_event *ev, json_t
 
 int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev)
 {
+	if (mf->finished)
+		return TLY_E_INVALID;
 	if (ev->type == TLY_EV_CLOCK_TICK || !tly_event_desc(ev->type))
 		return 0;
 	json_t *json = NULL;
@@ -691,254 +717,264 @@ static void usage_winners(struct tly_memfold *mf)
 		const struct sub *s = u ? tly_uuidmap_get(mf->map[T_SUBS], &u->sub, NULL) : NULL;
 		if (!s || memcmp(&s->tenant, &u->tenant, sizeof(u->tenant)) != 0)
 			continue;
-		tly_uuid ek = str_key(mf, u->external_event_id, NULL, 0);
+		tly_uuid ek = str_key(mf->md, &mf->oom, u->external_event_id, NULL, 0);
 		const struct usage *w = tly_uuidmap_get(mf->usage_ext, &u->tenant, &ek);
 		if ((!w || u->ord < w->ord) && tly_uuidmap_put(mf->usage_ext, &u->tenant, &ek, u) != 0)
 			mf->oom = true;
 	}
 }
 
-/* The rows of table t, in the column order of COPY_COLUMNS[t]. */
-static void rows_of(struct tly_memfold *mf, int t, struct tly_pgcopy *c)
+/*
+ * One row of table t (a row of mf->map[t]) in the column order of COPY_COLUMNS[t], or nothing
+ * when the row is not written; reads mf only (string keys are hashed with ctx, *fail set if that
+ * fails).
+ */
+static void row_of(const struct tly_memfold *mf, int t, const void *row, struct tly_pgcopy *c,
+		   EVP_MD_CTX *ctx, bool *fail)
+{
+	switch (t) {
+	case T_TENANTS: {
+		const struct tenant *r = row;
+		tly_pgcopy_row(c, 5);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_text(c, r->slug);
+		tly_pgcopy_text(c, r->name);
+		tly_pgcopy_timestamptz(c, r->created);
+		tly_pgcopy_timestamptz(c, r->updated);
+		break;
+	}
+	case T_USERS: {
+		const struct user *r = row;
+		tly_pgcopy_row(c, 8);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_text(c, r->external_id);
+		tly_pgcopy_text(c, r->username);
+		tly_pgcopy_text(c, r->display_name);
+		tly_pgcopy_text(c, r->email);
+		tly_pgcopy_timestamptz(c, r->created);
+		tly_pgcopy_timestamptz(c, r->updated);
+		break;
+	}
+	case T_CONVS: {
+		const struct conv *r = row;
+		bool user = !tly_uuid_is_nil(&r->user) &&
+			    tly_uuidmap_get(mf->map[T_USERS], &r->user, NULL) != NULL;
+		tly_pgcopy_row(c, 17);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		if (user)
+			tly_pgcopy_uuid(c, &r->user);
+		else
+			tly_pgcopy_null(c);
+		tly_pgcopy_text(c, r->entrypoint);
+		tly_pgcopy_text(c, r->active_agent);
+		tly_pgcopy_text(c, r->status);
+		tly_pgcopy_int4(c, r->message_count);
+		tly_pgcopy_int8(c, r->prompt);
+		tly_pgcopy_int8(c, r->completion);
+		tly_pgcopy_int8(c, r->reasoning);
+		tly_pgcopy_int8(c, r->cost);
+		tly_pgcopy_int4(c, r->handoff_count);
+		tly_pgcopy_text(c, r->source_channel);
+		tly_pgcopy_text(c, r->topic_hint);
+		opt_ts(c, r->last_message_at);
+		tly_pgcopy_timestamptz(c, r->created);
+		tly_pgcopy_timestamptz(c, r->updated);
+		break;
+	}
+	case T_MESSAGES: {
+		const struct message *r = row;
+		tly_pgcopy_row(c, 20);
+		tly_pgcopy_uuid(c, &r->message_id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_uuid(c, &r->conversation);
+		opt_uuid(c, &r->user);
+		tly_pgcopy_int4(c, r->position);
+		tly_pgcopy_text(c, r->role);
+		tly_pgcopy_text(c, r->agent_type);
+		tly_pgcopy_jsonb(c, r->content);
+		tly_pgcopy_text(c, r->tool_name);
+		tly_pgcopy_text(c, r->tool_call_id);
+		tly_pgcopy_text(c, r->provider);
+		tly_pgcopy_text(c, r->model);
+		tly_pgcopy_int8(c, r->prompt);
+		tly_pgcopy_int8(c, r->completion);
+		tly_pgcopy_int8(c, r->reasoning);
+		tly_pgcopy_int4(c, (int32_t)r->latency_ms);
+		tly_pgcopy_text(c, r->checksum);
+		tly_pgcopy_int8(c, r->cost);
+		opt_uuid(c, &r->reservation);
+		tly_pgcopy_timestamptz(c, r->at);
+		break;
+	}
+	case T_SUBS: {
+		const struct sub *r = row;
+		tly_uuid k = str_key(ctx, fail, r->plan_code, NULL, 0);
+		const tly_uuid *plan = r->plan_code[0] ? tly_uuidmap_get(mf->plans, &k, NULL) : NULL;
+		tly_pgcopy_row(c, 23);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		if (plan)
+			tly_pgcopy_uuid(c, plan);
+		else
+			tly_pgcopy_null(c);
+		tly_pgcopy_text(c, r->plan_code);
+		tly_pgcopy_text(c, r->status);
+		tly_pgcopy_bool(c, r->auto_renew);
+		tly_pgcopy_text(c, r->billing_email);
+		tly_pgcopy_timestamptz(c, r->starts_at);
+		tly_pgcopy_timestamptz(c, r->cps);
+		tly_pgcopy_timestamptz(c, r->cpe);
+		opt_ts(c, r->trial_ends_at);
+		opt_ts(c, r->cancel_at);
+		tly_pgcopy_bool(c, r->cancel_at_period_end);
+		tly_pgcopy_int4(c, r->seat_count);
+		tly_pgcopy_int8(c, r->price_cents);
+		tly_pgcopy_text(c, r->currency);
+		tly_pgcopy_int8(c, r->tokens_per_period);
+		if (r->overage_price.set)
+			tly_pgcopy_int8(c, r->overage_price.v);
+		else
+			tly_pgcopy_null(c);
+		tly_pgcopy_int8(c, r->rollover);
+		tly_pgcopy_jsonb(c, r->metered_prices);
+		tly_pgcopy_jsonb(c, r->metadata);
+		tly_pgcopy_timestamptz(c, r->created);
+		tly_pgcopy_timestamptz(c, r->updated);
+		break;
+	}
+	case T_INVOICES: {
+		const struct invoice *r = row;
+		const struct invoice_status *st = tly_uuidmap_get(mf->map[T_INV_STATUS], &r->id, NULL);
+		if (st && memcmp(&st->tenant, &r->tenant, sizeof(r->tenant)) != 0)
+			st = NULL;
+		tly_pgcopy_row(c, 15);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_uuid(c, &r->sub);
+		tly_pgcopy_int8(c, r->seq);
+		tly_pgcopy_timestamptz(c, r->ps);
+		tly_pgcopy_timestamptz(c, r->pe);
+		tly_pgcopy_int8(c, r->amount);
+		tly_pgcopy_text(c, r->currency);
+		tly_pgcopy_int8(c, r->overage);
+		tly_pgcopy_jsonb(c, r->lines);
+		tly_pgcopy_text(c, st ? st->status : "issued");
+		tly_pgcopy_text(c, st ? st->external_id : NULL);
+		tly_pgcopy_text(c, st ? st->url : NULL);
+		tly_pgcopy_timestamptz(c, r->at);
+		tly_pgcopy_timestamptz(c, st ? max64(r->at, st->at) : r->at);
+		break;
+	}
+	case T_USAGE: {
+		const struct usage *r = row;
+		tly_uuid ek = str_key(ctx, fail, r->external_event_id, NULL, 0);
+		if (tly_uuidmap_get(mf->usage_ext, &r->tenant, &ek) != row)
+			break;
+		const struct period *p = tly_uuidmap_get(mf->map[T_PERIODS], &r->id, NULL);
+		tly_pgcopy_row(c, 10);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_uuid(c, &r->sub);
+		tly_pgcopy_text(c, r->feature_key);
+		tly_pgcopy_text(c, r->unit);
+		opt_ts(c, (struct opt){p != NULL, p ? p->ps : 0});
+		opt_ts(c, (struct opt){p != NULL, p ? p->pe : 0});
+		tly_pgcopy_int8(c, r->quantity);
+		tly_pgcopy_timestamptz(c, r->at);
+		tly_pgcopy_text(c, r->external_event_id);
+		break;
+	}
+	case T_BALANCES: {
+		const struct balance *r = row;
+		int64_t cost = 0;
+		if (r->ps.set && r->pe.set) {
+			int64_t from = r->ps.v >= 0 ? r->ps.v / DAY_US : (r->ps.v - DAY_US + 1) / DAY_US;
+			int64_t to = r->pe.v >= 0 ? r->pe.v / DAY_US : (r->pe.v - DAY_US + 1) / DAY_US;
+			for (const struct api_day *d = tly_uuidmap_get(mf->tenant_api, &r->tenant, NULL);
+			     d; d = d->next_of_tenant)
+				if (d->day >= from && d->day < to)
+					cost += d->cost;
+		}
+		int64_t used_over = r->used - r->overage;
+		tly_pgcopy_row(c, 13);
+		tly_pgcopy_uuid(c, &r->tenant);
+		opt_uuid(c, &r->sub);
+		tly_pgcopy_int8(c, (used_over > 0 ? used_over : 0) + r->allowance + r->credits);
+		tly_pgcopy_int8(c, r->used);
+		tly_pgcopy_int8(c, max64(r->allowance + r->credits - r->held, 0));
+		tly_pgcopy_int8(c, r->held);
+		tly_pgcopy_int8(c, r->credits);
+		tly_pgcopy_int8(c, r->overage);
+		tly_pgcopy_int8(c, cost);
+		opt_ts(c, r->ps);
+		opt_ts(c, r->pe);
+		tly_pgcopy_int8(c, r->seq);
+		tly_pgcopy_timestamptz(c, r->at);
+		break;
+	}
+	case T_API: {
+		const struct api_day *r = row;
+		tly_pgcopy_row(c, 11);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_text(c, r->provider);
+		tly_pgcopy_text(c, r->model);
+		tly_pgcopy_date(c, r->day);
+		tly_pgcopy_int8(c, r->prompt);
+		tly_pgcopy_int8(c, r->completion);
+		tly_pgcopy_int8(c, r->reasoning);
+		tly_pgcopy_int8(c, r->prompt + r->completion + r->reasoning);
+		tly_pgcopy_int8(c, r->cost);
+		tly_pgcopy_int8(c, r->count);
+		tly_pgcopy_timestamptz(c, r->updated);
+		break;
+	}
+	case T_SEEN:
+	case T_CALLS: {
+		const struct key2 *r = row;
+		tly_pgcopy_row(c, 2);
+		tly_pgcopy_uuid(c, &r->a);
+		tly_pgcopy_uuid(c, &r->b);
+		break;
+	}
+	case T_APPLIED: {
+		const struct applied *r = row;
+		tly_pgcopy_row(c, 2);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_int8(c, r->seq);
+		break;
+	}
+	case T_INV_STATUS: {
+		const struct invoice_status *r = row;
+		tly_pgcopy_row(c, 6);
+		tly_pgcopy_uuid(c, &r->id);
+		tly_pgcopy_uuid(c, &r->tenant);
+		tly_pgcopy_text(c, r->status);
+		tly_pgcopy_text(c, r->external_id);
+		tly_pgcopy_text(c, r->url);
+		tly_pgcopy_timestamptz(c, r->at);
+		break;
+	}
+	case T_PERIODS: {
+		const struct period *r = row;
+		tly_pgcopy_row(c, 3);
+		tly_pgcopy_uuid(c, &r->event_id);
+		tly_pgcopy_timestamptz(c, r->ps);
+		tly_pgcopy_timestamptz(c, r->pe);
+		break;
+	}
+	}
+}
+
+/* The rows of table t (row_of). */
+static void rows_of(const struct tly_memfold *mf, int t, struct tly_pgcopy *c, EVP_MD_CTX *ctx, bool *fail)
 {
 	const struct tly_uuidmap *map = mf->map[t];
 	for (size_t i = 0; i < tly_uuidmap_capacity(map); i++) {
 		const void *row = tly_uuidmap_slot(map, i);
-		if (!row)
-			continue;
-		switch (t) {
-		case T_TENANTS: {
-			const struct tenant *r = row;
-			tly_pgcopy_row(c, 5);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_text(c, r->slug);
-			tly_pgcopy_text(c, r->name);
-			tly_pgcopy_timestamptz(c, r->created);
-			tly_pgcopy_timestamptz(c, r->updated);
-			break;
-		}
-		case T_USERS: {
-			const struct user *r = row;
-			tly_pgcopy_row(c, 8);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_text(c, r->external_id);
-			tly_pgcopy_text(c, r->username);
-			tly_pgcopy_text(c, r->display_name);
-			tly_pgcopy_text(c, r->email);
-			tly_pgcopy_timestamptz(c, r->created);
-			tly_pgcopy_timestamptz(c, r->updated);
-			break;
-		}
-		case T_CONVS: {
-			const struct conv *r = row;
-			bool user = !tly_uuid_is_nil(&r->user) &&
-				    tly_uuidmap_get(mf->map[T_USERS], &r->user, NULL) != NULL;
-			tly_pgcopy_row(c, 17);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			if (user)
-				tly_pgcopy_uuid(c, &r->user);
-			else
-				tly_pgcopy_null(c);
-			tly_pgcopy_text(c, r->entrypoint);
-			tly_pgcopy_text(c, r->active_agent);
-			tly_pgcopy_text(c, r->status);
-			tly_pgcopy_int4(c, r->message_count);
-			tly_pgcopy_int8(c, r->prompt);
-			tly_pgcopy_int8(c, r->completion);
-			tly_pgcopy_int8(c, r->reasoning);
-			tly_pgcopy_int8(c, r->cost);
-			tly_pgcopy_int4(c, r->handoff_count);
-			tly_pgcopy_text(c, r->source_channel);
-			tly_pgcopy_text(c, r->topic_hint);
-			opt_ts(c, r->last_message_at);
-			tly_pgcopy_timestamptz(c, r->created);
-			tly_pgcopy_timestamptz(c, r->updated);
-			break;
-		}
-		case T_MESSAGES: {
-			const struct message *r = row;
-			tly_pgcopy_row(c, 20);
-			tly_pgcopy_uuid(c, &r->message_id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_uuid(c, &r->conversation);
-			opt_uuid(c, &r->user);
-			tly_pgcopy_int4(c, r->position);
-			tly_pgcopy_text(c, r->role);
-			tly_pgcopy_text(c, r->agent_type);
-			tly_pgcopy_jsonb(c, r->content);
-			tly_pgcopy_text(c, r->tool_name);
-			tly_pgcopy_text(c, r->tool_call_id);
-			tly_pgcopy_text(c, r->provider);
-			tly_pgcopy_text(c, r->model);
-			tly_pgcopy_int8(c, r->prompt);
-			tly_pgcopy_int8(c, r->completion);
-			tly_pgcopy_int8(c, r->reasoning);
-			tly_pgcopy_int4(c, (int32_t)r->latency_ms);
-			tly_pgcopy_text(c, r->checksum);
-			tly_pgcopy_int8(c, r->cost);
-			opt_uuid(c, &r->reservation);
-			tly_pgcopy_timestamptz(c, r->at);
-			break;
-		}
-		case T_SUBS: {
-			const struct sub *r = row;
-			tly_uuid k = str_key(mf, r->plan_code, NULL, 0);
-			const tly_uuid *plan = r->plan_code[0] ? tly_uuidmap_get(mf->plans, &k, NULL) : NULL;
-			tly_pgcopy_row(c, 23);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			if (plan)
-				tly_pgcopy_uuid(c, plan);
-			else
-				tly_pgcopy_null(c);
-			tly_pgcopy_text(c, r->plan_code);
-			tly_pgcopy_text(c, r->status);
-			tly_pgcopy_bool(c, r->auto_renew);
-			tly_pgcopy_text(c, r->billing_email);
-			tly_pgcopy_timestamptz(c, r->starts_at);
-			tly_pgcopy_timestamptz(c, r->cps);
-			tly_pgcopy_timestamptz(c, r->cpe);
-			opt_ts(c, r->trial_ends_at);
-			opt_ts(c, r->cancel_at);
-			tly_pgcopy_bool(c, r->cancel_at_period_end);
-			tly_pgcopy_int4(c, r->seat_count);
-			tly_pgcopy_int8(c, r->price_cents);
-			tly_pgcopy_text(c, r->currency);
-			tly_pgcopy_int8(c, r->tokens_per_period);
-			if (r->overage_price.set)
-				tly_pgcopy_int8(c, r->overage_price.v);
-			else
-				tly_pgcopy_null(c);
-			tly_pgcopy_int8(c, r->rollover);
-			tly_pgcopy_jsonb(c, r->metered_prices);
-			tly_pgcopy_jsonb(c, r->metadata);
-			tly_pgcopy_timestamptz(c, r->created);
-			tly_pgcopy_timestamptz(c, r->updated);
-			break;
-		}
-		case T_INVOICES: {
-			const struct invoice *r = row;
-			const struct invoice_status *st = tly_uuidmap_get(mf->map[T_INV_STATUS], &r->id, NULL);
-			if (st && memcmp(&st->tenant, &r->tenant, sizeof(r->tenant)) != 0)
-				st = NULL;
-			tly_pgcopy_row(c, 15);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_uuid(c, &r->sub);
-			tly_pgcopy_int8(c, r->seq);
-			tly_pgcopy_timestamptz(c, r->ps);
-			tly_pgcopy_timestamptz(c, r->pe);
-			tly_pgcopy_int8(c, r->amount);
-			tly_pgcopy_text(c, r->currency);
-			tly_pgcopy_int8(c, r->overage);
-			tly_pgcopy_jsonb(c, r->lines);
-			tly_pgcopy_text(c, st ? st->status : "issued");
-			tly_pgcopy_text(c, st ? st->external_id : NULL);
-			tly_pgcopy_text(c, st ? st->url : NULL);
-			tly_pgcopy_timestamptz(c, r->at);
-			tly_pgcopy_timestamptz(c, st ? max64(r->at, st->at) : r->at);
-			break;
-		}
-		case T_USAGE: {
-			const struct usage *r = row;
-			tly_uuid ek = str_key(mf, r->external_event_id, NULL, 0);
-			if (tly_uuidmap_get(mf->usage_ext, &r->tenant, &ek) != row)
-				break;
-			const struct period *p = tly_uuidmap_get(mf->map[T_PERIODS], &r->id, NULL);
-			tly_pgcopy_row(c, 10);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_uuid(c, &r->sub);
-			tly_pgcopy_text(c, r->feature_key);
-			tly_pgcopy_text(c, r->unit);
-			opt_ts(c, (struct opt){p != NULL, p ? p->ps : 0});
-			opt_ts(c, (struct opt){p != NULL, p ? p->pe : 0});
-			tly_pgcopy_int8(c, r->quantity);
-			tly_pgcopy_timestamptz(c, r->at);
-			tly_pgcopy_text(c, r->external_event_id);
-			break;
-		}
-		case T_BALANCES: {
-			const struct balance *r = row;
-			int64_t cost = 0;
-			if (r->ps.set && r->pe.set) {
-				int64_t from = r->ps.v >= 0 ? r->ps.v / DAY_US : (r->ps.v - DAY_US + 1) / DAY_US;
-				int64_t to = r->pe.v >= 0 ? r->pe.v / DAY_US : (r->pe.v - DAY_US + 1) / DAY_US;
-				for (const struct api_day *d = tly_uuidmap_get(mf->tenant_api, &r->tenant, NULL);
-				     d; d = d->next_of_tenant)
-					if (d->day >= from && d->day < to)
-						cost += d->cost;
-			}
-			int64_t used_over = r->used - r->overage;
-			tly_pgcopy_row(c, 13);
-			tly_pgcopy_uuid(c, &r->tenant);
-			opt_uuid(c, &r->sub);
-			tly_pgcopy_int8(c, (used_over > 0 ? used_over : 0) + r->allowance + r->credits);
-			tly_pgcopy_int8(c, r->used);
-			tly_pgcopy_int8(c, max64(r->allowance + r->credits - r->held, 0));
-			tly_pgcopy_int8(c, r->held);
-			tly_pgcopy_int8(c, r->credits);
-			tly_pgcopy_int8(c, r->overage);
-			tly_pgcopy_int8(c, cost);
-			opt_ts(c, r->ps);
-			opt_ts(c, r->pe);
-			tly_pgcopy_int8(c, r->seq);
-			tly_pgcopy_timestamptz(c, r->at);
-			break;
-		}
-		case T_API: {
-			const struct api_day *r = row;
-			tly_pgcopy_row(c, 11);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_text(c, r->provider);
-			tly_pgcopy_text(c, r->model);
-			tly_pgcopy_date(c, r->day);
-			tly_pgcopy_int8(c, r->prompt);
-			tly_pgcopy_int8(c, r->completion);
-			tly_pgcopy_int8(c, r->reasoning);
-			tly_pgcopy_int8(c, r->prompt + r->completion + r->reasoning);
-			tly_pgcopy_int8(c, r->cost);
-			tly_pgcopy_int8(c, r->count);
-			tly_pgcopy_timestamptz(c, r->updated);
-			break;
-		}
-		case T_SEEN:
-		case T_CALLS: {
-			const struct key2 *r = row;
-			tly_pgcopy_row(c, 2);
-			tly_pgcopy_uuid(c, &r->a);
-			tly_pgcopy_uuid(c, &r->b);
-			break;
-		}
-		case T_APPLIED: {
-			const struct applied *r = row;
-			tly_pgcopy_row(c, 2);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_int8(c, r->seq);
-			break;
-		}
-		case T_INV_STATUS: {
-			const struct invoice_status *r = row;
-			tly_pgcopy_row(c, 6);
-			tly_pgcopy_uuid(c, &r->id);
-			tly_pgcopy_uuid(c, &r->tenant);
-			tly_pgcopy_text(c, r->status);
-			tly_pgcopy_text(c, r->external_id);
-			tly_pgcopy_text(c, r->url);
-			tly_pgcopy_timestamptz(c, r->at);
-			break;
-		}
-		case T_PERIODS: {
-			const struct period *r = row;
-			tly_pgcopy_row(c, 3);
-			tly_pgcopy_uuid(c, &r->event_id);
-			tly_pgcopy_timestamptz(c, r->ps);
-			tly_pgcopy_timestamptz(c, r->pe);
-			break;
-		}
-		}
+		if (row)
+			row_of(mf, t, row, c, ctx, fail);
 	}
 }
 
@@ -975,8 +1011,8 @@ static const char *const COPY_COLUMNS[N_T] = {
 	[T_PERIODS] = "event_id, period_start, period_end",
 };
 
-int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const names[],
-		     struct tly_pg_error *err)
+/* Whether the tables here (T_*) are fold.c's, in its order (tly_fold_tables). */
+static bool tables_match(void)
 {
 	static const char *const TABLES[N_T] = {
 		"tenant_accounts", "users", "agent_conversations", "agent_messages", "billing_plans",
@@ -987,20 +1023,50 @@ int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const nam
 	bool same = tly_fold_n_tables == N_T;
 	for (int t = 0; same && t < N_T; t++)
 		same = strcmp(tly_fold_tables[t], TABLES[t]) == 0;
-	if (!same) {
+	return same;
+}
+
+int tly_memfold_stream(struct tly_memfold *mf, size_t table, struct tly_pgcopy *c,
+		       tly_memfold_added_fn *added, void *ud)
+{
+	if (!tables_match() || (table != T_SEEN && table != T_MESSAGES))
+		return TLY_E_INVALID;
+	mf->stream[table].c = c;
+	mf->stream[table].added = added;
+	mf->stream[table].ud = ud;
+	return 0;
+}
+
+const char *tly_memfold_columns(size_t table)
+{
+	return tables_match() && table < N_T ? COPY_COLUMNS[table] : NULL;
+}
+
+int tly_memfold_finish(struct tly_memfold *mf)
+{
+	if (!mf->finished)
+		usage_winners(mf);
+	mf->finished = true;
+	return mf->oom ? TLY_E_NOMEM : 0;
+}
+
+int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const names[],
+		     struct tly_pg_error *err)
+{
+	if (!tables_match()) {
 		snprintf(err->message, sizeof(err->message), "the in-memory fold's tables are not fold.c's");
 		err->errclass = TLY_ERRCLASS_FATAL;
 		return TLY_E_PG;
 	}
-	usage_winners(mf);
-	struct tly_pgcopy *c = tly_pgcopy_new();
-	if (!c || mf->oom) {
-		tly_pgcopy_free(c);
+	if (!mf->finished && tly_memfold_finish(mf) != 0)
 		return TLY_E_NOMEM;
-	}
-	int rc = 0;
+	struct tly_pgcopy *c = tly_pgcopy_new();
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new(); /* this call's own: copies may run on two threads */
+	bool fail = false;
+	int rc = c && ctx && !mf->oom ? 0 : TLY_E_NOMEM;
 	for (int t = 0; t < N_T && rc == 0; t++) {
-		if (!COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0 ||
+		if (!names[t] || !COPY_COLUMNS[t] || tly_uuidmap_count(mf->map[t]) == 0 ||
+		    mf->stream[t].c ||
 		    (t == T_USAGE && tly_uuidmap_count(mf->usage_ext) == 0))
 			continue;
 		char *q = PQescapeIdentifier(conn, names[t], strlen(names[t]));
@@ -1012,10 +1078,11 @@ int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const nam
 		}
 		PQfreemem(q);
 		tly_pgcopy_reset(c);
-		rows_of(mf, t, c);
-		rc = tly_pgcopy_send(conn, c, sql, err);
+		rows_of(mf, t, c, ctx, &fail);
+		rc = fail ? TLY_E_NOMEM : tly_pgcopy_send(conn, c, sql, err);
 		free(sql);
 	}
+	EVP_MD_CTX_free(ctx);
 	tly_pgcopy_free(c);
 	return rc;
 }

@@ -21,6 +21,7 @@
 #include "err.h"
 #include "event.h"
 #include "pg.h"
+#include "pgcopy.h"
 
 struct tly_memfold;
 
@@ -33,7 +34,8 @@ int tly_memfold_plan(struct tly_memfold *mf, const char *code, const tly_uuid *p
 /*
  * Fold one decoded message (borrowed for the call). Events of each tenant in partition order, then
  * ledger entries of each tenant in seq order: every event before the first entry (TLY_E_INVALID
- * for an event after an entry). ClockTick is ignored. 0, TLY_E_NOMEM or TLY_E_INVALID.
+ * for an event after an entry, or any after tly_memfold_finish). ClockTick is ignored. 0,
+ * TLY_E_NOMEM or TLY_E_INVALID.
  */
 int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev) TLY_MUST_CHECK;
 
@@ -41,9 +43,33 @@ int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev) TLY_MUST
 size_t tly_memfold_rows(const struct tly_memfold *mf);
 
 /*
- * COPY the final rows into the tables named by names[i] for tly_fold_tables[i] (unquoted; the
- * plan tables are not written), over conn, inside the caller's transaction. 0, TLY_E_NOMEM, or
- * TLY_E_PG with err filled.
+ * Stream table (an index into tly_fold_tables: projector_seen_events or agent_messages, whose rows
+ * never change once folded): each of its rows, as it is folded, is added to c (binary COPY rows of
+ * the columns tly_memfold_columns(table)) and added(ud, c) is called from tly_memfold_add (the
+ * caller sends c's rows when it likes); tly_memfold_copy then does not write that table. Before
+ * the first tly_memfold_add; c is borrowed until tly_memfold_free. 0, or TLY_E_INVALID for
+ * another table.
+ */
+typedef void tly_memfold_added_fn(void *ud, struct tly_pgcopy *c);
+int tly_memfold_stream(struct tly_memfold *mf, size_t table, struct tly_pgcopy *c,
+		       tly_memfold_added_fn *added, void *ud) TLY_MUST_CHECK;
+
+/* The columns the fold writes of table (an index into tly_fold_tables), "a, b, ..."; NULL if none. */
+const char *tly_memfold_columns(size_t table);
+
+/*
+ * The end of the input: settles what depends on every input (which usage row of an external
+ * event id is kept). After it, tly_memfold_add must not be called and tly_memfold_copy only reads
+ * mf, so that two threads may copy at once (disjoint tables, each on its own connection).
+ * 0 or TLY_E_NOMEM (the fold ran out of memory at some point).
+ */
+int tly_memfold_finish(struct tly_memfold *mf) TLY_MUST_CHECK;
+
+/*
+ * COPY the final rows into the tables named by names[i] for tly_fold_tables[i] (unquoted; NULL:
+ * that table is not written, nor ever the plan tables), over conn, inside the caller's
+ * transaction; calls tly_memfold_finish first if the caller has not. 0, TLY_E_NOMEM, or TLY_E_PG
+ * with err filled.
  */
 int tly_memfold_copy(struct tly_memfold *mf, PGconn *conn, const char *const names[],
 		     struct tly_pg_error *err) TLY_MUST_CHECK;

@@ -11,6 +11,7 @@
 #include <inttypes.h>
 #include <libgen.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,7 @@
 #define STEP_MS "600000"
 #define DB "bench_projector"
 #define WAIT_S 240
+#define MAX_ROUNDS 15
 
 static void die(const char *what, const char *why)
 {
@@ -104,6 +106,7 @@ static void stack_start(struct stack *s)
 	setenv("TALLY_KAFKA_BOOTSTRAP_SERVERS", s->bootstraps, 1);
 	/* the mock cluster holds a fetch for fetch.wait.max.ms when it has little data */
 	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", "10", 1);
+	setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0); /* never collide with another bench's daemon */
 }
 
 static void stack_stop(struct stack *s)
@@ -168,16 +171,22 @@ static double time_consumer(struct stack *s, const char *consumer, long total, l
 	return -1;
 }
 
+/* "prefix table" into sql, for projection table i (tly_fold_tables), its name quoted. */
+static void table_sql(struct stack *s, size_t i, const char *prefix, char *sql, size_t len)
+{
+	char *q = PQescapeIdentifier(s->conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
+	if (!q)
+		die("escape", "out of memory");
+	snprintf(sql, len, "%s %s", prefix, q);
+	PQfreemem(q);
+}
+
 static long projection_rows(struct stack *s)
 {
 	long rows = 0;
 	for (size_t i = 0; i < tly_fold_n_tables; i++) {
 		char sql[256];
-		char *q = PQescapeIdentifier(s->conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
-		if (!q)
-			die("escape", "out of memory");
-		snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s", q);
-		PQfreemem(q);
+		table_sql(s, i, "SELECT count(*) FROM", sql, sizeof(sql));
 		rows += q_long(s, sql, NULL);
 	}
 	return rows;
@@ -206,7 +215,7 @@ static void warn_changed(const char *live, const char *rebuilt, const char *who)
 	}
 }
 
-/* Raw COPY of the projection rows into empty copies of the tables (indexes included): rows/s. */
+/* Raw COPY of the projection rows into empty copies of the tables (indexes included): seconds. */
 static double raw_copy(struct stack *s, long *rows_out)
 {
 	struct tly_pg_error pe;
@@ -283,12 +292,104 @@ static double raw_copy(struct stack *s, long *rows_out)
 	free(data);
 	free(lens);
 	*rows_out = rows;
-	return secs > 0 ? (double)rows / secs : 0;
+	return secs;
+}
+
+/*
+ * Untimed, before each timed step: every projection table analyzed (a rebuild leaves statistics
+ * to autovacuum, whose ANALYZE would otherwise run during the next step) and a checkpoint (the
+ * step before's writes are not flushed during the next one).
+ */
+static void settle(struct stack *s)
+{
+	struct tly_pg_error pe;
+	for (size_t i = 0; i < tly_fold_n_tables; i++) {
+		char sql[256];
+		table_sql(s, i, "ANALYZE", sql, sizeof(sql));
+		if (tly_pg_exec_script(s->conn, sql, &pe) != 0)
+			die("analyze", pe.message);
+	}
+	if (tly_pg_exec_script(s->conn, "CHECKPOINT", &pe) != 0)
+		die("checkpoint", pe.message);
+}
+
+/* CPU seconds used so far by a step's two sides (struct cpu_now). */
+struct cpu {
+	double client; /* this process and its reaped children (a tallyctl run) */
+	double server; /* the PostgreSQL cluster: postmaster, live and ended backends, workers */
+};
+
+static struct cpu cpu_now(struct stack *s)
+{
+	struct tly_proc_cpu live = {0};
+	pid_t pm = tly_devpg_pid(s->pg);
+	double self = tly_proc_cpu_s(getpid(), true), pm_all = tly_proc_cpu_s(pm, true),
+	       pm_own = tly_proc_cpu_s(pm, false);
+	if (self < 0 || pm_all < 0 || pm_own < 0 || tly_proc_cpu_add(pm, true, &live) != 0)
+		die("CPU time", "could not read /proc");
+	/* live: the postmaster and its running children; pm_all - pm_own: its reaped children */
+	return (struct cpu){self, (double)live.on_cpu_us / 1e6 + pm_all - pm_own};
+}
+
+/*
+ * After a tallyctl run: until its backends are gone and reaped (their CPU then counts in the
+ * postmaster's children's), at most 5 s.
+ */
+static void backends_gone(struct stack *s)
+{
+	for (double give_up = tly_clock_s() + 5; tly_clock_s() < give_up; usleep(10000))
+		if (q_long(s, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+			      "AND pid <> pg_backend_pid()", NULL) == 0)
+			break;
+	usleep(20000); /* the postmaster reaps an ended backend on SIGCHLD */
+}
+
+static struct cpu cpu_since(struct stack *s, struct cpu c0)
+{
+	struct cpu c = cpu_now(s);
+	return (struct cpu){c.client - c0.client, c.server - c0.server};
+}
+
+/*
+ * `ctl rebuild all` after settle(), timed to its exit (seconds; *cpu: CPU seconds of tallyctl and
+ * of PostgreSQL meanwhile); warns of any table it changed.
+ */
+static double time_rebuild(struct stack *s, const char *ctl, const char *who, const char *live, char *out,
+			   size_t outlen, struct cpu *cpu)
+{
+	char *argv[] = {(char *)ctl, "rebuild", "all", NULL};
+	settle(s);
+	struct cpu c0 = cpu_now(s);
+	double t0 = tly_clock_s();
+	if (tly_proc_run(argv, out, outlen) != 0)
+		die(who, out);
+	double secs = tly_clock_s() - t0;
+	backends_gone(s);
+	*cpu = cpu_since(s, c0);
+	char *rebuilt = digest(s);
+	warn_changed(live, rebuilt, who);
+	free(rebuilt);
+	return secs;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+/* The median of n figures (sorts a copy). */
+static double median(const double *v, int n)
+{
+	double s[MAX_ROUNDS];
+	memcpy(s, v, (size_t)n * sizeof(*s));
+	qsort(s, (size_t)n, sizeof(*s), cmp_double);
+	return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
 }
 
 static const char help[] =
 	"Usage: tally-bench-projector [--tenants N] [--events N] [--step-ms MS]\n"
-	"                             [--partitions N] [--baseline TALLYCTL]\n"
+	"                             [--partitions N] [--baseline TALLYCTL] [--rounds N]\n"
 	"\n"
 	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
 	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
@@ -297,7 +398,11 @@ static const char help[] =
 	"events, " STEP_MS " ms, " PARTITIONS " partitions; the dev broker keeps about 5 MiB per\n"
 	"partition: for more events, add partitions and shorten the step so that the hourly\n"
 	"ClockTicks on every partition stay few).\n"
-	"--baseline: another build's tallyctl, whose `rebuild all` runs first on the same rows.\n";
+	"--baseline: another build's tallyctl, whose `rebuild all` runs on the same rows in each\n"
+	"round, first in odd rounds, second in even ones.\n"
+	"--rounds: rebuilds (and raw COPYs) this many times (default 1, at most 15) and prints\n"
+	"each round and the medians. Before each timed step every projection table is analyzed\n"
+	"and a CHECKPOINT taken, untimed.\n";
 
 int main(int argc, char **argv)
 {
@@ -308,6 +413,7 @@ int main(int argc, char **argv)
 	char err[512], exe[PATH_MAX], log[256], out[4096];
 	const char *tenants = TENANTS, *nevents = EVENTS, *step = STEP_MS, *baseline = NULL;
 	const char *partitions = PARTITIONS;
+	int rounds = 1;
 	for (int a = 1; a + 1 < argc; a += 2) {
 		if (strcmp(argv[a], "--tenants") == 0)
 			tenants = argv[a + 1];
@@ -319,6 +425,8 @@ int main(int argc, char **argv)
 			step = argv[a + 1];
 		else if (strcmp(argv[a], "--baseline") == 0)
 			baseline = argv[a + 1];
+		else if (strcmp(argv[a], "--rounds") == 0)
+			rounds = atoi(argv[a + 1]);
 		else
 			die("unexpected argument", argv[a]);
 	}
@@ -326,6 +434,8 @@ int main(int argc, char **argv)
 	struct stack s = {.partitions = atoi(partitions)};
 	if (s.partitions < 1)
 		die("--partitions", "not a positive number");
+	if (rounds < 1 || rounds > MAX_ROUNDS)
+		die("--rounds", "not a number from 1 to 15");
 	stack_start(&s);
 
 	/* the workload: loadgen as fast as it goes, with period closes and invoices */
@@ -374,47 +484,48 @@ int main(int argc, char **argv)
 	double proj_rows = (double)rows * (double)(inputs - first) / (double)inputs / proj_s;
 	double proj_events = (double)events * (double)(inputs - first) / (double)inputs / proj_s;
 
-	/* a rebuild of everything, timed to the exit of tallyctl; first by the baseline's tallyctl */
+	/* rebuilds of everything, each timed to the exit of tallyctl, and the raw COPY; with a
+	 * baseline, the two tallyctls alternate which goes first from round to round */
 	char *live_digest = digest(&s);
-	double base_s = 0;
-	char base_out[4096] = "";
-	if (baseline) {
-		char *ba[] = {(char *)baseline, "rebuild", "all", NULL};
-		double b0 = tly_clock_s();
-		if (tly_proc_run(ba, base_out, sizeof(base_out)) != 0)
-			die("baseline tallyctl rebuild all", base_out);
-		base_s = tly_clock_s() - b0;
-		char *rebuilt = digest(&s);
-		warn_changed(live_digest, rebuilt, "the baseline's rebuild");
-		free(rebuilt);
-	}
-	tly_proc_sibling("tallyctl", exe, sizeof(exe));
-	char *ra[] = {exe, "rebuild", "all", NULL};
-	double t0 = tly_clock_s();
-	if (tly_proc_run(ra, out, sizeof(out)) != 0)
-		die("tallyctl rebuild all", out);
-	double rebuild_s = tly_clock_s() - t0;
-	double rebuild_rows = (double)rows / rebuild_s;
-	char *rebuilt = digest(&s);
-	warn_changed(live_digest, rebuilt, "the rebuild");
-	free(rebuilt);
-	free(live_digest);
-
-	/* the rebuild leaves statistics to autovacuum: gathered here, untimed, so that no autovacuum
-	 * ANALYZE runs during the raw COPY below */
-	for (size_t i = 0; i < tly_fold_n_tables; i++) {
-		char sql[256];
-		struct tly_pg_error pe;
-		char *q = PQescapeIdentifier(s.conn, tly_fold_tables[i], strlen(tly_fold_tables[i]));
-		if (!q)
-			die("escape", "out of memory");
-		snprintf(sql, sizeof(sql), "ANALYZE %s", q);
-		PQfreemem(q);
-		if (tly_pg_exec_script(s.conn, sql, &pe) != 0)
-			die("analyze", pe.message);
-	}
+	char ctl[PATH_MAX], base_out[4096] = "";
+	double rebuild_t[MAX_ROUNDS], base_t[MAX_ROUNDS], copy_t[MAX_ROUNDS];
+	/* CPU seconds per round: [0] client, [1] PostgreSQL */
+	double rebuild_c[2][MAX_ROUNDS], base_c[2][MAX_ROUNDS], copy_c[2][MAX_ROUNDS];
 	long copied = 0;
-	double copy_rows = raw_copy(&s, &copied);
+	tly_proc_sibling("tallyctl", ctl, sizeof(ctl));
+	for (int r = 0; r < rounds; r++) {
+		struct cpu c = {0};
+		for (int k = 0; k < 2; k++) {
+			bool base_now = (k == 0) == (r % 2 == 0);
+			if (base_now && baseline) {
+				base_t[r] = time_rebuild(&s, baseline, "the baseline's rebuild", live_digest,
+							 base_out, sizeof(base_out), &c);
+				base_c[0][r] = c.client;
+				base_c[1][r] = c.server;
+			} else if (!base_now) {
+				rebuild_t[r] = time_rebuild(&s, ctl, "the rebuild", live_digest, out, sizeof(out), &c);
+				rebuild_c[0][r] = c.client;
+				rebuild_c[1][r] = c.server;
+			}
+		}
+		settle(&s);
+		struct cpu c0 = cpu_now(&s);
+		copy_t[r] = raw_copy(&s, &copied);
+		c = cpu_since(&s, c0);
+		copy_c[0][r] = c.client;
+		copy_c[1][r] = c.server;
+		if (rounds > 1)
+			printf("round %d: rebuild %.2f s (CPU %.2f + %.2f s)%s%.2f s (CPU %.2f + %.2f s), "
+			       "raw COPY %.2f s (CPU %.2f + %.2f s)\n", r + 1, rebuild_t[r], rebuild_c[0][r],
+			       rebuild_c[1][r], baseline ? ", baseline " : "", baseline ? base_t[r] : 0,
+			       baseline ? base_c[0][r] : 0, baseline ? base_c[1][r] : 0, copy_t[r], copy_c[0][r],
+			       copy_c[1][r]);
+	}
+	free(live_digest);
+	double rebuild_s = median(rebuild_t, rounds), base_s = baseline ? median(base_t, rounds) : 0;
+	double rebuild_rows = (double)rows / rebuild_s, copy_rows = (double)copied / median(copy_t, rounds);
+	if (rounds > 1)
+		printf("medians of %d rounds below\n\n", rounds);
 
 	printf("Projections (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on;\ndev broker with %d partitions; kafka.fetch.wait.max.ms=10)\n\n",
@@ -439,11 +550,29 @@ int main(int argc, char **argv)
 	       ledger_rate > 0 ? proj_events / ledger_rate : 0);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
 	       copy_rows > 0 ? 100 * rebuild_rows / copy_rows : 0);
+	if (rounds > 1) { /* the same, round by round: each rebuild against the raw COPY of its round */
+		double ratio[MAX_ROUNDS], base_ratio[MAX_ROUNDS];
+		for (int r = 0; r < rounds; r++) {
+			ratio[r] = 100 * copy_t[r] / rebuild_t[r];
+			base_ratio[r] = baseline ? 100 * copy_t[r] / base_t[r] : 0;
+		}
+		printf("  median of the rounds' own ratios:   %5.1f%%", median(ratio, rounds));
+		if (baseline)
+			printf(" (baseline %.1f%%)", median(base_ratio, rounds));
+		printf("\n");
+	}
 	if (baseline)
 		printf("baseline rebuild vs raw COPY:         %5.1f%%\n",
 		       copy_rows > 0 ? 100 * (double)rows / base_s / copy_rows : 0);
 	printf("steady state vs raw COPY (rows/s):    %5.1f%%\n", copy_rows > 0 ? 100 * proj_rows / copy_rows : 0);
+	printf("CPU seconds (client + PostgreSQL%s): rebuild %.2f + %.2f, ", rounds > 1 ? ", medians" : "",
+	       median(rebuild_c[0], rounds), median(rebuild_c[1], rounds));
+	if (baseline)
+		printf("baseline rebuild %.2f + %.2f, ", median(base_c[0], rounds), median(base_c[1], rounds));
+	printf("raw COPY %.2f + %.2f\n", median(copy_c[0], rounds), median(copy_c[1], rounds));
 	printf("\ntallyctl rebuild all said: %s", out);
+	if (baseline)
+		printf("the baseline said: %s", base_out);
 	stack_stop(&s);
 	return 0;
 }

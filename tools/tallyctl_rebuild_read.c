@@ -183,22 +183,45 @@ static void *reader(void *arg)
 	return NULL;
 }
 
-/* Each active partition's queue forwarded to its reader's (dst NULL: back to the consumer's). */
+/*
+ * Each active partition's queue forwarded to a reader's (to_readers false: every partition's back
+ * to the consumer's): the largest first, each to the reader with the fewest records to read so far,
+ * so that the readers finish at about the same time.
+ */
 static void route(struct rb_read *r, bool to_readers)
 {
 	rd_kafka_queue_t *consumer = to_readers ? NULL : rd_kafka_queue_get_consumer(r->rk);
-	size_t k = 0;
-	for (size_t i = 0; i < r->nparts; i++) {
-		if (!r->parts[i].active && to_readers)
-			continue;
+	int64_t load[N_READERS] = {0};
+	/* partitions in the order (records behind descending, index): prev is the last one routed */
+	int64_t prev_behind = INT64_MAX;
+	size_t prev = SIZE_MAX;
+	for (;;) {
+		size_t i = r->nparts;
+		for (size_t j = 0; j < r->nparts; j++) {
+			int64_t behind = r->parts[j].target - r->parts[j].done;
+			bool after = behind < prev_behind || (behind == prev_behind && prev != SIZE_MAX && j > prev);
+			if (!after || (!r->parts[j].active && to_readers))
+				continue;
+			if (i == r->nparts || behind > r->parts[i].target - r->parts[i].done)
+				i = j;
+		}
+		if (i == r->nparts)
+			break;
+		prev = i;
+		prev_behind = r->parts[i].target - r->parts[i].done;
 		rd_kafka_queue_t *pq = rd_kafka_queue_get_partition(r->rk, r->parts[i].topic,
 								    r->parts[i].partition);
 		if (!pq)
 			continue;
-		struct reader *rd = &r->readers[k++ % r->n_readers];
-		if (to_readers)
-			rd->remaining++;
-		rd_kafka_queue_forward(pq, to_readers ? rd->q : consumer);
+		size_t k = 0;
+		for (size_t j = 1; j < r->n_readers; j++)
+			if (load[j] < load[k])
+				k = j;
+		if (to_readers) {
+			r->readers[k].remaining++;
+			load[k] += r->parts[i].target - r->parts[i].done;
+		}
+		rd_kafka_queue_forward(pq, to_readers ? r->readers[k].q : consumer);
 		rd_kafka_queue_destroy(pq);
 	}
 	if (consumer)
