@@ -812,6 +812,34 @@ START_TEST(test_devpg_restart_and_crash)
 }
 END_TEST
 
+/* WAL segments ready ahead of the insert position of pg's cluster. */
+static long future_wal_segments(PGconn *conn)
+{
+	return query_long(conn,
+			  "SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$' "
+			  "AND name > pg_walfile_name(pg_current_wal_insert_lsn())",
+			  0, NULL);
+}
+
+START_TEST(test_devpg_durable_prealloc_wal)
+{
+	char errstr[1024];
+	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, errstr, sizeof(errstr));
+	ck_assert_msg(pg != NULL, "%s", errstr);
+	PGconn *conn = tly_pg_connect(tly_devpg_conninfo(pg), "check_devpg", errstr, sizeof(errstr));
+	ck_assert_msg(conn != NULL, "%s", errstr);
+	char *fsync = query_text(conn, "SELECT current_setting('fsync') || ' ' || "
+				 "current_setting('synchronous_commit')", 0, NULL);
+	ck_assert_str_eq(fsync, "on on");
+	free(fsync);
+	ck_assert_int_lt(future_wal_segments(conn), 4); /* a fresh cluster zero-fills as it goes */
+	ck_assert_msg(tly_devpg_prealloc_wal(pg, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_int_ge(future_wal_segments(conn), TLY_DEVPG_PREALLOC_WAL_MB / 16 - 2);
+	PQfinish(conn);
+	tly_devpg_stop(pg);
+}
+END_TEST
+
 START_TEST(test_devpg_stop_removes_dir)
 {
 	char errstr[1024], dir[512];
@@ -866,6 +894,7 @@ Suite *migrate_suite(void)
 	tcase_add_unchecked_fixture(devpg, devpg_setup, devpg_teardown);
 	tcase_add_test(devpg, test_devpg_restart_and_crash);
 	tcase_add_test(devpg, test_devpg_stop_removes_dir);
+	tcase_add_test(devpg, test_devpg_durable_prealloc_wal);
 	tcase_add_test(devpg, test_devpg_bad_bindir);
 	suite_add_tcase(s, devpg);
 	return s;

@@ -706,6 +706,9 @@ int main(int argc, char **argv)
 	double rate = ledger_many > 0 ? ledger_many / 2 : latency_rate;
 	if (wanted(only, "latency") && rate > 0) {
 		struct latency l;
+		/* the runs before filled the WAL: ready segments again, as a server in steady state has */
+		if (tly_devpg_prealloc_wal(pg, err, sizeof(err)) != 0)
+			die("PostgreSQL", err);
 		bench_latency(pg, rate, &l);
 		printf("\npublish -> committed decision (read back from tally.ledger), %.0f reservations/s "
 		       "(%s), 5 s after 1 s of warm-up:\n"
