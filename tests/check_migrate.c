@@ -329,6 +329,57 @@ END_TEST
 	"'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "                               \
 	"decode(repeat('ab', $6::int), 'hex'), decode(repeat('cd', 32), 'hex'))"
 
+/* 0008 marks the first entry of each input record of entries stored before it, and indexes those. */
+START_TEST(test_cause_first_backfill)
+{
+	char errstr[512];
+	int applied = -1;
+	PGconn *conn = connect_fresh();
+	char *dir = make_dir_set();
+	const struct tly_embedded *m8 = NULL;
+	for (const struct tly_embedded *e = tly_embedded_migrations; e->name; e++)
+		if (strncmp(e->name, "0008_", 5) == 0)
+			m8 = e;
+	ck_assert_ptr_nonnull(m8);
+	remove_file(dir, m8->name);
+	struct tly_migrate_set *set = load_dir(dir);
+	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	tly_migrate_free(set);
+	const char *const tenants[] = {TENANT_ID, "33333333-3333-4333-8333-333333333333"};
+	struct tly_pg_error err;
+	/* tenant 1: two entries of the input at offset 7, one of offset 8; tenant 2: one of offset 7 */
+	ck_assert_msg(tly_pg_exec(conn,
+				  "INSERT INTO ledger_entries (tenant_id, seq, kind, cause_event_id, "
+				  "cause_type, cause_partition, cause_offset, allowance_remaining, "
+				  "credits_remaining, held, overage_tokens, ledger_time, prev_hash, hash, "
+				  "cause_digest) SELECT v.t::uuid, v.s, 'debit', "
+				  "'22222222-2222-4222-8222-222222222222', 'TokensDebited', 0, v.o, 0, 0, 0, 0, "
+				  "'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "
+				  "decode(repeat('ab', 32), 'hex'), decode(repeat('cd', 32), 'hex') "
+				  "FROM (VALUES ($1, 1, 7), ($1, 2, 7), ($1, 3, 8), ($2, 1, 7)) v (t, s, o)",
+				  2, tenants, &err) == 0,
+		      "%s", err.message);
+	write_file(dir, m8->name, m8->data, m8->len);
+	set = load_dir(dir);
+	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_int_eq(applied, 1);
+	tly_migrate_free(set);
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0, NULL), 3);
+	ck_assert_int_eq(query_long(conn,
+				    "SELECT count(*) FROM ledger_entries WHERE cause_first AND "
+				    "((tenant_id = $1 AND seq IN (1, 3)) OR (tenant_id = $2 AND seq = 1))",
+				    2, tenants),
+			 3);
+	ck_assert_int_eq(query_long(conn,
+				    "SELECT count(*) FROM pg_indexes WHERE tablename = 'ledger_entries' "
+				    "AND indexdef LIKE '%(tenant_id, cause_event_id) WHERE cause_first'",
+				    0, NULL),
+			 1);
+	remove_dir(dir);
+	PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_schema_rejects_bad_rows)
 {
 	PGconn *conn = connect_migrated();
@@ -874,6 +925,7 @@ Suite *migrate_suite(void)
 	tcase_add_test(tc, test_up_empty_db_twice);
 	tcase_add_test(tc, test_schema_catalog);
 	tcase_add_test(tc, test_schema_rejects_bad_rows);
+	tcase_add_test(tc, test_cause_first_backfill);
 	tcase_add_test(tc, test_seeds);
 	tcase_add_test(tc, test_changed_and_missing_file_refused);
 	tcase_add_test(tc, test_out_of_order_refused);
