@@ -694,10 +694,13 @@ int main(int argc, char **argv)
 	printf("  1 hot tenant      %10.0f decisions/s   %6.1fx the seeds' design   (24,000 events)\n\n",
 	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0);
 	printf("CPU per record committed (from /proc/PID/task/*/schedstat, on a CPU):\n");
-	printf("  1,000 tenants     tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
-	       cpu_many.ledger_us, cpu_many.writer_us, cpu_many.pg_us);
-	printf("  1 hot tenant      tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n\n",
-	       cpu_hot.ledger_us, cpu_hot.writer_us, cpu_hot.pg_us);
+	if (wanted(only, "many"))
+		printf("  1,000 tenants     tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
+		       cpu_many.ledger_us, cpu_many.writer_us, cpu_many.pg_us);
+	if (wanted(only, "hot"))
+		printf("  1 hot tenant      tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
+		       cpu_hot.ledger_us, cpu_hot.writer_us, cpu_hot.pg_us);
+	printf("\n");
 	printf("bare librdkafka consumer on the same topic (the ceiling):\n");
 	printf("  1,000 tenants     %10.0f records/s     ledger at %5.1f%% of it\n", bare_many,
 	       bare_many > 0 ? 100 * ledger_many / bare_many : 0);
