@@ -5,10 +5,12 @@
 -- input record for a tenant (the first of an input's entries in seq order); the first entry of a
 -- (tenant_id, cause_event_id) is always one of those, so the partial index answers the same
 -- question with one tuple per input record that yields entries. Rows stored before this migration
--- are marked here. Runs in one transaction (the migration runner's).
+-- are marked here. tally-ledger always writes true or false; NULL (a row written by other means
+-- with every column named) is "not first", as false. Runs in one transaction (the migration
+-- runner's).
 
 ALTER TABLE ledger_entries
-    ADD COLUMN cause_first boolean NOT NULL DEFAULT false;
+    ADD COLUMN cause_first boolean DEFAULT false;
 
 UPDATE ledger_entries e SET cause_first = true
 FROM (SELECT DISTINCT ON (tenant_id, cause_partition, cause_offset) tenant_id, seq
