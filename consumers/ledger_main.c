@@ -861,7 +861,7 @@ static int64_t decide_in_us(const struct app *app, bool none_ready)
 {
 	struct tly_ledger_pace_state st = {
 		.pending = app->pending,
-		.max_events = app->max_events,
+		.max_events = tly_ledger_pace_max_events(&app->pace, app->max_events),
 		.bound_us = 1000 * (app->opened_ms + app->max_ms),
 		.group_waiting = app->ready.n > 0,
 		.none_ready = none_ready,
@@ -878,8 +878,8 @@ static int64_t decide_in_us(const struct app *app, bool none_ready)
  * ledger.batch.max.events, or ledger.batch.max.ms after the first record, and their transaction
  * goes to the writer. While it commits, the loop goes on taking records and decides the next group
  * when that commit is about to end (ledger_pace.h); the group then waits for the writer (and
- * taking records pauses at ledger.batch.max.events). The writer wakes the loop when a transaction
- * ran; only then is its group published.
+ * taking records pauses at ledger.batch.max.events, up to 4x that through a backlog). The writer
+ * wakes the loop when a transaction ran; only then is its group published.
  */
 static void run(struct app *app)
 {
@@ -889,7 +889,7 @@ static void run(struct app *app)
 			tly_cli_reload(app->config_file, app->sets, app->n_sets, environ);
 		}
 		rd_kafka_message_t *m = NULL;
-		if (app->ready.n && app->pending >= app->max_events) {
+		if (app->ready.n && app->pending >= tly_ledger_pace_max_events(&app->pace, app->max_events)) {
 			complete_flight(app, POLL_MS); /* back pressure: the next group is full */
 		} else {
 			/* a record or the writer's wake-up ends the wait early */
@@ -905,6 +905,7 @@ static void run(struct app *app)
 		complete_flight(app, 0);
 		submit_ready(app);
 		if (decide_in_us(app, !m) == 0) {
+			tly_ledger_pace_sized(&app->pace, app->pending, app->max_events, m != NULL);
 			decide_group(app);
 			submit_ready(app);
 		}

@@ -1,6 +1,8 @@
 /* When tally-ledger decides the records it has taken (see ledger_pace.h). */
 #include "ledger_pace.h"
 
+#include <stdint.h>
+
 #define WEIGHT 8 /* each new observation moves an average by 1/WEIGHT of the difference */
 
 void tly_ledger_pace_committed(struct tly_ledger_pace *p, int64_t commit_us)
@@ -13,6 +15,23 @@ void tly_ledger_pace_decided(struct tly_ledger_pace *p, int64_t decide_us, size_
 	if (records == 0)
 		return;
 	p->decide_ns += (1000 * decide_us / (int64_t)records - p->decide_ns) / WEIGHT;
+}
+
+size_t tly_ledger_pace_max_events(const struct tly_ledger_pace *p, size_t max_events)
+{
+	size_t limit = max_events;
+	for (unsigned i = 0; i < p->backlog && limit <= SIZE_MAX / 2; i++)
+		limit *= 2;
+	return limit;
+}
+
+void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max_events, bool more_ready)
+{
+	if (records < max_events)
+		p->backlog = 0;
+	else if (more_ready && records >= tly_ledger_pace_max_events(p, max_events) &&
+		 p->backlog < TLY_LEDGER_PACE_BACKLOG_MAX)
+		p->backlog++;
 }
 
 int64_t tly_ledger_pace_decide_in_us(const struct tly_ledger_pace *p,

@@ -11,16 +11,23 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Moving averages of the pipeline's two steps; zero-initialised it decides as soon as none is ready. */
+/*
+ * Moving averages of the pipeline's two steps, and how far a backlog grew the group size;
+ * zero-initialised it decides as soon as none is ready, in groups of at most max_events.
+ */
 struct tly_ledger_pace {
 	int64_t commit_us;       /* a group's commit, submitted to result */
 	int64_t decide_ns;       /* deciding one record */
+	unsigned backlog;        /* doublings of ledger.batch.max.events in effect (a backlog) */
 };
+
+/* Doublings of ledger.batch.max.events a backlog can reach: groups of up to 4x as many records. */
+#define TLY_LEDGER_PACE_BACKLOG_MAX 2
 
 /* The loop's state at one moment, as decide_in_us reads it. */
 struct tly_ledger_pace_state {
 	size_t pending;          /* records taken and not decided */
-	size_t max_events;       /* ledger.batch.max.events */
+	size_t max_events;       /* tly_ledger_pace_max_events */
 	int64_t bound_us;        /* when the first pending record was taken + ledger.batch.max.ms */
 	bool group_waiting;      /* a decided group waits for the writer */
 	bool none_ready;         /* librdkafka had no record ready on the last poll */
@@ -34,6 +41,18 @@ void tly_ledger_pace_committed(struct tly_ledger_pace *p, int64_t commit_us);
 
 /* records were decided in decide_us. */
 void tly_ledger_pace_decided(struct tly_ledger_pace *p, int64_t decide_us, size_t records);
+
+/*
+ * Most records a group takes now: max_events (ledger.batch.max.events), doubled for each step of
+ * backlog. A group that filled its limit while records were still ready is a backlog: per-commit
+ * costs (round trips, fsync, each statement's start) then weigh per record, and larger groups
+ * take less of the writer's time a record. A group decided below max_events (input slower than
+ * commits) ends the backlog, so at moderate rates groups stay small and latency low.
+ */
+size_t tly_ledger_pace_max_events(const struct tly_ledger_pace *p, size_t max_events);
+
+/* A group of records was decided, with max_events configured and more records ready or not. */
+void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max_events, bool more_ready);
 
 /*
  * Microseconds until the pending records are to be decided: 0 now, -1 not yet (more records are

@@ -18,13 +18,13 @@
 
 #define ROWS_PER_STATEMENT 1000
 #define COPY_ROWS 200 /* rows per COPY statement (see copy_for_row) */
-#define ENTRY_COLS 27
+#define ENTRY_COLS 28
 
 #define ENTRY_COLUMNS_TEXT                                                                          \
 	"tenant_id, seq, kind, cause_event_id, cause_type, cause_partition, cause_offset, "          \
 	"cause_digest, ref_id, subscription_id, allowance_delta, credits_delta, held_delta, "        \
 	"overage_delta, allowance_remaining, credits_remaining, held, overage_tokens, period_start, " \
-	"period_end, amount_cents, currency, lines, reason, ledger_time, prev_hash, hash"
+	"period_end, amount_cents, currency, lines, reason, ledger_time, prev_hash, hash, cause_first"
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
@@ -339,7 +339,7 @@ static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n
 				  "$2::uuid[]) WITH ORDINALITY AS k (tenant_id, event_id, i) CROSS JOIN LATERAL "
 				  "(SELECT e.cause_digest, e.cause_offset FROM ledger_entries e "
 				  "WHERE e.tenant_id = k.tenant_id "
-				  "AND e.cause_event_id = k.event_id ORDER BY e.seq LIMIT 1) x",
+				  "AND e.cause_event_id = k.event_id AND e.cause_first ORDER BY e.seq LIMIT 1) x",
 				  2, values, NULL, NULL, 0, err);
 	if (!res)
 		goto out;
@@ -467,7 +467,13 @@ static const char *text_close(struct tly_ledger_txn *t, struct text *x)
 }
 
 /* One entry as a binary COPY row, in ENTRY_COLUMNS order. */
-static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const struct tly_event *ev)
+/*
+ * prev: the entry before ev in its commit, or NULL. ev is cause_first (migration 0008: the
+ * "seen" lookup's partial index) when it is the first entry its input record yields for its
+ * tenant: an input's entries for a tenant are contiguous in a commit and never span two.
+ */
+static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const struct tly_event *ev,
+		      const struct tly_event *prev)
 {
 	const struct tly_ledger_entry *e = &ev->u.ledger_entry;
 	bool oom = false;
@@ -517,6 +523,8 @@ static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const st
 	tly_pgcopy_timestamptz(copy, e->ledger_time);
 	tly_pgcopy_bytea(copy, e->prev_hash, 32);
 	tly_pgcopy_bytea(copy, e->hash, 32);
+	tly_pgcopy_bool(copy, !prev || prev->u.ledger_entry.cause_offset != e->cause_offset ||
+				      memcmp(prev->tenant_id.b, ev->tenant_id.b, sizeof(ev->tenant_id.b)) != 0);
 	return 0;
 }
 
@@ -557,7 +565,7 @@ static void build_entries(struct tly_ledger_txn *t, const struct tly_ledger_comm
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_entries; r++) {
 			struct tly_pgcopy *copy = copy_for_row(t, sql);
-			if (!copy || copy_entry(copy, scratch, &c[i].entries[r]) != 0) {
+			if (!copy || copy_entry(copy, scratch, &c[i].entries[r], r ? &c[i].entries[r - 1] : NULL) != 0) {
 				t->oom = true;
 				goto out;
 			}

@@ -34,7 +34,7 @@ static int ensure_conn(struct tly_ledger_writer *w, struct tly_pg_error *err)
 		return 0;
 	if (w->conn)
 		PQfinish(w->conn);
-	if ((w->conn = tly_pg_connect(w->conninfo, "tally-ledger", errstr, sizeof(errstr))))
+	if ((w->conn = tly_pg_connect(w->conninfo, TLY_LEDGER_WRITER_APP, errstr, sizeof(errstr))))
 		return 0;
 	err->errclass = TLY_ERRCLASS_RETRIABLE;
 	err->sqlstate[0] = '\0';
@@ -80,7 +80,7 @@ struct tly_ledger_writer *tly_ledger_writer_new(const char *conninfo, void (*wak
 	}
 	w->wake = wake;
 	w->ud = ud;
-	if (!(w->conn = tly_pg_connect(conninfo, "tally-ledger", errstr, errlen))) {
+	if (!(w->conn = tly_pg_connect(conninfo, TLY_LEDGER_WRITER_APP, errstr, errlen))) {
 		free(w->conninfo);
 		free(w);
 		return NULL;

@@ -16,8 +16,11 @@
 
 struct tly_ledger_writer;
 
+/* The writer connection's application_name (pg_stat_activity tells its backend apart). */
+#define TLY_LEDGER_WRITER_APP "tally-ledger writer"
+
 /*
- * Connect (conninfo, application_name tally-ledger) and start the thread. wake(ud), when not
+ * Connect (conninfo, application_name TLY_LEDGER_WRITER_APP) and start the thread. wake(ud), when not
  * NULL, is called on the writer's thread each time a transaction finished (to wake the consumer
  * loop). NULL with errstr filled on failure.
  */

@@ -29,7 +29,8 @@ static const struct tly_setting settings[] = {
 	 "partition count of tally.events and tally.ledger (checked at start-up)"},
 	{"ledger.group.id", TLY_SET_STR, "tally-ledger", 0, 0, "consumer group of tally-ledger"},
 	{"ledger.batch.max.events", TLY_SET_INT, "1000", 1, 1000000,
-	 "most input records (all partitions together) applied in one PostgreSQL transaction"},
+	 "input records (all partitions together) applied in one PostgreSQL transaction; "
+	 "up to 4x as many while a backlog lasts"},
 	{"ledger.batch.max.ms", TLY_SET_INT, "50", 1, 60000,
 	 "longest records wait for more under steady input; with none ready they commit at once"},
 	{"ledger.overdraft.limit", TLY_SET_INT, "0", 0, INT64_MAX,

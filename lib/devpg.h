@@ -24,6 +24,17 @@ struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t e
 struct tly_devpg *tly_devpg_start_durable(const char *parent_dir, bool durable, char *errstr,
 					  size_t errlen);
 
+/* WAL a durable cluster keeps as zero-filled future segments (its min_wal_size), in MB. */
+#define TLY_DEVPG_PREALLOC_WAL_MB 512
+
+/*
+ * Leave TLY_DEVPG_PREALLOC_WAL_MB of WAL segments ready ahead of the insert position of a durable
+ * cluster, so that commits do not wait while the server zero-fills a new 16 MB segment (a fresh
+ * cluster does that every 1-2 s under load): switches through that many segments, then a
+ * CHECKPOINT recycles them as future ones. Ends with a checkpoint done. 0, or TLY_E_PG with errstr.
+ */
+int tly_devpg_prealloc_wal(struct tly_devpg *pg, char *errstr, size_t errlen) TLY_MUST_CHECK;
+
 /* Stop the server (fast, then immediate, then SIGKILL) and remove its dir. Accepts NULL. */
 void tly_devpg_stop(struct tly_devpg *pg);
 

@@ -408,6 +408,11 @@ static long check_end_state(const struct env *e, bool unique_input)
 				"WHERE cause_type <> 'ClockTick' AND kind NOT IN ('duplicate', 'conflict') "
 				"GROUP BY tenant_id, cause_event_id "
 				"HAVING count(DISTINCT (cause_partition, cause_offset)) <> 1) x", 0, NULL), 0);
+	/* the "seen" index covers exactly the first entry of each input record for its tenant */
+	ck_assert_int_eq(q_long(e->conn, "SELECT count(*) FROM ledger_entries e WHERE cause_first IS DISTINCT FROM "
+				"(seq = (SELECT min(f.seq) FROM ledger_entries f WHERE f.tenant_id = e.tenant_id "
+				"AND f.cause_partition = e.cause_partition AND f.cause_offset = e.cause_offset))",
+				0, NULL), 0);
 	if (unique_input)
 		ck_assert_int_eq(q_long(e->conn, "SELECT count(*) FROM ledger_entries WHERE kind IN "
 					"('duplicate', 'conflict')", 0, NULL), 0);

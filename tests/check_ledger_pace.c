@@ -87,6 +87,36 @@ START_TEST(test_averages_follow_observations)
 }
 END_TEST
 
+START_TEST(test_backlog_grows_groups)
+{
+	struct tly_ledger_pace p = {0};
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+	/* a full group with records still ready is a backlog: the limit doubles, up to 4x */
+	tly_ledger_pace_sized(&p, 1000, 1000, true);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 1500, 1000, true); /* not full at 2,000: stays */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, true);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
+	tly_ledger_pace_sized(&p, 4000, 1000, true);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
+	/* the limit is what decides at once */
+	struct tly_ledger_pace_state s = idle();
+	s.none_ready = false;
+	s.pending = 1000;
+	s.max_events = tly_ledger_pace_max_events(&p, 1000);
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), -1);
+	s.pending = 4000;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
+	/* a group below ledger.batch.max.events (input slower than commits) ends the backlog */
+	tly_ledger_pace_sized(&p, 999, 1000, false);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+	/* a full group with nothing more ready is no backlog */
+	tly_ledger_pace_sized(&p, 1000, 1000, false);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+}
+END_TEST
+
 Suite *ledger_pace_suite(void)
 {
 	Suite *s = suite_create("ledger_pace");
@@ -95,6 +125,7 @@ Suite *ledger_pace_suite(void)
 	tcase_add_test(tc, test_busy_writer_decides_before_its_commit_ends);
 	tcase_add_test(tc, test_bounds_and_waiting_group);
 	tcase_add_test(tc, test_averages_follow_observations);
+	tcase_add_test(tc, test_backlog_grows_groups);
 	suite_add_tcase(s, tc);
 	return s;
 }

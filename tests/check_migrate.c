@@ -329,6 +329,57 @@ END_TEST
 	"'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "                               \
 	"decode(repeat('ab', $6::int), 'hex'), decode(repeat('cd', 32), 'hex'))"
 
+/* 0008 marks the first entry of each input record of entries stored before it, and indexes those. */
+START_TEST(test_cause_first_backfill)
+{
+	char errstr[512];
+	int applied = -1;
+	PGconn *conn = connect_fresh();
+	char *dir = make_dir_set();
+	const struct tly_embedded *m8 = NULL;
+	for (const struct tly_embedded *e = tly_embedded_migrations; e->name; e++)
+		if (strncmp(e->name, "0008_", 5) == 0)
+			m8 = e;
+	ck_assert_ptr_nonnull(m8);
+	remove_file(dir, m8->name);
+	struct tly_migrate_set *set = load_dir(dir);
+	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	tly_migrate_free(set);
+	const char *const tenants[] = {TENANT_ID, "33333333-3333-4333-8333-333333333333"};
+	struct tly_pg_error err;
+	/* tenant 1: two entries of the input at offset 7, one of offset 8; tenant 2: one of offset 7 */
+	ck_assert_msg(tly_pg_exec(conn,
+				  "INSERT INTO ledger_entries (tenant_id, seq, kind, cause_event_id, "
+				  "cause_type, cause_partition, cause_offset, allowance_remaining, "
+				  "credits_remaining, held, overage_tokens, ledger_time, prev_hash, hash, "
+				  "cause_digest) SELECT v.t::uuid, v.s, 'debit', "
+				  "'22222222-2222-4222-8222-222222222222', 'TokensDebited', 0, v.o, 0, 0, 0, 0, "
+				  "'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "
+				  "decode(repeat('ab', 32), 'hex'), decode(repeat('cd', 32), 'hex') "
+				  "FROM (VALUES ($1, 1, 7), ($1, 2, 7), ($1, 3, 8), ($2, 1, 7)) v (t, s, o)",
+				  2, tenants, &err) == 0,
+		      "%s", err.message);
+	write_file(dir, m8->name, m8->data, m8->len);
+	set = load_dir(dir);
+	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_int_eq(applied, 1);
+	tly_migrate_free(set);
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0, NULL), 3);
+	ck_assert_int_eq(query_long(conn,
+				    "SELECT count(*) FROM ledger_entries WHERE cause_first AND "
+				    "((tenant_id = $1 AND seq IN (1, 3)) OR (tenant_id = $2 AND seq = 1))",
+				    2, tenants),
+			 3);
+	ck_assert_int_eq(query_long(conn,
+				    "SELECT count(*) FROM pg_indexes WHERE tablename = 'ledger_entries' "
+				    "AND indexdef LIKE '%(tenant_id, cause_event_id) WHERE cause_first'",
+				    0, NULL),
+			 1);
+	remove_dir(dir);
+	PQfinish(conn);
+}
+END_TEST
+
 START_TEST(test_schema_rejects_bad_rows)
 {
 	PGconn *conn = connect_migrated();
@@ -812,6 +863,34 @@ START_TEST(test_devpg_restart_and_crash)
 }
 END_TEST
 
+/* WAL segments ready ahead of the insert position of pg's cluster. */
+static long future_wal_segments(PGconn *conn)
+{
+	return query_long(conn,
+			  "SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$' "
+			  "AND name > pg_walfile_name(pg_current_wal_insert_lsn())",
+			  0, NULL);
+}
+
+START_TEST(test_devpg_durable_prealloc_wal)
+{
+	char errstr[1024];
+	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, errstr, sizeof(errstr));
+	ck_assert_msg(pg != NULL, "%s", errstr);
+	PGconn *conn = tly_pg_connect(tly_devpg_conninfo(pg), "check_devpg", errstr, sizeof(errstr));
+	ck_assert_msg(conn != NULL, "%s", errstr);
+	char *fsync = query_text(conn, "SELECT current_setting('fsync') || ' ' || "
+				 "current_setting('synchronous_commit')", 0, NULL);
+	ck_assert_str_eq(fsync, "on on");
+	free(fsync);
+	ck_assert_int_lt(future_wal_segments(conn), 4); /* a fresh cluster zero-fills as it goes */
+	ck_assert_msg(tly_devpg_prealloc_wal(pg, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_int_ge(future_wal_segments(conn), TLY_DEVPG_PREALLOC_WAL_MB / 16 - 2);
+	PQfinish(conn);
+	tly_devpg_stop(pg);
+}
+END_TEST
+
 START_TEST(test_devpg_stop_removes_dir)
 {
 	char errstr[1024], dir[512];
@@ -846,6 +925,7 @@ Suite *migrate_suite(void)
 	tcase_add_test(tc, test_up_empty_db_twice);
 	tcase_add_test(tc, test_schema_catalog);
 	tcase_add_test(tc, test_schema_rejects_bad_rows);
+	tcase_add_test(tc, test_cause_first_backfill);
 	tcase_add_test(tc, test_seeds);
 	tcase_add_test(tc, test_changed_and_missing_file_refused);
 	tcase_add_test(tc, test_out_of_order_refused);
@@ -866,6 +946,7 @@ Suite *migrate_suite(void)
 	tcase_add_unchecked_fixture(devpg, devpg_setup, devpg_teardown);
 	tcase_add_test(devpg, test_devpg_restart_and_crash);
 	tcase_add_test(devpg, test_devpg_stop_removes_dir);
+	tcase_add_test(devpg, test_devpg_durable_prealloc_wal);
 	tcase_add_test(devpg, test_devpg_bad_bindir);
 	suite_add_tcase(s, devpg);
 	return s;

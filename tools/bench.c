@@ -373,9 +373,44 @@ static char *fresh_db(struct tly_devpg *pg, const char *name)
 	return info;
 }
 
-/* Decisions per second of tally-ledger, published -> committed, on a pre-published backlog. */
+/* CPU spent per record committed in a throughput run, of each process that does the work. */
+struct ledger_cpu {
+	double ledger_us;  /* tally-ledger, every thread */
+	double writer_us;  /* the PostgreSQL backend of its writer connection (the COPYs and COMMITs) */
+	double pg_us;      /* every PostgreSQL process (the writer, the "seen" lookups, WAL, checkpoints) */
+};
+
+/* The pid of the writer's backend (application_name of consumers/ledger_writer.h), or -1. */
+static pid_t writer_backend(PGconn *conn)
+{
+	struct tly_pg_error pe;
+	PGresult *r = tly_pg_query(conn,
+				   "SELECT pid FROM pg_stat_activity WHERE application_name = 'tally-ledger writer'",
+				   0, NULL, &pe);
+	if (!r)
+		die("pg_stat_activity", pe.message);
+	pid_t pid = PQntuples(r) == 1 ? (pid_t)atol(PQgetvalue(r, 0, 0)) : -1;
+	PQclear(r);
+	return pid;
+}
+
+/* On-CPU microseconds so far of the ledger, the writer's backend and all of PostgreSQL. */
+static void ledger_cpu_now(pid_t ledger, pid_t writer, struct tly_devpg *pg, int64_t us[3])
+{
+	struct tly_proc_cpu c[3] = {{0}};
+	if (tly_proc_cpu_add(ledger, false, &c[0]) != 0 || tly_proc_cpu_add(writer, false, &c[1]) != 0 ||
+	    tly_proc_cpu_add(tly_devpg_pid(pg), true, &c[2]) != 0)
+		die("cpu", "could not read /proc");
+	for (int i = 0; i < 3; i++)
+		us[i] = c[i].on_cpu_us;
+}
+
+/*
+ * Decisions per second of tally-ledger, published -> committed, on a pre-published backlog, and
+ * the CPU each process spent per record from the first commit seen to the last.
+ */
 static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, long n,
-			   double *bare_rate)
+			   double *bare_rate, struct ledger_cpu *cpu)
 {
 	char *db = fresh_db(pg, dbname);
 	struct stack s;
@@ -391,17 +426,29 @@ static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants
 	pid_t ledger = start_ledger(&s, db, log);
 	double first_t = 0, end_t = 0, give_up = tly_clock_s() + 300;
 	long first_v = 0, v = 0;
+	pid_t writer = -1;
+	int64_t cpu0[3] = {0}, cpu1[3] = {0};
 	while (tly_clock_s() < give_up) {
 		v = committed_offsets(conn);
 		if (v > 0 && first_t == 0) {
 			first_t = tly_clock_s();
 			first_v = v;
+			if ((writer = writer_backend(conn)) > 0)
+				ledger_cpu_now(ledger, writer, pg, cpu0);
 		}
 		if (v >= total) {
 			end_t = tly_clock_s();
+			if (writer > 0)
+				ledger_cpu_now(ledger, writer, pg, cpu1);
 			break;
 		}
 		usleep(20000);
+	}
+	memset(cpu, 0, sizeof(*cpu));
+	if (writer > 0 && v > first_v) {
+		cpu->ledger_us = (double)(cpu1[0] - cpu0[0]) / (double)(v - first_v);
+		cpu->writer_us = (double)(cpu1[1] - cpu0[1]) / (double)(v - first_v);
+		cpu->pg_us = (double)(cpu1[2] - cpu0[2]) / (double)(v - first_v);
 	}
 	tly_proc_stop(ledger, 10000);
 	PQfinish(conn);
@@ -635,16 +682,25 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	double bare_many = 0, bare_hot = 0, ledger_many = 0, ledger_hot = 0;
+	struct ledger_cpu cpu_many = {0}, cpu_hot = {0};
 	if (wanted(only, "many"))
-		ledger_many = bench_ledger(pg, "bench_many", 1000, 60000, &bare_many);
+		ledger_many = bench_ledger(pg, "bench_many", 1000, 60000, &bare_many, &cpu_many);
 	if (wanted(only, "hot"))
-		ledger_hot = bench_ledger(pg, "bench_hot", 1, 12000, &bare_hot);
+		ledger_hot = bench_ledger(pg, "bench_hot", 1, 12000, &bare_hot, &cpu_hot);
 	printf("tally-ledger, published -> committed in PostgreSQL (a pre-published backlog of model calls:\n"
 	       "TokensReserved, then its ReservationSettled 20 calls later; each event is a decision):\n");
 	printf("  1,000 tenants     %10.0f decisions/s   %6.1fx the seeds' design   (120,000 events)\n",
 	       ledger_many, seeds_many > 0 ? ledger_many / seeds_many : 0);
 	printf("  1 hot tenant      %10.0f decisions/s   %6.1fx the seeds' design   (24,000 events)\n\n",
 	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0);
+	printf("CPU per record committed (from /proc/PID/task/*/schedstat, on a CPU):\n");
+	if (wanted(only, "many"))
+		printf("  1,000 tenants     tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
+		       cpu_many.ledger_us, cpu_many.writer_us, cpu_many.pg_us);
+	if (wanted(only, "hot"))
+		printf("  1 hot tenant      tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
+		       cpu_hot.ledger_us, cpu_hot.writer_us, cpu_hot.pg_us);
+	printf("\n");
 	printf("bare librdkafka consumer on the same topic (the ceiling):\n");
 	printf("  1,000 tenants     %10.0f records/s     ledger at %5.1f%% of it\n", bare_many,
 	       bare_many > 0 ? 100 * ledger_many / bare_many : 0);
@@ -653,6 +709,9 @@ int main(int argc, char **argv)
 	double rate = ledger_many > 0 ? ledger_many / 2 : latency_rate;
 	if (wanted(only, "latency") && rate > 0) {
 		struct latency l;
+		/* the runs before filled the WAL: ready segments again, as a server in steady state has */
+		if (tly_devpg_prealloc_wal(pg, err, sizeof(err)) != 0)
+			die("PostgreSQL", err);
 		bench_latency(pg, rate, &l);
 		printf("\npublish -> committed decision (read back from tally.ledger), %.0f reservations/s "
 		       "(%s), 5 s after 1 s of warm-up:\n"
