@@ -22,6 +22,7 @@
 #include "metrics.h"
 #include "migrate.h"
 #include "pg.h"
+#include "schema.h"
 
 extern char **environ;
 
@@ -43,6 +44,7 @@ struct part {
 	bool seeking;   /* moved back to stored: drop records until the one at next arrives */
 	int64_t stored; /* next offset stored in consumer_offsets; -1: none stored */
 	int64_t next;   /* next offset after the records in the open batch; -1: any */
+	int64_t sending; /* next offset the batch in flight stores once committed; -1: none */
 	struct tly_series *lag; /* its gauge, hidden while not assigned */
 };
 
@@ -62,8 +64,12 @@ struct app {
 	PGconn *conn;              /* owned */
 	struct tly_codec *codec;   /* owned */
 	rd_kafka_t *consumer;      /* owned */
-	struct tly_fold *fold;     /* owned */
+	struct tly_fold *fold;     /* the open batch; owned */
+	struct tly_fold *flight;   /* the batch sent, committing (or idle); owned */
+	size_t flight_n;           /* its records */
+	double flight_s;           /* when it was sent */
 	struct tly_event ev;       /* decode target, reused; owns its arena */
+	uint64_t tick_fp, other_fp; /* last fingerprints found to be / not to be a ClockTick; 0: none */
 	struct topic topics[N_TOPICS];
 	int64_t opened_ms;         /* when the open batch got its first record */
 	int64_t rewind_at_ms;      /* > 0: the batch was dropped; move consumption back then */
@@ -263,7 +269,7 @@ static int rewind_all(struct app *app)
 	struct tly_pg_error err = {0};
 	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(16);
 	int rc = -1;
-	if (!l || ensure_conn(app) != 0)
+	if (!l || ensure_conn(app) != 0) /* no batch is in flight: it failed, or never went */
 		goto out;
 	for (int i = 0; i < N_TOPICS; i++) {
 		struct topic *t = &app->topics[i];
@@ -306,14 +312,84 @@ out:
 	return rc;
 }
 
-/*
- * Commit the open batch: BEGIN, the offsets' compare-and-set, the fold, COMMIT. On failure the
- * batch is dropped and consumption moves back to the stored offsets.
- */
-static void commit_batch(struct app *app)
+/* A batch that could not be committed: dropped, with the open one, by the error's class. */
+static void batch_failed(struct app *app, size_t n, bool fenced, const struct tly_pg_error *err)
 {
-	struct tly_pg_error err = {0}, rberr;
+	if (fenced) {
+		tly_warn("could not commit batch: another process moved a stored offset; moving back",
+			 "records=%zu reason=\"%s\"", n, err->message);
+		drop_batch(app, RETRY_MS);
+	} else if (err->errclass == TLY_ERRCLASS_RETRIABLE) {
+		tly_warn("could not commit batch, retrying from the stored offsets",
+			 "records=%zu reason=\"%s\" backoff_ms=%d", n, err->message, app->backoff_ms);
+		drop_batch(app, app->backoff_ms);
+		app->backoff_ms = app->backoff_ms * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : app->backoff_ms * 2;
+	} else {
+		tly_error("could not commit batch", "records=%zu reason=\"%s\"", n, err->message);
+		drop_batch(app, RETRY_MS);
+		app->failed = true;
+	}
+}
+
+/* Roll back what the failed batch left open, if the connection still has it. */
+static void roll_back(struct app *app)
+{
+	struct tly_pg_error rberr;
+	if (PQstatus(app->conn) == CONNECTION_OK && PQtransactionStatus(app->conn) != PQTRANS_IDLE &&
+	    tly_pg_rollback(app->conn, &rberr) != 0)
+		tly_warn("could not roll back the batch", "reason=\"%s\"", rberr.message);
+}
+
+/*
+ * The batch in flight (sent by send_batch), if any: its results read as far as they have arrived
+ * (wait: until its COMMIT's). Committed: its offsets become the stored ones. Failed: rolled back,
+ * and the open batch is dropped with it (it continues the failed one's offsets).
+ */
+static void finish_flight(struct app *app, bool wait)
+{
+	struct tly_pg_error err = {0};
+	if (!tly_fold_in_flight(app->flight))
+		return;
+	int rc = tly_fold_flush_poll(app->flight, app->conn, wait, &err);
+	if (rc == 1)
+		return;
+	size_t n = app->flight_n;
+	for (int i = 0; i < N_TOPICS; i++)
+		for (int32_t p = 0; p < app->topics[i].count; p++) {
+			struct part *pt = &app->topics[i].parts[p];
+			if (rc == 0 && pt->sending >= 0)
+				pt->stored = pt->sending;
+			pt->sending = -1;
+		}
+	if (rc != 0) {
+		roll_back(app);
+		tly_fold_clear(app->flight);
+		batch_failed(app, n, false, &err);
+		return;
+	}
+	app->committed += n;
+	tly_metrics_add(app->applied, n);
+	tly_metrics_observe(app->batch, (double)n);
+	tly_metrics_observe(app->commit, tly_clock_s() - app->flight_s);
+	app->pg_checked_ms = tly_clock_ms();
+	app->backoff_ms = RETRY_MS;
+	tly_debug("batch committed", "records=%zu", n);
+}
+
+/*
+ * Send the open batch, after the one in flight is done: BEGIN, the offsets' compare-and-set and
+ * the staging COPY (round trips), then the fold's statements and COMMIT in one pipeline that the
+ * server executes while this thread reads the next batch (finish_flight reads its results). The
+ * rows and the offsets still commit in one transaction. On failure the batch is dropped and
+ * consumption moves back to the stored offsets.
+ */
+static void send_batch(struct app *app)
+{
+	struct tly_pg_error err = {0};
 	bool fenced = false;
+	finish_flight(app, true);
+	if (app->rewind_at_ms)
+		return; /* it failed: the open batch went with it */
 	size_t n = tly_fold_pending(app->fold);
 	bool any = n > 0;
 	for (int i = 0; !any && i < N_TOPICS; i++)
@@ -327,49 +403,32 @@ static void commit_batch(struct app *app)
 		drop_batch(app, RETRY_MS);
 		return;
 	}
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	app->flight_s = tly_clock_s();
 	int rc = tly_pg_begin(app->conn, &err);
 	if (rc == 0)
 		rc = advance_offsets(app, &fenced, &err);
 	if (rc == 0)
-		rc = tly_fold_flush(app->fold, app->conn, &err);
-	if (rc == 0)
-		rc = tly_pg_commit(app->conn, &err);
-	else if (PQstatus(app->conn) == CONNECTION_OK && PQtransactionStatus(app->conn) != PQTRANS_IDLE &&
-		 tly_pg_rollback(app->conn, &rberr) != 0)
-		tly_warn("could not roll back the batch", "reason=\"%s\"", rberr.message);
-	if (rc == 0) {
-		for (int i = 0; i < N_TOPICS; i++)
-			for (int32_t p = 0; p < app->topics[i].count; p++)
-				if (app->topics[i].parts[p].next >= 0)
-					app->topics[i].parts[p].stored = app->topics[i].parts[p].next;
-		app->committed += n;
-		clock_gettime(CLOCK_MONOTONIC, &t1);
-		tly_metrics_add(app->applied, n);
-		tly_metrics_observe(app->batch, (double)n);
-		tly_metrics_observe(app->commit, (double)(t1.tv_sec - t0.tv_sec) +
-							 (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
-		app->pg_checked_ms = tly_clock_ms();
-		app->opened_ms = 0;
-		app->backoff_ms = RETRY_MS;
-		tly_debug("batch committed", "records=%zu", n);
+		rc = tly_fold_flush_send(app->fold, app->conn, "COMMIT", &err);
+	if (rc != 0) {
+		roll_back(app);
+		batch_failed(app, n, fenced, &err);
 		return;
 	}
-	if (fenced) {
-		tly_warn("could not commit batch: another process moved a stored offset; moving back",
-			 "records=%zu reason=\"%s\"", n, err.message);
-		drop_batch(app, RETRY_MS);
-	} else if (err.errclass == TLY_ERRCLASS_RETRIABLE) {
-		tly_warn("could not commit batch, retrying from the stored offsets",
-			 "records=%zu reason=\"%s\" backoff_ms=%d", n, err.message, app->backoff_ms);
-		drop_batch(app, app->backoff_ms);
-		app->backoff_ms = app->backoff_ms * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : app->backoff_ms * 2;
-	} else {
-		tly_error("could not commit batch", "records=%zu reason=\"%s\"", n, err.message);
-		drop_batch(app, RETRY_MS);
-		app->failed = true;
-	}
+	struct tly_fold *sent = app->fold;
+	app->fold = app->flight;
+	app->flight = sent;
+	app->flight_n = n;
+	for (int i = 0; i < N_TOPICS; i++)
+		for (int32_t p = 0; p < app->topics[i].count; p++)
+			app->topics[i].parts[p].sending = app->topics[i].parts[p].next;
+	app->opened_ms = 0;
+}
+
+/* Commit the open batch and wait for it (a revocation, the stop). */
+static void commit_batch(struct app *app)
+{
+	send_batch(app);
+	finish_flight(app, true);
 }
 
 /* ---- rebalance ---------------------------------------------------------------------------- */
@@ -378,6 +437,7 @@ static void on_assign(void *opaque, rd_kafka_topic_partition_list_t *parts)
 {
 	struct app *app = opaque;
 	struct tly_pg_error err = {0};
+	finish_flight(app, true); /* the connection is needed for the stored offsets */
 	for (int i = 0; i < parts->cnt; i++) {
 		rd_kafka_topic_partition_t *tp = &parts->elems[i];
 		struct part *pt = find_part(app, tp->topic, tp->partition, NULL);
@@ -408,6 +468,7 @@ static void on_assign(void *opaque, rd_kafka_topic_partition_list_t *parts)
 static void on_revoke(void *opaque, rd_kafka_topic_partition_list_t *parts, bool lost)
 {
 	struct app *app = opaque;
+	finish_flight(app, true); /* what it stores is this process's to know */
 	if (!lost)
 		commit_batch(app); /* fenced by the compare-and-set if another owner moved on */
 	else if (tly_fold_pending(app->fold)) {
@@ -419,7 +480,7 @@ static void on_revoke(void *opaque, rd_kafka_topic_partition_list_t *parts, bool
 		struct part *pt = find_part(app, parts->elems[i].topic, parts->elems[i].partition, NULL);
 		if (pt) {
 			tly_metrics_unset(pt->lag);
-			*pt = (struct part){.stored = -1, .next = -1, .lag = pt->lag};
+			*pt = (struct part){.stored = -1, .next = -1, .sending = -1, .lag = pt->lag};
 		}
 		tly_info("partition revoked", "topic=%s partition=%d lost=%s", parts->elems[i].topic,
 			 (int)parts->elems[i].partition, lost ? "true" : "false");
@@ -508,7 +569,8 @@ static int start(struct app *app)
 	}
 	tly_health_set_pg(app->health, true);
 	tly_health_set_schema(app->health, true);
-	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr))) || !(app->fold = tly_fold_new())) {
+	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr))) || !(app->fold = tly_fold_new()) ||
+	    !(app->flight = tly_fold_new())) {
 		tly_error("could not create the codec and the fold", "reason=\"%s\"",
 			  app->codec ? "out of memory" : errstr);
 		goto out;
@@ -552,7 +614,7 @@ static int start(struct app *app)
 			char ps[16];
 			snprintf(ps, sizeof(ps), "%d", (int)p);
 			const char *const v[] = {t->name, ps};
-			t->parts[p] = (struct part){.stored = -1, .next = -1,
+			t->parts[p] = (struct part){.stored = -1, .next = -1, .sending = -1,
 						    .lag = tly_metrics_series(lag, v)};
 			if (!t->parts[p].lag) {
 				tly_error("could not start: out of memory", NULL);
@@ -572,6 +634,27 @@ out:
 }
 
 /* ---- the loop ----------------------------------------------------------------------------- */
+
+/*
+ * Is m a ClockTick, by its schema fingerprint (single-object header), without a decode? The fold
+ * ignores ClockTicks (time moves the ledger, not the projections), and they are most of
+ * tally.events. A record whose header names no known schema is not one: the decode says why.
+ */
+static bool is_tick(struct app *app, const rd_kafka_message_t *m)
+{
+	uint64_t fp;
+	if (tly_codec_peek_fingerprint(m->payload, m->len, &fp) != 0)
+		return false;
+	if (fp == app->tick_fp || fp == app->other_fp)
+		return fp == app->tick_fp;
+	const struct tly_schema *sc = tly_schema_find(tly_codec_registry(app->codec), fp);
+	const struct tly_event_desc *d = sc ? tly_event_desc_by_name(tly_schema_fullname(sc)) : NULL;
+	if (d && d->type == TLY_EV_CLOCK_TICK)
+		app->tick_fp = fp;
+	else
+		app->other_fp = fp;
+	return fp == app->tick_fp;
+}
 
 static void handle_message(struct app *app, rd_kafka_message_t *m)
 {
@@ -606,6 +689,8 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 	tly_metrics_add(app->topics[ti].consumed, 1);
 	if (!app->opened_ms)
 		app->opened_ms = tly_clock_ms();
+	if (is_tick(app, m))
+		return; /* its offset moves with the batch */
 	int rc = tly_codec_decode(app->codec, m->payload, m->len, &app->ev, errstr, sizeof(errstr));
 	if (rc != 0) {
 		app->skipped++;
@@ -622,7 +707,7 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 		return;
 	}
 	if (tly_fold_pending(app->fold) >= BATCH_MAX_RECORDS)
-		commit_batch(app);
+		send_batch(app);
 }
 
 /*
@@ -680,7 +765,8 @@ static void observe(struct app *app)
 		app->lag_at_ms = now;
 		refresh_lag(app);
 	}
-	if (!app->opened_ms && now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
+	if (!app->opened_ms && !tly_fold_in_flight(app->flight) &&
+	    now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
 		check_pg(app);
 }
 
@@ -696,14 +782,17 @@ static void run(struct app *app)
 			handle_message(app, m);
 			rd_kafka_message_destroy(m);
 		}
+		finish_flight(app, false);
 		if (app->rewind_at_ms) {
 			if (tly_clock_ms() >= app->rewind_at_ms)
 				app->rewind_at_ms = rewind_all(app) == 0 ? 0 : tly_clock_ms() + RETRY_MS;
-		} else if (app->opened_ms && tly_clock_ms() - app->opened_ms >= BATCH_MAX_MS) {
-			commit_batch(app);
+		} else if (app->opened_ms && tly_clock_ms() - app->opened_ms >= BATCH_MAX_MS &&
+			   !tly_fold_in_flight(app->flight)) {
+			send_batch(app);
 		}
 		observe(app);
 	}
+	finish_flight(app, true);
 	if (app->failed)
 		return;
 	tly_info("stopping: committing the open batch", NULL);
@@ -767,6 +856,7 @@ out:
 	tly_metrics_free(app.metrics);
 	tly_health_free(app.health);
 	tly_fold_free(app.fold);
+	tly_fold_free(app.flight);
 	tly_event_free(&app.ev);
 	for (int i = 0; i < N_TOPICS; i++)
 		free(app.topics[i].parts);
