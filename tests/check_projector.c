@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "codec.h"
 #include "compare.h"
 #include "config.h"
 #include "event_json.h"
@@ -313,6 +314,64 @@ START_TEST(fold_direct)
 	free(after);
 	free(rolled);
 	tly_fold_free(g);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
+ * The projector's overlapped commit: the fold's statements and COMMIT sent in one pipeline,
+ * polled without blocking; the rows are committed once poll says done (another session sees
+ * them), a failure anywhere in the pipeline leaves nothing, and a batch of offsets only (no
+ * message: ClockTicks) still commits the caller's statements.
+ */
+START_TEST(flush_in_flight)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	PGconn *other = PQconnectdb(d.conninfo);
+	ck_assert(PQstatus(other) == CONNECTION_OK);
+	struct tly_fold *f = tly_fold_new();
+	struct tly_pg_error err;
+	int rc;
+
+	batch1(f);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(f, d.conn, "COMMIT", &err) == 0, "%s", err.message);
+	ck_assert(tly_fold_in_flight(f));
+	while ((rc = tly_fold_flush_poll(f, d.conn, false, &err)) == 1)
+		usleep(1000);
+	ck_assert_msg(rc == 0, "%s", err.message);
+	ck_assert(!tly_fold_in_flight(f));
+	ck_assert_int_eq(tly_fold_pending(f), 0);
+	ck_assert_int_eq(PQtransactionStatus(d.conn), PQTRANS_IDLE);
+	expect(other, "SELECT count(*) FROM tenant_accounts WHERE slug = 'acme'", "1");
+	ck_assert_int_eq(tly_fold_flush_poll(f, d.conn, true, &err), 0); /* nothing in flight */
+
+	/* a failing statement after the fold: the whole transaction goes */
+	char *before = digest(other);
+	batch2(f);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert(tly_fold_flush_send(f, d.conn, "SELECT 1 / 0", &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(f, d.conn, true, &err), TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "22012");
+	ck_assert_int_eq(PQtransactionStatus(d.conn), PQTRANS_INERROR);
+	ck_assert(tly_pg_rollback(d.conn, &err) == 0);
+	char *after = digest(other);
+	ck_assert_str_eq(before, after);
+	ck_assert_int_gt(tly_fold_pending(f), 0);
+	tly_fold_clear(f);
+
+	/* no message, only the caller's statements and the tail */
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert(tly_pg_exec(d.conn, "INSERT INTO consumer_offsets (consumer, topic, partition, "
+			      "next_offset) VALUES ('t', 'tally.events', 0, 7)", 0, NULL, &err) == 0);
+	ck_assert(tly_fold_flush_send(f, d.conn, "COMMIT", &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(f, d.conn, true, &err), 0);
+	expect(other, "SELECT next_offset FROM consumer_offsets WHERE consumer = 't'", "7");
+	free(before);
+	free(after);
+	PQfinish(other);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
@@ -680,6 +739,23 @@ START_TEST(scenario)
 					   errstr, sizeof(errstr)) == 0);
 	ck_assert(tly_producer_publish_raw(e.prod, "tally.events", TENANT, 36, RD_KAFKA_PARTITION_UA,
 					   "\xc3\x01junk", 6, NULL, errstr, sizeof(errstr)) == 0);
+	/* a ClockTick is skipped by its schema fingerprint, never decoded: a corrupt body goes unnoticed */
+	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
+	struct tly_event tick = {0};
+	struct tly_buf tick_bytes = {0};
+	const char *tick_json = "{\"type\": \"ClockTick\", \"event_id\": "
+				"\"b0000000-0000-4000-8000-000000000099\", \"occurred_at\": \"2026-01-01T00:00:00Z\"}";
+	ck_assert_msg(codec != NULL, "%s", errstr);
+	ck_assert(tly_event_from_json_text(tick_json, strlen(tick_json), 0, &tick, errstr, sizeof(errstr)) == 0);
+	ck_assert_msg(tly_codec_encode(codec, &tick, &tick_bytes, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert(tick_bytes.len > TLY_CODEC_HEADER + 4);
+	memcpy(tick_bytes.data + TLY_CODEC_HEADER, "\xff\xff\xff\xff", 4); /* a varint that never ends */
+	ck_assert(tly_codec_decode(codec, tick_bytes.data, tick_bytes.len, &tick, errstr, sizeof(errstr)) != 0);
+	ck_assert(tly_producer_publish_raw(e.prod, "tally.events", TENANT, 36, RD_KAFKA_PARTITION_UA,
+					   tick_bytes.data, tick_bytes.len, NULL, errstr, sizeof(errstr)) == 0);
+	tly_buf_free(&tick_bytes);
+	tly_event_free(&tick);
+	tly_codec_free(codec);
 	for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
 		publish_json(&e, events[i]);
 
@@ -742,7 +818,7 @@ START_TEST(scenario)
 	int skipped = 0;
 	ck_assert(g && fscanf(g, "%d", &skipped) == 1);
 	pclose(g);
-	ck_assert_int_eq(skipped, 2);
+	ck_assert_int_eq(skipped, 2); /* the garbage and the junk; not the corrupt ClockTick */
 	env_down(&e);
 }
 END_TEST
@@ -941,6 +1017,7 @@ Suite *projector_suite(void)
 	Suite *s = suite_create("projector");
 	TCase *tc = tcase_create("fold");
 	tcase_add_test(tc, fold_direct);
+	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
