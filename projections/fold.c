@@ -60,7 +60,7 @@ struct tly_fold {
 	uint64_t present;                       /* T() of the types and kinds pending */
 	int64_t ord;                            /* feed order of the next row */
 	PGconn *staged_on;                      /* borrowed: conn where the staging table exists */
-	char *stage_sql;                        /* CREATE TEMP TABLE tly_fold_stage ...; owned */
+	char *stage_sql;                        /* CREATE TEMP TABLE tly_fold_stage ...; ALTER ...; owned */
 	bool sent;                              /* statements sent, results not all read */
 	int rc;                                 /* of the statements sent: 0 or the first failure */
 	const struct tly_field *fields[TLY_EV__COUNT][N_STAGE_FIELDS]; /* NULL: the type has none */
@@ -518,7 +518,15 @@ static const char *column_type(enum tly_field_kind kind)
 }
 
 /*
- * Each type's field of each STAGE_FIELDS name, and the staging table's CREATE statement: 0, or
+ * The statistics target of the staging columns the planner estimates by (type, tenant_id, kind):
+ * each flush's ANALYZE samples 300 rows per unit (PostgreSQL's rule), 6,000 rather than every row
+ * of a 20,000-message batch at the default 100; enough for the frequencies of a few dozen types
+ * and kinds and a tenant count, at a fifth of the cost.
+ */
+#define STAGE_STATISTICS "20"
+
+/*
+ * Each type's field of each STAGE_FIELDS name, and the staging table's CREATE script: 0, or
  * -1 when a name is no field of any type, or fields of one name have kinds of different column
  * types (the descriptors and STAGE_FIELDS disagree), or out of memory.
  */
@@ -549,7 +557,9 @@ static int map_fields(struct tly_fold *fold)
 		ok &= type != NULL;
 		fprintf(f, ", \"%s\" %s", STAGE_FIELDS[i], type ? type : "?");
 	}
-	fputs(") ON COMMIT DELETE ROWS", f);
+	fputs(") ON COMMIT DELETE ROWS; ALTER TABLE tly_fold_stage "
+	      "ALTER type SET STATISTICS " STAGE_STATISTICS ", ALTER tenant_id SET STATISTICS "
+	      STAGE_STATISTICS ", ALTER kind SET STATISTICS " STAGE_STATISTICS, f);
 	if (fclose(f) != 0 || !ok) {
 		free(sql);
 		return -1;
@@ -833,7 +843,7 @@ static int ensure_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error
 	bool missing = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
 	PQclear(res);
 	if (missing && (tly_fold_prepare_session(conn, err) != 0 ||
-			tly_pg_exec(conn, fold->stage_sql, 0, NULL, err) != 0))
+			tly_pg_exec_script(conn, fold->stage_sql, err) != 0))
 		return TLY_E_PG;
 	fold->staged_on = conn;
 	return 0;

@@ -235,8 +235,15 @@ static char *digest(PGconn *conn)
 	return d;
 }
 
+/* Messages whose conversation (of their tenant) or tenant is missing: the fold creates both first. */
+#define MESSAGES_UNREFERENCED \
+	"SELECT count(*) FROM agent_messages m LEFT JOIN agent_conversations c " \
+	"ON c.id = m.conversation_id AND c.tenant_id = m.tenant_id " \
+	"LEFT JOIN tenant_accounts t ON t.id = m.tenant_id WHERE c.id IS NULL OR t.id IS NULL"
+
 static void check_fold_rows(PGconn *c)
 {
+	expect(c, MESSAGES_UNREFERENCED, "0");
 	expect(c, "SELECT slug || ' ' || name FROM tenant_accounts", "acme Acme");
 	expect(c, "SELECT concat_ws(' ', message_count, total_tokens_prompt, total_tokens_completion, "
 		  "reasoning_tokens, total_cost_micros, handoff_count, active_agent, agent_entrypoint, "
@@ -899,6 +906,8 @@ static void check_against_truth(struct env *e, const struct truth *t)
 	expect(e->d.conn, "SELECT sum(handoff_count) FROM agent_conversations", want);
 	snprintf(want, sizeof(want), "%ld", t->tenants);
 	expect(e->d.conn, "SELECT count(*) FROM tenant_accounts WHERE slug <> ''", want);
+	/* what the foreign keys agent_messages had (migration 0010) would have refused: none */
+	expect(e->d.conn, MESSAGES_UNREFERENCED, "0");
 	/* positions 0..n-1 per conversation */
 	expect(e->d.conn, "SELECT count(*) FROM (SELECT conversation_id FROM agent_messages GROUP BY 1 "
 			  "HAVING min(position) <> 0 OR max(position) <> count(*) - 1) x", "0");
