@@ -66,7 +66,7 @@ struct topic {
 
 /* One connection and its batches: the open one, and the one sent (committing, or idle). */
 struct lane {
-	PGconn *conn;              /* owned; NULL until first needed (lane 0: from start-up) */
+	PGconn *conn;              /* owned; from start-up, reconnected when lost */
 	struct tly_fold *fold;     /* the open batch; owned */
 	struct tly_fold *flight;   /* the batch sent, committing (or idle); owned */
 	size_t flight_n;           /* its records */
@@ -617,6 +617,11 @@ static int start(struct app *app)
 			  "reason=\"%s\" hint=\"run tallyctl migrate up\"", errstr);
 		goto out;
 	}
+	for (int l = 1; l < N_LANES; l++)
+		if (!(app->lanes[l].conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr)))) {
+			tly_error("could not start: PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+			goto out;
+		}
 	tly_health_set_pg(app->health, true);
 	tly_health_set_schema(app->health, true);
 	bool folds = true;
