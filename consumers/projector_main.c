@@ -22,6 +22,7 @@
 #include "metrics.h"
 #include "migrate.h"
 #include "pg.h"
+#include "schema.h"
 
 extern char **environ;
 
@@ -36,6 +37,14 @@ extern char **environ;
 #define N_TOPICS 3
 #define LAG_EVERY_MS 250       /* lag gauges from librdkafka's cached high watermarks */
 #define PG_CHECK_EVERY_MS 5000 /* while idle: is PostgreSQL still there (for /readyz) */
+#define CATALOG 2              /* topics[] index of tally.catalog */
+/*
+ * Lanes: connections that fold disjoint partitions in parallel, each with its own batches and
+ * transactions (rows and the offsets of its partitions, as one process per lane would). Partition
+ * p of tally.events and tally.ledger, one tenant's whole input, goes to lane p % N_LANES;
+ * tally.catalog (the plans every tenant shares) to lane 0.
+ */
+#define N_LANES 2
 
 /* One partition of an input topic. */
 struct part {
@@ -43,6 +52,8 @@ struct part {
 	bool seeking;   /* moved back to stored: drop records until the one at next arrives */
 	int64_t stored; /* next offset stored in consumer_offsets; -1: none stored */
 	int64_t next;   /* next offset after the records in the open batch; -1: any */
+	int64_t sending; /* next offset the batch in flight stores once committed; -1: none */
+	int lane;        /* the lane that folds it */
 	struct tly_series *lag; /* its gauge, hidden while not assigned */
 };
 
@@ -53,19 +64,28 @@ struct topic {
 	struct tly_series *consumed;
 };
 
+/* One connection and its batches: the open one, and the one sent (committing, or idle). */
+struct lane {
+	PGconn *conn;              /* owned; from start-up, reconnected when lost */
+	struct tly_fold *fold;     /* the open batch; owned */
+	struct tly_fold *flight;   /* the batch sent, committing (or idle); owned */
+	size_t flight_n;           /* its records */
+	double flight_s;           /* when it was sent */
+	int64_t opened_ms;         /* when the open batch got its first record; 0: empty */
+};
+
 struct app {
 	const char *config_file;          /* -c, NULL: none; reread on SIGHUP with sets */
 	char **sets;                      /* the --set arguments (n_sets), borrowed from argv */
 	size_t n_sets;
 	struct tly_config *cfg;    /* owned */
 	const char *database_url;
-	PGconn *conn;              /* owned */
 	struct tly_codec *codec;   /* owned */
 	rd_kafka_t *consumer;      /* owned */
-	struct tly_fold *fold;     /* owned */
+	struct lane lanes[N_LANES]; /* lanes[0].conn also reads the stored offsets, checks health */
 	struct tly_event ev;       /* decode target, reused; owns its arena */
+	uint64_t tick_fp, other_fp; /* last fingerprints found to be / not to be a ClockTick; 0: none */
 	struct topic topics[N_TOPICS];
-	int64_t opened_ms;         /* when the open batch got its first record */
 	int64_t rewind_at_ms;      /* > 0: the batch was dropped; move consumption back then */
 	int backoff_ms;
 	uint64_t committed, skipped;
@@ -136,10 +156,10 @@ static void pg_waiting(void *ud)
 	tly_health_beat(app->health);
 }
 
-static int ensure_conn(struct app *app)
+static int ensure_conn(struct app *app, int lane)
 {
-	if (tly_pg_reconnect(&app->conn, app->database_url, PROG, &stop_requested, pg_waiting,
-			     app) != 0)
+	if (tly_pg_reconnect(&app->lanes[lane].conn, app->database_url, PROG, &stop_requested,
+			     pg_waiting, app) != 0)
 		return -1;
 	tly_health_set_pg(app->health, true);
 	return 0;
@@ -151,7 +171,7 @@ static int load_offset(struct app *app, const char *topic, int32_t partition, in
 	char p[16];
 	snprintf(p, sizeof(p), "%d", (int)partition);
 	const char *const v[] = {CONSUMER_NAME, topic, p};
-	PGresult *res = tly_pg_query(app->conn,
+	PGresult *res = tly_pg_query(app->lanes[0].conn,
 				     "SELECT next_offset FROM consumer_offsets "
 				     "WHERE consumer = $1 AND topic = $2 AND partition = $3",
 				     3, v, err);
@@ -163,11 +183,11 @@ static int load_offset(struct app *app, const char *topic, int32_t partition, in
 }
 
 /*
- * Compare-and-set of every stored offset the open batch moves, in two statements (the partitions
- * with a stored offset, then the ones storing their first): 0, or TLY_E_PG, with *fenced when
- * one of them moved (another process committed it).
+ * Compare-and-set of every stored offset the lane's open batch moves, in two statements (the
+ * partitions with a stored offset, then the ones storing their first): 0, or TLY_E_PG, with
+ * *fenced when one of them moved (another process committed it).
  */
-static int advance_offsets(struct app *app, bool *fenced, struct tly_pg_error *err)
+static int advance_offsets(struct app *app, int lane, bool *fenced, struct tly_pg_error *err)
 {
 	char *lists[2][4] = {{NULL}}; /* [update, insert] x {topics, partitions, new, old} array literals */
 	size_t lens[2][4] = {{0}}, counts[2] = {0};
@@ -181,7 +201,7 @@ static int advance_offsets(struct app *app, bool *fenced, struct tly_pg_error *e
 		struct topic *t = &app->topics[i];
 		for (int32_t p = 0; p < t->count; p++) {
 			struct part *pt = &t->parts[p];
-			if (!pt->assigned || pt->next < 0 || pt->next == pt->stored)
+			if (pt->lane != lane || !pt->assigned || pt->next < 0 || pt->next == pt->stored)
 				continue;
 			int k = pt->stored < 0 ? 1 : 0;
 			const char *sep = counts[k]++ ? "," : "{";
@@ -215,7 +235,7 @@ static int advance_offsets(struct app *app, bool *fenced, struct tly_pg_error *e
 		if (!counts[k])
 			continue;
 		const char *const v[] = {CONSUMER_NAME, lists[k][0], lists[k][1], lists[k][2], lists[k][3]};
-		PGresult *res = tly_pg_query(app->conn, SQL[k], k == 0 ? 5 : 4, v, err);
+		PGresult *res = tly_pg_query(app->lanes[lane].conn, SQL[k], k == 0 ? 5 : 4, v, err);
 		if (!res) {
 			rc = TLY_E_PG;
 			break;
@@ -249,12 +269,35 @@ out:
 
 /* ---- batches ------------------------------------------------------------------------------ */
 
-/* Drop the open batch; consumption moves back to the stored offsets (now, or after backoff). */
+/*
+ * Drop every lane's open batch (they read on from offsets the dropped one did not store);
+ * consumption moves back to the stored offsets (now, or after backoff) once no batch is in flight.
+ */
 static void drop_batch(struct app *app, int backoff_ms)
 {
-	tly_fold_clear(app->fold);
-	app->opened_ms = 0;
+	for (int l = 0; l < N_LANES; l++) {
+		tly_fold_clear(app->lanes[l].fold);
+		app->lanes[l].opened_ms = 0;
+	}
 	app->rewind_at_ms = tly_clock_ms() + backoff_ms;
+}
+
+static void finish_flight(struct app *app, int lane, bool wait);
+
+/* Every lane's batch in flight, done (wait) or read as far as it arrived. */
+static void finish_flights(struct app *app, bool wait)
+{
+	for (int l = 0; l < N_LANES; l++)
+		finish_flight(app, l, wait);
+}
+
+/* Is any lane's batch in flight? */
+static bool in_flight(const struct app *app)
+{
+	bool any = false;
+	for (int l = 0; l < N_LANES; l++)
+		any |= tly_fold_in_flight(app->lanes[l].flight);
+	return any;
 }
 
 /* Reload the stored offsets of every assigned partition and seek there: 0 or -1 (retry later). */
@@ -263,7 +306,8 @@ static int rewind_all(struct app *app)
 	struct tly_pg_error err = {0};
 	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(16);
 	int rc = -1;
-	if (!l || ensure_conn(app) != 0)
+	finish_flights(app, true); /* what they store is where to move back to */
+	if (!l || ensure_conn(app, 0) != 0)
 		goto out;
 	for (int i = 0; i < N_TOPICS; i++) {
 		struct topic *t = &app->topics[i];
@@ -306,70 +350,131 @@ out:
 	return rc;
 }
 
-/*
- * Commit the open batch: BEGIN, the offsets' compare-and-set, the fold, COMMIT. On failure the
- * batch is dropped and consumption moves back to the stored offsets.
- */
-static void commit_batch(struct app *app)
+/* A batch that could not be committed: dropped, with the open one, by the error's class. */
+static void batch_failed(struct app *app, size_t n, bool fenced, const struct tly_pg_error *err)
 {
-	struct tly_pg_error err = {0}, rberr;
-	bool fenced = false;
-	size_t n = tly_fold_pending(app->fold);
-	bool any = n > 0;
-	for (int i = 0; !any && i < N_TOPICS; i++)
-		for (int32_t p = 0; p < app->topics[i].count; p++)
-			any |= app->topics[i].parts[p].assigned &&
-			       app->topics[i].parts[p].next != app->topics[i].parts[p].stored &&
-			       app->topics[i].parts[p].next >= 0;
-	if (!any)
-		return;
-	if (ensure_conn(app) != 0) {
-		drop_batch(app, RETRY_MS);
-		return;
-	}
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	int rc = tly_pg_begin(app->conn, &err);
-	if (rc == 0)
-		rc = advance_offsets(app, &fenced, &err);
-	if (rc == 0)
-		rc = tly_fold_flush(app->fold, app->conn, &err);
-	if (rc == 0)
-		rc = tly_pg_commit(app->conn, &err);
-	else if (PQstatus(app->conn) == CONNECTION_OK && PQtransactionStatus(app->conn) != PQTRANS_IDLE &&
-		 tly_pg_rollback(app->conn, &rberr) != 0)
-		tly_warn("could not roll back the batch", "reason=\"%s\"", rberr.message);
-	if (rc == 0) {
-		for (int i = 0; i < N_TOPICS; i++)
-			for (int32_t p = 0; p < app->topics[i].count; p++)
-				if (app->topics[i].parts[p].next >= 0)
-					app->topics[i].parts[p].stored = app->topics[i].parts[p].next;
-		app->committed += n;
-		clock_gettime(CLOCK_MONOTONIC, &t1);
-		tly_metrics_add(app->applied, n);
-		tly_metrics_observe(app->batch, (double)n);
-		tly_metrics_observe(app->commit, (double)(t1.tv_sec - t0.tv_sec) +
-							 (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
-		app->pg_checked_ms = tly_clock_ms();
-		app->opened_ms = 0;
-		app->backoff_ms = RETRY_MS;
-		tly_debug("batch committed", "records=%zu", n);
-		return;
-	}
 	if (fenced) {
 		tly_warn("could not commit batch: another process moved a stored offset; moving back",
-			 "records=%zu reason=\"%s\"", n, err.message);
+			 "records=%zu reason=\"%s\"", n, err->message);
 		drop_batch(app, RETRY_MS);
-	} else if (err.errclass == TLY_ERRCLASS_RETRIABLE) {
+	} else if (err->errclass == TLY_ERRCLASS_RETRIABLE) {
 		tly_warn("could not commit batch, retrying from the stored offsets",
-			 "records=%zu reason=\"%s\" backoff_ms=%d", n, err.message, app->backoff_ms);
+			 "records=%zu reason=\"%s\" backoff_ms=%d", n, err->message, app->backoff_ms);
 		drop_batch(app, app->backoff_ms);
 		app->backoff_ms = app->backoff_ms * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : app->backoff_ms * 2;
 	} else {
-		tly_error("could not commit batch", "records=%zu reason=\"%s\"", n, err.message);
+		tly_error("could not commit batch", "records=%zu reason=\"%s\"", n, err->message);
 		drop_batch(app, RETRY_MS);
 		app->failed = true;
 	}
+}
+
+/* Roll back what the lane's failed batch left open, if its connection still has it. */
+static void roll_back(struct app *app, int lane)
+{
+	struct tly_pg_error rberr;
+	PGconn *conn = app->lanes[lane].conn;
+	if (PQstatus(conn) == CONNECTION_OK && PQtransactionStatus(conn) != PQTRANS_IDLE &&
+	    tly_pg_rollback(conn, &rberr) != 0)
+		tly_warn("could not roll back the batch", "reason=\"%s\"", rberr.message);
+}
+
+/*
+ * The lane's batch in flight (sent by send_batch), if any: its results read as far as they have
+ * arrived (wait: until its COMMIT's). Committed: its offsets become the stored ones. Failed:
+ * rolled back, and the open batches are dropped with it (they continue offsets it did not store).
+ */
+static void finish_flight(struct app *app, int lane, bool wait)
+{
+	struct tly_pg_error err = {0};
+	struct lane *ln = &app->lanes[lane];
+	if (!tly_fold_in_flight(ln->flight))
+		return;
+	int rc = tly_fold_flush_poll(ln->flight, ln->conn, wait, &err);
+	if (rc == 1)
+		return;
+	size_t n = ln->flight_n;
+	for (int i = 0; i < N_TOPICS; i++)
+		for (int32_t p = 0; p < app->topics[i].count; p++) {
+			struct part *pt = &app->topics[i].parts[p];
+			if (pt->lane != lane)
+				continue;
+			if (rc == 0 && pt->sending >= 0)
+				pt->stored = pt->sending;
+			pt->sending = -1;
+		}
+	if (rc != 0) {
+		roll_back(app, lane);
+		tly_fold_clear(ln->flight);
+		batch_failed(app, n, false, &err);
+		return;
+	}
+	app->committed += n;
+	tly_metrics_add(app->applied, n);
+	tly_metrics_observe(app->batch, (double)n);
+	tly_metrics_observe(app->commit, tly_clock_s() - ln->flight_s);
+	app->pg_checked_ms = tly_clock_ms();
+	app->backoff_ms = RETRY_MS;
+	tly_debug("batch committed", "lane=%d records=%zu", lane, n);
+}
+
+/*
+ * Send the lane's open batch, after its batch in flight is done: BEGIN, the offsets'
+ * compare-and-set and the staging COPY (round trips), then the fold's statements and COMMIT in one
+ * pipeline that the server executes while this thread reads on (finish_flight reads its
+ * results). The rows and the offsets of the lane's partitions commit in one transaction. On
+ * failure the open batches are dropped and consumption moves back to the stored offsets.
+ */
+static void send_batch(struct app *app, int lane)
+{
+	struct tly_pg_error err = {0};
+	struct lane *ln = &app->lanes[lane];
+	bool fenced = false;
+	finish_flight(app, lane, true);
+	if (app->rewind_at_ms)
+		return; /* a batch failed: the open ones went with it */
+	size_t n = tly_fold_pending(ln->fold);
+	bool any = n > 0;
+	for (int i = 0; !any && i < N_TOPICS; i++)
+		for (int32_t p = 0; p < app->topics[i].count; p++) {
+			const struct part *pt = &app->topics[i].parts[p];
+			any |= pt->lane == lane && pt->assigned && pt->next != pt->stored && pt->next >= 0;
+		}
+	if (!any)
+		return;
+	if (ensure_conn(app, lane) != 0) {
+		drop_batch(app, RETRY_MS);
+		return;
+	}
+	ln->flight_s = tly_clock_s();
+	int rc = tly_pg_begin(ln->conn, &err);
+	if (rc == 0)
+		rc = advance_offsets(app, lane, &fenced, &err);
+	if (rc == 0)
+		rc = tly_fold_flush_send(ln->fold, ln->conn, "COMMIT", &err);
+	if (rc != 0) {
+		roll_back(app, lane);
+		batch_failed(app, n, fenced, &err);
+		return;
+	}
+	struct tly_fold *sent = ln->fold;
+	ln->fold = ln->flight;
+	ln->flight = sent;
+	ln->flight_n = n;
+	for (int i = 0; i < N_TOPICS; i++)
+		for (int32_t p = 0; p < app->topics[i].count; p++)
+			if (app->topics[i].parts[p].lane == lane)
+				app->topics[i].parts[p].sending = app->topics[i].parts[p].next;
+	ln->opened_ms = 0;
+}
+
+/* Commit every lane's open batch and wait for them (a revocation, the stop). */
+static void commit_batches(struct app *app)
+{
+	finish_flights(app, true);
+	for (int l = 0; l < N_LANES; l++)
+		send_batch(app, l);
+	finish_flights(app, true);
 }
 
 /* ---- rebalance ---------------------------------------------------------------------------- */
@@ -378,6 +483,7 @@ static void on_assign(void *opaque, rd_kafka_topic_partition_list_t *parts)
 {
 	struct app *app = opaque;
 	struct tly_pg_error err = {0};
+	finish_flights(app, true); /* lane 0's connection reads the stored offsets */
 	for (int i = 0; i < parts->cnt; i++) {
 		rd_kafka_topic_partition_t *tp = &parts->elems[i];
 		struct part *pt = find_part(app, tp->topic, tp->partition, NULL);
@@ -386,7 +492,8 @@ static void on_assign(void *opaque, rd_kafka_topic_partition_list_t *parts)
 		pt->assigned = true;
 		pt->seeking = true;
 		pt->stored = -1;
-		if (ensure_conn(app) != 0 || load_offset(app, tp->topic, tp->partition, &pt->stored, &err) != 0) {
+		if (ensure_conn(app, 0) != 0 ||
+		    load_offset(app, tp->topic, tp->partition, &pt->stored, &err) != 0) {
 			tly_warn("could not read the stored offset; moving back once it can be read",
 				 "topic=%s partition=%d reason=\"%s\"", tp->topic, (int)tp->partition,
 				 err.message);
@@ -408,18 +515,22 @@ static void on_assign(void *opaque, rd_kafka_topic_partition_list_t *parts)
 static void on_revoke(void *opaque, rd_kafka_topic_partition_list_t *parts, bool lost)
 {
 	struct app *app = opaque;
+	size_t pending = 0;
+	finish_flights(app, true); /* what they store is this process's to know */
+	for (int l = 0; l < N_LANES; l++)
+		pending += tly_fold_pending(app->lanes[l].fold);
 	if (!lost)
-		commit_batch(app); /* fenced by the compare-and-set if another owner moved on */
-	else if (tly_fold_pending(app->fold)) {
-		tly_warn("partitions lost: abandoning the open batch", "records=%zu",
-			 tly_fold_pending(app->fold));
+		commit_batches(app); /* fenced by the compare-and-set if another owner moved on */
+	else if (pending) {
+		tly_warn("partitions lost: abandoning the open batches", "records=%zu", pending);
 		drop_batch(app, 0);
 	}
 	for (int i = 0; i < parts->cnt; i++) {
 		struct part *pt = find_part(app, parts->elems[i].topic, parts->elems[i].partition, NULL);
 		if (pt) {
 			tly_metrics_unset(pt->lag);
-			*pt = (struct part){.stored = -1, .next = -1, .lag = pt->lag};
+			*pt = (struct part){.stored = -1, .next = -1, .sending = -1, .lane = pt->lane,
+					    .lag = pt->lag};
 		}
 		tly_info("partition revoked", "topic=%s partition=%d lost=%s", parts->elems[i].topic,
 			 (int)parts->elems[i].partition, lost ? "true" : "false");
@@ -496,19 +607,27 @@ static int start(struct app *app)
 		tly_error("database.url is not set", "hint=\"use -s database.url=... or TALLY_DATABASE_URL\"");
 		goto out;
 	}
-	if (!(app->conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr)))) {
+	if (!(app->lanes[0].conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr)))) {
 		tly_error("could not start: PostgreSQL is unreachable", "reason=\"%s\"", errstr);
 		goto out;
 	}
 	if (!(set = tly_migrate_load_embedded(errstr, sizeof(errstr))) ||
-	    tly_migrate_check_head(app->conn, set, errstr, sizeof(errstr)) != 0) {
+	    tly_migrate_check_head(app->lanes[0].conn, set, errstr, sizeof(errstr)) != 0) {
 		tly_error("could not start: the database schema is not at head",
 			  "reason=\"%s\" hint=\"run tallyctl migrate up\"", errstr);
 		goto out;
 	}
+	for (int l = 1; l < N_LANES; l++)
+		if (!(app->lanes[l].conn = tly_pg_connect(app->database_url, PROG, errstr, sizeof(errstr)))) {
+			tly_error("could not start: PostgreSQL is unreachable", "reason=\"%s\"", errstr);
+			goto out;
+		}
 	tly_health_set_pg(app->health, true);
 	tly_health_set_schema(app->health, true);
-	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr))) || !(app->fold = tly_fold_new())) {
+	bool folds = true;
+	for (int l = 0; l < N_LANES; l++)
+		folds &= (app->lanes[l].fold = tly_fold_new()) && (app->lanes[l].flight = tly_fold_new());
+	if (!(app->codec = tly_codec_new(errstr, sizeof(errstr))) || !folds) {
 		tly_error("could not create the codec and the fold", "reason=\"%s\"",
 			  app->codec ? "out of memory" : errstr);
 		goto out;
@@ -552,7 +671,8 @@ static int start(struct app *app)
 			char ps[16];
 			snprintf(ps, sizeof(ps), "%d", (int)p);
 			const char *const v[] = {t->name, ps};
-			t->parts[p] = (struct part){.stored = -1, .next = -1,
+			t->parts[p] = (struct part){.stored = -1, .next = -1, .sending = -1,
+						    .lane = i == CATALOG ? 0 : p % N_LANES,
 						    .lag = tly_metrics_series(lag, v)};
 			if (!t->parts[p].lag) {
 				tly_error("could not start: out of memory", NULL);
@@ -572,6 +692,27 @@ out:
 }
 
 /* ---- the loop ----------------------------------------------------------------------------- */
+
+/*
+ * Is m a ClockTick, by its schema fingerprint (single-object header), without a decode? The fold
+ * ignores ClockTicks (time moves the ledger, not the projections), and they are most of
+ * tally.events. A record whose header names no known schema is not one: the decode says why.
+ */
+static bool is_tick(struct app *app, const rd_kafka_message_t *m)
+{
+	uint64_t fp;
+	if (tly_codec_peek_fingerprint(m->payload, m->len, &fp) != 0)
+		return false;
+	if (fp == app->tick_fp || fp == app->other_fp)
+		return fp == app->tick_fp;
+	const struct tly_schema *sc = tly_schema_find(tly_codec_registry(app->codec), fp);
+	const struct tly_event_desc *d = sc ? tly_event_desc_by_name(tly_schema_fullname(sc)) : NULL;
+	if (d && d->type == TLY_EV_CLOCK_TICK)
+		app->tick_fp = fp;
+	else
+		app->other_fp = fp;
+	return fp == app->tick_fp;
+}
 
 static void handle_message(struct app *app, rd_kafka_message_t *m)
 {
@@ -604,8 +745,11 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 	}
 	pt->next = m->offset + 1;
 	tly_metrics_add(app->topics[ti].consumed, 1);
-	if (!app->opened_ms)
-		app->opened_ms = tly_clock_ms();
+	struct lane *ln = &app->lanes[pt->lane];
+	if (!ln->opened_ms)
+		ln->opened_ms = tly_clock_ms();
+	if (is_tick(app, m))
+		return; /* its offset moves with the batch */
 	int rc = tly_codec_decode(app->codec, m->payload, m->len, &app->ev, errstr, sizeof(errstr));
 	if (rc != 0) {
 		app->skipped++;
@@ -615,14 +759,14 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 			 errstr);
 		return;
 	}
-	if (tly_fold_add(app->fold, &app->ev) != 0) {
+	if (tly_fold_add(ln->fold, &app->ev) != 0) {
 		tly_error("could not buffer record: out of memory", "topic=%s partition=%d offset=%" PRId64,
 			  topic, (int)m->partition, m->offset);
 		app->failed = true;
 		return;
 	}
-	if (tly_fold_pending(app->fold) >= BATCH_MAX_RECORDS)
-		commit_batch(app);
+	if (tly_fold_pending(ln->fold) >= BATCH_MAX_RECORDS)
+		send_batch(app, pt->lane);
 }
 
 /*
@@ -668,7 +812,7 @@ static void refresh_lag(struct app *app)
 static void check_pg(struct app *app)
 {
 	app->pg_checked_ms = tly_clock_ms();
-	tly_health_set_pg(app->health, tly_pg_check(&app->conn, app->database_url, PROG));
+	tly_health_set_pg(app->health, tly_pg_check(&app->lanes[0].conn, app->database_url, PROG));
 }
 
 /* Housekeeping for /healthz, /readyz and the lag gauges, on every turn of the loop. */
@@ -680,7 +824,10 @@ static void observe(struct app *app)
 		app->lag_at_ms = now;
 		refresh_lag(app);
 	}
-	if (!app->opened_ms && now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
+	bool open = false;
+	for (int l = 0; l < N_LANES; l++)
+		open |= app->lanes[l].opened_ms != 0;
+	if (!open && !in_flight(app) && now - app->pg_checked_ms >= PG_CHECK_EVERY_MS)
 		check_pg(app);
 }
 
@@ -696,19 +843,26 @@ static void run(struct app *app)
 			handle_message(app, m);
 			rd_kafka_message_destroy(m);
 		}
+		finish_flights(app, false);
 		if (app->rewind_at_ms) {
 			if (tly_clock_ms() >= app->rewind_at_ms)
 				app->rewind_at_ms = rewind_all(app) == 0 ? 0 : tly_clock_ms() + RETRY_MS;
-		} else if (app->opened_ms && tly_clock_ms() - app->opened_ms >= BATCH_MAX_MS) {
-			commit_batch(app);
+		} else {
+			for (int l = 0; l < N_LANES; l++) {
+				const struct lane *ln = &app->lanes[l];
+				if (ln->opened_ms && tly_clock_ms() - ln->opened_ms >= BATCH_MAX_MS &&
+				    !tly_fold_in_flight(ln->flight))
+					send_batch(app, l);
+			}
 		}
 		observe(app);
 	}
+	finish_flights(app, true);
 	if (app->failed)
 		return;
 	tly_info("stopping: committing the open batch", NULL);
 	if (!app->rewind_at_ms)
-		commit_batch(app);
+		commit_batches(app);
 }
 
 int main(int argc, char **argv)
@@ -766,13 +920,16 @@ out:
 	tly_http_stop(app.http);
 	tly_metrics_free(app.metrics);
 	tly_health_free(app.health);
-	tly_fold_free(app.fold);
+	for (int l = 0; l < N_LANES; l++) {
+		tly_fold_free(app.lanes[l].fold);
+		tly_fold_free(app.lanes[l].flight);
+		if (app.lanes[l].conn)
+			PQfinish(app.lanes[l].conn);
+	}
 	tly_event_free(&app.ev);
 	for (int i = 0; i < N_TOPICS; i++)
 		free(app.topics[i].parts);
 	tly_codec_free(app.codec);
-	if (app.conn)
-		PQfinish(app.conn);
 	tly_config_free(app.cfg);
 	free(sets);
 	if (rc == 0 && app.topics[0].count)

@@ -137,41 +137,66 @@ int tly_pg_exec(PGconn *conn, const char *sql, int nparams, const char *const *v
 	return 0;
 }
 
-int tly_pg_exec_pipeline(PGconn *conn, const char *const *sqls, size_t n, struct tly_pg_error *err)
+int tly_pg_pipeline_send(PGconn *conn, const char *const *sqls, size_t n, int *rc,
+			 struct tly_pg_error *err)
 {
-	if (n == 0)
-		return 0;
+	*rc = 0;
 	if (PQenterPipelineMode(conn) != 1) {
 		tly_pg_error_set(err, conn, NULL);
-		return TLY_E_PG;
+		return *rc = TLY_E_PG;
 	}
-	int rc = 0;
-	for (size_t i = 0; rc == 0 && i < n; i++)
+	for (size_t i = 0; *rc == 0 && i < n; i++)
 		if (PQsendQueryParams(conn, sqls[i], 0, NULL, NULL, NULL, NULL, 0) != 1)
-			rc = TLY_E_PG;
+			*rc = TLY_E_PG;
 	if (PQpipelineSync(conn) != 1)
-		rc = TLY_E_PG;
-	if (rc != 0)
+		*rc = TLY_E_PG;
+	if (*rc != 0)
 		tly_pg_error_set(err, conn, NULL);
+	return *rc;
+}
+
+int tly_pg_pipeline_poll(PGconn *conn, bool wait, int *rc, struct tly_pg_error *err)
+{
+	if (!wait && PQstatus(conn) == CONNECTION_OK && PQconsumeInput(conn) != 1 && *rc == 0) {
+		tly_pg_error_set(err, conn, NULL);
+		*rc = TLY_E_PG;
+	}
 	/* every result up to the sync's: a NULL ends each statement's results */
 	while (PQstatus(conn) == CONNECTION_OK) {
+		if (!wait && PQisBusy(conn))
+			return 0;
 		PGresult *res = PQgetResult(conn);
 		if (!res)
 			continue;
 		ExecStatusType st = PQresultStatus(res);
-		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_PIPELINE_SYNC &&
-		    rc == 0) {
+		bool rolled_back = st == PGRES_COMMAND_OK && strcmp(PQcmdStatus(res), "ROLLBACK") == 0;
+		if (((st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_PIPELINE_SYNC) ||
+		     rolled_back) && *rc == 0) {
 			tly_pg_error_set(err, conn, res);
-			rc = TLY_E_PG;
+			if (rolled_back)
+				snprintf(err->message, sizeof(err->message),
+					 "the transaction was rolled back");
+			*rc = TLY_E_PG;
 		}
 		PQclear(res);
 		if (st == PGRES_PIPELINE_SYNC)
 			break;
 	}
-	if (PQexitPipelineMode(conn) != 1 && rc == 0) {
+	if (PQexitPipelineMode(conn) != 1 && *rc == 0) {
 		tly_pg_error_set(err, conn, NULL);
-		rc = TLY_E_PG;
+		*rc = TLY_E_PG;
 	}
+	return 1;
+}
+
+int tly_pg_exec_pipeline(PGconn *conn, const char *const *sqls, size_t n, struct tly_pg_error *err)
+{
+	int rc = 0;
+	if (n == 0)
+		return 0;
+	if (tly_pg_pipeline_send(conn, sqls, n, &rc, err) != 0 && !PQpipelineStatus(conn))
+		return rc; /* not in pipeline mode: nothing to read */
+	tly_pg_pipeline_poll(conn, true, &rc, err);
 	return rc;
 }
 

@@ -104,6 +104,19 @@ int tly_pg_exec_script(PGconn *conn, const char *sql, struct tly_pg_error *err) 
 int tly_pg_exec_pipeline(PGconn *conn, const char *const *sqls, size_t n,
 			 struct tly_pg_error *err) TLY_MUST_CHECK;
 
+/*
+ * tly_pg_exec_pipeline in two halves, so that the caller works while the server executes.
+ * send enters pipeline mode and sends the n statements and a sync without waiting for a result:
+ * *rc and the result are 0 or TLY_E_PG (err filled); unless PQpipelineStatus says the connection
+ * did not enter pipeline mode, poll follows either way. poll reads the results that have arrived
+ * (wait: every one, blocking): 0 while the sync's result has not arrived, 1 once it has been read
+ * and pipeline mode left; *rc keeps TLY_E_PG from the first statement that failed (err filled).
+ * A result that says ROLLBACK (a COMMIT of an aborted transaction) fails too.
+ */
+int tly_pg_pipeline_send(PGconn *conn, const char *const *sqls, size_t n, int *rc,
+			 struct tly_pg_error *err) TLY_MUST_CHECK;
+int tly_pg_pipeline_poll(PGconn *conn, bool wait, int *rc, struct tly_pg_error *err);
+
 /* BEGIN / COMMIT / ROLLBACK; 0 or TLY_E_PG. A COMMIT the server turns into a ROLLBACK fails. */
 int tly_pg_begin(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 int tly_pg_commit(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;

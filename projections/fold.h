@@ -18,6 +18,7 @@
 #ifndef TLY_FOLD_H
 #define TLY_FOLD_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <jansson.h>
@@ -72,6 +73,25 @@ void tly_fold_clear(struct tly_fold *fold);
  * filled (switch on err->errclass); then roll back, and add the messages again or clear.
  */
 int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/*
+ * tly_fold_flush in two halves, so that the caller reads its next batch while the server folds
+ * this one. send stages the batch (COPY, a seq gap's entries read back: round trips) and sends
+ * the fold's statements and then tail (e.g. "COMMIT"; NULL: none) in one pipeline without
+ * waiting; with no messages pending only tail is sent. 0 (poll until done), or TLY_E_PG /
+ * TLY_E_NOMEM with err filled (nothing left to poll). Until poll says done, the fold takes no
+ * messages and conn takes no other statement.
+ * poll reads what has arrived (wait: blocks until done): 1 while results are outstanding, 0 once
+ * all arrived and succeeded (the batch is cleared), TLY_E_PG with err filled (roll back and clear,
+ * as after tly_fold_flush). 0 when nothing was sent.
+ */
+int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
+			struct tly_pg_error *err) TLY_MUST_CHECK;
+int tly_fold_flush_poll(struct tly_fold *fold, PGconn *conn, bool wait,
+			struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* Sent by tly_fold_flush_send, results not all read by tly_fold_flush_poll yet. */
+bool tly_fold_in_flight(const struct tly_fold *fold);
 
 /*
  * A map or record-list field of ev (by its descriptor name) as JSON text, as lib/event_json renders

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "codec.h"
 #include "compare.h"
 #include "config.h"
 #include "event_json.h"
@@ -235,8 +236,15 @@ static char *digest(PGconn *conn)
 	return d;
 }
 
+/* Messages whose conversation (of their tenant) or tenant is missing: the fold creates both first. */
+#define MESSAGES_UNREFERENCED \
+	"SELECT count(*) FROM agent_messages m LEFT JOIN agent_conversations c " \
+	"ON c.id = m.conversation_id AND c.tenant_id = m.tenant_id " \
+	"LEFT JOIN tenant_accounts t ON t.id = m.tenant_id WHERE c.id IS NULL OR t.id IS NULL"
+
 static void check_fold_rows(PGconn *c)
 {
+	expect(c, MESSAGES_UNREFERENCED, "0");
 	expect(c, "SELECT slug || ' ' || name FROM tenant_accounts", "acme Acme");
 	expect(c, "SELECT concat_ws(' ', message_count, total_tokens_prompt, total_tokens_completion, "
 		  "reasoning_tokens, total_cost_micros, handoff_count, active_agent, agent_entrypoint, "
@@ -314,6 +322,64 @@ START_TEST(fold_direct)
 	free(after);
 	free(rolled);
 	tly_fold_free(g);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
+ * The projector's overlapped commit: the fold's statements and COMMIT sent in one pipeline,
+ * polled without blocking; the rows are committed once poll says done (another session sees
+ * them), a failure anywhere in the pipeline leaves nothing, and a batch of offsets only (no
+ * message: ClockTicks) still commits the caller's statements.
+ */
+START_TEST(flush_in_flight)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	PGconn *other = PQconnectdb(d.conninfo);
+	ck_assert(PQstatus(other) == CONNECTION_OK);
+	struct tly_fold *f = tly_fold_new();
+	struct tly_pg_error err;
+	int rc;
+
+	batch1(f);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(f, d.conn, "COMMIT", &err) == 0, "%s", err.message);
+	ck_assert(tly_fold_in_flight(f));
+	while ((rc = tly_fold_flush_poll(f, d.conn, false, &err)) == 1)
+		usleep(1000);
+	ck_assert_msg(rc == 0, "%s", err.message);
+	ck_assert(!tly_fold_in_flight(f));
+	ck_assert_int_eq(tly_fold_pending(f), 0);
+	ck_assert_int_eq(PQtransactionStatus(d.conn), PQTRANS_IDLE);
+	expect(other, "SELECT count(*) FROM tenant_accounts WHERE slug = 'acme'", "1");
+	ck_assert_int_eq(tly_fold_flush_poll(f, d.conn, true, &err), 0); /* nothing in flight */
+
+	/* a failing statement after the fold: the whole transaction goes */
+	char *before = digest(other);
+	batch2(f);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert(tly_fold_flush_send(f, d.conn, "SELECT 1 / 0", &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(f, d.conn, true, &err), TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "22012");
+	ck_assert_int_eq(PQtransactionStatus(d.conn), PQTRANS_INERROR);
+	ck_assert(tly_pg_rollback(d.conn, &err) == 0);
+	char *after = digest(other);
+	ck_assert_str_eq(before, after);
+	ck_assert_int_gt(tly_fold_pending(f), 0);
+	tly_fold_clear(f);
+
+	/* no message, only the caller's statements and the tail */
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert(tly_pg_exec(d.conn, "INSERT INTO consumer_offsets (consumer, topic, partition, "
+			      "next_offset) VALUES ('t', 'tally.events', 0, 7)", 0, NULL, &err) == 0);
+	ck_assert(tly_fold_flush_send(f, d.conn, "COMMIT", &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(f, d.conn, true, &err), 0);
+	expect(other, "SELECT next_offset FROM consumer_offsets WHERE consumer = 't'", "7");
+	free(before);
+	free(after);
+	PQfinish(other);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
@@ -749,6 +815,23 @@ START_TEST(scenario)
 					   errstr, sizeof(errstr)) == 0);
 	ck_assert(tly_producer_publish_raw(e.prod, "tally.events", TENANT, 36, RD_KAFKA_PARTITION_UA,
 					   "\xc3\x01junk", 6, NULL, errstr, sizeof(errstr)) == 0);
+	/* a ClockTick is skipped by its schema fingerprint, never decoded: a corrupt body goes unnoticed */
+	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
+	struct tly_event tick = {0};
+	struct tly_buf tick_bytes = {0};
+	const char *tick_json = "{\"type\": \"ClockTick\", \"event_id\": "
+				"\"b0000000-0000-4000-8000-000000000099\", \"occurred_at\": \"2026-01-01T00:00:00Z\"}";
+	ck_assert_msg(codec != NULL, "%s", errstr);
+	ck_assert(tly_event_from_json_text(tick_json, strlen(tick_json), 0, &tick, errstr, sizeof(errstr)) == 0);
+	ck_assert_msg(tly_codec_encode(codec, &tick, &tick_bytes, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert(tick_bytes.len > TLY_CODEC_HEADER + 4);
+	memcpy(tick_bytes.data + TLY_CODEC_HEADER, "\xff\xff\xff\xff", 4); /* a varint that never ends */
+	ck_assert(tly_codec_decode(codec, tick_bytes.data, tick_bytes.len, &tick, errstr, sizeof(errstr)) != 0);
+	ck_assert(tly_producer_publish_raw(e.prod, "tally.events", TENANT, 36, RD_KAFKA_PARTITION_UA,
+					   tick_bytes.data, tick_bytes.len, NULL, errstr, sizeof(errstr)) == 0);
+	tly_buf_free(&tick_bytes);
+	tly_event_free(&tick);
+	tly_codec_free(codec);
 	for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
 		publish_json(&e, events[i]);
 
@@ -811,7 +894,7 @@ START_TEST(scenario)
 	int skipped = 0;
 	ck_assert(g && fscanf(g, "%d", &skipped) == 1);
 	pclose(g);
-	ck_assert_int_eq(skipped, 2);
+	ck_assert_int_eq(skipped, 2); /* the garbage and the junk; not the corrupt ClockTick */
 	env_down(&e);
 }
 END_TEST
@@ -892,6 +975,8 @@ static void check_against_truth(struct env *e, const struct truth *t)
 	expect(e->d.conn, "SELECT sum(handoff_count) FROM agent_conversations", want);
 	snprintf(want, sizeof(want), "%ld", t->tenants);
 	expect(e->d.conn, "SELECT count(*) FROM tenant_accounts WHERE slug <> ''", want);
+	/* what the foreign keys agent_messages had (migration 0010) would have refused: none */
+	expect(e->d.conn, MESSAGES_UNREFERENCED, "0");
 	/* positions 0..n-1 per conversation */
 	expect(e->d.conn, "SELECT count(*) FROM (SELECT conversation_id FROM agent_messages GROUP BY 1 "
 			  "HAVING min(position) <> 0 OR max(position) <> count(*) - 1) x", "0");
@@ -931,6 +1016,9 @@ START_TEST(loadgen_kill_restart)
 	ck_assert_int_lt(partial, t.messages + 1);
 	e.projector = projector_respawn(&e); /* the kill may have come after the last batch */
 	check_against_truth(&e, &t);
+	/* the partitions were folded over two connections (lanes), each committing its own offsets */
+	expect(e.d.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tally-projector'",
+	       "2");
 	/* a clean stop and restart, and everything read again from the start: nothing double counts */
 	projector_stop(&e);
 	char *before = digest(e.d.conn);
@@ -1010,6 +1098,7 @@ Suite *projector_suite(void)
 	Suite *s = suite_create("projector");
 	TCase *tc = tcase_create("fold");
 	tcase_add_test(tc, fold_direct);
+	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);

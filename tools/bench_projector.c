@@ -478,6 +478,18 @@ int main(int argc, char **argv)
 	if (proj_s <= 0)
 		die("tally-projector", "did not finish the backlog (see its log)");
 	double proj_records = (double)(inputs - first) / proj_s;
+	/* CPU of the whole run (first batch included): the process, and its backends' */
+	double proj_cpu = tly_proc_cpu_s(projector, false), backend_cpu = 0;
+	struct tly_pg_error qe;
+	const char *const app_name[] = {"tally-projector"};
+	PGresult *backends = tly_pg_query(s.conn, "SELECT pid FROM pg_stat_activity "
+					  "WHERE application_name = $1", 1, app_name, &qe);
+	if (!backends)
+		die("backends", qe.message);
+	int n_backends = PQntuples(backends);
+	for (int i = 0; i < n_backends; i++)
+		backend_cpu += tly_proc_cpu_s((pid_t)atol(PQgetvalue(backends, i, 0)), false);
+	PQclear(backends);
 	if (tly_proc_stop(projector, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
 	long rows = projection_rows(&s);
@@ -537,6 +549,8 @@ int main(int argc, char **argv)
 	printf("tally-ledger on the backlog           %10.0f events/s\n", ledger_rate);
 	printf("tally-projector on the backlog        %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", proj_events, proj_records, proj_rows, proj_s);
+	printf("  CPU of the whole run: tally-projector %.2f s, its %d PostgreSQL backend(s) %.2f s\n",
+	       proj_cpu, n_backends, backend_cpu);
 	printf("tallyctl rebuild all (whole command)  %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", (double)events / rebuild_s,
 	       (double)(events + entries + catalog) / rebuild_s, rebuild_rows, rebuild_s);
