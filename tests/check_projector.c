@@ -975,7 +975,7 @@ static void check_against_truth(struct env *e, const struct truth *t)
 	expect(e->d.conn, "SELECT sum(handoff_count) FROM agent_conversations", want);
 	snprintf(want, sizeof(want), "%ld", t->tenants);
 	expect(e->d.conn, "SELECT count(*) FROM tenant_accounts WHERE slug <> ''", want);
-	/* what the foreign keys agent_messages had (migration 0010) would have refused: none */
+	/* what the tenant key agent_messages had (migration 0009) would have refused: none */
 	expect(e->d.conn, MESSAGES_UNREFERENCED, "0");
 	/* positions 0..n-1 per conversation */
 	expect(e->d.conn, "SELECT count(*) FROM (SELECT conversation_id FROM agent_messages GROUP BY 1 "
