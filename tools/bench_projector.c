@@ -400,7 +400,7 @@ static const char help[] =
 	"ClockTicks on every partition stay few).\n"
 	"--baseline: another build's tallyctl, whose `rebuild all` runs on the same rows in each\n"
 	"round, first in odd rounds, second in even ones.\n"
-	"--rounds: rebuilds (and raw COPYs) this many times (default 1, at most 15) and prints\n"
+	"--rounds: rebuilds (and raw COPYs) this many times (default 5, at most 15) and prints\n"
 	"each round and the medians. Before each timed step every projection table is analyzed\n"
 	"and a CHECKPOINT taken, untimed.\n";
 
@@ -413,7 +413,7 @@ int main(int argc, char **argv)
 	char err[512], exe[PATH_MAX], log[256], out[4096];
 	const char *tenants = TENANTS, *nevents = EVENTS, *step = STEP_MS, *baseline = NULL;
 	const char *partitions = PARTITIONS;
-	int rounds = 1;
+	int rounds = 5;
 	for (int a = 1; a + 1 < argc; a += 2) {
 		if (strcmp(argv[a], "--tenants") == 0)
 			tenants = argv[a + 1];
@@ -526,11 +526,14 @@ int main(int argc, char **argv)
 		c = cpu_since(&s, c0);
 		copy_c[0][r] = c.client;
 		copy_c[1][r] = c.server;
-		if (rounds > 1)
-			printf("round %d: rebuild %.2f s (CPU %.2f + %.2f s)%s%.2f s (CPU %.2f + %.2f s), "
+		if (rounds > 1 && baseline)
+			printf("round %d: rebuild %.2f s (CPU %.2f + %.2f s), baseline %.2f s (CPU %.2f + %.2f s), "
 			       "raw COPY %.2f s (CPU %.2f + %.2f s)\n", r + 1, rebuild_t[r], rebuild_c[0][r],
-			       rebuild_c[1][r], baseline ? ", baseline " : "", baseline ? base_t[r] : 0,
-			       baseline ? base_c[0][r] : 0, baseline ? base_c[1][r] : 0, copy_t[r], copy_c[0][r],
+			       rebuild_c[1][r], base_t[r], base_c[0][r], base_c[1][r], copy_t[r], copy_c[0][r],
+			       copy_c[1][r]);
+		else if (rounds > 1)
+			printf("round %d: rebuild %.2f s (CPU %.2f + %.2f s), raw COPY %.2f s (CPU %.2f + %.2f s)\n",
+			       r + 1, rebuild_t[r], rebuild_c[0][r], rebuild_c[1][r], copy_t[r], copy_c[0][r],
 			       copy_c[1][r]);
 	}
 	free(live_digest);
