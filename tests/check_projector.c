@@ -410,9 +410,14 @@ static void memfold_add_text(struct tly_memfold *mf, const char *text)
 	tly_event_free(&ev);
 }
 
-/* The three fixture batches, each folded in a transaction of its own, the fixture's messages recorded. */
-static void fold_three_batches(PGconn *conn, struct tly_fold *f)
+/* A fresh database and fold with the three fixture batches, each folded in a transaction of its own,
+ * the fixture's messages recorded. */
+static struct tly_fold *fold_three_batches(struct tly_test_db *d)
 {
+	tly_test_db_up(d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	PGconn *conn = d->conn;
 	n_recorded = 0;
 	batch1(f);
 	flush_in_tx(conn, f);
@@ -420,6 +425,7 @@ static void fold_three_batches(PGconn *conn, struct tly_fold *f)
 	flush_in_tx(conn, f);
 	batch3(f);
 	flush_in_tx(conn, f);
+	return f;
 }
 
 /* A table's rows a memfold streams (tly_memfold_stream), for a COPY sent in parts. */
@@ -536,10 +542,7 @@ static void memfold_rebuild(PGconn *conn, const char *stream)
 START_TEST(memfold_equals_fold)
 {
 	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	struct tly_fold *f = tly_fold_new();
-	ck_assert_ptr_nonnull(f);
-	fold_three_batches(d.conn, f);
+	struct tly_fold *f = fold_three_batches(&d);
 	batch1(f);
 	batch2(f);
 	batch3(f);
@@ -599,10 +602,7 @@ static int recorded_seq(size_t i)
 START_TEST(ledger_gap_read_back)
 {
 	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	struct tly_fold *f = tly_fold_new();
-	ck_assert_ptr_nonnull(f);
-	fold_three_batches(d.conn, f);
+	struct tly_fold *f = fold_three_batches(&d);
 	check_fold_rows(d.conn);
 	char *want = digest(d.conn);
 	size_t n = n_recorded;
