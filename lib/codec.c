@@ -341,33 +341,37 @@ static const struct tly_codec_plan *plan_for(struct tly_codec *codec, const stru
 	return NULL;
 }
 
-/* The single-object encoding of ev, which has passed tly_event_validate, into out. */
-static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
-			char *errstr, size_t errlen)
+/*
+ * The single-object encoding of ev, which has passed tly_event_validate, appended to out at
+ * out->len; on failure out->len is left where it was.
+ */
+static int encode_append(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+			 char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
 	const struct tly_schema *s = codec->current[ev->type];
+	const size_t at = out->len;
 	char why[512];
 	int rc;
 	const struct tly_codec_plan *plan = s ? plan_for(codec, s, d) : NULL;
 	if (plan) {
-		if (tly_buf_reserve(out, TLY_CODEC_HEADER) != 0) {
+		if (tly_buf_reserve(out, at + TLY_CODEC_HEADER) != 0) {
 			snprintf(errstr, errlen, "out of memory");
 			return TLY_E_NOMEM;
 		}
-		put_header(out->data, tly_schema_fingerprint(s));
-		out->len = TLY_CODEC_HEADER;
-		rc = tly_codec_plan_encode(plan, ev, out);
-		if (rc == 0 && out->len > TLY_CODEC_MAX_BYTES) {
+		put_header(out->data + at, tly_schema_fingerprint(s));
+		out->len = at + TLY_CODEC_HEADER;
+		rc = tly_codec_plan_encode(plan, ev, out, codec->uuids);
+		if (rc == 0 && out->len - at > TLY_CODEC_MAX_BYTES) {
 			snprintf(errstr, errlen, "%s: %zu bytes encoded, more than the %u allowed", d->name,
-				 out->len, TLY_CODEC_MAX_BYTES);
+				 out->len - at, TLY_CODEC_MAX_BYTES);
 			rc = TLY_E_TOO_LARGE;
 		} else if (rc != 0) {
 			snprintf(errstr, errlen, "%s: %s", d->name,
 				 rc == TLY_E_NOMEM ? "out of memory" : "a required string is NULL");
 		}
 		if (rc != 0)
-			out->len = 0;
+			out->len = at;
 		return rc;
 	}
 	avro_value_t *rec;
@@ -389,19 +393,27 @@ static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, str
 			 size + TLY_CODEC_HEADER, TLY_CODEC_MAX_BYTES);
 		return TLY_E_TOO_LARGE;
 	}
-	if (tly_buf_reserve(out, size + TLY_CODEC_HEADER) != 0) {
+	if (tly_buf_reserve(out, at + size + TLY_CODEC_HEADER) != 0) {
 		snprintf(errstr, errlen, "out of memory");
 		return TLY_E_NOMEM;
 	}
-	put_header(out->data, tly_schema_fingerprint(s));
-	avro_writer_memory_set_dest(codec->writer, (const char *)out->data + TLY_CODEC_HEADER,
+	put_header(out->data + at, tly_schema_fingerprint(s));
+	avro_writer_memory_set_dest(codec->writer, (const char *)out->data + at + TLY_CODEC_HEADER,
 				    (int64_t)size);
 	if (avro_value_write(codec->writer, rec) != 0) {
 		snprintf(errstr, errlen, "%s: could not write the value: %s", d->name, avro_strerror());
 		return TLY_E_INVALID;
 	}
-	out->len = size + TLY_CODEC_HEADER;
+	out->len = at + size + TLY_CODEC_HEADER;
 	return 0;
+}
+
+/* The single-object encoding of ev, which has passed tly_event_validate, into out (replaced). */
+static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+			char *errstr, size_t errlen)
+{
+	out->len = 0;
+	return encode_append(codec, ev, out, errstr, errlen);
 }
 
 /* decoded: ev was filled by decode() (see tly_event_validate_decoded) */
@@ -476,29 +488,28 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 	struct tly_event copy = *ev;
 	unsigned char *field = (unsigned char *)&copy + last->offset;
 	memset(field, 0, 32);
+	const size_t at = out->len;
 	int rc = validate(&copy, errstr, errlen);
 	if (rc == 0)
-		rc = encode_valid(codec, &copy, &codec->scratch, errstr, errlen);
+		rc = encode_append(codec, &copy, out, errstr, errlen);
 	if (rc != 0)
 		return rc;
-	const struct tly_buf *enc = &codec->scratch;
-	/* Avro writes the last field, 32 bytes, as its zig-zag length (64) and the bytes. */
-	if (enc->len < TLY_CODEC_HEADER + 33 || enc->data[enc->len - 33] != 64) {
+	/* hashed where it is written: Avro writes the last field, 32 bytes, as its zig-zag length
+	 * (64) and the bytes, which are zero while hashed and the hash once sealed */
+	unsigned char *enc = out->data + at;
+	size_t len = out->len - at;
+	if (len < TLY_CODEC_HEADER + 33 || enc[len - 33] != 64) {
+		out->len = at;
 		snprintf(errstr, errlen, "%s: the hash is not where it was expected", d->name);
 		return TLY_E_INVALID;
 	}
-	if (sha256(codec, prefix, prefix_len, enc->data + TLY_CODEC_HEADER,
-		   enc->len - TLY_CODEC_HEADER, hash) != 0) {
+	if (sha256(codec, prefix, prefix_len, enc + TLY_CODEC_HEADER, len - TLY_CODEC_HEADER,
+		   hash) != 0) {
+		out->len = at;
 		snprintf(errstr, errlen, "could not compute SHA-256");
 		return TLY_E_NOMEM;
 	}
-	if (tly_buf_reserve(out, out->len + enc->len) != 0) {
-		snprintf(errstr, errlen, "out of memory");
-		return TLY_E_NOMEM;
-	}
-	memcpy(out->data + out->len, enc->data, enc->len - 32);
-	memcpy(out->data + out->len + enc->len - 32, hash, 32);
-	out->len += enc->len;
+	memcpy(enc + len - 32, hash, 32);
 	return 0;
 }
 

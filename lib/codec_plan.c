@@ -139,9 +139,9 @@ static size_t put_varint(unsigned char *p, int64_t v)
 }
 
 /* Room for n more bytes at out->len. */
-static unsigned char *room(struct tly_buf *out, size_t n)
+static inline unsigned char *room(struct tly_buf *out, size_t n)
 {
-	if (tly_buf_reserve(out, out->len + n) != 0)
+	if (out->cap - out->len < n && tly_buf_reserve(out, out->len + n) != 0)
 		return NULL;
 	return out->data + out->len;
 }
@@ -171,13 +171,38 @@ static int put_str(struct tly_buf *out, const char *s)
 	return s ? put_bytes(out, s, strlen(s)) : TLY_E_INVALID;
 }
 
-static int put_uuid(struct tly_buf *out, const tly_uuid *u)
+/* The slot of a UUID's bytes in the memo of texts written. */
+static size_t text_slot(const tly_uuid *u)
+{
+	uint64_t w0, w1;
+	memcpy(&w0, u->b, 8);
+	memcpy(&w1, u->b + 8, 8);
+	return (size_t)((w0 ^ w1) * 0x9e3779b97f4a7c15ull >> 54) & (TLY_UUID_TEXTS - 1);
+}
+
+/* Keep text, which uuid_unparse_lower wrote for u, for the encodes that write u again. */
+static void text_keep(struct tly_uuid_memo *m, const tly_uuid *u, const char *text)
+{
+	struct tly_uuid_text_slot *t = &m->written[text_slot(u)];
+	t->id = *u;
+	memcpy(t->text, text, 36);
+	t->used = true;
+}
+
+static int put_uuid(struct tly_buf *out, const tly_uuid *u, struct tly_uuid_memo *m)
 {
 	unsigned char *p = room(out, 1 + 37);
 	if (!p)
 		return TLY_E_NOMEM;
 	p[0] = 36 << 1;
-	uuid_unparse_lower(u->b, (char *)p + 1);
+	const struct tly_uuid_text_slot *t = m ? &m->written[text_slot(u)] : NULL;
+	if (t && t->used && memcmp(t->id.b, u->b, 16) == 0) {
+		memcpy(p + 1, t->text, 36);
+	} else {
+		uuid_unparse_lower(u->b, (char *)p + 1);
+		if (m)
+			text_keep(m, u, (const char *)p + 1);
+	}
 	out->len += 1 + 36;
 	return 0;
 }
@@ -215,7 +240,8 @@ static int put_map(struct tly_buf *out, const struct tly_field *f, const struct 
 	return rc ? rc : put_long(out, 0);
 }
 
-static int put_step(const struct step *st, const unsigned char *base, struct tly_buf *out)
+static int put_step(const struct step *st, const unsigned char *base, struct tly_buf *out,
+		    struct tly_uuid_memo *m)
 {
 	const struct tly_field *f = st->f;
 	const void *p = base + f->offset;
@@ -227,11 +253,11 @@ static int put_step(const struct step *st, const unsigned char *base, struct tly
 	int rc;
 	switch (f->kind) {
 	case TLY_F_UUID:
-		return put_uuid(out, p);
+		return put_uuid(out, p, m);
 	case TLY_F_OPT_UUID:
 		if (tly_uuid_is_nil(p))
 			return put_branch(out, false);
-		return (rc = put_branch(out, true)) ? rc : put_uuid(out, p);
+		return (rc = put_branch(out, true)) ? rc : put_uuid(out, p, m);
 	case TLY_F_STR:
 	case TLY_F_JSON:
 		memcpy(&s, p, sizeof(s));
@@ -267,7 +293,8 @@ static int put_step(const struct step *st, const unsigned char *base, struct tly
 		rc = list.n ? put_long(out, (int64_t)list.n) : 0;
 		for (size_t i = 0; i < list.n && rc == 0; i++)
 			rc = tly_codec_plan_encode(st->sub,
-						   (const unsigned char *)list.items + i * f->sub->size, out);
+						   (const unsigned char *)list.items + i * f->sub->size, out,
+						   m);
 		return rc ? rc : put_long(out, 0);
 	}
 	case TLY_F_SHA256:
@@ -276,10 +303,11 @@ static int put_step(const struct step *st, const unsigned char *base, struct tly
 	return TLY_E_INVALID;
 }
 
-int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base, struct tly_buf *out)
+int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base, struct tly_buf *out,
+			  struct tly_uuid_memo *memo)
 {
 	for (size_t i = 0; i < plan->n_steps; i++) {
-		int rc = put_step(&plan->steps[i], base, out);
+		int rc = put_step(&plan->steps[i], base, out, memo);
 		if (rc != 0)
 			return rc;
 	}
@@ -388,6 +416,7 @@ void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 	h->id = *id;
 	h->used = true;
 	h->lower = true;
+	text_keep(memo, id, text);
 }
 
 /*
