@@ -180,13 +180,19 @@ static size_t text_slot(const tly_uuid *u)
 	return (size_t)((w0 ^ w1) * 0x9e3779b97f4a7c15ull >> 54) & (TLY_UUID_TEXTS - 1);
 }
 
-/* Keep text, which uuid_unparse_lower wrote for u, for the encodes that write u again. */
-static void text_keep(struct tly_uuid_memo *m, const tly_uuid *u, const char *text)
+/* u's 36 characters as uuid_unparse_lower writes them: written now, or kept since (borrowed
+ * from m until the next call). */
+static const char *text_of(struct tly_uuid_memo *m, const tly_uuid *u)
 {
 	struct tly_uuid_text_slot *t = &m->written[text_slot(u)];
-	t->id = *u;
-	memcpy(t->text, text, 36);
-	t->used = true;
+	if (!t->used || memcmp(t->id.b, u->b, 16) != 0) {
+		char text[37];
+		uuid_unparse_lower(u->b, text);
+		memcpy(t->text, text, 36);
+		t->id = *u;
+		t->used = true;
+	}
+	return t->text;
 }
 
 static int put_uuid(struct tly_buf *out, const tly_uuid *u, struct tly_uuid_memo *m)
@@ -195,14 +201,10 @@ static int put_uuid(struct tly_buf *out, const tly_uuid *u, struct tly_uuid_memo
 	if (!p)
 		return TLY_E_NOMEM;
 	p[0] = 36 << 1;
-	const struct tly_uuid_text_slot *t = m ? &m->written[text_slot(u)] : NULL;
-	if (t && t->used && memcmp(t->id.b, u->b, 16) == 0) {
-		memcpy(p + 1, t->text, 36);
-	} else {
+	if (m)
+		memcpy(p + 1, text_of(m, u), 36);
+	else
 		uuid_unparse_lower(u->b, (char *)p + 1);
-		if (m)
-			text_keep(m, u, (const char *)p + 1);
-	}
 	out->len += 1 + 36;
 	return 0;
 }
@@ -407,8 +409,7 @@ static size_t memo_slot(const unsigned char *s)
 
 void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 {
-	char text[37];
-	uuid_unparse_lower(id->b, text);
+	const char *text = text_of(memo, id);
 	unsigned at = memo->next_hint++ % TLY_UUID_HINTS;
 	struct tly_uuid_memo_slot *h = &memo->hint[at];
 	memcpy(&memo->hint_head[at], text, 8);
@@ -416,7 +417,6 @@ void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 	h->id = *id;
 	h->used = true;
 	h->lower = true;
-	text_keep(memo, id, text);
 }
 
 /*
