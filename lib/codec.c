@@ -37,6 +37,10 @@ struct tly_codec {
 	bool *has_value;
 	size_t n_values;
 	const struct tly_schema *current[TLY_EV__COUNT]; /* writer schema of each type */
+	const struct tly_codec_plan *current_plan[TLY_EV__COUNT]; /* its plan, once looked up */
+	bool current_tried[TLY_EV__COUNT];
+	bool sealed[TLY_EV__COUNT];         /* its schema ends with the SHA-256 its seal sets */
+	bool sealed_checked[TLY_EV__COUNT];
 	avro_writer_t writer;
 	avro_reader_t reader;
 	struct field_memo *memo; /* FIELD_MEMO slots: a field's index in a record schema */
@@ -353,7 +357,11 @@ static int encode_append(struct tly_codec *codec, const struct tly_event *ev, st
 	const size_t at = out->len;
 	char why[512];
 	int rc;
-	const struct tly_codec_plan *plan = s ? plan_for(codec, s, d) : NULL;
+	if (s && !codec->generic && !codec->current_tried[ev->type]) {
+		codec->current_plan[ev->type] = plan_for(codec, s, d);
+		codec->current_tried[ev->type] = true;
+	}
+	const struct tly_codec_plan *plan = codec->generic ? NULL : codec->current_plan[ev->type];
 	if (plan) {
 		if (tly_buf_reserve(out, at + TLY_CODEC_HEADER) != 0) {
 			snprintf(errstr, errlen, "out of memory");
@@ -475,23 +483,33 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 			    char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
-	const struct tly_schema *s = d ? codec->current[ev->type] : NULL;
 	const struct tly_field *last = d && d->record.n_fields ? &d->record.fields[d->record.n_fields - 1]
 							      : NULL;
-	avro_schema_t as = s ? tly_schema_avro(s) : NULL;
-	size_t nf = as ? avro_schema_record_size(as) : 0;
-	const char *name = nf ? avro_schema_record_field_name(as, (int)nf - 1) : NULL;
-	if (!last || last->kind != TLY_F_SHA256 || !name || strcmp(name, last->name) != 0) {
+	if (d && !codec->sealed_checked[ev->type]) {
+		const struct tly_schema *s = codec->current[ev->type];
+		avro_schema_t as = s ? tly_schema_avro(s) : NULL;
+		size_t nf = as ? avro_schema_record_size(as) : 0;
+		const char *name = nf ? avro_schema_record_field_name(as, (int)nf - 1) : NULL;
+		codec->sealed[ev->type] = last && last->kind == TLY_F_SHA256 && name &&
+					  strcmp(name, last->name) == 0;
+		codec->sealed_checked[ev->type] = true;
+	}
+	if (!d || !codec->sealed[ev->type]) {
 		snprintf(errstr, errlen, "%s does not end with its hash", d ? d->name : "the message");
 		return TLY_E_INVALID;
 	}
-	struct tly_event copy = *ev;
-	unsigned char *field = (unsigned char *)&copy + last->offset;
-	memset(field, 0, 32);
+	/* ev itself when its hash field is zero already (as the decision core leaves it) */
+	static const unsigned char zero[32];
+	struct tly_event copy;
+	if (memcmp((const unsigned char *)ev + last->offset, zero, 32) != 0) {
+		copy = *ev;
+		memset((unsigned char *)&copy + last->offset, 0, 32);
+		ev = &copy;
+	}
 	const size_t at = out->len;
-	int rc = validate(&copy, errstr, errlen);
+	int rc = validate(ev, errstr, errlen);
 	if (rc == 0)
-		rc = encode_append(codec, &copy, out, errstr, errlen);
+		rc = encode_append(codec, ev, out, errstr, errlen);
 	if (rc != 0)
 		return rc;
 	/* hashed where it is written: Avro writes the last field, 32 bytes, as its zig-zag length

@@ -680,6 +680,13 @@ START_TEST(test_plan_uuid_texts_and_sealed)
 	assert_same_encoding(&e, &m);
 	ck_assert_uint_eq(out.len, 3 + m.len);
 	ck_assert_mem_eq(out.data + 3, m.data, m.len);
+	/* sealed again with its hash set: the same hash and bytes */
+	unsigned char again[32];
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &out, again, err, sizeof(err)),
+			 0);
+	ck_assert_mem_eq(again, want, 32);
+	ck_assert_uint_eq(out.len, 3 + 2 * m.len);
+	ck_assert_mem_eq(out.data + 3 + m.len, m.data, m.len);
 	size_t len = out.len;
 	e.u.ledger_entry.seq = 0; /* below its minimum: refused */
 	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &out, hash, err, sizeof(err)),
