@@ -369,7 +369,7 @@ static int encode_append(struct tly_codec *codec, const struct tly_event *ev, st
 		}
 		put_header(out->data + at, tly_schema_fingerprint(s));
 		out->len = at + TLY_CODEC_HEADER;
-		rc = tly_codec_plan_encode(plan, ev, out, codec->uuids);
+		rc = tly_codec_plan_encode(plan, ev, out);
 		if (rc == 0 && out->len - at > TLY_CODEC_MAX_BYTES) {
 			snprintf(errstr, errlen, "%s: %zu bytes encoded, more than the %u allowed", d->name,
 				 out->len - at, TLY_CODEC_MAX_BYTES);

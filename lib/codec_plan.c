@@ -171,40 +171,13 @@ static int put_str(struct tly_buf *out, const char *s)
 	return s ? put_bytes(out, s, strlen(s)) : TLY_E_INVALID;
 }
 
-/* The slot of a UUID's bytes in the memo of texts written. */
-static size_t text_slot(const tly_uuid *u)
-{
-	uint64_t w0, w1;
-	memcpy(&w0, u->b, 8);
-	memcpy(&w1, u->b + 8, 8);
-	return (size_t)((w0 ^ w1) * 0x9e3779b97f4a7c15ull >> 54) & (TLY_UUID_TEXTS - 1);
-}
-
-/* u's 36 characters as uuid_unparse_lower writes them: written now, or kept since (borrowed
- * from m until the next call). */
-static const char *text_of(struct tly_uuid_memo *m, const tly_uuid *u)
-{
-	struct tly_uuid_text_slot *t = &m->written[text_slot(u)];
-	if (!t->used || memcmp(t->id.b, u->b, 16) != 0) {
-		char text[37];
-		uuid_unparse_lower(u->b, text);
-		memcpy(t->text, text, 36);
-		t->id = *u;
-		t->used = true;
-	}
-	return t->text;
-}
-
-static int put_uuid(struct tly_buf *out, const tly_uuid *u, struct tly_uuid_memo *m)
+static int put_uuid(struct tly_buf *out, const tly_uuid *u)
 {
 	unsigned char *p = room(out, 1 + 37);
 	if (!p)
 		return TLY_E_NOMEM;
 	p[0] = 36 << 1;
-	if (m)
-		memcpy(p + 1, text_of(m, u), 36);
-	else
-		uuid_unparse_lower(u->b, (char *)p + 1);
+	uuid_unparse_lower(u->b, (char *)p + 1);
 	out->len += 1 + 36;
 	return 0;
 }
@@ -242,8 +215,7 @@ static int put_map(struct tly_buf *out, const struct tly_field *f, const struct 
 	return rc ? rc : put_long(out, 0);
 }
 
-static int put_step(const struct step *st, const unsigned char *base, struct tly_buf *out,
-		    struct tly_uuid_memo *m)
+static int put_step(const struct step *st, const unsigned char *base, struct tly_buf *out)
 {
 	const struct tly_field *f = st->f;
 	const void *p = base + f->offset;
@@ -255,11 +227,11 @@ static int put_step(const struct step *st, const unsigned char *base, struct tly
 	int rc;
 	switch (f->kind) {
 	case TLY_F_UUID:
-		return put_uuid(out, p, m);
+		return put_uuid(out, p);
 	case TLY_F_OPT_UUID:
 		if (tly_uuid_is_nil(p))
 			return put_branch(out, false);
-		return (rc = put_branch(out, true)) ? rc : put_uuid(out, p, m);
+		return (rc = put_branch(out, true)) ? rc : put_uuid(out, p);
 	case TLY_F_STR:
 	case TLY_F_JSON:
 		memcpy(&s, p, sizeof(s));
@@ -295,8 +267,7 @@ static int put_step(const struct step *st, const unsigned char *base, struct tly
 		rc = list.n ? put_long(out, (int64_t)list.n) : 0;
 		for (size_t i = 0; i < list.n && rc == 0; i++)
 			rc = tly_codec_plan_encode(st->sub,
-						   (const unsigned char *)list.items + i * f->sub->size, out,
-						   m);
+						   (const unsigned char *)list.items + i * f->sub->size, out);
 		return rc ? rc : put_long(out, 0);
 	}
 	case TLY_F_SHA256:
@@ -305,11 +276,10 @@ static int put_step(const struct step *st, const unsigned char *base, struct tly
 	return TLY_E_INVALID;
 }
 
-int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base, struct tly_buf *out,
-			  struct tly_uuid_memo *memo)
+int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base, struct tly_buf *out)
 {
 	for (size_t i = 0; i < plan->n_steps; i++) {
-		int rc = put_step(&plan->steps[i], base, out, memo);
+		int rc = put_step(&plan->steps[i], base, out);
 		if (rc != 0)
 			return rc;
 	}
@@ -409,7 +379,8 @@ static size_t memo_slot(const unsigned char *s)
 
 void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id)
 {
-	const char *text = text_of(memo, id);
+	char text[37];
+	uuid_unparse_lower(id->b, text);
 	unsigned at = memo->next_hint++ % TLY_UUID_HINTS;
 	struct tly_uuid_memo_slot *h = &memo->hint[at];
 	memcpy(&memo->hint_head[at], text, 8);

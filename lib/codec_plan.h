@@ -30,7 +30,6 @@ struct tly_codec_plan;
  */
 #define TLY_UUID_MEMO 4096 /* remembered texts, a power of two */
 #define TLY_UUID_HINTS 16  /* offered texts */
-#define TLY_UUID_TEXTS 1024 /* texts written, a power of two */
 struct tly_uuid_memo_slot {
 	char text[36];
 	tly_uuid id;
@@ -38,25 +37,14 @@ struct tly_uuid_memo_slot {
 	bool lower;   /* text has no upper-case hex digit (as the plans write it) */
 	char pad[10]; /* one cache line a slot */
 };
-/* A UUID with the text uuid_unparse_lower wrote for it, for the encodes that write it again. */
-struct tly_uuid_text_slot {
-	tly_uuid id;
-	char text[36];
-	bool used;
-	char pad[11]; /* one cache line a slot */
-};
 struct tly_uuid_memo {
 	struct tly_uuid_memo_slot slot[TLY_UUID_MEMO]; /* parsed, by a hash of the text */
-	struct tly_uuid_text_slot written[TLY_UUID_TEXTS]; /* unparsed, by a hash of the bytes */
 	struct tly_uuid_memo_slot hint[TLY_UUID_HINTS]; /* offered, the latest in a ring */
 	uint64_t hint_head[TLY_UUID_HINTS]; /* their first 8 bytes of text (0: empty), scanned */
 	unsigned next_hint;
 };
 
-/*
- * Remember id with its text as uuid_unparse_lower writes it, for the decodes that follow (and
- * the encodes: a text libuuid wrote is written again for the same bytes).
- */
+/* Remember id with its text as uuid_unparse_lower writes it, for the decodes that follow. */
 void tly_uuid_memo_offer(struct tly_uuid_memo *memo, const tly_uuid *id);
 
 /* The plan of record schema for rd, or NULL when it has none (or out of memory). */
@@ -66,12 +54,11 @@ void tly_codec_plan_free(struct tly_codec_plan *plan); /* accepts NULL */
 /*
  * Append the Avro binary body of the struct at base to out: the bytes avro-c's generic writer
  * produces for the same value (single block arrays and maps, null as union branch 0). base must
- * have passed tly_event_validate. A UUID's text is libuuid's (uuid_unparse_lower), the one memo
- * keeps for its bytes when it wrote it before (memo may be NULL). 0, TLY_E_NOMEM, or
- * TLY_E_INVALID for a required string that is NULL.
+ * have passed tly_event_validate. 0, TLY_E_NOMEM, or TLY_E_INVALID for a required string that is
+ * NULL.
  */
-int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base, struct tly_buf *out,
-			  struct tly_uuid_memo *memo) TLY_MUST_CHECK;
+int tly_codec_plan_encode(const struct tly_codec_plan *plan, const void *base,
+			  struct tly_buf *out) TLY_MUST_CHECK;
 
 /*
  * Read body[0..len) into the zeroed struct at base (strings, maps and lists into arena; memo may
