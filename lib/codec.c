@@ -28,6 +28,8 @@ struct writer_memo {
 	uint64_t fp;
 	const struct tly_schema *writer; /* NULL: empty slot */
 	const struct tly_event_desc *d;
+	const struct tly_codec_plan *plan; /* its plan, once plan_tried */
+	bool plan_tried;
 };
 
 struct tly_codec {
@@ -842,13 +844,17 @@ static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct
 				 fullname);
 			return TLY_E_UNKNOWN_FINGERPRINT;
 		}
-		*wm = (struct writer_memo){fp, found, named};
+		*wm = (struct writer_memo){fp, found, named, NULL, false};
 	}
 	const struct tly_schema *writer = wm->writer;
 	const struct tly_event_desc *d = wm->d;
 	const unsigned char *body = (const unsigned char *)bytes + TLY_CODEC_HEADER;
 	size_t body_len = len - TLY_CODEC_HEADER;
-	const struct tly_codec_plan *plan = plan_for(codec, writer, d);
+	if (!codec->generic && !wm->plan_tried) {
+		wm->plan = plan_for(codec, writer, d);
+		wm->plan_tried = true;
+	}
+	const struct tly_codec_plan *plan = codec->generic ? NULL : wm->plan;
 	if (plan) {
 		struct tly_arena *arena = tly_event_arena(ev);
 		if (!arena) {
