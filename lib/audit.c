@@ -484,7 +484,8 @@ static bool field_diff(const struct tly_record_desc *d, const void *x, const voi
 		const struct tly_field *f = &d->fields[i];
 		const char *px = (const char *)x + f->offset, *py = (const char *)y + f->offset;
 		bool differ = false;
-		char vx[64] = "", vy[64] = "";
+		char vx[64], vy[64]; /* written only for a difference */
+		vx[0] = vy[0] = '\0';
 		switch (f->kind) {
 		case TLY_F_UUID:
 		case TLY_F_OPT_UUID:

@@ -13,6 +13,13 @@
 
 #define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
+#define TASKS_PER_JOB 6 /* with several workers: ranges cut per worker, handed out largest first */
+
+/* Partitions lo .. hi - 1, of about weight inputs. */
+struct task {
+	int32_t lo, hi;
+	double weight;
+};
 
 /* What the workers share; every field below mu is guarded by it. */
 struct shared {
@@ -20,7 +27,7 @@ struct shared {
 	const struct tly_audit_pg_opts *opts;
 	char snapshot[64];   /* exported by the coordinator's transaction */
 	tly_uuid tenant;
-	int32_t bounds[MAX_JOBS + 1]; /* task k: partitions bounds[k] .. bounds[k + 1] - 1 */
+	struct task tasks[MAX_JOBS * TASKS_PER_JOB];
 	int32_t n_tasks;
 	pthread_mutex_t mu;
 	int32_t next_task;
@@ -372,7 +379,7 @@ static void *worker_main(void *arg)
 		pthread_mutex_unlock(&sh->mu);
 		if (k < 0)
 			break;
-		rc = audit_task(r, sh->bounds[k], sh->bounds[k + 1]);
+		rc = audit_task(r, sh->tasks[k].lo, sh->tasks[k].hi);
 	}
 	if (rc == 0)
 		rc = tly_audit_finish(r->a);
@@ -397,9 +404,19 @@ static void *worker_main(void *arg)
 	return NULL;
 }
 
+static int heavier_first(const void *x, const void *y)
+{
+	const struct task *a = x, *b = y;
+	if (a->weight != b->weight)
+		return a->weight < b->weight ? 1 : -1;
+	return (a->lo > b->lo) - (a->lo < b->lo);
+}
+
 /*
- * The snapshot every worker reads, and the tasks: sh->jobs contiguous ranges of partitions of
- * about equal input (by the stored offsets), or the one tenant's partition.
+ * The snapshot every worker reads, and the tasks: contiguous ranges of partitions of about equal
+ * input (by the stored offsets), TASKS_PER_JOB for each of several workers, taken heaviest first
+ * (so that the last ones, small, end about together); one range for one worker; or the one
+ * tenant's partition.
  */
 static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
 {
@@ -440,14 +457,26 @@ static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
 	double total = 0, acc = 0;
 	for (int i = 0; i < rows; i++)
 		total += strtod(PQgetvalue(res, i, 2), NULL);
+	/* one worker: one range; more: smaller ranges, so that none waits long for the last one */
+	int32_t cut = sh->jobs > 1 ? sh->jobs * TASKS_PER_JOB : 1;
+	struct task *t = &sh->tasks[0];
 	sh->n_tasks = 0;
-	sh->bounds[0] = rows ? (int32_t)strtol(PQgetvalue(res, 0, 1), NULL, 10) : 0;
+	*t = (struct task){rows ? (int32_t)strtol(PQgetvalue(res, 0, 1), NULL, 10) : 0, 0, 0};
 	for (int i = 0; i < rows; i++) {
-		acc += strtod(PQgetvalue(res, i, 2), NULL);
+		double w = strtod(PQgetvalue(res, i, 2), NULL);
+		acc += w;
+		t->weight += w;
 		bool last = i + 1 == rows;
-		if (last || (acc >= total * (sh->n_tasks + 1) / sh->jobs && sh->n_tasks + 1 < sh->jobs))
-			sh->bounds[++sh->n_tasks] = (int32_t)strtol(PQgetvalue(res, i, 1), NULL, 10) + 1;
+		if (last || (acc >= total * (sh->n_tasks + 1) / cut && sh->n_tasks + 1 < cut)) {
+			t->hi = (int32_t)strtol(PQgetvalue(res, i, 1), NULL, 10) + 1;
+			sh->n_tasks++;
+			if (!last) {
+				t = &sh->tasks[sh->n_tasks];
+				*t = (struct task){t[-1].hi, 0, 0};
+			}
+		}
 	}
+	qsort(sh->tasks, (size_t)sh->n_tasks, sizeof(*sh->tasks), heavier_first);
 	PQclear(res);
 	return 0;
 }

@@ -28,6 +28,8 @@ struct writer_memo {
 	uint64_t fp;
 	const struct tly_schema *writer; /* NULL: empty slot */
 	const struct tly_event_desc *d;
+	const struct tly_codec_plan *plan; /* its plan, once plan_tried */
+	bool plan_tried;
 };
 
 struct tly_codec {
@@ -37,6 +39,10 @@ struct tly_codec {
 	bool *has_value;
 	size_t n_values;
 	const struct tly_schema *current[TLY_EV__COUNT]; /* writer schema of each type */
+	const struct tly_codec_plan *current_plan[TLY_EV__COUNT]; /* its plan, once looked up */
+	bool current_tried[TLY_EV__COUNT];
+	bool sealed[TLY_EV__COUNT];         /* its schema ends with the SHA-256 its seal sets */
+	bool sealed_checked[TLY_EV__COUNT];
 	avro_writer_t writer;
 	avro_reader_t reader;
 	struct field_memo *memo; /* FIELD_MEMO slots: a field's index in a record schema */
@@ -341,33 +347,41 @@ static const struct tly_codec_plan *plan_for(struct tly_codec *codec, const stru
 	return NULL;
 }
 
-/* The single-object encoding of ev, which has passed tly_event_validate, into out. */
-static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
-			char *errstr, size_t errlen)
+/*
+ * The single-object encoding of ev, which has passed tly_event_validate, appended to out at
+ * out->len; on failure out->len is left where it was.
+ */
+static int encode_append(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+			 char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
 	const struct tly_schema *s = codec->current[ev->type];
+	const size_t at = out->len;
 	char why[512];
 	int rc;
-	const struct tly_codec_plan *plan = s ? plan_for(codec, s, d) : NULL;
+	if (s && !codec->generic && !codec->current_tried[ev->type]) {
+		codec->current_plan[ev->type] = plan_for(codec, s, d);
+		codec->current_tried[ev->type] = true;
+	}
+	const struct tly_codec_plan *plan = codec->generic ? NULL : codec->current_plan[ev->type];
 	if (plan) {
-		if (tly_buf_reserve(out, TLY_CODEC_HEADER) != 0) {
+		if (tly_buf_reserve(out, at + TLY_CODEC_HEADER) != 0) {
 			snprintf(errstr, errlen, "out of memory");
 			return TLY_E_NOMEM;
 		}
-		put_header(out->data, tly_schema_fingerprint(s));
-		out->len = TLY_CODEC_HEADER;
+		put_header(out->data + at, tly_schema_fingerprint(s));
+		out->len = at + TLY_CODEC_HEADER;
 		rc = tly_codec_plan_encode(plan, ev, out);
-		if (rc == 0 && out->len > TLY_CODEC_MAX_BYTES) {
+		if (rc == 0 && out->len - at > TLY_CODEC_MAX_BYTES) {
 			snprintf(errstr, errlen, "%s: %zu bytes encoded, more than the %u allowed", d->name,
-				 out->len, TLY_CODEC_MAX_BYTES);
+				 out->len - at, TLY_CODEC_MAX_BYTES);
 			rc = TLY_E_TOO_LARGE;
 		} else if (rc != 0) {
 			snprintf(errstr, errlen, "%s: %s", d->name,
 				 rc == TLY_E_NOMEM ? "out of memory" : "a required string is NULL");
 		}
 		if (rc != 0)
-			out->len = 0;
+			out->len = at;
 		return rc;
 	}
 	avro_value_t *rec;
@@ -389,19 +403,27 @@ static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, str
 			 size + TLY_CODEC_HEADER, TLY_CODEC_MAX_BYTES);
 		return TLY_E_TOO_LARGE;
 	}
-	if (tly_buf_reserve(out, size + TLY_CODEC_HEADER) != 0) {
+	if (tly_buf_reserve(out, at + size + TLY_CODEC_HEADER) != 0) {
 		snprintf(errstr, errlen, "out of memory");
 		return TLY_E_NOMEM;
 	}
-	put_header(out->data, tly_schema_fingerprint(s));
-	avro_writer_memory_set_dest(codec->writer, (const char *)out->data + TLY_CODEC_HEADER,
+	put_header(out->data + at, tly_schema_fingerprint(s));
+	avro_writer_memory_set_dest(codec->writer, (const char *)out->data + at + TLY_CODEC_HEADER,
 				    (int64_t)size);
 	if (avro_value_write(codec->writer, rec) != 0) {
 		snprintf(errstr, errlen, "%s: could not write the value: %s", d->name, avro_strerror());
 		return TLY_E_INVALID;
 	}
-	out->len = size + TLY_CODEC_HEADER;
+	out->len = at + size + TLY_CODEC_HEADER;
 	return 0;
+}
+
+/* The single-object encoding of ev, which has passed tly_event_validate, into out (replaced). */
+static int encode_valid(struct tly_codec *codec, const struct tly_event *ev, struct tly_buf *out,
+			char *errstr, size_t errlen)
+{
+	out->len = 0;
+	return encode_append(codec, ev, out, errstr, errlen);
 }
 
 /* decoded: ev was filled by decode() (see tly_event_validate_decoded) */
@@ -463,42 +485,51 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 			    char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
-	const struct tly_schema *s = d ? codec->current[ev->type] : NULL;
 	const struct tly_field *last = d && d->record.n_fields ? &d->record.fields[d->record.n_fields - 1]
 							      : NULL;
-	avro_schema_t as = s ? tly_schema_avro(s) : NULL;
-	size_t nf = as ? avro_schema_record_size(as) : 0;
-	const char *name = nf ? avro_schema_record_field_name(as, (int)nf - 1) : NULL;
-	if (!last || last->kind != TLY_F_SHA256 || !name || strcmp(name, last->name) != 0) {
+	if (d && !codec->sealed_checked[ev->type]) {
+		const struct tly_schema *s = codec->current[ev->type];
+		avro_schema_t as = s ? tly_schema_avro(s) : NULL;
+		size_t nf = as ? avro_schema_record_size(as) : 0;
+		const char *name = nf ? avro_schema_record_field_name(as, (int)nf - 1) : NULL;
+		codec->sealed[ev->type] = last && last->kind == TLY_F_SHA256 && name &&
+					  strcmp(name, last->name) == 0;
+		codec->sealed_checked[ev->type] = true;
+	}
+	if (!d || !codec->sealed[ev->type]) {
 		snprintf(errstr, errlen, "%s does not end with its hash", d ? d->name : "the message");
 		return TLY_E_INVALID;
 	}
-	struct tly_event copy = *ev;
-	unsigned char *field = (unsigned char *)&copy + last->offset;
-	memset(field, 0, 32);
-	int rc = validate(&copy, errstr, errlen);
+	/* ev itself when its hash field is zero already (as the decision core leaves it) */
+	static const unsigned char zero[32];
+	struct tly_event copy;
+	if (memcmp((const unsigned char *)ev + last->offset, zero, 32) != 0) {
+		copy = *ev;
+		memset((unsigned char *)&copy + last->offset, 0, 32);
+		ev = &copy;
+	}
+	const size_t at = out->len;
+	int rc = validate(ev, errstr, errlen);
 	if (rc == 0)
-		rc = encode_valid(codec, &copy, &codec->scratch, errstr, errlen);
+		rc = encode_append(codec, ev, out, errstr, errlen);
 	if (rc != 0)
 		return rc;
-	const struct tly_buf *enc = &codec->scratch;
-	/* Avro writes the last field, 32 bytes, as its zig-zag length (64) and the bytes. */
-	if (enc->len < TLY_CODEC_HEADER + 33 || enc->data[enc->len - 33] != 64) {
+	/* hashed where it is written: Avro writes the last field, 32 bytes, as its zig-zag length
+	 * (64) and the bytes, which are zero while hashed and the hash once sealed */
+	unsigned char *enc = out->data + at;
+	size_t len = out->len - at;
+	if (len < TLY_CODEC_HEADER + 33 || enc[len - 33] != 64) {
+		out->len = at;
 		snprintf(errstr, errlen, "%s: the hash is not where it was expected", d->name);
 		return TLY_E_INVALID;
 	}
-	if (sha256(codec, prefix, prefix_len, enc->data + TLY_CODEC_HEADER,
-		   enc->len - TLY_CODEC_HEADER, hash) != 0) {
+	if (sha256(codec, prefix, prefix_len, enc + TLY_CODEC_HEADER, len - TLY_CODEC_HEADER,
+		   hash) != 0) {
+		out->len = at;
 		snprintf(errstr, errlen, "could not compute SHA-256");
 		return TLY_E_NOMEM;
 	}
-	if (tly_buf_reserve(out, out->len + enc->len) != 0) {
-		snprintf(errstr, errlen, "out of memory");
-		return TLY_E_NOMEM;
-	}
-	memcpy(out->data + out->len, enc->data, enc->len - 32);
-	memcpy(out->data + out->len + enc->len - 32, hash, 32);
-	out->len += enc->len;
+	memcpy(enc + len - 32, hash, 32);
 	return 0;
 }
 
@@ -813,13 +844,17 @@ static int decode(struct tly_codec *codec, const void *bytes, size_t len, struct
 				 fullname);
 			return TLY_E_UNKNOWN_FINGERPRINT;
 		}
-		*wm = (struct writer_memo){fp, found, named};
+		*wm = (struct writer_memo){fp, found, named, NULL, false};
 	}
 	const struct tly_schema *writer = wm->writer;
 	const struct tly_event_desc *d = wm->d;
 	const unsigned char *body = (const unsigned char *)bytes + TLY_CODEC_HEADER;
 	size_t body_len = len - TLY_CODEC_HEADER;
-	const struct tly_codec_plan *plan = plan_for(codec, writer, d);
+	if (!codec->generic && !wm->plan_tried) {
+		wm->plan = plan_for(codec, writer, d);
+		wm->plan_tried = true;
+	}
+	const struct tly_codec_plan *plan = codec->generic ? NULL : wm->plan;
 	if (plan) {
 		struct tly_arena *arena = tly_event_arena(ev);
 		if (!arena) {

@@ -139,9 +139,9 @@ static size_t put_varint(unsigned char *p, int64_t v)
 }
 
 /* Room for n more bytes at out->len. */
-static unsigned char *room(struct tly_buf *out, size_t n)
+static inline unsigned char *room(struct tly_buf *out, size_t n)
 {
-	if (tly_buf_reserve(out, out->len + n) != 0)
+	if (out->cap - out->len < n && tly_buf_reserve(out, out->len + n) != 0)
 		return NULL;
 	return out->data + out->len;
 }
@@ -428,9 +428,10 @@ static int get_uuid(struct in *in, tly_uuid *out, bool fresh)
 	text[36] = '\0';
 	if (memchr(text, '\0', 36) || uuid_parse(text, out->b) != 0)
 		return NO;
-	bool lower = true;
+	unsigned upper = 0; /* an upper-case hex digit: written back in lower case */
 	for (size_t i = 0; i < 36; i++)
-		lower = lower && !(s[i] >= 'A' && s[i] <= 'F'); /* else written back in lower case */
+		upper |= (unsigned)(s[i] - 'A') <= 'F' - 'A';
+	bool lower = upper == 0;
 	in->canonical = in->canonical && lower;
 	if (m && !fresh) {
 		struct tly_uuid_memo_slot *slot = &m->slot[memo_slot(s)];

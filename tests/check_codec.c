@@ -631,6 +631,51 @@ START_TEST(test_plan_uuid_hint)
 }
 END_TEST
 
+/*
+ * A sealed entry is appended after what the buffer holds, with the hash of the prefix and its body
+ * (hash field zero), the same whether its hash field is zero or set; a refused one leaves the
+ * buffer as it was.
+ */
+START_TEST(test_sealed_appended)
+{
+	struct tly_buf m = {0};
+	struct tly_event e = {0};
+	char err[512];
+	unsigned char prev[32], hash[32], want[32];
+	memset(prev, 0x5a, sizeof(prev));
+	tly_fixture_event(&e, TLY_EV_LEDGER_ENTRY, 2);
+	memset(e.u.ledger_entry.hash, 0, 32);
+	ck_assert_int_eq(tly_codec_digest(generic, &e, true, prev, 32, want, err, sizeof(err)), 0);
+	struct tly_buf out = {0};
+	ck_assert_int_eq(tly_buf_reserve(&out, 3), 0);
+	memcpy(out.data, "abc", 3);
+	out.len = 3;
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &out, hash, err, sizeof(err)),
+			 0);
+	ck_assert_mem_eq(hash, want, 32);
+	ck_assert_mem_eq(out.data, "abc", 3);
+	memcpy(e.u.ledger_entry.hash, hash, 32);
+	assert_same_encoding(&e, &m);
+	ck_assert_uint_eq(out.len, 3 + m.len);
+	ck_assert_mem_eq(out.data + 3, m.data, m.len);
+	/* sealed again with its hash set: the same hash and bytes */
+	unsigned char again[32];
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &out, again, err, sizeof(err)),
+			 0);
+	ck_assert_mem_eq(again, want, 32);
+	ck_assert_uint_eq(out.len, 3 + 2 * m.len);
+	ck_assert_mem_eq(out.data + 3 + m.len, m.data, m.len);
+	size_t len = out.len;
+	e.u.ledger_entry.seq = 0; /* below its minimum: refused */
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &out, hash, err, sizeof(err)),
+			 TLY_E_INVALID);
+	ck_assert_uint_eq(out.len, len);
+	tly_event_free(&e);
+	tly_buf_free(&out);
+	tly_buf_free(&m);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -658,6 +703,7 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_plan_duplicate_key);
 	tcase_add_test(tc, test_plan_not_canonical);
 	tcase_add_test(tc, test_plan_uuid_hint);
+	tcase_add_test(tc, test_sealed_appended);
 	suite_add_tcase(s, tc);
 	return s;
 }
