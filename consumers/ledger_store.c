@@ -13,6 +13,7 @@
 #include "arena.h"
 #include "entries.h"
 #include "log.h"
+#include "pgarray.h"
 #include "pgcopy.h"
 #include "wallet.h"
 
@@ -257,10 +258,13 @@ int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, 
 	snprintf(t, sizeof(t), "%" PRId64, to);
 	const char *const v[] = {p, f, t, ids};
 	PGresult *res = tly_pg_query_params(conn,
-					    "SELECT \"offset\", value FROM ledger_inputs "
-					    "WHERE partition = $1 AND \"offset\" >= $2 AND \"offset\" < $3 "
-					    "AND (tenant_id IS NULL OR tenant_id = ANY ($4::uuid[])) "
-					    "ORDER BY \"offset\"",
+					    "SELECT u.o, u.v FROM ledger_input_batches b CROSS JOIN "
+					    "LATERAL unnest(b.offsets, b.tenant_ids, b.record_values) "
+					    "AS u (o, t, v) WHERE b.partition = $1 AND b.first_offset < $3 "
+					    "AND b.first_offset >= coalesce((SELECT max(first_offset) FROM "
+					    "ledger_input_batches WHERE partition = $1 AND first_offset <= "
+					    "$2), 0) AND u.o >= $2 AND u.o < $3 "
+					    "AND (u.t IS NULL OR u.t = ANY ($4::uuid[])) ORDER BY u.o",
 					    4, v, NULL, NULL, 1, err);
 	free(ids);
 	if (!res)
@@ -268,7 +272,7 @@ int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, 
 	int rc = 0;
 	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
 		if (PQgetlength(res, r, 0) != 8) {
-			set_err(err, TLY_ERRCLASS_FATAL, "ledger_inputs returned a malformed offset");
+			set_err(err, TLY_ERRCLASS_FATAL, "ledger_input_batches returned a malformed offset");
 			rc = TLY_E_PG;
 			break;
 		}
@@ -576,27 +580,59 @@ out:
 	tly_arena_free(scratch);
 }
 
-/* The applied input records of every commit of the group as more binary COPY payloads. */
+/*
+ * The applied input records of the group, packed (migration 0010): one ledger_input_batches row
+ * per commit (partition) that applied any, its records as three arrays in offset order, so a
+ * record costs no heap row and no index tuple of its own.
+ */
 static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	static const char sql[] = "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
-				  "FROM STDIN (FORMAT binary)";
-	for (size_t i = 0; i < n; i++) {
-		for (size_t r = 0; r < c[i].n_inputs; r++) {
-			const struct tly_ledger_input *in = &c[i].inputs[r];
-			struct tly_pgcopy *copy = copy_for_row(t, sql);
-			if (!copy)
-				return;
-			tly_pgcopy_row(copy, 4);
-			tly_pgcopy_int4(copy, c[i].partition);
-			tly_pgcopy_int8(copy, in->offset);
-			if (in->tenant_id)
-				tly_pgcopy_uuid(copy, in->tenant_id);
-			else
-				tly_pgcopy_null(copy);
-			tly_pgcopy_bytea(copy, in->value, in->valuelen);
-		}
+	static const char sql[] = "COPY ledger_input_batches (partition, first_offset, last_offset, "
+				  "offsets, tenant_ids, record_values) FROM STDIN (FORMAT binary)";
+	struct tly_pgarray *arr = tly_pgarray_new();
+	if (!arr) {
+		t->oom = true;
+		return;
 	}
+	for (size_t i = 0; i < n && !t->oom; i++) {
+		const struct tly_ledger_input *in = c[i].inputs;
+		size_t k = c[i].n_inputs, len;
+		if (k == 0)
+			continue;
+		struct tly_pgcopy *copy = copy_for_row(t, sql);
+		if (!copy)
+			break;
+		tly_pgcopy_row(copy, 6);
+		tly_pgcopy_int4(copy, c[i].partition);
+		tly_pgcopy_int8(copy, in[0].offset);
+		tly_pgcopy_int8(copy, in[k - 1].offset);
+		/* each array is one binary COPY field: its length, then array_recv's form */
+		tly_pgarray_begin(arr, TLY_PGARRAY_INT8);
+		for (size_t r = 0; r < k; r++)
+			tly_pgarray_int8(arr, in[r].offset);
+		const void *v = tly_pgarray_value(arr, &len);
+		if (v)
+			tly_pgcopy_bytea(copy, v, len);
+		tly_pgarray_begin(arr, TLY_PGARRAY_UUID);
+		for (size_t r = 0; r < k; r++) {
+			if (in[r].tenant_id)
+				tly_pgarray_add(arr, in[r].tenant_id->b, 16);
+			else
+				tly_pgarray_null(arr);
+		}
+		const void *u = v ? tly_pgarray_value(arr, &len) : NULL;
+		if (u)
+			tly_pgcopy_bytea(copy, u, len);
+		tly_pgarray_begin(arr, TLY_PGARRAY_BYTEA);
+		for (size_t r = 0; r < k; r++)
+			tly_pgarray_add(arr, in[r].value, in[r].valuelen);
+		const void *b = u ? tly_pgarray_value(arr, &len) : NULL;
+		if (b)
+			tly_pgcopy_bytea(copy, b, len);
+		else
+			t->oom = true;
+	}
+	tly_pgarray_free(arr);
 }
 
 #define WALLETS_PER_STATEMENT 200

@@ -712,6 +712,65 @@ static void statement_matches(const struct env *e, const char *tenant, long seq)
 	ck_assert_int_eq(invoice_amount, amount);
 }
 
+/* The audit fails with an "offsets" failure at partition/offset. */
+static void expect_offsets(const struct env *e, long partition, long offset)
+{
+	json_t *doc = audit_json(e, 1, NULL);
+	json_t *f;
+	size_t i;
+	bool named = false;
+	json_array_foreach(json_object_get(doc, "failed"), i, f)
+	{
+		named |= strcmp(json_string_value(json_object_get(f, "check")), "offsets") == 0 &&
+			 json_integer_value(json_object_get(f, "partition")) == partition &&
+			 json_integer_value(json_object_get(f, "offset")) == offset;
+	}
+	ck_assert_msg(named, "no offsets failure names input %ld/%ld: %s", partition, offset,
+		      json_dumps(json_object_get(doc, "failed"), JSON_COMPACT));
+	json_decref(doc);
+}
+
+/*
+ * Applied inputs tampered in their packed rows (migration 0010): one record taken out of the
+ * middle of a batch, then one stored twice (a batch of its own after the one holding it). Each
+ * is an offsets failure at that record; putting the batch back makes the audit clean again.
+ */
+static void tamper_inputs(const struct env *e)
+{
+	struct tly_pg_error err;
+	PGresult *res = tly_pg_query(e->db.conn,
+				     "SELECT partition, first_offset, offsets[2] FROM ledger_input_batches "
+				     "WHERE cardinality(offsets) >= 3 ORDER BY partition, first_offset "
+				     "LIMIT 1", 0, NULL, &err);
+	ck_assert_msg(res && PQntuples(res) == 1, "no batch of 3 inputs");
+	long partition = atol(PQgetvalue(res, 0, 0)), offset = atol(PQgetvalue(res, 0, 2));
+	const char *v[] = {PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 2)};
+	static const char where[] = " WHERE partition = $1::integer AND first_offset = $2::bigint";
+	char q[512];
+	snprintf(q, sizeof(q), "CREATE TABLE tamper_saved AS SELECT * FROM ledger_input_batches%s", where);
+	ck_assert(tly_pg_exec(e->db.conn, q, 2, v, &err) == 0);
+	snprintf(q, sizeof(q), "UPDATE ledger_input_batches SET offsets = offsets[:1] || offsets[3:], "
+		 "tenant_ids = tenant_ids[:1] || tenant_ids[3:], record_values = record_values[:1] || "
+		 "record_values[3:]%s", where);
+	ck_assert_msg(tly_pg_exec(e->db.conn, q, 2, v, &err) == 0, "%s", err.message);
+	expect_offsets(e, partition, offset);
+	snprintf(q, sizeof(q), "DELETE FROM ledger_input_batches%s", where);
+	ck_assert(tly_pg_exec(e->db.conn, q, 2, v, &err) == 0);
+	sql(e->db.conn, "INSERT INTO ledger_input_batches SELECT * FROM tamper_saved");
+	expect_clean(e);
+	/* the record at offsets[2] once more, as a batch of its own */
+	ck_assert_msg(tly_pg_exec(e->db.conn, "INSERT INTO ledger_input_batches SELECT partition, "
+				  "$1::bigint, $1::bigint, offsets[2:2], tenant_ids[2:2], record_values[2:2] "
+				  "FROM tamper_saved", 1, &v[2], &err) == 0, "%s", err.message);
+	expect_offsets(e, partition, offset);
+	const char *twice[] = {v[0], v[2]};
+	snprintf(q, sizeof(q), "DELETE FROM ledger_input_batches%s", where);
+	ck_assert(tly_pg_exec(e->db.conn, q, 2, twice, &err) == 0);
+	sql(e->db.conn, "DROP TABLE tamper_saved");
+	PQclear(res);
+	expect_clean(e);
+}
+
 /* Swap two entries' seq (through a free seq: the primary key is checked row by row). */
 static void swap_seqs(const struct env *e, const char *tenant, int a, int b)
 {
@@ -839,6 +898,8 @@ START_TEST(test_loadgen_kill9_then_tampers)
 	exec_params(e.db.conn, "UPDATE subscription_invoices SET amount_cents = amount_cents - 100 "
 			       "WHERE tenant_id = $1", it);
 	expect_clean(&e);
+
+	tamper_inputs(&e);
 
 	/* balance and statement read the same ledger */
 	const char *bal[] = {"balance", t, "--at", "10", "--json", NULL};

@@ -332,6 +332,28 @@ END_TEST
 	"'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "                               \
 	"decode(repeat('ab', $6::int), 'hex'), decode(repeat('cd', 32), 'hex'))"
 
+/*
+ * conn's schema as it was before migration prefix ("0008_"): that one and every later one set
+ * aside in dir (a copy of the embedded set), the rest applied. The migration named prefix.
+ */
+static const struct tly_embedded *schema_before(PGconn *conn, const char *dir, const char *prefix)
+{
+	char errstr[512];
+	int applied = -1;
+	const struct tly_embedded *m = NULL;
+	for (const struct tly_embedded *e = tly_embedded_migrations; e->name; e++) {
+		if (strncmp(e->name, prefix, strlen(prefix)) == 0)
+			m = e;
+		if (strcmp(e->name, prefix) >= 0)
+			remove_file(dir, e->name);
+	}
+	ck_assert_ptr_nonnull(m);
+	struct tly_migrate_set *set = load_dir(dir);
+	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	tly_migrate_free(set);
+	return m;
+}
+
 /* 0008 marks the first entry of each input record of entries stored before it, and indexes those. */
 START_TEST(test_cause_first_backfill)
 {
@@ -339,18 +361,8 @@ START_TEST(test_cause_first_backfill)
 	int applied = -1;
 	PGconn *conn = connect_fresh();
 	char *dir = make_dir_set();
-	/* the schema as it was at 0007: 0008 and every later migration set aside */
-	const struct tly_embedded *m8 = NULL;
-	for (const struct tly_embedded *e = tly_embedded_migrations; e->name; e++) {
-		if (strncmp(e->name, "0008_", 5) == 0)
-			m8 = e;
-		if (strcmp(e->name, "0008_") >= 0)
-			remove_file(dir, e->name);
-	}
-	ck_assert_ptr_nonnull(m8);
-	struct tly_migrate_set *set = load_dir(dir);
-	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
-	tly_migrate_free(set);
+	const struct tly_embedded *m8 = schema_before(conn, dir, "0008_");
+	struct tly_migrate_set *set;
 	const char *const tenants[] = {TENANT_ID, "33333333-3333-4333-8333-333333333333"};
 	struct tly_pg_error err;
 	/* tenant 1: two entries of the input at offset 7, one of offset 8; tenant 2: one of offset 7 */
@@ -381,6 +393,47 @@ START_TEST(test_cause_first_backfill)
 				    "AND indexdef LIKE '%(tenant_id, cause_event_id) WHERE cause_first'",
 				    0, NULL),
 			 1);
+	remove_dir(dir);
+	PQfinish(conn);
+}
+END_TEST
+
+/*
+ * 0010 packs the applied inputs stored before it into batches (ranges of 1,000 offsets of a
+ * partition), and the view ledger_inputs gives back every record as it was.
+ */
+START_TEST(test_inputs_packed)
+{
+	char errstr[512];
+	int applied = -1;
+	PGconn *conn = connect_fresh();
+	char *dir = make_dir_set();
+	const struct tly_embedded *m10 = schema_before(conn, dir, "0010_");
+	struct tly_pg_error err;
+	static const char rows[] = "SELECT p, o, CASE WHEN o % 7 = 0 THEN NULL ELSE "
+				   "md5(o::text)::uuid END, decode(md5(p || '/' || o), 'hex') "
+				   "FROM generate_series(0, 2) p, generate_series(0, 2500) o "
+				   "WHERE o % 11 <> 3";
+	char sql[512];
+	snprintf(sql, sizeof(sql), "INSERT INTO ledger_inputs (partition, \"offset\", tenant_id, value) %s", rows);
+	ck_assert_msg(tly_pg_exec(conn, sql, 0, NULL, &err) == 0, "%s", err.message);
+	write_file(dir, m10->name, m10->data, m10->len);
+	struct tly_migrate_set *set = load_dir(dir);
+	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	tly_migrate_free(set);
+	ck_assert_int_ge(applied, 1);
+	/* three partitions of offsets 0..2500: 3 ranges of 1,000 each */
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 9);
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_input_batches WHERE "
+				    "first_offset <> offsets[1] OR last_offset <> offsets[cardinality(offsets)]",
+				    0, NULL), 0);
+	snprintf(sql, sizeof(sql), "SELECT count(*) FROM ((%s) EXCEPT ALL SELECT * FROM ledger_inputs) d",
+		 rows);
+	ck_assert_int_eq(query_long(conn, sql, 0, NULL), 0);
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_inputs", 0, NULL), 3 * 2273);
+	/* a batch whose arrays disagree is refused */
+	expect_state(conn, "23514", "INSERT INTO ledger_input_batches VALUES (5, 1, 2, '{1,2}', "
+		     "'{NULL}', ARRAY['\\x00', '\\x01']::bytea[])", 0, NULL);
 	remove_dir(dir);
 	PQfinish(conn);
 }
@@ -939,6 +992,7 @@ Suite *migrate_suite(void)
 	tcase_add_test(tc, test_schema_catalog);
 	tcase_add_test(tc, test_schema_rejects_bad_rows);
 	tcase_add_test(tc, test_cause_first_backfill);
+	tcase_add_test(tc, test_inputs_packed);
 	tcase_add_test(tc, test_seeds);
 	tcase_add_test(tc, test_changed_and_missing_file_refused);
 	tcase_add_test(tc, test_out_of_order_refused);
