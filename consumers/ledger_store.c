@@ -701,88 +701,103 @@ static void build_wallets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 		build_wallet_rows(t, w, part, as_of, k);
 }
 
-/* Text arrays of hold rows for one unnest() statement. */
+/* The columns of the hold rows of one unnest() statement, as binary arrays (lib/pgarray). */
 struct hold_arrays {
-	FILE *tenant, *order, *id, *tokens, *expires, *ended;
-	const char *tenant_text;
+	struct tly_pgarray *col[6]; /* tenant, order, reservation, tokens, expires, ended */
+	const tly_uuid *tenant;
 	size_t n;
 };
 
 static int add_hold_row(const struct tly_hold_row *row, void *ud)
 {
 	struct hold_arrays *a = ud;
-	char id[37];
-	const char *sep = a->n++ ? "," : "{";
-	tly_uuid_format(&row->id, id);
-	fprintf(a->tenant, "%s%s", sep, a->tenant_text);
-	fprintf(a->order, "%s%" PRId64, sep, row->order);
-	fprintf(a->id, "%s%s", sep, id);
-	fprintf(a->tokens, "%s%" PRId64, sep, row->tokens);
-	fprintf(a->expires, "%s%" PRId64, sep, row->expires_at);
+	tly_pgarray_add(a->col[0], a->tenant->b, 16);
+	tly_pgarray_int8(a->col[1], row->order);
+	tly_pgarray_add(a->col[2], row->id.b, 16);
+	tly_pgarray_int8(a->col[3], row->tokens);
+	tly_pgarray_int8(a->col[4], row->expires_at);
 	if (row->ended_at < 0)
-		fprintf(a->ended, "%sNULL", sep);
+		tly_pgarray_null(a->col[5]);
 	else
-		fprintf(a->ended, "%s%" PRId64, sep, row->ended_at);
+		tly_pgarray_int8(a->col[5], row->ended_at);
+	a->n++;
 	return 0;
+}
+
+/* A statement of n binary array parameters arr[0..n-1], copied into the transaction's arena. */
+static void add_array_step(struct tly_ledger_txn *t, const char *sql, struct tly_pgarray *const *arr,
+			   int n)
+{
+	static const int binary[6] = {1, 1, 1, 1, 1, 1};
+	struct step *s = add_step(t, STEP_EXEC, sql, n);
+	int *len = tly_arena_alloc(t->arena, (size_t)n * sizeof(*len));
+	if (!s || !len) {
+		t->oom = true;
+		return;
+	}
+	for (int k = 0; k < n; k++) {
+		size_t l;
+		const void *v = tly_pgarray_value(arr[k], &l);
+		char *copy = v ? tly_arena_alloc(t->arena, l) : NULL;
+		if (!copy) {
+			t->oom = true;
+			return;
+		}
+		memcpy(copy, v, l);
+		s->values[k] = copy;
+		len[k] = (int)l;
+	}
+	s->lengths = len;
+	s->formats = binary;
 }
 
 /*
  * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
  * deleted: two statements whatever the group's size, and nothing for holds that did not change.
+ * Their arrays go as binary parameters: no text to format here or to parse in the server.
  */
 static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	struct text x[8];
-	const char *v[8];
-	int opened = 0;
-	for (; opened < 8; opened++)
-		if (!text_open(&x[opened]))
-			break;
-	if (opened < 8) {
-		t->oom = true;
-		for (int k = 0; k < opened; k++)
-			(void)text_close(t, &x[k]);
-		return;
-	}
-	struct hold_arrays a = {x[0].f, x[1].f, x[2].f, x[3].f, x[4].f, x[5].f, NULL, 0};
+	static const uint32_t types[8] = {TLY_PGARRAY_UUID, TLY_PGARRAY_INT8, TLY_PGARRAY_UUID,
+					  TLY_PGARRAY_INT8, TLY_PGARRAY_INT8, TLY_PGARRAY_INT8,
+					  TLY_PGARRAY_UUID, TLY_PGARRAY_INT8};
+	struct tly_pgarray *arr[8] = {NULL};
+	struct hold_arrays a = {.n = 0};
 	size_t n_forgotten = 0;
+	for (int k = 0; k < 8; k++) {
+		if (!(arr[k] = tly_pgarray_new())) {
+			t->oom = true;
+			goto out;
+		}
+		tly_pgarray_begin(arr[k], types[k]);
+	}
+	memcpy(a.col, arr, sizeof(a.col));
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {
 			const struct tly_wallet *w = c[i].wallets[j];
-			char tenant[37];
 			size_t nf;
 			const int64_t *forgotten = tly_wallet_forgotten(w, &nf);
-			tly_uuid_format(tly_wallet_tenant(w), tenant);
-			a.tenant_text = tenant;
+			a.tenant = tly_wallet_tenant(w);
 			(void)tly_wallet_changed_holds(w, add_hold_row, &a);
 			for (size_t k = 0; k < nf; k++, n_forgotten++) {
-				const char *sep = n_forgotten ? "," : "{";
-				fprintf(x[6].f, "%s%s", sep, tenant);
-				fprintf(x[7].f, "%s%" PRId64, sep, forgotten[k]);
+				tly_pgarray_add(arr[6], a.tenant->b, 16);
+				tly_pgarray_int8(arr[7], forgotten[k]);
 			}
 		}
 	}
-	for (int k = 0; k < 8; k++) {
-		fputc('}', x[k].f);
-		v[k] = text_close(t, &x[k]);
-	}
-	struct step *s;
-	if (n_forgotten &&
-	    (s = add_step(t, STEP_EXEC,
-			  "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
-			  "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
-			  2))) {
-		s->values[0] = v[6];
-		s->values[1] = v[7];
-	}
-	if (a.n &&
-	    (s = add_step(t, STEP_EXEC,
-			  "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
-			  "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
-			  "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
-			  "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
-			  6)))
-		memcpy(s->values, v, 6 * sizeof(*v));
+	if (n_forgotten)
+		add_array_step(t, "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
+				  "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
+			       arr + 6, 2);
+	if (a.n)
+		add_array_step(t, "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
+				  "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
+				  "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
+				  "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
+			       arr, 6);
+out:
+	for (int k = 0; k < 8; k++)
+		tly_pgarray_free(arr[k]);
 }
 
 /* One insert per quarantined record (raw key and value as binary parameters). */
