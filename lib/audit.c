@@ -433,6 +433,12 @@ int tly_audit_input(struct tly_audit *a, int32_t partition, int64_t offset, cons
 			     "input %d/%" PRId64 " is stored more than once (or out of offset order)",
 			     (int)partition, offset);
 		offsets_upto(a, partition, p, offset);
+		while (p->qi < p->n_quarantined && p->quarantined[p->qi] < offset)
+			p->qi++;
+		if (p->qi < p->n_quarantined && p->quarantined[p->qi] == offset)
+			fail(a, "offsets", tenant, 0, partition, offset,
+			     "input %d/%" PRId64 " is stored as applied and as quarantined", (int)partition,
+			     offset);
 		if (p->expect == offset)
 			p->expect = offset + 1;
 	}

@@ -9,7 +9,7 @@
 struct tly_pgarray {
 	unsigned char *data;
 	size_t len, cap;
-	size_t n;      /* elements since begin */
+	size_t n; /* elements since begin */
 	bool has_null;
 	bool oom;
 };
@@ -119,8 +119,7 @@ static uint32_t get32(const unsigned char *p)
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-int tly_pgarray_open(struct tly_pgarray_reader *r, const void *value, size_t len,
-		     uint32_t elemtype)
+int tly_pgarray_open(struct tly_pgarray_reader *r, const void *value, size_t len, uint32_t elemtype)
 {
 	const unsigned char *p = value;
 	if (len < 12 || get32(p + 8) != elemtype || get32(p + 4) > 1)

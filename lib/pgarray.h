@@ -19,12 +19,12 @@
 
 /* Element type oids (pg_type.h; fixed for built-in types). */
 #define TLY_PGARRAY_BYTEA 17u
-#define TLY_PGARRAY_INT8 20u
-#define TLY_PGARRAY_UUID 2950u
+#define TLY_PGARRAY_INT8  20u
+#define TLY_PGARRAY_UUID  2950u
 
 struct tly_pgarray;
 
-struct tly_pgarray *tly_pgarray_new(void); /* NULL on OOM */
+struct tly_pgarray *tly_pgarray_new(void);    /* NULL on OOM */
 void tly_pgarray_free(struct tly_pgarray *a); /* accepts NULL */
 
 /* Start a new array of elemtype elements (memory kept from the one before). */

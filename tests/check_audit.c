@@ -423,6 +423,12 @@ START_TEST(test_verifier_offsets)
 	ck_assert_msg(offsets, "the missing input %lld is not reported", (long long)gone);
 	ck_assert(has_failure(&fs, "reexec", &m.tenant,
 			      e[find_kind(e, m.out.n, TLY_KIND_DEBIT, 0)].u.ledger_entry.seq));
+	/* an applied input also quarantined: two outcomes for one offset */
+	int64_t both[] = {gone};
+	c = audit_with(&m, e, m.out.n, &fs, (int64_t)m.n, both, 1, -1);
+	ck_assert_int_eq(c.failures, 1);
+	ck_assert_str_eq(fs.f[0].check, "offsets");
+	ck_assert_int_eq(fs.f[0].offset, gone);
 	free(e);
 	mini_down(&m);
 }
