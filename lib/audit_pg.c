@@ -9,8 +9,8 @@
 
 #include "audit_proj.h"
 #include "copyout.h"
-#include "pgarray.h"
 #include "entries.h"
+#include "pgarray.h"
 
 #define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
