@@ -534,8 +534,12 @@ static json_t *audit_json(const struct env *e, int want_rc, const char *tenant)
 	return doc;
 }
 
-/* The audit fails and one of its failures is check at tenant and seq. */
-static void expect_named(const struct env *e, const char *tenant, long seq, const char *check)
+/*
+ * The audit fails and one of its failures is check with the two named fields (seq or offset:
+ * integers) equal to a and b (tenant: a string).
+ */
+static void expect_failure(const struct env *e, const char *check, const char *fa, const char *a,
+			   const char *fb, long b)
 {
 	json_t *doc = audit_json(e, 1, NULL);
 	ck_assert(json_is_false(json_object_get(doc, "ok")));
@@ -544,14 +548,22 @@ static void expect_named(const struct env *e, const char *tenant, long seq, cons
 	bool named = false;
 	json_array_foreach(json_object_get(doc, "failed"), i, f)
 	{
-		const char *t = json_string_value(json_object_get(f, "tenant"));
-		named |= t && strcmp(t, tenant) == 0 &&
-			 json_integer_value(json_object_get(f, "seq")) == seq &&
+		json_t *va = json_object_get(f, fa);
+		named |= va &&
+			 (json_is_string(va) ? strcmp(json_string_value(va), a) == 0
+					     : json_integer_value(va) == atol(a)) &&
+			 json_integer_value(json_object_get(f, fb)) == b &&
 			 strcmp(json_string_value(json_object_get(f, "check")), check) == 0;
 	}
-	ck_assert_msg(named, "no %s failure names tenant %s seq %ld: %s", check, tenant, seq,
+	ck_assert_msg(named, "no %s failure names %s %s %s %ld: %s", check, fa, a, fb, b,
 		      json_dumps(json_object_get(doc, "failed"), JSON_COMPACT));
 	json_decref(doc);
+}
+
+/* The audit fails and one of its failures is check at tenant and seq. */
+static void expect_named(const struct env *e, const char *tenant, long seq, const char *check)
+{
+	expect_failure(e, check, "tenant", tenant, "seq", seq);
 }
 
 static void expect_clean(const struct env *e)
@@ -721,19 +733,9 @@ static void statement_matches(const struct env *e, const char *tenant, long seq)
 /* The audit fails with an "offsets" failure at partition/offset. */
 static void expect_offsets(const struct env *e, long partition, long offset)
 {
-	json_t *doc = audit_json(e, 1, NULL);
-	json_t *f;
-	size_t i;
-	bool named = false;
-	json_array_foreach(json_object_get(doc, "failed"), i, f)
-	{
-		named |= strcmp(json_string_value(json_object_get(f, "check")), "offsets") == 0 &&
-			 json_integer_value(json_object_get(f, "partition")) == partition &&
-			 json_integer_value(json_object_get(f, "offset")) == offset;
-	}
-	ck_assert_msg(named, "no offsets failure names input %ld/%ld: %s", partition, offset,
-		      json_dumps(json_object_get(doc, "failed"), JSON_COMPACT));
-	json_decref(doc);
+	char p[24];
+	snprintf(p, sizeof(p), "%ld", partition);
+	expect_failure(e, "offsets", "partition", p, "offset", offset);
 }
 
 /*
