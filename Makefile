@@ -79,6 +79,7 @@ LIB_SRCS := \
 	lib/metrics.c \
 	lib/migrate.c \
 	lib/pg.c \
+	lib/pgarray.c \
 	lib/pgcopy.c \
 	lib/proc.c \
 	lib/producer.c \
@@ -137,6 +138,7 @@ TEST_SRCS := \
 	tests/check_decide.c \
 	tests/check_ledger_pace.c \
 	tests/check_proc.c \
+	tests/check_pgarray.c \
 	tests/decide_model.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \

@@ -13,6 +13,7 @@
 #include "arena.h"
 #include "entries.h"
 #include "log.h"
+#include "pgarray.h"
 #include "pgcopy.h"
 #include "wallet.h"
 
@@ -257,10 +258,13 @@ int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, 
 	snprintf(t, sizeof(t), "%" PRId64, to);
 	const char *const v[] = {p, f, t, ids};
 	PGresult *res = tly_pg_query_params(conn,
-					    "SELECT \"offset\", value FROM ledger_inputs "
-					    "WHERE partition = $1 AND \"offset\" >= $2 AND \"offset\" < $3 "
-					    "AND (tenant_id IS NULL OR tenant_id = ANY ($4::uuid[])) "
-					    "ORDER BY \"offset\"",
+					    "SELECT u.o, u.v FROM ledger_input_batches b CROSS JOIN "
+					    "LATERAL unnest(b.offsets, b.tenant_ids, b.record_values) "
+					    "AS u (o, t, v) WHERE b.partition = $1 AND b.first_offset < $3 "
+					    "AND b.first_offset >= coalesce((SELECT max(first_offset) FROM "
+					    "ledger_input_batches WHERE partition = $1 AND first_offset <= "
+					    "$2), 0) AND u.o >= $2 AND u.o < $3 "
+					    "AND (u.t IS NULL OR u.t = ANY ($4::uuid[])) ORDER BY u.o",
 					    4, v, NULL, NULL, 1, err);
 	free(ids);
 	if (!res)
@@ -268,7 +272,7 @@ int tly_ledger_store_load_inputs(PGconn *conn, int32_t partition, int64_t from, 
 	int rc = 0;
 	for (int r = 0; r < PQntuples(res) && rc == 0; r++) {
 		if (PQgetlength(res, r, 0) != 8) {
-			set_err(err, TLY_ERRCLASS_FATAL, "ledger_inputs returned a malformed offset");
+			set_err(err, TLY_ERRCLASS_FATAL, "ledger_input_batches returned a malformed offset");
 			rc = TLY_E_PG;
 			break;
 		}
@@ -576,27 +580,59 @@ out:
 	tly_arena_free(scratch);
 }
 
-/* The applied input records of every commit of the group as more binary COPY payloads. */
+/*
+ * The applied input records of the group, packed (migration 0010): one ledger_input_batches row
+ * per commit (partition) that applied any, its records as three arrays in offset order, so a
+ * record costs no heap row and no index tuple of its own.
+ */
 static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	static const char sql[] = "COPY ledger_inputs (partition, \"offset\", tenant_id, value) "
-				  "FROM STDIN (FORMAT binary)";
-	for (size_t i = 0; i < n; i++) {
-		for (size_t r = 0; r < c[i].n_inputs; r++) {
-			const struct tly_ledger_input *in = &c[i].inputs[r];
-			struct tly_pgcopy *copy = copy_for_row(t, sql);
-			if (!copy)
-				return;
-			tly_pgcopy_row(copy, 4);
-			tly_pgcopy_int4(copy, c[i].partition);
-			tly_pgcopy_int8(copy, in->offset);
-			if (in->tenant_id)
-				tly_pgcopy_uuid(copy, in->tenant_id);
-			else
-				tly_pgcopy_null(copy);
-			tly_pgcopy_bytea(copy, in->value, in->valuelen);
-		}
+	static const char sql[] = "COPY ledger_input_batches (partition, first_offset, last_offset, "
+				  "offsets, tenant_ids, record_values) FROM STDIN (FORMAT binary)";
+	struct tly_pgarray *arr = tly_pgarray_new();
+	if (!arr) {
+		t->oom = true;
+		return;
 	}
+	for (size_t i = 0; i < n && !t->oom; i++) {
+		const struct tly_ledger_input *in = c[i].inputs;
+		size_t k = c[i].n_inputs, len;
+		if (k == 0)
+			continue;
+		struct tly_pgcopy *copy = copy_for_row(t, sql);
+		if (!copy)
+			break;
+		tly_pgcopy_row(copy, 6);
+		tly_pgcopy_int4(copy, c[i].partition);
+		tly_pgcopy_int8(copy, in[0].offset);
+		tly_pgcopy_int8(copy, in[k - 1].offset);
+		/* each array is one binary COPY field: its length, then array_recv's form */
+		tly_pgarray_begin(arr, TLY_PGARRAY_INT8);
+		for (size_t r = 0; r < k; r++)
+			tly_pgarray_int8(arr, in[r].offset);
+		const void *v = tly_pgarray_value(arr, &len);
+		if (v)
+			tly_pgcopy_bytea(copy, v, len);
+		tly_pgarray_begin(arr, TLY_PGARRAY_UUID);
+		for (size_t r = 0; r < k; r++) {
+			if (in[r].tenant_id)
+				tly_pgarray_add(arr, in[r].tenant_id->b, 16);
+			else
+				tly_pgarray_null(arr);
+		}
+		const void *u = v ? tly_pgarray_value(arr, &len) : NULL;
+		if (u)
+			tly_pgcopy_bytea(copy, u, len);
+		tly_pgarray_begin(arr, TLY_PGARRAY_BYTEA);
+		for (size_t r = 0; r < k; r++)
+			tly_pgarray_add(arr, in[r].value, in[r].valuelen);
+		const void *b = u ? tly_pgarray_value(arr, &len) : NULL;
+		if (b)
+			tly_pgcopy_bytea(copy, b, len);
+		else
+			t->oom = true;
+	}
+	tly_pgarray_free(arr);
 }
 
 #define WALLETS_PER_STATEMENT 200
@@ -665,88 +701,103 @@ static void build_wallets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 		build_wallet_rows(t, w, part, as_of, k);
 }
 
-/* Text arrays of hold rows for one unnest() statement. */
+/* The columns of the hold rows of one unnest() statement, as binary arrays (lib/pgarray). */
 struct hold_arrays {
-	FILE *tenant, *order, *id, *tokens, *expires, *ended;
-	const char *tenant_text;
+	struct tly_pgarray *col[6]; /* tenant, order, reservation, tokens, expires, ended */
+	const tly_uuid *tenant;
 	size_t n;
 };
 
 static int add_hold_row(const struct tly_hold_row *row, void *ud)
 {
 	struct hold_arrays *a = ud;
-	char id[37];
-	const char *sep = a->n++ ? "," : "{";
-	tly_uuid_format(&row->id, id);
-	fprintf(a->tenant, "%s%s", sep, a->tenant_text);
-	fprintf(a->order, "%s%" PRId64, sep, row->order);
-	fprintf(a->id, "%s%s", sep, id);
-	fprintf(a->tokens, "%s%" PRId64, sep, row->tokens);
-	fprintf(a->expires, "%s%" PRId64, sep, row->expires_at);
+	tly_pgarray_add(a->col[0], a->tenant->b, 16);
+	tly_pgarray_int8(a->col[1], row->order);
+	tly_pgarray_add(a->col[2], row->id.b, 16);
+	tly_pgarray_int8(a->col[3], row->tokens);
+	tly_pgarray_int8(a->col[4], row->expires_at);
 	if (row->ended_at < 0)
-		fprintf(a->ended, "%sNULL", sep);
+		tly_pgarray_null(a->col[5]);
 	else
-		fprintf(a->ended, "%s%" PRId64, sep, row->ended_at);
+		tly_pgarray_int8(a->col[5], row->ended_at);
+	a->n++;
 	return 0;
+}
+
+/* A statement of n binary array parameters arr[0..n-1], copied into the transaction's arena. */
+static void add_array_step(struct tly_ledger_txn *t, const char *sql, struct tly_pgarray *const *arr,
+			   int n)
+{
+	static const int binary[6] = {1, 1, 1, 1, 1, 1};
+	struct step *s = add_step(t, STEP_EXEC, sql, n);
+	int *len = tly_arena_alloc(t->arena, (size_t)n * sizeof(*len));
+	if (!s || !len) {
+		t->oom = true;
+		return;
+	}
+	for (int k = 0; k < n; k++) {
+		size_t l;
+		const void *v = tly_pgarray_value(arr[k], &l);
+		char *copy = v ? tly_arena_alloc(t->arena, l) : NULL;
+		if (!copy) {
+			t->oom = true;
+			return;
+		}
+		memcpy(copy, v, l);
+		s->values[k] = copy;
+		len[k] = (int)l;
+	}
+	s->lengths = len;
+	s->formats = binary;
 }
 
 /*
  * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
  * deleted: two statements whatever the group's size, and nothing for holds that did not change.
+ * Their arrays go as binary parameters: no text to format here or to parse in the server.
  */
 static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	struct text x[8];
-	const char *v[8];
-	int opened = 0;
-	for (; opened < 8; opened++)
-		if (!text_open(&x[opened]))
-			break;
-	if (opened < 8) {
-		t->oom = true;
-		for (int k = 0; k < opened; k++)
-			(void)text_close(t, &x[k]);
-		return;
-	}
-	struct hold_arrays a = {x[0].f, x[1].f, x[2].f, x[3].f, x[4].f, x[5].f, NULL, 0};
+	static const uint32_t types[8] = {TLY_PGARRAY_UUID, TLY_PGARRAY_INT8, TLY_PGARRAY_UUID,
+					  TLY_PGARRAY_INT8, TLY_PGARRAY_INT8, TLY_PGARRAY_INT8,
+					  TLY_PGARRAY_UUID, TLY_PGARRAY_INT8};
+	struct tly_pgarray *arr[8] = {NULL};
+	struct hold_arrays a = {.n = 0};
 	size_t n_forgotten = 0;
+	for (int k = 0; k < 8; k++) {
+		if (!(arr[k] = tly_pgarray_new())) {
+			t->oom = true;
+			goto out;
+		}
+		tly_pgarray_begin(arr[k], types[k]);
+	}
+	memcpy(a.col, arr, sizeof(a.col));
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {
 			const struct tly_wallet *w = c[i].wallets[j];
-			char tenant[37];
 			size_t nf;
 			const int64_t *forgotten = tly_wallet_forgotten(w, &nf);
-			tly_uuid_format(tly_wallet_tenant(w), tenant);
-			a.tenant_text = tenant;
+			a.tenant = tly_wallet_tenant(w);
 			(void)tly_wallet_changed_holds(w, add_hold_row, &a);
 			for (size_t k = 0; k < nf; k++, n_forgotten++) {
-				const char *sep = n_forgotten ? "," : "{";
-				fprintf(x[6].f, "%s%s", sep, tenant);
-				fprintf(x[7].f, "%s%" PRId64, sep, forgotten[k]);
+				tly_pgarray_add(arr[6], a.tenant->b, 16);
+				tly_pgarray_int8(arr[7], forgotten[k]);
 			}
 		}
 	}
-	for (int k = 0; k < 8; k++) {
-		fputc('}', x[k].f);
-		v[k] = text_close(t, &x[k]);
-	}
-	struct step *s;
-	if (n_forgotten &&
-	    (s = add_step(t, STEP_EXEC,
-			  "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
-			  "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
-			  2))) {
-		s->values[0] = v[6];
-		s->values[1] = v[7];
-	}
-	if (a.n &&
-	    (s = add_step(t, STEP_EXEC,
-			  "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
-			  "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
-			  "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
-			  "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
-			  6)))
-		memcpy(s->values, v, 6 * sizeof(*v));
+	if (n_forgotten)
+		add_array_step(t, "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
+				  "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
+			       arr + 6, 2);
+	if (a.n)
+		add_array_step(t, "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
+				  "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
+				  "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
+				  "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
+			       arr, 6);
+out:
+	for (int k = 0; k < 8; k++)
+		tly_pgarray_free(arr[k]);
 }
 
 /* One insert per quarantined record (raw key and value as binary parameters). */

@@ -10,6 +10,7 @@
 #include "audit_proj.h"
 #include "copyout.h"
 #include "entries.h"
+#include "pgarray.h"
 
 #define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
@@ -49,9 +50,13 @@ struct run {
 	struct tly_audit *a;
 	struct tly_pg_error err;
 	int progress_rows;
-	struct tly_copyout *inputs;
-	const char *const *in_values; /* the next input row, when in_have */
-	const int *in_lengths;
+	struct tly_copyout *inputs;   /* ledger_input_batches rows: a partition's records packed */
+	int32_t in_partition;         /* of the batch row being read, whose arrays these read */
+	struct tly_pgarray_reader in_offsets, in_tenants, in_values;
+	int64_t in_offset;            /* the next input record, when in_have (borrowed from the row) */
+	const char *in_tenant;        /* 16 bytes, NULL for a ClockTick */
+	const char *in_value;
+	int in_len;
 	bool in_have, in_done;
 	struct tly_event *group;      /* the stored entries of one cause, read so far */
 	size_t n_group, cap_group;    /* slots keep their arenas from one cause to the next */
@@ -70,24 +75,61 @@ static int stream_fault(struct run *r, int rc, const char *what)
 	return rc;
 }
 
-/* The next input row, read when needed: 1 with r->in_values on it, 0 at the end, or an error. */
+/* A batch row's arrays opened: 0, or TLY_E_CORRUPT unless they are three of equal length. */
+static int open_batch(struct run *r, const char *const *values, const int *lengths, int n)
+{
+	if (n != 4 || lengths[0] != 4 || lengths[1] < 0 || lengths[2] < 0 || lengths[3] < 0)
+		return TLY_E_CORRUPT;
+	r->in_partition = tly_copyout_int4(values[0]);
+	int k = tly_pgarray_open(&r->in_offsets, values[1], (size_t)lengths[1], TLY_PGARRAY_INT8);
+	if (k < 0 || tly_pgarray_open(&r->in_tenants, values[2], (size_t)lengths[2],
+				      TLY_PGARRAY_UUID) != k ||
+	    tly_pgarray_open(&r->in_values, values[3], (size_t)lengths[3], TLY_PGARRAY_BYTEA) != k)
+		return TLY_E_CORRUPT;
+	return 0;
+}
+
+/*
+ * The next input record, read when needed: 1 with r->in_* on it, 0 at the end, or an error. A
+ * batch row's records are taken in array order (offset order); with --tenant, only the tenant's
+ * records and the ClockTicks.
+ */
 static int input_row(struct run *r)
 {
+	const tly_uuid *only = r->sh->opts->tenant ? &r->sh->tenant : NULL;
 	if (r->in_have)
 		return 1;
-	if (r->in_done)
-		return 0;
-	int n;
-	int rc = tly_copyout_next(r->inputs, &r->in_values, &r->in_lengths, &n, &r->err);
-	if (rc == 0)
-		r->in_done = true;
-	if (rc == 1 && (n != 4 || r->in_lengths[0] != 4 || r->in_lengths[1] != 8 ||
-			(r->in_lengths[2] != 16 && r->in_lengths[2] != -1) || r->in_lengths[3] < 0))
-		rc = TLY_E_CORRUPT;
-	if (rc < 0)
-		return stream_fault(r, rc, "ledger inputs");
-	r->in_have = rc == 1;
-	return rc;
+	for (;;) {
+		const char *o, *t, *v;
+		int ol, tl, vl;
+		int a = tly_pgarray_next(&r->in_offsets, &o, &ol);
+		int b = tly_pgarray_next(&r->in_tenants, &t, &tl);
+		int c = tly_pgarray_next(&r->in_values, &v, &vl);
+		if (a == 1 && b == 1 && c == 1 && ol == 8 && (tl == 16 || tl == -1) && vl >= 0) {
+			if (only && t && memcmp(t, only->b, 16) != 0)
+				continue;
+			r->in_offset = tly_copyout_int8(o);
+			r->in_tenant = t;
+			r->in_value = v;
+			r->in_len = vl;
+			r->in_have = true;
+			return 1;
+		}
+		if (a != 0 || b != 0 || c != 0)
+			return stream_fault(r, TLY_E_CORRUPT, "ledger inputs");
+		if (r->in_done)
+			return 0;
+		const char *const *values;
+		const int *lengths;
+		int n;
+		int rc = tly_copyout_next(r->inputs, &values, &lengths, &n, &r->err);
+		if (rc == 1)
+			rc = open_batch(r, values, lengths, n);
+		else if (rc == 0)
+			r->in_done = true;
+		if (rc < 0)
+			return stream_fault(r, rc, "ledger inputs");
+	}
 }
 
 /* Feed the task's inputs up to (partition, offset) inclusive; all of them with all. */
@@ -95,17 +137,16 @@ static int feed_inputs(struct run *r, int32_t partition, int64_t offset, bool al
 {
 	int have;
 	while ((have = input_row(r)) == 1) {
-		int32_t p = tly_copyout_int4(r->in_values[0]);
-		int64_t o = tly_copyout_int8(r->in_values[1]);
+		int32_t p = r->in_partition;
+		int64_t o = r->in_offset;
 		if (!all && (p > partition || (p == partition && o > offset)))
 			return 0;
 		tly_uuid tenant;
-		bool tick = r->in_lengths[2] < 0;
-		if (!tick)
-			memcpy(tenant.b, r->in_values[2], 16);
-		r->in_have = false; /* the row stays valid until the next read */
-		int rc = tly_audit_input(r->a, p, o, tick ? NULL : &tenant, r->in_values[3],
-					 (size_t)r->in_lengths[3]);
+		if (r->in_tenant)
+			memcpy(tenant.b, r->in_tenant, 16);
+		r->in_have = false; /* the record stays valid until the next batch row is read */
+		int rc = tly_audit_input(r->a, p, o, r->in_tenant ? &tenant : NULL, r->in_value,
+					 (size_t)r->in_len);
 		if (rc != 0)
 			return rc;
 	}
@@ -166,14 +207,11 @@ static int bounds(struct run *r, const char *lo, const char *hi, const char *ten
 #define TENANT "current_setting('tally.audit_tenant')::uuid"
 static int start_streams(struct run *r, bool one, struct tly_copyout **entries)
 {
+	/* with one tenant: its partition's batches; input_row picks its records and the ticks */
 	r->inputs = tly_copyout_start(r->conn,
-				      one ? "COPY (SELECT partition, \"offset\", tenant_id, value FROM "
-					    "ledger_inputs WHERE partition >= " LO " AND partition < " HI
-					    " AND (tenant_id = " TENANT " OR tenant_id IS NULL) "
-					    "ORDER BY partition, \"offset\") TO STDOUT (FORMAT binary)"
-					  : "COPY (SELECT partition, \"offset\", tenant_id, value FROM "
-					    "ledger_inputs WHERE partition >= " LO " AND partition < " HI
-					    " ORDER BY partition, \"offset\") TO STDOUT (FORMAT binary)",
+				      "COPY (SELECT partition, offsets, tenant_ids, record_values FROM "
+				      "ledger_input_batches WHERE partition >= " LO " AND partition < " HI
+				      " ORDER BY partition, first_offset) TO STDOUT (FORMAT binary)",
 				      &r->err);
 	if (!r->inputs)
 		return TLY_E_PG;
@@ -277,6 +315,8 @@ static int audit_task(struct run *r, int32_t lo, int32_t hi)
 		rc = announce(r, p, ptext);
 	}
 	r->in_have = r->in_done = false;
+	memset(&r->in_offsets, 0, sizeof(r->in_offsets)); /* no batch row open */
+	r->in_tenants = r->in_values = r->in_offsets;
 	r->n_group = 0;
 	if (rc == 0)
 		rc = bounds(r, lot, hit, one ? tenant : NULL);
@@ -432,7 +472,8 @@ static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
 		res = tly_pg_query(conn,
 				   "SELECT pg_export_snapshot(), coalesce((SELECT cause_partition "
 				   "FROM ledger_entries WHERE tenant_id = $1 ORDER BY seq LIMIT 1), "
-				   "(SELECT partition FROM ledger_inputs WHERE tenant_id = $1 LIMIT 1), 0), 1",
+				   "(SELECT partition FROM ledger_input_batches WHERE $1 = ANY (tenant_ids) "
+				   "LIMIT 1), 0), 1",
 				   1, v, err);
 	} else {
 		/* partitions 0 .. n-1 with their weight (stored next offset, at least 1) */
@@ -440,7 +481,7 @@ static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
 		res = tly_pg_query(conn,
 				   "WITH n AS (SELECT coalesce(greatest("
 				   "(SELECT partition_count FROM topic_partitions WHERE topic = $1), "
-				   "(SELECT max(partition) + 1 FROM ledger_inputs), "
+				   "(SELECT max(partition) + 1 FROM ledger_input_batches), "
 				   "(SELECT max(cause_partition) + 1 FROM ledger_entries), "
 				   "(SELECT max(partition) + 1 FROM consumer_offsets WHERE consumer = "
 				   "'tally-ledger' AND topic = $1)), 0) AS n) "

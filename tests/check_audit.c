@@ -423,6 +423,12 @@ START_TEST(test_verifier_offsets)
 	ck_assert_msg(offsets, "the missing input %lld is not reported", (long long)gone);
 	ck_assert(has_failure(&fs, "reexec", &m.tenant,
 			      e[find_kind(e, m.out.n, TLY_KIND_DEBIT, 0)].u.ledger_entry.seq));
+	/* an applied input also quarantined: two outcomes for one offset */
+	int64_t both[] = {gone};
+	c = audit_with(&m, e, m.out.n, &fs, (int64_t)m.n, both, 1, -1);
+	ck_assert_int_eq(c.failures, 1);
+	ck_assert_str_eq(fs.f[0].check, "offsets");
+	ck_assert_int_eq(fs.f[0].offset, gone);
 	free(e);
 	mini_down(&m);
 }
@@ -528,8 +534,12 @@ static json_t *audit_json(const struct env *e, int want_rc, const char *tenant)
 	return doc;
 }
 
-/* The audit fails and one of its failures is check at tenant and seq. */
-static void expect_named(const struct env *e, const char *tenant, long seq, const char *check)
+/*
+ * The audit fails and one of its failures is check with the two named fields (seq or offset:
+ * integers) equal to a and b (tenant: a string).
+ */
+static void expect_failure(const struct env *e, const char *check, const char *fa, const char *a,
+			   const char *fb, long b)
 {
 	json_t *doc = audit_json(e, 1, NULL);
 	ck_assert(json_is_false(json_object_get(doc, "ok")));
@@ -538,14 +548,22 @@ static void expect_named(const struct env *e, const char *tenant, long seq, cons
 	bool named = false;
 	json_array_foreach(json_object_get(doc, "failed"), i, f)
 	{
-		const char *t = json_string_value(json_object_get(f, "tenant"));
-		named |= t && strcmp(t, tenant) == 0 &&
-			 json_integer_value(json_object_get(f, "seq")) == seq &&
+		json_t *va = json_object_get(f, fa);
+		named |= va &&
+			 (json_is_string(va) ? strcmp(json_string_value(va), a) == 0
+					     : json_integer_value(va) == atol(a)) &&
+			 json_integer_value(json_object_get(f, fb)) == b &&
 			 strcmp(json_string_value(json_object_get(f, "check")), check) == 0;
 	}
-	ck_assert_msg(named, "no %s failure names tenant %s seq %ld: %s", check, tenant, seq,
+	ck_assert_msg(named, "no %s failure names %s %s %s %ld: %s", check, fa, a, fb, b,
 		      json_dumps(json_object_get(doc, "failed"), JSON_COMPACT));
 	json_decref(doc);
+}
+
+/* The audit fails and one of its failures is check at tenant and seq. */
+static void expect_named(const struct env *e, const char *tenant, long seq, const char *check)
+{
+	expect_failure(e, check, "tenant", tenant, "seq", seq);
 }
 
 static void expect_clean(const struct env *e)
@@ -712,6 +730,55 @@ static void statement_matches(const struct env *e, const char *tenant, long seq)
 	ck_assert_int_eq(invoice_amount, amount);
 }
 
+/* The audit fails with an "offsets" failure at partition/offset. */
+static void expect_offsets(const struct env *e, long partition, long offset)
+{
+	char p[24];
+	snprintf(p, sizeof(p), "%ld", partition);
+	expect_failure(e, "offsets", "partition", p, "offset", offset);
+}
+
+/*
+ * Applied inputs tampered in their packed rows (migration 0010): one record taken out of the
+ * middle of a batch, then one stored twice (a batch of its own after the one holding it). Each
+ * is an offsets failure at that record; putting the batch back makes the audit clean again.
+ */
+static void tamper_inputs(const struct env *e)
+{
+	struct tly_pg_error err;
+	PGresult *res = tly_pg_query(e->db.conn,
+				     "SELECT partition, first_offset, offsets[2] FROM ledger_input_batches "
+				     "WHERE cardinality(offsets) >= 3 ORDER BY partition, first_offset "
+				     "LIMIT 1", 0, NULL, &err);
+	ck_assert_msg(res && PQntuples(res) == 1, "no batch of 3 inputs");
+	long partition = atol(PQgetvalue(res, 0, 0)), offset = atol(PQgetvalue(res, 0, 2));
+	const char *v[] = {PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 2)};
+	static const char where[] = " WHERE partition = $1::integer AND first_offset = $2::bigint";
+	char q[512];
+	snprintf(q, sizeof(q), "CREATE TABLE tamper_saved AS SELECT * FROM ledger_input_batches%s", where);
+	ck_assert(tly_pg_exec(e->db.conn, q, 2, v, &err) == 0);
+	snprintf(q, sizeof(q), "UPDATE ledger_input_batches SET offsets = offsets[:1] || offsets[3:], "
+		 "tenant_ids = tenant_ids[:1] || tenant_ids[3:], record_values = record_values[:1] || "
+		 "record_values[3:]%s", where);
+	ck_assert_msg(tly_pg_exec(e->db.conn, q, 2, v, &err) == 0, "%s", err.message);
+	expect_offsets(e, partition, offset);
+	snprintf(q, sizeof(q), "DELETE FROM ledger_input_batches%s", where);
+	ck_assert(tly_pg_exec(e->db.conn, q, 2, v, &err) == 0);
+	sql(e->db.conn, "INSERT INTO ledger_input_batches SELECT * FROM tamper_saved");
+	expect_clean(e);
+	/* the record at offsets[2] once more, as a batch of its own */
+	ck_assert_msg(tly_pg_exec(e->db.conn, "INSERT INTO ledger_input_batches SELECT partition, "
+				  "$1::bigint, $1::bigint, offsets[2:2], tenant_ids[2:2], record_values[2:2] "
+				  "FROM tamper_saved", 1, &v[2], &err) == 0, "%s", err.message);
+	expect_offsets(e, partition, offset);
+	const char *twice[] = {v[0], v[2]};
+	snprintf(q, sizeof(q), "DELETE FROM ledger_input_batches%s", where);
+	ck_assert(tly_pg_exec(e->db.conn, q, 2, twice, &err) == 0);
+	sql(e->db.conn, "DROP TABLE tamper_saved");
+	PQclear(res);
+	expect_clean(e);
+}
+
 /* Swap two entries' seq (through a free seq: the primary key is checked row by row). */
 static void swap_seqs(const struct env *e, const char *tenant, int a, int b)
 {
@@ -839,6 +906,8 @@ START_TEST(test_loadgen_kill9_then_tampers)
 	exec_params(e.db.conn, "UPDATE subscription_invoices SET amount_cents = amount_cents - 100 "
 			       "WHERE tenant_id = $1", it);
 	expect_clean(&e);
+
+	tamper_inputs(&e);
 
 	/* balance and statement read the same ledger */
 	const char *bal[] = {"balance", t, "--at", "10", "--json", NULL};

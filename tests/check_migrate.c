@@ -332,25 +332,57 @@ END_TEST
 	"'2025-01-01 00:00:00+00', decode(repeat('00', 32), 'hex'), "                               \
 	"decode(repeat('ab', $6::int), 'hex'), decode(repeat('cd', 32), 'hex'))"
 
-/* 0008 marks the first entry of each input record of entries stored before it, and indexes those. */
-START_TEST(test_cause_first_backfill)
+/* A fresh database whose schema is as it was before one migration, then brought to it. */
+struct before {
+	PGconn *conn;
+	char *dir;                    /* a copy of the embedded set without m and every later one */
+	const struct tly_embedded *m; /* the migration set aside */
+};
+
+/* The schema as it was before migration prefix ("0008_"): the ones before it applied. */
+static void schema_before(struct before *b, const char *prefix)
 {
 	char errstr[512];
 	int applied = -1;
-	PGconn *conn = connect_fresh();
-	char *dir = make_dir_set();
-	/* the schema as it was at 0007: 0008 and every later migration set aside */
-	const struct tly_embedded *m8 = NULL;
+	b->conn = connect_fresh();
+	b->dir = make_dir_set();
+	b->m = NULL;
 	for (const struct tly_embedded *e = tly_embedded_migrations; e->name; e++) {
-		if (strncmp(e->name, "0008_", 5) == 0)
-			m8 = e;
-		if (strcmp(e->name, "0008_") >= 0)
-			remove_file(dir, e->name);
+		if (strncmp(e->name, prefix, strlen(prefix)) == 0)
+			b->m = e;
+		if (strcmp(e->name, prefix) >= 0)
+			remove_file(b->dir, e->name);
 	}
-	ck_assert_ptr_nonnull(m8);
-	struct tly_migrate_set *set = load_dir(dir);
-	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_ptr_nonnull(b->m);
+	struct tly_migrate_set *set = load_dir(b->dir);
+	ck_assert_msg(up(b->conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	tly_migrate_free(set);
+}
+
+/* The migration set aside applied (it alone) over the rows stored meanwhile. */
+static void apply_set_aside(struct before *b)
+{
+	char errstr[512];
+	int applied = -1;
+	write_file(b->dir, b->m->name, b->m->data, b->m->len);
+	struct tly_migrate_set *set = load_dir(b->dir);
+	ck_assert_msg(up(b->conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
+	ck_assert_int_eq(applied, 1);
+	tly_migrate_free(set);
+}
+
+static void before_down(struct before *b)
+{
+	remove_dir(b->dir);
+	PQfinish(b->conn);
+}
+
+/* 0008 marks the first entry of each input record of entries stored before it, and indexes those. */
+START_TEST(test_cause_first_backfill)
+{
+	struct before b;
+	schema_before(&b, "0008_");
+	PGconn *conn = b.conn;
 	const char *const tenants[] = {TENANT_ID, "33333333-3333-4333-8333-333333333333"};
 	struct tly_pg_error err;
 	/* tenant 1: two entries of the input at offset 7, one of offset 8; tenant 2: one of offset 7 */
@@ -365,11 +397,7 @@ START_TEST(test_cause_first_backfill)
 				  "FROM (VALUES ($1, 1, 7), ($1, 2, 7), ($1, 3, 8), ($2, 1, 7)) v (t, s, o)",
 				  2, tenants, &err) == 0,
 		      "%s", err.message);
-	write_file(dir, m8->name, m8->data, m8->len);
-	set = load_dir(dir);
-	ck_assert_msg(up(conn, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
-	ck_assert_int_eq(applied, 1);
-	tly_migrate_free(set);
+	apply_set_aside(&b);
 	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0, NULL), 3);
 	ck_assert_int_eq(query_long(conn,
 				    "SELECT count(*) FROM ledger_entries WHERE cause_first AND "
@@ -381,8 +409,41 @@ START_TEST(test_cause_first_backfill)
 				    "AND indexdef LIKE '%(tenant_id, cause_event_id) WHERE cause_first'",
 				    0, NULL),
 			 1);
-	remove_dir(dir);
-	PQfinish(conn);
+	before_down(&b);
+}
+END_TEST
+
+/*
+ * 0010 packs the applied inputs stored before it into batches (ranges of 1,000 offsets of a
+ * partition), and the view ledger_inputs gives back every record as it was.
+ */
+START_TEST(test_inputs_packed)
+{
+	struct before b;
+	schema_before(&b, "0010_");
+	PGconn *conn = b.conn;
+	struct tly_pg_error err;
+	static const char rows[] = "SELECT p, o, CASE WHEN o % 7 = 0 THEN NULL ELSE "
+				   "md5(o::text)::uuid END, decode(md5(p || '/' || o), 'hex') "
+				   "FROM generate_series(0, 2) p, generate_series(0, 2500) o "
+				   "WHERE o % 11 <> 3";
+	char sql[512];
+	snprintf(sql, sizeof(sql), "INSERT INTO ledger_inputs (partition, \"offset\", tenant_id, value) %s", rows);
+	ck_assert_msg(tly_pg_exec(conn, sql, 0, NULL, &err) == 0, "%s", err.message);
+	apply_set_aside(&b);
+	/* three partitions of offsets 0..2500: 3 ranges of 1,000 each */
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 9);
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_input_batches WHERE "
+				    "first_offset <> offsets[1] OR last_offset <> offsets[cardinality(offsets)]",
+				    0, NULL), 0);
+	snprintf(sql, sizeof(sql), "SELECT count(*) FROM ((%s) EXCEPT ALL SELECT * FROM ledger_inputs) d",
+		 rows);
+	ck_assert_int_eq(query_long(conn, sql, 0, NULL), 0);
+	ck_assert_int_eq(query_long(conn, "SELECT count(*) FROM ledger_inputs", 0, NULL), 3 * 2273);
+	/* a batch whose arrays disagree is refused */
+	expect_state(conn, "23514", "INSERT INTO ledger_input_batches VALUES (5, 1, 2, '{1,2}', "
+		     "'{NULL}', ARRAY['\\x00', '\\x01']::bytea[])", 0, NULL);
+	before_down(&b);
 }
 END_TEST
 
@@ -939,6 +1000,7 @@ Suite *migrate_suite(void)
 	tcase_add_test(tc, test_schema_catalog);
 	tcase_add_test(tc, test_schema_rejects_bad_rows);
 	tcase_add_test(tc, test_cause_first_backfill);
+	tcase_add_test(tc, test_inputs_packed);
 	tcase_add_test(tc, test_seeds);
 	tcase_add_test(tc, test_changed_and_missing_file_refused);
 	tcase_add_test(tc, test_out_of_order_refused);

@@ -17,7 +17,7 @@
 /* The system of record; every other table of the schema is a projection. */
 static const char *const ledger_tables[] = {"ledger_entries",   "consumer_offsets", "topic_partitions",
 					    "quarantine",       "ledger_wallets",   "ledger_published",
-					    "ledger_holds",     "ledger_inputs",    "schema_migrations"};
+					    "ledger_holds",     "ledger_input_batches", "schema_migrations"};
 
 /* Login roles for the tests, one member of each service role (cluster-wide, created once). */
 static const char create_logins_sql[] =
@@ -389,7 +389,8 @@ START_TEST(test_analyst_sees_one_tenant)
 		"SELECT count(*) FROM ledger_entries", "SELECT count(*) FROM quarantine",
 		"SELECT count(*) FROM consumer_offsets", "SELECT count(*) FROM ledger_wallets",
 		"SELECT count(*) FROM ledger_published", "SELECT count(*) FROM topic_partitions",
-		"SELECT count(*) FROM ledger_holds"};
+		"SELECT count(*) FROM ledger_holds", "SELECT count(*) FROM ledger_input_batches",
+		"SELECT count(*) FROM ledger_inputs"};
 	for (size_t i = 0; i < sizeof(hidden) / sizeof(hidden[0]); i++)
 		expect_state(e.analyst, "analyst", DENIED, hidden[i], 0, NULL);
 	env_down(&e);
@@ -453,11 +454,15 @@ START_TEST(test_projector)
 		const struct table *t = &e.tables[i];
 		if (strcmp(t->name, "ledger_entries") == 0 || strcmp(t->name, "ledger_wallets") == 0 ||
 		    strcmp(t->name, "quarantine") == 0 || strcmp(t->name, "ledger_published") == 0 ||
-		    strcmp(t->name, "ledger_holds") == 0 || strcmp(t->name, "ledger_inputs") == 0 ||
+		    strcmp(t->name, "ledger_holds") == 0 || strcmp(t->name, "ledger_input_batches") == 0 ||
 		    strcmp(t->name, "topic_partitions") == 0 || strcmp(t->name, "schema_migrations") == 0)
 			expect_no_write(e.projector, "projector", t);
 	}
 	expect_state(e.projector, "projector", DENIED, "SELECT count(*) FROM quarantine", 0, NULL);
+	/* The applied inputs (migration 0010: packed, and the per-record view over them). */
+	expect_state(e.projector, "projector", DENIED, "SELECT count(*) FROM ledger_input_batches",
+		     0, NULL);
+	expect_state(e.projector, "projector", DENIED, "SELECT count(*) FROM ledger_inputs", 0, NULL);
 	/* Its own offsets, not the ledger's. */
 	expect_state(e.projector, "projector", NULL,
 		     "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
@@ -530,6 +535,17 @@ START_TEST(test_ledger)
 	expect_state(e.ledger, "ledger", DENIED,
 		     "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
 		     "VALUES ('tally-projector', 'tally.events', 0, 5)", 0, NULL);
+	/* Applied inputs: appended packed, read back through the view; never changed. */
+	expect_state(e.ledger, "ledger", NULL,
+		     "INSERT INTO ledger_input_batches (partition, first_offset, last_offset, offsets, "
+		     "tenant_ids, record_values) VALUES (0, 3, 4, '{3,4}', ARRAY[$1::uuid, NULL], "
+		     "ARRAY['\\x00', '\\x01']::bytea[])", 1, (const char *const[]){TENANT_A});
+	ck_assert_int_eq(query_long(e.ledger, "ledger",
+				    "SELECT count(*) FROM ledger_inputs WHERE tenant_id IS NULL "
+				    "AND \"offset\" = 4 AND value = '\\x01'", 0, NULL), 1);
+	expect_state(e.ledger, "ledger", DENIED, "UPDATE ledger_input_batches SET last_offset = 3",
+		     0, NULL);
+	expect_state(e.ledger, "ledger", DENIED, "DELETE FROM ledger_input_batches", 0, NULL);
 	env_down(&e);
 }
 END_TEST
@@ -547,6 +563,14 @@ START_TEST(test_auditor)
 				 query_long(e.db.conn, "superuser", sql, 0, NULL));
 		expect_no_write(e.auditor, "auditor", t);
 	}
+	/* The applied inputs record by record, through the view of migration 0010. */
+	expect_state(e.db.conn, "superuser", NULL,
+		     "INSERT INTO ledger_input_batches (partition, first_offset, last_offset, offsets, "
+		     "tenant_ids, record_values) VALUES (1, 0, 2, '{0,2}', '{NULL,NULL}', "
+		     "ARRAY['\\x00', '\\x01']::bytea[])",
+		     0, NULL);
+	ck_assert_int_eq(query_long(e.auditor, "auditor", "SELECT sum(\"offset\") FROM ledger_inputs",
+				    0, NULL), 2);
 	env_down(&e);
 }
 END_TEST

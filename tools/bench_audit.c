@@ -2,8 +2,8 @@
  * tally-bench-audit (make bench): the audit's speed on at least a million ledger entries, next to
  * the rate of simply reading the same rows out of PostgreSQL, in one run. The ledger is written
  * by tally-ledger's own decide-and-commit path (consumers/ledger_partition.c, ledger_store.c: group
- * commit, binary COPY of entries and inputs) run in process over tally-loadgen's model, so no
- * million events go through Kafka. Then: raw binary COPY of ledger_entries (and of the inputs),
+ * commit, binary COPY of entries and packed inputs) run in process over tally-loadgen's model, so
+ * no million events go through Kafka. Then: raw binary COPY of ledger_entries (and of the inputs),
  * and lib/audit_pg + lib/audit (what `tallyctl audit` runs) over the same rows. Figures are
  * printed, never asserted; the audit must pass.
  */
@@ -217,12 +217,13 @@ int main(int argc, char **argv)
 		die("vacuum", pe.message);
 	long inputs = count(conn, "SELECT count(*) FROM ledger_inputs");
 	long entries_mb = count(conn, "SELECT pg_total_relation_size('ledger_entries') >> 20");
-	long inputs_mb = count(conn, "SELECT pg_total_relation_size('ledger_inputs') >> 20");
+	long batches = count(conn, "SELECT count(*) FROM ledger_input_batches");
+	long inputs_mb = count(conn, "SELECT pg_total_relation_size('ledger_input_batches') >> 20");
 	/* what keeping the inputs costs the ledger: the same rows stored again */
 	double st0 = now_s();
 	if (gen_s > 0 &&
-	    tly_pg_exec_script(conn, "CREATE TABLE bench_inputs (LIKE ledger_inputs INCLUDING ALL); "
-				     "INSERT INTO bench_inputs SELECT * FROM ledger_inputs; "
+	    tly_pg_exec_script(conn, "CREATE TABLE bench_inputs (LIKE ledger_input_batches INCLUDING ALL); "
+				     "INSERT INTO bench_inputs SELECT * FROM ledger_input_batches; "
 				     "DROP TABLE bench_inputs", &pe) != 0)
 		die("store inputs", pe.message);
 	double store_s = now_s() - st0;
@@ -234,8 +235,9 @@ int main(int argc, char **argv)
 	double raw_cpu0 = tly_proc_cpu_s(PQbackendPID(conn), false);
 	double raw_e = copy_out(conn, "COPY ledger_entries TO STDOUT (FORMAT binary)", &bytes_e);
 	double raw_cpu = raw_cpu0 < 0 ? -1 : tly_proc_cpu_s(PQbackendPID(conn), false) - raw_cpu0;
-	copy_out(conn, "COPY ledger_inputs TO STDOUT (FORMAT binary)", &bytes_i);
-	double raw_i = copy_out(conn, "COPY ledger_inputs TO STDOUT (FORMAT binary)", &bytes_i);
+	/* the inputs as stored: packed, a partition's records of one group commit in a row */
+	copy_out(conn, "COPY ledger_input_batches TO STDOUT (FORMAT binary)", &bytes_i);
+	double raw_i = copy_out(conn, "COPY ledger_input_batches TO STDOUT (FORMAT binary)", &bytes_i);
 
 	/* the audit: what tallyctl audit runs, over the same rows, with 1 worker and its default */
 	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -272,19 +274,20 @@ int main(int argc, char **argv)
 	       TENANTS, PARTITIONS, BATCH_RECORDS);
 	if (gen_s > 0) {
 		printf("ledger written                        %10ld entries from %ld input records "
-		       "(%ld applied, kept in ledger_inputs) in %.1f s: %.0f records/s\n",
-		       entries, records, inputs, gen_s, (double)records / gen_s);
-		printf("keeping the inputs                    ledger_inputs %ld MiB beside "
+		       "(%ld applied, kept in %ld rows of ledger_input_batches) in %.1f s: %.0f "
+		       "records/s\n", entries, records, inputs, batches, gen_s, (double)records / gen_s);
+		printf("keeping the inputs                    ledger_input_batches %ld MiB beside "
 		       "ledger_entries %ld MiB; storing those rows again takes %.2f s (%.0f%% of the "
 		       "write time above)\n",
 		       inputs_mb, entries_mb, store_s, 100 * store_s / gen_s);
 	} else {
 		printf("ledger of an earlier run (--reuse)    %10ld entries from %ld input records "
-		       "(%ld applied, kept in ledger_inputs)\n", entries, records, inputs);
+		       "(%ld applied, kept in %ld rows of ledger_input_batches)\n", entries, records,
+		       inputs, batches);
 	}
 	printf("raw read, COPY ledger_entries binary  %10.0f entries/s  (%.2f s, %.0f MiB)\n",
 	       raw_rate, raw_e, (double)bytes_e / (1 << 20));
-	printf("raw read, COPY ledger_inputs binary   %10.0f rows/s     (%.2f s, %.0f MiB)\n",
+	printf("raw read, COPY ledger_input_batches   %10.0f inputs/s   (%.2f s, %.0f MiB; binary)\n",
 	       (double)inputs / raw_i, raw_i, (double)bytes_i / (1 << 20));
 	printf("raw read, entries + inputs            %10.0f entries/s  (%.2f s: the rows the audit "
 	       "reads)\n", both_rate, raw_e + raw_i);

@@ -133,7 +133,7 @@ int cmd_audit(struct app *app, int argc, char **argv)
 	}
 	if (strcmp(source, "postgres") != 0) {
 		fprintf(stderr, "tallyctl: could not audit from source \"%s\": only postgres is "
-				"supported (the ledger keeps its applied inputs in ledger_inputs; "
+				"supported (the ledger keeps its applied inputs in ledger_input_batches; "
 				"tally.events' retention is shorter than the ledger's life)\n",
 			source);
 		return 2;
