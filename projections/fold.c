@@ -453,8 +453,13 @@ enum { K_SUB_STATUS = TLY_EV__COUNT, K_PERIOD, K_CANCELLED, K_ENDED, K_USAGE, K_
 #define ANY (T(TLY_EV__COUNT) - 1)
 #define CONV_REF (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_AGENT_HANDOFF) | T(TLY_EV_CONVERSATION_CLOSED))
 #define MODEL_CALL (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_RESERVATION_SETTLED))
+/* The events that reach the projections only through the ledger's entries (tly_fold_keeps_event_id) */
+#define WALLET (T(TLY_EV_SUBSCRIPTION_CANCELLED) | T(TLY_EV_SUBSCRIPTION_PAUSED) | \
+		T(TLY_EV_SUBSCRIPTION_RESUMED) | T(TLY_EV_CREDITS_GRANTED) | T(TLY_EV_TOKENS_RESERVED) | \
+		T(TLY_EV_RESERVATION_RELEASED) | T(TLY_EV_TOKENS_DEBITED))
+#define KEEPS_ID (ANY_EVENT & ~WALLET & ~T(TLY_EV_CLOCK_TICK))
 static const uint64_t FOLD_NEEDS[] = {
-	ANY_EVENT, T(TLY_EV_LEDGER_ENTRY),                              /* 1, 2: dedupe */
+	KEEPS_ID, T(TLY_EV_LEDGER_ENTRY),                               /* 1, 2: dedupe */
 	ANY, T(TLY_EV_TENANT_CREATED), T(TLY_EV_USER_REGISTERED),       /* 3, 4 */
 	T(TLY_EV_PLAN_PUBLISHED), T(TLY_EV_PLAN_PUBLISHED),             /* 5 */
 	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_SUBSCRIPTION_STARTED),         /* 6 */
@@ -744,17 +749,18 @@ static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struc
 	bool entry = ev->type == TLY_EV_LEDGER_ENTRY;
 	json_t *json = NULL;
 	int rc = 0;
+	bool keeps = !entry && tly_fold_keeps_event_id(ev->type);
 	tly_pgcopy_row(rows, N_STAGE_COLUMNS);
 	tly_pgcopy_int8(rows, ord);
 	tly_pgcopy_text(rows, desc->name);
 	tly_pgcopy_uuid(rows, &ev->tenant_id);
-	if (entry)
-		tly_pgcopy_null(rows);
-	else
+	if (keeps)
 		tly_pgcopy_uuid(rows, &ev->event_id);
+	else
+		tly_pgcopy_null(rows); /* no projector_seen_events row */
 	tly_pgcopy_timestamptz(rows, entry ? ev->u.ledger_entry.ledger_time : ev->occurred_at);
 	for (size_t i = 0; rc == 0 && i < N_STAGE_FIELDS; i++) {
-		const struct tly_field *f = fold->fields[ev->type][i];
+		const struct tly_field *f = entry || keeps ? fold->fields[ev->type][i] : NULL;
 		if (f)
 			rc = stage_field(rows, f, ev, &json);
 		else
@@ -767,6 +773,11 @@ static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struc
 			fold->present |= kind_bits(ev->u.ledger_entry.kind);
 	}
 	return rc;
+}
+
+bool tly_fold_keeps_event_id(enum tly_event_type type)
+{
+	return (unsigned)type < TLY_EV__COUNT && (KEEPS_ID & T(type));
 }
 
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)

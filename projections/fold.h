@@ -9,7 +9,7 @@
  * commits the rows together with its consumed offsets, or with a table swap when rebuilding).
  *
  * The fold is idempotent and depends only on the messages: event ids seen before are skipped
- * (projector_seen_events), ledger entries at or below the last applied seq of their tenant are
+ * (projector_seen_events, for the types tly_fold_keeps_event_id names), ledger entries at or below the last applied seq of their tenant are
  * skipped (projector_ledger_applied), timestamps come from occurred_at / ledger_time, never now().
  * Feeding the same messages again, in any number of batches, gives the same rows.
  *
@@ -45,6 +45,16 @@ void tly_fold_free(struct tly_fold *fold); /* accepts NULL */
  * TLY_E_NOT_FOUND for an unknown table, TLY_E_INVALID for a bad name.
  */
 int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *name) TLY_MUST_CHECK;
+
+/*
+ * Whether an event of type changes a projection row by itself, so that its id is recorded in
+ * projector_seen_events and a repeat of it is dropped. False for the wallet's events
+ * (SubscriptionCancelled, -Paused, -Resumed, CreditsGranted, TokensReserved, ReservationReleased,
+ * TokensDebited): they reach the projections only through the ledger's entries, a repeat of one
+ * changes nothing, and the fold keeps of them only their tenant (its placeholder row). The live
+ * fold and the rebuild's in-memory fold (memfold.c) both follow it.
+ */
+bool tly_fold_keeps_event_id(enum tly_event_type type);
 
 /*
  * Add one decoded message (borrowed for the call: what the fold needs is copied). Every event type

@@ -156,6 +156,17 @@ static void batch1(struct tly_fold *f)
 	"\"model\": \"gpt-4o\", \"prompt_tokens\": 100, \"completion_tokens\": 50, " \
 	"\"reasoning_tokens\": 10, \"latency_ms\": 900, \"cost_micros\": 1234, \"reservation_id\": \"" RES "\"}"
 
+/* The wallet's events (tly_fold_keeps_event_id false), of tenant at a time */
+#define WALLET_RESERVED(tenant, at) \
+	"{\"type\": \"TokensReserved\", \"event_id\": \"b0000000-0000-4000-8000-000000000001\", " \
+	"\"tenant_id\": \"" tenant "\", \"occurred_at\": \"" at "\", " \
+	"\"reservation_id\": \"" RES "\", \"tokens\": 500, \"expires_at\": \"2026-01-01T01:00:00Z\", " \
+	"\"model\": \"gpt-4o\", \"conversation_id\": \"" CONV "\"}"
+#define WALLET_GRANT(tenant, at) \
+	"{\"type\": \"CreditsGranted\", \"event_id\": \"b0000000-0000-4000-8000-000000000002\", " \
+	"\"tenant_id\": \"" tenant "\", \"occurred_at\": \"" at "\", " \
+	"\"grant_id\": \"b0000000-0000-4000-8000-0000000000ff\", \"tokens\": 100, \"reason\": \"goodwill\"}"
+
 static void batch2(struct tly_fold *f)
 {
 	add_json(f, "{\"type\": \"ConversationStarted\", \"event_id\": \"a0000000-0000-4000-8000-000000000005\", "
@@ -181,6 +192,10 @@ static void batch2(struct tly_fold *f)
 		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-02T00:00:01Z\", "
 		    "\"subscription_id\": \"" SUB "\", \"feature_key\": \"api_calls\", \"unit\": \"call\", "
 		    "\"quantity\": 7, \"external_event_id\": \"ext-1\"}");
+	/* the wallet's events (twice, the same event): their entries do the rest, no seen row */
+	add_json(f, WALLET_RESERVED(TENANT, "2026-01-01T00:01:59Z"));
+	add_json(f, WALLET_RESERVED(TENANT, "2026-01-01T00:01:59Z"));
+	add_json(f, WALLET_GRANT(TENANT, "2026-01-01T00:04:00Z"));
 	add_entry(f, 1, "subscription_started", "2026-01-01T00:00:00Z", /* republished */
 		  "\"ref_id\": \"" SUB "\", " SUB_PERIOD ", \"allowance_delta\": 1000, "
 		  "\"allowance_remaining\": 1000, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
@@ -270,6 +285,9 @@ static void check_fold_rows(PGconn *c)
 		  "ledger_seq, period_start, monthly_api_cost_micros) FROM token_balances "
 		  "WHERE subscription_id = '" SUB "'", "1000 50 925 25 0 8 2026-02-01 00:00:00+00 0");
 	expect(c, "SELECT count(*) FROM token_balances", "1");
+	/* one seen row per event id of batch1 and batch2, none of the wallet's events */
+	expect(c, "SELECT count(*) FROM projector_seen_events", "12");
+	expect(c, "SELECT count(*) FROM projector_seen_events WHERE event_id::text LIKE 'b0000000-%'", "0");
 }
 
 START_TEST(fold_direct)
@@ -530,6 +548,57 @@ static void memfold_rebuild(PGconn *conn, const char *stream)
 	tly_memfold_free(mf);
 	tly_pgcopy_free(c);
 }
+
+/*
+ * The wallet's events (TokensReserved, CreditsGranted...) reach the projections through the ledger's
+ * entries only: the fold writes no projector_seen_events row for them, in any number of repeats,
+ * but their tenant gets its placeholder row (created at the earliest of them), as from any message;
+ * the in-memory fold of a rebuild gives the same rows.
+ */
+START_TEST(wallet_events_no_seen_row)
+{
+#define TENANT2 "12121212-1212-4212-8212-121212121212"
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	for (int round = 0; round < 2; round++) {
+		add_json(f, WALLET_GRANT(TENANT2, "2026-01-01T00:05:00Z"));
+		add_json(f, WALLET_RESERVED(TENANT2, "2026-01-01T00:03:00Z"));
+		add_json(f, WALLET_RESERVED(TENANT2, "2026-01-01T00:03:00Z"));
+		flush_in_tx(d.conn, f);
+	}
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "0");
+	expect(d.conn, "SELECT concat_ws(' ', id, slug = '', created_at) FROM tenant_accounts",
+	       TENANT2 " t 2026-01-01 00:03:00+00");
+	expect(d.conn, "SELECT count(*) FROM tenant_accounts", "1");
+	char *want = digest(d.conn);
+
+	/* the same messages through the in-memory fold into the emptied tables */
+	empty_projections(d.conn);
+	struct tly_memfold *mf = tly_memfold_new();
+	struct tly_pg_error err;
+	ck_assert_ptr_nonnull(mf);
+	for (size_t i = 0; i < n_recorded; i++) {
+		memfold_add_text(mf, recorded[i]);
+		free(recorded[i]);
+	}
+	n_recorded = 0;
+	ck_assert_int_eq(tly_memfold_finish(mf), 0);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
+		      err.message);
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	char *have = digest(d.conn);
+	ck_assert_str_eq(want, have);
+	free(want);
+	free(have);
+	tly_memfold_free(mf);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+#undef TENANT2
+}
+END_TEST
 
 /*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
@@ -1099,6 +1168,7 @@ Suite *projector_suite(void)
 	TCase *tc = tcase_create("fold");
 	tcase_add_test(tc, fold_direct);
 	tcase_add_test(tc, flush_in_flight);
+	tcase_add_test(tc, wallet_events_no_seen_row);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
