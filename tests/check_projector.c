@@ -601,6 +601,74 @@ START_TEST(wallet_events_no_seen_row)
 END_TEST
 
 /*
+ * Entries of kinds no statement names (holds, rejections...) are staged as runs, one row per run
+ * of consecutive seqs with one subscription and period (tly_fold_add): token_balances comes out as
+ * from every entry, across a debit inside a run, an entry of another subscription (none) between
+ * two runs, a run republished over an applied one and one that continues it, and a seq gap; the
+ * in-memory fold of the same messages (every entry, one by one) gives the same rows.
+ */
+#define RUN_BAL(allowance, held) \
+	"\"allowance_remaining\": " #allowance ", \"credits_remaining\": 0, \"held\": " #held ", " \
+	"\"overage_tokens\": 0"
+static void run_entry(struct tly_fold *f, int seq, const char *kind, const char *extra)
+{
+	char at[32];
+	snprintf(at, sizeof(at), "2026-01-01T01:%02d:00Z", seq);
+	add_entry(f, seq, kind, at, extra);
+}
+
+START_TEST(entry_runs)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	batch1(f); /* the tenant, a user, a message, an invoice status; entry 1 starts SUB */
+	run_entry(f, 2, "hold_placed", SUB_PERIOD ", " RUN_BAL(1000, 100));
+	run_entry(f, 3, "hold_placed", SUB_PERIOD ", " RUN_BAL(1000, 300));
+	run_entry(f, 4, "rejected", RUN_BAL(1000, 300)); /* no subscription */
+	run_entry(f, 5, "hold_expired", SUB_PERIOD ", " RUN_BAL(1000, 200));
+	run_entry(f, 6, "debit", SUB_PERIOD ", \"allowance_delta\": -70, " RUN_BAL(930, 100));
+	run_entry(f, 7, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 150));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT string_agg(concat_ws(' ', subscription_id, ledger_seq, tokens_used, held, "
+		       "tokens_remaining, updated_at), ', ' ORDER BY ledger_seq) FROM token_balances",
+	       "4 0 300 700 2026-01-01 01:04:00+00, " SUB " 7 70 150 780 2026-01-01 01:07:00+00");
+
+	/* republished 5 to 7 (applied), then 8 and 9 continue the run; 11 after a gap */
+	run_entry(f, 5, "hold_expired", SUB_PERIOD ", " RUN_BAL(1000, 200));
+	run_entry(f, 6, "debit", SUB_PERIOD ", \"allowance_delta\": -70, " RUN_BAL(930, 100));
+	run_entry(f, 7, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 150));
+	run_entry(f, 8, "hold_released", SUB_PERIOD ", " RUN_BAL(930, 100));
+	run_entry(f, 9, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 400));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT concat_ws(' ', ledger_seq, tokens_used, held) FROM token_balances "
+		       "WHERE subscription_id IS NOT NULL", "9 70 400");
+	expect(d.conn, "SELECT seq FROM projector_ledger_applied", "9");
+	run_entry(f, 11, "hold_expired", SUB_PERIOD ", " RUN_BAL(930, 0));
+	run_entry(f, 12, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 50));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT concat_ws(' ', ledger_seq, tokens_used, held, tokens_remaining) "
+		       "FROM token_balances WHERE subscription_id IS NOT NULL", "12 70 50 880");
+	char *want = digest(d.conn);
+
+	/* the in-memory fold: the same messages into the emptied tables */
+	empty_projections(d.conn);
+	memfold_rebuild(d.conn, NULL);
+	char *have = digest(d.conn);
+	ck_assert_str_eq(want, have);
+	for (size_t i = 0; i < n_recorded; i++)
+		free(recorded[i]);
+	n_recorded = 0;
+	free(want);
+	free(have);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
  * entries before their subscription's event, an invoice status before its invoice, messages and
  * a handoff before their conversation's start; duplicate events and republished entries; then
@@ -1169,6 +1237,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, fold_direct);
 	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, wallet_events_no_seen_row);
+	tcase_add_test(tc, entry_runs);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
