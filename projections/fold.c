@@ -85,6 +85,7 @@ struct tly_fold {
 	int rc;                                 /* of the statements sent: 0 or the first failure */
 	const struct tly_field *fields[TLY_EV__COUNT][N_STAGE_FIELDS]; /* NULL: the type has none */
 	struct tly_uuidmap *held_of;            /* tenant -> its struct held in held; owned */
+	struct tly_uuidmap *staged_ids;         /* (tenant, event id) of the batch's events; owned */
 	struct held **held;                     /* the batch's, in the order first held; owned */
 	size_t n_held, cap_held;                /* in use (this batch), allocated */
 };
@@ -100,13 +101,12 @@ struct tly_fold {
  * conversations), then the rows and counters. Every counter adds only rows actually inserted.
  */
 static const char *const FOLD_SQL[] = {
-	/* 1. events seen before (or twice in this batch) are dropped */
-	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, event_id) ord, tenant_id, event_id "
-	"  FROM tly_fold_stage WHERE event_id IS NOT NULL ORDER BY tenant_id, event_id, ord), "
-	"ins AS (INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
-	"  SELECT tenant_id, event_id FROM firsts ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
-	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL AND s.ord NOT IN "
-	"  (SELECT f.ord FROM firsts f JOIN ins i USING (tenant_id, event_id))",
+	/* 1. events seen before are dropped (tly_fold_add stages an event id once per batch) */
+	"WITH ins AS (INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
+	"  SELECT tenant_id, event_id FROM tly_fold_stage WHERE event_id IS NOT NULL "
+	"  ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
+	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL AND NOT EXISTS "
+	"  (SELECT 1 FROM ins i WHERE i.tenant_id = s.tenant_id AND i.event_id = s.event_id)",
 
 	/* 2. ledger entries at or below the tenant's applied seq (republished) are dropped */
 	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, (seq)::bigint) ord, tenant_id, "
@@ -623,7 +623,8 @@ struct tly_fold *tly_fold_new(void)
 	for (size_t i = 0; i < N_TABLES; i++)
 		snprintf(fold->names[i], sizeof(fold->names[i]), "%s", tly_fold_tables[i]);
 	if (!(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
-	    !(fold->held_of = tly_uuidmap_new()) || map_fields(fold) != 0) {
+	    !(fold->held_of = tly_uuidmap_new()) || !(fold->staged_ids = tly_uuidmap_new()) ||
+	    map_fields(fold) != 0) {
 		tly_fold_free(fold);
 		return NULL;
 	}
@@ -638,6 +639,7 @@ void tly_fold_free(struct tly_fold *fold)
 	tly_pgcopy_free(fold->fill);
 	free(fold->stage_sql);
 	tly_uuidmap_free(fold->held_of);
+	tly_uuidmap_free(fold->staged_ids);
 	for (size_t i = 0; i < fold->cap_held; i++)
 		free(fold->held[i]);
 	free(fold->held);
@@ -680,6 +682,7 @@ size_t tly_fold_pending(const struct tly_fold *fold)
 void tly_fold_clear(struct tly_fold *fold)
 {
 	tly_uuidmap_clear(fold->held_of);
+	tly_uuidmap_clear(fold->staged_ids);
 	fold->n_held = 0;
 	tly_pgcopy_reset(fold->rows);
 	fold->pending = 0;
@@ -919,7 +922,8 @@ static int hold_entry(struct tly_fold *fold, struct held *h, const struct tly_ev
  * ledger entries with consecutive seqs, one subscription and period, of kinds no statement
  * names (kind_bits 0: holds placed, expired and released, rejections, duplicates...), as its last
  * entry, which is all token_balances reads of them; any other entry of the tenant stages its
- * run first, so that the tenant's rows stay in seq order.
+ * run first, so that the tenant's rows stay in seq order. An event id already staged in the
+ * batch is not staged again (the first of them is folded, if its id was not seen before).
  */
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
 {
@@ -952,6 +956,11 @@ int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
 		h->wallet = true;
 		fold->pending++;
 		return 0;
+	} else if (tly_uuidmap_get(fold->staged_ids, &ev->tenant_id, &ev->event_id)) {
+		fold->pending++; /* a repeat in the batch: folded once, as a repeat from an earlier batch */
+		return 0;
+	} else if (tly_uuidmap_put(fold->staged_ids, &ev->tenant_id, &ev->event_id, fold) != 0) {
+		return TLY_E_NOMEM;
 	}
 	rc = stage_row(fold, fold->rows, ev, fold->ord, NULL);
 	if (rc != 0)
