@@ -279,9 +279,12 @@ static const char *const FOLD_SQL[] = {
 	"  source_channel = EXCLUDED.source_channel, topic_hint = EXCLUDED.topic_hint, "
 	"  created_at = EXCLUDED.created_at, updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at)",
 
-	/* messages: one row per message id; the counters add only the rows inserted */
+	/* messages: one row per message id; the counters add only the rows inserted (only the
+	 * columns the insert reads go through its sorts and window, not the staging row) */
 	"WITH m AS (SELECT DISTINCT ON ((message_id)::uuid) (message_id)::uuid AS mid, "
-	"  (conversation_id)::uuid AS cid, * FROM tly_fold_stage "
+	"  (conversation_id)::uuid AS cid, ord, tenant_id, at, user_id, role, agent_type, content, "
+	"  tool_name, tool_call_id, provider, model, prompt_tokens, completion_tokens, "
+	"  reasoning_tokens, latency_ms, cost_micros, reservation_id FROM tly_fold_stage "
 	"  WHERE type = 'MessageAppended' ORDER BY (message_id)::uuid, ord), "
 	"fresh AS (SELECT m.* FROM m WHERE NOT EXISTS "
 	"  (SELECT 1 FROM @agent_messages@ a WHERE a.message_id = m.mid)), "
@@ -1010,6 +1013,31 @@ static char *render(const struct tly_fold *fold, const char *sql)
 		return NULL;
 	}
 	return out;
+}
+
+int tly_fold_truncate(PGconn *conn, struct tly_pg_error *err)
+{
+	char *sql = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&sql, &len);
+	if (!f) {
+		set_err(err, TLY_ERRCLASS_FATAL, "could not empty the projections: out of memory");
+		return TLY_E_NOMEM;
+	}
+	fputs("TRUNCATE", f);
+	for (size_t i = 0, n = 0; i < N_TABLES; i++)
+		if (strcmp(tly_fold_tables[i], "billing_plans") != 0 &&
+		    strcmp(tly_fold_tables[i], "plan_features") != 0) /* constant names */
+			fprintf(f, "%s %s", n++ ? "," : "", tly_fold_tables[i]);
+	fputs(" CASCADE", f);
+	if (fclose(f) != 0) {
+		free(sql);
+		set_err(err, TLY_ERRCLASS_FATAL, "could not empty the projections: out of memory");
+		return TLY_E_NOMEM;
+	}
+	int rc = tly_pg_exec(conn, sql, 0, NULL, err);
+	free(sql);
+	return rc;
 }
 
 /* Local buffers of a session (a maximum, allocated as used): a batch's staging table stays in memory. */

@@ -407,14 +407,7 @@ END_TEST
 static void empty_projections(PGconn *conn)
 {
 	struct tly_pg_error err;
-	for (size_t i = 0; i < tly_fold_n_tables; i++) {
-		char sql[128];
-		if (strcmp(tly_fold_tables[i], "billing_plans") == 0 ||
-		    strcmp(tly_fold_tables[i], "plan_features") == 0)
-			continue;
-		snprintf(sql, sizeof(sql), "TRUNCATE %s CASCADE", tly_fold_tables[i]);
-		ck_assert_msg(tly_pg_exec(conn, sql, 0, NULL, &err) == 0, "%s", err.message);
-	}
+	ck_assert_msg(tly_fold_truncate(conn, &err) == 0, "%s", err.message);
 }
 
 /* One recorded message into the in-memory fold. */

@@ -439,18 +439,8 @@ static void reset_projections(struct stack *s)
 {
 	struct tly_pg_error pe;
 	backends_gone(s);
-	if (tly_pg_begin(s->conn, &pe) != 0)
+	if (tly_pg_begin(s->conn, &pe) != 0 || tly_fold_truncate(s->conn, &pe) != 0)
 		die("reset", pe.message);
-	for (size_t i = 0; i < tly_fold_n_tables; i++) {
-		char sql[256];
-		if (strcmp(tly_fold_tables[i], "billing_plans") == 0 ||
-		    strcmp(tly_fold_tables[i], "plan_features") == 0)
-			continue;
-		table_sql(s, i, "TRUNCATE", sql, sizeof(sql));
-		strncat(sql, " CASCADE", sizeof(sql) - strlen(sql) - 1);
-		if (tly_pg_exec(s->conn, sql, 0, NULL, &pe) != 0)
-			die("reset", pe.message);
-	}
 	const char *const v[] = {"tally-projector"};
 	if (tly_pg_exec(s->conn, "DELETE FROM consumer_offsets WHERE consumer = $1", 1, v, &pe) != 0 ||
 	    tly_pg_commit(s->conn, &pe) != 0 || tly_pg_exec_script(s->conn, "CHECKPOINT", &pe) != 0)
