@@ -251,6 +251,22 @@ static char *digest(PGconn *conn)
 	return d;
 }
 
+/* The projections' digest is want's (a digest() of the same database before). */
+static void expect_digest(PGconn *conn, const char *want)
+{
+	char *have = digest(conn);
+	ck_assert_str_eq(want, have);
+	free(have);
+}
+
+/* Forget the recorded messages (add_json). */
+static void forget_recorded(void)
+{
+	for (size_t i = 0; i < n_recorded; i++)
+		free(recorded[i]);
+	n_recorded = 0;
+}
+
 /* Messages whose conversation (of their tenant) or tenant is missing: the fold creates both first. */
 #define MESSAGES_UNREFERENCED \
 	"SELECT count(*) FROM agent_messages m LEFT JOIN agent_conversations c " \
@@ -572,20 +588,16 @@ START_TEST(wallet_events_no_seen_row)
 	struct tly_memfold *mf = tly_memfold_new();
 	struct tly_pg_error err;
 	ck_assert_ptr_nonnull(mf);
-	for (size_t i = 0; i < n_recorded; i++) {
+	for (size_t i = 0; i < n_recorded; i++)
 		memfold_add_text(mf, recorded[i]);
-		free(recorded[i]);
-	}
-	n_recorded = 0;
+	forget_recorded();
 	ck_assert_int_eq(tly_memfold_finish(mf), 0);
 	ck_assert(tly_pg_begin(d.conn, &err) == 0);
 	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
 		      err.message);
 	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	char *have = digest(d.conn);
-	ck_assert_str_eq(want, have);
+	expect_digest(d.conn, want);
 	free(want);
-	free(have);
 	tly_memfold_free(mf);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
@@ -649,13 +661,9 @@ START_TEST(entry_runs)
 	/* the in-memory fold: the same messages into the emptied tables */
 	empty_projections(d.conn);
 	memfold_rebuild(d.conn, NULL);
-	char *have = digest(d.conn);
-	ck_assert_str_eq(want, have);
-	for (size_t i = 0; i < n_recorded; i++)
-		free(recorded[i]);
-	n_recorded = 0;
+	expect_digest(d.conn, want);
+	forget_recorded();
 	free(want);
-	free(have);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
@@ -687,16 +695,12 @@ START_TEST(memfold_equals_fold)
 		char *emptied = digest(d.conn);
 		ck_assert_str_ne(want, emptied);
 		memfold_rebuild(d.conn, streams[k]);
-		char *have = digest(d.conn);
-		ck_assert_str_eq(want, have);
+		expect_digest(d.conn, want);
 		check_fold_rows(d.conn);
 		free(emptied);
-		free(have);
 	}
 
-	for (size_t i = 0; i < n_recorded; i++)
-		free(recorded[i]);
-	n_recorded = 0;
+	forget_recorded();
 	free(want);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
@@ -764,14 +768,9 @@ START_TEST(ledger_gap_read_back)
 			add_json(g, "%s", recorded[i]);
 	flush_in_tx(d.conn, g);
 	check_fold_rows(d.conn);
-	char *have = digest(d.conn);
-	ck_assert_str_eq(want, have);
-
-	for (size_t i = 0; i < n_recorded; i++)
-		free(recorded[i]);
-	n_recorded = 0;
+	expect_digest(d.conn, want);
+	forget_recorded();
 	free(want);
-	free(have);
 	tly_fold_free(g);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
