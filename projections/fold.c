@@ -12,6 +12,7 @@
 #include "entries.h"
 #include "event_json.h"
 #include "pgcopy.h"
+#include "uuidmap.h"
 
 #define NAME_MAX_LEN 127
 #define NIL_UUID "00000000-0000-0000-0000-000000000000"
@@ -50,7 +51,26 @@ static const char *const STAGE_FIELDS[] = {
 	"external_invoice_id", "hosted_invoice_url",
 };
 #define N_STAGE_FIELDS (sizeof(STAGE_FIELDS) / sizeof(STAGE_FIELDS[0]))
-#define N_STAGE_COLUMNS (5 + (int)N_STAGE_FIELDS) /* ord, type, tenant_id, event_id, at, fields */
+/* ord, type, tenant_id, event_id, at, run_seq, run_at, then the fields */
+#define N_STAGE_COLUMNS (7 + (int)N_STAGE_FIELDS)
+
+/*
+ * What a batch holds back per tenant until it is sent (see tly_fold_add): a run of ledger entries
+ * that only token_balances reads, and only through its last entry (kinds no statement names:
+ * holds, rejections, duplicates...), and the earliest of the tenant's wallet events, which only
+ * its placeholder row reads. Each goes to the staging table as one row.
+ */
+struct held {
+	tly_uuid tenant;
+	bool run;                /* an entry run is held */
+	struct tly_event last;   /* its last entry; strings dropped, kind copied to kind[] */
+	char kind[32];
+	int64_t first_seq;       /* seq and ledger time of its first entry */
+	int64_t first_at;
+	bool wallet;             /* a wallet event is held */
+	enum tly_event_type wallet_type;
+	int64_t wallet_at;       /* the earliest occurred_at of the tenant's wallet events */
+};
 
 struct tly_fold {
 	char names[N_TABLES][NAME_MAX_LEN + 1]; /* target name of each table */
@@ -64,24 +84,29 @@ struct tly_fold {
 	bool sent;                              /* statements sent, results not all read */
 	int rc;                                 /* of the statements sent: 0 or the first failure */
 	const struct tly_field *fields[TLY_EV__COUNT][N_STAGE_FIELDS]; /* NULL: the type has none */
+	struct tly_uuidmap *held_of;            /* tenant -> its struct held in held; owned */
+	struct tly_uuidmap *staged_ids;         /* (tenant, event id) of the batch's events; owned */
+	struct held **held;                     /* the batch's, in the order first held; owned */
+	size_t n_held, cap_held;                /* in use (this batch), allocated */
 };
 
 /*
  * The fold, statement by statement, over the staging table tly_fold_stage (ord, type,
- * tenant_id, event_id, at, then one column per STAGE_FIELDS name holding that field of the
- * message, NULL for a type without it): at is occurred_at (events) or ledger_time (entries).
+ * tenant_id, event_id, at, run_seq, run_at, then one column per STAGE_FIELDS name holding that
+ * field of the message, NULL for a type without it): at is occurred_at (events) or ledger_time
+ * (entries). A row may stand for a run of a tenant's entries (struct held): it is the run's last
+ * entry, with run_seq and run_at the first's seq and ledger time (NULL: the row is one message).
  * @name@ is replaced by the target table's name.
  * Order matters: dedupe first, then the rows other rows reference (tenants, subscriptions,
  * conversations), then the rows and counters. Every counter adds only rows actually inserted.
  */
 static const char *const FOLD_SQL[] = {
-	/* 1. events seen before (or twice in this batch) are dropped */
-	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, event_id) ord, tenant_id, event_id "
-	"  FROM tly_fold_stage WHERE event_id IS NOT NULL ORDER BY tenant_id, event_id, ord), "
-	"ins AS (INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
-	"  SELECT tenant_id, event_id FROM firsts ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
-	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL AND s.ord NOT IN "
-	"  (SELECT f.ord FROM firsts f JOIN ins i USING (tenant_id, event_id))",
+	/* 1. events seen before are dropped (tly_fold_add stages an event id once per batch) */
+	"WITH ins AS (INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
+	"  SELECT tenant_id, event_id FROM tly_fold_stage WHERE event_id IS NOT NULL "
+	"  ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
+	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL AND NOT EXISTS "
+	"  (SELECT 1 FROM ins i WHERE i.tenant_id = s.tenant_id AND i.event_id = s.event_id)",
 
 	/* 2. ledger entries at or below the tenant's applied seq (republished) are dropped */
 	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, (seq)::bigint) ord, tenant_id, "
@@ -97,7 +122,7 @@ static const char *const FOLD_SQL[] = {
 
 	/* 3. tenants: a placeholder for any tenant referenced first, TenantCreated fills it */
 	"INSERT INTO @tenant_accounts@ (id, slug, name, created_at, updated_at) "
-	"SELECT tenant_id, '', '', min(at), min(at) FROM tly_fold_stage "
+	"SELECT tenant_id, '', '', min(COALESCE(run_at, at)), min(COALESCE(run_at, at)) FROM tly_fold_stage "
 	"WHERE tenant_id <> '" NIL_UUID "' GROUP BY tenant_id ON CONFLICT (id) DO NOTHING",
 
 	"UPDATE @tenant_accounts@ t SET slug = x.slug, name = x.name, "
@@ -157,7 +182,8 @@ static const char *const FOLD_SQL[] = {
 	"  created_at, updated_at) "
 	"SELECT DISTINCT ON ((subscription_id)::uuid) (subscription_id)::uuid, "
 	"  tenant_id, '', 'pending', (period_start)::timestamptz, "
-	"  (period_start)::timestamptz, (period_end)::timestamptz, 0, 'XXX', 0, at, at "
+	"  (period_start)::timestamptz, (period_end)::timestamptz, 0, 'XXX', 0, "
+	"  COALESCE(run_at, at), COALESCE(run_at, at) "
 	"FROM tly_fold_stage WHERE type = 'LedgerEntry' AND subscription_id IS NOT NULL "
 	"  AND period_start IS NOT NULL AND period_end IS NOT NULL "
 	"ORDER BY (subscription_id)::uuid, ord ON CONFLICT (id) DO NOTHING",
@@ -253,9 +279,12 @@ static const char *const FOLD_SQL[] = {
 	"  source_channel = EXCLUDED.source_channel, topic_hint = EXCLUDED.topic_hint, "
 	"  created_at = EXCLUDED.created_at, updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at)",
 
-	/* messages: one row per message id; the counters add only the rows inserted */
+	/* messages: one row per message id; the counters add only the rows inserted (only the
+	 * columns the insert reads go through its sorts and window, not the staging row) */
 	"WITH m AS (SELECT DISTINCT ON ((message_id)::uuid) (message_id)::uuid AS mid, "
-	"  (conversation_id)::uuid AS cid, * FROM tly_fold_stage "
+	"  (conversation_id)::uuid AS cid, ord, tenant_id, at, user_id, role, agent_type, content, "
+	"  tool_name, tool_call_id, provider, model, prompt_tokens, completion_tokens, "
+	"  reasoning_tokens, latency_ms, cost_micros, reservation_id FROM tly_fold_stage "
 	"  WHERE type = 'MessageAppended' ORDER BY (message_id)::uuid, ord), "
 	"fresh AS (SELECT m.* FROM m WHERE NOT EXISTS "
 	"  (SELECT 1 FROM @agent_messages@ a WHERE a.message_id = m.mid)), "
@@ -432,8 +461,10 @@ static const char *const FOLD_SQL[] = {
  */
 static const char GAP_SQL[] =
 	"WITH t AS (SELECT s.tenant_id, max(s.seq) AS hi, COALESCE(max(a.seq), 0) AS applied, "
-	"  count(DISTINCT s.seq) FILTER (WHERE s.seq > COALESCE(a.seq, 0)) AS n "
+	"  count(DISTINCT g.seq) AS n "
 	"  FROM tly_fold_stage s LEFT JOIN @projector_ledger_applied@ a ON a.tenant_id = s.tenant_id "
+	"  LEFT JOIN LATERAL generate_series(GREATEST(COALESCE(s.run_seq, s.seq), "
+	"    COALESCE(a.seq, 0) + 1), s.seq) g(seq) ON true "
 	"  WHERE s.type = 'LedgerEntry' GROUP BY s.tenant_id), "
 	"gap AS (SELECT t.tenant_id, t.applied, t.hi FROM t WHERE t.n < t.hi - t.applied "
 	"  AND (SELECT count(*) FROM ledger_entries e WHERE e.tenant_id = t.tenant_id "
@@ -448,13 +479,18 @@ static const char GAP_SQL[] =
  * these types or ledger entry kinds (a statement over none of them would change no row).
  */
 #define T(type) (UINT64_C(1) << (type))
-enum { K_SUB_STATUS = TLY_EV__COUNT, K_PERIOD, K_CANCELLED, K_ENDED, K_USAGE, K_INVOICE };
+enum { K_SUB_STATUS = TLY_EV__COUNT, K_PERIOD, K_CANCELLED, K_ENDED, K_USAGE, K_INVOICE, K_DEBIT };
 #define ANY_EVENT ((T(TLY_EV__COUNT) - 1) & ~T(TLY_EV_LEDGER_ENTRY))
 #define ANY (T(TLY_EV__COUNT) - 1)
 #define CONV_REF (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_AGENT_HANDOFF) | T(TLY_EV_CONVERSATION_CLOSED))
 #define MODEL_CALL (T(TLY_EV_MESSAGE_APPENDED) | T(TLY_EV_RESERVATION_SETTLED))
+/* The events that reach the projections only through the ledger's entries (tly_fold_keeps_event_id) */
+#define WALLET (T(TLY_EV_SUBSCRIPTION_CANCELLED) | T(TLY_EV_SUBSCRIPTION_PAUSED) | \
+		T(TLY_EV_SUBSCRIPTION_RESUMED) | T(TLY_EV_CREDITS_GRANTED) | T(TLY_EV_TOKENS_RESERVED) | \
+		T(TLY_EV_RESERVATION_RELEASED) | T(TLY_EV_TOKENS_DEBITED))
+#define KEEPS_ID (ANY_EVENT & ~WALLET & ~T(TLY_EV_CLOCK_TICK))
 static const uint64_t FOLD_NEEDS[] = {
-	ANY_EVENT, T(TLY_EV_LEDGER_ENTRY),                              /* 1, 2: dedupe */
+	KEEPS_ID, T(TLY_EV_LEDGER_ENTRY),                               /* 1, 2: dedupe */
 	ANY, T(TLY_EV_TENANT_CREATED), T(TLY_EV_USER_REGISTERED),       /* 3, 4 */
 	T(TLY_EV_PLAN_PUBLISHED), T(TLY_EV_PLAN_PUBLISHED),             /* 5 */
 	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_SUBSCRIPTION_STARTED),         /* 6 */
@@ -469,9 +505,12 @@ static const uint64_t FOLD_NEEDS[] = {
 };
 _Static_assert(sizeof(FOLD_NEEDS) / sizeof(FOLD_NEEDS[0]) == N_FOLD_SQL,
 	       "one FOLD_NEEDS entry per FOLD_SQL statement");
-_Static_assert(K_INVOICE < 64, "types and kinds fit the mask");
+_Static_assert(K_DEBIT < 64, "types and kinds fit the mask");
 
-/* The mask bits of a ledger entry's kind (besides its type's). */
+/*
+ * The mask bits of a ledger entry's kind (besides its type's): 0 for a kind no statement names,
+ * which only token_balances reads, through the last entry of each tenant and subscription.
+ */
 static uint64_t kind_bits(const char *kind)
 {
 	static const struct {
@@ -486,6 +525,7 @@ static uint64_t kind_bits(const char *kind)
 		{"period_opened", T(K_PERIOD)},
 		{"usage_recorded", T(K_USAGE)},
 		{"invoice", T(K_INVOICE)},
+		{"debit", T(K_DEBIT)}, /* token_balances sums them */
 	};
 	for (size_t i = 0; kind && i < sizeof(kinds) / sizeof(kinds[0]); i++)
 		if (strcmp(kind, kinds[i].kind) == 0)
@@ -538,7 +578,8 @@ static int map_fields(struct tly_fold *fold)
 	if (!f)
 		return -1;
 	fputs("CREATE TEMP TABLE tly_fold_stage (ord bigint NOT NULL, type text NOT NULL, "
-	      "tenant_id uuid NOT NULL, event_id uuid, at timestamptz NOT NULL", f);
+	      "tenant_id uuid NOT NULL, event_id uuid, at timestamptz NOT NULL, run_seq bigint, "
+	      "run_at timestamptz", f);
 	bool ok = true;
 	for (size_t i = 0; i < N_STAGE_FIELDS; i++) {
 		const char *type = NULL;
@@ -585,6 +626,7 @@ struct tly_fold *tly_fold_new(void)
 	for (size_t i = 0; i < N_TABLES; i++)
 		snprintf(fold->names[i], sizeof(fold->names[i]), "%s", tly_fold_tables[i]);
 	if (!(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
+	    !(fold->held_of = tly_uuidmap_new()) || !(fold->staged_ids = tly_uuidmap_new()) ||
 	    map_fields(fold) != 0) {
 		tly_fold_free(fold);
 		return NULL;
@@ -599,6 +641,11 @@ void tly_fold_free(struct tly_fold *fold)
 	tly_pgcopy_free(fold->rows);
 	tly_pgcopy_free(fold->fill);
 	free(fold->stage_sql);
+	tly_uuidmap_free(fold->held_of);
+	tly_uuidmap_free(fold->staged_ids);
+	for (size_t i = 0; i < fold->cap_held; i++)
+		free(fold->held[i]);
+	free(fold->held);
 	free(fold);
 }
 
@@ -637,6 +684,9 @@ size_t tly_fold_pending(const struct tly_fold *fold)
 
 void tly_fold_clear(struct tly_fold *fold)
 {
+	tly_uuidmap_clear(fold->held_of);
+	tly_uuidmap_clear(fold->staged_ids);
+	fold->n_held = 0;
 	tly_pgcopy_reset(fold->rows);
 	fold->pending = 0;
 	fold->present = 0;
@@ -736,25 +786,36 @@ static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const
 	return TLY_E_INVALID; /* map_fields stages no such field */
 }
 
-/* One message as a staging row of rows, numbered ord. 0, or an error with the row incomplete. */
+/*
+ * One message as a staging row of rows, numbered ord; run: the run of entries it ends (NULL: it
+ * stands for itself). 0, or an error with the row incomplete.
+ */
 static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struct tly_event *ev,
-		     int64_t ord)
+		     int64_t ord, const struct held *run)
 {
 	const struct tly_event_desc *desc = tly_event_desc(ev->type);
 	bool entry = ev->type == TLY_EV_LEDGER_ENTRY;
 	json_t *json = NULL;
 	int rc = 0;
+	bool keeps = !entry && tly_fold_keeps_event_id(ev->type);
 	tly_pgcopy_row(rows, N_STAGE_COLUMNS);
 	tly_pgcopy_int8(rows, ord);
 	tly_pgcopy_text(rows, desc->name);
 	tly_pgcopy_uuid(rows, &ev->tenant_id);
-	if (entry)
-		tly_pgcopy_null(rows);
-	else
+	if (keeps)
 		tly_pgcopy_uuid(rows, &ev->event_id);
+	else
+		tly_pgcopy_null(rows); /* no projector_seen_events row */
 	tly_pgcopy_timestamptz(rows, entry ? ev->u.ledger_entry.ledger_time : ev->occurred_at);
+	if (run) {
+		tly_pgcopy_int8(rows, run->first_seq);
+		tly_pgcopy_timestamptz(rows, run->first_at);
+	} else {
+		tly_pgcopy_null(rows);
+		tly_pgcopy_null(rows);
+	}
 	for (size_t i = 0; rc == 0 && i < N_STAGE_FIELDS; i++) {
-		const struct tly_field *f = fold->fields[ev->type][i];
+		const struct tly_field *f = entry || keeps ? fold->fields[ev->type][i] : NULL;
 		if (f)
 			rc = stage_field(rows, f, ev, &json);
 		else
@@ -769,11 +830,142 @@ static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struc
 	return rc;
 }
 
+bool tly_fold_keeps_event_id(enum tly_event_type type)
+{
+	return (unsigned)type < TLY_EV__COUNT && (KEEPS_ID & T(type));
+}
+
+/* The tenant's struct held of this batch; with create, a new one if none (NULL on OOM). */
+static struct held *held_of(struct tly_fold *fold, const tly_uuid *tenant, bool create)
+{
+	struct held *h = tly_uuidmap_get(fold->held_of, tenant, NULL);
+	if (h || !create)
+		return h;
+	if (fold->n_held == fold->cap_held) {
+		size_t cap = fold->cap_held ? 2 * fold->cap_held : 64;
+		struct held **held = realloc(fold->held, cap * sizeof(*held));
+		if (!held)
+			return NULL;
+		memset(held + fold->cap_held, 0, (cap - fold->cap_held) * sizeof(*held));
+		fold->held = held;
+		fold->cap_held = cap;
+	}
+	if (!fold->held[fold->n_held] && !(fold->held[fold->n_held] = malloc(sizeof(*h))))
+		return NULL;
+	h = fold->held[fold->n_held];
+	*h = (struct held){.tenant = *tenant};
+	if (tly_uuidmap_put(fold->held_of, tenant, NULL, h) != 0)
+		return NULL;
+	fold->n_held++;
+	return h;
+}
+
+/* The held run (if any) and wallet event (with wallet) as staging rows. 0 or an error. */
+static int emit_held(struct tly_fold *fold, struct held *h, bool wallet)
+{
+	int rc = 0;
+	if (h->run && (rc = stage_row(fold, fold->rows, &h->last, fold->ord, h)) == 0) {
+		fold->ord++;
+		h->run = false;
+	}
+	if (rc == 0 && wallet && h->wallet) {
+		struct tly_event w = {.type = h->wallet_type, .tenant_id = h->tenant,
+				      .occurred_at = h->wallet_at};
+		if ((rc = stage_row(fold, fold->rows, &w, fold->ord, NULL)) == 0) {
+			fold->ord++;
+			h->wallet = false;
+		}
+	}
+	return rc;
+}
+
+/* Whether entry e continues the run h holds: the next seq, same subscription and period. */
+static bool continues(const struct held *h, const struct tly_ledger_entry *e)
+{
+	const struct tly_ledger_entry *l = &h->last.u.ledger_entry;
+	return h->run && e->seq == l->seq + 1 &&
+	       memcmp(&e->subscription_id, &l->subscription_id, sizeof(e->subscription_id)) == 0 &&
+	       e->period_start.set == l->period_start.set && e->period_start.v == l->period_start.v &&
+	       e->period_end.set == l->period_end.set && e->period_end.v == l->period_end.v;
+}
+
+/*
+ * A ledger entry of a kind only token_balances reads, held as (the new end of) its tenant's run:
+ * a copy without the strings no statement reads of such an entry (cause type, currency, reason,
+ * lines). 0, or TLY_E_NOMEM.
+ */
+static int hold_entry(struct tly_fold *fold, struct held *h, const struct tly_event *ev)
+{
+	const struct tly_ledger_entry *e = &ev->u.ledger_entry;
+	if (h->run && !continues(h, e)) {
+		int rc = emit_held(fold, h, false);
+		if (rc != 0)
+			return rc;
+	}
+	if (!h->run) {
+		h->first_seq = e->seq;
+		h->first_at = e->ledger_time;
+	}
+	h->last = *ev;
+	struct tly_ledger_entry *l = &h->last.u.ledger_entry;
+	snprintf(h->kind, sizeof(h->kind), "%s", e->kind);
+	l->kind = h->kind;
+	l->cause_type = NULL;
+	l->currency = NULL;
+	l->reason = NULL;
+	l->lines = (struct tly_list){0};
+	h->run = true;
+	return 0;
+}
+
+/*
+ * Messages that only a few rows of the staging table need are held per tenant (struct held) and
+ * staged when the batch is sent: a tenant's wallet events (tly_fold_keeps_event_id) as one row
+ * at the earliest of their times (its placeholder row reads that much), and each run of its
+ * ledger entries with consecutive seqs, one subscription and period, of kinds no statement
+ * names (kind_bits 0: holds placed, expired and released, rejections, duplicates...), as its last
+ * entry, which is all token_balances reads of them; any other entry of the tenant stages its
+ * run first, so that the tenant's rows stay in seq order. An event id already staged in the
+ * batch is not staged again (the first of them is folded, if its id was not seen before).
+ */
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev)
 {
 	if (!tly_event_desc(ev->type) || ev->type == TLY_EV_CLOCK_TICK)
 		return 0;
-	int rc = stage_row(fold, fold->rows, ev, fold->ord);
+	int rc = 0;
+	bool entry = ev->type == TLY_EV_LEDGER_ENTRY;
+	if (entry) {
+		const char *kind = ev->u.ledger_entry.kind;
+		bool only_last = kind && kind_bits(kind) == 0 && strlen(kind) < sizeof(((struct held *)0)->kind);
+		struct held *h = held_of(fold, &ev->tenant_id, only_last);
+		if (only_last && !h)
+			return TLY_E_NOMEM;
+		if (only_last)
+			rc = hold_entry(fold, h, ev);
+		else if (h)
+			rc = emit_held(fold, h, false);
+		if (rc != 0 || only_last) {
+			fold->pending += rc == 0;
+			return rc;
+		}
+	} else if (!tly_fold_keeps_event_id(ev->type)) {
+		struct held *h = held_of(fold, &ev->tenant_id, true);
+		if (!h)
+			return TLY_E_NOMEM;
+		if (!h->wallet || ev->occurred_at < h->wallet_at) {
+			h->wallet_type = ev->type;
+			h->wallet_at = ev->occurred_at;
+		}
+		h->wallet = true;
+		fold->pending++;
+		return 0;
+	} else if (tly_uuidmap_get(fold->staged_ids, &ev->tenant_id, &ev->event_id)) {
+		fold->pending++; /* a repeat in the batch: folded once, as a repeat from an earlier batch */
+		return 0;
+	} else if (tly_uuidmap_put(fold->staged_ids, &ev->tenant_id, &ev->event_id, fold) != 0) {
+		return TLY_E_NOMEM;
+	}
+	rc = stage_row(fold, fold->rows, ev, fold->ord, NULL);
 	if (rc != 0)
 		return rc; /* the row is incomplete: the batch is cleared or the send fails */
 	fold->ord++;
@@ -790,7 +982,7 @@ struct fill {
 static int fill_entry(const struct tly_event *entry, void *ud)
 {
 	struct fill *f = ud;
-	return stage_row(f->fold, f->fold->fill, entry, f->ord++);
+	return stage_row(f->fold, f->fold->fill, entry, f->ord++, NULL);
 }
 
 /* FOLD_SQL[i] with every @table@ replaced by its target name; malloc'd, NULL on OOM. */
@@ -821,6 +1013,31 @@ static char *render(const struct tly_fold *fold, const char *sql)
 		return NULL;
 	}
 	return out;
+}
+
+int tly_fold_truncate(PGconn *conn, struct tly_pg_error *err)
+{
+	char *sql = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&sql, &len);
+	if (!f) {
+		set_err(err, TLY_ERRCLASS_FATAL, "could not empty the projections: out of memory");
+		return TLY_E_NOMEM;
+	}
+	fputs("TRUNCATE", f);
+	for (size_t i = 0, n = 0; i < N_TABLES; i++)
+		if (strcmp(tly_fold_tables[i], "billing_plans") != 0 &&
+		    strcmp(tly_fold_tables[i], "plan_features") != 0) /* constant names */
+			fprintf(f, "%s %s", n++ ? "," : "", tly_fold_tables[i]);
+	fputs(" CASCADE", f);
+	if (fclose(f) != 0) {
+		free(sql);
+		set_err(err, TLY_ERRCLASS_FATAL, "could not empty the projections: out of memory");
+		return TLY_E_NOMEM;
+	}
+	int rc = tly_pg_exec(conn, sql, 0, NULL, err);
+	free(sql);
+	return rc;
 }
 
 /* Local buffers of a session (a maximum, allocated as used): a batch's staging table stays in memory. */
@@ -909,6 +1126,12 @@ int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
 		return TLY_E_PG;
 	}
 	int rc = 0;
+	for (size_t i = 0; i < fold->n_held && rc == 0; i++)
+		rc = emit_held(fold, fold->held[i], true);
+	if (rc != 0) {
+		set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");
+		return rc;
+	}
 	if (fold->pending > 0) {
 		rc = ensure_stage(fold, conn, err);
 		if (rc == 0)

@@ -3,15 +3,19 @@
  * of the projection tables (tenant_accounts … api_usage, see migrations/0001_baseline.sql).
  *
  * A batch collects messages in feed order (in memory, as binary COPY rows with one typed column
- * per message field the fold reads), then flush writes them in one COPY into a temporary staging
- * table and folds them into the projections with at most a fixed number of set-based statements
- * (those whose input types are in the batch), inside a transaction the caller owns (so the caller
- * commits the rows together with its consumed offsets, or with a table swap when rebuilding).
+ * per message field the fold reads; messages of which the statements need less, such as a run of
+ * a tenant's hold entries, are held per tenant and staged as one row when the batch is sent:
+ * projections/README.md "How a flush works"), then flush writes them in one COPY into a
+ * temporary staging table and folds them into the projections with at most a fixed number of
+ * set-based statements (those whose input types are in the batch), inside a transaction the
+ * caller owns (so the caller commits the rows together with its consumed offsets, or with a
+ * table swap when rebuilding).
  *
  * The fold is idempotent and depends only on the messages: event ids seen before are skipped
- * (projector_seen_events), ledger entries at or below the last applied seq of their tenant are
- * skipped (projector_ledger_applied), timestamps come from occurred_at / ledger_time, never now().
- * Feeding the same messages again, in any number of batches, gives the same rows.
+ * (projector_seen_events, for the types tly_fold_keeps_event_id names), ledger entries at or
+ * below the last applied seq of their tenant are skipped (projector_ledger_applied), timestamps
+ * come from occurred_at / ledger_time, never now(). Feeding the same messages again, in any
+ * number of batches, gives the same rows.
  *
  * Not thread-safe: one batch per thread and connection.
  */
@@ -47,11 +51,28 @@ void tly_fold_free(struct tly_fold *fold); /* accepts NULL */
 int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *name) TLY_MUST_CHECK;
 
 /*
+ * Whether an event of type changes a projection row by itself, so that its id is recorded in
+ * projector_seen_events and a repeat of it is dropped. False for the wallet's events
+ * (SubscriptionCancelled, -Paused, -Resumed, CreditsGranted, TokensReserved, ReservationReleased,
+ * TokensDebited): they reach the projections only through the ledger's entries, a repeat of one
+ * changes nothing, and the fold keeps of them only their tenant (its placeholder row). The live
+ * fold and the rebuild's in-memory fold (memfold.c) both follow it.
+ */
+bool tly_fold_keeps_event_id(enum tly_event_type type);
+
+/*
  * Add one decoded message (borrowed for the call: what the fold needs is copied). Every event type
  * of tally.events, PlanPublished and LedgerEntry (tenant_id set) are folded; ClockTick is ignored.
  * 0 or TLY_E_NOMEM.
  */
 int tly_fold_add(struct tly_fold *fold, const struct tly_event *ev) TLY_MUST_CHECK;
+
+/*
+ * Empty every table of tly_fold_tables (default names) but the plan catalog (billing_plans,
+ * plan_features: the migrations seed it), in one TRUNCATE ... CASCADE over conn: the projections
+ * as before any message, for tests and benchmarks. 0 or TLY_E_PG.
+ */
+int tly_fold_truncate(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 
 /*
  * Set conn's session up for the fold (temp_buffers, so that a batch's staging table stays in

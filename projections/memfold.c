@@ -354,6 +354,10 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 			mf->oom = true;
 		return; /* the plan's rows, and its event id, are fold.c's (see memfold.h) */
 	}
+	if (!tly_fold_keeps_event_id(ev->type)) {
+		ensure_tenant(mf, tenant, at); /* the wallet's events: their entries do the rest */
+		return;
+	}
 	if (tly_uuidmap_get(mf->map[T_SEEN], tenant, &ev->event_id))
 		return; /* seen before: folded once */
 	struct key2 *seen = alloc(mf, sizeof(*seen));

@@ -156,6 +156,17 @@ static void batch1(struct tly_fold *f)
 	"\"model\": \"gpt-4o\", \"prompt_tokens\": 100, \"completion_tokens\": 50, " \
 	"\"reasoning_tokens\": 10, \"latency_ms\": 900, \"cost_micros\": 1234, \"reservation_id\": \"" RES "\"}"
 
+/* The wallet's events (tly_fold_keeps_event_id false), of tenant at a time */
+#define WALLET_RESERVED(tenant, at) \
+	"{\"type\": \"TokensReserved\", \"event_id\": \"b0000000-0000-4000-8000-000000000001\", " \
+	"\"tenant_id\": \"" tenant "\", \"occurred_at\": \"" at "\", " \
+	"\"reservation_id\": \"" RES "\", \"tokens\": 500, \"expires_at\": \"2026-01-01T01:00:00Z\", " \
+	"\"model\": \"gpt-4o\", \"conversation_id\": \"" CONV "\"}"
+#define WALLET_GRANT(tenant, at) \
+	"{\"type\": \"CreditsGranted\", \"event_id\": \"b0000000-0000-4000-8000-000000000002\", " \
+	"\"tenant_id\": \"" tenant "\", \"occurred_at\": \"" at "\", " \
+	"\"grant_id\": \"b0000000-0000-4000-8000-0000000000ff\", \"tokens\": 100, \"reason\": \"goodwill\"}"
+
 static void batch2(struct tly_fold *f)
 {
 	add_json(f, "{\"type\": \"ConversationStarted\", \"event_id\": \"a0000000-0000-4000-8000-000000000005\", "
@@ -181,6 +192,10 @@ static void batch2(struct tly_fold *f)
 		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-02T00:00:01Z\", "
 		    "\"subscription_id\": \"" SUB "\", \"feature_key\": \"api_calls\", \"unit\": \"call\", "
 		    "\"quantity\": 7, \"external_event_id\": \"ext-1\"}");
+	/* the wallet's events (twice, the same event): their entries do the rest, no seen row */
+	add_json(f, WALLET_RESERVED(TENANT, "2026-01-01T00:01:59Z"));
+	add_json(f, WALLET_RESERVED(TENANT, "2026-01-01T00:01:59Z"));
+	add_json(f, WALLET_GRANT(TENANT, "2026-01-01T00:04:00Z"));
 	add_entry(f, 1, "subscription_started", "2026-01-01T00:00:00Z", /* republished */
 		  "\"ref_id\": \"" SUB "\", " SUB_PERIOD ", \"allowance_delta\": 1000, "
 		  "\"allowance_remaining\": 1000, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
@@ -236,6 +251,22 @@ static char *digest(PGconn *conn)
 	return d;
 }
 
+/* The projections' digest is want's (a digest() of the same database before). */
+static void expect_digest(PGconn *conn, const char *want)
+{
+	char *have = digest(conn);
+	ck_assert_str_eq(want, have);
+	free(have);
+}
+
+/* Forget the recorded messages (add_json). */
+static void forget_recorded(void)
+{
+	for (size_t i = 0; i < n_recorded; i++)
+		free(recorded[i]);
+	n_recorded = 0;
+}
+
 /* Messages whose conversation (of their tenant) or tenant is missing: the fold creates both first. */
 #define MESSAGES_UNREFERENCED \
 	"SELECT count(*) FROM agent_messages m LEFT JOIN agent_conversations c " \
@@ -270,6 +301,9 @@ static void check_fold_rows(PGconn *c)
 		  "ledger_seq, period_start, monthly_api_cost_micros) FROM token_balances "
 		  "WHERE subscription_id = '" SUB "'", "1000 50 925 25 0 8 2026-02-01 00:00:00+00 0");
 	expect(c, "SELECT count(*) FROM token_balances", "1");
+	/* one seen row per event id of batch1 and batch2, none of the wallet's events */
+	expect(c, "SELECT count(*) FROM projector_seen_events", "12");
+	expect(c, "SELECT count(*) FROM projector_seen_events WHERE event_id::text LIKE 'b0000000-%'", "0");
 }
 
 START_TEST(fold_direct)
@@ -389,14 +423,7 @@ END_TEST
 static void empty_projections(PGconn *conn)
 {
 	struct tly_pg_error err;
-	for (size_t i = 0; i < tly_fold_n_tables; i++) {
-		char sql[128];
-		if (strcmp(tly_fold_tables[i], "billing_plans") == 0 ||
-		    strcmp(tly_fold_tables[i], "plan_features") == 0)
-			continue;
-		snprintf(sql, sizeof(sql), "TRUNCATE %s CASCADE", tly_fold_tables[i]);
-		ck_assert_msg(tly_pg_exec(conn, sql, 0, NULL, &err) == 0, "%s", err.message);
-	}
+	ck_assert_msg(tly_fold_truncate(conn, &err) == 0, "%s", err.message);
 }
 
 /* One recorded message into the in-memory fold. */
@@ -532,6 +559,117 @@ static void memfold_rebuild(PGconn *conn, const char *stream)
 }
 
 /*
+ * The wallet's events (TokensReserved, CreditsGranted...) reach the projections through the ledger's
+ * entries only: the fold writes no projector_seen_events row for them, in any number of repeats,
+ * but their tenant gets its placeholder row (created at the earliest of them), as from any message;
+ * the in-memory fold of a rebuild gives the same rows.
+ */
+START_TEST(wallet_events_no_seen_row)
+{
+#define TENANT2 "12121212-1212-4212-8212-121212121212"
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	for (int round = 0; round < 2; round++) {
+		add_json(f, WALLET_GRANT(TENANT2, "2026-01-01T00:05:00Z"));
+		add_json(f, WALLET_RESERVED(TENANT2, "2026-01-01T00:03:00Z"));
+		add_json(f, WALLET_RESERVED(TENANT2, "2026-01-01T00:03:00Z"));
+		flush_in_tx(d.conn, f);
+	}
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "0");
+	expect(d.conn, "SELECT concat_ws(' ', id, slug = '', created_at) FROM tenant_accounts",
+	       TENANT2 " t 2026-01-01 00:03:00+00");
+	expect(d.conn, "SELECT count(*) FROM tenant_accounts", "1");
+	char *want = digest(d.conn);
+
+	/* the same messages through the in-memory fold into the emptied tables */
+	empty_projections(d.conn);
+	struct tly_memfold *mf = tly_memfold_new();
+	struct tly_pg_error err;
+	ck_assert_ptr_nonnull(mf);
+	for (size_t i = 0; i < n_recorded; i++)
+		memfold_add_text(mf, recorded[i]);
+	forget_recorded();
+	ck_assert_int_eq(tly_memfold_finish(mf), 0);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
+		      err.message);
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	expect_digest(d.conn, want);
+	free(want);
+	tly_memfold_free(mf);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+#undef TENANT2
+}
+END_TEST
+
+/*
+ * Entries of kinds no statement names (holds, rejections...) are staged as runs, one row per run
+ * of consecutive seqs with one subscription and period (tly_fold_add): token_balances comes out as
+ * from every entry, across a debit inside a run, an entry of another subscription (none) between
+ * two runs, a run republished over an applied one and one that continues it, and a seq gap; the
+ * in-memory fold of the same messages (every entry, one by one) gives the same rows.
+ */
+#define RUN_BAL(allowance, held) \
+	"\"allowance_remaining\": " #allowance ", \"credits_remaining\": 0, \"held\": " #held ", " \
+	"\"overage_tokens\": 0"
+static void run_entry(struct tly_fold *f, int seq, const char *kind, const char *extra)
+{
+	char at[32];
+	snprintf(at, sizeof(at), "2026-01-01T01:%02d:00Z", seq);
+	add_entry(f, seq, kind, at, extra);
+}
+
+START_TEST(entry_runs)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	batch1(f); /* the tenant, a user, a message, an invoice status; entry 1 starts SUB */
+	run_entry(f, 2, "hold_placed", SUB_PERIOD ", " RUN_BAL(1000, 100));
+	run_entry(f, 3, "hold_placed", SUB_PERIOD ", " RUN_BAL(1000, 300));
+	run_entry(f, 4, "rejected", RUN_BAL(1000, 300)); /* no subscription */
+	run_entry(f, 5, "hold_expired", SUB_PERIOD ", " RUN_BAL(1000, 200));
+	run_entry(f, 6, "debit", SUB_PERIOD ", \"allowance_delta\": -70, " RUN_BAL(930, 100));
+	run_entry(f, 7, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 150));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT string_agg(concat_ws(' ', subscription_id, ledger_seq, tokens_used, held, "
+		       "tokens_remaining, updated_at), ', ' ORDER BY ledger_seq) FROM token_balances",
+	       "4 0 300 700 2026-01-01 01:04:00+00, " SUB " 7 70 150 780 2026-01-01 01:07:00+00");
+
+	/* republished 5 to 7 (applied), then 8 and 9 continue the run; 11 after a gap */
+	run_entry(f, 5, "hold_expired", SUB_PERIOD ", " RUN_BAL(1000, 200));
+	run_entry(f, 6, "debit", SUB_PERIOD ", \"allowance_delta\": -70, " RUN_BAL(930, 100));
+	run_entry(f, 7, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 150));
+	run_entry(f, 8, "hold_released", SUB_PERIOD ", " RUN_BAL(930, 100));
+	run_entry(f, 9, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 400));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT concat_ws(' ', ledger_seq, tokens_used, held) FROM token_balances "
+		       "WHERE subscription_id IS NOT NULL", "9 70 400");
+	expect(d.conn, "SELECT seq FROM projector_ledger_applied", "9");
+	run_entry(f, 11, "hold_expired", SUB_PERIOD ", " RUN_BAL(930, 0));
+	run_entry(f, 12, "hold_placed", SUB_PERIOD ", " RUN_BAL(930, 50));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT concat_ws(' ', ledger_seq, tokens_used, held, tokens_remaining) "
+		       "FROM token_balances WHERE subscription_id IS NOT NULL", "12 70 50 880");
+	char *want = digest(d.conn);
+
+	/* the in-memory fold: the same messages into the emptied tables */
+	empty_projections(d.conn);
+	memfold_rebuild(d.conn, NULL);
+	expect_digest(d.conn, want);
+	forget_recorded();
+	free(want);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
  * entries before their subscription's event, an invoice status before its invoice, messages and
  * a handoff before their conversation's start; duplicate events and republished entries; then
@@ -557,16 +695,12 @@ START_TEST(memfold_equals_fold)
 		char *emptied = digest(d.conn);
 		ck_assert_str_ne(want, emptied);
 		memfold_rebuild(d.conn, streams[k]);
-		char *have = digest(d.conn);
-		ck_assert_str_eq(want, have);
+		expect_digest(d.conn, want);
 		check_fold_rows(d.conn);
 		free(emptied);
-		free(have);
 	}
 
-	for (size_t i = 0; i < n_recorded; i++)
-		free(recorded[i]);
-	n_recorded = 0;
+	forget_recorded();
 	free(want);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
@@ -634,14 +768,9 @@ START_TEST(ledger_gap_read_back)
 			add_json(g, "%s", recorded[i]);
 	flush_in_tx(d.conn, g);
 	check_fold_rows(d.conn);
-	char *have = digest(d.conn);
-	ck_assert_str_eq(want, have);
-
-	for (size_t i = 0; i < n_recorded; i++)
-		free(recorded[i]);
-	n_recorded = 0;
+	expect_digest(d.conn, want);
+	forget_recorded();
 	free(want);
-	free(have);
 	tly_fold_free(g);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
@@ -1099,6 +1228,8 @@ Suite *projector_suite(void)
 	TCase *tc = tcase_create("fold");
 	tcase_add_test(tc, fold_direct);
 	tcase_add_test(tc, flush_in_flight);
+	tcase_add_test(tc, wallet_events_no_seen_row);
+	tcase_add_test(tc, entry_runs);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);

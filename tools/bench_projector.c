@@ -387,9 +387,70 @@ static double median(const double *v, int n)
 	return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
 }
 
+/* One run of a tally-projector binary over the whole backlog, from empty projections. */
+struct proj_run {
+	double secs;        /* from its first stored offset to the last */
+	long timed;         /* input records in that time (after the first stored offset) */
+	double cpu;         /* CPU seconds of the process, the whole run */
+	double backend_cpu; /* of its PostgreSQL backends, the whole run */
+	int n_backends;
+};
+
+static struct proj_run run_projector(struct stack *s, const char *exe, long inputs)
+{
+	char err[512], log[256];
+	struct proj_run run = {0};
+	long first = 0;
+	snprintf(log, sizeof(log), "%s/projector.log", s->dir);
+	char *pa[] = {(char *)exe, NULL};
+	pid_t projector = tly_proc_spawn(pa, log, err, sizeof(err));
+	if (projector < 0)
+		die("tally-projector", err);
+	run.secs = time_consumer(s, "tally-projector", inputs, &first);
+	if (run.secs <= 0)
+		die("tally-projector", "did not finish the backlog (see its log)");
+	run.timed = inputs - first;
+	/* CPU of the whole run (first batch included): the process, and its backends' */
+	run.cpu = tly_proc_cpu_s(projector, false);
+	struct tly_pg_error qe;
+	const char *const app_name[] = {"tally-projector"};
+	PGresult *backends = tly_pg_query(s->conn, "SELECT pid FROM pg_stat_activity "
+					  "WHERE application_name = $1", 1, app_name, &qe);
+	if (!backends)
+		die("backends", qe.message);
+	run.n_backends = PQntuples(backends);
+	for (int i = 0; i < run.n_backends; i++)
+		run.backend_cpu += tly_proc_cpu_s((pid_t)atol(PQgetvalue(backends, i, 0)), false);
+	PQclear(backends);
+	if (tly_proc_stop(projector, 10000) < 0)
+		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
+	return run;
+}
+
+/*
+ * The projections as before the first projector run (the migrations' seeded plans stay; the
+ * backlog has no catalog records), no stored projector offsets, then a CHECKPOINT (untimed).
+ * No ANALYZE: TRUNCATE leaves the tables unanalyzed, as before the first run. Analyzed empty,
+ * the tables would keep plans made for empty tables (a backend keeps the plan of each foreign
+ * key's check) until autovacuum analyzes them again: the message insert's key check alone took
+ * 2 s of a 10 s run.
+ */
+static void reset_projections(struct stack *s)
+{
+	struct tly_pg_error pe;
+	backends_gone(s);
+	if (tly_pg_begin(s->conn, &pe) != 0 || tly_fold_truncate(s->conn, &pe) != 0)
+		die("reset", pe.message);
+	const char *const v[] = {"tally-projector"};
+	if (tly_pg_exec(s->conn, "DELETE FROM consumer_offsets WHERE consumer = $1", 1, v, &pe) != 0 ||
+	    tly_pg_commit(s->conn, &pe) != 0 || tly_pg_exec_script(s->conn, "CHECKPOINT", &pe) != 0)
+		die("reset", pe.message);
+}
+
 static const char help[] =
 	"Usage: tally-bench-projector [--tenants N] [--events N] [--step-ms MS]\n"
 	"                             [--partitions N] [--baseline TALLYCTL] [--rounds N]\n"
+	"                             [--projector-rounds N] [--baseline-projector TALLY_PROJECTOR]\n"
 	"\n"
 	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
 	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
@@ -402,7 +463,11 @@ static const char help[] =
 	"round, first in odd rounds, second in even ones.\n"
 	"--rounds: rebuilds (and raw COPYs) this many times (default 5, at most 15) and prints\n"
 	"each round and the medians. Before each timed step every projection table is analyzed\n"
-	"and a CHECKPOINT taken, untimed.\n";
+	"and a CHECKPOINT taken, untimed.\n"
+	"--projector-rounds: after the first projector run, empties the projections and runs\n"
+	"tally-projector over the whole backlog again this many times (default 0, at most 15),\n"
+	"each time after --baseline-projector (another build's tally-projector) if given, and\n"
+	"prints each run's rate and CPU per input record (process and backends) and the medians.\n";
 
 int main(int argc, char **argv)
 {
@@ -412,8 +477,8 @@ int main(int argc, char **argv)
 	}
 	char err[512], exe[PATH_MAX], log[256], out[4096];
 	const char *tenants = TENANTS, *nevents = EVENTS, *step = STEP_MS, *baseline = NULL;
-	const char *partitions = PARTITIONS;
-	int rounds = 5;
+	const char *partitions = PARTITIONS, *baseline_projector = NULL;
+	int rounds = 5, proj_rounds = 0;
 	for (int a = 1; a + 1 < argc; a += 2) {
 		if (strcmp(argv[a], "--tenants") == 0)
 			tenants = argv[a + 1];
@@ -427,6 +492,10 @@ int main(int argc, char **argv)
 			baseline = argv[a + 1];
 		else if (strcmp(argv[a], "--rounds") == 0)
 			rounds = atoi(argv[a + 1]);
+		else if (strcmp(argv[a], "--projector-rounds") == 0)
+			proj_rounds = atoi(argv[a + 1]);
+		else if (strcmp(argv[a], "--baseline-projector") == 0)
+			baseline_projector = argv[a + 1];
 		else
 			die("unexpected argument", argv[a]);
 	}
@@ -436,6 +505,8 @@ int main(int argc, char **argv)
 		die("--partitions", "not a positive number");
 	if (rounds < 1 || rounds > MAX_ROUNDS)
 		die("--rounds", "not a number from 1 to 15");
+	if (proj_rounds < 0 || proj_rounds > MAX_ROUNDS)
+		die("--projector-rounds", "not a number from 0 to 15");
 	stack_start(&s);
 
 	/* the workload: loadgen as fast as it goes, with period closes and invoices */
@@ -468,37 +539,39 @@ int main(int argc, char **argv)
 
 	/* the projector on the whole backlog */
 	long inputs = events + ledger_records + catalog;
-	snprintf(log, sizeof(log), "%s/projector.log", s.dir);
 	tly_proc_sibling("tally-projector", exe, sizeof(exe));
-	char *pa[] = {exe, NULL};
-	pid_t projector = tly_proc_spawn(pa, log, err, sizeof(err));
-	if (projector < 0)
-		die("tally-projector", err);
-	double proj_s = time_consumer(&s, "tally-projector", inputs, &first);
-	if (proj_s <= 0)
-		die("tally-projector", "did not finish the backlog (see its log)");
-	double proj_records = (double)(inputs - first) / proj_s;
-	/* CPU of the whole run (first batch included): the process, and its backends' */
-	double proj_cpu = tly_proc_cpu_s(projector, false), backend_cpu = 0;
-	struct tly_pg_error qe;
-	const char *const app_name[] = {"tally-projector"};
-	PGresult *backends = tly_pg_query(s.conn, "SELECT pid FROM pg_stat_activity "
-					  "WHERE application_name = $1", 1, app_name, &qe);
-	if (!backends)
-		die("backends", qe.message);
-	int n_backends = PQntuples(backends);
-	for (int i = 0; i < n_backends; i++)
-		backend_cpu += tly_proc_cpu_s((pid_t)atol(PQgetvalue(backends, i, 0)), false);
-	PQclear(backends);
-	if (tly_proc_stop(projector, 10000) < 0)
-		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
+	struct proj_run run = run_projector(&s, exe, inputs);
 	long rows = projection_rows(&s);
-	double proj_rows = (double)rows * (double)(inputs - first) / (double)inputs / proj_s;
-	double proj_events = (double)events * (double)(inputs - first) / (double)inputs / proj_s;
+	double proj_s = run.secs, proj_cpu = run.cpu, backend_cpu = run.backend_cpu;
+	int n_backends = run.n_backends;
+	double proj_rows = (double)rows * (double)run.timed / (double)inputs / proj_s;
+	double proj_events = (double)events * (double)run.timed / (double)inputs / proj_s;
+	double proj_records = (double)run.timed / proj_s;
+	char *live_digest = digest(&s);
+
+	/* again from empty projections, alternating with the baseline projector if any */
+	/* events/s and CPU us per input record of each run: [0] this build, [1] the baseline */
+	double prate[2][MAX_ROUNDS], pcpu[2][MAX_ROUNDS];
+	for (int r = 0; r < proj_rounds; r++) {
+		for (int k = baseline_projector ? 1 : 0; k >= 0; k--) {
+			reset_projections(&s);
+			struct proj_run pr = run_projector(&s, k ? baseline_projector : exe, inputs);
+			prate[k][r] = (double)events * (double)pr.timed / (double)inputs / pr.secs;
+			pcpu[k][r] = (pr.cpu + pr.backend_cpu) / (double)pr.timed * 1e6;
+			printf("projector round %d, %s: %.2f s, %.0f events/s; CPU tally-projector %.2f s + "
+			       "%d backend(s) %.2f s = %.1f us per input record\n", r + 1,
+			       k ? "baseline" : "this build", pr.secs, prate[k][r], pr.cpu,
+			       pr.n_backends, pr.backend_cpu, pcpu[k][r]);
+			if (!k) {
+				char *d = digest(&s);
+				warn_changed(live_digest, d, "a projector round");
+				free(d);
+			}
+		}
+	}
 
 	/* rebuilds of everything, each timed to the exit of tallyctl, and the raw COPY; with a
 	 * baseline, the two tallyctls alternate which goes first from round to round */
-	char *live_digest = digest(&s);
 	char ctl[PATH_MAX], base_out[4096] = "";
 	double rebuild_t[MAX_ROUNDS], base_t[MAX_ROUNDS], copy_t[MAX_ROUNDS];
 	/* CPU seconds per round: [0] client, [1] PostgreSQL */
@@ -552,8 +625,14 @@ int main(int argc, char **argv)
 	printf("tally-ledger on the backlog           %10.0f events/s\n", ledger_rate);
 	printf("tally-projector on the backlog        %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", proj_events, proj_records, proj_rows, proj_s);
-	printf("  CPU of the whole run: tally-projector %.2f s, its %d PostgreSQL backend(s) %.2f s\n",
-	       proj_cpu, n_backends, backend_cpu);
+	printf("  CPU of the whole run: tally-projector %.2f s, its %d PostgreSQL backend(s) %.2f s "
+	       "(%.1f us per input record)\n", proj_cpu, n_backends, backend_cpu,
+	       (proj_cpu + backend_cpu) / (double)run.timed * 1e6);
+	for (int k = 0; proj_rounds > 0 && k <= (baseline_projector ? 1 : 0); k++) {
+		printf("  %s, median of %d more runs: %10.0f events/s, %.1f us CPU per input record\n",
+		       k ? "baseline projector" : "this projector", proj_rounds,
+		       median(prate[k], proj_rounds), median(pcpu[k], proj_rounds));
+	}
 	printf("tallyctl rebuild all (whole command)  %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", (double)events / rebuild_s,
 	       (double)(events + entries + catalog) / rebuild_s, rebuild_rows, rebuild_s);
