@@ -786,14 +786,14 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 /*
  * After a poll returned a record: take what else librdkafka has ready in one call (one lock of
  * its queue, and the loop's housekeeping once for all of them instead of once a record), up to
- * DRAIN_MAX and, while a decided group waits, up to limit pending. True: more may be ready.
+ * DRAIN_MAX and never past limit pending (a group's most records). True: more may be ready.
  */
 static bool take_ready(struct app *app, size_t limit)
 {
 	rd_kafka_message_t *msgs[DRAIN_MAX];
-	size_t room = DRAIN_MAX;
-	if (app->ready.n)
-		room = app->pending >= limit ? 0 : limit - app->pending < room ? limit - app->pending : room;
+	size_t room = app->pending >= limit ? 0 : limit - app->pending;
+	if (room > DRAIN_MAX)
+		room = DRAIN_MAX;
 	if (room == 0)
 		return true;
 	ssize_t n = rd_kafka_consume_batch_queue(app->wake_queue, 0, msgs, room);
