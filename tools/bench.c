@@ -780,7 +780,7 @@ int main(int argc, char **argv)
 			die("PostgreSQL", err);
 		bench_latency(pg, rate, linger_ms, &l);
 		printf("\npublish -> committed decision (read back from tally.ledger), %.0f reservations/s "
-		       "(%s; the gateway's linger.ms %d), 5 s after 1 s of warm-up:\n"
+		       "(%s; the gateway's linger.ms %d), 5 s after a warm-up and 1 s at the rate:\n"
 		       "  p50 %.1f ms   p99 %.1f ms   (%ld samples)\n"
 		       "  of which publish -> tally-ledger produced the entry (after COMMIT): p50 %.1f ms   p99 %.1f ms\n"
 		       "  and produced -> read from tally.ledger:                            p50 %.1f ms   p99 %.1f ms\n",
