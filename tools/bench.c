@@ -515,22 +515,40 @@ static void percentiles(double *v, long n, double *p50, double *p99)
  * queued while it started arrives at once, and the backlog it makes lasts past the warm-up.
  */
 #define WARM_TENANTS 60
-static void warm_up(struct tly_producer *p, rd_kafka_t *rk, struct tly_codec *codec)
+
+/*
+ * Publish reservation n of id space `space` (its event id in space, its reservation id in
+ * space + 1) for tenant, stamped with the time of publishing: the latency run's ledger_time.
+ */
+static void publish_reservation(struct tly_producer *p, struct tly_event *ev, uint64_t space,
+				uint64_t n, uint64_t tenant)
 {
 	char err[512];
+	tly_event_init(ev, TLY_EV_TOKENS_RESERVED);
+	uuid_n(&ev->event_id, space, n);
+	uuid_n(&ev->tenant_id, 2, tenant);
+	ev->occurred_at = wall_us();
+	uuid_n(&ev->u.tokens_reserved.reservation_id, space + 1, n);
+	ev->u.tokens_reserved.tokens = 100;
+	ev->u.tokens_reserved.expires_at = ev->occurred_at + 3600LL * 1000000;
+	ev->u.tokens_reserved.model = "gpt-4o";
+	if (tly_producer_publish(p, ev, NULL, err, sizeof(err)) != 0)
+		die("publish", err);
+}
+
+/* A hold_placed entry read from tally.ledger, decoded into entry. */
+static bool is_hold_placed(struct tly_codec *codec, const rd_kafka_message_t *m, struct tly_event *entry)
+{
+	char err[512];
+	return !m->err && tly_codec_decode(codec, m->payload, m->len, entry, err, sizeof(err)) == 0 &&
+	       strcmp(entry->u.ledger_entry.kind, "hold_placed") == 0;
+}
+
+static void warm_up(struct tly_producer *p, rd_kafka_t *rk, struct tly_codec *codec)
+{
 	struct tly_event ev = {0}, entry = {0};
-	for (int i = 0; i < WARM_TENANTS; i++) {
-		tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
-		uuid_n(&ev.event_id, 9, (uint64_t)i);
-		uuid_n(&ev.tenant_id, 2, (uint64_t)i);
-		ev.occurred_at = wall_us();
-		uuid_n(&ev.u.tokens_reserved.reservation_id, 10, (uint64_t)i);
-		ev.u.tokens_reserved.tokens = 100;
-		ev.u.tokens_reserved.expires_at = ev.occurred_at + 3600LL * 1000000;
-		ev.u.tokens_reserved.model = "gpt-4o";
-		if (tly_producer_publish(p, &ev, NULL, err, sizeof(err)) != 0)
-			die("publish", err);
-	}
+	for (int i = 0; i < WARM_TENANTS; i++)
+		publish_reservation(p, &ev, 9, (uint64_t)i, (uint64_t)i);
 	if (tly_producer_flush(p, 30000) != 0)
 		die("warm-up", "flush timed out");
 	int seen = 0;
@@ -538,8 +556,7 @@ static void warm_up(struct tly_producer *p, rd_kafka_t *rk, struct tly_codec *co
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
 		if (!m)
 			continue;
-		if (!m->err && tly_codec_decode(codec, m->payload, m->len, &entry, err, sizeof(err)) == 0 &&
-		    strcmp(entry.u.ledger_entry.kind, "hold_placed") == 0)
+		if (is_hold_placed(codec, m, &entry))
 			seen++;
 		rd_kafka_message_destroy(m);
 	}
@@ -612,16 +629,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 			cpu_snapshot(ledger, pg, s.broker, cpu0);
 		}
 		while (sent < total && sent < (long)((t - start) * rate)) {
-			tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
-			uuid_n(&ev.event_id, 6, (uint64_t)sent);
-			uuid_n(&ev.tenant_id, 2, splitmix(&rng) % 1000);
-			ev.occurred_at = wall_us();
-			uuid_n(&ev.u.tokens_reserved.reservation_id, 7, (uint64_t)sent);
-			ev.u.tokens_reserved.tokens = 100;
-			ev.u.tokens_reserved.expires_at = ev.occurred_at + 3600LL * 1000000;
-			ev.u.tokens_reserved.model = "gpt-4o";
-			if (tly_producer_publish(p, &ev, NULL, err, sizeof(err)) != 0)
-				die("publish", err);
+			publish_reservation(p, &ev, 6, (uint64_t)sent, splitmix(&rng) % 1000);
 			sent++;
 		}
 		tly_producer_poll(p, 0);
@@ -638,9 +646,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 		int64_t now = wall_us();
 		for (ssize_t i = 0; i < 1 + (k > 0 ? k : 0); i++) {
 			rd_kafka_message_t *m = msgs[i];
-			if (!m->err &&
-			    tly_codec_decode(codec, m->payload, m->len, &entry, err, sizeof(err)) == 0 &&
-			    strcmp(entry.u.ledger_entry.kind, "hold_placed") == 0 &&
+			if (is_hold_placed(codec, m, &entry) &&
 			    entry.u.ledger_entry.ledger_time >= measure_from && got < n) {
 				int64_t published = entry.u.ledger_entry.ledger_time;
 				/* the entry's CreateTime: when tally-ledger handed it to its producer, after COMMIT */
