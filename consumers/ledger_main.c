@@ -29,6 +29,7 @@
 extern char **environ;
 
 #define POLL_MS 10
+#define DRAIN_MAX 256          /* records taken from librdkafka's queue in one call after a poll */
 #define RELOAD_BACKOFF_MS 200
 #define FENCED_BACKOFF_MS 2000
 #define MAX_BACKOFF_MS 5000
@@ -782,6 +783,27 @@ static void handle_message(struct app *app, rd_kafka_message_t *m)
 		app->opened_ms = tly_clock_ms();
 }
 
+/*
+ * After a poll returned a record: take what else librdkafka has ready in one call (one lock of
+ * its queue, and the loop's housekeeping once for all of them instead of once a record), up to
+ * DRAIN_MAX and never past limit pending (a group's most records). True: more may be ready.
+ */
+static bool take_ready(struct app *app, size_t limit)
+{
+	rd_kafka_message_t *msgs[DRAIN_MAX];
+	size_t room = app->pending >= limit ? 0 : limit - app->pending;
+	if (room > DRAIN_MAX)
+		room = DRAIN_MAX;
+	if (room == 0)
+		return true;
+	ssize_t n = rd_kafka_consume_batch_queue(app->wake_queue, 0, msgs, room);
+	for (ssize_t i = 0; i < n; i++) {
+		handle_message(app, msgs[i]);
+		rd_kafka_message_destroy(msgs[i]);
+	}
+	return n == (ssize_t)room;
+}
+
 /* Delivery to tally.ledger failed for good: republish from the marker. */
 static void check_deliveries(struct app *app)
 {
@@ -888,24 +910,27 @@ static void run(struct app *app)
 			reload_requested = 0;
 			tly_cli_reload(app->config_file, app->sets, app->n_sets, environ);
 		}
-		rd_kafka_message_t *m = NULL;
-		if (app->ready.n && app->pending >= tly_ledger_pace_max_events(&app->pace, app->max_events)) {
+		bool more_ready = false;
+		size_t limit = tly_ledger_pace_max_events(&app->pace, app->max_events);
+		if (app->ready.n && app->pending >= limit) {
 			complete_flight(app, POLL_MS); /* back pressure: the next group is full */
 		} else {
 			/* a record or the writer's wake-up ends the wait early */
 			int64_t due_us = decide_in_us(app, true);
-			m = rd_kafka_consumer_poll(app->consumer,
-						   due_us < 0 || due_us >= 1000 * POLL_MS ? POLL_MS
-											  : (int)((due_us + 999) / 1000));
+			rd_kafka_message_t *m = rd_kafka_consumer_poll(
+				app->consumer, due_us < 0 || due_us >= 1000 * POLL_MS
+						       ? POLL_MS
+						       : (int)((due_us + 999) / 1000));
 			if (m) {
 				handle_message(app, m);
 				rd_kafka_message_destroy(m);
+				more_ready = take_ready(app, limit);
 			}
 		}
 		complete_flight(app, 0);
 		submit_ready(app);
-		if (decide_in_us(app, !m) == 0) {
-			tly_ledger_pace_sized(&app->pace, app->pending, app->max_events, m != NULL);
+		if (decide_in_us(app, !more_ready) == 0) {
+			tly_ledger_pace_sized(&app->pace, app->pending, app->max_events, more_ready);
 			decide_group(app);
 			submit_ready(app);
 		}

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "kafka.h"
 #include "log.h"
@@ -35,6 +36,10 @@ struct lane {                  /* one partition */
 
 struct tly_ledger_publisher {
 	rd_kafka_t *rk;
+	rd_kafka_topic_t *rkt;     /* tally.ledger, for rd_kafka_produce_batch */
+	rd_kafka_message_t *msgs;  /* send_entries' messages, cap of them, kept between batches */
+	char (*keys)[37];          /* and their keys' texts */
+	size_t cap;
 	struct tly_codec *codec;   /* borrowed */
 	char *ledger_topic, *deadletter_topic;
 	int32_t partition_count;
@@ -108,6 +113,11 @@ struct tly_ledger_publisher *tly_ledger_publisher_new(const struct tly_config *c
 	rd_kafka_conf_set_opaque(conf, pub);
 	if (!(pub->rk = tly_kafka_producer_new(conf, errstr, errlen)))
 		goto fail;
+	if (!(pub->rkt = rd_kafka_topic_new(pub->rk, pub->ledger_topic, NULL))) {
+		snprintf(errstr, errlen, "could not create the topic handle of \"%s\": %s",
+			 pub->ledger_topic, rd_kafka_err2str(rd_kafka_last_error()));
+		goto fail;
+	}
 	return pub;
 fail:
 	tly_ledger_publisher_free(pub, 0);
@@ -118,7 +128,11 @@ void tly_ledger_publisher_free(struct tly_ledger_publisher *pub, int flush_timeo
 {
 	if (!pub)
 		return;
+	if (pub->rkt)
+		rd_kafka_topic_destroy(pub->rkt);
 	tly_kafka_producer_destroy(pub->rk, flush_timeout_ms);
+	free(pub->msgs);
+	free(pub->keys);
 	for (int32_t i = 0; pub->lanes && i < pub->partition_count; i++) {
 		while (pub->lanes[i].head) {
 			struct pub_batch *b = pub->lanes[i].head;
@@ -224,6 +238,78 @@ static int send_deadletter(struct tly_ledger_publisher *pub, struct pub_batch *b
 	return produce(pub, b, lane, &msg);
 }
 
+/*
+ * A committed batch's encoded entries to tally.ledger in one rd_kafka_produce_batch call (one
+ * topic lookup, one pass under the topic's lock) instead of one rd_kafka_producev each. A full
+ * local queue: serve delivery reports and go on from the first message refused, in order, for
+ * up to PRODUCE_TIMEOUT_MS.
+ */
+static int send_entries(struct tly_ledger_publisher *pub, struct pub_batch *b, int32_t partition,
+			const struct tly_ledger_batch_out *out)
+{
+	size_t n = out->n_entries;
+	if (n > pub->cap) {
+		rd_kafka_message_t *msgs = realloc(pub->msgs, n * sizeof(*msgs));
+		if (msgs)
+			pub->msgs = msgs;
+		char(*keys)[37] = realloc(pub->keys, n * sizeof(*keys));
+		if (keys)
+			pub->keys = keys;
+		if (!msgs || !keys)
+			return TLY_E_NOMEM;
+		pub->cap = n;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct msg_ref *ref = malloc(sizeof(*ref));
+		if (!ref) {
+			while (i-- > 0)
+				free(pub->msgs[i]._private);
+			return TLY_E_NOMEM;
+		}
+		*ref = (struct msg_ref){b, partition};
+		size_t len = 0;
+		const void *bytes = tly_entries_encoded(out->encoded, i, &len);
+		tly_uuid_format(&out->entries[i].tenant_id, pub->keys[i]);
+		pub->msgs[i] = (rd_kafka_message_t){.payload = (void *)bytes, .len = len,
+						    .key = pub->keys[i], .key_len = 36, ._private = ref};
+	}
+	int rc = 0;
+	size_t done = 0; /* messages enqueued, in order */
+	int64_t deadline = tly_clock_ms() + PRODUCE_TIMEOUT_MS;
+	while (done < n) {
+		rd_kafka_message_t *batch = pub->msgs + done;
+		size_t k = n - done, i = 0;
+		int good = rd_kafka_produce_batch(pub->rkt, partition, RD_KAFKA_MSG_F_COPY, batch, (int)k);
+		b->remaining += good;
+		while (i < k && !batch[i].err)
+			i++;
+		done += i;
+		if (i == k)
+			break;
+		/* A full queue refuses message i and every one after it: they wait, in order. */
+		if (batch[i].err == RD_KAFKA_RESP_ERR__QUEUE_FULL && (size_t)good == i) {
+			int64_t left = deadline - tly_clock_ms();
+			if (left > 0) {
+				rd_kafka_poll(pub->rk, left < 100 ? (int)left : 100);
+				continue;
+			}
+			tly_warn("could not produce Kafka message: local queue still full",
+				 "topic=%s partition=%d timeout_ms=%d", pub->ledger_topic, (int)partition,
+				 PRODUCE_TIMEOUT_MS);
+			rc = TLY_E_TIMEOUT;
+		} else {
+			tly_error("could not produce Kafka message", "topic=%s partition=%d reason=\"%s\"",
+				  pub->ledger_topic, (int)partition, rd_kafka_err2str(batch[i].err));
+			rc = TLY_E_KAFKA;
+		}
+		for (size_t j = i; j < k; j++) /* refused: not librdkafka's to free */
+			if (batch[j].err)
+				free(batch[j]._private);
+		break;
+	}
+	return rc;
+}
+
 int tly_ledger_publisher_send(struct tly_ledger_publisher *pub, int32_t partition,
 			      const struct tly_ledger_batch_out *out)
 {
@@ -231,10 +317,11 @@ int tly_ledger_publisher_send(struct tly_ledger_publisher *pub, int32_t partitio
 	struct pub_batch *b = open_batch(pub, partition, out->end_offset);
 	if (!b)
 		return TLY_E_NOMEM;
-	for (size_t i = 0; i < out->n_entries && rc == 0; i++) {
-		size_t len = 0;
-		const void *bytes = out->encoded ? tly_entries_encoded(out->encoded, i, &len) : NULL;
-		rc = send_entry(pub, b, partition, &out->entries[i], bytes, len);
+	if (out->encoded && out->n_entries) {
+		rc = send_entries(pub, b, partition, out);
+	} else {
+		for (size_t i = 0; i < out->n_entries && rc == 0; i++)
+			rc = send_entry(pub, b, partition, &out->entries[i], NULL, 0);
 	}
 	for (size_t i = 0; i < out->n_quarantined && rc == 0; i++)
 		rc = send_deadletter(pub, b, partition, &out->quarantined[i]);

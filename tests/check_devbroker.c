@@ -7,6 +7,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/pidfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -535,6 +539,86 @@ START_TEST(test_control_protocol)
 }
 END_TEST
 
+/* A TCP connection to host:port ("127.0.0.1:1234"), or -1. */
+static int connect_to(const char *hostport)
+{
+	char host[64];
+	const char *colon = strrchr(hostport, ':');
+	if (!colon || (size_t)(colon - hostport) >= sizeof(host))
+		return -1;
+	memcpy(host, hostport, (size_t)(colon - hostport));
+	host[colon - hostport] = '\0';
+	struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+	if (getaddrinfo(host, colon + 1, &hints, &ai) != 0)
+		return -1;
+	int fd = socket(ai->ai_family, ai->ai_socktype, 0);
+	if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+		close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(ai);
+	return fd;
+}
+
+/*
+ * Every TCP connection the mock brokers accepted has TCP_NODELAY, as Apache Kafka's brokers set it:
+ * read from the dev broker's own sockets (pidfd_getfd), one connection made to each broker.
+ */
+START_TEST(test_accepted_connections_nodelay)
+{
+	struct tly_test_broker b;
+	tly_test_broker_start(&b, 3, 2);
+	int client[3], n_clients = 0;
+	char *list = strdup(b.bootstraps), *save = NULL;
+	for (char *hp = strtok_r(list, ",", &save); hp && n_clients < 3; hp = strtok_r(NULL, ",", &save)) {
+		client[n_clients] = connect_to(hp);
+		ck_assert_msg(client[n_clients] >= 0, "could not connect to %s", hp);
+		n_clients++;
+	}
+	free(list);
+	ck_assert_int_eq(n_clients, 3);
+
+	int pidfd = pidfd_open(b.pid, 0);
+	ck_assert_msg(pidfd >= 0, "pidfd_open: %s", strerror(errno));
+	int accepted = 0, nodelay = 0;
+	for (double until = tly_clock_s() + 5; accepted < n_clients && tly_clock_s() < until;) {
+		char dir[64];
+		snprintf(dir, sizeof(dir), "/proc/%d/fd", (int)b.pid);
+		DIR *d = opendir(dir);
+		ck_assert_ptr_nonnull(d);
+		accepted = nodelay = 0;
+		for (struct dirent *de; (de = readdir(d));) {
+			if (de->d_name[0] == '.')
+				continue;
+			int fd = pidfd_getfd(pidfd, atoi(de->d_name), 0);
+			if (fd < 0)
+				continue;
+			int listening = 1, domain = 0, type = 0, on = 0;
+			socklen_t len = sizeof(int);
+			if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && !listening &&
+			    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&
+			    (domain == AF_INET || domain == AF_INET6) &&
+			    getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM) {
+				accepted++;
+				if (getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &len) == 0 && on)
+					nodelay++;
+			}
+			close(fd);
+		}
+		closedir(d);
+		if (accepted < n_clients)
+			usleep(50000);
+	}
+	close(pidfd);
+	ck_assert_msg(accepted >= n_clients, "the dev broker holds %d TCP connections, want %d",
+		      accepted, n_clients);
+	ck_assert_int_eq(nodelay, accepted);
+	for (int i = 0; i < n_clients; i++)
+		close(client[i]);
+	tly_test_broker_stop(&b);
+}
+END_TEST
+
 START_TEST(test_help_lists_limits)
 {
 	char out[8192];
@@ -544,6 +628,7 @@ START_TEST(test_help_lists_limits)
 		"--brokers", "--partitions", "--bootstrap-file", "--control", "memory only",
 		"5 MiB", "100k batches", "older data is dropped", "transactions are accepted but not implemented",
 		"no admin API", "bind()", "session.timeout.ms <= 3000", "broker-down", "errors API COUNT",
+		"one batch per partition",
 	};
 	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++)
 		ck_assert_msg(strstr(out, want[i]) != NULL, "--help lacks \"%s\":\n%s", want[i], out);
@@ -628,6 +713,7 @@ Suite *devbroker_suite(void)
 	tcase_add_test(broker, test_fault_broker_down_up);
 	tcase_add_test(broker, test_control_protocol);
 	tcase_add_test(broker, test_help_lists_limits);
+	tcase_add_test(broker, test_accepted_connections_nodelay);
 	tcase_add_test(broker, test_sigterm_clean_exit);
 	suite_add_tcase(s, broker);
 	return s;

@@ -1,4 +1,5 @@
 /* tally-devbroker: librdkafka's mock cluster in its own process, with Tally's topics and a fault-injection control socket. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -9,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -84,6 +87,9 @@ static const char usage_text[] =
 	"Known limits of the mock cluster (librdkafka 2.0.2):\n"
 	"  - memory only: everything is lost when the process stops\n"
 	"  - each partition keeps about 5 MiB or 100k batches; older data is dropped\n"
+	"  - a fetch returns at most one batch per partition, found by walking the partition's\n"
+	"    batches from the oldest: many small producer batches cost consumers a fetch each and\n"
+	"    the broker a longer walk each (Apache Kafka returns every batch up to the fetch size)\n"
 	"  - transactions are accepted but not implemented (no markers, no fencing)\n"
 	"  - no admin API (topics are created here, at start-up)\n"
 	"  - fixed ports only by interposing bind(); the ports change on every start\n"
@@ -719,6 +725,40 @@ static int cluster_start(struct devbroker *db, char *errstr, size_t errlen)
 	return 0;
 }
 
+/*
+ * TCP_NODELAY on the mock brokers' listening sockets, so that every connection they accept has it
+ * (Linux copies the option to an accepted socket), as Apache Kafka sets it on each connection: a
+ * response then leaves at once instead of waiting for the ACK of the one before it. The mock
+ * cluster does not set it and does not hand out its sockets, so they are found among this
+ * process's descriptors: every listening TCP socket here is one of them. 0 or TLY_E_IO.
+ */
+static int nodelay_listeners(char *errstr, size_t errlen)
+{
+	DIR *d = opendir("/proc/self/fd");
+	if (!d) {
+		snprintf(errstr, errlen, "could not open /proc/self/fd: %s", strerror(errno));
+		return TLY_E_IO;
+	}
+	int rc = 0, on = 1;
+	struct dirent *de;
+	while (rc == 0 && (de = readdir(d))) {
+		int fd = atoi(de->d_name), listening = 0, domain = 0;
+		socklen_t len = sizeof(int);
+		if (de->d_name[0] == '.' || fd == dirfd(d) ||
+		    getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening ||
+		    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 ||
+		    (domain != AF_INET && domain != AF_INET6))
+			continue;
+		if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on)) != 0) {
+			snprintf(errstr, errlen, "could not set TCP_NODELAY on a mock broker's socket: %s",
+				 strerror(errno));
+			rc = TLY_E_IO;
+		}
+	}
+	closedir(d);
+	return rc;
+}
+
 static void devbroker_cleanup(struct devbroker *db)
 {
 	while (db->conns)
@@ -810,7 +850,8 @@ int main(int argc, char **argv)
 	ev_signal_start(db.loop, &db.sigterm);
 	ev_signal_start(db.loop, &db.sigint);
 
-	if (cluster_start(&db, errstr, sizeof(errstr)) != 0)
+	if (cluster_start(&db, errstr, sizeof(errstr)) != 0 ||
+	    nodelay_listeners(errstr, sizeof(errstr)) != 0)
 		goto fail;
 	const char *bootstraps = rd_kafka_mock_cluster_bootstraps(db.mcluster);
 	if (db.ctl_path && ctl_open(&db, errstr, sizeof(errstr)) != 0)
