@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "err.h"
 #include "event.h"
@@ -33,6 +34,15 @@ struct tly_buf {
 void tly_buf_free(struct tly_buf *buf);
 /* Room for n bytes in all (len unchanged). 0 or TLY_E_NOMEM. */
 int tly_buf_reserve(struct tly_buf *buf, size_t n) TLY_MUST_CHECK;
+/* Append n bytes at len, growing as needed. 0 or TLY_E_NOMEM (the buffer unchanged). */
+static inline int tly_buf_append(struct tly_buf *buf, const void *p, size_t n)
+{
+	if (buf->cap - buf->len < n && tly_buf_reserve(buf, buf->len + n) != 0)
+		return TLY_E_NOMEM;
+	memcpy(buf->data + buf->len, p, n);
+	buf->len += n;
+	return 0;
+}
 
 /* A codec over the compiled-in registry. NULL with errstr on failure. */
 struct tly_codec *tly_codec_new(char *errstr, size_t errlen);

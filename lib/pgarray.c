@@ -1,14 +1,15 @@
 /* One-dimensional PostgreSQL arrays in binary form: built into one value, read in place. */
 #include "pgarray.h"
 
+#include "codec.h" /* struct tly_buf */
+
 #include <stdlib.h>
 #include <string.h>
 
 #define HEADER 20 /* ndim, flags, element type, length, lower bound */
 
 struct tly_pgarray {
-	unsigned char *data;
-	size_t len, cap;
+	struct tly_buf out; /* the array value so far, header first */
 	size_t n; /* elements since begin */
 	bool has_null;
 	bool oom;
@@ -23,28 +24,14 @@ void tly_pgarray_free(struct tly_pgarray *a)
 {
 	if (!a)
 		return;
-	free(a->data);
+	free(a->out.data);
 	free(a);
 }
 
 static void put(struct tly_pgarray *a, const void *p, size_t n)
 {
-	if (a->oom)
-		return;
-	if (a->len + n > a->cap) {
-		size_t cap = a->cap ? a->cap : 4096;
-		while (cap < a->len + n)
-			cap *= 2;
-		unsigned char *d = realloc(a->data, cap);
-		if (!d) {
-			a->oom = true;
-			return;
-		}
-		a->data = d;
-		a->cap = cap;
-	}
-	memcpy(a->data + a->len, p, n);
-	a->len += n;
+	if (!a->oom && tly_buf_append(&a->out, p, n) != 0)
+		a->oom = true;
 }
 
 static void be32_at(unsigned char *b, uint32_t v)
@@ -64,7 +51,7 @@ static void put32(struct tly_pgarray *a, uint32_t v)
 
 void tly_pgarray_begin(struct tly_pgarray *a, uint32_t elemtype)
 {
-	a->len = 0;
+	a->out.len = 0;
 	a->n = 0;
 	a->has_null = false;
 	a->oom = false;
@@ -100,18 +87,18 @@ void tly_pgarray_int8(struct tly_pgarray *a, int64_t v)
 
 const void *tly_pgarray_value(struct tly_pgarray *a, size_t *len)
 {
-	if (a->oom || a->len < HEADER)
+	if (a->oom || a->out.len < HEADER)
 		return NULL;
 	if (a->n == 0) { /* an empty array has no dimensions */
-		be32_at(a->data, 0);
-		be32_at(a->data + 4, 0);
+		be32_at(a->out.data, 0);
+		be32_at(a->out.data + 4, 0);
 		*len = 12;
-		return a->data;
+		return a->out.data;
 	}
-	be32_at(a->data + 4, a->has_null ? 1 : 0);
-	be32_at(a->data + 12, (uint32_t)a->n);
-	*len = a->len;
-	return a->data;
+	be32_at(a->out.data + 4, a->has_null ? 1 : 0);
+	be32_at(a->out.data + 12, (uint32_t)a->n);
+	*len = a->out.len;
+	return a->out.data;
 }
 
 static uint32_t get32(const unsigned char *p)

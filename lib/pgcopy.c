@@ -1,6 +1,8 @@
 /* Binary COPY payloads: PostgreSQL's "binary format" of COPY, built in one growable buffer. */
 #include "pgcopy.h"
 
+#include "codec.h" /* struct tly_buf */
+
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,30 +13,15 @@ static const unsigned char HEADER[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xF
 					 0, 0, 0, 0, /* flags */ 0, 0, 0, 0 /* extension length */};
 
 struct tly_pgcopy {
-	unsigned char *data;
-	size_t len, cap;
+	struct tly_buf out; /* the COPY data so far, header first */
 	size_t rows;
 	bool oom;
 };
 
 static void put(struct tly_pgcopy *c, const void *p, size_t n)
 {
-	if (c->oom)
-		return;
-	if (c->len + n > c->cap) {
-		size_t cap = c->cap ? c->cap : 65536;
-		while (cap < c->len + n)
-			cap *= 2;
-		unsigned char *d = realloc(c->data, cap);
-		if (!d) {
-			c->oom = true;
-			return;
-		}
-		c->data = d;
-		c->cap = cap;
-	}
-	memcpy(c->data + c->len, p, n);
-	c->len += n;
+	if (!c->oom && tly_buf_append(&c->out, p, n) != 0)
+		c->oom = true;
 }
 
 static void put_be(struct tly_pgcopy *c, uint64_t v, int bytes)
@@ -57,13 +44,13 @@ void tly_pgcopy_free(struct tly_pgcopy *c)
 {
 	if (!c)
 		return;
-	free(c->data);
+	free(c->out.data);
 	free(c);
 }
 
 void tly_pgcopy_reset(struct tly_pgcopy *c)
 {
-	c->len = 0;
+	c->out.len = 0;
 	c->rows = 0;
 	c->oom = false;
 	put(c, HEADER, sizeof(HEADER));
@@ -175,9 +162,9 @@ static int put_rows(PGconn *conn, const struct tly_pgcopy *c, struct tly_pg_erro
 {
 	if (c->oom)
 		return oom_error(err);
-	size_t n = c->len - sizeof(HEADER);
+	size_t n = c->out.len - sizeof(HEADER);
 	if (n > 0 && (n > INT32_MAX ||
-		      PQputCopyData(conn, (const char *)c->data + sizeof(HEADER), (int)n) != 1)) {
+		      PQputCopyData(conn, (const char *)c->out.data + sizeof(HEADER), (int)n) != 1)) {
 		tly_pg_error_set(err, conn, NULL);
 		return TLY_E_PG;
 	}
