@@ -167,18 +167,21 @@ struct stack {
 	struct tly_config *cfg;
 };
 
+static int brokers = 3; /* --brokers: of each run's dev broker */
+
 static void stack_start(struct stack *s, const char *db)
 {
-	char err[512], exe[PATH_MAX], boot[128], parts[8];
+	char err[512], exe[PATH_MAX], boot[128], parts[8], nbrokers[8];
 	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
 	if (!mkdtemp(s->dir))
 		die("mkdtemp", strerror(errno));
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
 	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
+	snprintf(nbrokers, sizeof(nbrokers), "%d", brokers);
 	char log[128];
 	snprintf(log, sizeof(log), "%s/broker.log", s->dir);
-	char *argv[] = {exe, "--partitions", parts, "--bootstrap-file", boot, NULL};
+	char *argv[] = {exe, "--partitions", parts, "--brokers", nbrokers, "--bootstrap-file", boot, NULL};
 	if ((s->broker = tly_proc_spawn(argv, log, err, sizeof(err))) < 0)
 		die("tally-devbroker", err);
 	if (tly_proc_wait_file(boot, 10000) != 0)
@@ -210,9 +213,10 @@ static void stack_stop(struct stack *s)
 
 static void uuid_n(tly_uuid *u, uint64_t a, uint64_t b)
 {
+	/* b most significant byte first: the variant bits below take b's bits 62-63, never set */
 	for (int i = 0; i < 8; i++) {
 		u->b[i] = (unsigned char)(a >> (8 * i));
-		u->b[8 + i] = (unsigned char)(b >> (8 * i));
+		u->b[8 + i] = (unsigned char)(b >> (8 * (7 - i)));
 	}
 	u->b[6] = (unsigned char)((u->b[6] & 0x0F) | 0x40);
 	u->b[8] = (unsigned char)((u->b[8] & 0x3F) | 0x80);
@@ -616,13 +620,15 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	double *lat_out = calloc((size_t)n + 1, sizeof(double));
 	if (!lat || !lat_in || !lat_out)
 		die("latency", "out of memory");
-	long got = 0, sent = 0;
+	/* decided: entries read of this loop's reservations (all accepted), so it ends with the last */
+	long got = 0, sent = 0, decided = 0;
+	int64_t first_sent = wall_us();
 	struct tly_event ev = {0}, entry = {0};
 	uint64_t rng = 7;
 	double start = tly_clock_s(), drain_until = 0;
 	bool measuring = false;
 	struct tly_proc_cpu cpu0[4];
-	while (got < n) {
+	while (decided < total) {
 		double t = tly_clock_s();
 		if (!measuring && wall_us() >= measure_from) {
 			measuring = true;
@@ -646,8 +652,9 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 		int64_t now = wall_us();
 		for (ssize_t i = 0; i < 1 + (k > 0 ? k : 0); i++) {
 			rd_kafka_message_t *m = msgs[i];
-			if (is_hold_placed(codec, m, &entry) &&
-			    entry.u.ledger_entry.ledger_time >= measure_from && got < n) {
+			bool hold = is_hold_placed(codec, m, &entry);
+			decided += hold && entry.u.ledger_entry.ledger_time >= first_sent;
+			if (hold && entry.u.ledger_entry.ledger_time >= measure_from && got < n) {
 				int64_t published = entry.u.ledger_entry.ledger_time;
 				/* the entry's CreateTime: when tally-ledger handed it to its producer, after COMMIT */
 				int64_t out_ms = rd_kafka_message_timestamp(m, NULL);
@@ -684,7 +691,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 }
 
 static const char help[] =
-	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N]\n"
+	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N] [--brokers N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
@@ -695,7 +702,8 @@ static const char help[] =
 	"  --keep  leave each run's directory (broker and ledger logs) in /tmp\n"
 	"  --only  run only the parts named (the ratios need seeds)\n"
 	"  --rate  reservations/s of the latency run (default: half the 1,000-tenant rate)\n"
-	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 5, librdkafka's)\n";
+	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 5, librdkafka's)\n"
+	"  --brokers  brokers of each run's dev broker (default 3)\n";
 
 /* Is part (seeds, many, hot, latency) to run: every part unless --only names others. */
 static bool wanted(const char *only, const char *part)
@@ -719,6 +727,8 @@ int main(int argc, char **argv)
 			latency_rate = atof(argv[++i]);
 		else if (strcmp(argv[i], "--linger-ms") == 0 && i + 1 < argc)
 			linger_ms = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc)
+			brokers = atoi(argv[++i]);
 		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
 			fputs(help, stdout);
 			return 0;
@@ -728,9 +738,9 @@ int main(int argc, char **argv)
 		}
 	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
-	       "synchronous_commit=on; dev broker with %d partitions;\n"
+	       "synchronous_commit=on; dev broker with %d brokers, %d partitions;\n"
 	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s)\n\n",
-	       PARTITIONS, FETCH_WAIT_MS);
+	       brokers, PARTITIONS, FETCH_WAIT_MS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
