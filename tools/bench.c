@@ -213,11 +213,15 @@ static void stack_stop(struct stack *s)
 
 static void uuid_n(tly_uuid *u, uint64_t a, uint64_t b)
 {
-	/* b most significant byte first: the variant bits below take b's bits 62-63, never set */
-	for (int i = 0; i < 8; i++) {
+	/*
+	 * b's low 7 bytes after the variant's byte, least significant first: a b that differs only
+	 * in its top bits (big-endian) would leave uuidmap's low hash bits alike for every id.
+	 */
+	for (int i = 0; i < 8; i++)
 		u->b[i] = (unsigned char)(a >> (8 * i));
-		u->b[8 + i] = (unsigned char)(b >> (8 * (7 - i)));
-	}
+	u->b[8] = 0;
+	for (int i = 0; i < 7; i++)
+		u->b[9 + i] = (unsigned char)(b >> (8 * i));
 	u->b[6] = (unsigned char)((u->b[6] & 0x0F) | 0x40);
 	u->b[8] = (unsigned char)((u->b[8] & 0x3F) | 0x80);
 	if (tly_uuid_is_nil(u))
