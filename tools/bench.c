@@ -605,9 +605,18 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-latency", err, sizeof(err));
 	if (!rk)
 		die("consumer", err);
+	/*
+	 * From each partition's end as of now, not RD_KAFKA_OFFSET_END: that is looked up when the
+	 * fetcher starts, and under load the warm-up's entries were sometimes there already.
+	 */
 	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(PARTITIONS);
-	for (int i = 0; i < PARTITIONS; i++)
-		rd_kafka_topic_partition_list_add(parts, "tally.ledger", i)->offset = RD_KAFKA_OFFSET_END;
+	for (int i = 0; i < PARTITIONS; i++) {
+		int64_t low, high;
+		if (rd_kafka_query_watermark_offsets(rk, "tally.ledger", i, &low, &high, 10000) !=
+		    RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("latency", "could not read the end offsets of tally.ledger");
+		rd_kafka_topic_partition_list_add(parts, "tally.ledger", i)->offset = high;
+	}
 	if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		die("assign", "failed");
 	rd_kafka_topic_partition_list_destroy(parts);
