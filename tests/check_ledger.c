@@ -1193,6 +1193,28 @@ START_TEST(test_writer_queue)
 }
 END_TEST
 
+/* Every client gets TCP_NODELAY unless kafka.socket.nagle.disable says otherwise. */
+START_TEST(test_kafka_conf_nodelay)
+{
+	char errstr[256], v[16];
+	size_t len = sizeof(v);
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(NULL, errstr, sizeof(errstr));
+	ck_assert_msg(conf != NULL, "%s", errstr);
+	ck_assert(rd_kafka_conf_get(conf, "socket.nagle.disable", v, &len) == RD_KAFKA_CONF_OK);
+	ck_assert_str_eq(v, "true");
+	rd_kafka_conf_destroy(conf);
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	ck_assert(tly_config_set(cfg, "kafka.socket.nagle.disable", "false", errstr, sizeof(errstr)) == 0);
+	ck_assert_msg((conf = tly_kafka_conf_new(cfg, errstr, sizeof(errstr))) != NULL, "%s", errstr);
+	len = sizeof(v);
+	ck_assert(rd_kafka_conf_get(conf, "socket.nagle.disable", v, &len) == RD_KAFKA_CONF_OK);
+	ck_assert_str_eq(v, "false");
+	rd_kafka_conf_destroy(conf);
+	tly_config_free(cfg);
+}
+END_TEST
+
 /* Fill a stack region with non-zero bytes, so a callee's uninitialised locals are not NULL. */
 static __attribute__((noinline)) void scribble_stack(void)
 {
@@ -1586,7 +1608,7 @@ Suite *ledger_suite(void)
 		const TTest *test;
 	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults},
 		       {"python", test_python_event_applied},
-		       {"writer", test_writer_queue}};
+		       {"writer", test_writer_queue}, {"kafka_conf", test_kafka_conf_nodelay}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, 90);
