@@ -59,9 +59,10 @@ struct group {
 	struct tly_ledger_group_item *items;
 	size_t n;                         /* 0: no group */
 	size_t records;
-	struct tly_ledger_txn *txn;       /* owned; the writer has it while in flight */
+	struct tly_ledger_txn *txn;       /* owned; the writer has it while in flight or queued */
+	bool queued;                      /* ready group only: with the writer, behind the flight group */
 	int64_t waited_us, decided_us;    /* first record to decide; decide to submit */
-	int64_t submitted_at_us;
+	int64_t submitted_at_us;          /* flight group: when the writer started it (about) */
 };
 
 struct app {
@@ -306,11 +307,19 @@ static void count_batch(struct app *app, struct slot *s, const struct tly_ledger
  * and reloads (their wallets moved past the database); a fenced one waits longer, another owner
  * has it.
  */
-static void finish_flight(struct app *app, int rc, const struct tly_pg_error *err)
+static void finish_flight(struct app *app, const struct tly_ledger_writer_result *res)
 {
 	struct group *g = &app->flight;
+	int rc = res->rc;
+	const struct tly_pg_error *err = &res->err;
 	int32_t *ready_parts = NULL; /* read before a reset frees what the ready items point to */
 	size_t n_ready = 0;
+	if (rc != 0 && app->ready.queued) {
+		/* the writer passes over what was queued behind a failure: take it back to drop it */
+		struct tly_ledger_writer_result skipped;
+		app->ready.txn = tly_ledger_writer_take(app->writer, -1, &skipped);
+		app->ready.queued = false;
+	}
 	if (rc != 0 && app->ready.n) {
 		if (!(ready_parts = calloc(app->ready.n, sizeof(*ready_parts)))) {
 			tly_error("could not drop the ready group: out of memory", NULL);
@@ -320,7 +329,7 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 			ready_parts[n_ready++] = tly_ledger_partition_id(app->ready.items[k].part);
 	}
 	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
-	int64_t commit_us = tly_clock_us() - g->submitted_at_us;
+	int64_t commit_us = res->ended_us - res->started_us;
 	if (rc == 0) {
 		tly_ledger_pace_committed(&app->pace, commit_us);
 		tly_metrics_observe(app->m.batch, (double)g->records);
@@ -375,30 +384,51 @@ static void finish_flight(struct app *app, int rc, const struct tly_pg_error *er
 	}
 }
 
-/* Take the flight group back from the writer (waiting up to timeout_ms, -1: until it ran). */
+/* Swap the ready group into flight (the flight group's slot is empty). */
+static void promote_ready(struct app *app, int64_t started_us)
+{
+	struct group g = app->flight;
+	app->flight = app->ready;
+	app->flight.queued = false;
+	app->flight.submitted_at_us = started_us;
+	app->ready = g;
+	app->ready.n = 0;
+}
+
+/*
+ * Take the flight group back from the writer (waiting up to timeout_ms, -1: until it ran). A
+ * ready group queued behind it is running already and becomes the flight group.
+ */
 static void complete_flight(struct app *app, int timeout_ms)
 {
-	struct tly_pg_error err = {0};
-	int rc = 0;
+	struct tly_ledger_writer_result res = {0};
 	if (!app->writer || !tly_ledger_writer_busy(app->writer))
 		return;
-	struct tly_ledger_txn *txn = tly_ledger_writer_take(app->writer, timeout_ms, &rc, &err);
+	struct tly_ledger_txn *txn = tly_ledger_writer_take(app->writer, timeout_ms, &res);
 	if (!txn)
 		return;
 	app->flight.txn = txn;
-	finish_flight(app, rc, &err);
+	finish_flight(app, &res);
+	if (app->ready.queued)
+		promote_ready(app, res.ended_us);
 }
 
-/* The ready group goes to the writer as soon as it is free. */
+/*
+ * The ready group goes to the writer at once: run now when it is free, else queued behind the
+ * flight group, which the writer follows with it the moment its COMMIT returned (no round trip
+ * through this thread, which may be deciding or waiting for a CPU then).
+ */
 static void submit_ready(struct app *app)
 {
-	if (app->ready.n == 0 || !app->writer || tly_ledger_writer_busy(app->writer))
+	if (app->ready.n == 0 || app->ready.queued || !app->writer || tly_ledger_writer_full(app->writer))
 		return;
-	struct group g = app->flight;
-	app->flight = app->ready;
-	app->ready = g;
-	app->ready.n = 0;
-	app->flight.submitted_at_us = tly_clock_us();
+	if (tly_ledger_writer_busy(app->writer)) {
+		tly_ledger_writer_submit(app->writer, app->ready.txn);
+		app->ready.txn = NULL; /* the writer has it until complete_flight */
+		app->ready.queued = true;
+		return;
+	}
+	promote_ready(app, tly_clock_us());
 	tly_ledger_writer_submit(app->writer, app->flight.txn);
 	app->flight.txn = NULL; /* the writer has it until complete_flight */
 }

@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "err.h"
 #include "ledger_store.h"
@@ -18,6 +19,18 @@ struct tly_ledger_writer;
 
 /* The writer connection's application_name (pg_stat_activity tells its backend apart). */
 #define TLY_LEDGER_WRITER_APP "tally-ledger writer"
+
+/* Transactions the writer holds at once: one running and one queued behind it. */
+#define TLY_LEDGER_WRITER_DEPTH 2
+
+/* What became of a transaction taken back. */
+struct tly_ledger_writer_result {
+	int rc;                   /* 0: committed */
+	struct tly_pg_error err;  /* when rc != 0 */
+	bool ran;                 /* false: not run, a transaction before it failed (rc != 0) */
+	int64_t started_us;       /* tly_clock_us when it began to run (ran) */
+	int64_t ended_us;         /* and when it ended */
+};
 
 /*
  * Connect (conninfo, application_name TLY_LEDGER_WRITER_APP) and start the thread. wake(ud), when not
@@ -30,18 +43,28 @@ struct tly_ledger_writer *tly_ledger_writer_new(const char *conninfo, void (*wak
 /* Stop the thread (after the running transaction) and close the connection; accepts NULL. */
 void tly_ledger_writer_free(struct tly_ledger_writer *w);
 
-/* Run txn (ownership moves to the writer until it is taken back). Only when not busy. */
+/*
+ * Run txn after the ones submitted before it (ownership moves to the writer until it is taken
+ * back). Only while tly_ledger_writer_full is false. A transaction queued behind one that is still
+ * running starts the moment that one committed, without waiting for the consumer thread; behind
+ * one that failed it is not run at all (its compare-and-set would start from offsets that were
+ * not stored) and comes back with ran false.
+ */
 void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn *txn);
 
 /* A transaction was submitted and not taken back yet. */
 bool tly_ledger_writer_busy(const struct tly_ledger_writer *w);
 
+/* TLY_LEDGER_WRITER_DEPTH transactions were submitted and not taken back. */
+bool tly_ledger_writer_full(const struct tly_ledger_writer *w);
+
 /*
- * Take the submitted transaction back once it ran, waiting up to timeout_ms (-1: as long as it
- * takes): the transaction (caller owns it again) with *rc and *err its result, or NULL when it
- * is still running. A lost connection is made again (once) before the next transaction runs.
+ * Take the oldest submitted transaction back once it ran (or was passed over), waiting up to
+ * timeout_ms (-1: as long as it takes): the transaction (caller owns it again) with *res its
+ * result, or NULL when it is still running or waiting. A lost connection is made again (once)
+ * before the next transaction runs.
  */
-struct tly_ledger_txn *tly_ledger_writer_take(struct tly_ledger_writer *w, int timeout_ms, int *rc,
-					     struct tly_pg_error *err);
+struct tly_ledger_txn *tly_ledger_writer_take(struct tly_ledger_writer *w, int timeout_ms,
+					     struct tly_ledger_writer_result *res);
 
 #endif

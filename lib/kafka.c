@@ -50,6 +50,14 @@ rd_kafka_conf_t *tly_kafka_conf_new(const struct tly_config *cfg, char *errstr, 
 		return NULL;
 	}
 	rd_kafka_conf_set_log_cb(conf, log_cb);
+	/*
+	 * TCP_NODELAY on every broker connection, as the Java client and the brokers set it: with
+	 * Nagle a request written while an earlier one on the same connection is unanswered (a
+	 * produce behind a produce, a fetch behind a held fetch) waits for that answer's ACK.
+	 * kafka.socket.nagle.disable, applied below, still decides.
+	 */
+	if (tly_kafka_conf_set(conf, "socket.nagle.disable", "true", errstr, errlen) != 0)
+		goto fail;
 	if (cfg) {
 		struct conf_fill f = {conf, errstr, errlen};
 		if (tly_config_foreach(cfg, KAFKA_PREFIX, conf_fill_one, &f) != 0)

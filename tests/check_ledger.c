@@ -17,6 +17,7 @@
 #include "clock.h"
 #include "../consumers/ledger_partition.h"
 #include "../consumers/ledger_store.h"
+#include "../consumers/ledger_writer.h"
 #include "codec.h"
 #include "config.h"
 #include "corpus.h"
@@ -1114,6 +1115,106 @@ START_TEST(test_pipelined_groups)
 }
 END_TEST
 
+/*
+ * The writer's queue: a group submitted while the one before commits runs right after it, on the
+ * writer's thread; behind a group that failed it is handed back unrun, and nothing of it lands.
+ */
+START_TEST(test_writer_queue)
+{
+	char errstr[256], key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	int32_t part = partition_ctx(&e, 5, &codec, &ctx, &t, key);
+	struct tly_pg_error err;
+	struct tly_ledger_writer *w = tly_ledger_writer_new(e.db, NULL, NULL, errstr, sizeof(errstr));
+	ck_assert_msg(w != NULL, "%s", errstr);
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert(p && stale);
+	struct tly_event ev;
+	struct tly_buf buf = {0};
+	reserve_event(&ev, &t, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	bool added;
+	struct tly_ledger_group_item g1, g2;
+	struct tly_ledger_writer_result r1, r2;
+
+	/* two groups of the owner, the second queued behind the first: both commit, in order */
+	ck_assert(tly_ledger_partition_add(p, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	struct tly_ledger_txn *t1 = decide_one(p, &ctx, &g1);
+	ck_assert(tly_ledger_partition_add(p, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	struct tly_ledger_txn *t2 = decide_one(p, &ctx, &g2);
+	ck_assert(!tly_ledger_writer_busy(w));
+	tly_ledger_writer_submit(w, t1);
+	ck_assert(!tly_ledger_writer_full(w));
+	tly_ledger_writer_submit(w, t2);
+	ck_assert(tly_ledger_writer_full(w));
+	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r1), t1);
+	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r2), t2);
+	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
+	ck_assert(r1.ran && r2.ran);
+	ck_assert_int_ge(r2.started_us, r1.ended_us);
+	ck_assert(!tly_ledger_writer_busy(w));
+	tly_ledger_partition_finish(&g1, 1, t1, 0);
+	tly_ledger_partition_finish(&g2, 1, t2, 0);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 2);
+	long entries = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+
+	/* a stale copy's two groups: the first is fenced, the second is not even run */
+	ck_assert(tly_ledger_partition_add(stale, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	t1 = decide_one(stale, &ctx, &g1);
+	ck_assert(tly_ledger_partition_add(stale, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
+	t2 = decide_one(stale, &ctx, &g2);
+	tly_ledger_writer_submit(w, t1);
+	tly_ledger_writer_submit(w, t2);
+	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r1), t1);
+	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r2), t2);
+	ck_assert_int_eq(r1.rc, TLY_E_PG);
+	ck_assert(r1.ran);
+	tly_ledger_partition_finish(&g1, 1, t1, r1.rc);
+	ck_assert(g1.fenced);
+	ck_assert_int_ne(r2.rc, 0);
+	ck_assert(!r2.ran);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), entries);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 2);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	tly_ledger_writer_free(w);
+	tly_ledger_partition_free(stale);
+	tly_ledger_partition_free(p);
+	tly_buf_free(&buf);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/* Every client gets TCP_NODELAY unless kafka.socket.nagle.disable says otherwise. */
+START_TEST(test_kafka_conf_nodelay)
+{
+	char errstr[256], v[16];
+	size_t len = sizeof(v);
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(NULL, errstr, sizeof(errstr));
+	ck_assert_msg(conf != NULL, "%s", errstr);
+	ck_assert(rd_kafka_conf_get(conf, "socket.nagle.disable", v, &len) == RD_KAFKA_CONF_OK);
+	ck_assert_str_eq(v, "true");
+	rd_kafka_conf_destroy(conf);
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	ck_assert(tly_config_set(cfg, "kafka.socket.nagle.disable", "false", errstr, sizeof(errstr)) == 0);
+	ck_assert_msg((conf = tly_kafka_conf_new(cfg, errstr, sizeof(errstr))) != NULL, "%s", errstr);
+	len = sizeof(v);
+	ck_assert(rd_kafka_conf_get(conf, "socket.nagle.disable", v, &len) == RD_KAFKA_CONF_OK);
+	ck_assert_str_eq(v, "false");
+	rd_kafka_conf_destroy(conf);
+	tly_config_free(cfg);
+}
+END_TEST
+
 /* Fill a stack region with non-zero bytes, so a callee's uninitialised locals are not NULL. */
 static __attribute__((noinline)) void scribble_stack(void)
 {
@@ -1506,7 +1607,8 @@ Suite *ledger_suite(void)
 		const char *name;
 		const TTest *test;
 	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults},
-		       {"python", test_python_event_applied}};
+		       {"python", test_python_event_applied},
+		       {"writer", test_writer_queue}, {"kafka_conf", test_kafka_conf_nodelay}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, 90);

@@ -36,7 +36,15 @@
 #define CLIENTS 8
 #define SEEDS_SECONDS 5
 #define PARTITIONS 12
-#define FETCH_WAIT_MS "10" /* consumers' fetch.wait.max.ms on the mock cluster (see start_ledger) */
+#define FETCH_WAIT_MS "10" /* tally-ledger's fetch.wait.max.ms on the mock cluster (see start_ledger) */
+/*
+ * fetch.wait.max.ms of the latency run's reader of tally.ledger. The mock holds a fetch that found
+ * nothing for the whole wait, even when data comes meanwhile (Apache Kafka answers as soon as it
+ * has fetch.min.bytes); entries come in bursts after each COMMIT, so most of the reader's
+ * fetches find nothing and every burst waited on average half the hold: a 2 ms hold measures
+ * closer to what a reader of a real broker sees, for some more empty fetches.
+ */
+#define READ_WAIT_MS "2"
 /*
  * linger.ms of the latency run's producer (the gateway publishing reservations): librdkafka's
  * default, and the Java client's since Kafka 4.0. The latency is measured from before the
@@ -167,18 +175,21 @@ struct stack {
 	struct tly_config *cfg;
 };
 
+static int brokers = 3; /* --brokers: of each run's dev broker */
+
 static void stack_start(struct stack *s, const char *db)
 {
-	char err[512], exe[PATH_MAX], boot[128], parts[8];
+	char err[512], exe[PATH_MAX], boot[128], parts[8], nbrokers[8];
 	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
 	if (!mkdtemp(s->dir))
 		die("mkdtemp", strerror(errno));
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
 	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
+	snprintf(nbrokers, sizeof(nbrokers), "%d", brokers);
 	char log[128];
 	snprintf(log, sizeof(log), "%s/broker.log", s->dir);
-	char *argv[] = {exe, "--partitions", parts, "--bootstrap-file", boot, NULL};
+	char *argv[] = {exe, "--partitions", parts, "--brokers", nbrokers, "--bootstrap-file", boot, NULL};
 	if ((s->broker = tly_proc_spawn(argv, log, err, sizeof(err))) < 0)
 		die("tally-devbroker", err);
 	if (tly_proc_wait_file(boot, 10000) != 0)
@@ -210,10 +221,15 @@ static void stack_stop(struct stack *s)
 
 static void uuid_n(tly_uuid *u, uint64_t a, uint64_t b)
 {
-	for (int i = 0; i < 8; i++) {
+	/*
+	 * b's low 7 bytes after the variant's byte, least significant first: a b that differs only
+	 * in its top bits (big-endian) would leave uuidmap's low hash bits alike for every id.
+	 */
+	for (int i = 0; i < 8; i++)
 		u->b[i] = (unsigned char)(a >> (8 * i));
-		u->b[8 + i] = (unsigned char)(b >> (8 * i));
-	}
+	u->b[8] = 0;
+	for (int i = 0; i < 7; i++)
+		u->b[9 + i] = (unsigned char)(b >> (8 * i));
 	u->b[6] = (unsigned char)((u->b[6] & 0x0F) | 0x40);
 	u->b[8] = (unsigned char)((u->b[8] & 0x3F) | 0x80);
 	if (tly_uuid_is_nil(u))
@@ -584,14 +600,23 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(s.cfg, err, sizeof(err));
 	if (!conf)
 		die("consumer conf", err);
-	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", FETCH_WAIT_MS, err, sizeof(err)) != 0)
+	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", READ_WAIT_MS, err, sizeof(err)) != 0)
 		die("consumer conf", err);
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-latency", err, sizeof(err));
 	if (!rk)
 		die("consumer", err);
+	/*
+	 * From each partition's end as of now, not RD_KAFKA_OFFSET_END: that is looked up when the
+	 * fetcher starts, and under load the warm-up's entries were sometimes there already.
+	 */
 	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(PARTITIONS);
-	for (int i = 0; i < PARTITIONS; i++)
-		rd_kafka_topic_partition_list_add(parts, "tally.ledger", i)->offset = RD_KAFKA_OFFSET_END;
+	for (int i = 0; i < PARTITIONS; i++) {
+		int64_t low, high;
+		if (rd_kafka_query_watermark_offsets(rk, "tally.ledger", i, &low, &high, 10000) !=
+		    RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("latency", "could not read the end offsets of tally.ledger");
+		rd_kafka_topic_partition_list_add(parts, "tally.ledger", i)->offset = high;
+	}
 	if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		die("assign", "failed");
 	rd_kafka_topic_partition_list_destroy(parts);
@@ -616,13 +641,15 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	double *lat_out = calloc((size_t)n + 1, sizeof(double));
 	if (!lat || !lat_in || !lat_out)
 		die("latency", "out of memory");
-	long got = 0, sent = 0;
+	/* decided: entries read of this loop's reservations (all accepted), so it ends with the last */
+	long got = 0, sent = 0, decided = 0;
+	int64_t first_sent = wall_us();
 	struct tly_event ev = {0}, entry = {0};
 	uint64_t rng = 7;
 	double start = tly_clock_s(), drain_until = 0;
 	bool measuring = false;
 	struct tly_proc_cpu cpu0[4];
-	while (got < n) {
+	while (decided < total) {
 		double t = tly_clock_s();
 		if (!measuring && wall_us() >= measure_from) {
 			measuring = true;
@@ -646,8 +673,9 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 		int64_t now = wall_us();
 		for (ssize_t i = 0; i < 1 + (k > 0 ? k : 0); i++) {
 			rd_kafka_message_t *m = msgs[i];
-			if (is_hold_placed(codec, m, &entry) &&
-			    entry.u.ledger_entry.ledger_time >= measure_from && got < n) {
+			bool hold = is_hold_placed(codec, m, &entry);
+			decided += hold && entry.u.ledger_entry.ledger_time >= first_sent;
+			if (hold && entry.u.ledger_entry.ledger_time >= measure_from && got < n) {
 				int64_t published = entry.u.ledger_entry.ledger_time;
 				/* the entry's CreateTime: when tally-ledger handed it to its producer, after COMMIT */
 				int64_t out_ms = rd_kafka_message_timestamp(m, NULL);
@@ -684,7 +712,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 }
 
 static const char help[] =
-	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N]\n"
+	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N] [--brokers N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
@@ -695,7 +723,8 @@ static const char help[] =
 	"  --keep  leave each run's directory (broker and ledger logs) in /tmp\n"
 	"  --only  run only the parts named (the ratios need seeds)\n"
 	"  --rate  reservations/s of the latency run (default: half the 1,000-tenant rate)\n"
-	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 5, librdkafka's)\n";
+	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 5, librdkafka's)\n"
+	"  --brokers  brokers of each run's dev broker (default 3)\n";
 
 /* Is part (seeds, many, hot, latency) to run: every part unless --only names others. */
 static bool wanted(const char *only, const char *part)
@@ -719,6 +748,8 @@ int main(int argc, char **argv)
 			latency_rate = atof(argv[++i]);
 		else if (strcmp(argv[i], "--linger-ms") == 0 && i + 1 < argc)
 			linger_ms = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc)
+			brokers = atoi(argv[++i]);
 		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
 			fputs(help, stdout);
 			return 0;
@@ -728,9 +759,9 @@ int main(int argc, char **argv)
 		}
 	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
-	       "synchronous_commit=on; dev broker with %d partitions;\n"
-	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s)\n\n",
-	       PARTITIONS, FETCH_WAIT_MS);
+	       "synchronous_commit=on; dev broker with %d brokers, %d partitions;\n"
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s)\n\n",
+	       brokers, PARTITIONS, FETCH_WAIT_MS, READ_WAIT_MS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
