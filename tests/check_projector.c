@@ -669,6 +669,108 @@ START_TEST(entry_runs)
 }
 END_TEST
 
+/* A conversation event of TENANT: type, event id suffix, time, conversation (CONV or CONV2), fields */
+#define CONV2 "44444444-4444-4444-8444-444444444442"
+static void conv_event(struct tly_fold *f, const char *type, int id, const char *at, const char *conv,
+		       const char *fields)
+{
+	add_json(f, "{\"type\": \"%s\", \"event_id\": \"c0000000-0000-4000-8000-0000000000%02d\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:%s\", "
+		    "\"conversation_id\": \"%s\", %s}", type, id, at, conv, fields);
+}
+
+static void conv_message(struct tly_fold *f, int id, const char *at, const char *conv, int tokens)
+{
+	char fields[512];
+	snprintf(fields, sizeof(fields),
+		 "\"message_id\": \"c1000000-0000-4000-8000-0000000000%02d\", \"role\": \"assistant\", "
+		 "\"agent_type\": \"triage\", \"content\": \"{}\", \"provider\": \"openai\", "
+		 "\"model\": \"gpt-4o\", \"prompt_tokens\": %d, \"completion_tokens\": 1, "
+		 "\"reasoning_tokens\": 2, \"latency_ms\": 5, \"cost_micros\": 3", id, tokens);
+	conv_event(f, "MessageAppended", id, at, conv, fields);
+}
+
+#define CONV_ROW(conv) \
+	"SELECT concat_ws(' ', message_count, total_tokens_prompt, total_tokens_completion, " \
+	"reasoning_tokens, total_cost_micros, handoff_count, active_agent, status, " \
+	"last_message_at, updated_at) FROM agent_conversations WHERE id = '" conv "'"
+
+/*
+ * Each conversation of a batch is updated by one statement with its inserted messages' counters,
+ * its handoffs (the last one's agent) and its last close, whichever of them the batch holds:
+ * messages alone, a handoff alone, a close alone, all three, a close of a conversation never seen
+ * (its placeholder), repeats of folded events; every other column is left as it was, and the
+ * in-memory fold of the same messages gives the same rows.
+ */
+START_TEST(conversation_one_update)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	conv_event(f, "ConversationStarted", 1, "00:00Z", CONV,
+		   "\"user_id\": \"" USER "\", \"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"");
+	conv_message(f, 2, "01:00Z", CONV, 10);
+	conv_message(f, 3, "02:00Z", CONV, 20);
+	flush_in_tx(d.conn, f);
+	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 0 triage active "
+	       "2026-01-01 00:02:00+00 2026-01-01 00:02:00+00");
+	conv_event(f, "AgentHandoff", 4, "03:00Z", CONV, "\"from_agent\": \"triage\", \"to_agent\": \"billing\"");
+	flush_in_tx(d.conn, f);
+	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 1 billing active "
+	       "2026-01-01 00:02:00+00 2026-01-01 00:03:00+00");
+	conv_event(f, "ConversationClosed", 5, "04:00Z", CONV, "\"status\": \"completed\"");
+	conv_event(f, "ConversationClosed", 6, "05:00Z", CONV2, "\"status\": \"abandoned\"");
+	flush_in_tx(d.conn, f);
+	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 1 billing completed "
+	       "2026-01-01 00:02:00+00 2026-01-01 00:04:00+00");
+	expect(d.conn, CONV_ROW(CONV2), "0 0 0 0 0 0 abandoned 2026-01-01 00:05:00+00");
+	/* all three in one batch, twice over, with a message and a handoff folded before */
+	conv_message(f, 3, "02:00Z", CONV, 20);
+	conv_event(f, "AgentHandoff", 4, "03:00Z", CONV, "\"from_agent\": \"triage\", \"to_agent\": \"billing\"");
+	conv_message(f, 7, "06:00Z", CONV, 40);
+	conv_event(f, "AgentHandoff", 8, "07:00Z", CONV, "\"from_agent\": \"billing\", \"to_agent\": \"sales\"");
+	conv_event(f, "AgentHandoff", 9, "08:00Z", CONV, "\"from_agent\": \"sales\", \"to_agent\": \"support\"");
+	conv_event(f, "ConversationClosed", 10, "09:00Z", CONV, "\"status\": \"failed\"");
+	conv_event(f, "ConversationClosed", 11, "08:30Z", CONV, "\"status\": \"completed\"");
+	conv_message(f, 12, "10:00Z", CONV2, 5);
+	flush_in_tx(d.conn, f);
+	/* the status of the close last in feed order, updated_at the latest close's time (before,
+	 * the live fold took the last close's time, and a rebuild differed) */
+	expect(d.conn, CONV_ROW(CONV), "3 70 3 6 9 3 support completed "
+	       "2026-01-01 00:06:00+00 2026-01-01 00:09:00+00");
+	expect(d.conn, CONV_ROW(CONV2), "1 5 1 2 3 0 abandoned 2026-01-01 00:10:00+00 "
+	       "2026-01-01 00:10:00+00");
+	expect(d.conn, "SELECT string_agg(concat_ws(':', conversation_id = '" CONV "', position, "
+		       "token_count_prompt), ' ' ORDER BY created_at) FROM agent_messages",
+	       "t:0:10 t:1:20 t:2:40 f:0:5");
+	expect(d.conn, "SELECT concat_ws(' ', agent_entrypoint, source_channel, created_at) "
+		       "FROM agent_conversations WHERE id = '" CONV "'", "triage web 2026-01-01 00:00:00+00");
+	char *want = digest(d.conn);
+
+	/* the same messages through the in-memory fold into the emptied tables */
+	empty_projections(d.conn);
+	struct tly_memfold *mf = tly_memfold_new();
+	struct tly_pg_error err;
+	ck_assert_ptr_nonnull(mf);
+	for (size_t i = 0; i < n_recorded; i++)
+		memfold_add_text(mf, recorded[i]);
+	forget_recorded();
+	ck_assert_int_eq(tly_memfold_finish(mf), 0);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
+		      err.message);
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	expect_digest(d.conn, want);
+	free(want);
+	tly_memfold_free(mf);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+#undef CONV2
+
 /*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
  * entries before their subscription's event, an invoice status before its invoice, messages and
@@ -1230,6 +1332,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, wallet_events_no_seen_row);
 	tcase_add_test(tc, entry_runs);
+	tcase_add_test(tc, conversation_one_update);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
