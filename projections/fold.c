@@ -465,16 +465,20 @@ static const char *const FOLD_SQL[] = {
  * entries of that tenant are dropped from the staging table and this returns the whole range,
  * which fill_gaps stages instead, in seq order. Seqs are gap-free per tenant (DESIGN.md), so a
  * gap is always entries the fold has not seen. A range the database does not hold in full (entries
- * that never went through tally-ledger) is left as it came.
+ * that never went through tally-ledger) is left as it came. The gap is found from the seq ranges
+ * the staged rows cover (run_seq or seq, to seq) in order, without listing every seq: a range
+ * that starts more than one after the greatest seq before it (or the applied one).
  */
 static const char GAP_SQL[] =
-	"WITH t AS (SELECT s.tenant_id, max(s.seq) AS hi, COALESCE(max(a.seq), 0) AS applied, "
-	"  count(DISTINCT g.seq) AS n "
+	"WITH r AS (SELECT s.tenant_id, COALESCE(a.seq, 0) AS applied, s.seq AS hi, "
+	"  GREATEST(COALESCE(s.run_seq, s.seq), COALESCE(a.seq, 0) + 1) AS lo "
 	"  FROM tly_fold_stage s LEFT JOIN @projector_ledger_applied@ a ON a.tenant_id = s.tenant_id "
-	"  LEFT JOIN LATERAL generate_series(GREATEST(COALESCE(s.run_seq, s.seq), "
-	"    COALESCE(a.seq, 0) + 1), s.seq) g(seq) ON true "
-	"  WHERE s.type = 'LedgerEntry' GROUP BY s.tenant_id), "
-	"gap AS (SELECT t.tenant_id, t.applied, t.hi FROM t WHERE t.n < t.hi - t.applied "
+	"  WHERE s.type = 'LedgerEntry' AND s.seq > COALESCE(a.seq, 0)), "
+	"w AS (SELECT r.*, max(hi) OVER (PARTITION BY tenant_id ORDER BY lo, hi "
+	"  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM r), "
+	"t AS (SELECT tenant_id, max(applied) AS applied, max(hi) AS hi, "
+	"  bool_or(lo > COALESCE(before, applied) + 1) AS holed FROM w GROUP BY tenant_id), "
+	"gap AS (SELECT t.tenant_id, t.applied, t.hi FROM t WHERE t.holed "
 	"  AND (SELECT count(*) FROM ledger_entries e WHERE e.tenant_id = t.tenant_id "
 	"    AND e.seq > t.applied AND e.seq <= t.hi) = t.hi - t.applied), "
 	"del AS (DELETE FROM tly_fold_stage s USING gap g "
