@@ -772,6 +772,65 @@ END_TEST
 #undef CONV2
 
 /*
+ * The message insert is a plain insert after its checks: a message id that another session
+ * inserts meanwhile (two tenants' batches folded at once, as two lanes or processes do) fails the
+ * second batch with a unique violation once the first commits, classed retriable; the retry skips
+ * the message, which stays the first tenant's.
+ */
+START_TEST(message_id_race_retried)
+{
+#define TENANT2 "12121212-1212-4212-8212-121212121212"
+#define RACED_MESSAGE(tenant, event, conv) \
+	"{\"type\": \"MessageAppended\", \"event_id\": \"" event "\", \"tenant_id\": \"" tenant "\", " \
+	"\"occurred_at\": \"2026-01-01T00:01:00Z\", \"conversation_id\": \"" conv "\", " \
+	"\"message_id\": \"" M1 "\", \"role\": \"user\", \"agent_type\": \"human\", " \
+	"\"content\": \"{}\", \"provider\": \"none\", \"model\": \"none\", \"prompt_tokens\": 1, " \
+	"\"completion_tokens\": 0, \"reasoning_tokens\": 0, \"latency_ms\": 0, \"cost_micros\": 0}"
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	PGconn *other = PQconnectdb(d.conninfo);
+	ck_assert(PQstatus(other) == CONNECTION_OK);
+	struct tly_fold *first = tly_fold_new(), *second = tly_fold_new();
+	ck_assert(first && second);
+	struct tly_pg_error err;
+	int rc;
+	add_json(first, RACED_MESSAGE(TENANT, "d0000000-0000-4000-8000-000000000001", CONV));
+	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+				       "44444444-4444-4444-8444-444444444442"));
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush(first, d.conn, &err) == 0, "%s", err.message);
+	ck_assert(tly_pg_begin(other, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(second, other, "COMMIT", &err) == 0, "%s", err.message);
+	for (int i = 0; i < 50; i++) { /* the second waits for the first's message id */
+		ck_assert_int_eq(tly_fold_flush_poll(second, other, false, &err), 1);
+		usleep(2000);
+	}
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	rc = tly_fold_flush_poll(second, other, true, &err);
+	ck_assert_int_eq(rc, TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "23505");
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert(tly_pg_rollback(other, &err) == 0);
+	tly_fold_clear(second);
+	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+				       "44444444-4444-4444-8444-444444444442"));
+	flush_in_tx(other, second);
+	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, conversation_id, position), ', ') "
+		       "FROM agent_messages", TENANT " " CONV " 0");
+	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, message_count), ', ' ORDER BY "
+		       "tenant_id) FROM agent_conversations", TENANT " 1, " TENANT2 " 0");
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "2");
+	forget_recorded();
+	PQfinish(other);
+	tly_fold_free(first);
+	tly_fold_free(second);
+	tly_test_db_down(&d);
+#undef RACED_MESSAGE
+#undef TENANT2
+}
+END_TEST
+
+/*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
  * entries before their subscription's event, an invoice status before its invoice, messages and
  * a handoff before their conversation's start; duplicate events and republished entries; then
@@ -1347,6 +1406,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, wallet_events_no_seen_row);
 	tcase_add_test(tc, entry_runs);
 	tcase_add_test(tc, conversation_one_update);
+	tcase_add_test(tc, message_id_race_retried);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
