@@ -262,13 +262,17 @@ static const char *const FOLD_SQL[] = {
 	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind = 'subscription_ended' "
 	"  ORDER BY (ref_id)::uuid, ord) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
 
-	/* 7. conversations: a placeholder for one a message, handoff or close names first */
+	/* 7. conversations: a placeholder for one a message, handoff or close names first (not one
+	 * the batch starts: the next statement inserts it, rather than a second version of it) */
 	"INSERT INTO @agent_conversations@ (id, tenant_id, agent_entrypoint, status, created_at, "
 	"  updated_at) "
 	"SELECT (conversation_id)::uuid, min(tenant_id::text)::uuid, '', 'active', min(at), "
 	"  min(at) FROM tly_fold_stage "
 	"WHERE type IN ('MessageAppended', 'AgentHandoff', 'ConversationClosed') "
-	"GROUP BY (conversation_id)::uuid ON CONFLICT (id) DO NOTHING",
+	"GROUP BY (conversation_id)::uuid HAVING (conversation_id)::uuid NOT IN "
+	"  (SELECT (conversation_id)::uuid FROM tly_fold_stage WHERE type = 'ConversationStarted' "
+	"    AND conversation_id IS NOT NULL) "
+	"ON CONFLICT (id) DO NOTHING",
 
 	"INSERT INTO @agent_conversations@ AS c (id, tenant_id, user_id, agent_entrypoint, active_agent, "
 	"  status, source_channel, topic_hint, created_at, updated_at) "

@@ -695,8 +695,26 @@ static void conv_message(struct tly_fold *f, int id, const char *at, const char 
 	"reasoning_tokens, total_cost_micros, handoff_count, active_agent, status, " \
 	"last_message_at, updated_at) FROM agent_conversations WHERE id = '" conv "'"
 
+/* Fold the batch in a transaction: "inserted updated" row counts of agent_conversations in it. */
+#define CONV_WRITES \
+	"SELECT pg_stat_get_xact_tuples_inserted('agent_conversations'::regclass) * 1000000 " \
+	"+ pg_stat_get_xact_tuples_updated('agent_conversations'::regclass)"
+static char *flush_conversation_writes(PGconn *conn, struct tly_fold *fold)
+{
+	struct tly_pg_error err;
+	char writes[64];
+	ck_assert(tly_pg_begin(conn, &err) == 0);
+	long before = q_long(conn, CONV_WRITES); /* the session's counts not yet reported, too */
+	ck_assert_msg(tly_fold_flush(fold, conn, &err) == 0, "%s", err.message);
+	long n = q_long(conn, CONV_WRITES) - before;
+	ck_assert(tly_pg_commit(conn, &err) == 0);
+	snprintf(writes, sizeof(writes), "%ld %ld", n / 1000000, n % 1000000);
+	return strdup(writes);
+}
+
 /*
- * Each conversation of a batch is updated by one statement with its inserted messages' counters,
+ * Each conversation of a batch is written once: inserted when the batch starts it (no placeholder
+ * first), else updated by one statement with its inserted messages' counters,
  * its handoffs (the last one's agent) and its last close, whichever of them the batch holds:
  * messages alone, a handoff alone, a close alone, all three, a close of a conversation never seen
  * (its placeholder), repeats of folded events; every other column is left as it was, and the
@@ -713,7 +731,9 @@ START_TEST(conversation_one_update)
 		   "\"user_id\": \"" USER "\", \"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"");
 	conv_message(f, 2, "01:00Z", CONV, 10);
 	conv_message(f, 3, "02:00Z", CONV, 20);
-	flush_in_tx(d.conn, f);
+	char *writes = flush_conversation_writes(d.conn, f);
+	ck_assert_str_eq(writes, "1 1"); /* started in the batch: inserted, not a placeholder first */
+	free(writes);
 	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 0 triage active "
 	       "2026-01-01 00:02:00+00 2026-01-01 00:02:00+00");
 	conv_event(f, "AgentHandoff", 4, "03:00Z", CONV, "\"from_agent\": \"triage\", \"to_agent\": \"billing\"");
@@ -735,7 +755,9 @@ START_TEST(conversation_one_update)
 	conv_event(f, "ConversationClosed", 10, "09:00Z", CONV, "\"status\": \"failed\"");
 	conv_event(f, "ConversationClosed", 11, "08:30Z", CONV, "\"status\": \"completed\"");
 	conv_message(f, 12, "10:00Z", CONV2, 5);
-	flush_in_tx(d.conn, f);
+	writes = flush_conversation_writes(d.conn, f);
+	ck_assert_str_eq(writes, "0 2"); /* one update of each conversation */
+	free(writes);
 	/* the status of the close last in feed order, updated_at the latest close's time (before,
 	 * the live fold took the last close's time, and a rebuild differed) */
 	expect(d.conn, CONV_ROW(CONV), "3 70 3 6 9 3 support completed "
