@@ -437,6 +437,28 @@ static void memfold_add_text(struct tly_memfold *mf, const char *text)
 	tly_event_free(&ev);
 }
 
+/*
+ * The recorded messages, in feed order, through a new in-memory fold into the emptied tables (no
+ * ledger entries among them: memfold_rebuild orders those); the projections' digest must be want.
+ */
+static void memfold_replay(PGconn *conn, const char *want)
+{
+	struct tly_pg_error err;
+	empty_projections(conn);
+	struct tly_memfold *mf = tly_memfold_new();
+	ck_assert_ptr_nonnull(mf);
+	for (size_t i = 0; i < n_recorded; i++)
+		memfold_add_text(mf, recorded[i]);
+	forget_recorded();
+	ck_assert_int_eq(tly_memfold_finish(mf), 0);
+	ck_assert(tly_pg_begin(conn, &err) == 0);
+	ck_assert_msg(tly_memfold_copy(mf, conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
+		      err.message);
+	ck_assert(tly_pg_commit(conn, &err) == 0);
+	expect_digest(conn, want);
+	tly_memfold_free(mf);
+}
+
 /* A fresh database and fold with the three fixture batches, each folded in a transaction of its own,
  * the fixture's messages recorded. */
 static struct tly_fold *fold_three_batches(struct tly_test_db *d)
@@ -584,21 +606,8 @@ START_TEST(wallet_events_no_seen_row)
 	char *want = digest(d.conn);
 
 	/* the same messages through the in-memory fold into the emptied tables */
-	empty_projections(d.conn);
-	struct tly_memfold *mf = tly_memfold_new();
-	struct tly_pg_error err;
-	ck_assert_ptr_nonnull(mf);
-	for (size_t i = 0; i < n_recorded; i++)
-		memfold_add_text(mf, recorded[i]);
-	forget_recorded();
-	ck_assert_int_eq(tly_memfold_finish(mf), 0);
-	ck_assert(tly_pg_begin(d.conn, &err) == 0);
-	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
-		      err.message);
-	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	expect_digest(d.conn, want);
+	memfold_replay(d.conn, want);
 	free(want);
-	tly_memfold_free(mf);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 #undef TENANT2
@@ -772,21 +781,8 @@ START_TEST(conversation_one_update)
 	char *want = digest(d.conn);
 
 	/* the same messages through the in-memory fold into the emptied tables */
-	empty_projections(d.conn);
-	struct tly_memfold *mf = tly_memfold_new();
-	struct tly_pg_error err;
-	ck_assert_ptr_nonnull(mf);
-	for (size_t i = 0; i < n_recorded; i++)
-		memfold_add_text(mf, recorded[i]);
-	forget_recorded();
-	ck_assert_int_eq(tly_memfold_finish(mf), 0);
-	ck_assert(tly_pg_begin(d.conn, &err) == 0);
-	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
-		      err.message);
-	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	expect_digest(d.conn, want);
+	memfold_replay(d.conn, want);
 	free(want);
-	tly_memfold_free(mf);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
