@@ -656,7 +656,7 @@ static int get_field(struct tly_codec *codec, const struct tly_field *f, unsigne
 	case TLY_F_OPT_UUID:
 		if ((rc = get_str(&fv, arena, f->name, &s, errstr, errlen)) != 0)
 			return rc;
-		if (tly_uuid_parse(s, p) != 0) {
+		if (tly_codec_uuid_parse(s, strlen(s), p) != 0) {
 			char why[128];
 			snprintf(why, sizeof(why), "\"%.40s\" is not a UUID", s);
 			return bad(errstr, errlen, f->name, why);
@@ -914,6 +914,37 @@ int tly_codec_decode(struct tly_codec *codec, const void *bytes, size_t len, str
 void tly_codec_uuid_hint(struct tly_codec *codec, const tly_uuid *id)
 {
 	tly_uuid_memo_offer(codec->uuids, id);
+}
+
+/* A hex digit's value, or 0x100 for any other byte. */
+static unsigned hex_value(unsigned char c)
+{
+	if ((unsigned)(c - '0') < 10)
+		return (unsigned)(c - '0');
+	if ((unsigned)((c | 0x20) - 'a') < 6)
+		return (unsigned)((c | 0x20) - 'a' + 10);
+	return 0x100;
+}
+
+int tly_codec_uuid_parse(const char *text, size_t len, tly_uuid *out)
+{
+	/* where each byte's two hex digits start in the 8-4-4-4-12 text */
+	static const unsigned char at[16] = {0,  2,  4,  6,  9,  11, 14, 16,
+					     19, 21, 24, 26, 28, 30, 32, 34};
+	const unsigned char *s = (const unsigned char *)text;
+	tly_uuid u;
+	unsigned bad = 0;
+	if (len != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-')
+		return TLY_E_INVALID;
+	for (size_t i = 0; i < 16; i++) {
+		unsigned hi = hex_value(s[at[i]]), lo = hex_value(s[at[i] + 1]);
+		bad |= hi | lo;
+		u.b[i] = (unsigned char)(hi << 4 | (lo & 0xf));
+	}
+	if (bad & 0x100)
+		return TLY_E_INVALID;
+	*out = u;
+	return 0;
 }
 
 int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t len,

@@ -109,6 +109,14 @@ int tly_codec_decode_digest(struct tly_codec *codec, const void *bytes, size_t l
 void tly_codec_uuid_hint(struct tly_codec *codec, const tly_uuid *id);
 
 /*
+ * The UUID written as the len bytes at text (not NUL-terminated): exactly the texts libuuid's
+ * uuid_parse accepts (36 bytes, '-' at 8, 13, 18 and 23, a hex digit of either case elsewhere)
+ * give the bytes it gives; anything else is TLY_E_INVALID and out is left as it was. Reads the
+ * hex pairs directly, without uuid_parse's strtoul calls (a decode's largest cost).
+ */
+int tly_codec_uuid_parse(const char *text, size_t len, tly_uuid *out) TLY_MUST_CHECK;
+
+/*
  * generic: encode and decode through avro-c's generic values only, never a compiled plan (the
  * reference the plans are tested against). Default false.
  */

@@ -409,12 +409,11 @@ static const struct tly_uuid_memo_slot *memo_find(const struct tly_uuid_memo *m,
 	return !fresh && slot->used && memcmp(slot->text, s, 36) == 0 ? slot : NULL;
 }
 
-/* A UUID's text through libuuid, or what the memo holds for it; fresh: see TLY_FF_FRESH. */
+/* A UUID's text through tly_codec_uuid_parse, or what the memo holds for it; fresh: see TLY_FF_FRESH. */
 static int get_uuid(struct in *in, tly_uuid *out, bool fresh)
 {
 	const unsigned char *s;
 	size_t len;
-	char text[37];
 	if (get_span(in, &s, &len) != 0 || len != 36)
 		return NO;
 	struct tly_uuid_memo *m = in->memo;
@@ -424,9 +423,7 @@ static int get_uuid(struct in *in, tly_uuid *out, bool fresh)
 		in->canonical = in->canonical && hit->lower;
 		return 0;
 	}
-	memcpy(text, s, 36);
-	text[36] = '\0';
-	if (memchr(text, '\0', 36) || uuid_parse(text, out->b) != 0)
+	if (tly_codec_uuid_parse((const char *)s, len, out) != 0)
 		return NO;
 	unsigned upper = 0; /* an upper-case hex digit: written back in lower case */
 	for (size_t i = 0; i < 36; i++)

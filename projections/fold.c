@@ -101,11 +101,16 @@ struct tly_fold {
  * conversations), then the rows and counters. Every counter adds only rows actually inserted.
  */
 static const char *const FOLD_SQL[] = {
-	/* 1. events seen before are dropped (tly_fold_add stages an event id once per batch) */
+	/* 1. events seen before are dropped (tly_fold_add stages an event id once per batch); the
+	 * ids go in key order (neighbours in the index one after the other), and the staging table
+	 * is searched for what conflicted only when something did (a one-time filter) */
 	"WITH ins AS (INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
 	"  SELECT tenant_id, event_id FROM tly_fold_stage WHERE event_id IS NOT NULL "
-	"  ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
-	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL AND NOT EXISTS "
+	"  ORDER BY tenant_id, event_id ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
+	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL "
+	"  AND (SELECT count(*) FROM ins) < "
+	"    (SELECT count(*) FROM tly_fold_stage WHERE event_id IS NOT NULL) "
+	"  AND NOT EXISTS "
 	"  (SELECT 1 FROM ins i WHERE i.tenant_id = s.tenant_id AND i.event_id = s.event_id)",
 
 	/* 2. ledger entries at or below the tenant's applied seq (republished) are dropped */
@@ -257,13 +262,17 @@ static const char *const FOLD_SQL[] = {
 	"  FROM tly_fold_stage WHERE type = 'LedgerEntry' AND kind = 'subscription_ended' "
 	"  ORDER BY (ref_id)::uuid, ord) x WHERE s.id = x.id AND s.tenant_id = x.tenant_id",
 
-	/* 7. conversations: a placeholder for one a message, handoff or close names first */
+	/* 7. conversations: a placeholder for one a message, handoff or close names first (not one
+	 * the batch starts: the next statement inserts it, rather than a second version of it) */
 	"INSERT INTO @agent_conversations@ (id, tenant_id, agent_entrypoint, status, created_at, "
 	"  updated_at) "
 	"SELECT (conversation_id)::uuid, min(tenant_id::text)::uuid, '', 'active', min(at), "
 	"  min(at) FROM tly_fold_stage "
 	"WHERE type IN ('MessageAppended', 'AgentHandoff', 'ConversationClosed') "
-	"GROUP BY (conversation_id)::uuid ON CONFLICT (id) DO NOTHING",
+	"GROUP BY (conversation_id)::uuid HAVING (conversation_id)::uuid NOT IN "
+	"  (SELECT (conversation_id)::uuid FROM tly_fold_stage WHERE type = 'ConversationStarted' "
+	"    AND conversation_id IS NOT NULL) "
+	"ON CONFLICT (id) DO NOTHING",
 
 	"INSERT INTO @agent_conversations@ AS c (id, tenant_id, user_id, agent_entrypoint, active_agent, "
 	"  status, source_channel, topic_hint, created_at, updated_at) "
@@ -279,8 +288,14 @@ static const char *const FOLD_SQL[] = {
 	"  source_channel = EXCLUDED.source_channel, topic_hint = EXCLUDED.topic_hint, "
 	"  created_at = EXCLUDED.created_at, updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at)",
 
-	/* messages: one row per message id; the counters add only the rows inserted (only the
-	 * columns the insert reads go through its sorts and window, not the staging row) */
+	/* messages: one row per message id; then each conversation of the batch is updated once
+	 * (one new row version, one check of its keys), with the counters of the message rows
+	 * actually inserted, its handoffs (the last one's agent) and its closes (the last one's
+	 * status; updated_at, as everywhere, the latest time). Only the columns the insert reads go
+	 * through its sorts and window, not the staging row. A plain insert (a speculative one, ON
+	 * CONFLICT, cost a tenth more): the message ids and positions it writes are checked free
+	 * first, a message at a taken position is skipped; only a session inserting the same
+	 * message id meanwhile can make it fail (a unique violation, retriable: tly_fold_flush_poll) */
 	"WITH m AS (SELECT DISTINCT ON ((message_id)::uuid) (message_id)::uuid AS mid, "
 	"  (conversation_id)::uuid AS cid, ord, tenant_id, at, user_id, role, agent_type, content, "
 	"  tool_name, tool_call_id, provider, model, prompt_tokens, completion_tokens, "
@@ -299,29 +314,30 @@ static const char *const FOLD_SQL[] = {
 	"  model, (prompt_tokens)::bigint, (completion_tokens)::bigint, "
 	"  (reasoning_tokens)::bigint, (latency_ms)::int, "
 	"  encode(sha256(convert_to(content, 'UTF8')), 'hex'), (cost_micros)::bigint, "
-	"  (reservation_id)::uuid, at FROM numbered ON CONFLICT DO NOTHING "
+	"  (reservation_id)::uuid, at FROM numbered n WHERE NOT EXISTS (SELECT 1 "
+	"  FROM @agent_messages@ a WHERE a.conversation_id = n.cid AND a.position = n.pos) "
 	"  RETURNING conversation_id, token_count_prompt, token_count_completion, reasoning_tokens, "
-	"  cost_micros, created_at) "
-	"UPDATE @agent_conversations@ c SET message_count = c.message_count + x.n, "
-	"  total_tokens_prompt = c.total_tokens_prompt + x.p, "
-	"  total_tokens_completion = c.total_tokens_completion + x.co, "
-	"  reasoning_tokens = c.reasoning_tokens + x.r, total_cost_micros = c.total_cost_micros + x.cost, "
-	"  last_message_at = GREATEST(c.last_message_at, x.last), "
-	"  updated_at = GREATEST(c.updated_at, x.last) "
-	"FROM (SELECT conversation_id, count(*) AS n, sum(token_count_prompt) AS p, "
+	"  cost_micros, created_at), "
+	"msg AS (SELECT conversation_id AS cid, count(*) AS n, sum(token_count_prompt) AS p, "
 	"  sum(token_count_completion) AS co, sum(reasoning_tokens) AS r, sum(cost_micros) AS cost, "
-	"  max(created_at) AS last FROM ins GROUP BY conversation_id) x WHERE c.id = x.conversation_id",
-
-	"UPDATE @agent_conversations@ c SET handoff_count = c.handoff_count + x.n, "
-	"  active_agent = x.to_agent, updated_at = GREATEST(c.updated_at, x.last) "
-	"FROM (SELECT (conversation_id)::uuid AS cid, count(*) AS n, "
-	"  (array_agg(to_agent ORDER BY ord DESC))[1] AS to_agent, max(at) AS last "
-	"  FROM tly_fold_stage WHERE type = 'AgentHandoff' GROUP BY 1) x WHERE c.id = x.cid",
-
-	"UPDATE @agent_conversations@ c SET status = x.status, updated_at = GREATEST(c.updated_at, x.at) "
-	"FROM (SELECT DISTINCT ON ((conversation_id)::uuid) (conversation_id)::uuid "
-	"  AS cid, status AS status, at FROM tly_fold_stage WHERE type = 'ConversationClosed' "
-	"  ORDER BY (conversation_id)::uuid, ord DESC) x WHERE c.id = x.cid",
+	"  max(created_at) AS last FROM ins GROUP BY conversation_id), "
+	"hand AS (SELECT (conversation_id)::uuid AS cid, count(*) AS handoffs, "
+	"  (array_agg(to_agent ORDER BY ord DESC))[1] AS to_agent, max(at) AS handoff_at "
+	"  FROM tly_fold_stage WHERE type = 'AgentHandoff' GROUP BY 1), "
+	"clo AS (SELECT (conversation_id)::uuid AS cid, (array_agg(status ORDER BY ord DESC))[1] "
+	"  AS closed, max(at) AS closed_at FROM tly_fold_stage WHERE type = 'ConversationClosed' "
+	"  GROUP BY 1) "
+	"UPDATE @agent_conversations@ c SET message_count = c.message_count + COALESCE(x.n, 0), "
+	"  total_tokens_prompt = c.total_tokens_prompt + COALESCE(x.p, 0), "
+	"  total_tokens_completion = c.total_tokens_completion + COALESCE(x.co, 0), "
+	"  reasoning_tokens = c.reasoning_tokens + COALESCE(x.r, 0), "
+	"  total_cost_micros = c.total_cost_micros + COALESCE(x.cost, 0), "
+	"  last_message_at = GREATEST(c.last_message_at, x.last), "
+	"  handoff_count = c.handoff_count + COALESCE(x.handoffs, 0), "
+	"  active_agent = CASE WHEN x.handoffs IS NULL THEN c.active_agent ELSE x.to_agent END, "
+	"  status = CASE WHEN x.closed_at IS NULL THEN c.status ELSE x.closed END, "
+	"  updated_at = GREATEST(c.updated_at, x.last, x.handoff_at, x.closed_at) "
+	"FROM (msg FULL JOIN hand USING (cid) FULL JOIN clo USING (cid)) x WHERE c.id = x.cid",
 
 	/* 8. metered usage, once per external event id; its period from the ledger's entry */
 	"INSERT INTO @projector_usage_periods@ (event_id, period_start, period_end) "
@@ -457,16 +473,20 @@ static const char *const FOLD_SQL[] = {
  * entries of that tenant are dropped from the staging table and this returns the whole range,
  * which fill_gaps stages instead, in seq order. Seqs are gap-free per tenant (DESIGN.md), so a
  * gap is always entries the fold has not seen. A range the database does not hold in full (entries
- * that never went through tally-ledger) is left as it came.
+ * that never went through tally-ledger) is left as it came. The gap is found from the seq ranges
+ * the staged rows cover (run_seq or seq, to seq) in order, without listing every seq: a range
+ * that starts more than one after the greatest seq before it (or the applied one).
  */
 static const char GAP_SQL[] =
-	"WITH t AS (SELECT s.tenant_id, max(s.seq) AS hi, COALESCE(max(a.seq), 0) AS applied, "
-	"  count(DISTINCT g.seq) AS n "
+	"WITH r AS (SELECT s.tenant_id, COALESCE(a.seq, 0) AS applied, s.seq AS hi, "
+	"  GREATEST(COALESCE(s.run_seq, s.seq), COALESCE(a.seq, 0) + 1) AS lo "
 	"  FROM tly_fold_stage s LEFT JOIN @projector_ledger_applied@ a ON a.tenant_id = s.tenant_id "
-	"  LEFT JOIN LATERAL generate_series(GREATEST(COALESCE(s.run_seq, s.seq), "
-	"    COALESCE(a.seq, 0) + 1), s.seq) g(seq) ON true "
-	"  WHERE s.type = 'LedgerEntry' GROUP BY s.tenant_id), "
-	"gap AS (SELECT t.tenant_id, t.applied, t.hi FROM t WHERE t.n < t.hi - t.applied "
+	"  WHERE s.type = 'LedgerEntry' AND s.seq > COALESCE(a.seq, 0)), "
+	"w AS (SELECT r.*, max(hi) OVER (PARTITION BY tenant_id ORDER BY lo, hi "
+	"  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM r), "
+	"t AS (SELECT tenant_id, max(applied) AS applied, max(hi) AS hi, "
+	"  bool_or(lo > COALESCE(before, applied) + 1) AS holed FROM w GROUP BY tenant_id), "
+	"gap AS (SELECT t.tenant_id, t.applied, t.hi FROM t WHERE t.holed "
 	"  AND (SELECT count(*) FROM ledger_entries e WHERE e.tenant_id = t.tenant_id "
 	"    AND e.seq > t.applied AND e.seq <= t.hi) = t.hi - t.applied), "
 	"del AS (DELETE FROM tly_fold_stage s USING gap g "
@@ -495,8 +515,7 @@ static const uint64_t FOLD_NEEDS[] = {
 	T(TLY_EV_PLAN_PUBLISHED), T(TLY_EV_PLAN_PUBLISHED),             /* 5 */
 	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_SUBSCRIPTION_STARTED),         /* 6 */
 	T(TLY_EV_SUBSCRIPTION_CHANGED), T(K_SUB_STATUS), T(K_PERIOD), T(K_CANCELLED), T(K_ENDED),
-	CONV_REF, T(TLY_EV_CONVERSATION_STARTED), T(TLY_EV_MESSAGE_APPENDED), /* 7 */
-	T(TLY_EV_AGENT_HANDOFF), T(TLY_EV_CONVERSATION_CLOSED),
+	CONV_REF, T(TLY_EV_CONVERSATION_STARTED), CONV_REF,             /* 7 */
 	T(K_USAGE), T(TLY_EV_USAGE_REPORTED), T(K_USAGE),               /* 8 */
 	MODEL_CALL,                                                     /* 9 */
 	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_LEDGER_ENTRY) | MODEL_CALL,    /* 10 */
@@ -1183,6 +1202,10 @@ int tly_fold_flush_poll(struct tly_fold *fold, PGconn *conn, bool wait, struct t
 	fold->sent = false;
 	if (fold->rc != 0) {
 		fold->staged_on = NULL;
+		/* another session committed a key this batch also wrote (a message id, after the
+		 * checks saw it free): the next attempt's checks see it */
+		if (err && strcmp(err->sqlstate, "23505") == 0)
+			err->errclass = TLY_ERRCLASS_RETRIABLE;
 		return TLY_E_PG;
 	}
 	tly_fold_clear(fold);

@@ -104,7 +104,8 @@ int tly_fold_flush(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err
  * messages and conn takes no other statement.
  * poll reads what has arrived (wait: blocks until done): 1 while results are outstanding, 0 once
  * all arrived and succeeded (the batch is cleared), TLY_E_PG with err filled (roll back and clear,
- * as after tly_fold_flush). 0 when nothing was sent.
+ * as after tly_fold_flush; a unique violation is retriable: another session wrote a key of the
+ * batch after its checks, and the next attempt's see it). 0 when nothing was sent.
  */
 int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
 			struct tly_pg_error *err) TLY_MUST_CHECK;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <openssl/evp.h>
+#include <uuid/uuid.h>
 
 #include "codec.h"
 #include "fixtures.h"
@@ -631,6 +632,79 @@ START_TEST(test_plan_uuid_hint)
 }
 END_TEST
 
+/* tly_codec_uuid_parse gives text's bytes and verdict as libuuid's uuid_parse; out kept on a refusal */
+static void assert_parse_as_libuuid(const char *text, size_t len)
+{
+	char z[64];
+	uuid_t want;
+	tly_uuid got, kept;
+	ck_assert_uint_lt(len, sizeof(z));
+	memcpy(z, text, len);
+	z[len] = '\0';
+	memset(&kept, 0xa5, sizeof(kept));
+	got = kept;
+	int lib = uuid_parse(z, want);
+	int ours = tly_codec_uuid_parse(text, len, &got);
+	ck_assert_msg((lib == 0) == (ours == 0), "\"%s\" (%zu bytes): libuuid %d, ours %d", z, len,
+		      lib, ours);
+	if (ours == 0)
+		ck_assert_mem_eq(got.b, want, 16);
+	else {
+		ck_assert_int_eq(ours, TLY_E_INVALID);
+		ck_assert_mem_eq(got.b, kept.b, 16);
+	}
+}
+
+/*
+ * The UUID text parser accepts and refuses exactly what libuuid does, with the same bytes: texts
+ * libuuid writes in either case, every byte value at every position of one, every length around
+ * 36, and hand-picked near misses (what strtoul would take but a UUID text may not hold).
+ */
+START_TEST(test_uuid_parse_as_libuuid)
+{
+	char text[64];
+	for (int i = 0; i < 200; i++) {
+		uuid_t u;
+		uuid_generate_random(u);
+		if (i % 3 == 0)
+			uuid_unparse_upper(u, text);
+		else
+			uuid_unparse_lower(u, text);
+		if (i % 3 == 2) /* mixed case */
+			for (size_t k = 0; k < 36; k += 3)
+				if (text[k] >= 'a' && text[k] <= 'f')
+					text[k] = (char)(text[k] - 'a' + 'A');
+		assert_parse_as_libuuid(text, 36);
+		tly_uuid got;
+		ck_assert_int_eq(tly_codec_uuid_parse(text, 36, &got), 0);
+		ck_assert_mem_eq(got.b, u, 16);
+	}
+	const char *base = "0123abcd-ef45-6789-ABCD-EF0123456789";
+	for (size_t pos = 0; pos < 36; pos++)
+		for (int c = 0; c < 256; c++) {
+			memcpy(text, base, 37);
+			text[pos] = (char)c;
+			assert_parse_as_libuuid(text, 36);
+		}
+	for (size_t len = 0; len <= 40; len++) {
+		memset(text, '0', sizeof(text));
+		memcpy(text, base, 36);
+		assert_parse_as_libuuid(text, len);
+	}
+	const char *const near[] = {
+		"00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
+		"FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF", " 0123abc-ef45-6789-abcd-ef0123456789",
+		"+0123abc-ef45-6789-abcd-ef0123456789", "0x123abc-ef45-6789-abcd-ef0123456789",
+		"0123abcd-+f45-6789-abcd-ef0123456789", "0123abcd-ef45-6789-abcd-ef012345678g",
+		"0123abcd-ef45-6789-abcd-ef012345678G", "0123abcd-ef45-6789-abcd-ef012345678 ",
+		"0123abcd0ef45-6789-abcd-ef0123456789", "0123abcd-ef45-6789-abcdef0123456789-",
+		"{123abcd-ef45-6789-abcd-ef0123456789", "0123abcd-ef45-6789-abcd-ef0123456789",
+	};
+	for (size_t i = 0; i < sizeof(near) / sizeof(near[0]); i++)
+		assert_parse_as_libuuid(near[i], strlen(near[i]));
+}
+END_TEST
+
 /*
  * A sealed entry is appended after what the buffer holds, with the hash of the prefix and its body
  * (hash field zero), the same whether its hash field is zero or set; a refused one leaves the
@@ -703,6 +777,7 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_plan_duplicate_key);
 	tcase_add_test(tc, test_plan_not_canonical);
 	tcase_add_test(tc, test_plan_uuid_hint);
+	tcase_add_test(tc, test_uuid_parse_as_libuuid);
 	tcase_add_test(tc, test_sealed_appended);
 	suite_add_tcase(s, tc);
 	return s;

@@ -437,6 +437,28 @@ static void memfold_add_text(struct tly_memfold *mf, const char *text)
 	tly_event_free(&ev);
 }
 
+/*
+ * The recorded messages, in feed order, through a new in-memory fold into the emptied tables (no
+ * ledger entries among them: memfold_rebuild orders those); the projections' digest must be want.
+ */
+static void memfold_replay(PGconn *conn, const char *want)
+{
+	struct tly_pg_error err;
+	empty_projections(conn);
+	struct tly_memfold *mf = tly_memfold_new();
+	ck_assert_ptr_nonnull(mf);
+	for (size_t i = 0; i < n_recorded; i++)
+		memfold_add_text(mf, recorded[i]);
+	forget_recorded();
+	ck_assert_int_eq(tly_memfold_finish(mf), 0);
+	ck_assert(tly_pg_begin(conn, &err) == 0);
+	ck_assert_msg(tly_memfold_copy(mf, conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
+		      err.message);
+	ck_assert(tly_pg_commit(conn, &err) == 0);
+	expect_digest(conn, want);
+	tly_memfold_free(mf);
+}
+
 /* A fresh database and fold with the three fixture batches, each folded in a transaction of its own,
  * the fixture's messages recorded. */
 static struct tly_fold *fold_three_batches(struct tly_test_db *d)
@@ -584,21 +606,8 @@ START_TEST(wallet_events_no_seen_row)
 	char *want = digest(d.conn);
 
 	/* the same messages through the in-memory fold into the emptied tables */
-	empty_projections(d.conn);
-	struct tly_memfold *mf = tly_memfold_new();
-	struct tly_pg_error err;
-	ck_assert_ptr_nonnull(mf);
-	for (size_t i = 0; i < n_recorded; i++)
-		memfold_add_text(mf, recorded[i]);
-	forget_recorded();
-	ck_assert_int_eq(tly_memfold_finish(mf), 0);
-	ck_assert(tly_pg_begin(d.conn, &err) == 0);
-	ck_assert_msg(tly_memfold_copy(mf, d.conn, (const char *const *)tly_fold_tables, &err) == 0, "%s",
-		      err.message);
-	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	expect_digest(d.conn, want);
+	memfold_replay(d.conn, want);
 	free(want);
-	tly_memfold_free(mf);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 #undef TENANT2
@@ -666,6 +675,176 @@ START_TEST(entry_runs)
 	free(want);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
+}
+END_TEST
+
+/* A conversation event of TENANT: type, event id suffix, time, conversation (CONV or CONV2), fields */
+#define CONV2 "44444444-4444-4444-8444-444444444442"
+static void conv_event(struct tly_fold *f, const char *type, int id, const char *at, const char *conv,
+		       const char *fields)
+{
+	add_json(f, "{\"type\": \"%s\", \"event_id\": \"c0000000-0000-4000-8000-0000000000%02d\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:%s\", "
+		    "\"conversation_id\": \"%s\", %s}", type, id, at, conv, fields);
+}
+
+static void conv_message(struct tly_fold *f, int id, const char *at, const char *conv, int tokens)
+{
+	char fields[512];
+	snprintf(fields, sizeof(fields),
+		 "\"message_id\": \"c1000000-0000-4000-8000-0000000000%02d\", \"role\": \"assistant\", "
+		 "\"agent_type\": \"triage\", \"content\": \"{}\", \"provider\": \"openai\", "
+		 "\"model\": \"gpt-4o\", \"prompt_tokens\": %d, \"completion_tokens\": 1, "
+		 "\"reasoning_tokens\": 2, \"latency_ms\": 5, \"cost_micros\": 3", id, tokens);
+	conv_event(f, "MessageAppended", id, at, conv, fields);
+}
+
+#define CONV_ROW(conv) \
+	"SELECT concat_ws(' ', message_count, total_tokens_prompt, total_tokens_completion, " \
+	"reasoning_tokens, total_cost_micros, handoff_count, active_agent, status, " \
+	"last_message_at, updated_at) FROM agent_conversations WHERE id = '" conv "'"
+
+/* Fold the batch in a transaction: "inserted updated" row counts of agent_conversations in it. */
+#define CONV_WRITES \
+	"SELECT pg_stat_get_xact_tuples_inserted('agent_conversations'::regclass) * 1000000 " \
+	"+ pg_stat_get_xact_tuples_updated('agent_conversations'::regclass)"
+static char *flush_conversation_writes(PGconn *conn, struct tly_fold *fold)
+{
+	struct tly_pg_error err;
+	char writes[64];
+	ck_assert(tly_pg_begin(conn, &err) == 0);
+	long before = q_long(conn, CONV_WRITES); /* the session's counts not yet reported, too */
+	ck_assert_msg(tly_fold_flush(fold, conn, &err) == 0, "%s", err.message);
+	long n = q_long(conn, CONV_WRITES) - before;
+	ck_assert(tly_pg_commit(conn, &err) == 0);
+	snprintf(writes, sizeof(writes), "%ld %ld", n / 1000000, n % 1000000);
+	return strdup(writes);
+}
+
+/*
+ * Each conversation of a batch is written once: inserted when the batch starts it (no placeholder
+ * first), else updated by one statement with its inserted messages' counters,
+ * its handoffs (the last one's agent) and its last close, whichever of them the batch holds:
+ * messages alone, a handoff alone, a close alone, all three, a close of a conversation never seen
+ * (its placeholder), repeats of folded events; every other column is left as it was, and the
+ * in-memory fold of the same messages gives the same rows.
+ */
+START_TEST(conversation_one_update)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	conv_event(f, "ConversationStarted", 1, "00:00Z", CONV,
+		   "\"user_id\": \"" USER "\", \"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"");
+	conv_message(f, 2, "01:00Z", CONV, 10);
+	conv_message(f, 3, "02:00Z", CONV, 20);
+	char *writes = flush_conversation_writes(d.conn, f);
+	ck_assert_str_eq(writes, "1 1"); /* started in the batch: inserted, not a placeholder first */
+	free(writes);
+	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 0 triage active "
+	       "2026-01-01 00:02:00+00 2026-01-01 00:02:00+00");
+	conv_event(f, "AgentHandoff", 4, "03:00Z", CONV, "\"from_agent\": \"triage\", \"to_agent\": \"billing\"");
+	flush_in_tx(d.conn, f);
+	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 1 billing active "
+	       "2026-01-01 00:02:00+00 2026-01-01 00:03:00+00");
+	conv_event(f, "ConversationClosed", 5, "04:00Z", CONV, "\"status\": \"completed\"");
+	conv_event(f, "ConversationClosed", 6, "05:00Z", CONV2, "\"status\": \"abandoned\"");
+	flush_in_tx(d.conn, f);
+	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 1 billing completed "
+	       "2026-01-01 00:02:00+00 2026-01-01 00:04:00+00");
+	expect(d.conn, CONV_ROW(CONV2), "0 0 0 0 0 0 abandoned 2026-01-01 00:05:00+00");
+	/* all three in one batch, twice over, with a message and a handoff folded before */
+	conv_message(f, 3, "02:00Z", CONV, 20);
+	conv_event(f, "AgentHandoff", 4, "03:00Z", CONV, "\"from_agent\": \"triage\", \"to_agent\": \"billing\"");
+	conv_message(f, 7, "06:00Z", CONV, 40);
+	conv_event(f, "AgentHandoff", 8, "07:00Z", CONV, "\"from_agent\": \"billing\", \"to_agent\": \"sales\"");
+	conv_event(f, "AgentHandoff", 9, "08:00Z", CONV, "\"from_agent\": \"sales\", \"to_agent\": \"support\"");
+	conv_event(f, "ConversationClosed", 10, "09:00Z", CONV, "\"status\": \"failed\"");
+	conv_event(f, "ConversationClosed", 11, "08:30Z", CONV, "\"status\": \"completed\"");
+	conv_message(f, 12, "10:00Z", CONV2, 5);
+	writes = flush_conversation_writes(d.conn, f);
+	ck_assert_str_eq(writes, "0 2"); /* one update of each conversation */
+	free(writes);
+	/* the status of the close last in feed order, updated_at the latest close's time (before,
+	 * the live fold took the last close's time, and a rebuild differed) */
+	expect(d.conn, CONV_ROW(CONV), "3 70 3 6 9 3 support completed "
+	       "2026-01-01 00:06:00+00 2026-01-01 00:09:00+00");
+	expect(d.conn, CONV_ROW(CONV2), "1 5 1 2 3 0 abandoned 2026-01-01 00:10:00+00 "
+	       "2026-01-01 00:10:00+00");
+	expect(d.conn, "SELECT string_agg(concat_ws(':', conversation_id = '" CONV "', position, "
+		       "token_count_prompt), ' ' ORDER BY created_at) FROM agent_messages",
+	       "t:0:10 t:1:20 t:2:40 f:0:5");
+	expect(d.conn, "SELECT concat_ws(' ', agent_entrypoint, source_channel, created_at) "
+		       "FROM agent_conversations WHERE id = '" CONV "'", "triage web 2026-01-01 00:00:00+00");
+	char *want = digest(d.conn);
+
+	/* the same messages through the in-memory fold into the emptied tables */
+	memfold_replay(d.conn, want);
+	free(want);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+#undef CONV2
+
+/*
+ * The message insert is a plain insert after its checks: a message id that another session
+ * inserts meanwhile (two tenants' batches folded at once, as two lanes or processes do) fails the
+ * second batch with a unique violation once the first commits, classed retriable; the retry skips
+ * the message, which stays the first tenant's.
+ */
+START_TEST(message_id_race_retried)
+{
+#define TENANT2 "12121212-1212-4212-8212-121212121212"
+#define RACED_MESSAGE(tenant, event, conv) \
+	"{\"type\": \"MessageAppended\", \"event_id\": \"" event "\", \"tenant_id\": \"" tenant "\", " \
+	"\"occurred_at\": \"2026-01-01T00:01:00Z\", \"conversation_id\": \"" conv "\", " \
+	"\"message_id\": \"" M1 "\", \"role\": \"user\", \"agent_type\": \"human\", " \
+	"\"content\": \"{}\", \"provider\": \"none\", \"model\": \"none\", \"prompt_tokens\": 1, " \
+	"\"completion_tokens\": 0, \"reasoning_tokens\": 0, \"latency_ms\": 0, \"cost_micros\": 0}"
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	PGconn *other = PQconnectdb(d.conninfo);
+	ck_assert(PQstatus(other) == CONNECTION_OK);
+	struct tly_fold *first = tly_fold_new(), *second = tly_fold_new();
+	ck_assert(first && second);
+	struct tly_pg_error err;
+	int rc;
+	add_json(first, RACED_MESSAGE(TENANT, "d0000000-0000-4000-8000-000000000001", CONV));
+	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+				       "44444444-4444-4444-8444-444444444442"));
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush(first, d.conn, &err) == 0, "%s", err.message);
+	ck_assert(tly_pg_begin(other, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(second, other, "COMMIT", &err) == 0, "%s", err.message);
+	for (int i = 0; i < 50; i++) { /* the second waits for the first's message id */
+		ck_assert_int_eq(tly_fold_flush_poll(second, other, false, &err), 1);
+		usleep(2000);
+	}
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	rc = tly_fold_flush_poll(second, other, true, &err);
+	ck_assert_int_eq(rc, TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "23505");
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert(tly_pg_rollback(other, &err) == 0);
+	tly_fold_clear(second);
+	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+				       "44444444-4444-4444-8444-444444444442"));
+	flush_in_tx(other, second);
+	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, conversation_id, position), ', ') "
+		       "FROM agent_messages", TENANT " " CONV " 0");
+	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, message_count), ', ' ORDER BY "
+		       "tenant_id) FROM agent_conversations", TENANT " 1, " TENANT2 " 0");
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "2");
+	forget_recorded();
+	PQfinish(other);
+	tly_fold_free(first);
+	tly_fold_free(second);
+	tly_test_db_down(&d);
+#undef RACED_MESSAGE
+#undef TENANT2
 }
 END_TEST
 
@@ -767,6 +946,20 @@ START_TEST(ledger_gap_read_back)
 		if (recorded_seq(i) == 8)
 			add_json(g, "%s", recorded[i]);
 	flush_in_tx(d.conn, g);
+	check_fold_rows(d.conn);
+	expect_digest(d.conn, want);
+
+	/* one seq missing between batches: 1 to 4 folded, then 6 and 7 (5, the invoice, read back) */
+	empty_projections(d.conn);
+	for (int part = 0; part < 3; part++) {
+		for (size_t i = 0; i < n; i++) {
+			int seq = recorded_seq(i);
+			if ((part == 0 && seq <= 4) || (part == 1 && (seq == 6 || seq == 7)) ||
+			    (part == 2 && seq == 8))
+				add_json(g, "%s", recorded[i]);
+		}
+		flush_in_tx(d.conn, g);
+	}
 	check_fold_rows(d.conn);
 	expect_digest(d.conn, want);
 	forget_recorded();
@@ -1230,6 +1423,8 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, wallet_events_no_seen_row);
 	tcase_add_test(tc, entry_runs);
+	tcase_add_test(tc, conversation_one_update);
+	tcase_add_test(tc, message_id_race_retried);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
