@@ -17,7 +17,7 @@
 #include "pgcopy.h"
 #include "wallet.h"
 
-#define ROWS_PER_STATEMENT 1000
+#define SEEN_KEYS_PER_STATEMENT 8192 /* a group's keys in one statement (4x ledger.batch.max.events) */
 #define COPY_ROWS 200 /* rows per COPY statement (see copy_for_row) */
 #define ENTRY_COLS 28
 
@@ -323,61 +323,73 @@ int tly_ledger_store_load_heads(PGconn *conn, const tly_uuid *tenants, size_t n,
 
 /*
  * One index probe per key (LATERAL ... LIMIT 1): a join against the whole batch could be
- * planned as a hash join over all of ledger_entries, whose cost grows with history.
+ * planned as a hash join over all of ledger_entries, whose cost grows with history. The keys go
+ * as two binary uuid arrays and the answers come back binary: no uuid text to format here or
+ * to parse in the server, no hex digest to unescape (the lookup is on the consumer's critical
+ * path: the group is decided once it is answered).
  */
-static int lookup_chunk(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n,
-			struct tly_pg_error *err)
+static int lookup_chunk(PGconn *conn, struct tly_pgarray *const arr[2],
+			struct tly_ledger_seen_key *keys, size_t n, struct tly_pg_error *err)
 {
-	int rc = TLY_E_NOMEM;
+	static const int binary[2] = {1, 1};
 	PGresult *res = NULL;
-	char *tenants = uuid_array(&keys[0].tenant_id, n, sizeof(*keys));
-	char *events = uuid_array(&keys[0].event_id, n, sizeof(*keys));
-	if (!tenants || !events)
-		goto out;
-	for (size_t i = 0; i < n; i++)
+	const char *values[2];
+	int lengths[2];
+	tly_pgarray_begin(arr[0], TLY_PGARRAY_UUID);
+	tly_pgarray_begin(arr[1], TLY_PGARRAY_UUID);
+	for (size_t i = 0; i < n; i++) {
 		keys[i].seen.seen = false;
-	rc = TLY_E_PG;
-	const char *const values[] = {tenants, events};
+		tly_pgarray_add(arr[0], keys[i].tenant_id.b, 16);
+		tly_pgarray_add(arr[1], keys[i].event_id.b, 16);
+	}
+	for (int k = 0; k < 2; k++) {
+		size_t len;
+		if (!(values[k] = tly_pgarray_value(arr[k], &len))) {
+			set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+			return TLY_E_NOMEM;
+		}
+		lengths[k] = (int)len;
+	}
 	res = tly_pg_query_params(conn,
 				  "SELECT k.i, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
 				  "$2::uuid[]) WITH ORDINALITY AS k (tenant_id, event_id, i) CROSS JOIN LATERAL "
 				  "(SELECT e.cause_digest, e.cause_offset FROM ledger_entries e "
 				  "WHERE e.tenant_id = k.tenant_id "
 				  "AND e.cause_event_id = k.event_id AND e.cause_first ORDER BY e.seq LIMIT 1) x",
-				  2, values, NULL, NULL, 0, err);
+				  2, values, lengths, binary, 1, err);
 	if (!res)
-		goto out;
+		return TLY_E_PG;
+	int rc = 0;
 	for (int r = 0; r < PQntuples(res); r++) {
-		long i = strtol(PQgetvalue(res, r, 0), NULL, 10) - 1;
-		size_t dlen = 0;
-		unsigned char *digest = PQunescapeBytea((const unsigned char *)PQgetvalue(res, r, 1), &dlen);
-		if (i >= 0 && (size_t)i < n && digest && dlen == 32) {
-			keys[i].seen.seen = true;
-			memcpy(keys[i].seen.digest, digest, 32);
-			keys[i].first_offset = strtoll(PQgetvalue(res, r, 2), NULL, 10);
+		int64_t i = be64(PQgetvalue(res, r, 0)) - 1;
+		if (PQgetlength(res, r, 0) != 8 || PQgetlength(res, r, 1) != 32 ||
+		    PQgetlength(res, r, 2) != 8 || i < 0 || (size_t)i >= n) {
+			set_err(err, TLY_ERRCLASS_FATAL, "ledger_entries returned a malformed cause");
+			rc = TLY_E_PG;
+			break;
 		}
-		PQfreemem(digest);
+		keys[i].seen.seen = true;
+		memcpy(keys[i].seen.digest, PQgetvalue(res, r, 1), 32);
+		keys[i].first_offset = be64(PQgetvalue(res, r, 2));
 	}
-	rc = 0;
-out:
 	PQclear(res);
-	free(tenants);
-	free(events);
-	if (rc == TLY_E_NOMEM)
-		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 	return rc;
 }
 
 int tly_ledger_store_lookup_seen(PGconn *conn, struct tly_ledger_seen_key *keys, size_t n,
 				 struct tly_pg_error *err)
 {
-	for (size_t i = 0; i < n; i += ROWS_PER_STATEMENT) {
-		size_t m = n - i < ROWS_PER_STATEMENT ? n - i : ROWS_PER_STATEMENT;
-		int rc = lookup_chunk(conn, keys + i, m, err);
-		if (rc != 0)
-			return rc;
+	struct tly_pgarray *arr[2] = {tly_pgarray_new(), tly_pgarray_new()};
+	int rc = arr[0] && arr[1] ? 0 : TLY_E_NOMEM;
+	if (rc != 0)
+		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
+	for (size_t i = 0; rc == 0 && i < n; i += SEEN_KEYS_PER_STATEMENT) {
+		size_t m = n - i < SEEN_KEYS_PER_STATEMENT ? n - i : SEEN_KEYS_PER_STATEMENT;
+		rc = lookup_chunk(conn, arr, keys + i, m, err);
 	}
-	return 0;
+	tly_pgarray_free(arr[0]);
+	tly_pgarray_free(arr[1]);
+	return rc;
 }
 
 /* ---- commit: built on the consumer's thread, run on the writer's ---------------------------- */
