@@ -18,7 +18,7 @@
 #include "wallet.h"
 
 #define SEEN_KEYS_PER_STATEMENT 8192 /* a group's keys in one statement (4x ledger.batch.max.events) */
-#define COPY_ROWS 200 /* rows per COPY statement (see copy_for_row) */
+#define ENTRY_ROW_BYTES 512 /* room reserved per entry row (a row is about 400 bytes) */
 #define ENTRY_COLS 28
 
 #define ENTRY_COLUMNS_TEXT                                                                          \
@@ -545,21 +545,20 @@ static int copy_entry(struct tly_pgcopy *copy, struct tly_arena *arena, const st
 }
 
 /*
- * The rows of a COPY go out in statements of at most COPY_ROWS rows: PostgreSQL 15 remembers the
- * table's tuple descriptor once per buffered row of a COPY in a resource array that hashes them
- * all to one slot, so a COPY's cost grows with the square of its rows (a seventh of the writer's
- * time with 1,000 rows a COPY); each COPY also costs its start (a sixteenth of the writer's time
- * with 100 rows a COPY): 200 rows balance the two.
+ * Every row of a table goes out in one COPY statement per group. Each COPY statement costs a
+ * start in the server (parse, the table's constraints and indexes set up) and two round trips,
+ * during which the writer's backend waits. PostgreSQL 15 also remembers the table's tuple
+ * descriptor once per buffered row slot of a COPY in a resource array that hashes them all to
+ * one place (its cost grows with the square of the slots), but a COPY keeps at most 1,000
+ * slots (MAX_BUFFERED_TUPLES) and reuses them after each flush, so that cost stops growing at
+ * 1,000 rows; 200-row statements paid it on every statement, plus 30 statement starts and 60
+ * round trips for a group of 6,000 entries. A new payload reserves bytes (an estimate).
  */
-/* The copy payload to add a row to: the last one of kind's, or a new one when it is full. */
-static struct tly_pgcopy *copy_for_row(struct tly_ledger_txn *t, const char *sql)
+static struct tly_pgcopy *copy_step(struct tly_ledger_txn *t, const char *sql, size_t bytes)
 {
-	struct step *last = t->n_steps ? &t->steps[t->n_steps - 1] : NULL;
-	if (last && last->kind == STEP_COPY && last->sql == sql &&
-	    tly_pgcopy_rows(last->copy) < COPY_ROWS)
-		return last->copy;
 	struct tly_pgcopy *copy = tly_pgcopy_new();
-	struct step *s = copy ? add_step(t, STEP_COPY, sql, 0) : NULL;
+	struct step *s = copy && tly_pgcopy_reserve(copy, bytes) == 0 ? add_step(t, STEP_COPY, sql, 0)
+								       : NULL;
 	if (!s) {
 		tly_pgcopy_free(copy);
 		t->oom = true;
@@ -573,15 +572,21 @@ static struct tly_pgcopy *copy_for_row(struct tly_ledger_txn *t, const char *sql
 static void build_entries(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
 	static const char sql[] = "COPY ledger_entries (" ENTRY_COLUMNS_TEXT ") FROM STDIN (FORMAT binary)";
+	size_t rows = 0;
+	for (size_t i = 0; i < n; i++)
+		rows += c[i].n_entries;
+	if (rows == 0)
+		return;
 	struct tly_arena *scratch = tly_arena_new();
-	if (!scratch) {
+	struct tly_pgcopy *copy = scratch ? copy_step(t, sql, rows * ENTRY_ROW_BYTES) : NULL;
+	if (!copy) {
+		tly_arena_free(scratch);
 		t->oom = true;
 		return;
 	}
 	for (size_t i = 0; i < n; i++) {
 		for (size_t r = 0; r < c[i].n_entries; r++) {
-			struct tly_pgcopy *copy = copy_for_row(t, sql);
-			if (!copy || copy_entry(copy, scratch, &c[i].entries[r], r ? &c[i].entries[r - 1] : NULL) != 0) {
+			if (copy_entry(copy, scratch, &c[i].entries[r], r ? &c[i].entries[r - 1] : NULL) != 0) {
 				t->oom = true;
 				goto out;
 			}
@@ -606,13 +611,13 @@ static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commi
 		t->oom = true;
 		return;
 	}
+	struct tly_pgcopy *copy = NULL;
 	for (size_t i = 0; i < n && !t->oom; i++) {
 		const struct tly_ledger_input *in = c[i].inputs;
 		size_t k = c[i].n_inputs, len;
 		if (k == 0)
 			continue;
-		struct tly_pgcopy *copy = copy_for_row(t, sql);
-		if (!copy)
+		if (!copy && !(copy = copy_step(t, sql, 0)))
 			break;
 		tly_pgcopy_row(copy, 6);
 		tly_pgcopy_int4(copy, c[i].partition);
