@@ -417,6 +417,8 @@ struct tly_ledger_txn {
 	struct tly_arena *arena;   /* every string and array below */
 	struct step *steps;
 	size_t n_steps, cap_steps;
+	struct tly_pgarray **arrays; /* binary array parameters of the steps, owned */
+	size_t n_arrays, cap_arrays;
 	int32_t *partitions;       /* of each commit, in order */
 	bool *fenced;              /* out, per commit */
 	size_t n;
@@ -598,58 +600,94 @@ out:
 }
 
 /*
- * The applied input records of the group, packed (migration 0010): one ledger_input_batches row
- * per commit (partition) that applied any, its records as three arrays in offset order, so a
- * record costs no heap row and no index tuple of its own.
+ * A statement whose parameters are n binary arrays arr[0..n-1] (taken over by the transaction:
+ * the caller's pointers are set to NULL, also on failure) after `text` text parameters, which
+ * the caller fills in: the arrays are sent from where they were built, not copied.
+ */
+static struct step *add_array_step(struct tly_ledger_txn *t, const char *sql, int text,
+				   struct tly_pgarray **arr, int n)
+{
+	struct step *s = add_step(t, STEP_EXEC, sql, text + n);
+	int *len = tly_arena_alloc(t->arena, (size_t)(text + n) * sizeof(*len));
+	int *fmt = tly_arena_alloc(t->arena, (size_t)(text + n) * sizeof(*fmt));
+	if (t->n_arrays + (size_t)n > t->cap_arrays) {
+		size_t cap = t->cap_arrays ? 2 * t->cap_arrays : 16;
+		while (cap < t->n_arrays + (size_t)n)
+			cap *= 2;
+		struct tly_pgarray **grown = realloc(t->arrays, cap * sizeof(*grown));
+		if (grown) {
+			t->arrays = grown;
+			t->cap_arrays = cap;
+		} else {
+			s = NULL;
+		}
+	}
+	for (int k = 0; k < n; k++) {
+		size_t l;
+		const void *v = s && len && fmt ? tly_pgarray_value(arr[k], &l) : NULL;
+		if (!v || l > INT32_MAX) {
+			s = NULL;
+			tly_pgarray_free(arr[k]);
+		} else {
+			s->values[text + k] = v;
+			len[text + k] = (int)l;
+			fmt[text + k] = 1;
+			t->arrays[t->n_arrays++] = arr[k];
+		}
+		arr[k] = NULL;
+	}
+	if (!s || !len || !fmt) {
+		t->oom = true;
+		return NULL;
+	}
+	for (int k = 0; k < text; k++)
+		len[k] = fmt[k] = 0;
+	s->lengths = len;
+	s->formats = fmt;
+	return s;
+}
+
+/*
+ * The applied input records of the group, packed (migration 0010): one ledger_input_batches
+ * row per commit (partition) that applied any, its records as three arrays in offset order, so
+ * a record costs no heap row and no index tuple of its own. Each row is an INSERT of binary
+ * array parameters in the last pipeline (no COPY statement of its own: no statement start and
+ * two round trips fewer; a dozen rows at most).
  */
 static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	static const char sql[] = "COPY ledger_input_batches (partition, first_offset, last_offset, "
-				  "offsets, tenant_ids, record_values) FROM STDIN (FORMAT binary)";
-	struct tly_pgarray *arr = tly_pgarray_new();
-	if (!arr) {
-		t->oom = true;
-		return;
-	}
-	struct tly_pgcopy *copy = NULL;
+	static const char sql[] = "INSERT INTO ledger_input_batches (partition, first_offset, "
+				  "last_offset, offsets, tenant_ids, record_values) "
+				  "VALUES ($1, $2, $3, $4::bigint[], $5::uuid[], $6::bytea[])";
 	for (size_t i = 0; i < n && !t->oom; i++) {
 		const struct tly_ledger_input *in = c[i].inputs;
-		size_t k = c[i].n_inputs, len;
+		size_t k = c[i].n_inputs;
 		if (k == 0)
 			continue;
-		if (!copy && !(copy = copy_step(t, sql, 0)))
-			break;
-		tly_pgcopy_row(copy, 6);
-		tly_pgcopy_int4(copy, c[i].partition);
-		tly_pgcopy_int8(copy, in[0].offset);
-		tly_pgcopy_int8(copy, in[k - 1].offset);
-		/* each array is one binary COPY field: its length, then array_recv's form */
-		tly_pgarray_begin(arr, TLY_PGARRAY_INT8);
-		for (size_t r = 0; r < k; r++)
-			tly_pgarray_int8(arr, in[r].offset);
-		const void *v = tly_pgarray_value(arr, &len);
-		if (v)
-			tly_pgcopy_bytea(copy, v, len);
-		tly_pgarray_begin(arr, TLY_PGARRAY_UUID);
-		for (size_t r = 0; r < k; r++) {
-			if (in[r].tenant_id)
-				tly_pgarray_add(arr, in[r].tenant_id->b, 16);
-			else
-				tly_pgarray_null(arr);
+		struct tly_pgarray *arr[3] = {tly_pgarray_new(), tly_pgarray_new(), tly_pgarray_new()};
+		if (arr[0] && arr[1] && arr[2]) {
+			tly_pgarray_begin(arr[0], TLY_PGARRAY_INT8);
+			tly_pgarray_begin(arr[1], TLY_PGARRAY_UUID);
+			tly_pgarray_begin(arr[2], TLY_PGARRAY_BYTEA);
+			for (size_t r = 0; r < k; r++) {
+				tly_pgarray_int8(arr[0], in[r].offset);
+				if (in[r].tenant_id)
+					tly_pgarray_add(arr[1], in[r].tenant_id->b, 16);
+				else
+					tly_pgarray_null(arr[1]);
+				tly_pgarray_add(arr[2], in[r].value, in[r].valuelen);
+			}
 		}
-		const void *u = v ? tly_pgarray_value(arr, &len) : NULL;
-		if (u)
-			tly_pgcopy_bytea(copy, u, len);
-		tly_pgarray_begin(arr, TLY_PGARRAY_BYTEA);
-		for (size_t r = 0; r < k; r++)
-			tly_pgarray_add(arr, in[r].value, in[r].valuelen);
-		const void *b = u ? tly_pgarray_value(arr, &len) : NULL;
-		if (b)
-			tly_pgcopy_bytea(copy, b, len);
-		else
-			t->oom = true;
+		struct step *s = add_array_step(t, sql, 3, arr, 3);
+		if (!s)
+			break;
+		char v[3][24];
+		snprintf(v[0], sizeof(v[0]), "%d", (int)c[i].partition);
+		snprintf(v[1], sizeof(v[1]), "%" PRId64, in[0].offset);
+		snprintf(v[2], sizeof(v[2]), "%" PRId64, in[k - 1].offset);
+		for (int j = 0; j < 3; j++)
+			s->values[j] = arena_text(t, v[j], strlen(v[j]));
 	}
-	tly_pgarray_free(arr);
 }
 
 #define WALLETS_PER_STATEMENT 200
@@ -741,33 +779,6 @@ static int add_hold_row(const struct tly_hold_row *row, void *ud)
 	return 0;
 }
 
-/* A statement of n binary array parameters arr[0..n-1], copied into the transaction's arena. */
-static void add_array_step(struct tly_ledger_txn *t, const char *sql, struct tly_pgarray *const *arr,
-			   int n)
-{
-	static const int binary[6] = {1, 1, 1, 1, 1, 1};
-	struct step *s = add_step(t, STEP_EXEC, sql, n);
-	int *len = tly_arena_alloc(t->arena, (size_t)n * sizeof(*len));
-	if (!s || !len) {
-		t->oom = true;
-		return;
-	}
-	for (int k = 0; k < n; k++) {
-		size_t l;
-		const void *v = tly_pgarray_value(arr[k], &l);
-		char *copy = v ? tly_arena_alloc(t->arena, l) : NULL;
-		if (!copy) {
-			t->oom = true;
-			return;
-		}
-		memcpy(copy, v, l);
-		s->values[k] = copy;
-		len[k] = (int)l;
-	}
-	s->lengths = len;
-	s->formats = binary;
-}
-
 /*
  * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
  * deleted: two statements whatever the group's size, and nothing for holds that did not change.
@@ -803,15 +814,16 @@ static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit
 		}
 	}
 	if (n_forgotten)
-		add_array_step(t, "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) "
-				  "AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord",
-			       arr + 6, 2);
+		(void)add_array_step(t, "DELETE FROM ledger_holds h USING unnest($1::uuid[], "
+					"$2::bigint[]) AS d (tenant_id, ord) WHERE h.tenant_id = d.tenant_id "
+					"AND h.ord = d.ord",
+				     0, arr + 6, 2);
 	if (a.n)
-		add_array_step(t, "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, tokens, "
-				  "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
-				  "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
-				  "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
-			       arr, 6);
+		(void)add_array_step(t, "INSERT INTO ledger_holds (tenant_id, ord, reservation_id, "
+					"tokens, expires_at, ended_at) SELECT * FROM unnest($1::uuid[], "
+					"$2::bigint[], $3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
+					"ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at",
+				     0, arr, 6);
 out:
 	for (int k = 0; k < 8; k++)
 		tly_pgarray_free(arr[k]);
@@ -980,6 +992,9 @@ void tly_ledger_store_txn_free(struct tly_ledger_txn *t)
 	tly_arena_free(t->arena);
 	for (size_t k = 0; k < t->n_steps; k++)
 		tly_pgcopy_free(t->steps[k].copy);
+	for (size_t k = 0; k < t->n_arrays; k++)
+		tly_pgarray_free(t->arrays[k]);
+	free(t->arrays);
 	free(t->steps);
 	free(t->partitions);
 	free(t->fenced);
@@ -1114,9 +1129,9 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
 }
 
 /*
- * Four round trips: BEGIN and the compare-and-sets in one pipeline (checked before anything is
- * written), the COPY of the entries, the COPY of the inputs, then every other statement and the
- * COMMIT in one more pipeline.
+ * Three round trips: BEGIN and the compare-and-sets in one pipeline (checked before anything
+ * is written), the COPY of the entries, then every other statement (the packed inputs, holds,
+ * snapshots, quarantine rows, published markers) and the COMMIT in one more pipeline.
  */
 int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
 {
