@@ -1207,8 +1207,9 @@ static int check_input(int64_t offset, const void *value, size_t len, void *ud)
 
 /*
  * What a group commit stores is read back exactly: the "seen" lookup (binary arrays in and out)
- * finds the first entry of each committed (tenant, event id) with its digest and offset, and
- * nothing for an unknown id or for a known id under another tenant; the packed inputs (binary
+ * finds the first entry of each committed (tenant, event id) with its digest and offset (the
+ * first of two when a conflict came later), and nothing for an unknown id or for a known id
+ * under another tenant; the packed inputs (binary
  * array parameters) hold every applied record's bytes in offset order.
  */
 START_TEST(test_store_reads_back_group)
@@ -1236,6 +1237,23 @@ START_TEST(test_store_reads_back_group)
 	struct tly_ledger_batch_out out;
 	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
 	ck_assert_int_eq(out.n_entries, 3);
+	unsigned char digest[3][32]; /* out's entries are the partition's until its next commit */
+	for (int i = 0; i < 3; i++)
+		memcpy(digest[i], out.entries[i].u.ledger_entry.cause_digest, 32);
+
+	/* the same event id again with other content: a conflict, a second first entry of that id */
+	struct tly_event again = ev[0];
+	struct tly_buf conflict = {0};
+	again.u.tokens_reserved.tokens = 11;
+	ck_assert(tly_codec_encode(codec, &again, &conflict, errstr, sizeof(errstr)) == 0);
+	ck_assert(tly_ledger_partition_add(p, 3, key, 36, conflict.data, conflict.len, 0, &added) == 0 &&
+		  added);
+	struct tly_ledger_batch_out out2;
+	ck_assert(commit_one(p, &ctx, &out2, &fenced, &err) == 0);
+	ck_assert_int_eq(out2.n_entries, 1);
+	ck_assert(memcmp(out2.entries[0].u.ledger_entry.cause_digest, digest[0], 32) != 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0,
+				NULL), 4);
 
 	struct tly_ledger_seen_key keys[4] = {{.tenant_id = t, .event_id = ev[2].event_id},
 					      {.tenant_id = t},
@@ -1249,8 +1267,8 @@ START_TEST(test_store_reads_back_group)
 	ck_assert(!keys[1].seen.seen && !keys[2].seen.seen);
 	ck_assert_int_eq(keys[0].first_offset, 2);
 	ck_assert_int_eq(keys[3].first_offset, 0);
-	ck_assert(memcmp(keys[0].seen.digest, out.entries[2].u.ledger_entry.cause_digest, 32) == 0);
-	ck_assert(memcmp(keys[3].seen.digest, out.entries[0].u.ledger_entry.cause_digest, 32) == 0);
+	ck_assert(memcmp(keys[0].seen.digest, digest[2], 32) == 0);
+	ck_assert(memcmp(keys[3].seen.digest, digest[0], 32) == 0);
 
 	struct inputs_read rd = {buf, 0};
 	ck_assert_msg(tly_ledger_store_load_inputs(e.conn, part, 0, 3, &t, 1, check_input, &rd,
@@ -1261,6 +1279,7 @@ START_TEST(test_store_reads_back_group)
 	tly_ledger_partition_free(p);
 	for (int i = 0; i < 3; i++)
 		tly_buf_free(&buf[i]);
+	tly_buf_free(&conflict);
 	tly_codec_free(codec);
 	env_down(&e);
 }
