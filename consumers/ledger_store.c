@@ -322,8 +322,9 @@ int tly_ledger_store_load_heads(PGconn *conn, const tly_uuid *tenants, size_t n,
 /* ---- seen lookup -------------------------------------------------------------------------- */
 
 /*
- * One index probe per key (LATERAL): a join against the whole batch could be planned as a hash
- * join over all of ledger_entries, whose cost grows with history. The keys go as two binary
+ * One index probe per key (LATERAL, kept a subquery by OFFSET 0): a join against the whole
+ * batch is planned as a hash join over all of ledger_entries (seen with 4,000 keys), whose cost
+ * grows with history. The keys go as two binary
  * uuid arrays in the index's order (tenant, event id: neighbouring probes share pages) and the
  * answers come back binary, every first entry of a key with its seq: the lowest seq is kept
  * here, not sorted for by the server per key (a sort node per probe). No uuid text to format or
@@ -357,7 +358,8 @@ static int lookup_chunk(PGconn *conn, struct tly_pgarray *const arr[2],
 		"SELECT k.i, x.seq, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
 		"$2::uuid[]) WITH ORDINALITY AS k (tenant_id, event_id, i) CROSS JOIN LATERAL "
 		"(SELECT e.seq, e.cause_digest, e.cause_offset FROM ledger_entries e "
-		"WHERE e.tenant_id = k.tenant_id AND e.cause_event_id = k.event_id AND e.cause_first) x",
+		"WHERE e.tenant_id = k.tenant_id AND e.cause_event_id = k.event_id AND e.cause_first "
+		"OFFSET 0) x",
 		2, values, lengths, binary, 1, err);
 	if (!res)
 		return TLY_E_PG;
