@@ -109,8 +109,9 @@ struct tly_ledger_commit {
 
 /*
  * A group's transaction, built in memory: the n batches of c (one per partition) as each
- * partition's offset compare-and-set first (old_offset -> new_offset), then every entry and applied input (two
- * binary COPYs; the inputs one row per partition, packed), the holds and wallet snapshots, the quarantine rows and the published markers.
+ * partition's offset compare-and-set first (old_offset -> new_offset), then every entry (one
+ * binary COPY) and applied input (one row per partition, packed in binary array parameters),
+ * the holds and wallet snapshots, the quarantine rows and the published markers.
  * Building reads the commits and their wallets (on the thread that owns them); the transaction
  * then owns copies of everything except the quarantined records' bytes, which stay borrowed
  * until it is run. NULL (err filled, fatal) when out of memory.

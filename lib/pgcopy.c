@@ -61,6 +61,13 @@ size_t tly_pgcopy_rows(const struct tly_pgcopy *c)
 	return c->rows;
 }
 
+int tly_pgcopy_reserve(struct tly_pgcopy *c, size_t bytes)
+{
+	if (bytes > SIZE_MAX - c->out.len)
+		return TLY_E_NOMEM;
+	return tly_buf_reserve(&c->out, c->out.len + bytes);
+}
+
 void tly_pgcopy_row(struct tly_pgcopy *c, int nfields)
 {
 	put_be(c, (uint16_t)nfields, 2);

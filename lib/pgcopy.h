@@ -22,6 +22,8 @@ struct tly_pgcopy *tly_pgcopy_new(void); /* NULL on OOM */
 void tly_pgcopy_free(struct tly_pgcopy *c); /* accepts NULL */
 void tly_pgcopy_reset(struct tly_pgcopy *c); /* no rows, memory kept */
 size_t tly_pgcopy_rows(const struct tly_pgcopy *c);
+/* Room for bytes more of rows without growing (an estimate: rows past it still grow it). */
+int tly_pgcopy_reserve(struct tly_pgcopy *c, size_t bytes) TLY_MUST_CHECK;
 
 void tly_pgcopy_row(struct tly_pgcopy *c, int nfields); /* starts a row of nfields values */
 void tly_pgcopy_null(struct tly_pgcopy *c);

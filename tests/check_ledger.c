@@ -1291,6 +1291,101 @@ START_TEST(test_load_entries_for_republish)
 }
 END_TEST
 
+struct inputs_read {
+	const struct tly_buf *values; /* the encoded records, by offset */
+	int n;
+};
+
+static int check_input(int64_t offset, const void *value, size_t len, void *ud)
+{
+	struct inputs_read *r = ud;
+	ck_assert_int_eq(offset, r->n);
+	ck_assert_uint_eq(len, r->values[r->n].len);
+	ck_assert(memcmp(value, r->values[r->n].data, len) == 0);
+	r->n++;
+	return 0;
+}
+
+/*
+ * What a group commit stores is read back exactly: the "seen" lookup (binary arrays in and out)
+ * finds the first entry of each committed (tenant, event id) with its digest and offset (the
+ * first of two when a conflict came later), and nothing for an unknown id or for a known id
+ * under another tenant; the packed inputs (binary
+ * array parameters) hold every applied record's bytes in offset order.
+ */
+START_TEST(test_store_reads_back_group)
+{
+	char errstr[256], key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t, other;
+	int32_t part = partition_ctx(&e, 8, &codec, &ctx, &t, key);
+	tenant_of(9, &other);
+	struct tly_pg_error err;
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(p);
+	struct tly_buf buf[3] = {{0}};
+	struct tly_event ev[3];
+	bool added, fenced;
+	for (int i = 0; i < 3; i++) {
+		reserve_event(&ev[i], &t, 10, T0 + i);
+		ck_assert(tly_codec_encode(codec, &ev[i], &buf[i], errstr, sizeof(errstr)) == 0);
+		ck_assert(tly_ledger_partition_add(p, i, key, 36, buf[i].data, buf[i].len, 0, &added) == 0 &&
+			  added);
+	}
+	struct tly_ledger_batch_out out;
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(out.n_entries, 3);
+	unsigned char digest[3][32]; /* out's entries are the partition's until its next commit */
+	for (int i = 0; i < 3; i++)
+		memcpy(digest[i], out.entries[i].u.ledger_entry.cause_digest, 32);
+
+	/* the same event id again with other content: a conflict, a second first entry of that id */
+	struct tly_event again = ev[0];
+	struct tly_buf conflict = {0};
+	again.u.tokens_reserved.tokens = 11;
+	ck_assert(tly_codec_encode(codec, &again, &conflict, errstr, sizeof(errstr)) == 0);
+	ck_assert(tly_ledger_partition_add(p, 3, key, 36, conflict.data, conflict.len, 0, &added) == 0 &&
+		  added);
+	struct tly_ledger_batch_out out2;
+	ck_assert(commit_one(p, &ctx, &out2, &fenced, &err) == 0);
+	ck_assert_int_eq(out2.n_entries, 1);
+	ck_assert(memcmp(out2.entries[0].u.ledger_entry.cause_digest, digest[0], 32) != 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0,
+				NULL), 4);
+
+	struct tly_ledger_seen_key keys[4] = {{.tenant_id = t, .event_id = ev[2].event_id},
+					      {.tenant_id = t},
+					      {.tenant_id = other, .event_id = ev[1].event_id},
+					      {.tenant_id = t, .event_id = ev[0].event_id}};
+	tly_uuid_generate(&keys[1].event_id);
+	for (int i = 0; i < 4; i++)
+		keys[i].seen.seen = i % 2 == 1; /* stale answers must be overwritten */
+	ck_assert_msg(tly_ledger_store_lookup_seen(e.conn, keys, 4, &err) == 0, "%s", err.message);
+	ck_assert(keys[0].seen.seen && keys[3].seen.seen);
+	ck_assert(!keys[1].seen.seen && !keys[2].seen.seen);
+	ck_assert_int_eq(keys[0].first_offset, 2);
+	ck_assert_int_eq(keys[3].first_offset, 0);
+	ck_assert(memcmp(keys[0].seen.digest, digest[2], 32) == 0);
+	ck_assert(memcmp(keys[3].seen.digest, digest[0], 32) == 0);
+
+	struct inputs_read rd = {buf, 0};
+	ck_assert_msg(tly_ledger_store_load_inputs(e.conn, part, 0, 3, &t, 1, check_input, &rd,
+						   &err) == 0, "%s", err.message);
+	ck_assert_int_eq(rd.n, 3);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches WHERE "
+				"first_offset = 0 AND last_offset = 2 AND cardinality(offsets) = 3", 0, NULL), 1);
+	tly_ledger_partition_free(p);
+	for (int i = 0; i < 3; i++)
+		tly_buf_free(&buf[i]);
+	tly_buf_free(&conflict);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
 /* An event from another language (tests/py_publish.py: python3-avro and confluent-kafka) is applied. */
 START_TEST(test_python_event_applied)
 {
@@ -1597,6 +1692,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_wallet_catch_up);
 	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
+	tcase_add_test(tc, test_store_reads_back_group);
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
 	tcase_add_test(tc, test_double_spend_concurrent);
