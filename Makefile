@@ -139,6 +139,7 @@ TEST_SRCS := \
 	tests/check_ledger_pace.c \
 	tests/check_proc.c \
 	tests/check_pgarray.c \
+	tests/check_uuidmap.c \
 	tests/decide_model.c \
 	tests/check_devbroker.c \
 	tests/check_producer.c \

@@ -26,11 +26,17 @@ static uint64_t word(const unsigned char *p)
 
 static size_t hash_pair(const tly_uuid *a, const tly_uuid *b)
 {
-	/* Four words folded by multiplication (UUIDs are already well mixed), then the high bits down. */
+	/*
+	 * Four words folded by multiplication, then splitmix64's finaliser. Multiplying only carries
+	 * bits upwards, so without the finaliser ids that differ only in the high bytes of a word (a
+	 * counter stored big-endian, time-ordered ids) all fell into one slot's probe run.
+	 */
 	uint64_t h = (word(a->b) ^ 0x9e3779b97f4a7c15ull) * 0xbf58476d1ce4e5b9ull;
 	h = (h ^ word(a->b + 8)) * 0x94d049bb133111ebull;
 	h = (h ^ word(b->b)) * 0xbf58476d1ce4e5b9ull;
 	h = (h ^ word(b->b + 8)) * 0x94d049bb133111ebull;
+	h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+	h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
 	return (size_t)(h ^ (h >> 31));
 }
 

@@ -27,6 +27,7 @@ static const struct suite_entry all_suites[] = {
 	{"ledger_pace", ledger_pace_suite, false},
 	{"proc", proc_suite, false},
 	{"pgarray", pgarray_suite, false},
+	{"uuidmap", uuidmap_suite, false},
 	{"migrate", migrate_suite, true},
 	{"devbroker", devbroker_suite, true},
 	{"ledger", ledger_suite, true},
@@ -51,7 +52,7 @@ static const char help[] =
 	"  TALLY_SUITE=NAME     run one suite (config, schema, event, codec, decide, migrate, devbroker,\n"
 	"                       ledger, producer, decision, projector, roles, status, rebuild, http,\n"
 	"                       lifecycle, demo, audit, badbytes, ledger_pace, proc,\n"
-	"                       pgarray, badbytes-programs, chaos)\n"
+	"                       pgarray, uuidmap, badbytes-programs, chaos)\n"
 	"  TALLY_SUITES=unit    run only the suites without I/O\n"
 	"  CK_RUN_CASE=NAME     run one test case of the suite (Check)\n"
 	"  TALLY_BIN=DIR        where the programs under test are (default build/bin)\n"

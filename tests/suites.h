@@ -14,6 +14,7 @@ Suite *badbytes_suite(void);
 Suite *ledger_pace_suite(void);
 Suite *proc_suite(void);
 Suite *pgarray_suite(void);
+Suite *uuidmap_suite(void);
 
 /* Integration suites: run against the harness's PostgreSQL and dev broker. */
 Suite *migrate_suite(void);
