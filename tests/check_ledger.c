@@ -1252,13 +1252,28 @@ static int count_entry(const struct tly_event *entry, void *ud)
 	return 0;
 }
 
+/* Reservations of 10 tokens at T0, T0+1, T0+2 for t, taken at offsets 0-2 (encoded into buf). */
+static void add_three_reservations(struct tly_ledger_partition *p, struct tly_codec *codec,
+				   const tly_uuid *t, const char *key, struct tly_event ev[3],
+				   struct tly_buf buf[3])
+{
+	char errstr[256];
+	bool added;
+	for (int i = 0; i < 3; i++) {
+		reserve_event(&ev[i], t, 10, T0 + i);
+		ck_assert(tly_codec_encode(codec, &ev[i], &buf[i], errstr, sizeof(errstr)) == 0);
+		ck_assert(tly_ledger_partition_add(p, i, key, 36, buf[i].data, buf[i].len, 0, &added) == 0 &&
+			  added);
+	}
+}
+
 /*
  * Reading committed entries back (what a new owner republishes after a kill -9) does not depend
  * on the caller's stack: it once reset an uninitialised event arena and crashed the ledger.
  */
 START_TEST(test_load_entries_for_republish)
 {
-	char errstr[256], key[37];
+	char key[37];
 	struct env e;
 	env_up(&e);
 	struct tly_codec *codec;
@@ -1268,14 +1283,10 @@ START_TEST(test_load_entries_for_republish)
 	struct tly_pg_error err;
 	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
 	ck_assert_ptr_nonnull(p);
-	struct tly_buf buf = {0};
-	bool added, fenced;
-	for (int i = 0; i < 3; i++) {
-		struct tly_event ev;
-		reserve_event(&ev, &t, 10, T0 + i);
-		ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
-		ck_assert(tly_ledger_partition_add(p, i, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	}
+	struct tly_buf buf[3] = {{0}};
+	struct tly_event ev[3];
+	bool fenced;
+	add_three_reservations(p, codec, &t, key, ev, buf);
 	struct tly_ledger_batch_out out;
 	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
 	ck_assert_int_eq(out.n_entries, 3);
@@ -1285,7 +1296,8 @@ START_TEST(test_load_entries_for_republish)
 		      err.message);
 	ck_assert_int_eq(rb.n, 2);
 	tly_ledger_partition_free(p);
-	tly_buf_free(&buf);
+	for (int i = 0; i < 3; i++)
+		tly_buf_free(&buf[i]);
 	tly_codec_free(codec);
 	env_down(&e);
 }
@@ -1329,12 +1341,7 @@ START_TEST(test_store_reads_back_group)
 	struct tly_buf buf[3] = {{0}};
 	struct tly_event ev[3];
 	bool added, fenced;
-	for (int i = 0; i < 3; i++) {
-		reserve_event(&ev[i], &t, 10, T0 + i);
-		ck_assert(tly_codec_encode(codec, &ev[i], &buf[i], errstr, sizeof(errstr)) == 0);
-		ck_assert(tly_ledger_partition_add(p, i, key, 36, buf[i].data, buf[i].len, 0, &added) == 0 &&
-			  added);
-	}
+	add_three_reservations(p, codec, &t, key, ev, buf);
 	struct tly_ledger_batch_out out;
 	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
 	ck_assert_int_eq(out.n_entries, 3);
