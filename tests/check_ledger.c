@@ -1017,11 +1017,18 @@ START_TEST(test_wallet_catch_up)
 }
 END_TEST
 
-/* Decide a partition's open batch as a group of one; the transaction is not run. */
+/*
+ * Take the record buf at offset into the partition's open batch and decide it as a group of one;
+ * the transaction is not run.
+ */
 static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
-					 const struct tly_ledger_ctx *ctx,
+					 const struct tly_ledger_ctx *ctx, const char *key,
+					 int64_t offset, const struct tly_buf *buf,
 					 struct tly_ledger_group_item *it)
 {
+	bool added;
+	ck_assert(tly_ledger_partition_add(p, offset, key, 36, buf->data, buf->len, 0, &added) == 0 &&
+		  added);
 	struct tly_pg_error err;
 	struct tly_ledger_txn *txn = NULL;
 	*it = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
@@ -1053,13 +1060,11 @@ START_TEST(test_pipelined_groups)
 	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
 	bool added;
 	struct tly_ledger_group_item g1, g2;
-	ck_assert(tly_ledger_partition_add(p, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	struct tly_ledger_txn *t1 = decide_one(p, &ctx, &g1);
+	struct tly_ledger_txn *t1 = decide_one(p, &ctx, key, 0, &buf, &g1);
 	ck_assert_int_eq(tly_ledger_partition_decided(p), 1);
 	ck_assert_int_eq(tly_ledger_partition_pending(p), 0);
 	/* the same record again (a redelivered copy), decided before the first committed */
-	ck_assert(tly_ledger_partition_add(p, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	struct tly_ledger_txn *t2 = decide_one(p, &ctx, &g2);
+	struct tly_ledger_txn *t2 = decide_one(p, &ctx, key, 1, &buf, &g2);
 	ck_assert_int_eq(tly_ledger_partition_decided(p), 2);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 0);
 	int rc = tly_ledger_store_run(ctx.conn, t1, &err);
@@ -1086,10 +1091,8 @@ START_TEST(test_pipelined_groups)
 	ck_assert_ptr_nonnull(stale);
 	reserve_event(&ev, &t, 10, T0);
 	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
-	ck_assert(tly_ledger_partition_add(stale, 2, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	t1 = decide_one(stale, &ctx, &g1);
-	ck_assert(tly_ledger_partition_add(stale, 3, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	t2 = decide_one(stale, &ctx, &g2);
+	t1 = decide_one(stale, &ctx, key, 2, &buf, &g1);
+	t2 = decide_one(stale, &ctx, key, 3, &buf, &g2);
 	struct tly_ledger_batch_out out;
 	bool fenced;
 	ck_assert(tly_ledger_partition_add(p, 2, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
@@ -1138,15 +1141,12 @@ START_TEST(test_writer_queue)
 	struct tly_buf buf = {0};
 	reserve_event(&ev, &t, 10, T0);
 	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
-	bool added;
 	struct tly_ledger_group_item g1, g2;
 	struct tly_ledger_writer_result r1, r2;
 
 	/* two groups of the owner, the second queued behind the first: both commit, in order */
-	ck_assert(tly_ledger_partition_add(p, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	struct tly_ledger_txn *t1 = decide_one(p, &ctx, &g1);
-	ck_assert(tly_ledger_partition_add(p, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	struct tly_ledger_txn *t2 = decide_one(p, &ctx, &g2);
+	struct tly_ledger_txn *t1 = decide_one(p, &ctx, key, 0, &buf, &g1);
+	struct tly_ledger_txn *t2 = decide_one(p, &ctx, key, 1, &buf, &g2);
 	ck_assert(!tly_ledger_writer_busy(w));
 	tly_ledger_writer_submit(w, t1);
 	ck_assert(!tly_ledger_writer_full(w));
@@ -1166,10 +1166,8 @@ START_TEST(test_writer_queue)
 	long entries = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
 
 	/* a stale copy's two groups: the first is fenced, the second is not even run */
-	ck_assert(tly_ledger_partition_add(stale, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	t1 = decide_one(stale, &ctx, &g1);
-	ck_assert(tly_ledger_partition_add(stale, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
-	t2 = decide_one(stale, &ctx, &g2);
+	t1 = decide_one(stale, &ctx, key, 0, &buf, &g1);
+	t2 = decide_one(stale, &ctx, key, 1, &buf, &g2);
 	tly_ledger_writer_submit(w, t1);
 	tly_ledger_writer_submit(w, t2);
 	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r1), t1);
