@@ -669,6 +669,14 @@ int main(int argc, char **argv)
 	printf("\ntallyctl rebuild all said: %s", out);
 	if (baseline)
 		printf("the baseline said: %s", base_out);
+	/* for profiling by hand: a command run on the stack as it stands (TALLY_* set), its output shown */
+	const char *hook = getenv("TALLY_BENCH_HOOK");
+	if (hook && *hook) {
+		fflush(stdout);
+		char *sh[] = {"sh", "-c", (char *)hook, NULL};
+		if (tly_proc_run(sh, NULL, 0) != 0)
+			fprintf(stderr, "tally-bench-projector: TALLY_BENCH_HOOK failed\n");
+	}
 	stack_stop(&s);
 	return 0;
 }
