@@ -554,8 +554,8 @@ int main(int argc, char **argv)
 	/* events/s and CPU us per input record of each run: [0] this build, [1] the baseline */
 	double prate[2][MAX_ROUNDS], pcpu[2][MAX_ROUNDS];
 	for (int r = 0; r < proj_rounds; r++) {
-		/* the baseline first in odd rounds, second in even ones: the run that follows another
-		 * was the slower one (the same source built twice: half the rate in 2 of 3 benches) */
+		/* the baseline first in odd rounds, second in even ones, as the rebuild rounds: the
+		 * order must not favour either build */
 		for (int i = baseline_projector ? 0 : 1; i < 2; i++) {
 			int k = baseline_projector && (i == 0) == (r % 2 == 0);
 			reset_projections(&s);
