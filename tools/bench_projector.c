@@ -468,7 +468,9 @@ static const char help[] =
 	"tally-projector over the whole backlog again this many times (default 0, at most 15),\n"
 	"each time with --baseline-projector (another build's tally-projector) if given, first in\n"
 	"odd rounds and second in even ones, and\n"
-	"prints each run's rate and CPU per input record (process and backends) and the medians.\n";
+	"prints each run's rate and CPU per input record (process and backends) and the medians.\n"
+	"TALLY_BENCH_HOOK: a shell command run at the end, before the stack stops, with the\n"
+	"stack's TALLY_* settings in its environment (to profile by hand); its output is printed.\n";
 
 int main(int argc, char **argv)
 {
@@ -676,10 +678,12 @@ int main(int argc, char **argv)
 	/* for profiling by hand: a command run on the stack as it stands (TALLY_* set), its output shown */
 	const char *hook = getenv("TALLY_BENCH_HOOK");
 	if (hook && *hook) {
-		fflush(stdout);
+		static char hook_out[1 << 16];
 		char *sh[] = {"sh", "-c", (char *)hook, NULL};
-		if (tly_proc_run(sh, NULL, 0) != 0)
-			fprintf(stderr, "tally-bench-projector: TALLY_BENCH_HOOK failed\n");
+		int hrc = tly_proc_run(sh, hook_out, sizeof(hook_out));
+		fputs(hook_out, stdout);
+		if (hrc != 0)
+			fprintf(stderr, "tally-bench-projector: TALLY_BENCH_HOOK exited %d\n", hrc);
 	}
 	stack_stop(&s);
 	return 0;
