@@ -466,8 +466,11 @@ static const char help[] =
 	"and a CHECKPOINT taken, untimed.\n"
 	"--projector-rounds: after the first projector run, empties the projections and runs\n"
 	"tally-projector over the whole backlog again this many times (default 0, at most 15),\n"
-	"each time after --baseline-projector (another build's tally-projector) if given, and\n"
-	"prints each run's rate and CPU per input record (process and backends) and the medians.\n";
+	"each time with --baseline-projector (another build's tally-projector) if given, first in\n"
+	"odd rounds and second in even ones, and\n"
+	"prints each run's rate and CPU per input record (process and backends) and the medians.\n"
+	"TALLY_BENCH_HOOK: a shell command run at the end, before the stack stops, with the\n"
+	"stack's TALLY_* settings in its environment (to profile by hand); its output is printed.\n";
 
 int main(int argc, char **argv)
 {
@@ -553,7 +556,10 @@ int main(int argc, char **argv)
 	/* events/s and CPU us per input record of each run: [0] this build, [1] the baseline */
 	double prate[2][MAX_ROUNDS], pcpu[2][MAX_ROUNDS];
 	for (int r = 0; r < proj_rounds; r++) {
-		for (int k = baseline_projector ? 1 : 0; k >= 0; k--) {
+		/* the baseline first in odd rounds, second in even ones, as the rebuild rounds: the
+		 * order must not favour either build */
+		for (int i = baseline_projector ? 0 : 1; i < 2; i++) {
+			int k = baseline_projector && (i == 0) == (r % 2 == 0);
 			reset_projections(&s);
 			struct proj_run pr = run_projector(&s, k ? baseline_projector : exe, inputs);
 			prate[k][r] = (double)events * (double)pr.timed / (double)inputs / pr.secs;
@@ -669,6 +675,16 @@ int main(int argc, char **argv)
 	printf("\ntallyctl rebuild all said: %s", out);
 	if (baseline)
 		printf("the baseline said: %s", base_out);
+	/* for profiling by hand: a command run on the stack as it stands (TALLY_* set), its output shown */
+	const char *hook = getenv("TALLY_BENCH_HOOK");
+	if (hook && *hook) {
+		static char hook_out[1 << 16];
+		char *sh[] = {"sh", "-c", (char *)hook, NULL};
+		int hrc = tly_proc_run(sh, hook_out, sizeof(hook_out));
+		fputs(hook_out, stdout);
+		if (hrc != 0)
+			fprintf(stderr, "tally-bench-projector: TALLY_BENCH_HOOK exited %d\n", hrc);
+	}
 	stack_stop(&s);
 	return 0;
 }
