@@ -40,7 +40,7 @@
 #define FLUSH_EVERY 100000      /* records per fold flush */
 #define LEDGER_PAGE "50000"     /* entries per keyset page */
 #define ENTRIES_AHEAD ((size_t)256 << 20) /* bytes of entries the first pass reads ahead, at most */
-#define ENTRIES_WORK_MEM "256MB" /* the first pass's read of the entries: any sort in memory */
+#define ENTRIES_WORK_MEM "256MB" /* the first pass's sort of the entries, in memory */
 #define SWAP_ATTEMPTS 20
 #define CATCHUP_PASSES 5        /* passes before the swap, while the projector runs */
 #define CATCHUP_SMALL 2000      /* records: few enough to fold inside the swap transaction */
@@ -558,7 +558,7 @@ static int fold_ledger(struct rebuild *rb, struct tly_pg_error *err)
  * The first pass's ledger entries (the shadows hold none): one binary COPY of every entry up to
  * the live applied seqs, run on a second connection by a thread that reads them ahead (rb_rows)
  * while this one folds the events (the events come first in the in-memory fold), at most
- * ENTRIES_AHEAD bytes ahead, in primary key order (no sort), with no parallel workers. NULL with
+ * ENTRIES_AHEAD bytes ahead; the server sorts them in memory with no parallel workers. NULL with
  * err filled.
  */
 /* The connector thread: the first pass's other two connections (NULL where one failed, said why). */
@@ -592,13 +592,8 @@ static struct rb_rows *entries_ahead(struct rebuild *rb, PGconn **conn2, struct 
 		snprintf(err->message, sizeof(err->message), "could not open a second connection");
 		return NULL;
 	}
-	/* a merge join over both primary keys: the entries come in (tenant, seq) order without a
-	 * sort of all of them (a third less server CPU than the hash join and sort the planner
-	 * chooses on its own, during the part of the rebuild where both cores are busy) */
 	if (tly_pg_exec(*conn2, "SELECT set_config('work_mem', '" ENTRIES_WORK_MEM "', false), "
 			"set_config('max_parallel_workers_per_gather', '0', false), "
-			"set_config('enable_sort', 'off', false), set_config('enable_hashjoin', 'off', false), "
-			"set_config('enable_nestloop', 'off', false), "
 			"set_config('synchronous_commit', 'off', false)", 0, NULL, err) != 0)
 		return NULL;
 	return rb_rows_start(*conn2, sql, ENTRIES_AHEAD, err->message, sizeof(err->message));
@@ -934,11 +929,6 @@ static int first_pass_copy(struct rebuild *rb, PGconn *conn2, struct tly_pg_erro
 	}
 	double t0 = tly_clock_s();
 	int rc = tly_memfold_finish(rb->mem);
-	/* the planner settings of the entries' read (entries_ahead) would make a slow plan of the
-	 * catalog query that generates the shadows' indexes */
-	if (rc == 0 && conn2)
-		rc = tly_pg_exec_script(conn2, "RESET enable_sort; RESET enable_hashjoin; RESET enable_nestloop",
-					err);
 	for (int k = 1; k < N_SHARES && rc == 0; k++) {
 		if (!shares[k].conn)
 			continue;
