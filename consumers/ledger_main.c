@@ -448,9 +448,14 @@ static void complete_flight(struct app *app, int timeout_ms)
 	if (!app->writer || !tly_ledger_writer_busy(app->writer) ||
 	    !tly_ledger_writer_take(app->writer, timeout_ms, app->flight.txn, res))
 		return;
+	/* a queued group started when the first lane's transaction before it ended */
+	int64_t started_us = INT64_MAX;
+	for (size_t k = 0; k < tly_ledger_writer_lanes(app->writer); k++)
+		if (app->flight.txn[k] && res[k].ran && res[k].ended_us < started_us)
+			started_us = res[k].ended_us;
 	finish_flight(app, res);
 	if (app->ready.queued)
-		promote_ready(app, tly_clock_us());
+		promote_ready(app, started_us == INT64_MAX ? tly_clock_us() : started_us);
 }
 
 /*
