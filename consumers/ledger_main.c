@@ -522,17 +522,27 @@ static void decide_group(struct app *app)
 		g->n = n;
 		return;
 	}
-	/* Their wallets may have moved: drop them, after the flight group (it may hold some). */
+	/*
+	 * Their wallets may have moved: drop them, after the flight group (it may hold some, and
+	 * free them if it failed: their ids are read first).
+	 */
+	int32_t *ids = calloc(n, sizeof(*ids));
 	for (size_t k = 0; k < lanes; k++) {
 		tly_ledger_store_txn_free(g->txn[k]);
 		g->txn[k] = NULL;
 	}
+	for (size_t k = 0; ids && k < n; k++)
+		ids[k] = tly_ledger_partition_id(g->items[k].part);
 	complete_flight(app, -1);
-	for (size_t k = 0; k < n; k++) {
-		int32_t partition = tly_ledger_partition_id(g->items[k].part);
-		if (app->slots[partition].part)
-			reset_partition(app, partition, RELOAD_BACKOFF_MS);
+	for (size_t k = 0; ids && k < n; k++)
+		if (app->slots[ids[k]].part)
+			reset_partition(app, ids[k], RELOAD_BACKOFF_MS);
+	if (!ids) {
+		tly_error("could not drop the group's partitions: out of memory", NULL);
+		app->failed = true;
+		return;
 	}
+	free(ids);
 	if (err.errclass == TLY_ERRCLASS_RETRIABLE)
 		tly_warn("could not decide batch, retrying from the stored offsets",
 			 "partitions=%zu reason=\"%s\"", n, err.message);
