@@ -60,6 +60,7 @@ struct ledger_metrics {
  */
 struct group {
 	struct tly_ledger_group_item *items;
+	int32_t *ids;                     /* each item's partition (read when its state may be freed) */
 	size_t n;                         /* 0: no group */
 	size_t lane_end[TLY_LEDGER_WRITER_LANES_MAX]; /* lane k's items end here (start: k-1's end) */
 	bool dropped[TLY_LEDGER_WRITER_LANES_MAX];    /* lane k's partitions were reset: items stale */
@@ -328,11 +329,9 @@ static void drop_ready_lane(struct app *app, size_t k)
 	size_t from, to = lane_items(g, k, &from);
 	if (g->n == 0 || g->dropped[k])
 		return;
-	for (size_t i = from; i < to; i++) {
-		int32_t partition = tly_ledger_partition_id(g->items[i].part);
-		if (app->slots[partition].part)
-			reset_partition(app, partition, RELOAD_BACKOFF_MS);
-	}
+	for (size_t i = from; i < to; i++)
+		if (app->slots[g->ids[i]].part)
+			reset_partition(app, g->ids[i], RELOAD_BACKOFF_MS);
 	g->dropped[k] = true;
 	if (!g->queued) {
 		tly_ledger_store_txn_free(g->txn[k]);
@@ -362,10 +361,7 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 		}
 		if (g->dropped[k] || from == to)
 			continue; /* its partitions were reset when the lane failed before */
-		if (rc != 0) {
-			ok = false;
-			drop_ready_lane(app, k);
-		}
+		ok = ok && rc == 0;
 		tly_ledger_partition_finish(g->items + from, to - from, g->txn[k], rc);
 		for (size_t i = from; i < to; i++) {
 			struct tly_ledger_group_item *it = &g->items[i];
@@ -391,6 +387,7 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 		}
 		if (rc == 0)
 			continue;
+		drop_ready_lane(app, k); /* after this lane's own partitions: they share some */
 		if (err->errclass == TLY_ERRCLASS_RETRIABLE)
 			tly_warn("could not commit batch, retrying from the stored offsets",
 				 "lane=%zu partitions=%zu reason=\"%s\"", k, to - from, err->message);
@@ -498,9 +495,12 @@ static void decide_group(struct app *app)
 			struct tly_ledger_partition *part = app->slots[i].part;
 			if (part && tly_ledger_partition_pending(part) &&
 			    tly_ledger_writer_lane(app->writer, i) == k)
+			{
+				g->ids[n] = i;
 				g->items[n++] = (struct tly_ledger_group_item){
 					.part = part,
 					.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
+			}
 		}
 		g->lane_end[k] = n;
 	}
@@ -524,25 +524,16 @@ static void decide_group(struct app *app)
 	}
 	/*
 	 * Their wallets may have moved: drop them, after the flight group (it may hold some, and
-	 * free them if it failed: their ids are read first).
+	 * free them if it failed).
 	 */
-	int32_t *ids = calloc(n, sizeof(*ids));
 	for (size_t k = 0; k < lanes; k++) {
 		tly_ledger_store_txn_free(g->txn[k]);
 		g->txn[k] = NULL;
 	}
-	for (size_t k = 0; ids && k < n; k++)
-		ids[k] = tly_ledger_partition_id(g->items[k].part);
 	complete_flight(app, -1);
-	for (size_t k = 0; ids && k < n; k++)
-		if (app->slots[ids[k]].part)
-			reset_partition(app, ids[k], RELOAD_BACKOFF_MS);
-	if (!ids) {
-		tly_error("could not drop the group's partitions: out of memory", NULL);
-		app->failed = true;
-		return;
-	}
-	free(ids);
+	for (size_t k = 0; k < n; k++)
+		if (app->slots[g->ids[k]].part)
+			reset_partition(app, g->ids[k], RELOAD_BACKOFF_MS);
 	if (err.errclass == TLY_ERRCLASS_RETRIABLE)
 		tly_warn("could not decide batch, retrying from the stored offsets",
 			 "partitions=%zu reason=\"%s\"", n, err.message);
@@ -817,6 +808,8 @@ static int start(struct app *app)
 	if (!(app->slots = calloc((size_t)app->partition_count, sizeof(*app->slots))) ||
 	    !(app->flight.items = calloc((size_t)app->partition_count, sizeof(*app->flight.items))) ||
 	    !(app->ready.items = calloc((size_t)app->partition_count, sizeof(*app->ready.items))) ||
+	    !(app->flight.ids = calloc((size_t)app->partition_count, sizeof(*app->flight.ids))) ||
+	    !(app->ready.ids = calloc((size_t)app->partition_count, sizeof(*app->ready.ids))) ||
 	    !(app->pub = tly_ledger_publisher_new(app->cfg, app->codec, app->partition_count, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not create the ledger producer", "reason=\"%s\"",
@@ -1133,6 +1126,8 @@ out:
 	free(app.slots);
 	free(app.flight.items);
 	free(app.ready.items);
+	free(app.flight.ids);
+	free(app.ready.ids);
 	tly_codec_free(app.codec);
 	if (app.conn)
 		PQfinish(app.conn);

@@ -1811,6 +1811,45 @@ START_TEST(test_broker_faults)
 }
 END_TEST
 
+/*
+ * One writer lane's connection is terminated again and again while traffic flows and groups
+ * queue behind each other: that lane's partitions reload and go on, the other lane's commit as
+ * usual, the ledger never dies, and the end state is exact (every record one outcome, chains
+ * whole, offsets at the end).
+ */
+START_TEST(test_writer_lane_killed)
+{
+	struct env e;
+	env_up(&e);
+	tly_uuid t[TRAFFIC_TENANTS];
+	traffic_tenants(&e, t);
+	pid_t traffic = traffic_start(&e, t, 13);
+	pid_t pid = ledger_start(&e);
+	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	wait_progress(&e, 10000);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+	long killed = 0;
+	for (int i = 0; i < 16; i++) {
+		killed += q_long(e.conn, "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+				 "pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP "' "
+				 "ORDER BY pid LIMIT 1) w", 0, NULL);
+		usleep(300000);
+		assert_running(&e, pid);
+	}
+	ck_assert_int_ge(killed, 8);
+	wait_progress(&e, 20000);
+	traffic_stop_wait(traffic);
+	wait_caught_up(&e, 40000);
+	assert_running(&e, pid);
+	ledger_stop(&e, pid);
+	check_end_state(&e, false);
+	ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch, retrying", NULL) > 0,
+		      "no commit of a lane failed; see %s", e.log);
+	env_down(&e);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -1834,7 +1873,8 @@ Suite *ledger_suite(void)
 		const TTest *test;
 	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults},
 		       {"python", test_python_event_applied},
-		       {"writer", test_writer_queue}, {"writer_lanes", test_writer_lanes}, {"kafka_conf", test_kafka_conf_nodelay}};
+		       {"writer", test_writer_queue}, {"writer_lanes", test_writer_lanes},
+		       {"writer_lane_killed", test_writer_lane_killed}, {"kafka_conf", test_kafka_conf_nodelay}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, 90);
