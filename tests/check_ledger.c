@@ -1824,6 +1824,7 @@ START_TEST(test_writer_lane_killed)
 	tly_uuid t[TRAFFIC_TENANTS];
 	traffic_tenants(&e, t);
 	pid_t traffic = traffic_start(&e, t, 13);
+	ck_assert(setenv("TALLY_LEDGER_WRITERS", "2", 1) == 0); /* this test's process only */
 	pid_t pid = ledger_start(&e);
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
