@@ -54,12 +54,18 @@ struct ledger_metrics {
 	struct tly_series *consumed, *quarantined, *duplicates, *batch, *commit, *assigned;
 };
 
-/* A decided group: its partitions' items (partition_count of them) and its transaction. */
+/*
+ * A decided group: its partitions' items (partition_count of them, lane by lane) and one
+ * transaction per writer lane.
+ */
 struct group {
 	struct tly_ledger_group_item *items;
+	int32_t *ids;                     /* each item's partition (read when its state may be freed) */
 	size_t n;                         /* 0: no group */
+	size_t lane_end[TLY_LEDGER_WRITER_LANES_MAX]; /* lane k's items end here (start: k-1's end) */
+	bool dropped[TLY_LEDGER_WRITER_LANES_MAX];    /* lane k's partitions were reset: items stale */
 	size_t records;
-	struct tly_ledger_txn *txn;       /* owned; the writer has it while in flight or queued */
+	struct tly_ledger_txn *txn[TLY_LEDGER_WRITER_LANES_MAX]; /* owned; the writer has them while in flight or queued */
 	bool queued;                      /* ready group only: with the writer, behind the flight group */
 	int64_t waited_us, decided_us;    /* first record to decide; decide to submit */
 	int64_t submitted_at_us;          /* flight group: when the writer started it (about) */
@@ -301,36 +307,98 @@ static void count_batch(struct app *app, struct slot *s, const struct tly_ledger
 	tly_metrics_set(s->holds, s->open_holds);
 }
 
+/* Lane k's items of g: [*from, return value). */
+static size_t lane_items(const struct group *g, size_t k, size_t *from)
+{
+	if (g->n == 0) {
+		*from = 0;
+		return 0;
+	}
+	*from = k ? g->lane_end[k - 1] : 0;
+	return g->lane_end[k];
+}
+
 /*
- * The flight group's transaction ran with rc: publish each committed batch, in order. On failure
- * every partition of it and of the ready group (decided on top of it, discarded) drops its state
- * and reloads (their wallets moved past the database); a fenced one waits longer, another owner
- * has it.
+ * Lane k of the flight group failed: the ready group's batches of that lane were decided on top
+ * of it (their wallets moved past the database), so its partitions drop their state and reload;
+ * its transaction there is freed (or, queued, comes back unrun and is freed then).
+ */
+static void drop_ready_lane(struct app *app, size_t k)
+{
+	struct group *g = &app->ready;
+	size_t from, to = lane_items(g, k, &from);
+	if (g->n == 0 || g->dropped[k])
+		return;
+	for (size_t i = from; i < to; i++)
+		if (app->slots[g->ids[i]].part)
+			reset_partition(app, g->ids[i], RELOAD_BACKOFF_MS);
+	g->dropped[k] = true;
+	if (!g->queued) {
+		tly_ledger_store_txn_free(g->txn[k]);
+		g->txn[k] = NULL;
+	}
+}
+
+/*
+ * The flight group's transactions ran, res[k] lane k's result: publish each committed batch, in
+ * order. A lane that failed drops the state of its partitions in this group and in the ready
+ * group (decided on top of it) and they reload; a fenced one waits longer, another owner has
+ * it. The other lanes' batches are not touched.
  */
 static void finish_flight(struct app *app, const struct tly_ledger_writer_result *res)
 {
 	struct group *g = &app->flight;
-	int rc = res->rc;
-	const struct tly_pg_error *err = &res->err;
-	int32_t *ready_parts = NULL; /* read before a reset frees what the ready items point to */
-	size_t n_ready = 0;
-	if (rc != 0 && app->ready.queued) {
-		/* the writer passes over what was queued behind a failure: take it back to drop it */
-		struct tly_ledger_writer_result skipped;
-		app->ready.txn = tly_ledger_writer_take(app->writer, -1, &skipped);
-		app->ready.queued = false;
-	}
-	if (rc != 0 && app->ready.n) {
-		if (!(ready_parts = calloc(app->ready.n, sizeof(*ready_parts)))) {
-			tly_error("could not drop the ready group: out of memory", NULL);
+	size_t lanes = tly_ledger_writer_lanes(app->writer);
+	int64_t started_us = INT64_MAX, ended_us = 0;
+	bool ok = true;
+	for (size_t k = 0; k < lanes; k++) {
+		size_t from, to = lane_items(g, k, &from);
+		int rc = res[k].rc;
+		const struct tly_pg_error *err = &res[k].err;
+		if (g->txn[k] && res[k].ran) {
+			started_us = res[k].started_us < started_us ? res[k].started_us : started_us;
+			ended_us = res[k].ended_us > ended_us ? res[k].ended_us : ended_us;
+		}
+		if (g->dropped[k] || from == to)
+			continue; /* its partitions were reset when the lane failed before */
+		ok = ok && rc == 0;
+		tly_ledger_partition_finish(g->items + from, to - from, g->txn[k], rc);
+		for (size_t i = from; i < to; i++) {
+			struct tly_ledger_group_item *it = &g->items[i];
+			int32_t partition = tly_ledger_partition_id(it->part);
+			if (rc == 0) {
+				tly_debug("batch committed", "partition=%d first_offset=%" PRId64
+					  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
+					  (int)partition, it->out.first_offset, it->out.end_offset,
+					  it->out.n_entries, it->out.n_quarantined, g->n);
+				count_batch(app, &app->slots[partition], &it->out);
+				if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
+					tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
+						 "partition=%d end_offset=%" PRId64, (int)partition,
+						 it->out.end_offset);
+			} else if (it->fenced) {
+				tly_error("could not commit batch: this process lost the partition",
+					  "partition=%d reason=\"%s\"", (int)partition, err->message);
+				reset_partition(app, partition, FENCED_BACKOFF_MS);
+			} else {
+				/* The markers handed out were not stored: they are handed out again later. */
+				reset_partition(app, partition, RELOAD_BACKOFF_MS);
+			}
+		}
+		if (rc == 0)
+			continue;
+		drop_ready_lane(app, k); /* after this lane's own partitions: they share some */
+		if (err->errclass == TLY_ERRCLASS_RETRIABLE)
+			tly_warn("could not commit batch, retrying from the stored offsets",
+				 "lane=%zu partitions=%zu reason=\"%s\"", k, to - from, err->message);
+		else if (err->errclass != TLY_ERRCLASS_PERMANENT) {
+			tly_error("could not commit batch", "lane=%zu partitions=%zu reason=\"%s\"", k,
+				  to - from, err->message);
 			app->failed = true;
 		}
-		for (size_t k = 0; ready_parts && k < app->ready.n; k++)
-			ready_parts[n_ready++] = tly_ledger_partition_id(app->ready.items[k].part);
 	}
-	tly_ledger_partition_finish(g->items, g->n, g->txn, rc);
-	int64_t commit_us = res->ended_us - res->started_us;
-	if (rc == 0) {
+	int64_t commit_us = ended_us > started_us ? ended_us - started_us : 0;
+	if (ok) {
 		tly_ledger_pace_committed(&app->pace, commit_us);
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
@@ -339,48 +407,20 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 	}
 	tly_debug("group committed", "partitions=%zu records=%zu waited_us=%" PRId64 " decide_us=%" PRId64
 		  " commit_us=%" PRId64 " ok=%s",
-		  g->n, g->records, g->waited_us, g->decided_us, commit_us, rc == 0 ? "true" : "false");
-	for (size_t k = 0; k < g->n; k++) {
-		struct tly_ledger_group_item *it = &g->items[k];
-		int32_t partition = tly_ledger_partition_id(it->part);
-		if (rc == 0) {
-			tly_debug("batch committed", "partition=%d first_offset=%" PRId64
-				  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
-				  (int)partition, it->out.first_offset, it->out.end_offset,
-				  it->out.n_entries, it->out.n_quarantined, g->n);
-			count_batch(app, &app->slots[partition], &it->out);
-			if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
-				tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
-					 "partition=%d end_offset=%" PRId64, (int)partition,
-					 it->out.end_offset);
-		} else if (it->fenced) {
-			tly_error("could not commit batch: this process lost the partition",
-				  "partition=%d reason=\"%s\"", (int)partition, err->message);
-			reset_partition(app, partition, FENCED_BACKOFF_MS);
-		} else {
-			/* The markers handed out were not stored: they are handed out again later. */
-			reset_partition(app, partition, RELOAD_BACKOFF_MS);
-		}
+		  g->n, g->records, g->waited_us, g->decided_us, commit_us, ok ? "true" : "false");
+	for (size_t k = 0; k < lanes; k++) {
+		tly_ledger_store_txn_free(g->txn[k]);
+		g->txn[k] = NULL;
+		g->dropped[k] = false;
 	}
-	tly_ledger_store_txn_free(g->txn);
-	g->txn = NULL;
-	size_t n = g->n;
 	g->n = 0;
-	if (rc == 0)
-		return;
-	for (size_t k = 0; k < n_ready; k++)
-		if (app->slots[ready_parts[k]].part)
-			reset_partition(app, ready_parts[k], RELOAD_BACKOFF_MS);
-	free(ready_parts);
-	tly_ledger_store_txn_free(app->ready.txn);
-	app->ready.txn = NULL;
-	app->ready.n = 0;
-	if (err->errclass == TLY_ERRCLASS_RETRIABLE)
-		tly_warn("could not commit batch, retrying from the stored offsets",
-			 "partitions=%zu reason=\"%s\"", n, err->message);
-	else if (err->errclass != TLY_ERRCLASS_PERMANENT) {
-		tly_error("could not commit batch", "partitions=%zu reason=\"%s\"", n, err->message);
-		app->failed = true;
+	/* a ready group not queued yet whose every lane was dropped: nothing left of it */
+	bool left = false;
+	for (size_t k = 0; app->ready.n && k < lanes; k++)
+		left = left || app->ready.txn[k] != NULL;
+	if (app->ready.n && !app->ready.queued && !left) {
+		memset(app->ready.dropped, 0, sizeof(app->ready.dropped));
+		app->ready.n = 0;
 	}
 }
 
@@ -401,56 +441,68 @@ static void promote_ready(struct app *app, int64_t started_us)
  */
 static void complete_flight(struct app *app, int timeout_ms)
 {
-	struct tly_ledger_writer_result res = {0};
-	if (!app->writer || !tly_ledger_writer_busy(app->writer))
+	struct tly_ledger_writer_result res[TLY_LEDGER_WRITER_LANES_MAX];
+	if (!app->writer || !tly_ledger_writer_busy(app->writer) ||
+	    !tly_ledger_writer_take(app->writer, timeout_ms, app->flight.txn, res))
 		return;
-	struct tly_ledger_txn *txn = tly_ledger_writer_take(app->writer, timeout_ms, &res);
-	if (!txn)
-		return;
-	app->flight.txn = txn;
-	finish_flight(app, &res);
+	/* a queued group started when the first lane's transaction before it ended */
+	int64_t started_us = INT64_MAX;
+	for (size_t k = 0; k < tly_ledger_writer_lanes(app->writer); k++)
+		if (app->flight.txn[k] && res[k].ran && res[k].ended_us < started_us)
+			started_us = res[k].ended_us;
+	finish_flight(app, res);
 	if (app->ready.queued)
-		promote_ready(app, res.ended_us);
+		promote_ready(app, started_us == INT64_MAX ? tly_clock_us() : started_us);
 }
 
 /*
  * The ready group goes to the writer at once: run now when it is free, else queued behind the
- * flight group, which the writer follows with it the moment its COMMIT returned (no round trip
+ * flight group, which each lane follows with it the moment its COMMIT returned (no round trip
  * through this thread, which may be deciding or waiting for a CPU then).
  */
 static void submit_ready(struct app *app)
 {
 	if (app->ready.n == 0 || app->ready.queued || !app->writer || tly_ledger_writer_full(app->writer))
 		return;
-	if (tly_ledger_writer_busy(app->writer)) {
-		tly_ledger_writer_submit(app->writer, app->ready.txn);
-		app->ready.txn = NULL; /* the writer has it until complete_flight */
-		app->ready.queued = true;
-		return;
+	struct group *g = &app->ready;
+	if (!tly_ledger_writer_busy(app->writer)) {
+		promote_ready(app, tly_clock_us());
+		g = &app->flight;
+	} else {
+		g->queued = true;
 	}
-	promote_ready(app, tly_clock_us());
-	tly_ledger_writer_submit(app->writer, app->flight.txn);
-	app->flight.txn = NULL; /* the writer has it until complete_flight */
+	tly_ledger_writer_submit(app->writer, g->txn);
+	memset(g->txn, 0, sizeof(g->txn)); /* the writer has them until complete_flight */
 }
 
 /*
  * Group commit, step one: decide the open batches of every partition and build their
- * transaction, the ready group (sent at once when the writer is free). Only while no group is
- * ready, so a partition has at most one decided batch before (the flight's).
+ * transactions, one per writer lane: the ready group (sent at once when the writer is free).
+ * Only while no group is ready, so a partition has at most one decided batch before (the
+ * flight's).
  */
 static void decide_group(struct app *app)
 {
 	struct tly_pg_error err = {0};
 	struct group *g = &app->ready;
-	size_t n = 0;
+	size_t n = 0, lanes = app->writer ? tly_ledger_writer_lanes(app->writer) : 0;
+	int rc = 0;
 	if (app->pending == 0 || g->n || !app->writer)
 		return;
-	for (int32_t i = 0; i < app->partition_count; i++) {
-		struct tly_ledger_partition *part = app->slots[i].part;
-		if (part && tly_ledger_partition_pending(part))
-			g->items[n++] = (struct tly_ledger_group_item){
-				.part = part,
-				.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
+	memset(g->dropped, 0, sizeof(g->dropped));
+	for (size_t k = 0; k < lanes; k++) {
+		for (int32_t i = 0; i < app->partition_count; i++) {
+			struct tly_ledger_partition *part = app->slots[i].part;
+			if (part && tly_ledger_partition_pending(part) &&
+			    tly_ledger_writer_lane(app->writer, i) == k)
+			{
+				g->ids[n] = i;
+				g->items[n++] = (struct tly_ledger_group_item){
+					.part = part,
+					.published_offset = tly_ledger_publisher_take_marker(app->pub, i)};
+			}
+		}
+		g->lane_end[k] = n;
 	}
 	g->records = app->pending;
 	g->waited_us = tly_clock_us() - 1000 * app->opened_ms;
@@ -458,21 +510,30 @@ static void decide_group(struct app *app)
 	if (n == 0)
 		return;
 	int64_t t0 = tly_clock_us();
-	int rc = ensure_conn(app) == 0 ? tly_ledger_partition_decide(g->items, n, &app->ctx, &g->txn, &err)
-				       : TLY_E_PG;
+	if (ensure_conn(app) != 0)
+		rc = TLY_E_PG;
+	for (size_t k = 0, from = 0; rc == 0 && k < lanes; from = g->lane_end[k++])
+		if (g->lane_end[k] > from)
+			rc = tly_ledger_partition_decide(g->items + from, g->lane_end[k] - from, &app->ctx,
+							 &g->txn[k], &err);
 	g->decided_us = tly_clock_us() - t0;
 	if (rc == 0) {
 		tly_ledger_pace_decided(&app->pace, g->decided_us, g->records);
 		g->n = n;
 		return;
 	}
-	/* Their wallets may have moved: drop them, after the flight group (it may hold some). */
-	complete_flight(app, -1);
-	for (size_t k = 0; k < n; k++) {
-		int32_t partition = tly_ledger_partition_id(g->items[k].part);
-		if (app->slots[partition].part)
-			reset_partition(app, partition, RELOAD_BACKOFF_MS);
+	/*
+	 * Their wallets may have moved: drop them, after the flight group (it may hold some, and
+	 * free them if it failed).
+	 */
+	for (size_t k = 0; k < lanes; k++) {
+		tly_ledger_store_txn_free(g->txn[k]);
+		g->txn[k] = NULL;
 	}
+	complete_flight(app, -1);
+	for (size_t k = 0; k < n; k++)
+		if (app->slots[g->ids[k]].part)
+			reset_partition(app, g->ids[k], RELOAD_BACKOFF_MS);
 	if (err.errclass == TLY_ERRCLASS_RETRIABLE)
 		tly_warn("could not decide batch, retrying from the stored offsets",
 			 "partitions=%zu reason=\"%s\"", n, err.message);
@@ -747,6 +808,8 @@ static int start(struct app *app)
 	if (!(app->slots = calloc((size_t)app->partition_count, sizeof(*app->slots))) ||
 	    !(app->flight.items = calloc((size_t)app->partition_count, sizeof(*app->flight.items))) ||
 	    !(app->ready.items = calloc((size_t)app->partition_count, sizeof(*app->ready.items))) ||
+	    !(app->flight.ids = calloc((size_t)app->partition_count, sizeof(*app->flight.ids))) ||
+	    !(app->ready.ids = calloc((size_t)app->partition_count, sizeof(*app->ready.ids))) ||
 	    !(app->pub = tly_ledger_publisher_new(app->cfg, app->codec, app->partition_count, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not create the ledger producer", "reason=\"%s\"",
@@ -758,7 +821,9 @@ static int start(struct app *app)
 		goto out;
 	}
 	if (!(app->wake_queue = rd_kafka_queue_get_consumer(app->consumer)) ||
-	    !(app->writer = tly_ledger_writer_new(app->database_url, wake_loop, app, errstr,
+	    !(app->writer = tly_ledger_writer_new(app->database_url,
+						  (size_t)tly_config_int(app->cfg, "ledger.writers"),
+						  wake_loop, app, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not start the writer", "reason=\"%s\"",
 			  app->wake_queue ? errstr : "no consumer queue");
@@ -767,9 +832,11 @@ static int start(struct app *app)
 	const char *const topics[] = {app->ctx.events_topic};
 	if (tly_kafka_subscribe(app->consumer, topics, 1) != 0)
 		goto out;
-	tly_info("tally-ledger started", "topic=%s partitions=%d group=%s batch_max_events=%zu batch_max_ms=%" PRId64,
+	tly_info("tally-ledger started", "topic=%s partitions=%d group=%s batch_max_events=%zu batch_max_ms=%" PRId64
+		 " writers=%zu",
 		 app->ctx.events_topic, (int)app->partition_count,
-		 tly_config_str(app->cfg, "ledger.group.id"), app->max_events, app->max_ms);
+		 tly_config_str(app->cfg, "ledger.group.id"), app->max_events, app->max_ms,
+		 tly_ledger_writer_lanes(app->writer));
 	rc = 0;
 out:
 	tly_migrate_free(set);
@@ -1046,8 +1113,10 @@ out:
 	if (app.wake_queue)
 		rd_kafka_queue_destroy(app.wake_queue);
 	tly_kafka_consumer_destroy(app.consumer);
-	tly_ledger_store_txn_free(app.flight.txn);
-	tly_ledger_store_txn_free(app.ready.txn);
+	for (size_t k = 0; k < TLY_LEDGER_WRITER_LANES_MAX; k++) {
+		tly_ledger_store_txn_free(app.flight.txn[k]);
+		tly_ledger_store_txn_free(app.ready.txn[k]);
+	}
 	tly_http_stop(app.http);
 	tly_metrics_free(app.metrics);
 	tly_health_free(app.health);
@@ -1057,6 +1126,8 @@ out:
 	free(app.slots);
 	free(app.flight.items);
 	free(app.ready.items);
+	free(app.flight.ids);
+	free(app.ready.ids);
 	tly_codec_free(app.codec);
 	if (app.conn)
 		PQfinish(app.conn);

@@ -1,8 +1,9 @@
 /*
- * tally-ledger's writer: a thread with its own PostgreSQL connection that runs one group's
- * transaction at a time, so the consumer loop decides the next group while this one commits.
- * The consumer thread submits a built transaction and later takes it back with its result; the
- * writer touches nothing but the transaction and its connection.
+ * tally-ledger's writer: lanes threads, each with its own PostgreSQL connection, that run a
+ * group's transactions (one per lane: the lane's partitions) at once, so two commits use two
+ * cores while the consumer loop decides the next group. Partition p belongs to lane p % lanes.
+ * The consumer thread submits a group's built transactions and later takes them back with their
+ * results; the writer touches nothing but the transactions and its connections.
  */
 #ifndef TLY_LEDGER_WRITER_H
 #define TLY_LEDGER_WRITER_H
@@ -17,54 +18,65 @@
 
 struct tly_ledger_writer;
 
-/* The writer connection's application_name (pg_stat_activity tells its backend apart). */
+/* The writer connections' application_name (pg_stat_activity tells their backends apart). */
 #define TLY_LEDGER_WRITER_APP "tally-ledger writer"
 
-/* Transactions the writer holds at once: one running and one queued behind it. */
+/* Groups the writer holds at once: one running and one queued behind it (in every lane). */
 #define TLY_LEDGER_WRITER_DEPTH 2
 
-/* What became of a transaction taken back. */
+/* Most lanes (ledger.writers). */
+#define TLY_LEDGER_WRITER_LANES_MAX 16
+
+/* What became of one lane's transaction taken back. */
 struct tly_ledger_writer_result {
-	int rc;                   /* 0: committed */
+	int rc;                   /* 0: committed (or nothing to run) */
 	struct tly_pg_error err;  /* when rc != 0 */
-	bool ran;                 /* false: not run, a transaction before it failed (rc != 0) */
-	int64_t started_us;       /* tly_clock_us when it began to run (ran) */
+	bool ran;                 /* false: not run, the lane's transaction before it failed (rc != 0) */
+	int64_t started_us;       /* tly_clock_us when it began to run (ran, a transaction) */
 	int64_t ended_us;         /* and when it ended */
 };
 
 /*
- * Connect (conninfo, application_name TLY_LEDGER_WRITER_APP) and start the thread. wake(ud), when not
- * NULL, is called on the writer's thread each time a transaction finished (to wake the consumer
- * loop). NULL with errstr filled on failure.
+ * Connect lanes times (conninfo, application_name TLY_LEDGER_WRITER_APP) and start a thread per
+ * connection. wake(ud), when not NULL, is called on a writer thread each time a group finished
+ * in every lane (to wake the consumer loop). NULL with errstr filled on failure.
  */
-struct tly_ledger_writer *tly_ledger_writer_new(const char *conninfo, void (*wake)(void *ud),
-						void *ud, char *errstr, size_t errlen);
+struct tly_ledger_writer *tly_ledger_writer_new(const char *conninfo, size_t lanes,
+						void (*wake)(void *ud), void *ud, char *errstr,
+						size_t errlen);
 
-/* Stop the thread (after the running transaction) and close the connection; accepts NULL. */
+/* Stop the threads (after their running transactions) and close the connections; accepts NULL. */
 void tly_ledger_writer_free(struct tly_ledger_writer *w);
 
-/*
- * Run txn after the ones submitted before it (ownership moves to the writer until it is taken
- * back). Only while tly_ledger_writer_full is false. A transaction queued behind one that is still
- * running starts the moment that one committed, without waiting for the consumer thread; behind
- * one that failed it is not run at all (its compare-and-set would start from offsets that were
- * not stored) and comes back with ran false.
- */
-void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn *txn);
+size_t tly_ledger_writer_lanes(const struct tly_ledger_writer *w);
 
-/* A transaction was submitted and not taken back yet. */
+/* The lane that commits partition's batches. */
+size_t tly_ledger_writer_lane(const struct tly_ledger_writer *w, int32_t partition);
+
+/*
+ * Run a group: txns[k] (NULL: nothing in lane k) on lane k, after that lane's transactions
+ * submitted before (ownership of each moves to the writer until it is taken back). Only while
+ * tly_ledger_writer_full is false. A transaction queued behind one of its lane that is still
+ * running starts the moment that one committed, without waiting for the consumer thread or
+ * the other lanes; behind one of its lane that ran and failed it is not run at all (its
+ * compare-and-sets would start from offsets that were not stored) and comes back with ran
+ * false. A failure in one lane does not stop the others.
+ */
+void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn *const *txns);
+
+/* A group was submitted and not taken back yet. */
 bool tly_ledger_writer_busy(const struct tly_ledger_writer *w);
 
-/* TLY_LEDGER_WRITER_DEPTH transactions were submitted and not taken back. */
+/* TLY_LEDGER_WRITER_DEPTH groups were submitted and not taken back. */
 bool tly_ledger_writer_full(const struct tly_ledger_writer *w);
 
 /*
- * Take the oldest submitted transaction back once it ran (or was passed over), waiting up to
- * timeout_ms (-1: as long as it takes): the transaction (caller owns it again) with *res its
- * result, or NULL when it is still running or waiting. A lost connection is made again (once)
- * before the next transaction runs.
+ * Take the oldest submitted group back once every lane ran (or passed over) its transaction,
+ * waiting up to timeout_ms (-1: as long as it takes): true with txns[k] (caller owns them
+ * again) and res[k] for each lane, false when one still runs or waits. A lost connection is
+ * made again (once) before its lane's next transaction runs.
  */
-struct tly_ledger_txn *tly_ledger_writer_take(struct tly_ledger_writer *w, int timeout_ms,
-					     struct tly_ledger_writer_result *res);
+bool tly_ledger_writer_take(struct tly_ledger_writer *w, int timeout_ms,
+			    struct tly_ledger_txn **txns, struct tly_ledger_writer_result *res);
 
 #endif

@@ -33,6 +33,9 @@ static const struct tly_setting settings[] = {
 	 "up to 4x as many while a backlog lasts"},
 	{"ledger.batch.max.ms", TLY_SET_INT, "50", 1, 60000,
 	 "longest records wait for more under steady input; with none ready they commit at once"},
+	{"ledger.writers", TLY_SET_INT, "1", 1, 16,
+	 "PostgreSQL connections of tally-ledger committing at once, each the partitions p with "
+	 "p % ledger.writers equal to its number (one transaction each per group)"},
 	{"ledger.overdraft.limit", TLY_SET_INT, "0", 0, INT64_MAX,
 	 "tokens a tenant's available balance may go below zero by reservations"},
 	{"projector.group.id", TLY_SET_STR, "tally-projector", 0, 0,

@@ -1132,7 +1132,7 @@ START_TEST(test_writer_queue)
 	tly_uuid t;
 	int32_t part = partition_ctx(&e, 5, &codec, &ctx, &t, key);
 	struct tly_pg_error err;
-	struct tly_ledger_writer *w = tly_ledger_writer_new(e.db, NULL, NULL, errstr, sizeof(errstr));
+	struct tly_ledger_writer *w = tly_ledger_writer_new(e.db, 1, NULL, NULL, errstr, sizeof(errstr));
 	ck_assert_msg(w != NULL, "%s", errstr);
 	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
 	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, part, &err);
@@ -1143,17 +1143,18 @@ START_TEST(test_writer_queue)
 	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
 	struct tly_ledger_group_item g1, g2;
 	struct tly_ledger_writer_result r1, r2;
+	struct tly_ledger_txn *back;
 
 	/* two groups of the owner, the second queued behind the first: both commit, in order */
 	struct tly_ledger_txn *t1 = decide_one(p, &ctx, key, 0, &buf, &g1);
 	struct tly_ledger_txn *t2 = decide_one(p, &ctx, key, 1, &buf, &g2);
 	ck_assert(!tly_ledger_writer_busy(w));
-	tly_ledger_writer_submit(w, t1);
+	tly_ledger_writer_submit(w, &t1);
 	ck_assert(!tly_ledger_writer_full(w));
-	tly_ledger_writer_submit(w, t2);
+	tly_ledger_writer_submit(w, &t2);
 	ck_assert(tly_ledger_writer_full(w));
-	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r1), t1);
-	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r2), t2);
+	ck_assert(tly_ledger_writer_take(w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(w, -1, &back, &r2) && back == t2);
 	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
 	ck_assert(r1.ran && r2.ran);
 	ck_assert_int_ge(r2.started_us, r1.ended_us);
@@ -1168,10 +1169,10 @@ START_TEST(test_writer_queue)
 	/* a stale copy's two groups: the first is fenced, the second is not even run */
 	t1 = decide_one(stale, &ctx, key, 0, &buf, &g1);
 	t2 = decide_one(stale, &ctx, key, 1, &buf, &g2);
-	tly_ledger_writer_submit(w, t1);
-	tly_ledger_writer_submit(w, t2);
-	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r1), t1);
-	ck_assert_ptr_eq(tly_ledger_writer_take(w, -1, &r2), t2);
+	tly_ledger_writer_submit(w, &t1);
+	tly_ledger_writer_submit(w, &t2);
+	ck_assert(tly_ledger_writer_take(w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(w, -1, &back, &r2) && back == t2);
 	ck_assert_int_eq(r1.rc, TLY_E_PG);
 	ck_assert(r1.ran);
 	tly_ledger_partition_finish(&g1, 1, t1, r1.rc);
@@ -1186,6 +1187,130 @@ START_TEST(test_writer_queue)
 	tly_ledger_partition_free(stale);
 	tly_ledger_partition_free(p);
 	tly_buf_free(&buf);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+
+/* The stored next offset of partition (-1: none). */
+static long stored_offset(PGconn *conn, int32_t partition)
+{
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)partition);
+	const char *const v[] = {p};
+	return q_long(conn, "SELECT coalesce(max(next_offset), -1) FROM consumer_offsets "
+			    "WHERE partition = $1", 1, v);
+}
+
+/*
+ * Two writer lanes (ledger.writers 2): each commits its own partitions on its own connection. A
+ * lane whose transaction was fenced passes over the one queued behind it while the other lane
+ * commits both of its own; and a lane blocked in PostgreSQL does not hold the other back, while
+ * the group comes back only when both ended.
+ */
+START_TEST(test_writer_lanes)
+{
+	char errstr[256], key_a[37], key_b[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid ta, tb;
+	int32_t pa = partition_ctx(&e, 5, &codec, &ctx, &ta, key_a), pb = -1;
+	for (unsigned n = 6; pb < 0 || pb % 2 == pa % 2; n++) {
+		tenant_of(n, &tb);
+		tly_uuid_format(&tb, key_b);
+		pb = tly_kafka_partition_for_key(key_b, 36, PARTITIONS);
+	}
+	struct tly_pg_error err;
+	struct tly_ledger_writer *w = tly_ledger_writer_new(e.db, 2, NULL, NULL, errstr, sizeof(errstr));
+	ck_assert_msg(w != NULL, "%s", errstr);
+	ck_assert_int_eq(tly_ledger_writer_lanes(w), 2);
+	size_t la = tly_ledger_writer_lane(w, pa), lb = tly_ledger_writer_lane(w, pb);
+	ck_assert_int_ne(la, lb);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+	struct tly_ledger_partition *a = tly_ledger_partition_open(&ctx, pa, &err);
+	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, pa, &err);
+	struct tly_ledger_partition *b = tly_ledger_partition_open(&ctx, pb, &err);
+	ck_assert(a && stale && b);
+	struct tly_event ev;
+	struct tly_buf buf_a = {0}, buf_b = {0};
+	reserve_event(&ev, &ta, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &buf_a, errstr, sizeof(errstr)) == 0);
+	reserve_event(&ev, &tb, 10, T0);
+	ck_assert(tly_codec_encode(codec, &ev, &buf_b, errstr, sizeof(errstr)) == 0);
+	struct tly_ledger_group_item ga, gb;
+	struct tly_ledger_batch_out out;
+	bool fenced;
+	bool added;
+	ck_assert(tly_ledger_partition_add(a, 0, key_a, 36, buf_a.data, buf_a.len, 0, &added) == 0 && added);
+	ck_assert(commit_one(a, &ctx, &out, &fenced, &err) == 0);
+
+	/* groups 1 and 2: lane a the stale copy's (fenced, then passed over), lane b the owner's */
+	struct tly_ledger_txn *g1[2], *g2[2], *back[2];
+	struct tly_ledger_writer_result r1[2], r2[2];
+	g1[la] = decide_one(stale, &ctx, key_a, 0, &buf_a, &ga);
+	g1[lb] = decide_one(b, &ctx, key_b, 0, &buf_b, &gb);
+	g2[la] = decide_one(stale, &ctx, key_a, 1, &buf_a, &ga);
+	g2[lb] = decide_one(b, &ctx, key_b, 1, &buf_b, &gb);
+	tly_ledger_writer_submit(w, g1);
+	tly_ledger_writer_submit(w, g2);
+	ck_assert(tly_ledger_writer_full(w));
+	ck_assert(tly_ledger_writer_take(w, -1, back, r1));
+	ck_assert(back[la] == g1[la] && back[lb] == g1[lb]);
+	ck_assert(tly_ledger_writer_take(w, -1, back, r2));
+	ck_assert(back[la] == g2[la] && back[lb] == g2[lb]);
+	ck_assert(!tly_ledger_writer_busy(w));
+	ck_assert(r1[la].ran && r1[la].rc == TLY_E_PG);
+	ck_assert(tly_ledger_store_txn_fenced(g1[la], 0));
+	ck_assert(!r2[la].ran && r2[la].rc != 0);
+	ck_assert_msg(r1[lb].rc == 0 && r2[lb].rc == 0, "%s / %s", r1[lb].err.message, r2[lb].err.message);
+	ck_assert(r1[lb].ran && r2[lb].ran && r2[lb].started_us >= r1[lb].ended_us);
+	tly_ledger_partition_finish(&gb, 1, g1[lb], 0);
+	tly_ledger_partition_finish(&gb, 1, g2[lb], 0);
+	ck_assert_int_eq(stored_offset(e.conn, pa), 1);
+	ck_assert_int_eq(stored_offset(e.conn, pb), 2);
+	for (int k = 0; k < 2; k++) {
+		tly_ledger_store_txn_free(g1[k]);
+		tly_ledger_store_txn_free(g2[k]);
+	}
+
+	/* group 3 while lane a's offset row is locked: lane b commits, the group waits for lane a */
+	g1[la] = decide_one(a, &ctx, key_a, 1, &buf_a, &ga);
+	g1[lb] = decide_one(b, &ctx, key_b, 2, &buf_b, &gb);
+	PGconn *locker = PQconnectdb(e.db);
+	ck_assert(PQstatus(locker) == CONNECTION_OK);
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)pa);
+	const char *const v[] = {p};
+	PQclear(PQexec(locker, "BEGIN"));
+	ck_assert_int_eq(q_long(locker, "SELECT next_offset FROM consumer_offsets WHERE partition = $1 "
+				"FOR UPDATE", 1, v), 1);
+	tly_ledger_writer_submit(w, g1);
+	int64_t deadline = tly_clock_ms() + 30000;
+	while (stored_offset(e.conn, pb) != 3 && tly_clock_ms() < deadline)
+		usleep(10000);
+	ck_assert_int_eq(stored_offset(e.conn, pb), 3);
+	ck_assert(!tly_ledger_writer_take(w, 0, back, r1));
+	ck_assert_int_eq(stored_offset(e.conn, pa), 1);
+	PQclear(PQexec(locker, "COMMIT"));
+	ck_assert(tly_ledger_writer_take(w, -1, back, r1));
+	ck_assert_msg(r1[la].rc == 0 && r1[lb].rc == 0, "%s / %s", r1[la].err.message, r1[lb].err.message);
+	ck_assert_int_eq(stored_offset(e.conn, pa), 2);
+	tly_ledger_partition_finish(&ga, 1, g1[la], 0);
+	tly_ledger_partition_finish(&gb, 1, g1[lb], 0);
+	for (int k = 0; k < 2; k++)
+		tly_ledger_store_txn_free(g1[k]);
+	ck_assert_int_eq(check_chains(e.conn), q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL));
+	PQfinish(locker);
+	tly_ledger_writer_free(w);
+	tly_ledger_partition_free(stale);
+	tly_ledger_partition_free(a);
+	tly_ledger_partition_free(b);
+	tly_buf_free(&buf_a);
+	tly_buf_free(&buf_b);
 	tly_codec_free(codec);
 	env_down(&e);
 }
@@ -1686,6 +1811,46 @@ START_TEST(test_broker_faults)
 }
 END_TEST
 
+/*
+ * One writer lane's connection is terminated again and again while traffic flows and groups
+ * queue behind each other: that lane's partitions reload and go on, the other lane's commit as
+ * usual, the ledger never dies, and the end state is exact (every record one outcome, chains
+ * whole, offsets at the end).
+ */
+START_TEST(test_writer_lane_killed)
+{
+	struct env e;
+	env_up(&e);
+	tly_uuid t[TRAFFIC_TENANTS];
+	traffic_tenants(&e, t);
+	pid_t traffic = traffic_start(&e, t, 13);
+	ck_assert(setenv("TALLY_LEDGER_WRITERS", "2", 1) == 0); /* this test's process only */
+	pid_t pid = ledger_start(&e);
+	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	wait_progress(&e, 10000);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+	long killed = 0;
+	for (int i = 0; i < 16; i++) {
+		killed += q_long(e.conn, "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+				 "pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP "' "
+				 "ORDER BY pid LIMIT 1) w", 0, NULL);
+		usleep(300000);
+		assert_running(&e, pid);
+	}
+	ck_assert_int_ge(killed, 8);
+	wait_progress(&e, 20000);
+	traffic_stop_wait(traffic);
+	wait_caught_up(&e, 40000);
+	assert_running(&e, pid);
+	ledger_stop(&e, pid);
+	check_end_state(&e, false);
+	ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch, retrying", NULL) > 0,
+		      "no commit of a lane failed; see %s", e.log);
+	env_down(&e);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -1709,7 +1874,8 @@ Suite *ledger_suite(void)
 		const TTest *test;
 	} cases[] = {{"group", test_group_handovers}, {"faults", test_broker_faults},
 		       {"python", test_python_event_applied},
-		       {"writer", test_writer_queue}, {"kafka_conf", test_kafka_conf_nodelay}};
+		       {"writer", test_writer_queue}, {"writer_lanes", test_writer_lanes},
+		       {"writer_lane_killed", test_writer_lane_killed}, {"kafka_conf", test_kafka_conf_nodelay}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, 90);
