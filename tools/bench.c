@@ -398,31 +398,43 @@ static char *fresh_db(struct tly_devpg *pg, const char *name)
 /* CPU spent per record committed in a throughput run, of each process that does the work. */
 struct ledger_cpu {
 	double ledger_us;  /* tally-ledger, every thread */
-	double writer_us;  /* the PostgreSQL backend of its writer connection (the COPYs and COMMITs) */
+	double writer_us;  /* the PostgreSQL backends of its writer connections (the COPYs and COMMITs) */
 	double pg_us;      /* every PostgreSQL process (the writer, the "seen" lookups, WAL, checkpoints) */
 };
 
-/* The pid of the writer's backend (application_name of consumers/ledger_writer.h), or -1. */
-static pid_t writer_backend(PGconn *conn)
+#define WRITERS_MAX 16 /* ledger.writers' upper bound (lib/config.c) */
+
+/* The PostgreSQL backends of tally-ledger's writer lanes (ledger.writers of them). */
+struct writer_pids {
+	pid_t pid[WRITERS_MAX];
+	int n;
+};
+
+/* The writers' backends (application_name of consumers/ledger_writer.h); n is 0 if none yet. */
+static struct writer_pids writer_backends(PGconn *conn)
 {
 	struct tly_pg_error pe;
+	struct writer_pids w = {.n = 0};
 	PGresult *r = tly_pg_query(conn,
 				   "SELECT pid FROM pg_stat_activity WHERE application_name = 'tally-ledger writer'",
 				   0, NULL, &pe);
 	if (!r)
 		die("pg_stat_activity", pe.message);
-	pid_t pid = PQntuples(r) == 1 ? (pid_t)atol(PQgetvalue(r, 0, 0)) : -1;
+	for (int i = 0; i < PQntuples(r) && w.n < WRITERS_MAX; i++)
+		w.pid[w.n++] = (pid_t)atol(PQgetvalue(r, i, 0));
 	PQclear(r);
-	return pid;
+	return w;
 }
 
-/* On-CPU microseconds so far of the ledger, the writer's backend and all of PostgreSQL. */
-static void ledger_cpu_now(pid_t ledger, pid_t writer, struct tly_devpg *pg, int64_t us[3])
+/* On-CPU microseconds so far of the ledger, its writers' backends and all of PostgreSQL. */
+static void ledger_cpu_now(pid_t ledger, const struct writer_pids *w, struct tly_devpg *pg, int64_t us[3])
 {
 	struct tly_proc_cpu c[3] = {{0}};
-	if (tly_proc_cpu_add(ledger, false, &c[0]) != 0 || tly_proc_cpu_add(writer, false, &c[1]) != 0 ||
-	    tly_proc_cpu_add(tly_devpg_pid(pg), true, &c[2]) != 0)
+	if (tly_proc_cpu_add(ledger, false, &c[0]) != 0 || tly_proc_cpu_add(tly_devpg_pid(pg), true, &c[2]) != 0)
 		die("cpu", "could not read /proc");
+	for (int i = 0; i < w->n; i++)
+		if (tly_proc_cpu_add(w->pid[i], false, &c[1]) != 0)
+			die("cpu", "could not read /proc");
 	for (int i = 0; i < 3; i++)
 		us[i] = c[i].on_cpu_us;
 }
@@ -448,26 +460,26 @@ static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants
 	pid_t ledger = start_ledger(&s, db, log);
 	double first_t = 0, end_t = 0, give_up = tly_clock_s() + 300;
 	long first_v = 0, v = 0;
-	pid_t writer = -1;
+	struct writer_pids writers = {.n = 0};
 	int64_t cpu0[3] = {0}, cpu1[3] = {0};
 	while (tly_clock_s() < give_up) {
 		v = committed_offsets(conn);
 		if (v > 0 && first_t == 0) {
 			first_t = tly_clock_s();
 			first_v = v;
-			if ((writer = writer_backend(conn)) > 0)
-				ledger_cpu_now(ledger, writer, pg, cpu0);
+			if ((writers = writer_backends(conn)).n > 0)
+				ledger_cpu_now(ledger, &writers, pg, cpu0);
 		}
 		if (v >= total) {
 			end_t = tly_clock_s();
-			if (writer > 0)
-				ledger_cpu_now(ledger, writer, pg, cpu1);
+			if (writers.n > 0)
+				ledger_cpu_now(ledger, &writers, pg, cpu1);
 			break;
 		}
 		usleep(20000);
 	}
 	memset(cpu, 0, sizeof(*cpu));
-	if (writer > 0 && v > first_v) {
+	if (writers.n > 0 && v > first_v) {
 		cpu->ledger_us = (double)(cpu1[0] - cpu0[0]) / (double)(v - first_v);
 		cpu->writer_us = (double)(cpu1[1] - cpu0[1]) / (double)(v - first_v);
 		cpu->pg_us = (double)(cpu1[2] - cpu0[2]) / (double)(v - first_v);
@@ -798,10 +810,10 @@ int main(int argc, char **argv)
 	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0);
 	printf("CPU per record committed (from /proc/PID/task/*/schedstat, on a CPU):\n");
 	if (wanted(only, "many"))
-		printf("  1,000 tenants     tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
+		printf("  1,000 tenants     tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us\n",
 		       cpu_many.ledger_us, cpu_many.writer_us, cpu_many.pg_us);
 	if (wanted(only, "hot"))
-		printf("  1 hot tenant      tally-ledger %6.1f us   its writer's backend %6.1f us   all of PostgreSQL %6.1f us\n",
+		printf("  1 hot tenant      tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us\n",
 		       cpu_hot.ledger_us, cpu_hot.writer_us, cpu_hot.pg_us);
 	printf("\n");
 	printf("bare librdkafka consumer on the same topic (the ceiling):\n");
