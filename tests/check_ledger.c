@@ -175,6 +175,15 @@ static void reserve_event(struct tly_event *ev, const tly_uuid *tenant, int64_t 
 	ev->u.tokens_reserved.expires_at = T0 + 700 * HOUR;
 }
 
+/* A reservation of tokens for tenant at `at`, encoded into buf (ev keeps the event). */
+static void encode_reservation(struct tly_codec *codec, struct tly_event *ev, const tly_uuid *tenant,
+			       int64_t tokens, int64_t at, struct tly_buf *buf)
+{
+	char errstr[256];
+	reserve_event(ev, tenant, tokens, at);
+	ck_assert_msg(tly_codec_encode(codec, ev, buf, errstr, sizeof(errstr)) == 0, "%s", errstr);
+}
+
 /* Per tenant: seq 1..n without gap, each prev_hash the previous hash; returns the entry count. */
 static long check_chains(PGconn *conn)
 {
@@ -642,7 +651,6 @@ static void produce_raw(struct env *e, const void *key, size_t keylen, int32_t p
 static void quarantine_corpus(struct env *e, const tly_uuid *t, const char *key, int32_t home,
 			      struct tly_codec *codec, long consumed_before)
 {
-	char errstr[256];
 	struct tly_corpus_case *cases;
 	size_t n = tly_test_corpus_load("avro", &cases);
 	struct tly_event ev;
@@ -654,8 +662,7 @@ static void quarantine_corpus(struct env *e, const tly_uuid *t, const char *key,
 		if (strcmp(cases[i].error, "ok") == 0)
 			continue;
 		produce_one(rk, key, 36, home, cases[i].data, cases[i].len);
-		reserve_event(&ev, t, 1, T0 + 3000000 + (int64_t)i);
-		ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+		encode_reservation(codec, &ev, t, 1, T0 + 3000000 + (int64_t)i, &buf);
 		produce_one(rk, key, 36, home, buf.data, buf.len);
 		sent++;
 	}
@@ -715,8 +722,7 @@ START_TEST(test_quarantine)
 
 	struct tly_event ev;
 	struct tly_buf buf = {0};
-	reserve_event(&ev, &t, 10, T0 + 1000000);
-	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &t, 10, T0 + 1000000, &buf);
 	produce_raw(&e, key, 36, other, buf.data, buf.len);              /* wrong_partition */
 	produce_raw(&e, NULL, 0, home, buf.data, buf.len);               /* missing_key */
 	produce_raw(&e, key, 36, home, "garbage!", 8);                   /* bad_magic */
@@ -799,7 +805,7 @@ static int commit_one(struct tly_ledger_partition *p, const struct tly_ledger_ct
 /* Two owners of one partition: the one whose stored offset moved cannot commit. */
 START_TEST(test_stale_owner_fenced)
 {
-	char errstr[256], key[37];
+	char key[37];
 	struct env e;
 	env_up(&e);
 	struct tly_codec *codec;
@@ -812,8 +818,7 @@ START_TEST(test_stale_owner_fenced)
 	ck_assert(a && b);
 	struct tly_event ev;
 	struct tly_buf buf = {0};
-	reserve_event(&ev, &t, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &t, 10, T0, &buf);
 	bool added, fenced;
 	struct tly_ledger_batch_out out;
 	ck_assert(tly_ledger_partition_add(b, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
@@ -848,7 +853,7 @@ END_TEST
  */
 START_TEST(test_group_commit_all_or_nothing)
 {
-	char errstr[256], key_x[37], key_y[37];
+	char key_x[37], key_y[37];
 	struct env e;
 	env_up(&e);
 	struct tly_codec *codec;
@@ -867,10 +872,8 @@ START_TEST(test_group_commit_all_or_nothing)
 	ck_assert(x && y_stale && y_owner);
 	struct tly_event ev;
 	struct tly_buf bx = {0}, by = {0};
-	reserve_event(&ev, &tx, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &bx, errstr, sizeof(errstr)) == 0);
-	reserve_event(&ev, &ty, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &by, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &tx, 10, T0, &bx);
+	encode_reservation(codec, &ev, &ty, 10, T0, &by);
 	bool added, fenced;
 	struct tly_ledger_batch_out out;
 	ck_assert(tly_ledger_partition_add(y_owner, 0, key_y, 36, by.data, by.len, 0, &added) == 0);
@@ -1044,7 +1047,7 @@ static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
  */
 START_TEST(test_pipelined_groups)
 {
-	char errstr[256], key[37];
+	char key[37];
 	struct env e;
 	env_up(&e);
 	struct tly_codec *codec;
@@ -1056,8 +1059,7 @@ START_TEST(test_pipelined_groups)
 	ck_assert_ptr_nonnull(p);
 	struct tly_event ev;
 	struct tly_buf buf = {0};
-	reserve_event(&ev, &t, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &t, 10, T0, &buf);
 	bool added;
 	struct tly_ledger_group_item g1, g2;
 	struct tly_ledger_txn *t1 = decide_one(p, &ctx, key, 0, &buf, &g1);
@@ -1089,8 +1091,7 @@ START_TEST(test_pipelined_groups)
 	 */
 	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, part, &err);
 	ck_assert_ptr_nonnull(stale);
-	reserve_event(&ev, &t, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &t, 10, T0, &buf);
 	t1 = decide_one(stale, &ctx, key, 2, &buf, &g1);
 	t2 = decide_one(stale, &ctx, key, 3, &buf, &g2);
 	struct tly_ledger_batch_out out;
@@ -1139,8 +1140,7 @@ START_TEST(test_writer_queue)
 	ck_assert(p && stale);
 	struct tly_event ev;
 	struct tly_buf buf = {0};
-	reserve_event(&ev, &t, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &buf, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &t, 10, T0, &buf);
 	struct tly_ledger_group_item g1, g2;
 	struct tly_ledger_writer_result r1, r2;
 	struct tly_ledger_txn *back;
@@ -1237,10 +1237,8 @@ START_TEST(test_writer_lanes)
 	ck_assert(a && stale && b);
 	struct tly_event ev;
 	struct tly_buf buf_a = {0}, buf_b = {0};
-	reserve_event(&ev, &ta, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &buf_a, errstr, sizeof(errstr)) == 0);
-	reserve_event(&ev, &tb, 10, T0);
-	ck_assert(tly_codec_encode(codec, &ev, &buf_b, errstr, sizeof(errstr)) == 0);
+	encode_reservation(codec, &ev, &ta, 10, T0, &buf_a);
+	encode_reservation(codec, &ev, &tb, 10, T0, &buf_b);
 	struct tly_ledger_group_item ga, gb;
 	struct tly_ledger_batch_out out;
 	bool fenced;
@@ -1380,11 +1378,9 @@ static void add_three_reservations(struct tly_ledger_partition *p, struct tly_co
 				   const tly_uuid *t, const char *key, struct tly_event ev[3],
 				   struct tly_buf buf[3])
 {
-	char errstr[256];
 	bool added;
 	for (int i = 0; i < 3; i++) {
-		reserve_event(&ev[i], t, 10, T0 + i);
-		ck_assert(tly_codec_encode(codec, &ev[i], &buf[i], errstr, sizeof(errstr)) == 0);
+		encode_reservation(codec, &ev[i], t, 10, T0 + i, &buf[i]);
 		ck_assert(tly_ledger_partition_add(p, i, key, 36, buf[i].data, buf[i].len, 0, &added) == 0 &&
 			  added);
 	}
