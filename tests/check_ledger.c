@@ -791,6 +791,21 @@ static int32_t partition_ctx(const struct env *e, int n, struct tly_codec **code
 	return tly_kafka_partition_for_key(key, 36, PARTITIONS);
 }
 
+/*
+ * The first tenant from n on whose partition p has p % modulo unlike first's: another partition
+ * (modulo PARTITIONS) or another writer lane (modulo the lane count). Returns p.
+ */
+static int32_t other_tenant(int32_t first, int32_t modulo, unsigned n, tly_uuid *tenant, char key[37])
+{
+	for (;; n++) {
+		tenant_of(n, tenant);
+		tly_uuid_format(tenant, key);
+		int32_t p = tly_kafka_partition_for_key(key, 36, PARTITIONS);
+		if (p % modulo != first % modulo)
+			return p;
+	}
+}
+
 /* Commit one partition's open batch as a group of one. */
 static int commit_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
 		      struct tly_ledger_batch_out *out, bool *fenced, struct tly_pg_error *err)
@@ -859,12 +874,8 @@ START_TEST(test_group_commit_all_or_nothing)
 	struct tly_codec *codec;
 	struct tly_ledger_ctx ctx;
 	tly_uuid tx, ty;
-	int32_t px = partition_ctx(&e, 6, &codec, &ctx, &tx, key_x), py = px;
-	for (unsigned n = 7; py == px; n++) {
-		tenant_of(n, &ty);
-		tly_uuid_format(&ty, key_y);
-		py = tly_kafka_partition_for_key(key_y, 36, PARTITIONS);
-	}
+	int32_t px = partition_ctx(&e, 6, &codec, &ctx, &tx, key_x);
+	int32_t py = other_tenant(px, PARTITIONS, 7, &ty, key_y);
 	struct tly_pg_error err;
 	struct tly_ledger_partition *x = tly_ledger_partition_open(&ctx, px, &err);
 	struct tly_ledger_partition *y_stale = tly_ledger_partition_open(&ctx, py, &err);
@@ -1217,12 +1228,8 @@ START_TEST(test_writer_lanes)
 	struct tly_codec *codec;
 	struct tly_ledger_ctx ctx;
 	tly_uuid ta, tb;
-	int32_t pa = partition_ctx(&e, 5, &codec, &ctx, &ta, key_a), pb = -1;
-	for (unsigned n = 6; pb < 0 || pb % 2 == pa % 2; n++) {
-		tenant_of(n, &tb);
-		tly_uuid_format(&tb, key_b);
-		pb = tly_kafka_partition_for_key(key_b, 36, PARTITIONS);
-	}
+	int32_t pa = partition_ctx(&e, 5, &codec, &ctx, &ta, key_a);
+	int32_t pb = other_tenant(pa, 2, 6, &tb, key_b);
 	struct tly_pg_error err;
 	struct tly_ledger_writer *w = tly_ledger_writer_new(e.db, 2, NULL, NULL, errstr, sizeof(errstr));
 	ck_assert_msg(w != NULL, "%s", errstr);
