@@ -1429,6 +1429,56 @@ START_TEST(test_load_entries_for_republish)
 }
 END_TEST
 
+/* The store's statements prepared in conn's session (pg_prepared_statements is per session). */
+static long prepared_count(PGconn *conn)
+{
+	return q_long(conn, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'tly_ledger_%'",
+		      0, NULL);
+}
+
+/*
+ * A group's fixed statements and the "seen" lookup are prepared once per session: the first
+ * commit on a connection prepares them, the next ones use them, and a connection reset (a new
+ * session, nothing prepared in it) prepares them again instead of failing on a missing one.
+ */
+START_TEST(test_store_prepares_per_session)
+{
+	struct env e;
+	env_up(&e);
+	struct tly_pg_error err;
+	bool fenced;
+	struct tly_ledger_commit c = {.topic = "tally.events", .partition = 1, .old_offset = -1,
+				      .new_offset = 5, .ledger_topic = "tally.ledger",
+				      .published_offset = 3};
+	ck_assert_int_eq(prepared_count(e.conn), 0);
+	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
+	long prepared = prepared_count(e.conn);
+	ck_assert_int_ge(prepared, 8);
+	c.old_offset = 5;
+	c.new_offset = 6;
+	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
+	ck_assert_int_eq(prepared_count(e.conn), prepared); /* used, not prepared again */
+
+	PQreset(e.conn);
+	ck_assert_int_eq(PQstatus(e.conn), CONNECTION_OK);
+	ck_assert_int_eq(prepared_count(e.conn), 0);
+	struct tly_ledger_seen_key key = {.seen = {.seen = true}};
+	tly_uuid_generate(&key.tenant_id);
+	tly_uuid_generate(&key.event_id);
+	ck_assert_msg(tly_ledger_store_lookup_seen(e.conn, &key, 1, &err) == 0, "%s", err.message);
+	ck_assert(!key.seen.seen);
+	ck_assert_int_eq(prepared_count(e.conn), prepared);
+	c.old_offset = 6;
+	c.new_offset = 9;
+	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
+	ck_assert(!fenced);
+	ck_assert_int_eq(stored_offset(e.conn, 1), 9);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM ledger_published WHERE partition = 1",
+				0, NULL), 3);
+	env_down(&e);
+}
+END_TEST
+
 /* (cause offset, tenant number, seq) of each entry read back, in the order read. */
 struct cause_order {
 	const tly_uuid *tenants; /* tenant number i is tenants[i] */
@@ -1955,6 +2005,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_load_entries_from_marker);
+	tcase_add_test(tc, test_store_prepares_per_session);
 	tcase_add_test(tc, test_store_reads_back_group);
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
