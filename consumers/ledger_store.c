@@ -30,7 +30,7 @@
 /*
  * The fixed statements of a group's transaction and of the "seen" lookup, prepared once per
  * connection (tly_pg_prepare: again on a new one): each group parsed and planned every one of
- * them again. The wallet snapshots' upsert (as many rows as wallets) and the COPY are not here.
+ * them again. The COPY statement is not here (COPY cannot be prepared).
  */
 enum stmt {
 	STMT_NONE = -1, /* a statement built for the group, sent as text */
@@ -41,6 +41,7 @@ enum stmt {
 	STMT_INPUTS,
 	STMT_HOLDS_FORGET,
 	STMT_HOLDS_SAVE,
+	STMT_WALLETS,
 	STMT_QUARANTINE,
 	STMT_PUBLISHED,
 	STMT_SEEN,
@@ -74,6 +75,13 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 			     "expires_at, ended_at) SELECT * FROM unnest($1::uuid[], $2::bigint[], "
 			     "$3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[]) "
 			     "ON CONFLICT (tenant_id, ord) DO UPDATE SET ended_at = EXCLUDED.ended_at"},
+	[STMT_WALLETS] = {"tly_ledger_wallets",
+			  "INSERT INTO ledger_wallets (tenant_id, partition, seq, state, as_of_offset) "
+			  "SELECT w.tenant_id, w.partition, w.seq, w.state::jsonb, w.as_of FROM "
+			  "unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[]) "
+			  "AS w (tenant_id, partition, seq, state, as_of) ON CONFLICT (tenant_id) DO "
+			  "UPDATE SET partition = EXCLUDED.partition, seq = EXCLUDED.seq, state = "
+			  "EXCLUDED.state, as_of_offset = EXCLUDED.as_of_offset, updated_at = now()"},
 	[STMT_QUARANTINE] = {"tly_ledger_quarantine",
 			     "INSERT INTO quarantine (topic, partition, \"offset\", key, value, reason, "
 			     "detail) VALUES ($1, $2, $3, $4, $5, $6, $7) "
@@ -781,70 +789,47 @@ static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commi
 	}
 }
 
-#define WALLETS_PER_STATEMENT 200
-
-/* One upsert of k wallet snapshots (w[0..k-1], all of partition's commit or not: each names its own). */
-static void build_wallet_rows(struct tly_ledger_txn *t, struct tly_wallet *const *w,
-			      const int32_t *partition, const int64_t *as_of, size_t k)
-{
-	struct text sql;
-	if (!text_open(&sql)) {
-		t->oom = true;
-		return;
-	}
-	fputs("INSERT INTO ledger_wallets (tenant_id, partition, seq, state, as_of_offset) VALUES ",
-	      sql.f);
-	for (size_t r = 0; r < k; r++)
-		fprintf(sql.f, "%s($%zu, $%zu, $%zu, $%zu::jsonb, $%zu)", r ? ", " : "", 5 * r + 1,
-			5 * r + 2, 5 * r + 3, 5 * r + 4, 5 * r + 5);
-	fputs(" ON CONFLICT (tenant_id) DO UPDATE SET partition = EXCLUDED.partition, "
-	      "seq = EXCLUDED.seq, state = EXCLUDED.state, as_of_offset = EXCLUDED.as_of_offset, "
-	      "updated_at = now()",
-	      sql.f);
-	const char *text = text_close(t, &sql);
-	struct step *s = text ? add_step(t, STEP_EXEC, STMT_NONE, text, (int)(5 * k)) : NULL;
-	for (size_t r = 0; s && r < k; r++) {
-		char tenant[37], seq[24], part[16], off[24];
-		struct tly_balance bal;
-		char *state = tly_wallet_to_json(w[r], false);
-		if (!state) {
-			t->oom = true;
-			return;
-		}
-		tly_uuid_format(tly_wallet_tenant(w[r]), tenant);
-		tly_wallet_balance(w[r], &bal);
-		snprintf(seq, sizeof(seq), "%" PRId64, bal.seq);
-		snprintf(part, sizeof(part), "%d", (int)partition[r]);
-		snprintf(off, sizeof(off), "%" PRId64, as_of[r]);
-		s->values[5 * r] = arena_text(t, tenant, strlen(tenant));
-		s->values[5 * r + 1] = arena_text(t, part, strlen(part));
-		s->values[5 * r + 2] = arena_text(t, seq, strlen(seq));
-		s->values[5 * r + 3] = arena_text(t, state, strlen(state));
-		s->values[5 * r + 4] = arena_text(t, off, strlen(off));
-		free(state);
-	}
-}
-
-/* The snapshots of every touched wallet of the group, WALLETS_PER_STATEMENT per statement. */
+/*
+ * The snapshots of every saved wallet of the group in one upsert of binary array parameters
+ * (prepared: an upsert of VALUES rows was parsed and planned again for every group, with five
+ * parameters a wallet). A wallet is in one commit only (its tenant's partition).
+ */
 static void build_wallets(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	struct tly_wallet *w[WALLETS_PER_STATEMENT];
-	int32_t part[WALLETS_PER_STATEMENT];
-	int64_t as_of[WALLETS_PER_STATEMENT];
+	static const uint32_t types[5] = {TLY_PGARRAY_UUID, TLY_PGARRAY_INT8, TLY_PGARRAY_INT8,
+					  TLY_PGARRAY_TEXT, TLY_PGARRAY_INT8};
+	struct tly_pgarray *arr[5] = {NULL};
 	size_t k = 0;
+	for (int j = 0; j < 5; j++) {
+		if (!(arr[j] = tly_pgarray_new())) {
+			t->oom = true;
+			goto out;
+		}
+		tly_pgarray_begin(arr[j], types[j]);
+	}
 	for (size_t i = 0; i < n; i++) {
-		for (size_t j = 0; j < c[i].n_wallets; j++) {
-			w[k] = c[i].wallets[j];
-			as_of[k] = c[i].new_offset;
-			part[k++] = c[i].partition;
-			if (k == WALLETS_PER_STATEMENT) {
-				build_wallet_rows(t, w, part, as_of, k);
-				k = 0;
+		for (size_t j = 0; j < c[i].n_wallets; j++, k++) {
+			const struct tly_wallet *w = c[i].wallets[j];
+			struct tly_balance bal;
+			char *state = tly_wallet_to_json(w, false);
+			if (!state) {
+				t->oom = true;
+				goto out;
 			}
+			tly_wallet_balance(w, &bal);
+			tly_pgarray_add(arr[0], tly_wallet_tenant(w)->b, 16);
+			tly_pgarray_int8(arr[1], c[i].partition);
+			tly_pgarray_int8(arr[2], bal.seq);
+			tly_pgarray_add(arr[3], state, strlen(state));
+			tly_pgarray_int8(arr[4], c[i].new_offset);
+			free(state);
 		}
 	}
 	if (k)
-		build_wallet_rows(t, w, part, as_of, k);
+		(void)add_array_step(t, STMT_WALLETS, 0, arr, 5);
+out:
+	for (int j = 0; j < 5; j++)
+		tly_pgarray_free(arr[j]);
 }
 
 /* The columns of the hold rows of one unnest() statement, as binary arrays (lib/pgarray). */
