@@ -1244,19 +1244,9 @@ int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_
 	snprintf(p, sizeof(p), "%d", (int)partition);
 	snprintf(off, sizeof(off), "%" PRId64, from_offset);
 	const char *const v[] = {p, off};
-	/*
-	 * Through the primary key (migration 0011): per tenant of the partition, the last entry
-	 * caused below from_offset (one backward probe), then the entries after it. A tenant's
-	 * entries follow its partition's offsets in seq order. The CTE and OFFSET 0 keep the probes
-	 * per tenant: flattened, the planner scans the whole table for the offset filter.
-	 */
 	PGresult *res = tly_pg_query(conn,
-				     "WITH t AS MATERIALIZED (SELECT w.tenant_id, (SELECT coalesce(max(b.seq), 0) "
-				     "FROM ledger_entries b WHERE b.tenant_id = w.tenant_id AND b.cause_offset < $2) "
-				     "AS below FROM ledger_wallets w WHERE w.partition = $1) "
-				     "SELECT " TLY_ENTRIES_SELECT " FROM t CROSS JOIN LATERAL (SELECT * FROM "
-				     "ledger_entries x WHERE x.tenant_id = t.tenant_id AND x.seq > t.below "
-				     "OFFSET 0) e WHERE e.cause_partition = $1 AND e.cause_offset >= $2 "
+				     "SELECT " TLY_ENTRIES_SELECT " FROM ledger_entries e "
+				     "WHERE e.cause_partition = $1 AND e.cause_offset >= $2 "
 				     "ORDER BY e.cause_offset, e.tenant_id, e.seq",
 				     2, v, err);
 	if (!res)

@@ -1504,10 +1504,10 @@ static int note_cause(const struct tly_event *entry, void *ud)
 }
 
 /*
- * The republish's read (migration 0011: through the primary key, per tenant of the partition):
- * exactly the partition's entries caused at the marker and above, whatever tenant and however
- * many entries an input caused, in (cause offset, tenant, seq) order; a tenant whose entries
- * all lie above the marker, or all below, and another partition's tenant are handled.
+ * The republish's read: exactly the partition's entries caused at the marker and above,
+ * whatever tenant and however many entries an input caused, in (cause offset, tenant, seq)
+ * order; a tenant whose entries all lie above the marker, or all below, and another
+ * partition's tenant are handled.
  */
 START_TEST(test_load_entries_from_marker)
 {
