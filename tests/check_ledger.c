@@ -1436,8 +1436,16 @@ static long prepared_count(PGconn *conn)
 		      0, NULL);
 }
 
+/* 1 when the session plans prepared statements for each execution's parameters. */
+static long custom_plans(PGconn *conn)
+{
+	return q_long(conn, "SELECT (current_setting('plan_cache_mode') = 'force_custom_plan')::int",
+		      0, NULL);
+}
+
 /*
- * A group's fixed statements and the "seen" lookup are prepared once per session: the first
+ * A group's fixed statements and the "seen" lookup are prepared once per session (and planned
+ * for each execution's arrays): the first
  * commit on a connection prepares them, the next ones use them, and a connection reset (a new
  * session, nothing prepared in it) prepares them again instead of failing on a missing one.
  */
@@ -1454,6 +1462,7 @@ START_TEST(test_store_prepares_per_session)
 	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
 	long prepared = prepared_count(e.conn);
 	ck_assert_int_ge(prepared, 8);
+	ck_assert_int_eq(custom_plans(e.conn), 1);
 	c.old_offset = 5;
 	c.new_offset = 6;
 	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
@@ -1462,12 +1471,14 @@ START_TEST(test_store_prepares_per_session)
 	PQreset(e.conn);
 	ck_assert_int_eq(PQstatus(e.conn), CONNECTION_OK);
 	ck_assert_int_eq(prepared_count(e.conn), 0);
+	ck_assert_int_eq(custom_plans(e.conn), 0);
 	struct tly_ledger_seen_key key = {.seen = {.seen = true}};
 	tly_uuid_generate(&key.tenant_id);
 	tly_uuid_generate(&key.event_id);
 	ck_assert_msg(tly_ledger_store_lookup_seen(e.conn, &key, 1, &err) == 0, "%s", err.message);
 	ck_assert(!key.seen.seen);
 	ck_assert_int_eq(prepared_count(e.conn), prepared);
+	ck_assert_int_eq(custom_plans(e.conn), 1);
 	c.old_offset = 6;
 	c.new_offset = 9;
 	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
