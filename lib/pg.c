@@ -1,8 +1,11 @@
 /* PostgreSQL connections and statements: libpq boilerplate written once for the whole project. */
 #include "pg.h"
 
+#include <libpq-events.h>
+
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -107,18 +110,24 @@ void tly_pg_error_set(struct tly_pg_error *err, const PGconn *conn, const PGresu
 	tly_pg_errtext(conn, res, err->message, sizeof(err->message));
 }
 
-PGresult *tly_pg_query_params(PGconn *conn, const char *sql, int nparams,
-			      const char *const *values, const int *lengths, const int *formats,
-			      int result_format, struct tly_pg_error *err)
+/* res when the statement succeeded; else NULL with err filled and res cleared. */
+static PGresult *succeeded(PGconn *conn, PGresult *res, struct tly_pg_error *err)
 {
-	PGresult *res = PQexecParams(conn, sql, nparams, NULL, values, lengths, formats,
-				     result_format);
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 	if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
 		return res;
 	tly_pg_error_set(err, conn, res);
 	PQclear(res);
 	return NULL;
+}
+
+PGresult *tly_pg_query_params(PGconn *conn, const char *sql, int nparams,
+			      const char *const *values, const int *lengths, const int *formats,
+			      int result_format, struct tly_pg_error *err)
+{
+	return succeeded(conn, PQexecParams(conn, sql, nparams, NULL, values, lengths, formats,
+					    result_format),
+			 err);
 }
 
 PGresult *tly_pg_query(PGconn *conn, const char *sql, int nparams, const char *const *values,
@@ -370,4 +379,91 @@ bool tly_pg_check(PGconn **conn, const char *conninfo, const char *application_n
 		return false;
 	}
 	return true;
+}
+
+/* ---- statements prepared once per connection ---------------------------------------------- */
+
+#define PREPARED_SETS_MAX 8
+
+/* The sets prepared on one connection: libpq instance data of prepared_events, freed with it. */
+struct prepared_sets {
+	const struct tly_pg_stmt *set[PREPARED_SETS_MAX];
+	size_t n;
+};
+
+/* A reset connection is a new session (nothing prepared); a destroyed one frees its list. */
+static int prepared_events(PGEventId id, void *info, void *passthrough)
+{
+	(void)passthrough;
+	if (id == PGEVT_CONNRESET || id == PGEVT_CONNDESTROY) {
+		const PGconn *conn = id == PGEVT_CONNRESET ? ((PGEventConnReset *)info)->conn
+							   : ((PGEventConnDestroy *)info)->conn;
+		struct prepared_sets *sets = PQinstanceData(conn, prepared_events);
+		if (sets && id == PGEVT_CONNRESET)
+			sets->n = 0;
+		else if (sets)
+			free(sets);
+	}
+	return 1;
+}
+
+bool tly_pg_prepared(const PGconn *conn, const struct tly_pg_stmt *set)
+{
+	const struct prepared_sets *sets = PQinstanceData(conn, prepared_events);
+	for (size_t i = 0; sets && i < sets->n; i++)
+		if (sets->set[i] == set)
+			return true;
+	return false;
+}
+
+static void prepare_failed(struct tly_pg_error *err, const char *reason)
+{
+	if (!err)
+		return;
+	err->errclass = TLY_ERRCLASS_FATAL;
+	err->sqlstate[0] = '\0';
+	snprintf(err->message, sizeof(err->message), "could not prepare statements: %s", reason);
+}
+
+int tly_pg_prepare(PGconn *conn, const struct tly_pg_stmt *set, size_t n, struct tly_pg_error *err)
+{
+	if (tly_pg_prepared(conn, set))
+		return 0;
+	struct prepared_sets *sets = PQinstanceData(conn, prepared_events);
+	if (!sets) {
+		sets = calloc(1, sizeof(*sets));
+		if (!sets || PQregisterEventProc(conn, prepared_events, "tly_pg_prepare", NULL) != 1 ||
+		    PQsetInstanceData(conn, prepared_events, sets) != 1) {
+			free(sets);
+			prepare_failed(err, "out of memory");
+			return TLY_E_NOMEM;
+		}
+	}
+	if (sets->n == PREPARED_SETS_MAX) {
+		prepare_failed(err, "too many statement sets on one connection");
+		return TLY_E_PG;
+	}
+	for (size_t i = 0; i < n; i++) {
+		PGresult *res = PQprepare(conn, set[i].name, set[i].sql, 0, NULL);
+		const char *sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+		/* 42P05: prepared by an earlier call that failed on a later statement of the set */
+		if (PQresultStatus(res) != PGRES_COMMAND_OK &&
+		    !(sqlstate && strcmp(sqlstate, "42P05") == 0)) {
+			tly_pg_error_set(err, conn, res);
+			PQclear(res);
+			return TLY_E_PG;
+		}
+		PQclear(res);
+	}
+	sets->set[sets->n++] = set;
+	return 0;
+}
+
+PGresult *tly_pg_query_prepared(PGconn *conn, const char *name, int nparams,
+				const char *const *values, const int *lengths, const int *formats,
+				int result_format, struct tly_pg_error *err)
+{
+	return succeeded(conn,
+			 PQexecPrepared(conn, name, nparams, values, lengths, formats, result_format),
+			 err);
 }

@@ -125,4 +125,28 @@ int tly_pg_rollback(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 /* "SELECT 1": 0 when the connection works (readiness probes), else TLY_E_PG. */
 int tly_pg_ping(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 
+/* A named statement that a module prepares once per connection (tly_pg_prepare). */
+struct tly_pg_stmt {
+	const char *name; /* unique among every set prepared on one connection */
+	const char *sql;
+};
+
+/*
+ * Prepare the n statements of set (a static table: it names the set) on conn unless conn has
+ * them already: a libpq event procedure keeps, per connection, the sets prepared on it, so a new
+ * connection (or one reset) prepares them again. The parameter types are inferred from the
+ * statements. 0, or TLY_E_PG / TLY_E_NOMEM with err filled (the set counts as not prepared and
+ * a later call prepares what is missing again).
+ */
+int tly_pg_prepare(PGconn *conn, const struct tly_pg_stmt *set, size_t n,
+		   struct tly_pg_error *err) TLY_MUST_CHECK;
+
+/* tly_pg_query_params of the statement prepared as name (tly_pg_prepare). */
+PGresult *tly_pg_query_prepared(PGconn *conn, const char *name, int nparams,
+				const char *const *values, const int *lengths, const int *formats,
+				int result_format, struct tly_pg_error *err);
+
+/* Whether set was prepared on conn by tly_pg_prepare (and the connection not reset since). */
+bool tly_pg_prepared(const PGconn *conn, const struct tly_pg_stmt *set);
+
 #endif

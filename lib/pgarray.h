@@ -20,6 +20,7 @@
 /* Element type oids (pg_type.h; fixed for built-in types). */
 #define TLY_PGARRAY_BYTEA 17u
 #define TLY_PGARRAY_INT8  20u
+#define TLY_PGARRAY_TEXT  25u /* elements: the text's bytes, in the server's encoding */
 #define TLY_PGARRAY_UUID  2950u
 
 struct tly_pgarray;

@@ -1429,6 +1429,156 @@ START_TEST(test_load_entries_for_republish)
 }
 END_TEST
 
+/* The store's statements prepared in conn's session (pg_prepared_statements is per session). */
+static long prepared_count(PGconn *conn)
+{
+	return q_long(conn, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'tly_ledger_%'",
+		      0, NULL);
+}
+
+/* 1 when the session plans prepared statements for each execution's parameters. */
+static long custom_plans(PGconn *conn)
+{
+	return q_long(conn, "SELECT (current_setting('plan_cache_mode') = 'force_custom_plan')::int",
+		      0, NULL);
+}
+
+/*
+ * A group's fixed statements and the "seen" lookup are prepared once per session (and planned
+ * for each execution's arrays): the first
+ * commit on a connection prepares them, the next ones use them, and a connection reset (a new
+ * session, nothing prepared in it) prepares them again instead of failing on a missing one.
+ */
+START_TEST(test_store_prepares_per_session)
+{
+	struct env e;
+	env_up(&e);
+	struct tly_pg_error err;
+	bool fenced;
+	struct tly_ledger_commit c = {.topic = "tally.events", .partition = 1, .old_offset = -1,
+				      .new_offset = 5, .ledger_topic = "tally.ledger",
+				      .published_offset = 3};
+	ck_assert_int_eq(prepared_count(e.conn), 0);
+	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
+	long prepared = prepared_count(e.conn);
+	ck_assert_int_ge(prepared, 8);
+	ck_assert_int_eq(custom_plans(e.conn), 1);
+	c.old_offset = 5;
+	c.new_offset = 6;
+	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
+	ck_assert_int_eq(prepared_count(e.conn), prepared); /* used, not prepared again */
+
+	PQreset(e.conn);
+	ck_assert_int_eq(PQstatus(e.conn), CONNECTION_OK);
+	ck_assert_int_eq(prepared_count(e.conn), 0);
+	ck_assert_int_eq(custom_plans(e.conn), 0);
+	struct tly_ledger_seen_key key = {.seen = {.seen = true}};
+	tly_uuid_generate(&key.tenant_id);
+	tly_uuid_generate(&key.event_id);
+	ck_assert_msg(tly_ledger_store_lookup_seen(e.conn, &key, 1, &err) == 0, "%s", err.message);
+	ck_assert(!key.seen.seen);
+	ck_assert_int_eq(prepared_count(e.conn), prepared);
+	ck_assert_int_eq(custom_plans(e.conn), 1);
+	c.old_offset = 6;
+	c.new_offset = 9;
+	ck_assert_msg(tly_ledger_store_commit(e.conn, &c, 1, &fenced, &err) == 0, "%s", err.message);
+	ck_assert(!fenced);
+	ck_assert_int_eq(stored_offset(e.conn, 1), 9);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM ledger_published WHERE partition = 1",
+				0, NULL), 3);
+	env_down(&e);
+}
+END_TEST
+
+/* (cause offset, tenant number, seq) of each entry read back, in the order read. */
+struct cause_order {
+	const tly_uuid *tenants; /* tenant number i is tenants[i] */
+	int n_tenants;
+	int64_t got[16][3];
+	int n;
+};
+
+static int note_cause(const struct tly_event *entry, void *ud)
+{
+	struct cause_order *o = ud;
+	ck_assert_int_lt(o->n, 16);
+	int who = -1;
+	for (int i = 0; i < o->n_tenants; i++)
+		if (memcmp(o->tenants[i].b, entry->tenant_id.b, 16) == 0)
+			who = i;
+	ck_assert_int_ge(who, 0);
+	o->got[o->n][0] = entry->u.ledger_entry.cause_offset;
+	o->got[o->n][1] = who;
+	o->got[o->n][2] = entry->u.ledger_entry.seq;
+	o->n++;
+	return 0;
+}
+
+/*
+ * The republish's read: exactly the partition's entries caused at the marker and above,
+ * whatever tenant and however many entries an input caused, in (cause offset, tenant, seq)
+ * order; a tenant whose entries all lie above the marker, or all below, and another
+ * partition's tenant are handled.
+ */
+START_TEST(test_load_entries_from_marker)
+{
+	struct env e;
+	env_up(&e);
+	tly_uuid t[4];
+	char id[4][37];
+	for (int i = 0; i < 4; i++) {
+		tenant_of(40 + (unsigned)i, &t[i]);
+		tly_uuid_format(&t[i], id[i]);
+	}
+	/* tenants 0, 1 and 3 on partition 2, tenant 2 on partition 3: (tenant, seq, offset) */
+	static const int rows[][3] = {{0, 1, 0}, {0, 2, 5}, {0, 3, 5}, {0, 4, 9}, {1, 1, 6},
+				      {1, 2, 7}, {2, 1, 6}, {3, 1, 1}, {3, 2, 4}};
+	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+		char seq[8], off[8], part[4];
+		snprintf(seq, sizeof(seq), "%d", rows[i][1]);
+		snprintf(off, sizeof(off), "%d", rows[i][2]);
+		snprintf(part, sizeof(part), "%d", rows[i][0] == 2 ? 3 : 2);
+		const char *v[] = {id[rows[i][0]], seq, part, off};
+		q_long(e.conn,
+		       "WITH i AS (INSERT INTO ledger_entries (tenant_id, seq, kind, cause_event_id, "
+		       "cause_type, cause_partition, cause_offset, cause_digest, allowance_remaining, "
+		       "credits_remaining, held, overage_tokens, ledger_time, prev_hash, hash) SELECT "
+		       "$1::text::uuid, $2::text::bigint, 'hold_placed', gen_random_uuid(), "
+		       "'TokensReserved', $3::text::integer, $4::text::bigint, sha256($4::text::bytea), "
+		       "0, 0, 0, 0, now(), sha256($2::text::bytea), sha256(($1::text || $2::text)::bytea) "
+		       "RETURNING 1) SELECT count(*) FROM i",
+		       4, v);
+	}
+	for (int i = 0; i < 4; i++) {
+		const char *v[] = {id[i], i == 2 ? "3" : "2"};
+		q_long(e.conn,
+		       "WITH i AS (INSERT INTO ledger_wallets (tenant_id, partition, seq, state) VALUES "
+		       "($1, $2, 0, '{}') RETURNING 1) SELECT count(*) FROM i",
+		       2, v);
+	}
+	struct tly_pg_error err;
+	struct cause_order o = {.tenants = t, .n_tenants = 4};
+	ck_assert_msg(tly_ledger_store_load_entries(e.conn, 2, 5, note_cause, &o, &err) == 0, "%s",
+		      err.message);
+	static const int64_t want[][3] = {{5, 0, 2}, {5, 0, 3}, {6, 1, 1}, {7, 1, 2}, {9, 0, 4}};
+	ck_assert_int_eq(o.n, 5);
+	for (int i = 0; i < 5; i++)
+		for (int k = 0; k < 3; k++)
+			ck_assert_int_eq(o.got[i][k], want[i][k]);
+	o.n = 0; /* from 0: every entry of the partition, none of partition 3 */
+	ck_assert(tly_ledger_store_load_entries(e.conn, 2, 0, note_cause, &o, &err) == 0);
+	ck_assert_int_eq(o.n, 8);
+	ck_assert(o.got[0][0] == 0 && o.got[1][0] == 1 && o.got[2][0] == 4 && o.got[7][0] == 9);
+	o.n = 0; /* past the last entry: nothing */
+	ck_assert(tly_ledger_store_load_entries(e.conn, 2, 10, note_cause, &o, &err) == 0);
+	ck_assert_int_eq(o.n, 0);
+	o.n = 0;
+	ck_assert(tly_ledger_store_load_entries(e.conn, 3, 6, note_cause, &o, &err) == 0);
+	ck_assert(o.n == 1 && o.got[0][1] == 2);
+	env_down(&e);
+}
+END_TEST
+
 struct inputs_read {
 	const struct tly_buf *values; /* the encoded records, by offset */
 	int n;
@@ -1865,6 +2015,8 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_wallet_catch_up);
 	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
+	tcase_add_test(tc, test_load_entries_from_marker);
+	tcase_add_test(tc, test_store_prepares_per_session);
 	tcase_add_test(tc, test_store_reads_back_group);
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
