@@ -425,13 +425,16 @@ static const char *const FOLD_SQL[] = {
 	"  period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, "
 	"  ledger_seq = EXCLUDED.ledger_seq, updated_at = EXCLUDED.updated_at",
 
-	/* API cost of the UTC days of the current period, for tenants either side touched */
-	"UPDATE @token_balances@ b SET monthly_api_cost_micros = COALESCE((SELECT sum(a.cost_micros) "
-	"  FROM @api_usage@ a WHERE a.tenant_id = b.tenant_id "
-	"  AND a.usage_date >= (b.period_start AT TIME ZONE 'UTC')::date "
-	"  AND a.usage_date < (b.period_end AT TIME ZONE 'UTC')::date), 0) "
-	"WHERE b.period_start IS NOT NULL AND b.tenant_id IN (SELECT tenant_id FROM tly_fold_stage "
-	"  WHERE type IN ('LedgerEntry', 'MessageAppended', 'ReservationSettled'))",
+	/* API cost of the UTC days of the current period, for tenants either side touched; a row
+	 * whose cost did not change is not written again (a new version of it, its key checks) */
+	"UPDATE @token_balances@ b SET monthly_api_cost_micros = x.cost "
+	"FROM (SELECT t.id, COALESCE((SELECT sum(a.cost_micros) FROM @api_usage@ a "
+	"  WHERE a.tenant_id = t.tenant_id AND a.usage_date >= (t.period_start AT TIME ZONE 'UTC')::date "
+	"  AND a.usage_date < (t.period_end AT TIME ZONE 'UTC')::date), 0) AS cost "
+	"  FROM @token_balances@ t WHERE t.period_start IS NOT NULL AND t.tenant_id IN "
+	"  (SELECT tenant_id FROM tly_fold_stage "
+	"    WHERE type IN ('LedgerEntry', 'MessageAppended', 'ReservationSettled'))) x "
+	"WHERE b.id = x.id AND b.monthly_api_cost_micros IS DISTINCT FROM x.cost",
 
 	/* 11. invoices from the ledger's invoice entries; status from InvoiceStatusChanged */
 	"INSERT INTO @subscription_invoices@ (id, tenant_id, subscription_id, ledger_seq, period_start, "

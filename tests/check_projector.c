@@ -704,18 +704,17 @@ static void conv_message(struct tly_fold *f, int id, const char *at, const char 
 	"reasoning_tokens, total_cost_micros, handoff_count, active_agent, status, " \
 	"last_message_at, updated_at) FROM agent_conversations WHERE id = '" conv "'"
 
-/* Fold the batch in a transaction: "inserted updated" row counts of agent_conversations in it. */
-#define CONV_WRITES \
-	"SELECT pg_stat_get_xact_tuples_inserted('agent_conversations'::regclass) * 1000000 " \
-	"+ pg_stat_get_xact_tuples_updated('agent_conversations'::regclass)"
-static char *flush_conversation_writes(PGconn *conn, struct tly_fold *fold)
+/* Fold the batch in a transaction: "inserted updated" row counts of table in it. */
+static char *flush_writes(PGconn *conn, struct tly_fold *fold, const char *table)
 {
 	struct tly_pg_error err;
-	char writes[64];
+	char writes[64], sql[256];
+	snprintf(sql, sizeof(sql), "SELECT pg_stat_get_xact_tuples_inserted('%s'::regclass) * 1000000 "
+		 "+ pg_stat_get_xact_tuples_updated('%s'::regclass)", table, table);
 	ck_assert(tly_pg_begin(conn, &err) == 0);
-	long before = q_long(conn, CONV_WRITES); /* the session's counts not yet reported, too */
+	long before = q_long(conn, sql); /* the session's counts not yet reported, too */
 	ck_assert_msg(tly_fold_flush(fold, conn, &err) == 0, "%s", err.message);
-	long n = q_long(conn, CONV_WRITES) - before;
+	long n = q_long(conn, sql) - before;
 	ck_assert(tly_pg_commit(conn, &err) == 0);
 	snprintf(writes, sizeof(writes), "%ld %ld", n / 1000000, n % 1000000);
 	return strdup(writes);
@@ -740,7 +739,7 @@ START_TEST(conversation_one_update)
 		   "\"user_id\": \"" USER "\", \"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"");
 	conv_message(f, 2, "01:00Z", CONV, 10);
 	conv_message(f, 3, "02:00Z", CONV, 20);
-	char *writes = flush_conversation_writes(d.conn, f);
+	char *writes = flush_writes(d.conn, f, "agent_conversations");
 	ck_assert_str_eq(writes, "1 1"); /* started in the batch: inserted, not a placeholder first */
 	free(writes);
 	expect(d.conn, CONV_ROW(CONV), "2 30 2 4 6 0 triage active "
@@ -764,7 +763,7 @@ START_TEST(conversation_one_update)
 	conv_event(f, "ConversationClosed", 10, "09:00Z", CONV, "\"status\": \"failed\"");
 	conv_event(f, "ConversationClosed", 11, "08:30Z", CONV, "\"status\": \"completed\"");
 	conv_message(f, 12, "10:00Z", CONV2, 5);
-	writes = flush_conversation_writes(d.conn, f);
+	writes = flush_writes(d.conn, f, "agent_conversations");
 	ck_assert_str_eq(writes, "0 2"); /* one update of each conversation */
 	free(writes);
 	/* the status of the close last in feed order, updated_at the latest close's time (before,
@@ -788,6 +787,54 @@ START_TEST(conversation_one_update)
 }
 END_TEST
 #undef CONV2
+
+/*
+ * The month's API cost of a token balance is written only when it changed: a batch of the tenant
+ * with a message that costs something updates its balance row once, with the new sum; a batch
+ * with only a message that costs nothing writes no new version of the row (before, every balance
+ * of every tenant of the batch was rewritten); the in-memory fold gives the same rows.
+ */
+START_TEST(monthly_cost_written_when_changed)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	batch1(f); /* the tenant, a user, a message, an invoice status; entry 1 starts SUB */
+	flush_in_tx(d.conn, f);
+	char *before = q_text(d.conn, "SELECT monthly_api_cost_micros FROM token_balances");
+	conv_message(f, 20, "20:00Z", CONV, 10); /* costs 3 */
+	char *writes = flush_writes(d.conn, f, "token_balances");
+	ck_assert_str_eq(writes, "0 1");
+	free(writes);
+	char *after = q_text(d.conn, "SELECT monthly_api_cost_micros - 3 FROM token_balances");
+	ck_assert_str_eq(after, before);
+	conv_event(f, "MessageAppended", 21, "21:00Z", CONV,
+		   "\"message_id\": \"c1000000-0000-4000-8000-000000000021\", \"role\": \"user\", "
+		   "\"agent_type\": \"triage\", \"content\": \"{}\", \"provider\": \"openai\", "
+		   "\"model\": \"gpt-4o\", \"prompt_tokens\": 0, \"completion_tokens\": 0, "
+		   "\"reasoning_tokens\": 0, \"latency_ms\": 5, \"cost_micros\": 0");
+	writes = flush_writes(d.conn, f, "token_balances");
+	ck_assert_str_eq(writes, "0 0");
+	free(writes);
+	expect(d.conn, "SELECT count(*) FROM agent_messages WHERE message_id = "
+		       "'c1000000-0000-4000-8000-000000000021'", "1");
+	expect(d.conn, "SELECT monthly_api_cost_micros - 3 FROM token_balances", before);
+	free(before);
+	free(after);
+	char *want = digest(d.conn);
+
+	/* the in-memory fold: the same messages into the emptied tables */
+	empty_projections(d.conn);
+	memfold_rebuild(d.conn, NULL);
+	expect_digest(d.conn, want);
+	forget_recorded();
+	free(want);
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
 
 /*
  * The message insert is a plain insert after its checks: a message id that another session
@@ -1424,6 +1471,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, wallet_events_no_seen_row);
 	tcase_add_test(tc, entry_runs);
 	tcase_add_test(tc, conversation_one_update);
+	tcase_add_test(tc, monthly_cost_written_when_changed);
 	tcase_add_test(tc, message_id_race_retried);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);

@@ -186,7 +186,8 @@ static char *digest_all(PGconn *conn)
 
 /*
  * What a table is besides its rows: columns, indexes and constraints by name and definition,
- * owner, grants, row-level security flags and policies, the sequences its columns own.
+ * owner, grants, row-level security flags and policies, storage parameters (the fill factors of
+ * migrations/0012), the sequences its columns own.
  */
 static char *signature(PGconn *conn)
 {
@@ -194,7 +195,8 @@ static char *signature(PGconn *conn)
 		"SELECT string_agg(s, E'\\n' ORDER BY s) FROM ("
 		"SELECT c.relname || ' owner ' || pg_get_userbyid(c.relowner) || ' acl ' || "
 		"  coalesce((SELECT string_agg(x::text, ',' ORDER BY x::text) FROM unnest(c.relacl) x), '') "
-		"  || ' rls ' || c.relrowsecurity || c.relforcerowsecurity AS s "
+		"  || ' rls ' || c.relrowsecurity || c.relforcerowsecurity "
+		"  || ' options ' || coalesce(array_to_string(c.reloptions, ','), '') AS s "
 		"FROM pg_class c WHERE c.oid = ANY($1::regclass[]) "
 		"UNION ALL SELECT c.relname || ' col ' || a.attname || ' ' || format_type(a.atttypid, "
 		"  a.atttypmod) || ' ' || a.attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') "

@@ -387,6 +387,26 @@ static double median(const double *v, int n)
 	return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
 }
 
+/*
+ * CPU seconds so far of the PostgreSQL backends whose application_name starts with app (a
+ * daemon's connections: tally-ledger's are "tally-ledger" and "tally-ledger writer"); *n: how many.
+ */
+static double backends_cpu(struct stack *s, const char *app, int *n)
+{
+	struct tly_pg_error qe;
+	const char *const v[] = {app};
+	PGresult *backends = tly_pg_query(s->conn, "SELECT pid FROM pg_stat_activity "
+					  "WHERE starts_with(application_name, $1)", 1, v, &qe);
+	if (!backends)
+		die("backends", qe.message);
+	double cpu = 0;
+	*n = PQntuples(backends);
+	for (int i = 0; i < *n; i++)
+		cpu += tly_proc_cpu_s((pid_t)atol(PQgetvalue(backends, i, 0)), false);
+	PQclear(backends);
+	return cpu;
+}
+
 /* One run of a tally-projector binary over the whole backlog, from empty projections. */
 struct proj_run {
 	double secs;        /* from its first stored offset to the last */
@@ -412,16 +432,7 @@ static struct proj_run run_projector(struct stack *s, const char *exe, long inpu
 	run.timed = inputs - first;
 	/* CPU of the whole run (first batch included): the process, and its backends' */
 	run.cpu = tly_proc_cpu_s(projector, false);
-	struct tly_pg_error qe;
-	const char *const app_name[] = {"tally-projector"};
-	PGresult *backends = tly_pg_query(s->conn, "SELECT pid FROM pg_stat_activity "
-					  "WHERE application_name = $1", 1, app_name, &qe);
-	if (!backends)
-		die("backends", qe.message);
-	run.n_backends = PQntuples(backends);
-	for (int i = 0; i < run.n_backends; i++)
-		run.backend_cpu += tly_proc_cpu_s((pid_t)atol(PQgetvalue(backends, i, 0)), false);
-	PQclear(backends);
+	run.backend_cpu = backends_cpu(s, "tally-projector", &run.n_backends);
 	if (tly_proc_stop(projector, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
 	return run;
@@ -454,7 +465,9 @@ static const char help[] =
 	"\n"
 	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
 	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
-	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing.\n"
+	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing. Keep-up is\n"
+	"printed twice: the projector's rate against the ledger's, and the ledger's CPU per record of\n"
+	"tally.events (tally-ledger and its backends, whole run) against the projector's.\n"
 	"--tenants, --events, --step-ms: the loadgen backlog (default " TENANTS " tenants, " EVENTS "\n"
 	"events, " STEP_MS " ms, " PARTITIONS " partitions; the dev broker keeps about 5 MiB per\n"
 	"partition: for more events, add partitions and shorten the step so that the hourly\n"
@@ -536,6 +549,10 @@ int main(int argc, char **argv)
 	/* every entry published to tally.ledger before the projector starts */
 	for (double give_up = tly_clock_s() + 60; topic_end(&s, "tally.ledger") < entries && tly_clock_s() < give_up;)
 		usleep(50000);
+	/* the ledger's CPU over its whole run (start-up and publishing included, as the projector's) */
+	int ledger_backends = 0;
+	double ledger_cpu = tly_proc_cpu_s(ledger, false),
+	       ledger_backend_cpu = backends_cpu(&s, "tally-ledger", &ledger_backends);
 	if (tly_proc_stop(ledger, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
 	long ledger_records = topic_end(&s, "tally.ledger");
@@ -650,6 +667,14 @@ int main(int argc, char **argv)
 	       "%10.0f rows/s\n\n", copied, copy_rows);
 	printf("steady state vs the ledger's rate:    %5.2fx  (target >= 1: the projector keeps up)\n",
 	       ledger_rate > 0 ? proj_events / ledger_rate : 0);
+	/* Both daemons are CPU-bound on these cores: the rate each can sustain follows its CPU per
+	 * record of tally.events. Whole runs, the same backlog and database; unlike the rates above it
+	 * does not depend on how a short run's few batches fell. */
+	double ledger_us = (ledger_cpu + ledger_backend_cpu) / (double)events * 1e6,
+	       proj_us = (proj_cpu + backend_cpu) / (double)events * 1e6;
+	printf("  by CPU per tally.events record:     %5.2fx  (tally-ledger %.2f s + %d backend(s) %.2f s = "
+	       "%.1f us; tally-projector %.1f us)\n", proj_us > 0 ? ledger_us / proj_us : 0, ledger_cpu,
+	       ledger_backends, ledger_backend_cpu, ledger_us, proj_us);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
 	       copy_rows > 0 ? 100 * rebuild_rows / copy_rows : 0);
 	if (rounds > 1) { /* the same, round by round: each rebuild against the raw COPY of its round */

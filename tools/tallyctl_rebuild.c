@@ -295,11 +295,26 @@ static int seed_temps(struct rebuild *rb, bool *seeded, struct tly_pg_error *err
 }
 
 /*
+ * The live tables' storage parameters (a fill factor: migrations/0012), for their shadows ($1 live
+ * names, $2 their shadows, text[] in the same order): one ALTER TABLE per table that has any, all
+ * in one text (NULL: none). LIKE does not copy them, and a shadow is loaded at its own fill
+ * factor before it becomes the live table. The live names are schema-qualified: the seeds'
+ * temporary tables, in this transaction, have the same names.
+ */
+static const char SHADOW_STORAGE_SQL[] =
+	"SELECT string_agg(format('ALTER TABLE %I SET (%s);', t.shadow, "
+	"  array_to_string(c.reloptions, ', ')), E'\\n' ORDER BY t.n) "
+	"FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(live, shadow, n) "
+	"JOIN pg_class c ON c.oid = ('public.' || quote_ident(t.live))::regclass "
+	"WHERE c.reloptions IS NOT NULL";
+
+/*
  * The shadows' DDL as one script for the open transaction: leftovers of an earlier rebuild
  * dropped, an empty copy of every table the fold writes but the streamed ones (columns, defaults,
- * checks; no index, no data), the seeded rows, COMMIT. malloc'd; NULL on OOM.
+ * checks; no index, no data) with the live table's storage parameters (storage: SHADOW_STORAGE_SQL's
+ * statements, NULL: none), the seeded rows, COMMIT. malloc'd; NULL on OOM.
  */
-static char *shadows_script(struct rebuild *rb, const bool *seeded)
+static char *shadows_script(struct rebuild *rb, const bool *seeded, const char *storage)
 {
 	char *sql = NULL;
 	size_t len = 0;
@@ -327,6 +342,8 @@ static char *shadows_script(struct rebuild *rb, const bool *seeded)
 		}
 		if (step == 0)
 			fputs(";\n", f);
+		else if (step == 1 && storage)
+			fprintf(f, "%s\n", storage);
 	}
 	fputs("COMMIT", f);
 	if (fclose(f) != 0 || !ok) {
@@ -714,6 +731,30 @@ static int stream_begin(struct rebuild *rb, const bool *seeded, struct tly_pg_er
 }
 
 /*
+ * shadows_script with the live tables' storage parameters (SHADOW_STORAGE_SQL); NULL on error.
+ * The streamed table's shadow (stream_begin) gets none: no migration sets any on it, and
+ * check_rebuild.c's signature of the tables would show one lost.
+ */
+static char *shadows_of(struct rebuild *rb, const bool *seeded, struct tly_pg_error *err)
+{
+	bool created[N_MAX_TABLES] = {false}; /* the script's tables: not the streamed ones */
+	for (size_t i = 0; i < rb->ntables; i++)
+		created[i] = !rb->streamed[i];
+	char lives[2048], shadows[2048];
+	names_array(rb, false, created, lives, sizeof(lives));
+	names_array(rb, true, created, shadows, sizeof(shadows));
+	const char *const v[] = {lives, shadows};
+	PGresult *res = tly_pg_query(rb->conn, SHADOW_STORAGE_SQL, 2, v, err);
+	if (!res)
+		return NULL;
+	char *script = shadows_script(rb, seeded, PQgetisnull(res, 0, 0) ? NULL : PQgetvalue(res, 0, 0));
+	PQclear(res);
+	if (!script)
+		snprintf(err->message, sizeof(err->message), "out of memory");
+	return script;
+}
+
+/*
  * The first pass, up to its Kafka records: in one transaction, the seeds into temporary tables,
  * the in-memory fold told the seeded plans, the targets, the ledger entries read ahead on a second
  * connection, and the shadows' DDL sent (shadows_script) without waiting: the server creates
@@ -760,9 +801,9 @@ static int first_pass_begin(struct rebuild *rb, PGconn **conn2, struct rb_rows *
 	rb->total += *behind;
 	if (rc == 0 && entries_behind > 0 && !(*rows = entries_ahead(rb, conn2, err)))
 		rc = TLY_E_PG;
-	char *script = rc == 0 ? shadows_script(rb, seeded) : NULL;
+	char *script = rc == 0 ? shadows_of(rb, seeded, err) : NULL;
 	if (rc == 0 && !script)
-		rc = TLY_E_NOMEM;
+		rc = TLY_E_PG; /* err says why */
 	if (rc == 0 && PQsendQuery(rb->conn, script) != 1) {
 		tly_pg_error_set(err, rb->conn, NULL);
 		rc = TLY_E_PG;
