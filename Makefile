@@ -177,8 +177,14 @@ $(OBJ)/gen/%.o: $(BUILD)/gen/%.c
 	@$(if $(Q),echo "  CC      $<")
 	$(Q)$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
-# The .avsc and .sql files are compiled into the library, so programs need no data files.
-$(BUILD)/gen/schemas_embedded.c: scripts/embed $(SCHEMAS) $(RELEASED) $(MIGRATIONS)
+# The .avsc and .sql files are compiled into the library, so programs need no data files. The
+# file list is a prerequisite too (rewritten only when it changes): removing or renaming a file
+# changes no timestamp, and the library would keep embedding it.
+EMBEDDED_LIST := $(BUILD)/gen/embedded.list
+$(shell mkdir -p $(BUILD)/gen && echo '$(SCHEMAS) $(RELEASED) $(MIGRATIONS)' | \
+	cmp -s - $(EMBEDDED_LIST) || echo '$(SCHEMAS) $(RELEASED) $(MIGRATIONS)' > $(EMBEDDED_LIST))
+
+$(BUILD)/gen/schemas_embedded.c: scripts/embed $(SCHEMAS) $(RELEASED) $(MIGRATIONS) $(EMBEDDED_LIST)
 	@mkdir -p $(@D)
 	scripts/embed $@ $(SCHEMAS) -- $(RELEASED) -- $(MIGRATIONS)
 

@@ -187,7 +187,7 @@ static char *digest_all(PGconn *conn)
 /*
  * What a table is besides its rows: columns, indexes and constraints by name and definition,
  * owner, grants, row-level security flags and policies, storage parameters (the fill factors of
- * migrations/0012), the sequences its columns own.
+ * migrations/0011), the sequences its columns own.
  */
 static char *signature(PGconn *conn)
 {

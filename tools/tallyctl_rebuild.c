@@ -295,7 +295,7 @@ static int seed_temps(struct rebuild *rb, bool *seeded, struct tly_pg_error *err
 }
 
 /*
- * The live tables' storage parameters (a fill factor: migrations/0012), for their shadows ($1 live
+ * The live tables' storage parameters (a fill factor: migrations/0011), for their shadows ($1 live
  * names, $2 their shadows, text[] in the same order): one ALTER TABLE per table that has any, all
  * in one text (NULL: none). LIKE does not copy them, and a shadow is loaded at its own fill
  * factor before it becomes the live table. The live names are schema-qualified: the seeds'
