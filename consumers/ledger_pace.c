@@ -25,12 +25,16 @@ size_t tly_ledger_pace_max_events(const struct tly_ledger_pace *p, size_t max_ev
 	return limit;
 }
 
-void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max_events, bool more_ready)
+void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max_events,
+			   bool more_ready, int64_t depth)
 {
+	size_t limit = tly_ledger_pace_max_events(p, max_events);
+	bool deep = depth < 0 || (uint64_t)depth / TLY_LEDGER_PACE_DEPTH_GROUPS >= 2 * (uint64_t)limit;
 	if (records < max_events)
 		p->backlog = 0;
-	else if (more_ready && records >= tly_ledger_pace_max_events(p, max_events) &&
-		 p->backlog < TLY_LEDGER_PACE_BACKLOG_MAX)
+	else if (p->backlog > 0 && depth >= 0 && (uint64_t)depth < limit)
+		p->backlog--;
+	else if (more_ready && deep && records >= limit && p->backlog < TLY_LEDGER_PACE_BACKLOG_MAX)
 		p->backlog++;
 }
 

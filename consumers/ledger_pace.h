@@ -51,8 +51,20 @@ void tly_ledger_pace_decided(struct tly_ledger_pace *p, int64_t decide_us, size_
  */
 size_t tly_ledger_pace_max_events(const struct tly_ledger_pace *p, size_t max_events);
 
-/* A group of records was decided, with max_events configured and more records ready or not. */
-void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max_events, bool more_ready);
+/*
+ * A group of records was decided, with max_events configured, more records ready or not, and
+ * depth records on the partitions not taken yet (-1: unknown). The limit doubles only while
+ * the depth holds TLY_LEDGER_PACE_DEPTH_GROUPS groups of the doubled size, and halves once it
+ * is less than one group of the current one: the queue one slow commit leaves at half the
+ * maximum rate (a few hundred to a few thousand records) is worked off in groups of max_events,
+ * each committed in a fraction of a doubled group's time, while a real backlog (tens of
+ * thousands of records) still grows them.
+ */
+void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max_events,
+			   bool more_ready, int64_t depth);
+
+/* Groups of the doubled size a backlog's depth must hold before the limit doubles. */
+#define TLY_LEDGER_PACE_DEPTH_GROUPS 2
 
 /*
  * Microseconds until the pending records are to be decided: 0 now, -1 not yet (more records are

@@ -92,13 +92,13 @@ START_TEST(test_backlog_grows_groups)
 	struct tly_ledger_pace p = {0};
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
 	/* a full group with records still ready is a backlog: the limit doubles, up to 4x */
-	tly_ledger_pace_sized(&p, 1000, 1000, true);
+	tly_ledger_pace_sized(&p, 1000, 1000, true, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
-	tly_ledger_pace_sized(&p, 1500, 1000, true); /* not full at 2,000: stays */
+	tly_ledger_pace_sized(&p, 1500, 1000, true, -1); /* not full at 2,000: stays */
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
-	tly_ledger_pace_sized(&p, 2000, 1000, true);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
-	tly_ledger_pace_sized(&p, 4000, 1000, true);
+	tly_ledger_pace_sized(&p, 4000, 1000, true, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
 	/* the limit is what decides at once */
 	struct tly_ledger_pace_state s = idle();
@@ -109,10 +109,37 @@ START_TEST(test_backlog_grows_groups)
 	s.pending = 4000;
 	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
 	/* a group below ledger.batch.max.events (input slower than commits) ends the backlog */
-	tly_ledger_pace_sized(&p, 999, 1000, false);
+	tly_ledger_pace_sized(&p, 999, 1000, false, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
 	/* a full group with nothing more ready is no backlog */
-	tly_ledger_pace_sized(&p, 1000, 1000, false);
+	tly_ledger_pace_sized(&p, 1000, 1000, false, -1);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+}
+END_TEST
+
+START_TEST(test_backlog_grows_with_depth_only)
+{
+	struct tly_ledger_pace p = {0};
+	/* one slow commit left 1,500 records: full groups with more ready, but no real backlog */
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 1500);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 3999); /* less than two groups of 2,000 */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+	/* a deep backlog grows the groups step by step, as deep as it is */
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 4000);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, 7999); /* less than two groups of 4,000 */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, 100000);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
+	tly_ledger_pace_sized(&p, 4000, 1000, true, 100000); /* at most 4x */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
+	/* less than one group left: the limit halves before any small group ends the backlog */
+	tly_ledger_pace_sized(&p, 4000, 1000, true, 3999);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, false, 2000); /* a group's worth: stays */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, false, 10);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
 }
 END_TEST
@@ -126,6 +153,7 @@ Suite *ledger_pace_suite(void)
 	tcase_add_test(tc, test_bounds_and_waiting_group);
 	tcase_add_test(tc, test_averages_follow_observations);
 	tcase_add_test(tc, test_backlog_grows_groups);
+	tcase_add_test(tc, test_backlog_grows_with_depth_only);
 	suite_add_tcase(s, tc);
 	return s;
 }
