@@ -399,7 +399,7 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 	}
 	int64_t commit_us = ended_us > started_us ? ended_us - started_us : 0;
 	if (ok) {
-		tly_ledger_pace_committed(&app->pace, commit_us);
+		tly_ledger_pace_group_committed(&app->pace, commit_us, g->records);
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
 		tly_health_set_pg(app->health, true);
@@ -1007,6 +1007,7 @@ static int64_t decide_in_us(const struct app *app, bool none_ready)
 		.none_ready = none_ready,
 		.writer_busy = app->writer && tly_ledger_writer_busy(app->writer),
 		.submitted_us = app->flight.submitted_at_us,
+		.flight_records = app->flight.records,
 		.now_us = tly_clock_us(),
 	};
 	return tly_ledger_pace_decide_in_us(&app->pace, &st);

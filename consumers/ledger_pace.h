@@ -19,6 +19,9 @@ struct tly_ledger_pace {
 	int64_t commit_us;       /* a group's commit, submitted to result */
 	int64_t decide_ns;       /* deciding one record */
 	unsigned backlog;        /* doublings of ledger.batch.max.events in effect (a backlog) */
+	/* moving moments of (records n, commit t) over groups, for t = fixed + per record * n */
+	double n, t, nn, nt;
+	unsigned groups;         /* groups observed into them (counts up to 2) */
 };
 
 /* Doublings of ledger.batch.max.events a backlog can reach: groups of up to 4x as many records. */
@@ -33,11 +36,26 @@ struct tly_ledger_pace_state {
 	bool none_ready;         /* librdkafka had no record ready on the last poll */
 	bool writer_busy;        /* a group commits */
 	int64_t submitted_us;    /* when it was handed to the writer */
+	size_t flight_records;   /* records of the committing group (0: unknown) */
 	int64_t now_us;
 };
 
 /* A group committed after commit_us. */
 void tly_ledger_pace_committed(struct tly_ledger_pace *p, int64_t commit_us);
+
+/*
+ * A group of records committed after commit_us: tly_ledger_pace_committed, and the commit time's
+ * line over the group's size (a fixed part, round trips and the fsync, plus a part per record),
+ * fitted to the recent groups. decide_in_us expects the committing group to take what the line
+ * gives for its size: an average over groups of every size expected a small group to take as long
+ * as a large one (and the next group was decided too late) and a large one as a small one (the
+ * next was decided too early, and the group after it collected what came meanwhile), so groups
+ * alternated between small and large.
+ */
+void tly_ledger_pace_group_committed(struct tly_ledger_pace *p, int64_t commit_us, size_t records);
+
+/* Microseconds the line gives for a group of records; the average commit before two groups. */
+int64_t tly_ledger_pace_commit_us(const struct tly_ledger_pace *p, size_t records);
 
 /* records were decided in decide_us. */
 void tly_ledger_pace_decided(struct tly_ledger_pace *p, int64_t decide_us, size_t records);
