@@ -399,7 +399,7 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 	}
 	int64_t commit_us = ended_us > started_us ? ended_us - started_us : 0;
 	if (ok) {
-		tly_ledger_pace_committed(&app->pace, commit_us);
+		tly_ledger_pace_group_committed(&app->pace, commit_us, g->records);
 		tly_metrics_observe(app->m.batch, (double)g->records);
 		tly_metrics_observe(app->m.commit, (double)(commit_us + g->decided_us) / 1e6);
 		tly_health_set_pg(app->health, true);
@@ -917,10 +917,36 @@ static void check_deliveries(struct app *app)
 }
 
 /*
- * Lag per assigned partition: librdkafka's cached high watermark (updated by every fetch
- * response, no broker round trip) minus where this process resumes. Unknown until the first
- * fetch of a partition answers, and while a partition is being reloaded.
+ * A partition's lag: librdkafka's cached high watermark (updated by every fetch response, no
+ * broker round trip) minus where this process resumes. -1: unknown (not assigned, before the
+ * first fetch of it answers, while it is being reloaded).
  */
+static int64_t partition_lag(const struct app *app, int32_t i)
+{
+	const struct slot *s = &app->slots[i];
+	int64_t low = -1, high = -1;
+	if (!s->assigned || !s->part ||
+	    rd_kafka_get_watermark_offsets(app->consumer, app->ctx.events_topic, i, &low, &high) !=
+		    RD_KAFKA_RESP_ERR_NO_ERROR ||
+	    high < 0)
+		return -1;
+	int64_t next = tly_ledger_partition_next_offset(s->part);
+	return high > next ? high - next : 0;
+}
+
+/* The backlog's depth for ledger_pace: records not taken on the partitions whose lag is known. */
+static int64_t backlog_depth(const struct app *app)
+{
+	int64_t depth = -1;
+	for (int32_t i = 0; i < app->partition_count; i++) {
+		int64_t lag = partition_lag(app, i);
+		if (lag >= 0)
+			depth = (depth < 0 ? 0 : depth) + lag;
+	}
+	return depth;
+}
+
+/* Lag per assigned partition (partition_lag) for the gauges and /readyz. */
 static void refresh_lag(struct app *app)
 {
 	int64_t total = 0;
@@ -928,20 +954,15 @@ static void refresh_lag(struct app *app)
 	bool known = true;
 	for (int32_t i = 0; i < app->partition_count; i++) {
 		struct slot *s = &app->slots[i];
-		int64_t low = -1, high = -1;
 		if (!s->assigned)
 			continue;
 		assigned++;
-		if (!s->part ||
-		    rd_kafka_get_watermark_offsets(app->consumer, app->ctx.events_topic, i, &low,
-						   &high) != RD_KAFKA_RESP_ERR_NO_ERROR ||
-		    high < 0) {
+		int64_t lag = partition_lag(app, i);
+		if (lag < 0) {
 			known = false;
 			tly_metrics_unset(s->lag);
 			continue;
 		}
-		int64_t next = tly_ledger_partition_next_offset(s->part);
-		int64_t lag = high > next ? high - next : 0;
 		tly_metrics_set(s->lag, lag);
 		total += lag;
 	}
@@ -986,6 +1007,7 @@ static int64_t decide_in_us(const struct app *app, bool none_ready)
 		.none_ready = none_ready,
 		.writer_busy = app->writer && tly_ledger_writer_busy(app->writer),
 		.submitted_us = app->flight.submitted_at_us,
+		.flight_records = app->flight.records,
 		.now_us = tly_clock_us(),
 	};
 	return tly_ledger_pace_decide_in_us(&app->pace, &st);
@@ -1027,7 +1049,8 @@ static void run(struct app *app)
 		complete_flight(app, 0);
 		submit_ready(app);
 		if (decide_in_us(app, !more_ready) == 0) {
-			tly_ledger_pace_sized(&app->pace, app->pending, app->max_events, more_ready);
+			tly_ledger_pace_sized(&app->pace, app->pending, app->max_events, more_ready,
+					      backlog_depth(app));
 			decide_group(app);
 			submit_ready(app);
 		}

@@ -92,13 +92,13 @@ START_TEST(test_backlog_grows_groups)
 	struct tly_ledger_pace p = {0};
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
 	/* a full group with records still ready is a backlog: the limit doubles, up to 4x */
-	tly_ledger_pace_sized(&p, 1000, 1000, true);
+	tly_ledger_pace_sized(&p, 1000, 1000, true, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
-	tly_ledger_pace_sized(&p, 1500, 1000, true); /* not full at 2,000: stays */
+	tly_ledger_pace_sized(&p, 1500, 1000, true, -1); /* not full at 2,000: stays */
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
-	tly_ledger_pace_sized(&p, 2000, 1000, true);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
-	tly_ledger_pace_sized(&p, 4000, 1000, true);
+	tly_ledger_pace_sized(&p, 4000, 1000, true, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
 	/* the limit is what decides at once */
 	struct tly_ledger_pace_state s = idle();
@@ -109,11 +109,89 @@ START_TEST(test_backlog_grows_groups)
 	s.pending = 4000;
 	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), 0);
 	/* a group below ledger.batch.max.events (input slower than commits) ends the backlog */
-	tly_ledger_pace_sized(&p, 999, 1000, false);
+	tly_ledger_pace_sized(&p, 999, 1000, false, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
 	/* a full group with nothing more ready is no backlog */
-	tly_ledger_pace_sized(&p, 1000, 1000, false);
+	tly_ledger_pace_sized(&p, 1000, 1000, false, -1);
 	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+}
+END_TEST
+
+START_TEST(test_backlog_grows_with_depth_only)
+{
+	struct tly_ledger_pace p = {0};
+	/* one slow commit left 1,500 records: full groups with more ready, but no real backlog */
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 1500);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 3999); /* less than two groups of 2,000 */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+	/* a deep backlog grows the groups step by step, as deep as it is */
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 4000);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, 7999); /* less than two groups of 4,000 */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, 100000);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
+	tly_ledger_pace_sized(&p, 4000, 1000, true, 100000); /* at most 4x */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 4000);
+	/* less than one group left: the limit halves before any small group ends the backlog */
+	tly_ledger_pace_sized(&p, 4000, 1000, true, 3999);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, false, 2000); /* a group's worth: stays */
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 2000);
+	tly_ledger_pace_sized(&p, 2000, 1000, false, 10);
+	ck_assert_uint_eq(tly_ledger_pace_max_events(&p, 1000), 1000);
+}
+END_TEST
+
+START_TEST(test_commit_expected_by_group_size)
+{
+	struct tly_ledger_pace p = {0};
+	/* groups alternating 80 and 160 records, each committed in 2 ms + 30 us a record */
+	for (int i = 0; i < 40; i++) {
+		size_t n = i % 2 ? 160 : 80;
+		tly_ledger_pace_group_committed(&p, 2000 + 30 * (int64_t)n, n);
+	}
+	ck_assert_int_ge(tly_ledger_pace_commit_us(&p, 100), 4900);
+	ck_assert_int_le(tly_ledger_pace_commit_us(&p, 100), 5100);
+	ck_assert_int_ge(tly_ledger_pace_commit_us(&p, 400), 13900);
+	ck_assert_int_le(tly_ledger_pace_commit_us(&p, 400), 14100);
+	/* the group average (about 5.6 ms) would say the same for both */
+	ck_assert_int_ge(p.commit_us, 5400);
+	ck_assert_int_le(p.commit_us, 5800);
+	/* so the next group is decided when the committing one is expected to end, by its size */
+	struct tly_ledger_pace_state s = idle();
+	s.writer_busy = true;
+	s.submitted_us = s.now_us;
+	s.flight_records = 80;
+	int64_t small = tly_ledger_pace_decide_in_us(&p, &s);
+	s.flight_records = 160;
+	int64_t large = tly_ledger_pace_decide_in_us(&p, &s);
+	ck_assert_int_ge(small, 4300);
+	ck_assert_int_le(small, 4500);
+	ck_assert_int_ge(large, 6700);
+	ck_assert_int_le(large, 6900);
+	/* unknown size of the committing group: the average */
+	s.flight_records = 0;
+	ck_assert_int_eq(tly_ledger_pace_decide_in_us(&p, &s), p.commit_us);
+}
+END_TEST
+
+START_TEST(test_commit_line_needs_two_sizes)
+{
+	struct tly_ledger_pace p = {0};
+	ck_assert_int_eq(tly_ledger_pace_commit_us(&p, 100), 0); /* nothing seen: decide at once */
+	tly_ledger_pace_group_committed(&p, 8000, 100);
+	ck_assert_int_eq(tly_ledger_pace_commit_us(&p, 100), p.commit_us); /* one group: the average */
+	/* groups all of one size: no slope, the average whatever the size */
+	for (int i = 0; i < 20; i++)
+		tly_ledger_pace_group_committed(&p, 8000, 100);
+	ck_assert_int_ge(tly_ledger_pace_commit_us(&p, 1000), 7900);
+	ck_assert_int_le(tly_ledger_pace_commit_us(&p, 1000), 8100);
+	/* a larger group that committed faster (a stall before): never a negative per-record part */
+	tly_ledger_pace_group_committed(&p, 1000, 1000);
+	ck_assert_int_ge(tly_ledger_pace_commit_us(&p, 10), 0);
+	ck_assert_int_le(tly_ledger_pace_commit_us(&p, 1000), tly_ledger_pace_commit_us(&p, 10) + 1);
 }
 END_TEST
 
@@ -126,6 +204,9 @@ Suite *ledger_pace_suite(void)
 	tcase_add_test(tc, test_bounds_and_waiting_group);
 	tcase_add_test(tc, test_averages_follow_observations);
 	tcase_add_test(tc, test_backlog_grows_groups);
+	tcase_add_test(tc, test_backlog_grows_with_depth_only);
+	tcase_add_test(tc, test_commit_expected_by_group_size);
+	tcase_add_test(tc, test_commit_line_needs_two_sizes);
 	suite_add_tcase(s, tc);
 	return s;
 }

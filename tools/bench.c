@@ -176,6 +176,7 @@ struct stack {
 };
 
 static int brokers = 3; /* --brokers: of each run's dev broker */
+static const char *ledger_fetch_wait = FETCH_WAIT_MS; /* --ledger-fetch-wait-ms: tally-ledger's */
 
 static void stack_start(struct stack *s, const char *db)
 {
@@ -362,7 +363,7 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	setenv("TALLY_KAFKA_BOOTSTRAP_SERVERS", s->bootstraps, 1);
 	/* The mock cluster answers a fetch only after fetch.wait.max.ms (500 ms by default) when it
 	 * has little data; Apache Kafka answers as soon as fetch.min.bytes are there. */
-	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", FETCH_WAIT_MS, 1);
+	setenv("TALLY_KAFKA_FETCH_WAIT_MAX_MS", ledger_fetch_wait, 1);
 	setenv("TALLY_HTTP_LISTEN", "127.0.0.1:0", 0); /* never collide with a running daemon */
 	char *argv[] = {exe, NULL};
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
@@ -725,6 +726,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 
 static const char help[] =
 	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N] [--brokers N]\n"
+	"                   [--ledger-fetch-wait-ms N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
@@ -736,7 +738,9 @@ static const char help[] =
 	"  --only  run only the parts named (the ratios need seeds)\n"
 	"  --rate  reservations/s of the latency run (default: half the 1,000-tenant rate)\n"
 	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 5, librdkafka's)\n"
-	"  --brokers  brokers of each run's dev broker (default 3)\n";
+	"  --brokers  brokers of each run's dev broker (default 3)\n"
+	"  --ledger-fetch-wait-ms  tally-ledger's kafka.fetch.wait.max.ms (default " FETCH_WAIT_MS "; the mock\n"
+	"           holds a fetch that found nothing this long, even when records come meanwhile)\n";
 
 /* Is part (seeds, many, hot, latency) to run: every part unless --only names others. */
 static bool wanted(const char *only, const char *part)
@@ -760,6 +764,8 @@ int main(int argc, char **argv)
 			latency_rate = atof(argv[++i]);
 		else if (strcmp(argv[i], "--linger-ms") == 0 && i + 1 < argc)
 			linger_ms = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--ledger-fetch-wait-ms") == 0 && i + 1 < argc)
+			ledger_fetch_wait = argv[++i];
 		else if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc)
 			brokers = atoi(argv[++i]);
 		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
@@ -773,7 +779,7 @@ int main(int argc, char **argv)
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d brokers, %d partitions;\n"
 	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s)\n\n",
-	       brokers, PARTITIONS, FETCH_WAIT_MS, READ_WAIT_MS);
+	       brokers, PARTITIONS, ledger_fetch_wait, READ_WAIT_MS);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
