@@ -1875,7 +1875,8 @@ START_TEST(test_group_handovers)
 	/* A again; once it has partitions, kill -9 B and start it again at once: the dead member's
 	 * partitions are handed over when its session times out, while the new B joins */
 	a = ledger_spawn(&e, e.db, "ledger-group", log_a2);
-	tly_test_wait_log(log_a2, "msg=\"partition assigned\"", 1, 20000);
+	/* two cooperative rebalance rounds (B revokes, then A is assigned): 30 s, as for B below */
+	tly_test_wait_log(log_a2, "msg=\"partition assigned\"", 1, 30000);
 	wait_progress(&e, 10000);
 	ck_assert_int_eq(kill(b, SIGKILL), 0);
 	int status;
