@@ -580,6 +580,16 @@ static void memfold_rebuild(PGconn *conn, const char *stream)
 	tly_pgcopy_free(c);
 }
 
+/* The in-memory fold of the recorded messages, into the emptied tables, gives the live fold's rows. */
+static void expect_memfold_same(PGconn *conn)
+{
+	char *want = digest(conn);
+	empty_projections(conn);
+	memfold_rebuild(conn, NULL);
+	expect_digest(conn, want);
+	free(want);
+}
+
 /*
  * The wallet's events (TokensReserved, CreditsGranted...) reach the projections through the ledger's
  * entries only: the fold writes no projector_seen_events row for them, in any number of repeats,
@@ -665,14 +675,8 @@ START_TEST(entry_runs)
 	flush_in_tx(d.conn, f);
 	expect(d.conn, "SELECT concat_ws(' ', ledger_seq, tokens_used, held, tokens_remaining) "
 		       "FROM token_balances WHERE subscription_id IS NOT NULL", "12 70 50 880");
-	char *want = digest(d.conn);
-
-	/* the in-memory fold: the same messages into the emptied tables */
-	empty_projections(d.conn);
-	memfold_rebuild(d.conn, NULL);
-	expect_digest(d.conn, want);
+	expect_memfold_same(d.conn);
 	forget_recorded();
-	free(want);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
@@ -823,14 +827,8 @@ START_TEST(monthly_cost_written_when_changed)
 	expect(d.conn, "SELECT monthly_api_cost_micros - 3 FROM token_balances", before);
 	free(before);
 	free(after);
-	char *want = digest(d.conn);
-
-	/* the in-memory fold: the same messages into the emptied tables */
-	empty_projections(d.conn);
-	memfold_rebuild(d.conn, NULL);
-	expect_digest(d.conn, want);
+	expect_memfold_same(d.conn);
 	forget_recorded();
-	free(want);
 	tly_fold_free(f);
 	tly_test_db_down(&d);
 }
