@@ -187,12 +187,15 @@ static int owned(const char *log)
  * the members' JoinGroup: session.timeout.ms less one second, 5 s with lib/kafka.c's 6 s. A member
  * joining a cooperative-sticky group takes two rounds (the owner revokes, then the newcomer gets
  * what was revoked): 10.0 s from the second daemon's spawn to its first partition, measured on an
- * idle machine, for both daemons. A wait of 20 s left 10 s for the second daemon's start-up and any
- * extra round (a heartbeat or rejoin late on a loaded machine restarts the round), which a full
- * `make check` beside other builds exceeded once; waits are counted in rounds.
+ * idle machine, for both daemons. Extra rounds come from the mock coordinator: it ends the sync
+ * step on the leader's SyncGroup and refuses a follower's that arrives after it, and the refused
+ * member rejoins, which starts one more round (seen in about a quarter of the rounds that hand out
+ * partitions on a loaded machine; check_ledger.c's group test measured it). Waits are counted in
+ * rounds, as there.
  */
 #define REBALANCE_ROUND_MS 5000
-#define JOIN_WAIT_MS (6 * REBALANCE_ROUND_MS) /* two rounds, start-up, up to two late rounds */
+#define JOIN_WAIT_MS (9 * REBALANCE_ROUND_MS) /* two rounds, start-up, up to six lost syncs */
+#define ALONE_WAIT_MS (6 * REBALANCE_ROUND_MS) /* one member left: no follower's sync to lose */
 
 /*
  * sig while records flow, with a second member in the group: the open batch commits, the process
@@ -226,8 +229,8 @@ static void drain_on(int sig, const char *program, const char *stopping, int tot
 	ck_assert_int_eq(tly_test_log_lines(log_a, "lost=true", NULL), 0);
 	/* cooperative rebalancing: B is assigned what A gave up, and owns everything */
 	for (int waited = 0; owned(log_b) < total; waited += 100) {
-		ck_assert_msg(waited < JOIN_WAIT_MS, "%s B owns %d of %d partitions %d s after A left; see %s",
-			      program, owned(log_b), total, JOIN_WAIT_MS / 1000, log_b);
+		ck_assert_msg(waited < ALONE_WAIT_MS, "%s B owns %d of %d partitions %d s after A left; see %s",
+			      program, owned(log_b), total, ALONE_WAIT_MS / 1000, log_b);
 		usleep(100000);
 	}
 
@@ -351,7 +354,7 @@ Suite *lifecycle_suite(void)
 {
 	Suite *s = suite_create("lifecycle");
 	TCase *tc = tcase_create("lifecycle");
-	tcase_set_timeout(tc, 120);
+	tcase_set_timeout(tc, 195);
 	tcase_add_test(tc, test_help);
 	tcase_add_test(tc, test_startup_checks);
 	tcase_add_test(tc, test_ledger_sigint);
