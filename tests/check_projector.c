@@ -580,6 +580,16 @@ static void memfold_rebuild(PGconn *conn, const char *stream)
 	tly_pgcopy_free(c);
 }
 
+/* A throw-away database and a new fold whose messages are recorded from the first (add_json...). */
+static struct tly_fold *recording_fold_up(struct tly_test_db *d)
+{
+	tly_test_db_up(d, "check_projector");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	n_recorded = 0;
+	return f;
+}
+
 /* The in-memory fold of the recorded messages, into the emptied tables, gives the live fold's rows. */
 static void expect_memfold_same(PGconn *conn)
 {
@@ -644,10 +654,7 @@ static void run_entry(struct tly_fold *f, int seq, const char *kind, const char 
 START_TEST(entry_runs)
 {
 	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	struct tly_fold *f = tly_fold_new();
-	ck_assert_ptr_nonnull(f);
-	n_recorded = 0;
+	struct tly_fold *f = recording_fold_up(&d);
 	batch1(f); /* the tenant, a user, a message, an invoice status; entry 1 starts SUB */
 	run_entry(f, 2, "hold_placed", SUB_PERIOD ", " RUN_BAL(1000, 100));
 	run_entry(f, 3, "hold_placed", SUB_PERIOD ", " RUN_BAL(1000, 300));
@@ -735,10 +742,7 @@ static char *flush_writes(PGconn *conn, struct tly_fold *fold, const char *table
 START_TEST(conversation_one_update)
 {
 	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	struct tly_fold *f = tly_fold_new();
-	ck_assert_ptr_nonnull(f);
-	n_recorded = 0;
+	struct tly_fold *f = recording_fold_up(&d);
 	conv_event(f, "ConversationStarted", 1, "00:00Z", CONV,
 		   "\"user_id\": \"" USER "\", \"agent_entrypoint\": \"triage\", \"source_channel\": \"web\"");
 	conv_message(f, 2, "01:00Z", CONV, 10);
@@ -801,10 +805,7 @@ END_TEST
 START_TEST(monthly_cost_written_when_changed)
 {
 	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	struct tly_fold *f = tly_fold_new();
-	ck_assert_ptr_nonnull(f);
-	n_recorded = 0;
+	struct tly_fold *f = recording_fold_up(&d);
 	batch1(f); /* the tenant, a user, a message, an invoice status; entry 1 starts SUB */
 	flush_in_tx(d.conn, f);
 	char *before = q_text(d.conn, "SELECT monthly_api_cost_micros FROM token_balances");
