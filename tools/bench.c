@@ -183,6 +183,7 @@ struct stack {
 static int brokers = 3; /* --brokers: of each run's dev broker */
 static int partitions = PARTITIONS; /* --partitions: of every topic of each run's dev broker */
 static const char *ledger_fetch_wait = FETCH_WAIT_MS; /* --ledger-fetch-wait-ms: tally-ledger's */
+static const char *read_wait = READ_WAIT_MS; /* --read-wait-ms: the latency run's reader's */
 
 static void stack_start(struct stack *s, const char *db)
 {
@@ -619,7 +620,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(s.cfg, err, sizeof(err));
 	if (!conf)
 		die("consumer conf", err);
-	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", READ_WAIT_MS, err, sizeof(err)) != 0)
+	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", read_wait, err, sizeof(err)) != 0)
 		die("consumer conf", err);
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-latency", err, sizeof(err));
 	if (!rk)
@@ -732,7 +733,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 
 static const char help[] =
 	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N] [--brokers N]\n"
-	"                   [--partitions N] [--ledger-fetch-wait-ms N]\n"
+	"                   [--partitions N] [--ledger-fetch-wait-ms N] [--read-wait-ms N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
@@ -747,7 +748,8 @@ static const char help[] =
 	"  --brokers  brokers of each run's dev broker (default 3)\n"
 	"  --partitions  partitions of every topic of each run's dev broker (default 12)\n"
 	"  --ledger-fetch-wait-ms  tally-ledger's kafka.fetch.wait.max.ms (default " FETCH_WAIT_MS "; the mock\n"
-	"           holds a fetch that found nothing this long, even when records come meanwhile)\n";
+	"           holds a fetch that found nothing this long, even when records come meanwhile)\n"
+	"  --read-wait-ms  fetch.wait.max.ms of the latency run's reader of tally.ledger (default " READ_WAIT_MS ")\n";
 
 /* Is part (seeds, many, hot, latency) to run: every part unless --only names others. */
 static bool wanted(const char *only, const char *part)
@@ -773,6 +775,8 @@ int main(int argc, char **argv)
 			linger_ms = atoi(argv[++i]);
 		else if (strcmp(argv[i], "--ledger-fetch-wait-ms") == 0 && i + 1 < argc)
 			ledger_fetch_wait = argv[++i];
+		else if (strcmp(argv[i], "--read-wait-ms") == 0 && i + 1 < argc)
+			read_wait = argv[++i];
 		else if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc)
 			brokers = atoi(argv[++i]);
 		else if (strcmp(argv[i], "--partitions") == 0 && i + 1 < argc)
@@ -785,14 +789,18 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (partitions < 1 || partitions > 1000 || brokers < 1) {
-		fprintf(stderr, "tally-bench: --partitions must be 1..1000 and --brokers at least 1\n%s", help);
+	if (partitions < 1 || partitions > 1000) { /* tally-devbroker's bounds */
+		fprintf(stderr, "tally-bench: --partitions must be 1..1000, not %d\n%s", partitions, help);
+		return 2;
+	}
+	if (brokers < 1 || brokers > 32) {
+		fprintf(stderr, "tally-bench: --brokers must be 1..32, not %d\n%s", brokers, help);
 		return 2;
 	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d brokers, %d partitions;\n"
 	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s)\n\n",
-	       brokers, partitions, ledger_fetch_wait, READ_WAIT_MS);
+	       brokers, partitions, ledger_fetch_wait, read_wait);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
