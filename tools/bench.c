@@ -799,8 +799,9 @@ int main(int argc, char **argv)
 	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d brokers, %d partitions;\n"
-	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s)\n\n",
-	       brokers, partitions, ledger_fetch_wait, read_wait);
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s;\n"
+	       "the latency run's gateway producer linger.ms=%d)\n\n",
+	       brokers, partitions, ledger_fetch_wait, read_wait, linger_ms);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
