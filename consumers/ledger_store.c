@@ -63,10 +63,18 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 			      "old_offset, new_offset) WHERE o.consumer = $1 AND o.topic = $2 AND "
 			      "o.partition = k.partition AND o.next_offset = k.old_offset "
 			      "RETURNING o.partition"},
+	/*
+	 * one row per partition of the group that applied records: b's row k is partition k's
+	 * records, elements lo..hi of the group's flat arrays $4-$6 (see build_inputs); a slice's
+	 * subscripts start at 1, as the table's check asks
+	 */
 	[STMT_INPUTS] = {"tly_ledger_inputs",
 			 "INSERT INTO ledger_input_batches (partition, first_offset, last_offset, "
 			 "offsets, tenant_ids, record_values) "
-			 "VALUES ($1, $2, $3, $4::bigint[], $5::uuid[], $6::bytea[])"},
+			 "SELECT b.partition::int, ($4::bigint[])[b.lo::int], ($4::bigint[])[b.hi::int], "
+			 "($4::bigint[])[b.lo::int:b.hi::int], ($5::uuid[])[b.lo::int:b.hi::int], "
+			 "($6::bytea[])[b.lo::int:b.hi::int] "
+			 "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS b (partition, lo, hi)"},
 	[STMT_HOLDS_FORGET] = {"tly_ledger_holds_forget",
 			       "DELETE FROM ledger_holds h USING unnest($1::uuid[], $2::bigint[]) AS d "
 			       "(tenant_id, ord) WHERE h.tenant_id = d.tenant_id AND h.ord = d.ord"},
@@ -767,43 +775,63 @@ static struct step *add_array_step(struct tly_ledger_txn *t, enum stmt stmt, int
 }
 
 /*
+ * n new arrays of types[0..n) begun in arr (all NULL before); false (t->oom set) when out of
+ * memory, the ones made left in arr for the caller to free.
+ */
+static bool arrays_begin(struct tly_ledger_txn *t, struct tly_pgarray **arr, const uint32_t *types,
+			 int n)
+{
+	for (int j = 0; j < n; j++) {
+		if (!(arr[j] = tly_pgarray_new())) {
+			t->oom = true;
+			return false;
+		}
+		tly_pgarray_begin(arr[j], types[j]);
+	}
+	return true;
+}
+
+/*
  * The applied input records of the group, packed (migration 0010): one ledger_input_batches
  * row per commit (partition) that applied any, its records as three arrays in offset order, so
- * a record costs no heap row and no index tuple of its own. Each row is an INSERT of binary
- * array parameters in the last pipeline (no COPY statement of its own: no statement start and
- * two round trips fewer; a dozen rows at most).
+ * a record costs no heap row and no index tuple of its own. Every row of the group comes from
+ * one INSERT in the last pipeline, of binary array parameters: the group's records as three
+ * flat arrays, partition after partition, and for each partition the first and last element of
+ * its records in them (one statement a group, not one a partition: at moderate rates a group
+ * touches most partitions with a few records each, and each statement has its own start, bind
+ * and executor in the server).
  */
 static void build_inputs(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	for (size_t i = 0; i < n && !t->oom; i++) {
+	struct tly_pgarray *arr[6] = {NULL}; /* partition, lo, hi; offsets, tenant_ids, values */
+	static const uint32_t types[6] = {TLY_PGARRAY_INT8, TLY_PGARRAY_INT8, TLY_PGARRAY_INT8,
+					  TLY_PGARRAY_INT8, TLY_PGARRAY_UUID, TLY_PGARRAY_BYTEA};
+	int64_t next = 1; /* subscript of the next record in the flat arrays */
+	if (!arrays_begin(t, arr, types, 6))
+		goto out;
+	for (size_t i = 0; i < n; i++) {
 		const struct tly_ledger_input *in = c[i].inputs;
 		size_t k = c[i].n_inputs;
 		if (k == 0)
 			continue;
-		struct tly_pgarray *arr[3] = {tly_pgarray_new(), tly_pgarray_new(), tly_pgarray_new()};
-		if (arr[0] && arr[1] && arr[2]) {
-			tly_pgarray_begin(arr[0], TLY_PGARRAY_INT8);
-			tly_pgarray_begin(arr[1], TLY_PGARRAY_UUID);
-			tly_pgarray_begin(arr[2], TLY_PGARRAY_BYTEA);
-			for (size_t r = 0; r < k; r++) {
-				tly_pgarray_int8(arr[0], in[r].offset);
-				if (in[r].tenant_id)
-					tly_pgarray_add(arr[1], in[r].tenant_id->b, 16);
-				else
-					tly_pgarray_null(arr[1]);
-				tly_pgarray_add(arr[2], in[r].value, in[r].valuelen);
-			}
+		tly_pgarray_int8(arr[0], c[i].partition);
+		tly_pgarray_int8(arr[1], next);
+		tly_pgarray_int8(arr[2], next + (int64_t)k - 1);
+		next += (int64_t)k;
+		for (size_t r = 0; r < k; r++) {
+			tly_pgarray_int8(arr[3], in[r].offset);
+			if (in[r].tenant_id)
+				tly_pgarray_add(arr[4], in[r].tenant_id->b, 16);
+			else
+				tly_pgarray_null(arr[4]);
+			tly_pgarray_add(arr[5], in[r].value, in[r].valuelen);
 		}
-		struct step *s = add_array_step(t, STMT_INPUTS, 3, arr, 3);
-		if (!s)
-			break;
-		char v[3][24];
-		snprintf(v[0], sizeof(v[0]), "%d", (int)c[i].partition);
-		snprintf(v[1], sizeof(v[1]), "%" PRId64, in[0].offset);
-		snprintf(v[2], sizeof(v[2]), "%" PRId64, in[k - 1].offset);
-		for (int j = 0; j < 3; j++)
-			s->values[j] = arena_text(t, v[j], strlen(v[j]));
 	}
+	if (next > 1)
+		(void)add_array_step(t, STMT_INPUTS, 0, arr, 6); /* takes the arrays, or sets t->oom */
+out:
+	for (int j = 0; j < 6; j++)
+		tly_pgarray_free(arr[j]);
 }
 
 /*
@@ -817,13 +845,8 @@ static void build_wallets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 					  TLY_PGARRAY_TEXT, TLY_PGARRAY_INT8};
 	struct tly_pgarray *arr[5] = {NULL};
 	size_t k = 0;
-	for (int j = 0; j < 5; j++) {
-		if (!(arr[j] = tly_pgarray_new())) {
-			t->oom = true;
-			goto out;
-		}
-		tly_pgarray_begin(arr[j], types[j]);
-	}
+	if (!arrays_begin(t, arr, types, 5))
+		goto out;
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++, k++) {
 			const struct tly_wallet *w = c[i].wallets[j];
@@ -885,13 +908,8 @@ static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit
 	struct tly_pgarray *arr[8] = {NULL};
 	struct hold_arrays a = {.n = 0};
 	size_t n_forgotten = 0;
-	for (int k = 0; k < 8; k++) {
-		if (!(arr[k] = tly_pgarray_new())) {
-			t->oom = true;
-			goto out;
-		}
-		tly_pgarray_begin(arr[k], types[k]);
-	}
+	if (!arrays_begin(t, arr, types, 8))
+		goto out;
 	memcpy(a.col, arr, sizeof(a.col));
 	for (size_t i = 0; i < n; i++) {
 		for (size_t j = 0; j < c[i].n_wallets; j++) {

@@ -1669,6 +1669,86 @@ START_TEST(test_store_reads_back_group)
 }
 END_TEST
 
+/*
+ * A group of three partitions stores its applied inputs with one statement (a statement trigger
+ * counts them): one ledger_input_batches row per partition, holding that partition's records
+ * in offset order, every array subscripted from 1.
+ */
+START_TEST(test_store_inputs_one_statement)
+{
+	char keys[3][37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t[3];
+	int32_t part[3];
+	part[0] = partition_ctx(&e, 30, &codec, &ctx, &t[0], keys[0]);
+	for (unsigned n = 31, k = 1; k < 3; n++) { /* tenants of two more partitions */
+		tenant_of(n, &t[k]);
+		tly_uuid_format(&t[k], keys[k]);
+		part[k] = tly_kafka_partition_for_key(keys[k], 36, PARTITIONS);
+		k += part[k] != part[0] && (k == 1 || part[k] != part[1]);
+	}
+	struct tly_pg_error err;
+	ck_assert_msg(tly_pg_exec_script(e.conn,
+					 "CREATE TABLE test_input_statements (n int NOT NULL);"
+					 "INSERT INTO test_input_statements VALUES (0);"
+					 "CREATE FUNCTION test_count_input_statement() RETURNS trigger "
+					 "LANGUAGE plpgsql AS $$BEGIN UPDATE test_input_statements SET n = n + 1; "
+					 "RETURN NULL; END$$;"
+					 "CREATE TRIGGER test_count_input_statement AFTER INSERT ON "
+					 "ledger_input_batches FOR EACH STATEMENT EXECUTE FUNCTION "
+					 "test_count_input_statement();",
+					 &err) == 0, "%s", err.message);
+	struct tly_ledger_group_item group[3];
+	struct tly_buf buf[3][3] = {{{0}}};
+	struct tly_event ev;
+	bool added;
+	for (int k = 0; k < 3; k++) { /* partition k gets k + 1 records at offsets 0..k */
+		struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part[k], &err);
+		ck_assert_ptr_nonnull(p);
+		for (int r = 0; r <= k; r++) {
+			encode_reservation(codec, &ev, &t[k], 10 + r, T0 + r, &buf[k][r]);
+			ck_assert(tly_ledger_partition_add(p, r, keys[k], 36, buf[k][r].data, buf[k][r].len, 0,
+							   &added) == 0 && added);
+		}
+		group[k] = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
+	}
+	ck_assert_msg(tly_ledger_partition_commit(group, 3, &ctx, &err) == 0, "%s", err.message);
+	ck_assert_int_eq(q_long(e.conn, "SELECT n FROM test_input_statements", 0, NULL), 1);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 3);
+	for (int k = 0; k < 3; k++) {
+		char p_text[16], last[16];
+		snprintf(p_text, sizeof(p_text), "%d", (int)part[k]);
+		snprintf(last, sizeof(last), "%d", k);
+		const char *v[] = {p_text, last, keys[k]};
+		ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches WHERE "
+					"partition = $1 AND first_offset = 0 AND last_offset = $2 AND "
+					"cardinality(offsets) = $2::int + 1 AND array_lower(tenant_ids, 1) = 1 AND "
+					"array_lower(record_values, 1) = 1 AND tenant_ids[1] = $3::uuid AND "
+					"tenant_ids[$2::int + 1] = $3::uuid", 3, v), 1);
+		for (int r = 0; r <= k; r++) {
+			char *hex = malloc(2 * buf[k][r].len + 1), idx[16];
+			ck_assert_ptr_nonnull(hex);
+			for (size_t b = 0; b < buf[k][r].len; b++)
+				snprintf(hex + 2 * b, 3, "%02x", ((const unsigned char *)buf[k][r].data)[b]);
+			snprintf(idx, sizeof(idx), "%d", r + 1);
+			const char *w[] = {p_text, idx, hex};
+			ck_assert_msg(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches WHERE "
+					     "partition = $1 AND offsets[$2::int] = $2::int - 1 AND "
+					     "record_values[$2::int] = decode($3, 'hex')", 3, w) == 1,
+				      "partition %d record %d", (int)part[k], r);
+			free(hex);
+			tly_buf_free(&buf[k][r]);
+		}
+		tly_ledger_partition_free(group[k].part);
+	}
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
 /* An event from another language (tests/py_publish.py: python3-avro and confluent-kafka) is applied. */
 START_TEST(test_python_event_applied)
 {
@@ -2035,6 +2115,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_load_entries_from_marker);
 	tcase_add_test(tc, test_store_prepares_per_session);
 	tcase_add_test(tc, test_store_reads_back_group);
+	tcase_add_test(tc, test_store_inputs_one_statement);
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
 	tcase_add_test(tc, test_double_spend_concurrent);

@@ -350,12 +350,37 @@ START_TEST(test_help)
 }
 END_TEST
 
+/*
+ * tally-bench refuses a dev broker it could not start (--partitions outside 1..1000, no broker)
+ * with exit 2 and the option named, before it starts PostgreSQL or a broker.
+ */
+START_TEST(test_bench_topology_arguments)
+{
+	static const char *const bad[][3] = {
+		{"--partitions", "0", "tally-bench: --partitions must be 1..1000, not 0"},
+		{"--partitions", "1001", "tally-bench: --partitions must be 1..1000, not 1001"},
+		{"--brokers", "0", "tally-bench: --brokers must be 1..32, not 0"},
+	};
+	char out[16384];
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char *const argv[] = {(char *)tly_test_bin("tally-bench"), (char *)bad[i][0],
+				      (char *)bad[i][1], NULL};
+		ck_assert_msg(tly_proc_run(argv, out, sizeof(out)) == 2, "tally-bench %s %s: %s", bad[i][0],
+			      bad[i][1], out);
+		ck_assert_msg(strstr(out, bad[i][2]) != NULL, "tally-bench %s %s: %s", bad[i][0], bad[i][1], out);
+		ck_assert_msg(strstr(out, "PostgreSQL 15 with") == NULL, "tally-bench %s %s started: %s",
+			      bad[i][0], bad[i][1], out);
+	}
+}
+END_TEST
+
 Suite *lifecycle_suite(void)
 {
 	Suite *s = suite_create("lifecycle");
 	TCase *tc = tcase_create("lifecycle");
 	tcase_set_timeout(tc, 195);
 	tcase_add_test(tc, test_help);
+	tcase_add_test(tc, test_bench_topology_arguments);
 	tcase_add_test(tc, test_startup_checks);
 	tcase_add_test(tc, test_ledger_sigint);
 	tcase_add_test(tc, test_projector_sigint);

@@ -35,7 +35,7 @@
 
 #define CLIENTS 8
 #define SEEDS_SECONDS 5
-#define PARTITIONS 12
+#define PARTITIONS 12 /* of every topic of each run's dev broker, unless --partitions */
 #define FETCH_WAIT_MS "10" /* tally-ledger's fetch.wait.max.ms on the mock cluster (see start_ledger) */
 /*
  * fetch.wait.max.ms of the latency run's reader of tally.ledger. The mock holds a fetch that found
@@ -46,11 +46,16 @@
  */
 #define READ_WAIT_MS "2"
 /*
- * linger.ms of the latency run's producer (the gateway publishing reservations): librdkafka's
- * default, and the Java client's since Kafka 4.0. The latency is measured from before the
- * publish, so the wait is part of it; --linger-ms sets another.
+ * linger.ms of the latency run's producer (the gateway publishing reservations at tens of
+ * thousands a second): twice librdkafka's default of 5 (the Java client's since Kafka 4.0), as a
+ * producer tuned for throughput sets it. The latency is measured from before the publish, so the
+ * wait is part of every figure. Each linger ends one batch per partition, and every batch costs
+ * a produce request, a fetch by tally-ledger and, on the mock cluster, a walk of the partition's
+ * batches from the oldest (librdkafka 2.0.2, rd_kafka_mock_msgset_find): at 22,000/s over 12
+ * partitions that walk alone was a quarter of a core by the end of a run with linger 5, and it
+ * grows with the square of the batches. --linger-ms sets another (5: the setting before).
  */
-#define LINGER_MS 5
+#define LINGER_MS 10
 #define READ_MAX 512 /* ledger entries the latency run takes from its consumer's queue in one call */
 
 static int64_t wall_us(void)
@@ -176,7 +181,9 @@ struct stack {
 };
 
 static int brokers = 3; /* --brokers: of each run's dev broker */
+static int partitions = PARTITIONS; /* --partitions: of every topic of each run's dev broker */
 static const char *ledger_fetch_wait = FETCH_WAIT_MS; /* --ledger-fetch-wait-ms: tally-ledger's */
+static const char *read_wait = READ_WAIT_MS; /* --read-wait-ms: the latency run's reader's */
 
 static void stack_start(struct stack *s, const char *db)
 {
@@ -186,7 +193,7 @@ static void stack_start(struct stack *s, const char *db)
 		die("mkdtemp", strerror(errno));
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
-	snprintf(parts, sizeof(parts), "%d", PARTITIONS);
+	snprintf(parts, sizeof(parts), "%d", partitions);
 	snprintf(nbrokers, sizeof(nbrokers), "%d", brokers);
 	char log[128];
 	snprintf(log, sizeof(log), "%s/broker.log", s->dir);
@@ -318,8 +325,8 @@ static double bench_bare_consumer(struct stack *s, long expect)
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-bare", err, sizeof(err));
 	if (!rk)
 		die("consumer", err);
-	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(PARTITIONS);
-	for (int i = 0; i < PARTITIONS; i++)
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(partitions);
+	for (int i = 0; i < partitions; i++)
 		rd_kafka_topic_partition_list_add(parts, "tally.events", i)->offset = RD_KAFKA_OFFSET_BEGINNING;
 	if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		die("assign", "failed");
@@ -613,7 +620,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	rd_kafka_conf_t *conf = tly_kafka_conf_new(s.cfg, err, sizeof(err));
 	if (!conf)
 		die("consumer conf", err);
-	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", READ_WAIT_MS, err, sizeof(err)) != 0)
+	if (tly_kafka_conf_set(conf, "fetch.wait.max.ms", read_wait, err, sizeof(err)) != 0)
 		die("consumer conf", err);
 	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-latency", err, sizeof(err));
 	if (!rk)
@@ -622,8 +629,8 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	 * From each partition's end as of now, not RD_KAFKA_OFFSET_END: that is looked up when the
 	 * fetcher starts, and under load the warm-up's entries were sometimes there already.
 	 */
-	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(PARTITIONS);
-	for (int i = 0; i < PARTITIONS; i++) {
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(partitions);
+	for (int i = 0; i < partitions; i++) {
 		int64_t low, high;
 		if (rd_kafka_query_watermark_offsets(rk, "tally.ledger", i, &low, &high, 10000) !=
 		    RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -726,7 +733,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 
 static const char help[] =
 	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N] [--brokers N]\n"
-	"                   [--ledger-fetch-wait-ms N]\n"
+	"                   [--partitions N] [--ledger-fetch-wait-ms N] [--read-wait-ms N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
@@ -737,10 +744,12 @@ static const char help[] =
 	"  --keep  leave each run's directory (broker and ledger logs) in /tmp\n"
 	"  --only  run only the parts named (the ratios need seeds)\n"
 	"  --rate  reservations/s of the latency run (default: half the 1,000-tenant rate)\n"
-	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 5, librdkafka's)\n"
+	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 10; librdkafka's 5)\n"
 	"  --brokers  brokers of each run's dev broker (default 3)\n"
+	"  --partitions  partitions of every topic of each run's dev broker (default 12)\n"
 	"  --ledger-fetch-wait-ms  tally-ledger's kafka.fetch.wait.max.ms (default " FETCH_WAIT_MS "; the mock\n"
-	"           holds a fetch that found nothing this long, even when records come meanwhile)\n";
+	"           holds a fetch that found nothing this long, even when records come meanwhile)\n"
+	"  --read-wait-ms  fetch.wait.max.ms of the latency run's reader of tally.ledger (default " READ_WAIT_MS ")\n";
 
 /* Is part (seeds, many, hot, latency) to run: every part unless --only names others. */
 static bool wanted(const char *only, const char *part)
@@ -766,8 +775,12 @@ int main(int argc, char **argv)
 			linger_ms = atoi(argv[++i]);
 		else if (strcmp(argv[i], "--ledger-fetch-wait-ms") == 0 && i + 1 < argc)
 			ledger_fetch_wait = argv[++i];
+		else if (strcmp(argv[i], "--read-wait-ms") == 0 && i + 1 < argc)
+			read_wait = argv[++i];
 		else if (strcmp(argv[i], "--brokers") == 0 && i + 1 < argc)
 			brokers = atoi(argv[++i]);
+		else if (strcmp(argv[i], "--partitions") == 0 && i + 1 < argc)
+			partitions = atoi(argv[++i]);
 		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
 			fputs(help, stdout);
 			return 0;
@@ -776,10 +789,19 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
+	if (partitions < 1 || partitions > 1000) { /* tally-devbroker's bounds */
+		fprintf(stderr, "tally-bench: --partitions must be 1..1000, not %d\n%s", partitions, help);
+		return 2;
+	}
+	if (brokers < 1 || brokers > 32) {
+		fprintf(stderr, "tally-bench: --brokers must be 1..32, not %d\n%s", brokers, help);
+		return 2;
+	}
 	printf("Tally benchmark (2 cores; PostgreSQL 15 with fsync=on, full_page_writes=on, "
 	       "synchronous_commit=on; dev broker with %d brokers, %d partitions;\n"
-	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s)\n\n",
-	       brokers, PARTITIONS, ledger_fetch_wait, READ_WAIT_MS);
+	       "tally-ledger with default settings but kafka.fetch.wait.max.ms=%s; the latency run's reader's %s;\n"
+	       "the latency run's gateway producer linger.ms=%d)\n\n",
+	       brokers, partitions, ledger_fetch_wait, read_wait, linger_ms);
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
