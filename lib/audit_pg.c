@@ -15,6 +15,37 @@
 #define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
 #define TASKS_PER_JOB 6 /* with several workers: ranges cut per worker, handed out largest first */
+#define FIRST_FETCH 64    /* a tenant's first fetch of entries; each next one twice the last */
+#define MAX_FETCH 8192
+#define HELD_ROWS (1 << 18) /* about the most entry rows a worker holds over its tenants' fetches */
+
+/*
+ * A tenant's entries a fetch at a time, through the primary key: in seq order they are in
+ * offset order, so the workers merge the tenants of a partition by offset themselves and the
+ * ledger needs no index in (partition, offset) order (its writer pays for every index).
+ */
+static const struct tly_pg_stmt stmts[] = {
+	{"tly_audit_tenant_entries",
+	 "SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries e WHERE e.tenant_id = $1 AND "
+	 "e.seq > $2 ORDER BY e.seq LIMIT $3"},
+};
+
+/* A tenant and the partition of its first entry (where its whole ledger belongs). */
+struct tenant_part {
+	int32_t partition;
+	tly_uuid id;
+};
+
+/* One tenant's stream of stored entries in seq order, with its next entry decoded. */
+struct tstream {
+	tly_uuid id;
+	PGresult *res;         /* the current fetch; NULL before the first and after the last */
+	int row;               /* the next row of res */
+	int asked;             /* the size of the fetch res answers; the next one's is twice */
+	int64_t last_seq;      /* of the last row decoded */
+	bool end;              /* nothing after res */
+	struct tly_event head; /* the next entry; the slot keeps its arena */
+};
 
 /* Partitions lo .. hi - 1, of about weight inputs. */
 struct task {
@@ -28,6 +59,8 @@ struct shared {
 	const struct tly_audit_pg_opts *opts;
 	char snapshot[64];   /* exported by the coordinator's transaction */
 	tly_uuid tenant;
+	struct tenant_part *tenants; /* every tenant with entries, by (partition, id); not with one */
+	size_t n_tenants;
 	struct task tasks[MAX_JOBS * TASKS_PER_JOB];
 	int32_t n_tasks;
 	pthread_mutex_t mu;
@@ -46,7 +79,7 @@ struct run {
 	struct shared *sh;
 	int index;
 	PGconn *conn;    /* inputs, and the partitions' offsets */
-	PGconn *conn2;   /* entries */
+	PGconn *conn2;   /* entries, tenant by tenant */
 	struct tly_audit *a;
 	struct tly_pg_error err;
 	int progress_rows;
@@ -60,6 +93,11 @@ struct run {
 	bool in_have, in_done;
 	struct tly_event *group;      /* the stored entries of one cause, read so far */
 	size_t n_group, cap_group;    /* slots keep their arenas from one cause to the next */
+	struct tstream *ts;           /* the task's tenants; slots keep their arenas between tasks */
+	size_t n_ts, cap_ts;
+	size_t *heap;                 /* indexes into ts of the streams with a head, least first */
+	size_t n_heap;
+	int max_fetch;                /* the task's largest fetch: HELD_ROWS over its tenants */
 };
 
 /* A stream that is not what its query returns: a server or network fault, not the ledger's. */
@@ -180,51 +218,167 @@ static int announce(struct run *r, int32_t partition, const char *ptext)
 	return rc;
 }
 
-/* The task's bounds, as settings of both transactions the COPY statements read (no parameters). */
-static int bounds(struct run *r, const char *lo, const char *hi, const char *tenant)
+/* The task's bounds, as settings of the transaction the inputs' COPY reads (no parameters). */
+static int bounds(struct run *r, const char *lo, const char *hi)
 {
-	const char *v[] = {lo, hi, tenant ? tenant : ""};
-	PGconn *conns[] = {r->conn, r->conn2};
-	for (int i = 0; i < 2; i++) {
-		PGresult *res = tly_pg_query(conns[i],
-					     "SELECT set_config('tally.audit_lo', $1, true), "
-					     "set_config('tally.audit_hi', $2, true), "
-					     "set_config('tally.audit_tenant', $3, true)",
-					     3, v, &r->err);
-		if (!res)
-			return TLY_E_PG;
-		PQclear(res);
-	}
+	const char *v[] = {lo, hi};
+	PGresult *res = tly_pg_query(r->conn,
+				     "SELECT set_config('tally.audit_lo', $1, true), "
+				     "set_config('tally.audit_hi', $2, true)",
+				     2, v, &r->err);
+	if (!res)
+		return TLY_E_PG;
+	PQclear(res);
 	return 0;
 }
 
 /*
- * The task's streams: inputs and entries of partitions [lo, hi) in (partition, offset) order, or
- * one tenant's (its partition's ticks with it, and all its entries whatever partition they claim).
+ * The task's inputs: partitions [lo, hi) in (partition, offset) order (with one tenant: its
+ * partition's batches; input_row picks its records and the ticks).
  */
 #define LO "current_setting('tally.audit_lo')::integer"
 #define HI "current_setting('tally.audit_hi')::integer"
-#define TENANT "current_setting('tally.audit_tenant')::uuid"
-static int start_streams(struct run *r, bool one, struct tly_copyout **entries)
+static int start_inputs(struct run *r)
 {
-	/* with one tenant: its partition's batches; input_row picks its records and the ticks */
 	r->inputs = tly_copyout_start(r->conn,
 				      "COPY (SELECT partition, offsets, tenant_ids, record_values FROM "
 				      "ledger_input_batches WHERE partition >= " LO " AND partition < " HI
 				      " ORDER BY partition, first_offset) TO STDOUT (FORMAT binary)",
 				      &r->err);
-	if (!r->inputs)
-		return TLY_E_PG;
-	*entries = tly_copyout_start(r->conn2,
-				     one ? "COPY (SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries "
-					   "e WHERE e.tenant_id = " TENANT " ORDER BY e.cause_partition, "
-					   "e.cause_offset) TO STDOUT (FORMAT binary)"
-					 : "COPY (SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries "
-					   "e WHERE e.cause_partition >= " LO " AND e.cause_partition < " HI
-					   " ORDER BY e.cause_partition, e.cause_offset) "
-					   "TO STDOUT (FORMAT binary)",
-				     &r->err);
-	return *entries ? 0 : TLY_E_PG;
+	return r->inputs ? 0 : TLY_E_PG;
+}
+
+/* The order the verifier takes entries in: (cause partition, cause offset, tenant, seq). */
+static int head_cmp(const struct tly_event *x, const struct tly_event *y)
+{
+	const struct tly_ledger_entry *ex = &x->u.ledger_entry, *ey = &y->u.ledger_entry;
+	if (ex->cause_partition != ey->cause_partition)
+		return ex->cause_partition < ey->cause_partition ? -1 : 1;
+	if (ex->cause_offset != ey->cause_offset)
+		return ex->cause_offset < ey->cause_offset ? -1 : 1;
+	int c = memcmp(x->tenant_id.b, y->tenant_id.b, 16);
+	if (c)
+		return c;
+	return ex->seq < ey->seq ? -1 : ex->seq > ey->seq;
+}
+
+static bool heap_less(const struct run *r, size_t i, size_t j)
+{
+	return head_cmp(&r->ts[r->heap[i]].head, &r->ts[r->heap[j]].head) < 0;
+}
+
+static void heap_swap(struct run *r, size_t i, size_t j)
+{
+	size_t t = r->heap[i];
+	r->heap[i] = r->heap[j];
+	r->heap[j] = t;
+}
+
+/* The heap's order restored after its slot i changed (a larger key, or one taken from the end). */
+static void heap_down(struct run *r, size_t i)
+{
+	for (;;) {
+		size_t least = i, k = 2 * i + 1;
+		if (k < r->n_heap && heap_less(r, k, least))
+			least = k;
+		if (k + 1 < r->n_heap && heap_less(r, k + 1, least))
+			least = k + 1;
+		if (least == i)
+			return;
+		heap_swap(r, i, least);
+		i = least;
+	}
+}
+
+static void heap_push(struct run *r, size_t stream)
+{
+	size_t i = r->n_heap++;
+	r->heap[i] = stream;
+	while (i > 0 && heap_less(r, i, (i - 1) / 2)) {
+		heap_swap(r, i, (i - 1) / 2);
+		i = (i - 1) / 2;
+	}
+}
+
+/* The stream's next entry decoded into its head: 1, 0 at its end, or an error. */
+static int stream_next(struct run *r, struct tstream *s)
+{
+	if (s->res && s->row == PQntuples(s->res)) {
+		s->end = PQntuples(s->res) < s->asked;
+		PQclear(s->res);
+		s->res = NULL;
+	}
+	if (!s->res && !s->end) {
+		char id[37], seq[24], limit[16];
+		tly_uuid_format(&s->id, id);
+		snprintf(seq, sizeof(seq), "%" PRId64, s->last_seq);
+		s->asked = s->asked ? s->asked * 2 : FIRST_FETCH;
+		if (s->asked > r->max_fetch)
+			s->asked = r->max_fetch;
+		snprintf(limit, sizeof(limit), "%d", s->asked);
+		const char *v[] = {id, seq, limit};
+		if (tly_pg_prepare(r->conn2, stmts, sizeof(stmts) / sizeof(stmts[0]), &r->err) != 0 ||
+		    !(s->res = tly_pg_query_prepared(r->conn2, stmts[0].name, 3, v, NULL, NULL, 1,
+						     &r->err)))
+			return TLY_E_PG;
+		s->row = 0;
+		s->end = PQntuples(s->res) == 0;
+	}
+	if (s->end)
+		return 0;
+	int rc = tly_entries_from_result(s->res, s->row++, &s->head);
+	if (rc != 0)
+		return stream_fault(r, rc, "ledger entries");
+	s->last_seq = s->head.u.ledger_entry.seq;
+	return 1;
+}
+
+/* Open a stream for each of the task's n tenants and put those with entries in the heap. */
+static int open_streams(struct run *r, const tly_uuid *one, const struct tenant_part *tp, size_t n)
+{
+	if (n > r->cap_ts) {
+		struct tly_event none = {0};
+		struct tstream *ts = realloc(r->ts, n * sizeof(*ts));
+		size_t *heap = ts ? realloc(r->heap, n * sizeof(*heap)) : NULL;
+		if (ts)
+			r->ts = ts;
+		if (!heap)
+			return TLY_E_NOMEM;
+		r->heap = heap;
+		for (size_t i = r->cap_ts; i < n; i++)
+			r->ts[i].head = none;
+		r->cap_ts = n;
+	}
+	r->max_fetch = n ? HELD_ROWS / (int)n : MAX_FETCH;
+	r->max_fetch = r->max_fetch < FIRST_FETCH ? FIRST_FETCH
+		       : r->max_fetch > MAX_FETCH ? MAX_FETCH : r->max_fetch;
+	r->n_ts = n;
+	r->n_heap = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct tstream *s = &r->ts[i];
+		s->id = one ? *one : tp[i].id;
+		s->res = NULL;
+		s->row = s->asked = 0;
+		s->last_seq = 0;
+		s->end = false;
+	}
+	for (size_t i = 0; i < n; i++) {
+		int rc = stream_next(r, &r->ts[i]);
+		if (rc < 0)
+			return rc;
+		if (rc == 1)
+			heap_push(r, i);
+	}
+	return 0;
+}
+
+static void close_streams(struct run *r)
+{
+	for (size_t i = 0; i < r->n_ts; i++) {
+		PQclear(r->ts[i].res);
+		r->ts[i].res = NULL;
+	}
+	r->n_ts = r->n_heap = 0;
 }
 
 static void progress(struct run *r)
@@ -270,15 +424,14 @@ static int flush(struct run *r, size_t n)
 	return rc;
 }
 
-/* The next stored entry into r->group[r->n_group] (grown as needed): 1, 0 at the end, or an error. */
-static int entry_row(struct run *r, struct tly_copyout *entries)
+/*
+ * The next stored entry, the least head of the task's tenants, into r->group[r->n_group] (grown
+ * as needed): 1, 0 at the end, or an error.
+ */
+static int entry_row(struct run *r)
 {
-	const char *const *values;
-	const int *lengths;
-	int n;
-	int rc = tly_copyout_next(entries, &values, &lengths, &n, &r->err);
-	if (rc != 1)
-		return stream_fault(r, rc, "ledger entries");
+	if (r->n_heap == 0)
+		return 0;
 	if (r->n_group == r->cap_group) {
 		size_t cap = r->cap_group ? 2 * r->cap_group : 16;
 		struct tly_event *g = realloc(r->group, cap * sizeof(*g));
@@ -288,27 +441,32 @@ static int entry_row(struct run *r, struct tly_copyout *entries)
 		r->group = g;
 		r->cap_group = cap;
 	}
-	rc = tly_entries_from_copy(values, lengths, n, &r->group[r->n_group]);
-	return rc ? stream_fault(r, rc, "ledger entries") : 1;
+	struct tstream *s = &r->ts[r->heap[0]];
+	struct tly_event row = r->group[r->n_group]; /* the two slots trade their arenas */
+	r->group[r->n_group] = s->head;
+	s->head = row;
+	int rc = stream_next(r, s);
+	if (rc == 0)
+		r->heap[0] = r->heap[--r->n_heap];
+	if (rc >= 0)
+		heap_down(r, 0);
+	return rc < 0 ? rc : 1;
 }
 
 /*
  * One task: partitions [lo, hi) (or the tenant's), inputs and entries merged in offset order. The
- * entries come in (partition, offset) order from the index; those of one cause are put in (tenant,
- * seq) order here, which spares the server a sort step on every row.
+ * entries come tenant by tenant in seq order through the primary key and are merged here by
+ * (partition, offset, tenant, seq), which spares the server a sort or an index of its own.
  */
 static int audit_task(struct run *r, int32_t lo, int32_t hi)
 {
-	char lot[16], hit[16], tenant[37];
+	char lot[16], hit[16];
 	const struct shared *sh = r->sh;
 	bool one = sh->opts->tenant != NULL;
-	struct tly_copyout *entries = NULL;
 	int rc = 0;
 	long rows = 0;
 	snprintf(lot, sizeof(lot), "%d", (int)lo);
 	snprintf(hit, sizeof(hit), "%d", (int)hi);
-	if (one)
-		tly_uuid_format(&sh->tenant, tenant);
 	for (int32_t p = lo; p < hi && !one && rc == 0; p++) {
 		char ptext[16];
 		snprintf(ptext, sizeof(ptext), "%d", (int)p);
@@ -319,10 +477,18 @@ static int audit_task(struct run *r, int32_t lo, int32_t hi)
 	r->in_tenants = r->in_values = r->in_offsets;
 	r->n_group = 0;
 	if (rc == 0)
-		rc = bounds(r, lot, hit, one ? tenant : NULL);
+		rc = bounds(r, lot, hit);
 	if (rc == 0)
-		rc = start_streams(r, one, &entries);
-	while (rc == 0 && (rc = entry_row(r, entries)) == 1) {
+		rc = start_inputs(r);
+	if (rc == 0) {
+		size_t first = 0, n = 0;
+		while (!one && first < sh->n_tenants && sh->tenants[first].partition < lo)
+			first++;
+		while (!one && first + n < sh->n_tenants && sh->tenants[first + n].partition < hi)
+			n++;
+		rc = open_streams(r, one ? &sh->tenant : NULL, sh->tenants + first, one ? 1 : n);
+	}
+	while (rc == 0 && (rc = entry_row(r)) == 1) {
 		size_t at = r->n_group;
 		const struct tly_ledger_entry *e = &r->group[at].u.ledger_entry;
 		const struct tly_ledger_entry *first = &r->group[0].u.ledger_entry;
@@ -345,7 +511,7 @@ static int audit_task(struct run *r, int32_t lo, int32_t hi)
 		rc = feed_inputs(r, 0, 0, true);
 	if (rc == 0)
 		progress(r);
-	tly_copyout_free(entries);
+	close_streams(r);
 	tly_copyout_free(r->inputs);
 	r->inputs = NULL;
 	return rc;
@@ -384,9 +550,9 @@ static int join(struct run *r, PGconn **conn)
 			return TLY_E_PG;
 	}
 	/*
-	 * Rows in (partition, offset) order straight from the indexes, streamed: for a range of
-	 * partitions the planner would rather scan the table in parallel and sort it on disk, which
-	 * costs a worker more than the whole ledger read in index order. No JIT for one pass.
+	 * Rows in index order, streamed: for a range of partitions the planner would rather scan the
+	 * input batches in parallel and sort them on disk, which costs a worker more than the whole
+	 * range read in index order. No JIT for one pass.
 	 */
 	return tly_pg_exec_script(*conn, "SET LOCAL enable_seqscan = off; "
 				  "SET LOCAL enable_bitmapscan = off; "
@@ -441,6 +607,11 @@ static void *worker_main(void *arg)
 	for (size_t i = 0; i < r->cap_group; i++)
 		tly_event_free(&r->group[i]);
 	free(r->group);
+	close_streams(r);
+	for (size_t i = 0; i < r->cap_ts; i++)
+		tly_event_free(&r->ts[i].head);
+	free(r->ts);
+	free(r->heap);
 	return NULL;
 }
 
@@ -453,10 +624,54 @@ static int heavier_first(const void *x, const void *y)
 }
 
 /*
+ * Every tenant with entries, with the partition of its first entry, by (partition, tenant): a
+ * walk of the primary key that visits each tenant once (the next above the last one), so it
+ * costs a few index pages a tenant, not a read of the ledger. The number of partitions they
+ * reach into *n_parts.
+ */
+static int list_tenants(PGconn *conn, struct shared *sh, int32_t *n_parts, struct tly_pg_error *err)
+{
+	PGresult *res = tly_pg_query(conn,
+				     "WITH RECURSIVE t(id) AS ((SELECT tenant_id FROM ledger_entries "
+				     "ORDER BY tenant_id LIMIT 1) UNION ALL SELECT (SELECT e.tenant_id "
+				     "FROM ledger_entries e WHERE e.tenant_id > t.id ORDER BY e.tenant_id "
+				     "LIMIT 1) FROM t WHERE t.id IS NOT NULL) "
+				     "SELECT p, id FROM (SELECT t.id, (SELECT f.cause_partition FROM "
+				     "ledger_entries f WHERE f.tenant_id = t.id ORDER BY f.seq LIMIT 1) AS p "
+				     "FROM t WHERE t.id IS NOT NULL) x ORDER BY p, id",
+				     0, NULL, err);
+	if (!res)
+		return TLY_E_PG;
+	int rows = PQntuples(res);
+	*n_parts = 0;
+	sh->tenants = calloc((size_t)rows + 1, sizeof(*sh->tenants));
+	if (!sh->tenants) {
+		PQclear(res);
+		return TLY_E_NOMEM;
+	}
+	for (int i = 0; i < rows; i++) {
+		struct tenant_part *t = &sh->tenants[i];
+		t->partition = (int32_t)strtol(PQgetvalue(res, i, 0), NULL, 10);
+		if (tly_uuid_parse(PQgetvalue(res, i, 1), &t->id) != 0) {
+			PQclear(res);
+			snprintf(err->message, sizeof(err->message),
+				 "could not read the ledger's tenants: a tenant id does not parse");
+			err->errclass = TLY_ERRCLASS_FATAL;
+			return TLY_E_PG;
+		}
+		if (t->partition + 1 > *n_parts)
+			*n_parts = t->partition + 1;
+	}
+	sh->n_tenants = (size_t)rows;
+	PQclear(res);
+	return 0;
+}
+
+/*
  * The snapshot every worker reads, and the tasks: contiguous ranges of partitions of about equal
  * input (by the stored offsets), TASKS_PER_JOB for each of several workers, taken heaviest first
  * (so that the last ones, small, end about together); one range for one worker; or the one
- * tenant's partition.
+ * tenant's partition. Without one tenant, the ledger's tenants (list_tenants) too.
  */
 static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
 {
@@ -477,24 +692,36 @@ static int coordinate(PGconn *conn, struct shared *sh, struct tly_pg_error *err)
 				   1, v, err);
 	} else {
 		/* partitions 0 .. n-1 with their weight (stored next offset, at least 1) */
-		const char *v[] = {sh->opts->events_topic};
+		int32_t n_parts;
+		char parts[16];
+		res = tly_pg_query(conn, "SELECT pg_export_snapshot()", 0, NULL, err);
+		if (!res)
+			return TLY_E_PG;
+		snprintf(sh->snapshot, sizeof(sh->snapshot), "%s", PQgetvalue(res, 0, 0));
+		PQclear(res);
+		int rc = list_tenants(conn, sh, &n_parts, err);
+		if (rc != 0)
+			return rc;
+		snprintf(parts, sizeof(parts), "%d", (int)n_parts);
+		const char *v[] = {sh->opts->events_topic, parts};
 		res = tly_pg_query(conn,
 				   "WITH n AS (SELECT coalesce(greatest("
 				   "(SELECT partition_count FROM topic_partitions WHERE topic = $1), "
 				   "(SELECT max(partition) + 1 FROM ledger_input_batches), "
-				   "(SELECT max(cause_partition) + 1 FROM ledger_entries), "
+				   "$2::integer, "
 				   "(SELECT max(partition) + 1 FROM consumer_offsets WHERE consumer = "
 				   "'tally-ledger' AND topic = $1)), 0) AS n) "
-				   "SELECT pg_export_snapshot(), p, greatest(coalesce(o.next_offset, 1), 1) "
+				   "SELECT $2::integer, p, greatest(coalesce(o.next_offset, 1), 1) "
 				   "FROM n, generate_series(0, n.n - 1) AS p LEFT JOIN consumer_offsets o "
 				   "ON o.consumer = 'tally-ledger' AND o.topic = $1 AND o.partition = p "
 				   "ORDER BY p",
-				   1, v, err);
+				   2, v, err);
 	}
 	if (!res)
 		return TLY_E_PG;
 	int rows = PQntuples(res);
-	snprintf(sh->snapshot, sizeof(sh->snapshot), "%s", rows ? PQgetvalue(res, 0, 0) : "");
+	if (sh->opts->tenant) /* else the first statement of the transaction exported it */
+		snprintf(sh->snapshot, sizeof(sh->snapshot), "%s", rows ? PQgetvalue(res, 0, 0) : "");
 	double total = 0, acc = 0;
 	for (int i = 0; i < rows; i++)
 		total += strtod(PQgetvalue(res, i, 2), NULL);
@@ -581,6 +808,7 @@ int tly_audit_pg_run(const struct tly_audit_opts *aopts, const struct tly_audit_
 	counts->projected = proj.projected;
 	counts->behind = proj.behind;
 out:
+	free(sh.tenants);
 	PQfinish(conn); /* ends the coordinator's transaction: read only, nothing to keep */
 	return rc;
 }

@@ -216,6 +216,14 @@ int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entr
 	return rc;
 }
 
+int tly_entries_from_result(const PGresult *res, int r, struct tly_event *ev)
+{
+	if (PQnfields(res) != TLY_ENTRIES_NFIELDS || r < 0 || r >= PQntuples(res))
+		return TLY_E_CORRUPT;
+	struct row w = {res, r, NULL, NULL};
+	return fill(&w, ev);
+}
+
 int tly_entries_from_copy(const char *const *values, const int *lengths, int nfields,
 			  struct tly_event *ev)
 {
