@@ -15,7 +15,8 @@
 #define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
 #define TASKS_PER_JOB 6 /* with several workers: ranges cut per worker, handed out largest first */
-#define FIRST_FETCH 64    /* a tenant's first fetch of entries; each next one twice the last */
+#define FIRST_FETCH 256   /* a tenant's first fetch of entries; each next one twice the last */
+#define MIN_FETCH 16      /* the least fetch of a task of very many tenants */
 #define MAX_FETCH 8192
 #define HELD_ROWS (1 << 18) /* about the most entry rows a worker holds over its tenants' fetches */
 
@@ -36,10 +37,26 @@ struct tenant_part {
 	tly_uuid id;
 };
 
-/* One tenant's stream of stored entries in seq order, with its next entry decoded. */
+/*
+ * A stream in the merge, with its head's place: (partition, offset, stream). The streams open
+ * together are one partition's tenants by id, so the stream index orders heads of one cause by
+ * tenant as the verifier takes them (one stream has one head: seq needs no place here).
+ */
+struct hslot {
+	int32_t partition;
+	int64_t offset;
+	size_t stream;
+};
+
+/*
+ * One tenant's stream of stored entries in seq order, with its next entry decoded. When its
+ * head is the last row of its fetch, the next fetch is sent (if the connection has none in
+ * flight), so that the server reads it while the verifier works on the other tenants.
+ */
 struct tstream {
 	tly_uuid id;
 	PGresult *res;         /* the current fetch; NULL before the first and after the last */
+	PGresult *next;        /* the fetch after it, received ahead */
 	int row;               /* the next row of res */
 	int asked;             /* the size of the fetch res answers; the next one's is twice */
 	int64_t last_seq;      /* of the last row decoded */
@@ -95,8 +112,10 @@ struct run {
 	size_t n_group, cap_group;    /* slots keep their arenas from one cause to the next */
 	struct tstream *ts;           /* the task's tenants; slots keep their arenas between tasks */
 	size_t n_ts, cap_ts;
-	size_t *heap;                 /* indexes into ts of the streams with a head, least first */
+	struct tstream *inflight;     /* whose next fetch conn2 is reading, or NULL */
+	struct hslot *heap;           /* the streams with a head, least first */
 	size_t n_heap;
+	size_t t_next, t_end;         /* the task's tenants (sh->tenants) not yet opened */
 	int max_fetch;                /* the task's largest fetch: HELD_ROWS over its tenants */
 };
 
@@ -248,30 +267,29 @@ static int start_inputs(struct run *r)
 	return r->inputs ? 0 : TLY_E_PG;
 }
 
-/* The order the verifier takes entries in: (cause partition, cause offset, tenant, seq). */
-static int head_cmp(const struct tly_event *x, const struct tly_event *y)
-{
-	const struct tly_ledger_entry *ex = &x->u.ledger_entry, *ey = &y->u.ledger_entry;
-	if (ex->cause_partition != ey->cause_partition)
-		return ex->cause_partition < ey->cause_partition ? -1 : 1;
-	if (ex->cause_offset != ey->cause_offset)
-		return ex->cause_offset < ey->cause_offset ? -1 : 1;
-	int c = memcmp(x->tenant_id.b, y->tenant_id.b, 16);
-	if (c)
-		return c;
-	return ex->seq < ey->seq ? -1 : ex->seq > ey->seq;
-}
-
 static bool heap_less(const struct run *r, size_t i, size_t j)
 {
-	return head_cmp(&r->ts[r->heap[i]].head, &r->ts[r->heap[j]].head) < 0;
+	const struct hslot *x = &r->heap[i], *y = &r->heap[j];
+	if (x->partition != y->partition)
+		return x->partition < y->partition;
+	if (x->offset != y->offset)
+		return x->offset < y->offset;
+	return x->stream < y->stream;
 }
 
 static void heap_swap(struct run *r, size_t i, size_t j)
 {
-	size_t t = r->heap[i];
+	struct hslot t = r->heap[i];
 	r->heap[i] = r->heap[j];
 	r->heap[j] = t;
+}
+
+/* Slot i's place from its stream's head. */
+static void heap_key(struct run *r, size_t i)
+{
+	const struct tly_ledger_entry *e = &r->ts[r->heap[i].stream].head.u.ledger_entry;
+	r->heap[i].partition = e->cause_partition;
+	r->heap[i].offset = e->cause_offset;
 }
 
 /* The heap's order restored after its slot i changed (a larger key, or one taken from the end). */
@@ -293,53 +311,95 @@ static void heap_down(struct run *r, size_t i)
 static void heap_push(struct run *r, size_t stream)
 {
 	size_t i = r->n_heap++;
-	r->heap[i] = stream;
+	r->heap[i].stream = stream;
+	heap_key(r, i);
 	while (i > 0 && heap_less(r, i, (i - 1) / 2)) {
 		heap_swap(r, i, (i - 1) / 2);
 		i = (i - 1) / 2;
 	}
 }
 
+/* The fetch of s's entries after its last one, sent on conn2 (nothing else in flight there). */
+static int send_fetch(struct run *r, struct tstream *s)
+{
+	char id[37], seq[24], limit[16];
+	tly_uuid_format(&s->id, id);
+	snprintf(seq, sizeof(seq), "%" PRId64, s->last_seq);
+	snprintf(limit, sizeof(limit), "%d", s->asked * 2 < r->max_fetch ? s->asked * 2 : r->max_fetch);
+	const char *v[] = {id, seq, limit};
+	if (!PQsendQueryPrepared(r->conn2, stmts[0].name, 3, v, NULL, NULL, 1)) {
+		tly_pg_error_set(&r->err, r->conn2, NULL);
+		return TLY_E_PG;
+	}
+	r->inflight = s;
+	return 0;
+}
+
+/* The fetch in flight on conn2, received into its stream's next. */
+static int receive_fetch(struct run *r)
+{
+	PGresult *res, *got = NULL;
+	int rc = 0;
+	while ((res = PQgetResult(r->conn2))) {
+		if (!got && PQresultStatus(res) == PGRES_TUPLES_OK) {
+			got = res;
+			continue;
+		}
+		if (rc == 0 && !got) {
+			tly_pg_error_set(&r->err, r->conn2, res);
+			rc = TLY_E_PG;
+		}
+		PQclear(res);
+	}
+	if (!got && rc == 0) {
+		tly_pg_error_set(&r->err, r->conn2, NULL);
+		rc = TLY_E_PG;
+	}
+	r->inflight->next = got;
+	r->inflight = NULL;
+	return rc;
+}
+
 /* The stream's next entry decoded into its head: 1, 0 at its end, or an error. */
 static int stream_next(struct run *r, struct tstream *s)
 {
+	int rc;
 	if (s->res && s->row == PQntuples(s->res)) {
 		s->end = PQntuples(s->res) < s->asked;
 		PQclear(s->res);
 		s->res = NULL;
 	}
 	if (!s->res && !s->end) {
-		char id[37], seq[24], limit[16];
-		tly_uuid_format(&s->id, id);
-		snprintf(seq, sizeof(seq), "%" PRId64, s->last_seq);
-		s->asked = s->asked ? s->asked * 2 : FIRST_FETCH;
-		if (s->asked > r->max_fetch)
-			s->asked = r->max_fetch;
-		snprintf(limit, sizeof(limit), "%d", s->asked);
-		const char *v[] = {id, seq, limit};
-		if (tly_pg_prepare(r->conn2, stmts, sizeof(stmts) / sizeof(stmts[0]), &r->err) != 0 ||
-		    !(s->res = tly_pg_query_prepared(r->conn2, stmts[0].name, 3, v, NULL, NULL, 1,
-						     &r->err)))
-			return TLY_E_PG;
+		if (!s->next && r->inflight && r->inflight != s && (rc = receive_fetch(r)) != 0)
+			return rc;
+		if (!s->next && r->inflight != s && (rc = send_fetch(r, s)) != 0)
+			return rc;
+		if (!s->next && (rc = receive_fetch(r)) != 0)
+			return rc;
+		s->res = s->next;
+		s->next = NULL;
+		s->asked = s->asked * 2 < r->max_fetch ? s->asked * 2 : r->max_fetch;
 		s->row = 0;
 		s->end = PQntuples(s->res) == 0;
 	}
 	if (s->end)
 		return 0;
-	int rc = tly_entries_from_result(s->res, s->row++, &s->head);
+	rc = tly_entries_from_result(s->res, s->row++, &s->head);
 	if (rc != 0)
 		return stream_fault(r, rc, "ledger entries");
 	s->last_seq = s->head.u.ledger_entry.seq;
+	if (s->row == PQntuples(s->res) && s->row == s->asked && !r->inflight)
+		return send_fetch(r, s) == 0 ? 1 : TLY_E_PG; /* read ahead while the verifier works */
 	return 1;
 }
 
-/* Open a stream for each of the task's n tenants and put those with entries in the heap. */
+/* Open a stream for each of n tenants (one partition's) and put those with entries in the heap. */
 static int open_streams(struct run *r, const tly_uuid *one, const struct tenant_part *tp, size_t n)
 {
 	if (n > r->cap_ts) {
 		struct tly_event none = {0};
 		struct tstream *ts = realloc(r->ts, n * sizeof(*ts));
-		size_t *heap = ts ? realloc(r->heap, n * sizeof(*heap)) : NULL;
+		struct hslot *heap = ts ? realloc(r->heap, n * sizeof(*heap)) : NULL;
 		if (ts)
 			r->ts = ts;
 		if (!heap)
@@ -350,18 +410,21 @@ static int open_streams(struct run *r, const tly_uuid *one, const struct tenant_
 		r->cap_ts = n;
 	}
 	r->max_fetch = n ? HELD_ROWS / (int)n : MAX_FETCH;
-	r->max_fetch = r->max_fetch < FIRST_FETCH ? FIRST_FETCH
+	r->max_fetch = r->max_fetch < MIN_FETCH ? MIN_FETCH
 		       : r->max_fetch > MAX_FETCH ? MAX_FETCH : r->max_fetch;
 	r->n_ts = n;
 	r->n_heap = 0;
 	for (size_t i = 0; i < n; i++) {
 		struct tstream *s = &r->ts[i];
 		s->id = one ? *one : tp[i].id;
-		s->res = NULL;
-		s->row = s->asked = 0;
+		s->res = s->next = NULL;
+		s->row = 0;
+		s->asked = (FIRST_FETCH < r->max_fetch ? FIRST_FETCH : r->max_fetch) / 2; /* doubled */
 		s->last_seq = 0;
 		s->end = false;
 	}
+	if (tly_pg_prepare(r->conn2, stmts, sizeof(stmts) / sizeof(stmts[0]), &r->err) != 0)
+		return TLY_E_PG;
 	for (size_t i = 0; i < n; i++) {
 		int rc = stream_next(r, &r->ts[i]);
 		if (rc < 0)
@@ -374,9 +437,12 @@ static int open_streams(struct run *r, const tly_uuid *one, const struct tenant_
 
 static void close_streams(struct run *r)
 {
+	if (r->inflight)
+		(void)receive_fetch(r); /* the task ends: what it read, even a failure, is dropped */
 	for (size_t i = 0; i < r->n_ts; i++) {
 		PQclear(r->ts[i].res);
-		r->ts[i].res = NULL;
+		PQclear(r->ts[i].next);
+		r->ts[i].res = r->ts[i].next = NULL;
 	}
 	r->n_ts = r->n_heap = 0;
 }
@@ -425,11 +491,24 @@ static int flush(struct run *r, size_t n)
 }
 
 /*
- * The next stored entry, the least head of the task's tenants, into r->group[r->n_group] (grown
- * as needed): 1, 0 at the end, or an error.
+ * The next stored entry, the least head of the open partition's tenants (the task's next
+ * partition opened when they are done), into r->group[r->n_group] (grown as needed): 1, 0 at the
+ * end, or an error.
  */
 static int entry_row(struct run *r)
 {
+	const struct shared *sh = r->sh;
+	while (r->n_heap == 0 && r->t_next < r->t_end) {
+		const struct tenant_part *tp = &sh->tenants[r->t_next];
+		size_t n = 0;
+		while (r->t_next + n < r->t_end && tp[n].partition == tp[0].partition)
+			n++;
+		r->t_next += n;
+		close_streams(r);
+		int rc = open_streams(r, NULL, tp, n);
+		if (rc != 0)
+			return rc;
+	}
 	if (r->n_heap == 0)
 		return 0;
 	if (r->n_group == r->cap_group) {
@@ -441,13 +520,15 @@ static int entry_row(struct run *r)
 		r->group = g;
 		r->cap_group = cap;
 	}
-	struct tstream *s = &r->ts[r->heap[0]];
+	struct tstream *s = &r->ts[r->heap[0].stream];
 	struct tly_event row = r->group[r->n_group]; /* the two slots trade their arenas */
 	r->group[r->n_group] = s->head;
 	s->head = row;
 	int rc = stream_next(r, s);
 	if (rc == 0)
 		r->heap[0] = r->heap[--r->n_heap];
+	else if (rc == 1)
+		heap_key(r, 0);
 	if (rc >= 0)
 		heap_down(r, 0);
 	return rc < 0 ? rc : 1;
@@ -480,14 +561,14 @@ static int audit_task(struct run *r, int32_t lo, int32_t hi)
 		rc = bounds(r, lot, hit);
 	if (rc == 0)
 		rc = start_inputs(r);
-	if (rc == 0) {
-		size_t first = 0, n = 0;
-		while (!one && first < sh->n_tenants && sh->tenants[first].partition < lo)
-			first++;
-		while (!one && first + n < sh->n_tenants && sh->tenants[first + n].partition < hi)
-			n++;
-		rc = open_streams(r, one ? &sh->tenant : NULL, sh->tenants + first, one ? 1 : n);
-	}
+	r->t_next = r->t_end = 0; /* the tenants of [lo, hi): opened a partition at a time */
+	while (!one && r->t_next < sh->n_tenants && sh->tenants[r->t_next].partition < lo)
+		r->t_next++;
+	for (r->t_end = r->t_next; !one && r->t_end < sh->n_tenants &&
+				   sh->tenants[r->t_end].partition < hi;)
+		r->t_end++;
+	if (rc == 0 && one)
+		rc = open_streams(r, &sh->tenant, NULL, 1);
 	while (rc == 0 && (rc = entry_row(r)) == 1) {
 		size_t at = r->n_group;
 		const struct tly_ledger_entry *e = &r->group[at].u.ledger_entry;

@@ -46,8 +46,8 @@ int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entr
 
 /*
  * Row r of res (a result of a TLY_ENTRIES_SELECT or TLY_ENTRIES_SELECT_BINARY query, text or
- * binary format) as a LedgerEntry into ev (reset first; strings into its arena). 0,
- * TLY_E_CORRUPT or TLY_E_NOMEM.
+ * binary format; columns after those are the caller's) as a LedgerEntry into ev (reset first;
+ * strings into its arena). 0, TLY_E_CORRUPT or TLY_E_NOMEM.
  */
 int tly_entries_from_result(const PGresult *res, int r, struct tly_event *ev) TLY_MUST_CHECK;
 
