@@ -15,20 +15,38 @@
 #define DEFAULT_PROGRESS 20000
 #define MAX_JOBS 64
 #define TASKS_PER_JOB 6 /* with several workers: ranges cut per worker, handed out largest first */
-#define FIRST_FETCH 256   /* a tenant's first fetch of entries; each next one twice the last */
-#define MIN_FETCH 16      /* the least fetch of a task of very many tenants */
-#define MAX_FETCH 8192
-#define HELD_ROWS (1 << 18) /* about the most entry rows a worker holds over its tenants' fetches */
+#define FIRST_ROWS 32 /* a tenant's share of a fetch at first; doubled each time it runs out first */
+#define MIN_ROWS 8
+#define MAX_ROWS 8192
+#define HELD_ROWS (1 << 18) /* about the most entry rows a worker holds over its tenants' shares */
 
 /*
- * A tenant's entries a fetch at a time, through the primary key: in seq order they are in
- * offset order, so the workers merge the tenants of a partition by offset themselves and the
- * ledger needs no index in (partition, offset) order (its writer pays for every index).
+ * The entries come through the primary key, tenant by tenant: in seq order a tenant's entries
+ * are in offset order, so the workers merge the tenants of a partition by offset themselves and
+ * the ledger needs no index in (partition, offset) order (its writer pays for every index). One
+ * fetch reads the next rows of many tenants of the partition ($1 ids, $2 the seq each has read
+ * to, $3 how many rows each), each tenant's rows in seq order in one run, the runs in the
+ * arrays' order (a nested loop over the arrays; rows out of that order are refused, never
+ * trusted). Small shares read about the same stretch of the partition for every tenant, so the
+ * heap pages a fetch visits are visited together, while they are in the server's cache.
  */
 static const struct tly_pg_stmt stmts[] = {
 	{"tly_audit_tenant_entries",
-	 "SELECT " TLY_ENTRIES_SELECT_BINARY " FROM ledger_entries e WHERE e.tenant_id = $1 AND "
-	 "e.seq > $2 ORDER BY e.seq LIMIT $3"},
+	 "SELECT " TLY_ENTRIES_SELECT_BINARY ", t.k FROM unnest($1::uuid[], $2::bigint[], "
+	 "$3::bigint[]) WITH ORDINALITY AS t(id, after, n, k) CROSS JOIN LATERAL (SELECT * FROM "
+	 "ledger_entries x WHERE x.tenant_id = t.id AND x.seq > t.after ORDER BY x.seq LIMIT t.n) e"},
+};
+
+/* One fetch's answer, shared by the slices of it its tenants hold. */
+struct fetch {
+	PGresult *res;
+	int refs;
+};
+
+/* A tenant's rows [row, end) of a fetch. */
+struct slice {
+	struct fetch *f; /* NULL: none */
+	int row, end;
 };
 
 /* A tenant and the partition of its first entry (where its whole ledger belongs). */
@@ -49,19 +67,18 @@ struct hslot {
 };
 
 /*
- * One tenant's stream of stored entries in seq order, with its next entry decoded. When its
- * head is the last row of its fetch, the next fetch is sent (if the connection has none in
- * flight), so that the server reads it while the verifier works on the other tenants.
+ * One tenant's stream of stored entries in seq order, with its next entry decoded. When a
+ * tenant is down to half a share, the next fetch is sent for it and every other tenant as low
+ * (if none is in flight), so that the server reads while the verifier works.
  */
 struct tstream {
 	tly_uuid id;
-	PGresult *res;         /* the current fetch; NULL before the first and after the last */
-	PGresult *next;        /* the fetch after it, received ahead */
-	int row;               /* the next row of res */
-	int asked;             /* the size of the fetch res answers; the next one's is twice */
-	int64_t last_seq;      /* of the last row decoded */
-	bool end;              /* nothing after res */
-	struct tly_event head; /* the next entry; the slot keeps its arena */
+	struct slice cur, next; /* the rows held: cur's first, then next's */
+	int share;              /* rows it asks for in a fetch */
+	int64_t last_seq;       /* of the last row held (or decoded): the next fetch reads after it */
+	bool end;               /* the ledger has nothing after last_seq */
+	bool asked;             /* in the fetch in flight */
+	struct tly_event head;  /* the next entry; the slot keeps its arena */
 };
 
 /* Partitions lo .. hi - 1, of about weight inputs. */
@@ -89,8 +106,9 @@ struct shared {
 };
 
 /*
- * One worker's verifier and its two connections in the snapshot: the inputs stream on one, the
- * entries on the other, both as binary COPY, so the server produces while the verifier works.
+ * One worker's verifier and its two connections in the snapshot: the inputs stream on one by
+ * binary COPY, the entries come on the other by fetches sent ahead, so the server produces
+ * while the verifier works.
  */
 struct run {
 	struct shared *sh;
@@ -112,11 +130,13 @@ struct run {
 	size_t n_group, cap_group;    /* slots keep their arenas from one cause to the next */
 	struct tstream *ts;           /* the task's tenants; slots keep their arenas between tasks */
 	size_t n_ts, cap_ts;
-	struct tstream *inflight;     /* whose next fetch conn2 is reading, or NULL */
+	bool inflight;                /* a fetch is in flight on conn2, for the streams members */
+	size_t *members, n_members;   /* its tenants (indexes into ts), in the arrays' order */
+	struct tly_pgarray *arr[3];   /* its parameters */
 	struct hslot *heap;           /* the streams with a head, least first */
 	size_t n_heap;
 	size_t t_next, t_end;         /* the task's tenants (sh->tenants) not yet opened */
-	int max_fetch;                /* the task's largest fetch: HELD_ROWS over its tenants */
+	int max_share;                /* a tenant's largest share: HELD_ROWS over the partition's */
 };
 
 /* A stream that is not what its query returns: a server or network fault, not the ledger's. */
@@ -319,77 +339,160 @@ static void heap_push(struct run *r, size_t stream)
 	}
 }
 
-/* The fetch of s's entries after its last one, sent on conn2 (nothing else in flight there). */
-static int send_fetch(struct run *r, struct tstream *s)
+static void slice_release(struct slice *sl)
 {
-	char id[37], seq[24], limit[16];
-	tly_uuid_format(&s->id, id);
-	snprintf(seq, sizeof(seq), "%" PRId64, s->last_seq);
-	snprintf(limit, sizeof(limit), "%d", s->asked * 2 < r->max_fetch ? s->asked * 2 : r->max_fetch);
-	const char *v[] = {id, seq, limit};
-	if (!PQsendQueryPrepared(r->conn2, stmts[0].name, 3, v, NULL, NULL, 1)) {
+	if (sl->f && --sl->f->refs == 0) {
+		PQclear(sl->f->res);
+		free(sl->f);
+	}
+	*sl = (struct slice){0};
+}
+
+static int held(const struct tstream *s)
+{
+	return s->cur.end - s->cur.row + s->next.end - s->next.row;
+}
+
+/*
+ * A fetch for every tenant down to half its share, with nothing in the fetch in flight and more
+ * in the ledger, sent on conn2 (where nothing is in flight); none, when no tenant is that low.
+ */
+static int send_fetch(struct run *r)
+{
+	static const uint32_t types[3] = {TLY_PGARRAY_UUID, TLY_PGARRAY_INT8, TLY_PGARRAY_INT8};
+	const char *values[3];
+	int lengths[3], formats[3] = {1, 1, 1};
+	r->n_members = 0;
+	for (int j = 0; j < 3; j++)
+		tly_pgarray_begin(r->arr[j], types[j]);
+	for (size_t i = 0; i < r->n_ts; i++) {
+		struct tstream *s = &r->ts[i];
+		if (s->end || s->next.f || held(s) > s->share / 2)
+			continue;
+		r->members[r->n_members++] = i;
+		tly_pgarray_add(r->arr[0], s->id.b, 16);
+		tly_pgarray_int8(r->arr[1], s->last_seq);
+		tly_pgarray_int8(r->arr[2], s->share);
+	}
+	if (r->n_members == 0)
+		return 0;
+	for (int j = 0; j < 3; j++) {
+		size_t len;
+		if (!(values[j] = tly_pgarray_value(r->arr[j], &len)))
+			return TLY_E_NOMEM;
+		lengths[j] = (int)len;
+	}
+	if (!PQsendQueryPrepared(r->conn2, stmts[0].name, 3, values, lengths, formats, 1)) {
 		tly_pg_error_set(&r->err, r->conn2, NULL);
 		return TLY_E_PG;
 	}
-	r->inflight = s;
+	for (size_t m = 0; m < r->n_members; m++)
+		r->ts[r->members[m]].asked = true;
+	r->inflight = true;
 	return 0;
 }
 
-/* The fetch in flight on conn2, received into its stream's next. */
+/* The rows of the fetch in flight, handed to its tenants as slices, in the arrays' order. */
+static int take_rows(struct run *r, PGresult *res)
+{
+	struct fetch *f = malloc(sizeof(*f));
+	int rows = PQntuples(res), at = 0;
+	if (!f) {
+		PQclear(res);
+		return TLY_E_NOMEM;
+	}
+	*f = (struct fetch){res, 1}; /* this function's reference, dropped at the end */
+	int rc = PQnfields(res) == TLY_ENTRIES_NFIELDS + 1 ? 0 : TLY_E_CORRUPT;
+	for (size_t m = 0; m < r->n_members && rc == 0; m++) {
+		struct tstream *s = &r->ts[r->members[m]];
+		int from = at;
+		while (at < rows && PQgetlength(res, at, TLY_ENTRIES_NFIELDS) == 8 &&
+		       tly_copyout_int8(PQgetvalue(res, at, TLY_ENTRIES_NFIELDS)) == (int64_t)m + 1)
+			at++;
+		s->asked = false;
+		s->end = at - from < s->share;
+		if (at == from)
+			continue;
+		if (PQgetlength(res, at - 1, 1) != 8)
+			rc = TLY_E_CORRUPT;
+		else
+			s->last_seq = tly_copyout_int8(PQgetvalue(res, at - 1, 1));
+		struct slice *sl = s->cur.f && s->cur.row < s->cur.end ? &s->next : &s->cur;
+		slice_release(sl);
+		*sl = (struct slice){f, from, at};
+		f->refs++;
+	}
+	if (rc == 0 && at != rows)
+		rc = TLY_E_CORRUPT; /* rows out of the arrays' order, or of no tenant asked for */
+	for (size_t m = 0; m < r->n_members; m++)
+		r->ts[r->members[m]].asked = false;
+	struct slice mine = {f, 0, 0};
+	slice_release(&mine);
+	return rc ? stream_fault(r, rc, "ledger entries") : 0;
+}
+
+/* The fetch in flight on conn2, received and handed to its tenants. */
 static int receive_fetch(struct run *r)
 {
 	PGresult *res, *got = NULL;
 	int rc = 0;
+	r->inflight = false;
 	while ((res = PQgetResult(r->conn2))) {
-		if (!got && PQresultStatus(res) == PGRES_TUPLES_OK) {
+		if (!got && rc == 0 && PQresultStatus(res) == PGRES_TUPLES_OK) {
 			got = res;
 			continue;
 		}
-		if (rc == 0 && !got) {
+		if (rc == 0) {
 			tly_pg_error_set(&r->err, r->conn2, res);
 			rc = TLY_E_PG;
 		}
 		PQclear(res);
 	}
-	if (!got && rc == 0) {
-		tly_pg_error_set(&r->err, r->conn2, NULL);
-		rc = TLY_E_PG;
+	if (rc != 0 || !got) {
+		PQclear(got);
+		for (size_t m = 0; m < r->n_members; m++)
+			r->ts[r->members[m]].asked = false;
+		if (rc == 0)
+			tly_pg_error_set(&r->err, r->conn2, NULL);
+		return TLY_E_PG;
 	}
-	r->inflight->next = got;
-	r->inflight = NULL;
-	return rc;
+	return take_rows(r, got);
 }
 
 /* The stream's next entry decoded into its head: 1, 0 at its end, or an error. */
 static int stream_next(struct run *r, struct tstream *s)
 {
 	int rc;
-	if (s->res && s->row == PQntuples(s->res)) {
-		s->end = PQntuples(s->res) < s->asked;
-		PQclear(s->res);
-		s->res = NULL;
+	for (;;) {
+		if (s->cur.f && s->cur.row < s->cur.end)
+			break;
+		slice_release(&s->cur);
+		if (s->next.f) {
+			s->cur = s->next;
+			s->next = (struct slice){0};
+			continue;
+		}
+		if (s->end)
+			return 0;
+		if (!r->inflight || !s->asked) {
+			/* out of rows before the fetch came for it: a larger share from now on */
+			s->share = s->share * 2 < r->max_share ? s->share * 2 : r->max_share;
+			if (r->inflight && (rc = receive_fetch(r)) != 0)
+				return rc;
+			if ((rc = send_fetch(r)) != 0)
+				return rc;
+			if (!r->inflight)
+				return stream_fault(r, TLY_E_CORRUPT, "ledger entries"); /* cannot be */
+		}
+		if ((rc = receive_fetch(r)) != 0)
+			return rc;
 	}
-	if (!s->res && !s->end) {
-		if (!s->next && r->inflight && r->inflight != s && (rc = receive_fetch(r)) != 0)
-			return rc;
-		if (!s->next && r->inflight != s && (rc = send_fetch(r, s)) != 0)
-			return rc;
-		if (!s->next && (rc = receive_fetch(r)) != 0)
-			return rc;
-		s->res = s->next;
-		s->next = NULL;
-		s->asked = s->asked * 2 < r->max_fetch ? s->asked * 2 : r->max_fetch;
-		s->row = 0;
-		s->end = PQntuples(s->res) == 0;
-	}
-	if (s->end)
-		return 0;
-	rc = tly_entries_from_result(s->res, s->row++, &s->head);
+	rc = tly_entries_from_result(s->cur.f->res, s->cur.row++, &s->head);
 	if (rc != 0)
 		return stream_fault(r, rc, "ledger entries");
-	s->last_seq = s->head.u.ledger_entry.seq;
-	if (s->row == PQntuples(s->res) && s->row == s->asked && !r->inflight)
-		return send_fetch(r, s) == 0 ? 1 : TLY_E_PG; /* read ahead while the verifier works */
+	if (!r->inflight && !s->end && !s->next.f && held(s) <= s->share / 2 &&
+	    (rc = send_fetch(r)) != 0)
+		return rc; /* read ahead while the verifier works */
 	return 1;
 }
 
@@ -400,28 +503,33 @@ static int open_streams(struct run *r, const tly_uuid *one, const struct tenant_
 		struct tly_event none = {0};
 		struct tstream *ts = realloc(r->ts, n * sizeof(*ts));
 		struct hslot *heap = ts ? realloc(r->heap, n * sizeof(*heap)) : NULL;
+		size_t *members = heap ? realloc(r->members, n * sizeof(*members)) : NULL;
 		if (ts)
 			r->ts = ts;
-		if (!heap)
+		if (heap)
+			r->heap = heap;
+		if (!members)
 			return TLY_E_NOMEM;
-		r->heap = heap;
+		r->members = members;
 		for (size_t i = r->cap_ts; i < n; i++)
 			r->ts[i].head = none;
 		r->cap_ts = n;
 	}
-	r->max_fetch = n ? HELD_ROWS / (int)n : MAX_FETCH;
-	r->max_fetch = r->max_fetch < MIN_FETCH ? MIN_FETCH
-		       : r->max_fetch > MAX_FETCH ? MAX_FETCH : r->max_fetch;
+	for (int j = 0; j < 3; j++)
+		if (!r->arr[j] && !(r->arr[j] = tly_pgarray_new()))
+			return TLY_E_NOMEM;
+	r->max_share = n ? HELD_ROWS / (int)n : MAX_ROWS;
+	r->max_share = r->max_share < MIN_ROWS ? MIN_ROWS
+		       : r->max_share > MAX_ROWS ? MAX_ROWS : r->max_share;
 	r->n_ts = n;
 	r->n_heap = 0;
 	for (size_t i = 0; i < n; i++) {
 		struct tstream *s = &r->ts[i];
 		s->id = one ? *one : tp[i].id;
-		s->res = s->next = NULL;
-		s->row = 0;
-		s->asked = (FIRST_FETCH < r->max_fetch ? FIRST_FETCH : r->max_fetch) / 2; /* doubled */
+		s->cur = s->next = (struct slice){0};
+		s->share = FIRST_ROWS < r->max_share ? FIRST_ROWS : r->max_share;
 		s->last_seq = 0;
-		s->end = false;
+		s->end = s->asked = false;
 	}
 	if (tly_pg_prepare(r->conn2, stmts, sizeof(stmts) / sizeof(stmts[0]), &r->err) != 0)
 		return TLY_E_PG;
@@ -440,9 +548,8 @@ static void close_streams(struct run *r)
 	if (r->inflight)
 		(void)receive_fetch(r); /* the task ends: what it read, even a failure, is dropped */
 	for (size_t i = 0; i < r->n_ts; i++) {
-		PQclear(r->ts[i].res);
-		PQclear(r->ts[i].next);
-		r->ts[i].res = r->ts[i].next = NULL;
+		slice_release(&r->ts[i].cur);
+		slice_release(&r->ts[i].next);
 	}
 	r->n_ts = r->n_heap = 0;
 }
@@ -693,6 +800,9 @@ static void *worker_main(void *arg)
 		tly_event_free(&r->ts[i].head);
 	free(r->ts);
 	free(r->heap);
+	free(r->members);
+	for (int j = 0; j < 3; j++)
+		tly_pgarray_free(r->arr[j]);
 	return NULL;
 }
 
