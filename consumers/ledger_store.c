@@ -1261,23 +1261,9 @@ int tly_ledger_store_load_entries(PGconn *conn, int32_t partition, int64_t from_
 	snprintf(p, sizeof(p), "%d", (int)partition);
 	snprintf(off, sizeof(off), "%" PRId64, from_offset);
 	const char *const v[] = {p, off};
-	/*
-	 * Through the primary key, tenant by tenant (the partition's tenants are its wallets, each
-	 * saved in the transaction of its first entry): a tenant's entries in seq order are in
-	 * offset order, so those caused at the marker and above are a suffix, after the last entry
-	 * below the marker (found walking back from its last entry). Both steps are fenced (the
-	 * materialized CTE, OFFSET 0) so that the planner does not flatten them into a scan of the
-	 * partition's entries with the walk per row. The work is bounded by what is returned plus
-	 * one probe a tenant of the partition, not by the table's size.
-	 */
 	PGresult *res = tly_pg_query(conn,
-				     "WITH b AS MATERIALIZED (SELECT w.tenant_id, coalesce((SELECT x.seq "
-				     "FROM ledger_entries x WHERE x.tenant_id = w.tenant_id AND "
-				     "x.cause_offset < $2 ORDER BY x.seq DESC LIMIT 1), 0) AS after "
-				     "FROM ledger_wallets w WHERE w.partition = $1) "
-				     "SELECT " TLY_ENTRIES_SELECT " FROM b CROSS JOIN LATERAL (SELECT * "
-				     "FROM ledger_entries y WHERE y.tenant_id = b.tenant_id AND "
-				     "y.seq > b.after OFFSET 0) e WHERE e.cause_partition = $1 "
+				     "SELECT " TLY_ENTRIES_SELECT " FROM ledger_entries e "
+				     "WHERE e.cause_partition = $1 AND e.cause_offset >= $2 "
 				     "ORDER BY e.cause_offset, e.tenant_id, e.seq",
 				     2, v, err);
 	if (!res)

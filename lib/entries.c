@@ -216,24 +216,6 @@ int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entr
 	return rc;
 }
 
-int tly_entries_from_result(const PGresult *res, int r, struct tly_event *ev)
-{
-	const char *values[TLY_ENTRIES_NFIELDS];
-	int lengths[TLY_ENTRIES_NFIELDS];
-	if (PQnfields(res) < TLY_ENTRIES_NFIELDS || r < 0 || r >= PQntuples(res))
-		return TLY_E_CORRUPT;
-	if (!PQbinaryTuples(res)) {
-		struct row w = {res, r, NULL, NULL};
-		return fill(&w, ev);
-	}
-	/* every column binary, as a COPY row: each value looked up once, not once per question */
-	for (int c = 0; c < TLY_ENTRIES_NFIELDS; c++) {
-		values[c] = PQgetvalue(res, r, c);
-		lengths[c] = PQgetisnull(res, r, c) ? -1 : PQgetlength(res, r, c);
-	}
-	return tly_entries_from_copy(values, lengths, TLY_ENTRIES_NFIELDS, ev);
-}
-
 int tly_entries_from_copy(const char *const *values, const int *lengths, int nfields,
 			  struct tly_event *ev)
 {

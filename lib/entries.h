@@ -45,13 +45,6 @@ int tly_entries_each(const PGresult *res, int (*fn)(const struct tly_event *entr
 		     void *ud) TLY_MUST_CHECK;
 
 /*
- * Row r of res (a result of a TLY_ENTRIES_SELECT or TLY_ENTRIES_SELECT_BINARY query, text or
- * binary format; columns after those are the caller's) as a LedgerEntry into ev (reset first;
- * strings into its arena). 0, TLY_E_CORRUPT or TLY_E_NOMEM.
- */
-int tly_entries_from_result(const PGresult *res, int r, struct tly_event *ev) TLY_MUST_CHECK;
-
-/*
  * One row of a COPY (SELECT TLY_ENTRIES_SELECT_BINARY ...) TO STDOUT (FORMAT binary) (values and
  * lengths as lib/copyout gives them) as a LedgerEntry into ev (reset first; strings into its
  * arena). 0, TLY_E_CORRUPT (not such a row) or TLY_E_NOMEM.
