@@ -587,6 +587,13 @@ START_TEST(test_crash_and_replay)
 	check_end_state(&e, true);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE cause_type = 'TokensReserved'",
 				0, NULL), sent - TENANTS);
+	/*
+	 * What each restart republished (check_end_state reads all of tally.ledger back) came from
+	 * partitions whose tenants' entries interleave by offset: a republish that read a partition
+	 * tenant by tenant instead of in offset order would have to merge them to give every entry.
+	 */
+	ck_assert_int_gt(q_long(e.conn, "SELECT count(*) FROM (SELECT cause_partition FROM ledger_entries "
+				"GROUP BY cause_partition HAVING count(DISTINCT tenant_id) >= 2) x", 0, NULL), 0);
 
 	/* determinism: the same input into an empty database gives byte-identical entries */
 	char *db2 = tly_test_pg_fresh_db(), errstr[512];
