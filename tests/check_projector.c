@@ -895,6 +895,51 @@ START_TEST(message_id_race_retried)
 END_TEST
 
 /*
+ * Events seen before are looked up, then recorded with a plain insert: the same event folded by
+ * two sessions at once (a partition handed over while its old owner's batch is in flight) fails
+ * the second batch with a unique violation once the first commits, classed retriable; the retry
+ * drops the event, whose effect (a handoff counted) is applied once.
+ */
+START_TEST(seen_event_race_retried)
+{
+#define HANDOFF "\"from_agent\": \"triage\", \"to_agent\": \"billing\""
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	PGconn *other = PQconnectdb(d.conninfo);
+	ck_assert(PQstatus(other) == CONNECTION_OK);
+	struct tly_fold *first = tly_fold_new(), *second = tly_fold_new();
+	ck_assert(first && second);
+	struct tly_pg_error err;
+	conv_event(first, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	conv_event(second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	ck_assert(tly_pg_begin(d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush(first, d.conn, &err) == 0, "%s", err.message);
+	ck_assert(tly_pg_begin(other, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(second, other, "COMMIT", &err) == 0, "%s", err.message);
+	for (int i = 0; i < 50; i++) { /* the second waits for the first's seen row */
+		ck_assert_int_eq(tly_fold_flush_poll(second, other, false, &err), 1);
+		usleep(2000);
+	}
+	ck_assert(tly_pg_commit(d.conn, &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(second, other, true, &err), TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "23505");
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert(tly_pg_rollback(other, &err) == 0);
+	tly_fold_clear(second);
+	conv_event(second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	flush_in_tx(other, second);
+	expect(d.conn, "SELECT concat_ws(' ', handoff_count, active_agent) FROM agent_conversations", "1 billing");
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "1");
+	forget_recorded();
+	PQfinish(other);
+	tly_fold_free(first);
+	tly_fold_free(second);
+	tly_test_db_down(&d);
+#undef HANDOFF
+}
+END_TEST
+
+/*
  * The in-memory fold of a rebuild gives fold.c's rows: the batches of fold_direct (out of order:
  * entries before their subscription's event, an invoice status before its invoice, messages and
  * a handoff before their conversation's start; duplicate events and republished entries; then
@@ -1472,6 +1517,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, conversation_one_update);
 	tcase_add_test(tc, monthly_cost_written_when_changed);
 	tcase_add_test(tc, message_id_race_retried);
+	tcase_add_test(tc, seen_event_race_retried);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
