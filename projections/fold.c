@@ -365,7 +365,9 @@ static const char *const FOLD_SQL[] = {
 	"  AND p.event_id IN (SELECT (cause_event_id)::uuid FROM tly_fold_stage "
 	"  WHERE type = 'LedgerEntry' AND kind = 'usage_recorded')",
 
-	/* 9. API usage per model and UTC day, once per model call (reservation or message) */
+	/* 9. API usage per model and UTC day, once per model call (reservation or message): calls
+	 * recorded before are looked up (a key probe per call, as the seen events) and the new
+	 * ones recorded with a plain insert */
 	"WITH z AS (SELECT ord, tenant_id, at, "
 	"    COALESCE((reservation_id)::uuid, (message_id)::uuid) AS call_id, "
 	"    provider AS provider, model AS model, (prompt_tokens)::bigint AS p, "
@@ -373,14 +375,16 @@ static const char *const FOLD_SQL[] = {
 	"    (cost_micros)::bigint AS cost FROM tly_fold_stage "
 	"  WHERE type IN ('MessageAppended', 'ReservationSettled')), "
 	"calls AS (SELECT DISTINCT ON (tenant_id, call_id) * FROM z "
-	"  WHERE p + co + r > 0 OR cost > 0 ORDER BY tenant_id, call_id, ord), "
+	"  WHERE (p + co + r > 0 OR cost > 0) AND (SELECT true FROM @projector_api_calls@ k "
+	"  WHERE k.tenant_id = z.tenant_id AND k.call_id = z.call_id) IS NULL "
+	"  ORDER BY tenant_id, call_id, ord), "
 	"ins AS (INSERT INTO @projector_api_calls@ (tenant_id, call_id) "
-	"  SELECT tenant_id, call_id FROM calls ON CONFLICT DO NOTHING RETURNING tenant_id, call_id) "
+	"  SELECT tenant_id, call_id FROM calls) "
 	"INSERT INTO @api_usage@ AS a (tenant_id, provider, model, usage_date, prompt_tokens, "
 	"  completion_tokens, reasoning_tokens, total_tokens, cost_micros, request_count, updated_at) "
 	"SELECT c.tenant_id, c.provider, c.model, (c.at AT TIME ZONE 'UTC')::date, sum(c.p), sum(c.co), "
 	"  sum(c.r), sum(c.p + c.co + c.r), sum(c.cost), count(*), max(c.at) "
-	"FROM calls c JOIN ins USING (tenant_id, call_id) GROUP BY 1, 2, 3, 4 "
+	"FROM calls c GROUP BY 1, 2, 3, 4 "
 	"ON CONFLICT (tenant_id, provider, model, usage_date) DO UPDATE SET "
 	"  prompt_tokens = a.prompt_tokens + EXCLUDED.prompt_tokens, "
 	"  completion_tokens = a.completion_tokens + EXCLUDED.completion_tokens, "

@@ -895,6 +895,35 @@ START_TEST(message_id_race_retried)
 END_TEST
 
 /*
+ * A model call is counted once in api_usage whichever of its events comes first and however the
+ * batches fall: a settle, then in a later batch a message naming the same reservation (another
+ * event id), then a message with a call of its own (no reservation).
+ */
+START_TEST(api_call_once_across_batches)
+{
+	struct tly_test_db d;
+	struct tly_fold *f = recording_fold_up(&d);
+	add_json(f, "{\"type\": \"ReservationSettled\", \"event_id\": \"e0000000-0000-4000-8000-000000000001\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:02:01Z\", "
+		    "\"reservation_id\": \"" RES "\", \"provider\": \"openai\", \"model\": \"gpt-4o\", "
+		    "\"prompt_tokens\": 100, \"completion_tokens\": 50, \"reasoning_tokens\": 10, "
+		    "\"cost_micros\": 1234}");
+	flush_in_tx(d.conn, f);
+	add_json(f, M2_EVENT("e0000000-0000-4000-8000-000000000002"));
+	flush_in_tx(d.conn, f);
+	static const char usage[] = "SELECT concat_ws(' ', total_tokens, cost_micros, request_count) FROM api_usage";
+	expect(d.conn, usage, "160 1234 1");
+	conv_message(f, 3, "04:00Z", CONV, 7);
+	flush_in_tx(d.conn, f);
+	expect(d.conn, usage, "170 1237 2");
+	expect(d.conn, "SELECT count(*) FROM projector_api_calls", "2");
+	forget_recorded();
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
  * Events seen before are looked up, then recorded with a plain insert: the same event folded by
  * two sessions at once (a partition handed over while its old owner's batch is in flight) fails
  * the second batch with a unique violation once the first commits, classed retriable; the retry
@@ -1518,6 +1547,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, monthly_cost_written_when_changed);
 	tcase_add_test(tc, message_id_race_retried);
 	tcase_add_test(tc, seen_event_race_retried);
+	tcase_add_test(tc, api_call_once_across_batches);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);
