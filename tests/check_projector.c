@@ -835,6 +835,56 @@ START_TEST(monthly_cost_written_when_changed)
 }
 END_TEST
 
+/* Two sessions folding at once (test database, a second connection to it, a fold for each). */
+struct race {
+	struct tly_test_db d;
+	PGconn *other;
+	struct tly_fold *first, *second;
+};
+
+static void race_up(struct race *r)
+{
+	tly_test_db_up(&r->d, "check_projector");
+	r->other = PQconnectdb(r->d.conninfo);
+	ck_assert(PQstatus(r->other) == CONNECTION_OK);
+	r->first = tly_fold_new();
+	r->second = tly_fold_new();
+	ck_assert(r->first && r->second);
+}
+
+/*
+ * The first fold's batch flushed and left open on the test connection, the second's sent on the
+ * other: it waits for the first, then fails with a unique violation classed retriable once the
+ * first commits. The second fold is cleared, the other connection's transaction rolled back.
+ */
+static void race_second_retriable(struct race *r)
+{
+	struct tly_pg_error err;
+	ck_assert(tly_pg_begin(r->d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush(r->first, r->d.conn, &err) == 0, "%s", err.message);
+	ck_assert(tly_pg_begin(r->other, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(r->second, r->other, "COMMIT", &err) == 0, "%s", err.message);
+	for (int i = 0; i < 50; i++) { /* the second waits for the first's row */
+		ck_assert_int_eq(tly_fold_flush_poll(r->second, r->other, false, &err), 1);
+		usleep(2000);
+	}
+	ck_assert(tly_pg_commit(r->d.conn, &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(r->second, r->other, true, &err), TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "23505");
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert(tly_pg_rollback(r->other, &err) == 0);
+	tly_fold_clear(r->second);
+}
+
+static void race_down(struct race *r)
+{
+	forget_recorded();
+	PQfinish(r->other);
+	tly_fold_free(r->first);
+	tly_fold_free(r->second);
+	tly_test_db_down(&r->d);
+}
+
 /*
  * The message insert is a plain insert after its checks: a message id that another session
  * inserts meanwhile (two tenants' batches folded at once, as two lanes or processes do) fails the
@@ -850,45 +900,21 @@ START_TEST(message_id_race_retried)
 	"\"message_id\": \"" M1 "\", \"role\": \"user\", \"agent_type\": \"human\", " \
 	"\"content\": \"{}\", \"provider\": \"none\", \"model\": \"none\", \"prompt_tokens\": 1, " \
 	"\"completion_tokens\": 0, \"reasoning_tokens\": 0, \"latency_ms\": 0, \"cost_micros\": 0}"
-	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	PGconn *other = PQconnectdb(d.conninfo);
-	ck_assert(PQstatus(other) == CONNECTION_OK);
-	struct tly_fold *first = tly_fold_new(), *second = tly_fold_new();
-	ck_assert(first && second);
-	struct tly_pg_error err;
-	int rc;
-	add_json(first, RACED_MESSAGE(TENANT, "d0000000-0000-4000-8000-000000000001", CONV));
-	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
-				       "44444444-4444-4444-8444-444444444442"));
-	ck_assert(tly_pg_begin(d.conn, &err) == 0);
-	ck_assert_msg(tly_fold_flush(first, d.conn, &err) == 0, "%s", err.message);
-	ck_assert(tly_pg_begin(other, &err) == 0);
-	ck_assert_msg(tly_fold_flush_send(second, other, "COMMIT", &err) == 0, "%s", err.message);
-	for (int i = 0; i < 50; i++) { /* the second waits for the first's message id */
-		ck_assert_int_eq(tly_fold_flush_poll(second, other, false, &err), 1);
-		usleep(2000);
-	}
-	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	rc = tly_fold_flush_poll(second, other, true, &err);
-	ck_assert_int_eq(rc, TLY_E_PG);
-	ck_assert_str_eq(err.sqlstate, "23505");
-	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
-	ck_assert(tly_pg_rollback(other, &err) == 0);
-	tly_fold_clear(second);
-	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
-				       "44444444-4444-4444-8444-444444444442"));
-	flush_in_tx(other, second);
-	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, conversation_id, position), ', ') "
-		       "FROM agent_messages", TENANT " " CONV " 0");
-	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, message_count), ', ' ORDER BY "
-		       "tenant_id) FROM agent_conversations", TENANT " 1, " TENANT2 " 0");
-	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "2");
-	forget_recorded();
-	PQfinish(other);
-	tly_fold_free(first);
-	tly_fold_free(second);
-	tly_test_db_down(&d);
+	struct race r;
+	race_up(&r);
+	add_json(r.first, RACED_MESSAGE(TENANT, "d0000000-0000-4000-8000-000000000001", CONV));
+	add_json(r.second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+					 "44444444-4444-4444-8444-444444444442"));
+	race_second_retriable(&r);
+	add_json(r.second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+					 "44444444-4444-4444-8444-444444444442"));
+	flush_in_tx(r.other, r.second);
+	expect(r.d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, conversation_id, position), ', ') "
+			 "FROM agent_messages", TENANT " " CONV " 0");
+	expect(r.d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, message_count), ', ' ORDER BY "
+			 "tenant_id) FROM agent_conversations", TENANT " 1, " TENANT2 " 0");
+	expect(r.d.conn, "SELECT count(*) FROM projector_seen_events", "2");
+	race_down(&r);
 #undef RACED_MESSAGE
 #undef TENANT2
 }
@@ -932,38 +958,17 @@ END_TEST
 START_TEST(seen_event_race_retried)
 {
 #define HANDOFF "\"from_agent\": \"triage\", \"to_agent\": \"billing\""
-	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	PGconn *other = PQconnectdb(d.conninfo);
-	ck_assert(PQstatus(other) == CONNECTION_OK);
-	struct tly_fold *first = tly_fold_new(), *second = tly_fold_new();
-	ck_assert(first && second);
-	struct tly_pg_error err;
-	conv_event(first, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
-	conv_event(second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
-	ck_assert(tly_pg_begin(d.conn, &err) == 0);
-	ck_assert_msg(tly_fold_flush(first, d.conn, &err) == 0, "%s", err.message);
-	ck_assert(tly_pg_begin(other, &err) == 0);
-	ck_assert_msg(tly_fold_flush_send(second, other, "COMMIT", &err) == 0, "%s", err.message);
-	for (int i = 0; i < 50; i++) { /* the second waits for the first's seen row */
-		ck_assert_int_eq(tly_fold_flush_poll(second, other, false, &err), 1);
-		usleep(2000);
-	}
-	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	ck_assert_int_eq(tly_fold_flush_poll(second, other, true, &err), TLY_E_PG);
-	ck_assert_str_eq(err.sqlstate, "23505");
-	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
-	ck_assert(tly_pg_rollback(other, &err) == 0);
-	tly_fold_clear(second);
-	conv_event(second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
-	flush_in_tx(other, second);
-	expect(d.conn, "SELECT concat_ws(' ', handoff_count, active_agent) FROM agent_conversations", "1 billing");
-	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "1");
-	forget_recorded();
-	PQfinish(other);
-	tly_fold_free(first);
-	tly_fold_free(second);
-	tly_test_db_down(&d);
+	struct race r;
+	race_up(&r);
+	conv_event(r.first, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	conv_event(r.second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	race_second_retriable(&r);
+	conv_event(r.second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	flush_in_tx(r.other, r.second);
+	expect(r.d.conn, "SELECT concat_ws(' ', handoff_count, active_agent) FROM agent_conversations",
+	       "1 billing");
+	expect(r.d.conn, "SELECT count(*) FROM projector_seen_events", "1");
+	race_down(&r);
 #undef HANDOFF
 }
 END_TEST
