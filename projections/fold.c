@@ -101,17 +101,18 @@ struct tly_fold {
  * conversations), then the rows and counters. Every counter adds only rows actually inserted.
  */
 static const char *const FOLD_SQL[] = {
-	/* 1. events seen before are dropped (tly_fold_add stages an event id once per batch); the
-	 * ids go in key order (neighbours in the index one after the other), and the staging table
-	 * is searched for what conflicted only when something did (a one-time filter) */
-	"WITH ins AS (INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
+	/* 1. events seen before are dropped (tly_fold_add stages an event id once per batch), then
+	 * the rest recorded with a plain insert, in key order (neighbours in the index one after the
+	 * other). The lookup is a scalar subquery so that it stays one probe of the key per staged
+	 * event, whatever the statistics (a join could hash the whole table every batch); a plain
+	 * insert, not a speculative one (ON CONFLICT), which wrote and confirmed a token per row.
+	 * Only a session inserting the same id meanwhile can make the insert fail (a unique
+	 * violation, retriable: tly_fold_flush_poll), as the message insert */
+	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL AND (SELECT true "
+	"  FROM @projector_seen_events@ e WHERE e.tenant_id = s.tenant_id AND e.event_id = s.event_id)",
+	"INSERT INTO @projector_seen_events@ (tenant_id, event_id) "
 	"  SELECT tenant_id, event_id FROM tly_fold_stage WHERE event_id IS NOT NULL "
-	"  ORDER BY tenant_id, event_id ON CONFLICT DO NOTHING RETURNING tenant_id, event_id) "
-	"DELETE FROM tly_fold_stage s WHERE s.event_id IS NOT NULL "
-	"  AND (SELECT count(*) FROM ins) < "
-	"    (SELECT count(*) FROM tly_fold_stage WHERE event_id IS NOT NULL) "
-	"  AND NOT EXISTS "
-	"  (SELECT 1 FROM ins i WHERE i.tenant_id = s.tenant_id AND i.event_id = s.event_id)",
+	"  ORDER BY tenant_id, event_id",
 
 	/* 2. ledger entries at or below the tenant's applied seq (republished) are dropped */
 	"WITH firsts AS (SELECT DISTINCT ON (tenant_id, (seq)::bigint) ord, tenant_id, "
@@ -364,7 +365,9 @@ static const char *const FOLD_SQL[] = {
 	"  AND p.event_id IN (SELECT (cause_event_id)::uuid FROM tly_fold_stage "
 	"  WHERE type = 'LedgerEntry' AND kind = 'usage_recorded')",
 
-	/* 9. API usage per model and UTC day, once per model call (reservation or message) */
+	/* 9. API usage per model and UTC day, once per model call (reservation or message): calls
+	 * recorded before are looked up (a key probe per call, as the seen events) and the new
+	 * ones recorded with a plain insert */
 	"WITH z AS (SELECT ord, tenant_id, at, "
 	"    COALESCE((reservation_id)::uuid, (message_id)::uuid) AS call_id, "
 	"    provider AS provider, model AS model, (prompt_tokens)::bigint AS p, "
@@ -372,14 +375,16 @@ static const char *const FOLD_SQL[] = {
 	"    (cost_micros)::bigint AS cost FROM tly_fold_stage "
 	"  WHERE type IN ('MessageAppended', 'ReservationSettled')), "
 	"calls AS (SELECT DISTINCT ON (tenant_id, call_id) * FROM z "
-	"  WHERE p + co + r > 0 OR cost > 0 ORDER BY tenant_id, call_id, ord), "
+	"  WHERE (p + co + r > 0 OR cost > 0) AND (SELECT true FROM @projector_api_calls@ k "
+	"  WHERE k.tenant_id = z.tenant_id AND k.call_id = z.call_id) IS NULL "
+	"  ORDER BY tenant_id, call_id, ord), "
 	"ins AS (INSERT INTO @projector_api_calls@ (tenant_id, call_id) "
-	"  SELECT tenant_id, call_id FROM calls ON CONFLICT DO NOTHING RETURNING tenant_id, call_id) "
+	"  SELECT tenant_id, call_id FROM calls) "
 	"INSERT INTO @api_usage@ AS a (tenant_id, provider, model, usage_date, prompt_tokens, "
 	"  completion_tokens, reasoning_tokens, total_tokens, cost_micros, request_count, updated_at) "
 	"SELECT c.tenant_id, c.provider, c.model, (c.at AT TIME ZONE 'UTC')::date, sum(c.p), sum(c.co), "
 	"  sum(c.r), sum(c.p + c.co + c.r), sum(c.cost), count(*), max(c.at) "
-	"FROM calls c JOIN ins USING (tenant_id, call_id) GROUP BY 1, 2, 3, 4 "
+	"FROM calls c GROUP BY 1, 2, 3, 4 "
 	"ON CONFLICT (tenant_id, provider, model, usage_date) DO UPDATE SET "
 	"  prompt_tokens = a.prompt_tokens + EXCLUDED.prompt_tokens, "
 	"  completion_tokens = a.completion_tokens + EXCLUDED.completion_tokens, "
@@ -513,7 +518,7 @@ enum { K_SUB_STATUS = TLY_EV__COUNT, K_PERIOD, K_CANCELLED, K_ENDED, K_USAGE, K_
 		T(TLY_EV_RESERVATION_RELEASED) | T(TLY_EV_TOKENS_DEBITED))
 #define KEEPS_ID (ANY_EVENT & ~WALLET & ~T(TLY_EV_CLOCK_TICK))
 static const uint64_t FOLD_NEEDS[] = {
-	KEEPS_ID, T(TLY_EV_LEDGER_ENTRY),                               /* 1, 2: dedupe */
+	KEEPS_ID, KEEPS_ID, T(TLY_EV_LEDGER_ENTRY),                     /* 1, 2: dedupe */
 	ANY, T(TLY_EV_TENANT_CREATED), T(TLY_EV_USER_REGISTERED),       /* 3, 4 */
 	T(TLY_EV_PLAN_PUBLISHED), T(TLY_EV_PLAN_PUBLISHED),             /* 5 */
 	T(TLY_EV_LEDGER_ENTRY), T(TLY_EV_SUBSCRIPTION_STARTED),         /* 6 */

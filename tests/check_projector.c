@@ -835,6 +835,56 @@ START_TEST(monthly_cost_written_when_changed)
 }
 END_TEST
 
+/* Two sessions folding at once (test database, a second connection to it, a fold for each). */
+struct race {
+	struct tly_test_db d;
+	PGconn *other;
+	struct tly_fold *first, *second;
+};
+
+static void race_up(struct race *r)
+{
+	tly_test_db_up(&r->d, "check_projector");
+	r->other = PQconnectdb(r->d.conninfo);
+	ck_assert(PQstatus(r->other) == CONNECTION_OK);
+	r->first = tly_fold_new();
+	r->second = tly_fold_new();
+	ck_assert(r->first && r->second);
+}
+
+/*
+ * The first fold's batch flushed and left open on the test connection, the second's sent on the
+ * other: it waits for the first, then fails with a unique violation classed retriable once the
+ * first commits. The second fold is cleared, the other connection's transaction rolled back.
+ */
+static void race_second_retriable(struct race *r)
+{
+	struct tly_pg_error err;
+	ck_assert(tly_pg_begin(r->d.conn, &err) == 0);
+	ck_assert_msg(tly_fold_flush(r->first, r->d.conn, &err) == 0, "%s", err.message);
+	ck_assert(tly_pg_begin(r->other, &err) == 0);
+	ck_assert_msg(tly_fold_flush_send(r->second, r->other, "COMMIT", &err) == 0, "%s", err.message);
+	for (int i = 0; i < 50; i++) { /* the second waits for the first's row */
+		ck_assert_int_eq(tly_fold_flush_poll(r->second, r->other, false, &err), 1);
+		usleep(2000);
+	}
+	ck_assert(tly_pg_commit(r->d.conn, &err) == 0);
+	ck_assert_int_eq(tly_fold_flush_poll(r->second, r->other, true, &err), TLY_E_PG);
+	ck_assert_str_eq(err.sqlstate, "23505");
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert(tly_pg_rollback(r->other, &err) == 0);
+	tly_fold_clear(r->second);
+}
+
+static void race_down(struct race *r)
+{
+	forget_recorded();
+	PQfinish(r->other);
+	tly_fold_free(r->first);
+	tly_fold_free(r->second);
+	tly_test_db_down(&r->d);
+}
+
 /*
  * The message insert is a plain insert after its checks: a message id that another session
  * inserts meanwhile (two tenants' batches folded at once, as two lanes or processes do) fails the
@@ -850,47 +900,76 @@ START_TEST(message_id_race_retried)
 	"\"message_id\": \"" M1 "\", \"role\": \"user\", \"agent_type\": \"human\", " \
 	"\"content\": \"{}\", \"provider\": \"none\", \"model\": \"none\", \"prompt_tokens\": 1, " \
 	"\"completion_tokens\": 0, \"reasoning_tokens\": 0, \"latency_ms\": 0, \"cost_micros\": 0}"
-	struct tly_test_db d;
-	tly_test_db_up(&d, "check_projector");
-	PGconn *other = PQconnectdb(d.conninfo);
-	ck_assert(PQstatus(other) == CONNECTION_OK);
-	struct tly_fold *first = tly_fold_new(), *second = tly_fold_new();
-	ck_assert(first && second);
-	struct tly_pg_error err;
-	int rc;
-	add_json(first, RACED_MESSAGE(TENANT, "d0000000-0000-4000-8000-000000000001", CONV));
-	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
-				       "44444444-4444-4444-8444-444444444442"));
-	ck_assert(tly_pg_begin(d.conn, &err) == 0);
-	ck_assert_msg(tly_fold_flush(first, d.conn, &err) == 0, "%s", err.message);
-	ck_assert(tly_pg_begin(other, &err) == 0);
-	ck_assert_msg(tly_fold_flush_send(second, other, "COMMIT", &err) == 0, "%s", err.message);
-	for (int i = 0; i < 50; i++) { /* the second waits for the first's message id */
-		ck_assert_int_eq(tly_fold_flush_poll(second, other, false, &err), 1);
-		usleep(2000);
-	}
-	ck_assert(tly_pg_commit(d.conn, &err) == 0);
-	rc = tly_fold_flush_poll(second, other, true, &err);
-	ck_assert_int_eq(rc, TLY_E_PG);
-	ck_assert_str_eq(err.sqlstate, "23505");
-	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_RETRIABLE);
-	ck_assert(tly_pg_rollback(other, &err) == 0);
-	tly_fold_clear(second);
-	add_json(second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
-				       "44444444-4444-4444-8444-444444444442"));
-	flush_in_tx(other, second);
-	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, conversation_id, position), ', ') "
-		       "FROM agent_messages", TENANT " " CONV " 0");
-	expect(d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, message_count), ', ' ORDER BY "
-		       "tenant_id) FROM agent_conversations", TENANT " 1, " TENANT2 " 0");
-	expect(d.conn, "SELECT count(*) FROM projector_seen_events", "2");
-	forget_recorded();
-	PQfinish(other);
-	tly_fold_free(first);
-	tly_fold_free(second);
-	tly_test_db_down(&d);
+	struct race r;
+	race_up(&r);
+	add_json(r.first, RACED_MESSAGE(TENANT, "d0000000-0000-4000-8000-000000000001", CONV));
+	add_json(r.second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+					 "44444444-4444-4444-8444-444444444442"));
+	race_second_retriable(&r);
+	add_json(r.second, RACED_MESSAGE(TENANT2, "d0000000-0000-4000-8000-000000000002",
+					 "44444444-4444-4444-8444-444444444442"));
+	flush_in_tx(r.other, r.second);
+	expect(r.d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, conversation_id, position), ', ') "
+			 "FROM agent_messages", TENANT " " CONV " 0");
+	expect(r.d.conn, "SELECT string_agg(concat_ws(' ', tenant_id, message_count), ', ' ORDER BY "
+			 "tenant_id) FROM agent_conversations", TENANT " 1, " TENANT2 " 0");
+	expect(r.d.conn, "SELECT count(*) FROM projector_seen_events", "2");
+	race_down(&r);
 #undef RACED_MESSAGE
 #undef TENANT2
+}
+END_TEST
+
+/*
+ * A model call is counted once in api_usage whichever of its events comes first and however the
+ * batches fall: a settle, then in a later batch a message naming the same reservation (another
+ * event id), then a message with a call of its own (no reservation).
+ */
+START_TEST(api_call_once_across_batches)
+{
+	struct tly_test_db d;
+	struct tly_fold *f = recording_fold_up(&d);
+	add_json(f, "{\"type\": \"ReservationSettled\", \"event_id\": \"e0000000-0000-4000-8000-000000000001\", "
+		    "\"tenant_id\": \"" TENANT "\", \"occurred_at\": \"2026-01-01T00:02:01Z\", "
+		    "\"reservation_id\": \"" RES "\", \"provider\": \"openai\", \"model\": \"gpt-4o\", "
+		    "\"prompt_tokens\": 100, \"completion_tokens\": 50, \"reasoning_tokens\": 10, "
+		    "\"cost_micros\": 1234}");
+	flush_in_tx(d.conn, f);
+	add_json(f, M2_EVENT("e0000000-0000-4000-8000-000000000002"));
+	flush_in_tx(d.conn, f);
+	static const char usage[] = "SELECT concat_ws(' ', total_tokens, cost_micros, request_count) FROM api_usage";
+	expect(d.conn, usage, "160 1234 1");
+	conv_message(f, 3, "04:00Z", CONV, 7);
+	flush_in_tx(d.conn, f);
+	expect(d.conn, usage, "170 1237 2");
+	expect(d.conn, "SELECT count(*) FROM projector_api_calls", "2");
+	forget_recorded();
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
+ * Events seen before are looked up, then recorded with a plain insert: the same event folded by
+ * two sessions at once (a partition handed over while its old owner's batch is in flight) fails
+ * the second batch with a unique violation once the first commits, classed retriable; the retry
+ * drops the event, whose effect (a handoff counted) is applied once.
+ */
+START_TEST(seen_event_race_retried)
+{
+#define HANDOFF "\"from_agent\": \"triage\", \"to_agent\": \"billing\""
+	struct race r;
+	race_up(&r);
+	conv_event(r.first, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	conv_event(r.second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	race_second_retriable(&r);
+	conv_event(r.second, "AgentHandoff", 1, "01:00Z", CONV, HANDOFF);
+	flush_in_tx(r.other, r.second);
+	expect(r.d.conn, "SELECT concat_ws(' ', handoff_count, active_agent) FROM agent_conversations",
+	       "1 billing");
+	expect(r.d.conn, "SELECT count(*) FROM projector_seen_events", "1");
+	race_down(&r);
+#undef HANDOFF
 }
 END_TEST
 
@@ -1472,6 +1551,8 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, conversation_one_update);
 	tcase_add_test(tc, monthly_cost_written_when_changed);
 	tcase_add_test(tc, message_id_race_retried);
+	tcase_add_test(tc, seen_event_race_retried);
+	tcase_add_test(tc, api_call_once_across_batches);
 	tcase_add_test(tc, memfold_equals_fold);
 	tcase_add_test(tc, ledger_gap_read_back);
 	tcase_set_timeout(tc, 60);

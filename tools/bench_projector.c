@@ -391,7 +391,7 @@ static double median(const double *v, int n)
  * CPU seconds so far of the PostgreSQL backends whose application_name starts with app (a
  * daemon's connections: tally-ledger's are "tally-ledger" and "tally-ledger writer"); *n: how many.
  */
-static double backends_cpu(struct stack *s, const char *app, int *n)
+static double backends_cpu(struct stack *s, const char *app, int *n, double *waited)
 {
 	struct tly_pg_error qe;
 	const char *const v[] = {app};
@@ -401,10 +401,62 @@ static double backends_cpu(struct stack *s, const char *app, int *n)
 		die("backends", qe.message);
 	double cpu = 0;
 	*n = PQntuples(backends);
-	for (int i = 0; i < *n; i++)
-		cpu += tly_proc_cpu_s((pid_t)atol(PQgetvalue(backends, i, 0)), false);
+	struct tly_proc_cpu sched = {0};
+	for (int i = 0; i < *n; i++) {
+		pid_t pid = (pid_t)atol(PQgetvalue(backends, i, 0));
+		cpu += tly_proc_cpu_s(pid, false);
+		if (tly_proc_cpu_add(pid, false, &sched) != 0)
+			die("backends", "could not read /proc");
+	}
+	if (waited)
+		*waited = (double)sched.waiting_us / 1e6;
 	PQclear(backends);
 	return cpu;
+}
+
+/*
+ * The cluster's WAL and buffer counters (pg_stat_wal, pg_stat_bgwriter, pg_statio_user_tables),
+ * read around a daemon's run to say where its backends' work went: full-page images after a
+ * checkpoint, buffers written by backends themselves, blocks read from outside shared_buffers.
+ */
+struct walstat {
+	double v[10];
+};
+
+static const char *const walstat_names[] = {"WAL records", "full-page images", "WAL MB", "checkpoints",
+					     "buffers written by backends", "by the checkpointer",
+					     "by the bgwriter", "blocks read (tables + indexes)", "hit",
+					     "fsyncs by backends"};
+
+static struct walstat walstat_now(struct stack *s)
+{
+	static const char sql[] =
+		"SELECT w.wal_records, w.wal_fpi, w.wal_bytes / 1048576.0, b.checkpoints_timed + "
+		"b.checkpoints_req, b.buffers_backend, b.buffers_checkpoint, b.buffers_clean, "
+		"(SELECT coalesce(sum(heap_blks_read + coalesce(idx_blks_read, 0)), 0) FROM pg_statio_user_tables), "
+		"(SELECT coalesce(sum(heap_blks_hit + coalesce(idx_blks_hit, 0)), 0) FROM pg_statio_user_tables), "
+		"b.buffers_backend_fsync "
+		"FROM pg_stat_wal w, pg_stat_bgwriter b";
+	struct tly_pg_error pe;
+	struct walstat w = {{0}};
+	if (tly_pg_exec_script(s->conn, "SELECT pg_stat_clear_snapshot()", &pe) != 0)
+		die("statistics", pe.message);
+	PGresult *r = tly_pg_query(s->conn, sql, 0, NULL, &pe);
+	if (!r)
+		die("statistics", pe.message);
+	for (int i = 0; i < 10; i++)
+		w.v[i] = atof(PQgetvalue(r, 0, i));
+	PQclear(r);
+	return w;
+}
+
+/* One line of what changed from w0 to w. */
+static void walstat_print(const char *who, struct walstat w0, struct walstat w, long events)
+{
+	printf("  %s, cluster counters:", who);
+	for (int i = 0; i < 10; i++)
+		printf("%s %s %.0f", i ? "," : "", walstat_names[i], w.v[i] - w0.v[i]);
+	printf(" (%.0f WAL bytes per tally.events record)\n", (w.v[2] - w0.v[2]) * 1048576.0 / (double)events);
 }
 
 /* One run of a tally-projector binary over the whole backlog, from empty projections. */
@@ -414,6 +466,8 @@ struct proj_run {
 	double cpu;         /* CPU seconds of the process, the whole run */
 	double backend_cpu; /* of its PostgreSQL backends, the whole run */
 	int n_backends;
+	double waited;         /* seconds the process's threads were runnable but not running */
+	double backend_waited; /* the same for its backends: the cores were busy with other work */
 };
 
 static struct proj_run run_projector(struct stack *s, const char *exe, long inputs)
@@ -432,7 +486,11 @@ static struct proj_run run_projector(struct stack *s, const char *exe, long inpu
 	run.timed = inputs - first;
 	/* CPU of the whole run (first batch included): the process, and its backends' */
 	run.cpu = tly_proc_cpu_s(projector, false);
-	run.backend_cpu = backends_cpu(s, "tally-projector", &run.n_backends);
+	run.backend_cpu = backends_cpu(s, "tally-projector", &run.n_backends, &run.backend_waited);
+	struct tly_proc_cpu sched = {0};
+	if (tly_proc_cpu_add(projector, false, &sched) != 0)
+		die("tally-projector", "could not read /proc");
+	run.waited = (double)sched.waiting_us / 1e6;
 	if (tly_proc_stop(projector, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
 	return run;
@@ -537,6 +595,7 @@ int main(int argc, char **argv)
 	snprintf(log, sizeof(log), "%s/ledger.log", s.dir);
 	tly_proc_sibling("tally-ledger", exe, sizeof(exe));
 	char *la[] = {exe, NULL};
+	struct walstat ledger_w0 = walstat_now(&s);
 	pid_t ledger = tly_proc_spawn(la, log, err, sizeof(err));
 	if (ledger < 0)
 		die("tally-ledger", err);
@@ -552,15 +611,19 @@ int main(int argc, char **argv)
 	/* the ledger's CPU over its whole run (start-up and publishing included, as the projector's) */
 	int ledger_backends = 0;
 	double ledger_cpu = tly_proc_cpu_s(ledger, false),
-	       ledger_backend_cpu = backends_cpu(&s, "tally-ledger", &ledger_backends);
+	       ledger_backend_cpu = backends_cpu(&s, "tally-ledger", &ledger_backends, NULL);
 	if (tly_proc_stop(ledger, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
 	long ledger_records = topic_end(&s, "tally.ledger");
+	backends_gone(&s);
+	struct walstat ledger_w1 = walstat_now(&s);
 
 	/* the projector on the whole backlog */
 	long inputs = events + ledger_records + catalog;
 	tly_proc_sibling("tally-projector", exe, sizeof(exe));
 	struct proj_run run = run_projector(&s, exe, inputs);
+	backends_gone(&s);
+	struct walstat proj_w1 = walstat_now(&s);
 	long rows = projection_rows(&s);
 	double proj_s = run.secs, proj_cpu = run.cpu, backend_cpu = run.backend_cpu;
 	int n_backends = run.n_backends;
@@ -651,6 +714,8 @@ int main(int argc, char **argv)
 	printf("  CPU of the whole run: tally-projector %.2f s, its %d PostgreSQL backend(s) %.2f s "
 	       "(%.1f us per input record)\n", proj_cpu, n_backends, backend_cpu,
 	       (proj_cpu + backend_cpu) / (double)run.timed * 1e6);
+	printf("  runnable but waiting for a core meanwhile: tally-projector %.2f s, its backends %.2f s\n",
+	       run.waited, run.backend_waited);
 	for (int k = 0; proj_rounds > 0 && k <= (baseline_projector ? 1 : 0); k++) {
 		printf("  %s, median of %d more runs: %10.0f events/s, %.1f us CPU per input record\n",
 		       k ? "baseline projector" : "this projector", proj_rounds,
@@ -675,6 +740,8 @@ int main(int argc, char **argv)
 	printf("  by CPU per tally.events record:     %5.2fx  (tally-ledger %.2f s + %d backend(s) %.2f s = "
 	       "%.1f us; tally-projector %.1f us)\n", proj_us > 0 ? ledger_us / proj_us : 0, ledger_cpu,
 	       ledger_backends, ledger_backend_cpu, ledger_us, proj_us);
+	walstat_print("tally-ledger's run", ledger_w0, ledger_w1, events);
+	walstat_print("tally-projector's run", ledger_w1, proj_w1, events);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
 	       copy_rows > 0 ? 100 * rebuild_rows / copy_rows : 0);
 	if (rounds > 1) { /* the same, round by round: each rebuild against the raw COPY of its round */
