@@ -16,6 +16,7 @@
 
 #include "clock.h"
 #include "../consumers/ledger_partition.h"
+#include "../consumers/ledger_publisher.h"
 #include "../consumers/ledger_store.h"
 #include "../consumers/ledger_writer.h"
 #include "codec.h"
@@ -2108,6 +2109,95 @@ START_TEST(test_writer_lane_killed)
 }
 END_TEST
 
+/* A publisher of PARTITIONS partitions to bootstraps, with kafka.linger.ms when linger is not NULL. */
+static struct tly_ledger_publisher *publisher_new(const char *bootstraps, const char *linger,
+						  struct tly_codec *codec)
+{
+	char errstr[512];
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	ck_assert(tly_config_set(cfg, "kafka.bootstrap.servers", bootstraps, errstr, sizeof(errstr)) == 0);
+	ck_assert(tly_config_set(cfg, "kafka.message.timeout.ms", "2000", errstr, sizeof(errstr)) == 0);
+	if (linger)
+		ck_assert(tly_config_set(cfg, "kafka.linger.ms", linger, errstr, sizeof(errstr)) == 0);
+	struct tly_ledger_publisher *pub = tly_ledger_publisher_new(cfg, codec, PARTITIONS, errstr,
+								    sizeof(errstr));
+	tly_config_free(cfg);
+	ck_assert_msg(pub != NULL, "%s", errstr);
+	return pub;
+}
+
+static void assert_linger(struct tly_ledger_publisher *pub, const char *want)
+{
+	char v[16];
+	size_t len = sizeof(v);
+	const rd_kafka_conf_t *conf = rd_kafka_conf(tly_ledger_publisher_handle(pub));
+	ck_assert(rd_kafka_conf_get(conf, "linger.ms", v, &len) == RD_KAFKA_CONF_OK);
+	ck_assert_str_eq(v, want);
+}
+
+/* Batch [first, end) of a partition with two quarantined records (copies to tally.deadletter). */
+static int send_quarantined(struct tly_ledger_publisher *pub, int32_t partition, int64_t first,
+			    int64_t end)
+{
+	struct tly_ledger_quarantined q[2];
+	for (int i = 0; i < 2; i++)
+		q[i] = (struct tly_ledger_quarantined){.topic = "tally.events", .partition = partition,
+						       .offset = first + i, .value = "x", .valuelen = 1,
+						       .reason = "corrupt"};
+	struct tly_ledger_batch_out out = {.quarantined = q, .n_quarantined = 2,
+					   .first_offset = first, .end_offset = end};
+	return tly_ledger_publisher_send(pub, partition, &out);
+}
+
+/*
+ * The publisher's producer lingers 1 ms unless kafka.linger.ms says otherwise (a group's
+ * entries to one producer batch). Each message's delivery report finds its batch, and with it
+ * the partition whose marker it moves: the marker moves only once every message of the batches
+ * up to it is delivered, and a failed delivery marks its own partition and no other.
+ */
+START_TEST(test_publisher_batches)
+{
+	char errstr[256];
+	struct tly_test_broker b;
+	tly_test_broker_start(&b, 1, PARTITIONS);
+	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
+	ck_assert_msg(codec != NULL, "%s", errstr);
+
+	struct tly_ledger_publisher *pub = publisher_new(b.bootstraps, NULL, codec);
+	assert_linger(pub, "1");
+	for (int64_t g = 0; g < 3; g++) /* three groups of partition 1, one of partition 2 */
+		ck_assert(send_quarantined(pub, 1, 10 * g, 10 * g + 10) == 0);
+	ck_assert(send_quarantined(pub, 2, 0, 7) == 0);
+	/* nothing is reported before a poll: no marker yet, however fast the broker */
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 1), -1);
+	ck_assert_int_eq(tly_ledger_publisher_flush(pub, 10000), 0);
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 1), 30);
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 1), -1); /* taken once */
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 2), 7);
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 0), -1);
+	ck_assert(!tly_ledger_publisher_take_failure(pub, 1) && !tly_ledger_publisher_take_failure(pub, 2));
+	tly_ledger_publisher_free(pub, 5000);
+
+	/* the broker gone: partition 3's messages time out and fail partition 3 alone */
+	tly_test_broker_stop(&b);
+	pub = publisher_new(b.bootstraps, "2", codec);
+	assert_linger(pub, "2");
+	ck_assert(send_quarantined(pub, 3, 0, 5) == 0);
+	int64_t deadline = tly_clock_ms() + 15000;
+	while (tly_ledger_publisher_flush(pub, 100) != 0 && tly_clock_ms() < deadline)
+		;
+	ck_assert(tly_ledger_publisher_take_failure(pub, 3));
+	ck_assert(!tly_ledger_publisher_take_failure(pub, 3)); /* reported once */
+	for (int32_t p = 0; p < PARTITIONS; p++) {
+		ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, p), -1);
+		ck_assert(!tly_ledger_publisher_take_failure(pub, p));
+	}
+	tly_ledger_publisher_free(pub, 0);
+	tly_codec_free(codec);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2137,7 +2227,8 @@ Suite *ledger_suite(void)
 		       {"faults", test_broker_faults, 90}, {"python", test_python_event_applied, 90},
 		       {"writer", test_writer_queue, 90}, {"writer_lanes", test_writer_lanes, 90},
 		       {"writer_lane_killed", test_writer_lane_killed, 90},
-		       {"kafka_conf", test_kafka_conf_nodelay, 90}};
+		       {"kafka_conf", test_kafka_conf_nodelay, 90},
+		       {"publisher", test_publisher_batches, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
