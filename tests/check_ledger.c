@@ -1040,6 +1040,81 @@ START_TEST(test_wallet_catch_up)
 END_TEST
 
 /*
+ * At moderate rates a tenant's batches are small: its snapshot is saved once 16 batches changed
+ * it and 256 of its records were applied since the last save, not after 16 batches of one
+ * record each (every sixteenth record a JSON snapshot and a row of the wallets upsert). A
+ * partition loaded afterwards re-executes what came since and goes on from the stored ledger.
+ */
+START_TEST(test_snapshot_saved_by_records)
+{
+	char key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	int32_t part = partition_ctx(&e, 8, &codec, &ctx, &t, key);
+	struct tly_pg_error err;
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(p);
+	struct tly_event ev;
+	struct tly_ledger_batch_out out;
+	bool fenced;
+	int64_t off = 0;
+	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
+	tly_uuid_generate(&ev.event_id);
+	ev.tenant_id = t;
+	ev.occurred_at = T0;
+	ev.u.subscription_started.period_start = T0;
+	ev.u.subscription_started.period_end = T0 + 720 * HOUR;
+	ev.u.subscription_started.trial_ends_at.set = false;
+	ev.u.subscription_started.terms.tokens_per_period = 1000000;
+	ev.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+	add_event(p, codec, key, off++, &ev);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	const char *as_of_sql = "SELECT as_of_offset FROM ledger_wallets";
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), 1); /* new: saved at once */
+	for (int i = 0; i < 40; i++) { /* 40 batches of one record: 16 batches, too few records */
+		reserve_event(&ev, &t, 10, T0 + (i + 1) * 1000LL);
+		add_event(p, codec, key, off++, &ev);
+		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+		ck_assert_int_eq(out.n_entries, 1);
+	}
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), 1);
+	for (int i = 0; i < 216; i++) { /* the 256th record since the save: saved with its batch */
+		reserve_event(&ev, &t, 10, T0 + 100000LL + i);
+		add_event(p, codec, key, off++, &ev);
+	}
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), off);
+	long saved_at = off;
+	for (int i = 0; i < 3; i++) { /* and again only after as many */
+		reserve_event(&ev, &t, 10, T0 + 200000LL + i);
+		add_event(p, codec, key, off++, &ev);
+		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	}
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), saved_at);
+	tly_ledger_partition_free(p);
+
+	/* loaded again: the three records since the snapshot re-executed, the chain goes on */
+	long before = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_msg(p != NULL, "%s", err.message);
+	reserve_event(&ev, &t, 10, T0 + 300000LL);
+	add_event(p, codec, key, off++, &ev);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(out.n_entries, 1);
+	ck_assert_str_eq(out.entries[0].u.ledger_entry.kind, "hold_placed");
+	ck_assert_int_eq(out.entries[0].u.ledger_entry.seq, before + 1);
+	ck_assert_int_eq(out.entries[0].u.ledger_entry.held, 10 * (40 + 216 + 3 + 1));
+	ck_assert_int_eq(check_chains(e.conn), before + 1);
+	tly_ledger_partition_free(p);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/*
  * Take the record buf at offset into the partition's open batch and decide it as a group of one;
  * the transaction is not run.
  */
@@ -2207,6 +2282,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_stale_owner_fenced);
 	tcase_add_test(tc, test_group_commit_all_or_nothing);
 	tcase_add_test(tc, test_wallet_catch_up);
+	tcase_add_test(tc, test_snapshot_saved_by_records);
 	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_load_entries_from_marker);
