@@ -157,7 +157,7 @@ TEST_SRCS := \
 	tests/check_demo.c
 TEST_OBJS := $(TEST_SRCS:%.c=$(OBJ)/%.o) $(OBJ)/consumers/ledger_partition.o $(OBJ)/producers/loadgen.o \
              $(OBJ)/consumers/ledger_store.o $(OBJ)/consumers/ledger_pace.o \
-             $(OBJ)/consumers/ledger_writer.o
+             $(OBJ)/consumers/ledger_writer.o $(OBJ)/consumers/ledger_publisher.o
 TEST_BIN  := $(BIN)/tally-tests
 
 .PHONY: all deps check unit bench chaos soak clean dev demo demo-stop schemas-release asan \

@@ -16,12 +16,17 @@
 #define CACHE_SLOTS 8192 /* recently committed (tenant, event id) pairs, direct-mapped */
 
 /*
- * When a wallet's snapshot is saved (with its changed holds): when the wallet is new, after
- * SAVE_EVERY_BATCHES batches changed it, and once its partition moved SAVE_LAG_INPUTS input
- * records past it (at most SAVE_LAG_PER_BATCH such wallets a batch). Loading brings a wallet
- * forward from its snapshot by re-executing its input records since, so these bound that work.
+ * When a wallet's snapshot is saved (with its changed holds): when the wallet is new, once
+ * SAVE_EVERY_BATCHES batches changed it and SAVE_MIN_RECORDS of its input records were applied
+ * since the last save, and once its partition moved SAVE_LAG_INPUTS input records past it (at
+ * most SAVE_LAG_PER_BATCH such wallets a batch). Loading brings a wallet forward from its
+ * snapshot by re-executing its input records since, so these bound that work. The record
+ * count matters at moderate rates on many tenants, where batches are small and 16 of a tenant's
+ * batches were often 16 records: every sixteenth record then cost a JSON snapshot and a row of
+ * the wallets upsert.
  */
 #define SAVE_EVERY_BATCHES 16
+#define SAVE_MIN_RECORDS 256
 #define SAVE_LAG_INPUTS 100000
 #define SAVE_LAG_PER_BATCH 256
 #define REPLAY_CHUNK 1000 /* input records re-executed per "seen" lookup when loading */
@@ -446,9 +451,11 @@ static int tick_all(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			return rc;
 		}
 		tly_wallet_balance(w, &after);
-		if ((before.seq != after.seq || before.ledger_time != after.ledger_time) &&
-		    touch(p->open, w) != 0)
+		if (before.seq == after.seq && before.ledger_time == after.ledger_time)
+			continue;
+		if (touch(p->open, w) != 0)
 			return TLY_E_NOMEM;
+		tly_wallet_saving(w)->records++;
 	}
 	return 0;
 }
@@ -492,6 +499,7 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	}
 	if (touch(b, w) != 0)
 		return TLY_E_NOMEM;
+	tly_wallet_saving(w)->records++;
 	if (b->entries.n > before && !seen.seen &&
 	    tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
 		return TLY_E_NOMEM;
@@ -684,6 +692,7 @@ static int catch_up(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			continue;
 		stale[n++] = *tly_wallet_tenant(w);
 		sv->batches = SAVE_EVERY_BATCHES - 1; /* saved again at its next change */
+		sv->records = SAVE_MIN_RECORDS;
 		if (sv->as_of < from)
 			from = sv->as_of;
 	}
@@ -787,7 +796,8 @@ static int choose_saved(struct tly_ledger_partition *p)
 	for (size_t i = 0; i < b->n_touched; i++) {
 		struct tly_wallet *w = b->touched_list[i];
 		const struct tly_wallet_saving *sv = tly_wallet_saving(w);
-		if ((sv->as_of < 0 || sv->batches + 1 >= SAVE_EVERY_BATCHES || sv->as_of <= lag_limit) &&
+		bool due = sv->batches + 1 >= SAVE_EVERY_BATCHES && sv->records >= SAVE_MIN_RECORDS;
+		if ((sv->as_of < 0 || due || sv->as_of <= lag_limit) &&
 		    save_wallet(b, w) != 0)
 			return TLY_E_NOMEM;
 	}
@@ -874,7 +884,7 @@ static void close_open(struct tly_ledger_partition *p)
 	struct batch *b = p->open;
 	for (size_t i = 0; i < b->n_saved; i++) { /* their snapshots are in the transaction */
 		tly_wallet_mark_saved(b->saved_list[i]);
-		*tly_wallet_saving(b->saved_list[i]) = (struct tly_wallet_saving){b->new_offset, 0};
+		*tly_wallet_saving(b->saved_list[i]) = (struct tly_wallet_saving){b->new_offset, 0, 0};
 	}
 	for (size_t i = 0; i < b->n_touched; i++) {
 		struct tly_wallet_saving *sv = tly_wallet_saving(b->touched_list[i]);

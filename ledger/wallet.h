@@ -80,6 +80,7 @@ void tly_wallet_mark_saved(struct tly_wallet *w);
 struct tly_wallet_saving {
 	int64_t as_of;    /* input offset the stored snapshot is as of; -1: none (or not known yet) */
 	uint32_t batches; /* batches that changed the wallet since it was stored */
+	uint32_t records; /* input records applied to it since it was stored (ClockTicks that moved it too) */
 };
 struct tly_wallet_saving *tly_wallet_saving(struct tly_wallet *w);
 

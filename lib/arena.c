@@ -17,11 +17,20 @@ struct block {
 
 struct tly_arena {
 	struct block *head; /* newest block first */
+	size_t first;       /* size of the first block; 0: ARENA_BLOCK */
 };
 
 struct tly_arena *tly_arena_new(void)
 {
 	return calloc(1, sizeof(struct tly_arena));
+}
+
+struct tly_arena *tly_arena_new_sized(size_t first_block)
+{
+	struct tly_arena *arena = tly_arena_new();
+	if (arena)
+		arena->first = first_block;
+	return arena;
 }
 
 void *tly_arena_alloc(struct tly_arena *arena, size_t size)
@@ -32,7 +41,8 @@ void *tly_arena_alloc(struct tly_arena *arena, size_t size)
 		return NULL;
 	struct block *b = arena->head;
 	if (!b || b->size - b->used < need) {
-		size_t bsize = need > ARENA_BLOCK ? need : ARENA_BLOCK;
+		size_t want = !b && arena->first ? arena->first : ARENA_BLOCK;
+		size_t bsize = need > want ? need : want;
 		if (bsize > SIZE_MAX - sizeof(struct block))
 			return NULL;
 		b = malloc(sizeof(struct block) + bsize);

@@ -9,6 +9,12 @@ struct tly_arena;
 /* Returns NULL when out of memory. */
 struct tly_arena *tly_arena_new(void);
 
+/*
+ * An arena whose first block holds first_block bytes (later ones 8 KiB, or what one allocation
+ * needs): for many small arenas alive at once, such as one per decoded event of a batch.
+ */
+struct tly_arena *tly_arena_new_sized(size_t first_block);
+
 /* Memory aligned for any type; valid until the next tly_arena_reset or tly_arena_free. NULL on OOM. */
 void *tly_arena_alloc(struct tly_arena *arena, size_t size);
 

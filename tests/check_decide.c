@@ -10,9 +10,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "codec.h"
 #include "decide.h"
 #include "decide_model.h"
+#include "event.h"
 #include "suites.h"
 #include "wallet.h"
 
@@ -846,6 +848,50 @@ START_TEST(test_model_random_sequences)
 }
 END_TEST
 
+/* Bytes handed out by 16-byte allocations of a before one comes from a new block (not adjacent). */
+static size_t contiguous_bytes(struct tly_arena *a)
+{
+	unsigned char *first = tly_arena_alloc(a, 16), *prev = first;
+	ck_assert_ptr_nonnull(first);
+	for (;;) {
+		unsigned char *p = tly_arena_alloc(a, 16);
+		ck_assert_ptr_nonnull(p);
+		memset(p, 0x5A, 16);
+		if (p != prev + 16)
+			return (size_t)(prev + 16 - first);
+		prev = p;
+	}
+}
+
+/*
+ * A batch keeps one decoded event (and its arena) per record, up to thousands: an event's arena
+ * starts with a small block, not the arena's usual 8 KiB (two fresh pages a record). What does
+ * not fit goes on in larger blocks.
+ */
+START_TEST(test_event_arena_small)
+{
+	struct tly_arena *plain = tly_arena_new(), *sized = tly_arena_new_sized(64);
+	ck_assert(plain && sized);
+	ck_assert_uint_ge(contiguous_bytes(plain), 8192);
+	ck_assert_uint_eq(contiguous_bytes(sized), 64);
+	char *big = tly_arena_alloc(sized, 20000); /* larger than any block: its own */
+	ck_assert_ptr_nonnull(big);
+	memset(big, 1, 20000);
+	tly_arena_free(plain);
+	tly_arena_free(sized);
+
+	struct tly_event ev = {0};
+	tly_event_init(&ev, TLY_EV_TOKENS_RESERVED);
+	struct tly_arena *a = tly_event_arena(&ev);
+	ck_assert_ptr_nonnull(a);
+	size_t first = contiguous_bytes(a);
+	ck_assert_msg(first >= 256 && first < 4096, "an event's first block holds %zu bytes", first);
+	char *s = tly_arena_strndup(a, "gpt-5", 5);
+	ck_assert_str_eq(s, "gpt-5");
+	tly_event_free(&ev);
+}
+END_TEST
+
 Suite *decide_suite(void)
 {
 	Suite *s = suite_create("decide");
@@ -855,6 +901,7 @@ Suite *decide_suite(void)
 	tcase_add_test(tc, test_wrong_tenant_refused);
 	tcase_add_test(tc, test_many_holds);
 	tcase_add_test(tc, test_snapshot_grants_in_grant_order);
+	tcase_add_test(tc, test_event_arena_small);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("model");
 	tcase_set_timeout(tc, 120);

@@ -16,6 +16,7 @@
 
 #include "clock.h"
 #include "../consumers/ledger_partition.h"
+#include "../consumers/ledger_publisher.h"
 #include "../consumers/ledger_store.h"
 #include "../consumers/ledger_writer.h"
 #include "codec.h"
@@ -1032,6 +1033,81 @@ START_TEST(test_wallet_catch_up)
 	/* reservations 37 and 38 are still held, 10 tokens each */
 	ck_assert_int_eq(out.entries[3].u.ledger_entry.held, 20);
 	ck_assert_int_eq(check_chains(e.conn), before + 4);
+	tly_ledger_partition_free(p);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/*
+ * At moderate rates a tenant's batches are small: its snapshot is saved once 16 batches changed
+ * it and 256 of its records were applied since the last save, not after 16 batches of one
+ * record each (every sixteenth record a JSON snapshot and a row of the wallets upsert). A
+ * partition loaded afterwards re-executes what came since and goes on from the stored ledger.
+ */
+START_TEST(test_snapshot_saved_by_records)
+{
+	char key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	int32_t part = partition_ctx(&e, 8, &codec, &ctx, &t, key);
+	struct tly_pg_error err;
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(p);
+	struct tly_event ev;
+	struct tly_ledger_batch_out out;
+	bool fenced;
+	int64_t off = 0;
+	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
+	tly_uuid_generate(&ev.event_id);
+	ev.tenant_id = t;
+	ev.occurred_at = T0;
+	ev.u.subscription_started.period_start = T0;
+	ev.u.subscription_started.period_end = T0 + 720 * HOUR;
+	ev.u.subscription_started.trial_ends_at.set = false;
+	ev.u.subscription_started.terms.tokens_per_period = 1000000;
+	ev.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+	add_event(p, codec, key, off++, &ev);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	const char *as_of_sql = "SELECT as_of_offset FROM ledger_wallets";
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), 1); /* new: saved at once */
+	for (int i = 0; i < 40; i++) { /* 40 batches of one record: 16 batches, too few records */
+		reserve_event(&ev, &t, 10, T0 + (i + 1) * 1000LL);
+		add_event(p, codec, key, off++, &ev);
+		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+		ck_assert_int_eq(out.n_entries, 1);
+	}
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), 1);
+	for (int i = 0; i < 216; i++) { /* the 256th record since the save: saved with its batch */
+		reserve_event(&ev, &t, 10, T0 + 100000LL + i);
+		add_event(p, codec, key, off++, &ev);
+	}
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), off);
+	long saved_at = off;
+	for (int i = 0; i < 3; i++) { /* and again only after as many */
+		reserve_event(&ev, &t, 10, T0 + 200000LL + i);
+		add_event(p, codec, key, off++, &ev);
+		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	}
+	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), saved_at);
+	tly_ledger_partition_free(p);
+
+	/* loaded again: the three records since the snapshot re-executed, the chain goes on */
+	long before = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_msg(p != NULL, "%s", err.message);
+	reserve_event(&ev, &t, 10, T0 + 300000LL);
+	add_event(p, codec, key, off++, &ev);
+	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	ck_assert_int_eq(out.n_entries, 1);
+	ck_assert_str_eq(out.entries[0].u.ledger_entry.kind, "hold_placed");
+	ck_assert_int_eq(out.entries[0].u.ledger_entry.seq, before + 1);
+	ck_assert_int_eq(out.entries[0].u.ledger_entry.held, 10 * (40 + 216 + 3 + 1));
+	ck_assert_int_eq(check_chains(e.conn), before + 1);
 	tly_ledger_partition_free(p);
 	tly_codec_free(codec);
 	env_down(&e);
@@ -2108,6 +2184,95 @@ START_TEST(test_writer_lane_killed)
 }
 END_TEST
 
+/* A publisher of PARTITIONS partitions to bootstraps, with kafka.linger.ms when linger is not NULL. */
+static struct tly_ledger_publisher *publisher_new(const char *bootstraps, const char *linger,
+						  struct tly_codec *codec)
+{
+	char errstr[512];
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	ck_assert(tly_config_set(cfg, "kafka.bootstrap.servers", bootstraps, errstr, sizeof(errstr)) == 0);
+	ck_assert(tly_config_set(cfg, "kafka.message.timeout.ms", "2000", errstr, sizeof(errstr)) == 0);
+	if (linger)
+		ck_assert(tly_config_set(cfg, "kafka.linger.ms", linger, errstr, sizeof(errstr)) == 0);
+	struct tly_ledger_publisher *pub = tly_ledger_publisher_new(cfg, codec, PARTITIONS, errstr,
+								    sizeof(errstr));
+	tly_config_free(cfg);
+	ck_assert_msg(pub != NULL, "%s", errstr);
+	return pub;
+}
+
+static void assert_linger(struct tly_ledger_publisher *pub, const char *want)
+{
+	char v[16];
+	size_t len = sizeof(v);
+	const rd_kafka_conf_t *conf = rd_kafka_conf(tly_ledger_publisher_handle(pub));
+	ck_assert(rd_kafka_conf_get(conf, "linger.ms", v, &len) == RD_KAFKA_CONF_OK);
+	ck_assert_str_eq(v, want);
+}
+
+/* Batch [first, end) of a partition with two quarantined records (copies to tally.deadletter). */
+static int send_quarantined(struct tly_ledger_publisher *pub, int32_t partition, int64_t first,
+			    int64_t end)
+{
+	struct tly_ledger_quarantined q[2];
+	for (int i = 0; i < 2; i++)
+		q[i] = (struct tly_ledger_quarantined){.topic = "tally.events", .partition = partition,
+						       .offset = first + i, .value = "x", .valuelen = 1,
+						       .reason = "corrupt"};
+	struct tly_ledger_batch_out out = {.quarantined = q, .n_quarantined = 2,
+					   .first_offset = first, .end_offset = end};
+	return tly_ledger_publisher_send(pub, partition, &out);
+}
+
+/*
+ * The publisher's producer lingers 1 ms unless kafka.linger.ms says otherwise (a group's
+ * entries to one producer batch). Each message's delivery report finds its batch, and with it
+ * the partition whose marker it moves: the marker moves only once every message of the batches
+ * up to it is delivered, and a failed delivery marks its own partition and no other.
+ */
+START_TEST(test_publisher_batches)
+{
+	char errstr[256];
+	struct tly_test_broker b;
+	tly_test_broker_start(&b, 1, PARTITIONS);
+	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
+	ck_assert_msg(codec != NULL, "%s", errstr);
+
+	struct tly_ledger_publisher *pub = publisher_new(b.bootstraps, NULL, codec);
+	assert_linger(pub, "1");
+	for (int64_t g = 0; g < 3; g++) /* three groups of partition 1, one of partition 2 */
+		ck_assert(send_quarantined(pub, 1, 10 * g, 10 * g + 10) == 0);
+	ck_assert(send_quarantined(pub, 2, 0, 7) == 0);
+	/* nothing is reported before a poll: no marker yet, however fast the broker */
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 1), -1);
+	ck_assert_int_eq(tly_ledger_publisher_flush(pub, 10000), 0);
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 1), 30);
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 1), -1); /* taken once */
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 2), 7);
+	ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, 0), -1);
+	ck_assert(!tly_ledger_publisher_take_failure(pub, 1) && !tly_ledger_publisher_take_failure(pub, 2));
+	tly_ledger_publisher_free(pub, 5000);
+
+	/* the broker gone: partition 3's messages time out and fail partition 3 alone */
+	tly_test_broker_stop(&b);
+	pub = publisher_new(b.bootstraps, "2", codec);
+	assert_linger(pub, "2");
+	ck_assert(send_quarantined(pub, 3, 0, 5) == 0);
+	int64_t deadline = tly_clock_ms() + 15000;
+	while (tly_ledger_publisher_flush(pub, 100) != 0 && tly_clock_ms() < deadline)
+		;
+	ck_assert(tly_ledger_publisher_take_failure(pub, 3));
+	ck_assert(!tly_ledger_publisher_take_failure(pub, 3)); /* reported once */
+	for (int32_t p = 0; p < PARTITIONS; p++) {
+		ck_assert_int_eq(tly_ledger_publisher_take_marker(pub, p), -1);
+		ck_assert(!tly_ledger_publisher_take_failure(pub, p));
+	}
+	tly_ledger_publisher_free(pub, 0);
+	tly_codec_free(codec);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2117,6 +2282,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_stale_owner_fenced);
 	tcase_add_test(tc, test_group_commit_all_or_nothing);
 	tcase_add_test(tc, test_wallet_catch_up);
+	tcase_add_test(tc, test_snapshot_saved_by_records);
 	tcase_add_test(tc, test_pipelined_groups);
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_load_entries_from_marker);
@@ -2137,7 +2303,8 @@ Suite *ledger_suite(void)
 		       {"faults", test_broker_faults, 90}, {"python", test_python_event_applied, 90},
 		       {"writer", test_writer_queue, 90}, {"writer_lanes", test_writer_lanes, 90},
 		       {"writer_lane_killed", test_writer_lane_killed, 90},
-		       {"kafka_conf", test_kafka_conf_nodelay, 90}};
+		       {"kafka_conf", test_kafka_conf_nodelay, 90},
+		       {"publisher", test_publisher_batches, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
