@@ -149,19 +149,24 @@ static void tenant_of(unsigned n, tly_uuid *t)
 }
 
 /* A subscription with tokens tokens, no overage (reservations past zero are refused). */
+static void subscription_event(struct tly_event *ev, const tly_uuid *tenant, int64_t tokens)
+{
+	tly_fixture_event(ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
+	tly_uuid_generate(&ev->event_id);
+	ev->tenant_id = *tenant;
+	ev->occurred_at = T0;
+	ev->u.subscription_started.period_start = T0;
+	ev->u.subscription_started.period_end = T0 + 720 * HOUR;
+	ev->u.subscription_started.trial_ends_at.set = false;
+	ev->u.subscription_started.terms.tokens_per_period = tokens;
+	ev->u.subscription_started.terms.rollover_cap_tokens = 0;
+	ev->u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+}
+
 static void subscribe(struct tly_producer *p, const tly_uuid *tenant, int64_t tokens)
 {
 	struct tly_event ev;
-	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
-	tly_uuid_generate(&ev.event_id);
-	ev.tenant_id = *tenant;
-	ev.occurred_at = T0;
-	ev.u.subscription_started.period_start = T0;
-	ev.u.subscription_started.period_end = T0 + 720 * HOUR;
-	ev.u.subscription_started.trial_ends_at.set = false;
-	ev.u.subscription_started.terms.tokens_per_period = tokens;
-	ev.u.subscription_started.terms.rollover_cap_tokens = 0;
-	ev.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+	subscription_event(&ev, tenant, tokens);
 	publish(p, &ev);
 }
 
@@ -975,15 +980,7 @@ START_TEST(test_wallet_catch_up)
 	struct tly_ledger_batch_out out;
 	bool fenced;
 	int64_t off = 0;
-	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
-	tly_uuid_generate(&ev.event_id);
-	ev.tenant_id = t;
-	ev.occurred_at = T0;
-	ev.u.subscription_started.period_start = T0;
-	ev.u.subscription_started.period_end = T0 + 720 * HOUR;
-	ev.u.subscription_started.trial_ends_at.set = false;
-	ev.u.subscription_started.terms.tokens_per_period = 100000;
-	ev.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
+	subscription_event(&ev, &t, 100000);
 	add_event(p, codec, key, off++, &ev);
 	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
 	/* batch i reserves 10 tokens and settles the reservation of batch i - 3 */
@@ -1039,6 +1036,44 @@ START_TEST(test_wallet_catch_up)
 }
 END_TEST
 
+/* One tenant's partition opened on a fresh database, fed one record a group. */
+struct one_partition {
+	struct env e;
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	char key[37];
+	int32_t part;
+	struct tly_ledger_partition *p;
+	int64_t off;                     /* the next record's offset */
+	struct tly_ledger_batch_out out; /* the last group's */
+	struct tly_pg_error err;
+};
+
+static void one_partition_up(struct one_partition *o, int n)
+{
+	env_up(&o->e);
+	o->part = partition_ctx(&o->e, n, &o->codec, &o->ctx, &o->t, o->key);
+	o->p = tly_ledger_partition_open(&o->ctx, o->part, &o->err);
+	ck_assert_msg(o->p != NULL, "%s", o->err.message);
+	o->off = 0;
+}
+
+/* ev at the next offset, decided and committed as a group of its own */
+static void one_partition_commit(struct one_partition *o, const struct tly_event *ev)
+{
+	bool fenced;
+	add_event(o->p, o->codec, o->key, o->off++, ev);
+	ck_assert_msg(commit_one(o->p, &o->ctx, &o->out, &fenced, &o->err) == 0, "%s", o->err.message);
+}
+
+static void one_partition_down(struct one_partition *o)
+{
+	tly_ledger_partition_free(o->p);
+	tly_codec_free(o->codec);
+	env_down(&o->e);
+}
+
 /*
  * At moderate rates a tenant's batches are small: its snapshot is saved once 16 batches changed
  * it and 256 of its records were applied since the last save, not after 16 batches of one
@@ -1047,70 +1082,46 @@ END_TEST
  */
 START_TEST(test_snapshot_saved_by_records)
 {
-	char key[37];
-	struct env e;
-	env_up(&e);
-	struct tly_codec *codec;
-	struct tly_ledger_ctx ctx;
-	tly_uuid t;
-	int32_t part = partition_ctx(&e, 8, &codec, &ctx, &t, key);
-	struct tly_pg_error err;
-	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
-	ck_assert_ptr_nonnull(p);
+	struct one_partition o;
+	one_partition_up(&o, 8);
 	struct tly_event ev;
-	struct tly_ledger_batch_out out;
-	bool fenced;
-	int64_t off = 0;
-	tly_fixture_event(&ev, TLY_EV_SUBSCRIPTION_STARTED, 7);
-	tly_uuid_generate(&ev.event_id);
-	ev.tenant_id = t;
-	ev.occurred_at = T0;
-	ev.u.subscription_started.period_start = T0;
-	ev.u.subscription_started.period_end = T0 + 720 * HOUR;
-	ev.u.subscription_started.trial_ends_at.set = false;
-	ev.u.subscription_started.terms.tokens_per_period = 1000000;
-	ev.u.subscription_started.terms.overage_price_micros_per_1k_tokens.set = false;
-	add_event(p, codec, key, off++, &ev);
-	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+	subscription_event(&ev, &o.t, 1000000);
+	one_partition_commit(&o, &ev);
 	const char *as_of_sql = "SELECT as_of_offset FROM ledger_wallets";
-	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), 1); /* new: saved at once */
+	ck_assert_int_eq(q_long(o.e.conn, as_of_sql, 0, NULL), 1); /* new: saved at once */
 	for (int i = 0; i < 40; i++) { /* 40 batches of one record: 16 batches, too few records */
-		reserve_event(&ev, &t, 10, T0 + (i + 1) * 1000LL);
-		add_event(p, codec, key, off++, &ev);
-		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
-		ck_assert_int_eq(out.n_entries, 1);
+		reserve_event(&ev, &o.t, 10, T0 + (i + 1) * 1000LL);
+		one_partition_commit(&o, &ev);
+		ck_assert_int_eq(o.out.n_entries, 1);
 	}
-	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), 1);
-	for (int i = 0; i < 216; i++) { /* the 256th record since the save: saved with its batch */
-		reserve_event(&ev, &t, 10, T0 + 100000LL + i);
-		add_event(p, codec, key, off++, &ev);
+	ck_assert_int_eq(q_long(o.e.conn, as_of_sql, 0, NULL), 1);
+	for (int i = 0; i < 215; i++) { /* the 256th record since the save: saved with its batch */
+		reserve_event(&ev, &o.t, 10, T0 + 100000LL + i);
+		add_event(o.p, o.codec, o.key, o.off++, &ev);
 	}
-	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
-	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), off);
-	long saved_at = off;
+	reserve_event(&ev, &o.t, 10, T0 + 100000LL + 215);
+	one_partition_commit(&o, &ev);
+	ck_assert_int_eq(q_long(o.e.conn, as_of_sql, 0, NULL), o.off);
+	long saved_at = o.off;
 	for (int i = 0; i < 3; i++) { /* and again only after as many */
-		reserve_event(&ev, &t, 10, T0 + 200000LL + i);
-		add_event(p, codec, key, off++, &ev);
-		ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
+		reserve_event(&ev, &o.t, 10, T0 + 200000LL + i);
+		one_partition_commit(&o, &ev);
 	}
-	ck_assert_int_eq(q_long(e.conn, as_of_sql, 0, NULL), saved_at);
-	tly_ledger_partition_free(p);
+	ck_assert_int_eq(q_long(o.e.conn, as_of_sql, 0, NULL), saved_at);
+	tly_ledger_partition_free(o.p);
 
 	/* loaded again: the three records since the snapshot re-executed, the chain goes on */
-	long before = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
-	p = tly_ledger_partition_open(&ctx, part, &err);
-	ck_assert_msg(p != NULL, "%s", err.message);
-	reserve_event(&ev, &t, 10, T0 + 300000LL);
-	add_event(p, codec, key, off++, &ev);
-	ck_assert(commit_one(p, &ctx, &out, &fenced, &err) == 0);
-	ck_assert_int_eq(out.n_entries, 1);
-	ck_assert_str_eq(out.entries[0].u.ledger_entry.kind, "hold_placed");
-	ck_assert_int_eq(out.entries[0].u.ledger_entry.seq, before + 1);
-	ck_assert_int_eq(out.entries[0].u.ledger_entry.held, 10 * (40 + 216 + 3 + 1));
-	ck_assert_int_eq(check_chains(e.conn), before + 1);
-	tly_ledger_partition_free(p);
-	tly_codec_free(codec);
-	env_down(&e);
+	long before = q_long(o.e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	o.p = tly_ledger_partition_open(&o.ctx, o.part, &o.err);
+	ck_assert_msg(o.p != NULL, "%s", o.err.message);
+	reserve_event(&ev, &o.t, 10, T0 + 300000LL);
+	one_partition_commit(&o, &ev);
+	ck_assert_int_eq(o.out.n_entries, 1);
+	ck_assert_str_eq(o.out.entries[0].u.ledger_entry.kind, "hold_placed");
+	ck_assert_int_eq(o.out.entries[0].u.ledger_entry.seq, before + 1);
+	ck_assert_int_eq(o.out.entries[0].u.ledger_entry.held, 10 * (40 + 216 + 3 + 1));
+	ck_assert_int_eq(check_chains(o.e.conn), before + 1);
+	one_partition_down(&o);
 }
 END_TEST
 
