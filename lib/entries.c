@@ -48,10 +48,10 @@ static bool timestamp(const struct row *w, int c)
 	return w->res ? PQftype(w->res, c) == TIMESTAMPTZOID : c == 18 || c == 19 || c == 24;
 }
 
-/* Network-order integer of len bytes (a binary-format int4 or int8). */
+/* Network-order signed integer of len bytes, 1 to 8 (a binary-format int2). */
 static int64_t be_int(const unsigned char *p, int len)
 {
-	uint64_t v = len == 4 && (p[0] & 0x80) ? ~(uint64_t)0xffffffff : 0;
+	uint64_t v = len > 0 && (p[0] & 0x80) ? ~(uint64_t)0 : 0; /* the sign, extended */
 	for (int i = 0; i < len; i++)
 		v = v << 8 | p[i];
 	return (int64_t)v;

@@ -20,6 +20,7 @@
 #include "codec.h"
 #include "config.h"
 #include "decide.h"
+#include "entries.h"
 #include "fixtures.h"
 #include "harness.h"
 #include "kafka.h"
@@ -691,6 +692,31 @@ static void exec_params(PGconn *conn, const char *text, const char *tenant)
 	ck_assert_msg(tly_pg_exec(conn, text, 1, v, &err) == 0, "%s: %s", text, err.message);
 }
 
+static int read_cause_partition(const struct tly_event *entry, void *ud)
+{
+	*(int32_t *)ud = entry->u.ledger_entry.cause_partition;
+	return 0;
+}
+
+/*
+ * An entry read back from a binary result keeps the sign of a negative int4 (lib/entries; the
+ * table's CHECK keeps cause_partition >= 0, a copy without it does not).
+ */
+static void binary_int4_sign(PGconn *conn)
+{
+	sql(conn, "CREATE TEMP TABLE negative_partition AS SELECT * FROM ledger_entries LIMIT 1; "
+		  "UPDATE negative_partition SET cause_partition = -3");
+	PGresult *res = PQexecParams(conn, "SELECT " TLY_ENTRIES_SELECT_BINARY
+				     " FROM negative_partition e", 0, NULL, NULL, NULL, NULL, 1);
+	ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1, "%s",
+		      PQerrorMessage(conn));
+	int32_t partition = 0;
+	ck_assert_int_eq(tly_entries_each(res, read_cause_partition, &partition), 0);
+	ck_assert_int_eq(partition, -3);
+	PQclear(res);
+	sql(conn, "DROP TABLE negative_partition");
+}
+
 /*
  * tallyctl statement --csv of the period that ends with the invoice at seq: every entry of the
  * period once, the opening balance as after the entry before it, the closing one as after the
@@ -948,6 +974,7 @@ START_TEST(test_loadgen_kill9_then_tampers)
 					   "FROM ledger_entries WHERE tenant_id = $1 AND seq = 10", 1, v));
 	json_decref(b);
 	statement_matches(&e, it, iseq);
+	binary_int4_sign(e.db.conn);
 	env_down(&e);
 }
 END_TEST
