@@ -400,8 +400,10 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 	return 0;
 }
 
+/* A record of batch b applied to w: counted toward w's next snapshot, w listed once in b. */
 static int touch(struct batch *b, struct tly_wallet *w)
 {
+	tly_wallet_saving(w)->records++;
 	if (tly_uuidmap_get(b->touched, tly_wallet_tenant(w), NULL))
 		return 0;
 	if (b->n_touched == b->cap_touched) {
@@ -455,7 +457,6 @@ static int tick_all(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 			continue;
 		if (touch(p->open, w) != 0)
 			return TLY_E_NOMEM;
-		tly_wallet_saving(w)->records++;
 	}
 	return 0;
 }
@@ -499,7 +500,6 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	}
 	if (touch(b, w) != 0)
 		return TLY_E_NOMEM;
-	tly_wallet_saving(w)->records++;
 	if (b->entries.n > before && !seen.seen &&
 	    tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
 		return TLY_E_NOMEM;
