@@ -1070,10 +1070,17 @@ int tly_fold_truncate(PGconn *conn, struct tly_pg_error *err)
 /* Local buffers of a session (a maximum, allocated as used): a batch's staging table stays in memory. */
 #define STAGE_TEMP_BUFFERS "256MB"
 
+/*
+ * No JIT either: a batch's statements run once each, and the planner's cost of the probes per
+ * staged row (seen events, model calls) passes jit_above_cost once a batch holds about 12,000
+ * event ids, so that the server compiled expressions it then ran once (auto_explain on the large
+ * backlog: the seen events' and API usage's statements, 11 and 25 functions).
+ */
 int tly_fold_prepare_session(PGconn *conn, struct tly_pg_error *err)
 {
 	const char *const v[] = {STAGE_TEMP_BUFFERS};
-	return tly_pg_exec(conn, "SELECT set_config('temp_buffers', $1, false)", 1, v, err);
+	return tly_pg_exec(conn, "SELECT set_config('temp_buffers', $1, false), set_config('jit', 'off', false)",
+			   1, v, err);
 }
 
 static int ensure_stage(struct tly_fold *fold, PGconn *conn, struct tly_pg_error *err)

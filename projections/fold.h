@@ -76,7 +76,8 @@ int tly_fold_truncate(PGconn *conn, struct tly_pg_error *err) TLY_MUST_CHECK;
 
 /*
  * Set conn's session up for the fold (temp_buffers, so that a batch's staging table stays in
- * memory; PostgreSQL lets a session change it only before its first temporary table).
+ * memory; PostgreSQL lets a session change it only before its first temporary table; jit off, as
+ * the batch's statements each run once).
  * tly_fold_flush does it when it creates the staging table; a caller whose session uses
  * temporary tables of its own first calls it right after connecting. 0 or TLY_E_PG.
  */

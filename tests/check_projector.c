@@ -635,6 +635,26 @@ START_TEST(wallet_events_no_seen_row)
 END_TEST
 
 /*
+ * The fold's session compiles nothing: the first flush on a connection (which creates its staging
+ * table) turns JIT off for the session, which the server has on by default, so that a large
+ * batch's statements, each run once, are not compiled first.
+ */
+START_TEST(session_without_jit)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_projector");
+	expect(d.conn, "SELECT current_setting('jit')", "on");
+	struct tly_fold *f = tly_fold_new();
+	ck_assert_ptr_nonnull(f);
+	add_json(f, WALLET_GRANT("12121212-1212-4212-8212-121212121212", "2026-01-01T00:05:00Z"));
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT current_setting('jit')", "off");
+	tly_fold_free(f);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/*
  * Entries of kinds no statement names (holds, rejections...) are staged as runs, one row per run
  * of consecutive seqs with one subscription and period (tly_fold_add): token_balances comes out as
  * from every entry, across a debit inside a run, an entry of another subscription (none) between
@@ -1547,6 +1567,7 @@ Suite *projector_suite(void)
 	tcase_add_test(tc, fold_direct);
 	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, wallet_events_no_seen_row);
+	tcase_add_test(tc, session_without_jit);
 	tcase_add_test(tc, entry_runs);
 	tcase_add_test(tc, conversation_one_update);
 	tcase_add_test(tc, monthly_cost_written_when_changed);
