@@ -2361,6 +2361,51 @@ START_TEST(test_entries_indexes_not_deduplicated)
 }
 END_TEST
 
+/* pg_prepared_statements' count of executions of the named statement on a generic/custom plan. */
+static long plans_of(PGconn *conn, const char *name, const char *column)
+{
+	char sql[160];
+	snprintf(sql, sizeof(sql), "SELECT coalesce(sum(%s), -1) FROM pg_prepared_statements "
+		 "WHERE name = $1", column);
+	const char *v[] = {name};
+	return q_long(conn, sql, 1, v);
+}
+
+/*
+ * The statements that join a table run on custom plans (the offsets' compare-and-set), and
+ * those after STMT_GENERIC_PLANS on one generic plan (the published markers' upsert): three
+ * commits plan the marker statement once, not three times. The setting is the transaction's
+ * own: afterwards the session is back on custom plans.
+ */
+START_TEST(test_store_generic_plans_after_holds)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_ledger");
+	struct tly_pg_error err;
+	bool fenced;
+	struct tly_ledger_commit c = {.topic = "tally.events", .partition = 2, .old_offset = -1,
+				      .new_offset = 4, .ledger_topic = "tally.ledger",
+				      .published_offset = 1};
+	for (int i = 0; i < 3; i++) {
+		ck_assert_msg(tly_ledger_store_commit(d.conn, &c, 1, &fenced, &err) == 0, "%s",
+			      err.message);
+		ck_assert(!fenced);
+		c.old_offset = c.new_offset;
+		c.new_offset += 3;
+		c.published_offset++;
+	}
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_published", "generic_plans"), 3);
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_published", "custom_plans"), 0);
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_cas", "custom_plans"), 2);
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_cas", "generic_plans"), 0);
+	ck_assert_int_eq(custom_plans(d.conn), 1);
+	ck_assert_int_eq(stored_offset(d.conn, 2), 10);
+	ck_assert_int_eq(q_long(d.conn, "SELECT next_offset FROM ledger_published WHERE partition = 2",
+				0, NULL), 3);
+	tly_test_db_down(&d);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2382,6 +2427,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_double_spend_concurrent);
 	tcase_add_test(tc, test_crash_and_replay);
 	tcase_add_test(tc, test_entries_indexes_not_deduplicated);
+	tcase_add_test(tc, test_store_generic_plans_after_holds);
 	suite_add_tcase(s, tc);
 	/* each its own case (CK_RUN_CASE=group runs one); group: three joins of up to GROUP_JOIN_MS */
 	const struct {
