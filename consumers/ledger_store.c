@@ -44,6 +44,7 @@ enum stmt {
 	STMT_WALLETS,
 	STMT_QUARANTINE,
 	STMT_PUBLISHED,
+	STMT_GENERIC_PLANS,
 	STMT_SEEN,
 	STMT_COUNT
 };
@@ -100,6 +101,9 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 			    "AS k (partition, next_offset) ON CONFLICT (topic, partition) DO UPDATE SET "
 			    "next_offset = GREATEST(ledger_published.next_offset, EXCLUDED.next_offset), "
 			    "updated_at = now()"},
+	/* the rest of the transaction's statements on generic plans (see prepare) */
+	[STMT_GENERIC_PLANS] = {"tly_ledger_generic_plans",
+				"SELECT pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true)"},
 	/* see lookup_chunk */
 	[STMT_SEEN] = {"tly_ledger_seen",
 		       "SELECT k.i, x.seq, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
@@ -111,11 +115,15 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 /*
- * stmts prepared on conn, the first time on each connection. Their plans stay custom (made for
- * each execution's arrays, as unprepared statements' are): a generic plan is made once, from
- * the table sizes of that moment (a fresh ledger's empty ledger_holds), and with generic plans
- * the latency at 20,000/s was worse in 4 of 6 runs (p50 33-1,257 ms against 26-54 ms) although
- * the server's CPU a decision was lower; with custom plans as before (p50 31 and 33 ms).
+ * stmts prepared on conn, the first time on each connection. The session's plans are custom
+ * (made for each execution's arrays, as unprepared statements' are): a generic plan is made
+ * once, from the table sizes of that moment (a fresh ledger's empty ledger_holds), and with
+ * every statement on generic plans the latency at 20,000/s was worse in 4 of 6 runs (p50
+ * 33-1,257 ms against 26-54 ms). That matters for the statements that join a table (the
+ * offsets' compare-and-set, the holds' delete, the "seen" lookup). The others insert or upsert
+ * the rows of unnest() or VALUES: their plan has one shape whatever the sizes, and planning it
+ * again for every group was most of the planning (6.7% of the writer's backend at 22,000/s). So each transaction runs
+ * them after STMT_GENERIC_PLANS, a transaction-local setting that its COMMIT or ROLLBACK undoes.
  */
 static int prepare(PGconn *conn, struct tly_pg_error *err)
 {
@@ -898,7 +906,8 @@ static int add_hold_row(const struct tly_hold_row *row, void *ud)
 /*
  * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
  * deleted: two statements whatever the group's size, and nothing for holds that did not change.
- * Their arrays go as binary parameters: no text to format here or to parse in the server.
+ * Their arrays go as binary parameters: no text to format here or to parse in the server. The
+ * delete is the transaction's last statement on a custom plan; STMT_GENERIC_PLANS follows it.
  */
 static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
@@ -926,6 +935,8 @@ static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit
 	}
 	if (n_forgotten)
 		(void)add_array_step(t, STMT_HOLDS_FORGET, 0, arr + 6, 2);
+	/* the last statement that joins a table: what follows runs on generic plans */
+	(void)add_step(t, STEP_EXEC, STMT_GENERIC_PLANS, NULL, 0);
 	if (a.n)
 		(void)add_array_step(t, STMT_HOLDS_SAVE, 0, arr, 6);
 out:
@@ -1099,8 +1110,8 @@ struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c,
 	if (n) {
 		build_offsets(t, c, n);
 		build_entries(t, c, n);
-		build_inputs(t, c, n);
 		build_holds(t, c, n);
+		build_inputs(t, c, n);
 		build_wallets(t, c, n);
 		for (size_t i = 0; i < n; i++)
 			build_quarantined(t, c[i].quarantined, c[i].n_quarantined);
@@ -1218,8 +1229,8 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
 /*
  * Three round trips (after stmts were prepared, the first time on a connection): BEGIN and the
  * compare-and-sets in one pipeline (checked before anything is written), the COPY of the
- * entries, then every other statement (the packed inputs, holds, snapshots, quarantine rows,
- * published markers) and the COMMIT in one more pipeline.
+ * entries, then every other statement (the holds, then on generic plans the packed inputs,
+ * snapshots, quarantine rows and published markers) and the COMMIT in one more pipeline.
  */
 int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
 {

@@ -2284,6 +2284,128 @@ START_TEST(test_publisher_batches)
 }
 END_TEST
 
+struct offset_walk {
+	int64_t last_offset; /* of the entry before */
+	int64_t last_seq;
+	long n;
+};
+
+static int walk_offsets(const struct tly_event *entry, void *ud)
+{
+	struct offset_walk *w = ud;
+	const struct tly_ledger_entry *le = &entry->u.ledger_entry;
+	ck_assert_int_ge(le->cause_offset, w->last_offset);
+	if (le->cause_offset == w->last_offset)
+		ck_assert_int_gt(le->seq, w->last_seq);
+	w->last_offset = le->cause_offset;
+	w->last_seq = le->seq;
+	w->n++;
+	return 0;
+}
+
+/*
+ * Migration 0012: ledger_entries' non-unique indexes keep one tuple per entry (no posting lists),
+ * so a full leaf page splits without a deduplication pass first. 1,200 entries, two per input
+ * record (the keys (cause_partition, cause_offset) come in pairs, as a settle's debit and
+ * release do), fill several leaf pages of the (cause_partition, cause_offset) index: with
+ * deduplication on, the page splits would have merged the pairs. The republish's read through
+ * that index still returns every entry in (offset, seq) order.
+ */
+START_TEST(test_entries_indexes_not_deduplicated)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_ledger");
+	q_long(d.conn,
+	       "WITH i AS (INSERT INTO ledger_entries (tenant_id, seq, kind, cause_event_id, "
+	       "cause_type, cause_partition, cause_offset, cause_digest, allowance_remaining, "
+	       "credits_remaining, held, overage_tokens, ledger_time, prev_hash, hash, cause_first) "
+	       "SELECT '00000000-0000-4000-8000-000000000012', n, 'debit', "
+	       "md5(((n + 1) / 2)::text)::uuid, 'ReservationSettled', 2, (n + 1) / 2, "
+	       "sha256(((n + 1) / 2)::text::bytea), 0, 0, 0, 0, now(), sha256(n::text::bytea), "
+	       "sha256((n + 1)::text::bytea), n % 2 = 1 FROM generate_series(1, 1200) n "
+	       "RETURNING 1) SELECT count(*) FROM i",
+	       0, NULL);
+	PGresult *res = PQexec(d.conn, "CREATE EXTENSION pageinspect");
+	ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s", PQerrorMessage(d.conn));
+	PQclear(res);
+	static const char *const idx[] = {"ledger_entries_cause_offset_idx",
+					  "ledger_entries_tenant_cause_first_idx"};
+	for (size_t i = 0; i < sizeof(idx) / sizeof(idx[0]); i++) {
+		const char *v[] = {idx[i]};
+		ck_assert_int_eq(q_long(d.conn,
+					"SELECT count(*) FROM pg_class c, unnest(c.reloptions) o "
+					"WHERE c.relname = $1 AND o = 'deduplicate_items=off'",
+					1, v),
+				 1);
+		/* leaf pages (type 'l') and their tuples; a posting list has more than one tid */
+		long leaves = q_long(d.conn,
+				     "SELECT count(*) FROM generate_series(1, pg_relation_size($1::text::regclass) "
+				     "/ 8192 - 1) b WHERE (bt_page_stats($1, b::integer)).type = 'l'",
+				     1, v);
+		long postings = q_long(d.conn,
+				       "SELECT count(*) FROM generate_series(1, pg_relation_size($1::text::regclass) "
+				       "/ 8192 - 1) b, bt_page_items($1, b::integer) t "
+				       "WHERE cardinality(t.tids) > 1",
+				       1, v);
+		ck_assert_int_eq(postings, 0);
+		if (i == 0)
+			ck_assert_int_ge(leaves, 3);
+	}
+	struct offset_walk w = {.last_offset = -1};
+	struct tly_pg_error err;
+	ck_assert_msg(tly_ledger_store_load_entries(d.conn, 2, 0, walk_offsets, &w, &err) == 0, "%s",
+		      err.message);
+	ck_assert_int_eq(w.n, 1200);
+	ck_assert_int_eq(w.last_offset, 600);
+	tly_test_db_down(&d);
+}
+END_TEST
+
+/* pg_prepared_statements' count of executions of the named statement on a generic/custom plan. */
+static long plans_of(PGconn *conn, const char *name, const char *column)
+{
+	char sql[160];
+	snprintf(sql, sizeof(sql), "SELECT coalesce(sum(%s), -1) FROM pg_prepared_statements "
+		 "WHERE name = $1", column);
+	const char *v[] = {name};
+	return q_long(conn, sql, 1, v);
+}
+
+/*
+ * The statements that join a table run on custom plans (the offsets' compare-and-set), and
+ * those after STMT_GENERIC_PLANS on one generic plan (the published markers' upsert): three
+ * commits plan the marker statement once, not three times. The setting is the transaction's
+ * own: afterwards the session is back on custom plans.
+ */
+START_TEST(test_store_generic_plans_after_holds)
+{
+	struct tly_test_db d;
+	tly_test_db_up(&d, "check_ledger");
+	struct tly_pg_error err;
+	bool fenced;
+	struct tly_ledger_commit c = {.topic = "tally.events", .partition = 2, .old_offset = -1,
+				      .new_offset = 4, .ledger_topic = "tally.ledger",
+				      .published_offset = 1};
+	for (int i = 0; i < 3; i++) {
+		ck_assert_msg(tly_ledger_store_commit(d.conn, &c, 1, &fenced, &err) == 0, "%s",
+			      err.message);
+		ck_assert(!fenced);
+		c.old_offset = c.new_offset;
+		c.new_offset += 3;
+		c.published_offset++;
+	}
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_published", "generic_plans"), 3);
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_published", "custom_plans"), 0);
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_cas", "custom_plans"), 2);
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_cas", "generic_plans"), 0);
+	ck_assert_int_eq(custom_plans(d.conn), 1);
+	ck_assert_int_eq(stored_offset(d.conn, 2), 10);
+	ck_assert_int_eq(q_long(d.conn, "SELECT next_offset FROM ledger_published WHERE partition = 2",
+				0, NULL), 3);
+	tly_test_db_down(&d);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2304,6 +2426,8 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_partition_guard);
 	tcase_add_test(tc, test_double_spend_concurrent);
 	tcase_add_test(tc, test_crash_and_replay);
+	tcase_add_test(tc, test_entries_indexes_not_deduplicated);
+	tcase_add_test(tc, test_store_generic_plans_after_holds);
 	suite_add_tcase(s, tc);
 	/* each its own case (CK_RUN_CASE=group runs one); group: three joins of up to GROUP_JOIN_MS */
 	const struct {
