@@ -370,10 +370,10 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 			struct tly_ledger_group_item *it = &g->items[i];
 			int32_t partition = tly_ledger_partition_id(it->part);
 			if (rc == 0) {
-				tly_debug("batch committed", "partition=%d first_offset=%" PRId64
-					  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu lane=%zu",
-					  (int)partition, it->out.first_offset, it->out.end_offset,
-					  it->out.n_entries, it->out.n_quarantined, g->n, k);
+				tly_debug("batch committed", "partition=%d lane=%zu first_offset=%" PRId64
+					  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
+					  (int)partition, k, it->out.first_offset, it->out.end_offset,
+					  it->out.n_entries, it->out.n_quarantined, g->n);
 				count_batch(app, &app->slots[partition], &it->out);
 				if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
 					tly_warn("could not enqueue the batch for tally.ledger; it is republished from the marker",
