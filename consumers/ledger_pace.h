@@ -86,10 +86,10 @@ void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max
 
 /*
  * Writer lanes the next group commits in: backlog_lanes (ledger.writers.backlog) while a backlog
- * grew the groups (tly_ledger_pace_sized), lanes (ledger.writers) otherwise. Through a backlog
- * the loop decides while both lanes commit, so the second lane's backend gets a core that would
- * idle; at moderate rates a record would wait for the slower of two lanes' commits and gain
- * nothing, so groups keep to one.
+ * grew the groups (tly_ledger_pace_sized), lanes (ledger.writers) otherwise. Through a backlog a
+ * second lane's backend can use a core that would idle during the first one's fsync and round
+ * trips; at moderate rates a record would wait for the slower of two lanes' commits and gain
+ * nothing, so groups keep to ledger.writers there.
  */
 size_t tly_ledger_pace_lanes(const struct tly_ledger_pace *p, size_t lanes, size_t backlog_lanes);
 

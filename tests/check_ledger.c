@@ -2206,7 +2206,7 @@ START_TEST(test_writer_lane_killed)
 END_TEST
 
 /*
- * ledger.writers 1, ledger.writers.backlog 2 (the defaults): the ledger is stopped (SIGSTOP)
+ * ledger.writers 1, ledger.writers.backlog 2: the ledger is stopped (SIGSTOP)
  * while traffic flows, so a backlog builds; it is worked off in two lanes, and once caught up
  * the ledger commits in one again. Three such rounds: no commit fails (a partition's batch run
  * in the other lane before the one it was decided on top of committed would fail its
@@ -2224,6 +2224,7 @@ START_TEST(test_writer_lanes_backlog)
 	/* this test's process only: small groups, so a second's traffic is a backlog of them */
 	ck_assert(setenv("TALLY_LEDGER_BATCH_MAX_EVENTS", "8", 1) == 0);
 	ck_assert(setenv("TALLY_LOG_LEVEL", "debug", 1) == 0);
+	ck_assert(setenv("TALLY_LEDGER_WRITERS_BACKLOG", "2", 1) == 0);
 	pid_t pid = ledger_start(&e);
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
