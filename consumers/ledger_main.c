@@ -92,6 +92,9 @@ struct app {
 	size_t max_events;
 	int64_t max_ms;
 	struct tly_ledger_pace pace;      /* when the pending records are decided */
+	size_t lanes, backlog_lanes;      /* ledger.writers, ledger.writers.backlog */
+	size_t active_lanes;              /* lanes the last group was decided for */
+	int *held;                        /* scratch per partition: lane of its batch with the writer, -1 none */
 	int shutdown_ms;
 	bool failed;                      /* a fatal error: leave the loop, exit 1 */
 	struct tly_metrics *metrics;      /* owned; read by the HTTP thread */
@@ -367,9 +370,9 @@ static void finish_flight(struct app *app, const struct tly_ledger_writer_result
 			struct tly_ledger_group_item *it = &g->items[i];
 			int32_t partition = tly_ledger_partition_id(it->part);
 			if (rc == 0) {
-				tly_debug("batch committed", "partition=%d first_offset=%" PRId64
+				tly_debug("batch committed", "partition=%d lane=%zu first_offset=%" PRId64
 					  " end_offset=%" PRId64 " entries=%zu quarantined=%zu group=%zu",
-					  (int)partition, it->out.first_offset, it->out.end_offset,
+					  (int)partition, k, it->out.first_offset, it->out.end_offset,
 					  it->out.n_entries, it->out.n_quarantined, g->n);
 				count_batch(app, &app->slots[partition], &it->out);
 				if (tly_ledger_publisher_send(app->pub, partition, &it->out) != 0)
@@ -475,6 +478,17 @@ static void submit_ready(struct app *app)
 	memset(g->txn, 0, sizeof(g->txn)); /* the writer has them until complete_flight */
 }
 
+/* app->held: each partition's lane in the flight group (with the writer until taken back), else -1. */
+static void hold_flight_lanes(struct app *app)
+{
+	for (int32_t i = 0; i < app->partition_count; i++)
+		app->held[i] = -1;
+	size_t lanes = tly_ledger_writer_lanes(app->writer);
+	for (size_t k = 0, from = 0; app->flight.n && k < lanes; from = app->flight.lane_end[k++])
+		for (size_t j = from; j < app->flight.lane_end[k]; j++)
+			app->held[app->flight.ids[j]] = (int)k;
+}
+
 /*
  * Group commit, step one: decide the open batches of every partition and build their
  * transactions, one per writer lane: the ready group (sent at once when the writer is free).
@@ -490,11 +504,17 @@ static void decide_group(struct app *app)
 	if (app->pending == 0 || g->n || !app->writer)
 		return;
 	memset(g->dropped, 0, sizeof(g->dropped));
+	size_t active = tly_ledger_pace_lanes(&app->pace, app->lanes, app->backlog_lanes);
+	if (active != app->active_lanes)
+		tly_debug("writer lanes changed", "lanes=%zu previous=%zu backlog=%s", active,
+			  app->active_lanes, app->pace.backlog > 0 ? "true" : "false");
+	app->active_lanes = active;
+	hold_flight_lanes(app);
 	for (size_t k = 0; k < lanes; k++) {
 		for (int32_t i = 0; i < app->partition_count; i++) {
 			struct tly_ledger_partition *part = app->slots[i].part;
 			if (part && tly_ledger_partition_pending(part) &&
-			    tly_ledger_writer_lane(app->writer, i) == k)
+			    tly_ledger_writer_lane_for(i, active, app->held[i]) == k)
 			{
 				g->ids[n] = i;
 				g->items[n++] = (struct tly_ledger_group_item){
@@ -810,6 +830,7 @@ static int start(struct app *app)
 	    !(app->ready.items = calloc((size_t)app->partition_count, sizeof(*app->ready.items))) ||
 	    !(app->flight.ids = calloc((size_t)app->partition_count, sizeof(*app->flight.ids))) ||
 	    !(app->ready.ids = calloc((size_t)app->partition_count, sizeof(*app->ready.ids))) ||
+	    !(app->held = calloc((size_t)app->partition_count, sizeof(*app->held))) ||
 	    !(app->pub = tly_ledger_publisher_new(app->cfg, app->codec, app->partition_count, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not create the ledger producer", "reason=\"%s\"",
@@ -820,9 +841,13 @@ static int start(struct app *app)
 		tly_error("could not start: out of memory", NULL);
 		goto out;
 	}
+	app->lanes = (size_t)tly_config_int(app->cfg, "ledger.writers");
+	app->backlog_lanes = (size_t)tly_config_int(app->cfg, "ledger.writers.backlog");
+	app->active_lanes = app->lanes;
 	if (!(app->wake_queue = rd_kafka_queue_get_consumer(app->consumer)) ||
 	    !(app->writer = tly_ledger_writer_new(app->database_url,
-						  (size_t)tly_config_int(app->cfg, "ledger.writers"),
+						  app->lanes > app->backlog_lanes ? app->lanes
+										  : app->backlog_lanes,
 						  wake_loop, app, errstr,
 						  sizeof(errstr)))) {
 		tly_error("could not start the writer", "reason=\"%s\"",
@@ -833,10 +858,10 @@ static int start(struct app *app)
 	if (tly_kafka_subscribe(app->consumer, topics, 1) != 0)
 		goto out;
 	tly_info("tally-ledger started", "topic=%s partitions=%d group=%s batch_max_events=%zu batch_max_ms=%" PRId64
-		 " writers=%zu",
+		 " writers=%zu writers_backlog=%zu",
 		 app->ctx.events_topic, (int)app->partition_count,
 		 tly_config_str(app->cfg, "ledger.group.id"), app->max_events, app->max_ms,
-		 tly_ledger_writer_lanes(app->writer));
+		 app->lanes, app->backlog_lanes);
 	rc = 0;
 out:
 	tly_migrate_free(set);
@@ -1147,6 +1172,7 @@ out:
 	for (int32_t i = 0; app.slots && i < app.partition_count; i++)
 		tly_ledger_partition_free(app.slots[i].part);
 	free(app.slots);
+	free(app.held);
 	free(app.flight.items);
 	free(app.ready.items);
 	free(app.flight.ids);

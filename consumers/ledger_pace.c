@@ -69,6 +69,11 @@ void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max
 		p->backlog++;
 }
 
+size_t tly_ledger_pace_lanes(const struct tly_ledger_pace *p, size_t lanes, size_t backlog_lanes)
+{
+	return p->backlog > 0 ? backlog_lanes : lanes;
+}
+
 int64_t tly_ledger_pace_decide_in_us(const struct tly_ledger_pace *p,
 				     const struct tly_ledger_pace_state *s)
 {

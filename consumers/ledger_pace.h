@@ -85,6 +85,15 @@ void tly_ledger_pace_sized(struct tly_ledger_pace *p, size_t records, size_t max
 #define TLY_LEDGER_PACE_DEPTH_GROUPS 2
 
 /*
+ * Writer lanes the next group commits in: backlog_lanes (ledger.writers.backlog) while a backlog
+ * grew the groups (tly_ledger_pace_sized), lanes (ledger.writers) otherwise. Through a backlog a
+ * second lane's backend can use a core that would idle during the first one's fsync and round
+ * trips; at moderate rates a record would wait for the slower of two lanes' commits and gain
+ * nothing, so groups keep to ledger.writers there.
+ */
+size_t tly_ledger_pace_lanes(const struct tly_ledger_pace *p, size_t lanes, size_t backlog_lanes);
+
+/*
  * Microseconds until the pending records are to be decided: 0 now, -1 not yet (more records are
  * ready to take, or a decided group already waits). Never later than bound_us; at once at
  * max_events.

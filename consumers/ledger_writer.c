@@ -200,6 +200,11 @@ size_t tly_ledger_writer_lane(const struct tly_ledger_writer *w, int32_t partiti
 	return (size_t)partition % w->n_lanes;
 }
 
+size_t tly_ledger_writer_lane_for(int32_t partition, size_t active, int held)
+{
+	return held >= 0 ? (size_t)held : (size_t)partition % active;
+}
+
 void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn *const *txns)
 {
 	pthread_mutex_lock(&w->lock);

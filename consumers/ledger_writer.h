@@ -54,6 +54,16 @@ size_t tly_ledger_writer_lanes(const struct tly_ledger_writer *w);
 size_t tly_ledger_writer_lane(const struct tly_ledger_writer *w, int32_t partition);
 
 /*
+ * The lane of partition's next batch with active lanes in use (1 to tly_ledger_writer_lanes):
+ * partition % active, unless a batch of it is still with the writer (held: that batch's lane,
+ * -1 when none), whose lane it keeps. A partition's batches commit in order on one connection
+ * behind its own compare-and-set, so it changes lanes only when nothing of it is queued or
+ * running; in another lane its batch could start before the one it was decided on top of
+ * committed, and would fail its compare-and-set.
+ */
+size_t tly_ledger_writer_lane_for(int32_t partition, size_t active, int held);
+
+/*
  * Run a group: txns[k] (NULL: nothing in lane k) on lane k, after that lane's transactions
  * submitted before (ownership of each moves to the writer until it is taken back). Only while
  * tly_ledger_writer_full is false. A transaction queued behind one of its lane that is still

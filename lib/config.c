@@ -36,6 +36,9 @@ static const struct tly_setting settings[] = {
 	{"ledger.writers", TLY_SET_INT, "1", 1, 16,
 	 "PostgreSQL connections of tally-ledger committing at once, each the partitions p with "
 	 "p % ledger.writers equal to its number (one transaction each per group)"},
+	{"ledger.writers.backlog", TLY_SET_INT, "1", 1, 16,
+	 "writer connections of tally-ledger while it works off a backlog (groups grown past "
+	 "ledger.batch.max.events), ledger.writers otherwise; 2 pays only where a core would idle"},
 	{"ledger.overdraft.limit", TLY_SET_INT, "0", 0, INT64_MAX,
 	 "tokens a tenant's available balance may go below zero by reservations"},
 	{"projector.group.id", TLY_SET_STR, "tally-projector", 0, 0,

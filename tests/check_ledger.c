@@ -2155,6 +2155,18 @@ START_TEST(test_broker_faults)
 }
 END_TEST
 
+/* Terminate one of tally-ledger's writer backends (the oldest, or the newest); 1 if one was. */
+static long terminate_writer(const struct env *e, bool newest)
+{
+	return q_long(e->conn, newest ? "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+					"pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP
+					"' ORDER BY pid DESC LIMIT 1) w"
+				      : "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+					"pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP
+					"' ORDER BY pid LIMIT 1) w",
+		      0, NULL);
+}
+
 /*
  * One writer lane's connection is terminated again and again while traffic flows and groups
  * queue behind each other: that lane's partitions reload and go on, the other lane's commit as
@@ -2176,9 +2188,7 @@ START_TEST(test_writer_lane_killed)
 				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
 	long killed = 0;
 	for (int i = 0; i < 16; i++) {
-		killed += q_long(e.conn, "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
-				 "pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP "' "
-				 "ORDER BY pid LIMIT 1) w", 0, NULL);
+		killed += terminate_writer(&e, false);
 		usleep(300000);
 		assert_running(&e, pid);
 	}
@@ -2191,6 +2201,67 @@ START_TEST(test_writer_lane_killed)
 	check_end_state(&e, false);
 	ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch, retrying", NULL) > 0,
 		      "no commit of a lane failed; see %s", e.log);
+	env_down(&e);
+}
+END_TEST
+
+/*
+ * ledger.writers 1, ledger.writers.backlog 2: the ledger is stopped (SIGSTOP)
+ * while traffic flows, so a backlog builds; it is worked off in two lanes, and once caught up
+ * the ledger commits in one again. Three such rounds: no commit fails (a partition's batch run
+ * in the other lane before the one it was decided on top of committed would fail its
+ * compare-and-set), and an odd partition committed in both lanes. Three more rounds with a
+ * writer backend terminated as the backlog starts: its partitions reload and go on. The end
+ * state is exact (every record one outcome, seqs gap-free, chains whole, offsets at the end).
+ */
+START_TEST(test_writer_lanes_backlog)
+{
+	struct env e;
+	env_up(&e);
+	tly_uuid t[TRAFFIC_TENANTS];
+	traffic_tenants(&e, t);
+	pid_t traffic = traffic_start(&e, t, 17);
+	/* this test's process only: small groups, so a second's traffic is a backlog of them */
+	ck_assert(setenv("TALLY_LEDGER_BATCH_MAX_EVENTS", "8", 1) == 0);
+	ck_assert(setenv("TALLY_LOG_LEVEL", "debug", 1) == 0);
+	ck_assert(setenv("TALLY_LEDGER_WRITERS_BACKLOG", "2", 1) == 0);
+	pid_t pid = ledger_start(&e);
+	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	wait_progress(&e, 10000);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+	long killed = 0;
+	for (int round = 0; round < 6; round++) {
+		int to_two = tly_test_log_lines(e.log, "msg=\"writer lanes changed\" lanes=2", NULL);
+		int to_one = tly_test_log_lines(e.log, "msg=\"writer lanes changed\" lanes=1", NULL);
+		ck_assert_int_eq(kill(pid, SIGSTOP), 0);
+		usleep(1500000);
+		ck_assert_int_eq(kill(pid, SIGCONT), 0);
+		if (round >= 3) {
+			tly_test_wait_log(e.log, "msg=\"writer lanes changed\" lanes=2", to_two + 1, 20000);
+			killed += terminate_writer(&e, round % 2);
+		}
+		tly_test_wait_log(e.log, "msg=\"writer lanes changed\" lanes=1", to_one + 1, 20000);
+		assert_running(&e, pid);
+		if (round == 2) {
+			ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch", NULL) == 0,
+				      "a commit failed while lanes switched; see %s", e.log);
+			ck_assert_msg(tly_test_log_lines(e.log, "msg=\"batch committed\" partition=1 lane=1 ", NULL) > 0 &&
+				      tly_test_log_lines(e.log, "msg=\"batch committed\" partition=1 lane=0 ", NULL) > 0,
+				      "partition 1 did not commit in both lanes; see %s", e.log);
+		}
+	}
+	ck_assert_int_ge(killed, 2);
+	wait_progress(&e, 20000);
+	traffic_stop_wait(traffic);
+	wait_caught_up(&e, 40000);
+	assert_running(&e, pid);
+	ledger_stop(&e, pid);
+	check_end_state(&e, false);
+	ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch, retrying", NULL) > 0,
+		      "no commit of a terminated lane failed; see %s", e.log);
+	ck_assert_msg(tly_test_log_lines(e.log, "level=error", "component=rdkafka") == 0,
+		      "tally-ledger logged errors; see %s", e.log);
 	env_down(&e);
 }
 END_TEST
@@ -2438,6 +2509,7 @@ Suite *ledger_suite(void)
 		       {"faults", test_broker_faults, 90}, {"python", test_python_event_applied, 90},
 		       {"writer", test_writer_queue, 90}, {"writer_lanes", test_writer_lanes, 90},
 		       {"writer_lane_killed", test_writer_lane_killed, 90},
+		       {"writer_lanes_backlog", test_writer_lanes_backlog, 120},
 		       {"kafka_conf", test_kafka_conf_nodelay, 90},
 		       {"publisher", test_publisher_batches, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {

@@ -2,6 +2,7 @@
 #include <check.h>
 
 #include "../consumers/ledger_pace.h"
+#include "../consumers/ledger_writer.h"
 #include "suites.h"
 
 /* A loop with 10 records taken, none ready, the writer free, 50 ms of batch bound left. */
@@ -195,6 +196,44 @@ START_TEST(test_commit_line_needs_two_sizes)
 }
 END_TEST
 
+/*
+ * Two writer lanes through a backlog, one otherwise: the lanes follow the backlog that grew the
+ * groups, and end with it.
+ */
+START_TEST(test_lanes_follow_backlog)
+{
+	struct tly_ledger_pace p = {0};
+	ck_assert_uint_eq(tly_ledger_pace_lanes(&p, 1, 2), 1);
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 100000); /* full, more ready, deep */
+	ck_assert_uint_eq(p.backlog, 1);
+	ck_assert_uint_eq(tly_ledger_pace_lanes(&p, 1, 2), 2);
+	tly_ledger_pace_sized(&p, 2000, 1000, true, 100000);
+	ck_assert_uint_eq(tly_ledger_pace_lanes(&p, 1, 2), 2);
+	tly_ledger_pace_sized(&p, 300, 1000, false, 0); /* input slower than commits: over */
+	ck_assert_uint_eq(tly_ledger_pace_lanes(&p, 1, 2), 1);
+	/* ledger.writers.backlog 1 keeps one lane through it */
+	tly_ledger_pace_sized(&p, 1000, 1000, true, 100000);
+	ck_assert_uint_eq(tly_ledger_pace_lanes(&p, 1, 1), 1);
+}
+END_TEST
+
+/*
+ * A partition goes to the lane partition % active, unless a batch of it is still with the writer:
+ * then it stays in that batch's lane, whatever the lanes in use now.
+ */
+START_TEST(test_lane_kept_while_held)
+{
+	ck_assert_uint_eq(tly_ledger_writer_lane_for(5, 2, -1), 1);
+	ck_assert_uint_eq(tly_ledger_writer_lane_for(5, 1, -1), 0);
+	ck_assert_uint_eq(tly_ledger_writer_lane_for(4, 2, -1), 0);
+	/* 2 -> 1 lanes while partition 5's batch commits in lane 1: its next one follows it there */
+	ck_assert_uint_eq(tly_ledger_writer_lane_for(5, 1, 1), 1);
+	/* 1 -> 2 while partition 7's batch commits in lane 0: not moved to lane 1 yet */
+	ck_assert_uint_eq(tly_ledger_writer_lane_for(7, 2, 0), 0);
+	ck_assert_uint_eq(tly_ledger_writer_lane_for(7, 2, -1), 1);
+}
+END_TEST
+
 Suite *ledger_pace_suite(void)
 {
 	Suite *s = suite_create("ledger_pace");
@@ -207,6 +246,8 @@ Suite *ledger_pace_suite(void)
 	tcase_add_test(tc, test_backlog_grows_with_depth_only);
 	tcase_add_test(tc, test_commit_expected_by_group_size);
 	tcase_add_test(tc, test_commit_line_needs_two_sizes);
+	tcase_add_test(tc, test_lanes_follow_backlog);
+	tcase_add_test(tc, test_lane_kept_while_held);
 	suite_add_tcase(s, tc);
 	return s;
 }
