@@ -480,9 +480,9 @@ int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool b
 	return rc;
 }
 
-int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
-			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
-			    char *errstr, size_t errlen)
+static int seal(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
+		size_t prefix_len, struct tly_buf *out, unsigned char hash[32], bool check,
+		char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
 	const struct tly_field *last = d && d->record.n_fields ? &d->record.fields[d->record.n_fields - 1]
@@ -509,7 +509,7 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 		ev = &copy;
 	}
 	const size_t at = out->len;
-	int rc = validate(ev, errstr, errlen);
+	int rc = check ? validate(ev, errstr, errlen) : 0;
 	if (rc == 0)
 		rc = encode_append(codec, ev, out, errstr, errlen);
 	if (rc != 0)
@@ -531,6 +531,20 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 	}
 	memcpy(enc + len - 32, hash, 32);
 	return 0;
+}
+
+int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
+			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
+			    char *errstr, size_t errlen)
+{
+	return seal(codec, ev, prefix, prefix_len, out, hash, true, errstr, errlen);
+}
+
+int tly_codec_encode_sealed_trusted(struct tly_codec *codec, const struct tly_event *ev,
+				    const void *prefix, size_t prefix_len, struct tly_buf *out,
+				    unsigned char hash[32], char *errstr, size_t errlen)
+{
+	return seal(codec, ev, prefix, prefix_len, out, hash, false, errstr, errlen);
 }
 
 /* ---- decode ------------------------------------------------------------------------------- */

@@ -93,6 +93,17 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 			    char *errstr, size_t errlen) TLY_MUST_CHECK;
 
 /*
+ * tly_codec_encode_sealed without validating ev: the same bytes for a valid ev. Only for a
+ * message whose every field its caller set from constants, integers it computed within their
+ * bounds and values of events that passed validation (the decision core's entries but invoices,
+ * see ledger/decide.c); an invalid ev is encoded as it is.
+ */
+int tly_codec_encode_sealed_trusted(struct tly_codec *codec, const struct tly_event *ev,
+				    const void *prefix, size_t prefix_len, struct tly_buf *out,
+				    unsigned char hash[32], char *errstr,
+				    size_t errlen) TLY_MUST_CHECK;
+
+/*
  * tly_codec_decode, then the SHA-256 of the decoded event's single-object encoding with its
  * current schema (a cause digest as tally-ledger computes it: decode, encode, hash), without
  * validating the event a second time.

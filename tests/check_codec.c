@@ -750,6 +750,39 @@ START_TEST(test_sealed_appended)
 }
 END_TEST
 
+/*
+ * The unvalidated seal (the decision core's entries but invoices) writes the same bytes and hash
+ * as the validating one, and encodes what the validating one refuses.
+ */
+START_TEST(test_sealed_trusted)
+{
+	struct tly_event e = {0};
+	char err[512];
+	unsigned char prev[32], hash[32], trusted[32];
+	memset(prev, 0x3c, sizeof(prev));
+	tly_fixture_event(&e, TLY_EV_LEDGER_ENTRY, 3);
+	memset(e.u.ledger_entry.hash, 0, 32);
+	struct tly_buf a = {0}, b = {0};
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &a, hash, err, sizeof(err)), 0);
+	ck_assert_int_eq(tly_codec_encode_sealed_trusted(codec, &e, prev, 32, &b, trusted, err,
+							 sizeof(err)), 0);
+	ck_assert_mem_eq(hash, trusted, 32);
+	ck_assert_uint_eq(a.len, b.len);
+	ck_assert_mem_eq(a.data, b.data, a.len);
+	e.u.ledger_entry.seq = 0; /* below its minimum */
+	size_t len = a.len;
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &a, hash, err, sizeof(err)),
+			 TLY_E_INVALID);
+	ck_assert_uint_eq(a.len, len);
+	ck_assert_int_eq(tly_codec_encode_sealed_trusted(codec, &e, prev, 32, &b, trusted, err,
+							 sizeof(err)), 0);
+	ck_assert_uint_gt(b.len, len);
+	tly_event_free(&e);
+	tly_buf_free(&a);
+	tly_buf_free(&b);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -779,6 +812,7 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_plan_uuid_hint);
 	tcase_add_test(tc, test_uuid_parse_as_libuuid);
 	tcase_add_test(tc, test_sealed_appended);
+	tcase_add_test(tc, test_sealed_trusted);
 	suite_add_tcase(s, tc);
 	return s;
 }
