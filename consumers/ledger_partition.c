@@ -30,6 +30,7 @@
 #define SAVE_LAG_INPUTS 100000
 #define SAVE_LAG_PER_BATCH 256
 #define REPLAY_CHUNK 1000 /* input records re-executed per "seen" lookup when loading */
+#define SEEN_BITS 32768   /* a batch's filter of the (tenant, event id) pairs in its batch_seen */
 
 /* A record of the open batch; its bytes are in the partition's byte buffer. */
 struct record {
@@ -42,6 +43,8 @@ struct record {
 	struct tly_seen seen;     /* committed knowledge before the batch */
 	bool lookup;              /* seen comes from the database lookup (index in keys) */
 	size_t key_index;
+	uint64_t pair;            /* pair_hash of its (tenant, event id), when it is not quarantined */
+	bool first;               /* the first record of its pair with entries in the batch */
 	unsigned char digest[32]; /* SHA-256 of the event's current encoding */
 };
 
@@ -63,6 +66,7 @@ struct batch {
 	struct tly_event *events;          /* cap_recs of them, each with its arena */
 	struct tly_entries entries;
 	struct tly_uuidmap *batch_seen;    /* (tenant, event id) -> struct record * (first with entries) */
+	uint64_t seen_bits[SEEN_BITS / 64]; /* bit pair % SEEN_BITS of each pair in batch_seen */
 	uint64_t serial;                   /* this decision of it, unique in the partition (never 0) */
 	struct tly_wallet **touched_list;  /* each wallet it changed, once (see touch) */
 	size_t n_touched, cap_touched;
@@ -301,20 +305,25 @@ int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, con
  * partition, are read first: a slot (6.5 MiB of them on 12 partitions, a cache miss each) is read
  * only when its tag matches.
  */
-static size_t cache_index(const tly_uuid *tenant, const tly_uuid *event_id, uint16_t *tag)
+static uint64_t pair_hash(const tly_uuid *tenant, const tly_uuid *event_id)
 {
 	uint64_t h = 0;
 	for (int i = 0; i < 16; i++)
 		h = h * 131 + tenant->b[i] + 7u * event_id->b[i];
+	return h;
+}
+
+static size_t cache_index(uint64_t h, uint16_t *tag)
+{
 	*tag = (uint16_t)((h / CACHE_SLOTS) | 1u);
 	return (size_t)(h % CACHE_SLOTS);
 }
 
-static const struct cache_slot *cache_get(const struct tly_ledger_partition *p,
+static const struct cache_slot *cache_get(const struct tly_ledger_partition *p, uint64_t h,
 					  const tly_uuid *tenant, const tly_uuid *event_id)
 {
 	uint16_t tag;
-	size_t i = cache_index(tenant, event_id, &tag);
+	size_t i = cache_index(h, &tag);
 	const struct cache_slot *s = &p->cache[i];
 	if (p->cache_tags[i] == tag && memcmp(&s->tenant, tenant, 16) == 0 &&
 	    memcmp(&s->event_id, event_id, 16) == 0)
@@ -322,16 +331,39 @@ static const struct cache_slot *cache_get(const struct tly_ledger_partition *p,
 	return NULL;
 }
 
-static void cache_put(struct tly_ledger_partition *p, const tly_uuid *tenant,
+static void cache_put(struct tly_ledger_partition *p, uint64_t h, const tly_uuid *tenant,
 		      const tly_uuid *event_id, const unsigned char digest[32])
 {
 	uint16_t tag;
-	size_t i = cache_index(tenant, event_id, &tag);
+	size_t i = cache_index(h, &tag);
 	struct cache_slot *s = &p->cache[i];
 	s->tenant = *tenant;
 	s->event_id = *event_id;
 	memcpy(s->digest, digest, 32);
 	p->cache_tags[i] = tag;
+}
+
+/*
+ * The first record with entries of r's pair in batch b, if any. Most pairs are in no batch: the
+ * filter answers those without a lookup in the map.
+ */
+static const struct record *batch_seen_get(const struct batch *b, const struct record *r,
+					   const struct tly_event *ev)
+{
+	uint64_t bit = r->pair % SEEN_BITS;
+	if (!(b->seen_bits[bit / 64] & (UINT64_C(1) << (bit % 64))))
+		return NULL;
+	return tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id);
+}
+
+static int batch_seen_put(struct batch *b, struct record *r, const struct tly_event *ev)
+{
+	uint64_t bit = r->pair % SEEN_BITS;
+	if (tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
+		return TLY_E_NOMEM;
+	b->seen_bits[bit / 64] |= UINT64_C(1) << (bit % 64);
+	r->first = true;
+	return 0;
 }
 
 static const void *rec_key(const struct batch *b, const struct record *r)
@@ -500,7 +532,7 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	if (wallet_for(p, &ev->tenant_id, &w) != 0)
 		return TLY_E_NOMEM;
 	struct tly_seen seen = r->seen;
-	const struct record *earlier = tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id);
+	const struct record *earlier = batch_seen_get(b, r, ev);
 	if (!seen.seen && earlier) {
 		seen.seen = true;
 		memcpy(seen.digest, earlier->digest, 32);
@@ -517,8 +549,7 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	}
 	if (touch(b, w) != 0)
 		return TLY_E_NOMEM;
-	if (b->entries.n > before && !seen.seen &&
-	    tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
+	if (b->entries.n > before && !seen.seen && batch_seen_put(b, r, ev) != 0)
 		return TLY_E_NOMEM;
 	return 0;
 }
@@ -527,6 +558,7 @@ static void reset_batch_scratch(struct tly_ledger_partition *p, struct batch *b)
 {
 	tly_entries_clear(&b->entries);
 	tly_uuidmap_clear(b->batch_seen);
+	memset(b->seen_bits, 0, sizeof(b->seen_bits));
 	b->serial = ++p->serial;
 	b->n_touched = 0;
 	b->n_quarantined = 0;
@@ -547,17 +579,17 @@ static void set_fatal(struct tly_pg_error *err, const char *msg)
  * What this process already knows of (tenant, event id) without asking the database: a
  * recently committed pair (the cache), or one of a decided batch not yet committed (exact).
  */
-static bool known(const struct tly_ledger_partition *p, const tly_uuid *tenant,
-		  const tly_uuid *event_id, struct tly_seen *seen)
+static bool known(const struct tly_ledger_partition *p, const struct record *rec,
+		  const struct tly_event *ev, struct tly_seen *seen)
 {
-	const struct cache_slot *hit = cache_get(p, tenant, event_id);
+	const struct cache_slot *hit = cache_get(p, rec->pair, &ev->tenant_id, &ev->event_id);
 	if (hit) {
 		seen->seen = true;
 		memcpy(seen->digest, hit->digest, 32);
 		return true;
 	}
 	for (size_t k = 0; k < p->n_decided; k++) {
-		const struct record *r = tly_uuidmap_get(p->decided[k]->batch_seen, tenant, event_id);
+		const struct record *r = batch_seen_get(p->decided[k], rec, ev);
 		if (r) {
 			seen->seen = true;
 			memcpy(seen->digest, r->digest, 32);
@@ -775,8 +807,11 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 		if (rc != 0)
 			return rc;
 		r->lookup = false;
-		if (r->reason || ev->type == TLY_EV_CLOCK_TICK ||
-		    known(p, &ev->tenant_id, &ev->event_id, &r->seen))
+		r->first = false;
+		if (r->reason || ev->type == TLY_EV_CLOCK_TICK)
+			continue;
+		r->pair = pair_hash(&ev->tenant_id, &ev->event_id);
+		if (known(p, r, ev, &r->seen))
 			continue;
 		r->lookup = true;
 		r->key_index = *n_keys;
@@ -933,9 +968,8 @@ static void committed(struct tly_ledger_partition *p, struct tly_ledger_batch_ou
 	struct batch *b = p->decided[0];
 	for (size_t i = 0; i < b->n_recs; i++) {
 		const struct tly_event *ev = &b->events[i];
-		if (!b->recs[i].reason && ev->type != TLY_EV_CLOCK_TICK &&
-		    tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id) == &b->recs[i])
-			cache_put(p, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
+		if (b->recs[i].first)
+			cache_put(p, b->recs[i].pair, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
 	}
 	/* b's memory stays as it is until it opens again, after the caller used out */
 	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, &b->entries,
