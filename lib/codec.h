@@ -34,12 +34,32 @@ struct tly_buf {
 void tly_buf_free(struct tly_buf *buf);
 /* Room for n bytes in all (len unchanged). 0 or TLY_E_NOMEM. */
 int tly_buf_reserve(struct tly_buf *buf, size_t n) TLY_MUST_CHECK;
-/* Append n bytes at len, growing as needed. 0 or TLY_E_NOMEM (the buffer unchanged). */
+/*
+ * Append n bytes at len, growing as needed. 0 or TLY_E_NOMEM (the buffer unchanged). Most appends
+ * are a binary COPY field's length, an integer or a UUID: those sizes are copied inline, without
+ * a call to the C library's memcpy (which a variable size compiles to).
+ */
 static inline int tly_buf_append(struct tly_buf *buf, const void *p, size_t n)
 {
 	if (buf->cap - buf->len < n && tly_buf_reserve(buf, buf->len + n) != 0)
 		return TLY_E_NOMEM;
-	memcpy(buf->data + buf->len, p, n);
+	unsigned char *d = buf->data + buf->len;
+	switch (n) {
+	case 2:
+		memcpy(d, p, 2);
+		break;
+	case 4:
+		memcpy(d, p, 4);
+		break;
+	case 8:
+		memcpy(d, p, 8);
+		break;
+	case 16:
+		memcpy(d, p, 16);
+		break;
+	default:
+		memcpy(d, p, n);
+	}
 	buf->len += n;
 	return 0;
 }

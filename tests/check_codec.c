@@ -783,6 +783,25 @@ START_TEST(test_sealed_trusted)
 }
 END_TEST
 
+/* tly_buf_append copies the sizes it inlines (2, 4, 8, 16) and any other size byte for byte. */
+START_TEST(test_buf_append_sizes)
+{
+	unsigned char src[64], want[64 * 65 / 2];
+	struct tly_buf buf = {0};
+	size_t at = 0;
+	for (size_t i = 0; i < sizeof(src); i++)
+		src[i] = (unsigned char)(i * 37 + 11);
+	for (size_t n = 0; n <= 64; n++) {
+		ck_assert_int_eq(tly_buf_append(&buf, src + (64 - n), n), 0);
+		memcpy(want + at, src + (64 - n), n);
+		at += n;
+		ck_assert_uint_eq(buf.len, at);
+	}
+	ck_assert_mem_eq(buf.data, want, at);
+	tly_buf_free(&buf);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -813,6 +832,7 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_uuid_parse_as_libuuid);
 	tcase_add_test(tc, test_sealed_appended);
 	tcase_add_test(tc, test_sealed_trusted);
+	tcase_add_test(tc, test_buf_append_sizes);
 	suite_add_tcase(s, tc);
 	return s;
 }
