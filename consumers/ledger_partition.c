@@ -96,6 +96,7 @@ struct tly_ledger_partition {
 	size_t n_decided;
 	int64_t lag_check_at;        /* offset from which a wallet's snapshot may lag too far */
 	uint64_t serial;             /* the last batch serial handed out */
+	struct tly_wallet *last;     /* the wallet wallet_for found last (wallets live as long as p) */
 };
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
@@ -470,7 +471,12 @@ static int touch(struct batch *b, struct tly_wallet *w)
 static int wallet_for(struct tly_ledger_partition *p, const tly_uuid *tenant,
 		      struct tly_wallet **out)
 {
-	struct tly_wallet *w = tly_uuidmap_get(p->wallets, tenant, NULL);
+	struct tly_wallet *w = p->last;
+	if (w && memcmp(tly_wallet_tenant(w), tenant, sizeof(*tenant)) == 0) {
+		*out = w; /* consecutive records of one tenant (a hot tenant's partition) */
+		return 0;
+	}
+	w = tly_uuidmap_get(p->wallets, tenant, NULL);
 	if (!w) {
 		if (!(w = tly_wallet_new(tenant)))
 			return TLY_E_NOMEM;
@@ -479,7 +485,7 @@ static int wallet_for(struct tly_ledger_partition *p, const tly_uuid *tenant,
 			return TLY_E_NOMEM;
 		}
 	}
-	*out = w;
+	*out = p->last = w;
 	return 0;
 }
 
