@@ -301,11 +301,7 @@ int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, con
 
 /* ---- deciding ----------------------------------------------------------------------------- */
 
-/*
- * A pair's slot, and its tag (never 0). Most pairs asked for are new, so the tags, 16 KiB a
- * partition, are read first: a slot (6.5 MiB of them on 12 partitions, a cache miss each) is read
- * only when its tag matches.
- */
+/* A hash of (tenant, event id): its slot and tag in the cache, its bit in a batch's filter. */
 static uint64_t pair_hash(const tly_uuid *tenant, const tly_uuid *event_id)
 {
 	uint64_t h = 0;
@@ -314,6 +310,11 @@ static uint64_t pair_hash(const tly_uuid *tenant, const tly_uuid *event_id)
 	return h;
 }
 
+/*
+ * A pair's slot, and its tag (never 0). Most pairs asked for are new, so the tags, 16 KiB a
+ * partition, are read first: a slot (6.5 MiB of them on 12 partitions, a cache miss each) is read
+ * only when its tag matches.
+ */
 static size_t cache_index(uint64_t h, uint16_t *tag)
 {
 	*tag = (uint16_t)((h / CACHE_SLOTS) | 1u);

@@ -791,7 +791,8 @@ START_TEST(test_buf_append_sizes)
 	size_t at = 0;
 	for (size_t i = 0; i < sizeof(src); i++)
 		src[i] = (unsigned char)(i * 37 + 11);
-	for (size_t n = 0; n <= 64; n++) {
+	for (size_t k = 1; k <= 65; k++) {
+		size_t n = k % 65; /* sizes 1 to 64, then 0 (into a buffer that has memory) */
 		ck_assert_int_eq(tly_buf_append(&buf, src + (64 - n), n), 0);
 		memcpy(want + at, src + (64 - n), n);
 		at += n;
