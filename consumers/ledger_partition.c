@@ -30,6 +30,7 @@
 #define SAVE_LAG_INPUTS 100000
 #define SAVE_LAG_PER_BATCH 256
 #define REPLAY_CHUNK 1000 /* input records re-executed per "seen" lookup when loading */
+#define SEEN_BITS 32768   /* a batch's filter of the (tenant, event id) pairs in its batch_seen */
 
 /* A record of the open batch; its bytes are in the partition's byte buffer. */
 struct record {
@@ -42,13 +43,14 @@ struct record {
 	struct tly_seen seen;     /* committed knowledge before the batch */
 	bool lookup;              /* seen comes from the database lookup (index in keys) */
 	size_t key_index;
+	uint64_t pair;            /* pair_hash of its (tenant, event id), when it is not quarantined */
+	bool first;               /* the first record of its pair with entries in the batch */
 	unsigned char digest[32]; /* SHA-256 of the event's current encoding */
 };
 
 struct cache_slot {
 	tly_uuid tenant, event_id;
 	unsigned char digest[32];
-	bool used;
 };
 
 /*
@@ -64,8 +66,9 @@ struct batch {
 	struct tly_event *events;          /* cap_recs of them, each with its arena */
 	struct tly_entries entries;
 	struct tly_uuidmap *batch_seen;    /* (tenant, event id) -> struct record * (first with entries) */
-	struct tly_uuidmap *touched;       /* tenant -> wallet */
-	struct tly_wallet **touched_list;
+	uint64_t seen_bits[SEEN_BITS / 64]; /* bit pair % SEEN_BITS of each pair in batch_seen */
+	uint64_t serial;                   /* this decision of it, unique in the partition (never 0) */
+	struct tly_wallet **touched_list;  /* each wallet it changed, once (see touch) */
 	size_t n_touched, cap_touched;
 	struct tly_wallet **saved_list;    /* the wallets whose snapshots its transaction saves */
 	size_t n_saved, cap_saved;
@@ -86,11 +89,14 @@ struct tly_ledger_partition {
 	int64_t next_offset;     /* after the last record added */
 	struct tly_uuidmap *wallets; /* tenant -> struct tly_wallet * (owned) */
 	struct cache_slot *cache;    /* CACHE_SLOTS, committed pairs only */
+	uint16_t *cache_tags;        /* CACHE_SLOTS: 0 unused, else bits of the slot's key's hash */
 	struct batch batches[BATCHES];
 	struct batch *open;
 	struct batch *decided[BATCHES - 1]; /* oldest first */
 	size_t n_decided;
 	int64_t lag_check_at;        /* offset from which a wallet's snapshot may lag too far */
+	uint64_t serial;             /* the last batch serial handed out */
+	struct tly_wallet *last;     /* the wallet wallet_for found last (wallets live as long as p) */
 };
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
@@ -122,11 +128,11 @@ struct tly_ledger_partition *tly_ledger_partition_open(const struct tly_ledger_c
 {
 	struct tly_ledger_partition *p = calloc(1, sizeof(*p));
 	bool ok = p && (p->wallets = tly_uuidmap_new()) &&
-		  (p->cache = calloc(CACHE_SLOTS, sizeof(*p->cache)));
+		  (p->cache = calloc(CACHE_SLOTS, sizeof(*p->cache))) &&
+		  (p->cache_tags = calloc(CACHE_SLOTS, sizeof(*p->cache_tags)));
 	for (int i = 0; ok && i < BATCHES; i++) {
 		struct batch *b = &p->batches[i];
-		ok = (b->batch_seen = tly_uuidmap_new()) && (b->touched = tly_uuidmap_new()) &&
-		     (b->arena = tly_arena_new());
+		ok = (b->batch_seen = tly_uuidmap_new()) && (b->arena = tly_arena_new());
 	}
 	if (!ok) {
 		if (err) {
@@ -157,10 +163,10 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 		return;
 	free_wallets(p->wallets);
 	free(p->cache);
+	free(p->cache_tags);
 	for (int k = 0; k < BATCHES; k++) {
 		struct batch *b = &p->batches[k];
 		tly_uuidmap_free(b->batch_seen);
-		tly_uuidmap_free(b->touched);
 		free(b->recs);
 		tly_buf_free(&b->bytes);
 		for (size_t i = 0; b->events && i < b->cap_recs; i++)
@@ -295,31 +301,71 @@ int tly_ledger_partition_add(struct tly_ledger_partition *p, int64_t offset, con
 
 /* ---- deciding ----------------------------------------------------------------------------- */
 
-static size_t cache_index(const tly_uuid *tenant, const tly_uuid *event_id)
+/* A hash of (tenant, event id): its slot and tag in the cache, its bit in a batch's filter. */
+static uint64_t pair_hash(const tly_uuid *tenant, const tly_uuid *event_id)
 {
 	uint64_t h = 0;
 	for (int i = 0; i < 16; i++)
 		h = h * 131 + tenant->b[i] + 7u * event_id->b[i];
+	return h;
+}
+
+/*
+ * A pair's slot, and its tag (never 0). Most pairs asked for are new, so the tags, 16 KiB a
+ * partition, are read first: a slot (6.5 MiB of them on 12 partitions, a cache miss each) is read
+ * only when its tag matches.
+ */
+static size_t cache_index(uint64_t h, uint16_t *tag)
+{
+	*tag = (uint16_t)((h / CACHE_SLOTS) | 1u);
 	return (size_t)(h % CACHE_SLOTS);
 }
 
-static const struct cache_slot *cache_get(const struct tly_ledger_partition *p,
+static const struct cache_slot *cache_get(const struct tly_ledger_partition *p, uint64_t h,
 					  const tly_uuid *tenant, const tly_uuid *event_id)
 {
-	const struct cache_slot *s = &p->cache[cache_index(tenant, event_id)];
-	if (s->used && memcmp(&s->tenant, tenant, 16) == 0 && memcmp(&s->event_id, event_id, 16) == 0)
+	uint16_t tag;
+	size_t i = cache_index(h, &tag);
+	const struct cache_slot *s = &p->cache[i];
+	if (p->cache_tags[i] == tag && memcmp(&s->tenant, tenant, 16) == 0 &&
+	    memcmp(&s->event_id, event_id, 16) == 0)
 		return s;
 	return NULL;
 }
 
-static void cache_put(struct tly_ledger_partition *p, const tly_uuid *tenant,
+static void cache_put(struct tly_ledger_partition *p, uint64_t h, const tly_uuid *tenant,
 		      const tly_uuid *event_id, const unsigned char digest[32])
 {
-	struct cache_slot *s = &p->cache[cache_index(tenant, event_id)];
+	uint16_t tag;
+	size_t i = cache_index(h, &tag);
+	struct cache_slot *s = &p->cache[i];
 	s->tenant = *tenant;
 	s->event_id = *event_id;
 	memcpy(s->digest, digest, 32);
-	s->used = true;
+	p->cache_tags[i] = tag;
+}
+
+/*
+ * The first record with entries of r's pair in batch b, if any. Most pairs are in no batch: the
+ * filter answers those without a lookup in the map.
+ */
+static const struct record *batch_seen_get(const struct batch *b, const struct record *r,
+					   const struct tly_event *ev)
+{
+	uint64_t bit = r->pair % SEEN_BITS;
+	if (!(b->seen_bits[bit / 64] & (UINT64_C(1) << (bit % 64))))
+		return NULL;
+	return tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id);
+}
+
+static int batch_seen_put(struct batch *b, struct record *r, const struct tly_event *ev)
+{
+	uint64_t bit = r->pair % SEEN_BITS;
+	if (tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
+		return TLY_E_NOMEM;
+	b->seen_bits[bit / 64] |= UINT64_C(1) << (bit % 64);
+	r->first = true;
+	return 0;
 }
 
 static const void *rec_key(const struct batch *b, const struct record *r)
@@ -400,11 +446,15 @@ static int classify(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 	return 0;
 }
 
-/* A record of batch b applied to w: counted toward w's next snapshot, w listed once in b. */
+/*
+ * A record of batch b applied to w: counted toward w's next snapshot, w listed once in b (the
+ * wallet remembers b's serial: no map lookup a record).
+ */
 static int touch(struct batch *b, struct tly_wallet *w)
 {
-	tly_wallet_saving(w)->records++;
-	if (tly_uuidmap_get(b->touched, tly_wallet_tenant(w), NULL))
+	struct tly_wallet_saving *sv = tly_wallet_saving(w);
+	sv->records++;
+	if (sv->batch == b->serial)
 		return 0;
 	if (b->n_touched == b->cap_touched) {
 		size_t cap = b->cap_touched ? b->cap_touched * 2 : 64;
@@ -415,13 +465,19 @@ static int touch(struct batch *b, struct tly_wallet *w)
 		b->cap_touched = cap;
 	}
 	b->touched_list[b->n_touched++] = w;
-	return tly_uuidmap_put(b->touched, tly_wallet_tenant(w), NULL, w);
+	sv->batch = b->serial;
+	return 0;
 }
 
 static int wallet_for(struct tly_ledger_partition *p, const tly_uuid *tenant,
 		      struct tly_wallet **out)
 {
-	struct tly_wallet *w = tly_uuidmap_get(p->wallets, tenant, NULL);
+	struct tly_wallet *w = p->last;
+	if (w && memcmp(tly_wallet_tenant(w), tenant, sizeof(*tenant)) == 0) {
+		*out = w; /* consecutive records of one tenant (a hot tenant's partition) */
+		return 0;
+	}
+	w = tly_uuidmap_get(p->wallets, tenant, NULL);
 	if (!w) {
 		if (!(w = tly_wallet_new(tenant)))
 			return TLY_E_NOMEM;
@@ -430,7 +486,7 @@ static int wallet_for(struct tly_ledger_partition *p, const tly_uuid *tenant,
 			return TLY_E_NOMEM;
 		}
 	}
-	*out = w;
+	*out = p->last = w;
 	return 0;
 }
 
@@ -483,7 +539,7 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	if (wallet_for(p, &ev->tenant_id, &w) != 0)
 		return TLY_E_NOMEM;
 	struct tly_seen seen = r->seen;
-	const struct record *earlier = tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id);
+	const struct record *earlier = batch_seen_get(b, r, ev);
 	if (!seen.seen && earlier) {
 		seen.seen = true;
 		memcpy(seen.digest, earlier->digest, 32);
@@ -500,17 +556,17 @@ static int apply_one(struct tly_ledger_partition *p, const struct tly_ledger_ctx
 	}
 	if (touch(b, w) != 0)
 		return TLY_E_NOMEM;
-	if (b->entries.n > before && !seen.seen &&
-	    tly_uuidmap_put(b->batch_seen, &ev->tenant_id, &ev->event_id, r) != 0)
+	if (b->entries.n > before && !seen.seen && batch_seen_put(b, r, ev) != 0)
 		return TLY_E_NOMEM;
 	return 0;
 }
 
-static void reset_batch_scratch(struct batch *b)
+static void reset_batch_scratch(struct tly_ledger_partition *p, struct batch *b)
 {
 	tly_entries_clear(&b->entries);
 	tly_uuidmap_clear(b->batch_seen);
-	tly_uuidmap_clear(b->touched);
+	memset(b->seen_bits, 0, sizeof(b->seen_bits));
+	b->serial = ++p->serial;
 	b->n_touched = 0;
 	b->n_quarantined = 0;
 	b->n_inputs = 0;
@@ -530,17 +586,17 @@ static void set_fatal(struct tly_pg_error *err, const char *msg)
  * What this process already knows of (tenant, event id) without asking the database: a
  * recently committed pair (the cache), or one of a decided batch not yet committed (exact).
  */
-static bool known(const struct tly_ledger_partition *p, const tly_uuid *tenant,
-		  const tly_uuid *event_id, struct tly_seen *seen)
+static bool known(const struct tly_ledger_partition *p, const struct record *rec,
+		  const struct tly_event *ev, struct tly_seen *seen)
 {
-	const struct cache_slot *hit = cache_get(p, tenant, event_id);
+	const struct cache_slot *hit = cache_get(p, rec->pair, &ev->tenant_id, &ev->event_id);
 	if (hit) {
 		seen->seen = true;
 		memcpy(seen->digest, hit->digest, 32);
 		return true;
 	}
 	for (size_t k = 0; k < p->n_decided; k++) {
-		const struct record *r = tly_uuidmap_get(p->decided[k]->batch_seen, tenant, event_id);
+		const struct record *r = batch_seen_get(p->decided[k], rec, ev);
 		if (r) {
 			seen->seen = true;
 			memcpy(seen->digest, r->digest, 32);
@@ -706,7 +762,7 @@ static int catch_up(struct tly_ledger_partition *p, const struct tly_ledger_ctx 
 					  replay_add, &rp, err);
 	if (rc == 0 && p->open->n_recs)
 		rc = replay_chunk(p, ctx, err);
-	reset_batch_scratch(p->open);
+	reset_batch_scratch(p, p->open);
 	p->open->n_recs = 0;
 	p->open->bytes.len = 0;
 	if (rc != 0)
@@ -750,7 +806,7 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 		   struct tly_ledger_seen_key *keys, size_t *n_keys)
 {
 	struct batch *b = p->open;
-	reset_batch_scratch(b);
+	reset_batch_scratch(p, b);
 	for (size_t i = 0; i < b->n_recs; i++) {
 		struct record *r = &b->recs[i];
 		struct tly_event *ev = &b->events[i];
@@ -758,8 +814,11 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 		if (rc != 0)
 			return rc;
 		r->lookup = false;
-		if (r->reason || ev->type == TLY_EV_CLOCK_TICK ||
-		    known(p, &ev->tenant_id, &ev->event_id, &r->seen))
+		r->first = false;
+		if (r->reason || ev->type == TLY_EV_CLOCK_TICK)
+			continue;
+		r->pair = pair_hash(&ev->tenant_id, &ev->event_id);
+		if (known(p, r, ev, &r->seen))
 			continue;
 		r->lookup = true;
 		r->key_index = *n_keys;
@@ -807,7 +866,7 @@ static int choose_saved(struct tly_ledger_partition *p)
 	size_t lagging = 0;
 	for (size_t k = 0; k < tly_uuidmap_capacity(p->wallets); k++) {
 		struct tly_wallet *w = tly_uuidmap_slot(p->wallets, k);
-		if (!w || tly_uuidmap_get(b->touched, tly_wallet_tenant(w), NULL))
+		if (!w || tly_wallet_saving(w)->batch == b->serial)
 			continue;
 		int64_t as_of = tly_wallet_saving(w)->as_of;
 		if (as_of >= 0 && as_of <= lag_limit && lagging < SAVE_LAG_PER_BATCH) {
@@ -884,7 +943,10 @@ static void close_open(struct tly_ledger_partition *p)
 	struct batch *b = p->open;
 	for (size_t i = 0; i < b->n_saved; i++) { /* their snapshots are in the transaction */
 		tly_wallet_mark_saved(b->saved_list[i]);
-		*tly_wallet_saving(b->saved_list[i]) = (struct tly_wallet_saving){b->new_offset, 0, 0};
+		struct tly_wallet_saving *sv = tly_wallet_saving(b->saved_list[i]);
+		sv->as_of = b->new_offset;
+		sv->batches = 0;
+		sv->records = 0;
 	}
 	for (size_t i = 0; i < b->n_touched; i++) {
 		struct tly_wallet_saving *sv = tly_wallet_saving(b->touched_list[i]);
@@ -913,9 +975,8 @@ static void committed(struct tly_ledger_partition *p, struct tly_ledger_batch_ou
 	struct batch *b = p->decided[0];
 	for (size_t i = 0; i < b->n_recs; i++) {
 		const struct tly_event *ev = &b->events[i];
-		if (!b->recs[i].reason && ev->type != TLY_EV_CLOCK_TICK &&
-		    tly_uuidmap_get(b->batch_seen, &ev->tenant_id, &ev->event_id) == &b->recs[i])
-			cache_put(p, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
+		if (b->recs[i].first)
+			cache_put(p, b->recs[i].pair, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
 	}
 	/* b's memory stays as it is until it opens again, after the caller used out */
 	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, &b->entries,

@@ -124,9 +124,18 @@ static int entry_finish(struct ctx *c, struct tly_event *ev, const struct delta 
 	char why[256];
 	out->encoded.len = out->n ? out->ends[out->n - 1] : 0;
 	int rc = tly_ledger_grow(&out->ends, &out->cap_ends, out->n, sizeof(*out->ends));
-	if (rc == 0)
+	/* Validated only when it carries an invoice: its currency, metered feature keys and amounts
+	 * come from the subscription's terms and usage. Every other entry holds the wallet's and the
+	 * validated input's UUIDs, constant kinds and reasons, integers and the subscription's
+	 * period (end after start), which cannot fail validation (check_decide's scenarios validate
+	 * every entry; test_invoice_still_validated). */
+	bool check = e->currency || e->lines.n || e->amount_cents.set;
+	if (rc == 0 && check)
 		rc = tly_codec_encode_sealed(c->cfg->codec, ev, e->prev_hash, 32, &out->encoded,
 					     e->hash, why, sizeof(why));
+	else if (rc == 0)
+		rc = tly_codec_encode_sealed_trusted(c->cfg->codec, ev, e->prev_hash, 32,
+						     &out->encoded, e->hash, why, sizeof(why));
 	if (rc != 0) {
 		snprintf(c->errstr, c->errlen, "could not hash ledger entry %lld: %s",
 			 (long long)e->seq, rc == TLY_E_NOMEM ? "out of memory" : why);

@@ -75,12 +75,14 @@ void tly_wallet_mark_saved(struct tly_wallet *w);
 
 /*
  * Where the consumer's stored snapshot of the wallet stands (not decision state: never in a
- * snapshot, never read by the decision core). A new or loaded wallet has as_of -1, batches 0.
+ * snapshot, never read by the decision core). A new or loaded wallet has as_of -1, batches 0,
+ * batch 0.
  */
 struct tly_wallet_saving {
 	int64_t as_of;    /* input offset the stored snapshot is as of; -1: none (or not known yet) */
 	uint32_t batches; /* batches that changed the wallet since it was stored */
 	uint32_t records; /* input records applied to it since it was stored (ClockTicks that moved it too) */
+	uint64_t batch;   /* the consumer's serial of the last batch that listed it as changed; 0: none */
 };
 struct tly_wallet_saving *tly_wallet_saving(struct tly_wallet *w);
 

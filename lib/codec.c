@@ -480,9 +480,9 @@ int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool b
 	return rc;
 }
 
-int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
-			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
-			    char *errstr, size_t errlen)
+static int seal(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
+		size_t prefix_len, struct tly_buf *out, unsigned char hash[32], bool check,
+		char *errstr, size_t errlen)
 {
 	const struct tly_event_desc *d = tly_event_desc(ev->type);
 	const struct tly_field *last = d && d->record.n_fields ? &d->record.fields[d->record.n_fields - 1]
@@ -509,7 +509,7 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 		ev = &copy;
 	}
 	const size_t at = out->len;
-	int rc = validate(ev, errstr, errlen);
+	int rc = check ? validate(ev, errstr, errlen) : 0;
 	if (rc == 0)
 		rc = encode_append(codec, ev, out, errstr, errlen);
 	if (rc != 0)
@@ -531,6 +531,20 @@ int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev,
 	}
 	memcpy(enc + len - 32, hash, 32);
 	return 0;
+}
+
+int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
+			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
+			    char *errstr, size_t errlen)
+{
+	return seal(codec, ev, prefix, prefix_len, out, hash, true, errstr, errlen);
+}
+
+int tly_codec_encode_sealed_trusted(struct tly_codec *codec, const struct tly_event *ev,
+				    const void *prefix, size_t prefix_len, struct tly_buf *out,
+				    unsigned char hash[32], char *errstr, size_t errlen)
+{
+	return seal(codec, ev, prefix, prefix_len, out, hash, false, errstr, errlen);
 }
 
 /* ---- decode ------------------------------------------------------------------------------- */
@@ -916,14 +930,18 @@ void tly_codec_uuid_hint(struct tly_codec *codec, const tly_uuid *id)
 	tly_uuid_memo_offer(codec->uuids, id);
 }
 
-/* A hex digit's value, or 0x100 for any other byte. */
+/* A hex digit's value plus one, 0 for any other byte. */
+static const unsigned char hex_values[256] = {
+	['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
+	['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+	['A'] = 11, ['B'] = 12, ['C'] = 13, ['D'] = 14, ['E'] = 15, ['F'] = 16,
+};
+
+/* A hex digit's value, or a value with bit 0x100 set for any other byte (from a table: digits
+ * and letters mix at random in a UUID, and comparisons telling them apart mispredicted). */
 static unsigned hex_value(unsigned char c)
 {
-	if ((unsigned)(c - '0') < 10)
-		return (unsigned)(c - '0');
-	if ((unsigned)((c | 0x20) - 'a') < 6)
-		return (unsigned)((c | 0x20) - 'a' + 10);
-	return 0x100;
+	return (unsigned)hex_values[c] - 1u;
 }
 
 int tly_codec_uuid_parse(const char *text, size_t len, tly_uuid *out)

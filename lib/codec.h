@@ -34,12 +34,32 @@ struct tly_buf {
 void tly_buf_free(struct tly_buf *buf);
 /* Room for n bytes in all (len unchanged). 0 or TLY_E_NOMEM. */
 int tly_buf_reserve(struct tly_buf *buf, size_t n) TLY_MUST_CHECK;
-/* Append n bytes at len, growing as needed. 0 or TLY_E_NOMEM (the buffer unchanged). */
+/*
+ * Append n bytes at len, growing as needed. 0 or TLY_E_NOMEM (the buffer unchanged). Most appends
+ * are a binary COPY field's length, an integer or a UUID: those sizes are copied inline, without
+ * a call to the C library's memcpy (which a variable size compiles to).
+ */
 static inline int tly_buf_append(struct tly_buf *buf, const void *p, size_t n)
 {
 	if (buf->cap - buf->len < n && tly_buf_reserve(buf, buf->len + n) != 0)
 		return TLY_E_NOMEM;
-	memcpy(buf->data + buf->len, p, n);
+	unsigned char *d = buf->data + buf->len;
+	switch (n) {
+	case 2:
+		memcpy(d, p, 2);
+		break;
+	case 4:
+		memcpy(d, p, 4);
+		break;
+	case 8:
+		memcpy(d, p, 8);
+		break;
+	case 16:
+		memcpy(d, p, 16);
+		break;
+	default:
+		memcpy(d, p, n);
+	}
 	buf->len += n;
 	return 0;
 }
@@ -91,6 +111,17 @@ int tly_codec_digest(struct tly_codec *codec, const struct tly_event *ev, bool b
 int tly_codec_encode_sealed(struct tly_codec *codec, const struct tly_event *ev, const void *prefix,
 			    size_t prefix_len, struct tly_buf *out, unsigned char hash[32],
 			    char *errstr, size_t errlen) TLY_MUST_CHECK;
+
+/*
+ * tly_codec_encode_sealed without validating ev: the same bytes for a valid ev. Only for a
+ * message whose every field its caller set from constants, integers it computed within their
+ * bounds and values of events that passed validation (the decision core's entries but invoices,
+ * see ledger/decide.c); an invalid ev is encoded as it is.
+ */
+int tly_codec_encode_sealed_trusted(struct tly_codec *codec, const struct tly_event *ev,
+				    const void *prefix, size_t prefix_len, struct tly_buf *out,
+				    unsigned char hash[32], char *errstr,
+				    size_t errlen) TLY_MUST_CHECK;
 
 /*
  * tly_codec_decode, then the SHA-256 of the decoded event's single-object encoding with its

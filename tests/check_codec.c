@@ -750,6 +750,59 @@ START_TEST(test_sealed_appended)
 }
 END_TEST
 
+/*
+ * The unvalidated seal (the decision core's entries but invoices) writes the same bytes and hash
+ * as the validating one, and encodes what the validating one refuses.
+ */
+START_TEST(test_sealed_trusted)
+{
+	struct tly_event e = {0};
+	char err[512];
+	unsigned char prev[32], hash[32], trusted[32];
+	memset(prev, 0x3c, sizeof(prev));
+	tly_fixture_event(&e, TLY_EV_LEDGER_ENTRY, 3);
+	memset(e.u.ledger_entry.hash, 0, 32);
+	struct tly_buf a = {0}, b = {0};
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &a, hash, err, sizeof(err)), 0);
+	ck_assert_int_eq(tly_codec_encode_sealed_trusted(codec, &e, prev, 32, &b, trusted, err,
+							 sizeof(err)), 0);
+	ck_assert_mem_eq(hash, trusted, 32);
+	ck_assert_uint_eq(a.len, b.len);
+	ck_assert_mem_eq(a.data, b.data, a.len);
+	e.u.ledger_entry.seq = 0; /* below its minimum */
+	size_t len = a.len;
+	ck_assert_int_eq(tly_codec_encode_sealed(codec, &e, prev, 32, &a, hash, err, sizeof(err)),
+			 TLY_E_INVALID);
+	ck_assert_uint_eq(a.len, len);
+	ck_assert_int_eq(tly_codec_encode_sealed_trusted(codec, &e, prev, 32, &b, trusted, err,
+							 sizeof(err)), 0);
+	ck_assert_uint_gt(b.len, len);
+	tly_event_free(&e);
+	tly_buf_free(&a);
+	tly_buf_free(&b);
+}
+END_TEST
+
+/* tly_buf_append copies the sizes it inlines (2, 4, 8, 16) and any other size byte for byte. */
+START_TEST(test_buf_append_sizes)
+{
+	unsigned char src[64], want[64 * 65 / 2];
+	struct tly_buf buf = {0};
+	size_t at = 0;
+	for (size_t i = 0; i < sizeof(src); i++)
+		src[i] = (unsigned char)(i * 37 + 11);
+	for (size_t k = 1; k <= 65; k++) {
+		size_t n = k % 65; /* sizes 1 to 64, then 0 (into a buffer that has memory) */
+		ck_assert_int_eq(tly_buf_append(&buf, src + (64 - n), n), 0);
+		memcpy(want + at, src + (64 - n), n);
+		at += n;
+		ck_assert_uint_eq(buf.len, at);
+	}
+	ck_assert_mem_eq(buf.data, want, at);
+	tly_buf_free(&buf);
+}
+END_TEST
+
 Suite *codec_suite(void)
 {
 	Suite *s = suite_create("codec");
@@ -779,6 +832,8 @@ Suite *codec_suite(void)
 	tcase_add_test(tc, test_plan_uuid_hint);
 	tcase_add_test(tc, test_uuid_parse_as_libuuid);
 	tcase_add_test(tc, test_sealed_appended);
+	tcase_add_test(tc, test_sealed_trusted);
+	tcase_add_test(tc, test_buf_append_sizes);
 	suite_add_tcase(s, tc);
 	return s;
 }

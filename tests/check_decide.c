@@ -642,6 +642,34 @@ START_TEST(test_invoice_amounts)
 }
 END_TEST
 
+/*
+ * Entries are encoded unvalidated except invoices (ledger/decide.c entry_finish): an invoice whose
+ * currency came in invalid (the event applied without validation here) is still refused, while
+ * the same subscription's other entries are built. test_scenario validates every entry built.
+ */
+START_TEST(test_invoice_still_validated)
+{
+	struct run *r = calloc(1, sizeof(*r));
+	char err[256];
+	run_init(r, 0);
+	const struct step start = {START, 0, 0, 1000, 2000000, 0, NULL, 0, 0, 0, 0};
+	struct tly_event ev;
+	build(r, &start, &ev, 0);
+	ev.u.subscription_started.terms.currency = "usd";
+	struct tly_cause cause = {.event_id = ev.event_id, .type = "x", .offset = 0};
+	ck_assert_int_eq(tly_ledger_apply(&r->cfg, r->w, &ev, &cause, NULL, &r->out, err, sizeof(err)), 0);
+	ck_assert_uint_gt(r->out.n, 0);
+	tly_entries_clear(&r->out);
+	struct tly_cause tick = {.type = "ClockTick", .offset = 9};
+	make_uuid(&tick.event_id, 9, 9);
+	ck_assert_int_eq(tly_ledger_tick(&r->cfg, r->w, T0 + 30 * DAY, &tick, &r->out, err, sizeof(err)),
+			 TLY_E_INVALID);
+	ck_assert_msg(strstr(err, "currency") != NULL, "%s", err);
+	run_free(r);
+	free(r);
+}
+END_TEST
+
 START_TEST(test_wrong_tenant_refused)
 {
 	struct run *r = calloc(1, sizeof(*r));
@@ -899,6 +927,7 @@ Suite *decide_suite(void)
 	tcase_add_loop_test(tc, test_scenario, 0, (int)(sizeof(scenarios) / sizeof(scenarios[0])));
 	tcase_add_test(tc, test_invoice_amounts);
 	tcase_add_test(tc, test_wrong_tenant_refused);
+	tcase_add_test(tc, test_invoice_still_validated);
 	tcase_add_test(tc, test_many_holds);
 	tcase_add_test(tc, test_snapshot_grants_in_grant_order);
 	tcase_add_test(tc, test_event_arena_small);

@@ -2477,6 +2477,81 @@ START_TEST(test_store_generic_plans_after_holds)
 }
 END_TEST
 
+static size_t count_kind(const struct tly_ledger_batch_out *out, const char *kind)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < out->n_entries; i++)
+		n += strcmp(out->entries[i].u.ledger_entry.kind, kind) == 0;
+	return n;
+}
+
+/*
+ * Event ids known in memory (session 10: each batch filters its pairs through a bitmap before its
+ * map, and a committed record goes to the recent-ids cache by a flag): of many events, each
+ * repeated in its own batch, in a batch decided before the first committed, and after both
+ * committed, every repeat is a duplicate and the first of each is decided once.
+ */
+START_TEST(test_seen_in_memory)
+{
+	enum { K = 600 };
+	char key[37];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	int32_t part = partition_ctx(&e, 6, &codec, &ctx, &t, key);
+	struct tly_pg_error err;
+	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(p);
+	struct tly_buf *bufs = calloc(K, sizeof(*bufs));
+	ck_assert_ptr_nonnull(bufs);
+	struct tly_event ev;
+	for (int i = 0; i < K; i++)
+		encode_reservation(codec, &ev, &t, 10, T0 + i, &bufs[i]);
+	int64_t offset = 0;
+	bool added;
+	struct tly_ledger_group_item g[3];
+	struct tly_ledger_txn *txn[3];
+	for (int round = 0; round < 3; round++) {
+		int copies = round == 0 ? 2 : 1; /* the first batch holds every event twice */
+		for (int c = 0; c < copies; c++)
+			for (int i = 0; i < K; i++)
+				ck_assert(tly_ledger_partition_add(p, offset++, key, 36, bufs[i].data,
+								   bufs[i].len, 0, &added) == 0 &&
+					  added);
+		g[round] = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
+		ck_assert_msg(tly_ledger_partition_decide(&g[round], 1, &ctx, &txn[round], &err) == 0,
+			      "%s", err.message);
+		if (round == 0)
+			continue; /* the second is decided while the first has not committed */
+		for (int k = round == 1 ? 0 : 2; k <= round; k++) {
+			int rc = tly_ledger_store_run(ctx.conn, txn[k], &err);
+			ck_assert_msg(rc == 0, "%s", err.message);
+			tly_ledger_partition_finish(&g[k], 1, txn[k], rc);
+		}
+	}
+	ck_assert_uint_eq(g[0].out.n_entries, 2 * K);
+	ck_assert_uint_eq(count_kind(&g[0].out, "duplicate"), K);
+	for (int i = 0; i < K; i++) /* offset order: the first copy decided, the second a duplicate */
+		ck_assert_str_ne(g[0].out.entries[i].u.ledger_entry.kind, "duplicate");
+	for (int k = 1; k < 3; k++) {
+		ck_assert_uint_eq(g[k].out.n_entries, K);
+		ck_assert_uint_eq(count_kind(&g[k].out, "duplicate"), K);
+	}
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE kind <> 'duplicate'",
+				0, NULL), K);
+	for (int k = 0; k < 3; k++)
+		tly_ledger_store_txn_free(txn[k]);
+	for (int i = 0; i < K; i++)
+		tly_buf_free(&bufs[i]);
+	free(bufs);
+	tly_ledger_partition_free(p);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2511,7 +2586,8 @@ Suite *ledger_suite(void)
 		       {"writer_lane_killed", test_writer_lane_killed, 90},
 		       {"writer_lanes_backlog", test_writer_lanes_backlog, 120},
 		       {"kafka_conf", test_kafka_conf_nodelay, 90},
-		       {"publisher", test_publisher_batches, 90}};
+		       {"publisher", test_publisher_batches, 90},
+		       {"seen_in_memory", test_seen_in_memory, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
