@@ -2494,21 +2494,16 @@ static size_t count_kind(const struct tly_ledger_batch_out *out, const char *kin
 START_TEST(test_seen_in_memory)
 {
 	enum { K = 600 };
-	char key[37];
-	struct env e;
-	env_up(&e);
-	struct tly_codec *codec;
-	struct tly_ledger_ctx ctx;
-	tly_uuid t;
-	int32_t part = partition_ctx(&e, 6, &codec, &ctx, &t, key);
-	struct tly_pg_error err;
-	struct tly_ledger_partition *p = tly_ledger_partition_open(&ctx, part, &err);
-	ck_assert_ptr_nonnull(p);
+	struct one_partition o;
+	one_partition_up(&o, 6);
+	struct tly_ledger_partition *p = o.p;
+	struct tly_ledger_ctx *ctx = &o.ctx;
+	struct tly_pg_error *err = &o.err;
 	struct tly_buf *bufs = calloc(K, sizeof(*bufs));
 	ck_assert_ptr_nonnull(bufs);
 	struct tly_event ev;
 	for (int i = 0; i < K; i++)
-		encode_reservation(codec, &ev, &t, 10, T0 + i, &bufs[i]);
+		encode_reservation(o.codec, &ev, &o.t, 10, T0 + i, &bufs[i]);
 	int64_t offset = 0;
 	bool added;
 	struct tly_ledger_group_item g[3];
@@ -2517,17 +2512,17 @@ START_TEST(test_seen_in_memory)
 		int copies = round == 0 ? 2 : 1; /* the first batch holds every event twice */
 		for (int c = 0; c < copies; c++)
 			for (int i = 0; i < K; i++)
-				ck_assert(tly_ledger_partition_add(p, offset++, key, 36, bufs[i].data,
+				ck_assert(tly_ledger_partition_add(p, offset++, o.key, 36, bufs[i].data,
 								   bufs[i].len, 0, &added) == 0 &&
 					  added);
 		g[round] = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
-		ck_assert_msg(tly_ledger_partition_decide(&g[round], 1, &ctx, &txn[round], &err) == 0,
-			      "%s", err.message);
+		ck_assert_msg(tly_ledger_partition_decide(&g[round], 1, ctx, &txn[round], err) == 0,
+			      "%s", err->message);
 		if (round == 0)
 			continue; /* the second is decided while the first has not committed */
 		for (int k = round == 1 ? 0 : 2; k <= round; k++) {
-			int rc = tly_ledger_store_run(ctx.conn, txn[k], &err);
-			ck_assert_msg(rc == 0, "%s", err.message);
+			int rc = tly_ledger_store_run(ctx->conn, txn[k], err);
+			ck_assert_msg(rc == 0, "%s", err->message);
 			tly_ledger_partition_finish(&g[k], 1, txn[k], rc);
 		}
 	}
@@ -2539,16 +2534,14 @@ START_TEST(test_seen_in_memory)
 		ck_assert_uint_eq(g[k].out.n_entries, K);
 		ck_assert_uint_eq(count_kind(&g[k].out, "duplicate"), K);
 	}
-	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE kind <> 'duplicate'",
+	ck_assert_int_eq(q_long(o.e.conn, "SELECT count(*) FROM ledger_entries WHERE kind <> 'duplicate'",
 				0, NULL), K);
 	for (int k = 0; k < 3; k++)
 		tly_ledger_store_txn_free(txn[k]);
 	for (int i = 0; i < K; i++)
 		tly_buf_free(&bufs[i]);
 	free(bufs);
-	tly_ledger_partition_free(p);
-	tly_codec_free(codec);
-	env_down(&e);
+	one_partition_down(&o);
 }
 END_TEST
 
