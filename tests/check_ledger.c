@@ -2147,10 +2147,24 @@ START_TEST(test_broker_faults)
 	wait_caught_up(&e, 40000);
 	assert_running(&e, pid);
 	ledger_stop(&e, pid);
-	check_end_state(&e, false);
 	/* librdkafka logs refused connections as errors; the ledger itself reported none */
 	ck_assert_msg(tly_test_log_lines(e.log, "level=error", "component=rdkafka") == 0,
 		      "tally-ledger logged errors during broker faults; see %s", e.log);
+	/*
+	 * Entries whose delivery to tally.ledger still failed when the ledger stopped (or whose
+	 * partition waited to republish) are the next owner's: a start republishes what the topic
+	 * misses, and the ledger said so in its log. Then one more start and stop, with no new
+	 * traffic, must publish them; otherwise the topic must be whole already.
+	 */
+	if (tly_test_log_lines(e.log, "the next owner republishes", NULL) > 0 ||
+	    tly_test_log_lines(e.log, "republishing from the marker", NULL) > 0) {
+		char log2[sizeof(e.log) + 8];
+		snprintf(log2, sizeof(log2), "%s.next", e.log);
+		pid = ledger_spawn(&e, e.db, "ledger-test", log2);
+		tly_test_wait_log(log2, "msg=\"partition loaded\"", PARTITIONS, 20000);
+		tly_test_ledger_stop(pid, log2);
+	}
+	check_end_state(&e, false);
 	env_down(&e);
 }
 END_TEST
