@@ -1331,7 +1331,7 @@ START_TEST(test_writer_lanes)
 	size_t la = tly_ledger_writer_lane(w, pa), lb = tly_ledger_writer_lane(w, pb);
 	ck_assert_int_ne(la, lb);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
 	struct tly_ledger_partition *a = tly_ledger_partition_open(&ctx, pa, &err);
 	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, pa, &err);
 	struct tly_ledger_partition *b = tly_ledger_partition_open(&ctx, pb, &err);
@@ -2185,7 +2185,7 @@ START_TEST(test_writer_lane_killed)
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
 	long killed = 0;
 	for (int i = 0; i < 16; i++) {
 		killed += terminate_writer(&e, false);
@@ -2229,7 +2229,7 @@ START_TEST(test_writer_lanes_backlog)
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
 	long killed = 0;
 	for (int round = 0; round < 6; round++) {
 		int to_two = tly_test_log_lines(e.log, "msg=\"writer lanes changed\" lanes=2", NULL);
