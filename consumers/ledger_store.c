@@ -37,6 +37,7 @@ enum stmt {
 	STMT_BEGIN,
 	STMT_COMMIT,
 	STMT_OFFSETS_NEW,
+	STMT_OFFSETS_LOCK,
 	STMT_OFFSETS_CAS,
 	STMT_INPUTS,
 	STMT_HOLDS_FORGET,
@@ -59,6 +60,16 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 			      "SELECT $1, $2, k.partition, k.new_offset FROM unnest($3::int[], "
 			      "$4::bigint[], $5::bigint[]) AS k (partition, old_offset, new_offset) "
 			      "ON CONFLICT DO NOTHING RETURNING partition"},
+	/*
+	 * the stored offsets' rows locked before their compare-and-set: behind a transaction of
+	 * the same partitions that still runs (tly_ledger_store_run_gated) this waits for its end,
+	 * and the compare-and-set, a statement of its own, then sees its committed offsets (the
+	 * UPDATE alone would skip the row: the version its snapshot sees holds the older offset,
+	 * so it never waits for the row and re-checks it)
+	 */
+	[STMT_OFFSETS_LOCK] = {"tly_ledger_offsets_lock",
+			       "SELECT o.partition FROM consumer_offsets o WHERE o.consumer = $1 AND "
+			       "o.topic = $2 AND o.partition = ANY ($3::int[]) FOR UPDATE"},
 	[STMT_OFFSETS_CAS] = {"tly_ledger_offsets_cas",
 			      "UPDATE consumer_offsets o SET next_offset = k.new_offset, updated_at = now() "
 			      "FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS k (partition, "
@@ -1046,6 +1057,9 @@ static void build_offsets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 			fputc('}', x[j].f);
 			v[j] = text_close(t, &x[j]);
 		}
+		size_t lock = t->n_steps; /* an index: the next add_step may move the steps */
+		if (opened == 3 && stored && !add_step(t, STEP_EXEC, STMT_OFFSETS_LOCK, NULL, 3))
+			continue;
 		struct step *s = opened == 3 ? add_step(t, STEP_OFFSETS, stored ? STMT_OFFSETS_CAS : STMT_OFFSETS_NEW,
 					       NULL, 5) : NULL;
 		t->inserts_offsets = t->inserts_offsets || !stored;
@@ -1056,6 +1070,8 @@ static void build_offsets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 		s->values[0] = TLY_LEDGER_CONSUMER;
 		s->values[1] = arena_text(t, c[0].topic, strlen(c[0].topic));
 		memcpy(s->values + 2, v, sizeof(v));
+		if (stored)
+			memcpy(t->steps[lock].values, s->values, 3 * sizeof(*s->values));
 	}
 }
 
