@@ -1129,21 +1129,31 @@ END_TEST
  * Take the record buf at offset into the partition's open batch and decide it as a group of one;
  * the transaction is not run.
  */
-static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
-					 const struct tly_ledger_ctx *ctx, const char *key,
-					 int64_t offset, const struct tly_buf *buf,
-					 struct tly_ledger_group_item *it)
+/* decide_one whose transaction also advances the partition's published marker to published. */
+static struct tly_ledger_txn *decide_one_marked(struct tly_ledger_partition *p,
+						const struct tly_ledger_ctx *ctx, const char *key,
+						int64_t offset, const struct tly_buf *buf,
+						struct tly_ledger_group_item *it, int64_t published)
 {
 	bool added;
 	ck_assert(tly_ledger_partition_add(p, offset, key, 36, buf->data, buf->len, 0, &added) == 0 &&
 		  added);
 	struct tly_pg_error err;
 	struct tly_ledger_txn *txn = NULL;
-	*it = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
+	*it = (struct tly_ledger_group_item){.part = p, .published_offset = published};
 	ck_assert_msg(tly_ledger_partition_decide(it, 1, ctx, &txn, &err) == 0, "%s", err.message);
 	ck_assert_ptr_nonnull(txn);
 	return txn;
 }
+
+static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
+					 const struct tly_ledger_ctx *ctx, const char *key,
+					 int64_t offset, const struct tly_buf *buf,
+					 struct tly_ledger_group_item *it)
+{
+	return decide_one_marked(p, ctx, key, offset, buf, it, -1);
+}
+
 
 /*
  * The pipeline: the next group is decided while the one before has not committed. An event id
@@ -2568,9 +2578,16 @@ struct overlap {
 	long entries0;  /* entries of the group at offset 0 */
 };
 
-/* A group of offset 0 committed, then groups of offsets 1 and 2 decided and submitted at once. */
-static void overlap_submit(struct overlap *o, struct tly_ledger_txn **t1, struct tly_ledger_group_item *g1,
-			   struct tly_ledger_txn **t2, struct tly_ledger_group_item *g2)
+/*
+ * A group of offset 0 committed, then groups of offsets 1 and 2 (N and N+1) decided and
+ * submitted at once, while the test connection holds N back: at its compare-and-set (the
+ * offset's row held), or, after_cas, after it (the published marker's row held, which N
+ * advances; N+1 then waits for N at its own compare-and-set, in PostgreSQL). Returns once N
+ * waits and N+1's COPY ran.
+ */
+static void overlap_submit(struct overlap *o, bool after_cas, struct tly_ledger_txn **t1,
+			   struct tly_ledger_group_item *g1, struct tly_ledger_txn **t2,
+			   struct tly_ledger_group_item *g2)
 {
 	struct tly_ledger_txn *back;
 	struct tly_ledger_writer_result r;
@@ -2589,20 +2606,32 @@ static void overlap_submit(struct overlap *o, struct tly_ledger_txn **t1, struct
 	PGresult *res = PQexec(o->hold, "BEGIN");
 	ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
 	PQclear(res);
-	ck_assert_int_eq(q_long(o->hold, "SELECT count(*) FROM (SELECT 1 FROM consumer_offsets WHERE "
-					 "partition = $1 FOR UPDATE) x", 1, v), 1);
-	*t1 = decide_one(o->p, &o->ctx, o->key, 1, &o->buf[1], g1);
+	if (after_cas) {
+		ck_assert_int_eq(q_long(o->e.conn, "WITH i AS (INSERT INTO ledger_published "
+						   "(topic, partition, next_offset) VALUES ('tally.ledger', $1, 0) "
+						   "RETURNING 1) SELECT count(*) FROM i", 1, v), 1);
+		ck_assert_int_eq(q_long(o->hold, "SELECT count(*) FROM (SELECT 1 FROM ledger_published "
+						 "WHERE partition = $1 FOR UPDATE) x", 1, v), 1);
+	} else {
+		ck_assert_int_eq(q_long(o->hold, "SELECT count(*) FROM (SELECT 1 FROM consumer_offsets "
+						 "WHERE partition = $1 FOR UPDATE) x", 1, v), 1);
+	}
+	*t1 = decide_one_marked(o->p, &o->ctx, o->key, 1, &o->buf[1], g1, after_cas ? 1 : -1);
 	*t2 = decide_one(o->p, &o->ctx, o->key, 2, &o->buf[2], g2);
 	tly_ledger_writer_submit(o->w, t1);
 	tly_ledger_writer_submit(o->w, t2);
-	/* N waits on the held row at its compare-and-set; N+1 ran its COPY on the other connection */
+	/* N waits on the held row; N+1 ran its COPY on the other connection (and waits on N) */
+	long waiting = after_cas ? 2 : 1;
 	int64_t until = tly_clock_ms() + 20000;
 	while ((writers_in_entries(o->e.conn) < 2 ||
 		q_long(o->e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				  TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL) < 1) &&
+				  TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL) < waiting) &&
 	       tly_clock_ms() < until)
 		usleep(20000);
 	ck_assert_int_eq(writers_in_entries(o->e.conn), 2);
+	ck_assert_int_eq(q_long(o->e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+					   TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL),
+			 waiting);
 	ck_assert(tly_ledger_writer_busy(o->w));
 }
 
@@ -2651,9 +2680,10 @@ static void overlap_release(struct overlap *o)
 
 /*
  * Overlapped commits (session 10): group N+1 of a partition runs its inputs and COPY on the
- * lane's second connection while N, held at its compare-and-set by a test connection's row
- * lock, has not committed (both backends hold ledger_entries' lock at once); once released, N
- * commits, then N+1 (its compare-and-set waited for N's), and the end state is exact.
+ * lane's second connection while N, held after its compare-and-set by a test connection's row
+ * lock, has not committed (both backends hold ledger_entries' lock at once, both wait), and
+ * N+1's compare-and-set waits for N in PostgreSQL; once released, N commits, then N+1 (which
+ * sees N's offset, not the older one its first snapshot held), and the end state is exact.
  */
 START_TEST(test_writer_overlapped)
 {
@@ -2662,7 +2692,7 @@ START_TEST(test_writer_overlapped)
 	struct tly_ledger_group_item g1, g2;
 	struct tly_ledger_writer_result r1, r2;
 	overlap_up(&o);
-	overlap_submit(&o, &t1, &g1, &t2, &g2);
+	overlap_submit(&o, true, &t1, &g1, &t2, &g2);
 	ck_assert(!tly_ledger_writer_take(o.w, 300, &back, &r1)); /* N is held */
 	overlap_release(&o);
 	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
@@ -2690,7 +2720,7 @@ START_TEST(test_writer_overlapped_failed)
 	struct tly_ledger_writer_result r1, r2;
 	struct tly_pg_error err;
 	overlap_up(&o);
-	overlap_submit(&o, &t1, &g1, &t2, &g2);
+	overlap_submit(&o, false, &t1, &g1, &t2, &g2);
 	ck_assert_int_eq(q_long(o.e.conn, "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
 					  "pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP
 					  "' AND wait_event_type = 'Lock') x", 0, NULL), 1);
