@@ -37,6 +37,7 @@ enum stmt {
 	STMT_BEGIN,
 	STMT_COMMIT,
 	STMT_OFFSETS_NEW,
+	STMT_OFFSETS_LOCK,
 	STMT_OFFSETS_CAS,
 	STMT_INPUTS,
 	STMT_HOLDS_FORGET,
@@ -45,6 +46,7 @@ enum stmt {
 	STMT_QUARANTINE,
 	STMT_PUBLISHED,
 	STMT_GENERIC_PLANS,
+	STMT_CUSTOM_PLANS,
 	STMT_SEEN,
 	STMT_COUNT
 };
@@ -58,6 +60,16 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 			      "SELECT $1, $2, k.partition, k.new_offset FROM unnest($3::int[], "
 			      "$4::bigint[], $5::bigint[]) AS k (partition, old_offset, new_offset) "
 			      "ON CONFLICT DO NOTHING RETURNING partition"},
+	/*
+	 * the stored offsets' rows locked before their compare-and-set: behind a transaction of
+	 * the same partitions that still runs (tly_ledger_store_run_gated) this waits for its end,
+	 * and the compare-and-set, a statement of its own, then sees its committed offsets (the
+	 * UPDATE alone would skip the row: the version its snapshot sees holds the older offset,
+	 * so it never waits for the row and re-checks it)
+	 */
+	[STMT_OFFSETS_LOCK] = {"tly_ledger_offsets_lock",
+			       "SELECT o.partition FROM consumer_offsets o WHERE o.consumer = $1 AND "
+			       "o.topic = $2 AND o.partition = ANY ($3::int[]) FOR UPDATE"},
 	[STMT_OFFSETS_CAS] = {"tly_ledger_offsets_cas",
 			      "UPDATE consumer_offsets o SET next_offset = k.new_offset, updated_at = now() "
 			      "FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS k (partition, "
@@ -104,6 +116,9 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 	/* the rest of the transaction's statements on generic plans (see prepare) */
 	[STMT_GENERIC_PLANS] = {"tly_ledger_generic_plans",
 				"SELECT pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true)"},
+	/* back to custom plans for the compare-and-sets and the holds' delete (see build) */
+	[STMT_CUSTOM_PLANS] = {"tly_ledger_custom_plans",
+			       "SELECT pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true)"},
 	/* see lookup_chunk */
 	[STMT_SEEN] = {"tly_ledger_seen",
 		       "SELECT k.i, x.seq, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
@@ -553,6 +568,10 @@ struct tly_ledger_txn {
 	struct tly_pgarray **arrays; /* binary array parameters of the steps, owned */
 	size_t n_arrays, cap_arrays;
 	int32_t *partitions;       /* of each commit, in order */
+	int64_t *old_offsets;      /* of each commit: its compare-and-set's old offset */
+	const char *topic;         /* the input topic (in arena) */
+	size_t cas_from, cas_to;   /* steps[cas_from, cas_to): the compare-and-sets (and plan mode) */
+	bool inserts_offsets;      /* one of them inserts a partition's first row */
 	bool *fenced;              /* out, per commit */
 	size_t n;
 	bool oom;
@@ -1038,8 +1057,12 @@ static void build_offsets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 			fputc('}', x[j].f);
 			v[j] = text_close(t, &x[j]);
 		}
+		size_t lock = t->n_steps; /* an index: the next add_step may move the steps */
+		if (opened == 3 && stored && !add_step(t, STEP_EXEC, STMT_OFFSETS_LOCK, NULL, 3))
+			continue;
 		struct step *s = opened == 3 ? add_step(t, STEP_OFFSETS, stored ? STMT_OFFSETS_CAS : STMT_OFFSETS_NEW,
 					       NULL, 5) : NULL;
+		t->inserts_offsets = t->inserts_offsets || !stored;
 		if (!s) {
 			t->oom = true;
 			continue;
@@ -1047,6 +1070,8 @@ static void build_offsets(struct tly_ledger_txn *t, const struct tly_ledger_comm
 		s->values[0] = TLY_LEDGER_CONSUMER;
 		s->values[1] = arena_text(t, c[0].topic, strlen(c[0].topic));
 		memcpy(s->values + 2, v, sizeof(v));
+		if (stored)
+			memcpy(t->steps[lock].values, s->values, 3 * sizeof(*s->values));
 	}
 }
 
@@ -1092,6 +1117,7 @@ void tly_ledger_store_txn_free(struct tly_ledger_txn *t)
 	free(t->arrays);
 	free(t->steps);
 	free(t->partitions);
+	free(t->old_offsets);
 	free(t->fenced);
 	free(t);
 }
@@ -1102,16 +1128,31 @@ struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c,
 	struct tly_ledger_txn *t = calloc(1, sizeof(*t));
 	if (!t || !(t->arena = tly_arena_new()) ||
 	    !(t->partitions = calloc(n ? n : 1, sizeof(*t->partitions))) ||
+	    !(t->old_offsets = calloc(n ? n : 1, sizeof(*t->old_offsets))) ||
 	    !(t->fenced = calloc(n ? n : 1, sizeof(*t->fenced))))
 		goto fail;
 	t->n = n;
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		t->partitions[i] = c[i].partition;
+		t->old_offsets[i] = c[i].old_offset;
+	}
 	if (n) {
-		build_offsets(t, c, n);
-		build_entries(t, c, n);
-		build_holds(t, c, n);
+		/*
+		 * What only adds new keys first (the packed inputs on a generic plan, the entries'
+		 * COPY): a transaction started while the one before it on the same partitions still
+		 * runs (tly_ledger_store_run_gated) neither reads nor waits on what that one writes.
+		 * Then the compare-and-sets (custom plans again), then what reads or upserts rows the
+		 * one before wrote.
+		 */
+		t->topic = arena_text(t, c[0].topic, strlen(c[0].topic));
+		(void)add_step(t, STEP_EXEC, STMT_GENERIC_PLANS, NULL, 0);
 		build_inputs(t, c, n);
+		build_entries(t, c, n);
+		t->cas_from = t->n_steps;
+		(void)add_step(t, STEP_EXEC, STMT_CUSTOM_PLANS, NULL, 0);
+		build_offsets(t, c, n);
+		t->cas_to = t->n_steps;
+		build_holds(t, c, n);
 		build_wallets(t, c, n);
 		for (size_t i = 0; i < n; i++)
 			build_quarantined(t, c[i].quarantined, c[i].n_quarantined);
@@ -1129,6 +1170,12 @@ fail:
 bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i)
 {
 	return i < t->n && t->fenced[i];
+}
+
+void tly_ledger_store_txn_unfence(struct tly_ledger_txn *t)
+{
+	for (size_t i = 0; i < t->n; i++)
+		t->fenced[i] = false;
 }
 
 /* After the compare-and-sets: TLY_E_PG (permanent) when one did not advance its partition. */
@@ -1227,15 +1274,49 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
 }
 
 /*
- * Three round trips (after stmts were prepared, the first time on a connection): BEGIN and the
- * compare-and-sets in one pipeline (checked before anything is written), the COPY of the
- * entries, then every other statement (the holds, then on generic plans the packed inputs,
- * snapshots, quarantine rows and published markers) and the COMMIT in one more pipeline.
+ * After a failure before the compare-and-sets ran (a stale owner's COPY can meet the new
+ * owner's keys first: a unique violation, or a wait on its rows that ends in one once it
+ * committed): the partitions whose stored offset moved are fenced and the failure is the
+ * compare-and-set's (permanent), as when the compare-and-set finds it. Otherwise err stays.
  */
-int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
+static void fence_moved(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
+{
+	struct tly_pg_error qerr;
+	bool moved = false;
+	for (size_t i = 0; i < t->n; i++) {
+		char p[16];
+		snprintf(p, sizeof(p), "%d", (int)t->partitions[i]);
+		const char *const v[] = {TLY_LEDGER_CONSUMER, t->topic, p};
+		PGresult *res = tly_pg_query(conn, "SELECT next_offset FROM consumer_offsets WHERE "
+						   "consumer = $1 AND topic = $2 AND partition = $3",
+					     3, v, &qerr);
+		if (!res)
+			return; /* the first failure is the one reported */
+		int64_t stored = PQntuples(res) ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+		PQclear(res);
+		if (stored != t->old_offsets[i]) {
+			t->fenced[i] = true;
+			moved = true;
+		}
+	}
+	if (moved)
+		set_err(err, TLY_ERRCLASS_PERMANENT,
+			"the stored offset moved: another process committed this partition");
+}
+
+/*
+ * Four round trips (after stmts were prepared, the first time on a connection): BEGIN and the
+ * packed inputs in one pipeline, the COPY of the entries (both only add new keys), then, once
+ * gate->before_cas allows it, the compare-and-sets (checked before anything else is sent),
+ * then every other statement (the holds, the snapshots, quarantine rows and published markers)
+ * and the COMMIT in one more pipeline.
+ */
+int tly_ledger_store_run_gated(PGconn *conn, struct tly_ledger_txn *t,
+			       const struct tly_ledger_store_gate *gate, struct tly_pg_error *err)
 {
 	struct tly_pg_error rberr;
 	bool *done = calloc(t->n ? t->n : 1, sizeof(*done));
+	bool cas_ran = false;
 	size_t k = 0;
 	int rc;
 	for (size_t i = 0; i < t->n; i++)
@@ -1244,25 +1325,46 @@ int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_e
 		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
 		return TLY_E_NOMEM;
 	}
-	while (k < t->n_steps && t->steps[k].kind == STEP_OFFSETS)
+	while (k < t->cas_from && t->steps[k].kind != STEP_COPY)
 		k++;
 	rc = prepare(conn, err);
 	if (rc == 0)
 		rc = run_pipeline(conn, t, 0, k, true, false, done, err);
-	if (rc == 0)
-		rc = check_fenced(t, done, err);
-	while (rc == 0 && k < t->n_steps && t->steps[k].kind == STEP_COPY) {
+	for (; rc == 0 && k < t->cas_from; k++)
 		rc = tly_pgcopy_send(conn, t->steps[k].copy, t->steps[k].sql, err);
-		k++;
+	if (rc == 0 && gate && gate->before_cas && gate->before_cas(gate->ud) != 0) {
+		rc = TLY_E_PG;
+		set_err(err, TLY_ERRCLASS_RETRIABLE, "not run: the transaction before it failed");
+		cas_ran = true; /* nothing to look up: the one before is ours */
+	}
+	if (rc == 0 && t->cas_to > t->cas_from) {
+		rc = run_pipeline(conn, t, t->cas_from, t->cas_to, false, false, done, err);
+		cas_ran = true;
+		if (rc == 0 && gate && gate->after_cas && !t->inserts_offsets)
+			gate->after_cas(gate->ud);
+		if (rc == 0)
+			rc = check_fenced(t, done, err);
+	}
+	if (rc == 0 && gate && gate->before_rest && gate->before_rest(gate->ud) != 0) {
+		rc = TLY_E_PG;
+		set_err(err, TLY_ERRCLASS_RETRIABLE, "not run: the transaction before it failed");
 	}
 	if (rc == 0)
-		rc = run_pipeline(conn, t, k, t->n_steps, false, true, done, err);
+		rc = run_pipeline(conn, t, t->cas_to, t->n_steps, false, true, done, err);
 	if (rc != 0 && PQstatus(conn) == CONNECTION_OK &&
 	    PQtransactionStatus(conn) != PQTRANS_IDLE && tly_pg_rollback(conn, &rberr) != 0)
 		tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", t->n,
 			 rberr.message);
+	if (rc == TLY_E_PG && !cas_ran && PQstatus(conn) == CONNECTION_OK &&
+	    PQtransactionStatus(conn) == PQTRANS_IDLE)
+		fence_moved(conn, t, err);
 	free(done);
 	return rc == 0 ? 0 : rc == TLY_E_NOMEM ? TLY_E_NOMEM : TLY_E_PG;
+}
+
+int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
+{
+	return tly_ledger_store_run_gated(conn, t, NULL, err);
 }
 
 int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,

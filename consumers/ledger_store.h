@@ -108,10 +108,11 @@ struct tly_ledger_commit {
 };
 
 /*
- * A group's transaction, built in memory: the n batches of c (one per partition) as each
- * partition's offset compare-and-set first (old_offset -> new_offset), then every entry (one
- * binary COPY) and applied input (one row per partition, packed in binary array parameters),
- * the holds and wallet snapshots, the quarantine rows and the published markers.
+ * A group's transaction, built in memory: the n batches of c (one per partition) as what only
+ * adds new keys first (every applied input, one row per partition packed in binary array
+ * parameters, and every entry in one binary COPY), then each partition's offset
+ * compare-and-set (old_offset -> new_offset), then the holds and wallet snapshots, the
+ * quarantine rows and the published markers.
  * Building reads the commits and their wallets (on the thread that owns them); the transaction
  * then owns copies of everything except the quarantined records' bytes, which stay borrowed
  * until it is run. NULL (err filled, fatal) when out of memory.
@@ -130,7 +131,35 @@ void tly_ledger_store_txn_free(struct tly_ledger_txn *t); /* accepts NULL */
 int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t,
 			 struct tly_pg_error *err) TLY_MUST_CHECK;
 
+/*
+ * How a transaction started while the one before it (same partitions, another connection)
+ * still runs waits for it: before_cas is called before the compare-and-sets are sent and
+ * returns when they may be (0: after the one before ran its own, which then hold the offsets'
+ * row locks until it ends; non-zero: it failed, so this one is rolled back unrun, TLY_E_PG).
+ * after_cas is called once this one's compare-and-sets ran, unless one of them inserted a
+ * partition's first row (a transaction behind would not see that row before it commits, so
+ * it waits for the end instead). before_rest is called before the rest and the COMMIT are
+ * sent and returns once the one before ended (non-zero: it failed; rolled back unrun), so
+ * transactions commit in order also when they share no partition. Any may be NULL.
+ */
+struct tly_ledger_store_gate {
+	int (*before_cas)(void *ud);
+	void (*after_cas)(void *ud);
+	int (*before_rest)(void *ud);
+	void *ud;
+};
+
+/*
+ * tly_ledger_store_run with gate (NULL: none). A failure before the compare-and-sets ran (a
+ * stale owner's COPY meeting the new owner's rows) is a fenced one when a partition's stored
+ * offset moved meanwhile.
+ */
+int tly_ledger_store_run_gated(PGconn *conn, struct tly_ledger_txn *t,
+			       const struct tly_ledger_store_gate *gate,
+			       struct tly_pg_error *err) TLY_MUST_CHECK;
+
 /* After a run: whether the i-th commit's partition was fenced. */
+void tly_ledger_store_txn_unfence(struct tly_ledger_txn *t); /* none was (the run is not counted) */
 bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i);
 
 /* Build and run in one go: fenced (n elements) says which partitions were fenced. */

@@ -16,17 +16,25 @@ struct job {
 	uint64_t id;                                           /* submission number */
 	struct tly_ledger_txn *txn[TLY_LEDGER_WRITER_LANES_MAX]; /* NULL: nothing in that lane */
 	bool finished[TLY_LEDGER_WRITER_LANES_MAX];            /* ran, or passed over */
+	bool claimed[TLY_LEDGER_WRITER_LANES_MAX];             /* a connection took it */
+	bool cas_done[TLY_LEDGER_WRITER_LANES_MAX];            /* its compare-and-sets ran */
+	bool doomed[TLY_LEDGER_WRITER_LANES_MAX];              /* the one before it failed */
 	struct tly_ledger_writer_result res[TLY_LEDGER_WRITER_LANES_MAX];
 };
 
-/* One connection and the thread that runs its lane's transactions. */
+/*
+ * One connection and its thread. A lane has two: consecutive transactions of the lane take
+ * turns, so the next one sends its inputs and entries while the one before still commits.
+ */
 struct lane {
 	struct tly_ledger_writer *w;
-	size_t index;
+	size_t index;                 /* the lane */
 	pthread_t thread;
 	bool started;                 /* thread running (joined in free) */
 	PGconn *conn;                 /* owned by the thread while it runs */
 };
+
+#define CONNS_PER_LANE 2
 
 struct tly_ledger_writer {
 	pthread_mutex_t lock;
@@ -34,11 +42,12 @@ struct tly_ledger_writer {
 	char *conninfo;
 	void (*wake)(void *ud);
 	void *ud;
-	struct lane lanes[TLY_LEDGER_WRITER_LANES_MAX];
+	struct lane lanes[TLY_LEDGER_WRITER_LANES_MAX * CONNS_PER_LANE]; /* lane k: k * 2, k * 2 + 1 */
 	size_t n_lanes;
 	struct job jobs[TLY_LEDGER_WRITER_DEPTH]; /* under lock: the oldest first, n_jobs of them */
 	size_t n_jobs;
 	uint64_t next_id;             /* under lock */
+	int64_t ended_us[TLY_LEDGER_WRITER_LANES_MAX]; /* under lock: the lane's last run ended */
 	bool stop;
 	size_t submitted;             /* consumer thread only: submitted, not taken back */
 };
@@ -60,19 +69,79 @@ static int ensure_conn(struct lane *l, struct tly_pg_error *err)
 }
 
 /*
- * Under lock: the first job whose lane k is not finished, or NULL; *after_failure when lane k of
- * one before it ran and failed (one passed over does not count: it was already handed back).
+ * Under lock: the first job whose lane k no connection took, or NULL; *after_failure when lane k
+ * of one before it ran and failed (one passed over does not count: it was already handed back).
  */
 static struct job *next_job(struct tly_ledger_writer *w, size_t k, bool *after_failure)
 {
 	*after_failure = false;
 	for (size_t i = 0; i < w->n_jobs; i++) {
-		if (!w->jobs[i].finished[k])
+		if (!w->jobs[i].claimed[k]) {
+			*after_failure = *after_failure || w->jobs[i].doomed[k];
 			return &w->jobs[i];
-		if (w->jobs[i].res[k].ran && w->jobs[i].res[k].rc != 0)
+		}
+		if (w->jobs[i].finished[k] && w->jobs[i].res[k].ran && w->jobs[i].res[k].rc != 0)
 			*after_failure = true;
 	}
 	return NULL;
+}
+
+/* Under lock: the job submitted as id, or NULL once taken back. */
+static struct job *job_of(struct tly_ledger_writer *w, uint64_t id)
+{
+	for (size_t i = 0; i < w->n_jobs; i++)
+		if (w->jobs[i].id == id)
+			return &w->jobs[i];
+	return NULL;
+}
+
+/* A transaction's place, for its gate. */
+struct gate_ud {
+	struct tly_ledger_writer *w;
+	size_t k;
+	uint64_t id;
+};
+
+/*
+ * Under lock: wait until lane k of the job before id ran its compare-and-sets (cas: true) or
+ * ended (either way when it is gone); then whether it failed (marked on id's job).
+ */
+static bool wait_before(struct tly_ledger_writer *w, size_t k, uint64_t id, bool cas)
+{
+	for (;;) {
+		struct job *job = job_of(w, id), *prev = id ? job_of(w, id - 1) : NULL;
+		if (job->doomed[k] || !prev || prev->finished[k] || (cas && prev->cas_done[k]))
+			return job->doomed[k];
+		pthread_cond_wait(&w->cond, &w->lock);
+	}
+}
+
+static int gate_before_cas(void *arg)
+{
+	struct gate_ud *g = arg;
+	pthread_mutex_lock(&g->w->lock);
+	bool failed = wait_before(g->w, g->k, g->id, true);
+	pthread_mutex_unlock(&g->w->lock);
+	return failed ? 1 : 0;
+}
+
+/* Before the rest and the COMMIT: the one before ended (a transaction commits after it). */
+static int gate_before_rest(void *arg)
+{
+	struct gate_ud *g = arg;
+	pthread_mutex_lock(&g->w->lock);
+	bool failed = wait_before(g->w, g->k, g->id, false);
+	pthread_mutex_unlock(&g->w->lock);
+	return failed ? 1 : 0;
+}
+
+static void gate_after_cas(void *arg)
+{
+	struct gate_ud *g = arg;
+	pthread_mutex_lock(&g->w->lock);
+	job_of(g->w, g->id)->cas_done[g->k] = true;
+	pthread_cond_broadcast(&g->w->cond);
+	pthread_mutex_unlock(&g->w->lock);
 }
 
 /* Under lock: every lane of job finished. */
@@ -89,6 +158,7 @@ static void *lane_main(void *arg)
 	struct lane *l = arg;
 	struct tly_ledger_writer *w = l->w;
 	size_t k = l->index;
+	char not_run[] = "not run: the transaction before it failed";
 	pthread_mutex_lock(&w->lock);
 	for (;;) {
 		struct job *job;
@@ -99,27 +169,48 @@ static void *lane_main(void *arg)
 			break;
 		struct tly_ledger_writer_result res = {.ran = !after_failure};
 		struct tly_ledger_txn *txn = job->txn[k];
+		uint64_t id = job->id;
+		job->claimed[k] = true;
 		if (after_failure) {
 			res.rc = TLY_E_PG;
 			res.err.errclass = TLY_ERRCLASS_RETRIABLE;
-			snprintf(res.err.message, sizeof(res.err.message),
-				 "not run: the transaction before it failed");
+			snprintf(res.err.message, sizeof(res.err.message), "%s", not_run);
 		} else if (txn) {
-			uint64_t id = job->id;
+			struct job *prev = id ? job_of(w, id - 1) : NULL;
+			bool overlapped = prev && !prev->finished[k];
+			struct gate_ud g = {w, k, id};
+			struct tly_ledger_store_gate gate = {gate_before_cas, gate_after_cas,
+							     gate_before_rest, &g};
 			pthread_mutex_unlock(&w->lock);
 			res.started_us = tly_clock_us();
 			res.rc = ensure_conn(l, &res.err);
 			if (res.rc == 0)
-				res.rc = tly_ledger_store_run(l->conn, txn, &res.err);
+				res.rc = tly_ledger_store_run_gated(l->conn, txn, &gate, &res.err);
 			res.ended_us = tly_clock_us();
 			pthread_mutex_lock(&w->lock);
+			/*
+			 * It failed behind one that failed too (its compare-and-sets found the old
+			 * offsets, or it never sent them): handed back unrun, not fenced by another owner.
+			 */
+			if (res.rc != 0 && overlapped && wait_before(w, k, id, false)) {
+				res = (struct tly_ledger_writer_result){.rc = TLY_E_PG};
+				res.err.errclass = TLY_ERRCLASS_RETRIABLE;
+				snprintf(res.err.message, sizeof(res.err.message), "%s", not_run);
+				tly_ledger_store_txn_unfence(txn);
+			}
+			/* its own time: from its start or the end of the one before, whichever is later */
+			if (res.ran && w->ended_us[k] > res.started_us)
+				res.started_us = w->ended_us[k];
 			/* the one before may have been taken meanwhile, moving this one up */
-			for (size_t i = 0; i < w->n_jobs; i++)
-				if (w->jobs[i].id == id)
-					job = &w->jobs[i];
+			job = job_of(w, id);
 		}
 		job->res[k] = res;
 		job->finished[k] = true;
+		if (res.ran && txn)
+			w->ended_us[k] = res.ended_us;
+		struct job *next = job_of(w, id + 1);
+		if (next && res.ran && res.rc != 0)
+			next->doomed[k] = true;
 		pthread_cond_broadcast(&w->cond);
 		if (w->wake && job_done(w, job))
 			w->wake(w->ud);
@@ -148,10 +239,10 @@ struct tly_ledger_writer *tly_ledger_writer_new(const char *conninfo, size_t lan
 	w->n_lanes = lanes;
 	pthread_mutex_init(&w->lock, NULL);
 	pthread_cond_init(&w->cond, NULL);
-	for (size_t k = 0; k < lanes; k++) {
-		struct lane *l = &w->lanes[k];
+	for (size_t c = 0; c < lanes * CONNS_PER_LANE; c++) {
+		struct lane *l = &w->lanes[c];
 		l->w = w;
-		l->index = k;
+		l->index = c / CONNS_PER_LANE;
 		if (!(l->conn = tly_pg_connect(conninfo, TLY_LEDGER_WRITER_APP, errstr, errlen)))
 			goto fail;
 		int e = pthread_create(&l->thread, NULL, lane_main, l);
@@ -175,11 +266,11 @@ void tly_ledger_writer_free(struct tly_ledger_writer *w)
 	w->stop = true;
 	pthread_cond_broadcast(&w->cond);
 	pthread_mutex_unlock(&w->lock);
-	for (size_t k = 0; k < w->n_lanes; k++) {
-		if (w->lanes[k].started)
-			pthread_join(w->lanes[k].thread, NULL);
-		if (w->lanes[k].conn)
-			PQfinish(w->lanes[k].conn);
+	for (size_t c = 0; c < w->n_lanes * CONNS_PER_LANE; c++) {
+		if (w->lanes[c].started)
+			pthread_join(w->lanes[c].thread, NULL);
+		if (w->lanes[c].conn)
+			PQfinish(w->lanes[c].conn);
 	}
 	for (size_t i = 0; i < w->n_jobs; i++)
 		for (size_t k = 0; k < w->n_lanes; k++)

@@ -1,7 +1,10 @@
 /*
- * tally-ledger's writer: lanes threads, each with its own PostgreSQL connection, that run a
- * group's transactions (one per lane: the lane's partitions) at once, so two commits use two
+ * tally-ledger's writer: lanes of two threads, each with its own PostgreSQL connection, that run
+ * a group's transactions (one per lane: the lane's partitions) at once, so two commits use two
  * cores while the consumer loop decides the next group. Partition p belongs to lane p % lanes.
+ * A lane's consecutive transactions take turns on its two connections: the one queued behind a
+ * running one starts at once (its inputs and COPY), sends its compare-and-sets once the one
+ * before ran its own (they wait in PostgreSQL for its end) and commits after it.
  * The consumer thread submits a group's built transactions and later takes them back with their
  * results; the writer touches nothing but the transactions and its connections.
  */
@@ -32,7 +35,8 @@ struct tly_ledger_writer_result {
 	int rc;                   /* 0: committed (or nothing to run) */
 	struct tly_pg_error err;  /* when rc != 0 */
 	bool ran;                 /* false: not run, the lane's transaction before it failed (rc != 0) */
-	int64_t started_us;       /* tly_clock_us when it began to run (ran, a transaction) */
+	int64_t started_us;       /* tly_clock_us when it began to run (ran, a transaction), or when
+				     the lane's one before it ended if that was later: its own time */
 	int64_t ended_us;         /* and when it ended */
 };
 
@@ -67,10 +71,11 @@ size_t tly_ledger_writer_lane_for(int32_t partition, size_t active, int held);
  * Run a group: txns[k] (NULL: nothing in lane k) on lane k, after that lane's transactions
  * submitted before (ownership of each moves to the writer until it is taken back). Only while
  * tly_ledger_writer_full is false. A transaction queued behind one of its lane that is still
- * running starts the moment that one committed, without waiting for the consumer thread or
- * the other lanes; behind one of its lane that ran and failed it is not run at all (its
- * compare-and-sets would start from offsets that were not stored) and comes back with ran
- * false. A failure in one lane does not stop the others.
+ * running starts at once on the lane's other connection and commits only after that one
+ * committed, without waiting for the consumer thread or the other lanes; behind one of its
+ * lane that failed it is not run, or rolled back before its COMMIT, and comes back with ran
+ * false (its compare-and-sets would start from offsets that were not stored; it is never
+ * counted as fenced). A failure in one lane does not stop the others.
  */
 void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn *const *txns);
 

@@ -1129,21 +1129,31 @@ END_TEST
  * Take the record buf at offset into the partition's open batch and decide it as a group of one;
  * the transaction is not run.
  */
-static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
-					 const struct tly_ledger_ctx *ctx, const char *key,
-					 int64_t offset, const struct tly_buf *buf,
-					 struct tly_ledger_group_item *it)
+/* decide_one whose transaction also advances the partition's published marker to published. */
+static struct tly_ledger_txn *decide_one_marked(struct tly_ledger_partition *p,
+						const struct tly_ledger_ctx *ctx, const char *key,
+						int64_t offset, const struct tly_buf *buf,
+						struct tly_ledger_group_item *it, int64_t published)
 {
 	bool added;
 	ck_assert(tly_ledger_partition_add(p, offset, key, 36, buf->data, buf->len, 0, &added) == 0 &&
 		  added);
 	struct tly_pg_error err;
 	struct tly_ledger_txn *txn = NULL;
-	*it = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
+	*it = (struct tly_ledger_group_item){.part = p, .published_offset = published};
 	ck_assert_msg(tly_ledger_partition_decide(it, 1, ctx, &txn, &err) == 0, "%s", err.message);
 	ck_assert_ptr_nonnull(txn);
 	return txn;
 }
+
+static struct tly_ledger_txn *decide_one(struct tly_ledger_partition *p,
+					 const struct tly_ledger_ctx *ctx, const char *key,
+					 int64_t offset, const struct tly_buf *buf,
+					 struct tly_ledger_group_item *it)
+{
+	return decide_one_marked(p, ctx, key, offset, buf, it, -1);
+}
+
 
 /*
  * The pipeline: the next group is decided while the one before has not committed. An event id
@@ -1331,7 +1341,7 @@ START_TEST(test_writer_lanes)
 	size_t la = tly_ledger_writer_lane(w, pa), lb = tly_ledger_writer_lane(w, pb);
 	ck_assert_int_ne(la, lb);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
 	struct tly_ledger_partition *a = tly_ledger_partition_open(&ctx, pa, &err);
 	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, pa, &err);
 	struct tly_ledger_partition *b = tly_ledger_partition_open(&ctx, pb, &err);
@@ -2199,7 +2209,7 @@ START_TEST(test_writer_lane_killed)
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
 	long killed = 0;
 	for (int i = 0; i < 16; i++) {
 		killed += terminate_writer(&e, false);
@@ -2243,7 +2253,7 @@ START_TEST(test_writer_lanes_backlog)
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 2);
+				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
 	long killed = 0;
 	for (int round = 0; round < 6; round++) {
 		int to_two = tly_test_log_lines(e.log, "msg=\"writer lanes changed\" lanes=2", NULL);
@@ -2559,6 +2569,208 @@ START_TEST(test_seen_in_memory)
 }
 END_TEST
 
+/* Writer backends holding ledger_entries' row lock (their COPY ran, not ended yet). */
+static long writers_in_entries(PGconn *conn)
+{
+	return q_long(conn, "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a "
+			    "ON a.pid = l.pid WHERE a.application_name = '" TLY_LEDGER_WRITER_APP "' AND "
+			    "l.relation = 'ledger_entries'::regclass AND l.mode = 'RowExclusiveLock' "
+			    "AND l.granted", 0, NULL);
+}
+
+/* Two groups of one partition, N and N+1, submitted while a test connection holds N back. */
+struct overlap {
+	struct env e;
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	char key[37];
+	struct tly_ledger_writer *w;
+	struct tly_ledger_partition *p;
+	PGconn *hold;   /* holds the partition's offset row (FOR UPDATE) */
+	struct tly_buf buf[3];
+	long entries0;  /* entries of the group at offset 0 */
+};
+
+/*
+ * A group of offset 0 committed, then groups of offsets 1 and 2 (N and N+1) decided and
+ * submitted at once, while the test connection holds N back: at its compare-and-set (the
+ * offset's row held), or, after_cas, after it (the published marker's row held, which N
+ * advances; N+1 then waits for N at its own compare-and-set, in PostgreSQL). Returns once N
+ * waits and N+1's COPY ran.
+ */
+static void overlap_submit(struct overlap *o, bool after_cas, struct tly_ledger_txn **t1,
+			   struct tly_ledger_group_item *g1, struct tly_ledger_txn **t2,
+			   struct tly_ledger_group_item *g2)
+{
+	struct tly_ledger_txn *back;
+	struct tly_ledger_writer_result r;
+	struct tly_ledger_group_item g0;
+	char p[16];
+	snprintf(p, sizeof(p), "%d", (int)tly_ledger_partition_id(o->p));
+	const char *const v[] = {p};
+	struct tly_ledger_txn *t0 = decide_one(o->p, &o->ctx, o->key, 0, &o->buf[0], &g0);
+	tly_ledger_writer_submit(o->w, &t0);
+	ck_assert(tly_ledger_writer_take(o->w, -1, &back, &r) && back == t0);
+	ck_assert_msg(r.rc == 0, "%s", r.err.message);
+	tly_ledger_partition_finish(&g0, 1, t0, 0);
+	tly_ledger_store_txn_free(t0);
+	o->entries0 = q_long(o->e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	ck_assert_int_gt(o->entries0, 0);
+	PGresult *res = PQexec(o->hold, "BEGIN");
+	ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+	PQclear(res);
+	if (after_cas) {
+		ck_assert_int_eq(q_long(o->e.conn, "WITH i AS (INSERT INTO ledger_published "
+						   "(topic, partition, next_offset) VALUES ('tally.ledger', $1, 0) "
+						   "RETURNING 1) SELECT count(*) FROM i", 1, v), 1);
+		ck_assert_int_eq(q_long(o->hold, "SELECT count(*) FROM (SELECT 1 FROM ledger_published "
+						 "WHERE partition = $1 FOR UPDATE) x", 1, v), 1);
+	} else {
+		ck_assert_int_eq(q_long(o->hold, "SELECT count(*) FROM (SELECT 1 FROM consumer_offsets "
+						 "WHERE partition = $1 FOR UPDATE) x", 1, v), 1);
+	}
+	*t1 = decide_one_marked(o->p, &o->ctx, o->key, 1, &o->buf[1], g1, after_cas ? 1 : -1);
+	*t2 = decide_one(o->p, &o->ctx, o->key, 2, &o->buf[2], g2);
+	tly_ledger_writer_submit(o->w, t1);
+	tly_ledger_writer_submit(o->w, t2);
+	/* N waits on the held row; N+1 ran its COPY on the other connection (and waits on N) */
+	long waiting = after_cas ? 2 : 1;
+	int64_t until = tly_clock_ms() + 20000;
+	while ((writers_in_entries(o->e.conn) < 2 ||
+		q_long(o->e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				  TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL) < waiting) &&
+	       tly_clock_ms() < until)
+		usleep(20000);
+	ck_assert_int_eq(writers_in_entries(o->e.conn), 2);
+	ck_assert_int_eq(q_long(o->e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+					   TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL),
+			 waiting);
+	ck_assert(tly_ledger_writer_busy(o->w));
+}
+
+static void overlap_up(struct overlap *o)
+{
+	char errstr[256];
+	struct tly_pg_error err;
+	struct tly_event ev;
+	memset(o, 0, sizeof(*o));
+	env_up(&o->e);
+	(void)partition_ctx(&o->e, 5, &o->codec, &o->ctx, &o->t, o->key);
+	o->w = tly_ledger_writer_new(o->e.db, 1, NULL, NULL, errstr, sizeof(errstr));
+	ck_assert_msg(o->w != NULL, "%s", errstr);
+	o->hold = tly_pg_connect(o->e.db, "check_ledger hold", errstr, sizeof(errstr));
+	ck_assert_msg(o->hold != NULL, "%s", errstr);
+	int32_t part = tly_kafka_partition_for_key(o->key, 36, PARTITIONS);
+	ck_assert(o->p = tly_ledger_partition_open(&o->ctx, part, &err));
+	for (int i = 0; i < 3; i++)
+		encode_reservation(o->codec, &ev, &o->t, 10, T0 + i, &o->buf[i]);
+}
+
+/* Three input records, each with one outcome, chains whole, the offset after them. */
+static void overlap_down(struct overlap *o)
+{
+	ck_assert_int_eq(q_long(o->e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 3);
+	ck_assert_int_eq(check_chains(o->e.conn), 3 * o->entries0);
+	ck_assert_int_eq(q_long(o->e.conn, "SELECT count(DISTINCT cause_offset) FROM ledger_entries", 0, NULL), 3);
+	ck_assert_int_eq(q_long(o->e.conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0, NULL), 3);
+	ck_assert_int_eq(q_long(o->e.conn, "SELECT sum(cardinality(offsets)) FROM ledger_input_batches", 0, NULL), 3);
+	PQfinish(o->hold);
+	tly_ledger_writer_free(o->w);
+	tly_ledger_partition_free(o->p);
+	for (int i = 0; i < 3; i++)
+		tly_buf_free(&o->buf[i]);
+	tly_codec_free(o->codec);
+	env_down(&o->e);
+}
+
+/* Release the held offset row. */
+static void overlap_release(struct overlap *o)
+{
+	PGresult *res = PQexec(o->hold, "COMMIT");
+	ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+	PQclear(res);
+}
+
+/*
+ * Overlapped commits (session 10): group N+1 of a partition runs its inputs and COPY on the
+ * lane's second connection while N, held after its compare-and-set by a test connection's row
+ * lock, has not committed (both backends hold ledger_entries' lock at once, both wait), and
+ * N+1's compare-and-set waits for N in PostgreSQL; once released, N commits, then N+1 (which
+ * sees N's offset, not the older one its first snapshot held), and the end state is exact.
+ */
+START_TEST(test_writer_overlapped)
+{
+	struct overlap o;
+	struct tly_ledger_txn *t1, *t2, *back;
+	struct tly_ledger_group_item g1, g2;
+	struct tly_ledger_writer_result r1, r2;
+	overlap_up(&o);
+	overlap_submit(&o, true, &t1, &g1, &t2, &g2);
+	ck_assert(!tly_ledger_writer_take(o.w, 300, &back, &r1)); /* N is held */
+	overlap_release(&o);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
+	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
+	ck_assert(r1.ran && r2.ran);
+	tly_ledger_partition_finish(&g1, 1, t1, 0);
+	tly_ledger_partition_finish(&g2, 1, t2, 0);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	overlap_down(&o);
+}
+END_TEST
+
+/*
+ * N's backend is terminated while N+1 has started on the other connection (its COPY ran): N
+ * fails, N+1 comes back unrun and not fenced, and both, decided again from a partition
+ * reloaded from PostgreSQL, commit; the end state is exact.
+ */
+START_TEST(test_writer_overlapped_failed)
+{
+	struct overlap o;
+	struct tly_ledger_txn *t1, *t2, *back;
+	struct tly_ledger_group_item g1, g2;
+	struct tly_ledger_writer_result r1, r2;
+	struct tly_pg_error err;
+	overlap_up(&o);
+	overlap_submit(&o, false, &t1, &g1, &t2, &g2);
+	ck_assert_int_eq(q_long(o.e.conn, "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+					  "pg_stat_activity WHERE application_name = '" TLY_LEDGER_WRITER_APP
+					  "' AND wait_event_type = 'Lock') x", 0, NULL), 1);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
+	overlap_release(&o);
+	ck_assert_int_ne(r1.rc, 0);
+	ck_assert(r1.ran);
+	ck_assert_int_ne(r2.rc, 0);
+	ck_assert(!r2.ran);
+	tly_ledger_partition_finish(&g1, 1, t1, r1.rc);
+	tly_ledger_partition_finish(&g2, 1, t2, r2.rc);
+	ck_assert(!g1.fenced && !g2.fenced);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	ck_assert_int_eq(q_long(o.e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 1);
+	ck_assert_int_eq(q_long(o.e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), o.entries0);
+	/* reloaded (as the loop does), both again: they commit */
+	int32_t part = tly_ledger_partition_id(o.p);
+	tly_ledger_partition_free(o.p);
+	ck_assert(o.p = tly_ledger_partition_open(&o.ctx, part, &err));
+	t1 = decide_one(o.p, &o.ctx, o.key, 1, &o.buf[1], &g1);
+	t2 = decide_one(o.p, &o.ctx, o.key, 2, &o.buf[2], &g2);
+	tly_ledger_writer_submit(o.w, &t1);
+	tly_ledger_writer_submit(o.w, &t2);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
+	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
+	tly_ledger_partition_finish(&g1, 1, t1, 0);
+	tly_ledger_partition_finish(&g2, 1, t2, 0);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	overlap_down(&o);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2594,7 +2806,9 @@ Suite *ledger_suite(void)
 		       {"writer_lanes_backlog", test_writer_lanes_backlog, 120},
 		       {"kafka_conf", test_kafka_conf_nodelay, 90},
 		       {"publisher", test_publisher_batches, 90},
-		       {"seen_in_memory", test_seen_in_memory, 90}};
+		       {"seen_in_memory", test_seen_in_memory, 90},
+		       {"writer_overlapped", test_writer_overlapped, 90},
+		       {"writer_overlapped_failed", test_writer_overlapped_failed, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
