@@ -2119,6 +2119,19 @@ static void assert_running(const struct env *e, pid_t pid)
 	ck_assert_msg(r == 0, "tally-ledger exited during broker faults (status %d); see %s", status, e->log);
 }
 
+/*
+ * After a test's faults: the ledger moves on by itself, then the traffic stops, the ledger
+ * catches up with every record, is still running, and stops cleanly (exit 0 on SIGTERM).
+ */
+static void settle_and_stop(const struct env *e, pid_t traffic, pid_t pid)
+{
+	wait_progress(e, 20000);
+	traffic_stop_wait(traffic);
+	wait_caught_up(e, 40000);
+	assert_running(e, pid);
+	ledger_stop(e, pid);
+}
+
 START_TEST(test_broker_faults)
 {
 	struct env e;
@@ -2151,12 +2164,7 @@ START_TEST(test_broker_faults)
 		}
 		assert_running(&e, pid);
 	}
-	/* the faults are over: the ledger moves on by itself, then the traffic stops */
-	wait_progress(&e, 20000);
-	traffic_stop_wait(traffic);
-	wait_caught_up(&e, 40000);
-	assert_running(&e, pid);
-	ledger_stop(&e, pid);
+	settle_and_stop(&e, traffic, pid);
 	/* librdkafka logs refused connections as errors; the ledger itself reported none */
 	ck_assert_msg(tly_test_log_lines(e.log, "level=error", "component=rdkafka") == 0,
 		      "tally-ledger logged errors during broker faults; see %s", e.log);
@@ -2217,11 +2225,7 @@ START_TEST(test_writer_lane_killed)
 		assert_running(&e, pid);
 	}
 	ck_assert_int_ge(killed, 8);
-	wait_progress(&e, 20000);
-	traffic_stop_wait(traffic);
-	wait_caught_up(&e, 40000);
-	assert_running(&e, pid);
-	ledger_stop(&e, pid);
+	settle_and_stop(&e, traffic, pid);
 	check_end_state(&e, false);
 	ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch, retrying", NULL) > 0,
 		      "no commit of a lane failed; see %s", e.log);
@@ -2276,11 +2280,7 @@ START_TEST(test_writer_lanes_backlog)
 		}
 	}
 	ck_assert_int_ge(killed, 2);
-	wait_progress(&e, 20000);
-	traffic_stop_wait(traffic);
-	wait_caught_up(&e, 40000);
-	assert_running(&e, pid);
-	ledger_stop(&e, pid);
+	settle_and_stop(&e, traffic, pid);
 	check_end_state(&e, false);
 	ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch, retrying", NULL) > 0,
 		      "no commit of a terminated lane failed; see %s", e.log);
