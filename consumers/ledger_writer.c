@@ -116,23 +116,25 @@ static bool wait_before(struct tly_ledger_writer *w, size_t k, uint64_t id, bool
 	}
 }
 
-static int gate_before_cas(void *arg)
+/* wait_before under the lock: 1 when the one before failed, else 0. */
+static int gate_wait(const struct gate_ud *g, bool cas)
 {
-	struct gate_ud *g = arg;
 	pthread_mutex_lock(&g->w->lock);
-	bool failed = wait_before(g->w, g->k, g->id, true);
+	bool failed = wait_before(g->w, g->k, g->id, cas);
 	pthread_mutex_unlock(&g->w->lock);
 	return failed ? 1 : 0;
+}
+
+/* Before the compare-and-sets: the one before ran its own (or ended). */
+static int gate_before_cas(void *arg)
+{
+	return gate_wait(arg, true);
 }
 
 /* Before the rest and the COMMIT: the one before ended (a transaction commits after it). */
 static int gate_before_rest(void *arg)
 {
-	struct gate_ud *g = arg;
-	pthread_mutex_lock(&g->w->lock);
-	bool failed = wait_before(g->w, g->k, g->id, false);
-	pthread_mutex_unlock(&g->w->lock);
-	return failed ? 1 : 0;
+	return gate_wait(arg, false);
 }
 
 static void gate_after_cas(void *arg)
