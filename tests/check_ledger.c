@@ -115,6 +115,16 @@ static long q_long(PGconn *conn, const char *sql, int n, const char *const *v)
 	return tly_test_q_long(conn, sql, n, v);
 }
 
+/* tally-ledger's writer backends (waiting: only those waiting for a lock). */
+static long writer_backends(PGconn *conn, bool waiting)
+{
+	return q_long(conn, waiting ? "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				      TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'"
+				    : "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
+				      TLY_LEDGER_WRITER_APP "'",
+		      0, NULL);
+}
+
 /* Wait until the ledger's stored offsets sum to want (every record consumed and committed). */
 static void wait_consumed(const struct env *e, long want, int timeout_ms)
 {
@@ -1340,8 +1350,7 @@ START_TEST(test_writer_lanes)
 	ck_assert_int_eq(tly_ledger_writer_lanes(w), 2);
 	size_t la = tly_ledger_writer_lane(w, pa), lb = tly_ledger_writer_lane(w, pb);
 	ck_assert_int_ne(la, lb);
-	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
+	ck_assert_int_eq(writer_backends(e.conn, false), 4); /* two connections a lane */
 	struct tly_ledger_partition *a = tly_ledger_partition_open(&ctx, pa, &err);
 	struct tly_ledger_partition *stale = tly_ledger_partition_open(&ctx, pa, &err);
 	struct tly_ledger_partition *b = tly_ledger_partition_open(&ctx, pb, &err);
@@ -2216,8 +2225,7 @@ START_TEST(test_writer_lane_killed)
 	pid_t pid = ledger_start(&e);
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
-	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
+	ck_assert_int_eq(writer_backends(e.conn, false), 4); /* two connections a lane */
 	long killed = 0;
 	for (int i = 0; i < 16; i++) {
 		killed += terminate_writer(&e, false);
@@ -2256,8 +2264,7 @@ START_TEST(test_writer_lanes_backlog)
 	pid_t pid = ledger_start(&e);
 	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
 	wait_progress(&e, 10000);
-	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				TLY_LEDGER_WRITER_APP "'", 0, NULL), 4); /* two connections a lane */
+	ck_assert_int_eq(writer_backends(e.conn, false), 4); /* two connections a lane */
 	long killed = 0;
 	for (int round = 0; round < 6; round++) {
 		int to_two = tly_test_log_lines(e.log, "msg=\"writer lanes changed\" lanes=2", NULL);
@@ -2638,13 +2645,11 @@ static void overlap_submit(struct overlap *o, bool after_cas, struct tly_ledger_
 	long waiting = after_cas ? 2 : 1;
 	int64_t until = tly_clock_ms() + 20000;
 	while ((writers_in_entries(o->e.conn) < 2 ||
-		q_long(o->e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-				  TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL) < waiting) &&
+		writer_backends(o->e.conn, true) < waiting) &&
 	       tly_clock_ms() < until)
 		usleep(20000);
 	ck_assert_int_eq(writers_in_entries(o->e.conn), 2);
-	ck_assert_int_eq(q_long(o->e.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = '"
-					   TLY_LEDGER_WRITER_APP "' AND wait_event_type = 'Lock'", 0, NULL),
+	ck_assert_int_eq(writer_backends(o->e.conn, true),
 			 waiting);
 	ck_assert(tly_ledger_writer_busy(o->w));
 }
