@@ -410,9 +410,10 @@ struct ledger_cpu {
 	double pg_us;      /* every PostgreSQL process (the writer, the "seen" lookups, WAL, checkpoints) */
 };
 
-#define WRITERS_MAX 16 /* ledger.writers' upper bound (lib/config.c) */
+/* ledger.writers' upper bound (lib/config.c), two connections a lane (consumers/ledger_writer.c) */
+#define WRITERS_MAX (2 * 16)
 
-/* The PostgreSQL backends of tally-ledger's writer lanes (ledger.writers of them). */
+/* The PostgreSQL backends of tally-ledger's writer lanes (two a lane). */
 struct writer_pids {
 	pid_t pid[WRITERS_MAX];
 	int n;
