@@ -36,9 +36,7 @@ enum stmt {
 	STMT_NONE = -1, /* a statement built for the group, sent as text */
 	STMT_BEGIN,
 	STMT_COMMIT,
-	STMT_OFFSETS_NEW,
-	STMT_OFFSETS_LOCK,
-	STMT_OFFSETS_CAS,
+	STMT_OFFSETS_ADVANCE,
 	STMT_INPUTS,
 	STMT_HOLDS_FORGET,
 	STMT_HOLDS_SAVE,
@@ -54,28 +52,15 @@ enum stmt {
 static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 	[STMT_BEGIN] = {"tly_ledger_begin", "BEGIN"},
 	[STMT_COMMIT] = {"tly_ledger_commit", "COMMIT"},
-	/* the offsets' compare-and-set: partitions with nothing stored yet, then the others */
-	[STMT_OFFSETS_NEW] = {"tly_ledger_offsets_new",
-			      "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset) "
-			      "SELECT $1, $2, k.partition, k.new_offset FROM unnest($3::int[], "
-			      "$4::bigint[], $5::bigint[]) AS k (partition, old_offset, new_offset) "
-			      "ON CONFLICT DO NOTHING RETURNING partition"},
 	/*
-	 * the stored offsets' rows locked before their compare-and-set: behind a transaction of
-	 * the same partitions that still runs (tly_ledger_store_run_gated) this waits for its end,
-	 * and the compare-and-set, a statement of its own, then sees its committed offsets (the
-	 * UPDATE alone would skip the row: the version its snapshot sees holds the older offset,
-	 * so it never waits for the row and re-checks it)
+	 * the offsets' compare-and-set, every partition of the group (migration 0013): it fails
+	 * the transaction (SQLSTATE TL001) when one did not advance, since the COMMIT is sent
+	 * with it; it locks the stored rows first, so behind a transaction of the same partitions
+	 * that still runs (tly_ledger_store_run_gated) it waits for its end and sees its offsets
 	 */
-	[STMT_OFFSETS_LOCK] = {"tly_ledger_offsets_lock",
-			       "SELECT o.partition FROM consumer_offsets o WHERE o.consumer = $1 AND "
-			       "o.topic = $2 AND o.partition = ANY ($3::int[]) FOR UPDATE"},
-	[STMT_OFFSETS_CAS] = {"tly_ledger_offsets_cas",
-			      "UPDATE consumer_offsets o SET next_offset = k.new_offset, updated_at = now() "
-			      "FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS k (partition, "
-			      "old_offset, new_offset) WHERE o.consumer = $1 AND o.topic = $2 AND "
-			      "o.partition = k.partition AND o.next_offset = k.old_offset "
-			      "RETURNING o.partition"},
+	[STMT_OFFSETS_ADVANCE] = {"tly_ledger_offsets_advance",
+				  "SELECT tly_ledger_offsets_advance($1, $2, $3::int[], $4::bigint[], "
+				  "$5::bigint[])"},
 	/*
 	 * one row per partition of the group that applied records: b's row k is partition k's
 	 * records, elements lo..hi of the group's flat arrays $4-$6 (see build_inputs); a slice's
@@ -547,7 +532,7 @@ int tly_ledger_store_lookup_seen(PGconn *conn, struct tly_ledger_seen_key *keys,
  */
 enum step_kind {
 	STEP_EXEC,    /* rows not needed */
-	STEP_OFFSETS, /* a compare-and-set: returns the partitions it advanced */
+	STEP_OFFSETS, /* the compare-and-set: fails unless every partition advanced */
 	STEP_COPY,    /* a binary COPY: the entries, the inputs */
 };
 
@@ -570,7 +555,7 @@ struct tly_ledger_txn {
 	int32_t *partitions;       /* of each commit, in order */
 	int64_t *old_offsets;      /* of each commit: its compare-and-set's old offset */
 	const char *topic;         /* the input topic (in arena) */
-	size_t cas_from, cas_to;   /* steps[cas_from, cas_to): the compare-and-sets (and plan mode) */
+	size_t cas_from;           /* steps[cas_from]: the compare-and-set; the rest follow it */
 	bool inserts_offsets;      /* one of them inserts a partition's first row */
 	bool *fenced;              /* out, per commit */
 	size_t n;
@@ -926,7 +911,8 @@ static int add_hold_row(const struct tly_hold_row *row, void *ud)
  * The holds placed or ended in the group, upserted by (tenant, order), and the forgotten ones
  * deleted: two statements whatever the group's size, and nothing for holds that did not change.
  * Their arrays go as binary parameters: no text to format here or to parse in the server. The
- * delete is the transaction's last statement on a custom plan; STMT_GENERIC_PLANS follows it.
+ * delete, which joins a table, runs on a custom plan between STMT_CUSTOM_PLANS and
+ * STMT_GENERIC_PLANS (three statements only for a group that forgets holds: most do not).
  */
 static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
@@ -952,10 +938,11 @@ static void build_holds(struct tly_ledger_txn *t, const struct tly_ledger_commit
 			}
 		}
 	}
-	if (n_forgotten)
+	if (n_forgotten) {
+		(void)add_step(t, STEP_EXEC, STMT_CUSTOM_PLANS, NULL, 0);
 		(void)add_array_step(t, STMT_HOLDS_FORGET, 0, arr + 6, 2);
-	/* the last statement that joins a table: what follows runs on generic plans */
-	(void)add_step(t, STEP_EXEC, STMT_GENERIC_PLANS, NULL, 0);
+		(void)add_step(t, STEP_EXEC, STMT_GENERIC_PLANS, NULL, 0);
+	}
 	if (a.n)
 		(void)add_array_step(t, STMT_HOLDS_SAVE, 0, arr, 6);
 out:
@@ -1027,52 +1014,37 @@ int tly_ledger_store_load_published(PGconn *conn, const char *ledger_topic, int3
 }
 
 /*
- * The offsets' compare-and-set, every partition of the group in one statement (one more for
- * partitions with nothing stored yet); running them marks the partitions they advanced.
+ * The offsets' compare-and-set, every partition of the group in one statement (its function
+ * inserts the rows of partitions with nothing stored yet, old offset -1).
  */
 static void build_offsets(struct tly_ledger_txn *t, const struct tly_ledger_commit *c, size_t n)
 {
-	for (int stored = 0; stored < 2; stored++) {
-		struct text x[3];
-		size_t k = 0;
-		for (size_t i = 0; i < n; i++)
-			k += (c[i].old_offset >= 0) == (bool)stored;
-		if (k == 0)
-			continue;
-		int opened = 0;
-		for (; opened < 3 && text_open(&x[opened]); opened++)
-			fputc('{', x[opened].f);
-		if (opened == 3) {
-			for (size_t i = 0, m = 0; i < n; i++) {
-				if ((c[i].old_offset >= 0) != (bool)stored)
-					continue;
-				const char *sep = m++ ? "," : "";
-				fprintf(x[0].f, "%s%d", sep, (int)c[i].partition);
-				fprintf(x[1].f, "%s%" PRId64, sep, c[i].old_offset);
-				fprintf(x[2].f, "%s%" PRId64, sep, c[i].new_offset);
-			}
+	struct text x[3];
+	int opened = 0;
+	for (; opened < 3 && text_open(&x[opened]); opened++)
+		fputc('{', x[opened].f);
+	if (opened == 3) {
+		for (size_t i = 0; i < n; i++) {
+			const char *sep = i ? "," : "";
+			fprintf(x[0].f, "%s%d", sep, (int)c[i].partition);
+			fprintf(x[1].f, "%s%" PRId64, sep, c[i].old_offset < 0 ? -1 : c[i].old_offset);
+			fprintf(x[2].f, "%s%" PRId64, sep, c[i].new_offset);
+			t->inserts_offsets = t->inserts_offsets || c[i].old_offset < 0;
 		}
-		const char *v[3];
-		for (int j = 0; j < opened; j++) {
-			fputc('}', x[j].f);
-			v[j] = text_close(t, &x[j]);
-		}
-		size_t lock = t->n_steps; /* an index: the next add_step may move the steps */
-		if (opened == 3 && stored && !add_step(t, STEP_EXEC, STMT_OFFSETS_LOCK, NULL, 3))
-			continue;
-		struct step *s = opened == 3 ? add_step(t, STEP_OFFSETS, stored ? STMT_OFFSETS_CAS : STMT_OFFSETS_NEW,
-					       NULL, 5) : NULL;
-		t->inserts_offsets = t->inserts_offsets || !stored;
-		if (!s) {
-			t->oom = true;
-			continue;
-		}
-		s->values[0] = TLY_LEDGER_CONSUMER;
-		s->values[1] = arena_text(t, c[0].topic, strlen(c[0].topic));
-		memcpy(s->values + 2, v, sizeof(v));
-		if (stored)
-			memcpy(t->steps[lock].values, s->values, 3 * sizeof(*s->values));
 	}
+	const char *v[3];
+	for (int j = 0; j < opened; j++) {
+		fputc('}', x[j].f);
+		v[j] = text_close(t, &x[j]);
+	}
+	struct step *s = opened == 3 ? add_step(t, STEP_OFFSETS, STMT_OFFSETS_ADVANCE, NULL, 5) : NULL;
+	if (!s) {
+		t->oom = true;
+		return;
+	}
+	s->values[0] = TLY_LEDGER_CONSUMER;
+	s->values[1] = t->topic;
+	memcpy(s->values + 2, v, sizeof(v));
 }
 
 /* Advance the published markers of the group's partitions that carry one, in one statement. */
@@ -1141,17 +1113,15 @@ struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c,
 		 * What only adds new keys first (the packed inputs on a generic plan, the entries'
 		 * COPY): a transaction started while the one before it on the same partitions still
 		 * runs (tly_ledger_store_run_gated) neither reads nor waits on what that one writes.
-		 * Then the compare-and-sets (custom plans again), then what reads or upserts rows the
-		 * one before wrote.
+		 * Then the compare-and-set (its function plans its own statements for each call), then
+		 * what reads or upserts rows the one before wrote.
 		 */
 		t->topic = arena_text(t, c[0].topic, strlen(c[0].topic));
 		(void)add_step(t, STEP_EXEC, STMT_GENERIC_PLANS, NULL, 0);
 		build_inputs(t, c, n);
 		build_entries(t, c, n);
 		t->cas_from = t->n_steps;
-		(void)add_step(t, STEP_EXEC, STMT_CUSTOM_PLANS, NULL, 0);
 		build_offsets(t, c, n);
-		t->cas_to = t->n_steps;
 		build_holds(t, c, n);
 		build_wallets(t, c, n);
 		for (size_t i = 0; i < n; i++)
@@ -1172,26 +1142,19 @@ bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i)
 	return i < t->n && t->fenced[i];
 }
 
+bool tly_ledger_store_txn_shares(const struct tly_ledger_txn *a, const struct tly_ledger_txn *b)
+{
+	for (size_t i = 0; a && b && i < a->n; i++)
+		for (size_t j = 0; j < b->n; j++)
+			if (a->partitions[i] == b->partitions[j])
+				return true;
+	return false;
+}
+
 void tly_ledger_store_txn_unfence(struct tly_ledger_txn *t)
 {
 	for (size_t i = 0; i < t->n; i++)
 		t->fenced[i] = false;
-}
-
-/* After the compare-and-sets: TLY_E_PG (permanent) when one did not advance its partition. */
-static int check_fenced(struct tly_ledger_txn *t, const bool *done, struct tly_pg_error *err)
-{
-	int rc = 0;
-	for (size_t i = 0; i < t->n; i++) {
-		if (!done[i]) {
-			t->fenced[i] = true;
-			rc = TLY_E_PG;
-		}
-	}
-	if (rc != 0)
-		set_err(err, TLY_ERRCLASS_PERMANENT,
-			"the stored offset moved: another process committed this partition");
-	return rc;
 }
 
 /* Read one pipelined statement's results: its last result (caller PQclears), or NULL on failure. */
@@ -1217,10 +1180,13 @@ static PGresult *pipeline_result(PGconn *conn, bool *failed, struct tly_pg_error
 
 /*
  * Steps [from, to) in one pipeline (one round trip), after a BEGIN and before a COMMIT when asked:
- * every result is read; the compare-and-sets mark the partitions they advanced in done.
+ * every result is read. The compare-and-set is followed by a flush request, so that its result
+ * comes back while the server goes on with the rest: once it succeeded *cas_ok is set and
+ * gate->after_cas called (not when it inserts a partition's first row; see the gate).
  */
 static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, size_t to, bool begin,
-			bool commit, bool *done, struct tly_pg_error *err)
+			bool commit, const struct tly_ledger_store_gate *gate, bool *cas_ok,
+			struct tly_pg_error *err)
 {
 	bool failed = false, sent = PQenterPipelineMode(conn) == 1;
 	if (sent && begin)
@@ -1232,6 +1198,8 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
 					     : PQsendQueryPrepared(conn, stmts[s->stmt].name, s->nparams,
 								   s->values, s->lengths, s->formats,
 								   0)) == 1;
+		if (sent && s->kind == STEP_OFFSETS && k + 1 < to)
+			sent = PQsendFlushRequest(conn) == 1;
 	}
 	if (sent && commit)
 		sent = PQsendQueryPrepared(conn, stmts[STMT_COMMIT].name, 0, NULL, NULL, NULL, 0) == 1;
@@ -1243,11 +1211,10 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
 		PQclear(pipeline_result(conn, &failed, err));
 	for (size_t k = from; k < to; k++) {
 		PGresult *res = pipeline_result(conn, &failed, err);
-		for (int r = 0; res && t->steps[k].kind == STEP_OFFSETS && r < PQntuples(res); r++) {
-			long part = strtol(PQgetvalue(res, r, 0), NULL, 10);
-			for (size_t i = 0; i < t->n; i++)
-				if (t->partitions[i] == part)
-					done[i] = true;
+		if (res && t->steps[k].kind == STEP_OFFSETS) {
+			*cas_ok = true;
+			if (gate && gate->after_cas && !t->inserts_offsets)
+				gate->after_cas(gate->ud);
 		}
 		PQclear(res);
 	}
@@ -1274,10 +1241,11 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
 }
 
 /*
- * After a failure before the compare-and-sets ran (a stale owner's COPY can meet the new
+ * After a failure before the compare-and-set succeeded: its own (SQLSTATE TL001, migration
+ * 0013: a partition did not advance), or an earlier one (a stale owner's COPY can meet the new
  * owner's keys first: a unique violation, or a wait on its rows that ends in one once it
- * committed): the partitions whose stored offset moved are fenced and the failure is the
- * compare-and-set's (permanent), as when the compare-and-set finds it. Otherwise err stays.
+ * committed). The partitions whose stored offset moved are fenced and the failure is a
+ * permanent one. Otherwise err stays.
  */
 static void fence_moved(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
 {
@@ -1305,60 +1273,43 @@ static void fence_moved(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_er
 }
 
 /*
- * Four round trips (after stmts were prepared, the first time on a connection): BEGIN and the
+ * Three round trips (after stmts were prepared, the first time on a connection): BEGIN and the
  * packed inputs in one pipeline, the COPY of the entries (both only add new keys), then, once
- * gate->before_cas allows it, the compare-and-sets (checked before anything else is sent),
- * then every other statement (the holds, the snapshots, quarantine rows and published markers)
- * and the COMMIT in one more pipeline.
+ * gate->before_cas allows it, the compare-and-set, every other statement (the holds, the
+ * snapshots, quarantine rows and published markers) and the COMMIT in one more pipeline. The
+ * compare-and-set fails the transaction unless every partition advanced, so a fenced group's
+ * COMMIT only ends a failed transaction; nothing of it is committed.
  */
 int tly_ledger_store_run_gated(PGconn *conn, struct tly_ledger_txn *t,
 			       const struct tly_ledger_store_gate *gate, struct tly_pg_error *err)
 {
 	struct tly_pg_error rberr;
-	bool *done = calloc(t->n ? t->n : 1, sizeof(*done));
-	bool cas_ran = false;
+	bool cas_ok = false, gated = false;
 	size_t k = 0;
 	int rc;
 	for (size_t i = 0; i < t->n; i++)
 		t->fenced[i] = false;
-	if (!done) {
-		set_err(err, TLY_ERRCLASS_FATAL, "out of memory");
-		return TLY_E_NOMEM;
-	}
 	while (k < t->cas_from && t->steps[k].kind != STEP_COPY)
 		k++;
 	rc = prepare(conn, err);
 	if (rc == 0)
-		rc = run_pipeline(conn, t, 0, k, true, false, done, err);
+		rc = run_pipeline(conn, t, 0, k, true, false, NULL, &cas_ok, err);
 	for (; rc == 0 && k < t->cas_from; k++)
 		rc = tly_pgcopy_send(conn, t->steps[k].copy, t->steps[k].sql, err);
 	if (rc == 0 && gate && gate->before_cas && gate->before_cas(gate->ud) != 0) {
 		rc = TLY_E_PG;
 		set_err(err, TLY_ERRCLASS_RETRIABLE, "not run: the transaction before it failed");
-		cas_ran = true; /* nothing to look up: the one before is ours */
-	}
-	if (rc == 0 && t->cas_to > t->cas_from) {
-		rc = run_pipeline(conn, t, t->cas_from, t->cas_to, false, false, done, err);
-		cas_ran = true;
-		if (rc == 0 && gate && gate->after_cas && !t->inserts_offsets)
-			gate->after_cas(gate->ud);
-		if (rc == 0)
-			rc = check_fenced(t, done, err);
-	}
-	if (rc == 0 && gate && gate->before_rest && gate->before_rest(gate->ud) != 0) {
-		rc = TLY_E_PG;
-		set_err(err, TLY_ERRCLASS_RETRIABLE, "not run: the transaction before it failed");
+		gated = true; /* nothing to look up: the one before is ours */
 	}
 	if (rc == 0)
-		rc = run_pipeline(conn, t, t->cas_to, t->n_steps, false, true, done, err);
+		rc = run_pipeline(conn, t, t->cas_from, t->n_steps, false, true, gate, &cas_ok, err);
 	if (rc != 0 && PQstatus(conn) == CONNECTION_OK &&
 	    PQtransactionStatus(conn) != PQTRANS_IDLE && tly_pg_rollback(conn, &rberr) != 0)
 		tly_warn("could not roll back the batch", "partitions=%zu reason=\"%s\"", t->n,
 			 rberr.message);
-	if (rc == TLY_E_PG && !cas_ran && PQstatus(conn) == CONNECTION_OK &&
+	if (rc == TLY_E_PG && !gated && !cas_ok && PQstatus(conn) == CONNECTION_OK &&
 	    PQtransactionStatus(conn) == PQTRANS_IDLE)
 		fence_moved(conn, t, err);
-	free(done);
 	return rc == 0 ? 0 : rc == TLY_E_NOMEM ? TLY_E_NOMEM : TLY_E_PG;
 }
 

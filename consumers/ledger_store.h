@@ -132,27 +132,31 @@ int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t,
 			 struct tly_pg_error *err) TLY_MUST_CHECK;
 
 /*
- * How a transaction started while the one before it (same partitions, another connection)
- * still runs waits for it: before_cas is called before the compare-and-sets are sent and
- * returns when they may be (0: after the one before ran its own, which then hold the offsets'
- * row locks until it ends; non-zero: it failed, so this one is rolled back unrun, TLY_E_PG).
- * after_cas is called once this one's compare-and-sets ran, unless one of them inserted a
- * partition's first row (a transaction behind would not see that row before it commits, so
- * it waits for the end instead). before_rest is called before the rest and the COMMIT are
- * sent and returns once the one before ended (non-zero: it failed; rolled back unrun), so
- * transactions commit in order also when they share no partition. Any may be NULL.
+ * How a transaction started while the one before it (another connection) still runs waits for
+ * it: before_cas is called before the compare-and-set, the rest and the COMMIT are sent (one
+ * pipeline) and returns when they may be (0; non-zero: the one before failed, so this one is
+ * rolled back unrun, TLY_E_PG). When both share a partition, it may return once the one before
+ * ran its compare-and-set: that holds the offsets' rows locked until it ends, and this one's
+ * compare-and-set waits for that end in PostgreSQL, then sees its offsets (or, if it failed,
+ * fails too), so nothing of this one commits before it. Otherwise it must return only once the
+ * one before ended (transactions commit in order also when they share no partition). after_cas
+ * is called once this one's compare-and-set succeeded, unless it inserted a partition's first
+ * row (a transaction behind would not see that row before it commits, so it waits for the end
+ * instead). Any may be NULL.
  */
 struct tly_ledger_store_gate {
 	int (*before_cas)(void *ud);
 	void (*after_cas)(void *ud);
-	int (*before_rest)(void *ud);
 	void *ud;
 };
 
+/* Whether a and b (either may be NULL) commit a partition in common. */
+bool tly_ledger_store_txn_shares(const struct tly_ledger_txn *a, const struct tly_ledger_txn *b);
+
 /*
- * tly_ledger_store_run with gate (NULL: none). A failure before the compare-and-sets ran (a
- * stale owner's COPY meeting the new owner's rows) is a fenced one when a partition's stored
- * offset moved meanwhile.
+ * tly_ledger_store_run with gate (NULL: none). A failure before the compare-and-set succeeded
+ * (its own: a partition did not advance; or a stale owner's COPY meeting the new owner's rows)
+ * is a fenced one when a partition's stored offset moved meanwhile.
  */
 int tly_ledger_store_run_gated(PGconn *conn, struct tly_ledger_txn *t,
 			       const struct tly_ledger_store_gate *gate,

@@ -100,6 +100,7 @@ struct gate_ud {
 	struct tly_ledger_writer *w;
 	size_t k;
 	uint64_t id;
+	bool shares; /* with the one before: a partition in common */
 };
 
 /*
@@ -125,16 +126,14 @@ static int gate_wait(const struct gate_ud *g, bool cas)
 	return failed ? 1 : 0;
 }
 
-/* Before the compare-and-sets: the one before ran its own (or ended). */
+/*
+ * Before the compare-and-set, the rest and the COMMIT: the one before ran its compare-and-set
+ * when they share a partition (PostgreSQL then orders this one after its end), else it ended.
+ */
 static int gate_before_cas(void *arg)
 {
-	return gate_wait(arg, true);
-}
-
-/* Before the rest and the COMMIT: the one before ended (a transaction commits after it). */
-static int gate_before_rest(void *arg)
-{
-	return gate_wait(arg, false);
+	const struct gate_ud *g = arg;
+	return gate_wait(g, g->shares);
 }
 
 static void gate_after_cas(void *arg)
@@ -180,9 +179,9 @@ static void *lane_main(void *arg)
 		} else if (txn) {
 			struct job *prev = id ? job_of(w, id - 1) : NULL;
 			bool overlapped = prev && !prev->finished[k];
-			struct gate_ud g = {w, k, id};
-			struct tly_ledger_store_gate gate = {gate_before_cas, gate_after_cas,
-							     gate_before_rest, &g};
+			struct gate_ud g = {w, k, id,
+					    prev && tly_ledger_store_txn_shares(prev->txn[k], txn)};
+			struct tly_ledger_store_gate gate = {gate_before_cas, gate_after_cas, &g};
 			pthread_mutex_unlock(&w->lock);
 			res.started_us = tly_clock_us();
 			res.rc = ensure_conn(l, &res.err);

@@ -2474,8 +2474,8 @@ static long plans_of(PGconn *conn, const char *name, const char *column)
 }
 
 /*
- * The statements that join a table run on custom plans (the offsets' compare-and-set), and
- * those after STMT_GENERIC_PLANS on one generic plan (the published markers' upsert): three
+ * The statements that join a table run on custom plans (the offsets' compare-and-set: its
+ * function's own setting), and those after STMT_GENERIC_PLANS on one generic plan (the published markers' upsert): three
  * commits plan the marker statement once, not three times. The setting is the transaction's
  * own: afterwards the session is back on custom plans.
  */
@@ -2498,8 +2498,11 @@ START_TEST(test_store_generic_plans_after_holds)
 	}
 	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_published", "generic_plans"), 3);
 	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_published", "custom_plans"), 0);
-	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_cas", "custom_plans"), 2);
-	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_cas", "generic_plans"), 0);
+	/* the compare-and-set's call is one generic plan; its function plans its joins per call */
+	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_advance", "generic_plans"), 3);
+	ck_assert_int_eq(q_long(d.conn, "SELECT count(*) FROM pg_proc WHERE proname = "
+				"'tly_ledger_offsets_advance' AND proconfig = "
+				"'{plan_cache_mode=force_custom_plan}'", 0, NULL), 1);
 	ck_assert_int_eq(custom_plans(d.conn), 1);
 	ck_assert_int_eq(stored_offset(d.conn, 2), 10);
 	ck_assert_int_eq(q_long(d.conn, "SELECT next_offset FROM ledger_published WHERE partition = 2",
@@ -2776,6 +2779,158 @@ START_TEST(test_writer_overlapped_failed)
 }
 END_TEST
 
+/*
+ * A stale owner whose group meets none of the new owner's keys gets as far as its
+ * compare-and-set, which goes in one pipeline with the rest and the COMMIT: the compare-and-set
+ * fails the transaction (migration 0013), so nothing of the group commits (entries, inputs,
+ * snapshots, published marker), and the partition is reported fenced (permanent). Once when
+ * another process stored the partition's first offset, once when it moved a stored one.
+ */
+START_TEST(test_stale_owner_fenced_at_cas)
+{
+	char key[37], p[16];
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	int32_t part = partition_ctx(&e, 4, &codec, &ctx, &t, key);
+	snprintf(p, sizeof(p), "%d", (int)part);
+	const char *const v[] = {p};
+	struct tly_pg_error err;
+	struct tly_event ev;
+	struct tly_buf buf[2] = {{0}};
+	struct tly_ledger_batch_out out;
+	bool added, fenced;
+	encode_reservation(codec, &ev, &t, 10, T0, &buf[0]);
+	encode_reservation(codec, &ev, &t, 10, T0 + 1, &buf[1]);
+	struct tly_ledger_partition *a = tly_ledger_partition_open(&ctx, part, &err);
+	ck_assert_ptr_nonnull(a);
+	ck_assert_int_eq(q_long(e.conn, "WITH i AS (INSERT INTO consumer_offsets (consumer, topic, "
+					"partition, next_offset) VALUES ('tally-ledger', 'tally.events', $1, 7) "
+					"RETURNING 1) SELECT count(*) FROM i", 1, v), 1);
+	ck_assert(tly_ledger_partition_add(a, 0, key, 36, buf[0].data, buf[0].len, 0, &added) == 0 && added);
+	struct tly_ledger_group_item it = {.part = a, .published_offset = 1};
+	ck_assert_int_eq(tly_ledger_partition_commit(&it, 1, &ctx, &err), TLY_E_PG);
+	ck_assert(it.fenced);
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_PERMANENT);
+	ck_assert_int_eq(stored_offset(e.conn, part), 7);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_wallets", 0, NULL), 0);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_published", 0, NULL), 0);
+	tly_ledger_partition_free(a);
+
+	/* a stored offset: the owner commits offset 0, then another process moves it past 1 */
+	ck_assert_int_eq(q_long(e.conn, "WITH u AS (UPDATE consumer_offsets SET next_offset = 0 "
+					"WHERE partition = $1 RETURNING 1) SELECT count(*) FROM u", 1, v), 1);
+	ck_assert_ptr_nonnull(a = tly_ledger_partition_open(&ctx, part, &err));
+	ck_assert(tly_ledger_partition_add(a, 0, key, 36, buf[0].data, buf[0].len, 0, &added) == 0 && added);
+	ck_assert_msg(commit_one(a, &ctx, &out, &fenced, &err) == 0, "%s", err.message);
+	ck_assert(!fenced);
+	long entries = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	ck_assert_int_gt(entries, 0);
+	long wallet = q_long(e.conn, "SELECT seq FROM ledger_wallets", 0, NULL);
+	ck_assert_int_eq(q_long(e.conn, "WITH u AS (UPDATE consumer_offsets SET next_offset = 9 "
+					"WHERE partition = $1 RETURNING 1) SELECT count(*) FROM u", 1, v), 1);
+	ck_assert(tly_ledger_partition_add(a, 1, key, 36, buf[1].data, buf[1].len, 0, &added) == 0 && added);
+	it = (struct tly_ledger_group_item){.part = a, .published_offset = 2};
+	ck_assert_int_eq(tly_ledger_partition_commit(&it, 1, &ctx, &err), TLY_E_PG);
+	ck_assert(it.fenced);
+	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_PERMANENT);
+	ck_assert_int_eq(stored_offset(e.conn, part), 9);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), entries);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 1);
+	ck_assert_int_eq(q_long(e.conn, "SELECT seq FROM ledger_wallets", 0, NULL), wallet);
+	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_published", 0, NULL), 0);
+	ck_assert_int_eq(check_chains(e.conn), entries);
+	tly_ledger_partition_free(a);
+	tly_buf_free(&buf[0]);
+	tly_buf_free(&buf[1]);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/*
+ * Groups of one lane commit in order also when they share no partition: N (partition A, a
+ * stored offset) is held after its compare-and-set by a test connection's lock on its published
+ * marker's row; N+1 (partition B only) runs its inputs and COPY on the lane's other connection
+ * but not its compare-and-set nor its COMMIT (nothing in PostgreSQL orders it after N: the lane
+ * holds it until N ended). Released, both commit.
+ */
+START_TEST(test_writer_overlapped_disjoint)
+{
+	struct overlap o;
+	struct tly_ledger_txn *t0, *t1, *t2, *back;
+	struct tly_ledger_group_item g0, g1, g2;
+	struct tly_ledger_writer_result r0, r1, r2;
+	struct tly_pg_error err;
+	struct tly_event ev;
+	struct tly_buf buf2 = {0};
+	char key2[37], p[16];
+	tly_uuid tenant2;
+	overlap_up(&o);
+	int32_t part = tly_ledger_partition_id(o.p);
+	int32_t part2 = other_tenant(part, PARTITIONS, 100, &tenant2, key2);
+	struct tly_ledger_partition *p2 = tly_ledger_partition_open(&o.ctx, part2, &err);
+	ck_assert_ptr_nonnull(p2);
+	encode_reservation(o.codec, &ev, &tenant2, 10, T0, &buf2);
+	snprintf(p, sizeof(p), "%d", (int)part);
+	const char *const v[] = {p};
+	t0 = decide_one(o.p, &o.ctx, o.key, 0, &o.buf[0], &g0);
+	tly_ledger_writer_submit(o.w, &t0);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r0) && back == t0);
+	ck_assert_msg(r0.rc == 0, "%s", r0.err.message);
+	tly_ledger_partition_finish(&g0, 1, t0, 0);
+	tly_ledger_store_txn_free(t0);
+	PGresult *res = PQexec(o.hold, "BEGIN");
+	ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+	PQclear(res);
+	ck_assert_int_eq(q_long(o.e.conn, "WITH i AS (INSERT INTO ledger_published "
+					  "(topic, partition, next_offset) VALUES ('tally.ledger', $1, 0) "
+					  "RETURNING 1) SELECT count(*) FROM i", 1, v), 1);
+	ck_assert_int_eq(q_long(o.hold, "SELECT count(*) FROM (SELECT 1 FROM ledger_published "
+					"WHERE partition = $1 FOR UPDATE) x", 1, v), 1);
+	t1 = decide_one_marked(o.p, &o.ctx, o.key, 1, &o.buf[1], &g1, 1);
+	t2 = decide_one(p2, &o.ctx, key2, 0, &buf2, &g2);
+	tly_ledger_writer_submit(o.w, &t1);
+	tly_ledger_writer_submit(o.w, &t2);
+	/* N waits on the held row, N+1 ran its COPY (both hold ledger_entries' lock) */
+	int64_t until = tly_clock_ms() + 20000;
+	while ((writers_in_entries(o.e.conn) < 2 || writer_backends(o.e.conn, true) < 1) &&
+	       tly_clock_ms() < until)
+		usleep(20000);
+	ck_assert_int_eq(writers_in_entries(o.e.conn), 2);
+	ck_assert_int_eq(writer_backends(o.e.conn, true), 1);
+	usleep(500000); /* room for N+1 to commit, were it let through */
+	ck_assert_int_eq(stored_offset(o.e.conn, part2), -1);
+	ck_assert_int_eq(writers_in_entries(o.e.conn), 2);
+	ck_assert_int_eq(stored_offset(o.e.conn, part), 1);
+	overlap_release(&o);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
+	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
+	tly_ledger_partition_finish(&g1, 1, t1, 0);
+	tly_ledger_partition_finish(&g2, 1, t2, 0);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+	ck_assert_int_eq(stored_offset(o.e.conn, part), 2);
+	ck_assert_int_eq(stored_offset(o.e.conn, part2), 1);
+	ck_assert_int_eq(check_chains(o.e.conn),
+			 q_long(o.e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL));
+	tly_ledger_partition_free(p2);
+	tly_buf_free(&buf2);
+	PQfinish(o.hold);
+	tly_ledger_writer_free(o.w);
+	tly_ledger_partition_free(o.p);
+	for (int i = 0; i < 3; i++)
+		tly_buf_free(&o.buf[i]);
+	tly_codec_free(o.codec);
+	env_down(&o.e);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2813,7 +2968,9 @@ Suite *ledger_suite(void)
 		       {"publisher", test_publisher_batches, 90},
 		       {"seen_in_memory", test_seen_in_memory, 90},
 		       {"writer_overlapped", test_writer_overlapped, 90},
-		       {"writer_overlapped_failed", test_writer_overlapped_failed, 90}};
+		       {"writer_overlapped_failed", test_writer_overlapped_failed, 90},
+		       {"writer_overlapped_disjoint", test_writer_overlapped_disjoint, 90},
+		       {"stale_owner_at_cas", test_stale_owner_fenced_at_cas, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
