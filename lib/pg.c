@@ -55,7 +55,9 @@ enum tly_errclass tly_pg_sqlstate_errclass(const char *sqlstate)
 	}
 	if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "53", 2) == 0)
 		return TLY_ERRCLASS_RETRIABLE;
-	if (strncmp(sqlstate, "22", 2) == 0 || strncmp(sqlstate, "23", 2) == 0)
+	/* TL001: tally-ledger's compare-and-set found a moved offset (migration 0013) */
+	if (strncmp(sqlstate, "22", 2) == 0 || strncmp(sqlstate, "23", 2) == 0 ||
+	    strcmp(sqlstate, "TL001") == 0)
 		return TLY_ERRCLASS_PERMANENT;
 	return TLY_ERRCLASS_FATAL;
 }

@@ -6,8 +6,9 @@
 -- error it is; the client then reads the stored offsets back to tell which partitions moved.
 --
 -- old_offsets[i] < 0: partition i has no row yet (it is inserted). The group's rows are locked
--- first (its own new rows are its already; the insert waited for another's), in a statement of their own: behind a transaction of the same lane that still holds
--- them this waits for its end, and the UPDATE, a later statement with a newer snapshot (a
+-- first (its own new rows are its already; the insert waited for another's), in a statement of
+-- their own: behind a transaction of the same lane that still holds them this waits for its
+-- end, and the UPDATE, a later statement with a newer snapshot (a
 -- volatile function's statements each take one under READ COMMITTED), sees its committed
 -- offsets. The UPDATE alone would skip such a row: the version its snapshot sees holds the older
 -- offset, fails the WHERE, and is never waited for.

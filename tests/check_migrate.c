@@ -812,6 +812,7 @@ START_TEST(test_pg_errclass)
 	ck_assert_int_eq(tly_pg_sqlstate_errclass(NULL), TLY_ERRCLASS_RETRIABLE);
 	ck_assert_int_eq(tly_pg_sqlstate_errclass("23505"), TLY_ERRCLASS_PERMANENT);
 	ck_assert_int_eq(tly_pg_sqlstate_errclass("22P02"), TLY_ERRCLASS_PERMANENT);
+	ck_assert_int_eq(tly_pg_sqlstate_errclass("TL001"), TLY_ERRCLASS_PERMANENT);
 	ck_assert_int_eq(tly_pg_sqlstate_errclass("42P01"), TLY_ERRCLASS_FATAL);
 	ck_assert_int_eq(tly_pg_sqlstate_errclass("28000"), TLY_ERRCLASS_FATAL);
 	ck_assert_int_eq(tly_pg_sqlstate_errclass("XX000"), TLY_ERRCLASS_FATAL);
