@@ -3036,11 +3036,14 @@ static void add_record(struct tly_ledger_partition *p, const char *key, int64_t 
  * Z's input key (partition Z, offset 0), so that the first, having inserted X's row, waits for
  * it; the second inserts Y's row and waits for the first on X's. Once the first waited longer
  * than deadlock_timeout, the hold is rolled back: the first inserts Z's row and waits for the
- * second on Y's, closing the cycle, and PostgreSQL rolls one back (40P01, the one that closed
- * it, as the other's check ran before). Whoever it was: exactly one commits, the other's
- * failure is one the ledger reloads after (retriable, or fenced and permanent: never fatal),
- * nothing of it is committed, and the loser, reloaded from PostgreSQL as tally-ledger does,
- * applies only what the winner had not (Z's record, when the winner's group lacked it).
+ * second on Y's, closing the cycle, and PostgreSQL rolls one back (40P01; the one that closed
+ * it, as the other's check ran before, but nothing below depends on which). Another test
+ * connection holds X's published marker, so the winner waits after its compare-and-set: the
+ * loser's failure is a retriable one (nothing moved yet), it reloads and decides its group
+ * again, which waits for the winner's keys; released, the winner commits and the loser's retry
+ * fails on them (a unique violation) and is fenced (permanent). Never fatal; reloaded again,
+ * the loser applies only what the winner had not (Z's record, when the winner's group lacked
+ * it), and every record is applied once.
  */
 static void owners_deadlock(bool stale_closes)
 {
@@ -3070,7 +3073,8 @@ static void owners_deadlock(bool stale_closes)
 	n.w = tly_ledger_writer_new(e.db, 1, NULL, NULL, errstr, sizeof(errstr));
 	ck_assert_msg(s.w && n.w, "%s", errstr);
 	PGconn *hold = tly_pg_connect(e.db, "check_ledger hold", errstr, sizeof(errstr));
-	ck_assert_msg(hold != NULL, "%s", errstr);
+	PGconn *hold_marker = tly_pg_connect(e.db, "check_ledger hold", errstr, sizeof(errstr));
+	ck_assert_msg(hold && hold_marker, "%s", errstr);
 
 	/* offset 0 of X and Y committed (by the new owner, say); both owners then load offset 1 */
 	owner_open(&n, &ctx, part);
@@ -3084,23 +3088,30 @@ static void owners_deadlock(bool stale_closes)
 	ck_assert_msg(r.rc == 0, "%s", r.err.message);
 	owner_open(&s, &ctx, part);
 
-	/* the closer's group [X, Z, Y], the other's [Y, X] */
+	/* the closer's group [X, Z, Y], the other's [Y, X]; both advance X's published marker */
 	struct owner *closer = stale_closes ? &s : &n, *other = stale_closes ? &n : &s;
 	struct tly_ledger_group_item gc[3], go[2];
 	const int order_c[3] = {0, 2, 1}, order_o[2] = {1, 0};
 	for (int j = 0; j < 3; j++) {
 		int i = order_c[j];
 		add_record(closer->p[i], key[i], i == 2 ? 0 : 1, &buf[i][i == 2 ? 0 : 1], true);
-		gc[j] = (struct tly_ledger_group_item){.part = closer->p[i], .published_offset = -1};
+		gc[j] = (struct tly_ledger_group_item){.part = closer->p[i], .published_offset = i ? -1 : 1};
 	}
 	for (int j = 0; j < 2; j++) {
 		int i = order_o[j];
 		add_record(other->p[i], key[i], 1, &buf[i][1], true);
-		go[j] = (struct tly_ledger_group_item){.part = other->p[i], .published_offset = -1};
+		go[j] = (struct tly_ledger_group_item){.part = other->p[i], .published_offset = i ? -1 : 1};
 	}
-	char zp[16];
+	char xp[16], zp[16];
+	snprintf(xp, sizeof(xp), "%d", (int)part[0]);
 	snprintf(zp, sizeof(zp), "%d", (int)part[2]);
-	const char *const zv[] = {zp};
+	const char *const xv[] = {xp}, *const zv[] = {zp};
+	ck_assert_int_eq(q_long(e.conn, "WITH i AS (INSERT INTO ledger_published (topic, partition, "
+					"next_offset) VALUES ('tally.ledger', $1, 0) RETURNING 1) "
+					"SELECT count(*) FROM i", 1, xv), 1);
+	hold_exec(hold_marker, "BEGIN");
+	ck_assert_int_eq(q_long(hold_marker, "SELECT count(*) FROM (SELECT 1 FROM ledger_published "
+					     "WHERE partition = $1 FOR UPDATE) x", 1, xv), 1);
 	hold_exec(hold, "BEGIN");
 	ck_assert_int_eq(q_long(hold, "WITH i AS (INSERT INTO ledger_input_batches (partition, "
 				      "first_offset, last_offset, offsets, tenant_ids, record_values) "
@@ -3116,28 +3127,32 @@ static void owners_deadlock(bool stale_closes)
 	long deadlocks = q_long(e.conn, "SELECT deadlocks FROM pg_stat_database WHERE datname = "
 					"current_database()", 0, NULL);
 	hold_exec(hold, "ROLLBACK");
-	struct tly_ledger_writer_result rc = owner_take(closer, tc, gc, 3);
-	struct tly_ledger_writer_result ro = owner_take(other, to, go, 2);
 
-	/* exactly one committed; the other was rolled back, for a reason the ledger reloads after */
-	ck_assert_msg((rc.rc == 0) != (ro.rc == 0), "closer %d (%s), other %d (%s)", rc.rc,
-		      rc.err.message, ro.rc, ro.err.message);
-	const struct tly_ledger_writer_result *lost = rc.rc ? &rc : &ro;
-	const struct tly_ledger_group_item *lost_items = rc.rc ? gc : go;
-	size_t lost_n = rc.rc ? 3 : 2;
-	bool fenced = false;
+	/* the loser comes back; the winner waits at X's published marker, after its compare-and-set */
+	struct tly_ledger_txn *back;
+	struct tly_ledger_writer_result lost;
+	struct owner *loser = NULL, *winner;
+	while (!loser) {
+		if (tly_ledger_writer_take(closer->w, 50, &back, &lost))
+			loser = closer;
+		else if (tly_ledger_writer_take(other->w, 50, &back, &lost))
+			loser = other;
+	}
+	winner = loser == closer ? other : closer;
+	struct tly_ledger_group_item *lost_items = loser == closer ? gc : go;
+	struct tly_ledger_group_item *won_items = loser == closer ? go : gc;
+	size_t lost_n = loser == closer ? 3 : 2, won_n = loser == closer ? 2 : 3;
+	ck_assert_ptr_eq(back, loser == closer ? tc : to);
+	tly_ledger_partition_finish(lost_items, lost_n, back, lost.rc);
+	tly_ledger_store_txn_free(back);
+	ck_assert(lost.ran);
+	ck_assert_int_eq(lost.rc, TLY_E_PG);
+	ck_assert_int_eq(lost.err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert_msg(strcmp(lost.err.sqlstate, "40P01") == 0, "%s", lost.err.message);
 	for (size_t j = 0; j < lost_n; j++)
-		fenced = fenced || lost_items[j].fenced;
-	ck_assert(lost->ran);
-	ck_assert_int_eq(lost->rc, TLY_E_PG);
-	ck_assert_int_ne(lost->err.errclass, TLY_ERRCLASS_FATAL);
-	/* rolled back by the deadlock (40P01, retriable), or fenced once the winner committed */
-	ck_assert_msg((lost->err.errclass == TLY_ERRCLASS_RETRIABLE &&
-		       strcmp(lost->err.sqlstate, "40P01") == 0 && !fenced) ||
-			      (lost->err.errclass == TLY_ERRCLASS_PERMANENT && fenced),
-		      "class %d sqlstate %s fenced %d: %s", (int)lost->err.errclass,
-		      lost->err.sqlstate, (int)fenced, lost->err.message);
-	/* PostgreSQL found a deadlock (its statistics reach the view when the victim is idle) */
+		ck_assert(!lost_items[j].fenced);
+	ck_assert_int_eq(stored_offset(e.conn, part[0]), 1); /* nothing of the winner's yet */
+	/* PostgreSQL counted one deadlock (its statistics reach the view once the victim is idle) */
 	int64_t until = tly_clock_ms() + 30000;
 	while (q_long(e.conn, "SELECT deadlocks FROM pg_stat_database WHERE datname = "
 			      "current_database()", 0, NULL) <= deadlocks &&
@@ -3145,18 +3160,40 @@ static void owners_deadlock(bool stale_closes)
 		usleep(50000);
 	ck_assert_int_eq(q_long(e.conn, "SELECT deadlocks FROM pg_stat_database WHERE datname = "
 					"current_database()", 0, NULL), deadlocks + 1);
+
+	/* reloaded (as tally-ledger does after a retriable failure), the same group again */
+	owner_open(loser, &ctx, part);
+	struct tly_ledger_group_item gr[3];
+	const int *order = loser == closer ? order_c : order_o;
+	for (size_t j = 0; j < lost_n; j++) {
+		int i = order[j];
+		add_record(loser->p[i], key[i], i == 2 ? 0 : 1, &buf[i][i == 2 ? 0 : 1], true);
+		gr[j] = (struct tly_ledger_group_item){.part = loser->p[i], .published_offset = -1};
+	}
+	struct tly_ledger_txn *tr = owner_submit(loser, &ctx, gr, lost_n);
+	wait_writers_waiting(e.conn, 2); /* the retry waits for the winner's keys */
+	hold_exec(hold_marker, "COMMIT");
+	r = owner_take(winner, winner == closer ? tc : to, won_items, won_n);
+	ck_assert_msg(r.rc == 0, "%s", r.err.message);
+	r = owner_take(loser, tr, gr, lost_n);
+	ck_assert(r.ran);
+	ck_assert_int_eq(r.rc, TLY_E_PG);
+	ck_assert_msg(r.err.errclass == TLY_ERRCLASS_PERMANENT, "%s", r.err.message);
+	for (size_t j = 0; j < lost_n; j++) /* fenced: X and Y moved; Z only when the winner had it */
+		ck_assert(gr[j].fenced == (order[j] != 2 || loser == other));
 	ck_assert_int_eq(stored_offset(e.conn, part[0]), 2);
 	ck_assert_int_eq(stored_offset(e.conn, part[1]), 2);
-	ck_assert_int_eq(stored_offset(e.conn, part[2]), rc.rc == 0 ? 1 : -1);
+	ck_assert_int_eq(stored_offset(e.conn, part[2]), loser == other ? 1 : -1);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM ledger_published WHERE partition = $1",
+				1, xv), 1);
 
-	/* the loser reloads and goes on: X's and Y's records are behind it, Z's is applied once */
-	struct owner *loser = rc.rc ? closer : other;
+	/* reloaded again: X's and Y's records are behind it, Z's is applied once */
 	owner_open(loser, &ctx, part);
 	for (int i = 0; i < 2; i++)
 		add_record(loser->p[i], key[i], 1, &buf[i][1], false);
 	struct tly_ledger_group_item gz = {.part = loser->p[2], .published_offset = -1};
-	add_record(loser->p[2], key[2], 0, &buf[2][0], rc.rc != 0);
-	if (rc.rc != 0) {
+	add_record(loser->p[2], key[2], 0, &buf[2][0], loser == closer);
+	if (loser == closer) {
 		txn = owner_submit(loser, &ctx, &gz, 1);
 		r = owner_take(loser, txn, &gz, 1);
 		ck_assert_msg(r.rc == 0, "%s", r.err.message);
@@ -3165,6 +3202,7 @@ static void owners_deadlock(bool stale_closes)
 	check_applied_once(e.conn, codec, 5);
 
 	PQfinish(hold);
+	PQfinish(hold_marker);
 	for (int i = 0; i < 3; i++) {
 		tly_ledger_partition_free(s.p[i]);
 		tly_ledger_partition_free(n.p[i]);
