@@ -17,7 +17,6 @@ struct job {
 	struct tly_ledger_txn *txn[TLY_LEDGER_WRITER_LANES_MAX]; /* NULL: nothing in that lane */
 	bool finished[TLY_LEDGER_WRITER_LANES_MAX];            /* ran, or passed over */
 	bool claimed[TLY_LEDGER_WRITER_LANES_MAX];             /* a connection took it */
-	bool keys_done[TLY_LEDGER_WRITER_LANES_MAX];           /* its inputs and entries went in */
 	bool cas_done[TLY_LEDGER_WRITER_LANES_MAX];            /* its compare-and-sets ran */
 	bool doomed[TLY_LEDGER_WRITER_LANES_MAX];              /* the one before it failed */
 	struct tly_ledger_writer_result res[TLY_LEDGER_WRITER_LANES_MAX];
@@ -128,37 +127,12 @@ static int gate_wait(const struct gate_ud *g, bool cas)
 }
 
 /*
- * Under lock: wait until lane k of the job before id inserted its new keys (its inputs and
- * entries), or ended; then whether it failed (marked on id's job). A transaction waiting at its
- * gate holds its own new keys while the writer, not PostgreSQL, makes it wait for the one
- * before: were that one still inserting, it could wait in PostgreSQL for another process's
- * transaction (a stale owner's, or the new owner's, of the same records) that waits for one of
- * these keys, a cycle PostgreSQL cannot see (no deadlock error: both lanes would wait for
- * ever). Past its inserts, the one before waits only at its compare-and-set and after, for
- * transactions that ran their compare-and-set, which never wait for new keys.
- */
-static bool wait_keys_before(struct tly_ledger_writer *w, size_t k, uint64_t id)
-{
-	for (;;) {
-		struct job *job = job_of(w, id), *prev = id ? job_of(w, id - 1) : NULL;
-		if (job->doomed[k] || !prev || prev->finished[k] || prev->keys_done[k])
-			return job->doomed[k];
-		pthread_cond_wait(&w->cond, &w->lock);
-	}
-}
-
-/*
- * Before the compare-and-set, the rest and the COMMIT: this one's keys went in (the one behind
- * may start), and the one before ran its compare-and-set when they share a partition
- * (PostgreSQL then orders this one after its end), else it ended.
+ * Before the compare-and-set, the rest and the COMMIT: the one before ran its compare-and-set
+ * when they share a partition (PostgreSQL then orders this one after its end), else it ended.
  */
 static int gate_before_cas(void *arg)
 {
 	const struct gate_ud *g = arg;
-	pthread_mutex_lock(&g->w->lock);
-	job_of(g->w, g->id)->keys_done[g->k] = true;
-	pthread_cond_broadcast(&g->w->cond);
-	pthread_mutex_unlock(&g->w->lock);
 	return gate_wait(g, g->shares);
 }
 
@@ -198,11 +172,6 @@ static void *lane_main(void *arg)
 		struct tly_ledger_txn *txn = job->txn[k];
 		uint64_t id = job->id;
 		job->claimed[k] = true;
-		if (!after_failure && txn) {
-			after_failure = wait_keys_before(w, k, id);
-			res.ran = !after_failure;
-			job = job_of(w, id);
-		}
 		if (after_failure) {
 			res.rc = TLY_E_PG;
 			res.err.errclass = TLY_ERRCLASS_RETRIABLE;
