@@ -45,6 +45,7 @@ enum stmt {
 	STMT_PUBLISHED,
 	STMT_GENERIC_PLANS,
 	STMT_CUSTOM_PLANS,
+	STMT_START,
 	STMT_SEEN,
 	STMT_COUNT
 };
@@ -104,6 +105,19 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 	/* back to custom plans for the compare-and-sets and the holds' delete (see build) */
 	[STMT_CUSTOM_PLANS] = {"tly_ledger_custom_plans",
 			       "SELECT pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true)"},
+	/*
+	 * the transaction's first statement: generic plans, as STMT_GENERIC_PLANS, and a bound on
+	 * any one lock wait until the compare-and-set (whose function waits without one, see
+	 * migration 0013). Before it, a transaction inserts only new keys, which wait only for
+	 * another owner's transaction inserting the same ones (a stale owner, or the new owner of
+	 * the same records); the one after it on the lane may meanwhile hold its own new keys and
+	 * wait in the writer, not in PostgreSQL, for this one's compare-and-set (ledger_writer.c):
+	 * a cycle through that wait is one PostgreSQL cannot detect, and would stall both owners.
+	 * The bound ends such a wait (SQLSTATE 55P03, retriable: the group reloads).
+	 */
+	[STMT_START] = {"tly_ledger_start",
+			"SELECT pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true), "
+			"pg_catalog.set_config('lock_timeout', '" TLY_LEDGER_KEYS_LOCK_TIMEOUT "', true)"},
 	/* see lookup_chunk */
 	[STMT_SEEN] = {"tly_ledger_seen",
 		       "SELECT k.i, x.seq, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
@@ -1117,7 +1131,7 @@ struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c,
 		 * what reads or upserts rows the one before wrote.
 		 */
 		t->topic = arena_text(t, c[0].topic, strlen(c[0].topic));
-		(void)add_step(t, STEP_EXEC, STMT_GENERIC_PLANS, NULL, 0);
+		(void)add_step(t, STEP_EXEC, STMT_START, NULL, 0);
 		build_inputs(t, c, n);
 		build_entries(t, c, n);
 		t->cas_from = t->n_steps;

@@ -20,6 +20,8 @@
 struct tly_wallet;
 
 #define TLY_LEDGER_CONSUMER "tally-ledger" /* consumer_offsets.consumer */
+/* lock_timeout of a group's transaction until its compare-and-set (ledger_store.c, STMT_START) */
+#define TLY_LEDGER_KEYS_LOCK_TIMEOUT "5s"
 
 /*
  * Record count as topic's partition count the first time; afterwards compare. On a change,

@@ -13,6 +13,10 @@
 -- offsets. The UPDATE alone would skip such a row: the version its snapshot sees holds the older
 -- offset, fails the WHERE, and is never waited for.
 --
+-- lock_timeout: none here. The transaction bounds its lock waits before this call (a wait for
+-- another owner's new keys; consumers/ledger_store.c, STMT_START); this call's wait for the
+-- transaction before it on the same rows is ordinary and unbounded.
+--
 -- plan_cache_mode: the joins of unnest() with consumer_offsets are planned for each call's arrays
 -- (the session's generic plans are made for the table's size at their first use).
 
@@ -22,6 +26,7 @@ RETURNS void
 LANGUAGE plpgsql
 VOLATILE
 SET plan_cache_mode = force_custom_plan
+SET lock_timeout = 0
 AS $fn$
 DECLARE
     advanced bigint := 0;

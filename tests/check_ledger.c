@@ -27,6 +27,7 @@
 #include "fixtures.h"
 #include "harness.h"
 #include "kafka.h"
+#include "ledgercheck.h"
 #include "migrate.h"
 #include "pg.h"
 #include "proc.h"
@@ -2502,7 +2503,7 @@ START_TEST(test_store_generic_plans_after_holds)
 	ck_assert_int_eq(plans_of(d.conn, "tly_ledger_offsets_advance", "generic_plans"), 3);
 	ck_assert_int_eq(q_long(d.conn, "SELECT count(*) FROM pg_proc WHERE proname = "
 				"'tly_ledger_offsets_advance' AND proconfig = "
-				"'{plan_cache_mode=force_custom_plan}'", 0, NULL), 1);
+				"'{plan_cache_mode=force_custom_plan,lock_timeout=0}'", 0, NULL), 1);
 	ck_assert_int_eq(custom_plans(d.conn), 1);
 	ck_assert_int_eq(stored_offset(d.conn, 2), 10);
 	ck_assert_int_eq(q_long(d.conn, "SELECT next_offset FROM ledger_published WHERE partition = 2",
@@ -2931,6 +2932,402 @@ START_TEST(test_writer_overlapped_disjoint)
 }
 END_TEST
 
+/* ---- a stale owner and the new owner meeting in each other's new keys (issue 3) ---------- */
+
+/*
+ * The end state after owners raced: records input records committed once each (their first
+ * entry once, one input row element each, no offset stored twice), and every tenant's chain,
+ * causes and token totals whole (lib/ledgercheck, as tally-chaos checks a run).
+ */
+static void check_applied_once(PGconn *conn, struct tly_codec *codec, long records)
+{
+	struct tly_ledgercheck c;
+	struct tly_ledgercheck_totals totals;
+	struct tly_pg_error err;
+	ck_assert_msg(tly_ledgercheck_chain(conn, codec, &c, &err) == 0, "%s", err.message);
+	ck_assert_msg(c.violations == 0, "chain: %s", c.first);
+	ck_assert_int_eq(c.checked, q_long(conn, "SELECT count(*) FROM ledger_entries", 0, NULL));
+	ck_assert_msg(tly_ledgercheck_causes(conn, &c, &err) == 0, "%s", err.message);
+	ck_assert_msg(c.violations == 0, "causes: %s", c.first);
+	ck_assert_msg(tly_ledgercheck_conservation(conn, &c, &totals, &err) == 0, "%s", err.message);
+	ck_assert_msg(c.violations == 0, "conservation: %s", c.first);
+	(void)check_chains(conn);
+	ck_assert_int_eq(q_long(conn, "SELECT count(*) FROM ledger_entries WHERE cause_first", 0, NULL),
+			 records);
+	ck_assert_int_eq(q_long(conn, "SELECT count(DISTINCT (cause_partition, cause_offset)) FROM "
+				      "ledger_entries", 0, NULL), records);
+	ck_assert_int_eq(q_long(conn, "SELECT count(*) FROM ledger_input_batches, unnest(offsets)", 0,
+				NULL), records);
+	ck_assert_int_eq(q_long(conn, "SELECT count(DISTINCT (partition, o)) FROM ledger_input_batches, "
+				      "unnest(offsets) o", 0, NULL), records);
+}
+
+/* Wait (bounded) until want of the writers' backends wait for a lock. */
+static void wait_writers_waiting(PGconn *conn, long want)
+{
+	int64_t until = tly_clock_ms() + 20000;
+	while (writer_backends(conn, true) < want && tly_clock_ms() < until)
+		usleep(20000);
+	ck_assert_int_eq(writer_backends(conn, true), want);
+}
+
+static void hold_exec(PGconn *hold, const char *sql)
+{
+	PGresult *res = PQexec(hold, sql);
+	ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", sql, PQerrorMessage(hold));
+	PQclear(res);
+}
+
+/* One owner's view: the three partitions opened from PostgreSQL, and a writer of one lane. */
+struct owner {
+	struct tly_ledger_writer *w;
+	struct tly_ledger_partition *p[3];
+};
+
+static void owner_open(struct owner *o, const struct tly_ledger_ctx *ctx, const int32_t part[3])
+{
+	struct tly_pg_error err;
+	for (int i = 0; i < 3; i++) {
+		tly_ledger_partition_free(o->p[i]);
+		o->p[i] = tly_ledger_partition_open(ctx, part[i], &err);
+		ck_assert_msg(o->p[i] != NULL, "%s", err.message);
+	}
+}
+
+/*
+ * The group of items[0..n) (their records added) decided and submitted to the owner's writer;
+ * returns the transaction.
+ */
+static struct tly_ledger_txn *owner_submit(struct owner *o, const struct tly_ledger_ctx *ctx,
+					   struct tly_ledger_group_item *items, size_t n)
+{
+	struct tly_pg_error err;
+	struct tly_ledger_txn *txn = NULL;
+	ck_assert_msg(tly_ledger_partition_decide(items, n, ctx, &txn, &err) == 0, "%s", err.message);
+	ck_assert_ptr_nonnull(txn);
+	tly_ledger_writer_submit(o->w, &txn);
+	return txn;
+}
+
+/* The owner's oldest submitted group back from its writer, finished. */
+static struct tly_ledger_writer_result owner_take(struct owner *o, struct tly_ledger_txn *txn,
+						  struct tly_ledger_group_item *items, size_t n)
+{
+	struct tly_ledger_txn *back;
+	struct tly_ledger_writer_result r;
+	ck_assert(tly_ledger_writer_take(o->w, -1, &back, &r) && back == txn);
+	tly_ledger_partition_finish(items, n, txn, r.rc);
+	tly_ledger_store_txn_free(txn);
+	return r;
+}
+
+static void add_record(struct tly_ledger_partition *p, const char *key, int64_t offset,
+		       const struct tly_buf *buf, bool want_added)
+{
+	bool added;
+	ck_assert(tly_ledger_partition_add(p, offset, key, 36, buf->data, buf->len, 0, &added) == 0);
+	ck_assert(added == want_added);
+}
+
+/*
+ * Two owners of partitions X and Y (the stale one, s, and the new one, n), both loaded at the
+ * same stored offsets, decide the same records (X's and Y's at offset 1) and send their packed
+ * inputs in opposite orders: one group [X, Z, Y], the other [Y, X]. A test connection holds
+ * Z's input key (partition Z, offset 0), so that the first, having inserted X's row, waits for
+ * it; the second inserts Y's row and waits for the first on X's. Once the first waited longer
+ * than deadlock_timeout, the hold is rolled back: the first inserts Z's row and waits for the
+ * second on Y's, closing the cycle, and PostgreSQL rolls one back (40P01; the one that closed
+ * it, as the other's check ran before, but nothing below depends on which). Another test
+ * connection holds X's published marker, so the winner waits after its compare-and-set: the
+ * loser's failure is a retriable one (nothing moved yet), it reloads and decides its group
+ * again, which waits for the winner's keys; released, the winner commits and the loser's retry
+ * fails on them (a unique violation) and is fenced (permanent). Never fatal; reloaded again,
+ * the loser applies only what the winner had not (Z's record, when the winner's group lacked
+ * it), and every record is applied once.
+ */
+static void owners_deadlock(bool stale_closes)
+{
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t[3];
+	char key[3][37], errstr[256];
+	int32_t part[3];
+	part[0] = partition_ctx(&e, 4, &codec, &ctx, &t[0], key[0]);
+	part[1] = other_tenant(part[0], PARTITIONS, 100, &t[1], key[1]);
+	for (unsigned n = 200;; n++) {
+		tenant_of(n, &t[2]);
+		tly_uuid_format(&t[2], key[2]);
+		part[2] = tly_kafka_partition_for_key(key[2], 36, PARTITIONS);
+		if (part[2] != part[0] && part[2] != part[1])
+			break;
+	}
+	struct tly_event ev;
+	struct tly_buf buf[3][2] = {{{0}}};
+	for (int i = 0; i < 3; i++)
+		for (int k = 0; k < 2; k++)
+			encode_reservation(codec, &ev, &t[i], 10, T0 + k, &buf[i][k]);
+	struct owner s = {0}, n = {0};
+	s.w = tly_ledger_writer_new(e.db, 1, NULL, NULL, errstr, sizeof(errstr));
+	n.w = tly_ledger_writer_new(e.db, 1, NULL, NULL, errstr, sizeof(errstr));
+	ck_assert_msg(s.w && n.w, "%s", errstr);
+	PGconn *hold = tly_pg_connect(e.db, "check_ledger hold", errstr, sizeof(errstr));
+	PGconn *hold_marker = tly_pg_connect(e.db, "check_ledger hold", errstr, sizeof(errstr));
+	ck_assert_msg(hold && hold_marker, "%s", errstr);
+
+	/* offset 0 of X and Y committed (by the new owner, say); both owners then load offset 1 */
+	owner_open(&n, &ctx, part);
+	struct tly_ledger_group_item g[3];
+	for (int i = 0; i < 2; i++) {
+		add_record(n.p[i], key[i], 0, &buf[i][0], true);
+		g[i] = (struct tly_ledger_group_item){.part = n.p[i], .published_offset = -1};
+	}
+	struct tly_ledger_txn *txn = owner_submit(&n, &ctx, g, 2);
+	struct tly_ledger_writer_result r = owner_take(&n, txn, g, 2);
+	ck_assert_msg(r.rc == 0, "%s", r.err.message);
+	owner_open(&s, &ctx, part);
+
+	/* the closer's group [X, Z, Y], the other's [Y, X]; both advance X's published marker */
+	struct owner *closer = stale_closes ? &s : &n, *other = stale_closes ? &n : &s;
+	struct tly_ledger_group_item gc[3], go[2];
+	const int order_c[3] = {0, 2, 1}, order_o[2] = {1, 0};
+	for (int j = 0; j < 3; j++) {
+		int i = order_c[j];
+		add_record(closer->p[i], key[i], i == 2 ? 0 : 1, &buf[i][i == 2 ? 0 : 1], true);
+		gc[j] = (struct tly_ledger_group_item){.part = closer->p[i], .published_offset = i ? -1 : 1};
+	}
+	for (int j = 0; j < 2; j++) {
+		int i = order_o[j];
+		add_record(other->p[i], key[i], 1, &buf[i][1], true);
+		go[j] = (struct tly_ledger_group_item){.part = other->p[i], .published_offset = i ? -1 : 1};
+	}
+	char xp[16], zp[16];
+	snprintf(xp, sizeof(xp), "%d", (int)part[0]);
+	snprintf(zp, sizeof(zp), "%d", (int)part[2]);
+	const char *const xv[] = {xp}, *const zv[] = {zp};
+	ck_assert_int_eq(q_long(e.conn, "WITH i AS (INSERT INTO ledger_published (topic, partition, "
+					"next_offset) VALUES ('tally.ledger', $1, 0) RETURNING 1) "
+					"SELECT count(*) FROM i", 1, xv), 1);
+	hold_exec(hold_marker, "BEGIN");
+	ck_assert_int_eq(q_long(hold_marker, "SELECT count(*) FROM (SELECT 1 FROM ledger_published "
+					     "WHERE partition = $1 FOR UPDATE) x", 1, xv), 1);
+	hold_exec(hold, "BEGIN");
+	ck_assert_int_eq(q_long(hold, "WITH i AS (INSERT INTO ledger_input_batches (partition, "
+				      "first_offset, last_offset, offsets, tenant_ids, record_values) "
+				      "VALUES ($1, 0, 0, '{0}', '{NULL}', '{\"\\\\x00\"}') RETURNING 1) "
+				      "SELECT count(*) FROM i", 1, zv), 1);
+	struct tly_ledger_txn *tc = owner_submit(closer, &ctx, gc, 3);
+	wait_writers_waiting(e.conn, 1); /* the closer inserted X's row, waits for Z's */
+	struct tly_ledger_txn *to = owner_submit(other, &ctx, go, 2);
+	wait_writers_waiting(e.conn, 2); /* the other inserted Y's row, waits for X's */
+	long timeout_ms = q_long(e.conn, "SELECT setting::bigint FROM pg_settings WHERE name = "
+					 "'deadlock_timeout'", 0, NULL);
+	usleep((useconds_t)(2 * timeout_ms * 1000)); /* the other's deadlock check ran (no cycle yet) */
+	long deadlocks = q_long(e.conn, "SELECT deadlocks FROM pg_stat_database WHERE datname = "
+					"current_database()", 0, NULL);
+	hold_exec(hold, "ROLLBACK");
+
+	/* the loser comes back; the winner waits at X's published marker, after its compare-and-set */
+	struct tly_ledger_txn *back;
+	struct tly_ledger_writer_result lost;
+	struct owner *loser = NULL, *winner;
+	while (!loser) {
+		if (tly_ledger_writer_take(closer->w, 50, &back, &lost))
+			loser = closer;
+		else if (tly_ledger_writer_take(other->w, 50, &back, &lost))
+			loser = other;
+	}
+	winner = loser == closer ? other : closer;
+	struct tly_ledger_group_item *lost_items = loser == closer ? gc : go;
+	struct tly_ledger_group_item *won_items = loser == closer ? go : gc;
+	size_t lost_n = loser == closer ? 3 : 2, won_n = loser == closer ? 2 : 3;
+	ck_assert_ptr_eq(back, loser == closer ? tc : to);
+	tly_ledger_partition_finish(lost_items, lost_n, back, lost.rc);
+	tly_ledger_store_txn_free(back);
+	ck_assert(lost.ran);
+	ck_assert_int_eq(lost.rc, TLY_E_PG);
+	ck_assert_int_eq(lost.err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert_msg(strcmp(lost.err.sqlstate, "40P01") == 0, "%s", lost.err.message);
+	for (size_t j = 0; j < lost_n; j++)
+		ck_assert(!lost_items[j].fenced);
+	ck_assert_int_eq(stored_offset(e.conn, part[0]), 1); /* nothing of the winner's yet */
+	/* PostgreSQL counted one deadlock (its statistics reach the view once the victim is idle) */
+	int64_t until = tly_clock_ms() + 30000;
+	while (q_long(e.conn, "SELECT deadlocks FROM pg_stat_database WHERE datname = "
+			      "current_database()", 0, NULL) <= deadlocks &&
+	       tly_clock_ms() < until)
+		usleep(50000);
+	ck_assert_int_eq(q_long(e.conn, "SELECT deadlocks FROM pg_stat_database WHERE datname = "
+					"current_database()", 0, NULL), deadlocks + 1);
+
+	/* reloaded (as tally-ledger does after a retriable failure), the same group again */
+	owner_open(loser, &ctx, part);
+	struct tly_ledger_group_item gr[3];
+	const int *order = loser == closer ? order_c : order_o;
+	for (size_t j = 0; j < lost_n; j++) {
+		int i = order[j];
+		add_record(loser->p[i], key[i], i == 2 ? 0 : 1, &buf[i][i == 2 ? 0 : 1], true);
+		gr[j] = (struct tly_ledger_group_item){.part = loser->p[i], .published_offset = -1};
+	}
+	struct tly_ledger_txn *tr = owner_submit(loser, &ctx, gr, lost_n);
+	wait_writers_waiting(e.conn, 2); /* the retry waits for the winner's keys */
+	hold_exec(hold_marker, "COMMIT");
+	r = owner_take(winner, winner == closer ? tc : to, won_items, won_n);
+	ck_assert_msg(r.rc == 0, "%s", r.err.message);
+	r = owner_take(loser, tr, gr, lost_n);
+	ck_assert(r.ran);
+	ck_assert_int_eq(r.rc, TLY_E_PG);
+	ck_assert_msg(r.err.errclass == TLY_ERRCLASS_PERMANENT, "%s", r.err.message);
+	for (size_t j = 0; j < lost_n; j++) /* fenced: X and Y moved; Z only when the winner had it */
+		ck_assert(gr[j].fenced == (order[j] != 2 || loser == other));
+	ck_assert_int_eq(stored_offset(e.conn, part[0]), 2);
+	ck_assert_int_eq(stored_offset(e.conn, part[1]), 2);
+	ck_assert_int_eq(stored_offset(e.conn, part[2]), loser == other ? 1 : -1);
+	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM ledger_published WHERE partition = $1",
+				1, xv), 1);
+
+	/* reloaded again: X's and Y's records are behind it, Z's is applied once */
+	owner_open(loser, &ctx, part);
+	for (int i = 0; i < 2; i++)
+		add_record(loser->p[i], key[i], 1, &buf[i][1], false);
+	struct tly_ledger_group_item gz = {.part = loser->p[2], .published_offset = -1};
+	add_record(loser->p[2], key[2], 0, &buf[2][0], loser == closer);
+	if (loser == closer) {
+		txn = owner_submit(loser, &ctx, &gz, 1);
+		r = owner_take(loser, txn, &gz, 1);
+		ck_assert_msg(r.rc == 0, "%s", r.err.message);
+	}
+	ck_assert_int_eq(stored_offset(e.conn, part[2]), 1);
+	check_applied_once(e.conn, codec, 5);
+
+	PQfinish(hold);
+	PQfinish(hold_marker);
+	for (int i = 0; i < 3; i++) {
+		tly_ledger_partition_free(s.p[i]);
+		tly_ledger_partition_free(n.p[i]);
+		for (int k = 0; k < 2; k++)
+			tly_buf_free(&buf[i][k]);
+	}
+	tly_ledger_writer_free(s.w);
+	tly_ledger_writer_free(n.w);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+
+START_TEST(test_stale_owner_deadlock)
+{
+	owners_deadlock(true);
+}
+END_TEST
+
+START_TEST(test_new_owner_deadlock)
+{
+	owners_deadlock(false);
+}
+END_TEST
+
+/*
+ * The lane's overlap meeting the other owner: both loaded offset 1 of one partition; one (a)
+ * decided records 1-3 as one group, the other (b) as two, N (record 1) and N+1 (records 2-3),
+ * overlapped on its lane's two connections. A test connection holds the key of record 1's entry
+ * (an uncommitted row of its own), so a's COPY waits for it; b's N waits for a at the packed
+ * inputs' key (partition, 1); N+1 inserts its keys (inputs at 2, entries of records 2 and 3) and
+ * waits in the writer for N's compare-and-set. Released, a waits for N+1 on record 2's entry: a
+ * cycle through the writer's wait that PostgreSQL cannot see (no deadlock error). The lock
+ * timeout of a transaction's inserts (TLY_LEDGER_KEYS_LOCK_TIMEOUT) ends N's wait: N fails
+ * (retriable, or fenced if a committed first), N+1 comes back unrun, a commits, b reloads past
+ * a's records, and each record is applied once. Without the timeout the case waits for ever.
+ */
+START_TEST(test_owner_meets_overlapped_lane)
+{
+	struct env e;
+	env_up(&e);
+	struct tly_codec *codec;
+	struct tly_ledger_ctx ctx;
+	tly_uuid t;
+	char key[37], errstr[256];
+	int32_t part = partition_ctx(&e, 6, &codec, &ctx, &t, key);
+	int32_t parts[3] = {part, part, part};
+	struct tly_event ev;
+	struct tly_buf buf[4] = {{0}};
+	for (int i = 0; i < 4; i++)
+		encode_reservation(codec, &ev, &t, 10, T0 + i, &buf[i]);
+	struct owner a = {0}, b = {0};
+	a.w = tly_ledger_writer_new(e.db, 1, NULL, NULL, errstr, sizeof(errstr));
+	b.w = tly_ledger_writer_new(e.db, 1, NULL, NULL, errstr, sizeof(errstr));
+	ck_assert_msg(a.w && b.w, "%s", errstr);
+	PGconn *hold = tly_pg_connect(e.db, "check_ledger hold", errstr, sizeof(errstr));
+	ck_assert_msg(hold != NULL, "%s", errstr);
+	owner_open(&b, &ctx, parts);
+	struct tly_ledger_group_item g0 = {.part = b.p[0], .published_offset = -1};
+	add_record(b.p[0], key, 0, &buf[0], true);
+	struct tly_ledger_txn *txn = owner_submit(&b, &ctx, &g0, 1);
+	struct tly_ledger_writer_result r = owner_take(&b, txn, &g0, 1);
+	ck_assert_msg(r.rc == 0, "%s", r.err.message);
+	owner_open(&a, &ctx, parts);
+
+	struct tly_ledger_group_item ga = {.part = a.p[0], .published_offset = -1};
+	for (int i = 1; i < 4; i++)
+		add_record(a.p[0], key, i, &buf[i], true);
+	struct tly_ledger_group_item gn = {.part = b.p[0], .published_offset = -1}, gn1 = gn;
+	add_record(b.p[0], key, 1, &buf[1], true);
+	struct tly_ledger_txn *tn = NULL, *tn1 = NULL;
+	struct tly_pg_error err;
+	ck_assert_msg(tly_ledger_partition_decide(&gn, 1, &ctx, &tn, &err) == 0, "%s", err.message);
+	add_record(b.p[0], key, 2, &buf[2], true);
+	add_record(b.p[0], key, 3, &buf[3], true);
+	ck_assert_msg(tly_ledger_partition_decide(&gn1, 1, &ctx, &tn1, &err) == 0, "%s", err.message);
+
+	/* record 1's entry key taken by the test connection: a copy of record 0's, seq + 1 */
+	long entries0 = q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL);
+	ck_assert_int_eq(entries0, 1);
+	hold_exec(hold, "BEGIN");
+	ck_assert_int_eq(q_long(hold, "WITH i AS (INSERT INTO ledger_entries SELECT (jsonb_populate_record("
+				      "e, jsonb_build_object('seq', e.seq + 1))).* FROM ledger_entries e "
+				      "RETURNING 1) SELECT count(*) FROM i", 0, NULL), 1);
+	struct tly_ledger_txn *ta = owner_submit(&a, &ctx, &ga, 1);
+	wait_writers_waiting(e.conn, 1); /* a's COPY waits for the held entry */
+	tly_ledger_writer_submit(b.w, &tn);
+	tly_ledger_writer_submit(b.w, &tn1);
+	wait_writers_waiting(e.conn, 2); /* b's N waits for a's inputs row */
+	for (int i = 0; i < 500 && writers_in_entries(e.conn) < 2; i++)
+		usleep(10000);
+	ck_assert_int_eq(writers_in_entries(e.conn), 2); /* a, and N+1 holding its new keys */
+	hold_exec(hold, "ROLLBACK");
+
+	struct tly_ledger_writer_result ra = owner_take(&a, ta, &ga, 1);
+	ck_assert_msg(ra.rc == 0, "%s", ra.err.message);
+	struct tly_ledger_writer_result rn = owner_take(&b, tn, &gn, 1);
+	struct tly_ledger_writer_result rn1 = owner_take(&b, tn1, &gn1, 1);
+	ck_assert(rn.ran && rn.rc == TLY_E_PG);
+	/* its lock wait timed out (55P03), fenced if a's offset was stored by then */
+	ck_assert_msg(gn.fenced ? rn.err.errclass == TLY_ERRCLASS_PERMANENT
+				: rn.err.errclass == TLY_ERRCLASS_RETRIABLE &&
+					  strcmp(rn.err.sqlstate, "55P03") == 0,
+		      "%s (SQLSTATE %s)", rn.err.message, rn.err.sqlstate);
+	ck_assert(!rn1.ran && rn1.rc == TLY_E_PG && !gn1.fenced);
+	ck_assert_int_eq(rn1.err.errclass, TLY_ERRCLASS_RETRIABLE);
+	ck_assert_int_eq(stored_offset(e.conn, part), 4);
+	owner_open(&b, &ctx, parts);
+	for (int i = 1; i < 4; i++)
+		add_record(b.p[0], key, i, &buf[i], false);
+	check_applied_once(e.conn, codec, 4);
+
+	PQfinish(hold);
+	for (int i = 0; i < 3; i++) {
+		tly_ledger_partition_free(a.p[i]);
+		tly_ledger_partition_free(b.p[i]);
+	}
+	for (int i = 0; i < 4; i++)
+		tly_buf_free(&buf[i]);
+	tly_ledger_writer_free(a.w);
+	tly_ledger_writer_free(b.w);
+	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -2970,7 +3367,10 @@ Suite *ledger_suite(void)
 		       {"writer_overlapped", test_writer_overlapped, 90},
 		       {"writer_overlapped_failed", test_writer_overlapped_failed, 90},
 		       {"writer_overlapped_disjoint", test_writer_overlapped_disjoint, 90},
-		       {"stale_owner_at_cas", test_stale_owner_fenced_at_cas, 90}};
+		       {"stale_owner_at_cas", test_stale_owner_fenced_at_cas, 90},
+		       {"stale_owner_deadlock", test_stale_owner_deadlock, 90},
+		       {"new_owner_deadlock", test_new_owner_deadlock, 90},
+		       {"owner_meets_overlapped_lane", test_owner_meets_overlapped_lane, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
