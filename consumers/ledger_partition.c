@@ -233,6 +233,14 @@ int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p)
 	return p->open->opened_ms;
 }
 
+size_t tly_ledger_partition_slots(const struct tly_ledger_partition *p)
+{
+	size_t n = p->cap_events;
+	for (int k = 0; k < BATCHES; k++)
+		n += p->batches[k].cap_recs;
+	return n;
+}
+
 /* ---- adding records ----------------------------------------------------------------------- */
 
 static int buf_append(struct tly_buf *buf, const void *data, size_t len, size_t *at)
@@ -972,6 +980,52 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 	return 0;
 }
 
+/* Smallest power of two at least n, from the records' first capacity. */
+static size_t fit(size_t n)
+{
+	size_t cap = 256;
+	while (cap < n)
+		cap *= 2;
+	return cap;
+}
+
+/*
+ * Batch f opens again (its outcome was handed over) after its partition decided b: what f grew to
+ * beyond four times b's needs (a larger group in a backlog) goes back to malloc, which gives it to
+ * whatever batch grows next. Kept, each of the three batches of every partition (and each
+ * partition's decoded events) would hold its largest size ever, tally-ledger's memory the sum of
+ * those maxima instead of the most the batches in flight ever hold together.
+ */
+static void trim(struct tly_ledger_partition *p, struct batch *f, const struct batch *b)
+{
+	size_t keep = fit(b->n_recs);
+	if (f->cap_recs > 2 * keep) {
+		/* shrinking in place: a failure leaves the larger block, still valid */
+		struct record *recs = realloc(f->recs, keep * sizeof(*recs));
+		struct tly_ledger_input *in = realloc(f->inputs, keep * sizeof(*in));
+		f->recs = recs ? recs : f->recs;
+		f->inputs = in ? in : f->inputs;
+		if (recs && in)
+			f->cap_recs = keep;
+	}
+	if (p->cap_events > 2 * keep) {
+		for (size_t i = keep; i < p->cap_events; i++)
+			tly_event_free(&p->events[i]);
+		struct tly_event *events = realloc(p->events, keep * sizeof(*events));
+		p->events = events ? events : p->events;
+		p->cap_events = keep;
+	}
+	if (f->bytes.cap > 4 * fit(b->bytes.len))
+		tly_buf_free(&f->bytes);
+	if (f->entries.cap > 2 * fit(b->entries.n))
+		tly_entries_free(&f->entries);
+	if (f->cap_quarantined > 2 * fit(b->n_quarantined)) {
+		free(f->quarantined);
+		f->quarantined = NULL;
+		f->cap_quarantined = 0;
+	}
+}
+
 /* Step 4, once its transaction is built: the open batch is decided, a free one opens. */
 static void close_open(struct tly_ledger_partition *p)
 {
@@ -1000,6 +1054,7 @@ static void close_open(struct tly_ledger_partition *p)
 			break;
 		}
 	}
+	trim(p, p->open, b);
 	p->open->n_recs = 0;
 	p->open->bytes.len = 0;
 }
