@@ -1000,13 +1000,12 @@ static void trim(struct tly_ledger_partition *p, struct batch *f, const struct b
 {
 	size_t keep = fit(b->n_recs);
 	if (f->cap_recs > 2 * keep) {
-		/* shrinking in place: a failure leaves the larger block, still valid */
+		/* shrinking: a failure leaves the larger block, which holds keep records too */
 		struct record *recs = realloc(f->recs, keep * sizeof(*recs));
 		struct tly_ledger_input *in = realloc(f->inputs, keep * sizeof(*in));
 		f->recs = recs ? recs : f->recs;
 		f->inputs = in ? in : f->inputs;
-		if (recs && in)
-			f->cap_recs = keep;
+		f->cap_recs = keep;
 	}
 	if (p->cap_events > 2 * keep) {
 		for (size_t i = keep; i < p->cap_events; i++)
@@ -1015,7 +1014,10 @@ static void trim(struct tly_ledger_partition *p, struct batch *f, const struct b
 		p->events = events ? events : p->events;
 		p->cap_events = keep;
 	}
-	if (f->bytes.cap > 4 * fit(b->bytes.len))
+	size_t keep_bytes = 4096; /* buf_append's first size */
+	while (keep_bytes < b->bytes.len)
+		keep_bytes *= 2;
+	if (f->bytes.cap > 4 * keep_bytes)
 		tly_buf_free(&f->bytes);
 	if (f->entries.cap > 2 * fit(b->entries.n))
 		tly_entries_free(&f->entries);
