@@ -44,6 +44,7 @@ struct record {
 	bool lookup;              /* seen comes from the database lookup (index in keys) */
 	size_t key_index;
 	uint64_t pair;            /* pair_hash of its (tenant, event id), when it is not quarantined */
+	tly_uuid tenant_id, event_id; /* the event's, when it is not quarantined nor a ClockTick */
 	bool first;               /* the first record of its pair with entries in the batch */
 	unsigned char digest[32]; /* SHA-256 of the event's current encoding */
 };
@@ -63,7 +64,6 @@ struct batch {
 	size_t n_recs, cap_recs;
 	struct tly_buf bytes;
 	int64_t opened_ms;
-	struct tly_event *events;          /* cap_recs of them, each with its arena */
 	struct tly_entries entries;
 	struct tly_uuidmap *batch_seen;    /* (tenant, event id) -> struct record * (first with entries) */
 	uint64_t seen_bits[SEEN_BITS / 64]; /* bit pair % SEEN_BITS of each pair in batch_seen */
@@ -73,7 +73,7 @@ struct batch {
 	struct tly_wallet **saved_list;    /* the wallets whose snapshots its transaction saves */
 	size_t n_saved, cap_saved;
 	struct tly_ledger_quarantined *quarantined;
-	size_t n_quarantined;
+	size_t n_quarantined, cap_quarantined;
 	struct tly_ledger_input *inputs;   /* applied records, kept for re-execution */
 	size_t n_inputs;
 	struct tly_arena *arena;           /* details */
@@ -91,6 +91,13 @@ struct tly_ledger_partition {
 	struct cache_slot *cache;    /* CACHE_SLOTS, committed pairs only */
 	uint16_t *cache_tags;        /* CACHE_SLOTS: 0 unused, else bits of the slot's key's hash */
 	struct batch batches[BATCHES];
+	/*
+	 * The decoded events of the batch being decided or replayed, each with its arena: needed only
+	 * while it is, so one set a partition (not one a batch: its three batches' sets were a third
+	 * of tally-ledger's memory under a backlog).
+	 */
+	struct tly_event *events;
+	size_t cap_events;
 	struct batch *open;
 	struct batch *decided[BATCHES - 1]; /* oldest first */
 	size_t n_decided;
@@ -169,9 +176,6 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 		tly_uuidmap_free(b->batch_seen);
 		free(b->recs);
 		tly_buf_free(&b->bytes);
-		for (size_t i = 0; b->events && i < b->cap_recs; i++)
-			tly_event_free(&b->events[i]);
-		free(b->events);
 		tly_entries_free(&b->entries);
 		free(b->touched_list);
 		free(b->saved_list);
@@ -179,6 +183,9 @@ void tly_ledger_partition_free(struct tly_ledger_partition *p)
 		free(b->inputs);
 		tly_arena_free(b->arena);
 	}
+	for (size_t i = 0; i < p->cap_events; i++)
+		tly_event_free(&p->events[i]);
+	free(p->events);
 	free(p);
 }
 
@@ -226,6 +233,14 @@ int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p)
 	return p->open->opened_ms;
 }
 
+size_t tly_ledger_partition_slots(const struct tly_ledger_partition *p)
+{
+	size_t n = p->cap_events;
+	for (int k = 0; k < BATCHES; k++)
+		n += p->batches[k].cap_recs;
+	return n;
+}
+
 /* ---- adding records ----------------------------------------------------------------------- */
 
 static int buf_append(struct tly_buf *buf, const void *data, size_t len, size_t *at)
@@ -254,20 +269,28 @@ static int grow_records(struct batch *b)
 	if (!recs)
 		return TLY_E_NOMEM;
 	b->recs = recs;
-	struct tly_event *events = realloc(b->events, cap * sizeof(*events));
-	if (!events)
-		return TLY_E_NOMEM;
-	memset(events + b->cap_recs, 0, (cap - b->cap_recs) * sizeof(*events));
-	b->events = events;
-	struct tly_ledger_quarantined *q = realloc(b->quarantined, cap * sizeof(*q));
-	if (!q)
-		return TLY_E_NOMEM;
-	b->quarantined = q;
 	struct tly_ledger_input *in = realloc(b->inputs, cap * sizeof(*in));
 	if (!in)
 		return TLY_E_NOMEM;
 	b->inputs = in;
 	b->cap_recs = cap;
+	return 0;
+}
+
+/* Room in p->events for the n records of the batch to decode. 0 or TLY_E_NOMEM. */
+static int ensure_events(struct tly_ledger_partition *p, size_t n)
+{
+	if (n <= p->cap_events)
+		return 0;
+	size_t cap = p->cap_events ? p->cap_events : 256;
+	while (cap < n)
+		cap *= 2;
+	struct tly_event *events = realloc(p->events, cap * sizeof(*events));
+	if (!events)
+		return TLY_E_NOMEM;
+	memset(events + p->cap_events, 0, (cap - p->cap_events) * sizeof(*events));
+	p->events = events;
+	p->cap_events = cap;
 	return 0;
 }
 
@@ -632,13 +655,14 @@ static int replay_chunk(struct tly_ledger_partition *p, const struct tly_ledger_
 	size_t n_keys = 0;
 	int rc = 0;
 	struct tly_ledger_seen_key *keys = calloc(b->n_recs ? b->n_recs : 1, sizeof(*keys));
-	if (!keys) {
+	if (!keys || ensure_events(p, b->n_recs) != 0) {
+		free(keys);
 		set_fatal(err, "out of memory");
 		return TLY_E_NOMEM;
 	}
 	for (size_t i = 0; i < b->n_recs && rc == 0; i++) {
 		struct record *r = &b->recs[i];
-		struct tly_event *ev = &b->events[i];
+		struct tly_event *ev = &p->events[i];
 		rc = tly_codec_decode_digest(ctx->codec, rec_value(b, r), r->valuelen, ev, r->digest,
 					     errstr, sizeof(errstr));
 		if (rc != 0) {
@@ -660,7 +684,7 @@ static int replay_chunk(struct tly_ledger_partition *p, const struct tly_ledger_
 		rc = tly_ledger_store_lookup_seen(ctx->conn, keys, n_keys, err);
 	for (size_t i = 0; i < b->n_recs && rc == 0; i++) {
 		struct record *r = &b->recs[i];
-		const struct tly_event *ev = &b->events[i];
+		const struct tly_event *ev = &p->events[i];
 		struct tly_cause cause = cause_of(p, r, ev);
 		if (ev->type == TLY_EV_CLOCK_TICK) {
 			for (size_t k = 0; k < tly_uuidmap_capacity(p->wallets) && rc == 0; k++) {
@@ -807,9 +831,11 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 {
 	struct batch *b = p->open;
 	reset_batch_scratch(p, b);
+	if (ensure_events(p, b->n_recs) != 0)
+		return TLY_E_NOMEM;
 	for (size_t i = 0; i < b->n_recs; i++) {
 		struct record *r = &b->recs[i];
-		struct tly_event *ev = &b->events[i];
+		struct tly_event *ev = &p->events[i];
 		int rc = classify(p, ctx, r, ev);
 		if (rc != 0)
 			return rc;
@@ -817,6 +843,8 @@ static int prepare(struct tly_ledger_partition *p, const struct tly_ledger_ctx *
 		r->first = false;
 		if (r->reason || ev->type == TLY_EV_CLOCK_TICK)
 			continue;
+		r->tenant_id = ev->tenant_id;
+		r->event_id = ev->event_id;
 		r->pair = pair_hash(&ev->tenant_id, &ev->event_id);
 		if (known(p, r, ev, &r->seen))
 			continue;
@@ -882,6 +910,18 @@ static int choose_saved(struct tly_ledger_partition *p)
 	return 0;
 }
 
+/* Room for one more quarantined record (rare: not sized with the records). */
+static int grow_quarantined(struct batch *b)
+{
+	size_t cap = b->cap_quarantined ? b->cap_quarantined * 2 : 16;
+	struct tly_ledger_quarantined *q = realloc(b->quarantined, cap * sizeof(*q));
+	if (!q)
+		return TLY_E_NOMEM;
+	b->quarantined = q;
+	b->cap_quarantined = cap;
+	return 0;
+}
+
 /* Step 3: decide the open batch in offset order; fill c with what the transaction writes. */
 static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *ctx,
 		  const struct tly_ledger_seen_key *keys, int64_t published_offset,
@@ -892,7 +932,7 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 		struct record *r = &b->recs[i];
 		if (r->lookup)
 			r->seen = keys[r->key_index].seen;
-		int rc = r->reason ? 0 : apply_one(p, ctx, r, &b->events[i]);
+		int rc = r->reason ? 0 : apply_one(p, ctx, r, &p->events[i]);
 		if (rc == TLY_E_NOMEM)
 			return rc;
 		if (rc != 0) {
@@ -905,15 +945,18 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 	}
 	for (size_t i = 0; i < b->n_recs; i++) {
 		struct record *r = &b->recs[i];
-		if (r->reason)
+		if (r->reason) {
+			if (b->n_quarantined == b->cap_quarantined && grow_quarantined(b) != 0)
+				return TLY_E_NOMEM;
 			b->quarantined[b->n_quarantined++] = (struct tly_ledger_quarantined){
 				ctx->events_topic, p->partition, r->offset, rec_key(b, r), r->keylen,
 				rec_value(b, r), r->valuelen, r->reason, r->detail};
-		else
+		} else {
 			b->inputs[b->n_inputs++] = (struct tly_ledger_input){
 				r->offset,
-				b->events[i].type == TLY_EV_CLOCK_TICK ? NULL : &b->events[i].tenant_id,
+				p->events[i].type == TLY_EV_CLOCK_TICK ? NULL : &r->tenant_id,
 				rec_value(b, r), r->valuelen};
+		}
 	}
 	b->new_offset = b->recs[b->n_recs - 1].offset + 1;
 	if (choose_saved(p) != 0)
@@ -935,6 +978,54 @@ static int decide(struct tly_ledger_partition *p, const struct tly_ledger_ctx *c
 		.published_offset = published_offset,
 	};
 	return 0;
+}
+
+/* Smallest power of two at least n, from the records' first capacity. */
+static size_t fit(size_t n)
+{
+	size_t cap = 256;
+	while (cap < n)
+		cap *= 2;
+	return cap;
+}
+
+/*
+ * Batch f opens again (its outcome was handed over) after its partition decided b: what f grew to
+ * beyond four times b's needs (a larger group in a backlog) goes back to malloc, which gives it to
+ * whatever batch grows next. Kept, each of the three batches of every partition (and each
+ * partition's decoded events) would hold its largest size ever, tally-ledger's memory the sum of
+ * those maxima instead of the most the batches in flight ever hold together.
+ */
+static void trim(struct tly_ledger_partition *p, struct batch *f, const struct batch *b)
+{
+	size_t keep = fit(b->n_recs);
+	if (f->cap_recs > 2 * keep) {
+		/* shrinking: a failure leaves the larger block, which holds keep records too */
+		struct record *recs = realloc(f->recs, keep * sizeof(*recs));
+		struct tly_ledger_input *in = realloc(f->inputs, keep * sizeof(*in));
+		f->recs = recs ? recs : f->recs;
+		f->inputs = in ? in : f->inputs;
+		f->cap_recs = keep;
+	}
+	if (p->cap_events > 2 * keep) {
+		for (size_t i = keep; i < p->cap_events; i++)
+			tly_event_free(&p->events[i]);
+		struct tly_event *events = realloc(p->events, keep * sizeof(*events));
+		p->events = events ? events : p->events;
+		p->cap_events = keep;
+	}
+	size_t keep_bytes = 4096; /* buf_append's first size */
+	while (keep_bytes < b->bytes.len)
+		keep_bytes *= 2;
+	if (f->bytes.cap > 4 * keep_bytes)
+		tly_buf_free(&f->bytes);
+	if (f->entries.cap > 2 * fit(b->entries.n))
+		tly_entries_free(&f->entries);
+	if (f->cap_quarantined > 2 * fit(b->n_quarantined)) {
+		free(f->quarantined);
+		f->quarantined = NULL;
+		f->cap_quarantined = 0;
+	}
 }
 
 /* Step 4, once its transaction is built: the open batch is decided, a free one opens. */
@@ -965,6 +1056,7 @@ static void close_open(struct tly_ledger_partition *p)
 			break;
 		}
 	}
+	trim(p, p->open, b);
 	p->open->n_recs = 0;
 	p->open->bytes.len = 0;
 }
@@ -974,9 +1066,9 @@ static void committed(struct tly_ledger_partition *p, struct tly_ledger_batch_ou
 {
 	struct batch *b = p->decided[0];
 	for (size_t i = 0; i < b->n_recs; i++) {
-		const struct tly_event *ev = &b->events[i];
-		if (b->recs[i].first)
-			cache_put(p, b->recs[i].pair, &ev->tenant_id, &ev->event_id, b->recs[i].digest);
+		const struct record *r = &b->recs[i];
+		if (r->first)
+			cache_put(p, r->pair, &r->tenant_id, &r->event_id, r->digest);
 	}
 	/* b's memory stays as it is until it opens again, after the caller used out */
 	*out = (struct tly_ledger_batch_out){b->entries.items, b->entries.n, &b->entries,

@@ -71,6 +71,8 @@ size_t tly_ledger_partition_pending(const struct tly_ledger_partition *p); /* op
 /* Decided batches whose transaction is not finished (0, 1 or 2). */
 size_t tly_ledger_partition_decided(const struct tly_ledger_partition *p);
 int64_t tly_ledger_partition_opened_ms(const struct tly_ledger_partition *p); /* first add */
+/* Record slots p holds allocated: its batches' and its decoded events' (for tests). */
+size_t tly_ledger_partition_slots(const struct tly_ledger_partition *p);
 
 /* One partition's share of a group commit. */
 struct tly_ledger_group_item {

@@ -3328,6 +3328,82 @@ START_TEST(test_owner_meets_overlapped_lane)
 }
 END_TEST
 
+/* Add bufs[from, to) to o's partition at the next offsets. */
+static void add_bufs(struct one_partition *o, const struct tly_buf *bufs, int from, int to)
+{
+	bool added;
+	for (int i = from; i < to; i++)
+		ck_assert(tly_ledger_partition_add(o->p, o->off++, o->key, 36, bufs[i].data, bufs[i].len,
+						   0, &added) == 0 &&
+			  added);
+}
+
+/*
+ * A partition gives back what a large batch grew its batches and decoded events to once its
+ * batches are small again (session 12: each of its three batches, and each its decoded events,
+ * kept their largest size ever), and decides the same: a large batch, a small one decided while
+ * it is in flight, small ones each repeating an event of the large one, then a mid-sized one.
+ */
+START_TEST(test_batch_memory_trimmed)
+{
+	enum { BIG = 3000, SMALL = 10, MID = 600, N = BIG + 4 * SMALL + MID };
+	struct one_partition o;
+	one_partition_up(&o, 7);
+	struct tly_ledger_partition *p = o.p;
+	struct tly_buf *bufs = calloc(N, sizeof(*bufs));
+	ck_assert_ptr_nonnull(bufs);
+	struct tly_event ev;
+	for (int i = 0; i < N; i++)
+		encode_reservation(o.codec, &ev, &o.t, 10, T0 + i, &bufs[i]);
+	struct tly_ledger_group_item g[2];
+	struct tly_ledger_txn *txn[2];
+	int next = 0;
+	for (int k = 0; k < 2; k++) { /* the small batch decided while the large one is in flight */
+		int n = k == 0 ? BIG : SMALL;
+		add_bufs(&o, bufs, next, next + n);
+		next += n;
+		g[k] = (struct tly_ledger_group_item){.part = p, .published_offset = -1};
+		ck_assert_msg(tly_ledger_partition_decide(&g[k], 1, &o.ctx, &txn[k], &o.err) == 0, "%s",
+			      o.err.message);
+	}
+	ck_assert_uint_ge(tly_ledger_partition_slots(p), BIG);
+	for (int k = 0; k < 2; k++) {
+		int rc = tly_ledger_store_run(o.ctx.conn, txn[k], &o.err);
+		ck_assert_msg(rc == 0, "%s", o.err.message);
+		tly_ledger_partition_finish(&g[k], 1, txn[k], rc);
+		ck_assert_uint_eq(g[k].out.n_entries, k == 0 ? BIG : SMALL);
+		ck_assert_uint_eq(count_kind(&g[k].out, "duplicate"), 0);
+		tly_ledger_store_txn_free(txn[k]);
+	}
+	for (int r = 0; r < 3; r++) { /* each with an event of the large batch again */
+		bool fenced;
+		add_bufs(&o, bufs, next, next + SMALL);
+		next += SMALL;
+		add_bufs(&o, bufs, r * 997, r * 997 + 1);
+		ck_assert_msg(commit_one(p, &o.ctx, &o.out, &fenced, &o.err) == 0, "%s", o.err.message);
+		ck_assert_uint_eq(o.out.n_entries, SMALL + 1);
+		ck_assert_uint_eq(count_kind(&o.out, "duplicate"), 1);
+		ck_assert_str_eq(o.out.entries[SMALL].u.ledger_entry.kind, "duplicate");
+	}
+	/* three batches and the decoded events, each back to its first 256 records */
+	ck_assert_uint_le(tly_ledger_partition_slots(p), 4 * 256);
+	bool fenced;
+	add_bufs(&o, bufs, next, next + MID);
+	next += MID;
+	ck_assert_msg(commit_one(p, &o.ctx, &o.out, &fenced, &o.err) == 0, "%s", o.err.message);
+	ck_assert_uint_eq(o.out.n_entries, MID);
+	ck_assert_uint_eq(count_kind(&o.out, "duplicate"), 0);
+	ck_assert_int_eq(next, N);
+	ck_assert_int_eq(q_long(o.e.conn, "SELECT count(*) FROM ledger_entries WHERE kind <> 'duplicate'",
+				0, NULL), N);
+	ck_assert_int_eq(check_chains(o.e.conn), N + 3);
+	for (int i = 0; i < N; i++)
+		tly_buf_free(&bufs[i]);
+	free(bufs);
+	one_partition_down(&o);
+}
+END_TEST
+
 Suite *ledger_suite(void)
 {
 	Suite *s = suite_create("ledger");
@@ -3370,7 +3446,8 @@ Suite *ledger_suite(void)
 		       {"stale_owner_at_cas", test_stale_owner_fenced_at_cas, 90},
 		       {"stale_owner_deadlock", test_stale_owner_deadlock, 90},
 		       {"new_owner_deadlock", test_new_owner_deadlock, 90},
-		       {"owner_meets_overlapped_lane", test_owner_meets_overlapped_lane, 90}};
+		       {"owner_meets_overlapped_lane", test_owner_meets_overlapped_lane, 90},
+		       {"batch_memory", test_batch_memory_trimmed, 90}};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		tc = tcase_create(cases[i].name);
 		tcase_set_timeout(tc, cases[i].timeout_s);
