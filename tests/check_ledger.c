@@ -2701,6 +2701,23 @@ static void overlap_release(struct overlap *o)
 	PQclear(res);
 }
 
+/* Take N (t1) and N+1 (t2) back from o's writer: both ran and committed; finished and freed. */
+static void take_both_committed(struct overlap *o, struct tly_ledger_txn *t1,
+				struct tly_ledger_group_item *g1, struct tly_ledger_txn *t2,
+				struct tly_ledger_group_item *g2)
+{
+	struct tly_ledger_txn *back;
+	struct tly_ledger_writer_result r1, r2;
+	ck_assert(tly_ledger_writer_take(o->w, -1, &back, &r1) && back == t1);
+	ck_assert(tly_ledger_writer_take(o->w, -1, &back, &r2) && back == t2);
+	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
+	ck_assert(r1.ran && r2.ran);
+	tly_ledger_partition_finish(g1, 1, t1, 0);
+	tly_ledger_partition_finish(g2, 1, t2, 0);
+	tly_ledger_store_txn_free(t1);
+	tly_ledger_store_txn_free(t2);
+}
+
 /*
  * Overlapped commits (session 10): group N+1 of a partition runs its inputs and COPY on the
  * lane's second connection while N, held after its compare-and-set by a test connection's row
@@ -2713,19 +2730,12 @@ START_TEST(test_writer_overlapped)
 	struct overlap o;
 	struct tly_ledger_txn *t1, *t2, *back;
 	struct tly_ledger_group_item g1, g2;
-	struct tly_ledger_writer_result r1, r2;
+	struct tly_ledger_writer_result r1;
 	overlap_up(&o);
 	overlap_submit(&o, true, &t1, &g1, &t2, &g2);
 	ck_assert(!tly_ledger_writer_take(o.w, 300, &back, &r1)); /* N is held */
 	overlap_release(&o);
-	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
-	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
-	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
-	ck_assert(r1.ran && r2.ran);
-	tly_ledger_partition_finish(&g1, 1, t1, 0);
-	tly_ledger_partition_finish(&g2, 1, t2, 0);
-	tly_ledger_store_txn_free(t1);
-	tly_ledger_store_txn_free(t2);
+	take_both_committed(&o, t1, &g1, t2, &g2);
 	overlap_down(&o);
 }
 END_TEST
@@ -2769,13 +2779,7 @@ START_TEST(test_writer_overlapped_failed)
 	t2 = decide_one(o.p, &o.ctx, o.key, 2, &o.buf[2], &g2);
 	tly_ledger_writer_submit(o.w, &t1);
 	tly_ledger_writer_submit(o.w, &t2);
-	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
-	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
-	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
-	tly_ledger_partition_finish(&g1, 1, t1, 0);
-	tly_ledger_partition_finish(&g2, 1, t2, 0);
-	tly_ledger_store_txn_free(t1);
-	tly_ledger_store_txn_free(t2);
+	take_both_committed(&o, t1, &g1, t2, &g2);
 	overlap_down(&o);
 }
 END_TEST
@@ -2865,7 +2869,7 @@ START_TEST(test_writer_overlapped_disjoint)
 	struct overlap o;
 	struct tly_ledger_txn *t0, *t1, *t2, *back;
 	struct tly_ledger_group_item g0, g1, g2;
-	struct tly_ledger_writer_result r0, r1, r2;
+	struct tly_ledger_writer_result r0;
 	struct tly_pg_error err;
 	struct tly_event ev;
 	struct tly_buf buf2 = {0};
@@ -2909,13 +2913,7 @@ START_TEST(test_writer_overlapped_disjoint)
 	ck_assert_int_eq(writers_in_entries(o.e.conn), 2);
 	ck_assert_int_eq(stored_offset(o.e.conn, part), 1);
 	overlap_release(&o);
-	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r1) && back == t1);
-	ck_assert(tly_ledger_writer_take(o.w, -1, &back, &r2) && back == t2);
-	ck_assert_msg(r1.rc == 0 && r2.rc == 0, "%s / %s", r1.err.message, r2.err.message);
-	tly_ledger_partition_finish(&g1, 1, t1, 0);
-	tly_ledger_partition_finish(&g2, 1, t2, 0);
-	tly_ledger_store_txn_free(t1);
-	tly_ledger_store_txn_free(t2);
+	take_both_committed(&o, t1, &g1, t2, &g2);
 	ck_assert_int_eq(stored_offset(o.e.conn, part), 2);
 	ck_assert_int_eq(stored_offset(o.e.conn, part2), 1);
 	ck_assert_int_eq(check_chains(o.e.conn),
