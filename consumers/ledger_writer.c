@@ -18,7 +18,7 @@ struct job {
 	bool finished[TLY_LEDGER_WRITER_LANES_MAX];            /* ran, or passed over */
 	bool claimed[TLY_LEDGER_WRITER_LANES_MAX];             /* a connection took it */
 	bool cas_done[TLY_LEDGER_WRITER_LANES_MAX];            /* its compare-and-sets ran */
-	bool doomed[TLY_LEDGER_WRITER_LANES_MAX];              /* the one before it failed */
+	bool doomed[TLY_LEDGER_WRITER_LANES_MAX];              /* submitted before a failure was taken */
 	struct tly_ledger_writer_result res[TLY_LEDGER_WRITER_LANES_MAX];
 };
 
@@ -68,21 +68,26 @@ static int ensure_conn(struct lane *l, struct tly_pg_error *err)
 	return TLY_E_PG;
 }
 
+/* Under lock: lane k of job ran and failed (one passed over does not count: it was handed back). */
+static bool ran_and_failed(const struct job *job, size_t k)
+{
+	return job->finished[k] && job->res[k].ran && job->res[k].rc != 0;
+}
+
 /*
- * Under lock: the first job whose lane k no connection took, or NULL; *after_failure when lane k
- * of one before it ran and failed (one passed over does not count: it was already handed back).
+ * Under lock: the first job whose lane k no connection took, or NULL; *after_failure when it was
+ * submitted before the consumer took back a failure of lane k (marked doomed at the failure or
+ * at its submission, so the mark outlives the failed job's take).
  */
 static struct job *next_job(struct tly_ledger_writer *w, size_t k, bool *after_failure)
 {
-	*after_failure = false;
 	for (size_t i = 0; i < w->n_jobs; i++) {
 		if (!w->jobs[i].claimed[k]) {
-			*after_failure = *after_failure || w->jobs[i].doomed[k];
+			*after_failure = w->jobs[i].doomed[k];
 			return &w->jobs[i];
 		}
-		if (w->jobs[i].finished[k] && w->jobs[i].res[k].ran && w->jobs[i].res[k].rc != 0)
-			*after_failure = true;
 	}
+	*after_failure = false;
 	return NULL;
 }
 
@@ -209,9 +214,9 @@ static void *lane_main(void *arg)
 		job->finished[k] = true;
 		if (res.ran && txn)
 			w->ended_us[k] = res.ended_us;
-		struct job *next = job_of(w, id + 1);
-		if (next && res.ran && res.rc != 0)
-			next->doomed[k] = true;
+		if (ran_and_failed(job, k))
+			for (struct job *next = job + 1; next < w->jobs + w->n_jobs; next++)
+				next->doomed[k] = true;
 		pthread_cond_broadcast(&w->cond);
 		if (w->wake && job_done(w, job))
 			w->wake(w->ud);
@@ -303,8 +308,12 @@ void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn
 	struct job *job = &w->jobs[w->n_jobs++];
 	memset(job, 0, sizeof(*job));
 	job->id = w->next_id++;
-	for (size_t k = 0; k < w->n_lanes; k++)
+	for (size_t k = 0; k < w->n_lanes; k++) {
 		job->txn[k] = txns[k];
+		/* a failure the consumer has not taken back yet: it decided this one before knowing */
+		for (struct job *before = w->jobs; before < job && !job->doomed[k]; before++)
+			job->doomed[k] = ran_and_failed(before, k);
+	}
 	w->submitted++;
 	pthread_cond_broadcast(&w->cond);
 	pthread_mutex_unlock(&w->lock);

@@ -75,7 +75,9 @@ size_t tly_ledger_writer_lane_for(int32_t partition, size_t active, int held);
  * committed, without waiting for the consumer thread or the other lanes; behind one of its
  * lane that failed it is not run, or rolled back before its COMMIT, and comes back with ran
  * false (its compare-and-sets would start from offsets that were not stored; it is never
- * counted as fenced). A failure in one lane does not stop the others.
+ * counted as fenced). That holds for every transaction of the lane submitted before the failed
+ * one was taken back, even if the failure had ended first. A failure in one lane does not stop
+ * the others.
  */
 void tly_ledger_writer_submit(struct tly_ledger_writer *w, struct tly_ledger_txn *const *txns);
 
