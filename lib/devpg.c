@@ -431,11 +431,14 @@ static void sweep_orphans(const char *parent, const char *bindir)
 		return;
 	for (size_t i = 0; i < g.gl_pathc; i++) {
 		size_t dirlen = strlen(g.gl_pathv[i]) - strlen("/" CREATOR_LOCK);
-		int fd = open(g.gl_pathv[i], O_RDWR | O_CLOEXEC);
+		struct stat st;
+		int fd = open(g.gl_pathv[i], O_RDWR | O_NOFOLLOW | O_CLOEXEC);
 		if (fd < 0)
 			continue; /* removed meanwhile, or not ours to touch */
-		if (dirlen >= DIR_MAX || flock(fd, LOCK_EX | LOCK_NB) != 0) {
-			close(fd); /* its creator lives */
+		/* made by this user (as root: not another user's directory made to look like one) */
+		if (dirlen >= DIR_MAX || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+		    st.st_uid != geteuid() || flock(fd, LOCK_EX | LOCK_NB) != 0) {
+			close(fd); /* its creator lives, or it is not ours */
 			continue;
 		}
 		struct tly_devpg *pg = calloc(1, sizeof(*pg));
