@@ -771,6 +771,7 @@ static int start(struct app *app)
 	app->ctx.codec = app->codec;
 	app->ctx.conn = app->conn;
 	app->ctx.decide.overdraft_limit = tly_config_int(app->cfg, "ledger.overdraft.limit");
+	app->ctx.lock_timeout_ms = tly_config_int(app->cfg, "ledger.lock.timeout.ms");
 	app->ctx.decide.codec = app->codec;
 	app->max_events = (size_t)tly_config_int(app->cfg, "ledger.batch.max.events");
 	app->max_ms = tly_config_int(app->cfg, "ledger.batch.max.ms");

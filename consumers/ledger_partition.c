@@ -1112,7 +1112,10 @@ int tly_ledger_partition_decide(struct tly_ledger_group_item *items, size_t n,
 				 err)) != 0)
 			goto fail;
 	/* 4. the transaction, with copies of what the consumer goes on changing */
-	if (!(*txn = tly_ledger_store_build(commits, n, err))) {
+	if (!(*txn = tly_ledger_store_build(commits, n,
+					    ctx->lock_timeout_ms > 0 ? ctx->lock_timeout_ms
+								     : TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS,
+					    err))) {
 		rc = TLY_E_NOMEM;
 		goto fail_quiet;
 	}

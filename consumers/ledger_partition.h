@@ -30,6 +30,7 @@ struct tly_ledger_ctx {
 	const char *events_topic;
 	const char *ledger_topic;
 	int32_t partition_count;
+	int64_t lock_timeout_ms; /* ledger.lock.timeout.ms; 0: TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS */
 };
 
 /* The outcome of a committed batch, owned by the partition until its next decide or free. */

@@ -113,11 +113,12 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 	 * the same records); the one after it on the lane may meanwhile hold its own new keys and
 	 * wait in the writer, not in PostgreSQL, for this one's compare-and-set (ledger_writer.c):
 	 * a cycle through that wait is one PostgreSQL cannot detect, and would stall both owners.
-	 * The bound ends such a wait (SQLSTATE 55P03, retriable: the group reloads).
+	 * The bound ends such a wait (SQLSTATE 55P03, retriable: the group reloads). $1: the bound in
+	 * ms (ledger.lock.timeout.ms), as text.
 	 */
 	[STMT_START] = {"tly_ledger_start",
 			"SELECT pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true), "
-			"pg_catalog.set_config('lock_timeout', '" TLY_LEDGER_KEYS_LOCK_TIMEOUT "', true)"},
+			"pg_catalog.set_config('lock_timeout', $1, true)"},
 	/* see lookup_chunk */
 	[STMT_SEEN] = {"tly_ledger_seen",
 		       "SELECT k.i, x.seq, x.cause_digest, x.cause_offset FROM unnest($1::uuid[], "
@@ -1109,7 +1110,7 @@ void tly_ledger_store_txn_free(struct tly_ledger_txn *t)
 }
 
 struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c, size_t n,
-					      struct tly_pg_error *err)
+					      int64_t lock_timeout_ms, struct tly_pg_error *err)
 {
 	struct tly_ledger_txn *t = calloc(1, sizeof(*t));
 	if (!t || !(t->arena = tly_arena_new()) ||
@@ -1130,8 +1131,12 @@ struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c,
 		 * Then the compare-and-set (its function plans its own statements for each call), then
 		 * what reads or upserts rows the one before wrote.
 		 */
+		char ms[24];
+		snprintf(ms, sizeof(ms), "%" PRId64, lock_timeout_ms);
 		t->topic = arena_text(t, c[0].topic, strlen(c[0].topic));
-		(void)add_step(t, STEP_EXEC, STMT_START, NULL, 0);
+		struct step *start = add_step(t, STEP_EXEC, STMT_START, NULL, 1);
+		if (start)
+			start->values[0] = arena_text(t, ms, strlen(ms));
 		build_inputs(t, c, n);
 		build_entries(t, c, n);
 		t->cas_from = t->n_steps;
@@ -1259,7 +1264,8 @@ static int run_pipeline(PGconn *conn, struct tly_ledger_txn *t, size_t from, siz
  * 0013: a partition did not advance), or an earlier one (a stale owner's COPY can meet the new
  * owner's keys first: a unique violation, or a wait on its rows that ends in one once it
  * committed). The partitions whose stored offset moved are fenced and the failure is a
- * permanent one. Otherwise err stays.
+ * permanent one, with its SQLSTATE and message kept (TL001, 23505, 55P03, 40P01…). Otherwise
+ * err stays.
  */
 static void fence_moved(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_error *err)
 {
@@ -1281,9 +1287,20 @@ static void fence_moved(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_er
 			moved = true;
 		}
 	}
-	if (moved)
-		set_err(err, TLY_ERRCLASS_PERMANENT,
-			"the stored offset moved: another process committed this partition");
+	if (moved && err) {
+		/* the SQLSTATE and message of the failure stay: they say how the owners met */
+		static const char prefix[] = "the stored offset moved: another process committed this "
+					     "partition; the batch failed with: ";
+		char was[sizeof(err->message)];
+		snprintf(was, sizeof(was), "%s", err->message);
+		int len = snprintf(err->message, sizeof(err->message), "%s%s", prefix, was);
+		if (len >= (int)sizeof(err->message) && err->sqlstate[0]) {
+			char tail[32];
+			int tn = snprintf(tail, sizeof(tail), "... (SQLSTATE %s)", err->sqlstate);
+			memcpy(err->message + sizeof(err->message) - 1 - tn, tail, (size_t)tn + 1);
+		}
+		err->errclass = TLY_ERRCLASS_PERMANENT;
+	}
 }
 
 /*
@@ -1335,7 +1352,7 @@ int tly_ledger_store_run(PGconn *conn, struct tly_ledger_txn *t, struct tly_pg_e
 int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
 			    bool *fenced, struct tly_pg_error *err)
 {
-	struct tly_ledger_txn *t = tly_ledger_store_build(c, n, err);
+	struct tly_ledger_txn *t = tly_ledger_store_build(c, n, TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS, err);
 	for (size_t i = 0; i < n; i++)
 		fenced[i] = false;
 	if (!t)

@@ -20,8 +20,11 @@
 struct tly_wallet;
 
 #define TLY_LEDGER_CONSUMER "tally-ledger" /* consumer_offsets.consumer */
-/* lock_timeout of a group's transaction until its compare-and-set (ledger_store.c, STMT_START) */
-#define TLY_LEDGER_KEYS_LOCK_TIMEOUT "5s"
+/*
+ * lock_timeout of a group's transaction until its compare-and-set (ledger_store.c, STMT_START),
+ * in ms: ledger.lock.timeout.ms, whose default this is
+ */
+#define TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS 5000
 
 /*
  * Record count as topic's partition count the first time; afterwards compare. On a change,
@@ -117,11 +120,12 @@ struct tly_ledger_commit {
  * quarantine rows and the published markers.
  * Building reads the commits and their wallets (on the thread that owns them); the transaction
  * then owns copies of everything except the quarantined records' bytes, which stay borrowed
- * until it is run. NULL (err filled, fatal) when out of memory.
+ * until it is run. lock_timeout_ms (> 0) bounds each of its lock waits until the
+ * compare-and-set (ledger.lock.timeout.ms). NULL (err filled, fatal) when out of memory.
  */
 struct tly_ledger_txn;
 struct tly_ledger_txn *tly_ledger_store_build(const struct tly_ledger_commit *c, size_t n,
-					      struct tly_pg_error *err);
+					      int64_t lock_timeout_ms, struct tly_pg_error *err);
 void tly_ledger_store_txn_free(struct tly_ledger_txn *t); /* accepts NULL */
 
 /*
@@ -158,7 +162,8 @@ bool tly_ledger_store_txn_shares(const struct tly_ledger_txn *a, const struct tl
 /*
  * tly_ledger_store_run with gate (NULL: none). A failure before the compare-and-set succeeded
  * (its own: a partition did not advance; or a stale owner's COPY meeting the new owner's rows)
- * is a fenced one when a partition's stored offset moved meanwhile.
+ * is a fenced one when a partition's stored offset moved meanwhile: err->errclass permanent,
+ * err->sqlstate the failure's own (TL001, 23505, 55P03…) and its message after the fencing's.
  */
 int tly_ledger_store_run_gated(PGconn *conn, struct tly_ledger_txn *t,
 			       const struct tly_ledger_store_gate *gate,
@@ -168,7 +173,10 @@ int tly_ledger_store_run_gated(PGconn *conn, struct tly_ledger_txn *t,
 void tly_ledger_store_txn_unfence(struct tly_ledger_txn *t); /* none was (the run is not counted) */
 bool tly_ledger_store_txn_fenced(const struct tly_ledger_txn *t, size_t i);
 
-/* Build and run in one go: fenced (n elements) says which partitions were fenced. */
+/*
+ * Build (lock waits bounded by TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS) and run in one go: fenced (n
+ * elements) says which partitions were fenced.
+ */
 int tly_ledger_store_commit(PGconn *conn, const struct tly_ledger_commit *c, size_t n,
 			    bool *fenced, struct tly_pg_error *err) TLY_MUST_CHECK;
 

@@ -39,6 +39,9 @@ static const struct tly_setting settings[] = {
 	{"ledger.writers.backlog", TLY_SET_INT, "1", 1, 16,
 	 "writer connections of tally-ledger while it works off a backlog (groups grown past "
 	 "ledger.batch.max.events), ledger.writers otherwise; 2 pays only where a core would idle"},
+	{"ledger.lock.timeout.ms", TLY_SET_INT, "5000", 1, 3600000,
+	 "longest a group's transaction waits for another owner's new keys before its offsets' "
+	 "compare-and-set (lock_timeout; then it reloads and retries); 0 (no bound) is refused"},
 	{"ledger.overdraft.limit", TLY_SET_INT, "0", 0, INT64_MAX,
 	 "tokens a tenant's available balance may go below zero by reservations"},
 	{"projector.group.id", TLY_SET_STR, "tally-projector", 0, 0,

@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <glob.h>
 #include <limits.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -31,6 +33,14 @@
 /* DIR/.s.PGSQL.NNNNN must fit in a unix socket address (108 bytes on Linux). */
 #define SOCKET_SUFFIX "/.s.PGSQL.65535"
 #define DIR_MAX (sizeof(((struct sockaddr_un *)0)->sun_path) - sizeof(SOCKET_SUFFIX) + 1)
+/*
+ * DIR/creator.lock: flock()ed by the process that created the cluster for as long as it lives
+ * (the kernel releases it however that process ends), so the next start tells a cluster whose
+ * creator was killed from one in use. Made under another name and renamed once locked: a lock
+ * file under this name is never one its creator has not locked yet.
+ */
+#define CREATOR_LOCK "creator.lock"
+#define CREATOR_LOCK_NEW "creator.lock.new"
 
 struct tly_devpg {
 	char dir[DIR_MAX];           /* temp dir: data/, the socket, the logs */
@@ -41,6 +51,7 @@ struct tly_devpg {
 	bool as_postgres;        /* we are root: run the server binaries as the postgres user */
 	bool running;            /* started and not halted */
 	bool durable;            /* fsync and full_page_writes on (benchmarks) */
+	int lock_fd;             /* DIR/creator.lock, locked; -1: none */
 };
 
 static void sleep_ms(int ms)
@@ -374,6 +385,89 @@ out:
 	return rc;
 }
 
+/* DIR/creator.lock made and locked (see CREATOR_LOCK); its descriptor is not inherited by exec. */
+static int lock_creator(struct tly_devpg *pg, char *errstr, size_t errlen)
+{
+	char tmp[DIR_MAX + 32], path[DIR_MAX + 32];
+	snprintf(tmp, sizeof(tmp), "%s/" CREATOR_LOCK_NEW, pg->dir);
+	snprintf(path, sizeof(path), "%s/" CREATOR_LOCK, pg->dir);
+	pg->lock_fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (pg->lock_fd < 0 || flock(pg->lock_fd, LOCK_EX | LOCK_NB) != 0 || rename(tmp, path) != 0) {
+		snprintf(errstr, errlen, "could not lock file \"%s\": %s", tmp, strerror(errno));
+		return TLY_E_IO;
+	}
+	return 0;
+}
+
+/* Whether pid is the postmaster of datadir (not a process that reused a dead one's pid). */
+static bool is_postmaster_of(pid_t pid, const char *datadir)
+{
+	char path[64], args[4096];
+	snprintf(path, sizeof(path), "/proc/%ld/cmdline", (long)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return false;
+	size_t n = fread(args, 1, sizeof(args) - 1, f);
+	fclose(f);
+	args[n] = '\0';
+	for (size_t i = 0; i < n; i += strlen(args + i) + 1)
+		if (strcmp(args + i, datadir) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * Stop and remove the clusters under parent whose creator died (its creator.lock is not locked
+ * any more: SIGKILL, a crash), as the creator's tly_devpg_stop would have. A cluster whose lock
+ * is held, or that has no lock file (being created, or made by an older build), is left alone.
+ * The lock is held while the cluster is removed, so two starts never remove the same one.
+ */
+static void sweep_orphans(const char *parent, const char *bindir)
+{
+	char pattern[PATH_MAX];
+	glob_t g;
+	snprintf(pattern, sizeof(pattern), "%s/tally-pg-*/" CREATOR_LOCK, parent);
+	if (glob(pattern, GLOB_NOSORT, NULL, &g) != 0)
+		return;
+	for (size_t i = 0; i < g.gl_pathc; i++) {
+		size_t dirlen = strlen(g.gl_pathv[i]) - strlen("/" CREATOR_LOCK);
+		struct stat st;
+		int fd = open(g.gl_pathv[i], O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0)
+			continue; /* removed meanwhile, or not ours to touch */
+		/* made by this user (as root: not another user's directory made to look like one) */
+		if (dirlen >= DIR_MAX || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+		    st.st_uid != geteuid() || flock(fd, LOCK_EX | LOCK_NB) != 0) {
+			close(fd); /* its creator lives, or it is not ours */
+			continue;
+		}
+		struct tly_devpg *pg = calloc(1, sizeof(*pg));
+		if (!pg) {
+			close(fd);
+			break;
+		}
+		memcpy(pg->dir, g.gl_pathv[i], dirlen);
+		snprintf(pg->datadir, sizeof(pg->datadir), "%s/data", pg->dir);
+		snprintf(pg->bindir, sizeof(pg->bindir), "%s", bindir);
+		pg->as_postgres = geteuid() == 0;
+		pg->lock_fd = fd;
+		pid_t pid = postmaster_pid(pg);
+		bool ours = pid > 0 && is_postmaster_of(pid, pg->datadir);
+		tly_info("removing a throw-away PostgreSQL cluster whose creator is gone",
+			 "dir=\"%s\" postmaster_pid=%ld", pg->dir, ours ? (long)pid : -1L);
+		if (!ours) {
+			/* no server, or a stale pid file: nothing to stop (never signal that pid) */
+			remove_tree(pg->dir);
+			close(fd);
+			free(pg);
+			continue;
+		}
+		pg->running = true;
+		tly_devpg_stop(pg);
+	}
+	globfree(&g);
+}
+
 struct tly_devpg *tly_devpg_start(const char *parent_dir, char *errstr, size_t errlen)
 {
 	return tly_devpg_start_durable(parent_dir, false, errstr, errlen);
@@ -390,8 +484,10 @@ struct tly_devpg *tly_devpg_start_durable(const char *parent_dir, bool durable, 
 		return NULL;
 	}
 	pg->durable = durable;
+	pg->lock_fd = -1;
 	if (find_bindir(pg->bindir, sizeof(pg->bindir), errstr, errlen) != 0)
 		goto fail;
+	sweep_orphans(parent, pg->bindir);
 	pg->port = free_port(errstr, errlen);
 	if (pg->port < 0)
 		goto fail;
@@ -411,6 +507,8 @@ struct tly_devpg *tly_devpg_start_durable(const char *parent_dir, bool durable, 
 		goto fail;
 	}
 	snprintf(pg->datadir, sizeof(pg->datadir), "%s/data", pg->dir);
+	if (lock_creator(pg, errstr, errlen) != 0)
+		goto fail;
 
 	if (geteuid() == 0) {
 		struct passwd *pw = getpwnam("postgres");
@@ -455,6 +553,8 @@ void tly_devpg_stop(struct tly_devpg *pg)
 	if (pg->datadir[0] && tly_devpg_halt(pg, false, errstr, sizeof(errstr)) != 0)
 		tly_warn("could not stop PostgreSQL", "dir=\"%s\" reason=\"%s\"", pg->dir, errstr);
 	remove_tree(pg->dir);
+	if (pg->lock_fd >= 0)
+		close(pg->lock_fd); /* after the removal: until then no other start takes the dir */
 	free(pg);
 }
 

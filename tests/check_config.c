@@ -15,6 +15,7 @@ START_TEST(test_defaults)
 	ck_assert_str_eq(tly_config_str(cfg, "topics.events"), "tally.events");
 	ck_assert_int_eq(tly_config_int(cfg, "topics.partitions"), 12);
 	ck_assert_ptr_null(tly_config_str(cfg, "database.url"));
+	ck_assert_int_eq(tly_config_int(cfg, "ledger.lock.timeout.ms"), 5000);
 	tly_config_free(cfg);
 }
 END_TEST
@@ -35,6 +36,31 @@ START_TEST(test_set_errors_name_key)
 	ck_assert_int_eq(tly_config_int(cfg, "topics.partitions"), 12);
 	ck_assert_int_eq(tly_config_set(cfg, "topics.partitions", "24", err, sizeof(err)), 0);
 	ck_assert_int_eq(tly_config_int(cfg, "topics.partitions"), 24);
+	tly_config_free(cfg);
+}
+END_TEST
+
+/* ledger.lock.timeout.ms: milliseconds, 1 to an hour; 0 (PostgreSQL's "no bound") is refused. */
+START_TEST(test_ledger_lock_timeout)
+{
+	char err[256];
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	const char *const bad[] = {"0", "-1", "5s", "", "3600001"};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		err[0] = '\0';
+		ck_assert_int_eq(tly_config_set(cfg, "ledger.lock.timeout.ms", bad[i], err, sizeof(err)),
+				 TLY_E_CONFIG);
+		ck_assert_msg(strstr(err, "\"ledger.lock.timeout.ms\"") &&
+				      (strstr(err, "outside") || strstr(err, "not an integer")),
+			      "%s: %s", bad[i], err);
+	}
+	ck_assert_int_eq(tly_config_int(cfg, "ledger.lock.timeout.ms"), 5000);
+	ck_assert_int_eq(tly_config_set(cfg, "ledger.lock.timeout.ms", "250", err, sizeof(err)), 0);
+	ck_assert_int_eq(tly_config_int(cfg, "ledger.lock.timeout.ms"), 250);
+	char *envp[] = {"TALLY_LEDGER_LOCK_TIMEOUT_MS=3600000", NULL};
+	ck_assert_msg(tly_config_load_env(cfg, envp, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_int_eq(tly_config_int(cfg, "ledger.lock.timeout.ms"), 3600000);
 	tly_config_free(cfg);
 }
 END_TEST
@@ -96,6 +122,7 @@ Suite *config_suite(void)
 	TCase *tc = tcase_create("config");
 	tcase_add_test(tc, test_defaults);
 	tcase_add_test(tc, test_set_errors_name_key);
+	tcase_add_test(tc, test_ledger_lock_timeout);
 	tcase_add_test(tc, test_file_env_precedence);
 	suite_add_tcase(s, tc);
 	return s;

@@ -465,7 +465,7 @@ static long check_end_state(const struct env *e, bool unique_input)
 	struct tly_codec *codec = tly_codec_new(errstr, sizeof(errstr));
 	ck_assert_msg(codec != NULL, "%s", errstr);
 	struct tly_ledger_ctx ctx = {e->conn, codec, {0, codec}, "tally.events", "tally.ledger",
-				     PARTITIONS};
+				     PARTITIONS, TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS};
 	for (int p = 0; p < PARTITIONS; p++) {
 		struct tly_pg_error err;
 		struct tly_ledger_partition *part = tly_ledger_partition_open(&ctx, p, &err);
@@ -810,7 +810,8 @@ static int32_t partition_ctx(const struct env *e, int n, struct tly_codec **code
 	char errstr[256];
 	*codec = tly_codec_new(errstr, sizeof(errstr));
 	ck_assert_msg(*codec != NULL, "%s", errstr);
-	*ctx = (struct tly_ledger_ctx){e->conn, *codec, {0, *codec}, "tally.events", "tally.ledger", PARTITIONS};
+	*ctx = (struct tly_ledger_ctx){e->conn, *codec, {0, *codec}, "tally.events",
+				       "tally.ledger", PARTITIONS, TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS};
 	tenant_of(n, tenant);
 	tly_uuid_format(tenant, key);
 	return tly_kafka_partition_for_key(key, 36, PARTITIONS);
@@ -842,6 +843,22 @@ static int commit_one(struct tly_ledger_partition *p, const struct tly_ledger_ct
 	return rc;
 }
 
+/*
+ * A fenced failure (permanent) keeps the SQLSTATE of what failed, and its message says both: the
+ * partition was lost, and how (the failure's own text, with its SQLSTATE).
+ */
+static void assert_fenced_sqlstate(const struct tly_pg_error *err, const char *sqlstate)
+{
+	char tag[32];
+	snprintf(tag, sizeof(tag), "(SQLSTATE %s)", sqlstate);
+	ck_assert_int_eq(err->errclass, TLY_ERRCLASS_PERMANENT);
+	ck_assert_msg(strcmp(err->sqlstate, sqlstate) == 0, "SQLSTATE %s, not %s: %s", err->sqlstate,
+		      sqlstate, err->message);
+	ck_assert_msg(strstr(err->message, "another process committed this partition") &&
+			      strstr(err->message, tag),
+		      "%s", err->message);
+}
+
 /* Two owners of one partition: the one whose stored offset moved cannot commit. */
 START_TEST(test_stale_owner_fenced)
 {
@@ -867,6 +884,8 @@ START_TEST(test_stale_owner_fenced)
 	ck_assert(tly_ledger_partition_add(a, 0, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
 	ck_assert_int_eq(commit_one(a, &ctx, &out, &fenced, &err), TLY_E_PG);
 	ck_assert(fenced);
+	/* fenced, and what failed is still said: a's inputs met b's (a unique violation) */
+	assert_fenced_sqlstate(&err, "23505");
 	/* also once a row exists: b goes on, a stale copy loaded before is refused */
 	tly_ledger_partition_free(a);
 	a = tly_ledger_partition_open(&ctx, part, &err);
@@ -877,6 +896,7 @@ START_TEST(test_stale_owner_fenced)
 	ck_assert(tly_ledger_partition_add(a, 1, key, 36, buf.data, buf.len, 0, &added) == 0 && added);
 	ck_assert_int_eq(commit_one(a, &ctx, &out, &fenced, &err), TLY_E_PG);
 	ck_assert(fenced);
+	assert_fenced_sqlstate(&err, "23505");
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 2);
 	ck_assert_int_eq(q_long(e.conn, "SELECT next_offset FROM consumer_offsets", 0, NULL), 2);
 	tly_ledger_partition_free(a);
@@ -1586,6 +1606,35 @@ START_TEST(test_load_entries_for_republish)
 	for (int i = 0; i < 3; i++)
 		tly_buf_free(&buf[i]);
 	tly_codec_free(codec);
+	env_down(&e);
+}
+END_TEST
+
+/*
+ * The bound on a group's lock waits (ledger.lock.timeout.ms) is the one the transaction was built
+ * with, sent as a parameter: a value PostgreSQL's lock_timeout refuses (above 2^31 - 1 ms) fails
+ * the group's first statement (22023), and nothing commits; an ordinary one commits.
+ */
+START_TEST(test_store_lock_timeout_sent)
+{
+	struct env e;
+	env_up(&e);
+	struct tly_pg_error err;
+	struct tly_ledger_commit c = {.topic = "tally.events", .partition = 2, .old_offset = -1,
+				      .new_offset = 4, .ledger_topic = "tally.ledger",
+				      .published_offset = -1};
+	struct tly_ledger_txn *t = tly_ledger_store_build(&c, 1, INT64_C(2147483648), &err);
+	ck_assert_msg(t != NULL, "%s", err.message);
+	ck_assert_int_eq(tly_ledger_store_run(e.conn, t, &err), TLY_E_PG);
+	ck_assert_msg(strcmp(err.sqlstate, "22023") == 0 && strstr(err.message, "lock_timeout"),
+		      "%s", err.message);
+	ck_assert(!tly_ledger_store_txn_fenced(t, 0));
+	tly_ledger_store_txn_free(t);
+	ck_assert_int_eq(stored_offset(e.conn, 2), -1);
+	ck_assert_ptr_nonnull(t = tly_ledger_store_build(&c, 1, 1234, &err));
+	ck_assert_msg(tly_ledger_store_run(e.conn, t, &err) == 0, "%s", err.message);
+	tly_ledger_store_txn_free(t);
+	ck_assert_int_eq(stored_offset(e.conn, 2), 4);
 	env_down(&e);
 }
 END_TEST
@@ -2865,7 +2914,7 @@ START_TEST(test_stale_owner_fenced_at_cas)
 	struct tly_ledger_group_item it = {.part = a, .published_offset = 1};
 	ck_assert_int_eq(tly_ledger_partition_commit(&it, 1, &ctx, &err), TLY_E_PG);
 	ck_assert(it.fenced);
-	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_PERMANENT);
+	assert_fenced_sqlstate(&err, "TL001"); /* the compare-and-set's own failure */
 	ck_assert_int_eq(stored_offset(e.conn, part), 7);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), 0);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 0);
@@ -2889,7 +2938,7 @@ START_TEST(test_stale_owner_fenced_at_cas)
 	it = (struct tly_ledger_group_item){.part = a, .published_offset = 2};
 	ck_assert_int_eq(tly_ledger_partition_commit(&it, 1, &ctx, &err), TLY_E_PG);
 	ck_assert(it.fenced);
-	ck_assert_int_eq(err.errclass, TLY_ERRCLASS_PERMANENT);
+	assert_fenced_sqlstate(&err, "TL001");
 	ck_assert_int_eq(stored_offset(e.conn, part), 9);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries", 0, NULL), entries);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_input_batches", 0, NULL), 1);
@@ -3223,7 +3272,7 @@ static void owners_deadlock(bool stale_closes)
 	r = owner_take(loser, tr, gr, lost_n);
 	ck_assert(r.ran);
 	ck_assert_int_eq(r.rc, TLY_E_PG);
-	ck_assert_msg(r.err.errclass == TLY_ERRCLASS_PERMANENT, "%s", r.err.message);
+	assert_fenced_sqlstate(&r.err, "23505");
 	for (size_t j = 0; j < lost_n; j++) /* fenced: X and Y moved; Z only when the winner had it */
 		ck_assert(gr[j].fenced == (order[j] != 2 || loser == other));
 	ck_assert_int_eq(stored_offset(e.conn, part[0]), 2);
@@ -3280,9 +3329,11 @@ END_TEST
  * inputs' key (partition, 1); N+1 inserts its keys (inputs at 2, entries of records 2 and 3) and
  * waits in the writer for N's compare-and-set. Released, a waits for N+1 on record 2's entry: a
  * cycle through the writer's wait that PostgreSQL cannot see (no deadlock error). The lock
- * timeout of a transaction's inserts (TLY_LEDGER_KEYS_LOCK_TIMEOUT) ends N's wait: N fails
- * (retriable, or fenced if a committed first), N+1 comes back unrun, a commits, b reloads past
- * a's records, and each record is applied once. Without the timeout the case waits for ever.
+ * timeout of a transaction's inserts (ledger.lock.timeout.ms, the ctx's lock_timeout_ms: 5 s
+ * for b's groups, 60 s for a's, so that a's waits end only when the test releases them) ends N's
+ * wait: N fails (retriable, or fenced if a committed first), N+1 comes back unrun, a commits, b
+ * reloads past a's records, and each record is applied once. Without the timeout the case waits
+ * for ever.
  */
 START_TEST(test_owner_meets_overlapped_lane)
 {
@@ -3294,6 +3345,9 @@ START_TEST(test_owner_meets_overlapped_lane)
 	char key[37], errstr[256];
 	int32_t part = partition_ctx(&e, 6, &codec, &ctx, &t, key);
 	int32_t parts[3] = {part, part, part};
+	struct tly_ledger_ctx ctx_a = ctx;
+	ctx.lock_timeout_ms = 5000;
+	ctx_a.lock_timeout_ms = 60000;
 	struct tly_event ev;
 	struct tly_buf buf[4] = {{0}};
 	for (int i = 0; i < 4; i++)
@@ -3310,7 +3364,7 @@ START_TEST(test_owner_meets_overlapped_lane)
 	struct tly_ledger_txn *txn = owner_submit(&b, &ctx, &g0, 1);
 	struct tly_ledger_writer_result r = owner_take(&b, txn, &g0, 1);
 	ck_assert_msg(r.rc == 0, "%s", r.err.message);
-	owner_open(&a, &ctx, parts);
+	owner_open(&a, &ctx_a, parts);
 
 	struct tly_ledger_group_item ga = {.part = a.p[0], .published_offset = -1};
 	for (int i = 1; i < 4; i++)
@@ -3331,7 +3385,7 @@ START_TEST(test_owner_meets_overlapped_lane)
 	ck_assert_int_eq(q_long(hold, "WITH i AS (INSERT INTO ledger_entries SELECT (jsonb_populate_record("
 				      "e, jsonb_build_object('seq', e.seq + 1))).* FROM ledger_entries e "
 				      "RETURNING 1) SELECT count(*) FROM i", 0, NULL), 1);
-	struct tly_ledger_txn *ta = owner_submit(&a, &ctx, &ga, 1);
+	struct tly_ledger_txn *ta = owner_submit(&a, &ctx_a, &ga, 1);
 	wait_writers_waiting(e.conn, 1); /* a's COPY waits for the held entry */
 	tly_ledger_writer_submit(b.w, &tn);
 	tly_ledger_writer_submit(b.w, &tn1);
@@ -3347,10 +3401,12 @@ START_TEST(test_owner_meets_overlapped_lane)
 	struct tly_ledger_writer_result rn1 = owner_take(&b, tn1, &gn1, 1);
 	ck_assert(rn.ran && rn.rc == TLY_E_PG);
 	/* its lock wait timed out (55P03), fenced if a's offset was stored by then */
-	ck_assert_msg(gn.fenced ? rn.err.errclass == TLY_ERRCLASS_PERMANENT
-				: rn.err.errclass == TLY_ERRCLASS_RETRIABLE &&
-					  strcmp(rn.err.sqlstate, "55P03") == 0,
-		      "%s (SQLSTATE %s)", rn.err.message, rn.err.sqlstate);
+	if (gn.fenced)
+		assert_fenced_sqlstate(&rn.err, "55P03");
+	else
+		ck_assert_msg(rn.err.errclass == TLY_ERRCLASS_RETRIABLE &&
+				      strcmp(rn.err.sqlstate, "55P03") == 0,
+			      "%s (SQLSTATE %s)", rn.err.message, rn.err.sqlstate);
 	ck_assert(!rn1.ran && rn1.rc == TLY_E_PG && !gn1.fenced);
 	ck_assert_int_eq(rn1.err.errclass, TLY_ERRCLASS_RETRIABLE);
 	ck_assert_int_eq(stored_offset(e.conn, part), 4);
@@ -3463,6 +3519,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_load_entries_for_republish);
 	tcase_add_test(tc, test_load_entries_from_marker);
 	tcase_add_test(tc, test_store_prepares_per_session);
+	tcase_add_test(tc, test_store_lock_timeout_sent);
 	tcase_add_test(tc, test_store_reads_back_group);
 	tcase_add_test(tc, test_store_inputs_one_statement);
 	tcase_add_test(tc, test_quarantine);

@@ -1,9 +1,11 @@
 /* Migration runner, baseline schema, PostgreSQL helpers and the throw-away cluster, on real PostgreSQL. */
 #include <check.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -980,6 +982,115 @@ START_TEST(test_devpg_stop_removes_dir)
 }
 END_TEST
 
+/* What a child that started a cluster tells its parent. */
+struct devpg_child {
+	pid_t pid;        /* the child */
+	pid_t postmaster; /* its cluster's */
+	char dir[128];
+	char conninfo[384];
+};
+
+/* A child process that starts a cluster under parent and waits until it is killed. */
+static void devpg_child_start(const char *parent, struct devpg_child *c)
+{
+	int fds[2];
+	ck_assert_int_eq(pipe(fds), 0);
+	memset(c, 0, sizeof(*c));
+	c->pid = fork();
+	ck_assert_int_ge(c->pid, 0);
+	if (c->pid == 0) {
+		char errstr[1024];
+		struct devpg_child me = {0};
+		close(fds[0]);
+		(void)prctl(PR_SET_PDEATHSIG, SIGKILL); /* killed with the test if it fails */
+		struct tly_devpg *pg = tly_devpg_start(parent, errstr, sizeof(errstr));
+		if (pg) {
+			me.postmaster = tly_devpg_pid(pg);
+			snprintf(me.dir, sizeof(me.dir), "%s", tly_devpg_dir(pg));
+			snprintf(me.conninfo, sizeof(me.conninfo), "%s", tly_devpg_conninfo(pg));
+		} else
+			fprintf(stderr, "child: %s\n", errstr);
+		if (write(fds[1], &me, sizeof(me)) != (ssize_t)sizeof(me))
+			_exit(1);
+		for (;;)
+			pause();
+	}
+	close(fds[1]);
+	pid_t pid = c->pid;
+	ck_assert_int_eq(read(fds[0], c, sizeof(*c)), (ssize_t)sizeof(*c));
+	close(fds[0]);
+	c->pid = pid;
+	ck_assert_msg(c->postmaster > 0 && c->dir[0], "the child could not start a cluster");
+}
+
+static void devpg_child_kill(const struct devpg_child *c)
+{
+	int status;
+	ck_assert_int_eq(kill(c->pid, SIGKILL), 0);
+	ck_assert_int_eq(waitpid(c->pid, &status, 0), c->pid);
+}
+
+/* Whether pid is a running process (a zombie, its exit not yet reaped, is not). */
+static bool process_runs(pid_t pid)
+{
+	char path[64], state = 'X';
+	snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return false;
+	if (fscanf(f, "%*d (%*[^)]) %c", &state) != 1)
+		state = 'X';
+	fclose(f);
+	return state != 'Z' && state != 'X';
+}
+
+/*
+ * A cluster whose creator was killed with SIGKILL (no tly_devpg_stop ran) is stopped and removed
+ * by the next start under the same parent dir; one whose creator lives, and a directory without
+ * a creator's lock file (being created, or made by an older build), are left alone.
+ */
+START_TEST(test_devpg_orphans_removed)
+{
+	char errstr[1024], parent[] = "/tmp/tally-orphans-XXXXXX", legacy[128];
+	struct stat st;
+	ck_assert_ptr_nonnull(mkdtemp(parent));
+	ck_assert_int_eq(chmod(parent, 0755), 0); /* the postgres user, when we are root, enters it */
+	snprintf(legacy, sizeof(legacy), "%s/tally-pg-legacy", parent);
+	ck_assert_int_eq(mkdir(legacy, 0700), 0);
+	struct devpg_child killed, alive;
+	devpg_child_start(parent, &killed);
+	devpg_child_start(parent, &alive);
+	ck_assert(process_runs(killed.postmaster) && process_runs(alive.postmaster));
+	devpg_child_kill(&killed);
+	ck_assert(process_runs(killed.postmaster)); /* SIGKILL left it behind */
+	ck_assert_int_eq(stat(killed.dir, &st), 0);
+
+	struct tly_devpg *pg = tly_devpg_start(parent, errstr, sizeof(errstr));
+	ck_assert_msg(pg != NULL, "%s", errstr);
+	ck_assert_int_ne(stat(killed.dir, &st), 0);
+	/* pg_ctl stop waited for the postmaster's exit; init reaps it (bounded wait) */
+	for (int i = 0; i < 200 && process_runs(killed.postmaster); i++)
+		usleep(50000);
+	ck_assert(!process_runs(killed.postmaster));
+	ck_assert_int_eq(stat(alive.dir, &st), 0);
+	ck_assert(process_runs(alive.postmaster));
+	ck_assert_int_eq(PQping(alive.conninfo), PQPING_OK);
+	ck_assert_int_eq(stat(legacy, &st), 0);
+	tly_devpg_stop(pg);
+
+	/* the other creator killed too: the next start removes its cluster as well */
+	devpg_child_kill(&alive);
+	ck_assert_ptr_nonnull(pg = tly_devpg_start(parent, errstr, sizeof(errstr)));
+	ck_assert_int_ne(stat(alive.dir, &st), 0);
+	tly_devpg_stop(pg);
+	for (int i = 0; i < 200 && process_runs(alive.postmaster); i++)
+		usleep(50000);
+	ck_assert(!process_runs(alive.postmaster));
+	ck_assert_int_eq(rmdir(legacy), 0);
+	ck_assert_int_eq(rmdir(parent), 0);
+}
+END_TEST
+
 START_TEST(test_devpg_bad_bindir)
 {
 	char errstr[1024];
@@ -1024,6 +1135,7 @@ Suite *migrate_suite(void)
 	tcase_add_test(devpg, test_devpg_stop_removes_dir);
 	tcase_add_test(devpg, test_devpg_durable_prealloc_wal);
 	tcase_add_test(devpg, test_devpg_bad_bindir);
+	tcase_add_test(devpg, test_devpg_orphans_removed);
 	suite_add_tcase(s, devpg);
 	return s;
 }

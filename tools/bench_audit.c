@@ -82,7 +82,8 @@ static void generate(PGconn *conn, long target, long *records, long *entries, do
 	struct tly_codec *codec = tly_codec_new(err, sizeof(err));
 	if (!codec)
 		die("codec", err);
-	struct tly_ledger_ctx ctx = {conn, codec, {0, codec}, "tally.events", "tally.ledger", PARTITIONS};
+	struct tly_ledger_ctx ctx = {conn, codec, {0, codec}, "tally.events", "tally.ledger",
+				     PARTITIONS, TLY_LEDGER_KEYS_LOCK_TIMEOUT_MS};
 	struct tly_ledger_partition *parts[PARTITIONS];
 	int64_t next[PARTITIONS] = {0};
 	struct tly_pg_error pe;
