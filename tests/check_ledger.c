@@ -599,8 +599,13 @@ START_TEST(test_crash_and_replay)
 		int status;
 		ck_assert(tly_proc_wait(pid, 5000, &status) == 0);
 	}
+	/*
+	 * The last member killed stays in the group until its session times out (6 s), and only
+	 * then is the new one assigned: 6-11 s measured on a loaded core. The bound is the one of a
+	 * member joining alone (six rounds of the dev broker's coordinator), with the catching up.
+	 */
 	pid_t pid = ledger_start(&e);
-	wait_consumed(&e, sent, 30000);
+	wait_consumed(&e, sent, 60000);
 	ledger_stop(&e, pid);
 	check_end_state(&e, true);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE cause_type = 'TokensReserved'",
@@ -622,10 +627,14 @@ START_TEST(test_crash_and_replay)
 	ck_assert_msg(set && tly_migrate_up(c2, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	tly_migrate_free(set);
 	pid = ledger_start_db(&e, db2, "ledger-replay");
-	int64_t deadline = tly_clock_ms() + 30000;
-	while (tly_clock_ms() < deadline &&
-	       q_long(c2, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets", 0, NULL) < sent)
+	/* every record consumed before the digests are compared (a slow replay is not a difference) */
+	long replayed = 0;
+	for (int64_t deadline = tly_clock_ms() + 60000;
+	     (replayed = q_long(c2, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets", 0,
+				NULL)) < sent && tly_clock_ms() < deadline;)
 		usleep(100000);
+	ck_assert_msg(replayed == sent, "the replay consumed %ld of %ld records (see %s)", replayed,
+		      sent, e.log);
 	ledger_stop(&e, pid);
 	char *a = entries_digest(e.conn), *b = entries_digest(c2);
 	ck_assert_msg(strlen(a) > 0 && strcmp(a, b) == 0, "replayed entries differ");
@@ -3468,7 +3477,6 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
 	tcase_add_test(tc, test_double_spend_concurrent);
-	tcase_add_test(tc, test_crash_and_replay);
 	tcase_add_test(tc, test_entries_indexes_not_deduplicated);
 	tcase_add_test(tc, test_store_generic_plans_after_holds);
 	suite_add_tcase(s, tc);
@@ -3478,7 +3486,8 @@ Suite *ledger_suite(void)
 		const TTest *test;
 		double timeout_s;
 	} cases[] = {{"group", test_group_handovers, 90 + 3 * (GROUP_JOIN_MS - 2 * GROUP_ROUND_MS) / 1000},
-		       {"faults", test_broker_faults, 90}, {"python", test_python_event_applied, 90},
+		       {"faults", test_broker_faults, 90}, {"crash", test_crash_and_replay, 150},
+		       {"python", test_python_event_applied, 90},
 		       {"writer", test_writer_queue, 90}, {"writer_lanes", test_writer_lanes, 90},
 		       {"writer_lane_killed", test_writer_lane_killed, 90},
 		       {"writer_lanes_backlog", test_writer_lanes_backlog, 120},
