@@ -59,6 +59,33 @@ static void run_checks(PGconn *conn, struct tly_codec *codec, struct verdict *v)
 	ck_assert_msg(tly_ledgercheck_causes(conn, &v->causes, &err) == 0, "%s", err.message);
 }
 
+/* The sum of tally.events' high watermarks on broker b: the offsets a ledger stores at its end. */
+static int64_t events_end(const struct tly_test_broker *b)
+{
+	char errstr[512];
+	struct tly_config *cfg = tly_config_new();
+	ck_assert_ptr_nonnull(cfg);
+	ck_assert_msg(tly_config_set(cfg, "kafka.bootstrap.servers", b->bootstraps, errstr,
+				     sizeof(errstr)) == 0, "%s", errstr);
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(cfg, errstr, sizeof(errstr));
+	tly_config_free(cfg);
+	ck_assert_msg(conf != NULL, "%s", errstr);
+	rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	ck_assert_msg(rk != NULL, "%s", errstr);
+	int64_t end = 0;
+	for (int p = 0; p < PARTITIONS; p++) {
+		int64_t low = -1, high = -1;
+		rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(rk, "tally.events", p, &low,
+									   &high, 10000);
+		ck_assert_msg(err == RD_KAFKA_RESP_ERR_NO_ERROR, "tally.events [%d]: %s", p,
+			      rd_kafka_err2str(err));
+		end += high;
+	}
+	rd_kafka_destroy(rk);
+	ck_assert_int_gt(end, 0);
+	return end;
+}
+
 /* A ledger the real tally-ledger wrote from loadgen traffic (periods close, holds expire). */
 static void ledger_from_loadgen(struct tly_test_broker *b, struct tly_test_db *d)
 {
@@ -72,16 +99,21 @@ static void ledger_from_loadgen(struct tly_test_broker *b, struct tly_test_db *d
 			      "-s", kset, NULL};
 	int rc = tly_proc_run(argv, out, sizeof(out));
 	ck_assert_msg(rc == 0, "tally-loadgen exited %d: %s", rc, out);
+	int64_t end = events_end(b);
 	pid_t ledger = tly_test_ledger_spawn(b->bootstraps, d->conninfo, "chaos-test", PARTITIONS, log);
-	/* consumed once its stored offsets stop moving */
-	int64_t prev = -1, cur = 0;
-	for (int stable = 0, i = 0; stable < 3 && i < 600; i++) {
-		usleep(200000);
+	/*
+	 * Consumed once its stored offsets reach the end of tally.events (loadgen delivered all of
+	 * it before it exited). Offsets that merely stopped moving for 600 ms were not enough: a
+	 * ledger waiting that long for a CPU would be stopped part way, on whatever it had by then.
+	 */
+	int64_t cur = 0;
+	for (int i = 0; i < 1200 && cur != end; i++) {
+		usleep(100000);
 		cur = q_int(d->conn, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
 				     "WHERE consumer = 'tally-ledger'");
-		stable = cur > 0 && cur == prev ? stable + 1 : 0;
-		prev = cur;
 	}
+	ck_assert_msg(cur == end, "the ledger stored %" PRId64 " of %" PRId64 " offsets (see %s)", cur,
+		      end, log);
 	tly_test_ledger_stop(ledger, log);
 	ck_assert_int_gt(q_int(d->conn, "SELECT count(*) FROM ledger_entries"), 100);
 }

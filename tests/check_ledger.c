@@ -599,8 +599,13 @@ START_TEST(test_crash_and_replay)
 		int status;
 		ck_assert(tly_proc_wait(pid, 5000, &status) == 0);
 	}
+	/*
+	 * The last member killed stays in the group until its session times out (6 s), and only
+	 * then is the new one assigned: 6-11 s measured on a loaded core. The bound is the one of a
+	 * member joining alone (six rounds of the dev broker's coordinator), with the catching up.
+	 */
 	pid_t pid = ledger_start(&e);
-	wait_consumed(&e, sent, 30000);
+	wait_consumed(&e, sent, 60000);
 	ledger_stop(&e, pid);
 	check_end_state(&e, true);
 	ck_assert_int_eq(q_long(e.conn, "SELECT count(*) FROM ledger_entries WHERE cause_type = 'TokensReserved'",
@@ -622,10 +627,14 @@ START_TEST(test_crash_and_replay)
 	ck_assert_msg(set && tly_migrate_up(c2, set, &applied, errstr, sizeof(errstr)) == 0, "%s", errstr);
 	tly_migrate_free(set);
 	pid = ledger_start_db(&e, db2, "ledger-replay");
-	int64_t deadline = tly_clock_ms() + 30000;
-	while (tly_clock_ms() < deadline &&
-	       q_long(c2, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets", 0, NULL) < sent)
+	/* every record consumed before the digests are compared (a slow replay is not a difference) */
+	long replayed = 0;
+	for (int64_t deadline = tly_clock_ms() + 60000;
+	     (replayed = q_long(c2, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets", 0,
+				NULL)) < sent && tly_clock_ms() < deadline;)
 		usleep(100000);
+	ck_assert_msg(replayed == sent, "the replay consumed %ld of %ld records (see %s)", replayed,
+		      sent, e.log);
 	ledger_stop(&e, pid);
 	char *a = entries_digest(e.conn), *b = entries_digest(c2);
 	ck_assert_msg(strlen(a) > 0 && strcmp(a, b) == 0, "replayed entries differ");
@@ -2338,6 +2347,24 @@ START_TEST(test_writer_lane_killed)
 }
 END_TEST
 
+/* Wait until the file at path holds then after its last line holding first; fails after timeout_ms. */
+static void wait_log_after(const char *path, const char *first, const char *then, int timeout_ms)
+{
+	int64_t deadline = tly_clock_ms() + timeout_ms;
+	for (;;) {
+		char *text = tly_test_read_file(path), *last = NULL;
+		for (char *at = strstr(text, first); at; at = strstr(at + 1, first))
+			last = at;
+		bool found = last && strstr(last, then) != NULL;
+		free(text);
+		if (found)
+			return;
+		ck_assert_msg(tly_clock_ms() < deadline, "no \"%s\" after \"%s\" in %d ms; see %s", then,
+			      first, timeout_ms, path);
+		usleep(50000);
+	}
+}
+
 /*
  * ledger.writers 1, ledger.writers.backlog 2: the ledger is stopped (SIGSTOP)
  * while traffic flows, so a backlog builds; it is worked off in two lanes, and once caught up
@@ -2375,6 +2402,15 @@ START_TEST(test_writer_lanes_backlog)
 		}
 		tly_test_wait_log(e.log, "msg=\"writer lanes changed\" lanes=1", to_one + 1, 20000);
 		assert_running(&e, pid);
+		/*
+		 * Partition 1 back in lane 0 before the next stop: the next round's SIGSTOP used to
+		 * follow the switch within milliseconds, and partition 1 kept lane 1 while a batch of
+		 * it was still with the writer, so a run could pass three rounds without it ever
+		 * moving back (1 of 10 runs failed the check below so).
+		 */
+		if (round <= 2)
+			wait_log_after(e.log, "msg=\"writer lanes changed\" lanes=1",
+				       "msg=\"batch committed\" partition=1 lane=0 ", 20000);
 		if (round == 2) {
 			ck_assert_msg(tly_test_log_lines(e.log, "could not commit batch", NULL) == 0,
 				      "a commit failed while lanes switched; see %s", e.log);
@@ -3393,6 +3429,22 @@ START_TEST(test_owner_meets_overlapped_lane)
 	for (int i = 0; i < 500 && writers_in_entries(e.conn) < 2; i++)
 		usleep(10000);
 	ck_assert_int_eq(writers_in_entries(e.conn), 2); /* a, and N+1 holding its new keys */
+	/*
+	 * Each lock wait has its own timeout, counted from its start. N's began a few ms before
+	 * the hold is released; a's wait for N+1 begins after it, so N's timeout came first only by
+	 * those few ms, less the time N's failure takes to roll N+1 back and wake a (on a loaded
+	 * core a timed out too, in 2 of 12 runs). The hold is released once N has waited half the
+	 * timeout (PostgreSQL's own wait start): N's timeout then comes half of it before a's can,
+	 * and a's wait for the hold, begun just before N's, still ends half of it before its own.
+	 */
+	for (int i = 0; i < 2000 && q_long(e.conn, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+						  "USING (pid) WHERE a.application_name = '" TLY_LEDGER_WRITER_APP
+						  "' AND NOT l.granted AND (l.waitstart IS NULL OR "
+						  "l.waitstart > clock_timestamp() - $1::interval / 2)",
+					   1, (const char *const[]){TLY_LEDGER_KEYS_LOCK_TIMEOUT}) > 0;
+	     i++)
+		usleep(10000);
+	ck_assert_int_eq(writer_backends(e.conn, true), 2); /* a and N still wait, neither timed out */
 	hold_exec(hold, "ROLLBACK");
 
 	struct tly_ledger_writer_result ra = owner_take(&a, ta, &ga, 1);
@@ -3525,7 +3577,6 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_quarantine);
 	tcase_add_test(tc, test_partition_guard);
 	tcase_add_test(tc, test_double_spend_concurrent);
-	tcase_add_test(tc, test_crash_and_replay);
 	tcase_add_test(tc, test_entries_indexes_not_deduplicated);
 	tcase_add_test(tc, test_store_generic_plans_after_holds);
 	suite_add_tcase(s, tc);
@@ -3535,7 +3586,8 @@ Suite *ledger_suite(void)
 		const TTest *test;
 		double timeout_s;
 	} cases[] = {{"group", test_group_handovers, 90 + 3 * (GROUP_JOIN_MS - 2 * GROUP_ROUND_MS) / 1000},
-		       {"faults", test_broker_faults, 90}, {"python", test_python_event_applied, 90},
+		       {"faults", test_broker_faults, 90}, {"crash", test_crash_and_replay, 150},
+		       {"python", test_python_event_applied, 90},
 		       {"writer", test_writer_queue, 90}, {"writer_lanes", test_writer_lanes, 90},
 		       {"writer_lane_killed", test_writer_lane_killed, 90},
 		       {"writer_lanes_backlog", test_writer_lanes_backlog, 120},
