@@ -107,8 +107,11 @@ static const struct tly_pg_stmt stmts[STMT_COUNT] = {
 			       "SELECT pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true)"},
 	/*
 	 * the transaction's first statement: generic plans, as STMT_GENERIC_PLANS, and a bound on
-	 * any one lock wait until the compare-and-set (whose function waits without one, see
-	 * migration 0013). Before it, a transaction inserts only new keys, which wait only for
+	 * any one lock wait of the transaction but the compare-and-set's (its function waits
+	 * without one, see migration 0013; the bound is back once it returned, for the holds,
+	 * snapshots, markers and COMMIT, whose rows the partitions' owner alone writes once it
+	 * passed the compare-and-set, so a wait there is short, and one that outlasts the bound
+	 * fails as retriable). Before it, a transaction inserts only new keys, which wait only for
 	 * another owner's transaction inserting the same ones (a stale owner, or the new owner of
 	 * the same records); the one after it on the lane may meanwhile hold its own new keys and
 	 * wait in the writer, not in PostgreSQL, for this one's compare-and-set (ledger_writer.c):
