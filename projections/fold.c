@@ -74,6 +74,7 @@ struct held {
 
 struct tly_fold {
 	char names[N_TABLES][NAME_MAX_LEN + 1]; /* target name of each table */
+	char **rendered; /* N_FOLD_SQL: each statement rendered with names, on first use; owned */
 	struct tly_pgcopy *rows;                /* the staged rows (binary COPY); owned */
 	struct tly_pgcopy *fill;                /* entries read back for a seq gap (fill_gaps); owned */
 	size_t pending;
@@ -645,6 +646,14 @@ static void set_err(struct tly_pg_error *err, enum tly_errclass cls, const char 
 	snprintf(err->message, sizeof(err->message), "%s", msg);
 }
 
+static void forget_rendered(struct tly_fold *fold)
+{
+	for (size_t i = 0; fold->rendered && i < N_FOLD_SQL; i++) {
+		free(fold->rendered[i]);
+		fold->rendered[i] = NULL;
+	}
+}
+
 struct tly_fold *tly_fold_new(void)
 {
 	struct tly_fold *fold = calloc(1, sizeof(*fold));
@@ -652,7 +661,8 @@ struct tly_fold *tly_fold_new(void)
 		return NULL;
 	for (size_t i = 0; i < N_TABLES; i++)
 		snprintf(fold->names[i], sizeof(fold->names[i]), "%s", tly_fold_tables[i]);
-	if (!(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
+	if (!(fold->rendered = calloc(N_FOLD_SQL, sizeof(*fold->rendered))) ||
+	    !(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
 	    !(fold->held_of = tly_uuidmap_new()) || !(fold->staged_ids = tly_uuidmap_new()) ||
 	    map_fields(fold) != 0) {
 		tly_fold_free(fold);
@@ -665,6 +675,8 @@ void tly_fold_free(struct tly_fold *fold)
 {
 	if (!fold)
 		return;
+	forget_rendered(fold);
+	free(fold->rendered);
 	tly_pgcopy_free(fold->rows);
 	tly_pgcopy_free(fold->fill);
 	free(fold->stage_sql);
@@ -698,6 +710,7 @@ int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *nam
 	for (size_t i = 0; i < N_TABLES; i++) {
 		if (strcmp(tly_fold_tables[i], table) == 0) {
 			snprintf(fold->names[i], sizeof(fold->names[i]), "%s", name);
+			forget_rendered(fold);
 			return 0;
 		}
 	}
@@ -1273,18 +1286,17 @@ int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
 	/* the planner's row counts first (a temporary table has no others), then the fold and the
 	 * tail, in one round trip */
 	const char *sqls[2 + N_FOLD_SQL];
-	char *rendered[N_FOLD_SQL] = {NULL};
 	size_t n = 0;
 	if (fold->pending > 0)
 		sqls[n++] = "ANALYZE tly_fold_stage (type, tenant_id, kind)";
 	for (size_t i = 0; rc == 0 && fold->pending > 0 && i < N_FOLD_SQL; i++) {
 		if (!(fold->present & FOLD_NEEDS[i]))
 			continue;
-		if (!(rendered[i] = render(fold, FOLD_SQL[i]))) {
+		if (!fold->rendered[i] && !(fold->rendered[i] = render(fold, FOLD_SQL[i]))) {
 			set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");
 			rc = TLY_E_NOMEM;
 		}
-		sqls[n++] = rendered[i];
+		sqls[n++] = fold->rendered[i];
 	}
 	if (tail)
 		sqls[n++] = tail;
@@ -1293,8 +1305,6 @@ int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
 		fold->sent = true;
 	else if (rc == 0)
 		rc = fold->rc;
-	for (size_t i = 0; i < N_FOLD_SQL; i++)
-		free(rendered[i]);
 	if (rc == TLY_E_PG)
 		fold->staged_on = NULL; /* the staging table may have been dropped with a rolled back creation */
 	return rc;

@@ -409,6 +409,27 @@ START_TEST(fold_direct)
 		  "\"allowance_remaining\": 945, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
 	flush_in_tx(d.conn, g);
 	expect(d.conn, "SELECT tokens_used || ' ' || tokens_remaining FROM token_balances", "55 945");
+
+	/* a table renamed after flushes (their statements are rendered once, then reused) */
+	static const char *const again[] = {"token_balances", "projector_seen_events",
+					    "projector_ledger_applied"};
+	for (size_t i = 0; i < 3; i++) {
+		char sql[160], name[64];
+		snprintf(name, sizeof(name), "%s_again", again[i]);
+		snprintf(sql, sizeof(sql), "CREATE TABLE %s (LIKE %s INCLUDING ALL)", name, again[i]);
+		PGresult *r = tly_pg_query(d.conn, sql, 0, NULL, &err);
+		ck_assert_msg(r, "%s", err.message);
+		PQclear(r);
+		ck_assert_int_eq(tly_fold_set_table(f, again[i], name), 0);
+	}
+	batch1(f);
+	batch2(f);
+	batch3(f);
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT count(*) FROM token_balances_again", "1");
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events_again", "12");
+	for (size_t i = 0; i < 3; i++)
+		ck_assert_int_eq(tly_fold_set_table(f, again[i], again[i]), 0);
 	free(before);
 	free(after);
 	free(rolled);
