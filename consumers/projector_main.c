@@ -32,10 +32,10 @@ extern char **environ;
 #define BATCH_MAX_RECORDS 20000
 #define BATCH_MAX_MS 200
 /*
- * Records taken per turn of the loop while they are there (polls without waiting): the turn's
- * housekeeping (a read of each lane's pending results, the clock, health) runs once per this
- * many records rather than once per record (a recv() per record and lane, about a tenth of the
- * process's CPU on a backlog).
+ * Records taken per turn of the loop while they are there: after a poll returned one, the rest
+ * in one call (take_ready). The turn's housekeeping (a read of each lane's pending results, the
+ * clock, health) runs once per this many records rather than once per record (a recv() per
+ * record and lane, about a tenth of the process's CPU on a backlog).
  */
 #define DRAIN_MAX 256
 #define RETRY_MS 200
@@ -89,6 +89,7 @@ struct app {
 	const char *database_url;
 	struct tly_codec *codec;   /* owned */
 	rd_kafka_t *consumer;      /* owned */
+	rd_kafka_queue_t *queue;   /* owned: the consumer's queue, read in batches */
 	struct lane lanes[N_LANES]; /* lanes[0].conn also reads the stored offsets, checks health */
 	struct tly_event ev;       /* decode target, reused; owns its arena */
 	uint64_t tick_fp, other_fp; /* last fingerprints found to be / not to be a ClockTick; 0: none */
@@ -688,6 +689,10 @@ static int start(struct app *app)
 			tly_metrics_unset(t->parts[p].lag);
 		}
 	}
+	if (!(app->queue = rd_kafka_queue_get_consumer(app->consumer))) {
+		tly_error("could not start: the Kafka consumer has no queue", NULL);
+		goto out;
+	}
 	if (tly_kafka_subscribe(app->consumer, names, N_TOPICS) != 0)
 		goto out;
 	tly_info(PROG " started", "group=%s events=%s ledger=%s catalog=%s", group, names[0],
@@ -838,6 +843,23 @@ static void observe(struct app *app)
 		check_pg(app);
 }
 
+/*
+ * After a poll returned a record: what else librdkafka has ready, up to DRAIN_MAX - 1 in one
+ * call (one call instead of a poll a record, and its offset bookkeeping once a partition).
+ * Rebalance callbacks it serves run before the records it returns are handled; handle_message
+ * drops those of partitions no longer assigned and, after a seek, those before the stored offset.
+ */
+static void take_ready(struct app *app)
+{
+	rd_kafka_message_t *msgs[DRAIN_MAX - 1];
+	ssize_t n = rd_kafka_consume_batch_queue(app->queue, 0, msgs, DRAIN_MAX - 1);
+	for (ssize_t i = 0; i < n; i++) {
+		if (!app->failed)
+			handle_message(app, msgs[i]);
+		rd_kafka_message_destroy(msgs[i]);
+	}
+}
+
 static void run(struct app *app)
 {
 	while (!stop_requested && !app->failed) {
@@ -846,11 +868,11 @@ static void run(struct app *app)
 			tly_cli_reload(app->config_file, app->sets, app->n_sets, environ);
 		}
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(app->consumer, POLL_MS);
-		for (int n = 1; m; n++) {
+		if (m) {
 			handle_message(app, m);
 			rd_kafka_message_destroy(m);
-			m = n < DRAIN_MAX && !app->failed && !app->rewind_at_ms && !stop_requested ?
-				    rd_kafka_consumer_poll(app->consumer, 0) : NULL;
+			if (!app->failed && !app->rewind_at_ms && !stop_requested)
+				take_ready(app);
 		}
 		finish_flights(app, false);
 		if (app->rewind_at_ms) {
@@ -925,6 +947,8 @@ int main(int argc, char **argv)
 	rc = app.failed ? 1 : 0;
 out:
 	/* Leaving the group revokes what is left (the open batch was committed above). */
+	if (app.queue)
+		rd_kafka_queue_destroy(app.queue);
 	tly_kafka_consumer_destroy(app.consumer);
 	tly_http_stop(app.http);
 	tly_metrics_free(app.metrics);

@@ -74,6 +74,7 @@ struct held {
 
 struct tly_fold {
 	char names[N_TABLES][NAME_MAX_LEN + 1]; /* target name of each table */
+	char **rendered; /* N_FOLD_SQL: each statement rendered with names, on first use; owned */
 	struct tly_pgcopy *rows;                /* the staged rows (binary COPY); owned */
 	struct tly_pgcopy *fill;                /* entries read back for a seq gap (fill_gaps); owned */
 	size_t pending;
@@ -645,6 +646,14 @@ static void set_err(struct tly_pg_error *err, enum tly_errclass cls, const char 
 	snprintf(err->message, sizeof(err->message), "%s", msg);
 }
 
+static void forget_rendered(struct tly_fold *fold)
+{
+	for (size_t i = 0; fold->rendered && i < N_FOLD_SQL; i++) {
+		free(fold->rendered[i]);
+		fold->rendered[i] = NULL;
+	}
+}
+
 struct tly_fold *tly_fold_new(void)
 {
 	struct tly_fold *fold = calloc(1, sizeof(*fold));
@@ -652,7 +661,8 @@ struct tly_fold *tly_fold_new(void)
 		return NULL;
 	for (size_t i = 0; i < N_TABLES; i++)
 		snprintf(fold->names[i], sizeof(fold->names[i]), "%s", tly_fold_tables[i]);
-	if (!(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
+	if (!(fold->rendered = calloc(N_FOLD_SQL, sizeof(*fold->rendered))) ||
+	    !(fold->rows = tly_pgcopy_new()) || !(fold->fill = tly_pgcopy_new()) ||
 	    !(fold->held_of = tly_uuidmap_new()) || !(fold->staged_ids = tly_uuidmap_new()) ||
 	    map_fields(fold) != 0) {
 		tly_fold_free(fold);
@@ -665,6 +675,8 @@ void tly_fold_free(struct tly_fold *fold)
 {
 	if (!fold)
 		return;
+	forget_rendered(fold);
+	free(fold->rendered);
 	tly_pgcopy_free(fold->rows);
 	tly_pgcopy_free(fold->fill);
 	free(fold->stage_sql);
@@ -698,6 +710,7 @@ int tly_fold_set_table(struct tly_fold *fold, const char *table, const char *nam
 	for (size_t i = 0; i < N_TABLES; i++) {
 		if (strcmp(tly_fold_tables[i], table) == 0) {
 			snprintf(fold->names[i], sizeof(fold->names[i]), "%s", name);
+			forget_rendered(fold);
 			return 0;
 		}
 	}
@@ -719,8 +732,100 @@ void tly_fold_clear(struct tly_fold *fold)
 	fold->present = 0;
 }
 
+/*
+ * A scalar field of a list item as lib/event_json's field_to_json renders it; NULL on OOM or when
+ * the kind needs its formatting (UUIDs, times: such lists go through the whole message).
+ */
+static json_t *item_field_json(const struct tly_field *f, const unsigned char *src)
+{
+	const char *s;
+	int64_t l;
+	int32_t i32;
+	bool b;
+	struct tly_opt_i64 o;
+	switch (f->kind) {
+	case TLY_F_STR:
+	case TLY_F_OPT_STR:
+		memcpy(&s, src, sizeof(s));
+		return s ? json_string(s) : json_null();
+	case TLY_F_LONG:
+		memcpy(&l, src, sizeof(l));
+		return json_integer(l);
+	case TLY_F_INT:
+		memcpy(&i32, src, sizeof(i32));
+		return json_integer(i32);
+	case TLY_F_BOOL:
+		memcpy(&b, src, sizeof(b));
+		return json_boolean(b);
+	case TLY_F_OPT_LONG:
+		memcpy(&o, src, sizeof(o));
+		return o.set ? json_integer(o.v) : json_null();
+	default:
+		return NULL;
+	}
+}
+
+/*
+ * The map or list field f of ev alone, as lib/event_json renders it, or NULL (out of memory, or
+ * a list whose items hold a kind item_field_json leaves to lib/event_json). Rendering the whole
+ * message for one field cost a LedgerEntry's 64 snprintf calls for its hashes, and more than the
+ * rest of its staging (callgrind).
+ */
+static json_t *field_json(const struct tly_field *f, const unsigned char *src)
+{
+	if (f->kind == TLY_F_MAP_LONG || f->kind == TLY_F_MAP_STR || f->kind == TLY_F_MAP_BOOL) {
+		struct tly_map m;
+		memcpy(&m, src, sizeof(m));
+		json_t *obj = json_object();
+		for (size_t i = 0; obj && i < m.n; i++) {
+			const struct tly_map_entry *e = &m.items[i];
+			json_t *v = f->kind == TLY_F_MAP_LONG  ? json_integer(e->i)
+				    : f->kind == TLY_F_MAP_STR ? json_string(e->s ? e->s : "")
+							       : json_boolean(e->b);
+			if (json_object_set_new(obj, e->key, v) != 0) {
+				json_decref(obj);
+				return NULL;
+			}
+		}
+		return obj;
+	}
+	if (f->kind != TLY_F_RECORDS)
+		return NULL;
+	struct tly_list list;
+	memcpy(&list, src, sizeof(list));
+	json_t *arr = json_array();
+	for (size_t i = 0; arr && i < list.n; i++) {
+		const unsigned char *base = (const unsigned char *)list.items + i * f->sub->size;
+		json_t *item = json_object();
+		for (size_t k = 0; item && k < f->sub->n_fields; k++) {
+			const struct tly_field *sf = &f->sub->fields[k];
+			if (json_object_set_new(item, sf->name, item_field_json(sf, base + sf->offset)) != 0) {
+				json_decref(item);
+				item = NULL;
+			}
+		}
+		if (json_array_append_new(arr, item) != 0) {
+			json_decref(arr);
+			return NULL;
+		}
+	}
+	return arr;
+}
+
 char *tly_fold_field_json(const struct tly_event *ev, const char *name, json_t **json)
 {
+	const struct tly_event_desc *d = tly_event_desc(ev->type);
+	for (size_t i = 0; d && i < d->record.n_fields; i++) {
+		const struct tly_field *f = &d->record.fields[i];
+		if (strcmp(f->name, name) != 0)
+			continue;
+		json_t *v = field_json(f, (const unsigned char *)ev + f->offset);
+		if (!v)
+			break; /* the whole message's rendering below says whether memory ran out */
+		char *text = json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER);
+		json_decref(v);
+		return text;
+	}
 	if (!*json && !(*json = tly_event_to_json(ev)))
 		return NULL;
 	return json_dumps(json_object_get(*json, name), JSON_COMPACT | JSON_PRESERVE_ORDER);
@@ -1181,18 +1286,17 @@ int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
 	/* the planner's row counts first (a temporary table has no others), then the fold and the
 	 * tail, in one round trip */
 	const char *sqls[2 + N_FOLD_SQL];
-	char *rendered[N_FOLD_SQL] = {NULL};
 	size_t n = 0;
 	if (fold->pending > 0)
 		sqls[n++] = "ANALYZE tly_fold_stage (type, tenant_id, kind)";
 	for (size_t i = 0; rc == 0 && fold->pending > 0 && i < N_FOLD_SQL; i++) {
 		if (!(fold->present & FOLD_NEEDS[i]))
 			continue;
-		if (!(rendered[i] = render(fold, FOLD_SQL[i]))) {
+		if (!fold->rendered[i] && !(fold->rendered[i] = render(fold, FOLD_SQL[i]))) {
 			set_err(err, TLY_ERRCLASS_FATAL, "could not fold the batch: out of memory");
 			rc = TLY_E_NOMEM;
 		}
-		sqls[n++] = rendered[i];
+		sqls[n++] = fold->rendered[i];
 	}
 	if (tail)
 		sqls[n++] = tail;
@@ -1201,8 +1305,6 @@ int tly_fold_flush_send(struct tly_fold *fold, PGconn *conn, const char *tail,
 		fold->sent = true;
 	else if (rc == 0)
 		rc = fold->rc;
-	for (size_t i = 0; i < N_FOLD_SQL; i++)
-		free(rendered[i]);
 	if (rc == TLY_E_PG)
 		fold->staged_on = NULL; /* the staging table may have been dropped with a rolled back creation */
 	return rc;

@@ -306,6 +306,63 @@ static void check_fold_rows(PGconn *c)
 	expect(c, "SELECT count(*) FROM projector_seen_events WHERE event_id::text LIKE 'b0000000-%'", "0");
 }
 
+/* The whole message's rendering of field name, as tly_fold_field_json made it before. */
+static char *whole_json(const struct tly_event *ev, const char *name)
+{
+	json_t *all = tly_event_to_json(ev);
+	ck_assert_ptr_nonnull(all);
+	char *text = json_dumps(json_object_get(all, name), JSON_COMPACT | JSON_PRESERVE_ORDER);
+	json_decref(all);
+	ck_assert_ptr_nonnull(text);
+	return text;
+}
+
+static void expect_field_json(const struct tly_event *ev, const char *name)
+{
+	json_t *cache = NULL;
+	char *got = tly_fold_field_json(ev, name, &cache), *want = whole_json(ev, name);
+	ck_assert_ptr_nonnull(got);
+	ck_assert_str_eq(got, want);
+	json_decref(cache);
+	free(got);
+	free(want);
+}
+
+/* Maps and record lists rendered alone (no whole message) read as lib/event_json renders them. */
+START_TEST(field_json_as_event_json)
+{
+	struct tly_event ev = {0};
+	static const struct tly_map_entry prices[] = {{.key = "search", .i = 1500},
+						      {.key = "ocr", .i = -1}};
+	static const struct tly_map_entry meta[] = {{.key = "region", .s = "eu \"west\""},
+						    {.key = "none", .s = NULL}};
+	static const struct tly_map_entry toggles[] = {{.key = "sso", .b = true},
+						       {.key = "audit", .b = false}};
+	static const struct tly_plan_feature features[] = {
+		{.feature_key = "search", .display_name = "Search", .hard_limit = {true, 10},
+		 .is_metered = true},
+		{.feature_key = "ocr", .display_name = "OCR", .soft_limit = {true, 0}}};
+	static const struct tly_invoice_line lines[] = {
+		{.kind = "plan", .quantity = 1, .unit_price_micros = 2900000, .amount_cents = 2900},
+		{.kind = "metered", .feature_key = "search", .quantity = 3, .unit_price_micros = 7,
+		 .amount_cents = 1}};
+	tly_event_init(&ev, TLY_EV_SUBSCRIPTION_STARTED);
+	ev.u.subscription_started.terms.metered_prices = (struct tly_map){prices, 2};
+	ev.u.subscription_started.metadata = (struct tly_map){meta, 2};
+	expect_field_json(&ev, "metered_prices");
+	expect_field_json(&ev, "metadata");
+	tly_event_init(&ev, TLY_EV_PLAN_PUBLISHED);
+	ev.u.plan_published.feature_toggles = (struct tly_map){toggles, 2};
+	ev.u.plan_published.features = (struct tly_list){features, 2};
+	expect_field_json(&ev, "feature_toggles");
+	expect_field_json(&ev, "features");
+	tly_event_init(&ev, TLY_EV_LEDGER_ENTRY);
+	ev.u.ledger_entry.lines = (struct tly_list){lines, 2};
+	expect_field_json(&ev, "lines");
+	tly_event_free(&ev);
+}
+END_TEST
+
 START_TEST(fold_direct)
 {
 	struct tly_test_db d;
@@ -352,6 +409,27 @@ START_TEST(fold_direct)
 		  "\"allowance_remaining\": 945, \"credits_remaining\": 0, \"held\": 0, \"overage_tokens\": 0");
 	flush_in_tx(d.conn, g);
 	expect(d.conn, "SELECT tokens_used || ' ' || tokens_remaining FROM token_balances", "55 945");
+
+	/* a table renamed after flushes (their statements are rendered once, then reused) */
+	static const char *const again[] = {"token_balances", "projector_seen_events",
+					    "projector_ledger_applied"};
+	for (size_t i = 0; i < 3; i++) {
+		char sql[160], name[64];
+		snprintf(name, sizeof(name), "%s_again", again[i]);
+		snprintf(sql, sizeof(sql), "CREATE TABLE %s (LIKE %s INCLUDING ALL)", name, again[i]);
+		PGresult *r = tly_pg_query(d.conn, sql, 0, NULL, &err);
+		ck_assert_msg(r, "%s", err.message);
+		PQclear(r);
+		ck_assert_int_eq(tly_fold_set_table(f, again[i], name), 0);
+	}
+	batch1(f);
+	batch2(f);
+	batch3(f);
+	flush_in_tx(d.conn, f);
+	expect(d.conn, "SELECT count(*) FROM token_balances_again", "1");
+	expect(d.conn, "SELECT count(*) FROM projector_seen_events_again", "12");
+	for (size_t i = 0; i < 3; i++)
+		ck_assert_int_eq(tly_fold_set_table(f, again[i], again[i]), 0);
 	free(before);
 	free(after);
 	free(rolled);
@@ -1564,6 +1642,7 @@ Suite *projector_suite(void)
 {
 	Suite *s = suite_create("projector");
 	TCase *tc = tcase_create("fold");
+	tcase_add_test(tc, field_json_as_event_json);
 	tcase_add_test(tc, fold_direct);
 	tcase_add_test(tc, flush_in_flight);
 	tcase_add_test(tc, wallet_events_no_seen_row);
