@@ -542,6 +542,17 @@ json_t *tly_event_to_json(const struct tly_event *ev)
 	return record_to_json(&d->record, (const unsigned char *)ev, d->name);
 }
 
+json_t *tly_event_field_to_json(const struct tly_event *ev, const char *name)
+{
+	const struct tly_event_desc *d = tly_event_desc(ev->type);
+	for (size_t i = 0; d && i < d->record.n_fields; i++) {
+		const struct tly_field *f = &d->record.fields[i];
+		if (strcmp(f->name, name) == 0)
+			return field_to_json(f, (const unsigned char *)ev + f->offset);
+	}
+	return NULL;
+}
+
 char *tly_event_to_json_text(const struct tly_event *ev)
 {
 	json_t *obj = tly_event_to_json(ev);

@@ -43,6 +43,12 @@ int tly_event_from_json_text(const char *text, size_t len, unsigned flags, struc
 /* ev as a new JSON object ("type" first, then the fields in schema order); NULL on OOM. */
 json_t *tly_event_to_json(const struct tly_event *ev);
 
+/*
+ * ev's field `name` alone as tly_event_to_json renders it (a map or a list of records without the
+ * rest of the message); NULL when ev has no such field, or on OOM.
+ */
+json_t *tly_event_field_to_json(const struct tly_event *ev, const char *name);
+
 /* ev as compact JSON text on one line; malloc'd (caller frees), NULL on OOM. */
 char *tly_event_to_json_text(const struct tly_event *ev);
 

@@ -732,112 +732,19 @@ void tly_fold_clear(struct tly_fold *fold)
 	fold->present = 0;
 }
 
-/*
- * A scalar field of a list item as lib/event_json's field_to_json renders it; NULL on OOM or when
- * the kind needs its formatting (UUIDs, times: such lists go through the whole message).
- */
-static json_t *item_field_json(const struct tly_field *f, const unsigned char *src)
+char *tly_fold_field_json(const struct tly_event *ev, const char *name)
 {
-	const char *s;
-	int64_t l;
-	int32_t i32;
-	bool b;
-	struct tly_opt_i64 o;
-	switch (f->kind) {
-	case TLY_F_STR:
-	case TLY_F_OPT_STR:
-		memcpy(&s, src, sizeof(s));
-		return s ? json_string(s) : json_null();
-	case TLY_F_LONG:
-		memcpy(&l, src, sizeof(l));
-		return json_integer(l);
-	case TLY_F_INT:
-		memcpy(&i32, src, sizeof(i32));
-		return json_integer(i32);
-	case TLY_F_BOOL:
-		memcpy(&b, src, sizeof(b));
-		return json_boolean(b);
-	case TLY_F_OPT_LONG:
-		memcpy(&o, src, sizeof(o));
-		return o.set ? json_integer(o.v) : json_null();
-	default:
-		return NULL;
-	}
-}
-
-/*
- * The map or list field f of ev alone, as lib/event_json renders it, or NULL (out of memory, or
- * a list whose items hold a kind item_field_json leaves to lib/event_json). Rendering the whole
- * message for one field cost a LedgerEntry's 64 snprintf calls for its hashes, and more than the
- * rest of its staging (callgrind).
- */
-static json_t *field_json(const struct tly_field *f, const unsigned char *src)
-{
-	if (f->kind == TLY_F_MAP_LONG || f->kind == TLY_F_MAP_STR || f->kind == TLY_F_MAP_BOOL) {
-		struct tly_map m;
-		memcpy(&m, src, sizeof(m));
-		json_t *obj = json_object();
-		for (size_t i = 0; obj && i < m.n; i++) {
-			const struct tly_map_entry *e = &m.items[i];
-			json_t *v = f->kind == TLY_F_MAP_LONG  ? json_integer(e->i)
-				    : f->kind == TLY_F_MAP_STR ? json_string(e->s ? e->s : "")
-							       : json_boolean(e->b);
-			if (json_object_set_new(obj, e->key, v) != 0) {
-				json_decref(obj);
-				return NULL;
-			}
-		}
-		return obj;
-	}
-	if (f->kind != TLY_F_RECORDS)
-		return NULL;
-	struct tly_list list;
-	memcpy(&list, src, sizeof(list));
-	json_t *arr = json_array();
-	for (size_t i = 0; arr && i < list.n; i++) {
-		const unsigned char *base = (const unsigned char *)list.items + i * f->sub->size;
-		json_t *item = json_object();
-		for (size_t k = 0; item && k < f->sub->n_fields; k++) {
-			const struct tly_field *sf = &f->sub->fields[k];
-			if (json_object_set_new(item, sf->name, item_field_json(sf, base + sf->offset)) != 0) {
-				json_decref(item);
-				item = NULL;
-			}
-		}
-		if (json_array_append_new(arr, item) != 0) {
-			json_decref(arr);
-			return NULL;
-		}
-	}
-	return arr;
-}
-
-char *tly_fold_field_json(const struct tly_event *ev, const char *name, json_t **json)
-{
-	const struct tly_event_desc *d = tly_event_desc(ev->type);
-	for (size_t i = 0; d && i < d->record.n_fields; i++) {
-		const struct tly_field *f = &d->record.fields[i];
-		if (strcmp(f->name, name) != 0)
-			continue;
-		json_t *v = field_json(f, (const unsigned char *)ev + f->offset);
-		if (!v)
-			break; /* the whole message's rendering below says whether memory ran out */
-		char *text = json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER);
-		json_decref(v);
-		return text;
-	}
-	if (!*json && !(*json = tly_event_to_json(ev)))
-		return NULL;
-	return json_dumps(json_object_get(*json, name), JSON_COMPACT | JSON_PRESERVE_ORDER);
+	json_t *v = tly_event_field_to_json(ev, name);
+	char *text = v ? json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+	json_decref(v);
+	return text;
 }
 
 /*
  * One staged field: its value at base + f->offset, in f's column type. A map or a list of
- * records with items is rendered as lib/event_json renders it (*json: the message as JSON,
- * made on first use, the caller's to release).
+ * records with items is rendered as lib/event_json renders it.
  */
-static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const struct tly_event *ev,
-		       json_t **json)
+static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const struct tly_event *ev)
 {
 	const unsigned char *src = (const unsigned char *)ev + f->offset;
 	const char *s;
@@ -906,7 +813,7 @@ static int stage_field(struct tly_pgcopy *rows, const struct tly_field *f, const
 			tly_pgcopy_jsonb(rows, f->kind == TLY_F_RECORDS ? "[]" : "{}");
 			return 0;
 		}
-		char *text = tly_fold_field_json(ev, f->name, json);
+		char *text = tly_fold_field_json(ev, f->name);
 		if (!text)
 			return TLY_E_NOMEM;
 		tly_pgcopy_jsonb(rows, text);
@@ -927,7 +834,6 @@ static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struc
 {
 	const struct tly_event_desc *desc = tly_event_desc(ev->type);
 	bool entry = ev->type == TLY_EV_LEDGER_ENTRY;
-	json_t *json = NULL;
 	int rc = 0;
 	bool keeps = !entry && tly_fold_keeps_event_id(ev->type);
 	tly_pgcopy_row(rows, N_STAGE_COLUMNS);
@@ -949,11 +855,10 @@ static int stage_row(struct tly_fold *fold, struct tly_pgcopy *rows, const struc
 	for (size_t i = 0; rc == 0 && i < N_STAGE_FIELDS; i++) {
 		const struct tly_field *f = entry || keeps ? fold->fields[ev->type][i] : NULL;
 		if (f)
-			rc = stage_field(rows, f, ev, &json);
+			rc = stage_field(rows, f, ev);
 		else
 			tly_pgcopy_null(rows);
 	}
-	json_decref(json);
 	if (rc == 0) {
 		fold->present |= T(ev->type);
 		if (entry)

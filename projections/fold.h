@@ -25,7 +25,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include <jansson.h>
 #include <libpq-fe.h>
 
 #include "err.h"
@@ -118,9 +117,8 @@ bool tly_fold_in_flight(const struct tly_fold *fold);
 
 /*
  * A map or record-list field of ev (by its descriptor name) as JSON text, as lib/event_json renders
- * it (*json: the whole message as JSON, made on first use, the caller's to json_decref). malloc'd,
- * caller frees; NULL on OOM.
+ * it. malloc'd, caller frees; NULL on OOM (or no such field).
  */
-char *tly_fold_field_json(const struct tly_event *ev, const char *name, json_t **json);
+char *tly_fold_field_json(const struct tly_event *ev, const char *name);
 
 #endif

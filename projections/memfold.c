@@ -231,11 +231,11 @@ static struct opt opt_of(struct tly_opt_i64 o)
 
 /* A map or record-list field as JSON text in the arena; empty ones as "{}" / "[]". */
 static const char *json_field(struct tly_memfold *mf, const struct tly_event *ev, const char *name,
-			      size_t items, const char *empty, json_t **json)
+			      size_t items, const char *empty)
 {
 	if (items == 0)
 		return empty;
-	char *text = tly_fold_field_json(ev, name, json);
+	char *text = tly_fold_field_json(ev, name);
 	if (!text) {
 		mf->oom = true;
 		return NULL;
@@ -285,7 +285,7 @@ static int64_t max64(int64_t a, int64_t b)
 }
 
 static void sub_terms(struct tly_memfold *mf, struct sub *s, const struct tly_plan_terms *t,
-		      const struct tly_event *ev, json_t **json)
+		      const struct tly_event *ev)
 {
 	s->plan_code = sdup(mf, t->plan_code);
 	s->price_cents = t->price_cents;
@@ -293,7 +293,7 @@ static void sub_terms(struct tly_memfold *mf, struct sub *s, const struct tly_pl
 	s->tokens_per_period = t->tokens_per_period;
 	s->overage_price = opt_of(t->overage_price_micros_per_1k_tokens);
 	s->rollover = t->rollover_cap_tokens;
-	s->metered_prices = json_field(mf, ev, "metered_prices", t->metered_prices.n, "{}", json);
+	s->metered_prices = json_field(mf, ev, "metered_prices", t->metered_prices.n, "{}");
 }
 
 static void api_call(struct tly_memfold *mf, const struct tly_event *ev, const tly_uuid *call,
@@ -344,7 +344,7 @@ static void streamed(struct tly_memfold *mf, int t, const void *row)
 	mf->stream[t].added(mf->stream[t].ud, mf->stream[t].c);
 }
 
-static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t **json)
+static void add_event(struct tly_memfold *mf, const struct tly_event *ev)
 {
 	int64_t at = ev->occurred_at;
 	const tly_uuid *tenant = &ev->tenant_id;
@@ -406,7 +406,7 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 			break;
 		s->id = e->subscription_id;
 		s->tenant = *tenant;
-		sub_terms(mf, s, &e->terms, ev, json);
+		sub_terms(mf, s, &e->terms, ev);
 		s->status = "pending";
 		s->auto_renew = e->auto_renew;
 		s->billing_email = sdup(mf, e->billing_email);
@@ -414,7 +414,7 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		s->cpe = e->period_end;
 		s->trial_ends_at = opt_of(e->trial_ends_at);
 		s->seat_count = e->seat_count;
-		s->metadata = json_field(mf, ev, "metadata", e->metadata.n, "{}", json);
+		s->metadata = json_field(mf, ev, "metadata", e->metadata.n, "{}");
 		s->created = s->updated = at;
 		s->started = true;
 		put(mf, T_SUBS, &s->id, NULL, s);
@@ -425,7 +425,7 @@ static void add_event(struct tly_memfold *mf, const struct tly_event *ev, json_t
 		struct sub *s = tly_uuidmap_get(mf->map[T_SUBS], &e->subscription_id, NULL);
 		if (!s || memcmp(&s->tenant, tenant, sizeof(*tenant)) != 0)
 			break;
-		sub_terms(mf, s, &e->terms, ev, json);
+		sub_terms(mf, s, &e->terms, ev);
 		s->seat_count = e->seat_count;
 		s->updated = max64(s->updated, at);
 		break;
@@ -561,7 +561,7 @@ static bool kind_is(const struct tly_ledger_entry *e, const char *kind)
 	return strcmp(e->kind, kind) == 0;
 }
 
-static void add_entry(struct tly_memfold *mf, const struct tly_event *ev, json_t **json)
+static void add_entry(struct tly_memfold *mf, const struct tly_event *ev)
 {
 	const struct tly_ledger_entry *e = &ev->u.ledger_entry;
 	const tly_uuid *tenant = &ev->tenant_id;
@@ -634,7 +634,7 @@ static void add_entry(struct tly_memfold *mf, const struct tly_event *ev, json_t
 			*inv = (struct invoice){e->ref_id, *tenant, e->subscription_id, e->seq,
 						e->period_start.v, e->period_end.v, e->amount_cents.v,
 						-e->overage_delta, at, sdup(mf, e->currency),
-						json_field(mf, ev, "lines", e->lines.n, "[]", json)};
+						json_field(mf, ev, "lines", e->lines.n, "[]")};
 			put(mf, T_INVOICES, &inv->id, NULL, inv);
 		}
 	}
@@ -670,16 +670,14 @@ int tly_memfold_add(struct tly_memfold *mf, const struct tly_event *ev)
 		return TLY_E_INVALID;
 	if (ev->type == TLY_EV_CLOCK_TICK || !tly_event_desc(ev->type))
 		return 0;
-	json_t *json = NULL;
 	if (ev->type == TLY_EV_LEDGER_ENTRY) {
 		mf->entries_started = true;
-		add_entry(mf, ev, &json);
+		add_entry(mf, ev);
 	} else if (mf->entries_started) {
 		return TLY_E_INVALID;
 	} else {
-		add_event(mf, ev, &json);
+		add_event(mf, ev);
 	}
-	json_decref(json);
 	return mf->oom ? TLY_E_NOMEM : 0;
 }
 
