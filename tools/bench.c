@@ -381,6 +381,18 @@ static long committed_offsets(PGconn *conn)
 	return v;
 }
 
+/* PostgreSQL's WAL insert position, in bytes. */
+static double wal_lsn(PGconn *conn)
+{
+	struct tly_pg_error pe;
+	PGresult *r = tly_pg_query(conn, "SELECT pg_current_wal_lsn() - '0/0'", 0, NULL, &pe);
+	if (!r)
+		die("wal position", pe.message);
+	double v = atof(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
 static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 {
 	char err[512], exe[PATH_MAX];
@@ -427,6 +439,7 @@ struct ledger_cpu {
 	double ledger_us;  /* tally-ledger, every thread */
 	double writer_us;  /* the PostgreSQL backends of its writer connections (the COPYs and COMMITs) */
 	double pg_us;      /* every PostgreSQL process (the writer, the "seen" lookups, WAL, checkpoints) */
+	double wal_bytes;  /* WAL written a record */
 };
 
 /* ledger.writers' upper bound (lib/config.c), two connections a lane (consumers/ledger_writer.c) */
@@ -595,6 +608,7 @@ struct ledger_run {
 	double window_s;   /* that window */
 	double poll_rate;  /* the same from the 20 ms poll of the stored offsets (the figure before) */
 	double poll_window_s;
+	double half_s[2];  /* by the poll: the first and the second half of the window's records */
 	double bare_rate;  /* a bare librdkafka consumer on the same topic */
 	struct ledger_cpu cpu;
 };
@@ -621,8 +635,9 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 	struct stamps st;
 	stamps_start(&st, &s);
 	pid_t ledger = start_ledger(&s, db, log);
-	double first_t = 0, end_t = 0, give_up = tly_clock_s() + 600;
+	double first_t = 0, half_t = 0, end_t = 0, give_up = tly_clock_s() + 600;
 	long at_first = -1;
+	double wal0 = 0, wal1 = 0;
 	long first_v = 0, v = 0;
 	struct writer_pids writers = {.n = 0};
 	int64_t cpu0[3] = {0}, cpu1[3] = {0};
@@ -631,11 +646,15 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 		if (v > 0 && first_t == 0) {
 			first_t = tly_clock_s();
 			first_v = v;
+			wal0 = wal_lsn(conn);
 			if ((writers = writer_backends(conn)).n > 0)
 				ledger_cpu_now(ledger, &writers, pg, cpu0);
 		}
+		if (first_t > 0 && half_t == 0 && v - first_v >= (total - first_v) / 2)
+			half_t = tly_clock_s();
 		if (v >= total) {
 			end_t = tly_clock_s();
+			wal1 = wal_lsn(conn);
 			if (writers.n > 0)
 				ledger_cpu_now(ledger, &writers, pg, cpu1);
 			break;
@@ -659,6 +678,7 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 		cpu->ledger_us = (double)(cpu1[0] - cpu0[0]) / (double)(v - first_v);
 		cpu->writer_us = (double)(cpu1[1] - cpu0[1]) / (double)(v - first_v);
 		cpu->pg_us = (double)(cpu1[2] - cpu0[2]) / (double)(v - first_v);
+		cpu->wal_bytes = (wal1 - wal0) / (double)(v - first_v);
 	}
 	tly_proc_stop(ledger, 10000);
 	PQfinish(conn);
@@ -667,6 +687,8 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 	} else {
 		run->poll_window_s = end_t - first_t;
 		run->poll_rate = (double)(total - first_v) / run->poll_window_s;
+		run->half_s[0] = half_t - first_t;
+		run->half_s[1] = end_t - half_t;
 		int64_t last_ms = last_stamp(&s);
 		if (at_first <= 0 || last_ms <= first_ms)
 			fprintf(stderr, "tally-bench: could not read the commits' times from tally.ledger\n");
@@ -1029,15 +1051,17 @@ int main(int argc, char **argv)
 	       ledger_many, seeds_many > 0 ? ledger_many / seeds_many : 0, 2 * calls_many, many.window_s);
 	printf("  1 hot tenant      %10.0f decisions/s   %6.1fx the seeds' design   (%ld events, %.2f s)\n",
 	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0, 2 * calls_hot, hot.window_s);
-	printf("  (by the 20 ms poll of the stored offsets: %.0f/s in %.2f s, %.0f/s in %.2f s)\n\n",
-	       many.poll_rate, many.poll_window_s, hot.poll_rate, hot.poll_window_s);
+	printf("  (by the 20 ms poll of the stored offsets: %.0f/s in %.2f s, %.0f/s in %.2f s;\n"
+	       "   the first and the second half of the records in %.2f + %.2f s, %.2f + %.2f s)\n\n",
+	       many.poll_rate, many.poll_window_s, hot.poll_rate, hot.poll_window_s, many.half_s[0],
+	       many.half_s[1], hot.half_s[0], hot.half_s[1]);
 	printf("CPU per record committed (from /proc/PID/task/*/schedstat, on a CPU):\n");
 	if (wanted(only, "many"))
-		printf("  1,000 tenants     tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us\n",
-		       many.cpu.ledger_us, many.cpu.writer_us, many.cpu.pg_us);
+		printf("  1,000 tenants     tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us   (WAL %.0f bytes)\n",
+		       many.cpu.ledger_us, many.cpu.writer_us, many.cpu.pg_us, many.cpu.wal_bytes);
 	if (wanted(only, "hot"))
-		printf("  1 hot tenant      tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us\n",
-		       hot.cpu.ledger_us, hot.cpu.writer_us, hot.cpu.pg_us);
+		printf("  1 hot tenant      tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us   (WAL %.0f bytes)\n",
+		       hot.cpu.ledger_us, hot.cpu.writer_us, hot.cpu.pg_us, hot.cpu.wal_bytes);
 	printf("\n");
 	printf("bare librdkafka consumer on the same topic (the ceiling):\n");
 	printf("  1,000 tenants     %10.0f records/s     ledger at %5.1f%% of it\n", many.bare_rate,
