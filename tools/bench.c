@@ -690,9 +690,12 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 		run->half_s[0] = half_t - first_t;
 		run->half_s[1] = end_t - half_t;
 		int64_t last_ms = last_stamp(&s);
-		if (at_first <= 0 || last_ms <= first_ms)
-			fprintf(stderr, "tally-bench: could not read the commits' times from tally.ledger\n");
-		else {
+		if (at_first <= 0 || last_ms <= first_ms) {
+			fprintf(stderr, "tally-bench: could not read the commits' times from tally.ledger: "
+				"the poll's figure stands\n");
+			run->window_s = run->poll_window_s;
+			run->rate = run->poll_rate;
+		} else {
 			run->window_s = (double)(last_ms - first_ms) / 1000.0;
 			run->rate = (double)(total - at_first) / run->window_s;
 		}
