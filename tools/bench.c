@@ -320,7 +320,10 @@ static void publish_workload(struct stack *s, int tenants, long n, int64_t t0)
 	tly_event_free(&ev);
 }
 
-/* Messages per second a bare librdkafka consumer reads tally.events from the beginning. */
+/*
+ * Messages per second a bare librdkafka consumer reads tally.events from the beginning; -1 if the
+ * dev broker no longer has the backlog's first records.
+ */
 static double bench_bare_consumer(struct stack *s, long expect)
 {
 	char err[512];
@@ -343,7 +346,9 @@ static double bench_bare_consumer(struct stack *s, long expect)
 		if (low > 0) {
 			fprintf(stderr, "tally-bench: the dev broker dropped offsets 0..%" PRId64 " of partition %d "
 				"of tally.events (%" PRId64 " records): fewer model calls\n", low - 1, i, high);
-			exit(1);
+			rd_kafka_topic_partition_list_destroy(parts);
+			tly_kafka_consumer_destroy(rk);
+			return -1;
 		}
 		rd_kafka_topic_partition_list_add(parts, "tally.events", i)->offset = RD_KAFKA_OFFSET_BEGINNING;
 	}
@@ -610,6 +615,7 @@ struct ledger_run {
 	double poll_window_s;
 	double half_s[2];  /* by the poll: the first and the second half of the window's records */
 	double bare_rate;  /* a bare librdkafka consumer on the same topic */
+	bool truncated;    /* the dev broker dropped the backlog's first records: nothing measured */
 	struct ledger_cpu cpu;
 };
 
@@ -627,6 +633,12 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 	publish_workload(&s, tenants, n, wall_us());
 	long total = 2 * n + tenants;
 	run->bare_rate = bench_bare_consumer(&s, total);
+	if (run->bare_rate < 0) {
+		run->truncated = true;
+		stack_stop(&s);
+		free(db);
+		return;
+	}
 	char err[512], log[128];
 	snprintf(log, sizeof(log), "%s/ledger.log", s.dir);
 	PGconn *conn = tly_pg_connect(db, "tally-bench", err, sizeof(err));
@@ -1044,8 +1056,12 @@ int main(int argc, char **argv)
 	struct ledger_run many = {0}, hot = {0};
 	if (wanted(only, "many"))
 		bench_ledger(pg, "bench_many", 1000, calls_many, &many);
-	if (wanted(only, "hot"))
+	if (wanted(only, "hot") && !many.truncated)
 		bench_ledger(pg, "bench_hot", 1, calls_hot, &hot);
+	if (many.truncated || hot.truncated) {
+		tly_devpg_stop(pg);
+		return 1;
+	}
 	double ledger_many = many.rate, ledger_hot = hot.rate;
 	printf("tally-ledger, published -> committed in PostgreSQL (a pre-published backlog of model calls:\n"
 	       "TokensReserved, then its ReservationSettled 20 calls later; each event is a decision),\n"
