@@ -57,6 +57,11 @@
  */
 #define LINGER_MS 10
 #define READ_MAX 512 /* ledger entries the latency run takes from its consumer's queue in one call */
+/* model calls (two decisions each) of the 1,000-tenant and the hot-tenant runs, unless --calls-* */
+#define CALLS_MANY 60000
+#define CALLS_HOT 12000
+#define STR_(x) #x
+#define STR(x) STR_(x) /* a number's digits, for the help text */
 
 static int64_t wall_us(void)
 {
@@ -315,7 +320,10 @@ static void publish_workload(struct stack *s, int tenants, long n, int64_t t0)
 	tly_event_free(&ev);
 }
 
-/* Messages per second a bare librdkafka consumer reads tally.events from the beginning. */
+/*
+ * Messages per second a bare librdkafka consumer reads tally.events from the beginning; -1 if the
+ * dev broker no longer has the backlog's first records.
+ */
 static double bench_bare_consumer(struct stack *s, long expect)
 {
 	char err[512];
@@ -326,8 +334,24 @@ static double bench_bare_consumer(struct stack *s, long expect)
 	if (!rk)
 		die("consumer", err);
 	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(partitions);
-	for (int i = 0; i < partitions; i++)
+	for (int i = 0; i < partitions; i++) {
+		/*
+		 * The mock cluster keeps about 5 MB a partition and drops the oldest batches beyond: the
+		 * ledger would start past them, and the stored offsets would still add up to the total.
+		 */
+		int64_t low, high;
+		if (rd_kafka_query_watermark_offsets(rk, "tally.events", i, &low, &high, 10000) !=
+		    RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("bare consumer", "could not read the offsets of tally.events");
+		if (low > 0) {
+			fprintf(stderr, "tally-bench: the dev broker dropped offsets 0..%" PRId64 " of partition %d "
+				"of tally.events (%" PRId64 " records): fewer model calls\n", low - 1, i, high);
+			rd_kafka_topic_partition_list_destroy(parts);
+			tly_kafka_consumer_destroy(rk);
+			return -1;
+		}
 		rd_kafka_topic_partition_list_add(parts, "tally.events", i)->offset = RD_KAFKA_OFFSET_BEGINNING;
+	}
 	if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		die("assign", "failed");
 	rd_kafka_topic_partition_list_destroy(parts);
@@ -358,6 +382,18 @@ static long committed_offsets(PGconn *conn)
 	if (!r)
 		die("offsets", pe.message);
 	long v = atol(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
+/* PostgreSQL's WAL insert position, in bytes. */
+static double wal_lsn(PGconn *conn)
+{
+	struct tly_pg_error pe;
+	PGresult *r = tly_pg_query(conn, "SELECT pg_current_wal_lsn() - '0/0'", 0, NULL, &pe);
+	if (!r)
+		die("wal position", pe.message);
+	double v = atof(PQgetvalue(r, 0, 0));
 	PQclear(r);
 	return v;
 }
@@ -408,6 +444,7 @@ struct ledger_cpu {
 	double ledger_us;  /* tally-ledger, every thread */
 	double writer_us;  /* the PostgreSQL backends of its writer connections (the COPYs and COMMITs) */
 	double pg_us;      /* every PostgreSQL process (the writer, the "seen" lookups, WAL, checkpoints) */
+	double wal_bytes;  /* WAL written a record */
 };
 
 /* ledger.writers' upper bound (lib/config.c), two connections a lane (consumers/ledger_writer.c) */
@@ -449,25 +486,170 @@ static void ledger_cpu_now(pid_t ledger, const struct writer_pids *w, struct tly
 }
 
 /*
+ * The commits' times, from tally.ledger: tally-ledger hands a committed batch's entries to its
+ * producer right after the COMMIT returned (finish_flight in consumers/ledger_main.c), so an
+ * entry's CreateTime (ms) is its commit's time, read the same way for the first commit and the
+ * last, with nothing polling PostgreSQL tighter meanwhile. The first commit's entries are read
+ * while the run goes (the mock cluster drops a partition's oldest entries beyond about 5 MB),
+ * the last commit's after it (the newest entry of each partition).
+ */
+struct stamps {
+	rd_kafka_t *rk;      /* reading tally.ledger from the start, until the first commit is read */
+	struct tly_codec *codec;
+	struct tly_event entry;
+	int64_t first_ms;    /* the earliest CreateTime read, INT64_MAX before any */
+	int64_t *cause;      /* per partition: the cause offset of the last entry bearing first_ms */
+	long *at_first;      /* per partition: input records whose entries bear first_ms */
+};
+
+static void stamps_start(struct stamps *st, struct stack *s)
+{
+	char err[512];
+	memset(st, 0, sizeof(*st));
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(s->cfg, err, sizeof(err));
+	if (!conf || tly_kafka_conf_set(conf, "fetch.wait.max.ms", "5", err, sizeof(err)) != 0)
+		die("consumer conf", err);
+	st->rk = tly_kafka_consumer_new(conf, "bench-stamps", err, sizeof(err));
+	st->codec = tly_codec_new(err, sizeof(err));
+	st->cause = calloc((size_t)partitions, sizeof(*st->cause));
+	st->at_first = calloc((size_t)partitions, sizeof(*st->at_first));
+	if (!st->rk || !st->codec || !st->cause || !st->at_first)
+		die("commit stamps", err);
+	st->first_ms = INT64_MAX;
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(partitions);
+	for (int i = 0; i < partitions; i++)
+		rd_kafka_topic_partition_list_add(parts, "tally.ledger", i)->offset = RD_KAFKA_OFFSET_BEGINNING;
+	if (rd_kafka_assign(st->rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		die("assign", "failed");
+	rd_kafka_topic_partition_list_destroy(parts);
+}
+
+/* Read what tally.ledger has for up to timeout_ms, keeping the earliest commit's entries. */
+static void stamps_read(struct stamps *st, int timeout_ms)
+{
+	char err[512];
+	for (rd_kafka_message_t *m; (m = rd_kafka_consumer_poll(st->rk, timeout_ms)) != NULL;
+	     rd_kafka_message_destroy(m)) {
+		timeout_ms = 0;
+		int p = m->partition;
+		int64_t ms = rd_kafka_message_timestamp(m, NULL);
+		if (m->err || p < 0 || p >= partitions || ms > st->first_ms)
+			continue;
+		if (ms < 0 || tly_codec_decode(st->codec, m->payload, m->len, &st->entry, err, sizeof(err)) != 0)
+			die("commit stamps", ms < 0 ? "an entry has no timestamp" : err);
+		if (ms < st->first_ms) { /* an earlier commit than those read so far */
+			st->first_ms = ms;
+			memset(st->at_first, 0, (size_t)partitions * sizeof(*st->at_first));
+			for (int i = 0; i < partitions; i++)
+				st->cause[i] = -1;
+		}
+		/* a partition's entries come in decision order, those of one cause together */
+		if (st->entry.u.ledger_entry.cause_offset != st->cause[p]) {
+			st->cause[p] = st->entry.u.ledger_entry.cause_offset;
+			st->at_first[p]++;
+		}
+	}
+}
+
+/* Stop reading; the input records the first commit stored (0 if none was read). */
+static long stamps_stop(struct stamps *st)
+{
+	long n = 0;
+	for (int i = 0; st->first_ms < INT64_MAX && i < partitions; i++)
+		n += st->at_first[i];
+	tly_event_free(&st->entry);
+	tly_codec_free(st->codec);
+	tly_kafka_consumer_destroy(st->rk);
+	free(st->cause);
+	free(st->at_first);
+	st->rk = NULL;
+	return n;
+}
+
+/* The newest CreateTime on tally.ledger (its last commit's, once the ledger stopped), or -1. */
+static int64_t last_stamp(struct stack *s)
+{
+	char err[512];
+	rd_kafka_conf_t *conf = tly_kafka_conf_new(s->cfg, err, sizeof(err));
+	if (!conf)
+		die("consumer conf", err);
+	rd_kafka_t *rk = tly_kafka_consumer_new(conf, "bench-stamps-last", err, sizeof(err));
+	if (!rk)
+		die("consumer", err);
+	rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(partitions);
+	int left = 0;
+	for (int i = 0; i < partitions; i++) {
+		int64_t low, high;
+		if (rd_kafka_query_watermark_offsets(rk, "tally.ledger", i, &low, &high, 10000) !=
+		    RD_KAFKA_RESP_ERR_NO_ERROR)
+			die("commit stamps", "could not read the end offsets of tally.ledger");
+		if (high > low) { /* its newest entry only: stamps never go back within a partition */
+			rd_kafka_topic_partition_list_add(parts, "tally.ledger", i)->offset = high - 1;
+			left++;
+		}
+	}
+	if (rd_kafka_assign(rk, parts) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		die("assign", "failed");
+	rd_kafka_topic_partition_list_destroy(parts);
+	int64_t last = -1;
+	for (double give_up = tly_clock_s() + 30; left > 0 && tly_clock_s() < give_up;) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+		if (!m)
+			continue;
+		if (!m->err) {
+			int64_t ms = rd_kafka_message_timestamp(m, NULL);
+			last = ms > last ? ms : last;
+			left--;
+		}
+		rd_kafka_message_destroy(m);
+	}
+	tly_kafka_consumer_destroy(rk);
+	return left > 0 ? -1 : last;
+}
+
+/* A throughput run's figures. */
+struct ledger_run {
+	double rate;       /* records/s from the first commit to the last, by the commit stamps */
+	double window_s;   /* that window */
+	double poll_rate;  /* the same from the 20 ms poll of the stored offsets (the figure before) */
+	double poll_window_s;
+	double half_s[2];  /* by the poll: the first and the second half of the window's records */
+	double bare_rate;  /* a bare librdkafka consumer on the same topic */
+	bool truncated;    /* the dev broker dropped the backlog's first records: nothing measured */
+	struct ledger_cpu cpu;
+};
+
+/*
  * Decisions per second of tally-ledger, published -> committed, on a pre-published backlog, and
  * the CPU each process spent per record from the first commit seen to the last.
  */
-static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, long n,
-			   double *bare_rate, struct ledger_cpu *cpu)
+static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, long n,
+			 struct ledger_run *run)
 {
+	memset(run, 0, sizeof(*run));
 	char *db = fresh_db(pg, dbname);
 	struct stack s;
 	stack_start(&s, db);
 	publish_workload(&s, tenants, n, wall_us());
 	long total = 2 * n + tenants;
-	*bare_rate = bench_bare_consumer(&s, total);
+	run->bare_rate = bench_bare_consumer(&s, total);
+	if (run->bare_rate < 0) {
+		run->truncated = true;
+		stack_stop(&s);
+		free(db);
+		return;
+	}
 	char err[512], log[128];
 	snprintf(log, sizeof(log), "%s/ledger.log", s.dir);
 	PGconn *conn = tly_pg_connect(db, "tally-bench", err, sizeof(err));
 	if (!conn)
 		die("connect", err);
+	struct stamps st;
+	stamps_start(&st, &s);
 	pid_t ledger = start_ledger(&s, db, log);
-	double first_t = 0, end_t = 0, give_up = tly_clock_s() + 300;
+	double first_t = 0, half_t = 0, end_t = 0, give_up = tly_clock_s() + 600;
+	long at_first = -1;
+	double wal0 = 0, wal1 = 0;
 	long first_v = 0, v = 0;
 	struct writer_pids writers = {.n = 0};
 	int64_t cpu0[3] = {0}, cpu1[3] = {0};
@@ -476,32 +658,62 @@ static double bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants
 		if (v > 0 && first_t == 0) {
 			first_t = tly_clock_s();
 			first_v = v;
+			wal0 = wal_lsn(conn);
 			if ((writers = writer_backends(conn)).n > 0)
 				ledger_cpu_now(ledger, &writers, pg, cpu0);
 		}
+		if (first_t > 0 && half_t == 0 && v - first_v >= (total - first_v) / 2)
+			half_t = tly_clock_s();
 		if (v >= total) {
 			end_t = tly_clock_s();
+			wal1 = wal_lsn(conn);
 			if (writers.n > 0)
 				ledger_cpu_now(ledger, &writers, pg, cpu1);
 			break;
 		}
-		usleep(20000);
+		/*
+		 * Until the first commit's entries are all in (50 ms after the first read, more than the
+		 * ledger's producer waits), this wait is the tally.ledger reader's; then only the poll's.
+		 */
+		if (st.rk && st.first_ms < INT64_MAX && wall_us() / 1000 > st.first_ms + 50)
+			at_first = stamps_stop(&st);
+		if (st.rk)
+			stamps_read(&st, 20);
+		else
+			usleep(20000);
 	}
-	memset(cpu, 0, sizeof(*cpu));
+	if (st.rk)
+		at_first = stamps_stop(&st);
+	int64_t first_ms = st.first_ms;
+	struct ledger_cpu *cpu = &run->cpu;
 	if (writers.n > 0 && v > first_v) {
 		cpu->ledger_us = (double)(cpu1[0] - cpu0[0]) / (double)(v - first_v);
 		cpu->writer_us = (double)(cpu1[1] - cpu0[1]) / (double)(v - first_v);
 		cpu->pg_us = (double)(cpu1[2] - cpu0[2]) / (double)(v - first_v);
+		cpu->wal_bytes = (wal1 - wal0) / (double)(v - first_v);
 	}
 	tly_proc_stop(ledger, 10000);
 	PQfinish(conn);
-	stack_stop(&s);
-	free(db);
 	if (end_t == 0 || end_t <= first_t) {
 		fprintf(stderr, "tally-bench: the ledger committed %ld of %ld records (see its log)\n", v, total);
-		return 0;
+	} else {
+		run->poll_window_s = end_t - first_t;
+		run->poll_rate = (double)(total - first_v) / run->poll_window_s;
+		run->half_s[0] = half_t - first_t;
+		run->half_s[1] = end_t - half_t;
+		int64_t last_ms = last_stamp(&s);
+		if (at_first <= 0 || last_ms <= first_ms) {
+			fprintf(stderr, "tally-bench: could not read the commits' times from tally.ledger: "
+				"the poll's figure stands\n");
+			run->window_s = run->poll_window_s;
+			run->rate = run->poll_rate;
+		} else {
+			run->window_s = (double)(last_ms - first_ms) / 1000.0;
+			run->rate = (double)(total - at_first) / run->window_s;
+		}
 	}
-	return (double)(total - first_v) / (end_t - first_t);
+	stack_stop(&s);
+	free(db);
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -733,8 +945,9 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 }
 
 static const char help[] =
-	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--rate N] [--linger-ms N] [--brokers N]\n"
-	"                   [--partitions N] [--ledger-fetch-wait-ms N] [--read-wait-ms N]\n"
+	"Usage: tally-bench [--keep] [--only seeds,many,hot,latency] [--calls-many N] [--calls-hot N]\n"
+	"                   [--rate N] [--linger-ms N] [--brokers N] [--partitions N]\n"
+	"                   [--ledger-fetch-wait-ms N] [--read-wait-ms N]\n"
 	"\n"
 	"make bench: tally-ledger's decisions per second end to end (1,000 tenants and one hot tenant),\n"
 	"side by side with the seeds' design (SELECT ... FOR UPDATE per deduction, 8 clients) and a bare\n"
@@ -744,6 +957,8 @@ static const char help[] =
 	"\n"
 	"  --keep  leave each run's directory (broker and ledger logs) in /tmp\n"
 	"  --only  run only the parts named (the ratios need seeds)\n"
+	"  --calls-many  model calls (two decisions each) of the 1,000-tenant run (default " STR(CALLS_MANY) ")\n"
+	"  --calls-hot  model calls of the hot-tenant run (default " STR(CALLS_HOT) ")\n"
 	"  --rate  reservations/s of the latency run (default: half the 1,000-tenant rate)\n"
 	"  --linger-ms  linger.ms of the latency run's producer, the gateway (default 10; librdkafka's 5)\n"
 	"  --brokers  brokers of each run's dev broker (default 3)\n"
@@ -764,6 +979,7 @@ int main(int argc, char **argv)
 	const char *only = NULL;
 	double latency_rate = 0; /* --rate: of the latency run when the 1,000-tenant run is left out */
 	int linger_ms = LINGER_MS; /* --linger-ms: of the latency run's producer */
+	long calls_many = CALLS_MANY, calls_hot = CALLS_HOT; /* --calls-many, --calls-hot */
 	tly_log_init("tally-bench", TLY_LOG_WARN);
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--keep") == 0)
@@ -772,6 +988,10 @@ int main(int argc, char **argv)
 			only = argv[++i];
 		else if (strcmp(argv[i], "--rate") == 0 && i + 1 < argc)
 			latency_rate = atof(argv[++i]);
+		else if (strcmp(argv[i], "--calls-many") == 0 && i + 1 < argc)
+			calls_many = atol(argv[++i]);
+		else if (strcmp(argv[i], "--calls-hot") == 0 && i + 1 < argc)
+			calls_hot = atol(argv[++i]);
 		else if (strcmp(argv[i], "--linger-ms") == 0 && i + 1 < argc)
 			linger_ms = atoi(argv[++i]);
 		else if (strcmp(argv[i], "--ledger-fetch-wait-ms") == 0 && i + 1 < argc)
@@ -792,6 +1012,10 @@ int main(int argc, char **argv)
 	}
 	if (partitions < 1 || partitions > 1000) { /* tally-devbroker's bounds */
 		fprintf(stderr, "tally-bench: --partitions must be 1..1000, not %d\n%s", partitions, help);
+		return 2;
+	}
+	if (calls_many < 1 || calls_many > 10000000 || calls_hot < 1 || calls_hot > 10000000) {
+		fprintf(stderr, "tally-bench: --calls-many and --calls-hot must be 1..10000000\n%s", help);
 		return 2;
 	}
 	if (brokers < 1 || brokers > 32) {
@@ -829,31 +1053,40 @@ int main(int argc, char **argv)
 		tly_devpg_stop(pg);
 		return 1;
 	}
-	double bare_many = 0, bare_hot = 0, ledger_many = 0, ledger_hot = 0;
-	struct ledger_cpu cpu_many = {0}, cpu_hot = {0};
+	struct ledger_run many = {0}, hot = {0};
 	if (wanted(only, "many"))
-		ledger_many = bench_ledger(pg, "bench_many", 1000, 60000, &bare_many, &cpu_many);
-	if (wanted(only, "hot"))
-		ledger_hot = bench_ledger(pg, "bench_hot", 1, 12000, &bare_hot, &cpu_hot);
+		bench_ledger(pg, "bench_many", 1000, calls_many, &many);
+	if (wanted(only, "hot") && !many.truncated)
+		bench_ledger(pg, "bench_hot", 1, calls_hot, &hot);
+	if (many.truncated || hot.truncated) {
+		tly_devpg_stop(pg);
+		return 1;
+	}
+	double ledger_many = many.rate, ledger_hot = hot.rate;
 	printf("tally-ledger, published -> committed in PostgreSQL (a pre-published backlog of model calls:\n"
-	       "TokensReserved, then its ReservationSettled 20 calls later; each event is a decision):\n");
-	printf("  1,000 tenants     %10.0f decisions/s   %6.1fx the seeds' design   (120,000 events)\n",
-	       ledger_many, seeds_many > 0 ? ledger_many / seeds_many : 0);
-	printf("  1 hot tenant      %10.0f decisions/s   %6.1fx the seeds' design   (24,000 events)\n\n",
-	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0);
+	       "TokensReserved, then its ReservationSettled 20 calls later; each event is a decision),\n"
+	       "from the first commit to the last (their entries' CreateTime on tally.ledger):\n");
+	printf("  1,000 tenants     %10.0f decisions/s   %6.1fx the seeds' design   (%ld events, %.2f s)\n",
+	       ledger_many, seeds_many > 0 ? ledger_many / seeds_many : 0, 2 * calls_many, many.window_s);
+	printf("  1 hot tenant      %10.0f decisions/s   %6.1fx the seeds' design   (%ld events, %.2f s)\n",
+	       ledger_hot, seeds_hot > 0 ? ledger_hot / seeds_hot : 0, 2 * calls_hot, hot.window_s);
+	printf("  (by the 20 ms poll of the stored offsets: %.0f/s in %.2f s, %.0f/s in %.2f s;\n"
+	       "   the first and the second half of the records in %.2f + %.2f s, %.2f + %.2f s)\n\n",
+	       many.poll_rate, many.poll_window_s, hot.poll_rate, hot.poll_window_s, many.half_s[0],
+	       many.half_s[1], hot.half_s[0], hot.half_s[1]);
 	printf("CPU per record committed (from /proc/PID/task/*/schedstat, on a CPU):\n");
 	if (wanted(only, "many"))
-		printf("  1,000 tenants     tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us\n",
-		       cpu_many.ledger_us, cpu_many.writer_us, cpu_many.pg_us);
+		printf("  1,000 tenants     tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us   (WAL %.0f bytes)\n",
+		       many.cpu.ledger_us, many.cpu.writer_us, many.cpu.pg_us, many.cpu.wal_bytes);
 	if (wanted(only, "hot"))
-		printf("  1 hot tenant      tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us\n",
-		       cpu_hot.ledger_us, cpu_hot.writer_us, cpu_hot.pg_us);
+		printf("  1 hot tenant      tally-ledger %6.1f us   its writers' backends %6.1f us   all of PostgreSQL %6.1f us   (WAL %.0f bytes)\n",
+		       hot.cpu.ledger_us, hot.cpu.writer_us, hot.cpu.pg_us, hot.cpu.wal_bytes);
 	printf("\n");
 	printf("bare librdkafka consumer on the same topic (the ceiling):\n");
-	printf("  1,000 tenants     %10.0f records/s     ledger at %5.1f%% of it\n", bare_many,
-	       bare_many > 0 ? 100 * ledger_many / bare_many : 0);
-	printf("  1 hot tenant      %10.0f records/s     ledger at %5.1f%% of it\n", bare_hot,
-	       bare_hot > 0 ? 100 * ledger_hot / bare_hot : 0);
+	printf("  1,000 tenants     %10.0f records/s     ledger at %5.1f%% of it\n", many.bare_rate,
+	       many.bare_rate > 0 ? 100 * ledger_many / many.bare_rate : 0);
+	printf("  1 hot tenant      %10.0f records/s     ledger at %5.1f%% of it\n", hot.bare_rate,
+	       hot.bare_rate > 0 ? 100 * ledger_hot / hot.bare_rate : 0);
 	double rate = ledger_many > 0 ? ledger_many / 2 : latency_rate;
 	if (wanted(only, "latency") && rate > 0) {
 		struct latency l;
