@@ -1,4 +1,5 @@
 /* tally-ledger: arguments, configuration, handles, and the consumer loop around the partitions. */
+#include <errno.h>
 #include <getopt.h>
 #include <malloc.h>
 #include <inttypes.h>
@@ -25,6 +26,7 @@
 #include "metrics.h"
 #include "migrate.h"
 #include "pg.h"
+#include "proc.h"
 
 extern char **environ;
 
@@ -1140,10 +1142,11 @@ int main(int argc, char **argv)
 	 */
 	if (mallopt(M_MMAP_THRESHOLD, 64 << 20) != 1 || mallopt(M_TRIM_THRESHOLD, 256 << 20) != 1)
 		tly_warn("could not tune the allocator; going on with its defaults", NULL);
-	struct sigaction sa = {.sa_handler = on_stop}, hup = {.sa_handler = on_reload};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGHUP, &hup, NULL);
+	if (tly_proc_on_signals(on_stop, on_reload) != 0) {
+		fprintf(stderr, "tally-ledger: could not install the signal handlers: %s\n", strerror(errno));
+		rc = 1;
+		goto out;
+	}
 	app.config_file = config_file;
 	app.sets = sets;
 	app.n_sets = n_sets;

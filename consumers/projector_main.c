@@ -1,4 +1,5 @@
 /* tally-projector: reads tally.events, tally.ledger and tally.catalog and folds them into the projections. */
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -22,6 +23,7 @@
 #include "metrics.h"
 #include "migrate.h"
 #include "pg.h"
+#include "proc.h"
 #include "schema.h"
 
 extern char **environ;
@@ -932,10 +934,11 @@ int main(int argc, char **argv)
 	}
 	if (tly_log_level_parse(tly_config_str(app.cfg, "log.level"), &level) == 0)
 		tly_log_set_level(level);
-	struct sigaction sa = {.sa_handler = on_stop}, hup = {.sa_handler = on_reload};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGHUP, &hup, NULL);
+	if (tly_proc_on_signals(on_stop, on_reload) != 0) {
+		fprintf(stderr, PROG ": could not install the signal handlers: %s\n", strerror(errno));
+		rc = 1;
+		goto out;
+	}
 	app.config_file = config_file;
 	app.sets = sets;
 	app.n_sets = n_sets;

@@ -273,3 +273,12 @@ int tly_proc_cpu_add(pid_t pid, bool children, struct tly_proc_cpu *cpu)
 	closedir(d);
 	return 0;
 }
+
+int tly_proc_on_signals(void (*stop)(int), void (*reload)(int))
+{
+	struct sigaction sa = {.sa_handler = stop}, hup = {.sa_handler = reload};
+	if (sigemptyset(&sa.sa_mask) != 0 || sigemptyset(&hup.sa_mask) != 0 ||
+	    sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0)
+		return -1;
+	return reload && sigaction(SIGHUP, &hup, NULL) != 0 ? -1 : 0;
+}

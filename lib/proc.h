@@ -16,6 +16,12 @@
 pid_t tly_proc_spawn(char *const argv[], const char *log_path, char *errstr, size_t errlen);
 
 /*
+ * stop(sig) for SIGINT and SIGTERM, and reload(sig) for SIGHUP unless reload is NULL (no
+ * SA_RESTART: a blocking call returns early, EINTR). 0, or -1 with errno set.
+ */
+int tly_proc_on_signals(void (*stop)(int), void (*reload)(int)) TLY_MUST_CHECK;
+
+/*
  * Stop pid: SIGTERM, wait up to timeout_ms, then SIGKILL. Returns the exit status as waitpid gives
  * it, or -1 if the process was not our child.
  */

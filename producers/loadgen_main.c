@@ -13,6 +13,7 @@
 #include "event_json.h"
 #include "log.h"
 #include "loadgen.h"
+#include "proc.h"
 #include "producer.h"
 
 extern char **environ;
@@ -222,9 +223,10 @@ int main(int argc, char **argv)
 		goto out;
 	}
 
-	struct sigaction sa = {.sa_handler = on_stop};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	if (tly_proc_on_signals(on_stop, NULL) != 0) {
+		fprintf(stderr, PROG ": could not install the signal handlers: %s\n", strerror(errno));
+		goto out;
+	}
 	int64_t start = mono_us();
 	const char *events_topic = producer ? tly_producer_topic(producer, TLY_EV_TENANT_CREATED) : NULL;
 	for (uint64_t i = 0; !stop_requested && (events < 0 || i < (uint64_t)events); i++) {

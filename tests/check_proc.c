@@ -72,12 +72,49 @@ START_TEST(test_parent_and_stat_cpu)
 }
 END_TEST
 
+static volatile sig_atomic_t got_stop, got_reload;
+
+static void note_stop(int sig)
+{
+	got_stop = sig;
+}
+
+static void note_reload(int sig)
+{
+	got_reload = sig;
+}
+
+/* SIGINT and SIGTERM reach stop, SIGHUP reload; without reload, SIGHUP keeps what it had. */
+START_TEST(test_on_signals)
+{
+	struct sigaction ignore = {.sa_handler = SIG_IGN}, was;
+	ck_assert_int_eq(sigemptyset(&ignore.sa_mask), 0);
+	ck_assert_int_eq(sigaction(SIGHUP, &ignore, NULL), 0);
+	ck_assert_int_eq(tly_proc_on_signals(note_stop, NULL), 0);
+	ck_assert_int_eq(raise(SIGTERM), 0);
+	ck_assert_int_eq(got_stop, SIGTERM);
+	ck_assert_int_eq(raise(SIGINT), 0);
+	ck_assert_int_eq(got_stop, SIGINT);
+	ck_assert_int_eq(sigaction(SIGHUP, NULL, &was), 0);
+	ck_assert(was.sa_handler == SIG_IGN);
+	ck_assert_int_eq(tly_proc_on_signals(note_stop, note_reload), 0);
+	ck_assert_int_eq(raise(SIGHUP), 0);
+	ck_assert_int_eq(got_reload, SIGHUP);
+	struct sigaction dfl = {.sa_handler = SIG_DFL};
+	ck_assert_int_eq(sigemptyset(&dfl.sa_mask), 0);
+	ck_assert_int_eq(sigaction(SIGINT, &dfl, NULL), 0);
+	ck_assert_int_eq(sigaction(SIGTERM, &dfl, NULL), 0);
+	ck_assert_int_eq(sigaction(SIGHUP, &dfl, NULL), 0);
+}
+END_TEST
+
 Suite *proc_suite(void)
 {
 	Suite *s = suite_create("proc");
 	TCase *tc = tcase_create("proc");
 	tcase_add_test(tc, test_cpu_of_self_and_children);
 	tcase_add_test(tc, test_parent_and_stat_cpu);
+	tcase_add_test(tc, test_on_signals);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -775,9 +775,10 @@ int main(int argc, char **argv)
 	c.ledger2 = (struct daemon){.name = "ledger-2", .program = "tally-ledger", .log = "ledger-2.log"};
 	c.projector = (struct daemon){.name = "projector", .program = "tally-projector",
 				      .log = "projector.log", .wanted = true};
-	struct sigaction sa = {.sa_handler = on_stop};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	if (tly_proc_on_signals(on_stop, NULL) != 0) {
+		fprintf(stderr, PROG ": could not install the signal handlers: %s\n", strerror(errno));
+		return 1;
+	}
 
 	printf(PROG ": seed %" PRIu64 ", %d s of traffic and faults, %d events/s, %d tenants, "
 	       "%d brokers, %d partitions\n", c.seed, c.seconds, c.rate, c.tenants, BROKERS, PARTITIONS);

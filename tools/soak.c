@@ -171,9 +171,10 @@ int main(int argc, char **argv)
 	if (interval == 0)
 		interval = duration >= 600 ? 30 : duration >= 60 ? duration / 20 : 3;
 	tly_log_init(PROG, TLY_LOG_WARN);
-	struct sigaction sa = {.sa_handler = on_stop};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	if (tly_proc_on_signals(on_stop, NULL) != 0) {
+		fprintf(stderr, PROG ": could not install the signal handlers: %s\n", strerror(errno));
+		return 1;
+	}
 
 	char err[1024], parts[32], seedarg[32], ratearg[32], tenantarg[32], durarg[32];
 	struct tly_devstack stack;

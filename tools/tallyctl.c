@@ -251,9 +251,10 @@ static int cmd_dev(struct app *app, int argc, char **argv)
 	       ds.envfile);
 	fflush(stdout);
 
-	struct sigaction sa = {.sa_handler = on_stop};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	if (tly_proc_on_signals(on_stop, NULL) != 0) {
+		fprintf(stderr, "tallyctl: could not install the signal handlers: %s\n", strerror(errno));
+		goto out;
+	}
 	while (!stop_requested) {
 		int status;
 		if (tly_proc_wait(ds.broker, 200, &status) == 0) {

@@ -563,9 +563,10 @@ int cmd_demo(struct app *app, int argc, char **argv)
 	if (write_state(&d, "pid", pidtext) != 0)
 		return 1;
 
-	struct sigaction sa = {.sa_handler = on_demo_stop};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	if (tly_proc_on_signals(on_demo_stop, NULL) != 0) {
+		fprintf(stderr, "tallyctl: could not install the signal handlers: %s\n", strerror(errno));
+		return 1;
+	}
 	int rc = 1;
 	printf("Starting the dev stack (tally-devbroker, throw-away PostgreSQL) in %s\n", dir);
 	fflush(stdout);

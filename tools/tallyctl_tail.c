@@ -1,4 +1,5 @@
 /* tallyctl tail: every partition of a topic, decoded, printed as JSON lines (events or ledger entries). */
+#include <errno.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdint.h>
@@ -12,6 +13,7 @@
 #include "event_json.h"
 #include "kafka.h"
 #include "log.h"
+#include "proc.h"
 #include "tallyctl.h"
 
 #define METADATA_TIMEOUT_MS 10000
@@ -129,9 +131,10 @@ int cmd_tail(struct app *app, int argc, char **argv)
 	if (assign_all(rk, topic, from_beginning ? RD_KAFKA_OFFSET_BEGINNING : RD_KAFKA_OFFSET_END) != 0)
 		goto out;
 
-	struct sigaction sa = {.sa_handler = on_signal};
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
+	if (tly_proc_on_signals(on_signal, NULL) != 0) {
+		fprintf(stderr, "tallyctl: could not install the signal handlers: %s\n", strerror(errno));
+		goto out;
+	}
 	long long printed = 0;
 	int64_t last = tly_clock_ms();
 	rc = 0;
