@@ -735,6 +735,7 @@ struct latency {
 	double out_p50, out_p99; /* produced -> read (its producer, the broker, the bench's fetch) */
 	long samples;
 	struct tly_proc_cpu cpu[4]; /* over the measured 5 s, of each of cpu_names */
+	double wall_s, busy_s;      /* that window's length, and the machine's busy CPU time in it */
 };
 
 static const char *const cpu_names[] = {"tally-ledger", "PostgreSQL", "dev broker", "tally-bench"};
@@ -747,6 +748,28 @@ static void cpu_snapshot(pid_t ledger, struct tly_devpg *pg, pid_t broker, struc
 	    tly_proc_cpu_add(tly_devpg_pid(pg), true, &cpu[1]) != 0 ||
 	    tly_proc_cpu_add(broker, false, &cpu[2]) != 0 || tly_proc_cpu_add(getpid(), false, &cpu[3]) != 0)
 		die("latency", "could not read /proc");
+}
+
+/*
+ * CPU seconds the whole machine has spent busy since boot (/proc/stat's first line: user, nice,
+ * system, irq, softirq and steal; guest time is inside user). Beside the run's own processes it
+ * tells how much other work shared the cores: the tail follows it more than anything in the loop.
+ */
+static double machine_busy_s(void)
+{
+	unsigned long long v[8] = {0};
+	FILE *f = fopen("/proc/stat", "r");
+	if (!f)
+		die("latency", "could not open /proc/stat");
+	int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+		       &v[4], &v[5], &v[6], &v[7]);
+	if (fclose(f) != 0 || n != 8)
+		die("latency", "could not read /proc/stat");
+	long hz = sysconf(_SC_CLK_TCK);
+	if (hz <= 0)
+		die("latency", "no clock tick rate");
+	/* user nice system [idle iowait] irq softirq steal */
+	return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / (double)hz;
 }
 
 static void percentiles(double *v, long n, double *p50, double *p99)
@@ -882,11 +905,14 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	double start = tly_clock_s(), drain_until = 0;
 	bool measuring = false;
 	struct tly_proc_cpu cpu0[4];
+	double wall0 = 0, busy0 = 0;
 	while (decided < total) {
 		double t = tly_clock_s();
 		if (!measuring && wall_us() >= measure_from) {
 			measuring = true;
 			cpu_snapshot(ledger, pg, s.broker, cpu0);
+			wall0 = tly_clock_s();
+			busy0 = machine_busy_s();
 		}
 		while (sent < total && sent < (long)((t - start) * rate)) {
 			publish_reservation(p, &ev, 6, (uint64_t)sent, splitmix(&rng) % 1000);
@@ -922,6 +948,8 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	}
 	rd_kafka_queue_destroy(rq);
 	cpu_snapshot(ledger, pg, s.broker, res->cpu);
+	res->wall_s = tly_clock_s() - wall0;
+	res->busy_s = machine_busy_s() - busy0;
 	for (int i = 0; i < 4; i++) {
 		res->cpu[i].on_cpu_us -= cpu0[i].on_cpu_us;
 		res->cpu[i].waiting_us -= cpu0[i].waiting_us;
@@ -1106,6 +1134,14 @@ int main(int argc, char **argv)
 			printf("    %-13s %6.1f us on a CPU   %6.1f us waiting for one\n", cpu_names[i],
 			       l.samples ? (double)l.cpu[i].on_cpu_us / (double)l.samples : 0,
 			       l.samples ? (double)l.cpu[i].waiting_us / (double)l.samples : 0);
+		double run_s = 0;
+		for (int i = 0; i < 4; i++)
+			run_s += (double)l.cpu[i].on_cpu_us / 1e6;
+		long cores = sysconf(_SC_NPROCESSORS_ONLN);
+		printf("  the machine meanwhile (/proc/stat, %.1f s): %.2f of %ld cores busy, these four "
+		       "processes %.2f, other work %.2f\n", l.wall_s, l.wall_s > 0 ? l.busy_s / l.wall_s : 0,
+		       cores, l.wall_s > 0 ? run_s / l.wall_s : 0,
+		       l.wall_s > 0 ? (l.busy_s - run_s) / l.wall_s : 0);
 	}
 	tly_devpg_stop(pg);
 	return 0;
