@@ -45,13 +45,15 @@ void tly_test_db_down(struct tly_test_db *d)
 /*
  * A daemon handles SIGTERM once it has installed its handlers, which it does before its start-up
  * and so before its "<program> started" line: a SIGTERM earlier kills it (status 15). A stop waits
- * for that line first (or for the process to end). Logs are appended to by every run a test
- * makes, so each spawn notes how many such lines its log held before.
+ * for that line first (or for the process to end), in the log it was spawned with (a test may
+ * name another at the stop). Logs are appended to by every run a test makes, so each spawn notes
+ * how many such lines its log held before.
  */
 #define STARTED_WAIT_MS 30000
 static struct {
 	pid_t pid;
 	int before; /* "<program> started" lines in its log before it was spawned */
+	char log[512];
 } spawned[32];
 static unsigned n_spawned;
 
@@ -64,6 +66,7 @@ static pid_t spawn_noted(char *const argv[], const char *program, const char *lo
 	ck_assert_msg(pid > 0, "could not start %s: %s", program, errstr);
 	spawned[n_spawned % 32].pid = pid;
 	spawned[n_spawned % 32].before = before;
+	snprintf(spawned[n_spawned % 32].log, sizeof(spawned[0].log), "%s", log);
 	n_spawned++;
 	return pid;
 }
@@ -74,8 +77,12 @@ static int stop_started(pid_t pid, const char *program, const char *log)
 	char needle[64];
 	snprintf(needle, sizeof(needle), "msg=\"%s started\"", program);
 	int before = 0;
-	for (unsigned i = 0; i < 32; i++)
-		before = spawned[i].pid == pid ? spawned[i].before : before;
+	for (unsigned i = 0; i < 32; i++) {
+		if (spawned[i].pid == pid) {
+			before = spawned[i].before;
+			log = spawned[i].log;
+		}
+	}
 	for (int waited = 0; tly_test_log_count(log, needle) <= before && tly_proc_alive(pid);
 	     waited += 50) {
 		if (waited >= STARTED_WAIT_MS) {
