@@ -195,7 +195,8 @@ static int owned(const char *log)
  */
 #define REBALANCE_ROUND_MS 5000
 #define JOIN_WAIT_MS (9 * REBALANCE_ROUND_MS) /* two rounds, start-up, up to six lost syncs */
-#define ALONE_WAIT_MS (6 * REBALANCE_ROUND_MS) /* one member left: no follower's sync to lose */
+/* a member alone in the group (the first to join, or the one left): no follower's sync to lose */
+#define ALONE_WAIT_MS (6 * REBALANCE_ROUND_MS)
 
 /*
  * sig while records flow, with a second member in the group: the open batch commits, the process
@@ -211,7 +212,7 @@ static void drain_on(int sig, const char *program, const char *stopping, int tot
 	snprintf(log_a, sizeof(log_a), "%s", e.log);
 	snprintf(log_b, sizeof(log_b), "%s/second.log", e.b.dir);
 	pid_t a = daemon_spawn(&e, program, NULL, NULL, 0);
-	tly_test_wait_log(log_a, "msg=\"partition assigned\"", total, 20000);
+	tly_test_wait_log(log_a, "msg=\"partition assigned\"", total, ALONE_WAIT_MS);
 	snprintf(e.log, sizeof(e.log), "%s", log_b);
 	pid_t b = daemon_spawn(&e, program, NULL, NULL, 0);
 	tly_test_wait_log(log_b, "msg=\"partition assigned\"", 1, JOIN_WAIT_MS);
@@ -265,6 +266,25 @@ START_TEST(test_projector_sigterm)
 }
 END_TEST
 
+/*
+ * The harness's stop right after the spawn: it waits until the daemon has started (its handlers
+ * are in place), so the SIGTERM drains and exits 0 instead of killing it (status 15).
+ */
+START_TEST(test_stop_at_once)
+{
+	struct env e;
+	env_up(&e);
+	for (int i = 0; i < 3; i++) {
+		pid_t ledger = tly_test_ledger_spawn(e.b.bootstraps, e.db.conninfo, "lifecycle-test",
+						     PARTITIONS, e.log);
+		tly_test_ledger_stop(ledger, e.log);
+		pid_t projector = tly_test_projector_spawn(e.b.bootstraps, e.db.conninfo, e.log);
+		tly_test_projector_stop(projector, e.log);
+	}
+	env_down(&e);
+}
+END_TEST
+
 /* ---- SIGHUP ----------------------------------------------------------------------------------- */
 
 /*
@@ -278,7 +298,7 @@ static void reload_on_hup(const char *program, const char *debug_line)
 	write_config(&e, "log.level = info\n");
 	char *extra[] = {"-c", e.cfg};
 	pid_t pid = daemon_spawn(&e, program, NULL, extra, 2);
-	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, 20000);
+	tly_test_wait_log(e.log, "msg=\"partition assigned\"", PARTITIONS, ALONE_WAIT_MS);
 	loadgen(&e, "7", "100");
 	wait_stored(&e, program, 100);
 	ck_assert_int_eq(tly_test_log_count(e.log, debug_line), 0);
@@ -388,5 +408,9 @@ Suite *lifecycle_suite(void)
 	tcase_add_test(tc, test_ledger_sighup);
 	tcase_add_test(tc, test_projector_sighup);
 	suite_add_tcase(s, tc);
+	TCase *stop = tcase_create("stop"); /* CK_RUN_CASE=stop: the harness's stop alone */
+	tcase_set_timeout(stop, 195);
+	tcase_add_test(stop, test_stop_at_once);
+	suite_add_tcase(s, stop);
 	return s;
 }

@@ -57,13 +57,16 @@ void tly_test_db_down(struct tly_test_db *d);
 pid_t tly_test_ledger_spawn(const char *bootstraps, const char *db, const char *group, int partitions,
 			    const char *log);
 
-/* SIGTERM the ledger and check it exits 0 (else fail the test, naming its log). */
+/*
+ * SIGTERM the ledger once it has logged that it started (its handlers are in place; up to 30 s)
+ * and check it exits 0 (else fail the test, naming its log).
+ */
 void tly_test_ledger_stop(pid_t pid, const char *log);
 
 /* Start the real tally-projector (group projector-test, one-second heartbeats) logging to log. */
 pid_t tly_test_projector_spawn(const char *bootstraps, const char *db, const char *log);
 
-/* SIGTERM the projector and check it exits 0 (else fail the test, naming its log). */
+/* The same for the projector. */
 void tly_test_projector_stop(pid_t pid, const char *log);
 
 /* The whole file at path (malloc'd, caller frees); "" when it cannot be opened. */

@@ -70,8 +70,28 @@ static int64_t wall_us(void)
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/*
+ * What the bench started and has not stopped yet, for die() to stop before it exits: the
+ * throw-away PostgreSQL, the run's dev broker and its directory, the run's tally-ledger.
+ */
+struct stack;
+static void stack_stop(struct stack *s);
+static struct {
+	struct tly_devpg *pg;
+	struct stack *stack;
+	pid_t ledger; /* 0: none */
+} running;
+static pthread_mutex_t dying = PTHREAD_MUTEX_INITIALIZER;
+
 static void die(const char *what, const char *why)
 {
+	/* the seeds' clients die on their threads: the first one stops everything, the rest wait */
+	pthread_mutex_lock(&dying);
+	tly_proc_stop(running.ledger, 10000);
+	if (running.stack)
+		stack_stop(running.stack);
+	tly_devpg_stop(running.pg);
+	/* last: librdkafka's threads may log about the stopped broker meanwhile */
 	fprintf(stderr, "tally-bench: %s: %s\n", what, why);
 	exit(1);
 }
@@ -194,8 +214,11 @@ static void stack_start(struct stack *s, const char *db)
 {
 	char err[512], exe[PATH_MAX], boot[128], parts[8], nbrokers[8];
 	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
+	s->broker = -1;
+	s->cfg = NULL;
 	if (!mkdtemp(s->dir))
 		die("mkdtemp", strerror(errno));
+	running.stack = s;
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
 	snprintf(parts, sizeof(parts), "%d", partitions);
@@ -222,6 +245,7 @@ static bool keep_logs; /* --keep: leave each run's directory (broker and ledger 
 
 static void stack_stop(struct stack *s)
 {
+	running.stack = NULL;
 	tly_proc_stop(s->broker, 5000);
 	tly_config_free(s->cfg);
 	if (keep_logs) {
@@ -412,7 +436,14 @@ static pid_t start_ledger(struct stack *s, const char *db, const char *log)
 	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
 	if (pid < 0)
 		die("tally-ledger", err);
+	running.ledger = pid;
 	return pid;
+}
+
+static void stop_ledger(pid_t pid)
+{
+	running.ledger = 0;
+	tly_proc_stop(pid, 10000);
 }
 
 static char *fresh_db(struct tly_devpg *pg, const char *name)
@@ -692,7 +723,7 @@ static void bench_ledger(struct tly_devpg *pg, const char *dbname, int tenants, 
 		cpu->pg_us = (double)(cpu1[2] - cpu0[2]) / (double)(v - first_v);
 		cpu->wal_bytes = (wal1 - wal0) / (double)(v - first_v);
 	}
-	tly_proc_stop(ledger, 10000);
+	stop_ledger(ledger);
 	PQfinish(conn);
 	if (end_t == 0 || end_t <= first_t) {
 		fprintf(stderr, "tally-bench: the ledger committed %ld of %ld records (see its log)\n", v, total);
@@ -966,7 +997,7 @@ static void bench_latency(struct tly_devpg *pg, double rate, int linger_ms, stru
 	tly_codec_free(codec);
 	tly_producer_free(p, 5000);
 	tly_kafka_consumer_destroy(rk);
-	tly_proc_stop(ledger, 10000);
+	stop_ledger(ledger);
 	PQfinish(conn);
 	stack_stop(&s);
 	free(db);
@@ -1058,6 +1089,7 @@ int main(int argc, char **argv)
 	struct tly_devpg *pg = tly_devpg_start_durable(NULL, true, err, sizeof(err));
 	if (!pg)
 		die("PostgreSQL", err);
+	running.pg = pg;
 	/* ready WAL segments, as a server in steady state has, for the seeds and the ledger alike: a
 	 * fresh cluster zero-fills each new one (2-10% of the ledger writer's backend in a profile) */
 	if (tly_devpg_prealloc_wal(pg, err, sizeof(err)) != 0)

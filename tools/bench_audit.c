@@ -43,8 +43,11 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+static struct tly_devpg *running_pg; /* the throw-away PostgreSQL, for die() to stop */
+
 static void die(const char *what, const char *why)
 {
+	tly_devpg_stop(running_pg);
 	fprintf(stderr, PROG ": %s: %s\n", what, why);
 	exit(1);
 }
@@ -191,6 +194,7 @@ int main(int argc, char **argv)
 	} else {
 		if (!(pg = tly_devpg_start(NULL, err, sizeof(err))))
 			die("PostgreSQL", err);
+		running_pg = pg;
 		PGconn *admin = tly_pg_connect(tly_devpg_conninfo(pg), PROG, err, sizeof(err));
 		if (!admin || tly_pg_exec_script(admin, "CREATE DATABASE bench_audit", &pe) != 0)
 			die("create database", admin ? pe.message : err);

@@ -42,8 +42,18 @@ struct rates {
 	double raw, api, cli; /* events/s */
 };
 
+/* What the bench started, for die() to stop: the dev broker (-1: none) and its directory. */
+static pid_t running_broker = -1;
+static char *running_dir;
+
 static void die(const char *what, const char *why)
 {
+	tly_proc_stop(running_broker, 5000);
+	if (running_dir) {
+		char *rm[] = {"rm", "-rf", running_dir, NULL};
+		(void)tly_proc_run(rm, NULL, 0);
+	}
+	/* last: librdkafka's threads may log about the stopped broker meanwhile */
 	fprintf(stderr, "tally-bench-publish: %s: %s\n", what, why);
 	exit(1);
 }
@@ -236,6 +246,7 @@ int main(int argc, char **argv)
 	tly_log_init("tally-bench-publish", TLY_LOG_WARN);
 	if (!mkdtemp(dir))
 		die("mkdtemp", strerror(errno));
+	running_dir = dir;
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", dir);
 	snprintf(log, sizeof(log), "%s/broker.log", dir);
@@ -244,6 +255,7 @@ int main(int argc, char **argv)
 	pid_t broker = tly_proc_spawn(bargv, log, err, sizeof(err));
 	if (broker < 0)
 		die("tally-devbroker", err);
+	running_broker = broker;
 	if (tly_proc_wait_file(boot, 10000) != 0)
 		die("tally-devbroker", "did not start");
 	FILE *bf = fopen(boot, "r");
