@@ -854,7 +854,8 @@ int main(int argc, char **argv)
 	printf("steady state vs the ledger's rate:    %5.2fx  (target >= 1: the projector keeps up; medians: "
 	       "tally-projector %.0f events/s of %d run(s), tally-ledger %.0f of %d)\n",
 	       ledger_med > 0 ? proj_med / ledger_med : 0, proj_med, pn, ledger_med, ln);
-	printf("  first runs alone (the figure printed before session 13): %5.2fx  (%.0f against %.0f events/s)\n",
+	printf("  first runs alone (the headline before session 13, whose first projector run had no "
+	       "CHECKPOINT before it): %5.2fx  (%.0f against %.0f events/s)\n",
 	       ledger_rate > 0 ? proj_events / ledger_rate : 0, proj_events, ledger_rate);
 	/* Both daemons are CPU-bound on these cores: the rate each can sustain follows its CPU per
 	 * record of tally.events. Whole runs, the same backlog and database; unlike the rates above it
