@@ -3,9 +3,12 @@
  * durable throw-away PostgreSQL (fsync, full_page_writes, synchronous_commit on) and a dev broker:
  * a loadgen backlog goes through tally-ledger (timed: the ledger's rate on this workload), then
  * tally-projector consumes the whole backlog of tally.events, tally.ledger and tally.catalog
- * (steady-state apply rate), then `tallyctl rebuild all` folds it again into shadow tables and
- * swaps them in (rebuild rate), then the same rows are COPYed into empty copies of the tables with
- * the same indexes (the raw COPY rate). Figures are printed, never asserted.
+ * (steady-state apply rate), again from empty projections --projector-rounds times, then
+ * `tallyctl rebuild all` folds it again into shadow tables and swaps them in (rebuild rate), then
+ * the same rows are COPYed into empty copies of the tables with the same indexes (the raw COPY
+ * rate), then tally-ledger runs again from an empty ledger --ledger-rounds times. Keep-up is the
+ * median of the projector's runs against the median of the ledger's, the first runs included.
+ * Every timed step starts after an untimed CHECKPOINT. Figures are printed, never asserted.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -39,6 +42,8 @@
 #define DB "bench_projector"
 #define WAIT_S 240
 #define MAX_ROUNDS 15
+#define PROJECTOR_ROUNDS 6 /* default --projector-rounds */
+#define LEDGER_ROUNDS 6    /* default --ledger-rounds */
 
 static void die(const char *what, const char *why)
 {
@@ -378,10 +383,10 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-/* The median of n figures (sorts a copy). */
+/* The median of n figures (sorts a copy); n <= MAX_ROUNDS + 1 (a first run and its rounds). */
 static double median(const double *v, int n)
 {
-	double s[MAX_ROUNDS];
+	double s[MAX_ROUNDS + 1];
 	memcpy(s, v, (size_t)n * sizeof(*s));
 	qsort(s, (size_t)n, sizeof(*s), cmp_double);
 	return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
@@ -516,16 +521,94 @@ static void reset_projections(struct stack *s)
 		die("reset", pe.message);
 }
 
+/* One run of tally-ledger over the whole backlog of tally.events, from an empty ledger. */
+struct ledger_run {
+	double secs;        /* from its first stored offset to the last */
+	double rate;        /* records of tally.events a second in that time */
+	double cpu;         /* CPU seconds of the process, the whole run (publishing included) */
+	double backend_cpu; /* of its PostgreSQL backends, the whole run */
+	int n_backends;
+	long entries;   /* rows of ledger_entries */
+	long published; /* records it added to tally.ledger */
+};
+
+/* The ledger's entries: their count and the md5 of their (tenant_id, seq, hash) in order. */
+static char *ledger_digest(struct stack *s)
+{
+	struct tly_pg_error pe;
+	char *d = NULL;
+	PGresult *r = tly_pg_query(s->conn, "SELECT count(*) || ':' || coalesce(md5(string_agg("
+				   "tenant_id::text || ':' || seq::text || ':' || encode(hash, 'hex'), ',' "
+				   "ORDER BY tenant_id, seq)), '') FROM ledger_entries", 0, NULL, &pe);
+	if (!r || !(d = strdup(PQgetvalue(r, 0, 0))))
+		die("ledger digest", r ? "out of memory" : pe.message);
+	PQclear(r);
+	return d;
+}
+
+static struct ledger_run run_ledger(struct stack *s, const char *exe, long events)
+{
+	char err[512], log[256];
+	struct ledger_run run = {0};
+	long first = 0, base = topic_end(s, "tally.ledger");
+	snprintf(log, sizeof(log), "%s/ledger.log", s->dir);
+	char *la[] = {(char *)exe, NULL};
+	pid_t ledger = tly_proc_spawn(la, log, err, sizeof(err));
+	if (ledger < 0)
+		die("tally-ledger", err);
+	run.secs = time_consumer(s, "tally-ledger", events, &first);
+	if (run.secs <= 0)
+		die("tally-ledger", "did not finish the backlog (see its log)");
+	run.rate = (double)(events - first) / run.secs;
+	run.entries = q_long(s, "SELECT count(*) FROM ledger_entries", NULL);
+	/* every entry published to tally.ledger before its CPU is read and it stops */
+	for (double give_up = tly_clock_s() + 60;
+	     topic_end(s, "tally.ledger") < base + run.entries && tly_clock_s() < give_up;)
+		usleep(50000);
+	/* the ledger's CPU over its whole run (start-up and publishing included, as the projector's) */
+	run.cpu = tly_proc_cpu_s(ledger, false);
+	run.backend_cpu = backends_cpu(s, "tally-ledger", &run.n_backends, NULL);
+	if (tly_proc_stop(ledger, 10000) < 0)
+		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
+	run.published = topic_end(s, "tally.ledger") - base;
+	backends_gone(s);
+	return run;
+}
+
+/*
+ * Untimed, before a rerun of tally-ledger: the ledger as before its first run. Its tables
+ * emptied (entries, wallets, holds, input batches, published markers, quarantine), its stored
+ * offsets deleted; topic_partitions (the partition count it recorded) kept, as tally.events
+ * still has that many. Then a CHECKPOINT; no ANALYZE, for the reason reset_projections gives
+ * (tally-ledger's generic plans too are made once, at their first use). What it re-publishes
+ * goes to tally.ledger after nothing reads that topic any more.
+ */
+static void reset_ledger(struct stack *s)
+{
+	struct tly_pg_error pe;
+	backends_gone(s);
+	const char *const v[] = {"tally-ledger"};
+	if (tly_pg_begin(s->conn, &pe) != 0 ||
+	    tly_pg_exec_script(s->conn, "TRUNCATE ledger_entries, ledger_wallets, ledger_holds, "
+				"ledger_input_batches, ledger_published, quarantine RESTART IDENTITY", &pe) != 0 ||
+	    tly_pg_exec(s->conn, "DELETE FROM consumer_offsets WHERE consumer = $1", 1, v, &pe) != 0 ||
+	    tly_pg_commit(s->conn, &pe) != 0 || tly_pg_exec_script(s->conn, "CHECKPOINT", &pe) != 0)
+		die("reset the ledger", pe.message);
+}
+
 static const char help[] =
 	"Usage: tally-bench-projector [--tenants N] [--events N] [--step-ms MS]\n"
 	"                             [--partitions N] [--baseline TALLYCTL] [--rounds N]\n"
 	"                             [--projector-rounds N] [--baseline-projector TALLY_PROJECTOR]\n"
+	"                             [--ledger-rounds N]\n"
 	"\n"
 	"make bench: the ledger's rate on a loadgen backlog, tally-projector's rate on the whole\n"
 	"backlog, `tallyctl rebuild all` and a raw COPY of the same rows, with the ratios. Starts its\n"
 	"own durable PostgreSQL and dev broker; prints the figures, asserts nothing. Keep-up is\n"
 	"printed twice: the projector's rate against the ledger's, and the ledger's CPU per record of\n"
-	"tally.events (tally-ledger and its backends, whole run) against the projector's.\n"
+	"tally.events (tally-ledger and its backends, whole run) against the projector's; each as\n"
+	"the ratio of the medians of both sides' runs (first runs included), then of the first\n"
+	"runs alone. Before each timed run of either daemon a CHECKPOINT is taken, untimed.\n"
 	"--tenants, --events, --step-ms: the loadgen backlog (default " TENANTS " tenants, " EVENTS "\n"
 	"events, " STEP_MS " ms, " PARTITIONS " partitions; the dev broker keeps about 5 MiB per\n"
 	"partition: for more events, add partitions and shorten the step so that the hourly\n"
@@ -536,10 +619,15 @@ static const char help[] =
 	"each round and the medians. Before each timed step every projection table is analyzed\n"
 	"and a CHECKPOINT taken, untimed.\n"
 	"--projector-rounds: after the first projector run, empties the projections and runs\n"
-	"tally-projector over the whole backlog again this many times (default 0, at most 15),\n"
+	"tally-projector over the whole backlog again this many times (default 6, at most 15),\n"
 	"each time with --baseline-projector (another build's tally-projector) if given, first in\n"
 	"odd rounds and second in even ones, and\n"
 	"prints each run's rate and CPU per input record (process and backends) and the medians.\n"
+	"--ledger-rounds: after the raw COPYs (nothing reads the ledger's output any more), empties\n"
+	"the ledger (its tables, quarantine and stored offsets; the recorded partition count stays)\n"
+	"and runs tally-ledger over the same tally.events again this many times (default 6, at\n"
+	"most 15), printing each run's rate and CPU and warning if its entries differ from the\n"
+	"first run's (count and md5 of tenant_id, seq, hash).\n"
 	"TALLY_BENCH_HOOK: a shell command run at the end, before the stack stops, with the\n"
 	"stack's TALLY_* settings in its environment (to profile by hand); its output is printed.\n";
 
@@ -549,10 +637,10 @@ int main(int argc, char **argv)
 		int only = tly_cli_help_only(argc, argv, help);
 		return only > 0 ? 0 : 2;
 	}
-	char err[512], exe[PATH_MAX], log[256], out[4096];
+	char exe[PATH_MAX], out[4096];
 	const char *tenants = TENANTS, *nevents = EVENTS, *step = STEP_MS, *baseline = NULL;
 	const char *partitions = PARTITIONS, *baseline_projector = NULL;
-	int rounds = 5, proj_rounds = 0;
+	int rounds = 5, proj_rounds = PROJECTOR_ROUNDS, ledger_rounds = LEDGER_ROUNDS;
 	for (int a = 1; a + 1 < argc; a += 2) {
 		if (strcmp(argv[a], "--tenants") == 0)
 			tenants = argv[a + 1];
@@ -568,6 +656,8 @@ int main(int argc, char **argv)
 			rounds = atoi(argv[a + 1]);
 		else if (strcmp(argv[a], "--projector-rounds") == 0)
 			proj_rounds = atoi(argv[a + 1]);
+		else if (strcmp(argv[a], "--ledger-rounds") == 0)
+			ledger_rounds = atoi(argv[a + 1]);
 		else if (strcmp(argv[a], "--baseline-projector") == 0)
 			baseline_projector = argv[a + 1];
 		else
@@ -581,6 +671,8 @@ int main(int argc, char **argv)
 		die("--rounds", "not a number from 1 to 15");
 	if (proj_rounds < 0 || proj_rounds > MAX_ROUNDS)
 		die("--projector-rounds", "not a number from 0 to 15");
+	if (ledger_rounds < 0 || ledger_rounds > MAX_ROUNDS)
+		die("--ledger-rounds", "not a number from 0 to 15");
 	stack_start(&s);
 
 	/* the workload: loadgen as fast as it goes, with period closes and invoices */
@@ -591,36 +683,34 @@ int main(int argc, char **argv)
 		die("tally-loadgen", out);
 	long events = topic_end(&s, "tally.events"), catalog = topic_end(&s, "tally.catalog");
 
-	/* the ledger on the backlog */
-	snprintf(log, sizeof(log), "%s/ledger.log", s.dir);
-	tly_proc_sibling("tally-ledger", exe, sizeof(exe));
-	char *la[] = {exe, NULL};
+	/* the ledger on the backlog, after a CHECKPOINT (the migrations' writes flushed), untimed */
+	char ledger_exe[PATH_MAX];
+	struct tly_pg_error pe;
+	tly_proc_sibling("tally-ledger", ledger_exe, sizeof(ledger_exe));
+	if (tly_pg_exec_script(s.conn, "CHECKPOINT", &pe) != 0)
+		die("checkpoint", pe.message);
 	struct walstat ledger_w0 = walstat_now(&s);
-	pid_t ledger = tly_proc_spawn(la, log, err, sizeof(err));
-	if (ledger < 0)
-		die("tally-ledger", err);
-	long first = 0;
-	double ledger_s = time_consumer(&s, "tally-ledger", events, &first);
-	if (ledger_s <= 0)
-		die("tally-ledger", "did not finish the backlog (see its log)");
-	double ledger_rate = (double)(events - first) / ledger_s;
-	long entries = q_long(&s, "SELECT count(*) FROM ledger_entries", NULL);
-	/* every entry published to tally.ledger before the projector starts */
-	for (double give_up = tly_clock_s() + 60; topic_end(&s, "tally.ledger") < entries && tly_clock_s() < give_up;)
-		usleep(50000);
-	/* the ledger's CPU over its whole run (start-up and publishing included, as the projector's) */
-	int ledger_backends = 0;
-	double ledger_cpu = tly_proc_cpu_s(ledger, false),
-	       ledger_backend_cpu = backends_cpu(&s, "tally-ledger", &ledger_backends, NULL);
-	if (tly_proc_stop(ledger, 10000) < 0)
-		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
-	long ledger_records = topic_end(&s, "tally.ledger");
-	backends_gone(&s);
+	struct ledger_run lrun = run_ledger(&s, ledger_exe, events);
 	struct walstat ledger_w1 = walstat_now(&s);
+	char *entries_digest = ledger_digest(&s);
+	double ledger_s = lrun.secs, ledger_rate = lrun.rate, ledger_cpu = lrun.cpu,
+	       ledger_backend_cpu = lrun.backend_cpu;
+	int ledger_backends = lrun.n_backends;
+	long entries = lrun.entries, ledger_records = lrun.published;
+	/* events/s and CPU us per tally.events record of each ledger run, the first at [0] */
+	double lrate[MAX_ROUNDS + 1], lcpu[MAX_ROUNDS + 1];
+	lrate[0] = ledger_rate;
+	lcpu[0] = (ledger_cpu + ledger_backend_cpu) / (double)events * 1e6;
 
-	/* the projector on the whole backlog */
+	/*
+	 * the projector on the whole backlog, prepared as every later projector run
+	 * (reset_projections: the projections, already empty, truncated, then a CHECKPOINT, so that
+	 * the ledger's dirty buffers are not flushed during the timed run)
+	 */
 	long inputs = events + ledger_records + catalog;
 	tly_proc_sibling("tally-projector", exe, sizeof(exe));
+	reset_projections(&s);
+	struct walstat proj_w0 = walstat_now(&s);
 	struct proj_run run = run_projector(&s, exe, inputs);
 	backends_gone(&s);
 	struct walstat proj_w1 = walstat_now(&s);
@@ -633,8 +723,11 @@ int main(int argc, char **argv)
 	char *live_digest = digest(&s);
 
 	/* again from empty projections, alternating with the baseline projector if any */
-	/* events/s and CPU us per input record of each run: [0] this build, [1] the baseline */
-	double prate[2][MAX_ROUNDS], pcpu[2][MAX_ROUNDS];
+	/* events/s and CPU us per input record of each run: [0] this build, [1] the baseline; pev:
+	 * this build's events/s and CPU us per tally.events record, its first run at [0] */
+	double prate[2][MAX_ROUNDS], pcpu[2][MAX_ROUNDS], pev_rate[MAX_ROUNDS + 1], pev_cpu[MAX_ROUNDS + 1];
+	pev_rate[0] = proj_events;
+	pev_cpu[0] = (proj_cpu + backend_cpu) / (double)events * 1e6;
 	for (int r = 0; r < proj_rounds; r++) {
 		/* the baseline first in odd rounds, second in even ones, as the rebuild rounds: the
 		 * order must not favour either build */
@@ -649,6 +742,8 @@ int main(int argc, char **argv)
 			       k ? "baseline" : "this build", pr.secs, prate[k][r], pr.cpu,
 			       pr.n_backends, pr.backend_cpu, pcpu[k][r]);
 			if (!k) {
+				pev_rate[r + 1] = prate[k][r];
+				pev_cpu[r + 1] = (pr.cpu + pr.backend_cpu) / (double)events * 1e6;
 				char *d = digest(&s);
 				warn_changed(live_digest, d, "a projector round");
 				free(d);
@@ -696,6 +791,24 @@ int main(int argc, char **argv)
 			       copy_c[1][r]);
 	}
 	free(live_digest);
+
+	/* the ledger again, from an empty ledger on the same backlog, now that nothing reads its output */
+	for (int r = 0; r < ledger_rounds; r++) {
+		reset_ledger(&s);
+		struct ledger_run lr = run_ledger(&s, ledger_exe, events);
+		lrate[r + 1] = lr.rate;
+		lcpu[r + 1] = (lr.cpu + lr.backend_cpu) / (double)events * 1e6;
+		printf("ledger round %d: %.2f s, %.0f events/s; CPU tally-ledger %.2f s + %d backend(s) %.2f s = "
+		       "%.1f us per tally.events record\n", r + 1, lr.secs, lr.rate, lr.cpu, lr.n_backends,
+		       lr.backend_cpu, lcpu[r + 1]);
+		char *d = ledger_digest(&s);
+		if (strcmp(d, entries_digest) != 0 || lr.published != ledger_records)
+			printf("warning: the ledger's round %d made entries %s (count:md5 of tenant_id, seq, hash) "
+			       "and published %ld records; its first run %s and %ld\n", r + 1, d, lr.published,
+			       entries_digest, ledger_records);
+		free(d);
+	}
+	free(entries_digest);
 	double rebuild_s = median(rebuild_t, rounds), base_s = baseline ? median(base_t, rounds) : 0;
 	double rebuild_rows = (double)rows / rebuild_s, copy_rows = (double)copied / median(copy_t, rounds);
 	if (rounds > 1)
@@ -708,9 +821,14 @@ int main(int argc, char **argv)
 	       "  %ld records on tally.events, %ld on tally.catalog; the ledger made %ld entries\n"
 	       "  (%ld records on tally.ledger); %ld rows in the %zu projection tables\n\n",
 	       tenants, nevents, step, events, catalog, entries, ledger_records, rows, tly_fold_n_tables);
-	printf("tally-ledger on the backlog           %10.0f events/s\n", ledger_rate);
+	printf("tally-ledger on the backlog           %10.0f events/s   (first run, %.2f s)\n", ledger_rate,
+	       ledger_s);
+	if (ledger_rounds > 0)
+		printf("  median of %d runs (the first and %d more): %10.0f events/s, %.1f us CPU per "
+		       "tally.events record\n", ledger_rounds + 1, ledger_rounds, median(lrate, ledger_rounds + 1),
+		       median(lcpu, ledger_rounds + 1));
 	printf("tally-projector on the backlog        %10.0f events/s   %10.0f input records/s   "
-	       "%10.0f rows/s   (%.2f s)\n", proj_events, proj_records, proj_rows, proj_s);
+	       "%10.0f rows/s   (first run, %.2f s)\n", proj_events, proj_records, proj_rows, proj_s);
 	printf("  CPU of the whole run: tally-projector %.2f s, its %d PostgreSQL backend(s) %.2f s "
 	       "(%.1f us per input record)\n", proj_cpu, n_backends, backend_cpu,
 	       (proj_cpu + backend_cpu) / (double)run.timed * 1e6);
@@ -730,18 +848,28 @@ int main(int argc, char **argv)
 	printf("raw COPY of the same %ld rows into empty copies (same indexes), one transaction:\n"
 	       "                                                                            "
 	       "%10.0f rows/s\n\n", copied, copy_rows);
-	printf("steady state vs the ledger's rate:    %5.2fx  (target >= 1: the projector keeps up)\n",
-	       ledger_rate > 0 ? proj_events / ledger_rate : 0);
+	/* the headline: medians of each side's runs, the first included (one run each when no rounds) */
+	int ln = ledger_rounds + 1, pn = proj_rounds + 1;
+	double ledger_med = median(lrate, ln), proj_med = median(pev_rate, pn);
+	printf("steady state vs the ledger's rate:    %5.2fx  (target >= 1: the projector keeps up; medians: "
+	       "tally-projector %.0f events/s of %d run(s), tally-ledger %.0f of %d)\n",
+	       ledger_med > 0 ? proj_med / ledger_med : 0, proj_med, pn, ledger_med, ln);
+	printf("  first runs alone (the headline before session 13, whose first projector run had no "
+	       "CHECKPOINT before it): %5.2fx  (%.0f against %.0f events/s)\n",
+	       ledger_rate > 0 ? proj_events / ledger_rate : 0, proj_events, ledger_rate);
 	/* Both daemons are CPU-bound on these cores: the rate each can sustain follows its CPU per
 	 * record of tally.events. Whole runs, the same backlog and database; unlike the rates above it
 	 * does not depend on how a short run's few batches fell. */
-	double ledger_us = (ledger_cpu + ledger_backend_cpu) / (double)events * 1e6,
-	       proj_us = (proj_cpu + backend_cpu) / (double)events * 1e6;
-	printf("  by CPU per tally.events record:     %5.2fx  (tally-ledger %.2f s + %d backend(s) %.2f s = "
+	double ledger_us = lcpu[0], proj_us = pev_cpu[0];
+	double ledger_us_med = median(lcpu, ln), proj_us_med = median(pev_cpu, pn);
+	printf("  by CPU per tally.events record:     %5.2fx  (medians: tally-ledger and its backends %.1f us, "
+	       "tally-projector and its backends %.1f us)\n", proj_us_med > 0 ? ledger_us_med / proj_us_med : 0,
+	       ledger_us_med, proj_us_med);
+	printf("  by CPU, first runs alone:           %5.2fx  (tally-ledger %.2f s + %d backend(s) %.2f s = "
 	       "%.1f us; tally-projector %.1f us)\n", proj_us > 0 ? ledger_us / proj_us : 0, ledger_cpu,
 	       ledger_backends, ledger_backend_cpu, ledger_us, proj_us);
-	walstat_print("tally-ledger's run", ledger_w0, ledger_w1, events);
-	walstat_print("tally-projector's run", ledger_w1, proj_w1, events);
+	walstat_print("tally-ledger's first run", ledger_w0, ledger_w1, events);
+	walstat_print("tally-projector's first run", proj_w0, proj_w1, events);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
 	       copy_rows > 0 ? 100 * rebuild_rows / copy_rows : 0);
 	if (rounds > 1) { /* the same, round by round: each rebuild against the raw COPY of its round */
