@@ -45,9 +45,25 @@
 #define PROJECTOR_ROUNDS 6 /* default --projector-rounds */
 #define LEDGER_ROUNDS 6    /* default --ledger-rounds */
 
+/*
+ * What the bench has started, for die() to stop: the throw-away PostgreSQL, the dev broker, the
+ * daemon being timed (one at a time) and the directory of their logs, which a failure keeps.
+ */
+static struct {
+	struct tly_devpg *pg;
+	pid_t broker, daemon;
+	const char *dir;
+} running = {NULL, -1, -1, NULL};
+
 static void die(const char *what, const char *why)
 {
+	tly_proc_stop(running.daemon, 10000);
+	tly_proc_stop(running.broker, 5000);
+	tly_devpg_stop(running.pg);
+	/* last: librdkafka's threads may log about the stopped broker meanwhile */
 	fprintf(stderr, "tally-bench-projector: %s: %s\n", what, why);
+	if (running.dir)
+		fprintf(stderr, "tally-bench-projector: the logs are kept in %s\n", running.dir);
 	exit(1);
 }
 
@@ -68,6 +84,7 @@ static void stack_start(struct stack *s)
 	struct tly_pg_error pe;
 	if (!(s->pg = tly_devpg_start_durable(NULL, true, err, sizeof(err))))
 		die("PostgreSQL", err);
+	running.pg = s->pg;
 	PGconn *admin = tly_pg_connect(tly_devpg_conninfo(s->pg), "tally-bench-projector", err, sizeof(err));
 	if (!admin)
 		die("connect", err);
@@ -85,6 +102,7 @@ static void stack_start(struct stack *s)
 	snprintf(s->dir, sizeof(s->dir), "/tmp/tally-bench-XXXXXX");
 	if (!mkdtemp(s->dir))
 		die("mkdtemp", strerror(errno));
+	running.dir = s->dir;
 	tly_proc_sibling("tally-devbroker", exe, sizeof(exe));
 	snprintf(boot, sizeof(boot), "%s/bootstrap", s->dir);
 	snprintf(parts, sizeof(parts), "%d", s->partitions);
@@ -92,6 +110,7 @@ static void stack_start(struct stack *s)
 	char *argv[] = {exe, "--partitions", parts, "--bootstrap-file", boot, NULL};
 	if ((s->broker = tly_proc_spawn(argv, log, err, sizeof(err))) < 0)
 		die("tally-devbroker", err);
+	running.broker = s->broker;
 	if (tly_proc_wait_file(boot, 10000) != 0)
 		die("tally-devbroker", "did not start");
 	FILE *f = fopen(boot, "r");
@@ -120,10 +139,13 @@ static void stack_stop(struct stack *s)
 	PQfinish(s->conn);
 	if (tly_proc_stop(s->broker, 5000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-devbroker\n");
+	running.broker = -1;
 	char *rm[] = {"rm", "-rf", s->dir, NULL};
 	if (tly_proc_run(rm, NULL, 0) != 0)
 		fprintf(stderr, "tally-bench-projector: could not remove \"%s\"\n", s->dir);
+	running.dir = NULL;
 	tly_devpg_stop(s->pg);
+	running.pg = NULL;
 }
 
 /* Sum of the high watermarks of topic. */
@@ -485,6 +507,7 @@ static struct proj_run run_projector(struct stack *s, const char *exe, long inpu
 	pid_t projector = tly_proc_spawn(pa, log, err, sizeof(err));
 	if (projector < 0)
 		die("tally-projector", err);
+	running.daemon = projector;
 	run.secs = time_consumer(s, "tally-projector", inputs, &first);
 	if (run.secs <= 0)
 		die("tally-projector", "did not finish the backlog (see its log)");
@@ -498,6 +521,7 @@ static struct proj_run run_projector(struct stack *s, const char *exe, long inpu
 	run.waited = (double)sched.waiting_us / 1e6;
 	if (tly_proc_stop(projector, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
+	running.daemon = -1;
 	return run;
 }
 
@@ -556,6 +580,7 @@ static struct ledger_run run_ledger(struct stack *s, const char *exe, long event
 	pid_t ledger = tly_proc_spawn(la, log, err, sizeof(err));
 	if (ledger < 0)
 		die("tally-ledger", err);
+	running.daemon = ledger;
 	run.secs = time_consumer(s, "tally-ledger", events, &first);
 	if (run.secs <= 0)
 		die("tally-ledger", "did not finish the backlog (see its log)");
@@ -570,6 +595,7 @@ static struct ledger_run run_ledger(struct stack *s, const char *exe, long event
 	run.backend_cpu = backends_cpu(s, "tally-ledger", &run.n_backends, NULL);
 	if (tly_proc_stop(ledger, 10000) < 0)
 		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
+	running.daemon = -1;
 	run.published = topic_end(s, "tally.ledger") - base;
 	backends_gone(s);
 	return run;
