@@ -83,7 +83,7 @@ struct lane {
 	int64_t opened_ms;         /* when the open batch got its first record; 0: empty */
 };
 
-#define TICK_MEMO 64 /* fingerprints is_tick remembers: a power of two, above the message types */
+#define TICK_MEMO 256 /* is_tick's table: a power of two, well above the registry's schemas */
 
 struct app {
 	const char *config_file;          /* -c, NULL: none; reread on SIGHUP with sets */
@@ -99,7 +99,8 @@ struct app {
 	struct tick_memo {
 		uint64_t fp;
 		bool known, tick;
-	} tick_memo[TICK_MEMO]; /* is_tick's answers by fingerprint, direct-mapped */
+	} tick_memo[TICK_MEMO]; /* is_tick's answers by fingerprint, linear probing, never evicted */
+	size_t n_tick_memo;
 	struct topic topics[N_TOPICS];
 	int64_t rewind_at_ms;      /* > 0: the batch was dropped; move consumption back then */
 	int backoff_ms;
@@ -722,13 +723,20 @@ static bool is_tick(struct app *app, const rd_kafka_message_t *m)
 	uint64_t fp;
 	if (tly_codec_peek_fingerprint(m->payload, m->len, &fp) != 0)
 		return false;
-	struct tick_memo *tm = &app->tick_memo[(fp ^ fp >> 32) & (TICK_MEMO - 1)];
-	if (tm->known && tm->fp == fp)
-		return tm->tick;
+	size_t i = (size_t)((fp * UINT64_C(0x9E3779B97F4A7C15)) >> 32) & (TICK_MEMO - 1);
+	for (; app->tick_memo[i].known; i = (i + 1) & (TICK_MEMO - 1)) {
+		if (app->tick_memo[i].fp == fp)
+			return app->tick_memo[i].tick;
+	}
 	const struct tly_schema *sc = tly_schema_find(tly_codec_registry(app->codec), fp);
 	const struct tly_event_desc *d = sc ? tly_event_desc_by_name(tly_schema_fullname(sc)) : NULL;
-	*tm = (struct tick_memo){fp, true, d && d->type == TLY_EV_CLOCK_TICK};
-	return tm->tick;
+	bool tick = d && d->type == TLY_EV_CLOCK_TICK;
+	/* known schemas only, filled to three quarters at most, so probes end */
+	if (sc && app->n_tick_memo < TICK_MEMO / 4 * 3) {
+		app->tick_memo[i] = (struct tick_memo){fp, true, tick};
+		app->n_tick_memo++;
+	}
+	return tick;
 }
 
 static void handle_message(struct app *app, rd_kafka_message_t *m)
