@@ -505,10 +505,9 @@ static int fail(char *errstr, size_t errlen, const char *prefix, const char *fie
 
 /*
  * Scratch memory for the throw-away tree of a JSON field's validation. jansson's allocator is
- * process-wide and its hooks take no context, so the scratch is per thread: between
- * parse_scratch_begin and parse_scratch_end json_scratch_malloc bumps through a buffer on the
- * validating thread's stack (falling back to malloc when it is full) and json_scratch_free ignores
- * pointers inside it. Outside that window, and on every other thread, the hooks are malloc and
+ * process-wide and its hooks take no context, so the scratch is per thread: during check_json's
+ * parse and release json_scratch_malloc bumps through a buffer on the validating thread's stack
+ * (falling back to malloc when it is full) and json_scratch_free ignores pointers inside it. Outside that window, and on every other thread, the hooks are malloc and
  * free, so every other jansson tree (including ones that outlive a validation) is unaffected, and
  * so is a thread that reads the hooks while they are being installed: either pair frees what the
  * other allocated.
