@@ -83,6 +83,8 @@ struct lane {
 	int64_t opened_ms;         /* when the open batch got its first record; 0: empty */
 };
 
+#define TICK_MEMO 256 /* is_tick's table: a power of two, well above the registry's schemas */
+
 struct app {
 	const char *config_file;          /* -c, NULL: none; reread on SIGHUP with sets */
 	char **sets;                      /* the --set arguments (n_sets), borrowed from argv */
@@ -94,7 +96,11 @@ struct app {
 	rd_kafka_queue_t *queue;   /* owned: the consumer's queue, read in batches */
 	struct lane lanes[N_LANES]; /* lanes[0].conn also reads the stored offsets, checks health */
 	struct tly_event ev;       /* decode target, reused; owns its arena */
-	uint64_t tick_fp, other_fp; /* last fingerprints found to be / not to be a ClockTick; 0: none */
+	struct tick_memo {
+		uint64_t fp;
+		bool known, tick;
+	} tick_memo[TICK_MEMO]; /* is_tick's answers by fingerprint, linear probing, never evicted */
+	size_t n_tick_memo;
 	struct topic topics[N_TOPICS];
 	int64_t rewind_at_ms;      /* > 0: the batch was dropped; move consumption back then */
 	int backoff_ms;
@@ -717,15 +723,20 @@ static bool is_tick(struct app *app, const rd_kafka_message_t *m)
 	uint64_t fp;
 	if (tly_codec_peek_fingerprint(m->payload, m->len, &fp) != 0)
 		return false;
-	if (fp == app->tick_fp || fp == app->other_fp)
-		return fp == app->tick_fp;
+	size_t i = (size_t)((fp * UINT64_C(0x9E3779B97F4A7C15)) >> 32) & (TICK_MEMO - 1);
+	for (; app->tick_memo[i].known; i = (i + 1) & (TICK_MEMO - 1)) {
+		if (app->tick_memo[i].fp == fp)
+			return app->tick_memo[i].tick;
+	}
 	const struct tly_schema *sc = tly_schema_find(tly_codec_registry(app->codec), fp);
 	const struct tly_event_desc *d = sc ? tly_event_desc_by_name(tly_schema_fullname(sc)) : NULL;
-	if (d && d->type == TLY_EV_CLOCK_TICK)
-		app->tick_fp = fp;
-	else
-		app->other_fp = fp;
-	return fp == app->tick_fp;
+	bool tick = d && d->type == TLY_EV_CLOCK_TICK;
+	/* known schemas only, filled to three quarters at most, so probes end */
+	if (sc && app->n_tick_memo < TICK_MEMO / 4 * 3) {
+		app->tick_memo[i] = (struct tick_memo){fp, true, tick};
+		app->n_tick_memo++;
+	}
+	return tick;
 }
 
 static void handle_message(struct app *app, rd_kafka_message_t *m)
