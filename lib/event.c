@@ -2,10 +2,7 @@
 #include "event.h"
 
 #include <jansson.h>
-#include <pthread.h>
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <uuid/uuid.h>
 
@@ -503,71 +500,6 @@ static int fail(char *errstr, size_t errlen, const char *prefix, const char *fie
 	return TLY_E_INVALID;
 }
 
-/*
- * Scratch memory for the throw-away tree of a JSON field's validation. jansson's allocator is
- * process-wide and its hooks take no context, so the scratch is per thread: during check_json's
- * parse and release json_scratch_malloc bumps through a buffer on the validating thread's stack
- * (falling back to malloc when it is full) and json_scratch_free ignores pointers inside it. Outside that window, and on every other thread, the hooks are malloc and
- * free, so every other jansson tree (including ones that outlive a validation) is unaffected, and
- * so is a thread that reads the hooks while they are being installed: either pair frees what the
- * other allocated.
- */
-#define JSON_SCRATCH 8192 /* bytes: the tree of a content of a few hundred bytes fits */
-
-struct json_scratch {
-	uintptr_t base, next, end; /* all 0 outside a validation */
-};
-
-static _Thread_local struct json_scratch json_scratch;
-static pthread_once_t json_scratch_once = PTHREAD_ONCE_INIT;
-
-static void *json_scratch_malloc(size_t size)
-{
-	struct json_scratch *sc = &json_scratch;
-	size_t align = _Alignof(max_align_t);
-	if (sc->base && size < sc->end - sc->next) { /* strict: p stays below end even for size 0 */
-		void *p = (void *)sc->next;
-		size_t step = (size + align - 1) & ~(align - 1);
-		sc->next = step < sc->end - sc->next ? sc->next + step : sc->end;
-		return p;
-	}
-	return malloc(size);
-}
-
-static void json_scratch_free(void *p)
-{
-	const struct json_scratch *sc = &json_scratch;
-	uintptr_t u = (uintptr_t)p;
-	if (u >= sc->base && u < sc->end)
-		return;
-	free(p);
-}
-
-static void json_scratch_install(void)
-{
-	json_set_alloc_funcs(json_scratch_malloc, json_scratch_free);
-}
-
-/* Validates s as JSON; 0 or TLY_E_INVALID with jansson's reason in why. */
-static int check_json(const char *s, size_t len, char *why, size_t whylen)
-{
-	_Alignas(max_align_t) char buf[JSON_SCRATCH];
-	json_error_t jerr;
-	/* without the hooks the parse allocates with malloc: slower, no less correct */
-	if (pthread_once(&json_scratch_once, json_scratch_install) == 0)
-		json_scratch = (struct json_scratch){.base = (uintptr_t)buf,
-						     .next = (uintptr_t)buf,
-						     .end = (uintptr_t)buf + sizeof(buf)};
-	json_t *j = json_loadb(s, len, JSON_DECODE_ANY, &jerr);
-	json_decref(j);
-	json_scratch = (struct json_scratch){0};
-	if (!j) {
-		snprintf(why, whylen, "not JSON: %s", jerr.text);
-		return TLY_E_INVALID;
-	}
-	return 0;
-}
-
 /* decoded: s was checked as UTF-8 when it was decoded */
 static int check_string(const struct tly_field *f, const char *s, bool decoded, const char *prefix,
 			char *errstr, size_t errlen)
@@ -605,9 +537,14 @@ static int check_string(const struct tly_field *f, const char *s, bool decoded, 
 			return fail(errstr, errlen, prefix, f->name, "not an email address");
 	}
 	if (f->kind == TLY_F_JSON) {
-		char why[256];
-		if (check_json(s, len, why, sizeof(why)) != 0)
+		json_error_t jerr;
+		json_t *j = json_loadb(s, len, JSON_DECODE_ANY, &jerr);
+		if (!j) {
+			char why[256];
+			snprintf(why, sizeof(why), "not JSON: %s", jerr.text);
 			return fail(errstr, errlen, prefix, f->name, why);
+		}
+		json_decref(j);
 	}
 	return 0;
 }

@@ -1,9 +1,6 @@
 /* Event suite: descriptors agree with the .avsc files, and every validation rule rejects. */
 #include <check.h>
-#include <jansson.h>
-#include <pthread.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "event.h"
@@ -213,67 +210,6 @@ START_TEST(test_utf8)
 }
 END_TEST
 
-/* A JSON array of n objects, each with a string and a number: its tree far exceeds 8 KiB when n is large. */
-static char *json_items(size_t n)
-{
-	size_t cap = 32 + n * 40, len = 0;
-	char *s = malloc(cap);
-	ck_assert_ptr_nonnull(s);
-	s[len++] = '[';
-	for (size_t i = 0; i < n; i++)
-		len += (size_t)snprintf(s + len, cap - len, "%s{\"k\":\"item %zu\",\"n\":%zu}", i ? "," : "", i, i);
-	s[len++] = ']';
-	s[len] = '\0';
-	return s;
-}
-
-static void *tree_on_thread(void *arg)
-{
-	(void)arg;
-	return json_pack("{s:s,s:[i,i]}", "made", "elsewhere", "n", 1, 2);
-}
-
-/*
- * The content check parses into scratch memory: contents larger than the scratch still validate
- * (and still fail with jansson's reason), and jansson trees built before, after and on another
- * thread than a validation stay intact through later validations.
- */
-START_TEST(test_content_json_scratch)
-{
-	struct tly_event ev = {0};
-	char err[256] = "";
-	json_t *before = json_pack("{s:s,s:i}", "kept", "across validations", "n", 7);
-	ck_assert_ptr_nonnull(before);
-	tly_fixture_event(&ev, TLY_EV_MESSAGE_APPENDED, 1);
-	ev.u.message_appended.content = "{\"small\": [1, 2, {\"x\": null}]}";
-	ck_assert_msg(tly_event_validate_decoded(&ev, err, sizeof(err)) == 0, "%s", err);
-	char *big = json_items(3000);
-	json_t *after = json_loads(big, 0, NULL); /* allocated on this thread after a validation */
-	ck_assert_ptr_nonnull(after);
-	ev.u.message_appended.content = big;
-	ck_assert_msg(tly_event_validate(&ev, err, sizeof(err)) == 0, "%s", err);
-	pthread_t t;
-	void *other = NULL;
-	ck_assert_int_eq(pthread_create(&t, NULL, tree_on_thread, NULL), 0);
-	ck_assert_int_eq(pthread_join(t, &other), 0);
-	ck_assert_ptr_nonnull(other);
-	big[strlen(big) - 1] = ','; /* cut short after 3000 items */
-	ck_assert_int_eq(tly_event_validate(&ev, err, sizeof(err)), TLY_E_INVALID);
-	ck_assert_msg(strstr(err, "field content: not JSON"), "%s", err);
-	ev.u.message_appended.content = "[\"small again\"]";
-	ck_assert_msg(tly_event_validate_decoded(&ev, err, sizeof(err)) == 0, "%s", err);
-	ck_assert_str_eq(json_string_value(json_object_get(before, "kept")), "across validations");
-	ck_assert_int_eq(json_integer_value(json_object_get(before, "n")), 7);
-	ck_assert_uint_eq(json_array_size(after), 3000);
-	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(after, 2999), "k")), "item 2999");
-	ck_assert_str_eq(json_string_value(json_object_get(other, "made")), "elsewhere");
-	json_decref(before);
-	json_decref(after);
-	json_decref(other);
-	free(big);
-}
-END_TEST
-
 Suite *event_suite(void)
 {
 	Suite *s = suite_create("event");
@@ -285,7 +221,6 @@ Suite *event_suite(void)
 	tcase_add_loop_test(tc, test_validation_rejects, 0, (int)(sizeof(bad_cases) / sizeof(bad_cases[0])));
 	tcase_add_test(tc, test_uuid_text);
 	tcase_add_test(tc, test_utf8);
-	tcase_add_test(tc, test_content_json_scratch);
 	suite_add_tcase(s, tc);
 	return s;
 }
