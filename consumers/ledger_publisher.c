@@ -77,9 +77,19 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 		tly_error("could not deliver ledger output", "topic=%s partition=%d reason=\"%s\"",
 			  rd_kafka_topic_name(m->rkt), (int)m->partition, rd_kafka_err2str(m->err));
 		b->failed = true;
+	} else if (!tly_ledger_publisher_confirmed(m)) {
+		/* a republish costs at most duplicates, which readers drop by (tenant_id, seq) */
+		tly_warn("ledger output acknowledged without an offset; republishing to be sure",
+			 "topic=%s partition=%d", rd_kafka_topic_name(m->rkt), (int)m->partition);
+		b->failed = true;
 	}
 	b->remaining--;
 	settle(pub, b->lane);
+}
+
+bool tly_ledger_publisher_confirmed(const rd_kafka_message_t *m)
+{
+	return !m->err && m->offset >= 0;
 }
 
 struct tly_ledger_publisher *tly_ledger_publisher_new(const struct tly_config *cfg,

@@ -64,4 +64,12 @@ int64_t tly_ledger_publisher_take_marker(struct tly_ledger_publisher *pub, int32
 /* True (once) when a delivery of partition failed for good: republish from the marker. */
 bool tly_ledger_publisher_take_failure(struct tly_ledger_publisher *pub, int32_t partition);
 
+/*
+ * Whether a delivery report proves its message is on the topic: no error and the offset the
+ * broker gave it. librdkafka also reports success without an offset, when it acknowledges a
+ * message implicitly because a later one of its partition succeeded; the dev broker does not
+ * check an idempotent producer's sequence numbers, so there that was seen to hide a loss.
+ */
+bool tly_ledger_publisher_confirmed(const rd_kafka_message_t *m);
+
 #endif

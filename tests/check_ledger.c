@@ -2519,6 +2519,27 @@ START_TEST(test_publisher_batches)
 }
 END_TEST
 
+/*
+ * A delivery report moves the marker only when it proves the entry is on the topic: no error and
+ * an offset. librdkafka 2.0.2 was seen (test_broker_faults, after a leader change of tally.ledger)
+ * sending a partition's later batch to the new leader before retrying an earlier one, the dev
+ * broker storing it without checking sequence numbers, and librdkafka then reporting the earlier
+ * messages delivered ("implicitly acked"), with no offset, though they never reached the log.
+ */
+START_TEST(test_publisher_confirmed)
+{
+	rd_kafka_message_t m = {.err = RD_KAFKA_RESP_ERR_NO_ERROR, .offset = 41};
+	ck_assert(tly_ledger_publisher_confirmed(&m));
+	m.offset = 0;
+	ck_assert(tly_ledger_publisher_confirmed(&m));
+	m.offset = RD_KAFKA_OFFSET_INVALID; /* implicitly acknowledged */
+	ck_assert(!tly_ledger_publisher_confirmed(&m));
+	m.offset = 41;
+	m.err = RD_KAFKA_RESP_ERR__MSG_TIMED_OUT;
+	ck_assert(!tly_ledger_publisher_confirmed(&m));
+}
+END_TEST
+
 struct offset_walk {
 	int64_t last_offset; /* of the entry before */
 	int64_t last_seq;
@@ -3569,6 +3590,7 @@ Suite *ledger_suite(void)
 	tcase_add_test(tc, test_double_spend_concurrent);
 	tcase_add_test(tc, test_entries_indexes_not_deduplicated);
 	tcase_add_test(tc, test_store_generic_plans_after_holds);
+	tcase_add_test(tc, test_publisher_confirmed);
 	suite_add_tcase(s, tc);
 	/* each its own case (CK_RUN_CASE=group runs one); group: three joins of up to GROUP_JOIN_MS */
 	const struct {
