@@ -497,20 +497,39 @@ struct proj_run {
 	double backend_waited; /* the same for its backends: the cores were busy with other work */
 };
 
-static struct proj_run run_projector(struct stack *s, const char *exe, long inputs)
+/*
+ * Start daemon (tally-ledger or tally-projector, exe) with its log in the stack's directory and
+ * time it through total records by its stored offsets (time_consumer); *first: the records of
+ * its first batch, outside the time. die() stops it on a failure; daemon_stop afterwards.
+ */
+static pid_t daemon_run(struct stack *s, const char *exe, const char *daemon, long total,
+			double *secs, long *first)
 {
 	char err[512], log[256];
+	snprintf(log, sizeof(log), "%s/%s.log", s->dir, daemon);
+	char *argv[] = {(char *)exe, NULL};
+	pid_t pid = tly_proc_spawn(argv, log, err, sizeof(err));
+	if (pid < 0)
+		die(daemon, err);
+	running.daemon = pid;
+	*secs = time_consumer(s, daemon, total, first);
+	if (*secs <= 0)
+		die(daemon, "did not finish the backlog (see its log)");
+	return pid;
+}
+
+static void daemon_stop(pid_t pid, const char *daemon)
+{
+	if (tly_proc_stop(pid, 10000) < 0)
+		fprintf(stderr, "tally-bench-projector: could not stop %s\n", daemon);
+	running.daemon = -1;
+}
+
+static struct proj_run run_projector(struct stack *s, const char *exe, long inputs)
+{
 	struct proj_run run = {0};
 	long first = 0;
-	snprintf(log, sizeof(log), "%s/projector.log", s->dir);
-	char *pa[] = {(char *)exe, NULL};
-	pid_t projector = tly_proc_spawn(pa, log, err, sizeof(err));
-	if (projector < 0)
-		die("tally-projector", err);
-	running.daemon = projector;
-	run.secs = time_consumer(s, "tally-projector", inputs, &first);
-	if (run.secs <= 0)
-		die("tally-projector", "did not finish the backlog (see its log)");
+	pid_t projector = daemon_run(s, exe, "tally-projector", inputs, &run.secs, &first);
 	run.timed = inputs - first;
 	/* CPU of the whole run (first batch included): the process, and its backends' */
 	run.cpu = tly_proc_cpu_s(projector, false);
@@ -519,9 +538,7 @@ static struct proj_run run_projector(struct stack *s, const char *exe, long inpu
 	if (tly_proc_cpu_add(projector, false, &sched) != 0)
 		die("tally-projector", "could not read /proc");
 	run.waited = (double)sched.waiting_us / 1e6;
-	if (tly_proc_stop(projector, 10000) < 0)
-		fprintf(stderr, "tally-bench-projector: could not stop tally-projector\n");
-	running.daemon = -1;
+	daemon_stop(projector, "tally-projector");
 	return run;
 }
 
@@ -572,18 +589,9 @@ static char *ledger_digest(struct stack *s)
 
 static struct ledger_run run_ledger(struct stack *s, const char *exe, long events)
 {
-	char err[512], log[256];
 	struct ledger_run run = {0};
 	long first = 0, base = topic_end(s, "tally.ledger");
-	snprintf(log, sizeof(log), "%s/ledger.log", s->dir);
-	char *la[] = {(char *)exe, NULL};
-	pid_t ledger = tly_proc_spawn(la, log, err, sizeof(err));
-	if (ledger < 0)
-		die("tally-ledger", err);
-	running.daemon = ledger;
-	run.secs = time_consumer(s, "tally-ledger", events, &first);
-	if (run.secs <= 0)
-		die("tally-ledger", "did not finish the backlog (see its log)");
+	pid_t ledger = daemon_run(s, exe, "tally-ledger", events, &run.secs, &first);
 	run.rate = (double)(events - first) / run.secs;
 	run.entries = q_long(s, "SELECT count(*) FROM ledger_entries", NULL);
 	/* every entry published to tally.ledger before its CPU is read and it stops */
@@ -593,9 +601,7 @@ static struct ledger_run run_ledger(struct stack *s, const char *exe, long event
 	/* the ledger's CPU over its whole run (start-up and publishing included, as the projector's) */
 	run.cpu = tly_proc_cpu_s(ledger, false);
 	run.backend_cpu = backends_cpu(s, "tally-ledger", &run.n_backends, NULL);
-	if (tly_proc_stop(ledger, 10000) < 0)
-		fprintf(stderr, "tally-bench-projector: could not stop tally-ledger\n");
-	running.daemon = -1;
+	daemon_stop(ledger, "tally-ledger");
 	run.published = topic_end(s, "tally.ledger") - base;
 	backends_gone(s);
 	return run;
