@@ -725,21 +725,17 @@ int main(int argc, char **argv)
 	struct ledger_run lrun = run_ledger(&s, ledger_exe, events);
 	struct walstat ledger_w1 = walstat_now(&s);
 	char *entries_digest = ledger_digest(&s);
-	double ledger_s = lrun.secs, ledger_rate = lrun.rate, ledger_cpu = lrun.cpu,
-	       ledger_backend_cpu = lrun.backend_cpu;
-	int ledger_backends = lrun.n_backends;
-	long entries = lrun.entries, ledger_records = lrun.published;
 	/* events/s and CPU us per tally.events record of each ledger run, the first at [0] */
 	double lrate[MAX_ROUNDS + 1], lcpu[MAX_ROUNDS + 1];
-	lrate[0] = ledger_rate;
-	lcpu[0] = (ledger_cpu + ledger_backend_cpu) / (double)events * 1e6;
+	lrate[0] = lrun.rate;
+	lcpu[0] = (lrun.cpu + lrun.backend_cpu) / (double)events * 1e6;
 
 	/*
 	 * the projector on the whole backlog, prepared as every later projector run
 	 * (reset_projections: the projections, already empty, truncated, then a CHECKPOINT, so that
 	 * the ledger's dirty buffers are not flushed during the timed run)
 	 */
-	long inputs = events + ledger_records + catalog;
+	long inputs = events + lrun.published + catalog;
 	tly_proc_sibling("tally-projector", exe, sizeof(exe));
 	reset_projections(&s);
 	struct walstat proj_w0 = walstat_now(&s);
@@ -834,10 +830,10 @@ int main(int argc, char **argv)
 		       "%.1f us per tally.events record\n", r + 1, lr.secs, lr.rate, lr.cpu, lr.n_backends,
 		       lr.backend_cpu, lcpu[r + 1]);
 		char *d = ledger_digest(&s);
-		if (strcmp(d, entries_digest) != 0 || lr.published != ledger_records)
+		if (strcmp(d, entries_digest) != 0 || lr.published != lrun.published)
 			printf("warning: the ledger's round %d made entries %s (count:md5 of tenant_id, seq, hash) "
 			       "and published %ld records; its first run %s and %ld\n", r + 1, d, lr.published,
-			       entries_digest, ledger_records);
+			       entries_digest, lrun.published);
 		free(d);
 	}
 	free(entries_digest);
@@ -852,9 +848,9 @@ int main(int argc, char **argv)
 	printf("workload: tally-loadgen --tenants %s --events %s --duplicates 5 --step-ms %s\n"
 	       "  %ld records on tally.events, %ld on tally.catalog; the ledger made %ld entries\n"
 	       "  (%ld records on tally.ledger); %ld rows in the %zu projection tables\n\n",
-	       tenants, nevents, step, events, catalog, entries, ledger_records, rows, tly_fold_n_tables);
-	printf("tally-ledger on the backlog           %10.0f events/s   (first run, %.2f s)\n", ledger_rate,
-	       ledger_s);
+	       tenants, nevents, step, events, catalog, lrun.entries, lrun.published, rows, tly_fold_n_tables);
+	printf("tally-ledger on the backlog           %10.0f events/s   (first run, %.2f s)\n", lrun.rate,
+	       lrun.secs);
 	if (ledger_rounds > 0)
 		printf("  median of %d runs (the first and %d more): %10.0f events/s, %.1f us CPU per "
 		       "tally.events record\n", ledger_rounds + 1, ledger_rounds, median(lrate, ledger_rounds + 1),
@@ -873,7 +869,7 @@ int main(int argc, char **argv)
 	}
 	printf("tallyctl rebuild all (whole command)  %10.0f events/s   %10.0f input records/s   "
 	       "%10.0f rows/s   (%.2f s)\n", (double)events / rebuild_s,
-	       (double)(events + entries + catalog) / rebuild_s, rebuild_rows, rebuild_s);
+	       (double)(events + lrun.entries + catalog) / rebuild_s, rebuild_rows, rebuild_s);
 	if (baseline)
 		printf("baseline (%s) rebuild all        %10.0f rows/s   (%.2f s)\n", baseline,
 		       (double)rows / base_s, base_s);
@@ -888,7 +884,7 @@ int main(int argc, char **argv)
 	       ledger_med > 0 ? proj_med / ledger_med : 0, proj_med, pn, ledger_med, ln);
 	printf("  first runs alone (the headline before session 13, whose first projector run had no "
 	       "CHECKPOINT before it): %5.2fx  (%.0f against %.0f events/s)\n",
-	       ledger_rate > 0 ? proj_events / ledger_rate : 0, proj_events, ledger_rate);
+	       lrun.rate > 0 ? proj_events / lrun.rate : 0, proj_events, lrun.rate);
 	/* Both daemons are CPU-bound on these cores: the rate each can sustain follows its CPU per
 	 * record of tally.events. Whole runs, the same backlog and database; unlike the rates above it
 	 * does not depend on how a short run's few batches fell. */
@@ -898,8 +894,8 @@ int main(int argc, char **argv)
 	       "tally-projector and its backends %.1f us)\n", proj_us_med > 0 ? ledger_us_med / proj_us_med : 0,
 	       ledger_us_med, proj_us_med);
 	printf("  by CPU, first runs alone:           %5.2fx  (tally-ledger %.2f s + %d backend(s) %.2f s = "
-	       "%.1f us; tally-projector %.1f us)\n", proj_us > 0 ? ledger_us / proj_us : 0, ledger_cpu,
-	       ledger_backends, ledger_backend_cpu, ledger_us, proj_us);
+	       "%.1f us; tally-projector %.1f us)\n", proj_us > 0 ? ledger_us / proj_us : 0, lrun.cpu,
+	       lrun.n_backends, lrun.backend_cpu, ledger_us, proj_us);
 	walstat_print("tally-ledger's first run", ledger_w0, ledger_w1, events);
 	walstat_print("tally-projector's first run", proj_w0, proj_w1, events);
 	printf("rebuild vs raw COPY (rows/s):         %5.1f%% (target >= 50%%)\n",
