@@ -16,7 +16,7 @@
  * linger.ms unless kafka.linger.ms is set: a committed group's entries are enqueued all at once
  * and nothing more comes until the next commit, so waiting longer (librdkafka's 5 ms) only
  * delays every decision; 1 ms still packs a group into few produce requests. 5 ms was measured
- * at 22,000 decisions/s (README, "tally-ledger's own CPU, session 9"): the dev broker's CPU did
+ * at 22,000 decisions/s (docs/ledger-speed.md, "own CPU, session 9"): the dev broker's CPU did
  * not fall and every entry reached tally.ledger's readers 4-5 ms later.
  */
 #define LINGER_MS "1"

@@ -454,7 +454,7 @@ int tly_ledger_store_load_heads(PGconn *conn, const tly_uuid *tenants, size_t n,
  * key with its seq: the lowest seq is kept here, not sorted for by the server per key (a sort
  * node per probe). No uuid text to format or parse, no hex digest to unescape: the lookup is on
  * the consumer's critical path (the group is decided once it is answered); for 4,000 keys the
- * sorted keys without the sort took about a third less of the server's time (README).
+ * sorted keys without the sort took about a third less of the server's time (docs/ledger-speed.md).
  */
 static int lookup_chunk(PGconn *conn, struct tly_pgarray *const arr[2],
 			struct tly_ledger_seen_key *const *keys, size_t n, struct tly_pg_error *err)
